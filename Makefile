@@ -1,0 +1,48 @@
+# Two entry points: `make demo` and `make test`. Both set up everything they
+# need from a fresh clone: a virtualenv in .venv, the Rust extension built by
+# maturin, the dev tools, and the few system packages the tests call.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(BIN)):$(PATH)
+# Release build for both commands: the demo measures latency, and the tests
+# must exercise the same code users run. One build serves both.
+RUST_SOURCES := Cargo.toml Cargo.lock pyproject.toml $(shell find rust -name '*.rs' -o -name Cargo.toml)
+
+.PHONY: demo test lint test-rust test-python system-deps clean
+
+demo: $(VENV)/.built
+	$(BIN)/meshfed demo
+
+test: lint test-rust test-python
+
+lint: $(VENV)/.built
+	$(BIN)/ruff check python tests
+	$(BIN)/ruff format --check python tests
+	$(BIN)/mypy
+	$(BIN)/python -m mypy.stubtest meshfed._core
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+test-rust:
+	cargo test --workspace --locked
+
+test-python: $(VENV)/.built system-deps
+	$(BIN)/pytest
+
+# `openssl verify` is how the tests check SVIDs with a tool meshfed did not write.
+system-deps:
+	@command -v openssl >/dev/null || (apt-get update -qq && apt-get install -y -qq openssl)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip "maturin>=1.9,<2"
+
+$(VENV)/.built: $(BIN)/python $(RUST_SOURCES)
+	$(BIN)/maturin develop --release --locked --extras dev --quiet
+	@touch $@
+
+clean:
+	rm -rf $(VENV) target

@@ -1,0 +1,3 @@
+from meshfed.cli import main
+
+main()

@@ -1,0 +1,62 @@
+"""The ``meshfed`` command line: one command group per noun.
+
+Every failure meshfed expects prints one line on stderr and exits non-zero;
+tracebacks are reserved for bugs.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from meshfed import __version__, _core
+from meshfed.cli.common import fail
+from meshfed.cli.trust import trust_app
+from meshfed.cli.zone import zone_app
+from meshfed.errors import MeshfedError
+
+app = typer.Typer(
+    name="meshfed",
+    help="Federate service meshes across clusters: SPIFFE trust bridging, catalogs, east-west gateways.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(zone_app, name="zone")
+app.add_typer(trust_app, name="trust")
+
+
+@app.command()
+def version() -> None:
+    """Print meshfed's version and the Rust core's version."""
+    typer.echo(f"meshfed {__version__} (core {_core.core_version()})")
+
+
+@app.command()
+def demo(
+    requests: Annotated[int, typer.Option(min=1, max=100_000, help="HTTP requests to send across zones.")] = 200,
+    concurrency: Annotated[int, typer.Option(min=1, max=256, help="Concurrent client connections.")] = 8,
+) -> None:
+    """Federate two zones on this machine and send traffic between them through the gateways."""
+    from meshfed.demo import run_demo
+
+    report = run_demo(requests=requests, concurrency=concurrency, echo=typer.echo)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point of the ``meshfed`` script."""
+    try:
+        app()
+    except MeshfedError as err:
+        fail(str(err))
+    except OSError as err:
+        fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+__all__ = ["app", "main"]

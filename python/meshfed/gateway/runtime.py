@@ -1,0 +1,86 @@
+"""A running gateway: a thin, typed handle on ``meshfed._core.Gateway``.
+
+The Rust object owns its own tokio runtime; every call here releases the GIL
+while Rust works, and nothing on the per-connection path runs Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import orjson
+
+from meshfed import _core
+from meshfed.errors import GatewayConfigError, GatewayError
+from meshfed.gateway.config import GatewayConfig
+
+_T = TypeVar("_T")
+
+
+class Gateway:
+    """Start a gateway with a config; :meth:`apply` new ones; :meth:`close` when done.
+
+    A config is a :class:`GatewayConfig` or the JSON bytes of one. A rejected
+    config raises :class:`GatewayConfigError` naming the field, and the running
+    config stays in force.
+    """
+
+    def __init__(self, config: GatewayConfig | bytes) -> None:
+        self._core = _call(lambda: _core.Gateway(_document(config)))
+
+    def __enter__(self) -> Gateway:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def apply(self, config: GatewayConfig | bytes) -> None:
+        """Swap in a new config atomically; live connections finish on the old one."""
+        _call(lambda: self._core.apply(_document(config)))
+
+    def addresses(self) -> dict[str, tuple[str, int]]:
+        """Bound address of each listener, by listener name."""
+        return {name: _split_address(address) for name, address in self._core.addresses().items()}
+
+    def address(self, listener: str) -> tuple[str, int]:
+        """Bound address of one listener."""
+        try:
+            return self.addresses()[listener]
+        except KeyError:
+            raise GatewayError(f"gateway has no listener named {listener!r}") from None
+
+    def stats(self) -> dict[str, Any]:
+        """Counters per listener, read without disturbing the data plane."""
+        stats: dict[str, Any] = orjson.loads(self._core.stats())
+        return stats
+
+    def close(self) -> None:
+        """Stop every listener and the data-plane runtime. Safe to call twice."""
+        self._core.close()
+
+
+def validate(config: GatewayConfig | bytes) -> None:
+    """Compile ``config`` without starting anything; raises :class:`GatewayConfigError`."""
+    _call(lambda: _core.validate_config(_document(config)))
+
+
+def _document(config: GatewayConfig | bytes) -> bytes:
+    return config if isinstance(config, bytes) else config.to_json()
+
+
+def _call(action: Callable[[], _T]) -> _T:
+    try:
+        return action()
+    except _core.ConfigError as err:
+        raise GatewayConfigError(f"gateway config rejected: {err}") from None
+    except _core.GatewayError as err:
+        raise GatewayError(str(err)) from None
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,170 @@
+"""SPIFFE trust bundles: the root certificates of one trust domain.
+
+The wire form is the SPIFFE Trust Domain and Bundle spec's JWK set: one key per
+root with ``use: "x509-svid"`` and exactly one certificate in ``x5c``, plus
+``spiffe_sequence`` and ``spiffe_refresh_hint``. Keys of other uses are skipped,
+as the spec requires of consumers. A PEM list of roots is accepted on import too.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from meshfed.errors import InvalidBundleError
+from meshfed.trust.ca import certificates_to_pem
+from meshfed.trust.spiffe import TrustDomain
+
+DEFAULT_REFRESH_HINT_SECONDS = 300
+_X509_SVID_USE = "x509-svid"
+_JWT_SVID_USE = "jwt-svid"
+_PEM_MARKER = b"-----BEGIN CERTIFICATE-----"
+
+
+@dataclass(frozen=True)
+class TrustBundle:
+    """The roots one zone trusts for one trust domain."""
+
+    trust_domain: TrustDomain
+    roots: tuple[x509.Certificate, ...]
+    sequence: int = 1
+    refresh_hint_seconds: int = DEFAULT_REFRESH_HINT_SECONDS
+    # JWT-SVID authorities (JWKs with a ``kid``) are carried through untouched:
+    # meshfed does not verify JWT-SVIDs, but must not drop a peer's keys when
+    # it stores and re-serves a bundle.
+    jwt_authorities: tuple[dict[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.roots and not self.jwt_authorities:
+            raise InvalidBundleError(f"bundle for {self.trust_domain} holds no authorities (no root certificate)")
+        for root in self.roots:
+            _require_ca(root)
+
+    def to_spiffe_json(self) -> bytes:
+        """The SPIFFE bundle JSON document (pretty-printed for people and diffs)."""
+        document = {
+            "keys": [_jwk_of(root) for root in self.roots] + list(self.jwt_authorities),
+            "spiffe_refresh_hint": self.refresh_hint_seconds,
+            "spiffe_sequence": self.sequence,
+        }
+        return orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
+
+    def to_pem(self) -> bytes:
+        """The roots as concatenated PEM blocks."""
+        return b"".join(certificates_to_pem(self.roots))
+
+    def fingerprints(self) -> list[str]:
+        """SHA-256 fingerprints of the roots, hex."""
+        return [root.fingerprint(hashes.SHA256()).hex() for root in self.roots]
+
+
+def parse_bundle(trust_domain: TrustDomain, data: bytes) -> TrustBundle:
+    """Parse SPIFFE bundle JSON, or PEM roots, for ``trust_domain``."""
+    if data.lstrip().startswith(_PEM_MARKER):
+        return _parse_pem(trust_domain, data)
+    return _parse_spiffe_json(trust_domain, data)
+
+
+def _parse_pem(trust_domain: TrustDomain, data: bytes) -> TrustBundle:
+    try:
+        roots = x509.load_pem_x509_certificates(data)
+    except ValueError as err:
+        raise InvalidBundleError(f"bundle for {trust_domain}: PEM does not parse: {err}") from None
+    return TrustBundle(trust_domain, tuple(roots))
+
+
+def _parse_spiffe_json(trust_domain: TrustDomain, data: bytes) -> TrustBundle:
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError as err:
+        raise InvalidBundleError(f"bundle for {trust_domain} is neither PEM nor JSON: {err}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("keys", []), list):
+        raise InvalidBundleError(f"bundle for {trust_domain}: expected a JSON object with a 'keys' list")
+    roots: list[x509.Certificate] = []
+    jwt_authorities: list[dict[str, Any]] = []
+    for index, key in enumerate(document.get("keys", [])):
+        if not isinstance(key, dict):
+            raise InvalidBundleError(f"bundle for {trust_domain}: keys[{index}] is not a JSON object")
+        if key.get("use") == _X509_SVID_USE:
+            roots.append(_root_of(trust_domain, index, key))
+        elif key.get("use") == _JWT_SVID_USE:
+            if not isinstance(key.get("kid"), str) or not key["kid"]:
+                raise InvalidBundleError(f"bundle for {trust_domain}: keys[{index}] (jwt-svid) has no 'kid'")
+            jwt_authorities.append(key)
+        # Keys of any other use are skipped: SPIFFE bundle spec §4.1 lets new uses appear.
+    sequence = _non_negative_int(trust_domain, document, "spiffe_sequence", default=0)
+    hint = _non_negative_int(trust_domain, document, "spiffe_refresh_hint", default=DEFAULT_REFRESH_HINT_SECONDS)
+    return TrustBundle(trust_domain, tuple(roots), sequence, hint, tuple(jwt_authorities))
+
+
+def _root_of(trust_domain: TrustDomain, index: int, key: dict[str, Any]) -> x509.Certificate:
+    x5c = key.get("x5c")
+    if not isinstance(x5c, list) or len(x5c) != 1 or not isinstance(x5c[0], str):
+        raise InvalidBundleError(
+            f"bundle for {trust_domain}: keys[{index}] (x509-svid) must have exactly one certificate in 'x5c'"
+        )
+    try:
+        return x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True))
+    except (ValueError, binascii.Error) as err:
+        raise InvalidBundleError(
+            f"bundle for {trust_domain}: keys[{index}].x5c[0] is not a certificate: {err}"
+        ) from None
+
+
+def _non_negative_int(trust_domain: TrustDomain, document: dict[str, Any], field: str, default: int) -> int:
+    value = document.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidBundleError(f"bundle for {trust_domain}: '{field}' must be a non-negative integer")
+    return value
+
+
+def _require_ca(cert: x509.Certificate) -> None:
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise InvalidBundleError(f"bundle root {cert.subject.rfc4514_string()!r} is not a CA certificate")
+
+
+def _jwk_of(root: x509.Certificate) -> dict[str, Any]:
+    public_key = root.public_key()
+    jwk: dict[str, Any] = {"use": _X509_SVID_USE}
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        size = (public_key.curve.key_size + 7) // 8
+        numbers = public_key.public_numbers()
+        jwk |= {
+            "kty": "EC",
+            "crv": _JWK_CURVES[public_key.curve.name],
+            "x": _b64url(numbers.x.to_bytes(size, "big")),
+            "y": _b64url(numbers.y.to_bytes(size, "big")),
+        }
+    else:
+        raise InvalidBundleError(f"root {root.subject.rfc4514_string()!r} has a key type meshfed cannot publish")
+    jwk["x5c"] = [base64.b64encode(root.public_bytes(Encoding.DER)).decode()]
+    return jwk
+
+
+def bundle_roots_pem(bundles: Sequence[TrustBundle]) -> dict[str, str]:
+    """Map trust domain name → PEM roots, the form the gateway config takes.
+
+    A bundle with only JWT authorities can verify no X.509-SVID, so its trust
+    domain gets no pool at all (its callers are refused at the handshake).
+    """
+    return {bundle.trust_domain.name: bundle.to_pem().decode() for bundle in bundles if bundle.roots}
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+_JWK_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}

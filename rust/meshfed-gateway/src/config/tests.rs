@@ -1,0 +1,268 @@
+use std::sync::OnceLock;
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::test_certs::TestDomain;
+
+const SNI: &str = "outbound_.8080_._.web.default.svc.east.mesh";
+
+struct Pki {
+    east: TestDomain,
+    west: TestDomain,
+}
+
+fn pki() -> &'static Pki {
+    static PKI: OnceLock<Pki> = OnceLock::new();
+    PKI.get_or_init(|| Pki {
+        east: TestDomain::new("east.mesh"),
+        west: TestDomain::new("west.mesh"),
+    })
+}
+
+/// The example document of the design: all three listener modes.
+fn good() -> Value {
+    let pki = pki();
+    let svid = pki
+        .east
+        .svid("spiffe://east.mesh/ns/meshfed-system/sa/gateway");
+    json!({
+        "identity": {"cert_chain_pem": svid.cert_pem, "private_key_pem": svid.key_pem},
+        "trust_bundles": {"east.mesh": pki.east.bundle_pem(), "west.mesh": pki.west.bundle_pem()},
+        "handshake_timeout_ms": 10000,
+        "listeners": [
+            {"name": "ingress", "address": "127.0.0.1:0", "mode": "passthrough",
+             "routes": [{"sni": SNI, "cluster": "web"}, {"sni": "*.svc.east.mesh", "cluster": "web"}]},
+            {"name": "ingress-mtls", "address": "127.0.0.1:0", "mode": "terminate",
+             "routes": [{"sni": SNI, "cluster": "web", "allow": ["spiffe://west.mesh/*"]}]},
+            {"name": "egress-web", "address": "127.0.0.1:0", "mode": "originate",
+             "cluster": "east-gateway", "sni": SNI,
+             "peer_spiffe_id": "spiffe://east.mesh/ns/meshfed-system/sa/gateway"}
+        ],
+        "clusters": [
+            {"name": "web", "endpoints": [{"address": "127.0.0.1:8080"}], "connect_timeout_ms": 5000},
+            {"name": "east-gateway", "endpoints": [{"address": "127.0.0.1:15443", "weight": 3}]}
+        ]
+    })
+}
+
+fn compile_value(doc: &Value) -> Result<CompiledConfig, ConfigError> {
+    CompiledConfig::from_json(doc.to_string().as_bytes())
+}
+
+#[test]
+fn good_config_compiles() {
+    let config = compile_value(&good()).unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<&str> = config.listener_names().collect();
+    assert_eq!(names, ["ingress", "ingress-mtls", "egress-web"]);
+    assert_eq!(config.handshake_timeout(), Duration::from_secs(10));
+    assert_eq!(
+        config.identity().map(SpiffeId::as_str),
+        Some("spiffe://east.mesh/ns/meshfed-system/sa/gateway")
+    );
+    let Some(ListenerMode::Terminate { routes, .. }) =
+        config.listener("ingress-mtls").map(|l| &l.mode)
+    else {
+        panic!("ingress-mtls is not a terminate listener");
+    };
+    let route = routes.lookup(SNI).unwrap_or_else(|| panic!("no route"));
+    let west = SpiffeId::parse("spiffe://west.mesh/ns/default/sa/client").ok();
+    let east = SpiffeId::parse("spiffe://east.mesh/ns/default/sa/client").ok();
+    assert!(west.is_some_and(|id| route.allows(&id)));
+    assert!(!east.is_some_and(|id| route.allows(&id)));
+}
+
+#[test]
+fn minimal_config_uses_defaults() {
+    let doc = json!({
+        "listeners": [{"name": "in", "address": "127.0.0.1:0", "mode": "passthrough", "routes": []}],
+        "clusters": [{"name": "web", "endpoints": [{"address": "[::1]:80"}]}]
+    });
+    let config = compile_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.handshake_timeout(), Duration::from_millis(10_000));
+    assert_eq!(
+        config.clusters.get("web").map(|c| c.connect_timeout),
+        Some(Duration::from_millis(5_000))
+    );
+    assert!(validate_config(b"{}").is_ok());
+}
+
+#[test]
+fn empty_allow_list_denies_everyone() {
+    let mut doc = good();
+    doc["listeners"][1]["routes"][0]
+        .as_object_mut()
+        .map(|route| route.remove("allow"));
+    let config = compile_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+    let Some(ListenerMode::Terminate { routes, .. }) =
+        config.listener("ingress-mtls").map(|l| &l.mode)
+    else {
+        panic!("not terminate");
+    };
+    let id = SpiffeId::parse("spiffe://west.mesh/ns/default/sa/client");
+    let route = routes.lookup(SNI);
+    assert!(matches!((route, id), (Some(r), Ok(id)) if !r.allows(&id)));
+}
+
+/// Applies `edit` to the good document and expects an error at `path`
+/// whose message contains `needle`.
+fn rejects(edit: impl FnOnce(&mut Value), path: &str, needle: &str) {
+    let mut doc = good();
+    edit(&mut doc);
+    match compile_value(&doc) {
+        Ok(_) => panic!("expected an error at {path}"),
+        Err(e) => {
+            assert_eq!(e.path(), path, "wrong path in: {e}");
+            assert!(e.message().contains(needle), "{e:?} lacks {needle:?}");
+            assert_eq!(e.to_string(), format!("{path}: {}", e.message()));
+        }
+    }
+}
+
+#[test]
+fn rejections_name_the_field() {
+    rejects(|d| d["bogus"] = json!(1), "bogus", "unknown field");
+    rejects(
+        |d| d["listeners"][0]["mode"] = json!("mirror"),
+        "listeners[0].mode",
+        "unknown variant",
+    );
+    rejects(
+        |d| d["listeners"][0]["routes"][0]["allow"] = json!(["*"]),
+        "listeners[0].routes[0].allow",
+        "only terminate routes",
+    );
+    rejects(
+        |d| d["listeners"][0]["peer_spiffe_id"] = json!("spiffe://east.mesh/x"),
+        "listeners[0].peer_spiffe_id",
+        "only for originate listeners",
+    );
+    rejects(
+        |d| {
+            d["listeners"][2].as_object_mut().map(|l| l.remove("sni"));
+        },
+        "listeners[2].sni",
+        "required for originate listeners",
+    );
+    rejects(
+        |d| d["listeners"][1]["routes"][0]["bogus"] = json!(true),
+        "listeners[1].routes[0].bogus",
+        "unknown field",
+    );
+    rejects(
+        |d| d["listeners"][1]["routes"][0]["cluster"] = json!("x"),
+        "listeners[1].routes[0].cluster",
+        "no cluster named \"x\"",
+    );
+    rejects(
+        |d| d["listeners"][1]["name"] = json!("ingress"),
+        "listeners[1].name",
+        "duplicate listener name",
+    );
+    rejects(
+        |d| d["listeners"][0]["address"] = json!("localhost:80"),
+        "listeners[0].address",
+        "not an ip:port",
+    );
+    rejects(
+        |d| {
+            d["listeners"][0]["address"] = json!("127.0.0.1:15443");
+            d["listeners"][1]["address"] = json!("127.0.0.1:15443");
+        },
+        "listeners[1].address",
+        "already used by listener \"ingress\"",
+    );
+    rejects(
+        |d| d["listeners"][0]["routes"][1]["sni"] = json!("east.*"),
+        "listeners[0].routes[1].sni",
+        "not a valid SNI",
+    );
+    rejects(
+        |d| d["listeners"][1]["routes"][0]["allow"] = json!(["*", "spiffe://West.mesh/*"]),
+        "listeners[1].routes[0].allow[1]",
+        "trust domain",
+    );
+    rejects(
+        |d| d["listeners"][2]["peer_spiffe_id"] = json!("spiffe://north.mesh/sa/gw"),
+        "listeners[2].peer_spiffe_id",
+        "no trust bundle for trust domain \"north.mesh\"",
+    );
+    rejects(
+        |d| d["listeners"][2]["peer_spiffe_id"] = json!("east.mesh/gw"),
+        "listeners[2].peer_spiffe_id",
+        "spiffe://",
+    );
+    rejects(
+        |d| d["listeners"][2]["cluster"] = json!("nope"),
+        "listeners[2].cluster",
+        "no cluster named",
+    );
+    rejects(
+        |d| d["listeners"][2]["sni"] = json!("bad sni!"),
+        "listeners[2].sni",
+        "not a valid TLS server name",
+    );
+    rejects(
+        |d| {
+            d.as_object_mut().map(|o| o.remove("identity"));
+        },
+        "listeners[1].mode",
+        "\"identity\" is missing",
+    );
+    rejects(
+        |d| d["clusters"][0]["endpoints"] = json!([]),
+        "clusters[0].endpoints",
+        "at least one endpoint",
+    );
+    rejects(
+        |d| d["clusters"][1]["endpoints"][0]["address"] = json!("gw.east:15443"),
+        "clusters[1].endpoints[0].address",
+        "not an ip:port",
+    );
+    rejects(
+        |d| d["clusters"][1]["endpoints"][0]["weight"] = json!(-1),
+        "clusters[1].endpoints[0].weight",
+        "invalid value",
+    );
+    rejects(
+        |d| d["clusters"][1]["name"] = json!("web"),
+        "clusters[1].name",
+        "duplicate cluster name",
+    );
+    rejects(
+        |d| d["handshake_timeout_ms"] = json!(0),
+        "handshake_timeout_ms",
+        "greater than 0",
+    );
+    rejects(
+        |d| d["trust_bundles"]["east.mesh"] = json!("not pem"),
+        "trust_bundles[\"east.mesh\"]",
+        "no \"BEGIN CERTIFICATE\"",
+    );
+    rejects(
+        |d| d["trust_bundles"]["East.Mesh"] = json!(pki().east.bundle_pem()),
+        "trust_bundles[\"East.Mesh\"]",
+        "lowercase",
+    );
+    rejects(
+        |d| {
+            d["identity"]["private_key_pem"] =
+                json!(pki().west.svid("spiffe://east.mesh/x").key_pem)
+        },
+        "identity.private_key_pem",
+        "does not match",
+    );
+    rejects(
+        |d| d["identity"]["cert_chain_pem"] = json!(""),
+        "identity.cert_chain_pem",
+        "no \"BEGIN CERTIFICATE\"",
+    );
+}
+
+#[test]
+fn syntax_errors_are_reported() {
+    let err = CompiledConfig::from_json(b"{\"listeners\": [").err();
+    assert!(err.is_some_and(|e| e.message().contains("EOF")));
+    let err = CompiledConfig::from_json(b"{} {}").err();
+    assert!(err.is_some_and(|e| e.message().contains("trailing")));
+}

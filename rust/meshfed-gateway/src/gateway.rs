@@ -1,0 +1,337 @@
+//! The running gateway: its own tokio runtime, listeners, the config
+//! snapshot that connections read, and `apply()`, the one writer.
+
+mod connection;
+mod counting;
+mod stats;
+mod upstream;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::runtime::{Handle, Runtime};
+use tokio::task::JoinHandle;
+
+use self::connection::Snapshot;
+use self::stats::ListenerStats;
+use crate::config::{CompiledConfig, ConfigError};
+
+pub use self::stats::ListenerSnapshot;
+
+/// Worker threads of the data-plane runtime.
+const WORKER_THREADS: usize = 2;
+/// How long `shutdown()` waits for tasks to stop.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause after a failed `accept()` (e.g. out of file descriptors).
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Why the gateway could not start or apply a config.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The config document is invalid; nothing was changed.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not be bound; nothing was changed.
+    #[error(
+        "listener {listener:?}: cannot bind {address}: {source}{}",
+        bind_hint(source)
+    )]
+    Bind {
+        /// Name of the listener.
+        listener: String,
+        /// The configured address.
+        address: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The data-plane runtime could not be created.
+    #[error("cannot start the gateway runtime: {0}")]
+    Runtime(io::Error),
+    /// The gateway has been shut down.
+    #[error("the gateway is closed")]
+    Closed,
+}
+
+fn bind_hint(err: &io::Error) -> &'static str {
+    match err.kind() {
+        io::ErrorKind::AddrInUse => " — is another gateway running on this port?",
+        io::ErrorKind::PermissionDenied => {
+            " — ports below 1024 need privileges (CAP_NET_BIND_SERVICE)"
+        }
+        io::ErrorKind::AddrNotAvailable => " — is this IP address assigned to a local interface?",
+        _ => "",
+    }
+}
+
+/// A running east-west gateway.
+///
+/// Owns a dedicated multi-thread tokio runtime (threads named
+/// `meshfed-gw-N`), independent of any caller's runtime. All methods are
+/// synchronous and may be called from any thread, including from inside
+/// another tokio runtime.
+pub struct Gateway {
+    runtime: Mutex<Option<Runtime>>,
+    handle: Handle,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    control: Mutex<Control>,
+}
+
+/// State only `apply()` and `shutdown()` change, under one mutex.
+#[derive(Default)]
+struct Control {
+    listeners: BTreeMap<String, RunningListener>,
+    closed: bool,
+}
+
+struct RunningListener {
+    configured: SocketAddr,
+    local: SocketAddr,
+    stats: Arc<ListenerStats>,
+    task: JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Compiles `config_json`, starts the runtime and binds every listener.
+    pub fn start(config_json: &[u8]) -> Result<Self, GatewayError> {
+        Self::start_compiled(CompiledConfig::from_json(config_json)?)
+    }
+
+    /// Starts the gateway with an already compiled config.
+    pub fn start_compiled(config: CompiledConfig) -> Result<Self, GatewayError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(WORKER_THREADS)
+            .thread_name_fn(|| {
+                static NEXT: AtomicUsize = AtomicUsize::new(0);
+                format!("meshfed-gw-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+            })
+            .enable_all()
+            .build()
+            .map_err(GatewayError::Runtime)?;
+        let gateway = Self {
+            handle: runtime.handle().clone(),
+            runtime: Mutex::new(Some(runtime)),
+            snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::empty())),
+            control: Mutex::new(Control::default()),
+        };
+        gateway.install(config)?;
+        Ok(gateway)
+    }
+
+    /// Compiles `config_json` and, if it is valid and every new listener
+    /// binds, makes it the running config. On error nothing changes.
+    ///
+    /// Listeners are matched by name and configured address: unchanged ones
+    /// keep their socket, new ones bind, removed ones stop accepting while
+    /// their connections finish. Live connections keep the config they
+    /// started with; new connections see the new one.
+    pub fn apply(&self, config_json: &[u8]) -> Result<(), GatewayError> {
+        self.install(CompiledConfig::from_json(config_json)?)
+    }
+
+    /// Makes an already compiled config the running one (see [`Gateway::apply`]).
+    pub fn apply_compiled(&self, config: CompiledConfig) -> Result<(), GatewayError> {
+        self.install(config)
+    }
+
+    /// The address each listener is actually bound to, by listener name.
+    pub fn addresses(&self) -> BTreeMap<String, SocketAddr> {
+        self.control()
+            .listeners
+            .iter()
+            .map(|(name, l)| (name.clone(), l.local))
+            .collect()
+    }
+
+    /// A copy of every listener's counters, by listener name.
+    pub fn stats(&self) -> BTreeMap<String, ListenerSnapshot> {
+        self.control()
+            .listeners
+            .iter()
+            .map(|(name, l)| (name.clone(), l.stats.snapshot()))
+            .collect()
+    }
+
+    /// The counters as JSON: `{"listeners": {"<name>": {...}}}`.
+    pub fn stats_json(&self) -> String {
+        #[derive(serde::Serialize)]
+        struct Doc {
+            listeners: BTreeMap<String, ListenerSnapshot>,
+        }
+        serde_json::to_string(&Doc {
+            listeners: self.stats(),
+        })
+        .unwrap_or_else(|_| r#"{"listeners":{}}"#.to_owned())
+    }
+
+    /// Stops every listener and the runtime. Idempotent; also run on drop.
+    pub fn shutdown(&self) {
+        {
+            let mut control = self.control();
+            control.closed = true;
+            for (_, listener) in std::mem::take(&mut control.listeners) {
+                listener.task.abort();
+            }
+        }
+        let runtime = self
+            .runtime
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(runtime) = runtime {
+            if Handle::try_current().is_ok() {
+                // Blocking inside a runtime would panic: let it wind down.
+                runtime.shutdown_background();
+            } else {
+                runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
+            }
+        }
+    }
+
+    fn control(&self) -> MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The one writer: binds what is new, swaps the snapshot, then stops
+    /// what was removed and starts what was added.
+    fn install(&self, config: CompiledConfig) -> Result<(), GatewayError> {
+        let mut control = self.control();
+        if control.closed {
+            return Err(GatewayError::Closed);
+        }
+
+        // 1. Bind every new listener first; an error drops them all.
+        let mut fresh = Vec::new();
+        for spec in &config.listeners {
+            let kept = control
+                .listeners
+                .get(&spec.name)
+                .is_some_and(|running| running.configured == spec.address);
+            if !kept {
+                let listener = self.bind(&spec.name, spec.address)?;
+                fresh.push((spec.name.clone(), spec.address, listener));
+            }
+        }
+        let wanted: HashMap<String, SocketAddr> = config
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.address))
+            .collect();
+
+        // 2. Swap the snapshot, carrying cluster state over by name.
+        let previous = self.snapshot.load_full();
+        let clusters = config
+            .clusters
+            .keys()
+            .map(|name| {
+                let state = previous.clusters.get(name).cloned().unwrap_or_default();
+                (name.clone(), state)
+            })
+            .collect();
+        self.snapshot.store(Arc::new(Snapshot {
+            config: Arc::new(config),
+            clusters,
+        }));
+
+        // 3. Stop accepting on listeners that are gone or moved.
+        let mut carried_stats = HashMap::new();
+        control.listeners.retain(|name, running| {
+            let keep = wanted.get(name) == Some(&running.configured);
+            if !keep {
+                running.task.abort();
+                carried_stats.insert(name.clone(), running.stats.clone());
+            }
+            keep
+        });
+
+        // 4. Start accepting on the new ones.
+        for (name, configured, (listener, local)) in fresh {
+            let stats = carried_stats
+                .remove(&name)
+                .unwrap_or_else(ListenerStats::new);
+            let task = self.handle.spawn(accept_loop(
+                listener,
+                Arc::from(name.as_str()),
+                self.snapshot.clone(),
+                stats.clone(),
+            ));
+            control.listeners.insert(
+                name,
+                RunningListener {
+                    configured,
+                    local,
+                    stats,
+                    task,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn bind(
+        &self,
+        name: &str,
+        address: SocketAddr,
+    ) -> Result<(TcpListener, SocketAddr), GatewayError> {
+        let error = |source| GatewayError::Bind {
+            listener: name.to_owned(),
+            address,
+            source,
+        };
+        // std binds synchronously (with SO_REUSEADDR on Unix); tokio adopts it.
+        let listener = std::net::TcpListener::bind(address).map_err(error)?;
+        listener.set_nonblocking(true).map_err(error)?;
+        let local = listener.local_addr().map_err(error)?;
+        let _guard = self.handle.enter();
+        let listener = TcpListener::from_std(listener).map_err(error)?;
+        Ok((listener, local))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("addresses", &self.addresses())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Accepts connections until aborted; each one gets the snapshot current
+/// at accept time and its own task.
+async fn accept_loop(
+    listener: TcpListener,
+    name: Arc<str>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    stats: Arc<ListenerStats>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let current = snapshot.load_full();
+                tokio::spawn(connection::serve(
+                    stream,
+                    peer,
+                    name.clone(),
+                    current,
+                    stats.clone(),
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(listener = %name, error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+            }
+        }
+    }
+}

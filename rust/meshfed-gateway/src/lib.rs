@@ -1,0 +1,31 @@
+//! meshfed-gateway: the data plane of the meshfed east-west gateway.
+//!
+//! Python (or any caller) hands a JSON config document to [`Gateway::start`]
+//! / [`Gateway::apply`]; it is compiled once into a [`CompiledConfig`] and
+//! served by listeners in three modes:
+//!
+//! - `passthrough`: route on the ClientHello's SNI, forward TLS untouched;
+//! - `terminate`: finish mTLS, verify the caller's X.509-SVID against the
+//!   bundle of its own trust domain, authorize, forward plain TCP;
+//! - `originate`: accept plain TCP, open mTLS to a peer gateway pinned to a
+//!   SPIFFE ID.
+//!
+//! This crate has no Python dependency; the binding lives in `meshfed-py`.
+#![forbid(unsafe_code)]
+
+pub mod client_hello;
+pub mod config;
+mod gateway;
+pub mod spiffe;
+mod tls;
+
+pub use config::{CompiledConfig, ConfigError, validate_config};
+pub use gateway::{Gateway, GatewayError, ListenerSnapshot};
+pub use spiffe::{SpiffeError, SpiffeId, SpiffePattern, TrustDomain};
+pub use tls::{SvidError, spiffe_id_of};
+
+/// The crate version, e.g. `0.1.0`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[cfg(test)]
+pub(crate) mod test_certs;

@@ -1,0 +1,102 @@
+//! `meshfed._core`: the thin PyO3 binding of the meshfed gateway.
+//!
+//! Python builds a config document (JSON bytes); everything else happens in
+//! `meshfed-gateway`. The GIL is released around every call that may block
+//! (start, apply, close), and nothing here calls back into Python.
+
+use std::collections::BTreeMap;
+
+use meshfed_gateway::GatewayError as CoreError;
+use pyo3::create_exception;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+create_exception!(
+    meshfed._core,
+    ConfigError,
+    PyValueError,
+    "The gateway config document is invalid; the message names the field path."
+);
+create_exception!(
+    meshfed._core,
+    GatewayError,
+    PyRuntimeError,
+    "The gateway could not start, bind a listener, or is closed."
+);
+
+/// Maps a gateway error to `ConfigError` or `GatewayError`.
+fn to_py(err: CoreError) -> PyErr {
+    match err {
+        CoreError::Config(e) => ConfigError::new_err(e.to_string()),
+        other => GatewayError::new_err(other.to_string()),
+    }
+}
+
+/// The version of the Rust core.
+#[pyfunction]
+fn core_version() -> &'static str {
+    meshfed_gateway::VERSION
+}
+
+/// Checks a config document without starting anything; raises ConfigError.
+#[pyfunction]
+fn validate_config(py: Python<'_>, config: &[u8]) -> PyResult<()> {
+    py.detach(|| meshfed_gateway::validate_config(config))
+        .map_err(|e| ConfigError::new_err(e.to_string()))
+}
+
+/// A running east-west gateway on its own Rust runtime.
+#[pyclass(frozen, module = "meshfed._core")]
+struct Gateway {
+    inner: meshfed_gateway::Gateway,
+}
+
+#[pymethods]
+impl Gateway {
+    /// Compiles `config`, binds every listener and starts serving.
+    #[new]
+    fn new(py: Python<'_>, config: &[u8]) -> PyResult<Self> {
+        let inner = py
+            .detach(|| meshfed_gateway::Gateway::start(config))
+            .map_err(to_py)?;
+        Ok(Self { inner })
+    }
+
+    /// Swaps in a new config; on error the running config is untouched.
+    fn apply(&self, py: Python<'_>, config: &[u8]) -> PyResult<()> {
+        py.detach(|| self.inner.apply(config)).map_err(to_py)
+    }
+
+    /// The bound address ("ip:port") of each listener, by name.
+    fn addresses(&self) -> BTreeMap<String, String> {
+        self.inner
+            .addresses()
+            .into_iter()
+            .map(|(name, addr)| (name, addr.to_string()))
+            .collect()
+    }
+
+    /// Per-listener counters as JSON bytes.
+    fn stats<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.inner.stats_json().as_bytes())
+    }
+
+    /// Stops all listeners and the runtime. Idempotent.
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| self.inner.shutdown());
+    }
+}
+
+/// The Rust core of meshfed: the gateway data plane.
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", meshfed_gateway::VERSION)?;
+    m.add("ConfigError", py.get_type::<ConfigError>())?;
+    m.add("GatewayError", py.get_type::<GatewayError>())?;
+    m.add_function(wrap_pyfunction!(core_version, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_config, m)?)?;
+    m.add_class::<Gateway>()?;
+    Ok(())
+}

@@ -1,0 +1,110 @@
+"""Shared fixtures: zones in temporary directories, real loopback servers, SVID files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import socketserver
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from meshfed.gateway import Identity
+from meshfed.trust.bundle import parse_bundle
+from meshfed.trust.ca import Svid
+from meshfed.trust.spiffe import SpiffeId
+from meshfed.zone import Zone
+
+ZoneFactory = Callable[[str], Zone]
+
+
+@pytest.fixture
+def make_zone(tmp_path: Path) -> ZoneFactory:
+    """Create a zone named NAME with trust domain NAME.mesh under the test's tmp dir."""
+
+    def make(name: str) -> Zone:
+        return Zone.init(tmp_path / name, name, f"{name}.mesh")
+
+    return make
+
+
+def trust_each_other(*zones: Zone) -> None:
+    """Exchange bundles in the SPIFFE wire format between every pair of zones."""
+    for importer in zones:
+        for exporter in zones:
+            if importer is not exporter:
+                wire = exporter.own_bundle().to_spiffe_json()
+                importer.import_bundle(parse_bundle(exporter.trust_domain, wire))
+
+
+def gateway_identity(zone: Zone) -> Identity:
+    svid = zone.issue_svid(zone.trust_domain.gateway_id, dt.timedelta(hours=1))
+    return Identity(cert_chain_pem=svid.cert_chain_pem().decode(), private_key_pem=svid.private_key_pem().decode())
+
+
+@dataclass
+class SvidFiles:
+    svid: Svid
+    cert: Path
+    key: Path
+
+
+def write_svid(zone: Zone, spiffe_id: str, directory: Path) -> SvidFiles:
+    svid = zone.issue_svid(SpiffeId.parse(spiffe_id), dt.timedelta(hours=1))
+    cert, key = directory / f"{zone.name}-svid.pem", directory / f"{zone.name}-svid.key"
+    cert.write_bytes(svid.cert_chain_pem())
+    key.write_bytes(svid.private_key_pem())
+    return SvidFiles(svid, cert, key)
+
+
+@dataclass
+class EchoServer:
+    """A TCP server that echoes every byte back and counts the connections it accepted."""
+
+    address: tuple[str, int]
+    connections: list[tuple[str, int]] = field(default_factory=list)
+    received: bytearray = field(default_factory=bytearray)
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+
+@pytest.fixture
+def echo_server() -> Iterator[EchoServer]:
+    state = EchoServer(("127.0.0.1", 0))
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            state.connections.append(self.client_address)
+            while data := self.request.recv(65536):
+                state.received.extend(data)
+                self.request.sendall(data)
+
+    class Server(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+
+    server = Server(("127.0.0.1", 0), Handler)
+    state.address = ("127.0.0.1", server.server_address[1])
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def round_trip(sock: socket.socket, payload: bytes) -> bytes:
+    """Send ``payload`` and read back exactly as many bytes."""
+    sock.sendall(payload)
+    received = b""
+    while len(received) < len(payload):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received

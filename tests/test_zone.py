@@ -1,0 +1,83 @@
+import hashlib
+import stat
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from meshfed.errors import ZoneError
+from meshfed.zone import Zone
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _snapshot(directory: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_init_creates_the_zone_layout_with_private_files_locked_down(tmp_path):
+    zone = Zone.init(tmp_path / "east", "east", "east.mesh")
+    directory = tmp_path / "east"
+    for name in ("zone.toml", "state.db", "admin-token", "ca/root.pem", "ca/intermediate.pem"):
+        assert (directory / name).is_file(), name
+    for private in ("ca/root.key", "ca/intermediate.key", "admin-token", "state.db"):
+        assert _mode(directory / private) == 0o600, private
+    assert _mode(directory) == 0o700
+    config = tomllib.loads((directory / "zone.toml").read_text())
+    assert config["name"] == "east"
+    assert config["trust_domain"] == "east.mesh"
+    assert len(zone.admin_token()) >= 32
+    assert [stored.source for stored in zone.trusted_bundles()] == ["self"]
+    reopened = Zone.open(directory)
+    assert reopened.trust_domain == zone.trust_domain
+
+
+def test_init_refuses_to_overwrite_an_existing_zone_and_changes_nothing(tmp_path):
+    Zone.init(tmp_path / "east", "east", "east.mesh")
+    before = _snapshot(tmp_path / "east")
+    with pytest.raises(ZoneError, match="already holds a zone"):
+        Zone.init(tmp_path / "east", "other", "other.mesh")
+    assert _snapshot(tmp_path / "east") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["east"]
+
+
+def test_init_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    with pytest.raises(ZoneError, match="not an empty directory"):
+        Zone.init(tmp_path / "busy", "busy", "busy.mesh")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
+
+
+def test_init_into_an_empty_directory_works(tmp_path):
+    (tmp_path / "empty").mkdir()
+    Zone.init(tmp_path / "empty", "empty", "empty.mesh")
+    assert (tmp_path / "empty" / "zone.toml").is_file()
+
+
+@pytest.mark.parametrize(
+    ("name", "trust_domain", "message"),
+    [
+        ("East", "east.mesh", "name: a zone name is a DNS label"),
+        ("east", "East.Mesh", "trust_domain: trust domain 'East.Mesh' may contain only lowercase"),
+        ("east", "", "trust_domain: trust domain is empty"),
+    ],
+)
+def test_init_rejects_bad_names_and_leaves_nothing(tmp_path, name, trust_domain, message):
+    with pytest.raises(ZoneError, match=message):
+        Zone.init(tmp_path / "z", name, trust_domain)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_open_explains_a_missing_or_broken_zone(tmp_path):
+    with pytest.raises(ZoneError, match="not a zone directory"):
+        Zone.open(tmp_path)
+    (tmp_path / "zone.toml").write_text('name = "east"\ntrust_domain = "east.mesh"\nsurprise = 1\n')
+    with pytest.raises(ZoneError, match="surprise"):
+        Zone.open(tmp_path)
