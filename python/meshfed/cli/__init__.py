@@ -12,10 +12,11 @@ from typing import Annotated
 import typer
 
 from meshfed import __version__, _core
-from meshfed.cli.common import fail
+from meshfed.cli.common import ZoneDir, fail
 from meshfed.cli.trust import trust_app
 from meshfed.cli.zone import zone_app
 from meshfed.errors import MeshfedError
+from meshfed.zone import Zone
 
 app = typer.Typer(
     name="meshfed",
@@ -45,6 +46,21 @@ def demo(
     report = run_demo(requests=requests, concurrency=concurrency, echo=typer.echo)
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def up(
+    directory: ZoneDir,
+    api_address: Annotated[str, typer.Option(help="host:port of the zone's HTTP API.")] = "127.0.0.1:8470",
+    gateway_address: Annotated[
+        str | None, typer.Option(help="host:port of the gateway ingress; default from zone.toml.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run one zone in the foreground: controller, gateway and API. SIGTERM or Ctrl-C stops it cleanly."""
+    from meshfed.cli.serve import serve_zone
+
+    serve_zone(Zone.open(directory), api_address=api_address, gateway_address=gateway_address, log_level=log_level)
 
 
 def main() -> None:

@@ -1,0 +1,108 @@
+"""The zone's HTTP API: FastAPI under ``/v1/``, plus health, readiness and metrics.
+
+``create_app(controller)`` returns an app whose lifespan starts and stops the
+controller (and with it the gateway and background services), so one uvicorn
+process is one running zone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Response, status
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from meshfed import __version__, _core
+from meshfed.api.auth import require_admin
+from meshfed.controller import Controller
+
+_REDACTED = "<redacted>"
+
+
+class ZoneInfo(BaseModel):
+    name: str
+    trust_domain: str
+    version: str
+    core_version: str
+    gateway_address: str
+
+
+def create_app(controller: Controller) -> FastAPI:
+    """The API of one zone; its lifespan owns ``controller``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # `meshfed up` starts the controller before serving, so that a start-up
+        # failure is one clear line rather than a server traceback.
+        if not controller.ready:
+            await controller.start()
+        try:
+            yield
+        finally:
+            await controller.stop()
+
+    app = FastAPI(
+        title="meshfed zone API",
+        version=__version__,
+        lifespan=lifespan,
+        description="Federation API of one meshfed zone. Mutating calls need the zone's admin token.",
+    )
+    app.state.controller = controller
+    app.state.admin_token = controller.zone.admin_token()
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], responses={503: {"description": "The zone is still starting"}})
+    def readyz() -> JSONResponse:
+        """The gateway serves and every background service has started."""
+        if controller.ready:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "starting"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def metrics() -> Response:
+        """Prometheus text exposition of the zone's OpenTelemetry metrics."""
+        return Response(controller.telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/zone", tags=["zone"])
+    def zone_info() -> ZoneInfo:
+        zone = controller.zone
+        return ZoneInfo(
+            name=zone.name,
+            trust_domain=str(zone.trust_domain),
+            version=__version__,
+            core_version=_core.core_version(),
+            gateway_address=controller.gateway_address,
+        )
+
+    @app.get("/v1/gateway/stats", tags=["gateway"])
+    def gateway_stats() -> dict[str, Any]:
+        """Counters of every gateway listener."""
+        return controller.gateway_stats()
+
+    @app.get("/v1/gateway/config", tags=["gateway"], dependencies=[Depends(require_admin)])
+    def gateway_config() -> dict[str, Any]:
+        """The config the gateway runs, with its private key redacted."""
+        document = controller.gateway_config().model_dump(exclude_none=True)
+        if "identity" in document:
+            document["identity"]["private_key_pem"] = _REDACTED
+        return document
+
+    @app.post(
+        "/v1/gateway/reconfigure",
+        tags=["gateway"],
+        status_code=status.HTTP_204_NO_CONTENT,
+        dependencies=[Depends(require_admin)],
+    )
+    async def reconfigure() -> Response:
+        """Rebuild the gateway config from the zone's state and apply it now."""
+        await controller.reconfigure()
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+    return app
