@@ -10,7 +10,12 @@ that line and exits non-zero; it never shows a traceback for these.
     ├── ZoneError            a zone directory is missing, incomplete or already exists
     ├── TrustError           SPIFFE IDs, certificates, bundles
     │   ├── InvalidSpiffeIdError
-    │   └── InvalidBundleError
+    │   ├── InvalidBundleError       a bundle is malformed, tampered or holds no usable authority
+    │   ├── InvalidSvidError         an X.509-SVID breaks the X.509-SVID rules or does not parse
+    │   ├── UntrustedSvidError       a well-formed SVID does not chain to its trust domain's bundle
+    │   ├── RotationError            a CA rotation cannot start or advance
+    │   └── BundleFetchError         a bundle endpoint could not be reached, authenticated or read
+    ├── CatalogError         a service, endpoint or catalog source is invalid or unreachable
     └── GatewayError         the Rust data plane could not start or apply a config
         └── GatewayConfigError   the config was rejected; the running one stays in force
 """
@@ -18,12 +23,17 @@ that line and exits non-zero; it never shows a traceback for these.
 from __future__ import annotations
 
 __all__ = [
+    "BundleFetchError",
+    "CatalogError",
     "GatewayConfigError",
     "GatewayError",
     "InvalidBundleError",
     "InvalidSpiffeIdError",
+    "InvalidSvidError",
     "MeshfedError",
+    "RotationError",
     "TrustError",
+    "UntrustedSvidError",
     "ZoneError",
 ]
 
@@ -46,6 +56,26 @@ class InvalidSpiffeIdError(TrustError):
 
 class InvalidBundleError(TrustError):
     """A trust bundle could not be parsed or holds no usable root."""
+
+
+class InvalidSvidError(TrustError):
+    """An X.509-SVID does not parse or breaks a rule of the X.509-SVID spec."""
+
+
+class UntrustedSvidError(TrustError):
+    """An X.509-SVID does not verify against the bundle of its own trust domain."""
+
+
+class RotationError(TrustError):
+    """A rotation of the zone's CA cannot start (one is in progress) or its state is damaged."""
+
+
+class BundleFetchError(TrustError):
+    """A federated bundle endpoint could not be reached, authenticated, or served an unusable bundle."""
+
+
+class CatalogError(MeshfedError):
+    """A service or endpoint is invalid, missing, or a catalog source cannot be read."""
 
 
 class GatewayError(MeshfedError):

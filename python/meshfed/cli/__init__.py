@@ -13,6 +13,7 @@ import typer
 
 from meshfed import __version__, _core
 from meshfed.cli.common import ZoneDir, fail
+from meshfed.cli.service import catalog_app, service_app
 from meshfed.cli.trust import trust_app
 from meshfed.cli.zone import zone_app
 from meshfed.errors import MeshfedError
@@ -27,6 +28,8 @@ app = typer.Typer(
 )
 app.add_typer(zone_app, name="zone")
 app.add_typer(trust_app, name="trust")
+app.add_typer(service_app, name="service")
+app.add_typer(catalog_app, name="catalog")
 
 
 @app.command()

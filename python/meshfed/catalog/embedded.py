@@ -1,0 +1,106 @@
+"""The embedded catalog: services registered by CLI or API, kept in SQLite.
+
+It lives in the zone directory as ``catalog.db``, apart from ``state.db``: it
+is a catalog *source*, like a Consul datacenter or a Kubernetes API would be,
+so a zone that reads Consul simply has no such file. Every write bumps one
+version number; watchers (the controller, in another process than the CLI)
+notice by polling that number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from types import TracebackType
+
+from pydantic import ValidationError
+
+from meshfed.catalog.model import CatalogSnapshot, Service
+from meshfed.errors import CatalogError
+from meshfed.sqlite import open_database, transaction
+
+CATALOG_FILE = "catalog.db"
+_POLL_SECONDS = 0.1
+
+_MIGRATIONS = (
+    """
+    CREATE TABLE services (
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        document BLOB NOT NULL,
+        PRIMARY KEY (namespace, name)
+    ) STRICT;
+    CREATE TABLE catalog_version (only INTEGER PRIMARY KEY CHECK (only = 1), version INTEGER NOT NULL) STRICT;
+    INSERT INTO catalog_version VALUES (1, 0);
+    """,
+)
+
+
+class EmbeddedCatalog:
+    """The embedded catalog of one zone directory. Use as a context manager."""
+
+    def __init__(self, zone_directory: Path) -> None:
+        self._db = open_database(zone_directory / CATALOG_FILE, _MIGRATIONS)
+
+    def __enter__(self) -> EmbeddedCatalog:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def register(self, service: Service) -> int:
+        """Add or replace ``service`` (with all its endpoints). Returns the new catalog version."""
+        with transaction(self._db):
+            self._db.execute(
+                "INSERT INTO services VALUES (?, ?, ?) "
+                "ON CONFLICT(namespace, name) DO UPDATE SET document = excluded.document",
+                (service.namespace, service.name, service.model_dump_json().encode()),
+            )
+            return self._bump()
+
+    def deregister(self, namespace: str, name: str) -> int:
+        """Remove a service. Returns the new catalog version."""
+        with transaction(self._db):
+            removed = self._db.execute(
+                "DELETE FROM services WHERE namespace = ? AND name = ?", (namespace, name)
+            ).rowcount
+            if not removed:
+                raise CatalogError(f"no service {name}.{namespace} in the embedded catalog; see 'meshfed service list'")
+            return self._bump()
+
+    def load(self) -> CatalogSnapshot:
+        """Every service, consistently at one version."""
+        with transaction(self._db):
+            (version,) = self._db.execute("SELECT version FROM catalog_version").fetchone()
+            rows = self._db.execute("SELECT document FROM services ORDER BY namespace, name").fetchall()
+        try:
+            services = [Service.model_validate_json(document) for (document,) in rows]
+        except ValidationError as err:
+            raise CatalogError(f"the embedded catalog holds an unreadable service: {err}") from None
+        return CatalogSnapshot(version=version, services=services)
+
+    def version(self) -> int:
+        (version,) = self._db.execute("SELECT version FROM catalog_version").fetchone()
+        return int(version)
+
+    async def snapshot(self) -> CatalogSnapshot:
+        return await asyncio.to_thread(self.load)
+
+    async def watch(self, since: int, timeout: float) -> CatalogSnapshot:
+        """Return once the version passes ``since``, or the current snapshot after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await asyncio.to_thread(self.version) > since:
+                break
+            await asyncio.sleep(_POLL_SECONDS)
+        return await self.snapshot()
+
+    def _bump(self) -> int:
+        self._db.execute("UPDATE catalog_version SET version = version + 1")
+        return self.version()

@@ -1,0 +1,108 @@
+"""The catalog model shared by every source (DESIGN §4).
+
+A :class:`Service` is a name in a namespace with named ports; its
+:class:`Endpoint` s carry their zone, locality, weight and health. Subsets are
+label selectors over endpoint labels (``version=v2``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _dns_label(value: str, what: str) -> str:
+    if not _DNS_LABEL.fullmatch(value):
+        raise ValueError(f"{what} {value!r} must be a DNS label: lowercase letters, digits and '-', at most 63")
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Locality(_Model):
+    region: str = ""
+    zone: str = ""
+
+
+class Endpoint(_Model):
+    """One instance of a service: an IP address and port, with its placement and health."""
+
+    address: str
+    port: int = Field(ge=1, le=65535)
+    zone: str = ""
+    locality: Locality = Locality()
+    weight: int = Field(default=1, ge=1, le=1_000_000)
+    healthy: bool = True
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError(f"endpoint address {value!r} must be an IP address") from None
+
+    @property
+    def key(self) -> str:
+        """``address:port``, unique within a service."""
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+    def matches(self, selector: dict[str, str]) -> bool:
+        """True if every label of ``selector`` is on this endpoint (a subset selector)."""
+        return all(self.labels.get(key) == value for key, value in selector.items())
+
+
+class Service(_Model):
+    """A service with its ports and endpoints."""
+
+    name: str
+    namespace: str = "default"
+    ports: dict[str, int] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    endpoints: list[Endpoint] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return _dns_label(value, "service name")
+
+    @field_validator("namespace")
+    @classmethod
+    def _check_namespace(cls, value: str) -> str:
+        return _dns_label(value, "namespace")
+
+    @field_validator("ports")
+    @classmethod
+    def _check_ports(cls, value: dict[str, int]) -> dict[str, int]:
+        for name, number in value.items():
+            _dns_label(name, "port name")
+            if not 1 <= number <= 65535:
+                raise ValueError(f"port {name}={number} is outside 1-65535")
+        return value
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(namespace, name): unique within a zone."""
+        return self.namespace, self.name
+
+    @property
+    def healthy_endpoints(self) -> list[Endpoint]:
+        return [endpoint for endpoint in self.endpoints if endpoint.healthy]
+
+
+class CatalogSnapshot(_Model):
+    """Every service of a source at one version. Versions only grow."""
+
+    version: int
+    services: list[Service]
+
+    def service(self, namespace: str, name: str) -> Service | None:
+        return next((s for s in self.services if s.key == (namespace, name)), None)
