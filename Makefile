@@ -10,6 +10,9 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # Release build for both commands: the demo measures latency, and the tests
 # must exercise the same code users run. One build serves both.
 RUST_SOURCES := Cargo.toml Cargo.lock pyproject.toml $(shell find rust -name '*.rs' -o -name Cargo.toml)
+# Python stubs of the peering protocol, generated (never committed) before the package builds.
+PROTO_SOURCES := federation/proto/generate.py $(shell find federation/proto -name '*.proto')
+PROTO_STUBS := python/meshfed/federation/_proto/peering_pb2_grpc.py
 
 .PHONY: demo test lint test-rust test-python system-deps clean
 
@@ -40,9 +43,24 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip "maturin>=1.9,<2"
 
-$(VENV)/.built: $(BIN)/python $(RUST_SOURCES)
+$(PROTO_STUBS): $(BIN)/python $(PROTO_SOURCES)
+	$(BIN)/python -m pip install --quiet "grpcio-tools>=1.66"
+	$(BIN)/python federation/proto/generate.py
+
+$(VENV)/.built: $(BIN)/python $(RUST_SOURCES) $(PROTO_STUBS)
 	$(BIN)/maturin develop --release --locked --extras dev --quiet
 	@touch $@
 
 clean:
-	rm -rf $(VENV) target
+	rm -rf $(VENV) target python/meshfed/federation/_proto
+
+# Fuzzing (nightly + cargo-fuzz): `make test-fuzz` runs each target briefly;
+# FUZZ_SECONDS=3600 for a long run. Skips with a note when nightly or
+# cargo-fuzz is missing.
+FUZZ_SECONDS ?= 20
+.PHONY: test-fuzz
+test-fuzz:
+	@if cargo +nightly fuzz --version >/dev/null 2>&1; then \
+	  cd rust/meshfed-gateway && for t in client_hello proxy_v2; do \
+	    cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done; \
+	else echo "test-fuzz: skipped (needs rustup nightly and 'cargo install cargo-fuzz --locked')"; fi

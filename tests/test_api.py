@@ -127,6 +127,18 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _side_ports() -> list[str]:
+    """Free loopback ports for the listeners a test does not look at."""
+    return [
+        "--peering-address",
+        f"127.0.0.1:{_free_port()}",
+        "--establish-address",
+        f"127.0.0.1:{_free_port()}",
+        "--egress-port-base",
+        "0",
+    ]
+
+
 def test_meshfed_up_serves_until_sigterm_and_exits_cleanly(tmp_path: Path):
     Zone.init(tmp_path / "east", "east", "east.mesh")
     api_port, gateway_port = _free_port(), _free_port()
@@ -142,6 +154,7 @@ def test_meshfed_up_serves_until_sigterm_and_exits_cleanly(tmp_path: Path):
             f"127.0.0.1:{api_port}",
             "--gateway-address",
             f"127.0.0.1:{gateway_port}",
+            *_side_ports(),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -187,6 +200,7 @@ def test_meshfed_up_reports_a_busy_gateway_port_in_one_line(tmp_path: Path):
                 f"127.0.0.1:{_free_port()}",
                 "--gateway-address",
                 f"127.0.0.1:{busy.getsockname()[1]}",
+                *_side_ports(),
             ],
             capture_output=True,
             text=True,

@@ -1,8 +1,9 @@
 """The controller: the one long-running process of a zone.
 
 It owns the zone's gateway (the Rust data plane), keeps the gateway's SVID
-fresh, turns the zone's state into a gateway config, and runs the zone's
-background services (bundle pollers, rotation, peering). Every change reaches
+fresh, watches the catalog, turns the zone's state (trust bundles, catalog,
+exports, imports, peers) into one gateway config, and runs the zone's
+background services (peering, bundle pollers, rotation). Every change reaches
 the data plane through one path, :meth:`Controller.reconfigure`, which builds a
 complete config and applies it atomically.
 """
@@ -13,20 +14,32 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Sequence
-from typing import Any, Protocol
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal, Protocol
 
+from opentelemetry.sdk.trace.export import SpanExporter
+
+from meshfed.catalog.embedded import EmbeddedCatalog
 from meshfed.errors import MeshfedError
-from meshfed.gateway import Gateway, GatewayConfig, Identity, TerminateListener
+from meshfed.federation.exchange import ServiceSnapshot
+from meshfed.federation.exports import ExportRules, exported_snapshot
+from meshfed.federation.gateway_config import INGRESS_LISTENER, build_gateway_config
+from meshfed.federation.imports import ImportStore
+from meshfed.gateway import Gateway, GatewayConfig, Identity
 from meshfed.telemetry import Telemetry
 from meshfed.trust.bundle import bundle_roots_pem
 from meshfed.trust.ca import Svid
+from meshfed.trust.spiffe import TrustDomain
 from meshfed.zone import Zone
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GATEWAY_SVID_TTL = dt.timedelta(hours=24)
-INGRESS_LISTENER = "ingress"
+CATALOG_POLL_SECONDS = 0.2
+
+PeerTrustDomains = Callable[[], Mapping[str, TrustDomain]]
+FailingPeerPolicy = Literal["open", "closed"]
 
 
 class Service(Protocol):
@@ -38,26 +51,50 @@ class Service(Protocol):
 
 
 class Controller:
-    """Runs one zone: gateway, SVID renewal, services. Use ``async with`` or start/stop."""
+    """Runs one zone: gateway, SVID renewal, catalog watch, services. Use ``async with`` or start/stop."""
 
     def __init__(
         self,
         zone: Zone,
         *,
         gateway_address: str | None = None,
+        gateway_advertise: Sequence[str] = (),
+        egress_host: str = "127.0.0.1",
+        egress_port_base: int = 0,
         gateway_svid_ttl: dt.timedelta = DEFAULT_GATEWAY_SVID_TTL,
+        peer_trust_domains: PeerTrustDomains = dict,
         services: Sequence[Service] = (),
+        span_exporter: SpanExporter | None = None,
+        failing_peer_grace: dt.timedelta = dt.timedelta(minutes=5),
+        failing_peer_policy: FailingPeerPolicy = "open",
     ) -> None:
+        """``egress_port_base`` 0 gives each import an ephemeral port; otherwise ports are kept from that base.
+
+        ``peer_trust_domains`` maps peering names to their trust domains (the
+        peering service provides it); ``gateway_advertise`` is where peers reach
+        this zone's ingress (default: its bound address). A peer that stays
+        FAILING past ``failing_peer_grace`` keeps its imports served under the
+        ``open`` policy (callers' connects fail over or fail fast) and loses
+        them under ``closed`` until it is back.
+        """
         self.zone = zone
         self.gateway_address = gateway_address or zone.config.gateway_address
+        self._advertise = list(gateway_advertise)
+        self._egress_host = egress_host
+        self._egress_port_base = egress_port_base
         self._svid_ttl = gateway_svid_ttl
+        self._peer_trust_domains = peer_trust_domains
         self._services = list(services)
+        self._exports_listeners: list[Callable[[], None]] = []
         self._gateway: Gateway | None = None
         self._svid: Svid | None = None
-        self._renewal: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._apply_lock = asyncio.Lock()
         self._stopped = False
-        self.telemetry = Telemetry(zone.name, self.gateway_stats)
+        self._failing_peer_grace = failing_peer_grace
+        self._failing_peer_policy = failing_peer_policy
+        self._failing_since: dict[str, float] = {}
+        self.telemetry = Telemetry(zone.name, self.gateway_stats, span_exporter=span_exporter)
 
     async def __aenter__(self) -> Controller:
         await self.start()
@@ -71,6 +108,10 @@ class Controller:
         if self.ready:
             raise MeshfedError("services must be added before the controller starts")
         self._services.append(service)
+
+    def on_exports_changed(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever what this zone exports may have changed (catalog or rules)."""
+        self._exports_listeners.append(listener)
 
     @property
     def ready(self) -> bool:
@@ -90,26 +131,38 @@ class Controller:
         self._svid = await asyncio.to_thread(self._issue_gateway_svid)
         config = await asyncio.to_thread(self.gateway_config)
         gateway = await asyncio.to_thread(Gateway, config)
+        self._gateway = gateway
+        started: list[Service] = []
         try:
             for service in self._services:
                 await service.start()
+                started.append(service)
+            if started:
+                await self.reconfigure()  # services (peering) may add to the config: peers' identities, imports
         except BaseException:
+            for service in reversed(started):
+                with contextlib.suppress(Exception):
+                    await service.stop()
+            self._gateway = None
             await asyncio.to_thread(gateway.close)
             raise
-        self._gateway = gateway
-        self._renewal = asyncio.create_task(self._renew_gateway_svid(), name=f"meshfed-{self.zone.name}-svid")
+        self._tasks = [
+            asyncio.create_task(self._renew_gateway_svid(), name=f"meshfed-{self.zone.name}-svid"),
+            asyncio.create_task(self._watch_catalog(), name=f"meshfed-{self.zone.name}-catalog"),
+        ]
         log.info("zone %s running: gateway ingress on %s", self.zone.name, self.gateway_address)
 
     async def stop(self) -> None:
-        """Stop services (newest first), SVID renewal, then the gateway. Safe to call twice."""
+        """Stop background tasks, services (newest first), then the gateway. Safe to call twice."""
         if self._stopped:
             return
         self._stopped = True
-        if self._renewal is not None:
-            self._renewal.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._renewal
-            self._renewal = None
+                await task
+        self._tasks = []
         for service in reversed(self._services):
             try:
                 await service.stop()
@@ -127,23 +180,108 @@ class Controller:
         config, so the last state always wins.
         """
         async with self._apply_lock:
-            config = await asyncio.to_thread(self.gateway_config)
-            await asyncio.to_thread(self.gateway.apply, config)
+            with self.telemetry.span("meshfed.gateway.apply", **{"meshfed.zone": self.zone.name}) as span:
+                if await asyncio.to_thread(self._svid_signer_retired):
+                    # A rotation switched the signing CA: present an SVID from the new one now.
+                    self._svid = await asyncio.to_thread(self._issue_gateway_svid)
+                config = await asyncio.to_thread(self.gateway_config)
+                span.set_attribute("meshfed.gateway.listeners", len(config.listeners))
+                span.set_attribute("meshfed.gateway.clusters", len(config.clusters))
+                await asyncio.to_thread(self.gateway.apply, config)
+                log.debug("zone %s: gateway config applied", self.zone.name)
+
+    async def exports_changed(self) -> None:
+        """Export rules or the catalog changed: apply the new ingress and tell the peers."""
+        await self.reconfigure()
+        for listener in self._exports_listeners:
+            listener()
+
+    async def import_snapshot(self, peer: str, snapshot: ServiceSnapshot) -> None:
+        """A peer sent its exports: keep them and serve them, unless this version is already known."""
+        with ImportStore(self.zone.directory) as imports:
+            changed = await asyncio.to_thread(imports.put, peer, snapshot)
+        if changed:
+            await self.reconfigure()
+
+    async def forget_peer(self, peer: str) -> None:
+        """A peering was deleted: drop its imports and their egress listeners."""
+        with ImportStore(self.zone.directory) as imports:
+            removed = await asyncio.to_thread(imports.remove, peer)
+        if removed:
+            await self.reconfigure()
+
+    async def peer_state_changed(self, peer: str, state: str) -> None:
+        """Follow a peering's state: forget a terminated peer, apply the failing-peer policy."""
+        if state == "TERMINATED":
+            self._failing_since.pop(peer, None)
+            await self.forget_peer(peer)
+        elif state == "FAILING":
+            self._failing_since.setdefault(peer, time.monotonic())
+            if self._failing_peer_policy == "closed":
+                self._tasks.append(asyncio.create_task(self._close_after_grace(peer), name=f"meshfed-grace-{peer}"))
+        elif self._failing_since.pop(peer, None) is not None and self._failing_peer_policy == "closed":
+            await self.reconfigure()  # back from FAILING: serve its imports again
+
+    def exported_snapshot(self, peer: str) -> ServiceSnapshot:
+        """What ``peer`` may see of this zone now."""
+        with EmbeddedCatalog(self.zone.directory) as catalog, ExportRules(self.zone.directory) as rules:
+            return exported_snapshot(
+                zone=self.zone.name,
+                trust_domain=str(self.zone.trust_domain),
+                gateway_addresses=self.advertised_gateway_addresses(),
+                peer=peer,
+                catalog=catalog.load(),
+                rules=rules.rules(),
+                rules_version=rules.version(),
+            )
+
+    def advertised_gateway_addresses(self) -> list[str]:
+        """Where peers reach this zone's ingress."""
+        if self._advertise:
+            return list(self._advertise)
+        host, port = self.gateway.address(INGRESS_LISTENER)
+        # A wildcard bind is reachable on loopback at least; real deployments set gateway_advertise.
+        return [f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"]  # noqa: S104 -- compares, never binds
 
     def gateway_config(self) -> GatewayConfig:
         """The complete gateway config for the zone's state now."""
         if self._svid is None:
             raise MeshfedError(f"zone {self.zone.name}: no gateway SVID yet; start the controller first")
-        bundles = [stored.bundle for stored in self.zone.trusted_bundles()]
-        return GatewayConfig(
-            identity=Identity(
-                cert_chain_pem=self._svid.cert_chain_pem().decode(),
-                private_key_pem=self._svid.private_key_pem().decode(),
-            ),
-            trust_bundles=bundle_roots_pem(bundles),
-            # Default deny: the ingress routes nothing until services are exported to peers.
-            listeners=[TerminateListener(name=INGRESS_LISTENER, address=self.gateway_address, routes=[])],
-        )
+        directory = self.zone.directory
+        with EmbeddedCatalog(directory) as catalog, ExportRules(directory) as rules, ImportStore(directory) as imports:
+
+            def egress_address(listener: str) -> str:
+                if not self._egress_port_base:
+                    return f"{self._egress_host}:0"
+                return f"{self._egress_host}:{imports.egress_port(listener, self._egress_port_base)}"
+
+            return build_gateway_config(
+                identity=Identity(
+                    cert_chain_pem=self._svid.cert_chain_pem().decode(),
+                    private_key_pem=self._svid.private_key_pem().decode(),
+                ),
+                trust_bundles=bundle_roots_pem([stored.bundle for stored in self.zone.trusted_bundles()]),
+                trust_domain=self.zone.trust_domain,
+                ingress_address=self.gateway_address,
+                catalog=catalog.load(),
+                export_rules=rules.rules(),
+                peer_trust_domains=self._peer_trust_domains(),
+                imports=[item for item in imports.services() if not self._withheld(item.peer)],
+                egress_address=egress_address,
+            )
+
+    def _withheld(self, peer: str) -> bool:
+        """Under the closed policy, a peer failing for longer than the grace period is not served."""
+        since = self._failing_since.get(peer)
+        if since is None or self._failing_peer_policy != "closed":
+            return False
+        return time.monotonic() - since >= self._failing_peer_grace.total_seconds()
+
+    async def _close_after_grace(self, peer: str) -> None:
+        await asyncio.sleep(self._failing_peer_grace.total_seconds())
+        if peer in self._failing_since:
+            log.warning("zone %s: peer %s failing past the grace period; its imports stop", self.zone.name, peer)
+            await _retrying(self.zone.name, f"withholding the imports of {peer}", self.reconfigure)
 
     def gateway_stats(self) -> dict[str, Any]:
         """The gateway's counters, or none while it is not running."""
@@ -153,8 +291,23 @@ class Controller:
     def gateway_svid(self) -> Svid | None:
         return self._svid
 
+    def _svid_signer_retired(self) -> bool:
+        return self._svid is not None and self._svid.intermediates[0] != self.zone.authority().intermediate
+
     def _issue_gateway_svid(self) -> Svid:
         return self.zone.issue_svid(self.zone.trust_domain.gateway_id, self._svid_ttl)
+
+    async def _watch_catalog(self) -> None:
+        # Polling two version numbers is cheap and catches writes from other
+        # processes (the CLI) within a fraction of a second.
+        with EmbeddedCatalog(self.zone.directory) as catalog, ExportRules(self.zone.directory) as rules:
+            seen = (catalog.version(), rules.version())
+            while True:
+                await asyncio.sleep(CATALOG_POLL_SECONDS)
+                now = (catalog.version(), rules.version())
+                if now != seen:
+                    seen = now
+                    await _retrying(self.zone.name, "applying a catalog or export change", self.exports_changed)
 
     async def _renew_gateway_svid(self) -> None:
         # Renew at half-life, as SPIRE agents do: a failed renewal leaves half the
@@ -165,9 +318,19 @@ class Controller:
             lifetime = svid.leaf.not_valid_after_utc - svid.leaf.not_valid_before_utc
             renew_at = svid.leaf.not_valid_before_utc + lifetime / 2
             await asyncio.sleep(max((renew_at - dt.datetime.now(dt.UTC)).total_seconds(), 1.0))
-            try:
-                self._svid = await asyncio.to_thread(self._issue_gateway_svid)
-                await self.reconfigure()
-                log.info("zone %s: gateway SVID renewed until %s", self.zone.name, self._svid.leaf.not_valid_after_utc)
-            except MeshfedError as err:
-                log.error("zone %s: gateway SVID renewal failed, retrying: %s", self.zone.name, err)
+            self._svid = await asyncio.to_thread(self._issue_gateway_svid)
+            await _retrying(self.zone.name, "applying the renewed gateway SVID", self.reconfigure)
+            log.info("zone %s: gateway SVID renewed until %s", self.zone.name, self._svid.leaf.not_valid_after_utc)
+
+
+async def _retrying(zone: str, what: str, action: Callable[[], Awaitable[object]]) -> None:
+    """Run ``action`` until it succeeds, logging MeshfedErrors and backing off up to 30 s."""
+    delay = 0.5
+    while True:
+        try:
+            await action()
+            return
+        except MeshfedError as err:
+            log.error("zone %s: %s failed, retrying in %.1f s: %s", zone, what, delay, err)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)

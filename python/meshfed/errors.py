@@ -16,6 +16,9 @@ that line and exits non-zero; it never shows a traceback for these.
     │   ├── RotationError            a CA rotation cannot start or advance
     │   └── BundleFetchError         a bundle endpoint could not be reached, authenticated or read
     ├── CatalogError         a service, endpoint or catalog source is invalid or unreachable
+    ├── PeeringError         a peering cannot be made, found, reached or kept
+    │   └── InvalidTokenError        a peering token is malformed, tampered, expired, spent or not for this zone
+    ├── FederationError      export and import rules, imported services
     └── GatewayError         the Rust data plane could not start or apply a config
         └── GatewayConfigError   the config was rejected; the running one stays in force
 """
@@ -25,12 +28,15 @@ from __future__ import annotations
 __all__ = [
     "BundleFetchError",
     "CatalogError",
+    "FederationError",
     "GatewayConfigError",
     "GatewayError",
     "InvalidBundleError",
     "InvalidSpiffeIdError",
     "InvalidSvidError",
+    "InvalidTokenError",
     "MeshfedError",
+    "PeeringError",
     "RotationError",
     "TrustError",
     "UntrustedSvidError",
@@ -76,6 +82,18 @@ class BundleFetchError(TrustError):
 
 class CatalogError(MeshfedError):
     """A service or endpoint is invalid, missing, or a catalog source cannot be read."""
+
+
+class FederationError(MeshfedError):
+    """An export rule, import or federated service is invalid or missing."""
+
+
+class PeeringError(MeshfedError):
+    """A peering cannot be established, found, reached or kept up."""
+
+
+class InvalidTokenError(PeeringError):
+    """A peering token is malformed, tampered, expired, already used, or meant for another zone."""
 
 
 class GatewayError(MeshfedError):

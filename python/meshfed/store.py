@@ -1,20 +1,20 @@
 """The zone's durable state in SQLite: what must survive a restart.
 
-One file (``state.db``) per zone. Schema changes are numbered migrations keyed
-on ``PRAGMA user_version`` so an old zone directory upgrades in place.
+One file (``state.db``) per zone; this module owns its trust tables (the
+``trust`` component of :mod:`meshfed.sqlite`'s numbered migrations).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
-from meshfed.errors import ZoneError
+from meshfed.sqlite import open_database, transaction
 from meshfed.trust.bundle import TrustBundle, parse_bundle
 from meshfed.trust.spiffe import TrustDomain
 
@@ -27,7 +27,66 @@ _MIGRATIONS = (
         updated_at TEXT NOT NULL
     ) STRICT;
     """,
+    # 2: CA rotation phases and federation relationships (trust bridging, issue 3).
+    """
+    CREATE TABLE ca_generations (
+        generation INTEGER PRIMARY KEY,
+        directory TEXT NOT NULL,
+        root_fingerprint TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('published', 'active', 'retiring', 'retired')),
+        created_at TEXT NOT NULL,
+        activate_at TEXT,
+        retire_at TEXT,
+        longest_svid_ttl_seconds INTEGER
+    ) STRICT;
+    CREATE TABLE federations (
+        trust_domain TEXT PRIMARY KEY,
+        endpoint_url TEXT NOT NULL,
+        profile TEXT NOT NULL CHECK (profile IN ('https_web', 'https_spiffe')),
+        endpoint_spiffe_id TEXT,
+        web_ca_pem TEXT,
+        created_at TEXT NOT NULL,
+        last_success_at TEXT,
+        last_error TEXT
+    ) STRICT;
+    """,
 )
+
+GenerationState = Literal["published", "active", "retiring", "retired"]
+FederationProfile = Literal["https_web", "https_spiffe"]
+
+
+@dataclass(frozen=True)
+class CaGeneration:
+    """One root + intermediate of the zone's CA and where it stands in its life.
+
+    ``published``: in the bundle, not signing yet; ``active``: signs SVIDs;
+    ``retiring``: still in the bundle while SVIDs it signed live; ``retired``:
+    gone from the bundle, keys deleted.
+    """
+
+    generation: int
+    directory: str
+    root_fingerprint: str
+    state: GenerationState
+    created_at: dt.datetime
+    activate_at: dt.datetime | None = None
+    retire_at: dt.datetime | None = None
+    longest_svid_ttl_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class Federation:
+    """A relationship with another trust domain's bundle endpoint."""
+
+    trust_domain: TrustDomain
+    endpoint_url: str
+    profile: FederationProfile
+    endpoint_spiffe_id: str | None
+    web_ca_pem: str | None
+    created_at: dt.datetime
+    last_success_at: dt.datetime | None = None
+    last_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -43,13 +102,7 @@ class StateStore:
     """Typed access to ``state.db``. Use as a context manager; each method commits."""
 
     def __init__(self, path: Path) -> None:
-        try:
-            self._db = sqlite3.connect(path, isolation_level=None)
-        except sqlite3.Error as err:
-            raise ZoneError(f"cannot open state database {path}: {err}") from None
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        self._db = open_database(path, "trust", _MIGRATIONS)
 
     def __enter__(self) -> StateStore:
         return self
@@ -72,8 +125,18 @@ class StateStore:
                     bundle.trust_domain.name,
                     bundle.to_spiffe_json(),
                     source,
-                    dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                    _iso(dt.datetime.now(dt.UTC)),
                 ),
+            )
+
+    def delete_bundle(self, trust_domain: TrustDomain, source: str) -> bool:
+        """Remove ``trust_domain``'s bundle if it came from ``source``. True if one was removed."""
+        with self._transaction():
+            return (
+                self._db.execute(
+                    "DELETE FROM trust_bundles WHERE trust_domain = ? AND source = ?", (trust_domain.name, source)
+                ).rowcount
+                > 0
             )
 
     def bundle(self, trust_domain: TrustDomain) -> StoredBundle | None:
@@ -86,27 +149,86 @@ class StateStore:
         rows = self._db.execute("SELECT * FROM trust_bundles ORDER BY trust_domain").fetchall()
         return [_stored_bundle(row) for row in rows]
 
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def ca_generations(self) -> list[CaGeneration]:
+        """Every recorded CA generation, oldest first (none until the zone's first rotation)."""
+        rows = self._db.execute("SELECT * FROM ca_generations ORDER BY generation").fetchall()
+        return [
+            CaGeneration(g, d, fp, state, _time(created), _maybe_time(act), _maybe_time(ret), ttl)
+            for g, d, fp, state, created, act, ret, ttl in rows
+        ]
 
-    def _migrate(self) -> None:
-        (version,) = self._db.execute("PRAGMA user_version").fetchone()
-        if version > len(_MIGRATIONS):
-            raise ZoneError(
-                f"state database schema {version} is newer than this meshfed understands "
-                f"({len(_MIGRATIONS)}); upgrade meshfed"
+    def put_ca_generation(self, generation: CaGeneration) -> None:
+        """Insert or replace one generation's row."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO ca_generations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    generation.generation,
+                    generation.directory,
+                    generation.root_fingerprint,
+                    generation.state,
+                    _iso(generation.created_at),
+                    _iso(generation.activate_at) if generation.activate_at else None,
+                    _iso(generation.retire_at) if generation.retire_at else None,
+                    generation.longest_svid_ttl_seconds,
+                ),
             )
-        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-            with self._transaction():
-                self._db.execute(script)
-                self._db.execute(f"PRAGMA user_version = {number}")
+
+    def record_svid_ttl(self, generation: int, ttl_seconds: int) -> None:
+        """Remember the longest TTL a generation has issued: its root must outlive those SVIDs."""
+        with self._transaction():
+            self._db.execute(
+                "UPDATE ca_generations SET longest_svid_ttl_seconds = max(coalesce(longest_svid_ttl_seconds, 0), ?) "
+                "WHERE generation = ?",
+                (ttl_seconds, generation),
+            )
+
+    def put_federation(self, federation: Federation) -> None:
+        """Create or replace the relationship with ``federation.trust_domain``."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO federations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    federation.trust_domain.name,
+                    federation.endpoint_url,
+                    federation.profile,
+                    federation.endpoint_spiffe_id,
+                    federation.web_ca_pem,
+                    _iso(federation.created_at),
+                    _iso(federation.last_success_at) if federation.last_success_at else None,
+                    federation.last_error,
+                ),
+            )
+
+    def federations(self) -> list[Federation]:
+        """Every federation relationship, ordered by trust domain."""
+        rows = self._db.execute("SELECT * FROM federations ORDER BY trust_domain").fetchall()
+        return [
+            Federation(TrustDomain.parse(td), url, profile, sid, web_ca, _time(created), _maybe_time(ok), error)
+            for td, url, profile, sid, web_ca, created, ok, error in rows
+        ]
+
+    def record_poll(self, trust_domain: TrustDomain, at: dt.datetime, error: str | None) -> None:
+        """Note the outcome of one poll: success time, or the error (the last success stays)."""
+        with self._transaction():
+            if error is None:
+                self._db.execute(
+                    "UPDATE federations SET last_success_at = ?, last_error = NULL WHERE trust_domain = ?",
+                    (_iso(at), trust_domain.name),
+                )
+            else:
+                self._db.execute(
+                    "UPDATE federations SET last_error = ? WHERE trust_domain = ?", (error, trust_domain.name)
+                )
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Group several writes into one transaction (the methods called inside join it)."""
+        with self._transaction():
+            yield
+
+    def _transaction(self) -> AbstractContextManager[None]:
+        return transaction(self._db)
 
 
 def _stored_bundle(row: tuple[str, bytes, str, str]) -> StoredBundle:
@@ -115,3 +237,15 @@ def _stored_bundle(row: tuple[str, bytes, str, str]) -> StoredBundle:
     trust_domain, bundle_json, source, updated_at = row
     bundle = parse_bundle(TrustDomain.parse(trust_domain), bundle_json)
     return StoredBundle(bundle, source, dt.datetime.fromisoformat(updated_at))
+
+
+def _iso(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).isoformat()
+
+
+def _time(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text)
+
+
+def _maybe_time(text: str | None) -> dt.datetime | None:
+    return None if text is None else dt.datetime.fromisoformat(text)

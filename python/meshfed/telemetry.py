@@ -1,20 +1,28 @@
-"""OpenTelemetry metrics of one zone, served as Prometheus text at ``/metrics``.
+"""OpenTelemetry for one zone: metrics at ``/metrics`` (and OTLP), traces of control-plane work.
 
-Each controller gets its own ``MeterProvider`` and Prometheus registry, so
-several zones in one process (tests, the demo) never mix their series. Gateway
-counters are observed at collection time from the Rust core's lock-free stats:
-nothing is pushed on the data path.
+Each controller gets its own providers and Prometheus registry, so several
+zones in one process (tests, the demo) never mix their series. Gateway counters
+are observed at collection time from the Rust core's lock-free stats: nothing
+is pushed on the data path. OTLP export of metrics and traces turns on when
+``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, as the OpenTelemetry spec prescribes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.trace import Span
+from opentelemetry.util.types import AttributeValue
 from prometheus_client import CollectorRegistry, generate_latest
 
 from meshfed import __version__
@@ -39,17 +47,26 @@ _LISTENER_COUNTERS = (
 
 
 class Telemetry:
-    """Metrics of one zone. :meth:`render` returns the Prometheus text exposition."""
+    """Metrics and traces of one zone. :meth:`render` returns the Prometheus text exposition."""
 
-    def __init__(self, zone: str, gateway_stats: StatsSource) -> None:
+    def __init__(self, zone: str, gateway_stats: StatsSource, *, span_exporter: SpanExporter | None = None) -> None:
+        resource = Resource.create({"service.name": "meshfed", "service.version": __version__, "meshfed.zone": zone})
+        otlp = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
         self._registry = CollectorRegistry(auto_describe=True)
-        self._reader = PrometheusMetricReader(registry=self._registry)
-        self._provider = MeterProvider(
-            metric_readers=[self._reader],
-            resource=Resource.create({"service.name": "meshfed", "service.version": __version__, "meshfed.zone": zone}),
-        )
+        readers: list[MetricReader] = [PrometheusMetricReader(registry=self._registry)]
+        self._tracer_provider = TracerProvider(resource=resource)
+        if span_exporter is not None:
+            self._tracer_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+        if otlp:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+            self._tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        self._meter_provider = MeterProvider(metric_readers=readers, resource=resource)
+        self._tracer = self._tracer_provider.get_tracer("meshfed")
         self._gateway_stats = gateway_stats
-        meter = self._provider.get_meter("meshfed.gateway")
+        meter = self._meter_provider.get_meter("meshfed.gateway")
         for key, name, description, unit in _LISTENER_COUNTERS:
             meter.create_observable_counter(name, [self._listener_observer(key)], unit=unit, description=description)
         meter.create_observable_up_down_counter(
@@ -59,20 +76,28 @@ class Telemetry:
             description="Connections open now",
         )
 
+    @property
+    def meter_provider(self) -> MeterProvider:
+        """For other parts of the zone (peering, catalog) to register their own instruments."""
+        return self._meter_provider
+
+    @contextmanager
+    def span(self, name: str, **attributes: AttributeValue) -> Iterator[Span]:
+        """A span around control-plane work (config applies, peering, sync rounds)."""
+        with self._tracer.start_as_current_span(name, attributes=attributes) as span:
+            yield span
+
     def render(self) -> bytes:
-        """Every series, in the Prometheus text format."""
+        """Every metric series, in the Prometheus text format."""
         return generate_latest(self._registry)
 
     def shutdown(self) -> None:
-        self._provider.shutdown()
+        self._meter_provider.shutdown()
+        self._tracer_provider.shutdown()
 
     def _listener_observer(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
             listeners: Mapping[str, Mapping[str, Any]] = self._gateway_stats().get("listeners", {})
-            return [
-                Observation(counters[key], {"listener": name})
-                for name, counters in listeners.items()
-                if key in counters
-            ]
+            return [Observation(stats[key], {"listener": name}) for name, stats in listeners.items() if key in stats]
 
         return observe

@@ -9,6 +9,18 @@ Layout (the directory is 0700; private keys and the token are 0600)::
     ca/root.key
     ca/intermediate.pem    signs SVIDs
     ca/intermediate.key
+    ca/generations/<n>/    roots made by ``meshfed trust rotate`` (same four files)
+
+Which generation signs is recorded in ``state.db`` (table ``ca_generations``);
+a zone that never rotated has no rows there and signs with ``ca/``.
+
+Rotation (``Zone.rotate`` then ``Zone.advance_rotation``, the latter called by
+the CLI and by the controller's rotation service) moves through phases whose
+deadlines are stored, so a restart resumes where it stopped::
+
+    rotate      new root published in the bundle (sequence + 1); old CA still signs
+    activate_at new CA signs; old root stays in the bundle (retiring)
+    retire_at   old root leaves the bundle (sequence + 1); its keys are deleted
 
 ``Zone.init`` builds the whole directory beside its target and renames it into
 place, so a failed init leaves nothing behind and an existing zone is never
@@ -24,6 +36,8 @@ import secrets
 import shutil
 import tempfile
 import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -31,9 +45,9 @@ import tomli_w
 from cryptography import x509
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from meshfed.errors import InvalidBundleError, TrustError, ZoneError
-from meshfed.store import StateStore, StoredBundle
-from meshfed.trust.bundle import TrustBundle
+from meshfed.errors import InvalidBundleError, RotationError, TrustError, ZoneError
+from meshfed.store import CaGeneration, Federation, FederationProfile, StateStore, StoredBundle
+from meshfed.trust.bundle import TrustBundle, fingerprint
 from meshfed.trust.ca import (
     CertificateAuthority,
     Svid,
@@ -49,7 +63,21 @@ STATE_FILE = "state.db"
 TOKEN_FILE = "admin-token"  # noqa: S105 -- a file name, not a secret
 _ZONE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
-BundleSource = Literal["self", "import"]
+BundleSource = Literal["self", "import", "federation"]
+_LEGACY_CA_DIRECTORY = "ca"
+_GENERATIONS_DIRECTORY = "ca/generations"
+# Zones whose SVIDs were issued before TTLs were recorded: assume the default SVID lifetime.
+_ASSUMED_SVID_TTL = dt.timedelta(hours=24)
+ROTATION_OVERLAP_REFRESH_HINTS = 3
+
+
+@dataclass(frozen=True)
+class RotationStep:
+    """One phase change made by :meth:`Zone.advance_rotation`, for logs and the CLI."""
+
+    generation: int
+    state: str
+    message: str
 
 
 class ZoneConfig(BaseModel):
@@ -139,8 +167,17 @@ class Zone:
         return StateStore(self.directory / STATE_FILE)
 
     def authority(self) -> CertificateAuthority:
-        """The zone's signing CA, loaded from ``ca/``."""
-        ca = self.directory / "ca"
+        """The zone's signing CA: the active generation's root and intermediate."""
+        return self._load_authority(self._active_generation_directory())
+
+    def _active_generation_directory(self) -> str:
+        with self.store() as store:
+            generations = store.ca_generations()
+        active = [generation for generation in generations if generation.state == "active"]
+        return active[0].directory if active else _LEGACY_CA_DIRECTORY
+
+    def _load_authority(self, directory: str) -> CertificateAuthority:
+        ca = self.directory / directory
         try:
             root = x509.load_pem_x509_certificate((ca / "root.pem").read_bytes())
             intermediate = x509.load_pem_x509_certificate((ca / "intermediate.pem").read_bytes())
@@ -150,9 +187,113 @@ class Zone:
         key = load_private_key_pem(key_pem, str(ca / "intermediate.key"))
         return CertificateAuthority(self.trust_domain, root, intermediate, key)
 
-    def issue_svid(self, spiffe_id: SpiffeId, ttl: dt.timedelta) -> Svid:
-        """Issue an X.509-SVID from this zone's CA."""
-        return self.authority().issue(spiffe_id, ttl)
+    def issue_svid(self, spiffe_id: SpiffeId, ttl: dt.timedelta, dns_names: Sequence[str] = ()) -> Svid:
+        """Issue an X.509-SVID from this zone's active CA, remembering its TTL for the CA's retirement."""
+        with self.store() as store:
+            generations = store.ca_generations()
+            active = next((generation for generation in generations if generation.state == "active"), None)
+            authority = self._load_authority(active.directory if active else _LEGACY_CA_DIRECTORY)
+            svid = authority.issue(spiffe_id, ttl, dns_names)
+            if active is not None:
+                store.record_svid_ttl(active.generation, int(ttl.total_seconds()) + 1)
+        return svid
+
+    def ca_generations(self) -> list[CaGeneration]:
+        """The zone's CA generations and their phases (empty if the zone never rotated)."""
+        with self.store() as store:
+            return store.ca_generations()
+
+    def rotate(self, overlap: dt.timedelta | None = None, now: dt.datetime | None = None) -> CaGeneration:
+        """Start a CA rotation: make a new root and intermediate and publish the root in the bundle now.
+
+        The current CA keeps signing for ``overlap`` (default: 3x the bundle's
+        refresh hint, so every consumer polling at the hint has had three
+        chances to fetch the new root before anything it signs appears).
+        """
+        now = now or dt.datetime.now(dt.UTC)
+        if overlap is not None and overlap < dt.timedelta(0):
+            raise RotationError(f"the rotation overlap must not be negative, got {overlap}")
+        own = self.own_bundle()
+        overlap = (
+            overlap if overlap is not None else own.refresh_hint_seconds * ROTATION_OVERLAP_REFRESH_HINTS * _SECOND
+        )
+        with self.store() as store:
+            generations = store.ca_generations() or [self._legacy_generation()]
+            busy = [generation for generation in generations if generation.state in ("published", "retiring")]
+            if busy:
+                raise RotationError(
+                    f"zone {self.name}: a rotation is in progress (generation {busy[0].generation} is "
+                    f"{busy[0].state}); let it finish ('meshfed trust list --dir ...' shows when)"
+                )
+            number = max(generation.generation for generation in generations) + 1
+            directory = f"{_GENERATIONS_DIRECTORY}/{number}"
+            new = _write_authority(self.directory / directory, self.trust_domain, number)
+            generation = CaGeneration(
+                number, directory, fingerprint(new.root), "published", now, activate_at=now + overlap
+            )
+            with store.atomic():
+                for existing in generations:
+                    store.put_ca_generation(existing)
+                store.put_ca_generation(generation)
+                store.put_bundle(own.with_roots([new.root]), source="self")
+        return generation
+
+    def advance_rotation(self, now: dt.datetime | None = None) -> list[RotationStep]:
+        """Move every due phase of a rotation on; idempotent, safe to call at any time from any process."""
+        now = now or dt.datetime.now(dt.UTC)
+        steps: list[RotationStep] = []
+        with self.store() as store, store.atomic():
+            generations = store.ca_generations()
+            own = _own_bundle(store, self)
+            for new in generations:
+                if new.state != "published" or new.activate_at is None or new.activate_at > now:
+                    continue
+                for old in generations:
+                    if old.state == "active":
+                        lifetime = (old.longest_svid_ttl_seconds or 0) * _SECOND
+                        store.put_ca_generation(replace(old, state="retiring", retire_at=now + lifetime))
+                        steps.append(
+                            RotationStep(
+                                old.generation,
+                                "retiring",
+                                f"root {old.root_fingerprint[:16]} "
+                                f"stops signing; stays trusted until {now + lifetime:%Y-%m-%d %H:%M:%S}Z",
+                            )
+                        )
+                store.put_ca_generation(replace(new, state="active"))
+                steps.append(RotationStep(new.generation, "active", f"root {new.root_fingerprint[:16]} now signs"))
+            for old in store.ca_generations():
+                if old.state == "retiring" and old.retire_at is not None and old.retire_at <= now:
+                    store.put_ca_generation(replace(old, state="retired"))
+                    own = own.without_roots([old.root_fingerprint])
+                    steps.append(
+                        RotationStep(
+                            old.generation,
+                            "retired",
+                            f"root {old.root_fingerprint[:16]} removed from the bundle (sequence {own.sequence})",
+                        )
+                    )
+            if steps:
+                store.put_bundle(own, source="self")
+        for old in self.ca_generations():
+            if old.state == "retired":
+                _delete_keys(self.directory / old.directory)
+        return steps
+
+    def next_rotation_deadline(self) -> dt.datetime | None:
+        """When :meth:`advance_rotation` next has something to do, if a rotation is in progress."""
+        deadlines = [
+            generation.activate_at if generation.state == "published" else generation.retire_at
+            for generation in self.ca_generations()
+            if generation.state in ("published", "retiring")
+        ]
+        return min((deadline for deadline in deadlines if deadline is not None), default=None)
+
+    def _legacy_generation(self) -> CaGeneration:
+        # A zone made before rotation existed: its SVIDs' TTLs were never recorded, so
+        # assume the default lifetime as a floor for how long its root must stay trusted.
+        authority = self._load_authority(_LEGACY_CA_DIRECTORY)
+        return _first_generation(authority, longest_svid_ttl=_ASSUMED_SVID_TTL)
 
     def own_bundle(self) -> TrustBundle:
         """The bundle this zone publishes for its own trust domain."""
@@ -167,14 +308,85 @@ class Zone:
         with self.store() as store:
             return store.bundles()
 
-    def import_bundle(self, bundle: TrustBundle) -> None:
-        """Trust ``bundle``'s roots for its trust domain, replacing that domain's earlier bundle."""
+    def import_bundle(self, bundle: TrustBundle, source: Literal["import", "peering"] = "import") -> None:
+        """Trust ``bundle``'s roots for its trust domain, replacing that domain's earlier bundle.
+
+        ``source`` says who brought it: an operator (``import``) or a peering,
+        whose deletion takes the bundle away again (:meth:`forget_peering_bundle`).
+        """
         if bundle.trust_domain == self.trust_domain:
             raise InvalidBundleError(
                 f"{bundle.trust_domain} is this zone's own trust domain; import bundles of other zones only"
             )
         with self.store() as store:
-            store.put_bundle(bundle, source="import")
+            store.put_bundle(bundle, source=source)
+
+    def forget_peering_bundle(self, trust_domain: TrustDomain) -> bool:
+        """Stop trusting a trust domain learned from a peering; bundles an operator imported stay. True if gone."""
+        with self.store() as store:
+            return store.delete_bundle(trust_domain, source="peering")
+
+    def bundle_of(self, trust_domain: TrustDomain) -> TrustBundle | None:
+        """The bundle held for ``trust_domain``, if any."""
+        with self.store() as store:
+            stored = store.bundle(trust_domain)
+        return None if stored is None else stored.bundle
+
+    def store_federated_bundle(self, bundle: TrustBundle) -> None:
+        """Store a bundle fetched from a federated endpoint (the poller has already kept the newest)."""
+        if bundle.trust_domain == self.trust_domain:
+            raise InvalidBundleError(f"{bundle.trust_domain} is this zone's own trust domain; it cannot be federated")
+        with self.store() as store:
+            store.put_bundle(bundle, source="federation")
+
+    def federate(
+        self,
+        trust_domain: TrustDomain,
+        endpoint_url: str,
+        profile: FederationProfile,
+        *,
+        endpoint_spiffe_id: SpiffeId | None = None,
+        bootstrap_bundle: TrustBundle | None = None,
+        web_ca_pem: str | None = None,
+    ) -> Federation:
+        """Record a federation relationship (replacing an earlier one with the same trust domain)."""
+        if trust_domain == self.trust_domain:
+            raise TrustError(f"{trust_domain} is this zone's own trust domain; federate with other zones only")
+        if not endpoint_url.startswith("https://"):
+            raise TrustError(f"bundle endpoint {endpoint_url!r} must be an https:// URL (SPIFFE bundle spec §5)")
+        if profile == "https_spiffe":
+            if endpoint_spiffe_id is None:
+                raise TrustError("the https_spiffe profile needs --endpoint-spiffe-id, the ID the endpoint presents")
+            if bootstrap_bundle is None and self.bundle_of(endpoint_spiffe_id.trust_domain) is None:
+                raise TrustError(
+                    f"the https_spiffe profile needs a bootstrap bundle of {endpoint_spiffe_id.trust_domain} "
+                    "(--bootstrap-bundle) to authenticate the endpoint the first time"
+                )
+        if bootstrap_bundle is not None and bootstrap_bundle.trust_domain != trust_domain:
+            raise TrustError(f"the bootstrap bundle is for {bootstrap_bundle.trust_domain}, not {trust_domain}")
+        federation = Federation(
+            trust_domain,
+            endpoint_url,
+            profile,
+            str(endpoint_spiffe_id) if endpoint_spiffe_id else None,
+            web_ca_pem,
+            dt.datetime.now(dt.UTC),
+        )
+        with self.store() as store, store.atomic():
+            store.put_federation(federation)
+            if bootstrap_bundle is not None:
+                store.put_bundle(bootstrap_bundle, source="federation")
+        return federation
+
+    def federations(self) -> list[Federation]:
+        """Every federation relationship of this zone."""
+        with self.store() as store:
+            return store.federations()
+
+    def record_poll(self, trust_domain: TrustDomain, at: dt.datetime, error: str | None) -> None:
+        """Note one poll's outcome for ``meshfed trust list``."""
+        with self.store() as store:
+            store.record_poll(trust_domain, at, error)
 
     def admin_token(self) -> str:
         """The zone's admin token."""
@@ -184,19 +396,70 @@ class Zone:
             raise ZoneError(f"cannot read the admin token: {err}") from None
 
 
+_SECOND = dt.timedelta(seconds=1)
+
+
+def _own_bundle(store: StateStore, zone: Zone) -> TrustBundle:
+    stored = store.bundle(zone.trust_domain)
+    if stored is None:
+        raise ZoneError(f"zone {zone.name} has no bundle of its own in {STATE_FILE}; the zone is damaged")
+    return stored.bundle
+
+
+def _write_authority(directory: Path, trust_domain: TrustDomain, generation: int) -> CertificateAuthority:
+    """Create a root + intermediate in ``directory`` (replacing a half-made one left by a crash)."""
+    if directory.exists():
+        # Only an unrecorded generation can be here: its row is written after its files.
+        shutil.rmtree(directory)
+    directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        authority = _write_authority_files(staging, trust_domain, generation)
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return authority
+
+
+def _write_authority_files(ca: Path, trust_domain: TrustDomain, generation: int = 0) -> CertificateAuthority:
+    ca.chmod(0o700)
+    new = create_authority(trust_domain, generation)
+    authority = new.authority
+    _write(ca / "root.pem", certificates_to_pem([authority.root])[0], 0o644)
+    _write(ca / "root.key", private_key_to_pem(new.root_key), 0o600)
+    _write(ca / "intermediate.pem", certificates_to_pem([authority.intermediate])[0], 0o644)
+    _write(ca / "intermediate.key", private_key_to_pem(authority.intermediate_key), 0o600)
+    return authority
+
+
+def _first_generation(authority: CertificateAuthority, longest_svid_ttl: dt.timedelta) -> CaGeneration:
+    return CaGeneration(
+        0,
+        _LEGACY_CA_DIRECTORY,
+        fingerprint(authority.root),
+        "active",
+        authority.root.not_valid_before_utc,
+        longest_svid_ttl_seconds=int(longest_svid_ttl.total_seconds()),
+    )
+
+
+def _delete_keys(ca: Path) -> None:
+    # A retired CA verifies nothing and must sign nothing: its private keys go.
+    for name in ("root.key", "intermediate.key"):
+        (ca / name).unlink(missing_ok=True)
+
+
 def _populate(directory: Path, config: ZoneConfig) -> None:
     directory.chmod(0o700)
     (directory / "ca").mkdir(mode=0o700)
-    new = create_authority(TrustDomain(config.trust_domain))
-    authority = new.authority
-    _write(directory / "ca" / "root.pem", certificates_to_pem([authority.root])[0], 0o644)
-    _write(directory / "ca" / "root.key", private_key_to_pem(new.root_key), 0o600)
-    _write(directory / "ca" / "intermediate.pem", certificates_to_pem([authority.intermediate])[0], 0o644)
-    _write(directory / "ca" / "intermediate.key", private_key_to_pem(authority.intermediate_key), 0o600)
+    authority = _write_authority_files(directory / "ca", TrustDomain(config.trust_domain))
     _write(directory / TOKEN_FILE, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
     _write(directory / CONFIG_FILE, tomli_w.dumps(config.model_dump()).encode(), 0o644)
     with StateStore(directory / STATE_FILE) as store:
         store.put_bundle(TrustBundle(authority.trust_domain, (authority.root,)), source="self")
+        # Recorded from birth, so every SVID's TTL is known when this CA is rotated out.
+        store.put_ca_generation(_first_generation(authority, longest_svid_ttl=dt.timedelta(0)))
     (directory / STATE_FILE).chmod(0o600)
 
 
@@ -222,4 +485,4 @@ def _first_validation_error(err: ValidationError) -> str:
     return f"{field}: {message}"
 
 
-__all__ = ["Zone", "ZoneConfig", "write_private_file"]
+__all__ = ["RotationStep", "Zone", "ZoneConfig", "write_private_file"]

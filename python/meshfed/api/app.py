@@ -16,8 +16,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from meshfed import __version__, _core
+from meshfed.api import peering as peering_api
+from meshfed.api import trust as trust_api
 from meshfed.api.auth import require_admin
 from meshfed.controller import Controller
+from meshfed.federation.service import PeeringService
 
 _REDACTED = "<redacted>"
 
@@ -30,8 +33,8 @@ class ZoneInfo(BaseModel):
     gateway_address: str
 
 
-def create_app(controller: Controller) -> FastAPI:
-    """The API of one zone; its lifespan owns ``controller``."""
+def create_app(controller: Controller, peering: PeeringService | None = None) -> FastAPI:
+    """The API of one zone; its lifespan owns ``controller`` (and the services added to it)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -51,7 +54,10 @@ def create_app(controller: Controller) -> FastAPI:
         description="Federation API of one meshfed zone. Mutating calls need the zone's admin token.",
     )
     app.state.controller = controller
+    app.state.peering = peering
     app.state.admin_token = controller.zone.admin_token()
+    app.include_router(trust_api.router)
+    app.include_router(peering_api.router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

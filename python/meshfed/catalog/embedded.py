@@ -41,7 +41,7 @@ class EmbeddedCatalog:
     """The embedded catalog of one zone directory. Use as a context manager."""
 
     def __init__(self, zone_directory: Path) -> None:
-        self._db = open_database(zone_directory / CATALOG_FILE, _MIGRATIONS)
+        self._db = open_database(zone_directory / CATALOG_FILE, "catalog", _MIGRATIONS)
 
     def __enter__(self) -> EmbeddedCatalog:
         return self

@@ -12,7 +12,9 @@ from typing import Annotated
 import typer
 
 from meshfed import __version__, _core
-from meshfed.cli.common import ZoneDir, fail
+from meshfed.cli.common import ZoneDir, fail, parse_duration
+from meshfed.cli.export import export_app
+from meshfed.cli.peer import peer_app
 from meshfed.cli.service import catalog_app, service_app
 from meshfed.cli.trust import trust_app
 from meshfed.cli.zone import zone_app
@@ -30,6 +32,8 @@ app.add_typer(zone_app, name="zone")
 app.add_typer(trust_app, name="trust")
 app.add_typer(service_app, name="service")
 app.add_typer(catalog_app, name="catalog")
+app.add_typer(export_app, name="export")
+app.add_typer(peer_app, name="peer")
 
 
 @app.command()
@@ -58,12 +62,51 @@ def up(
     gateway_address: Annotated[
         str | None, typer.Option(help="host:port of the gateway ingress; default from zone.toml.")
     ] = None,
+    gateway_advertise: Annotated[
+        list[str] | None, typer.Option(help="host:port peers use to reach the ingress. Repeatable.")
+    ] = None,
+    peering_address: Annotated[str, typer.Option(help="host:port of the peering stream (mTLS).")] = "0.0.0.0:15440",
+    establish_address: Annotated[
+        str, typer.Option(help="host:port where peers redeem tokens (TLS).")
+    ] = "0.0.0.0:15441",
+    advertise_host: Annotated[
+        str | None, typer.Option(help="Host name or IP that peers dial for peering; put in tokens.")
+    ] = None,
+    egress_port_base: Annotated[
+        int, typer.Option(min=0, max=65535, help="First local port for imported services; 0 = ephemeral.")
+    ] = 15500,
+    bundle_endpoint_port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="Serve the SPIFFE bundle endpoint (https_spiffe) here.")
+    ] = None,
+    failing_peer_policy: Annotated[
+        str, typer.Option(help="open: keep serving a failing peer's imports; closed: stop after the grace.")
+    ] = "open",
+    failing_peer_grace: Annotated[str, typer.Option(help="How long a peer may fail before the policy applies.")] = "5m",
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[str, typer.Option(help="json (one object per line, with trace ids) or text.")] = "json",
 ) -> None:
-    """Run one zone in the foreground: controller, gateway and API. SIGTERM or Ctrl-C stops it cleanly."""
+    """Run one zone in the foreground: controller, gateway, peering and API. SIGTERM stops it cleanly."""
     from meshfed.cli.serve import serve_zone
+    from meshfed.runtime import ZoneSettings
 
-    serve_zone(Zone.open(directory), api_address=api_address, gateway_address=gateway_address, log_level=log_level)
+    if log_format not in ("json", "text"):
+        raise typer.BadParameter("use json or text", param_hint="--log-format")
+    if failing_peer_policy not in ("open", "closed"):
+        raise typer.BadParameter("use open or closed", param_hint="--failing-peer-policy")
+    settings = ZoneSettings(
+        gateway_address=gateway_address,
+        gateway_advertise=tuple(gateway_advertise or ()),
+        egress_port_base=egress_port_base,
+        peering_address=peering_address,
+        establish_address=establish_address,
+        advertise_host=advertise_host,
+        bundle_endpoint_port=bundle_endpoint_port,
+        failing_peer_grace=parse_duration(failing_peer_grace, "--failing-peer-grace"),
+        failing_peer_policy="open" if failing_peer_policy == "open" else "closed",
+    )
+    serve_zone(
+        Zone.open(directory), settings, api_address=api_address, log_level=log_level, json_logs=log_format == "json"
+    )
 
 
 def main() -> None:

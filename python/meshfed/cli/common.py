@@ -22,9 +22,9 @@ def fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
-def parse_duration(text: str) -> dt.timedelta:
+def parse_duration(text: str, option: str = "--ttl") -> dt.timedelta:
     """Parse ``90s``, ``15m``, ``1h``, ``2d`` or a combination like ``1h30m``."""
     parts = _DURATION.findall(text)
     if not text or "".join(number + unit for number, unit in parts) != text:
-        raise typer.BadParameter(f"{text!r} is not a duration; use forms like 90s, 15m, 1h, 2d", param_hint="--ttl")
+        raise typer.BadParameter(f"{text!r} is not a duration; use forms like 90s, 15m, 1h, 2d", param_hint=option)
     return dt.timedelta(seconds=sum(int(number) * _UNITS[unit] for number, unit in parts))

@@ -1,45 +1,46 @@
-"""``meshfed up``: one zone's controller and API in the foreground."""
+"""``meshfed up``: one zone's controller, services and API in the foreground."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 
 import uvicorn
 
-from meshfed.api import create_app
-from meshfed.controller import Controller
 from meshfed.errors import MeshfedError
+from meshfed.logs import configure_logging
+from meshfed.runtime import ZoneSettings, assemble_zone
 from meshfed.zone import Zone
 
 
-def serve_zone(zone: Zone, *, api_address: str, gateway_address: str | None, log_level: str) -> None:
-    """Start the controller (errors surface as one line), then serve the API until a signal."""
-    host, port = _split(api_address)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_serve(zone, host, port, gateway_address, log_level))
+def serve_zone(zone: Zone, settings: ZoneSettings, *, api_address: str, log_level: str, json_logs: bool) -> None:
+    """Start the zone (errors surface as one line), then serve the API until a signal."""
+    host, port = split_address(api_address, "--api-address")
+    configure_logging(log_level, json=json_logs)
+    asyncio.run(_serve(zone, settings, host, port, log_level))
 
 
-async def _serve(zone: Zone, host: str, port: int, gateway_address: str | None, log_level: str) -> None:
-    controller = Controller(zone, gateway_address=gateway_address)
-    await controller.start()
+async def _serve(zone: Zone, settings: ZoneSettings, host: str, port: int, log_level: str) -> None:
+    runtime = assemble_zone(zone, settings)
+    await runtime.controller.start()
     # uvicorn drains on SIGTERM, then re-raises the signal to the handler it
     # found; a no-op handler makes a drained shutdown exit 0, as orchestrators expect.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(controller), host=host, port=port, log_level=log_level, access_log=False)
+        config = uvicorn.Config(
+            runtime.app(), host=host, port=port, log_level=log_level, access_log=False, log_config=None
         )
+        server = uvicorn.Server(config)
         await server.serve()
         if not server.started:
             raise MeshfedError(f"the API could not listen on {host}:{port}; is the port free? (--api-address)")
     finally:
-        await controller.stop()
+        await runtime.controller.stop()
 
 
-def _split(address: str) -> tuple[str, int]:
+def split_address(address: str, option: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 in brackets) → (host, port), or a one-line error naming the option."""
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise MeshfedError(f"--api-address {address!r} is not host:port")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise MeshfedError(f"{option} {address!r} is not host:port")
     return host.strip("[]"), int(port)

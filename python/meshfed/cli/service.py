@@ -13,6 +13,7 @@ from meshfed.catalog.embedded import EmbeddedCatalog
 from meshfed.catalog.model import Endpoint, Locality, Service
 from meshfed.cli.common import ZoneDir
 from meshfed.errors import CatalogError
+from meshfed.federation.imports import ImportStore
 from meshfed.zone import Zone
 
 service_app = typer.Typer(help="Register services in the zone's embedded catalog.", no_args_is_help=True)
@@ -79,20 +80,33 @@ def list_catalog(directory: ZoneDir) -> None:
 
 
 def _print_catalog(zone: Zone) -> None:
-    with EmbeddedCatalog(zone.directory) as catalog:
+    with EmbeddedCatalog(zone.directory) as catalog, ImportStore(zone.directory) as imports:
         snapshot = catalog.load()
+        imported = imports.services()
     table = Table(title=f"zone {zone.name} catalog (version {snapshot.version})")
     for column in ("service", "ports", "zone", "healthy", "endpoints"):
         table.add_column(column)
     for service in snapshot.services:
         table.add_row(
             f"{service.name}.{service.namespace}",
-            ", ".join(f"{key}={value}" for key, value in service.ports.items()),
+            _ports(service.ports),
             zone.name,
             f"{len(service.healthy_endpoints)}/{len(service.endpoints)}",
             ", ".join(endpoint.key for endpoint in service.endpoints),
         )
+    for item in imported:
+        table.add_row(
+            item.name,
+            _ports(item.service.ports),
+            item.snapshot.zone,
+            f"{item.service.healthy_endpoints}/{item.service.total_endpoints}",
+            f"via gateway {', '.join(item.snapshot.gateway_addresses)}",
+        )
     Console(width=160).print(table)
+
+
+def _ports(ports: dict[str, int]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in ports.items())
 
 
 def _pair(text: str) -> tuple[str, str]:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
+import orjson
 import typer
 
 from meshfed.cli.common import ZoneDir, parse_duration
 from meshfed.trust.bundle import parse_bundle
+from meshfed.trust.listing import trust_listing
 from meshfed.trust.spiffe import SpiffeId, TrustDomain
 from meshfed.zone import Zone, write_private_file
 
@@ -32,7 +35,7 @@ def issue(
 ) -> None:
     """Issue an X.509-SVID from the zone's CA."""
     lifetime = parse_duration(ttl)
-    svid = Zone.open(directory).issue_svid(SpiffeId.parse(spiffe_id), lifetime)
+    svid = _open(directory).issue_svid(SpiffeId.parse(spiffe_id), lifetime)
     write_private_file(key_out, svid.private_key_pem())
     out.write_bytes(svid.cert_chain_pem())
     typer.echo(f"issued {svid.spiffe_id}, valid until {svid.leaf.not_valid_after_utc.isoformat()}", err=True)
@@ -46,7 +49,7 @@ def export(
     ] = BundleFormat.spiffe,
 ) -> None:
     """Print the zone's own trust bundle."""
-    bundle = Zone.open(directory).own_bundle()
+    bundle = _open(directory).own_bundle()
     sys.stdout.buffer.write(bundle.to_spiffe_json() if bundle_format is BundleFormat.spiffe else bundle.to_pem())
 
 
@@ -57,9 +60,102 @@ def import_(
     trust_domain: Annotated[str, typer.Option(help="The trust domain the bundle belongs to.")],
 ) -> None:
     """Trust another trust domain's bundle (replaces an earlier bundle of that domain)."""
-    zone = Zone.open(directory)
+    zone = _open(directory)
     domain = TrustDomain.parse(trust_domain)
     data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
     bundle = parse_bundle(domain, data)
     zone.import_bundle(bundle)
     typer.echo(f"trusting {domain}: {len(bundle.roots)} root(s), sequence {bundle.sequence}")
+
+
+class Profile(StrEnum):
+    https_web = "https_web"
+    https_spiffe = "https_spiffe"
+
+
+@trust_app.command("list")
+def list_(
+    directory: ZoneDir,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Every trusted trust domain: sequence, roots (fingerprint, expiry), last refresh, source."""
+    listing = trust_listing(_open(directory), dt.datetime.now(dt.UTC))
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(listing, option=orjson.OPT_INDENT_2) + b"\n")
+        return
+    for domain in listing["trust_domains"]:
+        refreshed = domain["last_refresh"] or "never"
+        typer.echo(
+            f"{domain['trust_domain']}  source {domain['source']}  sequence {domain['sequence']}  "
+            f"refresh hint {domain['refresh_hint_seconds']}s  last refresh {refreshed}"
+        )
+        for root in domain["roots"]:
+            flag = "  EXPIRED (verifies nothing)" if root["expired"] else ""
+            typer.echo(f"  root sha256:{root['fingerprint']}  expires {root['not_after']}{flag}")
+        if domain.get("endpoint"):
+            typer.echo(f"  endpoint {domain['endpoint']} ({domain['profile']})")
+        if domain.get("last_error"):
+            typer.echo(f"  last poll failed: {domain['last_error']}")
+    for generation in listing["rotation"]:
+        typer.echo(f"CA generation {generation['generation']}: {generation['phase']}")
+
+
+@trust_app.command("rotate")
+def rotate(
+    directory: ZoneDir,
+    overlap: Annotated[
+        str | None,
+        typer.Option(
+            help="How long the old CA keeps signing while peers fetch the new root (default 3x refresh hint)."
+        ),
+    ] = None,
+) -> None:
+    """Start a CA rotation: publish a new root now, switch signing after the overlap, retire the old root later."""
+    zone = _open(directory)
+    generation = zone.rotate(parse_duration(overlap) if overlap is not None else None)
+    bundle = zone.own_bundle()
+    typer.echo(
+        f"new root sha256:{generation.root_fingerprint} published (bundle sequence {bundle.sequence}); "
+        f"it signs from {generation.activate_at:%Y-%m-%d %H:%M:%S}Z"
+    )
+
+
+@trust_app.command("federate")
+def federate(
+    directory: ZoneDir,
+    trust_domain: Annotated[str, typer.Option(help="The trust domain whose bundle the endpoint serves.")],
+    endpoint: Annotated[str, typer.Option(help="The bundle endpoint URL (https://...).")],
+    profile: Annotated[Profile, typer.Option(help="How the endpoint is authenticated.")],
+    endpoint_spiffe_id: Annotated[
+        str | None, typer.Option(help="https_spiffe: the SPIFFE ID the endpoint must present.")
+    ] = None,
+    bootstrap_bundle: Annotated[
+        Path | None, typer.Option(help="https_spiffe: the trust domain's current bundle, obtained out of band.")
+    ] = None,
+    web_ca: Annotated[
+        Path | None, typer.Option(help="https_web: PEM CA certificates to trust instead of the system's.")
+    ] = None,
+) -> None:
+    """Trust another trust domain through its bundle endpoint, polled at the bundle's refresh hint."""
+    zone = _open(directory)
+    domain = TrustDomain.parse(trust_domain)
+    bootstrap = parse_bundle(domain, bootstrap_bundle.read_bytes()) if bootstrap_bundle is not None else None
+    zone.federate(
+        domain,
+        endpoint,
+        profile.value,
+        endpoint_spiffe_id=SpiffeId.parse(endpoint_spiffe_id) if endpoint_spiffe_id else None,
+        bootstrap_bundle=bootstrap,
+        web_ca_pem=web_ca.read_text() if web_ca is not None else None,
+    )
+    typer.echo(
+        f"federating with {domain} via {endpoint} ({profile.value}); a running zone polls it at the refresh hint"
+    )
+
+
+def _open(directory: Path) -> Zone:
+    # Every command moves a due rotation phase on, so a zone that is not running still rotates.
+    zone = Zone.open(directory)
+    for step in zone.advance_rotation():
+        typer.echo(f"CA generation {step.generation} {step.state}: {step.message}", err=True)
+    return zone

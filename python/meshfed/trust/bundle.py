@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
-from dataclasses import dataclass
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -28,6 +30,8 @@ DEFAULT_REFRESH_HINT_SECONDS = 300
 _X509_SVID_USE = "x509-svid"
 _JWT_SVID_USE = "jwt-svid"
 _PEM_MARKER = b"-----BEGIN CERTIFICATE-----"
+# RFC 7518 §6.1 key types; any other `kty` is skipped, not refused (SPIFFE bundle spec §4.2.1).
+_KNOWN_KEY_TYPES = frozenset({"EC", "RSA", "oct", "OKP"})
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,61 @@ class TrustBundle:
 
     def fingerprints(self) -> list[str]:
         """SHA-256 fingerprints of the roots, hex."""
-        return [root.fingerprint(hashes.SHA256()).hex() for root in self.roots]
+        return [fingerprint(root) for root in self.roots]
+
+    def expired_roots(self, at: dt.datetime) -> list[x509.Certificate]:
+        """Roots outside their validity period at ``at``: kept (a peer may renew them) but verifying nothing."""
+        return [root for root in self.roots if not (root.not_valid_before_utc <= at <= root.not_valid_after_utc)]
+
+    def with_roots(self, roots: Iterable[x509.Certificate]) -> TrustBundle:
+        """This bundle plus ``roots`` (duplicates dropped); the sequence moves on only if the content changed."""
+        merged = list(self.roots)
+        known = set(self.fingerprints())
+        for root in roots:
+            if fingerprint(root) not in known:
+                known.add(fingerprint(root))
+                merged.append(root)
+        return self._revised(tuple(merged))
+
+    def without_roots(self, fingerprints: Iterable[str]) -> TrustBundle:
+        """This bundle minus the roots with these SHA-256 fingerprints; the sequence moves on if any went."""
+        dropped = set(fingerprints)
+        return self._revised(tuple(root for root in self.roots if fingerprint(root) not in dropped))
+
+    def same_content(self, other: TrustBundle) -> bool:
+        """True if both hold the same authorities (order and sequence aside)."""
+        return (
+            self.trust_domain == other.trust_domain
+            and sorted(self.fingerprints()) == sorted(other.fingerprints())
+            and sorted(map(_canonical_json, self.jwt_authorities))
+            == sorted(map(_canonical_json, other.jwt_authorities))
+        )
+
+    def _revised(self, roots: tuple[x509.Certificate, ...]) -> TrustBundle:
+        if [fingerprint(root) for root in roots] == self.fingerprints():
+            return self
+        # SPIFFE bundle spec §4.1.1: the sequence MUST change whenever the contents change.
+        return replace(self, roots=roots, sequence=self.sequence + 1)
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 fingerprint of a certificate's DER, lowercase hex."""
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def newest(held: TrustBundle | None, offered: TrustBundle) -> TrustBundle:
+    """The bundle to keep when ``offered`` arrives for a domain that holds ``held``.
+
+    A lower ``spiffe_sequence`` is stale (a lagging replica, a replay) and loses;
+    an equal one is the same revision (spec §4.1.1), so re-fetching changes
+    nothing. A publisher that sets no sequence at all (0 on both sides) is
+    followed by content.
+    """
+    if held is None or offered.sequence > held.sequence:
+        return offered
+    if offered.sequence == held.sequence == 0 and not offered.same_content(held):
+        return offered
+    return held
 
 
 def parse_bundle(trust_domain: TrustDomain, data: bytes) -> TrustBundle:
@@ -79,6 +137,8 @@ def _parse_pem(trust_domain: TrustDomain, data: bytes) -> TrustBundle:
         roots = x509.load_pem_x509_certificates(data)
     except ValueError as err:
         raise InvalidBundleError(f"bundle for {trust_domain}: PEM does not parse: {err}") from None
+    for index, root in enumerate(roots):
+        _require_intact(trust_domain, index, root)
     return TrustBundle(trust_domain, tuple(roots))
 
 
@@ -87,13 +147,21 @@ def _parse_spiffe_json(trust_domain: TrustDomain, data: bytes) -> TrustBundle:
         document = orjson.loads(data)
     except orjson.JSONDecodeError as err:
         raise InvalidBundleError(f"bundle for {trust_domain} is neither PEM nor JSON: {err}") from None
-    if not isinstance(document, dict) or not isinstance(document.get("keys", []), list):
-        raise InvalidBundleError(f"bundle for {trust_domain}: expected a JSON object with a 'keys' list")
+    if not isinstance(document, dict):
+        raise InvalidBundleError(f"bundle for {trust_domain}: expected a JSON object (a JWK set)")
+    if "keys" not in document:
+        # SPIFFE bundle spec §4.1.3: the `keys` parameter MUST be present.
+        raise InvalidBundleError(f"bundle for {trust_domain} holds no authorities (no 'keys' member)")
+    if not isinstance(document["keys"], list):
+        raise InvalidBundleError(f"bundle for {trust_domain}: 'keys' must be a JSON array")
     roots: list[x509.Certificate] = []
     jwt_authorities: list[dict[str, Any]] = []
-    for index, key in enumerate(document.get("keys", [])):
+    for index, key in enumerate(document["keys"]):
         if not isinstance(key, dict):
             raise InvalidBundleError(f"bundle for {trust_domain}: keys[{index}] is not a JSON object")
+        if not isinstance(key.get("kty"), str) or key.get("kty") not in _KNOWN_KEY_TYPES:
+            # §4.2.1: `kty` MUST be set; a client meeting an unknown key type MUST ignore the whole element.
+            continue
         if key.get("use") == _X509_SVID_USE:
             roots.append(_root_of(trust_domain, index, key))
         elif key.get("use") == _JWT_SVID_USE:
@@ -113,17 +181,32 @@ def _root_of(trust_domain: TrustDomain, index: int, key: dict[str, Any]) -> x509
             f"bundle for {trust_domain}: keys[{index}] (x509-svid) must have exactly one certificate in 'x5c'"
         )
     try:
-        return x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True))
+        root = x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True))
     except (ValueError, binascii.Error) as err:
         raise InvalidBundleError(
             f"bundle for {trust_domain}: keys[{index}].x5c[0] is not a certificate: {err}"
+        ) from None
+    _require_intact(trust_domain, index, root)
+    return root
+
+
+def _require_intact(trust_domain: TrustDomain, index: int, root: x509.Certificate) -> None:
+    # A self-issued root signs itself: a signature that fails means the bytes were altered
+    # on the way (a root issued by someone else has nothing to check it against here).
+    if root.issuer != root.subject:
+        return
+    try:
+        root.verify_directly_issued_by(root)
+    except (InvalidSignature, ValueError, TypeError):
+        raise InvalidBundleError(
+            f"bundle for {trust_domain}: keys[{index}] root's self-signature does not verify; the bundle was altered"
         ) from None
 
 
 def _non_negative_int(trust_domain: TrustDomain, document: dict[str, Any], field: str, default: int) -> int:
     value = document.get(field, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidBundleError(f"bundle for {trust_domain}: '{field}' must be a non-negative integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise InvalidBundleError(f"bundle for {trust_domain}: '{field}' must be a non-negative 64-bit integer")
     return value
 
 
@@ -161,6 +244,10 @@ def bundle_roots_pem(bundles: Sequence[TrustBundle]) -> dict[str, str]:
     domain gets no pool at all (its callers are refused at the handshake).
     """
     return {bundle.trust_domain.name: bundle.to_pem().decode() for bundle in bundles if bundle.roots}
+
+
+def _canonical_json(value: dict[str, Any]) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
 def _b64url(data: bytes) -> str:

@@ -9,6 +9,7 @@ usage, both TLS client and server EKUs so one SVID serves both ends of mTLS.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -54,8 +55,13 @@ class CertificateAuthority:
     intermediate: x509.Certificate
     intermediate_key: ec.EllipticCurvePrivateKey
 
-    def issue(self, spiffe_id: SpiffeId, ttl: dt.timedelta = DEFAULT_SVID_TTL) -> Svid:
-        """Issue an X.509-SVID for ``spiffe_id``, valid for ``ttl`` (capped by the intermediate)."""
+    def issue(self, spiffe_id: SpiffeId, ttl: dt.timedelta = DEFAULT_SVID_TTL, dns_names: Sequence[str] = ()) -> Svid:
+        """Issue an X.509-SVID for ``spiffe_id``, valid for ``ttl`` (capped by the intermediate).
+
+        ``dns_names`` adds DNS SANs beside the one URI SAN (the X.509-SVID spec
+        allows them): TLS stacks that insist on a host name check, such as
+        gRPC's, need one on a server certificate.
+        """
         if spiffe_id.trust_domain != self.trust_domain:
             raise TrustError(f"cannot issue {spiffe_id}: it is outside this zone's trust domain {self.trust_domain}")
         if not spiffe_id.path:
@@ -76,7 +82,10 @@ class CertificateAuthority:
                 critical=False,
             )
             .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]), critical=False
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(str(spiffe_id)), *map(x509.DNSName, dns_names)]
+                ),
+                critical=False,
             )
             .add_extension(_authority_key_id(self.intermediate), critical=False)
             .sign(self.intermediate_key, hashes.SHA256())
@@ -92,11 +101,16 @@ class NewAuthority:
     root_key: ec.EllipticCurvePrivateKey
 
 
-def create_authority(trust_domain: TrustDomain) -> NewAuthority:
-    """Create a self-signed root and an intermediate for ``trust_domain``."""
+def create_authority(trust_domain: TrustDomain, generation: int = 0) -> NewAuthority:
+    """Create a self-signed root and an intermediate for ``trust_domain``.
+
+    ``generation`` (0 for a new zone, then one more per rotation) goes into the
+    names, so operators and path builders tell the old and new roots apart.
+    """
     now = _now()
     root_key = ec.generate_private_key(ec.SECP256R1())
-    root_name = _name(f"meshfed root CA {trust_domain}")
+    suffix = f" g{generation}" if generation else ""
+    root_name = _name(f"meshfed root CA {trust_domain}{suffix}")
     root = (
         _builder(root_name, root_name, root_key, now - _BACKDATE, now + ROOT_VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
@@ -107,7 +121,7 @@ def create_authority(trust_domain: TrustDomain) -> NewAuthority:
     intermediate_key = ec.generate_private_key(ec.SECP256R1())
     intermediate = (
         _builder(
-            _name(f"meshfed intermediate CA {trust_domain}"),
+            _name(f"meshfed intermediate CA {trust_domain}{suffix}"),
             root.subject,
             intermediate_key,
             now - _BACKDATE,

@@ -1,0 +1,108 @@
+"""``/v1/peerings``: list, show, tokens, establish, delete, refresh.
+
+The routes use the zone's :class:`~meshfed.federation.service.PeeringService`,
+which the app keeps at ``app.state.peering``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from pydantic import BaseModel, Field
+
+from meshfed.api.auth import require_admin
+from meshfed.errors import InvalidTokenError, PeeringError
+from meshfed.federation.service import PeeringService, PeerStatus
+from meshfed.federation.token import DEFAULT_TOKEN_TTL
+
+router = APIRouter(prefix="/v1/peerings", tags=["peerings"])
+
+
+class TokenRequest(BaseModel):
+    peer_name: str = Field(min_length=1, max_length=63, description="Zone allowed to redeem the token.")
+    ttl_seconds: int = Field(default=int(DEFAULT_TOKEN_TTL.total_seconds()), ge=1, le=7 * 86400)
+
+
+class TokenResponse(BaseModel):
+    token: str
+    expires_at: dt.datetime
+    addresses: list[str]
+
+
+class EstablishRequest(BaseModel):
+    token: str = Field(min_length=1, max_length=65536)
+    name: str | None = Field(default=None, min_length=1, max_length=63)
+
+
+def _service(request: Request) -> PeeringService:
+    service = getattr(request.app.state, "peering", None)
+    if not isinstance(service, PeeringService):
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "this zone runs no peering service")
+    return service
+
+
+def _not_found(name: str) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND, f"no peering named {name!r}")
+
+
+@router.get("")
+def list_peerings(request: Request) -> list[PeerStatus]:
+    """Every peering with its state, heartbeats, versions and lag."""
+    return _service(request).peers()
+
+
+@router.get("/{name}", responses={404: {"description": "No such peering"}})
+def show_peering(name: str, request: Request) -> PeerStatus:
+    try:
+        return _service(request).peer(name)
+    except PeeringError:
+        raise _not_found(name) from None
+
+
+@router.post("/tokens", dependencies=[Depends(require_admin)], status_code=status.HTTP_201_CREATED)
+def create_token(body: TokenRequest, request: Request) -> TokenResponse:
+    """Issue a one-time token for zone ``peer_name``; the response is the only copy of its secret."""
+    try:
+        issued = _service(request).issue_token(body.peer_name, dt.timedelta(seconds=body.ttl_seconds))
+    except PeeringError as err:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
+    return TokenResponse(token=issued.encoded, expires_at=issued.token.expires_at, addresses=issued.token.addresses)
+
+
+@router.post(
+    "/establish",
+    dependencies=[Depends(require_admin)],
+    status_code=status.HTTP_201_CREATED,
+    responses={400: {"description": "The token is invalid"}, 502: {"description": "The acceptor refused"}},
+)
+async def establish_peering(body: EstablishRequest, request: Request) -> PeerStatus:
+    """Redeem another zone's token (this zone dials it)."""
+    service = _service(request)
+    try:
+        peering = await service.establish(body.token, body.name)
+    except InvalidTokenError as err:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
+    except PeeringError as err:
+        raise HTTPException(status.HTTP_502_BAD_GATEWAY, str(err)) from None
+    return service.peer(peering.name)
+
+
+@router.delete("/{name}", dependencies=[Depends(require_admin)], status_code=status.HTTP_204_NO_CONTENT)
+async def delete_peering(name: str, request: Request) -> Response:
+    """Tear the peering down on both sides and remove its imports."""
+    try:
+        await _service(request).delete(name)
+    except PeeringError:
+        raise _not_found(name) from None
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/refresh", dependencies=[Depends(require_admin)], status_code=status.HTTP_204_NO_CONTENT)
+async def refresh(request: Request) -> Response:
+    """Pick up peerings changed in the store (the service also polls every second)."""
+    await _service(request).refresh()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+__all__ = ["router"]

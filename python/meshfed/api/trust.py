@@ -1,0 +1,124 @@
+"""Trust routes under ``/v1/trust``: the zone's bundle, what it trusts, imports, rotation, federation.
+
+Reads are open (bundles and fingerprints are public by design); every change
+needs the admin token. Errors are 400 with the same one-line message the CLI
+prints. Private keys never appear in any response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response, status
+from pydantic import BaseModel, Field
+
+from meshfed.api.auth import require_admin
+from meshfed.errors import TrustError
+from meshfed.trust.bundle import parse_bundle
+from meshfed.trust.listing import trust_listing
+from meshfed.trust.spiffe import SpiffeId, TrustDomain
+from meshfed.zone import Zone
+
+router = APIRouter(prefix="/v1/trust", tags=["trust"])
+
+_SPIFFE_JSON = "application/json"
+
+
+class RotationRequest(BaseModel):
+    overlap_seconds: int | None = Field(default=None, ge=0, description="Default: 3x the bundle's refresh hint.")
+
+
+class FederationRequest(BaseModel):
+    trust_domain: str
+    endpoint_url: str
+    profile: Literal["https_web", "https_spiffe"]
+    endpoint_spiffe_id: str | None = None
+    bootstrap_bundle: str | None = Field(default=None, description="SPIFFE bundle JSON or PEM roots.")
+    web_ca_pem: str | None = None
+
+
+def _zone(request: Request) -> Zone:
+    zone: Zone = request.app.state.controller.zone
+    return zone
+
+
+@router.get("/bundle", response_class=Response, responses={200: {"content": {_SPIFFE_JSON: {}}}})
+async def own_bundle(request: Request) -> Response:
+    """This zone's bundle in the SPIFFE format (what peers import)."""
+    bundle = await asyncio.to_thread(_zone(request).own_bundle)
+    return Response(bundle.to_spiffe_json(), media_type=_SPIFFE_JSON)
+
+
+@router.get("/bundles")
+async def trusted_bundles(request: Request) -> dict[str, Any]:
+    """Every trusted trust domain (sequence, roots, expiry, last refresh, source) and the rotation phases."""
+    return await asyncio.to_thread(trust_listing, _zone(request), dt.datetime.now(dt.UTC))
+
+
+@router.put("/bundles/{trust_domain}", dependencies=[Depends(require_admin)], status_code=status.HTTP_200_OK)
+async def import_bundle(
+    request: Request, trust_domain: str, body: Annotated[bytes, Body(media_type=_SPIFFE_JSON)]
+) -> dict[str, Any]:
+    """Trust ``trust_domain`` with this bundle (SPIFFE JSON or PEM), replacing its earlier one."""
+    zone = _zone(request)
+    try:
+        bundle = parse_bundle(TrustDomain.parse(trust_domain), body)
+        await asyncio.to_thread(zone.import_bundle, bundle)
+    except TrustError as err:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
+    await _trust_changed(request)
+    return {"trust_domain": bundle.trust_domain.name, "sequence": bundle.sequence, "roots": bundle.fingerprints()}
+
+
+@router.post("/rotate", dependencies=[Depends(require_admin)])
+async def rotate(request: Request, rotation: RotationRequest) -> dict[str, Any]:
+    """Start a CA rotation: the new root is published now and signs after the overlap."""
+    zone = _zone(request)
+    overlap = dt.timedelta(seconds=rotation.overlap_seconds) if rotation.overlap_seconds is not None else None
+    try:
+        generation = await asyncio.to_thread(zone.rotate, overlap)
+    except TrustError as err:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
+    await _trust_changed(request)
+    return {
+        "generation": generation.generation,
+        "root_fingerprint": generation.root_fingerprint,
+        "activate_at": generation.activate_at.isoformat() if generation.activate_at else None,
+    }
+
+
+@router.post("/federations", dependencies=[Depends(require_admin)], status_code=status.HTTP_201_CREATED)
+async def federate(request: Request, federation: FederationRequest) -> dict[str, Any]:
+    """Federate with a trust domain's bundle endpoint (polled at the bundle's refresh hint)."""
+    zone = _zone(request)
+    try:
+        domain = TrustDomain.parse(federation.trust_domain)
+        bootstrap = parse_bundle(domain, federation.bootstrap_bundle.encode()) if federation.bootstrap_bundle else None
+        endpoint_id = SpiffeId.parse(federation.endpoint_spiffe_id) if federation.endpoint_spiffe_id else None
+        await asyncio.to_thread(
+            lambda: zone.federate(
+                domain,
+                federation.endpoint_url,
+                federation.profile,
+                endpoint_spiffe_id=endpoint_id,
+                bootstrap_bundle=bootstrap,
+                web_ca_pem=federation.web_ca_pem,
+            )
+        )
+    except TrustError as err:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
+    if bootstrap is not None:
+        await _trust_changed(request)
+    return {"trust_domain": domain.name, "endpoint_url": federation.endpoint_url, "profile": federation.profile}
+
+
+async def _trust_changed(request: Request) -> None:
+    # Push the new pools to the running gateway now rather than at the rotation service's next check.
+    reconfigure = getattr(request.app.state.controller, "reconfigure", None)
+    if reconfigure is not None and getattr(request.app.state.controller, "ready", False):
+        await reconfigure()
+
+
+__all__ = ["router"]

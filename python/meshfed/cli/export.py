@@ -1,0 +1,58 @@
+"""``meshfed export``: which local services each peer may see and call."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from meshfed.cli.common import ZoneDir
+from meshfed.federation.exports import ExportRules
+from meshfed.zone import Zone
+
+export_app = typer.Typer(help="Export local services to peers (nothing is exported by default).", no_args_is_help=True)
+
+ServiceOption = Annotated[str, typer.Option("--service", help="Service name in the zone's catalog.")]
+NamespaceOption = Annotated[str, typer.Option(help="Namespace of the service.")]
+
+
+@export_app.command("add")
+def add(
+    directory: ZoneDir,
+    service: ServiceOption,
+    to: Annotated[list[str], typer.Option("--to", help="Peering name, or '*' for every peer. Repeatable.")],
+    namespace: NamespaceOption = "default",
+) -> None:
+    """Export a service to peers; a running zone applies it within a second."""
+    with ExportRules(Zone.open(directory).directory) as rules:
+        added = rules.add(service, namespace, to)
+    typer.echo(f"exported {service}.{namespace} to {', '.join(rule.peer for rule in added)}")
+
+
+@export_app.command("remove")
+def remove(
+    directory: ZoneDir,
+    service: ServiceOption,
+    namespace: NamespaceOption = "default",
+    to: Annotated[list[str] | None, typer.Option("--to", help="Only these peers (default: all rules).")] = None,
+) -> None:
+    """Stop exporting a service (to some peers, or to all)."""
+    with ExportRules(Zone.open(directory).directory) as rules:
+        removed = rules.remove(service, namespace, to)
+    typer.echo(f"removed {removed} export rule(s) of {service}.{namespace}")
+
+
+@export_app.command("list")
+def list_exports(directory: ZoneDir) -> None:
+    """List the export rules."""
+    zone = Zone.open(directory)
+    with ExportRules(zone.directory) as rules:
+        current = rules.rules()
+    table = Table(title=f"zone {zone.name} exports")
+    for column in ("service", "to"):
+        table.add_column(column)
+    for rule in current:
+        table.add_row(f"{rule.service}.{rule.namespace}", rule.peer)
+    Console(width=120).print(table)

@@ -1,0 +1,139 @@
+"""``meshfed peer``: peer this zone with others using one-time tokens.
+
+These commands work on the zone directory, whether or not the zone runs. A
+running zone's peering service polls the same store every second, so a peering
+established or deleted here is picked up (stream opened, or torn down on both
+sides) without restarting it. ``establish`` itself needs the *accepting* zone
+to be running: it dials it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from meshfed.cli.common import ZoneDir, parse_duration
+from meshfed.federation.peering import PeeringStore, request_delete
+from meshfed.federation.service import PeerStatus, establish
+from meshfed.zone import Zone
+
+peer_app = typer.Typer(help="Peer this zone with other zones (tokens, establish, list, delete).", no_args_is_help=True)
+
+_DELETE_WAIT_SECONDS = 5.0
+
+
+@peer_app.command("token")
+def token(
+    directory: ZoneDir,
+    peer: Annotated[str, typer.Option(help="Name of the zone allowed to redeem the token (its zone name).")],
+    ttl: Annotated[str, typer.Option(help="How long the token stays valid, such as 15m or 1h.")] = "15m",
+    address: Annotated[
+        list[str] | None,
+        typer.Option(help="HOST:PORT where peers reach this zone's establishment port. Default: as last run."),
+    ] = None,
+) -> None:
+    """Print a one-time token that lets zone PEER establish a peering with this zone."""
+    zone = Zone.open(directory)
+    lifetime = parse_duration(ttl)
+    with PeeringStore.of(zone) as store:
+        listener = store.listener()
+        addresses = address or (list(listener.establish_addresses) if listener else [])
+        issued = store.issue_token(zone, peer, addresses, lifetime)
+    typer.echo(issued.encoded)
+    typer.echo(
+        f"token for zone {peer} to peer with {zone.name} via {', '.join(addresses)}; "
+        f"one use, expires {issued.token.expires_at.isoformat()}",
+        err=True,
+    )
+
+
+@peer_app.command("establish")
+def establish_(
+    directory: ZoneDir,
+    encoded: Annotated[str, typer.Argument(metavar="TOKEN|-", help="The token, or '-' to read it from stdin.")],
+    name: Annotated[
+        str | None, typer.Option(help="Local name for the peering. Default: the accepting zone's name.")
+    ] = None,
+) -> None:
+    """Redeem a token from another zone: exchange trust bundles and record the peering."""
+    zone = Zone.open(directory)
+    text = sys.stdin.read() if encoded == "-" else encoded
+    peering = asyncio.run(establish(zone, text, name))
+    with PeeringStore.of(zone) as store:
+        listener = store.listener()
+    running = listener is not None and listener.alive()
+    typer.echo(
+        f"established peering {peering.name} with zone {peering.peer_zone} ({peering.peer_trust_domain}); "
+        + (
+            "the running controller opens the stream within a second"
+            if running
+            else "the stream opens when this zone runs ('meshfed up')"
+        )
+    )
+
+
+@peer_app.command("list")
+def list_peers(directory: ZoneDir) -> None:
+    """List peerings with their state, heartbeats, versions and lag."""
+    zone = Zone.open(directory)
+    with PeeringStore.of(zone) as store:
+        statuses = [PeerStatus.of(peering) for peering in store.peerings()]
+    table = Table(title=f"zone {zone.name} peerings")
+    for column in ("peer", "zone", "role", "state", "heartbeat age", "sent/acked", "received", "exported", "imported"):
+        table.add_column(column)
+    for status in statuses:
+        table.add_row(
+            status.name,
+            f"{status.peer_zone or '-'} ({status.peer_trust_domain or '-'})",
+            status.role,
+            status.state.value,
+            "-" if status.heartbeat_age_seconds is None else f"{status.heartbeat_age_seconds:.1f}s",
+            f"{status.sent_version}/{status.acked_version}",
+            str(status.received_version),
+            str(status.exported_services),
+            str(status.imported_services),
+        )
+    Console(width=160).print(table)
+
+
+@peer_app.command("show")
+def show(directory: ZoneDir, name: Annotated[str, typer.Argument(help="The peering's local name.")]) -> None:
+    """Show one peering in detail."""
+    zone = Zone.open(directory)
+    with PeeringStore.of(zone) as store:
+        status = PeerStatus.of(store.require(name))
+    for key, value in status.model_dump(mode="json").items():
+        typer.echo(f"{key}: {value}")
+
+
+@peer_app.command("delete")
+def delete(directory: ZoneDir, name: Annotated[str, typer.Argument(help="The peering's local name.")]) -> None:
+    """Delete a peering: tears it down on both sides when this zone runs, and removes its imports."""
+    zone = Zone.open(directory)
+    with PeeringStore.of(zone) as store:
+        request_delete(store, name)
+        listener = store.listener()
+        if listener is None or not listener.alive():
+            typer.echo(
+                f"peering {name} marked for deletion; this zone is not running, so the teardown "
+                "(telling the peer, removing imports) finishes when it next starts"
+            )
+            return
+        deadline = time.monotonic() + _DELETE_WAIT_SECONDS
+        while store.get(name) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        gone = store.get(name) is None
+    typer.echo(
+        f"deleted peering {name}; the peer was told"
+        if gone
+        else f"peering {name} marked for deletion; the running controller has not finished yet"
+    )
+
+
+__all__ = ["peer_app"]

@@ -1,0 +1,1 @@
+"""Federation: peering between zones, the peering stream, exports and imports."""

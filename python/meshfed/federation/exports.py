@@ -1,0 +1,162 @@
+"""Export rules: which local services each peer may see and call.
+
+Nothing is exported by default. A rule names a service (and namespace) and the
+peers it goes to, by peering name or ``*`` for every peer. The rules decide two
+things at once: what the peering stream tells each peer, and which peer
+gateways the local ingress lets in (DESIGN §5: default deny unless an export
+names the peer).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from meshfed.catalog.model import CatalogSnapshot, Service
+from meshfed.errors import FederationError
+from meshfed.federation.exchange import ExportedService, ServiceSnapshot
+from meshfed.sqlite import open_database, transaction
+
+ALL_PEERS = "*"
+STATE_FILE = "state.db"
+_PEER_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+_MIGRATIONS = (
+    """
+    CREATE TABLE export_rules (
+        namespace TEXT NOT NULL,
+        service TEXT NOT NULL,
+        peer TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (namespace, service, peer)
+    ) STRICT;
+    CREATE TABLE export_rules_version (only INTEGER PRIMARY KEY CHECK (only = 1), version INTEGER NOT NULL) STRICT;
+    INSERT INTO export_rules_version VALUES (1, 0);
+    """,
+)
+
+
+@dataclass(frozen=True, order=True)
+class ExportRule:
+    namespace: str
+    service: str
+    peer: str
+
+    def covers(self, service: Service, peer: str) -> bool:
+        return service.key == (self.namespace, self.service) and self.peer in (peer, ALL_PEERS)
+
+
+class ExportRules:
+    """The export rules of one zone, in its ``state.db``. Use as a context manager."""
+
+    def __init__(self, zone_directory: Path) -> None:
+        self._db = open_database(zone_directory / STATE_FILE, "exports", _MIGRATIONS)
+
+    def __enter__(self) -> ExportRules:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._db.close()
+
+    def add(self, service: str, namespace: str, peers: Iterable[str]) -> list[ExportRule]:
+        """Export ``service`` to each of ``peers`` (names, or ``*``). Adding an existing rule is a no-op."""
+        rules = [ExportRule(namespace, service, _check_peer(peer)) for peer in peers]
+        if not rules:
+            raise FederationError("name at least one peer with --to (a peering name, or '*' for every peer)")
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        with transaction(self._db):
+            self._db.executemany(
+                "INSERT OR IGNORE INTO export_rules VALUES (?, ?, ?, ?)",
+                [(rule.namespace, rule.service, rule.peer, now) for rule in rules],
+            )
+            self._bump()
+        return rules
+
+    def remove(self, service: str, namespace: str, peers: Iterable[str] | None = None) -> int:
+        """Remove the rules of ``service`` (only those to ``peers`` if given). Returns how many went."""
+        with transaction(self._db):
+            if peers is None:
+                removed = self._db.execute(
+                    "DELETE FROM export_rules WHERE namespace = ? AND service = ?", (namespace, service)
+                ).rowcount
+            else:
+                removed = sum(
+                    self._db.execute(
+                        "DELETE FROM export_rules WHERE namespace = ? AND service = ? AND peer = ?",
+                        (namespace, service, peer),
+                    ).rowcount
+                    for peer in peers
+                )
+            if not removed:
+                raise FederationError(f"no export of {service}.{namespace} matches; see 'meshfed export list'")
+            self._bump()
+        return removed
+
+    def rules(self) -> list[ExportRule]:
+        rows = self._db.execute("SELECT namespace, service, peer FROM export_rules ORDER BY 1, 2, 3").fetchall()
+        return [ExportRule(*row) for row in rows]
+
+    def version(self) -> int:
+        (version,) = self._db.execute("SELECT version FROM export_rules_version").fetchone()
+        return int(version)
+
+    def _bump(self) -> None:
+        self._db.execute("UPDATE export_rules_version SET version = version + 1")
+
+
+def exported_snapshot(
+    *,
+    zone: str,
+    trust_domain: str,
+    gateway_addresses: list[str],
+    peer: str,
+    catalog: CatalogSnapshot,
+    rules: list[ExportRule],
+    rules_version: int,
+) -> ServiceSnapshot:
+    """What ``peer`` may see: the catalog services some rule exports to it, with health summaries.
+
+    The version is the sum of the catalog's and the rules' versions: both only
+    grow, so the sum grows whenever either changes.
+    """
+    services = [_exported(service) for service in catalog.services if any(rule.covers(service, peer) for rule in rules)]
+    return ServiceSnapshot(
+        zone=zone,
+        trust_domain=trust_domain,
+        gateway_addresses=gateway_addresses,
+        version=catalog.version + rules_version,
+        services=services,
+    )
+
+
+def peers_allowed(service: Service, rules: list[ExportRule], peers: Iterable[str]) -> list[str]:
+    """The peers (of ``peers``) that some rule lets call ``service``."""
+    return [peer for peer in peers if any(rule.covers(service, peer) for rule in rules)]
+
+
+def _exported(service: Service) -> ExportedService:
+    subsets: dict[str, set[str]] = {}
+    for endpoint in service.endpoints:
+        for key, value in endpoint.labels.items():
+            subsets.setdefault(key, set()).add(value)
+    return ExportedService(
+        name=service.name,
+        namespace=service.namespace,
+        ports=service.ports,
+        labels=service.labels,
+        healthy_endpoints=len(service.healthy_endpoints),
+        total_endpoints=len(service.endpoints),
+        subsets={key: sorted(values) for key, values in sorted(subsets.items())},
+    )
+
+
+def _check_peer(peer: str) -> str:
+    if peer != ALL_PEERS and not _PEER_NAME.fullmatch(peer):
+        raise FederationError(f"peer {peer!r} is not a peering name (a DNS label) or '*'")
+    return peer

@@ -1,0 +1,431 @@
+"""Peerings and their durable state: tables ``peerings``, ``peering_tokens`` and ``peering_listener`` in ``state.db``.
+
+A peering is named locally (the acceptor names it when it issues a token; the
+dialer names it when it establishes). Its life::
+
+    PENDING      (acceptor) a token was issued; nobody has redeemed it yet
+    ESTABLISHING bundles exchanged; the stream has not said hello yet
+    ACTIVE       the stream is up and heartbeats arrive
+    FAILING      no message from the peer within its heartbeat deadline
+    TERMINATED   the peer deleted the peering, or a local delete awaits the controller
+
+The CLI and the running controller share this store. The controller's peering
+service polls it every second (see :mod:`meshfed.federation.service`), so a
+peering established or deleted with the CLI is picked up without any call to
+the running process; ``peering_listener`` tells the CLI where the service
+listens and whether it is alive.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+import orjson
+
+from meshfed.errors import InvalidTokenError, PeeringError
+from meshfed.federation.exchange import ServiceSnapshot
+from meshfed.federation.token import DEFAULT_TOKEN_TTL, PeeringToken, hash_secret, new_secret
+from meshfed.sqlite import open_database, transaction
+from meshfed.zone import STATE_FILE, Zone
+
+COMPONENT = "peering"
+# A running service refreshes its lease every poll (1 s); the CLI calls it dead after this long.
+LEASE_TIMEOUT = dt.timedelta(seconds=5)
+
+_MIGRATIONS = (
+    """
+    CREATE TABLE peerings (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('acceptor', 'dialer')),
+        state TEXT NOT NULL CHECK (state IN ('PENDING', 'ESTABLISHING', 'ACTIVE', 'FAILING', 'TERMINATED')),
+        state_reason TEXT NOT NULL DEFAULT '',
+        delete_requested INTEGER NOT NULL DEFAULT 0,
+        peer_zone TEXT,
+        peer_trust_domain TEXT UNIQUE,
+        peer_addresses TEXT NOT NULL DEFAULT '[]',
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        sent_version INTEGER NOT NULL DEFAULT 0,
+        sent_snapshot TEXT,
+        acked_version INTEGER NOT NULL DEFAULT 0,
+        received_version INTEGER NOT NULL DEFAULT 0,
+        received_snapshot TEXT,
+        last_connected_at TEXT,
+        last_heartbeat_sent_at TEXT,
+        last_heartbeat_received_at TEXT
+    ) STRICT;
+    CREATE TABLE peering_tokens (
+        secret_hash TEXT PRIMARY KEY,
+        peer_name TEXT NOT NULL REFERENCES peerings(name) ON DELETE CASCADE,
+        issued_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        used_at TEXT
+    ) STRICT;
+    CREATE TABLE peering_listener (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        establish_addresses TEXT NOT NULL,
+        stream_addresses TEXT NOT NULL,
+        alive_at TEXT NOT NULL
+    ) STRICT;
+    """,
+)
+
+Role = Literal["acceptor", "dialer"]
+
+
+class PeerState(StrEnum):
+    PENDING = "PENDING"
+    ESTABLISHING = "ESTABLISHING"
+    ACTIVE = "ACTIVE"
+    FAILING = "FAILING"
+    TERMINATED = "TERMINATED"
+
+
+# States in which the peer's controller may hold a stream open with us.
+LIVE_STATES = frozenset({PeerState.ESTABLISHING, PeerState.ACTIVE, PeerState.FAILING})
+
+
+@dataclass(frozen=True)
+class Peering:
+    """One row of ``peerings``: what survives a restart."""
+
+    name: str
+    role: Role
+    state: PeerState
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    state_reason: str = ""
+    delete_requested: bool = False
+    peer_zone: str | None = None
+    peer_trust_domain: str | None = None
+    peer_addresses: tuple[str, ...] = ()
+    # Our exports to the peer: the newest version sent (with its content) and the newest it acked.
+    sent_version: int = 0
+    sent_snapshot: ServiceSnapshot | None = None
+    acked_version: int = 0
+    # The peer's exports to us: the newest version applied (acked), with its content.
+    received_version: int = 0
+    received_snapshot: ServiceSnapshot | None = None
+    last_connected_at: dt.datetime | None = None
+    last_heartbeat_sent_at: dt.datetime | None = None
+    last_heartbeat_received_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class Listener:
+    """Where the zone's peering service listens, as recorded by its last run."""
+
+    establish_addresses: tuple[str, ...]
+    stream_addresses: tuple[str, ...]
+    alive_at: dt.datetime
+
+    def alive(self, now: dt.datetime | None = None) -> bool:
+        return (now or _now()) - self.alive_at < LEASE_TIMEOUT
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: PeeringToken
+    encoded: str = field(repr=False)
+
+
+class PeeringStore:
+    """Typed access to the peering tables. Use as a context manager; each method is one transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = open_database(path, COMPONENT, _MIGRATIONS)
+
+    @classmethod
+    def of(cls, zone: Zone) -> PeeringStore:
+        return cls(zone.directory / STATE_FILE)
+
+    def __enter__(self) -> PeeringStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- peerings --------------------------------------------------------
+
+    def peerings(self) -> list[Peering]:
+        return [_peering(row) for row in self._db.execute(f"SELECT {_COLUMNS} FROM peerings ORDER BY name")]  # noqa: S608
+
+    def get(self, name: str) -> Peering | None:
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM peerings WHERE name = ?", (name,)).fetchone()  # noqa: S608
+        return None if row is None else _peering(row)
+
+    def require(self, name: str) -> Peering:
+        peering = self.get(name)
+        if peering is None:
+            known = ", ".join(p.name for p in self.peerings()) or "none"
+            raise PeeringError(f"no peering named {name!r} (known: {known}); 'meshfed peer list' shows them")
+        return peering
+
+    def by_trust_domain(self, trust_domain: str) -> Peering | None:
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM peerings WHERE peer_trust_domain = ?",  # noqa: S608
+            (trust_domain,),
+        ).fetchone()
+        return None if row is None else _peering(row)
+
+    def put(self, peering: Peering) -> None:
+        with transaction(self._db):
+            self._put(peering)
+
+    def update(self, name: str, **changes: object) -> Peering | None:
+        """Change some fields of a peering, if it still exists; returns the new row."""
+        with transaction(self._db):
+            current = self.get(name)
+            if current is None:
+                return None
+            updated = replace(current, **changes, updated_at=_now())  # type: ignore[arg-type]
+            self._put(updated)
+        return updated
+
+    def delete(self, name: str) -> None:
+        with transaction(self._db):
+            self._db.execute("DELETE FROM peerings WHERE name = ?", (name,))
+
+    def _put(self, p: Peering) -> None:
+        self._db.execute(
+            # An upsert, not INSERT OR REPLACE: a replace deletes the row first, which would
+            # cascade to the peering's tokens and forget that a token was already spent.
+            f"INSERT INTO peerings ({_COLUMNS}) VALUES ({', '.join('?' * _COLUMN_COUNT)}) "  # noqa: S608
+            f"ON CONFLICT(name) DO UPDATE SET {_UPDATE_ALL}",
+            (
+                p.name,
+                p.role,
+                p.state.value,
+                p.state_reason,
+                int(p.delete_requested),
+                p.peer_zone,
+                p.peer_trust_domain,
+                orjson.dumps(list(p.peer_addresses)).decode(),
+                _iso(p.created_at),
+                _iso(p.updated_at),
+                p.sent_version,
+                p.sent_snapshot.model_dump_json() if p.sent_snapshot else None,
+                p.acked_version,
+                p.received_version,
+                p.received_snapshot.model_dump_json() if p.received_snapshot else None,
+                _maybe_iso(p.last_connected_at),
+                _maybe_iso(p.last_heartbeat_sent_at),
+                _maybe_iso(p.last_heartbeat_received_at),
+            ),
+        )
+
+    # -- tokens ----------------------------------------------------------
+
+    def issue_token(
+        self, zone: Zone, peer_name: str, addresses: Sequence[str], ttl: dt.timedelta = DEFAULT_TOKEN_TTL
+    ) -> IssuedToken:
+        """Make a one-time token for zone ``peer_name`` and a PENDING peering; earlier unused tokens for it lapse."""
+        if ttl <= dt.timedelta(0):
+            raise PeeringError(f"the token TTL must be positive, got {ttl}")
+        if peer_name == zone.name:
+            raise PeeringError(f"{peer_name!r} is this zone's own name; a zone cannot peer with itself")
+        if not addresses:
+            raise PeeringError(
+                "no establishment address for the token: start the zone ('meshfed up') once so it records "
+                "where it listens, or pass --address HOST:PORT"
+            )
+        now = _now()
+        secret = new_secret()
+        token = PeeringToken(
+            peer_name=peer_name,
+            zone=zone.name,
+            trust_domain=str(zone.trust_domain),
+            addresses=list(addresses),
+            ca_bundle=zone.own_bundle().to_spiffe_json().decode(),
+            secret=secret,
+            expires_at=(now + ttl).replace(microsecond=0),
+        )
+        with transaction(self._db):
+            existing = self.get(peer_name)
+            if existing is not None and existing.state is not PeerState.PENDING:
+                raise PeeringError(
+                    f"a peering named {peer_name!r} already exists ({existing.state}); "
+                    f"'meshfed peer delete {peer_name}' first to peer again"
+                )
+            if existing is None:
+                self._put(Peering(peer_name, "acceptor", PeerState.PENDING, now, now))
+            # One outstanding token per peer: issuing again revokes the one that may have leaked.
+            self._db.execute("DELETE FROM peering_tokens WHERE peer_name = ? AND used_at IS NULL", (peer_name,))
+            self._db.execute(
+                "INSERT INTO peering_tokens VALUES (?, ?, ?, ?, NULL)",
+                (hash_secret(secret), peer_name, _iso(now), _iso(token.expires_at)),
+            )
+        return IssuedToken(token, token.encode())
+
+    def redeem_token(self, secret: str, *, dialer_zone: str, now: dt.datetime | None = None) -> Peering:
+        """Check a presented secret and return its PENDING peering; the caller spends it with ``spend_token``."""
+        now = now or _now()
+        row = self._db.execute(
+            "SELECT peer_name, expires_at, used_at FROM peering_tokens WHERE secret_hash = ?", (hash_secret(secret),)
+        ).fetchone()
+        if row is None:
+            raise InvalidTokenError(
+                "the token's secret is unknown to this zone: the token was altered, revoked by a newer token, "
+                "or issued by another zone"
+            )
+        peer_name, expires_at, used_at = str(row[0]), _time(row[1]), row[2]
+        if used_at is not None:
+            raise InvalidTokenError(f"this peering token was already used at {used_at}; issue a new one")
+        if now >= expires_at:
+            raise InvalidTokenError(f"this peering token expired at {_iso(expires_at)}; issue a new one")
+        if dialer_zone != peer_name:
+            raise InvalidTokenError(
+                f"this token was issued for zone {peer_name!r}, but zone {dialer_zone!r} presented it; "
+                f"issue one with 'meshfed peer token --peer {dialer_zone}'"
+            )
+        peering = self.require(peer_name)
+        if peering.state is not PeerState.PENDING:
+            raise InvalidTokenError(f"peering {peer_name!r} is {peering.state}, not waiting for a token")
+        return peering
+
+    def spend_token(self, secret: str, established: Peering) -> None:
+        """Mark the token used and store the established peering, atomically; fails if spent meanwhile."""
+        with transaction(self._db):
+            spent = self._db.execute(
+                "UPDATE peering_tokens SET used_at = ? WHERE secret_hash = ? AND used_at IS NULL",
+                (_iso(_now()), hash_secret(secret)),
+            ).rowcount
+            if spent != 1:
+                raise InvalidTokenError("this peering token was used by another request at the same moment")
+            self._put(established)
+
+    # -- listener --------------------------------------------------------
+
+    def listener(self) -> Listener | None:
+        row = self._db.execute(
+            "SELECT establish_addresses, stream_addresses, alive_at FROM peering_listener WHERE id = 1"
+        ).fetchone()
+        if row is None:
+            return None
+        return Listener(tuple(orjson.loads(row[0])), tuple(orjson.loads(row[1])), _time(row[2]))
+
+    def record_listener(self, establish: Sequence[str], stream: Sequence[str]) -> None:
+        with transaction(self._db):
+            self._db.execute(
+                "INSERT OR REPLACE INTO peering_listener VALUES (1, ?, ?, ?)",
+                (orjson.dumps(list(establish)).decode(), orjson.dumps(list(stream)).decode(), _iso(_now())),
+            )
+
+    def renew_lease(self) -> None:
+        with transaction(self._db):
+            self._db.execute("UPDATE peering_listener SET alive_at = ? WHERE id = 1", (_iso(_now()),))
+
+    def release_lease(self) -> None:
+        with transaction(self._db):
+            self._db.execute("UPDATE peering_listener SET alive_at = ? WHERE id = 1", (_iso(_EPOCH),))
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        return self._db
+
+
+def request_delete(store: PeeringStore, name: str) -> Peering:
+    """Mark a peering for deletion; a running controller tears it down on both sides within a second."""
+    store.require(name)
+    updated = store.update(name, state=PeerState.TERMINATED, delete_requested=True, state_reason="deleted locally")
+    assert updated is not None
+    return updated
+
+
+# Fixed column names, never user input: the f-strings below build no SQL from data.
+_COLUMNS = (
+    "name, role, state, state_reason, delete_requested, peer_zone, peer_trust_domain, peer_addresses, "
+    "created_at, updated_at, sent_version, sent_snapshot, acked_version, received_version, received_snapshot, "
+    "last_connected_at, last_heartbeat_sent_at, last_heartbeat_received_at"
+)
+_COLUMN_COUNT = _COLUMNS.count(",") + 1
+_UPDATE_ALL = ", ".join(f"{c.strip()} = excluded.{c.strip()}" for c in _COLUMNS.split(",")[1:])
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _peering(row: tuple[object, ...]) -> Peering:
+    (
+        name,
+        role,
+        state,
+        reason,
+        delete_requested,
+        peer_zone,
+        peer_td,
+        addresses,
+        created,
+        updated,
+        sent_version,
+        sent_snapshot,
+        acked_version,
+        received_version,
+        received_snapshot,
+        connected,
+        hb_sent,
+        hb_received,
+    ) = row
+    return Peering(
+        name=str(name),
+        role="acceptor" if role == "acceptor" else "dialer",
+        state=PeerState(str(state)),
+        state_reason=str(reason),
+        delete_requested=bool(delete_requested),
+        peer_zone=None if peer_zone is None else str(peer_zone),
+        peer_trust_domain=None if peer_td is None else str(peer_td),
+        peer_addresses=tuple(orjson.loads(str(addresses))),
+        created_at=_time(created),
+        updated_at=_time(updated),
+        sent_version=int(str(sent_version)),
+        sent_snapshot=None if sent_snapshot is None else ServiceSnapshot.model_validate_json(str(sent_snapshot)),
+        acked_version=int(str(acked_version)),
+        received_version=int(str(received_version)),
+        received_snapshot=(
+            None if received_snapshot is None else ServiceSnapshot.model_validate_json(str(received_snapshot))
+        ),
+        last_connected_at=_maybe_time(connected),
+        last_heartbeat_sent_at=_maybe_time(hb_sent),
+        last_heartbeat_received_at=_maybe_time(hb_received),
+    )
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _iso(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _maybe_iso(moment: dt.datetime | None) -> str | None:
+    return None if moment is None else _iso(moment)
+
+
+def _time(text: object) -> dt.datetime:
+    return dt.datetime.fromisoformat(str(text))
+
+
+def _maybe_time(text: object) -> dt.datetime | None:
+    return None if text is None else _time(text)
+
+
+__all__ = [
+    "LIVE_STATES",
+    "IssuedToken",
+    "Listener",
+    "PeerState",
+    "Peering",
+    "PeeringStore",
+    "request_delete",
+]

@@ -1,0 +1,854 @@
+"""The peering service of a zone's controller: establishment server, stream server and dialer.
+
+One grpc.aio server listens on two ports (grpcio credentials either require a
+client certificate or never ask for one):
+
+* ``establish_address`` — server-only TLS; ``PeeringEstablishment/Establish``
+  redeems a token. These are the addresses a token carries.
+* ``listen_address`` — mutual TLS with controller SVIDs;
+  ``PeeringStream/Stream``. The server's root pool holds the roots of every
+  live peer and is swapped at run time (``dynamic_ssl_server_credentials``);
+  each caller is then verified again against its own trust domain's bundle.
+
+The dialing side of each peering runs a reconnect loop (exponential backoff
+with jitter); the accepting side waits for the dialer.
+
+Pick-up of CLI changes: the CLI writes the store (``meshfed peer establish``,
+``meshfed peer delete``) and this service polls it every
+``store_poll_interval`` seconds (and on :meth:`PeeringService.refresh`, which
+``POST /v1/peerings/refresh`` calls). The poll also renews a lease in the
+store, which tells the CLI whether the zone is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from pydantic import BaseModel
+
+from meshfed.errors import InvalidTokenError, MeshfedError, PeeringError
+from meshfed.federation import wire
+from meshfed.federation._proto import peering_pb2 as pb
+from meshfed.federation._proto import peering_pb2_grpc as pb_grpc
+from meshfed.federation.exchange import ServiceSnapshot
+from meshfed.federation.identity import (
+    authenticate_peer,
+    federation_host,
+    issue_controller_svid,
+    needs_renewal,
+    probe_acceptor,
+    split_address,
+)
+from meshfed.federation.peering import (
+    LIVE_STATES,
+    IssuedToken,
+    Peering,
+    PeeringStore,
+    PeerState,
+)
+from meshfed.federation.stream import CAPABILITIES, PeerTerminatedError, Session
+from meshfed.federation.token import DEFAULT_TOKEN_TTL, decode_token
+from meshfed.trust.bundle import TrustBundle, newest, parse_bundle
+from meshfed.trust.ca import Svid
+from meshfed.trust.spiffe import TrustDomain
+from meshfed.zone import Zone
+
+log = logging.getLogger(__name__)
+
+ExportsOf = Callable[[str], ServiceSnapshot]
+OnImports = Callable[[str, ServiceSnapshot], Awaitable[None]]
+OnTrustChanged = Callable[[], Awaitable[None]]
+OnPeerState = Callable[[str, PeerState], Awaitable[None]]
+
+# Peers in other clusters dial these, so they listen on every interface by default.
+DEFAULT_LISTEN_ADDRESS = "0.0.0.0:15440"
+DEFAULT_ESTABLISH_ADDRESS = "0.0.0.0:15441"
+ESTABLISH_TIMEOUT = 10.0
+# Deltas can be made from this many recent versions; an older ack gets a full snapshot.
+HISTORY_DEPTH = 16
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})  # noqa: S104 -- recognised, not bound
+
+
+class PeerStatus(BaseModel):
+    """What ``meshfed peer list|show`` and ``GET /v1/peerings`` report for one peering."""
+
+    name: str
+    role: str
+    state: PeerState
+    state_reason: str
+    peer_zone: str | None
+    peer_trust_domain: str | None
+    peer_addresses: list[str]
+    connected: bool
+    last_connected_at: dt.datetime | None
+    last_heartbeat_sent_at: dt.datetime | None
+    last_heartbeat_received_at: dt.datetime | None
+    heartbeat_age_seconds: float | None
+    sent_version: int
+    acked_version: int
+    received_version: int
+    # Seconds the oldest unacked version of our exports has waited for the peer's ack (0 when in sync).
+    propagation_lag_seconds: float
+    exported_services: int
+    imported_services: int
+
+    @classmethod
+    def of(cls, peering: Peering, link: PeerLink | None = None) -> PeerStatus:
+        """The stored row, overlaid with the live link's fresher numbers when the service runs."""
+        if link is not None:
+            peering = link.as_peering(peering)
+        received_at = peering.last_heartbeat_received_at
+        return cls(
+            name=peering.name,
+            role=peering.role,
+            state=peering.state,
+            state_reason=peering.state_reason,
+            peer_zone=peering.peer_zone,
+            peer_trust_domain=peering.peer_trust_domain,
+            peer_addresses=list(peering.peer_addresses),
+            connected=link is not None and link.connected_now,
+            last_connected_at=peering.last_connected_at,
+            last_heartbeat_sent_at=peering.last_heartbeat_sent_at,
+            last_heartbeat_received_at=received_at,
+            heartbeat_age_seconds=None if received_at is None else (_utcnow() - received_at).total_seconds(),
+            sent_version=peering.sent_version,
+            acked_version=peering.acked_version,
+            received_version=peering.received_version,
+            propagation_lag_seconds=link.propagation_lag() if link is not None else 0.0,
+            exported_services=len(peering.sent_snapshot.services) if peering.sent_snapshot else 0,
+            imported_services=len(peering.received_snapshot.services) if peering.received_snapshot else 0,
+        )
+
+
+class PeerLink:
+    """The running state of one live peering; at most one :class:`Session` at a time."""
+
+    def __init__(self, service: PeeringService, peering: Peering) -> None:
+        assert peering.peer_trust_domain is not None
+        assert peering.peer_zone is not None
+        self.service = service
+        self.name = peering.name
+        self.role = peering.role
+        self.peer_zone = peering.peer_zone
+        self.peer_trust_domain = peering.peer_trust_domain
+        self.peer_addresses = peering.peer_addresses
+        self.state = peering.state
+        self.state_reason = peering.state_reason
+        self.heartbeat_interval = service.heartbeat_interval
+        self.peer_heartbeat_interval = service.heartbeat_interval
+        self.sent = peering.sent_snapshot
+        self.sent_version = peering.sent_version
+        self.acked_version = peering.acked_version
+        self.received = peering.received_snapshot
+        self.received_version = peering.received_version
+        self.history: collections.OrderedDict[int, ServiceSnapshot] = collections.OrderedDict()
+        if self.sent is not None:
+            self.history[self.sent_version] = self.sent
+        self._version_sent_at: dict[int, float] = {}
+        self.last_connected_at = peering.last_connected_at
+        self.last_heartbeat_sent_at = peering.last_heartbeat_sent_at
+        self.last_heartbeat_received_at = peering.last_heartbeat_received_at
+        self.last_message_at = time.monotonic()
+        self.session: Session | None = None
+        self.stopped = False
+        self._dialer: asyncio.Task[None] | None = None
+
+    @property
+    def connected_now(self) -> bool:
+        return self.session is not None and self.session.said_hello
+
+    def as_peering(self, stored: Peering) -> Peering:
+        return dataclasses.replace(
+            stored,
+            state=self.state,
+            state_reason=self.state_reason,
+            sent_version=self.sent_version,
+            sent_snapshot=self.sent,
+            acked_version=self.acked_version,
+            received_version=self.received_version,
+            received_snapshot=self.received,
+            last_connected_at=self.last_connected_at,
+            last_heartbeat_sent_at=self.last_heartbeat_sent_at,
+            last_heartbeat_received_at=self.last_heartbeat_received_at,
+        )
+
+    # -- lifecycle -------------------------------------------------------
+
+    def start(self) -> None:
+        if self.role == "dialer":
+            self._dialer = asyncio.create_task(self._dial_forever(), name=f"meshfed-peer-{self.name}-dial")
+
+    async def stop(self) -> None:
+        self.stopped = True
+        if self._dialer is not None and self._dialer is not asyncio.current_task():
+            self._dialer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dialer
+
+    async def run_session(self, session: Session) -> None:
+        """Run ``session`` as this link's one connection (a newer connection replaces an older one)."""
+        if self.stopped:
+            raise PeeringError(f"peering {self.name} is being torn down")
+        previous, self.session = self.session, session
+        if previous is not None:
+            log.info("peer %s reconnected; replacing the previous stream", self.name)
+            previous.close()
+        try:
+            await session.run()
+        except PeerTerminatedError as err:
+            await self.service.peer_terminated(self, str(err))
+        finally:
+            if self.session is session:
+                self.session = None
+
+    async def _dial_forever(self) -> None:
+        attempt = 0
+        base, cap = self.service.reconnect_backoff
+        while not self.stopped:
+            address = self.peer_addresses[attempt % len(self.peer_addresses)]
+            session: Session | None = None
+            try:
+                credentials = self.service.client_credentials(self.peer_trust_domain)
+                options = [("grpc.ssl_target_name_override", federation_host(self.peer_trust_domain))]
+                async with grpc.aio.secure_channel(address, credentials, options=options) as channel:
+                    call: Any = pb_grpc.PeeringStreamStub(channel).Stream()  # type: ignore[no-untyped-call]
+                    session = Session(self, call.read, call.write)
+                    await self.run_session(session)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as err:
+                log.info("peer %s at %s: %s %s", self.name, address, err.code().name, err.details())
+            except MeshfedError as err:
+                log.info("peer %s at %s: %s", self.name, address, err)
+            except Exception:
+                log.exception("peer %s: stream failed", self.name)
+            if self.stopped:
+                return
+            attempt = 1 if session is not None and session.said_hello else attempt + 1
+            # Full jitter keeps many dialers from reconnecting in lockstep after an acceptor restarts.
+            delay = min(cap, base * 2 ** min(attempt, 16)) * random.uniform(0.5, 1.0)  # noqa: S311
+            await asyncio.sleep(delay)
+
+    # -- called by the session --------------------------------------------
+
+    def hello(self) -> pb.Hello:
+        zone = self.service.zone
+        return pb.Hello(
+            zone=zone.name,
+            trust_domain=str(zone.trust_domain),
+            capabilities=CAPABILITIES,
+            last_acked_version=self.received_version,
+            heartbeat_interval_ms=int(self.heartbeat_interval * 1000),
+        )
+
+    async def connected(self, hello: pb.Hello) -> None:
+        if hello.heartbeat_interval_ms:
+            self.peer_heartbeat_interval = hello.heartbeat_interval_ms / 1000
+        self.last_connected_at = dt.datetime.now(dt.UTC)
+        self.last_message_at = time.monotonic()
+        await self.set_state(PeerState.ACTIVE, "")
+
+    async def message_received(self, message: pb.PeerMessage) -> None:
+        self.last_message_at = time.monotonic()
+        if message.WhichOneof("body") == "heartbeat":
+            self.last_heartbeat_received_at = dt.datetime.now(dt.UTC)
+        if self.state is PeerState.FAILING:
+            await self.set_state(PeerState.ACTIVE, "")
+
+    def heartbeat_sent(self) -> None:
+        self.last_heartbeat_sent_at = dt.datetime.now(dt.UTC)
+
+    def own_bundle_json(self) -> bytes:
+        return self.service.zone.own_bundle().to_spiffe_json()
+
+    def current_exports(self) -> ServiceSnapshot:
+        """What we export to the peer now, with a version that grows whenever the content changes."""
+        snapshot = self.service.exports(self.name)
+        if self.sent is not None and wire.same_content(self.sent, snapshot):
+            return self.sent
+        version = max(snapshot.version, self.sent_version + 1)
+        snapshot = snapshot.model_copy(update={"version": version})
+        # Persisted before it is sent, so a restart never reuses a version for other content.
+        self.service.store.update(self.name, sent_version=version, sent_snapshot=snapshot)
+        self.sent, self.sent_version = snapshot, version
+        self.history[version] = snapshot
+        while len(self.history) > HISTORY_DEPTH:
+            self.history.popitem(last=False)
+        self._version_sent_at.setdefault(version, time.monotonic())
+        return snapshot
+
+    def acked(self, version: int) -> None:
+        self.acked_version = version
+        for old in [v for v in self._version_sent_at if v <= version]:
+            del self._version_sent_at[old]
+        self.service.store.update(self.name, acked_version=version)
+
+    def propagation_lag(self) -> float:
+        if not self._version_sent_at or self.acked_version >= self.sent_version:
+            return 0.0
+        return time.monotonic() - min(self._version_sent_at.values())
+
+    async def apply_snapshot(self, message: pb.Snapshot) -> pb.Ack:
+        if message.version <= self.received_version:
+            return pb.Ack(version=self.received_version)  # a replay: applied already
+        snapshot = wire.snapshot_from_proto(message, self.peer_zone, self.peer_trust_domain)
+        await self._deliver(snapshot)
+        return pb.Ack(version=snapshot.version)
+
+    async def apply_delta(self, delta: pb.Delta) -> pb.Ack:
+        if delta.version <= self.received_version:
+            return pb.Ack(version=self.received_version)
+        if self.received is None or delta.from_version != self.received_version:
+            return pb.Ack(version=self.received_version, resync=True)
+        await self._deliver(wire.apply_delta(self.received, delta))
+        return pb.Ack(version=delta.version)
+
+    async def _deliver(self, snapshot: ServiceSnapshot) -> None:
+        # Applied, then recorded, then acked: a crash in between re-delivers the same
+        # full snapshot (harmless), never skips one.
+        await self.service.on_imports(self.name, snapshot)
+        self.service.store.update(self.name, received_version=snapshot.version, received_snapshot=snapshot)
+        self.received, self.received_version = snapshot, snapshot.version
+
+    async def apply_bundle(self, data: bytes) -> None:
+        offered = parse_bundle(TrustDomain(self.peer_trust_domain), data)
+        await self.service.bundle_received(offered)
+
+    async def set_state(self, state: PeerState, reason: str) -> None:
+        if state is self.state and reason == self.state_reason:
+            return
+        previous, self.state, self.state_reason = self.state, state, reason
+        self.service.store.update(self.name, state=state, state_reason=reason)
+        if state is not previous:
+            log.info("peer %s: %s -> %s %s", self.name, previous, state, reason)
+            if self.service.on_peer_state is not None:
+                await self.service.on_peer_state(self.name, state)
+
+    def failure_deadline(self) -> float:
+        return self.peer_heartbeat_interval * self.service.missed_heartbeats
+
+
+class PeeringService:
+    """The controller service that establishes peerings and keeps one stream per peering.
+
+    ``exports(peer)`` is called on the event loop when a snapshot is due for
+    ``peer`` (coalesced: at most once per round trip); keep it cheap.
+    ``on_imports(peer, snapshot)`` receives every new version of a peer's
+    exports as a full snapshot, in order, once per version; on teardown it gets
+    an empty snapshot, then ``on_peer_state(peer, TERMINATED)``.
+    ``on_trust_changed()`` runs after a peer's bundle is stored or replaced.
+    """
+
+    def __init__(
+        self,
+        zone: Zone,
+        *,
+        exports: ExportsOf,
+        on_imports: OnImports,
+        on_trust_changed: OnTrustChanged,
+        on_peer_state: OnPeerState | None = None,
+        listen_address: str = DEFAULT_LISTEN_ADDRESS,
+        establish_address: str = DEFAULT_ESTABLISH_ADDRESS,
+        advertise_host: str | None = None,
+        heartbeat_interval: float = 5.0,
+        missed_heartbeats: int = 3,
+        store_poll_interval: float = 1.0,
+        reconnect_backoff: tuple[float, float] = (0.2, 10.0),
+    ) -> None:
+        self.zone = zone
+        self.exports = exports
+        self.on_imports = on_imports
+        self.on_trust_changed = on_trust_changed
+        self.on_peer_state = on_peer_state
+        self.heartbeat_interval = heartbeat_interval
+        self.missed_heartbeats = missed_heartbeats
+        self.reconnect_backoff = reconnect_backoff
+        self._listen_address = listen_address
+        self._establish_address = establish_address
+        self._advertise_host = advertise_host
+        self._store_poll_interval = store_poll_interval
+        self.stream_addresses: list[str] = []
+        self.establish_addresses: list[str] = []
+        self._store: PeeringStore | None = None
+        self._server: grpc.aio.Server | None = None
+        self._svid: Svid | None = None
+        self._links: dict[str, PeerLink] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._own_bundle_sequence = 0
+        self._reconcile_lock = asyncio.Lock()
+        # grpc calls the credential fetchers on its own threads, once per handshake.
+        self._credentials_lock = threading.Lock()
+        self._stream_config: Any = None
+        self._establish_config: Any = None
+        self._served: dict[str, Any] = {}
+        self._credentials_key: tuple[bytes, bytes] | None = None
+
+    @property
+    def store(self) -> PeeringStore:
+        if self._store is None:
+            raise PeeringError(f"zone {self.zone.name}: the peering service is not running")
+        return self._store
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        self._store = PeeringStore.of(self.zone)
+        self._svid = await asyncio.to_thread(issue_controller_svid, self.zone)
+        self._own_bundle_sequence = self.zone.own_bundle().sequence
+        self._rebuild_credentials()
+        server = grpc.aio.server()
+        pb_grpc.add_PeeringEstablishmentServicer_to_server(_Establishment(self), server)  # type: ignore[no-untyped-call]
+        pb_grpc.add_PeeringStreamServicer_to_server(_Stream(self), server)  # type: ignore[no-untyped-call]
+        stream_port = server.add_secure_port(
+            self._listen_address,
+            grpc.dynamic_ssl_server_credentials(
+                self._stream_config, self._fetch_stream_config, require_client_authentication=True
+            ),
+        )
+        establish_port = server.add_secure_port(
+            self._establish_address,
+            grpc.dynamic_ssl_server_credentials(
+                self._establish_config, self._fetch_establish_config, require_client_authentication=False
+            ),
+        )
+        if not stream_port or not establish_port:
+            raise PeeringError(
+                f"zone {self.zone.name}: cannot listen on {self._listen_address} and {self._establish_address}; "
+                "are the ports free?"
+            )
+        await server.start()
+        self._server = server
+        self.stream_addresses = [self._advertised(self._listen_address, stream_port)]
+        self.establish_addresses = [self._advertised(self._establish_address, establish_port)]
+        self.store.record_listener(self.establish_addresses, self.stream_addresses)
+        await self.refresh()
+        self._tasks = [
+            asyncio.create_task(self._poll_store(), name=f"meshfed-{self.zone.name}-peering-poll"),
+            asyncio.create_task(self._watch_heartbeats(), name=f"meshfed-{self.zone.name}-peering-watch"),
+        ]
+        log.info(
+            "zone %s peering: establish on %s, stream on %s",
+            self.zone.name,
+            ", ".join(self.establish_addresses),
+            ", ".join(self.stream_addresses),
+        )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        for link in list(self._links.values()):
+            if link.session is not None:
+                link.session.close()
+            await link.stop()
+        if self._server is not None:
+            await self._server.stop(grace=0.2)
+            self._server = None
+        self._links.clear()
+        if self._store is not None:
+            self._store.release_lease()
+            self._store.close()
+            self._store = None
+
+    def _advertised(self, listen: str, port: int) -> str:
+        host, _ = split_address(listen)
+        if self._advertise_host:
+            host = self._advertise_host
+        elif host in _WILDCARD_HOSTS:
+            host = "127.0.0.1"  # only meaningful on one machine; pass advertise_host otherwise
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    # -- read accessors ---------------------------------------------------
+
+    def peers(self) -> list[PeerStatus]:
+        return [PeerStatus.of(p, self._links.get(p.name)) for p in self.store.peerings()]
+
+    def peer(self, name: str) -> PeerStatus:
+        return PeerStatus.of(self.store.require(name), self._links.get(name))
+
+    # -- operations --------------------------------------------------------
+
+    def issue_token(self, peer_name: str, ttl: dt.timedelta = DEFAULT_TOKEN_TTL) -> IssuedToken:
+        return self.store.issue_token(self.zone, peer_name, self.establish_addresses, ttl)
+
+    async def establish(self, token: str, name: str | None = None) -> Peering:
+        """Dial the acceptor named by ``token`` (this zone is the dialer), then start the stream."""
+        peering = await establish(self.zone, token, name, stream_addresses=self.stream_addresses)
+        await self.refresh()
+        return peering
+
+    def notify_exports_changed(self) -> None:
+        """Exports or the catalog changed: every connected peer gets the new snapshot (coalesced)."""
+        for link in self._links.values():
+            if link.session is not None:
+                link.session.exports_changed()
+
+    async def refresh(self) -> None:
+        """Pick up what the CLI changed in the store now, instead of at the next poll."""
+        async with self._reconcile_lock:
+            peerings = self.store.peerings()
+            for peering in peerings:
+                if peering.delete_requested:
+                    await self._teardown(peering.name, "deleted by zone " + self.zone.name, remove=True)
+                elif peering.state in LIVE_STATES and peering.name not in self._links:
+                    link = PeerLink(self, peering)
+                    self._links[peering.name] = link
+                    link.start()
+            known = {p.name for p in peerings}
+            for name in [n for n in self._links if n not in known]:
+                await self._links.pop(name).stop()
+            self._rebuild_credentials()
+
+    async def delete(self, name: str) -> None:
+        """Tear a peering down on both sides (telling the peer if connected) and forget it."""
+        self.store.require(name)
+        async with self._reconcile_lock:
+            await self._teardown(name, "deleted by zone " + self.zone.name, remove=True)
+
+    # -- internals ---------------------------------------------------------
+
+    async def _teardown(self, name: str, reason: str, *, remove: bool, notify_peer: bool = True) -> None:
+        link = self._links.pop(name, None)
+        if link is not None:
+            session = link.session
+            if notify_peer and session is not None and session.said_hello:
+                session.terminate(reason)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(session.finished.wait(), 2.0)
+            await link.stop()
+        peering = self.store.get(name)
+        if remove:
+            self.store.delete(name)
+        else:
+            self.store.update(name, state=PeerState.TERMINATED, state_reason=reason, received_snapshot=None)
+        self._rebuild_credentials()
+        if peering is not None and peering.peer_zone is not None and peering.peer_trust_domain is not None:
+            empty = ServiceSnapshot(
+                zone=peering.peer_zone,
+                trust_domain=peering.peer_trust_domain,
+                gateway_addresses=[],
+                version=(link.received_version if link else peering.received_version) + 1,
+            )
+            await self.on_imports(name, empty)
+            # The peering brought this trust domain; with it gone, its roots verify nothing here.
+            if await asyncio.to_thread(self.zone.forget_peering_bundle, TrustDomain.parse(peering.peer_trust_domain)):
+                await self.on_trust_changed()
+        if self.on_peer_state is not None:
+            await self.on_peer_state(name, PeerState.TERMINATED)
+        log.info("peering %s torn down: %s", name, reason)
+
+    async def peer_terminated(self, link: PeerLink, reason: str) -> None:
+        link.stopped = True
+        async with self._reconcile_lock:
+            if self._links.get(link.name) is link:
+                await self._teardown(link.name, f"the peer ended the peering: {reason}", remove=False)
+
+    async def bundle_received(self, offered: TrustBundle) -> None:
+        held = next(
+            (s.bundle for s in self.zone.trusted_bundles() if s.bundle.trust_domain == offered.trust_domain), None
+        )
+        kept = newest(held, offered)
+        if kept is held:
+            return
+        await asyncio.to_thread(self.zone.import_bundle, kept, "peering")
+        self._rebuild_credentials()
+        log.info("peer bundle of %s updated to sequence %d", offered.trust_domain, kept.sequence)
+        await self.on_trust_changed()
+
+    def client_credentials(self, peer_trust_domain: str) -> grpc.ChannelCredentials:
+        """mTLS to one peer: our controller SVID, and only that peer's roots."""
+        bundle = self._bundle_of(TrustDomain(peer_trust_domain))
+        if bundle is None or not bundle.roots:
+            raise PeeringError(f"no bundle for {peer_trust_domain}; re-establish the peering")
+        svid = self._current_svid()
+        return grpc.ssl_channel_credentials(bundle.to_pem(), svid.private_key_pem(), svid.cert_chain_pem())
+
+    def link_for_caller(self, trust_domain: str) -> PeerLink | None:
+        link = next((lk for lk in self._links.values() if lk.peer_trust_domain == trust_domain), None)
+        return link if link is not None and link.role == "acceptor" and not link.stopped else None
+
+    def bundle_of_live_peer(self, trust_domain: TrustDomain) -> TrustBundle | None:
+        if not any(link.peer_trust_domain == trust_domain.name for link in self._links.values()):
+            return None
+        return self._bundle_of(trust_domain)
+
+    def _bundle_of(self, trust_domain: TrustDomain) -> TrustBundle | None:
+        return next((s.bundle for s in self.zone.trusted_bundles() if s.bundle.trust_domain == trust_domain), None)
+
+    def _current_svid(self) -> Svid:
+        if self._svid is None or needs_renewal(self._svid):
+            self._svid = issue_controller_svid(self.zone)
+            self._rebuild_credentials()
+        return self._svid
+
+    def _rebuild_credentials(self) -> None:
+        svid = self._svid
+        assert svid is not None
+        live = {p.peer_trust_domain for p in self.store.peerings() if p.state in LIVE_STATES and p.peer_trust_domain}
+        bundles = [s.bundle for s in self.zone.trusted_bundles() if s.bundle.trust_domain.name in live]
+        # A pool may not be empty; with no peers, our own roots stand in (no peering matches our own domain).
+        roots = b"".join(b.to_pem() for b in bundles if b.roots) or self.zone.own_bundle().to_pem()
+        pair = [(svid.private_key_pem(), svid.cert_chain_pem())]
+        key = (pair[0][1], roots)
+        if key == self._credentials_key:
+            return  # unchanged: handshakes keep the configs they have
+        with self._credentials_lock:
+            self._credentials_key = key
+            self._stream_config = grpc.ssl_server_certificate_configuration(pair, roots)
+            self._establish_config = grpc.ssl_server_certificate_configuration(pair)
+
+    def _fetch_stream_config(self) -> Any:
+        return self._fetch("stream", self._stream_config)
+
+    def _fetch_establish_config(self) -> Any:
+        return self._fetch("establish", self._establish_config)
+
+    def _fetch(self, port: str, config: Any) -> Any:
+        with self._credentials_lock:
+            if self._served.get(port) is config:
+                return None
+            self._served[port] = config
+            return config
+
+    async def _poll_store(self) -> None:
+        while True:
+            await asyncio.sleep(self._store_poll_interval)
+            try:
+                self.store.renew_lease()
+                await self.refresh()
+                self._current_svid()
+                sequence = self.zone.own_bundle().sequence
+                if sequence != self._own_bundle_sequence:
+                    self._own_bundle_sequence = sequence
+                    for link in self._links.values():
+                        if link.session is not None:
+                            link.session.bundle_changed()
+                for link in self._links.values():
+                    self.store.update(
+                        link.name,
+                        last_connected_at=link.last_connected_at,
+                        last_heartbeat_sent_at=link.last_heartbeat_sent_at,
+                        last_heartbeat_received_at=link.last_heartbeat_received_at,
+                    )
+            except MeshfedError as err:
+                log.error("zone %s peering poll: %s", self.zone.name, err)
+
+    async def _watch_heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval / 4)
+            now = time.monotonic()
+            for link in list(self._links.values()):
+                silent = now - link.last_message_at
+                if link.state is PeerState.ACTIVE and silent > link.failure_deadline():
+                    await link.set_state(
+                        PeerState.FAILING,
+                        f"no message for {silent:.1f}s (heartbeats every {link.peer_heartbeat_interval:g}s)",
+                    )
+                    # A half-open connection would never error; drop it so the dialer reconnects.
+                    if link.session is not None:
+                        link.session.close()
+
+    async def accept(self, request: pb.EstablishRequest) -> pb.EstablishResponse:
+        """Redeem a token (the acceptor's half of establishment)."""
+        store = self.store
+        pending = store.redeem_token(request.secret, dialer_zone=request.zone)
+        if request.peer_name != pending.name:
+            raise InvalidTokenError(
+                f"the token names peer {request.peer_name!r}, its secret belongs to {pending.name!r}"
+            )
+        trust_domain = TrustDomain.parse(request.trust_domain)
+        if trust_domain == self.zone.trust_domain:
+            raise InvalidTokenError(
+                "a zone cannot peer with its own trust domain; this token was presented to its issuer"
+            )
+        clash = store.by_trust_domain(trust_domain.name)
+        if clash is not None:
+            raise PeeringError(f"this zone already peers with {trust_domain} as {clash.name!r}")
+        bundle = parse_bundle(trust_domain, request.bundle)
+        now = dt.datetime.now(dt.UTC)
+        established = Peering(
+            name=pending.name,
+            role="acceptor",
+            state=PeerState.ESTABLISHING,
+            created_at=pending.created_at,
+            updated_at=now,
+            peer_zone=request.zone,
+            peer_trust_domain=trust_domain.name,
+            peer_addresses=tuple(request.stream_addresses),
+        )
+        await asyncio.to_thread(self.zone.import_bundle, bundle, "peering")
+        store.spend_token(request.secret, established)
+        await self.refresh()
+        await self.on_trust_changed()
+        log.info("zone %s accepted peering %s (%s)", self.zone.name, established.name, trust_domain)
+        return pb.EstablishResponse(
+            zone=self.zone.name,
+            trust_domain=str(self.zone.trust_domain),
+            bundle=self.zone.own_bundle().to_spiffe_json(),
+            stream_addresses=self.stream_addresses,
+        )
+
+
+class _Establishment(pb_grpc.PeeringEstablishmentServicer):
+    def __init__(self, service: PeeringService) -> None:
+        self._service = service
+
+    async def Establish(  # noqa: N802 -- the gRPC method name
+        self, request: pb.EstablishRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.EstablishResponse:
+        try:
+            return await self._service.accept(request)
+        except InvalidTokenError as err:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
+        except MeshfedError as err:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        raise AssertionError("unreachable: abort raises")
+
+
+class _Stream(pb_grpc.PeeringStreamServicer):
+    def __init__(self, service: PeeringService) -> None:
+        self._service = service
+
+    async def Stream(  # noqa: N802 -- the gRPC method name
+        self, request_iterator: object, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        service = self._service
+        try:
+            caller = authenticate_peer(context.auth_context(), service.bundle_of_live_peer)
+        except PeeringError as err:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
+        link = service.link_for_caller(caller.trust_domain.name)
+        if link is None:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"zone {service.zone.name} has no live peering with {caller.trust_domain}",
+            )
+        assert link is not None
+        session = Session(link, context.read, context.write)
+        try:
+            await link.run_session(session)
+        except MeshfedError as err:
+            log.info("peer %s: stream ended: %s", link.name, err)
+
+
+async def establish(
+    zone: Zone,
+    token_text: str,
+    name: str | None = None,
+    *,
+    stream_addresses: Sequence[str] | None = None,
+    timeout: float = ESTABLISH_TIMEOUT,
+) -> Peering:
+    """The dialer's half: redeem ``token_text`` at the acceptor and store the peering (ESTABLISHING).
+
+    Nothing is stored unless the acceptor accepted. The stream starts when
+    this zone's controller runs (a running one picks the peering up within a
+    second).
+    """
+    token = decode_token(token_text)
+    now = dt.datetime.now(dt.UTC)
+    if token.expired(now):
+        raise InvalidTokenError(f"this peering token expired at {token.expires_at.isoformat()}; ask for a new one")
+    if token.trust_domain == str(zone.trust_domain) or token.zone == zone.name:
+        raise InvalidTokenError(
+            f"this token was issued by zone {token.zone} itself; run establish on zone {token.peer_name}"
+        )
+    if token.peer_name != zone.name:
+        raise InvalidTokenError(
+            f"this token was issued for zone {token.peer_name!r}, not {zone.name!r}; "
+            f"ask zone {token.zone} for 'meshfed peer token --peer {zone.name}'"
+        )
+    try:
+        peer_domain = TrustDomain.parse(token.trust_domain)
+        ca_bundle = parse_bundle(peer_domain, token.ca_bundle.encode())
+    except MeshfedError as err:
+        raise InvalidTokenError(f"the token's CA bundle is unusable ({err}); copy the token again") from None
+    name = name or token.zone
+    with PeeringStore.of(zone) as store:
+        existing = store.get(name)
+        if existing is not None and not (existing.state is PeerState.TERMINATED and existing.delete_requested is False):
+            raise PeeringError(f"a peering named {name!r} already exists ({existing.state}); delete it first")
+        if store.by_trust_domain(peer_domain.name) is not None:
+            raise PeeringError(f"this zone already peers with {peer_domain}; delete that peering first")
+        if stream_addresses is None:
+            listener = store.listener()
+            stream_addresses = listener.stream_addresses if listener else ()
+    request = pb.EstablishRequest(
+        secret=token.secret,
+        peer_name=token.peer_name,
+        zone=zone.name,
+        trust_domain=str(zone.trust_domain),
+        bundle=zone.own_bundle().to_spiffe_json(),
+        stream_addresses=list(stream_addresses),
+    )
+    response = await _redeem(token.addresses, ca_bundle, request, timeout)
+    if response.trust_domain != peer_domain.name:
+        raise PeeringError(f"the acceptor answered as {response.trust_domain}, but the token is for {peer_domain}")
+    peer_bundle = parse_bundle(peer_domain, response.bundle)
+    if not response.stream_addresses:
+        raise PeeringError(f"zone {response.zone} sent no stream address; is its peering service configured?")
+    await asyncio.to_thread(zone.import_bundle, peer_bundle, "peering")
+    established = Peering(
+        name=name,
+        role="dialer",
+        state=PeerState.ESTABLISHING,
+        created_at=now,
+        updated_at=now,
+        peer_zone=response.zone,
+        peer_trust_domain=peer_domain.name,
+        peer_addresses=tuple(response.stream_addresses),
+    )
+    with PeeringStore.of(zone) as store:
+        store.put(established)
+    return established
+
+
+async def _redeem(
+    addresses: Sequence[str], ca_bundle: TrustBundle, request: pb.EstablishRequest, timeout: float
+) -> pb.EstablishResponse:
+    failures: list[str] = []
+    roots = ca_bundle.to_pem()
+    for address in addresses:
+        try:
+            await asyncio.to_thread(probe_acceptor, address, roots, ca_bundle.trust_domain, timeout)
+        except PeeringError as err:
+            failures.append(str(err))
+            continue
+        options = [("grpc.ssl_target_name_override", federation_host(ca_bundle.trust_domain))]
+        async with grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options) as channel:
+            try:
+                response: pb.EstablishResponse = await pb_grpc.PeeringEstablishmentStub(channel).Establish(  # type: ignore[no-untyped-call]
+                    request, timeout=timeout
+                )
+            except grpc.aio.AioRpcError as err:
+                if err.code() is grpc.StatusCode.PERMISSION_DENIED:
+                    raise InvalidTokenError(
+                        f"zone {ca_bundle.trust_domain} refused the token: {err.details()}"
+                    ) from None
+                if err.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                    raise PeeringError(f"zone {ca_bundle.trust_domain} refused the peering: {err.details()}") from None
+                failures.append(f"{address}: {err.code().name} {err.details()}")
+                continue
+            return response
+    raise PeeringError("; ".join(failures) or "the token lists no address")
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+__all__ = ["PeerLink", "PeerStatus", "PeeringService", "establish"]

@@ -1,0 +1,222 @@
+"""One connection of the peering stream: hello, then updates, acks and heartbeats both ways.
+
+A :class:`Session` is the protocol on one gRPC call, the same on both ends
+(the dialer's client call and the acceptor's server handler differ only in how
+they read and write). Each end is a sender of its exports and a receiver of
+the peer's.
+
+Flow control without queues: one writer task picks the next message from
+flags (terminate, ack, bundle, update, heartbeat); at most one update is in
+flight until the peer acks it, and the update is computed when it is sent,
+so changes made meanwhile coalesce into one. A slow peer costs one pending
+snapshot, never a backlog.
+
+Resume: each hello carries the newest version of the peer's exports this end
+has applied. The sender answers with nothing (up to date), a delta (when it
+still holds that version), or a full snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import grpc
+
+from meshfed.errors import PeeringError
+from meshfed.federation import wire
+from meshfed.federation._proto import peering_pb2 as pb
+
+if TYPE_CHECKING:
+    from meshfed.federation.service import PeerLink
+
+log = logging.getLogger(__name__)
+
+CAPABILITIES = ("delta",)
+HANDSHAKE_TIMEOUT = 10.0
+TERMINATE_GRACE = 1.0
+
+ReadMessage = Callable[[], Awaitable[object]]
+WriteMessage = Callable[[pb.PeerMessage], Awaitable[None]]
+
+
+class PeerTerminatedError(PeeringError):
+    """The peer deleted the peering (it sent Terminate)."""
+
+
+class Session:
+    """The protocol on one connection of one peering."""
+
+    def __init__(self, link: PeerLink, read: ReadMessage, write: WriteMessage) -> None:
+        self.link = link
+        self._read = read
+        self._write = write
+        self._wake = asyncio.Event()
+        self.said_hello = False
+        # What the peer holds of our exports (None: unknown, send a full snapshot).
+        self._peer_has: int | None = None
+        self._in_flight: int | None = None
+        self._check_exports = True
+        self._bundle_due = True
+        self._pending_ack: pb.Ack | None = None
+        self._terminate_reason: str | None = None
+        self._close_requested = asyncio.Event()
+        self.finished = asyncio.Event()
+        self._next_heartbeat = 0.0
+
+    # -- called by the link / service -----------------------------------
+
+    def exports_changed(self) -> None:
+        self._check_exports = True
+        self._wake.set()
+
+    def bundle_changed(self) -> None:
+        self._bundle_due = True
+        self._wake.set()
+
+    def terminate(self, reason: str) -> None:
+        """Tell the peer the peering is deleted, then end the session."""
+        self._terminate_reason = reason
+        self._wake.set()
+
+    def close(self) -> None:
+        """End the session without a word to the peer (it was replaced, or the connection looks dead)."""
+        self._close_requested.set()
+
+    # -- the protocol ----------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self.finished.set()
+
+    async def _run(self) -> None:
+        link = self.link
+        await self._write(pb.PeerMessage(hello=link.hello()))
+        try:
+            first = await asyncio.wait_for(self._read(), HANDSHAKE_TIMEOUT)
+        except TimeoutError:
+            raise PeeringError(f"peer {link.name} sent no hello within {HANDSHAKE_TIMEOUT:.0f}s") from None
+        if not isinstance(first, pb.PeerMessage) or first.WhichOneof("body") != "hello":
+            raise PeeringError(f"peer {link.name} did not start with hello")
+        hello = first.hello
+        if hello.trust_domain != link.peer_trust_domain:
+            raise PeeringError(
+                f"peer {link.name} says it is {hello.trust_domain}, but the peering is with {link.peer_trust_domain}"
+            )
+        self._peer_has = hello.last_acked_version
+        self.said_hello = True
+        await link.connected(hello)
+        reader = asyncio.create_task(self._read_loop(), name=f"peer-{link.name}-read")
+        writer = asyncio.create_task(self._write_loop(), name=f"peer-{link.name}-write")
+        closer = asyncio.create_task(self._close_requested.wait(), name=f"peer-{link.name}-close")
+        tasks = [reader, writer, closer]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if closer in done:
+                raise PeeringError(f"stream to peer {link.name} closed locally")
+            if writer in done and writer.exception() is None:
+                # We sent Terminate: give the peer a moment to read it and close its end, so
+                # closing ours does not cancel the call before the message is delivered.
+                with contextlib.suppress(TimeoutError, Exception):
+                    await asyncio.wait_for(asyncio.shield(reader), TERMINATE_GRACE)
+                return
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        for task in done:
+            if task is not closer:
+                task.result()
+
+    async def _read_loop(self) -> None:
+        link = self.link
+        while True:
+            message = await self._read()
+            if message is grpc.aio.EOF or message is None:
+                raise PeeringError(f"peer {link.name} closed the stream")
+            if not isinstance(message, pb.PeerMessage):
+                raise PeeringError(f"peer {link.name} sent an unreadable message")
+            await link.message_received(message)
+            kind = message.WhichOneof("body")
+            if kind == "snapshot":
+                self._acknowledge(await link.apply_snapshot(message.snapshot))
+            elif kind == "delta":
+                self._acknowledge(await link.apply_delta(message.delta))
+            elif kind == "ack":
+                self._acked(message.ack)
+            elif kind == "bundle":
+                await link.apply_bundle(message.bundle.bundle)
+            elif kind == "terminate":
+                raise PeerTerminatedError(message.terminate.reason or "the peer deleted the peering")
+            elif kind == "hello":
+                raise PeeringError(f"peer {link.name} sent a second hello")
+            # heartbeat: message_received has recorded it; unknown kinds are ignored (newer peers).
+
+    def _acknowledge(self, ack: pb.Ack) -> None:
+        self._pending_ack = ack
+        self._wake.set()
+
+    def _acked(self, ack: pb.Ack) -> None:
+        if ack.resync:
+            self._peer_has = None
+        else:
+            self._peer_has = ack.version
+            if ack.version == self._in_flight:
+                self.link.acked(ack.version)
+        self._in_flight = None
+        self._check_exports = True
+        self._wake.set()
+
+    async def _write_loop(self) -> None:
+        interval = self.link.heartbeat_interval
+        self._next_heartbeat = time.monotonic()
+        while True:
+            self._wake.clear()
+            message = self._next_message()
+            if message is not None:
+                await self._write(message)
+                if message.WhichOneof("body") == "terminate":
+                    return
+                continue
+            timeout = max(self._next_heartbeat - time.monotonic(), 0.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            if time.monotonic() >= self._next_heartbeat:
+                self._next_heartbeat = time.monotonic() + interval
+                self.link.heartbeat_sent()
+                await self._write(pb.PeerMessage(heartbeat=pb.Heartbeat(sent_at_unix_ms=int(time.time() * 1000))))
+
+    def _next_message(self) -> pb.PeerMessage | None:
+        if self._terminate_reason is not None:
+            return pb.PeerMessage(terminate=pb.Terminate(reason=self._terminate_reason))
+        if self._pending_ack is not None:
+            ack, self._pending_ack = self._pending_ack, None
+            return pb.PeerMessage(ack=ack)
+        if self._bundle_due:
+            self._bundle_due = False
+            return pb.PeerMessage(bundle=pb.BundleUpdate(bundle=self.link.own_bundle_json()))
+        if self._in_flight is None and self._check_exports:
+            self._check_exports = False
+            return self._update()
+        return None
+
+    def _update(self) -> pb.PeerMessage | None:
+        current = self.link.current_exports()
+        if current.version == self._peer_has:
+            return None
+        self._in_flight = current.version
+        base = self.link.history.get(self._peer_has) if self._peer_has is not None else None
+        if base is not None:
+            return pb.PeerMessage(delta=wire.diff(base, current))
+        return pb.PeerMessage(snapshot=wire.snapshot_to_proto(current))
+
+
+__all__ = ["CAPABILITIES", "PeerTerminatedError", "Session"]

@@ -1,0 +1,110 @@
+"""One zone, assembled: the controller with its peering, trust and bundle-endpoint services.
+
+``meshfed up``, the demo and the end-to-end tests all build a running zone
+here, so they run the same wiring: exports flow from the controller into the
+peering stream, imports and peer bundles flow back into the gateway.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+
+from meshfed.api import create_app
+from meshfed.controller import Controller, FailingPeerPolicy
+from meshfed.errors import PeeringError
+from meshfed.federation.service import PeeringService
+from meshfed.trust.endpoint import BundleEndpointServer, endpoint_spiffe_id
+from meshfed.trust.poller import BundlePoller
+from meshfed.trust.rotation import RotationService
+from meshfed.trust.spiffe import TrustDomain
+from meshfed.zone import Zone
+
+_ENDPOINT_SVID_TTL = dt.timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class ZoneSettings:
+    """Where a zone listens and how it treats failing peers. Defaults suit one zone per host."""
+
+    gateway_address: str | None = None  # default: zone.toml
+    gateway_advertise: tuple[str, ...] = ()  # default: the bound ingress address
+    egress_host: str = "127.0.0.1"
+    egress_port_base: int = 15500  # 0: ephemeral egress ports
+    peering_address: str = "0.0.0.0:15440"
+    establish_address: str = "0.0.0.0:15441"
+    advertise_host: str | None = None  # host peers dial for peering; default: the listen host
+    bundle_endpoint_port: int | None = None  # serve the https_spiffe bundle endpoint on this port
+    heartbeat_interval: float = 5.0
+    failing_peer_grace: dt.timedelta = dt.timedelta(minutes=5)
+    failing_peer_policy: FailingPeerPolicy = "open"
+
+
+@dataclass(frozen=True)
+class ZoneRuntime:
+    """A zone ready to start: ``async with runtime.controller`` runs everything."""
+
+    zone: Zone
+    controller: Controller
+    peering: PeeringService
+    bundle_endpoint: BundleEndpointServer | None
+
+    def app(self) -> FastAPI:
+        """The zone's API; its lifespan starts and stops the controller and services."""
+        return create_app(self.controller, peering=self.peering)
+
+
+def assemble_zone(zone: Zone, settings: ZoneSettings = ZoneSettings()) -> ZoneRuntime:
+    """Wire a controller and its services for ``zone``; nothing starts yet."""
+    peering: PeeringService | None = None
+
+    def peer_trust_domains() -> dict[str, TrustDomain]:
+        assert peering is not None
+        try:
+            statuses = peering.peers()
+        except PeeringError:
+            return {}  # not started yet: the controller reconfigures once its services run
+        return {
+            status.name: TrustDomain.parse(status.peer_trust_domain)
+            for status in statuses
+            if status.peer_trust_domain and status.state != "TERMINATED"
+        }
+
+    controller = Controller(
+        zone,
+        gateway_address=settings.gateway_address,
+        gateway_advertise=settings.gateway_advertise,
+        egress_host=settings.egress_host,
+        egress_port_base=settings.egress_port_base,
+        peer_trust_domains=peer_trust_domains,
+        failing_peer_grace=settings.failing_peer_grace,
+        failing_peer_policy=settings.failing_peer_policy,
+    )
+    peering = PeeringService(
+        zone,
+        exports=controller.exported_snapshot,
+        on_imports=controller.import_snapshot,
+        on_trust_changed=controller.reconfigure,
+        on_peer_state=controller.peer_state_changed,
+        listen_address=settings.peering_address,
+        establish_address=settings.establish_address,
+        advertise_host=settings.advertise_host,
+        heartbeat_interval=settings.heartbeat_interval,
+    )
+    controller.on_exports_changed(peering.notify_exports_changed)
+    controller.add_service(peering)
+    controller.add_service(RotationService(zone, controller.reconfigure))
+    controller.add_service(BundlePoller(zone, controller.reconfigure))
+    endpoint = None
+    if settings.bundle_endpoint_port is not None:
+        endpoint = BundleEndpointServer(
+            lambda: zone.own_bundle().to_spiffe_json(),
+            profile="https_spiffe",
+            host="0.0.0.0",  # noqa: S104 -- consumers in other zones must reach it
+            port=settings.bundle_endpoint_port,
+            issue_svid=lambda: zone.issue_svid(endpoint_spiffe_id(zone.trust_domain), _ENDPOINT_SVID_TTL),
+        )
+        controller.add_service(endpoint)
+    return ZoneRuntime(zone, controller, peering, endpoint)

@@ -1,0 +1,329 @@
+"""The SPIFFE bundle endpoint: serving this zone's bundle, and fetching a federated zone's.
+
+Both profiles of the SPIFFE Trust Domain and Bundle spec §5.2:
+
+* ``https_web``: the server presents a certificate from a CA the consumer
+  trusts (public Web PKI, or a given CA); the consumer checks the host name.
+* ``https_spiffe``: the server presents an X.509-SVID of its zone; the consumer
+  verifies it against the bundle it already holds for that trust domain (the
+  bootstrap bundle first, then each refreshed one) and requires the SPIFFE ID
+  it pinned.
+
+The bundle is served at ``/`` (where SPIRE serves it) and at
+``/v1/trust/bundle``; the HTTP needed is one GET, so a small asyncio server
+does it, keeping the endpoint on its own port and TLS settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import ssl
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from meshfed.errors import BundleFetchError, MeshfedError, TrustError
+from meshfed.trust.bundle import TrustBundle, parse_bundle
+from meshfed.trust.ca import Svid
+from meshfed.trust.spiffe import SYSTEM_NAMESPACE, SpiffeId, TrustDomain
+from meshfed.trust.svid import check_svid_rules, parse_certificates
+
+log = logging.getLogger(__name__)
+
+Profile = Literal["https_web", "https_spiffe"]
+BUNDLE_PATHS = ("/", "/v1/trust/bundle")
+MAX_BUNDLE_BYTES = 1 << 20
+_MAX_REQUEST_HEAD = 8192
+_IO_TIMEOUT = 10.0
+
+
+def endpoint_spiffe_id(trust_domain: TrustDomain) -> SpiffeId:
+    """The SPIFFE ID a zone's bundle endpoint presents in the ``https_spiffe`` profile (the controller's)."""
+    return trust_domain.workload(SYSTEM_NAMESPACE, "controller")
+
+
+# -- server ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WebCertificate:
+    """The ``https_web`` server certificate chain and key files (from a CA the consumers trust)."""
+
+    cert_chain_file: Path
+    key_file: Path
+
+
+class BundleEndpointServer:
+    """Serve a bundle over HTTPS; a controller service (``start``/``stop``).
+
+    ``bundle`` returns the SPIFFE JSON to serve, read on every request so a
+    rotation is visible at once. For ``https_spiffe``, ``issue_svid`` makes
+    the server's SVID; it is renewed at half-life into the same TLS context,
+    so new connections get the new one with no restart.
+    """
+
+    def __init__(
+        self,
+        bundle: Callable[[], bytes],
+        *,
+        profile: Profile,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        web_certificate: WebCertificate | None = None,
+        issue_svid: Callable[[], Svid] | None = None,
+    ) -> None:
+        if profile == "https_web" and web_certificate is None:
+            raise TrustError("the https_web bundle endpoint needs a server certificate and key (--web-cert/--web-key)")
+        if profile == "https_spiffe" and issue_svid is None:
+            raise TrustError("the https_spiffe bundle endpoint needs a way to issue its SVID")
+        self._bundle = bundle
+        self._profile = profile
+        self._host, self._port = host, port
+        self._web_certificate = web_certificate
+        self._issue_svid = issue_svid
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._server: asyncio.Server | None = None
+        self._renewal: asyncio.Task[None] | None = None
+        self.requests_served = 0
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None:
+            raise MeshfedError("the bundle endpoint is not running")
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"https://{host}:{port}/"
+
+    async def start(self) -> None:
+        if self._web_certificate is not None and self._profile == "https_web":
+            try:
+                self._context.load_cert_chain(self._web_certificate.cert_chain_file, self._web_certificate.key_file)
+            except (OSError, ssl.SSLError) as err:
+                raise TrustError(f"cannot load the bundle endpoint's web certificate: {err}") from None
+        else:
+            svid = await asyncio.to_thread(self._load_svid)
+            self._renewal = asyncio.create_task(self._renew(svid), name="meshfed-bundle-endpoint-svid")
+        self._server = await asyncio.start_server(self._serve, self._host, self._port, ssl=self._context)
+        log.info("bundle endpoint (%s) serving on %s", self._profile, self.url)
+
+    async def stop(self) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewal
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def _load_svid(self) -> Svid:
+        assert self._issue_svid is not None
+        svid = self._issue_svid()
+        with _private_files(svid) as (cert_file, key_file):
+            self._context.load_cert_chain(cert_file, key_file)
+        return svid
+
+    async def _renew(self, svid: Svid) -> None:
+        while True:
+            lifetime = svid.leaf.not_valid_after_utc - svid.leaf.not_valid_before_utc
+            renew_at = svid.leaf.not_valid_before_utc + lifetime / 2
+            await asyncio.sleep(max((renew_at - dt.datetime.now(dt.UTC)).total_seconds(), 1.0))
+            try:
+                svid = await asyncio.to_thread(self._load_svid)
+            except MeshfedError as err:
+                log.error("bundle endpoint SVID renewal failed, retrying: %s", err)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _IO_TIMEOUT)
+            method, _, rest = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
+            path = rest.partition(" ")[0].partition("?")[0]
+            if method != "GET":
+                await _respond(writer, 405, b"only GET is served here\n", "text/plain")
+            elif path not in BUNDLE_PATHS:
+                await _respond(writer, 404, b"the bundle is at /\n", "text/plain")
+            else:
+                body = await asyncio.to_thread(self._bundle)
+                await _respond(writer, 200, body, "application/json")
+                self.requests_served += 1
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ssl.SSLError):
+            pass  # a client that went away or sent junk gets nothing more
+        except MeshfedError as err:
+            log.error("bundle endpoint cannot serve the bundle: %s", err)
+            await _respond(writer, 503, b"bundle unavailable\n", "text/plain")
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await writer.wait_closed()
+
+
+async def _respond(writer: asyncio.StreamWriter, status: int, body: bytes, content_type: str) -> None:
+    reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}[status]
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+    )
+    writer.write(head.encode() + body)
+    await writer.drain()
+
+
+@contextlib.contextmanager
+def _private_files(svid: Svid) -> Iterator[tuple[str, str]]:
+    # ssl only loads keys from files: write them 0600 in a private directory, delete at once.
+    with tempfile.TemporaryDirectory(prefix="meshfed-endpoint-") as directory:
+        cert_file, key_file = Path(directory) / "svid.pem", Path(directory) / "svid.key"
+        cert_file.write_bytes(svid.cert_chain_pem())
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as file:
+            file.write(svid.private_key_pem())
+        yield str(cert_file), str(key_file)
+
+
+# -- client ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    """How to reach and authenticate one trust domain's bundle endpoint."""
+
+    trust_domain: TrustDomain
+    url: str
+    profile: Profile
+    endpoint_spiffe_id: SpiffeId | None = None
+    web_ca_pem: str | None = None
+
+
+async def fetch_bundle(
+    spec: EndpointSpec,
+    verification_bundle: TrustBundle | None,
+    timeout: float = _IO_TIMEOUT,
+) -> TrustBundle:
+    """GET the bundle of ``spec.trust_domain`` from its endpoint, authenticated per the profile.
+
+    ``verification_bundle`` is the bundle held for the endpoint SPIFFE ID's
+    trust domain (``https_spiffe`` only): the bootstrap bundle, then each
+    refreshed one.
+    """
+    parts = urlsplit(spec.url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise BundleFetchError(f"bundle endpoint {spec.url!r} must be an https:// URL")
+    port = parts.port or 443
+    context = _client_context(spec, verification_bundle)
+    server_hostname = parts.hostname if spec.profile == "https_web" else None
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, port, ssl=context, server_hostname=server_hostname), timeout
+        )
+    except ssl.SSLCertVerificationError as err:
+        raise BundleFetchError(
+            f"bundle endpoint {spec.url} of {spec.trust_domain}: server certificate refused "
+            f"({err.verify_message}); {_what_to_check(spec)}"
+        ) from None
+    except (OSError, TimeoutError, ssl.SSLError) as err:
+        raise BundleFetchError(
+            f"cannot reach the bundle endpoint {spec.url} of {spec.trust_domain}: {err or type(err).__name__}; "
+            "is it running and reachable from this zone?"
+        ) from None
+    try:
+        if spec.profile == "https_spiffe":
+            _check_endpoint_identity(spec, writer)
+        path = parts.path or "/"
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(request.encode())
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(MAX_BUNDLE_BYTES + _MAX_REQUEST_HEAD + 1), timeout)
+    except (OSError, TimeoutError, ssl.SSLError) as err:
+        raise BundleFetchError(f"bundle endpoint {spec.url} of {spec.trust_domain}: read failed: {err}") from None
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+    return parse_bundle(spec.trust_domain, _body_of(spec, response))
+
+
+def _client_context(spec: EndpointSpec, verification_bundle: TrustBundle | None) -> ssl.SSLContext:
+    if spec.profile == "https_web":
+        return ssl.create_default_context(cadata=spec.web_ca_pem) if spec.web_ca_pem else ssl.create_default_context()
+    if spec.endpoint_spiffe_id is None:
+        raise BundleFetchError(f"federation with {spec.trust_domain}: https_spiffe needs the endpoint's SPIFFE ID")
+    if verification_bundle is None or not verification_bundle.roots:
+        raise BundleFetchError(
+            f"federation with {spec.trust_domain}: no bundle of {spec.endpoint_spiffe_id.trust_domain} to "
+            "authenticate the endpoint; give a bootstrap bundle (--bootstrap-bundle)"
+        )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # An SVID names a workload by URI SAN, not a DNS name: the SPIFFE ID is checked below instead.
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=verification_bundle.to_pem().decode())
+    return context
+
+
+def _check_endpoint_identity(spec: EndpointSpec, writer: asyncio.StreamWriter) -> None:
+    ssl_object = writer.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        raise BundleFetchError(f"bundle endpoint {spec.url} presented no certificate")
+    leaf = x509.load_der_x509_certificate(der)
+    try:
+        presented = check_svid_rules(parse_certificates(leaf.public_bytes(Encoding.PEM)))
+    except TrustError as err:
+        raise BundleFetchError(f"bundle endpoint {spec.url} presented an invalid SVID: {err}") from None
+    if presented != spec.endpoint_spiffe_id:
+        raise BundleFetchError(
+            f"bundle endpoint {spec.url} presented {presented}, not the pinned {spec.endpoint_spiffe_id}; refusing it"
+        )
+
+
+def _body_of(spec: EndpointSpec, response: bytes) -> bytes:
+    head, separator, body = response.partition(b"\r\n\r\n")
+    if not separator:
+        raise BundleFetchError(f"bundle endpoint {spec.url} sent no complete HTTP response")
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or parts[1] != "200":
+        raise BundleFetchError(f"bundle endpoint {spec.url} answered {status_line!r}, expected 200")
+    if len(body) > MAX_BUNDLE_BYTES:
+        raise BundleFetchError(f"bundle endpoint {spec.url} sent more than {MAX_BUNDLE_BYTES} bytes; refusing it")
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.strip().lower() == "content-length" and value.strip().isdigit() and int(value) != len(body):
+            raise BundleFetchError(
+                f"bundle endpoint {spec.url}: the bundle was truncated ({len(body)} of {value} bytes)"
+            )
+    return body
+
+
+def _what_to_check(spec: EndpointSpec) -> str:
+    if spec.profile == "https_web":
+        return "does the endpoint's certificate come from a CA this zone trusts (--web-ca) and name this host?"
+    return f"is the held bundle of {spec.endpoint_spiffe_id} current (re-bootstrap with --bootstrap-bundle)?"
+
+
+__all__ = [
+    "BUNDLE_PATHS",
+    "BundleEndpointServer",
+    "EndpointSpec",
+    "Profile",
+    "WebCertificate",
+    "endpoint_spiffe_id",
+    "fetch_bundle",
+]

@@ -1,0 +1,59 @@
+"""What a zone trusts, as plain data: the shared body of ``meshfed trust list`` and ``GET /v1/trust/bundles``."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from meshfed.trust.bundle import fingerprint
+from meshfed.zone import Zone
+
+
+def trust_listing(zone: Zone, now: dt.datetime) -> dict[str, Any]:
+    """Every trusted domain with sequence, roots (expired ones flagged), last refresh and source; plus rotation."""
+    federations = {federation.trust_domain: federation for federation in zone.federations()}
+    domains = []
+    for stored in zone.trusted_bundles():
+        bundle = stored.bundle
+        federation = federations.get(bundle.trust_domain)
+        expired = {fingerprint(root) for root in bundle.expired_roots(now)}
+        refreshed = federation.last_success_at if federation and federation.last_success_at else stored.updated_at
+        entry: dict[str, Any] = {
+            "trust_domain": bundle.trust_domain.name,
+            "source": stored.source,
+            "sequence": bundle.sequence,
+            "refresh_hint_seconds": bundle.refresh_hint_seconds,
+            "last_refresh": refreshed.isoformat(),
+            "roots": [
+                {
+                    "fingerprint": fingerprint(root),
+                    "subject": root.subject.rfc4514_string(),
+                    "not_after": root.not_valid_after_utc.isoformat(),
+                    "expired": fingerprint(root) in expired,
+                }
+                for root in bundle.roots
+            ],
+            "jwt_authorities": len(bundle.jwt_authorities),
+        }
+        if federation is not None:
+            entry |= {
+                "endpoint": federation.endpoint_url,
+                "profile": federation.profile,
+                "endpoint_spiffe_id": federation.endpoint_spiffe_id,
+                "last_error": federation.last_error,
+            }
+        domains.append(entry)
+    rotation = [
+        {
+            "generation": generation.generation,
+            "root_fingerprint": generation.root_fingerprint,
+            "phase": generation.state,
+            "activate_at": generation.activate_at.isoformat() if generation.activate_at else None,
+            "retire_at": generation.retire_at.isoformat() if generation.retire_at else None,
+        }
+        for generation in zone.ca_generations()
+    ]
+    return {"zone": zone.name, "trust_domains": domains, "rotation": rotation}
+
+
+__all__ = ["trust_listing"]

@@ -1,0 +1,146 @@
+"""The bundle poller: keeps each federated trust domain's bundle fresh from its bundle endpoint.
+
+For every federation relationship in the zone's store, the poller fetches the
+bundle at the bundle's refresh hint (default 5 minutes), keeps the highest
+``spiffe_sequence`` (a lower one is ignored and logged), stores a newer one
+with source ``federation`` and calls ``on_trust_changed`` so the controller
+pushes the new pool to the gateway. A failed fetch or a bad bundle changes
+nothing: the zone keeps trusting what it held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Awaitable, Callable
+
+from meshfed.errors import MeshfedError
+from meshfed.store import Federation
+from meshfed.trust.bundle import DEFAULT_REFRESH_HINT_SECONDS, TrustBundle, newest
+from meshfed.trust.endpoint import EndpointSpec, fetch_bundle
+from meshfed.trust.spiffe import SpiffeId
+from meshfed.zone import Zone
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REFRESH = dt.timedelta(seconds=DEFAULT_REFRESH_HINT_SECONDS)
+# A failed poll is retried sooner than the hint, but not in a tight loop.
+RETRY_AFTER_ERROR = dt.timedelta(seconds=30)
+
+
+class BundlePoller:
+    """Poll every federated bundle endpoint of ``zone``; a controller service.
+
+    ``interval`` overrides the refresh hints (tests, or an operator who wants
+    faster convergence); ``fetch_timeout`` bounds each fetch.
+    """
+
+    def __init__(
+        self,
+        zone: Zone,
+        on_trust_changed: Callable[[], Awaitable[None]],
+        *,
+        interval: dt.timedelta | None = None,
+        retry_after_error: dt.timedelta = RETRY_AFTER_ERROR,
+        fetch_timeout: dt.timedelta = dt.timedelta(seconds=10),
+    ) -> None:
+        self._zone = zone
+        self._on_trust_changed = on_trust_changed
+        self._interval = interval
+        self._retry_after_error = retry_after_error
+        self._fetch_timeout = fetch_timeout
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"meshfed-{self._zone.name}-bundle-poller")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def wake(self) -> None:
+        """Poll every endpoint now (after `meshfed trust federate` added one, say)."""
+        self._wake.set()
+
+    async def poll_all(self) -> dt.timedelta:
+        """Poll every relationship once; returns how long to wait before the next round."""
+        federations = await asyncio.to_thread(self._zone.federations)
+        waits = [await self._poll(federation) for federation in federations]
+        return min(waits, default=self._interval or DEFAULT_REFRESH)
+
+    async def poll(self, federation: Federation) -> bool:
+        """Poll one endpoint; True if a newer bundle was stored (and ``on_trust_changed`` called)."""
+        held = await asyncio.to_thread(self._zone.bundle_of, federation.trust_domain)
+        spec = EndpointSpec(
+            federation.trust_domain,
+            federation.endpoint_url,
+            federation.profile,
+            SpiffeId.parse(federation.endpoint_spiffe_id) if federation.endpoint_spiffe_id else None,
+            federation.web_ca_pem,
+        )
+        verifier = held
+        if spec.endpoint_spiffe_id is not None and spec.endpoint_spiffe_id.trust_domain != federation.trust_domain:
+            verifier = await asyncio.to_thread(self._zone.bundle_of, spec.endpoint_spiffe_id.trust_domain)
+        now = dt.datetime.now(dt.UTC)
+        try:
+            fetched = await fetch_bundle(spec, verifier, self._fetch_timeout.total_seconds())
+        except MeshfedError as err:
+            log.warning("federation with %s: %s (keeping the bundle held)", federation.trust_domain, err)
+            await asyncio.to_thread(self._zone.record_poll, federation.trust_domain, now, str(err))
+            raise
+        kept = newest(held, fetched)
+        if held is not None and fetched.sequence < held.sequence:
+            message = (
+                f"endpoint served spiffe_sequence {fetched.sequence}, lower than the {held.sequence} held; ignored"
+            )
+            log.warning("federation with %s: %s", federation.trust_domain, message)
+            await asyncio.to_thread(self._zone.record_poll, federation.trust_domain, now, message)
+            return False
+        await asyncio.to_thread(self._zone.record_poll, federation.trust_domain, now, None)
+        if kept is held:
+            return False
+        await asyncio.to_thread(self._zone.store_federated_bundle, kept)
+        log.info(
+            "federation with %s: bundle sequence %d stored (%d root(s))",
+            federation.trust_domain,
+            kept.sequence,
+            len(kept.roots),
+        )
+        await self._on_trust_changed()
+        return True
+
+    async def _poll(self, federation: Federation) -> dt.timedelta:
+        try:
+            await self.poll(federation)
+        except MeshfedError:
+            return min(self._retry_after_error, self._interval or self._retry_after_error)
+        if self._interval is not None:
+            return self._interval
+        held = await asyncio.to_thread(self._zone.bundle_of, federation.trust_domain)
+        return _refresh_interval(held)
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()  # before polling, so a wake() during the poll is not lost
+            try:
+                wait = await self.poll_all()
+            except MeshfedError as err:
+                log.error("zone %s: bundle polling failed: %s", self._zone.name, err)
+                wait = self._retry_after_error
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=wait.total_seconds())
+
+
+def _refresh_interval(bundle: TrustBundle | None) -> dt.timedelta:
+    if bundle is None or bundle.refresh_hint_seconds <= 0:
+        return DEFAULT_REFRESH
+    return dt.timedelta(seconds=bundle.refresh_hint_seconds)
+
+
+__all__ = ["DEFAULT_REFRESH", "BundlePoller"]

@@ -1,0 +1,101 @@
+"""Three zones assembled exactly as `meshfed up` runs them: tokens, the peering stream, exports, traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
+from meshfed.federation.exports import ExportRules
+from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone
+from meshfed.zone import Zone
+from tests.conftest import EchoServer, round_trip
+
+LOOPBACK = ZoneSettings(
+    gateway_address="127.0.0.1:0",
+    egress_port_base=0,
+    peering_address="127.0.0.1:0",
+    establish_address="127.0.0.1:0",
+    heartbeat_interval=0.2,
+    failing_peer_grace=dt.timedelta(seconds=0.5),
+)
+
+
+async def eventually(check: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if await result if isinstance(result, Awaitable) else result:
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def call(runtime: ZoneRuntime, listener: str, payload: bytes) -> bytes:
+    address = runtime.controller.gateway.addresses().get(listener)
+    if address is None:
+        return b""
+
+    def once() -> bytes:
+        try:
+            with socket.create_connection(address, timeout=5) as sock:
+                return round_trip(sock, payload)
+        except OSError:
+            return b""
+
+    return await asyncio.to_thread(once)
+
+
+def register_echo(zone: Zone, backend: EchoServer) -> None:
+    with EmbeddedCatalog(zone.directory) as catalog:
+        catalog.register(
+            Service(name="echo", ports={"tcp": 7}, endpoints=[Endpoint(address="127.0.0.1", port=backend.address[1])])
+        )
+
+
+def test_peered_zones_call_exported_services_through_their_gateways(make_zone, echo_server):
+    east, west, north = make_zone("east"), make_zone("west"), make_zone("north")
+    register_echo(east, echo_server)
+    with ExportRules(east.directory) as rules:
+        rules.add("echo", "default", ["west"])
+
+    async def scenario() -> None:
+        runtimes = [assemble_zone(zone, LOOPBACK) for zone in (east, west, north)]
+        e, w, n = runtimes
+        for runtime in runtimes:
+            await runtime.controller.start()
+        try:
+            # Tokens travel out of band; each names the zone that will redeem it.
+            await w.peering.establish(e.peering.issue_token("west").encoded, "east")
+            await n.peering.establish(e.peering.issue_token("north").encoded, "east")
+            for dialer in (w, n):
+                await eventually(lambda d=dialer: d.peering.peer("east").state == "ACTIVE", "peering ACTIVE")
+
+            # west imports echo and calls it; north sees nothing (not exported to it).
+            egress = "egress:echo.default.east:tcp"
+            await eventually(lambda: egress in w.controller.gateway.addresses(), "west's egress for echo")
+            assert await call(w, egress, b"across zones") == b"across zones"
+            assert egress not in n.controller.gateway.addresses()
+
+            # Export to north too, as the CLI would (another process writing state.db): it arrives by stream.
+            with ExportRules(east.directory) as rules:
+                rules.add("echo", "default", ["north"])
+            started = time.monotonic()
+            await eventually(lambda: egress in n.controller.gateway.addresses(), "north's egress for echo")
+            propagation = time.monotonic() - started
+            assert await call(n, egress, b"north too") == b"north too"
+            print(f"export → peer gateway serving: {propagation * 1000:.0f} ms")
+
+            # Deleting the peering removes the import and the trust it brought.
+            await n.peering.delete("east")
+            await eventually(lambda: egress not in n.controller.gateway.addresses(), "north's egress removed")
+            assert "east.mesh" not in {s.bundle.trust_domain.name for s in north.trusted_bundles()}
+        finally:
+            for runtime in reversed(runtimes):
+                await runtime.controller.stop()
+
+    asyncio.run(scenario())
+    assert bytes(echo_server.received) == b"across zonesnorth too"

@@ -1,0 +1,182 @@
+"""Exports and imports turned into gateway config, with two running controllers and real traffic.
+
+The peering stream is not involved here: snapshots are handed from one
+controller to the other directly, so these tests pin down what the stream must
+deliver and what the controllers do with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
+from meshfed.controller import Controller
+from meshfed.errors import FederationError
+from meshfed.federation.exports import ExportRules
+from meshfed.federation.imports import ImportStore
+from meshfed.trust.spiffe import TrustDomain
+from meshfed.zone import Zone
+from tests.conftest import EchoServer, round_trip, trust_each_other
+
+
+def _register_echo(zone: Zone, backend: EchoServer, name: str = "echo") -> None:
+    with EmbeddedCatalog(zone.directory) as catalog:
+        catalog.register(
+            Service(
+                name=name,
+                ports={"tcp": 7},
+                endpoints=[Endpoint(address=backend.address[0], port=backend.address[1], zone=zone.name)],
+            )
+        )
+
+
+def _controller(zone: Zone, peers: dict[str, Zone]) -> Controller:
+    return Controller(
+        zone,
+        gateway_address="127.0.0.1:0",
+        peer_trust_domains=lambda: {name: peer.trust_domain for name, peer in peers.items()},
+    )
+
+
+async def _call(address: tuple[str, int], payload: bytes) -> bytes:
+    def call() -> bytes:
+        try:
+            with socket.create_connection(address, timeout=5) as sock:
+                return round_trip(sock, payload)
+        except OSError:
+            return b""
+
+    return await asyncio.to_thread(call)
+
+
+def _egress(controller: Controller, listener: str) -> tuple[str, int]:
+    return controller.gateway.address(listener)
+
+
+@pytest.fixture
+def zones(make_zone) -> tuple[Zone, Zone, Zone]:
+    east, west, north = make_zone("east"), make_zone("west"), make_zone("north")
+    trust_each_other(east, west, north)
+    return east, west, north
+
+
+def test_an_exported_service_is_reachable_from_the_importing_zone(zones, echo_server):
+    east, west, north = zones
+    _register_echo(east, echo_server)
+    with ExportRules(east.directory) as rules:
+        rules.add("echo", "default", ["west"])
+
+    async def scenario() -> None:
+        async with (
+            _controller(east, {"west": west, "north": north}) as east_ctl,
+            _controller(west, {"east": east}) as west_ctl,
+            _controller(north, {"east": east}) as north_ctl,
+        ):
+            assert east_ctl.exported_snapshot("north").services == []  # not exported to north
+            await west_ctl.import_snapshot("east", east_ctl.exported_snapshot("west"))
+            assert await _call(_egress(west_ctl, "egress:echo.default.east:tcp"), b"ping") == b"ping"
+
+            # north forges an import of the same service: east's ingress must refuse its gateway.
+            forged = east_ctl.exported_snapshot("west")
+            await north_ctl.import_snapshot("east", forged)
+            assert await _call(_egress(north_ctl, "egress:echo.default.east:tcp"), b"ping") == b""
+            assert east_ctl.gateway.stats()["listeners"]["ingress"]["denied"] == 1
+
+    asyncio.run(scenario())
+    assert len(echo_server.connections) == 1
+
+
+def test_export_changes_reach_the_running_ingress_within_a_second(zones, echo_server):
+    east, west, _ = zones
+    _register_echo(east, echo_server)
+
+    async def scenario() -> None:
+        async with _controller(east, {"west": west}) as east_ctl, _controller(west, {"east": east}) as west_ctl:
+            notified: list[float] = []
+            east_ctl.on_exports_changed(lambda: notified.append(time.monotonic()))
+            snapshot = east_ctl.exported_snapshot("west")
+            assert snapshot.services == []
+
+            # An operator exports from another process (the CLI writes state.db).
+            started = time.monotonic()
+            with ExportRules(east.directory) as rules:
+                rules.add("echo", "default", ["*"])
+            while not notified:
+                assert time.monotonic() - started < 1.0, "the export did not reach the gateway within a second"
+                await asyncio.sleep(0.02)
+            newer = east_ctl.exported_snapshot("west")
+            assert newer.version > snapshot.version
+            assert [service.name for service in newer.services] == ["echo"]
+            await west_ctl.import_snapshot("east", newer)
+            assert await _call(_egress(west_ctl, "egress:echo.default.east:tcp"), b"hi") == b"hi"
+
+            # Deregistering the service removes the route: nothing is forwarded any more.
+            with EmbeddedCatalog(east.directory) as catalog:
+                catalog.deregister("default", "echo")
+            while len(notified) < 2:
+                await asyncio.sleep(0.02)
+            assert await _call(_egress(west_ctl, "egress:echo.default.east:tcp"), b"hi") == b""
+
+    asyncio.run(scenario())
+
+
+def test_stale_or_duplicate_snapshots_change_nothing(zones, echo_server):
+    east, west, _ = zones
+    _register_echo(east, echo_server)
+    with ExportRules(east.directory) as rules:
+        rules.add("echo", "default", ["west"])
+
+    async def scenario() -> None:
+        async with _controller(east, {"west": west}) as east_ctl, _controller(west, {"east": east}) as west_ctl:
+            snapshot = east_ctl.exported_snapshot("west")
+            await west_ctl.import_snapshot("east", snapshot)
+            port = _egress(west_ctl, "egress:echo.default.east:tcp")
+            older = snapshot.model_copy(update={"version": snapshot.version - 1, "services": []})
+            await west_ctl.import_snapshot("east", older)
+            await west_ctl.import_snapshot("east", snapshot)
+            assert _egress(west_ctl, "egress:echo.default.east:tcp") == port
+            await west_ctl.forget_peer("east")
+            assert "egress:echo.default.east:tcp" not in west_ctl.gateway.addresses()
+
+    asyncio.run(scenario())
+    with ImportStore(west.directory) as imports:
+        assert imports.services() == []
+
+
+def test_egress_ports_are_kept_per_import(tmp_path):
+    with ImportStore(tmp_path) as imports:
+        first = imports.egress_port("egress:a.default.east:http", 15500)
+        second = imports.egress_port("egress:b.default.east:http", 15500)
+        assert (first, second) == (15500, 15501)
+        assert imports.egress_port("egress:a.default.east:http", 15500) == 15500
+
+
+@pytest.mark.parametrize(
+    ("peers", "message"),
+    [([], "at least one peer"), (["West"], "not a peering name"), (["a b"], "not a peering name")],
+)
+def test_bad_export_rules_are_refused(tmp_path, peers, message):
+    with ExportRules(tmp_path) as rules:
+        with pytest.raises(FederationError, match=message):
+            rules.add("web", "default", peers)
+        assert rules.rules() == []
+        with pytest.raises(FederationError, match=r"no export of web\.default"):
+            rules.remove("web", "default")
+
+
+def test_peer_trust_domain_mapping_is_what_the_ingress_allows(zones, echo_server):
+    east, west, _ = zones
+    _register_echo(east, echo_server)
+    with ExportRules(east.directory) as rules:
+        rules.add("echo", "default", ["west"])
+
+    async def scenario() -> None:
+        async with _controller(east, {"west": west}) as east_ctl:
+            (route,) = east_ctl.gateway_config().listeners[0].routes  # type: ignore[union-attr]
+            assert route.allow == [str(TrustDomain("west.mesh").gateway_id)]
+
+    asyncio.run(scenario())

@@ -1,0 +1,115 @@
+"""``/v1/peerings`` over a real peering between two running zones."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from meshfed.api.peering import router
+from meshfed.federation.peering import PeerState
+from tests.test_peering import Harness, eventually, run
+
+
+def api(harness: Harness) -> httpx.AsyncClient:
+    app = FastAPI()
+    app.include_router(router)
+    app.state.peering = harness.service
+    app.state.admin_token = harness.zone.admin_token()
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://zone")
+
+
+def test_peering_api_token_establish_show_delete(make_zone):
+    east, west = Harness(make_zone("east")), Harness(make_zone("west"))
+
+    async def scenario() -> None:
+        await east.start()
+        await west.start()
+        east_admin = {"Authorization": f"Bearer {east.zone.admin_token()}"}
+        west_admin = {"Authorization": f"Bearer {west.zone.admin_token()}"}
+        async with api(east) as east_api, api(west) as west_api:
+            assert (await east_api.post("/v1/peerings/tokens", json={"peer_name": "west"})).status_code == 401
+            wrong = {"Authorization": "Bearer nope"}
+            assert (
+                await east_api.post("/v1/peerings/tokens", json={"peer_name": "west"}, headers=wrong)
+            ).status_code == 403
+            issued = await east_api.post("/v1/peerings/tokens", json={"peer_name": "west"}, headers=east_admin)
+            assert issued.status_code == 201, issued.text
+            assert issued.json()["addresses"] == east.service.establish_addresses
+
+            bad = await west_api.post("/v1/peerings/establish", json={"token": "garbage!"}, headers=west_admin)
+            assert bad.status_code == 400
+            established = await west_api.post(
+                "/v1/peerings/establish", json={"token": issued.json()["token"]}, headers=west_admin
+            )
+            assert established.status_code == 201, established.text
+            assert established.json()["peer_trust_domain"] == "east.mesh"
+
+            await eventually(lambda: west.state_of("east") is PeerState.ACTIVE)
+            await eventually(lambda: east.service.peer("west").acked_version >= 1)
+            shown = (await east_api.get("/v1/peerings/west")).json()
+            assert shown["state"] == "ACTIVE"
+            assert shown["role"] == "acceptor"
+            assert shown["connected"] is True
+            listed = (await west_api.get("/v1/peerings")).json()
+            assert [p["name"] for p in listed] == ["east"]
+            assert (await east_api.get("/v1/peerings/nope")).status_code == 404
+
+            assert (await west_api.post("/v1/peerings/refresh", headers=west_admin)).status_code == 204
+            assert (await west_api.delete("/v1/peerings/east")).status_code == 401
+            assert (await west_api.delete("/v1/peerings/east", headers=west_admin)).status_code == 204
+            await eventually(lambda: east.state_of("west") is PeerState.TERMINATED)
+            assert (await west_api.get("/v1/peerings")).json() == []
+        await asyncio.gather(west.stop(), east.stop())
+
+    run(scenario())
+
+
+def test_stream_refuses_an_id_signed_by_another_peers_ca(make_zone):
+    """The TLS layer's merged pool lets north's chain through; the per-domain check must not."""
+    import grpc
+
+    from meshfed.federation._proto import peering_pb2 as pb
+    from meshfed.federation._proto import peering_pb2_grpc as pb_grpc
+    from meshfed.federation.identity import controller_id, federation_host
+    from meshfed.federation.service import establish
+    from meshfed.trust.ca import CertificateAuthority
+    from meshfed.trust.spiffe import TrustDomain
+
+    east = Harness(make_zone("east"))
+    west, north = make_zone("west"), make_zone("north")
+
+    async def scenario() -> None:
+        await east.start()
+        try:
+            await establish(west, east.service.issue_token("west").encoded)
+            await establish(north, east.service.issue_token("north").encoded)
+            north_ca = north.authority()
+            forger = CertificateAuthority(
+                TrustDomain("west.mesh"), north_ca.root, north_ca.intermediate, north_ca.intermediate_key
+            )
+            forged = forger.issue(controller_id(TrustDomain("west.mesh")))
+            credentials = grpc.ssl_channel_credentials(
+                east.zone.own_bundle().to_pem(), forged.private_key_pem(), forged.cert_chain_pem()
+            )
+            options = [("grpc.ssl_target_name_override", federation_host("east.mesh"))]
+            async with grpc.aio.secure_channel(east.service.stream_addresses[0], credentials, options=options) as ch:
+                call = pb_grpc.PeeringStreamStub(ch).Stream()  # type: ignore[no-untyped-call]
+                # The server may refuse before the hello is even written: either call raises.
+                hello = pb.PeerMessage(hello=pb.Hello(zone="west", trust_domain="west.mesh"))
+
+                async def say_hello_and_listen() -> None:
+                    await call.write(hello)
+                    await call.read()
+
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await say_hello_and_listen()
+            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            assert "west.mesh" in (refused.value.details() or "")
+            assert east.state_of("west") is PeerState.ESTABLISHING
+        finally:
+            await east.stop()
+
+    run(scenario())
