@@ -1,47 +1,58 @@
-"""``meshfed demo``: two zones on this machine, federated, with traffic flowing.
+"""``meshfed demo``: three zones on this machine, peered with tokens, with traffic flowing.
 
-Zone ``west`` calls service ``web`` in zone ``east``. Each zone has its own
-trust domain and root; they trust each other only through exchanged SPIFFE
-bundles. The path is::
+Each zone has its own trust domain and root. ``west`` peers with ``east`` and
+``north`` using one-time tokens; the peering exchanges their SPIFFE bundles.
+``east`` and ``north`` both run service ``web`` and export it to ``west``,
+whose gateway then serves ``web.default.east`` and ``web.default.north`` on
+local egress listeners. The path of every request::
 
-    client ─plain─► west egress (originate) ═mTLS, SNI═► east ingress (terminate) ─plain─► web
+    client ─plain─► west egress (originate) ═mTLS, SNI═► east|north ingress (terminate) ─plain─► web
 
-A third zone, ``rogue``, which east never imported, tries the same call and
+A fourth zone, ``rogue``, which nobody peered with, tries the same call and
 must be refused at the handshake.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import http.client
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import AsyncExitStack, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from meshfed.gateway import (
-    Cluster,
-    Endpoint,
-    Gateway,
-    GatewayConfig,
-    Identity,
-    OriginateListener,
-    Route,
-    TerminateListener,
-    service_sni,
-)
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
+from meshfed.federation.exports import ExportRules
+from meshfed.gateway import Cluster, GatewayConfig, Identity, OriginateListener
+from meshfed.gateway import Endpoint as GatewayEndpoint
+from meshfed.gateway import Gateway as DataPlane
+from meshfed.gateway.sni import service_sni
+from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone
 from meshfed.trust.bundle import bundle_roots_pem, parse_bundle
 from meshfed.zone import Zone
 
 _SERVICE, _NAMESPACE, _PORT = "web", "default", 8080
 _LOOPBACK = "127.0.0.1"
-_GATEWAY_SVID_TTL = dt.timedelta(hours=1)
+_EXPORTERS = ("east", "north")
+_SETTINGS = ZoneSettings(
+    gateway_address=f"{_LOOPBACK}:0",
+    egress_port_base=0,
+    peering_address=f"{_LOOPBACK}:0",
+    establish_address=f"{_LOOPBACK}:0",
+    heartbeat_interval=0.5,
+)
+_WAIT_SECONDS = 20.0
 
 
 @dataclass
@@ -50,10 +61,11 @@ class DemoReport:
 
     sent: int = 0
     succeeded: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
+    latencies_ms: dict[str, list[float]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
-    ingress_verified: dict[str, int] = field(default_factory=dict)
+    ingress_verified: dict[str, dict[str, int]] = field(default_factory=dict)
     egress_verified: dict[str, int] = field(default_factory=dict)
+    propagation_ms: float = 0.0
     rogue_refused: bool = False
 
     @property
@@ -61,108 +73,166 @@ class DemoReport:
         return self.sent > 0 and self.succeeded == self.sent and self.rogue_refused
 
 
-def run_demo(requests: int = 200, concurrency: int = 8, echo: Callable[[str], object] = print) -> DemoReport:
+def run_demo(requests: int = 200, concurrency: int = 8, console: Console | None = None) -> DemoReport:
     """Run the demo in a temporary directory; everything it starts is stopped before it returns."""
+    console = console or Console(soft_wrap=True)
+    return asyncio.run(_demo(requests, concurrency, console))
+
+
+async def _demo(requests: int, concurrency: int, console: Console) -> DemoReport:
     report = DemoReport()
-    with tempfile.TemporaryDirectory(prefix="meshfed-demo-") as tmp, ExitStack() as running:
+    with tempfile.TemporaryDirectory(prefix="meshfed-demo-") as tmp, ExitStack() as threads:
         root = Path(tmp)
-        west = Zone.init(root / "west", "west", "west.mesh")
-        east = Zone.init(root / "east", "east", "east.mesh")
-        rogue = Zone.init(root / "rogue", "rogue", "rogue.mesh")
-        echo("meshfed demo: two zones, two roots of trust, one mTLS hop between gateways")
-        for zone in (west, east):
+        zones = {name: Zone.init(root / name, name, f"{name}.mesh") for name in ("west", *_EXPORTERS, "rogue")}
+        console.print("[bold]meshfed demo[/]: three zones, three roots of trust, peered with one-time tokens")
+        for zone in zones.values():
             fingerprint = zone.own_bundle().fingerprints()[0]
-            echo(f"  zone {zone.name:<5} trust domain {zone.trust_domain}  root sha256:{fingerprint[:16]}…")
+            console.print(
+                f"  zone {zone.name:<6} trust domain {zone.trust_domain.name:<11} root sha256:{fingerprint[:16]}…"
+            )
+        for name in _EXPORTERS:
+            backend = threads.enter_context(_http_backend(f"hello from {name}"))
+            _register_and_export(zones[name], backend, to="west")
+        async with AsyncExitStack() as running:
+            runtimes: dict[str, ZoneRuntime] = {}
+            for name in ("west", *_EXPORTERS):
+                runtime = assemble_zone(zones[name], _SETTINGS)
+                await runtime.controller.start()
+                running.push_async_callback(runtime.controller.stop)
+                runtimes[name] = runtime
+            west = runtimes["west"]
+            for name in _EXPORTERS:
+                token = runtimes[name].peering.issue_token("west").encoded
+                await west.peering.establish(token, name)
+            await _until(lambda: all(west.peering.peer(n).state == "ACTIVE" for n in _EXPORTERS), "peerings ACTIVE")
+            console.print("  west peered with east and north: bundles exchanged over the peering, states ACTIVE")
 
-        # Bundles travel in the SPIFFE wire format, exactly as between real clusters.
-        for importer, exporter in ((west, east), (east, west), (rogue, east)):
-            importer.import_bundle(parse_bundle(exporter.trust_domain, exporter.own_bundle().to_spiffe_json()))
-        echo("  bundles exchanged: west trusts east.mesh, east trusts west.mesh; nobody trusts rogue.mesh")
+            listeners = {name: f"egress:{_SERVICE}.{_NAMESPACE}.{name}:http" for name in _EXPORTERS}
+            await _until(lambda: set(listeners.values()) <= set(west.controller.gateway.addresses()), "imports")
+            report.propagation_ms = await _measure_propagation(zones["north"], west)
+            for name, listener in listeners.items():
+                address = west.controller.gateway.address(listener)
+                console.print(f"  west egress for {_SERVICE}.{_NAMESPACE}.{name} (originate) on {_fmt(address)}")
+            for name in _EXPORTERS:
+                ingress = runtimes[name].controller.gateway.address("ingress")
+                console.print(f"  {name} ingress (terminate) on {_fmt(ingress)}")
 
-        backend = running.enter_context(_http_backend(f"hello from {east.name}"))
-        sni = service_sni(_SERVICE, _NAMESPACE, _PORT, east.trust_domain)
-        ingress = running.enter_context(Gateway(_ingress_config(east, sni, backend, allowed_peers=[west])))
-        ingress_address = ingress.address("ingress")
-        egress = running.enter_context(Gateway(_egress_config(west, east, sni, ingress_address)))
-        egress_address = egress.address(f"egress-{_SERVICE}")
-        rogue_egress = running.enter_context(Gateway(_egress_config(rogue, east, sni, ingress_address)))
-        echo(f"  east ingress (terminate) on {_fmt(ingress_address)} → {_SERVICE}.{_NAMESPACE} at {_fmt(backend)}")
-        echo(f"  west egress (originate) on {_fmt(egress_address)} → SNI {sni}")
+            started = time.perf_counter()
+            await asyncio.to_thread(_send_traffic, west, listeners, requests, concurrency, report, console)
+            elapsed = time.perf_counter() - started
 
-        started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            results = list(pool.map(lambda i: _request(egress_address, f"/call/{i}"), range(requests)))
-        elapsed = time.perf_counter() - started
-        report.sent = requests
-        for latency_ms, error in results:
-            if error is None:
-                report.succeeded += 1
-                report.latencies_ms.append(latency_ms)
-            else:
-                report.failures.append(error)
-
-        _, rogue_error = _request(rogue_egress.address(f"egress-{_SERVICE}"), "/rogue")
-        report.rogue_refused = rogue_error is not None
-        report.ingress_verified = ingress.stats()["listeners"]["ingress"]["peer_identities"]
-        report.egress_verified = egress.stats()["listeners"][f"egress-{_SERVICE}"]["peer_identities"]
-        _print_report(report, elapsed, echo)
+            report.rogue_refused = await asyncio.to_thread(_rogue_is_refused, zones["rogue"], runtimes["east"])
+            for name in _EXPORTERS:
+                stats = runtimes[name].controller.gateway.stats()["listeners"]["ingress"]
+                report.ingress_verified[name] = stats["peer_identities"]
+            for listener in listeners.values():
+                for spiffe_id, count in west.controller.gateway.stats()["listeners"][listener][
+                    "peer_identities"
+                ].items():
+                    report.egress_verified[spiffe_id] = report.egress_verified.get(spiffe_id, 0) + count
+            _print_report(report, runtimes, elapsed, console)
     return report
 
 
-def _ingress_config(zone: Zone, sni: str, backend: tuple[str, int], allowed_peers: list[Zone]) -> GatewayConfig:
-    return GatewayConfig(
-        identity=_gateway_identity(zone),
-        trust_bundles=bundle_roots_pem([stored.bundle for stored in zone.trusted_bundles()]),
-        listeners=[
-            TerminateListener(
-                name="ingress",
-                address=f"{_LOOPBACK}:0",
-                routes=[
-                    Route(
-                        sni=sni, cluster=_SERVICE, allow=[f"spiffe://{peer.trust_domain}/*" for peer in allowed_peers]
-                    )
-                ],
+def _register_and_export(zone: Zone, backend: tuple[str, int], to: str) -> None:
+    with EmbeddedCatalog(zone.directory) as catalog:
+        catalog.register(
+            Service(
+                name=_SERVICE,
+                namespace=_NAMESPACE,
+                ports={"http": _PORT},
+                endpoints=[Endpoint(address=backend[0], port=backend[1], zone=zone.name)],
             )
-        ],
-        clusters=[Cluster(name=_SERVICE, endpoints=[Endpoint(address=_fmt(backend))])],
-    )
+        )
+    with ExportRules(zone.directory) as rules:
+        rules.add(_SERVICE, _NAMESPACE, [to])
 
 
-def _egress_config(zone: Zone, peer: Zone, sni: str, peer_gateway: tuple[str, int]) -> GatewayConfig:
-    return GatewayConfig(
-        identity=_gateway_identity(zone),
-        trust_bundles=bundle_roots_pem([stored.bundle for stored in zone.trusted_bundles()]),
+async def _measure_propagation(exporter: Zone, importer: ZoneRuntime) -> float:
+    """Time from an export rule written (as the CLI would) to the importer's gateway serving it."""
+    with EmbeddedCatalog(exporter.directory) as catalog:
+        web = catalog.load().service(_NAMESPACE, _SERVICE)
+        assert web is not None
+        catalog.register(web.model_copy(update={"name": "api"}))
+    listener = f"egress:api.{_NAMESPACE}.{exporter.name}:http"
+    started = time.monotonic()
+    with ExportRules(exporter.directory) as rules:
+        rules.add("api", _NAMESPACE, ["west"])
+    await _until(lambda: listener in importer.controller.gateway.addresses(), "the new export at west")
+    return (time.monotonic() - started) * 1000
+
+
+def _send_traffic(
+    west: ZoneRuntime,
+    listeners: dict[str, str],
+    requests: int,
+    concurrency: int,
+    report: DemoReport,
+    console: Console,
+) -> None:
+    targets = [(name, west.controller.gateway.address(listener)) for name, listener in listeners.items()]
+    columns = (TextColumn("  requests"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("requests", total=requests)
+
+        def one(index: int) -> tuple[str, float, str | None]:
+            zone, address = targets[index % len(targets)]
+            latency, error = _request(address, f"/call/{index}", expect=f"hello from {zone}")
+            progress.advance(task)
+            return zone, latency, error
+
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            results = list(pool.map(one, range(requests)))
+    report.sent = requests
+    for zone, latency, error in results:
+        if error is None:
+            report.succeeded += 1
+            report.latencies_ms.setdefault(zone, []).append(latency)
+        else:
+            report.failures.append(error)
+
+
+def _rogue_is_refused(rogue: Zone, east: ZoneRuntime) -> bool:
+    """A zone east never peered with dials east's ingress with its own SVID: the handshake must fail."""
+    rogue.import_bundle(parse_bundle(east.zone.trust_domain, east.zone.own_bundle().to_spiffe_json()))
+    svid = rogue.issue_svid(rogue.trust_domain.gateway_id, dt.timedelta(minutes=10))
+    sni = service_sni(_SERVICE, _NAMESPACE, _PORT, east.zone.trust_domain)
+    config = GatewayConfig(
+        identity=Identity(
+            cert_chain_pem=svid.cert_chain_pem().decode(), private_key_pem=svid.private_key_pem().decode()
+        ),
+        trust_bundles=bundle_roots_pem([stored.bundle for stored in rogue.trusted_bundles()]),
         listeners=[
             OriginateListener(
-                name=f"egress-{_SERVICE}",
+                name="egress",
                 address=f"{_LOOPBACK}:0",
-                cluster=f"gateway-{peer.name}",
+                cluster="east",
                 sni=sni,
-                peer_spiffe_id=str(peer.trust_domain.gateway_id),
+                peer_spiffe_id=str(east.zone.trust_domain.gateway_id),
             )
         ],
-        clusters=[Cluster(name=f"gateway-{peer.name}", endpoints=[Endpoint(address=_fmt(peer_gateway))])],
+        clusters=[
+            Cluster(name="east", endpoints=[GatewayEndpoint(address=_fmt(east.controller.gateway.address("ingress")))])
+        ],
     )
+    with DataPlane(config) as gateway:
+        _, error = _request(gateway.address("egress"), "/rogue", expect="hello")
+    return error is not None
 
 
-def _gateway_identity(zone: Zone) -> Identity:
-    svid = zone.issue_svid(zone.trust_domain.gateway_id, _GATEWAY_SVID_TTL)
-    return Identity(cert_chain_pem=svid.cert_chain_pem().decode(), private_key_pem=svid.private_key_pem().decode())
-
-
-def _request(address: tuple[str, int], path: str) -> tuple[float, str | None]:
+def _request(address: tuple[str, int], path: str, expect: str) -> tuple[float, str | None]:
     """One GET on a fresh connection (so each request is a full mTLS handshake between gateways)."""
     started = time.perf_counter()
     connection = http.client.HTTPConnection(*address, timeout=10)
     try:
         connection.request("GET", path)
         response = connection.getresponse()
-        body = response.read()
+        body = response.read().decode(errors="replace")
     except (OSError, http.client.HTTPException) as err:
         return 0.0, f"{path}: {type(err).__name__}: {err}"
     finally:
         connection.close()
-    if response.status != 200 or not body.endswith(path.encode()):
+    if response.status != 200 or body != f"{expect}: {path}":
         return 0.0, f"{path}: unexpected response {response.status} {body[:80]!r}"
     return (time.perf_counter() - started) * 1000, None
 
@@ -182,7 +252,7 @@ def _http_backend(greeting: str) -> Iterator[tuple[str, int]]:
 
     server = ThreadingHTTPServer((_LOOPBACK, 0), Handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="meshfed-demo-backend", daemon=True)
+    thread = threading.Thread(target=server.serve_forever, name=f"meshfed-demo-{greeting}", daemon=True)
     thread.start()
     try:
         yield _LOOPBACK, server.server_address[1]
@@ -192,21 +262,50 @@ def _http_backend(greeting: str) -> Iterator[tuple[str, int]]:
         thread.join()
 
 
-def _print_report(report: DemoReport, elapsed: float, echo: Callable[[str], object]) -> None:
-    echo(
-        f"requests: {report.sent} sent, {report.succeeded} succeeded, {len(report.failures)} failed in {elapsed:.2f} s"
-    )
-    if len(report.latencies_ms) >= 2:
-        cuts = statistics.quantiles(report.latencies_ms, n=100, method="inclusive")
-        echo(f"latency: p50 {cuts[49]:.2f} ms, p99 {cuts[98]:.2f} ms (new connection + gateway mTLS handshake each)")
+async def _until(check: object, what: str) -> None:
+    assert callable(check)
+    deadline = time.monotonic() + _WAIT_SECONDS
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"demo: timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def _print_report(report: DemoReport, runtimes: dict[str, ZoneRuntime], elapsed: float, console: Console) -> None:
+    table = Table(title="west → web, through the gateways", title_justify="left")
+    for column, justify in (("import", "left"), ("answered", "right"), ("p50 ms", "right"), ("p99 ms", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for zone in _EXPORTERS:
+        latencies = report.latencies_ms.get(zone, [])
+        p50, p99 = _percentiles(latencies)
+        table.add_row(f"{_SERVICE}.{_NAMESPACE}.{zone}", str(len(latencies)), p50, p99)
+    console.print(table)
+    peers = Table(title="west's peerings", title_justify="left")
+    for column in ("peer", "state", "heartbeat age s", "acked version", "imported"):
+        peers.add_column(column)
+    for status in runtimes["west"].peering.peers():
+        age = f"{status.heartbeat_age_seconds:.1f}" if status.heartbeat_age_seconds is not None else "-"
+        peers.add_row(status.name, status.state, age, str(status.acked_version), str(status.imported_services))
+    console.print(peers)
+    failed = len(report.failures)
+    console.print(f"requests: {report.sent} sent, {report.succeeded} succeeded, {failed} failed in {elapsed:.2f} s")
     for failure in report.failures[:5]:
-        echo(f"  failed: {failure}")
-    for spiffe_id, count in report.ingress_verified.items():
-        echo(f"east ingress verified client {spiffe_id} ({count} connections)")
+        console.print(f"  failed: {failure}")
+    for zone, identities in report.ingress_verified.items():
+        for spiffe_id, count in identities.items():
+            console.print(f"{zone} ingress verified client {spiffe_id} ({count} connections)")
     for spiffe_id, count in report.egress_verified.items():
-        echo(f"west egress verified server {spiffe_id} ({count} connections)")
-    echo(f"rogue.mesh (not trusted by east) refused at the handshake: {'yes' if report.rogue_refused else 'NO'}")
-    echo(f"result: {'OK' if report.ok else 'FAILED'}")
+        console.print(f"west egress verified server {spiffe_id} ({count} connections)")
+    console.print(f"export → peer gateway serving it: {report.propagation_ms:.0f} ms")
+    console.print(f"rogue.mesh (never peered) refused at the handshake: {'yes' if report.rogue_refused else 'NO'}")
+    console.print(f"result: {'[green]OK[/]' if report.ok else '[red]FAILED[/]'}")
+
+
+def _percentiles(latencies: list[float]) -> tuple[str, str]:
+    if len(latencies) < 2:
+        return "-", "-"
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    return f"{cuts[49]:.2f}", f"{cuts[98]:.2f}"
 
 
 def _fmt(address: tuple[str, int]) -> str:

@@ -47,10 +47,10 @@ def demo(
     requests: Annotated[int, typer.Option(min=1, max=100_000, help="HTTP requests to send across zones.")] = 200,
     concurrency: Annotated[int, typer.Option(min=1, max=256, help="Concurrent client connections.")] = 8,
 ) -> None:
-    """Federate two zones on this machine and send traffic between them through the gateways."""
+    """Federate three zones on this machine with tokens and send traffic through their gateways."""
     from meshfed.demo import run_demo
 
-    report = run_demo(requests=requests, concurrency=concurrency, echo=typer.echo)
+    report = run_demo(requests=requests, concurrency=concurrency)
     if not report.ok:
         raise typer.Exit(1)
 
