@@ -20,11 +20,11 @@ from typing import Any, Literal, Protocol
 
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from meshfed.catalog.embedded import EmbeddedCatalog
+from meshfed.catalog import CatalogSnapshot, CatalogSource, LocalImport, open_catalog
 from meshfed.errors import MeshfedError
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.exports import ExportRules, exported_snapshot
-from meshfed.federation.gateway_config import INGRESS_LISTENER, build_gateway_config
+from meshfed.federation.gateway_config import INGRESS_LISTENER, build_gateway_config, egress_listener_name
 from meshfed.federation.imports import ImportStore
 from meshfed.gateway import Gateway, GatewayConfig, Identity
 from meshfed.telemetry import Telemetry
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GATEWAY_SVID_TTL = dt.timedelta(hours=24)
 CATALOG_POLL_SECONDS = 0.2
+CATALOG_RETRY_SECONDS = 2.0
 
 PeerTrustDomains = Callable[[], Mapping[str, TrustDomain]]
 FailingPeerPolicy = Literal["open", "closed"]
@@ -67,6 +68,7 @@ class Controller:
         span_exporter: SpanExporter | None = None,
         failing_peer_grace: dt.timedelta = dt.timedelta(minutes=5),
         failing_peer_policy: FailingPeerPolicy = "open",
+        catalog: CatalogSource | None = None,
     ) -> None:
         """``egress_port_base`` 0 gives each import an ephemeral port; otherwise ports are kept from that base.
 
@@ -78,6 +80,8 @@ class Controller:
         them under ``closed`` until it is back.
         """
         self.zone = zone
+        self._catalog = catalog if catalog is not None else open_catalog(zone.directory, zone.config.catalog)
+        self._catalog_snapshot = CatalogSnapshot(version=0, services=[])
         self.gateway_address = gateway_address or zone.config.gateway_address
         self._advertise = list(gateway_advertise)
         self._egress_host = egress_host
@@ -129,6 +133,7 @@ class Controller:
         if self._stopped:
             raise MeshfedError(f"zone {self.zone.name}: a stopped controller cannot restart; make a new one")
         self._svid = await asyncio.to_thread(self._issue_gateway_svid)
+        self._catalog_snapshot = await self._catalog.snapshot()
         config = await asyncio.to_thread(self.gateway_config)
         gateway = await asyncio.to_thread(Gateway, config)
         self._gateway = gateway
@@ -171,6 +176,7 @@ class Controller:
         if self._gateway is not None:
             await asyncio.to_thread(self._gateway.close)
             self._gateway = None
+        await self._catalog.aclose()
         self.telemetry.shutdown()
 
     async def reconfigure(self) -> None:
@@ -189,6 +195,7 @@ class Controller:
                 span.set_attribute("meshfed.gateway.clusters", len(config.clusters))
                 await asyncio.to_thread(self.gateway.apply, config)
                 log.debug("zone %s: gateway config applied", self.zone.name)
+            await self._catalog.publish_imports(self._local_imports())
 
     async def exports_changed(self) -> None:
         """Export rules or the catalog changed: apply the new ingress and tell the peers."""
@@ -224,13 +231,13 @@ class Controller:
 
     def exported_snapshot(self, peer: str) -> ServiceSnapshot:
         """What ``peer`` may see of this zone now."""
-        with EmbeddedCatalog(self.zone.directory) as catalog, ExportRules(self.zone.directory) as rules:
+        with ExportRules(self.zone.directory) as rules:
             return exported_snapshot(
                 zone=self.zone.name,
                 trust_domain=str(self.zone.trust_domain),
                 gateway_addresses=self.advertised_gateway_addresses(),
                 peer=peer,
-                catalog=catalog.load(),
+                catalog=self._catalog_snapshot,
                 rules=rules.rules(),
                 rules_version=rules.version(),
             )
@@ -248,7 +255,7 @@ class Controller:
         if self._svid is None:
             raise MeshfedError(f"zone {self.zone.name}: no gateway SVID yet; start the controller first")
         directory = self.zone.directory
-        with EmbeddedCatalog(directory) as catalog, ExportRules(directory) as rules, ImportStore(directory) as imports:
+        with ExportRules(directory) as rules, ImportStore(directory) as imports:
 
             def egress_address(listener: str) -> str:
                 if not self._egress_port_base:
@@ -263,7 +270,7 @@ class Controller:
                 trust_bundles=bundle_roots_pem([stored.bundle for stored in self.zone.trusted_bundles()]),
                 trust_domain=self.zone.trust_domain,
                 ingress_address=self.gateway_address,
-                catalog=catalog.load(),
+                catalog=self._catalog_snapshot,
                 export_rules=rules.rules(),
                 peer_trust_domains=self._peer_trust_domains(),
                 imports=[item for item in imports.services() if not self._withheld(item.peer)],
@@ -298,16 +305,40 @@ class Controller:
         return self.zone.issue_svid(self.zone.trust_domain.gateway_id, self._svid_ttl)
 
     async def _watch_catalog(self) -> None:
-        # Polling two version numbers is cheap and catches writes from other
-        # processes (the CLI) within a fraction of a second.
-        with EmbeddedCatalog(self.zone.directory) as catalog, ExportRules(self.zone.directory) as rules:
-            seen = (catalog.version(), rules.version())
+        # The source wakes us on catalog changes; export rules are two integers
+        # away in SQLite, so checking them on every wake-up catches CLI writes
+        # from other processes within a fraction of a second.
+        with ExportRules(self.zone.directory) as rules:
+            seen_rules = rules.version()
             while True:
-                await asyncio.sleep(CATALOG_POLL_SECONDS)
-                now = (catalog.version(), rules.version())
-                if now != seen:
-                    seen = now
+                since = self._catalog_snapshot.version
+                try:
+                    snapshot = await self._catalog.watch(since, CATALOG_POLL_SECONDS)
+                except MeshfedError as err:
+                    log.error("zone %s: catalog watch failed, retrying: %s", self.zone.name, err)
+                    await asyncio.sleep(CATALOG_RETRY_SECONDS)
+                    continue
+                rules_version = rules.version()
+                if snapshot.version != since or rules_version != seen_rules:
+                    self._catalog_snapshot, seen_rules = snapshot, rules_version
                     await _retrying(self.zone.name, "applying a catalog or export change", self.exports_changed)
+                else:
+                    await asyncio.sleep(CATALOG_POLL_SECONDS)
+
+    def _local_imports(self) -> list[LocalImport]:
+        bound = self.gateway.addresses()
+        by_import: dict[tuple[str, str, str], dict[str, tuple[str, int]]] = {}
+        with ImportStore(self.zone.directory) as imports:
+            for imported in imports.services():
+                for port_name in imported.service.ports:
+                    address = bound.get(egress_listener_name(imported, port_name))
+                    if address is not None:
+                        key = (imported.peer, imported.service.namespace, imported.service.name)
+                        by_import.setdefault(key, {})[port_name] = address
+        return [
+            LocalImport(peer=peer, namespace=namespace, service=service, ports=ports)
+            for (peer, namespace, service), ports in sorted(by_import.items())
+        ]
 
     async def _renew_gateway_svid(self) -> None:
         # Renew at half-life, as SPIRE agents do: a failed renewal leaves half the

@@ -16,7 +16,7 @@ from types import TracebackType
 
 from pydantic import ValidationError
 
-from meshfed.catalog.model import CatalogSnapshot, Service
+from meshfed.catalog.model import CatalogSnapshot, LocalImport, Service
 from meshfed.errors import CatalogError
 from meshfed.sqlite import open_database, transaction
 
@@ -100,6 +100,12 @@ class EmbeddedCatalog:
                 break
             await asyncio.sleep(_POLL_SECONDS)
         return await self.snapshot()
+
+    async def publish_imports(self, imports: list[LocalImport]) -> None:
+        """Nothing to do: ``meshfed catalog list`` reads imports from the zone's state."""
+
+    async def aclose(self) -> None:
+        self.close()
 
     def _bump(self) -> int:
         self._db.execute("UPDATE catalog_version SET version = version + 1")

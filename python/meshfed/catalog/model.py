@@ -98,6 +98,21 @@ class Service(_Model):
         return [endpoint for endpoint in self.endpoints if endpoint.healthy]
 
 
+class LocalImport(_Model):
+    """An imported service as local clients reach it: through this zone's gateway egress."""
+
+    peer: str
+    service: str
+    namespace: str
+    # Port name -> (host, port) of the egress listener serving it.
+    ports: dict[str, tuple[str, int]]
+
+    @property
+    def name(self) -> str:
+        """``<service>.<namespace>.<peer>``."""
+        return f"{self.service}.{self.namespace}.{self.peer}"
+
+
 class CatalogSnapshot(_Model):
     """Every service of a source at one version. Versions only grow."""
 
