@@ -80,6 +80,13 @@ def test_peered_zones_call_exported_services_through_their_gateways(make_zone, e
             assert await call(w, egress, b"across zones") == b"across zones"
             assert egress not in n.controller.gateway.addresses()
 
+            # /metrics shows the peering and the gateway series.
+            metrics = w.controller.telemetry.render().decode()
+            assert 'meshfed_peering_state{peer="east",state="ACTIVE"} 1.0' in metrics
+            assert 'meshfed_peering_heartbeat_age_seconds{peer="east"}' in metrics
+            assert 'meshfed_peering_imported_services{peer="east"} 1.0' in metrics
+            assert f'meshfed_gateway_connections_total{{listener="{egress}"}} 1.0' in metrics
+
             # Export to north too, as the CLI would (another process writing state.db): it arrives by stream.
             with ExportRules(east.directory) as rules:
                 rules.add("echo", "default", ["north"])

@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from opentelemetry.sdk.trace.export import SpanExporter
@@ -23,7 +24,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from meshfed.catalog import CatalogSnapshot, CatalogSource, LocalImport, open_catalog
 from meshfed.errors import MeshfedError
 from meshfed.federation.exchange import ServiceSnapshot
-from meshfed.federation.exports import ExportRules, exported_snapshot
+from meshfed.federation.exports import ExportRule, ExportRules, exported_snapshot
 from meshfed.federation.gateway_config import INGRESS_LISTENER, build_gateway_config, egress_listener_name
 from meshfed.federation.imports import ImportStore
 from meshfed.gateway import Gateway, GatewayConfig, Identity
@@ -41,6 +42,15 @@ CATALOG_RETRY_SECONDS = 2.0
 
 PeerTrustDomains = Callable[[], Mapping[str, TrustDomain]]
 FailingPeerPolicy = Literal["open", "closed"]
+
+
+@dataclass(frozen=True)
+class _Exports:
+    """The catalog and export rules one gateway config was built from."""
+
+    catalog: CatalogSnapshot
+    rules: list[ExportRule]
+    rules_version: int
 
 
 class Service(Protocol):
@@ -80,8 +90,9 @@ class Controller:
         them under ``closed`` until it is back.
         """
         self.zone = zone
-        self._catalog = catalog if catalog is not None else open_catalog(zone.directory, zone.config.catalog)
+        self._catalog = catalog if catalog is not None else open_catalog(zone)
         self._catalog_snapshot = CatalogSnapshot(version=0, services=[])
+        self._applied_exports = _Exports(self._catalog_snapshot, [], 0)
         self.gateway_address = gateway_address or zone.config.gateway_address
         self._advertise = list(gateway_advertise)
         self._egress_host = egress_host
@@ -134,8 +145,9 @@ class Controller:
             raise MeshfedError(f"zone {self.zone.name}: a stopped controller cannot restart; make a new one")
         self._svid = await asyncio.to_thread(self._issue_gateway_svid)
         self._catalog_snapshot = await self._catalog.snapshot()
-        config = await asyncio.to_thread(self.gateway_config)
+        config, exports = await asyncio.to_thread(self._build_config)
         gateway = await asyncio.to_thread(Gateway, config)
+        self._applied_exports = exports
         self._gateway = gateway
         started: list[Service] = []
         try:
@@ -190,10 +202,12 @@ class Controller:
                 if await asyncio.to_thread(self._svid_signer_retired):
                     # A rotation switched the signing CA: present an SVID from the new one now.
                     self._svid = await asyncio.to_thread(self._issue_gateway_svid)
-                config = await asyncio.to_thread(self.gateway_config)
+                config, exports = await asyncio.to_thread(self._build_config)
                 span.set_attribute("meshfed.gateway.listeners", len(config.listeners))
                 span.set_attribute("meshfed.gateway.clusters", len(config.clusters))
                 await asyncio.to_thread(self.gateway.apply, config)
+                # Only now may peers hear of these exports: the ingress already admits them.
+                self._applied_exports = exports
                 log.debug("zone %s: gateway config applied", self.zone.name)
             await self._catalog.publish_imports(self._local_imports())
 
@@ -230,17 +244,17 @@ class Controller:
             await self.reconfigure()  # back from FAILING: serve its imports again
 
     def exported_snapshot(self, peer: str) -> ServiceSnapshot:
-        """What ``peer`` may see of this zone now."""
-        with ExportRules(self.zone.directory) as rules:
-            return exported_snapshot(
-                zone=self.zone.name,
-                trust_domain=str(self.zone.trust_domain),
-                gateway_addresses=self.advertised_gateway_addresses(),
-                peer=peer,
-                catalog=self._catalog_snapshot,
-                rules=rules.rules(),
-                rules_version=rules.version(),
-            )
+        """What ``peer`` may see of this zone: the exports of the config the gateway runs now."""
+        applied = self._applied_exports
+        return exported_snapshot(
+            zone=self.zone.name,
+            trust_domain=str(self.zone.trust_domain),
+            gateway_addresses=self.advertised_gateway_addresses(),
+            peer=peer,
+            catalog=applied.catalog,
+            rules=applied.rules,
+            rules_version=applied.rules_version,
+        )
 
     def advertised_gateway_addresses(self) -> list[str]:
         """Where peers reach this zone's ingress."""
@@ -252,17 +266,23 @@ class Controller:
 
     def gateway_config(self) -> GatewayConfig:
         """The complete gateway config for the zone's state now."""
+        return self._build_config()[0]
+
+    def _build_config(self) -> tuple[GatewayConfig, _Exports]:
+        """The config, and the exports it admits (which is all that peers may be told about)."""
         if self._svid is None:
             raise MeshfedError(f"zone {self.zone.name}: no gateway SVID yet; start the controller first")
         directory = self.zone.directory
+        catalog = self._catalog_snapshot
         with ExportRules(directory) as rules, ImportStore(directory) as imports:
+            exports = _Exports(catalog, rules.rules(), rules.version())
 
             def egress_address(listener: str) -> str:
                 if not self._egress_port_base:
                     return f"{self._egress_host}:0"
                 return f"{self._egress_host}:{imports.egress_port(listener, self._egress_port_base)}"
 
-            return build_gateway_config(
+            config = build_gateway_config(
                 identity=Identity(
                     cert_chain_pem=self._svid.cert_chain_pem().decode(),
                     private_key_pem=self._svid.private_key_pem().decode(),
@@ -270,12 +290,13 @@ class Controller:
                 trust_bundles=bundle_roots_pem([stored.bundle for stored in self.zone.trusted_bundles()]),
                 trust_domain=self.zone.trust_domain,
                 ingress_address=self.gateway_address,
-                catalog=self._catalog_snapshot,
-                export_rules=rules.rules(),
+                catalog=catalog,
+                export_rules=exports.rules,
                 peer_trust_domains=self._peer_trust_domains(),
                 imports=[item for item in imports.services() if not self._withheld(item.peer)],
                 egress_address=egress_address,
             )
+        return config, exports
 
     def _withheld(self, peer: str) -> bool:
         """Under the closed policy, a peer failing for longer than the grace period is not served."""
@@ -293,6 +314,11 @@ class Controller:
     def gateway_stats(self) -> dict[str, Any]:
         """The gateway's counters, or none while it is not running."""
         return self._gateway.stats() if self._gateway is not None else {"listeners": {}}
+
+    @property
+    def catalog_snapshot(self) -> CatalogSnapshot:
+        """The catalog as the controller last saw it."""
+        return self._catalog_snapshot
 
     @property
     def gateway_svid(self) -> Svid | None:

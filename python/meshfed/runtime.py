@@ -15,7 +15,8 @@ from fastapi import FastAPI
 from meshfed.api import create_app
 from meshfed.controller import Controller, FailingPeerPolicy
 from meshfed.errors import PeeringError
-from meshfed.federation.service import PeeringService
+from meshfed.federation.peering import PeerState
+from meshfed.federation.service import PeeringService, PeerStatus
 from meshfed.trust.endpoint import BundleEndpointServer, endpoint_spiffe_id
 from meshfed.trust.poller import BundlePoller
 from meshfed.trust.rotation import RotationService
@@ -94,6 +95,7 @@ def assemble_zone(zone: Zone, settings: ZoneSettings = ZoneSettings()) -> ZoneRu
         heartbeat_interval=settings.heartbeat_interval,
     )
     controller.on_exports_changed(peering.notify_exports_changed)
+    _observe_peering(controller, peering)
     controller.add_service(peering)
     controller.add_service(RotationService(zone, controller.reconfigure))
     controller.add_service(BundlePoller(zone, controller.reconfigure))
@@ -108,3 +110,53 @@ def assemble_zone(zone: Zone, settings: ZoneSettings = ZoneSettings()) -> ZoneRu
         )
         controller.add_service(endpoint)
     return ZoneRuntime(zone, controller, peering, endpoint)
+
+
+def _observe_peering(controller: Controller, peering: PeeringService) -> None:
+    """Peering health as metrics: a peering that shows ACTIVE with a stale heartbeat is visible at once."""
+
+    def statuses() -> list[PeerStatus]:
+        try:
+            return peering.peers()
+        except PeeringError:
+            return []
+
+    telemetry = controller.telemetry
+    telemetry.add_gauge(
+        "meshfed.peering.state",
+        "1 for the state each peering is in (label state), 0 for the others",
+        "1",
+        lambda: [
+            (1.0 if status.state == state else 0.0, {"peer": status.name, "state": state.value})
+            for status in statuses()
+            for state in PeerState
+        ],
+    )
+    telemetry.add_gauge(
+        "meshfed.peering.heartbeat_age",
+        "Seconds since the last message from the peer",
+        "s",
+        lambda: [
+            (status.heartbeat_age_seconds, {"peer": status.name})
+            for status in statuses()
+            if status.heartbeat_age_seconds is not None
+        ],
+    )
+    telemetry.add_gauge(
+        "meshfed.peering.propagation_lag",
+        "Seconds the oldest unacknowledged export update has waited for the peer",
+        "s",
+        lambda: [(status.propagation_lag_seconds, {"peer": status.name}) for status in statuses()],
+    )
+    telemetry.add_gauge(
+        "meshfed.peering.imported_services",
+        "Services imported from each peer",
+        "{service}",
+        lambda: [(float(status.imported_services), {"peer": status.name}) for status in statuses()],
+    )
+    telemetry.add_gauge(
+        "meshfed.catalog.services",
+        "Services in the zone's catalog",
+        "{service}",
+        lambda: [(float(len(controller.catalog_snapshot.services)), {})],
+    )

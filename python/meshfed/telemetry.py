@@ -28,6 +28,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from meshfed import __version__
 
 StatsSource = Callable[[], Mapping[str, Any]]
+# One reading of a gauge: (value, attributes) pairs.
+GaugeReadings = Callable[[], Iterable[tuple[float, Mapping[str, str]]]]
 
 # Gateway listener counters exported as monotonic counters: (stats key, metric name, description, unit).
 _LISTENER_COUNTERS = (
@@ -53,7 +55,7 @@ class Telemetry:
         resource = Resource.create({"service.name": "meshfed", "service.version": __version__, "meshfed.zone": zone})
         otlp = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
         self._registry = CollectorRegistry(auto_describe=True)
-        readers: list[MetricReader] = [PrometheusMetricReader(registry=self._registry)]
+        readers: list[MetricReader] = [PrometheusMetricReader(registry=self._registry, scope_info_enabled=False)]
         self._tracer_provider = TracerProvider(resource=resource)
         if span_exporter is not None:
             self._tracer_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
@@ -80,6 +82,16 @@ class Telemetry:
     def meter_provider(self) -> MeterProvider:
         """For other parts of the zone (peering, catalog) to register their own instruments."""
         return self._meter_provider
+
+    def add_gauge(self, name: str, description: str, unit: str, read: GaugeReadings) -> None:
+        """A gauge read at collection time (peering state, heartbeat age, catalog size, ...)."""
+
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(value, dict(attributes)) for value, attributes in read()]
+
+        self._meter_provider.get_meter("meshfed").create_observable_gauge(
+            name, [observe], unit=unit, description=description
+        )
 
     @contextmanager
     def span(self, name: str, **attributes: AttributeValue) -> Iterator[Span]:
