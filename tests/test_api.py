@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 
 from meshfed.api import create_app
+from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
 from meshfed.controller import Controller
 from meshfed.trust.bundle import parse_bundle
 from meshfed.zone import Zone
@@ -211,3 +212,24 @@ def test_meshfed_up_reports_a_busy_gateway_port_in_one_line(tmp_path: Path):
     assert "Traceback" not in result.stderr
     assert "cannot bind" in result.stderr
     assert "is another gateway running" in result.stderr
+
+
+def test_exports_and_catalog_over_the_api(running_east):
+    api, admin = running_east.api, running_east.admin
+    with EmbeddedCatalog(running_east.zone.directory) as catalog:
+        catalog.register(Service(name="web", ports={"http": 8080}, endpoints=[Endpoint(address="127.0.0.1", port=9)]))
+    deadline = time.monotonic() + 5
+    while not api.get("/v1/catalog").json()["services"]:
+        assert time.monotonic() < deadline, "the controller did not see the new service"
+        time.sleep(0.05)
+    assert api.get("/v1/catalog").json()["services"][0]["name"] == "web"
+
+    body = {"service": "web", "to": ["west"]}
+    assert api.post("/v1/exports", json=body).status_code == 401
+    assert api.post("/v1/exports", json=body, headers=admin).status_code == 201
+    assert api.get("/v1/exports").json() == [{"service": "web", "namespace": "default", "peer": "west"}]
+    for bad in ({"service": "Web", "to": ["west"]}, {"service": "web", "to": []}, {"service": "web", "to": ["a b"]}):
+        assert api.post("/v1/exports", json=bad, headers=admin).status_code in (400, 422), bad
+    assert api.delete("/v1/exports/default/nothing", headers=admin).status_code == 404
+    assert api.delete("/v1/exports/default/web", headers=admin).status_code == 204
+    assert api.get("/v1/exports").json() == []

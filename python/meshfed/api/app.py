@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from meshfed import __version__, _core
+from meshfed.api import catalog as catalog_api
 from meshfed.api import peering as peering_api
 from meshfed.api import trust as trust_api
 from meshfed.api.auth import require_admin
@@ -56,6 +57,7 @@ def create_app(controller: Controller, peering: PeeringService | None = None) ->
     app.state.controller = controller
     app.state.peering = peering
     app.state.admin_token = controller.zone.admin_token()
+    app.include_router(catalog_api.router)
     app.include_router(trust_api.router)
     app.include_router(peering_api.router)
 

@@ -1,0 +1,117 @@
+"""``/v1/catalog`` and ``/v1/exports``: the zone's services, its imports, and what it exports."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from meshfed.api.auth import require_admin
+from meshfed.catalog.model import Service
+from meshfed.controller import Controller
+from meshfed.errors import FederationError
+from meshfed.federation.exports import ExportRules
+from meshfed.federation.imports import ImportStore
+
+router = APIRouter(prefix="/v1", tags=["catalog"])
+
+_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
+class ImportView(BaseModel):
+    name: str
+    peer: str
+    zone: str
+    ports: dict[str, int]
+    healthy_endpoints: int
+    total_endpoints: int
+    gateway_addresses: list[str]
+
+
+class CatalogView(BaseModel):
+    version: int
+    services: list[Service]
+    imports: list[ImportView]
+
+
+class ExportRuleView(BaseModel):
+    service: str
+    namespace: str
+    peer: str
+
+
+class ExportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    service: Annotated[str, Field(pattern=_NAME)]
+    namespace: Annotated[str, Field(pattern=_NAME)] = "default"
+    to: Annotated[list[str], Field(min_length=1, description="Peering names, or '*' for every peer.")]
+
+
+def _controller(request: Request) -> Controller:
+    controller: Controller = request.app.state.controller
+    return controller
+
+
+@router.get("/catalog")
+def catalog(request: Request) -> CatalogView:
+    """Local services (as the controller last saw them) and imported services."""
+    controller = _controller(request)
+    with ImportStore(controller.zone.directory) as imports:
+        imported = imports.services()
+    snapshot = controller.catalog_snapshot
+    return CatalogView(
+        version=snapshot.version,
+        services=snapshot.services,
+        imports=[
+            ImportView(
+                name=item.name,
+                peer=item.peer,
+                zone=item.snapshot.zone,
+                ports=item.service.ports,
+                healthy_endpoints=item.service.healthy_endpoints,
+                total_endpoints=item.service.total_endpoints,
+                gateway_addresses=item.snapshot.gateway_addresses,
+            )
+            for item in imported
+        ],
+    )
+
+
+@router.get("/exports")
+def list_exports(request: Request) -> list[ExportRuleView]:
+    with ExportRules(_controller(request).zone.directory) as rules:
+        return [ExportRuleView(service=r.service, namespace=r.namespace, peer=r.peer) for r in rules.rules()]
+
+
+@router.post("/exports", status_code=status.HTTP_201_CREATED, dependencies=[Depends(require_admin)])
+async def add_export(body: ExportRequest, request: Request) -> list[ExportRuleView]:
+    """Export a service to peers; the ingress admits them and the peers hear of it within a second."""
+    controller = _controller(request)
+    try:
+        with ExportRules(controller.zone.directory) as rules:
+            added = rules.add(body.service, body.namespace, body.to)
+    except FederationError as err:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
+    if controller.ready:
+        await controller.exports_changed()
+    return [ExportRuleView(service=r.service, namespace=r.namespace, peer=r.peer) for r in added]
+
+
+@router.delete(
+    "/exports/{namespace}/{service}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[Depends(require_admin)],
+)
+async def remove_export(namespace: str, service: str, request: Request) -> Response:
+    """Stop exporting a service to every peer."""
+    controller = _controller(request)
+    try:
+        with ExportRules(controller.zone.directory) as rules:
+            rules.remove(service, namespace)
+    except FederationError as err:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(err)) from None
+    if controller.ready:
+        await controller.exports_changed()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
