@@ -27,7 +27,9 @@ _SPIFFE_JSON = "application/json"
 
 
 class RotationRequest(BaseModel):
-    overlap_seconds: int | None = Field(default=None, ge=0, description="Default: 3x the bundle's refresh hint.")
+    overlap_seconds: int | None = Field(
+        default=None, ge=0, le=366 * 86400, description="Default: 3x the bundle's refresh hint; at most a year."
+    )
 
 
 class FederationRequest(BaseModel):
