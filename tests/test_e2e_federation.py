@@ -71,8 +71,11 @@ def test_peered_zones_call_exported_services_through_their_gateways(make_zone, e
             # Tokens travel out of band; each names the zone that will redeem it.
             await w.peering.establish(e.peering.issue_token("west").encoded, "east")
             await n.peering.establish(e.peering.issue_token("north").encoded, "east")
-            for dialer in (w, n):
-                await eventually(lambda d=dialer: d.peering.peer("east").state == "ACTIVE", "peering ACTIVE")
+
+            def both_active() -> bool:
+                return all(dialer.peering.peer("east").state == "ACTIVE" for dialer in (w, n))
+
+            await eventually(both_active, "peerings ACTIVE")
 
             # west imports echo and calls it; north sees nothing (not exported to it).
             egress = "egress:echo.default.east:tcp"
