@@ -14,7 +14,7 @@ RUST_SOURCES := Cargo.toml Cargo.lock pyproject.toml $(shell find rust -name '*.
 PROTO_SOURCES := federation/proto/generate.py $(shell find federation/proto -name '*.proto')
 PROTO_STUBS := python/meshfed/federation/_proto/peering_pb2_grpc.py
 
-.PHONY: demo test lint test-rust test-python system-deps clean
+.PHONY: demo test lint test-rust test-python system-deps bench clean
 
 demo: $(VENV)/.built
 	$(BIN)/meshfed demo
@@ -34,6 +34,10 @@ test-rust:
 
 test-python: $(VENV)/.built system-deps
 	$(BIN)/pytest
+
+# Side-by-side benchmark against HAProxy and nginx (bench/README.md); not part of `make test`.
+bench: $(VENV)/.built
+	bench/run
 
 # `openssl verify` is how the tests check SVIDs with a tool meshfed did not write.
 system-deps:

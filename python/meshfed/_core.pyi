@@ -60,13 +60,30 @@ class Gateway:
         """The bound address (``"ip:port"``) of each listener, by name."""
 
     def stats(self) -> bytes:
-        """Per-listener counters as JSON bytes.
+        """Counters, gauges and latency histograms as JSON bytes.
 
-        Shape: ``{"listeners": {"<name>": {"accepted": n, "active": n,
-        "closed": n, "bytes_client_to_upstream": n,
-        "bytes_upstream_to_client": n, "handshake_failures": n,
-        "no_route": n, "denied": n, "upstream_connect_failures": n,
-        "peer_identities": {"spiffe://...": n}}}}``.
+        Reads atomics only; never waits on the data plane. Shape::
+
+            {"listeners": {"<name>": {"accepted": n, "active": n, "closed": n,
+                "bytes_client_to_upstream": n, "bytes_upstream_to_client": n,
+                "handshake_failures": n, "handshake_failure_reasons": {"timeout": n,
+                "closed": n, "not_tls": n, "too_large": n, "malformed": n, "tls": n,
+                "no_svid": n, "upstream_tls": n}, "no_route": n, "denied": n,
+                "upstream_connect_failures": n, "rate_limited": n, "circuit_open": n,
+                "idle_timeouts": n, "peer_identities": {"spiffe://...": n},
+                "routes": {"<sni>": {"connections": n, "rate_limited": n,
+                    "bytes_client_to_upstream": n, "bytes_upstream_to_client": n}}}},
+             "clusters": {"<name>": {"connections": n, "active": n, "pending": n,
+                "connect_failures": n, "circuit_open": n, "ejections": n,
+                "bytes_sent": n, "bytes_received": n,
+                "connect_latency": {"count": n, "sum_us": n, "le_us": [...], "counts": [...]},
+                "duration": {...same...},
+                "endpoints": {"<ip:port>": {"priority": n, "weight": n, "connections": n,
+                    "active": n, "connect_failures": n, "ejections": n, "ejected": bool,
+                    "healthy": bool, "ewma_connect_us": n}}}}}
+
+        Histogram buckets are powers of two in microseconds (``le_us`` are the
+        exclusive upper bounds; the last bucket is open-ended).
         """
 
     def close(self) -> None:

@@ -24,22 +24,97 @@ class Identity(_Model):
 
 
 class Endpoint(_Model):
+    """One endpoint. ``priority`` orders locality failover: 0 = local, then 1, 2, ... (peers in order)."""
+
     address: str
     weight: int = Field(default=1, ge=1)
+    priority: int = Field(default=0, ge=0)
+
+
+LbPolicy = Literal["round_robin", "weighted_round_robin", "least_request", "maglev"]
+"""``least_request``: power of two choices over peak-EWMA connect latency x active connections;
+``maglev``: consistent hashing (table 65537) on the client's source IP."""
+
+
+class OutlierDetection(_Model):
+    """Passive health: eject an endpoint after ``consecutive_failures`` connect failures in a row.
+
+    Ejection lasts ``base_ejection_ms`` doubled per ejection in a row (capped at ``max_ejection_ms``,
+    plus up to 10 % jitter); at most ``max_ejection_percent`` of the endpoints are ejected at once and
+    the last healthy endpoint never is. ``consecutive_failures = 0`` disables it.
+    """
+
+    consecutive_failures: int = Field(default=5, ge=0)
+    base_ejection_ms: int = Field(default=30_000, ge=1)
+    max_ejection_ms: int = Field(default=300_000, ge=1)
+    max_ejection_percent: int = Field(default=50, ge=0, le=100)
+
+
+class HealthCheck(_Model):
+    """Active TCP health checks on the data-plane runtime."""
+
+    interval_ms: int = Field(default=5_000, ge=1)
+    timeout_ms: int = Field(default=1_000, ge=1)
+    healthy_threshold: int = Field(default=2, ge=1)
+    unhealthy_threshold: int = Field(default=2, ge=1)
+
+
+class CircuitBreaker(_Model):
+    """Per-cluster limits; connections beyond them are refused at once and counted as ``circuit_open``."""
+
+    max_connections: int | None = Field(default=None, ge=1)
+    max_pending: int | None = Field(default=None, ge=1)
+
+
+class UpstreamTls(_Model):
+    """Re-encrypt to the endpoints: mTLS with the gateway's identity, endpoint pinned to ``peer_spiffe_id``."""
+
+    sni: str
+    peer_spiffe_id: str
 
 
 class Cluster(_Model):
     name: str
     endpoints: list[Endpoint]
     connect_timeout_ms: int = Field(default=5000, ge=1)
+    lb: LbPolicy = "round_robin"
+    idle_timeout_ms: int = Field(default=3_600_000, ge=0)
+    """Close a proxied connection with no byte either way for this long; 0 disables."""
+    outlier_detection: OutlierDetection = Field(default_factory=OutlierDetection)
+    health_check: HealthCheck | None = None
+    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
+    tls: UpstreamTls | None = None
+
+
+class WeightedCluster(_Model):
+    """One share of a weighted split."""
+
+    cluster: str
+    weight: int = Field(ge=0)
+
+
+class RateLimit(_Model):
+    """Token bucket on new connections: ``connections_per_second`` refill, ``burst`` capacity."""
+
+    connections_per_second: float = Field(gt=0)
+    burst: int = Field(ge=1)
 
 
 class Route(_Model):
-    """Route a server name to a cluster. ``allow`` holds SPIFFE ID patterns (terminate only)."""
+    """Route a server name to a cluster, or split it by weight over ``weighted_clusters``.
+
+    Terminate only: ``allow`` (SPIFFE ID patterns), ``proxy_protocol`` (send a PROXY v2 header
+    with the caller's SPIFFE ID in TLV 0xE0 and the SNI in TLV 0x02) and ``source_rate_limit``
+    (one bucket per caller SPIFFE ID).
+    """
 
     sni: str
-    cluster: str
+    cluster: str | None = None
+    weighted_clusters: list[WeightedCluster] | None = None
     allow: list[str] | None = None
+    proxy_protocol: bool = False
+    rate_limit: RateLimit | None = None
+    source_rate_limit: RateLimit | None = None
 
 
 class PassthroughListener(_Model):

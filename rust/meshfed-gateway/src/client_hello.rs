@@ -73,6 +73,10 @@ pub fn parse(input: &[u8]) -> Result<Parsed, HelloError> {
             return Err(HelloError::Malformed("record longer than 2^14 bytes"));
         }
         let Some(fragment) = rest.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + record_len) else {
+            // Judge the handshake header as soon as it is in, so a hello
+            // announcing an oversize length is refused before it is read.
+            let partial = rest.get(RECORD_HEADER_LEN..).unwrap_or_default();
+            check_handshake_header(&handshake, partial)?;
             return incomplete(input);
         };
         handshake.extend_from_slice(fragment);
@@ -93,6 +97,26 @@ pub fn parse(input: &[u8]) -> Result<Parsed, HelloError> {
             }
         }
     }
+}
+
+/// Checks the 4-byte handshake header once `done` + `partial` hold it.
+fn check_handshake_header(done: &[u8], partial: &[u8]) -> Result<(), HelloError> {
+    let mut header = [0u8; 4];
+    for (slot, byte) in header.iter_mut().zip(done.iter().chain(partial)) {
+        *slot = *byte;
+    }
+    if done.len() + partial.len() < 4 {
+        return Ok(());
+    }
+    if header[0] != HANDSHAKE_CLIENT_HELLO {
+        return Err(HelloError::NotClientHello(header[0]));
+    }
+    let hello_len =
+        usize::from(header[1]) << 16 | usize::from(header[2]) << 8 | usize::from(header[3]);
+    if hello_len > MAX_HELLO_LEN {
+        return Err(HelloError::TooLarge);
+    }
+    Ok(())
 }
 
 /// More bytes are needed, unless the caller has already buffered the most
@@ -352,5 +376,57 @@ mod tests {
             bytes.extend_from_slice(&[22, 3, 1, 0, 1, 0]);
         }
         assert_eq!(parse(&bytes), Err(HelloError::TooLarge));
+    }
+
+    mod randomized {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            /// Arbitrary bytes, raw or behind a plausible record header,
+            /// never panic the parser.
+            #[test]
+            fn arbitrary_input_never_panics(
+                body in prop::collection::vec(any::<u8>(), 0..600),
+                len: u16,
+            ) {
+                let _ = parse(&body);
+                let mut framed = vec![22, 3, 1];
+                framed.extend_from_slice(&len.to_be_bytes());
+                framed.extend_from_slice(&body);
+                let _ = parse(&framed);
+            }
+
+            /// Any valid SNI survives any record fragmentation, and every
+            /// proper prefix is incomplete rather than an error.
+            #[test]
+            fn sni_survives_fragmentation(
+                labels in prop::collection::vec("[a-z][a-z0-9-]{0,10}[a-z0-9]", 1..5),
+                chunk in 1usize..300,
+            ) {
+                let name = labels.join(".");
+                let server_name = ServerName::try_from(name.clone()).unwrap_or_else(|e| panic!("{e}"));
+                let hello = refragment(&real_hello(server_name), chunk);
+                prop_assert_eq!(parse(&hello), Ok(Parsed::Sni(Some(name))));
+                let cut = hello.len() / 2;
+                prop_assert_eq!(parse(&hello[..cut]), Ok(Parsed::Incomplete));
+            }
+
+            /// Random corruption of a real hello never panics.
+            #[test]
+            fn corrupted_hello_never_panics(
+                flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            ) {
+                let mut hello = hello_with_sni();
+                for (at, value) in flips {
+                    let i = at.index(hello.len());
+                    hello[i] = value;
+                }
+                let _ = parse(&hello);
+            }
+        }
     }
 }

@@ -81,7 +81,7 @@ pub(crate) struct ListenerSpec {
 #[derive(Debug)]
 pub(crate) enum ListenerMode {
     /// Peek the ClientHello, route on SNI, forward the TLS bytes untouched.
-    Passthrough { routes: SniRouter<String> },
+    Passthrough { routes: SniRouter<RouteSpec> },
     /// Finish mTLS, authorize the caller, forward plain bytes.
     Terminate {
         routes: SniRouter<TerminateRoute>,
@@ -96,11 +96,61 @@ pub(crate) enum ListenerMode {
     },
 }
 
-/// A terminate route: target cluster and who may use it.
+/// Where a route sends its connections.
+#[derive(Debug)]
+pub(crate) enum RouteTarget {
+    /// Everything to one cluster.
+    Cluster(String),
+    /// Split by weight: `(cluster, weight)`, weights summing to `total`.
+    Weighted {
+        clusters: Vec<(String, u32)>,
+        total: u64,
+    },
+}
+
+impl RouteTarget {
+    /// The cluster for a connection; `roll` is any random number.
+    pub(crate) fn pick(&self, roll: u64) -> &str {
+        match self {
+            Self::Cluster(name) => name,
+            Self::Weighted { clusters, total } => {
+                let mut point = roll % (*total).max(1);
+                for (name, weight) in clusters {
+                    let weight = u64::from(*weight);
+                    if point < weight {
+                        return name;
+                    }
+                    point -= weight;
+                }
+                clusters.last().map_or("", |(name, _)| name.as_str())
+            }
+        }
+    }
+}
+
+/// A token bucket's parameters: refill per second and capacity.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RateLimitSpec {
+    pub(crate) per_second: f64,
+    pub(crate) burst: f64,
+}
+
+/// What every passthrough or terminate route has.
+#[derive(Debug)]
+pub(crate) struct RouteSpec {
+    /// `"<listener>/<sni pattern>"`: the key route state is carried under.
+    pub(crate) key: String,
+    pub(crate) target: RouteTarget,
+    pub(crate) rate_limit: Option<RateLimitSpec>,
+}
+
+/// A terminate route: target, who may use it, and what to tell the endpoint.
 #[derive(Debug)]
 pub(crate) struct TerminateRoute {
-    pub(crate) cluster: String,
+    pub(crate) route: RouteSpec,
     pub(crate) allow: Vec<SpiffePattern>,
+    pub(crate) proxy_protocol: bool,
+    pub(crate) source_rate_limit: Option<RateLimitSpec>,
 }
 
 impl TerminateRoute {
@@ -110,12 +160,56 @@ impl TerminateRoute {
     }
 }
 
+pub(crate) use raw::Lb;
+
+/// One endpoint of a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EndpointSpec {
+    pub(crate) address: SocketAddr,
+    pub(crate) weight: u32,
+    pub(crate) priority: u32,
+}
+
+/// Passive outlier detection parameters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OutlierSpec {
+    /// 0 disables.
+    pub(crate) consecutive_failures: u32,
+    pub(crate) base_ejection: Duration,
+    pub(crate) max_ejection: Duration,
+    pub(crate) max_ejection_percent: u32,
+}
+
+/// Active TCP health check parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HealthCheckSpec {
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+    pub(crate) healthy_threshold: u32,
+    pub(crate) unhealthy_threshold: u32,
+}
+
+/// Re-encryption to a cluster's endpoints.
+#[derive(Debug)]
+pub(crate) struct UpstreamTlsSpec {
+    pub(crate) server_name: ServerName<'static>,
+    pub(crate) peer: SpiffeId,
+    pub(crate) config: Arc<ClientConfig>,
+}
+
 /// An upstream cluster.
 #[derive(Debug)]
 pub(crate) struct ClusterSpec {
     pub(crate) name: String,
-    pub(crate) endpoints: Vec<SocketAddr>,
+    pub(crate) endpoints: Vec<EndpointSpec>,
     pub(crate) connect_timeout: Duration,
+    pub(crate) lb: Lb,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) outlier: OutlierSpec,
+    pub(crate) health_check: Option<HealthCheckSpec>,
+    pub(crate) max_connections: Option<u64>,
+    pub(crate) max_pending: Option<u64>,
+    pub(crate) tls: Option<UpstreamTlsSpec>,
 }
 
 impl CompiledConfig {
@@ -187,7 +281,7 @@ fn compile(doc: raw::Document) -> Result<CompiledConfig, ConfigError> {
         bundles.insert(domain, Arc::new(roots));
     }
 
-    let clusters = compile_clusters(&doc.clusters)?;
+    let clusters = compile_clusters(&doc.clusters, identity.as_ref(), &bundles, &provider)?;
 
     let mut ctx = ListenerContext {
         identity: identity.as_ref(),
@@ -280,21 +374,39 @@ impl ListenerContext<'_> {
         match mode {
             raw::Mode::Passthrough => {
                 let routes = self.routes(i, listener, |j, route| {
-                    if route.allow.is_some() {
+                    let terminate_only = [
+                        ("allow", route.allow.is_some()),
+                        ("proxy_protocol", route.proxy_protocol),
+                        ("source_rate_limit", route.source_rate_limit.is_some()),
+                    ];
+                    if let Some((field, _)) = terminate_only.iter().find(|(_, set)| *set) {
                         return Err(ConfigError::new(
-                            at(&format!("routes[{j}].allow")),
-                            "only terminate routes authorize callers; passthrough keeps TLS end to end",
+                            at(&format!("routes[{j}].{field}")),
+                            "only terminate routes may set this; passthrough keeps TLS end to end and never sees the caller",
                         ));
                     }
-                    self.cluster(at(&format!("routes[{j}].cluster")), &route.cluster)
+                    let spec = self.route_spec(&at(&format!("routes[{j}]")), listener, route)?;
+                    if let Some(name) = self.tls_cluster(&spec.target) {
+                        return Err(ConfigError::new(
+                            at(&format!("routes[{j}]")),
+                            format!(
+                                "cluster {name:?} re-encrypts (\"tls\"), but passthrough forwards the client's TLS untouched; use a terminate listener or a cluster without \"tls\""
+                            ),
+                        ));
+                    }
+                    Ok(spec)
                 })?;
                 Ok(ListenerMode::Passthrough { routes })
             }
             raw::Mode::Terminate => {
                 let identity = self.require_identity(&at("mode"), mode)?;
                 let routes = self.routes(i, listener, |j, route| {
-                    let cluster =
-                        self.cluster(at(&format!("routes[{j}].cluster")), &route.cluster)?;
+                    let spec = self.route_spec(&at(&format!("routes[{j}]")), listener, route)?;
+                    let source_rate_limit = route
+                        .source_rate_limit
+                        .as_ref()
+                        .map(|r| rate_limit(&at(&format!("routes[{j}].source_rate_limit")), r))
+                        .transpose()?;
                     let allow = route
                         .allow
                         .iter()
@@ -309,7 +421,12 @@ impl ListenerContext<'_> {
                             })
                         })
                         .collect::<Result<Vec<_>, _>>()?;
-                    Ok(TerminateRoute { cluster, allow })
+                    Ok(TerminateRoute {
+                        route: spec,
+                        allow,
+                        proxy_protocol: route.proxy_protocol,
+                        source_rate_limit,
+                    })
                 })?;
                 let tls = match &self.server_tls {
                     Some(tls) => tls.clone(),
@@ -333,6 +450,14 @@ impl ListenerContext<'_> {
                 let sni = required("sni", &listener.sni)?;
                 let peer_spiffe_id = required("peer_spiffe_id", &listener.peer_spiffe_id)?;
                 let cluster = self.cluster(at("cluster"), &cluster)?;
+                if self.clusters.get(&cluster).is_some_and(|c| c.tls.is_some()) {
+                    return Err(ConfigError::new(
+                        at("cluster"),
+                        format!(
+                            "cluster {cluster:?} has \"tls\", but an originate listener sets sni and peer_spiffe_id itself; remove \"tls\" from the cluster"
+                        ),
+                    ));
+                }
                 let server_name = ServerName::try_from(sni.clone()).map_err(|_| {
                     ConfigError::new(at("sni"), format!("{sni:?} is not a valid TLS server name"))
                 })?;
@@ -390,6 +515,79 @@ impl ListenerContext<'_> {
             .map_err(|(j, msg)| ConfigError::new(format!("listeners[{i}].routes[{j}].sni"), msg))
     }
 
+    /// Compiles what every route has: its key, target and rate limit.
+    fn route_spec(
+        &self,
+        at: &str,
+        listener: &raw::Listener,
+        route: &raw::Route,
+    ) -> Result<RouteSpec, ConfigError> {
+        let target = match (&route.cluster, &route.weighted_clusters) {
+            (Some(cluster), None) => {
+                RouteTarget::Cluster(self.cluster(format!("{at}.cluster"), cluster)?)
+            }
+            (None, Some(split)) => {
+                if split.is_empty() {
+                    return Err(ConfigError::new(
+                        format!("{at}.weighted_clusters"),
+                        "needs at least one cluster",
+                    ));
+                }
+                let mut clusters = Vec::with_capacity(split.len());
+                let mut total = 0u64;
+                for (k, entry) in split.iter().enumerate() {
+                    let name = self.cluster(
+                        format!("{at}.weighted_clusters[{k}].cluster"),
+                        &entry.cluster,
+                    )?;
+                    total += u64::from(entry.weight);
+                    clusters.push((name, entry.weight));
+                }
+                if total == 0 {
+                    return Err(ConfigError::new(
+                        format!("{at}.weighted_clusters"),
+                        "weights must not all be 0",
+                    ));
+                }
+                RouteTarget::Weighted { clusters, total }
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    format!("{at}.weighted_clusters"),
+                    "set either \"cluster\" or \"weighted_clusters\", not both",
+                ));
+            }
+            (None, None) => {
+                return Err(ConfigError::new(
+                    format!("{at}.cluster"),
+                    "required (or \"weighted_clusters\" for a split)",
+                ));
+            }
+        };
+        let rate_limit = route
+            .rate_limit
+            .as_ref()
+            .map(|r| rate_limit(&format!("{at}.rate_limit"), r))
+            .transpose()?;
+        Ok(RouteSpec {
+            key: format!("{}/{}", listener.name, route.sni.to_ascii_lowercase()),
+            target,
+            rate_limit,
+        })
+    }
+
+    /// The first cluster of `target` that re-encrypts, if any.
+    fn tls_cluster<'t>(&self, target: &'t RouteTarget) -> Option<&'t str> {
+        let has_tls = |name: &str| self.clusters.get(name).is_some_and(|c| c.tls.is_some());
+        match target {
+            RouteTarget::Cluster(name) => Some(name.as_str()).filter(|n| has_tls(n)),
+            RouteTarget::Weighted { clusters, .. } => clusters
+                .iter()
+                .map(|(name, _)| name.as_str())
+                .find(|n| has_tls(n)),
+        }
+    }
+
     fn cluster(&self, path: String, name: &str) -> Result<String, ConfigError> {
         if self.clusters.contains_key(name) {
             Ok(name.to_owned())
@@ -436,8 +634,30 @@ fn compile_identity(identity: &raw::Identity) -> Result<Identity, ConfigError> {
     })
 }
 
+fn rate_limit(at: &str, raw: &raw::RateLimit) -> Result<RateLimitSpec, ConfigError> {
+    if !(raw.connections_per_second.is_finite() && raw.connections_per_second > 0.0) {
+        return Err(ConfigError::new(
+            format!("{at}.connections_per_second"),
+            "must be a number greater than 0",
+        ));
+    }
+    if raw.burst == 0 {
+        return Err(ConfigError::new(
+            format!("{at}.burst"),
+            "must be at least 1",
+        ));
+    }
+    Ok(RateLimitSpec {
+        per_second: raw.connections_per_second,
+        burst: f64::from(raw.burst),
+    })
+}
+
 fn compile_clusters(
     clusters: &[raw::Cluster],
+    identity: Option<&Identity>,
+    bundles: &BTreeMap<TrustDomain, Arc<RootCertStore>>,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<HashMap<String, Arc<ClusterSpec>>, ConfigError> {
     let mut out = HashMap::with_capacity(clusters.len());
     for (i, cluster) in clusters.iter().enumerate() {
@@ -451,15 +671,21 @@ fn compile_clusters(
                 "needs at least one endpoint",
             ));
         }
+        if cluster.endpoints.len() > usize::from(u16::MAX) {
+            return Err(ConfigError::new(
+                at("endpoints"),
+                format!("at most {} endpoints per cluster", u16::MAX),
+            ));
+        }
         if cluster.connect_timeout_ms == 0 {
             return Err(ConfigError::new(
                 at("connect_timeout_ms"),
                 "must be greater than 0",
             ));
         }
-        let mut endpoints = Vec::with_capacity(cluster.endpoints.len());
+        let mut endpoints: Vec<EndpointSpec> = Vec::with_capacity(cluster.endpoints.len());
         for (j, endpoint) in cluster.endpoints.iter().enumerate() {
-            let address = endpoint.address.parse().map_err(|_| {
+            let address: SocketAddr = endpoint.address.parse().map_err(|_| {
                 ConfigError::new(
                     at(&format!("endpoints[{j}].address")),
                     format!("{:?} is not an ip:port socket address", endpoint.address),
@@ -471,12 +697,95 @@ fn compile_clusters(
                     "must be at least 1",
                 ));
             }
-            endpoints.push(address);
+            if endpoints.iter().any(|e| e.address == address) {
+                return Err(ConfigError::new(
+                    at(&format!("endpoints[{j}].address")),
+                    format!("duplicate endpoint {address} (raise its weight instead)"),
+                ));
+            }
+            endpoints.push(EndpointSpec {
+                address,
+                weight: endpoint.weight,
+                priority: endpoint.priority,
+            });
         }
+        let od = &cluster.outlier_detection;
+        if od.base_ejection_ms == 0 {
+            return Err(ConfigError::new(
+                at("outlier_detection.base_ejection_ms"),
+                "must be greater than 0",
+            ));
+        }
+        if od.max_ejection_ms < od.base_ejection_ms {
+            return Err(ConfigError::new(
+                at("outlier_detection.max_ejection_ms"),
+                "must be at least base_ejection_ms",
+            ));
+        }
+        if od.max_ejection_percent > 100 {
+            return Err(ConfigError::new(
+                at("outlier_detection.max_ejection_percent"),
+                "must be between 0 and 100",
+            ));
+        }
+        let health_check = cluster
+            .health_check
+            .as_ref()
+            .map(|hc| {
+                let positive = [
+                    ("interval_ms", hc.interval_ms),
+                    ("timeout_ms", hc.timeout_ms),
+                    ("healthy_threshold", u64::from(hc.healthy_threshold)),
+                    ("unhealthy_threshold", u64::from(hc.unhealthy_threshold)),
+                ];
+                if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
+                    return Err(ConfigError::new(
+                        at(&format!("health_check.{field}")),
+                        "must be greater than 0",
+                    ));
+                }
+                Ok(HealthCheckSpec {
+                    interval: Duration::from_millis(hc.interval_ms),
+                    timeout: Duration::from_millis(hc.timeout_ms),
+                    healthy_threshold: hc.healthy_threshold,
+                    unhealthy_threshold: hc.unhealthy_threshold,
+                })
+            })
+            .transpose()?;
+        let breaker = &cluster.circuit_breaker;
+        for (field, value) in [
+            ("max_connections", breaker.max_connections),
+            ("max_pending", breaker.max_pending),
+        ] {
+            if value == Some(0) {
+                return Err(ConfigError::new(
+                    at(&format!("circuit_breaker.{field}")),
+                    "must be at least 1 (leave it out for no limit)",
+                ));
+            }
+        }
+        let tls = cluster
+            .tls
+            .as_ref()
+            .map(|t| compile_upstream_tls(&at("tls"), t, identity, bundles, provider))
+            .transpose()?;
         let spec = ClusterSpec {
             name: cluster.name.clone(),
             endpoints,
             connect_timeout: Duration::from_millis(cluster.connect_timeout_ms),
+            lb: cluster.lb,
+            idle_timeout: Some(Duration::from_millis(cluster.idle_timeout_ms))
+                .filter(|d| !d.is_zero()),
+            outlier: OutlierSpec {
+                consecutive_failures: od.consecutive_failures,
+                base_ejection: Duration::from_millis(od.base_ejection_ms),
+                max_ejection: Duration::from_millis(od.max_ejection_ms),
+                max_ejection_percent: od.max_ejection_percent,
+            },
+            health_check,
+            max_connections: breaker.max_connections.map(u64::from),
+            max_pending: breaker.max_pending.map(u64::from),
+            tls,
         };
         if out.insert(cluster.name.clone(), Arc::new(spec)).is_some() {
             return Err(ConfigError::new(
@@ -486,6 +795,45 @@ fn compile_clusters(
         }
     }
     Ok(out)
+}
+
+fn compile_upstream_tls(
+    at: &str,
+    raw: &raw::UpstreamTls,
+    identity: Option<&Identity>,
+    bundles: &BTreeMap<TrustDomain, Arc<RootCertStore>>,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<UpstreamTlsSpec, ConfigError> {
+    let identity = identity.ok_or_else(|| {
+        ConfigError::new(
+            at,
+            "re-encryption presents the gateway's identity, but \"identity\" is missing",
+        )
+    })?;
+    let server_name = ServerName::try_from(raw.sni.clone()).map_err(|_| {
+        ConfigError::new(
+            format!("{at}.sni"),
+            format!("{:?} is not a valid TLS server name", raw.sni),
+        )
+    })?;
+    let peer = SpiffeId::parse(&raw.peer_spiffe_id)
+        .map_err(|e| ConfigError::new(format!("{at}.peer_spiffe_id"), e.to_string()))?;
+    let Some(roots) = bundles.get(peer.trust_domain()) else {
+        return Err(ConfigError::new(
+            format!("{at}.peer_spiffe_id"),
+            format!(
+                "no trust bundle for trust domain {:?} — add it to trust_bundles",
+                peer.trust_domain().as_str()
+            ),
+        ));
+    };
+    let config = tls::client_config(provider.clone(), identity, roots.clone(), peer.clone())
+        .map_err(|e| ConfigError::new(at, format!("cannot build TLS client: {e}")))?;
+    Ok(UpstreamTlsSpec {
+        server_name,
+        peer,
+        config,
+    })
 }
 
 fn build_server_tls(

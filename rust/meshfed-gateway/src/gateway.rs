@@ -1,8 +1,11 @@
 //! The running gateway: its own tokio runtime, listeners, the config
 //! snapshot that connections read, and `apply()`, the one writer.
 
+mod balancer;
 mod connection;
 mod counting;
+mod health;
+mod limits;
 mod stats;
 mod upstream;
 
@@ -19,10 +22,12 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
 
 use self::connection::Snapshot;
+use self::health::RunningChecks;
 use self::stats::ListenerStats;
 use crate::config::{CompiledConfig, ConfigError};
 
-pub use self::stats::ListenerSnapshot;
+pub use self::stats::{HistogramSnapshot, ListenerSnapshot, RouteSnapshot};
+pub use self::upstream::{ClusterSnapshot, EndpointSnapshot};
 
 /// Worker threads of the data-plane runtime.
 const WORKER_THREADS: usize = 2;
@@ -86,6 +91,8 @@ pub struct Gateway {
 #[derive(Default)]
 struct Control {
     listeners: BTreeMap<String, RunningListener>,
+    /// Active health checks by cluster name.
+    health_checks: HashMap<String, RunningChecks>,
     closed: bool,
 }
 
@@ -94,6 +101,15 @@ struct RunningListener {
     local: SocketAddr,
     stats: Arc<ListenerStats>,
     task: JoinHandle<()>,
+}
+
+impl RunningListener {
+    /// Whether this socket already serves a listener configured at
+    /// `address`: the same configured address, or the exact address it is
+    /// bound to (a config re-applied with the port resolved from `:0`).
+    fn serves(&self, address: SocketAddr) -> bool {
+        self.configured == address || self.local == address
+    }
 }
 
 impl Gateway {
@@ -157,16 +173,44 @@ impl Gateway {
             .collect()
     }
 
-    /// The counters as JSON: `{"listeners": {"<name>": {...}}}`.
+    /// Counters, gauges and latency histograms of every cluster of the
+    /// running config, by cluster name (endpoints by address inside).
+    pub fn cluster_stats(&self) -> BTreeMap<String, ClusterSnapshot> {
+        let snapshot = self.snapshot.load();
+        snapshot
+            .clusters
+            .iter()
+            .filter_map(|(name, state)| {
+                let spec = snapshot.config.clusters.get(name)?;
+                Some((name.clone(), state.snapshot(spec)))
+            })
+            .collect()
+    }
+
+    /// The counters as JSON: `{"listeners": {"<name>": {..., "routes":
+    /// {"<sni>": {...}}}}, "clusters": {"<name>": {..., "endpoints":
+    /// {"<ip:port>": {...}}}}}`. Reads atomics only: never waits on the
+    /// data plane.
     pub fn stats_json(&self) -> String {
         #[derive(serde::Serialize)]
         struct Doc {
             listeners: BTreeMap<String, ListenerSnapshot>,
+            clusters: BTreeMap<String, ClusterSnapshot>,
+        }
+        let mut listeners = self.stats();
+        let snapshot = self.snapshot.load();
+        for (key, route) in &snapshot.routes {
+            if let Some((listener, sni)) = key.split_once('/') {
+                if let Some(l) = listeners.get_mut(listener) {
+                    l.routes.insert(sni.to_owned(), route.stats.snapshot());
+                }
+            }
         }
         serde_json::to_string(&Doc {
-            listeners: self.stats(),
+            listeners,
+            clusters: self.cluster_stats(),
         })
-        .unwrap_or_else(|_| r#"{"listeners":{}}"#.to_owned())
+        .unwrap_or_else(|_| r#"{"listeners":{},"clusters":{}}"#.to_owned())
     }
 
     /// Stops every listener and the runtime. Idempotent; also run on drop.
@@ -176,6 +220,9 @@ impl Gateway {
             control.closed = true;
             for (_, listener) in std::mem::take(&mut control.listeners) {
                 listener.task.abort();
+            }
+            for (_, checks) in std::mem::take(&mut control.health_checks) {
+                checks.stop();
             }
         }
         let runtime = self
@@ -211,7 +258,7 @@ impl Gateway {
             let kept = control
                 .listeners
                 .get(&spec.name)
-                .is_some_and(|running| running.configured == spec.address);
+                .is_some_and(|running| running.serves(spec.address));
             if !kept {
                 let listener = self.bind(&spec.name, spec.address)?;
                 fresh.push((spec.name.clone(), spec.address, listener));
@@ -223,25 +270,19 @@ impl Gateway {
             .map(|l| (l.name.clone(), l.address))
             .collect();
 
-        // 2. Swap the snapshot, carrying cluster state over by name.
+        // 2. Swap the snapshot, carrying cluster, endpoint and route state
+        //    over by name, endpoint key and route key.
         let previous = self.snapshot.load_full();
-        let clusters = config
-            .clusters
-            .keys()
-            .map(|name| {
-                let state = previous.clusters.get(name).cloned().unwrap_or_default();
-                (name.clone(), state)
-            })
-            .collect();
-        self.snapshot.store(Arc::new(Snapshot {
-            config: Arc::new(config),
-            clusters,
-        }));
+        let next = Arc::new(Snapshot::build(config, &previous));
+        self.snapshot.store(next.clone());
+        self.sync_health_checks(&mut control, &next);
 
         // 3. Stop accepting on listeners that are gone or moved.
         let mut carried_stats = HashMap::new();
         control.listeners.retain(|name, running| {
-            let keep = wanted.get(name) == Some(&running.configured);
+            let keep = wanted
+                .get(name)
+                .is_some_and(|address| running.serves(*address));
             if !keep {
                 running.task.abort();
                 carried_stats.insert(name.clone(), running.stats.clone());
@@ -271,6 +312,30 @@ impl Gateway {
             );
         }
         Ok(())
+    }
+
+    /// Starts, keeps or stops active health checks to match `snapshot`.
+    fn sync_health_checks(&self, control: &mut Control, snapshot: &Snapshot) {
+        let mut old = std::mem::take(&mut control.health_checks);
+        for (name, spec) in &snapshot.config.clusters {
+            let (Some(check), Some(state)) = (spec.health_check, snapshot.clusters.get(name))
+            else {
+                continue;
+            };
+            let running = match old.remove(name) {
+                Some(running) if running.matches(&check, state) => running,
+                other => {
+                    if let Some(stale) = other {
+                        stale.stop();
+                    }
+                    RunningChecks::start(&self.handle, spec, check, state)
+                }
+            };
+            control.health_checks.insert(name.clone(), running);
+        }
+        for (_, stale) in old {
+            stale.stop();
+        }
     }
 
     fn bind(

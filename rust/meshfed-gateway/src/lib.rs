@@ -16,11 +16,15 @@
 pub mod client_hello;
 pub mod config;
 mod gateway;
+pub mod proxy_protocol;
 pub mod spiffe;
 mod tls;
 
 pub use config::{CompiledConfig, ConfigError, validate_config};
-pub use gateway::{Gateway, GatewayError, ListenerSnapshot};
+pub use gateway::{
+    ClusterSnapshot, EndpointSnapshot, Gateway, GatewayError, HistogramSnapshot, ListenerSnapshot,
+    RouteSnapshot,
+};
 pub use spiffe::{SpiffeError, SpiffeId, SpiffePattern, TrustDomain};
 pub use tls::{SvidError, spiffe_id_of};
 

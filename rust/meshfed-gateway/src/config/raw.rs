@@ -69,13 +69,52 @@ impl Mode {
     }
 }
 
-/// An SNI route; `allow` only in terminate mode.
+/// An SNI route. Exactly one of `cluster` / `weighted_clusters`;
+/// `allow`, `proxy_protocol` and `source_rate_limit` only in terminate mode.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Route {
     pub(crate) sni: String,
-    pub(crate) cluster: String,
+    /// All traffic of the route goes to this cluster.
+    pub(crate) cluster: Option<String>,
+    /// Traffic split across clusters by weight (A/B, canary).
+    pub(crate) weighted_clusters: Option<Vec<WeightedCluster>>,
     pub(crate) allow: Option<Vec<String>>,
+    /// Send a PROXY protocol v2 header (source, destination, caller SPIFFE ID)
+    /// to the endpoint before any byte of the client.
+    #[serde(default)]
+    pub(crate) proxy_protocol: bool,
+    /// Token bucket on new connections of the route, all callers together.
+    pub(crate) rate_limit: Option<RateLimit>,
+    /// Token bucket on new connections of the route, one per caller SPIFFE ID.
+    pub(crate) source_rate_limit: Option<RateLimit>,
+}
+
+/// One cluster of a weighted split.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WeightedCluster {
+    pub(crate) cluster: String,
+    pub(crate) weight: u32,
+}
+
+/// A token bucket: `connections_per_second` refill, `burst` capacity.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RateLimit {
+    pub(crate) connections_per_second: f64,
+    pub(crate) burst: u32,
+}
+
+/// Load-balancing policy of a cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Lb {
+    #[default]
+    RoundRobin,
+    WeightedRoundRobin,
+    LeastRequest,
+    Maglev,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +124,19 @@ pub(crate) struct Cluster {
     pub(crate) endpoints: Vec<Endpoint>,
     #[serde(default = "default_connect_timeout_ms")]
     pub(crate) connect_timeout_ms: u64,
+    #[serde(default)]
+    pub(crate) lb: Lb,
+    /// Close a proxied connection after this long without a byte either
+    /// way; 0 disables.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub(crate) idle_timeout_ms: u64,
+    #[serde(default)]
+    pub(crate) outlier_detection: OutlierDetection,
+    pub(crate) health_check: Option<HealthCheck>,
+    #[serde(default)]
+    pub(crate) circuit_breaker: CircuitBreaker,
+    /// Re-encrypt: connect to the endpoints over mTLS (terminate routes only).
+    pub(crate) tls: Option<UpstreamTls>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +145,68 @@ pub(crate) struct Endpoint {
     pub(crate) address: String,
     #[serde(default = "default_weight")]
     pub(crate) weight: u32,
+    /// Locality priority: 0 = local, then 1, 2, ... in failover order.
+    #[serde(default)]
+    pub(crate) priority: u32,
+}
+
+/// Passive health: eject an endpoint after consecutive connect failures.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OutlierDetection {
+    /// Connect failures in a row that eject an endpoint; 0 disables.
+    #[serde(default = "default_consecutive_failures")]
+    pub(crate) consecutive_failures: u32,
+    /// First ejection time; doubles with each ejection in a row.
+    #[serde(default = "default_base_ejection_ms")]
+    pub(crate) base_ejection_ms: u64,
+    /// Ceiling of the ejection time (before jitter).
+    #[serde(default = "default_max_ejection_ms")]
+    pub(crate) max_ejection_ms: u64,
+    /// At most this share of the cluster's endpoints is ejected at once.
+    #[serde(default = "default_max_ejection_percent")]
+    pub(crate) max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_consecutive_failures(),
+            base_ejection_ms: default_base_ejection_ms(),
+            max_ejection_ms: default_max_ejection_ms(),
+            max_ejection_percent: default_max_ejection_percent(),
+        }
+    }
+}
+
+/// Active TCP health checks, run on the data-plane runtime.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HealthCheck {
+    #[serde(default = "default_hc_interval_ms")]
+    pub(crate) interval_ms: u64,
+    #[serde(default = "default_hc_timeout_ms")]
+    pub(crate) timeout_ms: u64,
+    #[serde(default = "default_hc_threshold")]
+    pub(crate) healthy_threshold: u32,
+    #[serde(default = "default_hc_threshold")]
+    pub(crate) unhealthy_threshold: u32,
+}
+
+/// Per-cluster circuit breaker; absent limits are unlimited.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CircuitBreaker {
+    pub(crate) max_connections: Option<u32>,
+    pub(crate) max_pending: Option<u32>,
+}
+
+/// mTLS to a cluster's endpoints with the gateway's identity.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpstreamTls {
+    pub(crate) sni: String,
+    pub(crate) peer_spiffe_id: String,
 }
 
 fn default_handshake_timeout_ms() -> u64 {
@@ -105,4 +219,36 @@ fn default_connect_timeout_ms() -> u64 {
 
 fn default_weight() -> u32 {
     1
+}
+
+fn default_idle_timeout_ms() -> u64 {
+    3_600_000
+}
+
+fn default_consecutive_failures() -> u32 {
+    5
+}
+
+fn default_base_ejection_ms() -> u64 {
+    30_000
+}
+
+fn default_max_ejection_ms() -> u64 {
+    300_000
+}
+
+fn default_max_ejection_percent() -> u32 {
+    50
+}
+
+fn default_hc_interval_ms() -> u64 {
+    5_000
+}
+
+fn default_hc_timeout_ms() -> u64 {
+    1_000
+}
+
+fn default_hc_threshold() -> u32 {
+    2
 }

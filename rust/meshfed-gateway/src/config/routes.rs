@@ -59,6 +59,13 @@ impl<R> SniRouter<R> {
         Ok(Self { exact, wildcards })
     }
 
+    /// Every route, in no particular order.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &R> {
+        self.exact
+            .values()
+            .chain(self.wildcards.iter().map(|(_, route)| route))
+    }
+
     /// The route for `sni`, if any.
     pub(crate) fn lookup(&self, sni: &str) -> Option<&R> {
         let sni = sni.to_ascii_lowercase();

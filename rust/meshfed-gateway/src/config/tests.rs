@@ -266,3 +266,151 @@ fn syntax_errors_are_reported() {
     let err = CompiledConfig::from_json(b"{} {}").err();
     assert!(err.is_some_and(|e| e.message().contains("trailing")));
 }
+
+#[test]
+fn data_plane_fields_compile() {
+    let mut doc = good();
+    doc["clusters"][0] = json!({
+        "name": "web", "lb": "maglev", "idle_timeout_ms": 0, "connect_timeout_ms": 100,
+        "endpoints": [{"address": "127.0.0.1:8080", "weight": 2, "priority": 0},
+                      {"address": "127.0.0.1:8081", "priority": 1}],
+        "outlier_detection": {"consecutive_failures": 3, "base_ejection_ms": 1000,
+                              "max_ejection_ms": 8000, "max_ejection_percent": 30},
+        "health_check": {"interval_ms": 1000},
+        "circuit_breaker": {"max_connections": 100, "max_pending": 10},
+    });
+    doc["clusters"][1]["lb"] = json!("least_request");
+    doc["clusters"].as_array_mut().unwrap().push(json!({
+        "name": "web-tls", "endpoints": [{"address": "127.0.0.1:9443"}],
+        "tls": {"sni": "web.default.svc", "peer_spiffe_id": "spiffe://east.mesh/ns/default/sa/web"}
+    }));
+    doc["listeners"][0]["routes"][0] = json!({"sni": SNI, "weighted_clusters": [
+        {"cluster": "web", "weight": 90}, {"cluster": "east-gateway", "weight": 10}],
+        "rate_limit": {"connections_per_second": 100.0, "burst": 20}});
+    doc["listeners"][1]["routes"][0] = json!({"sni": SNI, "cluster": "web-tls",
+        "allow": ["spiffe://west.mesh/*"], "proxy_protocol": true,
+        "source_rate_limit": {"connections_per_second": 5, "burst": 5}});
+    let config = compile_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+    let web = &config.clusters["web"];
+    assert_eq!(web.lb, Lb::Maglev);
+    assert_eq!(web.idle_timeout, None);
+    assert_eq!(web.endpoints[1].priority, 1);
+    assert_eq!(web.max_pending, Some(10));
+    assert!(config.clusters["web-tls"].tls.is_some());
+}
+
+#[test]
+fn data_plane_rejections_name_the_field() {
+    rejects(
+        |d| d["clusters"][0]["lb"] = json!("random"),
+        "clusters[0].lb",
+        "unknown variant",
+    );
+    rejects(
+        |d| d["clusters"][0]["outlier_detection"] = json!({"max_ejection_percent": 101}),
+        "clusters[0].outlier_detection.max_ejection_percent",
+        "between 0 and 100",
+    );
+    rejects(
+        |d| {
+            d["clusters"][0]["outlier_detection"] =
+                json!({"base_ejection_ms": 10, "max_ejection_ms": 5})
+        },
+        "clusters[0].outlier_detection.max_ejection_ms",
+        "at least base_ejection_ms",
+    );
+    rejects(
+        |d| d["clusters"][0]["outlier_detection"] = json!({"consecutive": 1}),
+        "clusters[0].outlier_detection.consecutive",
+        "unknown field",
+    );
+    rejects(
+        |d| d["clusters"][0]["health_check"] = json!({"interval_ms": 0}),
+        "clusters[0].health_check.interval_ms",
+        "greater than 0",
+    );
+    rejects(
+        |d| d["clusters"][0]["circuit_breaker"] = json!({"max_connections": 0}),
+        "clusters[0].circuit_breaker.max_connections",
+        "at least 1",
+    );
+    rejects(
+        |d| d["clusters"][0]["endpoints"][0]["priority"] = json!(-1),
+        "clusters[0].endpoints[0].priority",
+        "invalid value",
+    );
+    rejects(
+        |d| {
+            d["clusters"][0]["endpoints"] =
+                json!([{"address": "127.0.0.1:1"}, {"address": "127.0.0.1:1"}])
+        },
+        "clusters[0].endpoints[1].address",
+        "duplicate endpoint",
+    );
+    rejects(
+        |d| {
+            d["clusters"][0]["tls"] =
+                json!({"sni": "web", "peer_spiffe_id": "spiffe://nowhere.mesh/x"});
+        },
+        "clusters[0].tls.peer_spiffe_id",
+        "no trust bundle",
+    );
+    rejects(
+        |d| {
+            d["clusters"][0]["tls"] =
+                json!({"sni": "web", "peer_spiffe_id": "spiffe://east.mesh/x"})
+        },
+        "listeners[0].routes[0]",
+        "passthrough forwards the client's TLS untouched",
+    );
+    rejects(
+        |d| {
+            d["listeners"][0]["routes"][0]["weighted_clusters"] =
+                json!([{"cluster": "web", "weight": 1}]);
+        },
+        "listeners[0].routes[0].weighted_clusters",
+        "not both",
+    );
+    rejects(
+        |d| {
+            d["listeners"][0]["routes"][0] =
+                json!({"sni": SNI, "weighted_clusters": [{"cluster": "nope", "weight": 1}]});
+        },
+        "listeners[0].routes[0].weighted_clusters[0].cluster",
+        "no cluster named",
+    );
+    rejects(
+        |d| {
+            d["listeners"][0]["routes"][0] =
+                json!({"sni": SNI, "weighted_clusters": [{"cluster": "web", "weight": 0}]});
+        },
+        "listeners[0].routes[0].weighted_clusters",
+        "must not all be 0",
+    );
+    rejects(
+        |d| d["listeners"][0]["routes"][0] = json!({"sni": SNI}),
+        "listeners[0].routes[0].cluster",
+        "required",
+    );
+    rejects(
+        |d| d["listeners"][0]["routes"][0]["proxy_protocol"] = json!(true),
+        "listeners[0].routes[0].proxy_protocol",
+        "only terminate routes",
+    );
+    rejects(
+        |d| {
+            d["listeners"][1]["routes"][0]["rate_limit"] =
+                json!({"connections_per_second": 0, "burst": 1});
+        },
+        "listeners[1].routes[0].rate_limit.connections_per_second",
+        "greater than 0",
+    );
+    rejects(
+        |d| {
+            d["listeners"][1]["routes"][0]["source_rate_limit"] =
+                json!({"connections_per_second": 1, "burst": 0});
+        },
+        "listeners[1].routes[0].source_rate_limit.burst",
+        "at least 1",
+    );
+}

@@ -4,29 +4,41 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ServerConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, copy_bidirectional};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use super::counting::Counted;
-use super::stats::{ConnectionGuard, ListenerStats, inc};
-use super::upstream::{self, ClusterState, ConnectError};
+use super::balancer;
+use super::counting::{Counted, Sinks};
+use super::limits::RouteState;
+use super::stats::{ConnectionGuard, HandshakeFailure, ListenerStats, inc};
+use super::upstream::{self, ClusterState, ConnectError, Lease, Previous, now_ms};
 use crate::client_hello::{self, HelloError, Parsed};
-use crate::config::{ClusterSpec, CompiledConfig, ListenerMode, SniRouter, TerminateRoute};
+use crate::config::{
+    ClusterSpec, CompiledConfig, ListenerMode, RouteSpec, SniRouter, TerminateRoute,
+};
+use crate::proxy_protocol;
 use crate::spiffe::SpiffeId;
 use crate::tls::{SvidError, spiffe_id_of};
 
-/// One generation of configuration plus the load-balancing state of its
-/// clusters. A connection loads it once and keeps it for its whole life.
+/// Copy buffer per direction of a proxied connection. Small on purpose:
+/// idle connections dominate a gateway's memory, and TCP already buffers.
+pub(crate) const COPY_BUFFER: usize = 4 * 1024;
+
+/// One generation of configuration plus the runtime state of its clusters
+/// and routes. A connection loads it once and keeps it for its whole life.
 #[derive(Debug)]
 pub(crate) struct Snapshot {
     pub(crate) config: Arc<CompiledConfig>,
     pub(crate) clusters: HashMap<String, Arc<ClusterState>>,
+    /// By route key (`"<listener>/<sni pattern>"`).
+    pub(crate) routes: HashMap<String, Arc<RouteState>>,
 }
 
 impl Snapshot {
@@ -34,6 +46,41 @@ impl Snapshot {
         Self {
             config: Arc::new(CompiledConfig::empty()),
             clusters: HashMap::new(),
+            routes: HashMap::new(),
+        }
+    }
+
+    /// The snapshot for `config`, carrying state over from `previous`:
+    /// clusters by name, endpoints by address, routes by key.
+    pub(crate) fn build(config: CompiledConfig, previous: &Snapshot) -> Self {
+        let carried = Previous {
+            clusters: &previous.clusters,
+        };
+        let clusters = config
+            .clusters
+            .iter()
+            .map(|(name, spec)| (name.clone(), Arc::new(ClusterState::build(spec, &carried))))
+            .collect();
+        let mut routes = HashMap::new();
+        for listener in &config.listeners {
+            let keys: Vec<&str> = match &listener.mode {
+                ListenerMode::Passthrough { routes } => {
+                    routes.values().map(|r| r.key.as_str()).collect()
+                }
+                ListenerMode::Terminate { routes, .. } => {
+                    routes.values().map(|r| r.route.key.as_str()).collect()
+                }
+                ListenerMode::Originate { .. } => Vec::new(),
+            };
+            for key in keys {
+                let state = previous.routes.get(key).cloned().unwrap_or_default();
+                routes.insert(key.to_owned(), state);
+            }
+        }
+        Self {
+            config: Arc::new(config),
+            clusters,
+            routes,
         }
     }
 
@@ -51,12 +98,14 @@ enum ConnError {
     ClosedBeforeHello,
     #[error("bad ClientHello: {0}")]
     Hello(#[from] HelloError),
-    #[error("TLS handshake not finished within {0:?}")]
-    HandshakeTimeout(std::time::Duration),
+    #[error(
+        "TLS handshake not finished within {0:?} — raise handshake_timeout_ms if clients are slow"
+    )]
+    HandshakeTimeout(Duration),
     #[error("TLS handshake with client failed: {0}")]
     ServerHandshake(io::Error),
     #[error(
-        "TLS handshake with peer gateway {address} failed: {source} — does it present {peer} signed by its trust bundle?"
+        "TLS handshake with {address} failed: {source} — does it present {peer} signed by its trust bundle?"
     )]
     ClientHandshake {
         address: SocketAddr,
@@ -69,14 +118,30 @@ enum ConnError {
     NoRoute(String),
     #[error("caller {caller} is not allowed on SNI {sni:?}")]
     Denied { caller: SpiffeId, sni: String },
+    #[error("rate limit of route {0:?} exceeded")]
+    RateLimited(String),
     #[error("verified client certificate has no SPIFFE ID: {0}")]
     Svid(#[from] SvidError),
     #[error("no cluster named {0:?} in this config generation")]
     UnknownCluster(String),
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    #[error("cannot write the PROXY header: {0}")]
+    ProxyHeader(#[from] proxy_protocol::ProxyHeaderError),
+    #[error("no byte either way for {0:?} (the cluster's idle_timeout_ms)")]
+    Idle(Duration),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
+}
+
+fn hello_failure(e: &ConnError) -> HandshakeFailure {
+    match e {
+        ConnError::HandshakeTimeout(_) => HandshakeFailure::Timeout,
+        ConnError::ClosedBeforeHello | ConnError::Io(_) => HandshakeFailure::Closed,
+        ConnError::Hello(HelloError::NotHandshake(_)) => HandshakeFailure::NotTls,
+        ConnError::Hello(HelloError::TooLarge) => HandshakeFailure::TooLarge,
+        _ => HandshakeFailure::Malformed,
+    }
 }
 
 /// Serves one accepted connection to its end.
@@ -92,17 +157,25 @@ pub(crate) async fn serve(
         None => Err(ConnError::ListenerGone),
         Some(spec) => match &spec.mode {
             ListenerMode::Passthrough { routes } => {
-                passthrough(client, routes, &snapshot, &stats).await
+                passthrough(client, peer, routes, &snapshot, &stats).await
             }
             ListenerMode::Terminate { routes, tls } => {
-                terminate(client, routes, tls, &snapshot, &stats).await
+                terminate(client, peer, routes, tls, &snapshot, &stats).await
             }
             ListenerMode::Originate {
                 cluster,
                 server_name,
-                peer,
+                peer: peer_id,
                 tls,
-            } => originate(client, cluster, server_name, peer, tls, &snapshot, &stats).await,
+            } => {
+                let target = OriginateTarget {
+                    cluster,
+                    server_name,
+                    peer: peer_id,
+                    tls,
+                };
+                originate(client, peer, target, &snapshot, &stats).await
+            }
         },
     };
     match result {
@@ -116,7 +189,8 @@ pub(crate) async fn serve(
 /// Routes on the ClientHello's SNI and forwards the TLS bytes untouched.
 async fn passthrough(
     mut client: TcpStream,
-    routes: &SniRouter<String>,
+    peer: SocketAddr,
+    routes: &SniRouter<RouteSpec>,
     snapshot: &Snapshot,
     stats: &Arc<ListenerStats>,
 ) -> Result<(u64, u64), ConnError> {
@@ -124,34 +198,43 @@ async fn passthrough(
     let read = timeout(limit, read_client_hello(&mut client))
         .await
         .unwrap_or(Err(ConnError::HandshakeTimeout(limit)));
-    let (hello, sni) = read.inspect_err(|_| inc(&stats.handshake_failures))?;
+    let (hello, sni) = read.inspect_err(|e| stats.handshake_failed(hello_failure(e)))?;
     let sni = sni
         .ok_or(ConnError::NoSni)
         .inspect_err(|_| inc(&stats.no_route))?;
-    let cluster = routes
+    let route = routes
         .lookup(&sni)
         .ok_or_else(|| ConnError::NoRoute(sni.clone()))
         .inspect_err(|_| inc(&stats.no_route))?;
-    let mut upstream = connect(snapshot, cluster, stats).await?;
+    let route_state = admit(snapshot, route, None, None, stats)?;
+    let (spec, mut upstream, lease) = connect(snapshot, route, peer, stats).await?;
     upstream.write_all(&hello).await?;
-    stats
-        .bytes_client_to_upstream
-        .fetch_add(hello.len() as u64, Ordering::Relaxed);
-    let mut client = Counted::new(client, stats.clone());
-    Ok(copy_bidirectional(&mut client, &mut upstream).await?)
+    let sinks = sinks(stats, route_state, &lease);
+    sinks.up(hello.len() as u64);
+    drop(hello);
+    let idle = spec.idle_timeout;
+    proxy(
+        Counted::new(client, sinks.clone()),
+        upstream,
+        idle,
+        &sinks,
+        stats,
+    )
+    .await
 }
 
 /// Reads until the buffered bytes hold a complete ClientHello; returns all
-/// bytes read (to be forwarded) and the SNI.
+/// bytes read (to be forwarded) and the SNI. The buffer is bounded by
+/// [`client_hello::MAX_INPUT_LEN`]: the parser refuses anything longer.
 async fn read_client_hello(stream: &mut TcpStream) -> Result<(Vec<u8>, Option<String>), ConnError> {
-    let mut buf = Vec::with_capacity(2048);
-    let mut chunk = [0u8; 4096];
+    // Read straight into the heap buffer: no stack array lives on in the
+    // connection's future while it proxies.
+    let mut buf = Vec::with_capacity(1024);
     loop {
-        let n = stream.read(&mut chunk).await?;
-        let Some(bytes) = chunk.get(..n).filter(|b| !b.is_empty()) else {
+        buf.reserve(1024);
+        if stream.read_buf(&mut buf).await? == 0 {
             return Err(ConnError::ClosedBeforeHello);
-        };
-        buf.extend_from_slice(bytes);
+        }
         if let Parsed::Sni(sni) = client_hello::parse(&buf)? {
             return Ok((buf, sni));
         }
@@ -159,24 +242,27 @@ async fn read_client_hello(stream: &mut TcpStream) -> Result<(Vec<u8>, Option<St
 }
 
 /// Finishes mTLS, authorizes the caller's SPIFFE ID on the route of its
-/// SNI, and forwards plain bytes to the route's cluster.
+/// SNI, applies rate limits, and forwards plain (or re-encrypted) bytes to
+/// the route's cluster, behind a PROXY v2 header when the route asks.
 async fn terminate(
     client: TcpStream,
+    peer: SocketAddr,
     routes: &SniRouter<TerminateRoute>,
     tls: &Arc<ServerConfig>,
     snapshot: &Snapshot,
     stats: &Arc<ListenerStats>,
 ) -> Result<(u64, u64), ConnError> {
     let limit = snapshot.config.handshake_timeout;
+    let local = client.local_addr()?;
     let accept = TlsAcceptor::from(tls.clone()).accept(client);
     let tls_stream = match timeout(limit, accept).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
-            inc(&stats.handshake_failures);
+            stats.handshake_failed(HandshakeFailure::Tls);
             return Err(ConnError::ServerHandshake(e));
         }
         Err(_) => {
-            inc(&stats.handshake_failures);
+            stats.handshake_failed(HandshakeFailure::Timeout);
             return Err(ConnError::HandshakeTimeout(limit));
         }
     };
@@ -187,7 +273,7 @@ async fn terminate(
         .and_then(|chain| chain.first())
         .ok_or(SvidError::NoUriSan)
         .and_then(spiffe_id_of)
-        .inspect_err(|_| inc(&stats.handshake_failures))?;
+        .inspect_err(|_| stats.handshake_failed(HandshakeFailure::NoSvid))?;
     stats.record_peer(caller.as_str());
     let sni = sni
         .ok_or(ConnError::NoSni)
@@ -200,63 +286,202 @@ async fn terminate(
         inc(&stats.denied);
         return Err(ConnError::Denied { caller, sni });
     }
-    let mut upstream = connect(snapshot, &route.cluster, stats).await?;
-    let mut client = Counted::new(tls_stream, stats.clone());
-    Ok(copy_bidirectional(&mut client, &mut upstream).await?)
+    let route_state = admit(
+        snapshot,
+        &route.route,
+        route.source_rate_limit.as_ref(),
+        Some(caller.as_str()),
+        stats,
+    )?;
+    let (spec, mut upstream, lease) = connect(snapshot, &route.route, peer, stats).await?;
+    if route.proxy_protocol {
+        let header = proxy_protocol::encode_v2(peer, local, Some(&sni), Some(caller.as_str()))?;
+        upstream.write_all(&header).await?;
+    }
+    let sinks = sinks(stats, route_state, &lease);
+    let client = Counted::new(tls_stream, sinks.clone());
+    let idle = spec.idle_timeout;
+    match &spec.tls {
+        None => proxy(client, upstream, idle, &sinks, stats).await,
+        Some(up) => {
+            let address = lease.address;
+            let connect =
+                TlsConnector::from(up.config.clone()).connect(up.server_name.clone(), upstream);
+            let secured = match timeout(limit, connect).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(source)) => {
+                    stats.handshake_failed(HandshakeFailure::UpstreamTls);
+                    return Err(ConnError::ClientHandshake {
+                        address,
+                        peer: up.peer.clone(),
+                        source,
+                    });
+                }
+                Err(_) => {
+                    stats.handshake_failed(HandshakeFailure::UpstreamTls);
+                    return Err(ConnError::HandshakeTimeout(limit));
+                }
+            };
+            proxy(client, secured, idle, &sinks, stats).await
+        }
+    }
+}
+
+/// The cluster and TLS settings of an originate listener.
+struct OriginateTarget<'a> {
+    cluster: &'a str,
+    server_name: &'a ServerName<'static>,
+    peer: &'a SpiffeId,
+    tls: &'a Arc<ClientConfig>,
 }
 
 /// Opens mTLS to a peer gateway of `cluster` and forwards the client's
 /// plain bytes through it.
 async fn originate(
     client: TcpStream,
-    cluster: &str,
-    server_name: &ServerName<'static>,
-    peer: &SpiffeId,
-    tls: &Arc<ClientConfig>,
+    source: SocketAddr,
+    target: OriginateTarget<'_>,
     snapshot: &Snapshot,
     stats: &Arc<ListenerStats>,
 ) -> Result<(u64, u64), ConnError> {
     let limit = snapshot.config.handshake_timeout;
     let (spec, state) = snapshot
-        .cluster(cluster)
-        .ok_or_else(|| ConnError::UnknownCluster(cluster.to_owned()))
+        .cluster(target.cluster)
+        .ok_or_else(|| ConnError::UnknownCluster(target.cluster.to_owned()))
         .inspect_err(|_| inc(&stats.upstream_connect_failures))?;
-    let (tcp, address) = upstream::connect(spec, state)
+    let (upstream, lease) = upstream::connect(spec, state, source.ip())
         .await
-        .inspect_err(|_| inc(&stats.upstream_connect_failures))?;
-    let connect = TlsConnector::from(tls.clone()).connect(server_name.clone(), tcp);
-    let mut upstream = match timeout(limit, connect).await {
+        .map_err(ConnError::from)
+        .inspect_err(|e| count_connect_error(e, stats))?;
+    let address = lease.address;
+    let sinks = sinks(stats, None, &lease);
+    let connect =
+        TlsConnector::from(target.tls.clone()).connect(target.server_name.clone(), upstream);
+    let secured = match timeout(limit, connect).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(source)) => {
-            inc(&stats.handshake_failures);
+            stats.handshake_failed(HandshakeFailure::UpstreamTls);
             return Err(ConnError::ClientHandshake {
                 address,
-                peer: peer.clone(),
+                peer: target.peer.clone(),
                 source,
             });
         }
         Err(_) => {
-            inc(&stats.handshake_failures);
+            stats.handshake_failed(HandshakeFailure::Timeout);
             return Err(ConnError::HandshakeTimeout(limit));
         }
     };
-    stats.record_peer(peer.as_str());
-    let mut client = Counted::new(client, stats.clone());
-    Ok(copy_bidirectional(&mut client, &mut upstream).await?)
+    stats.record_peer(target.peer.as_str());
+    let client = Counted::new(client, sinks.clone());
+    proxy(client, secured, spec.idle_timeout, &sinks, stats).await
 }
 
-/// Connects to the named cluster of this snapshot, counting failures.
-async fn connect(
+/// Counts a route connection and applies its rate limits.
+fn admit(
     snapshot: &Snapshot,
-    cluster: &str,
+    route: &RouteSpec,
+    source_limit: Option<&crate::config::RateLimitSpec>,
+    caller: Option<&str>,
     stats: &ListenerStats,
-) -> Result<TcpStream, ConnError> {
-    let result = match snapshot.cluster(cluster) {
-        None => Err(ConnError::UnknownCluster(cluster.to_owned())),
-        Some((spec, state)) => upstream::connect(spec, state)
+) -> Result<Option<Arc<RouteState>>, ConnError> {
+    let state = snapshot.routes.get(&route.key).cloned();
+    if let Some(state) = &state {
+        inc(&state.stats.connections);
+    }
+    let mut admitted = true;
+    if let (Some(limit), Some(state)) = (&route.rate_limit, &state) {
+        admitted = state.admit(limit);
+    }
+    if let (true, Some(limit), Some(state), Some(caller)) = (admitted, source_limit, &state, caller)
+    {
+        admitted = state.admit_source(limit, caller);
+    }
+    if !admitted {
+        inc(&stats.rate_limited);
+        if let Some(state) = &state {
+            inc(&state.stats.rate_limited);
+        }
+        return Err(ConnError::RateLimited(route.key.clone()));
+    }
+    Ok(state)
+}
+
+/// Picks the route's cluster (weighted split or single) and connects to
+/// one of its endpoints.
+async fn connect<'s>(
+    snapshot: &'s Snapshot,
+    route: &RouteSpec,
+    source: SocketAddr,
+    stats: &ListenerStats,
+) -> Result<(&'s ClusterSpec, TcpStream, Lease), ConnError> {
+    let name = route.target.pick(balancer::random());
+    let result = match snapshot.cluster(name) {
+        None => Err(ConnError::UnknownCluster(name.to_owned())),
+        Some((spec, state)) => upstream::connect(spec, state, source.ip())
             .await
-            .map(|(stream, _)| stream)
+            .map(|(stream, lease)| (spec, stream, lease))
             .map_err(ConnError::from),
     };
-    result.inspect_err(|_| inc(&stats.upstream_connect_failures))
+    result.inspect_err(|e| count_connect_error(e, stats))
+}
+
+fn count_connect_error(e: &ConnError, stats: &ListenerStats) {
+    match e {
+        ConnError::Connect(ConnectError::CircuitOpen { .. }) => inc(&stats.circuit_open),
+        _ => inc(&stats.upstream_connect_failures),
+    }
+}
+
+fn sinks(stats: &Arc<ListenerStats>, route: Option<Arc<RouteState>>, lease: &Lease) -> Sinks {
+    Sinks {
+        listener: stats.clone(),
+        route,
+        cluster: lease.shared.clone(),
+        activity: Arc::new(AtomicU64::new(now_ms())),
+    }
+}
+
+/// Copies both ways with bounded buffers until either side closes, or
+/// until no byte has moved for `idle`.
+async fn proxy<A, B>(
+    mut client: A,
+    mut upstream: B,
+    idle: Option<Duration>,
+    sinks: &Sinks,
+    stats: &ListenerStats,
+) -> Result<(u64, u64), ConnError>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let copy = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        COPY_BUFFER,
+        COPY_BUFFER,
+    );
+    let Some(idle) = idle else {
+        return Ok(copy.await?);
+    };
+    tokio::select! {
+        result = copy => Ok(result?),
+        () = idle_watch(&sinks.activity, idle) => {
+            inc(&stats.idle_timeouts);
+            Err(ConnError::Idle(idle))
+        }
+    }
+}
+
+/// Returns once `activity` is older than `idle`.
+async fn idle_watch(activity: &AtomicU64, idle: Duration) {
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        let deadline = activity.load(Ordering::Relaxed).saturating_add(idle_ms);
+        let now = now_ms();
+        if now >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(deadline - now)).await;
+    }
 }

@@ -1,25 +1,68 @@
-//! A stream wrapper that counts bytes into listener stats as they flow.
+//! A stream wrapper that counts bytes into listener, route and cluster
+//! stats as they flow, and stamps the last activity for the idle timeout.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::limits::RouteState;
 use super::stats::ListenerStats;
+use super::upstream::{ClusterShared, now_ms};
+
+/// Where a connection's byte counts go.
+#[derive(Clone)]
+pub(crate) struct Sinks {
+    pub(crate) listener: Arc<ListenerStats>,
+    pub(crate) route: Option<Arc<RouteState>>,
+    pub(crate) cluster: Arc<ClusterShared>,
+    /// `now_ms()` of the last byte either way.
+    pub(crate) activity: Arc<AtomicU64>,
+}
+
+impl Sinks {
+    pub(crate) fn up(&self, n: u64) {
+        self.listener
+            .bytes_client_to_upstream
+            .fetch_add(n, Ordering::Relaxed);
+        if let Some(route) = &self.route {
+            route
+                .stats
+                .bytes_client_to_upstream
+                .fetch_add(n, Ordering::Relaxed);
+        }
+        self.cluster.bytes_sent.fetch_add(n, Ordering::Relaxed);
+        self.activity.store(now_ms(), Ordering::Relaxed);
+    }
+
+    fn down(&self, n: u64) {
+        self.listener
+            .bytes_upstream_to_client
+            .fetch_add(n, Ordering::Relaxed);
+        if let Some(route) = &self.route {
+            route
+                .stats
+                .bytes_upstream_to_client
+                .fetch_add(n, Ordering::Relaxed);
+        }
+        self.cluster.bytes_received.fetch_add(n, Ordering::Relaxed);
+        self.activity.store(now_ms(), Ordering::Relaxed);
+    }
+}
 
 /// Wraps the client side of a proxied connection: bytes read from it are
 /// `client_to_upstream`, bytes written to it are `upstream_to_client`.
 pub(crate) struct Counted<S> {
     inner: S,
-    stats: Arc<ListenerStats>,
+    sinks: Sinks,
 }
 
 impl<S> Counted<S> {
-    pub(crate) fn new(inner: S, stats: Arc<ListenerStats>) -> Self {
-        Self { inner, stats }
+    pub(crate) fn new(inner: S, sinks: Sinks) -> Self {
+        Self { inner, sinks }
     }
 }
 
@@ -33,9 +76,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         let read = buf.filled().len().saturating_sub(before);
         if read > 0 {
-            self.stats
-                .bytes_client_to_upstream
-                .fetch_add(read as u64, Ordering::Relaxed);
+            self.sinks.up(read as u64);
         }
         poll
     }
@@ -49,9 +90,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = poll {
-            self.stats
-                .bytes_upstream_to_client
-                .fetch_add(n as u64, Ordering::Relaxed);
+            if n > 0 {
+                self.sinks.down(n as u64);
+            }
         }
         poll
     }

@@ -19,6 +19,11 @@ pub(crate) struct ListenerStats {
     pub(crate) no_route: AtomicU64,
     pub(crate) denied: AtomicU64,
     pub(crate) upstream_connect_failures: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
+    pub(crate) circuit_open: AtomicU64,
+    pub(crate) idle_timeouts: AtomicU64,
+    /// Handshake failures by [`HandshakeFailure`] (index = discriminant).
+    handshake_reasons: [AtomicU64; HandshakeFailure::ALL.len()],
     /// Verified peer SPIFFE IDs (terminate: callers; originate: peer gateways).
     peer_identities: Mutex<HashMap<String, u64>>,
 }
@@ -44,8 +49,145 @@ pub struct ListenerSnapshot {
     pub denied: u64,
     /// Connections closed because no endpoint of the cluster could be reached.
     pub upstream_connect_failures: u64,
+    /// Connections refused by a route or per-caller rate limit.
+    pub rate_limited: u64,
+    /// Connections refused because a cluster's circuit breaker was open.
+    pub circuit_open: u64,
+    /// Connections closed after the cluster's idle timeout.
+    pub idle_timeouts: u64,
+    /// `handshake_failures` by reason (`timeout`, `closed`, `not_tls`,
+    /// `too_large`, `malformed`, `tls`, `no_svid`, `upstream_tls`).
+    pub handshake_failure_reasons: BTreeMap<&'static str, u64>,
     /// Connections per verified peer SPIFFE ID.
     pub peer_identities: BTreeMap<String, u64>,
+    /// Per route (keyed by SNI pattern): connections, rate-limited, bytes.
+    pub routes: BTreeMap<String, RouteSnapshot>,
+}
+
+/// Why a ClientHello read or TLS handshake failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HandshakeFailure {
+    Timeout,
+    Closed,
+    NotTls,
+    TooLarge,
+    Malformed,
+    Tls,
+    NoSvid,
+    UpstreamTls,
+}
+
+impl HandshakeFailure {
+    const ALL: [Self; 8] = [
+        Self::Timeout,
+        Self::Closed,
+        Self::NotTls,
+        Self::TooLarge,
+        Self::Malformed,
+        Self::Tls,
+        Self::NoSvid,
+        Self::UpstreamTls,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Closed => "closed",
+            Self::NotTls => "not_tls",
+            Self::TooLarge => "too_large",
+            Self::Malformed => "malformed",
+            Self::Tls => "tls",
+            Self::NoSvid => "no_svid",
+            Self::UpstreamTls => "upstream_tls",
+        }
+    }
+}
+
+/// Counters of one route, carried across `apply()` by listener and SNI.
+#[derive(Debug, Default)]
+pub(crate) struct RouteStats {
+    pub(crate) connections: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
+    pub(crate) bytes_client_to_upstream: AtomicU64,
+    pub(crate) bytes_upstream_to_client: AtomicU64,
+}
+
+/// A copy of one route's counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RouteSnapshot {
+    /// Connections routed here (before rate limiting).
+    pub connections: u64,
+    /// Connections refused by the route or per-caller rate limit.
+    pub rate_limited: u64,
+    /// Bytes from clients to endpoints.
+    pub bytes_client_to_upstream: u64,
+    /// Bytes from endpoints to clients.
+    pub bytes_upstream_to_client: u64,
+}
+
+impl RouteStats {
+    pub(crate) fn snapshot(&self) -> RouteSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        RouteSnapshot {
+            connections: get(&self.connections),
+            rate_limited: get(&self.rate_limited),
+            bytes_client_to_upstream: get(&self.bytes_client_to_upstream),
+            bytes_upstream_to_client: get(&self.bytes_upstream_to_client),
+        }
+    }
+}
+
+/// Number of histogram buckets: bucket `i` counts values below `2^i` µs
+/// (the last one everything above), i.e. 1 µs up to ~67 s.
+const BUCKETS: usize = 27;
+
+/// A latency histogram with fixed power-of-two buckets in microseconds,
+/// updated with relaxed atomics.
+#[derive(Debug, Default)]
+pub(crate) struct Histogram {
+    buckets: [AtomicU64; BUCKETS],
+    sum_us: AtomicU64,
+}
+
+/// A copy of a [`Histogram`]: `counts[i]` values were below `le_us[i]`
+/// (and at or above `le_us[i - 1]`); the last bound is open-ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HistogramSnapshot {
+    /// Values recorded.
+    pub count: u64,
+    /// Sum of all values in microseconds.
+    pub sum_us: u64,
+    /// Upper bound (exclusive) of each bucket in microseconds.
+    pub le_us: Vec<u64>,
+    /// Values per bucket.
+    pub counts: Vec<u64>,
+}
+
+impl Histogram {
+    pub(crate) fn record(&self, value: std::time::Duration) {
+        let us = u64::try_from(value.as_micros()).unwrap_or(u64::MAX);
+        let index = (64 - us.leading_zeros() as usize).min(BUCKETS - 1);
+        if let Some(bucket) = self.buckets.get(index) {
+            inc(bucket);
+        }
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> HistogramSnapshot {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        HistogramSnapshot {
+            count: counts.iter().sum(),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+            le_us: (0..BUCKETS)
+                .map(|i| if i + 1 == BUCKETS { u64::MAX } else { 1 << i })
+                .collect(),
+            counts,
+        }
+    }
 }
 
 /// Bumps a counter by one.
@@ -56,6 +198,14 @@ pub(crate) fn inc(counter: &AtomicU64) {
 impl ListenerStats {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// Counts one failed ClientHello read or handshake, by reason.
+    pub(crate) fn handshake_failed(&self, reason: HandshakeFailure) {
+        inc(&self.handshake_failures);
+        if let Some(counter) = self.handshake_reasons.get(reason as usize) {
+            inc(counter);
+        }
     }
 
     /// Counts one connection from a verified peer identity.
@@ -87,7 +237,16 @@ impl ListenerStats {
             no_route: get(&self.no_route),
             denied: get(&self.denied),
             upstream_connect_failures: get(&self.upstream_connect_failures),
+            rate_limited: get(&self.rate_limited),
+            circuit_open: get(&self.circuit_open),
+            idle_timeouts: get(&self.idle_timeouts),
+            handshake_failure_reasons: HandshakeFailure::ALL
+                .iter()
+                .zip(&self.handshake_reasons)
+                .map(|(reason, c)| (reason.as_str(), get(c)))
+                .collect(),
             peer_identities,
+            routes: BTreeMap::new(),
         }
     }
 }

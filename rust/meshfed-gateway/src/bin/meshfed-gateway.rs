@@ -1,0 +1,164 @@
+//! `meshfed-gateway`: the meshfed east-west gateway as a standalone process.
+//!
+//! The same data plane the Python controller drives through `meshfed._core`,
+//! started from a JSON config file and no Python: for benchmarks (see
+//! `bench/`) and for deployments that render the config themselves.
+//!
+//! ```text
+//! meshfed-gateway --config FILE.json [--print-addresses]
+//! meshfed-gateway --check --config FILE.json
+//! ```
+//!
+//! - `--config FILE` — the gateway config document (the JSON that
+//!   `meshfed.gateway` renders; unknown fields are refused).
+//! - `--print-addresses` — once every listener is bound, print one line per
+//!   listener, `NAME ADDRESS` (e.g. `in 127.0.0.1:40123`), to stdout and
+//!   flush it; scripts that configure `127.0.0.1:0` read their ports there.
+//!   Without it a one-line summary goes to stderr.
+//! - `--check` — compile the config and exit (0 if valid) without binding.
+//!
+//! The process runs until SIGTERM or SIGINT (default disposition: the kernel
+//! closes every socket). Exit codes: 0 on `--help`/`--version`/a good
+//! `--check`; 2 on a usage error, an unreadable or invalid config, or a
+//! listener that cannot bind — with one line on stderr saying what to fix.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use meshfed_gateway::{Gateway, VERSION, validate_config};
+
+const USAGE: &str = "usage: meshfed-gateway --config FILE.json [--print-addresses] [--check]";
+
+/// What the command line asked for.
+#[derive(Debug, Default)]
+struct Args {
+    config: Option<PathBuf>,
+    print_addresses: bool,
+    check: bool,
+}
+
+enum Parsed {
+    Run(Args),
+    Exit(&'static str),
+}
+
+fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Parsed, String> {
+    let mut args = Args::default();
+    while let Some(arg) = argv.next() {
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(Parsed::Exit(USAGE)),
+            "-V" | "--version" => return Ok(Parsed::Exit(VERSION)),
+            "--print-addresses" => args.print_addresses = true,
+            "--check" => args.check = true,
+            "-c" | "--config" => {
+                let value = argv
+                    .next()
+                    .ok_or_else(|| format!("{arg} needs a file name"))?;
+                args.config = Some(PathBuf::from(value));
+            }
+            other => {
+                if let Some(value) = other.strip_prefix("--config=") {
+                    args.config = Some(PathBuf::from(value));
+                } else {
+                    return Err(format!("unknown argument {other:?}"));
+                }
+            }
+        }
+    }
+    if args.config.is_none() {
+        return Err("--config FILE.json is required".to_owned());
+    }
+    Ok(Parsed::Run(args))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(Parsed::Run(args)) => args,
+        Ok(Parsed::Exit(text)) => {
+            println!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(message) => {
+            eprintln!("meshfed-gateway: {message}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("meshfed-gateway: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let Some(path) = args.config.as_deref() else {
+        return Err("--config FILE.json is required".to_owned());
+    };
+    let document =
+        std::fs::read(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+    if args.check {
+        validate_config(&document).map_err(|e| format!("config {}: {e}", path.display()))?;
+        println!("config {} is valid", path.display());
+        return Ok(());
+    }
+    let gateway =
+        Gateway::start(&document).map_err(|e| format!("config {}: {e}", path.display()))?;
+    let addresses = gateway.addresses();
+    if args.print_addresses {
+        let mut out = std::io::stdout().lock();
+        for (name, address) in &addresses {
+            writeln!(out, "{name} {address}").map_err(|e| format!("stdout: {e}"))?;
+        }
+        out.flush().map_err(|e| format!("stdout: {e}"))?;
+    } else {
+        let list: Vec<String> = addresses
+            .iter()
+            .map(|(name, address)| format!("{name}={address}"))
+            .collect();
+        eprintln!(
+            "meshfed-gateway {VERSION}: serving {} listener(s): {}",
+            list.len(),
+            list.join(" ")
+        );
+    }
+    // The data plane runs on the gateway's own runtime; this thread only
+    // keeps the process (and the Gateway) alive until a signal ends it.
+    loop {
+        std::thread::park();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Parsed, String> {
+        parse_args(args.iter().map(|s| (*s).to_owned()))
+    }
+
+    #[test]
+    fn parses_config_and_flags() {
+        let Ok(Parsed::Run(args)) = parse(&["--config", "a.json", "--print-addresses"]) else {
+            panic!("expected run");
+        };
+        assert_eq!(args.config, Some(PathBuf::from("a.json")));
+        assert!(args.print_addresses);
+        assert!(!args.check);
+        let Ok(Parsed::Run(args)) = parse(&["--config=b.json", "--check"]) else {
+            panic!("expected run");
+        };
+        assert_eq!(args.config, Some(PathBuf::from("b.json")));
+        assert!(args.check);
+    }
+
+    #[test]
+    fn refuses_bad_usage() {
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--config"]).is_err());
+        assert!(parse(&["--config", "a.json", "--bogus"]).is_err());
+        assert!(matches!(parse(&["--help"]), Ok(Parsed::Exit(_))));
+    }
+}
