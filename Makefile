@@ -32,7 +32,7 @@ lint: $(VENV)/.built
 test-rust:
 	cargo test --workspace --locked
 
-test-python: $(VENV)/.built system-deps
+test-python: $(VENV)/.built system-deps $(BIN)/helm
 	$(BIN)/pytest
 
 # Side-by-side benchmark against HAProxy and nginx (bench/README.md); not part of `make test`.
@@ -42,6 +42,13 @@ bench: $(VENV)/.built
 # `openssl verify` is how the tests check SVIDs with a tool meshfed did not write.
 system-deps:
 	@command -v openssl >/dev/null || (apt-get update -qq && apt-get install -y -qq openssl)
+
+# helm comes from the Go module proxy (a package registry), never a release
+# download; it compiles once (several minutes on 2 cores) into the venv.
+HELM_VERSION := v3.21.4
+$(BIN)/helm: | $(BIN)/python
+	GOBIN=$(abspath $(BIN)) go install -ldflags "-X helm.sh/helm/v3/internal/version.version=$(HELM_VERSION)" \
+	  helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -45,6 +45,7 @@ import tomli_w
 from cryptography import x509
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from meshfed.catalog.settings import CatalogMode, ConsulSettings, KubernetesSettings
 from meshfed.errors import InvalidBundleError, RotationError, TrustError, ZoneError
 from meshfed.store import CaGeneration, Federation, FederationProfile, StateStore, StoredBundle
 from meshfed.trust.bundle import TrustBundle, fingerprint
@@ -87,8 +88,11 @@ class ZoneConfig(BaseModel):
 
     name: str
     trust_domain: str
-    catalog: Literal["embedded"] = "embedded"
+    catalog: CatalogMode = "embedded"
     gateway_address: str = "0.0.0.0:15443"
+    # Settings of the consul / kubernetes catalog sources ([consul], [kubernetes] in zone.toml).
+    consul: ConsulSettings | None = None
+    kubernetes: KubernetesSettings | None = None
 
     @field_validator("name")
     @classmethod
@@ -122,10 +126,26 @@ class Zone:
         return TrustDomain(self.config.trust_domain)
 
     @classmethod
-    def init(cls, directory: Path, name: str, trust_domain: str) -> Zone:
+    def init(
+        cls,
+        directory: Path,
+        name: str,
+        trust_domain: str,
+        *,
+        catalog: CatalogMode = "embedded",
+        consul: ConsulSettings | None = None,
+        kubernetes: KubernetesSettings | None = None,
+    ) -> Zone:
         """Create a new zone in ``directory``, which must not exist or must be empty."""
+        # zone.toml of a Consul or Kubernetes zone always says where that catalog is.
+        if catalog == "consul" and consul is None:
+            consul = ConsulSettings()
+        if catalog == "kubernetes" and kubernetes is None:
+            kubernetes = KubernetesSettings()
         try:
-            config = ZoneConfig(name=name, trust_domain=trust_domain)
+            config = ZoneConfig(
+                name=name, trust_domain=trust_domain, catalog=catalog, consul=consul, kubernetes=kubernetes
+            )
         except ValidationError as err:
             raise ZoneError(_first_validation_error(err)) from None
         directory = directory.absolute()
@@ -455,7 +475,7 @@ def _populate(directory: Path, config: ZoneConfig) -> None:
     (directory / "ca").mkdir(mode=0o700)
     authority = _write_authority_files(directory / "ca", TrustDomain(config.trust_domain))
     _write(directory / TOKEN_FILE, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
-    _write(directory / CONFIG_FILE, tomli_w.dumps(config.model_dump()).encode(), 0o644)
+    _write(directory / CONFIG_FILE, tomli_w.dumps(config.model_dump(exclude_none=True)).encode(), 0o644)
     with StateStore(directory / STATE_FILE) as store:
         store.put_bundle(TrustBundle(authority.trust_domain, (authority.root,)), source="self")
         # Recorded from birth, so every SVID's TTL is known when this CA is rotated out.

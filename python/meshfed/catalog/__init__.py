@@ -1,17 +1,25 @@
 """Catalogs: the services of a zone, from one source (embedded SQLite, Consul, Kubernetes)."""
 
-from pathlib import Path
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from meshfed.catalog.embedded import EmbeddedCatalog
 from meshfed.catalog.model import CatalogSnapshot, Endpoint, LocalImport, Locality, Service
+from meshfed.catalog.settings import ConsulSettings, KubernetesSettings
 from meshfed.catalog.source import CatalogSource
 from meshfed.errors import CatalogError
+
+if TYPE_CHECKING:
+    from meshfed.zone import Zone
 
 __all__ = [
     "CatalogSnapshot",
     "CatalogSource",
+    "ConsulSettings",
     "EmbeddedCatalog",
     "Endpoint",
+    "KubernetesSettings",
     "LocalImport",
     "Locality",
     "Service",
@@ -19,8 +27,18 @@ __all__ = [
 ]
 
 
-def open_catalog(zone_directory: Path, mode: str) -> CatalogSource:
-    """The catalog source a zone's config names."""
+def open_catalog(zone: Zone) -> CatalogSource:
+    """The catalog source ``zone.toml`` names (``catalog = "embedded" | "consul" | "kubernetes"``)."""
+    mode = zone.config.catalog
     if mode == "embedded":
-        return EmbeddedCatalog(zone_directory)
-    raise CatalogError(f"catalog mode {mode!r} is not available; use embedded")
+        return EmbeddedCatalog(zone.directory)
+    # Imported here: the Consul and Kubernetes clients are heavy, and an embedded zone needs neither.
+    if mode == "consul":
+        from meshfed.catalog.consul import ConsulCatalog
+
+        return ConsulCatalog(zone.config.consul or ConsulSettings(), zone=zone.name)
+    if mode == "kubernetes":
+        from meshfed.catalog.kubernetes import KubernetesCatalog
+
+        return KubernetesCatalog(zone.config.kubernetes or KubernetesSettings(), zone=zone.name)
+    raise CatalogError(f"catalog mode {mode!r} is not available; use embedded, consul or kubernetes")

@@ -6,7 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
+from meshfed.catalog.settings import CatalogMode, ConsulSettings, KubernetesSettings
+from meshfed.errors import ZoneError
 from meshfed.zone import Zone
 
 zone_app = typer.Typer(help="Create and inspect zones.", no_args_is_help=True)
@@ -17,7 +20,72 @@ def init(
     directory: Annotated[Path, typer.Option("--dir", help="Directory to create; must not exist or be empty.")],
     name: Annotated[str, typer.Option(help="Zone name, a DNS label such as 'east'.")],
     trust_domain: Annotated[str, typer.Option(help="SPIFFE trust domain, such as 'east.mesh'.")],
+    catalog: Annotated[str, typer.Option(help="Where the zone's services live: embedded, consul or kubernetes.")] = (
+        "embedded"
+    ),
+    consul_address: Annotated[
+        str | None, typer.Option(help="Consul HTTP API, e.g. http://127.0.0.1:8500 (consul catalog).")
+    ] = None,
+    consul_datacenter: Annotated[str | None, typer.Option(help="Consul datacenter (default: the agent's).")] = None,
+    consul_token_file: Annotated[str | None, typer.Option(help="File holding the Consul ACL token.")] = None,
+    consul_namespace: Annotated[str | None, typer.Option(help="Consul Enterprise namespace.")] = None,
+    kubeconfig: Annotated[
+        str | None, typer.Option(help="Kubeconfig file (kubernetes catalog; default: in-cluster service account).")
+    ] = None,
+    kube_context: Annotated[str | None, typer.Option(help="Kubeconfig context (default: the current one).")] = None,
+    kube_namespace: Annotated[
+        list[str] | None, typer.Option(help="Namespace to watch; repeat for several (default: default).")
+    ] = None,
+    mirror_namespace: Annotated[
+        str | None, typer.Option(help="Namespace for imported-service mirrors (default: the import's namespace).")
+    ] = None,
 ) -> None:
     """Create a zone: root and intermediate CA, config, state database and admin token."""
-    zone = Zone.init(directory, name, trust_domain)
-    typer.echo(f"zone {zone.name} (trust domain {zone.trust_domain}) created in {zone.directory}")
+    if catalog not in ("embedded", "consul", "kubernetes"):
+        raise ZoneError(f"--catalog {catalog!r}: choose embedded, consul or kubernetes")
+    mode: CatalogMode = catalog  # type: ignore[assignment]  # checked just above
+    consul_options = (consul_address, consul_datacenter, consul_token_file, consul_namespace)
+    kube_options = (kubeconfig, kube_context, kube_namespace, mirror_namespace)
+    if mode != "consul" and any(option is not None for option in consul_options):
+        raise ZoneError("--consul-* options need --catalog consul")
+    if mode != "kubernetes" and any(option is not None for option in kube_options):
+        raise ZoneError("--kubeconfig, --kube-* and --mirror-namespace need --catalog kubernetes")
+    try:
+        consul = (
+            ConsulSettings.model_validate(
+                {
+                    key: value
+                    for key, value in {
+                        "address": consul_address,
+                        "datacenter": consul_datacenter,
+                        "token_file": consul_token_file,
+                        "namespace": consul_namespace,
+                    }.items()
+                    if value is not None
+                }
+            )
+            if mode == "consul"
+            else None
+        )
+        kubernetes = (
+            KubernetesSettings.model_validate(
+                {
+                    key: value
+                    for key, value in {
+                        "kubeconfig": kubeconfig,
+                        "context": kube_context,
+                        "namespaces": kube_namespace or None,
+                        "mirror_namespace": mirror_namespace,
+                    }.items()
+                    if value is not None
+                }
+            )
+            if mode == "kubernetes"
+            else None
+        )
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise ZoneError(f"{mode}.{field}: {str(first['msg']).removeprefix('Value error, ')}") from None
+    zone = Zone.init(directory, name, trust_domain, catalog=mode, consul=consul, kubernetes=kubernetes)
+    typer.echo(f"zone {zone.name} (trust domain {zone.trust_domain}, {mode} catalog) created in {zone.directory}")

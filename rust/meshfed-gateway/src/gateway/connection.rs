@@ -304,24 +304,16 @@ async fn terminate(
     match &spec.tls {
         None => proxy(client, upstream, idle, &sinks, stats).await,
         Some(up) => {
-            let address = lease.address;
-            let connect =
-                TlsConnector::from(up.config.clone()).connect(up.server_name.clone(), upstream);
-            let secured = match timeout(limit, connect).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(source)) => {
-                    stats.handshake_failed(HandshakeFailure::UpstreamTls);
-                    return Err(ConnError::ClientHandshake {
-                        address,
-                        peer: up.peer.clone(),
-                        source,
-                    });
-                }
-                Err(_) => {
-                    stats.handshake_failed(HandshakeFailure::UpstreamTls);
-                    return Err(ConnError::HandshakeTimeout(limit));
-                }
-            };
+            let secured = secure_upstream(
+                upstream,
+                &up.config,
+                &up.server_name,
+                &up.peer,
+                lease.address,
+                limit,
+                stats,
+            )
+            .await?;
             proxy(client, secured, idle, &sinks, stats).await
         }
     }
@@ -353,28 +345,49 @@ async fn originate(
         .await
         .map_err(ConnError::from)
         .inspect_err(|e| count_connect_error(e, stats))?;
-    let address = lease.address;
     let sinks = sinks(stats, None, &lease);
-    let connect =
-        TlsConnector::from(target.tls.clone()).connect(target.server_name.clone(), upstream);
-    let secured = match timeout(limit, connect).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(source)) => {
-            stats.handshake_failed(HandshakeFailure::UpstreamTls);
-            return Err(ConnError::ClientHandshake {
-                address,
-                peer: target.peer.clone(),
-                source,
-            });
-        }
-        Err(_) => {
-            stats.handshake_failed(HandshakeFailure::Timeout);
-            return Err(ConnError::HandshakeTimeout(limit));
-        }
-    };
+    let secured = secure_upstream(
+        upstream,
+        target.tls,
+        target.server_name,
+        target.peer,
+        lease.address,
+        limit,
+        stats,
+    )
+    .await?;
     stats.record_peer(target.peer.as_str());
     let client = Counted::new(client, sinks.clone());
     proxy(client, secured, spec.idle_timeout, &sinks, stats).await
+}
+
+/// Opens mTLS over `upstream` to a peer that must present `peer`'s SVID,
+/// within the handshake limit; failures are counted and say what to check.
+async fn secure_upstream(
+    upstream: TcpStream,
+    config: &Arc<ClientConfig>,
+    server_name: &ServerName<'static>,
+    peer: &SpiffeId,
+    address: SocketAddr,
+    limit: Duration,
+    stats: &ListenerStats,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnError> {
+    let connect = TlsConnector::from(config.clone()).connect(server_name.clone(), upstream);
+    match timeout(limit, connect).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(source)) => {
+            stats.handshake_failed(HandshakeFailure::UpstreamTls);
+            Err(ConnError::ClientHandshake {
+                address,
+                peer: peer.clone(),
+                source,
+            })
+        }
+        Err(_) => {
+            stats.handshake_failed(HandshakeFailure::Timeout);
+            Err(ConnError::HandshakeTimeout(limit))
+        }
+    }
 }
 
 /// Counts a route connection and applies its rate limits.

@@ -1,0 +1,117 @@
+{{/* Names and labels shared by every template. */}}
+
+{{- define "meshfed.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* <release>-<chart>, or the release name when it already contains the chart name. */}}
+{{- define "meshfed.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A resource name with a suffix, kept within the 63-character DNS label limit. */}}
+{{- define "meshfed.resourceName" -}}
+{{- printf "%s-%s" (include "meshfed.fullname" .root | trunc (int (sub 62 (len .suffix))) | trimSuffix "-") .suffix }}
+{{- end }}
+
+{{- define "meshfed.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "meshfed.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: meshfed
+meshfed.io/zone: {{ include "meshfed.zoneName" . | quote }}
+{{- end }}
+
+{{- define "meshfed.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "meshfed.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "meshfed.controllerSelectorLabels" -}}
+{{ include "meshfed.selectorLabels" . }}
+app.kubernetes.io/component: controller
+{{- end }}
+
+{{/*
+Pods behind the gateway Service. Today the gateway runs inside the controller process
+(`meshfed up`), so these are the controller's pods; a standalone gateway Deployment would
+change only this definition.
+*/}}
+{{- define "meshfed.gatewaySelectorLabels" -}}
+{{ include "meshfed.controllerSelectorLabels" . }}
+{{- end }}
+
+{{- define "meshfed.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "meshfed.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "meshfed.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "meshfed.adminTokenSecretName" -}}
+{{- default (include "meshfed.resourceName" (dict "root" . "suffix" "admin-token")) .Values.adminToken.existingSecret }}
+{{- end }}
+
+{{- define "meshfed.claimName" -}}
+{{- default (include "meshfed.resourceName" (dict "root" . "suffix" "zone")) .Values.persistence.existingClaim }}
+{{- end }}
+
+{{/* The namespace mirrored imports are written to: the chart always pins one, for least privilege. */}}
+{{- define "meshfed.mirrorNamespace" -}}
+{{- default .Release.Namespace .Values.catalog.kubernetes.mirrorNamespace }}
+{{- end }}
+
+{{/* Where things live inside the pod. */}}
+{{- define "meshfed.dataDir" -}}/var/lib/meshfed{{- end }}
+{{- define "meshfed.zoneDir" -}}/var/lib/meshfed/zone{{- end }}
+{{- define "meshfed.consulTokenFile" -}}/etc/meshfed/consul-token/token{{- end }}
+{{- define "meshfed.consulTlsDir" -}}/etc/meshfed/consul-tls{{- end }}
+
+{{/* The zone name: zone.name, else the release name (already a DNS label). */}}
+{{- define "meshfed.zoneName" -}}
+{{- default .Release.Name .Values.zone.name }}
+{{- end }}
+
+{{/* The trust domain: zone.trustDomain, else "<zone name>.mesh". */}}
+{{- define "meshfed.trustDomain" -}}
+{{- default (printf "%s.mesh" (include "meshfed.zoneName" .)) .Values.zone.trustDomain }}
+{{- end }}
+
+{{/* Hardening of every container; fixed, not a value, so no values file can weaken it. */}}
+{{- define "meshfed.containerSecurityContext" -}}
+runAsNonRoot: true
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "meshfed.commonVolumeMounts" -}}
+- name: config
+  mountPath: /etc/meshfed/config
+  readOnly: true
+- name: admin-token
+  mountPath: /etc/meshfed/admin-token
+  readOnly: true
+- name: data
+  mountPath: {{ include "meshfed.dataDir" . }}
+- name: tmp
+  mountPath: /tmp
+{{- end }}

@@ -1,0 +1,111 @@
+"""What the Consul and Kubernetes sources share: a cached snapshot, wake-ups, backoff.
+
+Both sources long-poll their server in background tasks (Consul blocking
+queries, Kubernetes watches) and answer :meth:`watch` from the cache, because
+the controller calls ``watch`` with a short timeout and checks export rules
+between calls. A failed poll never empties the cache: the last good snapshot
+keeps serving while the task backs off and retries, and :attr:`last_error`
+says what went wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+
+from meshfed.catalog.model import CatalogSnapshot, Service
+from meshfed.errors import CatalogError
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotCache:
+    """The newest snapshot of a remote catalog, with a wake-up for watchers.
+
+    Versions start from the wall clock in milliseconds and then grow by one per
+    change: peers keep the highest version they saw (``ImportStore``), so a
+    restarted controller must never publish a smaller one.
+    """
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._snapshot = CatalogSnapshot(version=0, services=[])
+        self._changed = asyncio.Event()
+        self.synced = asyncio.Event()
+        self.last_error: str | None = None
+        # The last few distinct failures, for status pages and tests: errors that healed stay visible.
+        self.recent_errors: collections.deque[str] = collections.deque(maxlen=20)
+
+    @property
+    def current(self) -> CatalogSnapshot:
+        return self._snapshot
+
+    def update(self, services: list[Service]) -> bool:
+        """Publish ``services`` (any order) if they differ from the current snapshot. True if published."""
+        ordered = sorted(services, key=lambda service: service.key)
+        first = not self.synced.is_set()
+        self.synced.set()
+        if not first and ordered == self._snapshot.services:
+            return False
+        version = max(self._snapshot.version + 1, time.time_ns() // 1_000_000)
+        self._snapshot = CatalogSnapshot(version=version, services=ordered)
+        self._changed.set()
+        self._changed = asyncio.Event()
+        return True
+
+    def failed(self, message: str) -> None:
+        if message != self.last_error:
+            self.recent_errors.append(message)
+            log.warning("%s (serving the last good catalog, version %d)", message, self._snapshot.version)
+        self.last_error = message
+
+    def recovered(self) -> None:
+        if self.last_error is not None:
+            log.info("%s: reachable again", self._what)
+        self.last_error = None
+
+    async def first(self, timeout: float) -> CatalogSnapshot:
+        """The snapshot once the first full listing is in; a clear error if none arrives in ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self.synced.wait(), timeout)
+        except TimeoutError:
+            detail = self.last_error or f"{self._what} did not answer within {timeout:g} s"
+            raise CatalogError(f"cannot list the catalog: {detail}") from None
+        return self._snapshot
+
+    async def newer(self, since: int, timeout: float) -> CatalogSnapshot:
+        """Return as soon as the version passes ``since``, or the current snapshot after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self._snapshot.version <= since:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                break
+        return self._snapshot
+
+
+class Backoff:
+    """Exponential backoff with full jitter, reset after a success."""
+
+    def __init__(self, initial: float = 0.05, maximum: float = 10.0) -> None:
+        self._initial = initial
+        self._maximum = maximum
+        self._attempt = 0
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+    async def sleep(self) -> None:
+        ceiling = min(self._maximum, self._initial * 2**self._attempt)
+        self._attempt += 1
+        # Jitter keeps many zones from hammering a recovering server in lockstep.
+        await asyncio.sleep(ceiling / 2 + random.uniform(0, ceiling / 2))  # noqa: S311 -- not cryptographic
+
+
+__all__ = ["Backoff", "SnapshotCache"]

@@ -1,0 +1,283 @@
+"""The Helm chart: lint, render, and validate against the Kubernetes schemas, for every values file.
+
+helm is built from the Go module proxy into ``.venv/bin`` by ``make`` (``$(BIN)/helm``); a
+missing helm fails these tests rather than skipping them. The rendered manifests are checked
+offline with the ``kubernetes-validate`` schemas (strict: unknown fields are errors), and the
+zone config the chart writes is parsed by meshfed's own ``ZoneConfig``, so the chart and the
+Python model cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import typer
+import yaml
+
+from meshfed.cli import app
+from meshfed.zone import Zone, ZoneConfig
+
+REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "helm" / "meshfed"
+EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
+# A version kubernetes-validate ships schemas for; also what helm renders Capabilities against.
+KUBE_VERSION = "1.33.0"
+NAMESPACE = "meshfed-system"
+RBAC_KINDS = {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+
+Manifest = dict[str, Any]
+
+# Default values plus every example values file: each must lint, render and validate.
+CASES = [pytest.param([], id="defaults")] + [pytest.param(["-f", str(path)], id=path.stem) for path in EXAMPLES]
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    for candidate in (REPO / ".venv" / "bin" / "helm", shutil.which("helm")):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    pytest.fail(
+        "helm is not installed; run 'make .venv/bin/helm' "
+        "(GOBIN=.venv/bin go install helm.sh/helm/v3/cmd/helm@<version>)"
+    )
+
+
+def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([helm, *args], capture_output=True, text=True, check=False, timeout=60)
+
+
+def render(helm: str, values: list[str]) -> list[Manifest]:
+    result = run_helm(
+        helm, "template", "east", str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION, *values
+    )
+    assert result.returncode == 0, result.stderr
+    return [document for document in yaml.safe_load_all(result.stdout) if document]
+
+
+def of_kind(manifests: list[Manifest], kind: str) -> list[Manifest]:
+    return [manifest for manifest in manifests if manifest["kind"] == kind]
+
+
+def one(manifests: list[Manifest], kind: str, name_suffix: str = "") -> Manifest:
+    found = [m for m in of_kind(manifests, kind) if m["metadata"]["name"].endswith(name_suffix)]
+    assert len(found) == 1, f"expected one {kind} named *{name_suffix}, found {len(found)}"
+    return found[0]
+
+
+def pod_specs(manifests: list[Manifest]) -> Iterator[tuple[str, Manifest]]:
+    for manifest in manifests:
+        if manifest["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            yield manifest["metadata"]["name"], manifest["spec"]["template"]["spec"]
+
+
+def catalog_mode(manifests: list[Manifest]) -> str:
+    config = tomllib.loads(one(manifests, "ConfigMap")["data"]["zone.toml"])
+    return str(config["catalog"])
+
+
+@pytest.mark.parametrize("values", CASES)
+def test_helm_lint_is_clean(helm: str, values: list[str]) -> None:
+    result = run_helm(helm, "lint", str(CHART), "--strict", "--kube-version", KUBE_VERSION, *values)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("values", CASES)
+def test_rendered_manifests_match_kubernetes_schemas(helm: str, values: list[str]) -> None:
+    manifests = render(helm, values)
+    assert manifests
+    for manifest in manifests:
+        if manifest["apiVersion"].startswith("monitoring.coreos.com/"):
+            # A CRD: no schema ships with Kubernetes; check it scrapes the API Service's port.
+            api = one(manifests, "Service", "-api")
+            assert manifest["spec"]["endpoints"][0]["port"] in {port["name"] for port in api["spec"]["ports"]}
+            assert manifest["spec"]["selector"]["matchLabels"].items() <= api["metadata"]["labels"].items()
+            continue
+        try:
+            kubernetes_validate.validate(manifest, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{manifest['kind']} {manifest['metadata']['name']}: {err.message}")
+
+
+@pytest.mark.parametrize("values", CASES)
+def test_every_pod_is_hardened(helm: str, values: list[str]) -> None:
+    specs = list(pod_specs(render(helm, values)))
+    assert specs
+    for name, spec in specs:
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True, name
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        tmp_volumes = {volume["name"] for volume in spec["volumes"] if "emptyDir" in volume}
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            where = f"{name}/{container['name']}"
+            context = container["securityContext"]
+            assert context["runAsNonRoot"] is True, where
+            assert context["readOnlyRootFilesystem"] is True, where
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["capabilities"] == {"drop": ["ALL"]}, where
+            assert context["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            assert container["resources"]["requests"], where
+            assert container["resources"]["limits"], where
+            # A read-only root needs a writable /tmp.
+            tmp = [mount for mount in container["volumeMounts"] if mount["mountPath"] == "/tmp"]
+            assert len(tmp) == 1, where
+            assert tmp[0]["name"] in tmp_volumes, where
+
+
+@pytest.mark.parametrize("values", CASES)
+def test_controller_probes_and_services(helm: str, values: list[str]) -> None:
+    manifests = render(helm, values)
+    (controller,) = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert controller["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "api"}
+    assert controller["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "api"}
+    gateway = one(manifests, "Service", "-gateway")
+    assert [port["port"] for port in gateway["spec"]["ports"]] == [15443]
+    pod_labels = one(manifests, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    for service in of_kind(manifests, "Service"):
+        assert service["spec"]["selector"].items() <= pod_labels.items(), service["metadata"]["name"]
+    peering = {port["name"]: port["port"] for port in one(manifests, "Service", "-peering")["spec"]["ports"]}
+    assert peering["grpc-peering"] == 15440
+    assert peering["tls-establish"] == 15441
+
+
+def test_gateway_service_type_defaults_to_load_balancer_and_is_configurable(helm: str) -> None:
+    assert one(render(helm, []), "Service", "-gateway")["spec"]["type"] == "LoadBalancer"
+    changed = render(helm, ["--set", "gateway.service.type=ClusterIP"])
+    assert one(changed, "Service", "-gateway")["spec"]["type"] == "ClusterIP"
+
+
+@pytest.mark.parametrize("values", CASES)
+def test_rbac_exists_only_in_kubernetes_mode(helm: str, values: list[str]) -> None:
+    manifests = render(helm, values)
+    rbac = [manifest for manifest in manifests if manifest["kind"] in RBAC_KINDS]
+    if catalog_mode(manifests) != "kubernetes":
+        assert rbac == []
+        assert one(manifests, "Deployment")["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+        return
+    assert one(manifests, "Deployment")["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    allowed = {"services", "endpointslices"}
+    for role in of_kind(manifests, "Role") + of_kind(manifests, "ClusterRole"):
+        for rule in role["rules"]:
+            assert set(rule["resources"]) <= allowed, role["metadata"]["name"]
+            assert "*" not in rule["verbs"], role["metadata"]["name"]
+            if role["kind"] == "ClusterRole":
+                assert rule["verbs"] == ["list"]
+            elif role["metadata"]["name"].endswith("-read"):
+                assert rule["verbs"] == ["get", "list", "watch"]
+    config = tomllib.loads(one(manifests, "ConfigMap")["data"]["zone.toml"])
+    writers = [role for role in of_kind(manifests, "Role") if "create" in role["rules"][0]["verbs"]]
+    # Writes only where mirrors go; reads in every watched namespace.
+    assert [role["metadata"]["namespace"] for role in writers] == [config["kubernetes"]["mirror_namespace"]]
+    readers = {role["metadata"]["namespace"] for role in of_kind(manifests, "Role") if role not in writers}
+    assert readers == set(config["kubernetes"]["namespaces"])
+
+
+def test_kubernetes_mode_with_default_values_grants_rbac(helm: str) -> None:
+    manifests = render(helm, ["--set", "catalog.mode=kubernetes"])
+    assert {manifest["kind"] for manifest in manifests} >= RBAC_KINDS
+    assert one(manifests, "Role", "-mirror")["metadata"]["namespace"] == NAMESPACE
+    without = render(helm, ["--set", "catalog.mode=kubernetes", "--set", "rbac.create=false"])
+    assert not [m for m in without if m["kind"] in RBAC_KINDS]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "catalog.mode=etcd",
+        "gateway.port=70000",
+        "zone.name=East_1",
+        "gateway.service.type=ExternalName",
+        "zone.failingPeer.policy=sometimes",
+        "typo=1",
+        "persistence.sizee=1Gi",
+    ],
+)
+def test_values_schema_rejects_bad_values(helm: str, bad: str) -> None:
+    result = run_helm(helm, "template", "east", str(CHART), "--kube-version", KUBE_VERSION, "--set", bad)
+    assert result.returncode != 0
+    assert "schema" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("values", CASES)
+def test_zone_toml_is_a_valid_zone_config(helm: str, values: list[str]) -> None:
+    manifests = render(helm, values)
+    config = ZoneConfig.model_validate(tomllib.loads(one(manifests, "ConfigMap")["data"]["zone.toml"]))
+    assert config.gateway_address == "0.0.0.0:15443"
+    if config.catalog == "consul":
+        assert config.consul is not None
+        # The ACL token is mounted as a file at the path the config names.
+        (controller,) = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
+        mounts = [mount["mountPath"] for mount in controller["volumeMounts"]]
+        assert config.consul.token_file is not None
+        assert str(Path(config.consul.token_file).parent) in mounts
+
+
+@pytest.mark.parametrize("values", CASES)
+def test_controller_args_are_options_of_meshfed_up(helm: str, values: list[str]) -> None:
+    (controller,) = one(render(helm, values), "Deployment")["spec"]["template"]["spec"]["containers"]
+    command, *args = controller["args"]
+    assert command == "up"
+    group = typer.main.get_command(app)
+    assert isinstance(group, typer.core.TyperGroup)
+    up = group.commands["up"]
+    options = {option for param in up.params for option in param.opts}
+    for arg in args:
+        assert arg.split("=", 1)[0] in options, arg
+    assert up.make_context("up", args)  # the values parse too (ports, choices)
+
+
+def _bootstrap_script(manifests: list[Manifest], root: Path) -> str:
+    """The init container's script with its absolute paths moved under ``root``."""
+    script = str(one(manifests, "ConfigMap")["data"]["bootstrap.sh"])
+    return script.replace("/var/lib/meshfed", str(root / "data")).replace("/etc/meshfed", str(root / "etc"))
+
+
+def _prepare(manifests: list[Manifest], root: Path) -> dict[str, str]:
+    (root / "data").mkdir()
+    (root / "data" / "lost+found").mkdir()  # what a fresh ext4 volume holds
+    (root / "etc" / "config").mkdir(parents=True)
+    (root / "etc" / "admin-token").mkdir()
+    (root / "etc" / "config" / "zone.toml").write_text(one(manifests, "ConfigMap")["data"]["zone.toml"])
+    (root / "etc" / "admin-token" / "token").write_text("from-the-secret\n")
+    return {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_bootstrap_creates_the_zone_then_keeps_it(helm: str, tmp_path: Path) -> None:
+    manifests = render(helm, ["--set", "catalog.mode=kubernetes"])
+    env = _prepare(manifests, tmp_path)
+    script = _bootstrap_script(manifests, tmp_path)
+    subprocess.run(["/bin/sh", "-c", script], check=True, env=env, timeout=60)
+    zone = Zone.open(tmp_path / "data" / "zone")
+    assert (zone.name, str(zone.trust_domain), zone.config.catalog) == ("east", "east.mesh", "kubernetes")
+    assert zone.admin_token() == "from-the-secret"
+    root = zone.own_bundle().roots
+    # A restart keeps the CA and state; only zone.toml and the token are refreshed.
+    (tmp_path / "etc" / "admin-token" / "token").write_text("rotated\n")
+    subprocess.run(["/bin/sh", "-c", script], check=True, env=env, timeout=60)
+    again = Zone.open(tmp_path / "data" / "zone")
+    assert again.own_bundle().roots == root
+    assert again.admin_token() == "rotated"
+
+
+def test_bootstrap_seeds_the_zone_from_a_secret(helm: str, tmp_path: Path) -> None:
+    made = Zone.init(tmp_path / "made", "east", "east.mesh")
+    manifests = render(helm, ["--set", "zone.existingSecret=east-seed"])
+    env = _prepare(manifests, tmp_path)
+    seed = tmp_path / "etc" / "seed"
+    seed.mkdir()
+    # What `kubectl create secret generic --from-file=made/ --from-file=made/ca/` would mount.
+    for path in [*(made.directory / "ca").glob("*.*"), made.directory / "state.db"]:
+        if path.is_file():
+            shutil.copy(path, seed / path.name)
+    subprocess.run(["/bin/sh", "-c", _bootstrap_script(manifests, tmp_path)], check=True, env=env, timeout=60)
+    zone = Zone.open(tmp_path / "data" / "zone")
+    assert zone.own_bundle().roots == made.own_bundle().roots
+    assert zone.authority().root == made.authority().root
+    assert oct((zone.directory / "ca" / "root.key").stat().st_mode & 0o777) == "0o600"
