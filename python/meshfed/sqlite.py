@@ -13,6 +13,8 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from meshfed.errors import ZoneError
 
@@ -70,3 +72,21 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+class SqliteStore:
+    """Base of the typed stores: one connection to one component's tables, used as a context manager."""
+
+    def __init__(self, path: Path, component: str, migrations: Sequence[str]) -> None:
+        self._db = open_database(path, component, migrations)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._db.close()

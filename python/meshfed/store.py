@@ -11,10 +11,9 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Literal
 
-from meshfed.sqlite import open_database, transaction
+from meshfed.sqlite import SqliteStore, transaction
 from meshfed.trust.bundle import TrustBundle, parse_bundle
 from meshfed.trust.spiffe import TrustDomain
 
@@ -98,22 +97,11 @@ class StoredBundle:
     updated_at: dt.datetime
 
 
-class StateStore:
+class StateStore(SqliteStore):
     """Typed access to ``state.db``. Use as a context manager; each method commits."""
 
     def __init__(self, path: Path) -> None:
-        self._db = open_database(path, "trust", _MIGRATIONS)
-
-    def __enter__(self) -> StateStore:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._db.close()
+        super().__init__(path, "trust", _MIGRATIONS)
 
     def put_bundle(self, bundle: TrustBundle, source: str) -> None:
         """Store ``bundle`` as the one bundle of its trust domain, replacing any earlier one."""

@@ -12,13 +12,12 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from types import TracebackType
 
 from pydantic import ValidationError
 
 from meshfed.catalog.model import CatalogSnapshot, LocalImport, Service
 from meshfed.errors import CatalogError
-from meshfed.sqlite import open_database, transaction
+from meshfed.sqlite import SqliteStore, transaction
 
 CATALOG_FILE = "catalog.db"
 _POLL_SECONDS = 0.1
@@ -37,22 +36,11 @@ _MIGRATIONS = (
 )
 
 
-class EmbeddedCatalog:
+class EmbeddedCatalog(SqliteStore):
     """The embedded catalog of one zone directory. Use as a context manager."""
 
     def __init__(self, zone_directory: Path) -> None:
-        self._db = open_database(zone_directory / CATALOG_FILE, "catalog", _MIGRATIONS)
-
-    def __enter__(self) -> EmbeddedCatalog:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._db.close()
+        super().__init__(zone_directory / CATALOG_FILE, "catalog", _MIGRATIONS)
 
     def register(self, service: Service) -> int:
         """Add or replace ``service`` (with all its endpoints). Returns the new catalog version."""

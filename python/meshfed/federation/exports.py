@@ -14,12 +14,11 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from meshfed.catalog.model import CatalogSnapshot, Service
 from meshfed.errors import FederationError
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
-from meshfed.sqlite import open_database, transaction
+from meshfed.sqlite import SqliteStore, transaction
 
 ALL_PEERS = "*"
 STATE_FILE = "state.db"
@@ -50,19 +49,11 @@ class ExportRule:
         return service.key == (self.namespace, self.service) and self.peer in (peer, ALL_PEERS)
 
 
-class ExportRules:
+class ExportRules(SqliteStore):
     """The export rules of one zone, in its ``state.db``. Use as a context manager."""
 
     def __init__(self, zone_directory: Path) -> None:
-        self._db = open_database(zone_directory / STATE_FILE, "exports", _MIGRATIONS)
-
-    def __enter__(self) -> ExportRules:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._db.close()
+        super().__init__(zone_directory / STATE_FILE, "exports", _MIGRATIONS)
 
     def add(self, service: str, namespace: str, peers: Iterable[str]) -> list[ExportRule]:
         """Export ``service`` to each of ``peers`` (names, or ``*``). Adding an existing rule is a no-op."""

@@ -10,13 +10,12 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from pydantic import ValidationError
 
 from meshfed.errors import FederationError
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
-from meshfed.sqlite import open_database, transaction
+from meshfed.sqlite import SqliteStore, transaction
 
 STATE_FILE = "state.db"
 
@@ -48,19 +47,11 @@ class ImportedService:
         return f"{self.service.name}.{self.service.namespace}.{self.peer}"
 
 
-class ImportStore:
+class ImportStore(SqliteStore):
     """Peers' snapshots in the zone's ``state.db``. Use as a context manager."""
 
     def __init__(self, zone_directory: Path) -> None:
-        self._db = open_database(zone_directory / STATE_FILE, "imports", _MIGRATIONS)
-
-    def __enter__(self) -> ImportStore:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._db.close()
+        super().__init__(zone_directory / STATE_FILE, "imports", _MIGRATIONS)
 
     def put(self, peer: str, snapshot: ServiceSnapshot) -> bool:
         """Keep ``snapshot`` as ``peer``'s exports unless an equal or newer version is stored. True if stored."""

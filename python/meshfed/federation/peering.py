@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from types import TracebackType
 from typing import Literal
 
 import orjson
@@ -32,7 +31,7 @@ import orjson
 from meshfed.errors import InvalidTokenError, PeeringError
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.token import DEFAULT_TOKEN_TTL, PeeringToken, hash_secret, new_secret
-from meshfed.sqlite import open_database, transaction
+from meshfed.sqlite import SqliteStore, transaction
 from meshfed.zone import STATE_FILE, Zone
 
 COMPONENT = "peering"
@@ -136,26 +135,15 @@ class IssuedToken:
     encoded: str = field(repr=False)
 
 
-class PeeringStore:
+class PeeringStore(SqliteStore):
     """Typed access to the peering tables. Use as a context manager; each method is one transaction."""
 
     def __init__(self, path: Path) -> None:
-        self._db = open_database(path, COMPONENT, _MIGRATIONS)
+        super().__init__(path, COMPONENT, _MIGRATIONS)
 
     @classmethod
     def of(cls, zone: Zone) -> PeeringStore:
         return cls(zone.directory / STATE_FILE)
-
-    def __enter__(self) -> PeeringStore:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._db.close()
 
     # -- peerings --------------------------------------------------------
 
