@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from meshfed.aio import cancel_and_wait
 from meshfed.catalog import CatalogSnapshot, CatalogSource, LocalImport, open_catalog
 from meshfed.errors import MeshfedError
 from meshfed.federation.exchange import ServiceSnapshot
@@ -174,11 +175,7 @@ class Controller:
         if self._stopped:
             return
         self._stopped = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         for service in reversed(self._services):
             try:

@@ -34,7 +34,6 @@ those (an import is never re-exported) and publishing removes stale ones.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,6 +45,7 @@ import consul
 import consul.aio
 from pydantic import ValidationError
 
+from meshfed.aio import cancel_and_wait
 from meshfed.catalog.model import CatalogSnapshot, Endpoint, LocalImport, Locality, Service
 from meshfed.catalog.remote import Backoff, SnapshotCache
 from meshfed.catalog.settings import ConsulSettings
@@ -159,12 +159,7 @@ class ConsulCatalog:
             raise CatalogError(f"cannot register imports: {self._describe(err)}") from None
 
     async def aclose(self) -> None:
-        tasks = [task for task in (self._main, *self._watchers.values()) if task is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._main, *self._watchers.values())
         self._main, self._watchers = None, {}
         if self._client is not None:
             await self._client.close()
@@ -259,11 +254,7 @@ class ConsulCatalog:
     async def _restart_watchers(self) -> None:
         watchers, self._watchers = self._watchers, {}
         self._services.clear()
-        for task in watchers.values():
-            task.cancel()
-        for task in watchers.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*watchers.values())
 
     async def _watch_service(self, name: str) -> None:
         client = self._start()

@@ -43,6 +43,7 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.config.config_exception import ConfigException
 from pydantic import ValidationError
 
+from meshfed.aio import cancel_and_wait
 from meshfed.catalog.model import CatalogSnapshot, Endpoint, LocalImport, Locality, Service
 from meshfed.catalog.remote import Backoff, SnapshotCache
 from meshfed.catalog.settings import KubernetesSettings
@@ -151,11 +152,7 @@ class KubernetesCatalog:
             raise CatalogError(f"cannot mirror imports: {self._describe(err)}") from None
 
     async def aclose(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         if self._api is not None:
             await self._api.close()

@@ -37,6 +37,7 @@ from typing import Any
 import grpc
 from pydantic import BaseModel
 
+from meshfed.aio import cancel_and_wait
 from meshfed.errors import InvalidTokenError, MeshfedError, PeeringError
 from meshfed.federation import wire
 from meshfed.federation._proto import peering_pb2 as pb
@@ -192,9 +193,7 @@ class PeerLink:
     async def stop(self) -> None:
         self.stopped = True
         if self._dialer is not None and self._dialer is not asyncio.current_task():
-            self._dialer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._dialer
+            await cancel_and_wait(self._dialer)
 
     async def run_session(self, session: Session) -> None:
         """Run ``session`` as this link's one connection (a newer connection replaces an older one)."""
@@ -445,11 +444,7 @@ class PeeringService:
         )
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         for link in list(self._links.values()):
             if link.session is not None:

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from meshfed.aio import cancel_and_wait
 from meshfed.errors import BundleFetchError, MeshfedError, TrustError
 from meshfed.trust.bundle import TrustBundle, parse_bundle
 from meshfed.trust.ca import Svid
@@ -122,10 +123,7 @@ class BundleEndpointServer:
         log.info("bundle endpoint (%s) serving on %s", self._profile, self.url)
 
     async def stop(self) -> None:
-        if self._renewal is not None:
-            self._renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewal
+        await cancel_and_wait(self._renewal)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

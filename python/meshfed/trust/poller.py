@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
 
+from meshfed.aio import cancel_and_wait
 from meshfed.errors import MeshfedError
 from meshfed.store import Federation
 from meshfed.trust.bundle import DEFAULT_REFRESH_HINT_SECONDS, TrustBundle, newest
@@ -58,11 +59,8 @@ class BundlePoller:
         self._task = asyncio.create_task(self._run(), name=f"meshfed-{self._zone.name}-bundle-poller")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def wake(self) -> None:
         """Poll every endpoint now (after `meshfed trust federate` added one, say)."""

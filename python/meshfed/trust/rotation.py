@@ -17,6 +17,7 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
 
+from meshfed.aio import cancel_and_wait
 from meshfed.errors import MeshfedError
 from meshfed.zone import Zone
 
@@ -61,11 +62,8 @@ class RotationService:
         self._task = asyncio.create_task(self._run(), name=f"meshfed-{self._zone.name}-rotation")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def wake(self) -> None:
         """Check now (after a rotation started in this process, or a moved test clock)."""
