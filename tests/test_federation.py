@@ -180,3 +180,29 @@ def test_peer_trust_domain_mapping_is_what_the_ingress_allows(zones, echo_server
             assert route.allow == [str(TrustDomain("west.mesh").gateway_id)]
 
     asyncio.run(scenario())
+
+
+def test_imports_are_published_at_the_advertised_egress_host(zones, echo_server):
+    east, west, _ = zones
+    _register_echo(east, echo_server)
+    with ExportRules(east.directory) as rules:
+        rules.add("echo", "default", ["west"])
+
+    async def scenario() -> None:
+        west_controller = Controller(
+            west,
+            gateway_address="127.0.0.1:0",
+            egress_host="0.0.0.0",
+            egress_advertise_host="127.0.0.1",
+            peer_trust_domains=lambda: {"east": east.trust_domain},
+        )
+        async with _controller(east, {"west": west}) as east_ctl, west_controller as west_ctl:
+            await west_ctl.import_snapshot("east", east_ctl.exported_snapshot("west"))
+            (published,) = west_ctl.local_imports()
+            assert published.name == "echo.default.east"
+            host, port = published.ports["tcp"]
+            assert host == "127.0.0.1"
+            assert west_ctl.gateway.address("egress:echo.default.east:tcp") == ("0.0.0.0", port)
+            assert await _call((host, port), b"via the advertised host") == b"via the advertised host"
+
+    asyncio.run(scenario())

@@ -72,6 +72,7 @@ class Controller:
         gateway_address: str | None = None,
         gateway_advertise: Sequence[str] = (),
         egress_host: str = "127.0.0.1",
+        egress_advertise_host: str | None = None,
         egress_port_base: int = 0,
         gateway_svid_ttl: dt.timedelta = DEFAULT_GATEWAY_SVID_TTL,
         peer_trust_domains: PeerTrustDomains = dict,
@@ -82,6 +83,8 @@ class Controller:
         catalog: CatalogSource | None = None,
     ) -> None:
         """``egress_port_base`` 0 gives each import an ephemeral port; otherwise ports are kept from that base.
+        Imports are published to the catalog at ``egress_advertise_host`` (default: the bound host), so a
+        gateway bound to 0.0.0.0 in a pod can be published at the pod's IP.
 
         ``peer_trust_domains`` maps peering names to their trust domains (the
         peering service provides it); ``gateway_advertise`` is where peers reach
@@ -97,6 +100,7 @@ class Controller:
         self.gateway_address = gateway_address or zone.config.gateway_address
         self._advertise = list(gateway_advertise)
         self._egress_host = egress_host
+        self._egress_advertise_host = egress_advertise_host
         self._egress_port_base = egress_port_base
         self._svid_ttl = gateway_svid_ttl
         self._peer_trust_domains = peer_trust_domains
@@ -206,7 +210,7 @@ class Controller:
                 # Only now may peers hear of these exports: the ingress already admits them.
                 self._applied_exports = exports
                 log.debug("zone %s: gateway config applied", self.zone.name)
-            await self._catalog.publish_imports(self._local_imports())
+            await self._catalog.publish_imports(self.local_imports())
 
     async def exports_changed(self) -> None:
         """Export rules or the catalog changed: apply the new ingress and tell the peers."""
@@ -348,8 +352,11 @@ class Controller:
                 else:
                     await asyncio.sleep(CATALOG_POLL_SECONDS)
 
-    def _local_imports(self) -> list[LocalImport]:
-        bound = self.gateway.addresses()
+    def local_imports(self) -> list[LocalImport]:
+        """The imports as local clients reach them: service, peer, and the egress address of each port."""
+        bound = {
+            name: (self._egress_advertise_host or host, port) for name, (host, port) in self.gateway.addresses().items()
+        }
         by_import: dict[tuple[str, str, str], dict[str, tuple[str, int]]] = {}
         with ImportStore(self.zone.directory) as imports:
             for imported in imports.services():

@@ -32,7 +32,8 @@ class ZoneSettings:
 
     gateway_address: str | None = None  # default: zone.toml
     gateway_advertise: tuple[str, ...] = ()  # default: the bound ingress address
-    egress_host: str = "127.0.0.1"
+    egress_host: str = "127.0.0.1"  # where egress listeners bind
+    egress_advertise_host: str | None = None  # where local clients reach them; default: egress_host
     egress_port_base: int = 15500  # 0: ephemeral egress ports
     peering_address: str = "0.0.0.0:15440"
     establish_address: str = "0.0.0.0:15441"
@@ -78,6 +79,7 @@ def assemble_zone(zone: Zone, settings: ZoneSettings = ZoneSettings()) -> ZoneRu
         gateway_address=settings.gateway_address,
         gateway_advertise=settings.gateway_advertise,
         egress_host=settings.egress_host,
+        egress_advertise_host=settings.egress_advertise_host,
         egress_port_base=settings.egress_port_base,
         peer_trust_domains=peer_trust_domains,
         failing_peer_grace=settings.failing_peer_grace,

@@ -72,6 +72,12 @@ def up(
     advertise_host: Annotated[
         str | None, typer.Option(help="Host name or IP that peers dial for peering; put in tokens.")
     ] = None,
+    egress_host: Annotated[
+        str, typer.Option(help="Address the egress listeners of imported services bind to.")
+    ] = "127.0.0.1",
+    egress_advertise_host: Annotated[
+        str | None, typer.Option(help="Address local clients reach imports at (the pod IP); default: --egress-host.")
+    ] = None,
     egress_port_base: Annotated[
         int, typer.Option(min=0, max=65535, help="First local port for imported services; 0 = ephemeral.")
     ] = 15500,
@@ -96,6 +102,8 @@ def up(
     settings = ZoneSettings(
         gateway_address=gateway_address,
         gateway_advertise=tuple(gateway_advertise or ()),
+        egress_host=egress_host,
+        egress_advertise_host=egress_advertise_host,
         egress_port_base=egress_port_base,
         peering_address=peering_address,
         establish_address=establish_address,
