@@ -25,7 +25,7 @@ from meshfed.aio import cancel_and_wait
 from meshfed.catalog import CatalogSnapshot, CatalogSource, LocalImport, open_catalog
 from meshfed.errors import MeshfedError
 from meshfed.federation.exchange import ServiceSnapshot
-from meshfed.federation.exports import ExportRule, ExportRules, exported_snapshot
+from meshfed.federation.exports import ExportIndex, ExportRules, exported_snapshot
 from meshfed.federation.gateway_config import INGRESS_LISTENER, build_gateway_config, egress_listener_name
 from meshfed.federation.imports import ImportStore
 from meshfed.gateway import Gateway, GatewayConfig, Identity
@@ -50,7 +50,7 @@ class _Exports:
     """The catalog and export rules one gateway config was built from."""
 
     catalog: CatalogSnapshot
-    rules: list[ExportRule]
+    index: ExportIndex
     rules_version: int
 
 
@@ -96,7 +96,10 @@ class Controller:
         self.zone = zone
         self._catalog = catalog if catalog is not None else open_catalog(zone)
         self._catalog_snapshot = CatalogSnapshot(version=0, services=[])
-        self._applied_exports = _Exports(self._catalog_snapshot, [], 0)
+        self._applied_exports = _Exports(self._catalog_snapshot, ExportIndex([]), 0)
+        # What each peer was last told, per applied generation: peers ask once per update, and a
+        # large catalog makes a snapshot costly to rebuild.
+        self._snapshots: dict[str, ServiceSnapshot] = {}
         self.gateway_address = gateway_address or zone.config.gateway_address
         self._advertise = list(gateway_advertise)
         self._egress_host = egress_host
@@ -152,7 +155,7 @@ class Controller:
         self._catalog_snapshot = await self._catalog.snapshot()
         config, exports = await asyncio.to_thread(self._build_config)
         gateway = await asyncio.to_thread(Gateway, config)
-        self._applied_exports = exports
+        self._applied_exports, self._snapshots = exports, {}
         self._gateway = gateway
         started: list[Service] = []
         try:
@@ -208,7 +211,7 @@ class Controller:
                 span.set_attribute("meshfed.gateway.clusters", len(config.clusters))
                 await asyncio.to_thread(self.gateway.apply, config)
                 # Only now may peers hear of these exports: the ingress already admits them.
-                self._applied_exports = exports
+                self._applied_exports, self._snapshots = exports, {}
                 log.debug("zone %s: gateway config applied", self.zone.name)
             await self._catalog.publish_imports(self.local_imports())
 
@@ -246,16 +249,21 @@ class Controller:
 
     def exported_snapshot(self, peer: str) -> ServiceSnapshot:
         """What ``peer`` may see of this zone: the exports of the config the gateway runs now."""
+        cached = self._snapshots.get(peer)
+        if cached is not None:
+            return cached
         applied = self._applied_exports
-        return exported_snapshot(
+        snapshot = exported_snapshot(
             zone=self.zone.name,
             trust_domain=str(self.zone.trust_domain),
             gateway_addresses=self.advertised_gateway_addresses(),
             peer=peer,
             catalog=applied.catalog,
-            rules=applied.rules,
+            index=applied.index,
             rules_version=applied.rules_version,
         )
+        self._snapshots[peer] = snapshot
+        return snapshot
 
     def advertised_gateway_addresses(self) -> list[str]:
         """Where peers reach this zone's ingress."""
@@ -276,7 +284,7 @@ class Controller:
         directory = self.zone.directory
         catalog = self._catalog_snapshot
         with ExportRules(directory) as rules, ImportStore(directory) as imports:
-            exports = _Exports(catalog, rules.rules(), rules.version())
+            exports = _Exports(catalog, ExportIndex(rules.rules()), rules.version())
 
             def egress_address(listener: str) -> str:
                 if not self._egress_port_base:
@@ -292,7 +300,7 @@ class Controller:
                 trust_domain=self.zone.trust_domain,
                 ingress_address=self.gateway_address,
                 catalog=catalog,
-                export_rules=exports.rules,
+                exports=exports.index,
                 peer_trust_domains=self._peer_trust_domains(),
                 imports=[item for item in imports.services() if not self._withheld(item.peer)],
                 egress_address=egress_address,

@@ -45,9 +45,6 @@ class ExportRule:
     service: str
     peer: str
 
-    def covers(self, service: Service, peer: str) -> bool:
-        return service.key == (self.namespace, self.service) and self.peer in (peer, ALL_PEERS)
-
 
 class ExportRules(SqliteStore):
     """The export rules of one zone, in its ``state.db``. Use as a context manager."""
@@ -101,6 +98,24 @@ class ExportRules(SqliteStore):
         self._db.execute("UPDATE export_rules_version SET version = version + 1")
 
 
+class ExportIndex:
+    """Export rules indexed by service, so matching costs one lookup per service, not one scan of every rule."""
+
+    def __init__(self, rules: Iterable[ExportRule]) -> None:
+        self._peers: dict[tuple[str, str], set[str]] = {}
+        for rule in rules:
+            self._peers.setdefault((rule.namespace, rule.service), set()).add(rule.peer)
+
+    def allows(self, service: Service, peer: str) -> bool:
+        """True if some rule exports ``service`` to ``peer`` (by name or ``*``)."""
+        peers = self._peers.get(service.key)
+        return peers is not None and (peer in peers or ALL_PEERS in peers)
+
+    def peers_allowed(self, service: Service, peers: Iterable[str]) -> list[str]:
+        """The peers (of ``peers``) that some rule lets call ``service``."""
+        return [peer for peer in peers if self.allows(service, peer)]
+
+
 def exported_snapshot(
     *,
     zone: str,
@@ -108,7 +123,7 @@ def exported_snapshot(
     gateway_addresses: list[str],
     peer: str,
     catalog: CatalogSnapshot,
-    rules: list[ExportRule],
+    index: ExportIndex,
     rules_version: int,
 ) -> ServiceSnapshot:
     """What ``peer`` may see: the catalog services some rule exports to it, with health summaries.
@@ -116,19 +131,13 @@ def exported_snapshot(
     The version is the sum of the catalog's and the rules' versions: both only
     grow, so the sum grows whenever either changes.
     """
-    services = [_exported(service) for service in catalog.services if any(rule.covers(service, peer) for rule in rules)]
     return ServiceSnapshot(
         zone=zone,
         trust_domain=trust_domain,
         gateway_addresses=gateway_addresses,
         version=catalog.version + rules_version,
-        services=services,
+        services=[_exported(service) for service in catalog.services if index.allows(service, peer)],
     )
-
-
-def peers_allowed(service: Service, rules: list[ExportRule], peers: Iterable[str]) -> list[str]:
-    """The peers (of ``peers``) that some rule lets call ``service``."""
-    return [peer for peer in peers if any(rule.covers(service, peer) for rule in rules)]
 
 
 def _exported(service: Service) -> ExportedService:

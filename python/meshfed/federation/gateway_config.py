@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from meshfed.catalog.model import CatalogSnapshot, Service
-from meshfed.federation.exports import ExportRule, peers_allowed
+from meshfed.federation.exports import ExportIndex
 from meshfed.federation.imports import ImportedService
 from meshfed.gateway import Cluster, Endpoint, GatewayConfig, Identity, OriginateListener, Route, TerminateListener
 from meshfed.gateway.config import Listener
@@ -32,7 +32,7 @@ def build_gateway_config(
     trust_domain: TrustDomain,
     ingress_address: str,
     catalog: CatalogSnapshot,
-    export_rules: list[ExportRule],
+    exports: ExportIndex,
     peer_trust_domains: Mapping[str, TrustDomain],
     imports: list[ImportedService],
     egress_address: EgressAddress,
@@ -41,7 +41,7 @@ def build_gateway_config(
     routes: list[Route] = []
     clusters: list[Cluster] = []
     for service in catalog.services:
-        allowed = peers_allowed(service, export_rules, peer_trust_domains)
+        allowed = exports.peers_allowed(service, peer_trust_domains)
         endpoints = [Endpoint(address=e.key, weight=e.weight) for e in service.healthy_endpoints]
         if not allowed or not endpoints:
             continue

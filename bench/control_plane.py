@@ -1,0 +1,460 @@
+#!/usr/bin/env python3
+"""Federation control-plane benchmarks of issue #5: propagation, bulk sync, heartbeat-loss detection.
+
+Run from the repository root with the project's venv::
+
+    .venv/bin/python bench/control_plane.py             # about 3 minutes
+    .venv/bin/python bench/control_plane.py --quick     # about 40 seconds
+    .venv/bin/python bench/control_plane.py --sizes 10000 --sync-timeout 600   # the issue's full size
+
+Prints a Markdown table and writes it to ``bench/results/control_plane.md``.
+Loopback only; all zones run in this one process (one asyncio loop, as the
+end-to-end tests run them), in temporary directories removed afterwards.
+
+"Serving" means the egress listener of the import is bound in the peer's
+running gateway (``controller.gateway.addresses()``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "python"))
+
+from meshfed.catalog import EmbeddedCatalog, Endpoint, Service  # noqa: E402
+from meshfed.catalog.model import CatalogSnapshot  # noqa: E402
+from meshfed.federation import wire  # noqa: E402
+from meshfed.federation.exports import ExportIndex, ExportRule, ExportRules, exported_snapshot  # noqa: E402
+from meshfed.federation.imports import ImportStore  # noqa: E402
+from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone  # noqa: E402
+from meshfed.sqlite import transaction  # noqa: E402
+from meshfed.zone import Zone  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "control_plane.md"
+ENDPOINTS_PER_SERVICE = 10
+PEERS = ("west", "north", "south")
+
+
+@dataclass
+class Row:
+    what: str
+    value: str
+    detail: str
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: Sequence[float], scale: float = 1.0, unit: str = "") -> str:
+    return f"n={len(values)}, min {min(values) * scale:.0f}{unit}, max {max(values) * scale:.0f}{unit}"
+
+
+def settings(heartbeat: float = 5.0) -> ZoneSettings:
+    return ZoneSettings(
+        gateway_address="127.0.0.1:0",
+        egress_port_base=0,
+        peering_address="127.0.0.1:0",
+        establish_address="127.0.0.1:0",
+        heartbeat_interval=heartbeat,
+    )
+
+
+def service(index: int, endpoints: int = ENDPOINTS_PER_SERVICE) -> Service:
+    return Service(
+        name=f"svc-{index}",
+        ports={"tcp": 8080},
+        endpoints=[
+            Endpoint(address=f"10.{index // 250 % 250}.{index % 250}.{host + 1}", port=8080)
+            for host in range(endpoints)
+        ],
+    )
+
+
+def register_all(zone: Zone, services: Sequence[Service]) -> float:
+    """Register ``services`` in one transaction (``EmbeddedCatalog.register`` joins an outer one)."""
+    started = time.perf_counter()
+    with EmbeddedCatalog(zone.directory) as catalog, transaction(catalog._db):
+        for item in services:
+            catalog.register(item)
+    return time.perf_counter() - started
+
+
+def export_all(zone: Zone, names: Sequence[str], peers: Sequence[str]) -> None:
+    """One export rule per service, in one transaction (``ExportRules.add`` joins an outer one)."""
+    with ExportRules(zone.directory) as rules, transaction(rules._db):
+        for name in names:
+            rules.add(name, "default", peers)
+
+
+async def wait_for(check: Callable[[], bool], what: str, timeout: float, step: float = 0.01) -> float:
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(step)
+    return time.monotonic() - started
+
+
+async def start_peered(exporter: ZoneRuntime, dialers: Sequence[ZoneRuntime], timeout: float = 30.0) -> None:
+    for runtime in (exporter, *dialers):
+        await runtime.controller.start()
+    for dialer in dialers:
+        await dialer.peering.establish(exporter.peering.issue_token(dialer.zone.name).encoded, exporter.zone.name)
+    for dialer in dialers:
+        await wait_for(
+            lambda d=dialer: d.peering.peer(exporter.zone.name).state == "ACTIVE",  # type: ignore[misc]
+            f"{dialer.zone.name}'s peering ACTIVE",
+            timeout,
+        )
+
+
+async def stop_all(runtimes: Sequence[ZoneRuntime]) -> None:
+    for runtime in reversed(runtimes):
+        await runtime.controller.stop()
+
+
+def rss_kib(field: str = "VmRSS") -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def loopback_bytes() -> int:
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, counters = line.partition(":")
+        if name.strip() == "lo":
+            return int(counters.split()[0])  # received bytes (= sent, on loopback)
+    return 0
+
+
+def bound(runtime: ZoneRuntime, listener: str) -> bool:
+    return listener in runtime.controller.gateway.addresses()
+
+
+# -- export add / endpoint change -> peer ---------------------------------------------------------------------------
+
+
+async def propagation(root: Path, repetitions: int) -> list[Row]:
+    east_zone = Zone.init(root / "east", "east", "east.mesh")
+    west_zone = Zone.init(root / "west", "west", "west.mesh")
+    register_all(east_zone, [service(index, endpoints=1) for index in range(repetitions)])
+    east, west = assemble_zone(east_zone, settings()), assemble_zone(west_zone, settings())
+    export_times: list[float] = []
+    endpoint_times: list[float] = []
+    try:
+        await start_peered(east, [west])
+        for index in range(repetitions):
+            await asyncio.sleep(random.uniform(0.3, 0.8))  # noqa: S311 -- a random phase of the catalog poll
+            listener = f"egress:svc-{index}.default.east:tcp"
+            started = time.monotonic()
+            await asyncio.to_thread(export_all, east_zone, [f"svc-{index}"], ["west"])
+            await wait_for(partial(bound, west, listener), listener, 15.0)
+            export_times.append(time.monotonic() - started)
+        for index in range(repetitions):
+            await asyncio.sleep(random.uniform(0.3, 0.8))  # noqa: S311
+            wanted = 2 + index
+
+            def seen(wanted: int = wanted) -> bool:
+                with ImportStore(west_zone.directory) as imports:
+                    snapshot = imports.snapshots().get("east")
+                imported = snapshot.service("default", "svc-0") if snapshot else None
+                return imported is not None and imported.total_endpoints == wanted
+
+            started = time.monotonic()
+            await asyncio.to_thread(register_all, east_zone, [service(0, endpoints=wanted)])
+            await wait_for(seen, "the endpoint change at west", 15.0)
+            endpoint_times.append(time.monotonic() - started)
+    finally:
+        await stop_all([east, west])
+    return [
+        Row(
+            "`export add` → peer gateway serving the import",
+            f"{median(export_times) * 1000:.0f} ms",
+            "export rule written to state.db (as the CLI does) → egress listener bound in the peer's gateway; "
+            f"controller polls the catalog/rules every 0.2 s; {spread(export_times, 1000, ' ms')}",
+        ),
+        Row(
+            "endpoint change → peer holds the new endpoint count",
+            f"{median(endpoint_times) * 1000:.0f} ms",
+            "service re-registered with one more endpoint → peer's stored import shows it (endpoints are "
+            "not sent, only counts; the peer's egress is unchanged); "
+            f"{spread(endpoint_times, 1000, ' ms')}",
+        ),
+    ]
+
+
+# -- heartbeat loss -------------------------------------------------------------------------------------------------
+
+
+async def heartbeat_loss(root: Path, heartbeat: float) -> float:
+    east_zone = Zone.init(root / "east", "east", "east.mesh")
+    west_zone = Zone.init(root / "west", "west", "west.mesh")
+    east, west = assemble_zone(east_zone, settings(heartbeat)), assemble_zone(west_zone, settings(heartbeat))
+    try:
+        await start_peered(east, [west])
+        await asyncio.sleep(random.uniform(heartbeat, 2 * heartbeat))  # noqa: S311 -- random heartbeat phase
+        started = time.monotonic()
+        await east.controller.stop()
+        await wait_for(lambda: west.peering.peer("east").state == "FAILING", "west to mark east FAILING", 60.0)
+        return time.monotonic() - started
+    finally:
+        await stop_all([east, west])
+
+
+def heartbeat_rows(root: Path, plan: Sequence[tuple[float, int]]) -> list[Row]:
+    rows = []
+    for heartbeat, repetitions in plan:
+        times = [
+            asyncio.run(heartbeat_loss(root / f"hb-{heartbeat:g}-{repetition}", heartbeat))
+            for repetition in range(repetitions)
+        ]
+        rows.append(
+            Row(
+                f"heartbeat loss → FAILING, heartbeat {heartbeat:g} s x 3",
+                f"{median(times) * 1000:.0f} ms",
+                f"acceptor's controller stopped → dialer marks it FAILING (deadline 3 heartbeats after the "
+                f"last message, checked every heartbeat/4); {spread(times, 1000, ' ms')}",
+            )
+        )
+    return rows
+
+
+# -- bulk sync ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyncResult:
+    services: int
+    register_seconds: float
+    snapshot_seconds: dict[str, float]
+    serving_seconds: dict[str, float]
+    snapshot_bytes: int
+    loopback_bytes: int
+    rss_before_kib: int
+    rss_after_kib: int
+    rss_peak_kib: int
+    max_loop_stall: float
+    failing_seen: list[str]
+    error: str | None
+
+
+async def loop_stall_monitor(record: list[float], tick: float = 0.05) -> None:
+    last = time.monotonic()
+    while True:
+        await asyncio.sleep(tick)
+        now = time.monotonic()
+        record.append(now - last - tick)
+        last = now
+
+
+async def bulk_sync(root: Path, services: int, timeout: float) -> SyncResult:
+    rss_before = rss_kib()
+    exporter_zone = Zone.init(root / "east", "east", "east.mesh")
+    peer_zones = [Zone.init(root / name, name, f"{name}.mesh") for name in PEERS]
+    register_seconds = register_all(exporter_zone, [service(index) for index in range(services)])
+    exporter = assemble_zone(exporter_zone, settings())
+    peers = [assemble_zone(zone, settings()) for zone in peer_zones]
+    snapshot_seconds: dict[str, float] = {}
+    serving_seconds: dict[str, float] = {}
+    failing: set[str] = set()
+    stalls: list[float] = []
+    error: str | None = None
+    monitor = asyncio.create_task(loop_stall_monitor(stalls))
+    try:
+        await start_peered(exporter, peers)
+        lo_before = loopback_bytes()
+        started = time.monotonic()
+        await asyncio.to_thread(export_all, exporter_zone, [f"svc-{index}" for index in range(services)], ["*"])
+        deadline = started + timeout
+        while len(serving_seconds) < len(peers):
+            now = time.monotonic()
+            for peer in peers:
+                name = peer.zone.name
+                status = peer.peering.peer("east")
+                if status.state != "ACTIVE":
+                    failing.add(f"{name}: {status.state} {status.state_reason}")
+                if name not in snapshot_seconds and status.imported_services == services:
+                    snapshot_seconds[name] = now - started
+                if name not in serving_seconds:
+                    egress = sum(
+                        1 for listener in peer.controller.gateway.addresses() if listener.startswith("egress:")
+                    )
+                    if egress == services:
+                        serving_seconds[name] = now - started
+            if now > deadline:
+                error = (
+                    f"not finished after {timeout:g} s: {len(snapshot_seconds)}/3 peers hold the snapshot, "
+                    f"{len(serving_seconds)}/3 serve it"
+                )
+                break
+            await asyncio.sleep(0.05)
+        lo_after = loopback_bytes()
+        snapshot_bytes = sum(
+            wire.snapshot_to_proto(exporter.controller.exported_snapshot(peer.zone.name)).ByteSize() for peer in peers
+        )
+        rss_after = rss_kib()
+    finally:
+        monitor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await monitor
+        await stop_all([exporter, *peers])
+    return SyncResult(
+        services,
+        register_seconds,
+        snapshot_seconds,
+        serving_seconds,
+        snapshot_bytes,
+        lo_after - lo_before,
+        rss_before,
+        rss_after,
+        rss_kib("VmHWM"),
+        max(stalls, default=0.0),
+        sorted(failing),
+        error,
+    )
+
+
+def exported_snapshot_cost(services: int) -> float:
+    """Seconds of one ``exported_snapshot`` call with one export rule per service (no I/O)."""
+    catalog = CatalogSnapshot(version=1, services=[service(index) for index in range(services)])
+    rules = [ExportRule("default", f"svc-{index}", "*") for index in range(services)]
+    started = time.perf_counter()
+    exported_snapshot(
+        zone="east",
+        trust_domain="east.mesh",
+        gateway_addresses=["127.0.0.1:1"],
+        peer="west",
+        catalog=catalog,
+        index=ExportIndex(rules),
+        rules_version=1,
+    )
+    return time.perf_counter() - started
+
+
+def sync_rows(results: Sequence[SyncResult], costs: dict[int, float]) -> list[Row]:
+    rows = []
+    for result in results:
+        size = f"{result.services:,} services x {ENDPOINTS_PER_SERVICE} endpoints → 3 peers"
+        snapshot = max(result.snapshot_seconds.values(), default=float("nan"))
+        serving = max(result.serving_seconds.values(), default=float("nan"))
+        outcome = f"**FAILED**: {result.error}; " if result.error else ""
+        rows += [
+            Row(
+                f"sync {size}: all 3 peers hold the snapshot",
+                f"{snapshot:.1f} s" if result.snapshot_seconds else "—",
+                f"{outcome}from the export rules' commit (one rule per service, to `*`, one transaction) to "
+                f"`imported_services` = {result.services:,} on every peer; per peer "
+                + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in sorted(result.snapshot_seconds.items()))
+                + f"; catalog registration (not counted): {result.register_seconds:.1f} s",
+            ),
+            Row(
+                f"sync {size}: all 3 peer gateways serve every import",
+                f"{serving:.1f} s" if result.serving_seconds else "—",
+                f"{result.services:,} egress listeners bound on each peer gateway",
+            ),
+            Row(
+                f"sync {size}: bytes",
+                f"{result.snapshot_bytes / 1024:.0f} KiB",
+                f"serialized protobuf `Snapshot` sizes, summed over the 3 peers (gRPC/HTTP2/TLS framing not "
+                f"included); loopback interface counter over the window, machine-wide and including "
+                f"heartbeats, acks and other processes: {result.loopback_bytes / 1024:.0f} KiB",
+            ),
+            Row(
+                f"sync {size}: RSS",
+                f"{result.rss_after_kib / 1024:.0f} MiB",
+                f"VmRSS of the one process running all 4 controllers and gateways after the sync "
+                f"({result.rss_before_kib / 1024:.0f} MiB before the zones; peak VmHWM "
+                f"{result.rss_peak_kib / 1024:.0f} MiB)",
+            ),
+            Row(
+                f"sync {size}: longest event-loop stall",
+                f"{result.max_loop_stall:.1f} s",
+                "longest lateness of a 50 ms ticker on the shared asyncio loop; peers mark a peer FAILING "
+                "after 3 missed 5 s heartbeats = 15 s; states other than ACTIVE seen: "
+                + ("; ".join(result.failing_seen) if result.failing_seen else "none"),
+            ),
+        ]
+    for services, seconds in sorted(costs.items()):
+        rows.append(
+            Row(
+                f"one `exported_snapshot()` call, {services:,} services, one rule each",
+                f"{seconds:.2f} s",
+                "pure CPU; rules are indexed by service (`ExportIndex`), so one lookup per service; the "
+                "controller also caches each peer's snapshot per applied config generation",
+            )
+        )
+    return rows
+
+
+# -- report ---------------------------------------------------------------------------------------------------------
+
+
+def render(rows: list[Row], args: argparse.Namespace, elapsed: float) -> str:
+    load = os.getloadavg()
+    lines = [
+        "# meshfed federation control-plane benchmarks (issue #5)",
+        "",
+        f"`bench/control_plane.py {' '.join(sys.argv[1:])}`".replace(" `", "`")
+        + f" on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, "
+        f"{os.cpu_count()} CPUs, load average {load[0]:.2f} at the end, {elapsed:.0f} s in all. "
+        "Timed values are medians of the repetitions shown (the sync rows are one run each); absolute "
+        "times on a small shared machine, compare them only within one run.",
+        "",
+        "| measurement | value | how |",
+        "|---|---|---|",
+        *(f"| {row.what} | {row.value} | {row.detail} |" for row in rows),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and a smaller sync (about 40 s)")
+    parser.add_argument("--sizes", type=int, nargs="+", help="services in the bulk sync runs (default 1000 2000)")
+    parser.add_argument("--sync-timeout", type=float, default=90.0, help="seconds a sync run may take")
+    parser.add_argument(
+        "--cost-sizes", type=int, nargs="*", help="sizes of the exported_snapshot() cost rows (default 1000 3000 5000)"
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the Markdown table")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    sizes = args.sizes or ([500] if args.quick else [1000, 2000])
+    cost_sizes = (
+        args.cost_sizes if args.cost_sizes is not None else ([1000, 2000] if args.quick else [1000, 3000, 5000])
+    )
+    started = time.monotonic()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="meshfed-bench-cp-") as tmp:
+        root = Path(tmp)
+        rows += asyncio.run(propagation(root / "propagation", 3 if args.quick else 5))
+        rows += heartbeat_rows(root, [(0.2, 3), (5.0, 1)] if args.quick else [(0.2, 5), (5.0, 2)])
+        results = [asyncio.run(bulk_sync(root / f"sync-{size}", size, args.sync_timeout)) for size in sizes]
+        costs = {size: exported_snapshot_cost(size) for size in cost_sizes}
+        rows += sync_rows(results, costs)
+    table = render(rows, args, time.monotonic() - started)
+    print(table)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(table)
+    print(f"written to {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
