@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +98,16 @@ def echo_server() -> Iterator[EchoServer]:
     server.shutdown()
     server.server_close()
     thread.join()
+
+
+async def eventually(check: Callable[[], bool], what: str = "condition", timeout: float = 10.0) -> float:
+    """Wait until ``check()`` holds; returns how long that took. Fails the test after ``timeout`` seconds."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
 
 
 def round_trip(sock: socket.socket, payload: bytes) -> bytes:

@@ -23,6 +23,7 @@ from meshfed.catalog import CatalogSnapshot, ConsulSettings, LocalImport, open_c
 from meshfed.catalog.consul import MANAGED_META, ConsulCatalog
 from meshfed.errors import CatalogError, ZoneError
 from meshfed.zone import Zone
+from tests.conftest import eventually
 from tests.doubles.consul import ConsulDouble
 
 FAST = {"blocking_wait": 10.0, "initial_sync_timeout": 5.0, "backoff": (0.01, 0.05)}
@@ -216,17 +217,17 @@ def test_bad_responses_keep_the_last_good_snapshot_and_say_what_happened(consul_
             good = await catalog.snapshot()
             consul_double.fail_next(4, 500, "rpc error making call: No cluster leader")
             consul_double.register("api", "10.1.0.9", 9090)
-            await _eventually(lambda: any("No cluster leader" in error for error in catalog.recent_errors))
+            await eventually(lambda: any("No cluster leader" in error for error in catalog.recent_errors))
             assert all(error.startswith(f"Consul at {consul_double.address}") for error in catalog.recent_errors)
             consul_double.fail_next(4, 200, "<html>captive portal</html>")
             consul_double.register("api", "10.1.0.9", 9091)
-            await _eventually(lambda: any("not JSON" in error for error in catalog.recent_errors))
+            await eventually(lambda: any("not JSON" in error for error in catalog.recent_errors))
             assert "is that address a Consul HTTP API?" in catalog.recent_errors[-1]
             # Meanwhile the last good snapshot (or newer good ones) keeps serving.
             assert (await catalog.watch(0, 0.1)).service("default", "web") is not None
             recovered = await until(catalog, lambda s: s.service("default", "api") is not None)
             assert recovered.version > good.version
-            await _eventually(lambda: catalog.last_error is None)
+            await eventually(lambda: catalog.last_error is None)
         finally:
             await catalog.aclose()
 
@@ -344,13 +345,6 @@ def test_zone_config_and_cli_select_the_consul_catalog(tmp_path, consul_double):
     (tmp_path / "east" / "zone.toml").write_text(toml)
     with pytest.raises(ZoneError, match=r"consul.address: .*must look like http://HOST:PORT"):
         Zone.open(tmp_path / "east")
-
-
-async def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.skipif(not os.environ.get("CONSUL_HTTP_ADDR"), reason="needs a real Consul: set CONSUL_HTTP_ADDR")

@@ -21,6 +21,7 @@ from meshfed.catalog import CatalogSnapshot, KubernetesSettings, LocalImport, op
 from meshfed.catalog.kubernetes import MIRROR_LABEL, OWNER_LABEL, KubernetesCatalog
 from meshfed.errors import CatalogError
 from meshfed.zone import Zone
+from tests.conftest import eventually
 from tests.doubles.kubernetes import KubernetesDouble, endpoint_slice, service
 
 FAST = {"watch_timeout": 5, "initial_sync_timeout": 5.0, "backoff": (0.01, 0.05)}
@@ -210,11 +211,11 @@ def test_bad_responses_keep_the_last_good_snapshot_and_say_what_happened(kube):
             double.compact()  # the next watch fails over to a list, which now fails
             double.fail_next(3, 500)
             double.apply(service("api"))
-            await _eventually(lambda: any("injected by the test" in error for error in catalog.recent_errors))
+            await eventually(lambda: any("injected by the test" in error for error in catalog.recent_errors))
             double.compact()
             double.fail_next(2, 200, body="<html>not an API server</html>")
             double.apply(service("db"))
-            await _eventually(lambda: any("not JSON" in error for error in catalog.recent_errors))
+            await eventually(lambda: any("not JSON" in error for error in catalog.recent_errors))
             assert all(error.startswith(f"the Kubernetes API at {double.url}") for error in catalog.recent_errors)
             assert (await catalog.watch(0, 0.1)).service("default", "web") is not None
             recovered = await until(catalog, lambda s: [x.name for x in s.services] == ["api", "db", "web"])
@@ -322,13 +323,6 @@ def test_zone_config_and_cli_select_the_kubernetes_catalog(tmp_path, kube):
     )
     assert bad.exit_code != 0
     assert "must be a DNS label" in str(bad.exception)
-
-
-async def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.skipif(not os.environ.get("KUBECONFIG"), reason="needs a real cluster: set KUBECONFIG")

@@ -6,13 +6,12 @@ import asyncio
 import datetime as dt
 import socket
 import time
-from collections.abc import Awaitable, Callable
 
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
 from meshfed.federation.exports import ExportRules
 from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone
 from meshfed.zone import Zone
-from tests.conftest import EchoServer, round_trip
+from tests.conftest import EchoServer, eventually, round_trip
 
 LOOPBACK = ZoneSettings(
     gateway_address="127.0.0.1:0",
@@ -22,16 +21,6 @@ LOOPBACK = ZoneSettings(
     heartbeat_interval=0.2,
     failing_peer_grace=dt.timedelta(seconds=0.5),
 )
-
-
-async def eventually(check: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if await result if isinstance(result, Awaitable) else result:
-            return
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def call(runtime: ZoneRuntime, listener: str, payload: bytes) -> bytes:

@@ -17,10 +17,10 @@ from meshfed.catalog.kubernetes import MIRROR_LABEL, OWNER_LABEL
 from meshfed.federation.exports import ExportRules
 from meshfed.runtime import ZoneRuntime, assemble_zone
 from meshfed.zone import Zone
-from tests.conftest import EchoServer
+from tests.conftest import EchoServer, eventually
 from tests.doubles.consul import ConsulDouble
 from tests.doubles.kubernetes import KubernetesDouble, endpoint_slice, service
-from tests.test_e2e_federation import LOOPBACK, call, eventually
+from tests.test_e2e_federation import LOOPBACK, call
 
 
 def _serves(runtime: ZoneRuntime, listener: str) -> bool:

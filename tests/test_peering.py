@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.federation.peering import PeeringStore, PeerState, request_delete
 from meshfed.federation.service import PeeringService, establish
 from meshfed.zone import Zone
+from tests.conftest import eventually
 
 HEARTBEAT = 0.2
 MISSED = 3
@@ -95,15 +96,6 @@ class Harness:
 
     def latest_from(self, peer: str) -> ServiceSnapshot:
         return [snapshot for name, snapshot in self.imports if name == peer][-1]
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 def run(coroutine: Coroutine[Any, Any, None]) -> None:

@@ -10,7 +10,8 @@ from fastapi import FastAPI
 
 from meshfed.api.peering import router
 from meshfed.federation.peering import PeerState
-from tests.test_peering import Harness, eventually, run
+from tests.conftest import eventually
+from tests.test_peering import Harness, run
 
 
 def api(harness: Harness) -> httpx.AsyncClient:
