@@ -709,3 +709,34 @@ async fn reapplying_with_the_resolved_port_keeps_the_socket() -> TestResult {
     hello_round_trip(bound, &client_hello(SNI)?, b"same socket").await?;
     Ok(())
 }
+
+/// Passthrough splices with buffers that grow under bulk load: 4 MiB each
+/// way arrive intact, a half-close travels through (the client stops
+/// sending and still reads the whole answer), and every byte is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_bulk_and_half_close_travel_through_the_splice() -> TestResult {
+    let (backend, _task, _) = echo_backend().await?;
+    let gateway = start(&passthrough(
+        json!({"name": "web", "endpoints": endpoints(&[backend])}),
+    ))?;
+    let hello = client_hello(SNI)?;
+    let payload: Vec<u8> = (0..4 * 1024 * 1024).map(|i: u32| (i % 251) as u8).collect();
+    let stream = TcpStream::connect(address(&gateway, "in")?).await?;
+    let (mut read, mut write) = stream.into_split();
+    let mut sent = hello.clone();
+    sent.extend_from_slice(&payload);
+    let writer = tokio::spawn(async move {
+        write.write_all(&sent).await?;
+        write.shutdown().await?;
+        Ok::<_, std::io::Error>(sent.len())
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(IO_TIMEOUT * 4, read.read_to_end(&mut back)).await??;
+    let total = writer.await??;
+    assert_eq!(back.len(), total);
+    assert_eq!(back.get(hello.len()..), Some(payload.as_slice()));
+    let listener = &stats(&gateway)?["listeners"]["in"];
+    assert_eq!(listener["bytes_client_to_upstream"], total);
+    assert_eq!(listener["bytes_upstream_to_client"], total);
+    Ok(())
+}

@@ -11,6 +11,7 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ServerConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::timeout;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -30,6 +31,8 @@ use crate::tls::{SvidError, spiffe_id_of};
 /// Copy buffer per direction of a proxied connection. Small on purpose:
 /// idle connections dominate a gateway's memory, and TCP already buffers.
 pub(crate) const COPY_BUFFER: usize = 4 * 1024;
+/// Largest buffer one direction of a passthrough splice grows to under bulk load.
+const SPLICE_MAX_BUFFER: usize = 64 * 1024;
 
 /// One generation of configuration plus the runtime state of its clusters
 /// and routes. A connection loads it once and keeps it for its whole life.
@@ -212,15 +215,9 @@ async fn passthrough(
     let sinks = sinks(stats, route_state, &lease);
     sinks.up(hello.len() as u64);
     drop(hello);
-    let idle = spec.idle_timeout;
-    proxy(
-        Counted::new(client, sinks.clone()),
-        upstream,
-        idle,
-        &sinks,
-        stats,
-    )
-    .await
+    // Both ends are plain TCP: splice with buffers that exist only while bytes flow.
+    let copy = splice(client, upstream, &sinks);
+    watch_idle(copy, spec.idle_timeout, &sinks, stats).await
 }
 
 /// Reads until the buffered bytes hold a complete ClientHello; returns all
@@ -474,6 +471,16 @@ where
         COPY_BUFFER,
         COPY_BUFFER,
     );
+    watch_idle(copy, idle, sinks, stats).await
+}
+
+/// Runs `copy` to its end, unless no byte moves either way for `idle`.
+async fn watch_idle(
+    copy: impl Future<Output = io::Result<(u64, u64)>>,
+    idle: Option<Duration>,
+    sinks: &Sinks,
+    stats: &ListenerStats,
+) -> Result<(u64, u64), ConnError> {
     let Some(idle) = idle else {
         return Ok(copy.await?);
     };
@@ -482,6 +489,57 @@ where
         () = idle_watch(&sinks.activity, idle) => {
             inc(&stats.idle_timeouts);
             Err(ConnError::Idle(idle))
+        }
+    }
+}
+
+/// Copies both ways between two TCP streams, counting into `sinks`.
+///
+/// Unlike a copy with fixed buffers, a direction holds a buffer only while
+/// bytes are flowing: it allocates one when the socket turns readable and
+/// gives it back when a read would block, so an idle connection costs no
+/// buffer at all. While a transfer keeps filling its buffer, the buffer
+/// doubles (up to [`SPLICE_MAX_BUFFER`]), so bulk data takes fewer syscalls.
+async fn splice(client: TcpStream, upstream: TcpStream, sinks: &Sinks) -> io::Result<(u64, u64)> {
+    let (client_read, client_write) = client.into_split();
+    let (upstream_read, upstream_write) = upstream.into_split();
+    tokio::try_join!(
+        pump(client_read, upstream_write, |n| sinks.up(n)),
+        pump(upstream_read, client_write, |n| sinks.down(n)),
+    )
+}
+
+/// One direction of [`splice`]: reads until end of stream, then half-closes the writer.
+async fn pump(
+    reader: OwnedReadHalf,
+    mut writer: OwnedWriteHalf,
+    count: impl Fn(u64),
+) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut size = COPY_BUFFER;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        reader.readable().await?;
+        if buf.is_empty() {
+            buf = vec![0; size];
+        }
+        match reader.try_read(&mut buf) {
+            Ok(0) => {
+                writer.shutdown().await?;
+                return Ok(total);
+            }
+            Ok(n) => {
+                writer.write_all(buf.get(..n).unwrap_or_default()).await?;
+                count(n as u64);
+                total += n as u64;
+                if n == buf.len() && size < SPLICE_MAX_BUFFER {
+                    size *= 2;
+                    buf = Vec::new();
+                }
+            }
+            // Nothing more for now: hand the buffer back while the peer is quiet.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf = Vec::new(),
+            Err(e) => return Err(e),
         }
     }
 }

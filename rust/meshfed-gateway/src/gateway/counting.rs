@@ -38,7 +38,7 @@ impl Sinks {
         self.activity.store(now_ms(), Ordering::Relaxed);
     }
 
-    fn down(&self, n: u64) {
+    pub(crate) fn down(&self, n: u64) {
         self.listener
             .bytes_upstream_to_client
             .fetch_add(n, Ordering::Relaxed);
