@@ -484,12 +484,16 @@ async fn watch_idle(
     let Some(idle) = idle else {
         return Ok(copy.await?);
     };
+    // Count inside the idle branch's future: select! drops the copy (and with
+    // it the sockets it owns) before a branch body runs, and the count must be
+    // visible by the time the client sees the close.
+    let idle_out = async {
+        idle_watch(&sinks.activity, idle).await;
+        inc(&stats.idle_timeouts);
+    };
     tokio::select! {
         result = copy => Ok(result?),
-        () = idle_watch(&sinks.activity, idle) => {
-            inc(&stats.idle_timeouts);
-            Err(ConnError::Idle(idle))
-        }
+        () = idle_out => Err(ConnError::Idle(idle)),
     }
 }
 
