@@ -223,38 +223,13 @@ impl<'a> Reader<'a> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use rustls::pki_types::ServerName;
-    use rustls::{ClientConfig, ClientConnection, RootCertStore};
-
     use super::*;
+    use crate::test_certs::client_hello;
 
     const SNI: &str = "outbound_.8080_._.web.default.svc.east.mesh";
 
-    /// A real ClientHello as rustls writes it.
-    fn real_hello(server_name: ServerName<'static>) -> Vec<u8> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map(|b| {
-                b.with_root_certificates(RootCertStore::empty())
-                    .with_no_client_auth()
-            });
-        let config = config.unwrap_or_else(|e| panic!("client config: {e}"));
-        let mut conn = ClientConnection::new(Arc::new(config), server_name)
-            .unwrap_or_else(|e| panic!("client connection: {e}"));
-        let mut out = Vec::new();
-        while conn.wants_write() {
-            conn.write_tls(&mut out)
-                .unwrap_or_else(|e| panic!("write_tls: {e}"));
-        }
-        out
-    }
-
     fn hello_with_sni() -> Vec<u8> {
-        let name = ServerName::try_from(SNI).unwrap_or_else(|e| panic!("{e}"));
-        real_hello(name)
+        client_hello(SNI)
     }
 
     /// Re-frames a single-record hello into records of `chunk` payload bytes.
@@ -299,8 +274,7 @@ mod tests {
     #[test]
     fn hello_without_sni() {
         // rustls sends no SNI when connecting to an IP address.
-        let ip = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-        assert_eq!(parse(&real_hello(ip)), Ok(Parsed::Sni(None)));
+        assert_eq!(parse(&client_hello("127.0.0.1")), Ok(Parsed::Sni(None)));
     }
 
     #[test]
@@ -408,8 +382,7 @@ mod tests {
                 chunk in 1usize..300,
             ) {
                 let name = labels.join(".");
-                let server_name = ServerName::try_from(name.clone()).unwrap_or_else(|e| panic!("{e}"));
-                let hello = refragment(&real_hello(server_name), chunk);
+                let hello = refragment(&client_hello(&name), chunk);
                 prop_assert_eq!(parse(&hello), Ok(Parsed::Sni(Some(name))));
                 let cut = hello.len() / 2;
                 prop_assert_eq!(parse(&hello[..cut]), Ok(Parsed::Incomplete));

@@ -1,5 +1,7 @@
-//! Test PKI: one CA per SPIFFE trust domain issuing X.509-SVIDs.
-//! Shared by unit tests and (via `#[path]`) the integration tests.
+//! Test PKI: one CA per SPIFFE trust domain issuing X.509-SVIDs, and real
+//! ClientHellos. Shared by unit tests and (via `#[path]`) the integration tests.
+
+use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -62,4 +64,25 @@ impl TestDomain {
             key_pem: key.serialize_pem(),
         }
     }
+}
+
+/// A real ClientHello as rustls writes it for `server_name` (an IP address
+/// gives a hello without SNI, as rustls sends none for IPs).
+pub fn client_hello(server_name: &str) -> Vec<u8> {
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+        .unwrap_or_else(|e| panic!("server name {server_name:?}: {e}"));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|e| panic!("client config: {e}"))
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name)
+        .unwrap_or_else(|e| panic!("client connection: {e}"));
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out)
+            .unwrap_or_else(|e| panic!("write_tls: {e}"));
+    }
+    out
 }

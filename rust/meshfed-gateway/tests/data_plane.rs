@@ -4,6 +4,7 @@
 
 #[path = "../src/test_certs.rs"]
 mod test_certs;
+use test_certs::client_hello;
 
 use std::error::Error;
 use std::net::SocketAddr;
@@ -44,22 +45,6 @@ async fn echo_backend() -> Res<(SocketAddr, JoinHandle<()>, Arc<AtomicUsize>)> {
         }
     });
     Ok((address, task, accepted))
-}
-
-/// A real ClientHello as rustls writes it for `sni`.
-fn client_hello(sni: &str) -> Res<Vec<u8>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(sni.to_owned())?;
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name)?;
-    let mut out = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut out)?;
-    }
-    Ok(out)
 }
 
 fn endpoints(addresses: &[SocketAddr]) -> Vec<Value> {
@@ -138,7 +123,7 @@ async fn killed_endpoint_is_ejected_and_traffic_fails_over() -> TestResult {
                               "max_ejection_percent": 50}
     })))?;
     let target = address(&gateway, "in")?;
-    let hello = Arc::new(client_hello(SNI)?);
+    let hello = Arc::new(client_hello(SNI));
 
     let failures = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
@@ -241,7 +226,7 @@ async fn hot_reconfiguration_every_10ms_drops_nothing() -> TestResult {
     }
     let gateway = Arc::new(start(&churn_config(0, &backends, true))?);
     let target = address(&gateway, "in")?;
-    let hello = Arc::new(client_hello(SNI)?);
+    let hello = Arc::new(client_hello(SNI));
 
     // A connection on the extra listener, open before it is removed.
     let mut draining = TcpStream::connect(address(&gateway, "extra")?).await?;
@@ -311,7 +296,7 @@ async fn byte_at_a_time_hello_is_cut_by_the_handshake_timeout() -> TestResult {
     let mut config = passthrough(json!({"name": "web", "endpoints": endpoints(&[backend])}));
     config["handshake_timeout_ms"] = json!(300);
     let gateway = start(&config)?;
-    let hello = client_hello(SNI)?;
+    let hello = client_hello(SNI);
     let mut stream = TcpStream::connect(address(&gateway, "in")?).await?;
     let started = Instant::now();
     let mut cut = false;
@@ -369,7 +354,7 @@ async fn route_rate_limit_refuses_beyond_the_burst() -> TestResult {
         json!({"connections_per_second": 0.01, "burst": 2});
     let gateway = start(&config)?;
     let target = address(&gateway, "in")?;
-    let hello = client_hello(SNI)?;
+    let hello = client_hello(SNI);
     hello_round_trip(target, &hello, b"one").await?;
     hello_round_trip(target, &hello, b"two").await?;
     assert!(hello_round_trip(target, &hello, b"three").await.is_err());
@@ -388,7 +373,7 @@ async fn circuit_breaker_refuses_fast_beyond_max_connections() -> TestResult {
         "circuit_breaker": {"max_connections": 1}
     })))?;
     let target = address(&gateway, "in")?;
-    let hello = client_hello(SNI)?;
+    let hello = client_hello(SNI);
     let mut held = TcpStream::connect(target).await?;
     held.write_all(&hello).await?;
     let mut back = vec![0u8; hello.len()];
@@ -421,7 +406,7 @@ async fn weighted_clusters_split_traffic() -> TestResult {
         ]
     }))?;
     let target = address(&gateway, "in")?;
-    let hello = client_hello(SNI)?;
+    let hello = client_hello(SNI);
     for i in 0..100 {
         hello_round_trip(target, &hello, format!("{i}").as_bytes()).await?;
     }
@@ -440,7 +425,7 @@ async fn idle_connections_are_closed() -> TestResult {
     let gateway = start(&passthrough(json!({
         "name": "web", "endpoints": endpoints(&[backend]), "idle_timeout_ms": 150
     })))?;
-    let hello = client_hello(SNI)?;
+    let hello = client_hello(SNI);
     let mut stream = TcpStream::connect(address(&gateway, "in")?).await?;
     stream.write_all(&hello).await?;
     let mut back = vec![0u8; hello.len()];
@@ -467,7 +452,7 @@ async fn active_health_check_takes_a_dead_endpoint_out() -> TestResult {
         stats(&gateway).is_ok_and(|d| d["clusters"]["web"]["endpoints"][&key]["healthy"] == false)
     })
     .await?;
-    let hello = client_hello(SNI)?;
+    let hello = client_hello(SNI);
     for i in 0..6 {
         hello_round_trip(address(&gateway, "in")?, &hello, format!("{i}").as_bytes()).await?;
     }
@@ -660,7 +645,7 @@ async fn rss_per_idle_passthrough_connection() -> TestResult {
             .unwrap_or(0)
     }
     let (backend, _task, _) = echo_backend().await?;
-    let hello = client_hello(SNI)?;
+    let hello = client_hello(SNI);
     async fn open(target: SocketAddr, hello: &[u8], n: usize) -> Res<Vec<TcpStream>> {
         let mut streams = Vec::with_capacity(n);
         for _ in 0..n {
@@ -706,7 +691,7 @@ async fn reapplying_with_the_resolved_port_keeps_the_socket() -> TestResult {
     config["listeners"][0]["address"] = json!(bound.to_string());
     gateway.apply(config.to_string().as_bytes())?;
     assert_eq!(address(&gateway, "in")?, bound);
-    hello_round_trip(bound, &client_hello(SNI)?, b"same socket").await?;
+    hello_round_trip(bound, &client_hello(SNI), b"same socket").await?;
     Ok(())
 }
 
@@ -719,7 +704,7 @@ async fn passthrough_bulk_and_half_close_travel_through_the_splice() -> TestResu
     let gateway = start(&passthrough(
         json!({"name": "web", "endpoints": endpoints(&[backend])}),
     ))?;
-    let hello = client_hello(SNI)?;
+    let hello = client_hello(SNI);
     let payload: Vec<u8> = (0..4 * 1024 * 1024).map(|i: u32| (i % 251) as u8).collect();
     let stream = TcpStream::connect(address(&gateway, "in")?).await?;
     let (mut read, mut write) = stream.into_split();

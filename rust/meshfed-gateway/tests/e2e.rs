@@ -6,6 +6,7 @@
 
 #[path = "../src/test_certs.rs"]
 mod test_certs;
+use test_certs::client_hello;
 
 use std::error::Error;
 use std::net::SocketAddr;
@@ -351,22 +352,6 @@ async fn round_robin_fails_over_to_a_live_endpoint() -> TestResult {
     Ok(())
 }
 
-/// A real ClientHello as rustls writes it for `sni`.
-fn client_hello(sni: &str) -> Result<Vec<u8>, Box<dyn Error>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(sni.to_owned())?;
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name)?;
-    let mut out = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut out)?;
-    }
-    Ok(out)
-}
-
 #[tokio::test]
 async fn passthrough_routes_on_sni_and_drops_unknown_sni() -> TestResult {
     let (sink, connections, bytes) = counting_backend().await?;
@@ -382,7 +367,7 @@ async fn passthrough_routes_on_sni_and_drops_unknown_sni() -> TestResult {
     // Unknown SNI: closed, nothing forwarded.
     let mut client = TcpStream::connect(ingress).await?;
     client
-        .write_all(&client_hello("web.default.svc.west.mesh")?)
+        .write_all(&client_hello("web.default.svc.west.mesh"))
         .await?;
     assert_eq!(read_until_closed(&mut client).await?, b"");
     eventually("no_route counted", || {
@@ -404,7 +389,7 @@ async fn passthrough_routes_on_sni_and_drops_unknown_sni() -> TestResult {
     assert_eq!(bytes.load(Ordering::SeqCst), 0);
 
     // Known SNI, sent one byte per write: the hello is forwarded untouched.
-    let hello = client_hello(SNI)?;
+    let hello = client_hello(SNI);
     let mut client = TcpStream::connect(ingress).await?;
     client.set_nodelay(true)?;
     for byte in &hello {
