@@ -11,9 +11,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
+from meshfed.catalog import CatalogSnapshot
 from meshfed.gateway import Identity
 from meshfed.trust.bundle import parse_bundle
 from meshfed.trust.ca import Svid
@@ -108,6 +110,29 @@ async def eventually(check: Callable[[], bool], what: str = "condition", timeout
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.02)
     return time.monotonic() - started
+
+
+class WatchedCatalog(Protocol):
+    """What :func:`until` needs of a remote catalog source (Consul, Kubernetes)."""
+
+    @property
+    def last_error(self) -> str | None: ...
+
+    async def snapshot(self) -> CatalogSnapshot: ...
+
+    async def watch(self, since: int, timeout: float) -> CatalogSnapshot: ...
+
+
+async def until(
+    catalog: WatchedCatalog, check: Callable[[CatalogSnapshot], bool], timeout: float = 5.0
+) -> CatalogSnapshot:
+    """Watch ``catalog`` until a snapshot passes ``check``; fails with the last snapshot and error."""
+    deadline = time.monotonic() + timeout
+    snapshot = await catalog.snapshot()
+    while not check(snapshot):
+        assert time.monotonic() < deadline, f"timed out; last snapshot {snapshot}, last error {catalog.last_error}"
+        snapshot = await catalog.watch(snapshot.version, 0.2)
+    return snapshot
 
 
 def round_trip(sock: socket.socket, payload: bytes) -> bytes:

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from meshfed.catalog import CatalogSnapshot, ConsulSettings, LocalImport, open_catalog
+from meshfed.catalog import ConsulSettings, LocalImport, open_catalog
 from meshfed.catalog.consul import MANAGED_META, ConsulCatalog
 from meshfed.errors import CatalogError, ZoneError
 from meshfed.zone import Zone
-from tests.conftest import eventually
+from tests.conftest import eventually, until
 from tests.doubles.consul import ConsulDouble
 
 FAST = {"blocking_wait": 10.0, "initial_sync_timeout": 5.0, "backoff": (0.01, 0.05)}
@@ -37,17 +37,6 @@ def consul_double() -> Iterator[ConsulDouble]:
 
 def source(address: str, **settings: Any) -> ConsulCatalog:
     return ConsulCatalog(ConsulSettings(address=address, **settings), zone="east", **FAST)  # type: ignore[arg-type]
-
-
-async def until(
-    source: ConsulCatalog, check: Callable[[CatalogSnapshot], bool], timeout: float = 5.0
-) -> CatalogSnapshot:
-    deadline = time.monotonic() + timeout
-    snapshot = await source.snapshot()
-    while not check(snapshot):
-        assert time.monotonic() < deadline, f"timed out; last snapshot {snapshot}, last error {source.last_error}"
-        snapshot = await source.watch(snapshot.version, 0.2)
-    return snapshot
 
 
 def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -17,11 +17,11 @@ from typing import Any, cast
 
 import pytest
 
-from meshfed.catalog import CatalogSnapshot, KubernetesSettings, LocalImport, open_catalog
+from meshfed.catalog import KubernetesSettings, LocalImport, open_catalog
 from meshfed.catalog.kubernetes import MIRROR_LABEL, OWNER_LABEL, KubernetesCatalog
 from meshfed.errors import CatalogError
 from meshfed.zone import Zone
-from tests.conftest import eventually
+from tests.conftest import eventually, until
 from tests.doubles.kubernetes import KubernetesDouble, endpoint_slice, service
 
 FAST = {"watch_timeout": 5, "initial_sync_timeout": 5.0, "backoff": (0.01, 0.05)}
@@ -39,17 +39,6 @@ def source(kubeconfig: Path, **settings: Any) -> KubernetesCatalog:
         zone="east",
         **FAST,  # type: ignore[arg-type]
     )
-
-
-async def until(
-    catalog: KubernetesCatalog, check: Callable[[CatalogSnapshot], bool], timeout: float = 5.0
-) -> CatalogSnapshot:
-    deadline = time.monotonic() + timeout
-    snapshot = await catalog.snapshot()
-    while not check(snapshot):
-        assert time.monotonic() < deadline, f"timed out; last snapshot {snapshot}, last error {catalog.last_error}"
-        snapshot = await catalog.watch(snapshot.version, 0.2)
-    return snapshot
 
 
 def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
