@@ -1,15 +1,29 @@
-"""Traces of control-plane work and JSON logs that carry their trace ids."""
+"""Gateway metrics at /metrics, traces of control-plane work, and JSON logs that carry their trace ids."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import ssl
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import orjson
+import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
 
 from meshfed.controller import Controller
+from meshfed.gateway import Cluster, Endpoint, Gateway, GatewayConfig, OutlierDetection, PassthroughListener, Route
 from meshfed.logs import JsonFormatter
+from meshfed.telemetry import Telemetry
+from tests.conftest import EchoServer, eventually, round_trip
+
+SNI = "known.example"
+# One scrape: every sample by name and labels.
+Scrape = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def test_config_applies_are_traced_and_logs_carry_the_trace_id(make_zone):
@@ -54,3 +68,164 @@ def test_json_formatter_outside_a_span_has_no_trace_id():
     assert line["message"] == "peer east is FAILING"
     assert line["level"] == "warning"
     assert "trace_id" not in line
+
+
+def test_cluster_and_endpoint_series_count_real_traffic(echo_server: EchoServer) -> None:
+    dead = _dead_endpoint()
+    config = GatewayConfig(
+        listeners=[PassthroughListener(name="in", address="127.0.0.1:0", routes=[Route(sni=SNI, cluster="web")])],
+        clusters=[
+            Cluster(
+                name="web",
+                endpoints=[Endpoint(address=dead, priority=0), Endpoint(address=echo_server.endpoint, priority=1)],
+                outlier_detection=OutlierDetection(consecutive_failures=1),
+            )
+        ],
+    )
+    hello = _client_hello_bytes(SNI)
+    with Gateway(config) as gateway, socket.create_connection(gateway.address("in"), timeout=5) as held:
+        telemetry = Telemetry("east", gateway.stats)
+        try:
+            # The first connection finds the local endpoint dead, ejects it and fails over.
+            assert round_trip(held, hello) == hello
+            for _ in range(2):
+                with socket.create_connection(gateway.address("in"), timeout=5) as raw:
+                    assert round_trip(raw, hello) == hello
+            with socket.create_connection(gateway.address("in"), timeout=5) as plain:
+                plain.sendall(b"GET / HTTP/1.1\r\n\r\n")
+                assert plain.recv(1) == b""
+
+            def closed_ones_recorded() -> bool:
+                scrape = _scrape(telemetry)
+                return _value(scrape, "meshfed_gateway_cluster_connection_duration_seconds_count", cluster="web") == 2
+
+            # A duration is recorded when the gateway has closed the upstream side too.
+            asyncio.run(eventually(closed_ones_recorded, "durations of the two closed connections"))
+            scrape = _scrape(telemetry)
+            latency_sum_us = gateway.stats()["clusters"]["web"]["connect_latency"]["sum_us"]
+        finally:
+            telemetry.shutdown()
+
+    live, ejected = {"cluster": "web", "endpoint": echo_server.endpoint}, {"cluster": "web", "endpoint": dead}
+    assert _value(scrape, "meshfed_gateway_cluster_connections_total", cluster="web") == 3
+    assert _value(scrape, "meshfed_gateway_cluster_connect_failures_total", cluster="web") == 1
+    assert _value(scrape, "meshfed_gateway_cluster_ejections_total", cluster="web") == 1
+    assert _value(scrape, "meshfed_gateway_cluster_circuit_open_total", cluster="web") == 0
+    assert _value(scrape, "meshfed_gateway_cluster_active_connections", cluster="web") == 1
+    assert _value(scrape, "meshfed_gateway_cluster_pending_connections", cluster="web") == 0
+    assert _value(scrape, "meshfed_gateway_cluster_bytes_sent_bytes_total", cluster="web") == 3 * len(hello)
+    assert _value(scrape, "meshfed_gateway_endpoint_connections_total", **live) == 3
+    assert _value(scrape, "meshfed_gateway_endpoint_active_connections", **live) == 1
+    assert _value(scrape, "meshfed_gateway_endpoint_healthy", **live) == 1
+    assert _value(scrape, "meshfed_gateway_endpoint_ejected", **live) == 0
+    assert _value(scrape, "meshfed_gateway_endpoint_connections_total", **ejected) == 0
+    assert _value(scrape, "meshfed_gateway_endpoint_connect_failures_total", **ejected) == 1
+    assert _value(scrape, "meshfed_gateway_endpoint_ejections_total", **ejected) == 1
+    assert _value(scrape, "meshfed_gateway_endpoint_healthy", **ejected) == 0
+    assert _value(scrape, "meshfed_gateway_endpoint_ejected", **ejected) == 1
+    assert _value(scrape, "meshfed_gateway_route_connections_total", listener="in", route=SNI) == 3
+    assert _value(scrape, "meshfed_gateway_route_rate_limited_total", listener="in", route=SNI) == 0
+    failures = {
+        dict(labels)["reason"]: v
+        for (name, labels), v in scrape.items()
+        if name.startswith("meshfed_gateway_handshake_failures")
+    }
+    assert failures["not_tls"] == 1
+    assert sum(failures.values()) == 1
+    # Real buckets: cumulative, ending in +Inf at the count.
+    latency = "meshfed_gateway_cluster_connect_latency_seconds"
+    buckets = sorted(
+        (float(dict(labels)["le"]), v) for (name, labels), v in scrape.items() if name == f"{latency}_bucket"
+    )
+    assert len(buckets) > 2
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)
+    assert buckets[-1] == (float("inf"), 3)
+    assert _value(scrape, f"{latency}_count", cluster="web") == 3
+    assert _value(scrape, f"{latency}_sum", cluster="web") == pytest.approx(latency_sum_us / 1e6)
+
+
+def test_histogram_buckets_are_cumulative_with_the_core_bounds_in_seconds() -> None:
+    # The core's snapshot (see _core.pyi): per-bucket counts, values below each bound in µs, last bucket open-ended.
+    histogram = {"count": 4, "sum_us": 7, "le_us": [1, 2, 4, 2**64 - 1], "counts": [1, 0, 2, 1]}
+    stats = {"clusters": {"web": {"connect_latency": histogram, "duration": histogram, "endpoints": {}}}}
+    telemetry = Telemetry("east", lambda: stats)
+    try:
+        scrape = _scrape(telemetry)
+    finally:
+        telemetry.shutdown()
+    name = "meshfed_gateway_cluster_connect_latency_seconds"
+    buckets = {dict(labels)["le"]: v for (sample, labels), v in scrape.items() if sample == f"{name}_bucket"}
+    assert buckets == {"1e-06": 1, "2e-06": 1, "4e-06": 3, "+Inf": 4}
+    assert _value(scrape, f"{name}_count", cluster="web") == 4
+    assert _value(scrape, f"{name}_sum", cluster="web") == pytest.approx(7e-6)
+
+
+def test_a_scrape_reads_the_gateway_stats_once_and_the_next_one_afresh(echo_server: EchoServer) -> None:
+    config = GatewayConfig(
+        listeners=[PassthroughListener(name="in", address="127.0.0.1:0", routes=[Route(sni=SNI, cluster="web")])],
+        clusters=[Cluster(name="web", endpoints=[Endpoint(address=echo_server.endpoint)])],
+    )
+    hello = _client_hello_bytes(SNI)
+    with Gateway(config) as gateway:
+        reads: list[None] = []  # list.append is atomic; scrapes below run on several threads
+
+        def stats() -> Mapping[str, Any]:
+            reads.append(None)
+            return gateway.stats()
+
+        telemetry = Telemetry("east", stats)
+        try:
+            assert _value(_scrape(telemetry), "meshfed_gateway_cluster_connections_total", cluster="web") == 0
+            assert len(reads) == 1
+            with socket.create_connection(gateway.address("in"), timeout=5) as raw:
+                assert round_trip(raw, hello) == hello
+            assert _value(_scrape(telemetry), "meshfed_gateway_cluster_connections_total", cluster="web") == 1
+            assert len(reads) == 2
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                scrapes = list(pool.map(lambda _: _scrape(telemetry), range(16)))
+        finally:
+            telemetry.shutdown()
+    assert len(reads) == 2 + 16
+    assert all(_value(s, "meshfed_gateway_cluster_connections_total", cluster="web") == 1 for s in scrapes)
+
+
+def test_unreadable_gateway_stats_leave_the_other_metrics_served(caplog: pytest.LogCaptureFixture) -> None:
+    reads: list[None] = []
+
+    def broken() -> Mapping[str, Any]:
+        reads.append(None)
+        raise RuntimeError("gateway is closed")
+
+    telemetry = Telemetry("east", broken)
+    telemetry.add_gauge("meshfed.catalog.services", "Services in the zone's catalog", "{service}", lambda: [(2.0, {})])
+    try:
+        scrape = _scrape(telemetry)
+    finally:
+        telemetry.shutdown()
+    assert _value(scrape, "meshfed_catalog_services") == 2
+    assert not [name for name, _ in scrape if name.startswith("meshfed_gateway_")]
+    assert len(reads) == 1
+    assert "gateway stats unreadable" in caplog.text
+
+
+def _scrape(telemetry: Telemetry) -> Scrape:
+    families = text_string_to_metric_families(telemetry.render().decode())
+    return {(s.name, frozenset(s.labels.items())): s.value for family in families for s in family.samples}
+
+
+def _value(scrape: Scrape, name: str, **labels: str) -> float:
+    return scrape[(name, frozenset(labels.items()))]
+
+
+def _client_hello_bytes(server_name: str) -> bytes:
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def _dead_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"

@@ -2,17 +2,20 @@
 
 Each controller gets its own providers and Prometheus registry, so several
 zones in one process (tests, the demo) never mix their series. Gateway counters
-are observed at collection time from the Rust core's lock-free stats: nothing
-is pushed on the data path. OTLP export of metrics and traces turns on when
-``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, as the OpenTelemetry spec prescribes.
+are observed at collection time from the Rust core's lock-free stats, read once
+per scrape: nothing is pushed on the data path. OTLP export of metrics and
+traces turns on when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, as the
+OpenTelemetry spec prescribes.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -24,26 +27,257 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.trace import Span
 from opentelemetry.util.types import AttributeValue
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 
 from meshfed import __version__
+
+log = logging.getLogger(__name__)
 
 StatsSource = Callable[[], Mapping[str, Any]]
 # One reading of a gauge: (value, attributes) pairs.
 GaugeReadings = Callable[[], Iterable[tuple[float, Mapping[str, str]]]]
 
-# Gateway listener counters exported as monotonic counters: (stats key, metric name, description, unit).
-_LISTENER_COUNTERS = (
-    ("accepted", "meshfed.gateway.connections", "Connections accepted by a listener", "{connection}"),
-    ("bytes_client_to_upstream", "meshfed.gateway.bytes.upstream", "Bytes forwarded from clients to upstreams", "By"),
-    ("bytes_upstream_to_client", "meshfed.gateway.bytes.downstream", "Bytes forwarded from upstreams to clients", "By"),
-    ("handshake_failures", "meshfed.gateway.handshake_failures", "TLS handshakes that failed", "{handshake}"),
-    ("no_route", "meshfed.gateway.no_route", "Connections closed because no route matched the SNI", "{connection}"),
-    ("denied", "meshfed.gateway.denied", "Verified callers refused by authorization", "{connection}"),
+# The series of one gateway metric in a stats document: (value, attributes) pairs.
+_Readings = Callable[[Mapping[str, Any]], Iterable[tuple[float, Mapping[str, str]]]]
+# The objects a metric is kept per (listeners, routes, clusters, endpoints): (attributes, their stats).
+_Rows = Callable[[Mapping[str, Any]], Iterator[tuple[dict[str, str], Mapping[str, Any]]]]
+
+
+def _listeners(stats: Mapping[str, Any]) -> Iterator[tuple[dict[str, str], Mapping[str, Any]]]:
+    listeners: Mapping[str, Mapping[str, Any]] = stats.get("listeners", {})
+    for name, listener in listeners.items():
+        yield {"listener": name}, listener
+
+
+def _routes(stats: Mapping[str, Any]) -> Iterator[tuple[dict[str, str], Mapping[str, Any]]]:
+    for attributes, listener in _listeners(stats):
+        routes: Mapping[str, Mapping[str, Any]] = listener.get("routes", {})
+        for sni, route in routes.items():
+            yield {**attributes, "route": sni}, route
+
+
+def _clusters(stats: Mapping[str, Any]) -> Iterator[tuple[dict[str, str], Mapping[str, Any]]]:
+    # A controller without a running gateway reports no "clusters" at all.
+    clusters: Mapping[str, Mapping[str, Any]] = stats.get("clusters", {})
+    for name, cluster in clusters.items():
+        yield {"cluster": name}, cluster
+
+
+def _endpoints(stats: Mapping[str, Any]) -> Iterator[tuple[dict[str, str], Mapping[str, Any]]]:
+    for attributes, cluster in _clusters(stats):
+        endpoints: Mapping[str, Mapping[str, Any]] = cluster.get("endpoints", {})
+        for address, endpoint in endpoints.items():
+            yield {**attributes, "endpoint": address}, endpoint
+
+
+def _field(rows: _Rows, key: str) -> _Readings:
+    def read(stats: Mapping[str, Any]) -> list[tuple[float, Mapping[str, str]]]:
+        # int(): healthy and ejected are JSON booleans, exported as 1 and 0.
+        return [(int(row[key]), attributes) for attributes, row in rows(stats) if key in row]
+
+    return read
+
+
+def _handshake_failures(stats: Mapping[str, Any]) -> Iterator[tuple[float, Mapping[str, str]]]:
+    # One series per reason rather than a listener total beside them: the core
+    # counts every failure under exactly one reason, so sum() gives the total.
+    for attributes, listener in _listeners(stats):
+        reasons: Mapping[str, int] = listener.get("handshake_failure_reasons", {})
+        for reason, count in reasons.items():
+            yield count, {**attributes, "reason": reason}
+
+
+_Kind = Literal["counter", "up_down_counter", "gauge"]
+
+# Every gateway metric: (kind, name, description, unit, its series in a stats document).
+# Counts of things open now are up-down counters (they add up across listeners,
+# clusters, endpoints); states that do not add up (healthy, ejected) are gauges.
+_GATEWAY_METRICS: tuple[tuple[_Kind, str, str, str, _Readings], ...] = (
+    # Listeners.
     (
-        "upstream_connect_failures",
+        "counter",
+        "meshfed.gateway.connections",
+        "Connections accepted by a listener",
+        "{connection}",
+        _field(_listeners, "accepted"),
+    ),
+    (
+        "counter",
+        "meshfed.gateway.bytes.upstream",
+        "Bytes forwarded from clients to upstreams",
+        "By",
+        _field(_listeners, "bytes_client_to_upstream"),
+    ),
+    (
+        "counter",
+        "meshfed.gateway.bytes.downstream",
+        "Bytes forwarded from upstreams to clients",
+        "By",
+        _field(_listeners, "bytes_upstream_to_client"),
+    ),
+    (
+        "counter",
+        "meshfed.gateway.handshake_failures",
+        "ClientHello reads and TLS handshakes that failed, by reason",
+        "{handshake}",
+        _handshake_failures,
+    ),
+    (
+        "counter",
+        "meshfed.gateway.no_route",
+        "Connections closed because no route matched the SNI",
+        "{connection}",
+        _field(_listeners, "no_route"),
+    ),
+    (
+        "counter",
+        "meshfed.gateway.denied",
+        "Verified callers refused by authorization",
+        "{connection}",
+        _field(_listeners, "denied"),
+    ),
+    (
+        "counter",
         "meshfed.gateway.upstream_connect_failures",
         "Connections that found no reachable endpoint",
         "{connection}",
+        _field(_listeners, "upstream_connect_failures"),
+    ),
+    (
+        "up_down_counter",
+        "meshfed.gateway.active_connections",
+        "Connections open now",
+        "{connection}",
+        _field(_listeners, "active"),
+    ),
+    # Routes, by listener and SNI pattern.
+    (
+        "counter",
+        "meshfed.gateway.route.connections",
+        "Connections matched by a route, before its rate limits",
+        "{connection}",
+        _field(_routes, "connections"),
+    ),
+    (
+        "counter",
+        "meshfed.gateway.route.rate_limited",
+        "Connections refused by a route's rate limit or per-caller rate limit",
+        "{connection}",
+        _field(_routes, "rate_limited"),
+    ),
+    # Clusters.
+    (
+        "counter",
+        "meshfed.gateway.cluster.connections",
+        "Upstream connections established to a cluster's endpoints",
+        "{connection}",
+        _field(_clusters, "connections"),
+    ),
+    (
+        "counter",
+        "meshfed.gateway.cluster.connect_failures",
+        "Failed connect attempts to a cluster's endpoints (each retry counts)",
+        "{attempt}",
+        _field(_clusters, "connect_failures"),
+    ),
+    (
+        "counter",
+        "meshfed.gateway.cluster.circuit_open",
+        "Connections refused because the cluster's circuit breaker was open",
+        "{connection}",
+        _field(_clusters, "circuit_open"),
+    ),
+    (
+        "counter",
+        "meshfed.gateway.cluster.ejections",
+        "Endpoints of the cluster ejected by outlier detection",
+        "{ejection}",
+        _field(_clusters, "ejections"),
+    ),
+    (
+        "counter",
+        "meshfed.gateway.cluster.bytes.sent",
+        "Bytes sent to a cluster's endpoints",
+        "By",
+        _field(_clusters, "bytes_sent"),
+    ),
+    (
+        "counter",
+        "meshfed.gateway.cluster.bytes.received",
+        "Bytes received from a cluster's endpoints",
+        "By",
+        _field(_clusters, "bytes_received"),
+    ),
+    (
+        "up_down_counter",
+        "meshfed.gateway.cluster.active_connections",
+        "Upstream connections open now",
+        "{connection}",
+        _field(_clusters, "active"),
+    ),
+    (
+        "up_down_counter",
+        "meshfed.gateway.cluster.pending_connections",
+        "Upstream connects in progress now",
+        "{connection}",
+        _field(_clusters, "pending"),
+    ),
+    # Endpoints, by cluster and address.
+    (
+        "counter",
+        "meshfed.gateway.endpoint.connections",
+        "Upstream connections established to an endpoint",
+        "{connection}",
+        _field(_endpoints, "connections"),
+    ),
+    (
+        "counter",
+        "meshfed.gateway.endpoint.connect_failures",
+        "Failed connect attempts to an endpoint",
+        "{attempt}",
+        _field(_endpoints, "connect_failures"),
+    ),
+    (
+        "counter",
+        "meshfed.gateway.endpoint.ejections",
+        "Times outlier detection ejected an endpoint",
+        "{ejection}",
+        _field(_endpoints, "ejections"),
+    ),
+    (
+        "up_down_counter",
+        "meshfed.gateway.endpoint.active_connections",
+        "Upstream connections open now to an endpoint",
+        "{connection}",
+        _field(_endpoints, "active"),
+    ),
+    (
+        "gauge",
+        "meshfed.gateway.endpoint.healthy",
+        "1 while the endpoint is neither ejected nor failing active health checks, else 0",
+        "1",
+        _field(_endpoints, "healthy"),
+    ),
+    (
+        "gauge",
+        "meshfed.gateway.endpoint.ejected",
+        "1 while outlier detection keeps the endpoint ejected, else 0",
+        "1",
+        _field(_endpoints, "ejected"),
+    ),
+)
+
+# The cluster latency histograms: (stats key, Prometheus name, help).
+_CLUSTER_HISTOGRAMS = (
+    (
+        "connect_latency",
+        "meshfed_gateway_cluster_connect_latency_seconds",
+        "Time to open an upstream connection to one of the cluster's endpoints",
+    ),
+    (
+        "duration",
+        "meshfed_gateway_cluster_connection_duration_seconds",
+        "Lifetime of upstream connections to the cluster, recorded when they close",
     ),
 )
 
@@ -67,16 +301,16 @@ class Telemetry:
             self._tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         self._meter_provider = MeterProvider(metric_readers=readers, resource=resource)
         self._tracer = self._tracer_provider.get_tracer("meshfed")
-        self._gateway_stats = gateway_stats
+        self._gateway_stats = _OncePerScrape(gateway_stats)
         meter = self._meter_provider.get_meter("meshfed.gateway")
-        for key, name, description, unit in _LISTENER_COUNTERS:
-            meter.create_observable_counter(name, [self._listener_observer(key)], unit=unit, description=description)
-        meter.create_observable_up_down_counter(
-            "meshfed.gateway.active_connections",
-            [self._listener_observer("active")],
-            unit="{connection}",
-            description="Connections open now",
-        )
+        create: dict[_Kind, Callable[..., object]] = {
+            "counter": meter.create_observable_counter,
+            "up_down_counter": meter.create_observable_up_down_counter,
+            "gauge": meter.create_observable_gauge,
+        }
+        for kind, name, description, unit, readings in _GATEWAY_METRICS:
+            create[kind](name, [self._observer(readings)], unit=unit, description=description)
+        self._registry.register(_ClusterHistograms(self._gateway_stats))
 
     @property
     def meter_provider(self) -> MeterProvider:
@@ -101,15 +335,99 @@ class Telemetry:
 
     def render(self) -> bytes:
         """Every metric series, in the Prometheus text format."""
-        return generate_latest(self._registry)
+        with self._gateway_stats.scrape():
+            return generate_latest(self._registry)
 
     def shutdown(self) -> None:
         self._meter_provider.shutdown()
         self._tracer_provider.shutdown()
 
-    def _listener_observer(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def _observer(self, readings: _Readings) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
-            listeners: Mapping[str, Mapping[str, Any]] = self._gateway_stats().get("listeners", {})
-            return [Observation(stats[key], {"listener": name}) for name, stats in listeners.items() if key in stats]
+            return [Observation(value, dict(attributes)) for value, attributes in readings(self._gateway_stats())]
 
         return observe
+
+
+class _OncePerScrape:
+    """The gateway stats, read once per scrape however many instruments observe them.
+
+    Each read parses the core's whole stats document, and a scrape runs two
+    dozen callbacks and the histogram collector. Inside :meth:`scrape` the first
+    read is kept for the rest of that scrape; it is kept per thread, as
+    collection runs on the thread that scrapes, so concurrent scrapes each get
+    their own fresh reading and no scrape ever sees an older one (a time-window
+    cache would). Outside a scrape (OTLP exports, once a minute) every call
+    reads afresh.
+    """
+
+    def __init__(self, read: StatsSource) -> None:
+        self._read = read
+        self._pinned = threading.local()
+
+    @contextmanager
+    def scrape(self) -> Iterator[None]:
+        self._pinned.stats = None
+        try:
+            yield
+        finally:
+            del self._pinned.stats
+
+    def __call__(self) -> Mapping[str, Any]:
+        if not hasattr(self._pinned, "stats"):
+            return self._read_or_nothing()
+        if self._pinned.stats is None:
+            self._pinned.stats = self._read_or_nothing()
+        stats: Mapping[str, Any] = self._pinned.stats
+        return stats
+
+    def _read_or_nothing(self) -> Mapping[str, Any]:
+        # An unreadable gateway leaves its series out of this scrape; raising
+        # here would fail the whole exposition, peering and catalog metrics too.
+        try:
+            return self._read()
+        except Exception:
+            log.warning("gateway stats unreadable; gateway metrics left out of this collection", exc_info=True)
+            return {}
+
+
+class _ClusterHistograms:
+    """The clusters' latency histograms, bucket by bucket, as a collector on the zone's Prometheus registry.
+
+    Not OpenTelemetry instruments: the SDK has no asynchronous histogram, its
+    readers take no custom metric producer, and replaying the core's bucket
+    counts into a synchronous histogram would take one ``record()`` per
+    connection. The core already keeps the histograms; exposing them as they are
+    gives real ``_bucket`` series, at the price of leaving them out of OTLP.
+    """
+
+    def __init__(self, stats: StatsSource) -> None:
+        self._stats = stats
+
+    def describe(self) -> Iterable[Metric]:
+        # Names only, so that registering does not read the gateway.
+        return [HistogramMetricFamily(name, documentation) for _, name, documentation in _CLUSTER_HISTOGRAMS]
+
+    def collect(self) -> Iterable[Metric]:
+        clusters = list(_clusters(self._stats()))
+        for key, name, documentation in _CLUSTER_HISTOGRAMS:
+            family = HistogramMetricFamily(name, documentation, labels=["cluster"], unit="seconds")
+            for attributes, cluster in clusters:
+                if key in cluster:
+                    histogram = cluster[key]
+                    family.add_metric([attributes["cluster"]], _buckets(histogram), histogram["sum_us"] / 1e6)
+            yield family
+
+
+def _buckets(histogram: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """Prometheus buckets (cumulative, in seconds) from a core histogram snapshot.
+
+    The core counts values per bucket, each below its bound, so at or below it
+    as Prometheus's ``le`` means; its last bucket is open-ended, i.e. ``+Inf``.
+    """
+    buckets: list[tuple[str, float]] = []
+    total = 0
+    for bound_us, count in zip(histogram["le_us"], histogram["counts"], strict=True):
+        total += count
+        buckets.append((repr(bound_us / 1e6), total))
+    return [*buckets[:-1], ("+Inf", total)]
