@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import socket
 import socketserver
@@ -71,14 +72,16 @@ class EchoServer:
     address: tuple[str, int]
     connections: list[tuple[str, int]] = field(default_factory=list)
     received: bytearray = field(default_factory=bytearray)
+    stop: Callable[[], None] = lambda: None
+    """Close the listening socket (new connects are refused); open connections keep echoing."""
 
     @property
     def endpoint(self) -> str:
         return f"{self.address[0]}:{self.address[1]}"
 
 
-@pytest.fixture
-def echo_server() -> Iterator[EchoServer]:
+@contextlib.contextmanager
+def running_echo_server() -> Iterator[EchoServer]:
     state = EchoServer(("127.0.0.1", 0))
 
     class Handler(socketserver.BaseRequestHandler):
@@ -96,10 +99,26 @@ def echo_server() -> Iterator[EchoServer]:
     state.address = ("127.0.0.1", server.server_address[1])
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    stopped = threading.Event()
+
+    def stop() -> None:
+        if not stopped.is_set():
+            stopped.set()
+            server.shutdown()
+            server.server_close()
+            thread.join()
+
+    state.stop = stop
+    try:
+        yield state
+    finally:
+        stop()
+
+
+@pytest.fixture
+def echo_server() -> Iterator[EchoServer]:
+    with running_echo_server() as server:
+        yield server
 
 
 async def eventually(check: Callable[[], bool], what: str = "condition", timeout: float = 10.0) -> float:

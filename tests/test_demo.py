@@ -29,6 +29,8 @@ def test_demo_sends_every_request_through_both_peers_gateways():
     }
     assert report.rogue_refused
     assert report.propagation_ms > 0
+    assert report.failover_first == "east"
+    assert report.failover_ms is not None
     assert "web.default.north" in output.getvalue()
     # grpc's asyncio poller is one thread per process, started on first use and kept by grpc.
     leftover = [t.name for t in threading.enumerate() if t not in threads_before and "_poll_wrapper" not in t.name]
@@ -53,4 +55,4 @@ def test_meshfed_demo_command_exits_zero_and_leaves_no_listener_behind():
             with socket.socket() as probe:
                 assert probe.connect_ex((host, int(port))) != 0, f"{host}:{port} still listening"
             probed += 1
-    assert probed == 4
+    assert probed == 5

@@ -6,12 +6,14 @@ import asyncio
 import datetime as dt
 import socket
 import time
+from dataclasses import replace
 
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
 from meshfed.federation.exports import ExportRules
+from meshfed.gateway import HealthCheck
 from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone
 from meshfed.zone import Zone
-from tests.conftest import EchoServer, eventually, round_trip
+from tests.conftest import EchoServer, eventually, round_trip, running_echo_server
 
 LOOPBACK = ZoneSettings(
     gateway_address="127.0.0.1:0",
@@ -98,3 +100,62 @@ def test_peered_zones_call_exported_services_through_their_gateways(make_zone, e
 
     asyncio.run(scenario())
     assert bytes(echo_server.received) == b"across zonesnorth too"
+
+
+def test_failover_group_moves_to_the_next_zone_when_a_backend_stops(make_zone):
+    """echo runs in east and north; west calls it through one failover listener.
+
+    Traffic goes to east (first in failover order). When east's backend stops,
+    east's gateway health checks fail, east tells its peers echo has no healthy
+    endpoint, and west's group moves on to north. Requests may fail only within
+    that detection window.
+    """
+    east, west, north = make_zone("east"), make_zone("west"), make_zone("north")
+    settings = replace(
+        LOOPBACK, health_check=HealthCheck(interval_ms=100, timeout_ms=100, healthy_threshold=1, unhealthy_threshold=2)
+    )
+    with running_echo_server() as east_backend, running_echo_server() as north_backend:
+        for zone, backend in ((east, east_backend), (north, north_backend)):
+            register_echo(zone, backend)
+            with ExportRules(zone.directory) as rules:
+                rules.add("echo", "default", ["west"])
+
+        async def scenario() -> list[float]:
+            runtimes = [assemble_zone(zone, settings) for zone in (east, west, north)]
+            e, w, n = runtimes
+            for runtime in runtimes:
+                await runtime.controller.start()
+            try:
+                await w.peering.establish(e.peering.issue_token("west").encoded, "east")
+                await w.peering.establish(n.peering.issue_token("west").encoded, "north")
+                group = "failover:echo.default:tcp"
+                await eventually(lambda: group in w.controller.gateway.addresses(), "west's failover listener")
+                (listed,) = w.controller.failover_groups()
+                assert listed.sources == ["east", "north"]
+                assert await call(w, group, b"to east") == b"to east"
+                assert east_backend.received == b"to east"
+                assert not north_backend.received
+
+                east_backend.stop()
+                stopped = time.monotonic()
+                failures: list[float] = []
+                served_by_north = 0
+                while served_by_north < 20:  # 20 in a row after the last failure
+                    assert time.monotonic() - stopped < 15, f"no failover; failures at {failures}"
+                    if await call(w, group, b"x") == b"x":
+                        served_by_north += 1
+                    else:
+                        failures.append(time.monotonic() - stopped)
+                        served_by_north = 0
+                    await asyncio.sleep(0.02)
+                return failures
+            finally:
+                for runtime in reversed(runtimes):
+                    await runtime.controller.stop()
+
+        failures = asyncio.run(scenario())
+    assert north_backend.received == b"x" * 20
+    # Only requests inside the detection window failed: health checks (2 x 100 ms), the
+    # health poll (0.5 s), the stream and west's apply. Generous bound for a loaded machine.
+    assert not failures or failures[-1] < 5.0, failures
+    print(f"failover: {len(failures)} failed request(s), last at {failures[-1] if failures else 0:.2f} s")

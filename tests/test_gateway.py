@@ -17,6 +17,7 @@ from meshfed.gateway import (
     PassthroughListener,
     Route,
     TerminateListener,
+    UpstreamTls,
     service_sni,
 )
 from meshfed.trust.bundle import bundle_roots_pem
@@ -46,11 +47,15 @@ def _egress(zone: Zone, peer: Zone, sni: str, ingress: tuple[str, int]) -> Gatew
                 name="egress",
                 address="127.0.0.1:0",
                 cluster="peer",
-                sni=sni,
-                peer_spiffe_id=str(peer.trust_domain.gateway_id),
             )
         ],
-        clusters=[Cluster(name="peer", endpoints=[Endpoint(address=f"{ingress[0]}:{ingress[1]}")])],
+        clusters=[
+            Cluster(
+                name="peer",
+                endpoints=[Endpoint(address=f"{ingress[0]}:{ingress[1]}")],
+                tls=UpstreamTls(sni=sni, peer_spiffe_id=str(peer.trust_domain.gateway_id)),
+            )
+        ],
     )
 
 

@@ -20,6 +20,7 @@ from meshfed.gateway import (
     OriginateListener,
     Route,
     TerminateListener,
+    UpstreamTls,
     service_sni,
 )
 from meshfed.trust.bundle import bundle_roots_pem, fingerprint, parse_bundle
@@ -188,13 +189,13 @@ class Mesh:
                     name="egress",
                     address=address,
                     cluster="peer",
-                    sni=self.sni,
-                    peer_spiffe_id=str(self.server.trust_domain.gateway_id),
                 )
             ],
             clusters=[
                 Cluster(
-                    name="peer", endpoints=[Endpoint(address=f"{self.ingress_address[0]}:{self.ingress_address[1]}")]
+                    name="peer",
+                    endpoints=[Endpoint(address=f"{self.ingress_address[0]}:{self.ingress_address[1]}")],
+                    tls=UpstreamTls(sni=self.sni, peer_spiffe_id=str(self.server.trust_domain.gateway_id)),
                 )
             ],
         )

@@ -25,10 +25,17 @@ from meshfed.aio import cancel_and_wait
 from meshfed.catalog import CatalogSnapshot, CatalogSource, LocalImport, open_catalog
 from meshfed.errors import MeshfedError
 from meshfed.federation.exchange import ServiceSnapshot
-from meshfed.federation.exports import ExportIndex, ExportRules, exported_snapshot
-from meshfed.federation.gateway_config import INGRESS_LISTENER, build_gateway_config, egress_listener_name
-from meshfed.federation.imports import ImportStore
-from meshfed.gateway import Gateway, GatewayConfig, Identity
+from meshfed.federation.exports import ExportIndex, ExportRules, UnhealthyEndpoints, exported_snapshot
+from meshfed.federation.gateway_config import (
+    INGRESS_LISTENER,
+    FailoverGroup,
+    build_gateway_config,
+    egress_listener_name,
+    failover_groups,
+    local_cluster_name,
+)
+from meshfed.federation.imports import ImportedService, ImportStore
+from meshfed.gateway import Gateway, GatewayConfig, HealthCheck, Identity
 from meshfed.telemetry import Telemetry
 from meshfed.trust.bundle import bundle_roots_pem
 from meshfed.trust.ca import Svid
@@ -40,6 +47,9 @@ log = logging.getLogger(__name__)
 DEFAULT_GATEWAY_SVID_TTL = dt.timedelta(hours=24)
 CATALOG_POLL_SECONDS = 0.2
 CATALOG_RETRY_SECONDS = 2.0
+# How often the gateway's verdict on local endpoints is read; peers hear of a change at once.
+LOCAL_HEALTH_POLL_SECONDS = 0.5
+DEFAULT_HEALTH_CHECK = HealthCheck(interval_ms=2_000, timeout_ms=1_000, healthy_threshold=2, unhealthy_threshold=2)
 
 PeerTrustDomains = Callable[[], Mapping[str, TrustDomain]]
 FailingPeerPolicy = Literal["open", "closed"]
@@ -81,6 +91,7 @@ class Controller:
         failing_peer_grace: dt.timedelta = dt.timedelta(minutes=5),
         failing_peer_policy: FailingPeerPolicy = "open",
         catalog: CatalogSource | None = None,
+        health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
     ) -> None:
         """``egress_port_base`` 0 gives each import an ephemeral port; otherwise ports are kept from that base.
         Imports are published to the catalog at ``egress_advertise_host`` (default: the bound host), so a
@@ -92,6 +103,11 @@ class Controller:
         FAILING past ``failing_peer_grace`` keeps its imports served under the
         ``open`` policy (callers' connects fail over or fail fast) and loses
         them under ``closed`` until it is back.
+
+        ``health_check`` runs active TCP checks on local endpoints from the
+        gateway; an endpoint that fails them counts as unhealthy in what peers
+        are told, so their failover groups move on. ``None`` leaves health to
+        the catalog alone.
         """
         self.zone = zone
         self._catalog = catalog if catalog is not None else open_catalog(zone)
@@ -117,6 +133,9 @@ class Controller:
         self._failing_peer_grace = failing_peer_grace
         self._failing_peer_policy = failing_peer_policy
         self._failing_since: dict[str, float] = {}
+        self._health_check = health_check
+        self._unhealthy: UnhealthyEndpoints = frozenset()
+        self._health_version = 0
         self.telemetry = Telemetry(zone.name, self.gateway_stats, span_exporter=span_exporter)
 
     async def __aenter__(self) -> Controller:
@@ -152,6 +171,7 @@ class Controller:
         if self._stopped:
             raise MeshfedError(f"zone {self.zone.name}: a stopped controller cannot restart; make a new one")
         self._svid = await asyncio.to_thread(self._issue_gateway_svid)
+        self._health_version = await asyncio.to_thread(self._read_health_version)
         self._catalog_snapshot = await self._catalog.snapshot()
         config, exports = await asyncio.to_thread(self._build_config)
         gateway = await asyncio.to_thread(Gateway, config)
@@ -175,6 +195,8 @@ class Controller:
             asyncio.create_task(self._renew_gateway_svid(), name=f"meshfed-{self.zone.name}-svid"),
             asyncio.create_task(self._watch_catalog(), name=f"meshfed-{self.zone.name}-catalog"),
         ]
+        if self._health_check is not None:
+            self._tasks.append(asyncio.create_task(self._watch_local_health(), name=f"meshfed-{self.zone.name}-health"))
         log.info("zone %s running: gateway ingress on %s", self.zone.name, self.gateway_address)
 
     async def stop(self) -> None:
@@ -261,6 +283,8 @@ class Controller:
             catalog=applied.catalog,
             index=applied.index,
             rules_version=applied.rules_version,
+            health_version=self._health_version,
+            unhealthy=self._unhealthy,
         )
         self._snapshots[peer] = snapshot
         return snapshot
@@ -302,10 +326,21 @@ class Controller:
                 catalog=catalog,
                 exports=exports.index,
                 peer_trust_domains=self._peer_trust_domains(),
-                imports=[item for item in imports.services() if not self._withheld(item.peer)],
+                imports=self._served_imports(imports),
                 egress_address=egress_address,
+                failover_order=self.zone.config.failover_order,
+                health_check=self._health_check,
             )
         return config, exports
+
+    def _served_imports(self, imports: ImportStore) -> list[ImportedService]:
+        return [item for item in imports.services() if not self._withheld(item.peer)]
+
+    def failover_groups(self) -> list[FailoverGroup]:
+        """The services this zone's gateway serves as failover groups, sources in failover order."""
+        with ImportStore(self.zone.directory) as imports:
+            served = self._served_imports(imports)
+        return failover_groups(self._catalog_snapshot, served, self.zone.config.failover_order)
 
     def _withheld(self, peer: str) -> bool:
         """Under the closed policy, a peer failing for longer than the grace period is not served."""
@@ -360,11 +395,48 @@ class Controller:
                 else:
                     await asyncio.sleep(CATALOG_POLL_SECONDS)
 
-    def local_imports(self) -> list[LocalImport]:
-        """The imports as local clients reach them: service, peer, and the egress address of each port."""
-        bound = {
+    def _read_health_version(self) -> int:
+        with ExportRules(self.zone.directory) as rules:
+            return rules.health_version()
+
+    async def _watch_local_health(self) -> None:
+        # The gateway health-checks local endpoints; when its verdict changes what
+        # peers should hear (an exported service lost or regained its last live
+        # endpoint, or one of several), tell them without touching the data plane.
+        while True:
+            await asyncio.sleep(LOCAL_HEALTH_POLL_SECONDS)
+            unhealthy = self._unhealthy_local_endpoints()
+            if unhealthy == self._unhealthy:
+                continue
+            with ExportRules(self.zone.directory) as rules:
+                version = await asyncio.to_thread(rules.bump_health_version)
+            log.info("zone %s: gateway sees %d local endpoint(s) failing health checks", self.zone.name, len(unhealthy))
+            self._unhealthy, self._health_version, self._snapshots = unhealthy, version, {}
+            for listener in self._exports_listeners:
+                listener()
+
+    def _unhealthy_local_endpoints(self) -> UnhealthyEndpoints:
+        services = {local_cluster_name(service): service.key for service in self._applied_exports.catalog.services}
+        clusters: Mapping[str, Any] = self.gateway_stats().get("clusters", {})
+        return frozenset(
+            (*services[name], address)
+            for name, cluster in clusters.items()
+            if name in services
+            for address, endpoint in cluster.get("endpoints", {}).items()
+            if not endpoint.get("healthy", True)
+        )
+
+    def egress_addresses(self) -> dict[str, tuple[str, int]]:
+        """Where local clients reach each listener (the advertised egress host), by name; none while stopped."""
+        if self._gateway is None:
+            return {}
+        return {
             name: (self._egress_advertise_host or host, port) for name, (host, port) in self.gateway.addresses().items()
         }
+
+    def local_imports(self) -> list[LocalImport]:
+        """The imports as local clients reach them: service, peer, and the egress address of each port."""
+        bound = self.egress_addresses()
         by_import: dict[tuple[str, str, str], dict[str, tuple[str, int]]] = {}
         with ImportStore(self.zone.directory) as imports:
             for imported in imports.services():

@@ -8,6 +8,11 @@ local egress listeners. The path of every request::
 
     client ─plain─► west egress (originate) ═mTLS, SNI═► east|north ingress (terminate) ─plain─► web
 
+Since ``web`` runs in two peers, west's gateway also serves it as one
+*failover group* (``failover:web.default:http``): east first, then north. The
+demo stops east's backend; east's gateway health checks notice, east tells its
+peers ``web`` has no healthy endpoint, and west's group moves to north.
+
 A fourth zone, ``rogue``, which nobody peered with, tries the same call and
 must be refused at the handshake.
 """
@@ -21,7 +26,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -34,7 +39,7 @@ from rich.table import Table
 
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
 from meshfed.federation.exports import ExportRules
-from meshfed.gateway import Cluster, GatewayConfig, Identity, OriginateListener
+from meshfed.gateway import Cluster, GatewayConfig, HealthCheck, Identity, OriginateListener, UpstreamTls
 from meshfed.gateway import Endpoint as GatewayEndpoint
 from meshfed.gateway import Gateway as DataPlane
 from meshfed.gateway.sni import service_sni
@@ -51,7 +56,10 @@ _SETTINGS = ZoneSettings(
     peering_address=f"{_LOOPBACK}:0",
     establish_address=f"{_LOOPBACK}:0",
     heartbeat_interval=0.5,
+    # Fast local health checks, so the failover step takes a fraction of a second.
+    health_check=HealthCheck(interval_ms=200, timeout_ms=200, healthy_threshold=1, unhealthy_threshold=2),
 )
+_FAILOVER_LISTENER = f"failover:{_SERVICE}.{_NAMESPACE}:http"
 _WAIT_SECONDS = 20.0
 
 
@@ -67,10 +75,16 @@ class DemoReport:
     egress_verified: dict[str, int] = field(default_factory=dict)
     propagation_ms: float = 0.0
     rogue_refused: bool = False
+    # Failover step: east served the group before its backend stopped; then north took over after
+    # ``failover_ms``, with ``failover_failed`` requests failing inside that detection window.
+    failover_first: str | None = None
+    failover_ms: float | None = None
+    failover_failed: int = 0
 
     @property
     def ok(self) -> bool:
-        return self.sent > 0 and self.succeeded == self.sent and self.rogue_refused
+        served = self.sent > 0 and self.succeeded == self.sent
+        return served and self.rogue_refused and self.failover_first == "east" and self.failover_ms is not None
 
 
 def run_demo(requests: int = 200, concurrency: int = 8, console: Console | None = None) -> DemoReport:
@@ -90,8 +104,9 @@ async def _demo(requests: int, concurrency: int, console: Console) -> DemoReport
             console.print(
                 f"  zone {zone.name:<6} trust domain {zone.trust_domain.name:<11} root sha256:{fingerprint[:16]}…"
             )
+        stop_backend: dict[str, Callable[[], None]] = {}
         for name in _EXPORTERS:
-            backend = threads.enter_context(_http_backend(f"hello from {name}"))
+            backend, stop_backend[name] = threads.enter_context(_http_backend(f"hello from {name}"))
             _register_and_export(zones[name], backend, to="west")
         async with AsyncExitStack() as running:
             runtimes: dict[str, ZoneRuntime] = {}
@@ -110,9 +125,13 @@ async def _demo(requests: int, concurrency: int, console: Console) -> DemoReport
             listeners = {name: f"egress:{_SERVICE}.{_NAMESPACE}.{name}:http" for name in _EXPORTERS}
             await _until(lambda: set(listeners.values()) <= set(west.controller.gateway.addresses()), "imports")
             report.propagation_ms = await _measure_propagation(zones["north"], west)
+            await _until(lambda: _FAILOVER_LISTENER in west.controller.gateway.addresses(), "the failover group")
             for name, listener in listeners.items():
                 address = west.controller.gateway.address(listener)
                 console.print(f"  west egress for {_SERVICE}.{_NAMESPACE}.{name} (originate) on {_fmt(address)}")
+            group = " → ".join(west.controller.failover_groups()[0].sources)
+            address = west.controller.gateway.address(_FAILOVER_LISTENER)
+            console.print(f"  west egress for {_SERVICE}.{_NAMESPACE} [{group}] (originate) on {_fmt(address)}")
             for name in _EXPORTERS:
                 ingress = runtimes[name].controller.gateway.address("ingress")
                 console.print(f"  {name} ingress (terminate) on {_fmt(ingress)}")
@@ -130,6 +149,7 @@ async def _demo(requests: int, concurrency: int, console: Console) -> DemoReport
                     "peer_identities"
                 ].items():
                     report.egress_verified[spiffe_id] = report.egress_verified.get(spiffe_id, 0) + count
+            await asyncio.to_thread(_fail_over, west, stop_backend["east"], report, console)
             _print_report(report, runtimes, elapsed, console)
     return report
 
@@ -192,6 +212,24 @@ def _send_traffic(
             report.failures.append(error)
 
 
+def _fail_over(west: ZoneRuntime, stop_east: Callable[[], None], report: DemoReport, console: Console) -> None:
+    """Call the failover group, stop east's backend, and keep calling until north answers."""
+    address = west.controller.gateway.address(_FAILOVER_LISTENER)
+    for zone in _EXPORTERS:
+        if _request(address, "/failover/before", expect=f"hello from {zone}")[1] is None:
+            report.failover_first = zone
+    stop_east()
+    stopped = time.monotonic()
+    with console.status("  east's web stopped; west's failover group is moving to north…"):
+        while time.monotonic() - stopped < _WAIT_SECONDS:
+            _, error = _request(address, f"/failover/{report.failover_failed}", expect="hello from north")
+            if error is None:
+                report.failover_ms = (time.monotonic() - stopped) * 1000
+                return
+            report.failover_failed += 1
+            time.sleep(0.02)
+
+
 def _rogue_is_refused(rogue: Zone, east: ZoneRuntime) -> bool:
     """A zone east never peered with dials east's ingress with its own SVID: the handshake must fail."""
     rogue.import_bundle(parse_bundle(east.zone.trust_domain, east.zone.own_bundle().to_spiffe_json()))
@@ -207,12 +245,14 @@ def _rogue_is_refused(rogue: Zone, east: ZoneRuntime) -> bool:
                 name="egress",
                 address=f"{_LOOPBACK}:0",
                 cluster="east",
-                sni=sni,
-                peer_spiffe_id=str(east.zone.trust_domain.gateway_id),
             )
         ],
         clusters=[
-            Cluster(name="east", endpoints=[GatewayEndpoint(address=_fmt(east.controller.gateway.address("ingress")))])
+            Cluster(
+                name="east",
+                endpoints=[GatewayEndpoint(address=_fmt(east.controller.gateway.address("ingress")))],
+                tls=UpstreamTls(sni=sni, peer_spiffe_id=str(east.zone.trust_domain.gateway_id)),
+            )
         ],
     )
     with DataPlane(config) as gateway:
@@ -238,7 +278,9 @@ def _request(address: tuple[str, int], path: str, expect: str) -> tuple[float, s
 
 
 @contextmanager
-def _http_backend(greeting: str) -> Iterator[tuple[str, int]]:
+def _http_backend(greeting: str) -> Iterator[tuple[tuple[str, int], Callable[[], None]]]:
+    """An HTTP server answering ``<greeting>: <path>``; yields its address and a function that stops it."""
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             body = f"{greeting}: {self.path}".encode()
@@ -254,12 +296,19 @@ def _http_backend(greeting: str) -> Iterator[tuple[str, int]]:
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name=f"meshfed-demo-{greeting}", daemon=True)
     thread.start()
+    stopped = threading.Event()
+
+    def stop() -> None:
+        if not stopped.is_set():
+            stopped.set()
+            server.shutdown()
+            server.server_close()
+            thread.join()
+
     try:
-        yield _LOOPBACK, server.server_address[1]
+        yield (_LOOPBACK, server.server_address[1]), stop
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+        stop()
 
 
 async def _until(check: object, what: str) -> None:
@@ -297,6 +346,13 @@ def _print_report(report: DemoReport, runtimes: dict[str, ZoneRuntime], elapsed:
     for spiffe_id, count in report.egress_verified.items():
         console.print(f"west egress verified server {spiffe_id} ({count} connections)")
     console.print(f"export → peer gateway serving it: {report.propagation_ms:.0f} ms")
+    if report.failover_ms is None:
+        console.print(f"failover of {_SERVICE}.{_NAMESPACE}: [red]north never answered[/]")
+    else:
+        console.print(
+            f"failover of {_SERVICE}.{_NAMESPACE}: {report.failover_first} → north {report.failover_ms:.0f} ms "
+            f"after east's backend stopped ({report.failover_failed} requests failed in that window)"
+        )
     console.print(f"rogue.mesh (never peered) refused at the handshake: {'yes' if report.rogue_refused else 'NO'}")
     console.print(f"result: {'[green]OK[/]' if report.ok else '[red]FAILED[/]'}")
 

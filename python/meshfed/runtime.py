@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 
 from meshfed.api import create_app
-from meshfed.controller import Controller, FailingPeerPolicy
+from meshfed.controller import DEFAULT_HEALTH_CHECK, Controller, FailingPeerPolicy
 from meshfed.errors import PeeringError
 from meshfed.federation.peering import PeerState
 from meshfed.federation.service import PeeringService, PeerStatus
+from meshfed.gateway import HealthCheck
 from meshfed.trust.endpoint import BundleEndpointServer, endpoint_spiffe_id
 from meshfed.trust.poller import BundlePoller
 from meshfed.trust.rotation import RotationService
@@ -42,6 +43,15 @@ class ZoneSettings:
     heartbeat_interval: float = 5.0
     failing_peer_grace: dt.timedelta = dt.timedelta(minutes=5)
     failing_peer_policy: FailingPeerPolicy = "open"
+    health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK  # active checks of local endpoints; None: catalog only
+
+
+def health_check_every(interval: dt.timedelta) -> HealthCheck | None:
+    """Local endpoint checks every ``interval`` (none for 0): two failures mark an endpoint down, two passes up."""
+    if interval <= dt.timedelta(0):
+        return None
+    ms = max(int(interval.total_seconds() * 1000), 1)
+    return HealthCheck(interval_ms=ms, timeout_ms=min(ms, 1_000), healthy_threshold=2, unhealthy_threshold=2)
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,7 @@ def assemble_zone(zone: Zone, settings: ZoneSettings = ZoneSettings()) -> ZoneRu
         peer_trust_domains=peer_trust_domains,
         failing_peer_grace=settings.failing_peer_grace,
         failing_peer_policy=settings.failing_peer_policy,
+        health_check=settings.health_check,
     )
     peering = PeeringService(
         zone,

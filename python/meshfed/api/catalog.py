@@ -29,10 +29,17 @@ class ImportView(BaseModel):
     gateway_addresses: list[str]
 
 
+class FailoverGroupView(BaseModel):
+    name: str = Field(description="<service>.<namespace>")
+    sources: list[str] = Field(description="'local', then peers, in the order traffic tries them.")
+    listeners: dict[str, str] = Field(description="Port name -> host:port where local clients reach the group.")
+
+
 class CatalogView(BaseModel):
     version: int
     services: list[Service]
     imports: list[ImportView]
+    failover_groups: list[FailoverGroupView]
 
 
 class ExportRuleView(BaseModel):
@@ -61,6 +68,7 @@ def catalog(request: Request) -> CatalogView:
     with ImportStore(controller.zone.directory) as imports:
         imported = imports.services()
     snapshot = controller.catalog_snapshot
+    bound = {name: f"{host}:{port}" for name, (host, port) in controller.egress_addresses().items()}
     return CatalogView(
         version=snapshot.version,
         services=snapshot.services,
@@ -75,6 +83,18 @@ def catalog(request: Request) -> CatalogView:
                 gateway_addresses=item.snapshot.gateway_addresses,
             )
             for item in imported
+        ],
+        failover_groups=[
+            FailoverGroupView(
+                name=group.name,
+                sources=group.sources,
+                listeners={
+                    port_name: bound[group.listener_name(port_name)]
+                    for port_name in group.port_names
+                    if group.listener_name(port_name) in bound
+                },
+            )
+            for group in controller.failover_groups()
         ],
     )
 

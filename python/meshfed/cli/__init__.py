@@ -88,12 +88,18 @@ def up(
         str, typer.Option(help="open: keep serving a failing peer's imports; closed: stop after the grace.")
     ] = "open",
     failing_peer_grace: Annotated[str, typer.Option(help="How long a peer may fail before the policy applies.")] = "5m",
+    health_check_interval: Annotated[
+        str,
+        typer.Option(
+            help="Active TCP checks of local endpoints; two failures in a row mark one unhealthy for peers. 0s = off."
+        ),
+    ] = "2s",
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     log_format: Annotated[str, typer.Option(help="json (one object per line, with trace ids) or text.")] = "json",
 ) -> None:
     """Run one zone in the foreground: controller, gateway, peering and API. SIGTERM stops it cleanly."""
     from meshfed.cli.serve import serve_zone
-    from meshfed.runtime import ZoneSettings
+    from meshfed.runtime import ZoneSettings, health_check_every
 
     if log_format not in ("json", "text"):
         raise typer.BadParameter("use json or text", param_hint="--log-format")
@@ -111,6 +117,7 @@ def up(
         bundle_endpoint_port=bundle_endpoint_port,
         failing_peer_grace=parse_duration(failing_peer_grace, "--failing-peer-grace"),
         failing_peer_policy="open" if failing_peer_policy == "open" else "closed",
+        health_check=health_check_every(parse_duration(health_check_interval, "--health-check-interval")),
     )
     serve_zone(
         Zone.open(directory), settings, api_address=api_address, log_level=log_level, json_logs=log_format == "json"

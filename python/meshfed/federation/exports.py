@@ -36,7 +36,16 @@ _MIGRATIONS = (
     CREATE TABLE export_rules_version (only INTEGER PRIMARY KEY CHECK (only = 1), version INTEGER NOT NULL) STRICT;
     INSERT INTO export_rules_version VALUES (1, 0);
     """,
+    # Bumped whenever the gateway's view of local endpoint health changes what peers are told. Kept on
+    # disk because snapshot versions must only grow, across restarts too.
+    """
+    CREATE TABLE export_health_version (only INTEGER PRIMARY KEY CHECK (only = 1), version INTEGER NOT NULL) STRICT;
+    INSERT INTO export_health_version VALUES (1, 0);
+    """,
 )
+
+UnhealthyEndpoints = frozenset[tuple[str, str, str]]
+"""(namespace, service, endpoint ``address:port``) the gateway sees failing, whatever the catalog says."""
 
 
 @dataclass(frozen=True, order=True)
@@ -94,6 +103,16 @@ class ExportRules(SqliteStore):
         (version,) = self._db.execute("SELECT version FROM export_rules_version").fetchone()
         return int(version)
 
+    def health_version(self) -> int:
+        (version,) = self._db.execute("SELECT version FROM export_health_version").fetchone()
+        return int(version)
+
+    def bump_health_version(self) -> int:
+        """Local endpoint health changed: a new generation of what peers are told. Returns it."""
+        with transaction(self._db):
+            self._db.execute("UPDATE export_health_version SET version = version + 1")
+            return self.health_version()
+
     def _bump(self) -> None:
         self._db.execute("UPDATE export_rules_version SET version = version + 1")
 
@@ -125,32 +144,37 @@ def exported_snapshot(
     catalog: CatalogSnapshot,
     index: ExportIndex,
     rules_version: int,
+    health_version: int = 0,
+    unhealthy: UnhealthyEndpoints = frozenset(),
 ) -> ServiceSnapshot:
     """What ``peer`` may see: the catalog services some rule exports to it, with health summaries.
 
-    The version is the sum of the catalog's and the rules' versions: both only
-    grow, so the sum grows whenever either changes.
+    An endpoint counts as healthy when the catalog says so and the gateway does
+    not see it failing (``unhealthy``). The version is the sum of the catalog's,
+    the rules' and the health versions: each only grows, so the sum grows
+    whenever any of them changes.
     """
     return ServiceSnapshot(
         zone=zone,
         trust_domain=trust_domain,
         gateway_addresses=gateway_addresses,
-        version=catalog.version + rules_version,
-        services=[_exported(service) for service in catalog.services if index.allows(service, peer)],
+        version=catalog.version + rules_version + health_version,
+        services=[_exported(service, unhealthy) for service in catalog.services if index.allows(service, peer)],
     )
 
 
-def _exported(service: Service) -> ExportedService:
+def _exported(service: Service, unhealthy: UnhealthyEndpoints) -> ExportedService:
     subsets: dict[str, set[str]] = {}
     for endpoint in service.endpoints:
         for key, value in endpoint.labels.items():
             subsets.setdefault(key, set()).add(value)
+    healthy = [e for e in service.healthy_endpoints if (service.namespace, service.name, e.key) not in unhealthy]
     return ExportedService(
         name=service.name,
         namespace=service.namespace,
         ports=service.ports,
         labels=service.labels,
-        healthy_endpoints=len(service.healthy_endpoints),
+        healthy_endpoints=len(healthy),
         total_endpoints=len(service.endpoints),
         subsets={key: sorted(values) for key, values in sorted(subsets.items())},
     )

@@ -2,27 +2,101 @@
 
 Ingress: one terminate listener; a route per exported service port, keyed by
 the federated SNI of this zone's trust domain, allowing exactly the gateways
-of the peers an export names. Egress: one originate listener per imported
-service port, opening mTLS to the exporting peer's gateway with that
-service's SNI and the peer gateway's SPIFFE ID pinned.
+of the peers an export names. Local clusters are health-checked so the zone
+can tell its peers when a service it exports has no live endpoint.
+
+Egress: one originate listener per imported service port, opening mTLS to the
+exporting peer's gateway with that service's SNI and the peer gateway's SPIFFE
+ID pinned. A service that several sources offer (this zone and peers, or
+several peers) is also a *failover group*: one more originate listener whose
+cluster holds the local endpoints at priority 0 and each peer's gateway at the
+next priorities, in the zone's failover order. The data plane keeps traffic on
+the first priority with healthy endpoints and retries the next one when a
+connect or handshake fails; sources that report no healthy endpoint are left
+out while any other is healthy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from meshfed.catalog.model import CatalogSnapshot, Service
 from meshfed.federation.exports import ExportIndex
 from meshfed.federation.imports import ImportedService
-from meshfed.gateway import Cluster, Endpoint, GatewayConfig, Identity, OriginateListener, Route, TerminateListener
+from meshfed.gateway import (
+    Cluster,
+    Endpoint,
+    GatewayConfig,
+    HealthCheck,
+    Identity,
+    OriginateListener,
+    Route,
+    TerminateListener,
+    UpstreamTls,
+)
 from meshfed.gateway.config import Listener
 from meshfed.gateway.sni import service_sni
 from meshfed.trust.spiffe import TrustDomain
 
 INGRESS_LISTENER = "ingress"
+LOCAL_SOURCE = "local"
+"""How a failover group names this zone among its sources."""
 
-# Where an import's egress listener binds: (import listener name) -> "host:port".
+# Where an egress listener binds: (listener name) -> "host:port".
 EgressAddress = Callable[[str], str]
+
+
+@dataclass(frozen=True)
+class FailoverGroup:
+    """One service offered by several sources, in the order traffic tries them."""
+
+    namespace: str
+    service: str
+    local: Service | None
+    peers: tuple[ImportedService, ...]
+
+    @property
+    def name(self) -> str:
+        """``<service>.<namespace>``: the service, wherever it runs."""
+        return f"{self.service}.{self.namespace}"
+
+    @property
+    def sources(self) -> list[str]:
+        """``local`` (if this zone runs the service), then peer names, in failover order."""
+        return ([LOCAL_SOURCE] if self.local is not None else []) + [item.peer for item in self.peers]
+
+    @property
+    def port_names(self) -> list[str]:
+        names = set(self.local.ports if self.local is not None else {})
+        for item in self.peers:
+            names.update(item.service.ports)
+        return sorted(names)
+
+    def listener_name(self, port_name: str) -> str:
+        """``failover:<service>.<namespace>:<port name>``: stable across config generations."""
+        return f"failover:{self.name}:{port_name}"
+
+
+def failover_groups(
+    catalog: CatalogSnapshot, imports: Iterable[ImportedService], order: Sequence[str] = ()
+) -> list[FailoverGroup]:
+    """Services imported from a peer and offered by at least one more source (this zone or another peer).
+
+    Peers come in ``order`` first, then the rest by name.
+    """
+    rank = {peer: i for i, peer in enumerate(order)}
+    by_service: dict[tuple[str, str], list[ImportedService]] = {}
+    for item in imports:
+        by_service.setdefault(item.service.key, []).append(item)
+    local = {service.key: service for service in catalog.services if service.endpoints}
+    groups = []
+    for (namespace, name), items in sorted(by_service.items()):
+        peers = tuple(sorted(items, key=lambda item: (rank.get(item.peer, len(rank)), item.peer)))
+        group = FailoverGroup(namespace=namespace, service=name, local=local.get((namespace, name)), peers=peers)
+        if len(group.sources) > 1:
+            groups.append(group)
+    return groups
 
 
 def build_gateway_config(
@@ -36,6 +110,8 @@ def build_gateway_config(
     peer_trust_domains: Mapping[str, TrustDomain],
     imports: list[ImportedService],
     egress_address: EgressAddress,
+    failover_order: Sequence[str] = (),
+    health_check: HealthCheck | None = None,
 ) -> GatewayConfig:
     """The whole gateway config for this state; the same inputs always give the same config."""
     routes: list[Route] = []
@@ -45,8 +121,8 @@ def build_gateway_config(
         endpoints = [Endpoint(address=e.key, weight=e.weight) for e in service.healthy_endpoints]
         if not allowed or not endpoints:
             continue
-        cluster = _local_cluster_name(service)
-        clusters.append(Cluster(name=cluster, endpoints=endpoints))
+        cluster = local_cluster_name(service)
+        clusters.append(Cluster(name=cluster, endpoints=endpoints, health_check=health_check))
         allow = sorted(str(peer_trust_domains[peer].gateway_id) for peer in allowed)
         for port in sorted(set(service.ports.values())):
             routes.append(
@@ -56,29 +132,54 @@ def build_gateway_config(
             )
 
     listeners: list[Listener] = [TerminateListener(name=INGRESS_LISTENER, address=ingress_address, routes=routes)]
-    peer_clusters: dict[str, Cluster] = {}
     for imported in imports:
-        if not imported.snapshot.gateway_addresses:
-            continue  # the peer advertised no gateway: nothing to dial
-        peer_cluster = f"gateway:{imported.peer}"
-        peer_clusters[peer_cluster] = Cluster(
-            name=peer_cluster,
-            endpoints=[Endpoint(address=address) for address in imported.snapshot.gateway_addresses],
-        )
-        peer_domain = TrustDomain.parse(imported.snapshot.trust_domain)
-        for port_name, port in sorted(imported.service.ports.items()):
+        for port_name in sorted(imported.service.ports):
+            endpoints = _peer_endpoints(imported, port_name, priority=0)
+            if not endpoints:
+                continue  # the peer advertised no gateway: nothing to dial
             name = egress_listener_name(imported, port_name)
-            listeners.append(
-                OriginateListener(
-                    name=name,
-                    address=egress_address(name),
-                    cluster=peer_cluster,
-                    sni=service_sni(imported.service.name, imported.service.namespace, port, peer_domain),
-                    peer_spiffe_id=str(peer_domain.gateway_id),
-                )
-            )
-    clusters.extend(peer_clusters.values())
+            clusters.append(Cluster(name=name, endpoints=endpoints))
+            listeners.append(OriginateListener(name=name, address=egress_address(name), cluster=name))
+
+    for group in failover_groups(catalog, imports, failover_order):
+        for port_name in group.port_names:
+            endpoints = _group_endpoints(group, port_name)
+            if not endpoints:
+                continue
+            name = group.listener_name(port_name)
+            clusters.append(Cluster(name=name, endpoints=endpoints, health_check=health_check))
+            listeners.append(OriginateListener(name=name, address=egress_address(name), cluster=name))
     return GatewayConfig(identity=identity, trust_bundles=trust_bundles, listeners=listeners, clusters=clusters)
+
+
+def _peer_endpoints(imported: ImportedService, port_name: str, *, priority: int) -> list[Endpoint]:
+    """The peer's gateways, each dialed with the service's SNI and the peer gateway's SPIFFE ID pinned."""
+    port = imported.service.ports.get(port_name)
+    if port is None:
+        return []
+    peer_domain = TrustDomain.parse(imported.snapshot.trust_domain)
+    tls = UpstreamTls(
+        sni=service_sni(imported.service.name, imported.service.namespace, port, peer_domain),
+        peer_spiffe_id=str(peer_domain.gateway_id),
+    )
+    return [Endpoint(address=address, priority=priority, tls=tls) for address in imported.snapshot.gateway_addresses]
+
+
+def _group_endpoints(group: FailoverGroup, port_name: str) -> list[Endpoint]:
+    """Local endpoints at priority 0, then each peer's gateways; unhealthy sources only if nothing is healthy."""
+    offered: list[tuple[bool, list[Endpoint]]] = []
+    if group.local is not None and port_name in group.local.ports:
+        for local in group.local.endpoints:
+            offered.append((local.healthy, [Endpoint(address=local.key, weight=local.weight, priority=0)]))
+    for priority, imported in enumerate(group.peers, start=1):
+        healthy = imported.service.healthy_endpoints > 0
+        offered.append((healthy, _peer_endpoints(imported, port_name, priority=priority)))
+    chosen = [endpoints for healthy, endpoints in offered if healthy] or [endpoints for _, endpoints in offered]
+    unique: dict[str, Endpoint] = {}
+    for endpoints in chosen:
+        for candidate in endpoints:
+            unique.setdefault(candidate.address, candidate)  # one address, one endpoint: the first source wins
+    return list(unique.values())
 
 
 def egress_listener_name(imported: ImportedService, port_name: str) -> str:
@@ -86,5 +187,6 @@ def egress_listener_name(imported: ImportedService, port_name: str) -> str:
     return f"egress:{imported.name}:{port_name}"
 
 
-def _local_cluster_name(service: Service) -> str:
+def local_cluster_name(service: Service) -> str:
+    """The cluster of a local service behind the ingress."""
     return f"local:{service.namespace}/{service.name}"

@@ -23,12 +23,24 @@ class Identity(_Model):
     private_key_pem: str
 
 
+class UpstreamTls(_Model):
+    """mTLS to an endpoint with the gateway's identity; the endpoint must present ``peer_spiffe_id``."""
+
+    sni: str
+    peer_spiffe_id: str
+
+
 class Endpoint(_Model):
-    """One endpoint. ``priority`` orders locality failover: 0 = local, then 1, 2, ... (peers in order)."""
+    """One endpoint. ``priority`` orders locality failover: 0 = local, then 1, 2, ... (peers in order).
+
+    ``tls`` (a peer gateway's SNI and SPIFFE ID) overrides the cluster's, so one failover cluster
+    holds plain local endpoints and the gateways of several peers.
+    """
 
     address: str
     weight: int = Field(default=1, ge=1)
     priority: int = Field(default=0, ge=0)
+    tls: UpstreamTls | None = None
 
 
 LbPolicy = Literal["round_robin", "weighted_round_robin", "least_request", "maglev"]
@@ -66,13 +78,6 @@ class CircuitBreaker(_Model):
     max_pending: int | None = Field(default=None, ge=1)
 
 
-class UpstreamTls(_Model):
-    """Re-encrypt to the endpoints: mTLS with the gateway's identity, endpoint pinned to ``peer_spiffe_id``."""
-
-    sni: str
-    peer_spiffe_id: str
-
-
 class Cluster(_Model):
     name: str
     endpoints: list[Endpoint]
@@ -84,6 +89,7 @@ class Cluster(_Model):
     health_check: HealthCheck | None = None
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
     tls: UpstreamTls | None = None
+    """mTLS to every endpoint without its own ``tls`` (terminate re-encryption, originate to a peer)."""
 
 
 class WeightedCluster(_Model):
@@ -136,14 +142,13 @@ class TerminateListener(_Model):
 
 
 class OriginateListener(_Model):
-    """Accept plain TCP and open mTLS to a peer gateway, verifying its exact SPIFFE ID."""
+    """Accept plain TCP from local clients and connect to ``cluster``: mTLS to its peer gateways
+    (each pinned to its exact SPIFFE ID), plain to its local endpoints."""
 
     mode: Literal["originate"] = "originate"
     name: str
     address: str
     cluster: str
-    sni: str
-    peer_spiffe_id: str
 
 
 Listener = Annotated[PassthroughListener | TerminateListener | OriginateListener, Field(discriminator="mode")]

@@ -87,13 +87,9 @@ pub(crate) enum ListenerMode {
         routes: SniRouter<TerminateRoute>,
         tls: Arc<ServerConfig>,
     },
-    /// Accept plain TCP, open mTLS to a peer gateway.
-    Originate {
-        cluster: String,
-        server_name: ServerName<'static>,
-        peer: SpiffeId,
-        tls: Arc<ClientConfig>,
-    },
+    /// Accept plain TCP and connect to the cluster: mTLS to the endpoints
+    /// that are peer gateways, plain to the rest (a failover group).
+    Originate { cluster: String },
 }
 
 /// Where a route sends its connections.
@@ -163,11 +159,13 @@ impl TerminateRoute {
 pub(crate) use raw::Lb;
 
 /// One endpoint of a cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct EndpointSpec {
     pub(crate) address: SocketAddr,
     pub(crate) weight: u32,
     pub(crate) priority: u32,
+    /// mTLS to the endpoint (its own setting, else the cluster's); plain when none.
+    pub(crate) tls: Option<Arc<UpstreamTlsSpec>>,
 }
 
 /// Passive outlier detection parameters.
@@ -189,7 +187,7 @@ pub(crate) struct HealthCheckSpec {
     pub(crate) unhealthy_threshold: u32,
 }
 
-/// Re-encryption to a cluster's endpoints.
+/// mTLS to an endpoint: the server name to send and the SPIFFE ID it must present.
 #[derive(Debug)]
 pub(crate) struct UpstreamTlsSpec {
     pub(crate) server_name: ServerName<'static>,
@@ -209,7 +207,13 @@ pub(crate) struct ClusterSpec {
     pub(crate) health_check: Option<HealthCheckSpec>,
     pub(crate) max_connections: Option<u64>,
     pub(crate) max_pending: Option<u64>,
-    pub(crate) tls: Option<UpstreamTlsSpec>,
+}
+
+impl ClusterSpec {
+    /// Whether some endpoint is reached over mTLS.
+    pub(crate) fn encrypts(&self) -> bool {
+        self.endpoints.iter().any(|e| e.tls.is_some())
+    }
 }
 
 impl CompiledConfig {
@@ -353,22 +357,20 @@ impl ListenerContext<'_> {
     ) -> Result<ListenerMode, ConfigError> {
         let at = |field: &str| format!("listeners[{i}].{field}");
         let mode = listener.mode;
-        let originate_only = [
-            ("cluster", listener.cluster.is_some()),
-            ("sni", listener.sni.is_some()),
-            ("peer_spiffe_id", listener.peer_spiffe_id.is_some()),
-        ];
         if mode == raw::Mode::Originate {
             if listener.routes.is_some() {
                 return Err(ConfigError::new(
                     at("routes"),
-                    "originate listeners have no routes (they use \"cluster\" and \"sni\")",
+                    "originate listeners have no routes (they dial \"cluster\")",
                 ));
             }
-        } else if let Some((field, _)) = originate_only.iter().find(|(_, present)| *present) {
+        } else if listener.cluster.is_some() {
             return Err(ConfigError::new(
-                at(field),
-                format!("only for originate listeners, not {}", mode.as_str()),
+                at("cluster"),
+                format!(
+                    "only for originate listeners; {} listeners name clusters in their routes",
+                    mode.as_str()
+                ),
             ));
         }
         match mode {
@@ -390,7 +392,7 @@ impl ListenerContext<'_> {
                         return Err(ConfigError::new(
                             at(&format!("routes[{j}]")),
                             format!(
-                                "cluster {name:?} re-encrypts (\"tls\"), but passthrough forwards the client's TLS untouched; use a terminate listener or a cluster without \"tls\""
+                                "cluster {name:?} dials endpoints over mTLS (\"tls\"), but passthrough forwards the client's TLS untouched; use a terminate listener or a cluster without \"tls\""
                             ),
                         ));
                     }
@@ -440,53 +442,11 @@ impl ListenerContext<'_> {
                 Ok(ListenerMode::Terminate { routes, tls })
             }
             raw::Mode::Originate => {
-                let identity = self.require_identity(&at("mode"), mode)?;
-                let required = |field: &str, value: &Option<String>| {
-                    value.clone().ok_or_else(|| {
-                        ConfigError::new(at(field), "required for originate listeners")
-                    })
-                };
-                let cluster = required("cluster", &listener.cluster)?;
-                let sni = required("sni", &listener.sni)?;
-                let peer_spiffe_id = required("peer_spiffe_id", &listener.peer_spiffe_id)?;
-                let cluster = self.cluster(at("cluster"), &cluster)?;
-                if self.clusters.get(&cluster).is_some_and(|c| c.tls.is_some()) {
-                    return Err(ConfigError::new(
-                        at("cluster"),
-                        format!(
-                            "cluster {cluster:?} has \"tls\", but an originate listener sets sni and peer_spiffe_id itself; remove \"tls\" from the cluster"
-                        ),
-                    ));
-                }
-                let server_name = ServerName::try_from(sni.clone()).map_err(|_| {
-                    ConfigError::new(at("sni"), format!("{sni:?} is not a valid TLS server name"))
+                let cluster = listener.cluster.as_ref().ok_or_else(|| {
+                    ConfigError::new(at("cluster"), "required for originate listeners")
                 })?;
-                let peer = SpiffeId::parse(&peer_spiffe_id)
-                    .map_err(|e| ConfigError::new(at("peer_spiffe_id"), e.to_string()))?;
-                let Some(roots) = self.bundles.get(peer.trust_domain()) else {
-                    return Err(ConfigError::new(
-                        at("peer_spiffe_id"),
-                        format!(
-                            "no trust bundle for trust domain {:?} — add it to trust_bundles",
-                            peer.trust_domain().as_str()
-                        ),
-                    ));
-                };
-                let tls = tls::client_config(
-                    self.provider.clone(),
-                    identity,
-                    roots.clone(),
-                    peer.clone(),
-                )
-                .map_err(|e| {
-                    ConfigError::new(at("mode"), format!("cannot build TLS client: {e}"))
-                })?;
-                Ok(ListenerMode::Originate {
-                    cluster,
-                    server_name,
-                    peer,
-                    tls,
-                })
+                let cluster = self.cluster(at("cluster"), cluster)?;
+                Ok(ListenerMode::Originate { cluster })
             }
         }
     }
@@ -578,7 +538,7 @@ impl ListenerContext<'_> {
 
     /// The first cluster of `target` that re-encrypts, if any.
     fn tls_cluster<'t>(&self, target: &'t RouteTarget) -> Option<&'t str> {
-        let has_tls = |name: &str| self.clusters.get(name).is_some_and(|c| c.tls.is_some());
+        let has_tls = |name: &str| self.clusters.get(name).is_some_and(|c| c.encrypts());
         match target {
             RouteTarget::Cluster(name) => Some(name.as_str()).filter(|n| has_tls(n)),
             RouteTarget::Weighted { clusters, .. } => clusters
@@ -660,6 +620,12 @@ fn compile_clusters(
     provider: &Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<HashMap<String, Arc<ClusterSpec>>, ConfigError> {
     let mut out = HashMap::with_capacity(clusters.len());
+    let mut upstream_tls = UpstreamTlsCompiler {
+        identity,
+        bundles,
+        provider,
+        by_peer: HashMap::new(),
+    };
     for (i, cluster) in clusters.iter().enumerate() {
         let at = |field: &str| format!("clusters[{i}].{field}");
         if cluster.name.is_empty() {
@@ -683,6 +649,11 @@ fn compile_clusters(
                 "must be greater than 0",
             ));
         }
+        let cluster_tls = cluster
+            .tls
+            .as_ref()
+            .map(|t| upstream_tls.compile(&at("tls"), t))
+            .transpose()?;
         let mut endpoints: Vec<EndpointSpec> = Vec::with_capacity(cluster.endpoints.len());
         for (j, endpoint) in cluster.endpoints.iter().enumerate() {
             let address: SocketAddr = endpoint.address.parse().map_err(|_| {
@@ -703,10 +674,15 @@ fn compile_clusters(
                     format!("duplicate endpoint {address} (raise its weight instead)"),
                 ));
             }
+            let tls = match &endpoint.tls {
+                Some(t) => Some(upstream_tls.compile(&at(&format!("endpoints[{j}].tls")), t)?),
+                None => cluster_tls.clone(),
+            };
             endpoints.push(EndpointSpec {
                 address,
                 weight: endpoint.weight,
                 priority: endpoint.priority,
+                tls,
             });
         }
         let od = &cluster.outlier_detection;
@@ -764,11 +740,6 @@ fn compile_clusters(
                 ));
             }
         }
-        let tls = cluster
-            .tls
-            .as_ref()
-            .map(|t| compile_upstream_tls(&at("tls"), t, identity, bundles, provider))
-            .transpose()?;
         let spec = ClusterSpec {
             name: cluster.name.clone(),
             endpoints,
@@ -785,7 +756,6 @@ fn compile_clusters(
             health_check,
             max_connections: breaker.max_connections.map(u64::from),
             max_pending: breaker.max_pending.map(u64::from),
-            tls,
         };
         if out.insert(cluster.name.clone(), Arc::new(spec)).is_some() {
             return Err(ConfigError::new(
@@ -797,43 +767,66 @@ fn compile_clusters(
     Ok(out)
 }
 
-fn compile_upstream_tls(
-    at: &str,
-    raw: &raw::UpstreamTls,
-    identity: Option<&Identity>,
-    bundles: &BTreeMap<TrustDomain, Arc<RootCertStore>>,
-    provider: &Arc<rustls::crypto::CryptoProvider>,
-) -> Result<UpstreamTlsSpec, ConfigError> {
-    let identity = identity.ok_or_else(|| {
-        ConfigError::new(
-            at,
-            "re-encryption presents the gateway's identity, but \"identity\" is missing",
-        )
-    })?;
-    let server_name = ServerName::try_from(raw.sni.clone()).map_err(|_| {
-        ConfigError::new(
-            format!("{at}.sni"),
-            format!("{:?} is not a valid TLS server name", raw.sni),
-        )
-    })?;
-    let peer = SpiffeId::parse(&raw.peer_spiffe_id)
-        .map_err(|e| ConfigError::new(format!("{at}.peer_spiffe_id"), e.to_string()))?;
-    let Some(roots) = bundles.get(peer.trust_domain()) else {
-        return Err(ConfigError::new(
-            format!("{at}.peer_spiffe_id"),
-            format!(
-                "no trust bundle for trust domain {:?} — add it to trust_bundles",
-                peer.trust_domain().as_str()
-            ),
-        ));
-    };
-    let config = tls::client_config(provider.clone(), identity, roots.clone(), peer.clone())
-        .map_err(|e| ConfigError::new(at, format!("cannot build TLS client: {e}")))?;
-    Ok(UpstreamTlsSpec {
-        server_name,
-        peer,
-        config,
-    })
+/// Compiles `tls` settings of clusters and endpoints, building one rustls
+/// client config per peer SPIFFE ID: its verifier pins that ID, and sharing
+/// it shares the TLS session cache, so every import from one peer gateway
+/// resumes sessions with it.
+struct UpstreamTlsCompiler<'a> {
+    identity: Option<&'a Identity>,
+    bundles: &'a BTreeMap<TrustDomain, Arc<RootCertStore>>,
+    provider: &'a Arc<rustls::crypto::CryptoProvider>,
+    by_peer: HashMap<SpiffeId, Arc<ClientConfig>>,
+}
+
+impl UpstreamTlsCompiler<'_> {
+    fn compile(
+        &mut self,
+        at: &str,
+        raw: &raw::UpstreamTls,
+    ) -> Result<Arc<UpstreamTlsSpec>, ConfigError> {
+        let identity = self.identity.ok_or_else(|| {
+            ConfigError::new(
+                at,
+                "mTLS to an endpoint presents the gateway's identity, but \"identity\" is missing",
+            )
+        })?;
+        let server_name = ServerName::try_from(raw.sni.clone()).map_err(|_| {
+            ConfigError::new(
+                format!("{at}.sni"),
+                format!("{:?} is not a valid TLS server name", raw.sni),
+            )
+        })?;
+        let peer = SpiffeId::parse(&raw.peer_spiffe_id)
+            .map_err(|e| ConfigError::new(format!("{at}.peer_spiffe_id"), e.to_string()))?;
+        let config = match self.by_peer.get(&peer) {
+            Some(config) => config.clone(),
+            None => {
+                let Some(roots) = self.bundles.get(peer.trust_domain()) else {
+                    return Err(ConfigError::new(
+                        format!("{at}.peer_spiffe_id"),
+                        format!(
+                            "no trust bundle for trust domain {:?} — add it to trust_bundles",
+                            peer.trust_domain().as_str()
+                        ),
+                    ));
+                };
+                let config = tls::client_config(
+                    self.provider.clone(),
+                    identity,
+                    roots.clone(),
+                    peer.clone(),
+                )
+                .map_err(|e| ConfigError::new(at, format!("cannot build TLS client: {e}")))?;
+                self.by_peer.insert(peer.clone(), config.clone());
+                config
+            }
+        };
+        Ok(Arc::new(UpstreamTlsSpec {
+            server_name,
+            peer,
+            config,
+        }))
+    }
 }
 
 fn build_server_tls(

@@ -563,8 +563,9 @@ async fn terminate_sends_proxy_v2_with_caller_identity_and_reencrypts() -> TestR
         "identity": {"cert_chain_pem": west_svid.cert_pem, "private_key_pem": west_svid.key_pem},
         "trust_bundles": {"east.mesh": east.bundle_pem()},
         "listeners": [{"name": "egress", "address": "127.0.0.1:0", "mode": "originate",
-                       "cluster": "east", "sni": SNI, "peer_spiffe_id": EAST_GW}],
-        "clusters": [{"name": "east", "endpoints": endpoints(&[ingress])}]
+                       "cluster": "east"}],
+        "clusters": [{"name": "east", "endpoints": endpoints(&[ingress]),
+                      "tls": {"sni": SNI, "peer_spiffe_id": EAST_GW}}]
     }))?;
     let mut client = TcpStream::connect(address(&west_gw, "egress")?).await?;
     client.write_all(b"hello web").await?;
@@ -611,8 +612,9 @@ async fn reencrypt_refuses_an_endpoint_with_the_wrong_identity() -> TestResult {
         "identity": {"cert_chain_pem": west_svid.cert_pem, "private_key_pem": west_svid.key_pem},
         "trust_bundles": {"east.mesh": east.bundle_pem()},
         "listeners": [{"name": "egress", "address": "127.0.0.1:0", "mode": "originate",
-                       "cluster": "east", "sni": SNI, "peer_spiffe_id": EAST_GW}],
-        "clusters": [{"name": "east", "endpoints": endpoints(&[address(&east_gw, "ingress")?])}]
+                       "cluster": "east"}],
+        "clusters": [{"name": "east", "endpoints": endpoints(&[address(&east_gw, "ingress")?]),
+                      "tls": {"sni": SNI, "peer_spiffe_id": EAST_GW}}]
     }))?;
     let mut client = TcpStream::connect(address(&west_gw, "egress")?).await?;
     client.write_all(b"hello").await?;

@@ -122,9 +122,10 @@ fn egress_config(
         "trust_bundles": {"east.mesh": east.bundle_pem()},
         "listeners": [
             {"name": "egress-web", "address": "127.0.0.1:0", "mode": "originate",
-             "cluster": "east-gateway", "sni": SNI, "peer_spiffe_id": EAST_GW}
+             "cluster": "east-gateway"}
         ],
-        "clusters": [{"name": "east-gateway", "endpoints": endpoints, "connect_timeout_ms": 1000}]
+        "clusters": [{"name": "east-gateway", "endpoints": endpoints, "connect_timeout_ms": 1000,
+                      "tls": {"sni": SNI, "peer_spiffe_id": EAST_GW}}]
     })
 }
 
@@ -324,6 +325,62 @@ async fn originate_refuses_a_peer_with_the_wrong_spiffe_id() -> TestResult {
     })
     .await?;
     assert!(stats(&west, "egress-web").peer_identities.is_empty());
+    Ok(())
+}
+
+/// A failover group: one originate cluster holding a plain local endpoint
+/// (priority 0) and two peer gateways (priorities 1 and 2), each with its
+/// own mTLS settings. The local endpoint is down and the first peer
+/// presents the wrong identity: both failures happen before any client
+/// byte is sent, so the connection lands on the second peer. Once a local
+/// endpoint is up, traffic stays local.
+#[tokio::test]
+async fn failover_group_tries_local_then_peers_in_order() -> TestResult {
+    let pki = Pki::new();
+    let backend = echo_backend().await?;
+    let east = start(&east_config(&pki, backend))?;
+    let mut imposter_config = east_config(&pki, backend);
+    let imposter_svid = pki.east.svid("spiffe://east.mesh/ns/default/sa/web");
+    imposter_config["identity"] =
+        json!({"cert_chain_pem": imposter_svid.cert_pem, "private_key_pem": imposter_svid.key_pem});
+    let imposter = start(&imposter_config)?;
+    let peer_tls = json!({"sni": SNI, "peer_spiffe_id": EAST_GW});
+    let group = |local: SocketAddr| -> Result<Value, Box<dyn Error>> {
+        let mut config = egress_config(&pki.west, WEST_GW, &pki.east, &[]);
+        config["clusters"][0] = json!({
+            "name": "east-gateway", "connect_timeout_ms": 1000,
+            "endpoints": [
+                {"address": local.to_string(), "priority": 0},
+                {"address": address(&imposter, "ingress-mtls")?.to_string(), "priority": 1,
+                 "tls": peer_tls},
+                {"address": address(&east, "ingress-mtls")?.to_string(), "priority": 2,
+                 "tls": peer_tls}
+            ]
+        });
+        Ok(config)
+    };
+    let west = start(&group(dead_address()?)?)?;
+
+    let mut client = TcpStream::connect(address(&west, "egress-web")?).await?;
+    assert_eq!(round_trip(&mut client, b"via east").await?, b"via east");
+    let egress = stats(&west, "egress-web");
+    assert_eq!(egress.upstream_connect_failures, 0);
+    assert_eq!(
+        egress.handshake_failure_reasons.get("upstream_tls"),
+        Some(&1)
+    );
+    assert_eq!(egress.peer_identities.get(EAST_GW), Some(&1));
+    drop(client);
+
+    let local = echo_backend().await?;
+    west.apply(group(local)?.to_string().as_bytes())?;
+    let mut client = TcpStream::connect(address(&west, "egress-web")?).await?;
+    assert_eq!(round_trip(&mut client, b"local").await?, b"local");
+    // Served locally: no further peer connection.
+    assert_eq!(
+        stats(&west, "egress-web").peer_identities.get(EAST_GW),
+        Some(&1)
+    );
     Ok(())
 }
 

@@ -43,12 +43,8 @@ pub(crate) struct Listener {
     pub(crate) mode: Mode,
     /// passthrough, terminate
     pub(crate) routes: Option<Vec<Route>>,
-    /// originate
+    /// originate: the cluster to dial; its endpoints say how (plain or mTLS).
     pub(crate) cluster: Option<String>,
-    /// originate
-    pub(crate) sni: Option<String>,
-    /// originate
-    pub(crate) peer_spiffe_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -135,7 +131,8 @@ pub(crate) struct Cluster {
     pub(crate) health_check: Option<HealthCheck>,
     #[serde(default)]
     pub(crate) circuit_breaker: CircuitBreaker,
-    /// Re-encrypt: connect to the endpoints over mTLS (terminate routes only).
+    /// Connect to the endpoints over mTLS (terminate and originate only);
+    /// an endpoint's own `tls` takes precedence.
     pub(crate) tls: Option<UpstreamTls>,
 }
 
@@ -148,6 +145,10 @@ pub(crate) struct Endpoint {
     /// Locality priority: 0 = local, then 1, 2, ... in failover order.
     #[serde(default)]
     pub(crate) priority: u32,
+    /// mTLS to this endpoint (a peer gateway), overriding the cluster's:
+    /// one failover cluster mixes plain local endpoints and the gateways of
+    /// several peers, each with its own SNI and SPIFFE ID.
+    pub(crate) tls: Option<UpstreamTls>,
 }
 
 /// Passive health: eject an endpoint after consecutive connect failures.
@@ -201,7 +202,7 @@ pub(crate) struct CircuitBreaker {
     pub(crate) max_pending: Option<u32>,
 }
 
-/// mTLS to a cluster's endpoints with the gateway's identity.
+/// mTLS to an endpoint with the gateway's identity.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpstreamTls {

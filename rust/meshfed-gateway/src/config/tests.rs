@@ -36,12 +36,12 @@ fn good() -> Value {
             {"name": "ingress-mtls", "address": "127.0.0.1:0", "mode": "terminate",
              "routes": [{"sni": SNI, "cluster": "web", "allow": ["spiffe://west.mesh/*"]}]},
             {"name": "egress-web", "address": "127.0.0.1:0", "mode": "originate",
-             "cluster": "east-gateway", "sni": SNI,
-             "peer_spiffe_id": "spiffe://east.mesh/ns/meshfed-system/sa/gateway"}
+             "cluster": "east-gateway"}
         ],
         "clusters": [
             {"name": "web", "endpoints": [{"address": "127.0.0.1:8080"}], "connect_timeout_ms": 5000},
-            {"name": "east-gateway", "endpoints": [{"address": "127.0.0.1:15443", "weight": 3}]}
+            {"name": "east-gateway", "endpoints": [{"address": "127.0.0.1:15443", "weight": 3,
+             "tls": {"sni": SNI, "peer_spiffe_id": "spiffe://east.mesh/ns/meshfed-system/sa/gateway"}}]}
         ]
     })
 }
@@ -133,15 +133,17 @@ fn rejections_name_the_field() {
         "only terminate routes",
     );
     rejects(
-        |d| d["listeners"][0]["peer_spiffe_id"] = json!("spiffe://east.mesh/x"),
-        "listeners[0].peer_spiffe_id",
+        |d| d["listeners"][0]["cluster"] = json!("web"),
+        "listeners[0].cluster",
         "only for originate listeners",
     );
     rejects(
         |d| {
-            d["listeners"][2].as_object_mut().map(|l| l.remove("sni"));
+            d["listeners"][2]
+                .as_object_mut()
+                .map(|l| l.remove("cluster"));
         },
-        "listeners[2].sni",
+        "listeners[2].cluster",
         "required for originate listeners",
     );
     rejects(
@@ -182,14 +184,18 @@ fn rejections_name_the_field() {
         "listeners[1].routes[0].allow[1]",
         "trust domain",
     );
+    const PEER_TLS: &str = "clusters[1].endpoints[0].tls";
     rejects(
-        |d| d["listeners"][2]["peer_spiffe_id"] = json!("spiffe://north.mesh/sa/gw"),
-        "listeners[2].peer_spiffe_id",
+        |d| {
+            d["clusters"][1]["endpoints"][0]["tls"]["peer_spiffe_id"] =
+                json!("spiffe://north.mesh/sa/gw")
+        },
+        &format!("{PEER_TLS}.peer_spiffe_id"),
         "no trust bundle for trust domain \"north.mesh\"",
     );
     rejects(
-        |d| d["listeners"][2]["peer_spiffe_id"] = json!("east.mesh/gw"),
-        "listeners[2].peer_spiffe_id",
+        |d| d["clusters"][1]["endpoints"][0]["tls"]["peer_spiffe_id"] = json!("east.mesh/gw"),
+        &format!("{PEER_TLS}.peer_spiffe_id"),
         "spiffe://",
     );
     rejects(
@@ -198,13 +204,23 @@ fn rejections_name_the_field() {
         "no cluster named",
     );
     rejects(
-        |d| d["listeners"][2]["sni"] = json!("bad sni!"),
-        "listeners[2].sni",
+        |d| d["clusters"][1]["endpoints"][0]["tls"]["sni"] = json!("bad sni!"),
+        &format!("{PEER_TLS}.sni"),
         "not a valid TLS server name",
     );
     rejects(
         |d| {
             d.as_object_mut().map(|o| o.remove("identity"));
+        },
+        PEER_TLS,
+        "\"identity\" is missing",
+    );
+    rejects(
+        |d| {
+            d.as_object_mut().map(|o| o.remove("identity"));
+            d["clusters"][1]["endpoints"][0]
+                .as_object_mut()
+                .map(|e| e.remove("tls"));
         },
         "listeners[1].mode",
         "\"identity\" is missing",
@@ -281,11 +297,14 @@ fn data_plane_fields_compile() {
     });
     doc["clusters"][1]["lb"] = json!("least_request");
     doc["clusters"].as_array_mut().unwrap().push(json!({
+        "name": "web-canary", "endpoints": [{"address": "127.0.0.1:8082"}]
+    }));
+    doc["clusters"].as_array_mut().unwrap().push(json!({
         "name": "web-tls", "endpoints": [{"address": "127.0.0.1:9443"}],
         "tls": {"sni": "web.default.svc", "peer_spiffe_id": "spiffe://east.mesh/ns/default/sa/web"}
     }));
     doc["listeners"][0]["routes"][0] = json!({"sni": SNI, "weighted_clusters": [
-        {"cluster": "web", "weight": 90}, {"cluster": "east-gateway", "weight": 10}],
+        {"cluster": "web", "weight": 90}, {"cluster": "web-canary", "weight": 10}],
         "rate_limit": {"connections_per_second": 100.0, "burst": 20}});
     doc["listeners"][1]["routes"][0] = json!({"sni": SNI, "cluster": "web-tls",
         "allow": ["spiffe://west.mesh/*"], "proxy_protocol": true,
@@ -296,7 +315,54 @@ fn data_plane_fields_compile() {
     assert_eq!(web.idle_timeout, None);
     assert_eq!(web.endpoints[1].priority, 1);
     assert_eq!(web.max_pending, Some(10));
-    assert!(config.clusters["web-tls"].tls.is_some());
+    assert!(config.clusters["web-tls"].encrypts());
+    assert!(!config.clusters["web"].encrypts());
+}
+
+/// A failover group: plain local endpoints first, then two peer gateways,
+/// each reached with its own SNI and pinned SPIFFE ID.
+#[test]
+fn endpoints_carry_their_own_tls() {
+    let mut doc = good();
+    let east_gw = "spiffe://east.mesh/ns/meshfed-system/sa/gateway";
+    let west_gw = "spiffe://west.mesh/ns/meshfed-system/sa/gateway";
+    doc["clusters"][1] = json!({
+        "name": "east-gateway",
+        "tls": {"sni": "cluster-default.east.mesh", "peer_spiffe_id": east_gw},
+        "endpoints": [
+            {"address": "127.0.0.1:8080", "priority": 0, "tls": null},
+            {"address": "127.0.0.1:15443", "priority": 1},
+            {"address": "127.0.0.1:15444", "priority": 1},
+            {"address": "127.0.0.1:16443", "priority": 2,
+             "tls": {"sni": "web.west.mesh", "peer_spiffe_id": west_gw}}
+        ]
+    });
+    let config = compile_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+    let endpoints = &config.clusters["east-gateway"].endpoints;
+    let tls: Vec<Option<&UpstreamTlsSpec>> = endpoints.iter().map(|e| e.tls.as_deref()).collect();
+    // `"tls": null` is the same as leaving it out: the cluster's setting applies.
+    let peers: Vec<Option<&str>> = tls.iter().map(|t| t.map(|t| t.peer.as_str())).collect();
+    assert_eq!(
+        peers,
+        [Some(east_gw), Some(east_gw), Some(east_gw), Some(west_gw)]
+    );
+    let [Some(a), Some(b), _, Some(west)] = tls.as_slice() else {
+        panic!("every endpoint here has tls");
+    };
+    assert_eq!(west.server_name.to_str(), "web.west.mesh");
+    // One client config per peer ID: its session cache serves every endpoint of that peer.
+    assert!(Arc::ptr_eq(&a.config, &b.config));
+    assert!(!Arc::ptr_eq(&a.config, &west.config));
+
+    // Without cluster-level tls, endpoints without their own are plain.
+    doc["clusters"][1].as_object_mut().map(|c| c.remove("tls"));
+    let config = compile_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+    let plain: Vec<bool> = config.clusters["east-gateway"]
+        .endpoints
+        .iter()
+        .map(|e| e.tls.is_none())
+        .collect();
+    assert_eq!(plain, [true, true, true, false]);
 }
 
 #[test]
@@ -360,6 +426,11 @@ fn data_plane_rejections_name_the_field() {
             d["clusters"][0]["tls"] =
                 json!({"sni": "web", "peer_spiffe_id": "spiffe://east.mesh/x"})
         },
+        "listeners[0].routes[0]",
+        "passthrough forwards the client's TLS untouched",
+    );
+    rejects(
+        |d| d["listeners"][0]["routes"][0]["cluster"] = json!("east-gateway"),
         "listeners[0].routes[0]",
         "passthrough forwards the client's TLS untouched",
     );

@@ -7,19 +7,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ServerConfig};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::timeout;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsAcceptor;
 
 use super::balancer;
 use super::counting::{Counted, Sinks};
 use super::limits::RouteState;
 use super::stats::{ConnectionGuard, HandshakeFailure, ListenerStats, inc};
-use super::upstream::{self, ClusterState, ConnectError, Lease, Previous, now_ms};
+use super::upstream::{self, ClusterState, ConnectError, Dial, Lease, Previous, Upstream, now_ms};
 use crate::client_hello::{self, HelloError, Parsed};
 use crate::config::{
     ClusterSpec, CompiledConfig, ListenerMode, RouteSpec, SniRouter, TerminateRoute,
@@ -107,14 +106,6 @@ enum ConnError {
     HandshakeTimeout(Duration),
     #[error("TLS handshake with client failed: {0}")]
     ServerHandshake(io::Error),
-    #[error(
-        "TLS handshake with {address} failed: {source} — does it present {peer} signed by its trust bundle?"
-    )]
-    ClientHandshake {
-        address: SocketAddr,
-        peer: SpiffeId,
-        source: io::Error,
-    },
     #[error("client sent no SNI")]
     NoSni,
     #[error("no route for SNI {0:?}")]
@@ -156,28 +147,20 @@ pub(crate) async fn serve(
     stats: Arc<ListenerStats>,
 ) {
     let _guard = ConnectionGuard::open(stats.clone());
+    // Each mode's future is boxed on its own: a connection's task is as large
+    // as its largest state, and the TLS handshake states of terminate and
+    // originate are kilobytes a passthrough connection must not carry.
     let result = match snapshot.config.listener(&listener) {
         None => Err(ConnError::ListenerGone),
         Some(spec) => match &spec.mode {
             ListenerMode::Passthrough { routes } => {
-                passthrough(client, peer, routes, &snapshot, &stats).await
+                Box::pin(passthrough(client, peer, routes, &snapshot, &stats)).await
             }
             ListenerMode::Terminate { routes, tls } => {
-                terminate(client, peer, routes, tls, &snapshot, &stats).await
+                Box::pin(terminate(client, peer, routes, tls, &snapshot, &stats)).await
             }
-            ListenerMode::Originate {
-                cluster,
-                server_name,
-                peer: peer_id,
-                tls,
-            } => {
-                let target = OriginateTarget {
-                    cluster,
-                    server_name,
-                    peer: peer_id,
-                    tls,
-                };
-                originate(client, peer, target, &snapshot, &stats).await
+            ListenerMode::Originate { cluster } => {
+                Box::pin(originate(client, peer, cluster, &snapshot, &stats)).await
             }
         },
     };
@@ -210,14 +193,30 @@ async fn passthrough(
         .ok_or_else(|| ConnError::NoRoute(sni.clone()))
         .inspect_err(|_| inc(&stats.no_route))?;
     let route_state = admit(snapshot, route, None, None, stats)?;
-    let (spec, mut upstream, lease) = connect(snapshot, route, peer, stats).await?;
+    let dial = Dial {
+        preamble: &[],
+        handshake_timeout: limit,
+        stats,
+    };
+    let (spec, upstream, lease) = connect(snapshot, route, peer, &dial).await?;
+    // Passthrough routes never reach a cluster that encrypts (checked at compile).
+    let Upstream::Plain(mut upstream) = upstream else {
+        return Err(ConnError::Io(io::Error::other(
+            "passthrough route reached an mTLS endpoint",
+        )));
+    };
     upstream.write_all(&hello).await?;
     let sinks = sinks(stats, route_state, &lease);
     sinks.up(hello.len() as u64);
     drop(hello);
     // Both ends are plain TCP: splice with buffers that exist only while bytes flow.
-    let copy = splice(client, upstream, &sinks);
-    watch_idle(copy, spec.idle_timeout, &sinks, stats).await
+    watch_idle(
+        || splice(client, upstream, &sinks),
+        spec.idle_timeout,
+        &sinks,
+        stats,
+    )
+    .await
 }
 
 /// Reads until the buffered bytes hold a complete ClientHello; returns all
@@ -290,101 +289,50 @@ async fn terminate(
         Some(caller.as_str()),
         stats,
     )?;
-    let (spec, mut upstream, lease) = connect(snapshot, &route.route, peer, stats).await?;
-    if route.proxy_protocol {
-        let header = proxy_protocol::encode_v2(peer, local, Some(&sni), Some(caller.as_str()))?;
-        upstream.write_all(&header).await?;
-    }
+    let header = if route.proxy_protocol {
+        proxy_protocol::encode_v2(peer, local, Some(&sni), Some(caller.as_str()))?
+    } else {
+        Vec::new()
+    };
+    let dial = Dial {
+        preamble: &header,
+        handshake_timeout: limit,
+        stats,
+    };
+    let (spec, upstream, lease) = connect(snapshot, &route.route, peer, &dial).await?;
     let sinks = sinks(stats, route_state, &lease);
     let client = Counted::new(tls_stream, sinks.clone());
-    let idle = spec.idle_timeout;
-    match &spec.tls {
-        None => proxy(client, upstream, idle, &sinks, stats).await,
-        Some(up) => {
-            let secured = secure_upstream(
-                upstream,
-                &up.config,
-                &up.server_name,
-                &up.peer,
-                lease.address,
-                limit,
-                stats,
-            )
-            .await?;
-            proxy(client, secured, idle, &sinks, stats).await
-        }
-    }
+    proxy_to(client, upstream, spec.idle_timeout, &sinks, stats).await
 }
 
-/// The cluster and TLS settings of an originate listener.
-struct OriginateTarget<'a> {
-    cluster: &'a str,
-    server_name: &'a ServerName<'static>,
-    peer: &'a SpiffeId,
-    tls: &'a Arc<ClientConfig>,
-}
-
-/// Opens mTLS to a peer gateway of `cluster` and forwards the client's
-/// plain bytes through it.
+/// Connects to `cluster` (mTLS to peer gateways, plain to local endpoints)
+/// and forwards the client's plain bytes.
 async fn originate(
     client: TcpStream,
     source: SocketAddr,
-    target: OriginateTarget<'_>,
+    cluster: &str,
     snapshot: &Snapshot,
     stats: &Arc<ListenerStats>,
 ) -> Result<(u64, u64), ConnError> {
-    let limit = snapshot.config.handshake_timeout;
     let (spec, state) = snapshot
-        .cluster(target.cluster)
-        .ok_or_else(|| ConnError::UnknownCluster(target.cluster.to_owned()))
+        .cluster(cluster)
+        .ok_or_else(|| ConnError::UnknownCluster(cluster.to_owned()))
         .inspect_err(|_| inc(&stats.upstream_connect_failures))?;
-    let (upstream, lease) = upstream::connect(spec, state, source.ip())
+    let dial = Dial {
+        preamble: &[],
+        handshake_timeout: snapshot.config.handshake_timeout,
+        stats,
+    };
+    let (upstream, lease) = upstream::connect(spec, state, source.ip(), &dial)
         .await
         .map_err(ConnError::from)
         .inspect_err(|e| count_connect_error(e, stats))?;
-    let sinks = sinks(stats, None, &lease);
-    let secured = secure_upstream(
-        upstream,
-        target.tls,
-        target.server_name,
-        target.peer,
-        lease.address,
-        limit,
-        stats,
-    )
-    .await?;
-    stats.record_peer(target.peer.as_str());
-    let client = Counted::new(client, sinks.clone());
-    proxy(client, secured, spec.idle_timeout, &sinks, stats).await
-}
-
-/// Opens mTLS over `upstream` to a peer that must present `peer`'s SVID,
-/// within the handshake limit; failures are counted and say what to check.
-async fn secure_upstream(
-    upstream: TcpStream,
-    config: &Arc<ClientConfig>,
-    server_name: &ServerName<'static>,
-    peer: &SpiffeId,
-    address: SocketAddr,
-    limit: Duration,
-    stats: &ListenerStats,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnError> {
-    let connect = TlsConnector::from(config.clone()).connect(server_name.clone(), upstream);
-    match timeout(limit, connect).await {
-        Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(source)) => {
-            stats.handshake_failed(HandshakeFailure::UpstreamTls);
-            Err(ConnError::ClientHandshake {
-                address,
-                peer: peer.clone(),
-                source,
-            })
-        }
-        Err(_) => {
-            stats.handshake_failed(HandshakeFailure::Timeout);
-            Err(ConnError::HandshakeTimeout(limit))
-        }
+    if let Some(tls) = spec.endpoints.get(lease.index).and_then(|e| e.tls.as_ref()) {
+        stats.record_peer(tls.peer.as_str());
     }
+    let sinks = sinks(stats, None, &lease);
+    let client = Counted::new(client, sinks.clone());
+    proxy_to(client, upstream, spec.idle_timeout, &sinks, stats).await
 }
 
 /// Counts a route connection and applies its rate limits.
@@ -423,17 +371,17 @@ async fn connect<'s>(
     snapshot: &'s Snapshot,
     route: &RouteSpec,
     source: SocketAddr,
-    stats: &ListenerStats,
-) -> Result<(&'s ClusterSpec, TcpStream, Lease), ConnError> {
+    dial: &Dial<'_>,
+) -> Result<(&'s ClusterSpec, Upstream, Lease), ConnError> {
     let name = route.target.pick(balancer::random());
     let result = match snapshot.cluster(name) {
         None => Err(ConnError::UnknownCluster(name.to_owned())),
-        Some((spec, state)) => upstream::connect(spec, state, source.ip())
+        Some((spec, state)) => upstream::connect(spec, state, source.ip(), dial)
             .await
             .map(|(stream, lease)| (spec, stream, lease))
             .map_err(ConnError::from),
     };
-    result.inspect_err(|e| count_connect_error(e, stats))
+    result.inspect_err(|e| count_connect_error(e, dial.stats))
 }
 
 fn count_connect_error(e: &ConnError, stats: &ListenerStats) {
@@ -452,6 +400,23 @@ fn sinks(stats: &Arc<ListenerStats>, route: Option<Arc<RouteState>>, lease: &Lea
     }
 }
 
+/// [`proxy`] to whichever kind of upstream connection was established.
+async fn proxy_to<A>(
+    client: A,
+    upstream: Upstream,
+    idle: Option<Duration>,
+    sinks: &Sinks,
+    stats: &ListenerStats,
+) -> Result<(u64, u64), ConnError>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+{
+    match upstream {
+        Upstream::Plain(stream) => proxy(client, stream, idle, sinks, stats).await,
+        Upstream::Tls(stream) => proxy(client, stream, idle, sinks, stats).await,
+    }
+}
+
 /// Copies both ways with bounded buffers until either side closes, or
 /// until no byte has moved for `idle`.
 async fn proxy<A, B>(
@@ -465,34 +430,42 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let copy = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        COPY_BUFFER,
-        COPY_BUFFER,
-    );
+    let ends = (&mut client, &mut upstream);
+    let copy = move || {
+        let (client, upstream) = ends;
+        tokio::io::copy_bidirectional_with_sizes(client, upstream, COPY_BUFFER, COPY_BUFFER)
+    };
     watch_idle(copy, idle, sinks, stats).await
 }
 
 /// Runs `copy` to its end, unless no byte moves either way for `idle`.
-async fn watch_idle(
-    copy: impl Future<Output = io::Result<(u64, u64)>>,
+///
+/// Takes a function that makes the copy, not the copy itself: a future
+/// passed by value and then pinned occupies this frame twice (the compiler
+/// does not reuse a moved-from slot), and the frame lives as long as the
+/// connection.
+async fn watch_idle<F>(
+    copy: impl FnOnce() -> F,
     idle: Option<Duration>,
     sinks: &Sinks,
     stats: &ListenerStats,
-) -> Result<(u64, u64), ConnError> {
+) -> Result<(u64, u64), ConnError>
+where
+    F: Future<Output = io::Result<(u64, u64)>>,
+{
     let Some(idle) = idle else {
-        return Ok(copy.await?);
+        return Ok(copy().await?);
     };
+    let copying = std::pin::pin!(copy());
     // Count inside the idle branch's future: select! drops the copy (and with
     // it the sockets it owns) before a branch body runs, and the count must be
     // visible by the time the client sees the close.
-    let idle_out = async {
+    let idle_out = std::pin::pin!(async {
         idle_watch(&sinks.activity, idle).await;
         inc(&stats.idle_timeouts);
-    };
+    });
     tokio::select! {
-        result = copy => Ok(result?),
+        result = copying => Ok(result?),
         () = idle_out => Err(ConnError::Idle(idle)),
     }
 }
@@ -524,27 +497,57 @@ async fn pump(
     let mut buf: Vec<u8> = Vec::new();
     loop {
         reader.readable().await?;
-        if buf.is_empty() {
-            buf = vec![0; size];
+        if buf.capacity() == 0 {
+            // Uninitialised capacity: `try_read_buf` fills it without zeroing first.
+            buf = Vec::with_capacity(size);
         }
-        match reader.try_read(&mut buf) {
-            Ok(0) => {
+        buf.clear();
+        match read_drained(&reader, &mut buf) {
+            Ok((0, _)) => {
                 writer.shutdown().await?;
                 return Ok(total);
             }
-            Ok(n) => {
-                writer.write_all(buf.get(..n).unwrap_or_default()).await?;
+            Ok((n, drained)) => {
+                writer.write_all(&buf).await?;
                 count(n as u64);
                 total += n as u64;
-                if n == buf.len() && size < SPLICE_MAX_BUFFER {
+                if drained {
+                    // The peer is quiet for now: hand the buffer back until it speaks.
+                    buf = Vec::new();
+                } else if size < SPLICE_MAX_BUFFER {
                     size *= 2;
                     buf = Vec::new();
                 }
             }
-            // Nothing more for now: hand the buffer back while the peer is quiet.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf = Vec::new(),
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Reads what the socket holds into `buf`'s spare capacity; returns the
+/// count and whether the socket is now drained.
+///
+/// A read that returns less than asked leaves nothing in the receive queue
+/// (HAProxy relies on the same fact), so the socket's readiness is cleared
+/// here rather than by a second `recv` that would only say `EAGAIN`: one
+/// syscall less per message and direction. Tokio clears readiness only if
+/// no new readiness event arrived since this one, so a byte landing right
+/// after the read still wakes the next `readable()`, and end of stream
+/// stays visible (closed readiness is never cleared).
+fn read_drained(reader: &OwnedReadHalf, buf: &mut Vec<u8>) -> io::Result<(usize, bool)> {
+    let mut read = 0;
+    let result = reader.as_ref().try_io(Interest::READABLE, || {
+        read = reader.try_read_buf(buf)?;
+        if read > 0 && buf.len() < buf.capacity() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(read)
+    });
+    match result {
+        Ok(n) => Ok((n, false)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && read > 0 => Ok((read, true)),
+        Err(e) => Err(e),
     }
 }
 

@@ -11,11 +11,14 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use super::balancer::{self, MAGLEV_TABLE_SIZE};
-use super::stats::{Histogram, HistogramSnapshot, inc};
-use crate::config::{ClusterSpec, EndpointSpec, Lb};
+use super::stats::{HandshakeFailure, Histogram, HistogramSnapshot, ListenerStats, inc};
+use crate::config::{ClusterSpec, EndpointSpec, Lb, UpstreamTlsSpec};
 
 /// Decay time constant of the peak EWMA (linkerd2-proxy uses 10 s).
 const EWMA_DECAY: Duration = Duration::from_secs(10);
@@ -509,7 +512,8 @@ impl Drop for Gauge<'_> {
 /// The accounting of an open upstream connection: keeps the cluster and
 /// endpoint gauges up while alive and records its duration when dropped.
 pub(crate) struct Lease {
-    pub(crate) address: SocketAddr,
+    /// Index of the endpoint in the cluster spec.
+    pub(crate) index: usize,
     pub(crate) shared: Arc<ClusterShared>,
     endpoint: Arc<EndpointState>,
     opened: Instant,
@@ -523,15 +527,35 @@ impl Drop for Lease {
     }
 }
 
+/// An established upstream connection: plain TCP, or mTLS to a peer gateway.
+pub(crate) enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// How to open a connection beyond TCP.
+pub(crate) struct Dial<'a> {
+    /// Bytes written before anything else (a PROXY protocol header), ahead
+    /// of the TLS handshake when the endpoint is reached over mTLS.
+    pub(crate) preamble: &'a [u8],
+    /// Limit on an upstream TLS handshake.
+    pub(crate) handshake_timeout: Duration,
+    /// Where upstream handshake failures are counted.
+    pub(crate) stats: &'a ListenerStats,
+}
+
 /// Connects to an endpoint of `cluster` for a client at `source`: checks the
-/// circuit breaker, picks by policy, and on refusal or timeout retries
-/// another endpoint (nothing has been sent yet, so retrying is safe), up to
-/// every endpoint once.
+/// circuit breaker, picks by policy, opens TCP and, where the endpoint asks,
+/// mTLS. A refused or timed-out connect or a failed handshake is retried on
+/// another endpoint (no client byte has been sent yet, so retrying is safe),
+/// up to every endpoint once; each failure counts toward outlier ejection,
+/// so a failover group moves on from a peer gateway that refuses us.
 pub(crate) async fn connect(
     spec: &ClusterSpec,
     state: &ClusterState,
     source: IpAddr,
-) -> Result<(TcpStream, Lease), ConnectError> {
+    dial: &Dial<'_>,
+) -> Result<(Upstream, Lease), ConnectError> {
     let shared = &state.shared;
     let open = |what, limit: Option<u64>, gauge: &AtomicU64| match limit {
         Some(limit) if gauge.load(Ordering::Relaxed) >= limit => {
@@ -556,28 +580,20 @@ pub(crate) async fn connect(
             break;
         };
         tried.push(index);
-        let Some(endpoint) = state.endpoints.get(index) else {
+        let (Some(endpoint), Some(endpoint_spec)) =
+            (state.endpoints.get(index), spec.endpoints.get(index))
+        else {
             continue;
         };
         let address = endpoint.address;
         let started = Instant::now();
-        let result = tokio::time::timeout(spec.connect_timeout, TcpStream::connect(address))
-            .await
-            .unwrap_or_else(|_| {
-                Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("timed out after {:?}", spec.connect_timeout),
-                ))
-            });
-        match result {
+        match establish(spec, endpoint_spec, dial).await {
             Ok(stream) => {
-                // Nagle only delays a proxy's small writes.
-                let _ = stream.set_nodelay(true);
                 state.record_success(index, started.elapsed());
                 shared.active.fetch_add(1, Ordering::Relaxed);
                 endpoint.active.fetch_add(1, Ordering::Relaxed);
                 let lease = Lease {
-                    address,
+                    index,
                     shared: shared.clone(),
                     endpoint: endpoint.clone(),
                     opened: Instant::now(),
@@ -595,6 +611,68 @@ pub(crate) async fn connect(
         cluster: spec.name.clone(),
         tried: failures.join("; "),
     })
+}
+
+/// One attempt on one endpoint: TCP connect, the preamble, and the mTLS
+/// handshake if the endpoint has `tls`.
+async fn establish(
+    spec: &ClusterSpec,
+    endpoint: &EndpointSpec,
+    dial: &Dial<'_>,
+) -> io::Result<Upstream> {
+    let mut stream =
+        tokio::time::timeout(spec.connect_timeout, TcpStream::connect(endpoint.address))
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("timed out after {:?}", spec.connect_timeout),
+                ))
+            })?;
+    // Nagle only delays a proxy's small writes.
+    let _ = stream.set_nodelay(true);
+    if !dial.preamble.is_empty() {
+        stream.write_all(dial.preamble).await?;
+    }
+    match &endpoint.tls {
+        None => Ok(Upstream::Plain(stream)),
+        // Boxed: the handshake state is kilobytes that plain connections must not carry.
+        Some(tls) => Box::pin(secure(stream, tls, dial))
+            .await
+            .map(|s| Upstream::Tls(Box::new(s))),
+    }
+}
+
+/// The mTLS handshake with an endpoint that must present `tls.peer`'s SVID.
+async fn secure(
+    stream: TcpStream,
+    tls: &UpstreamTlsSpec,
+    dial: &Dial<'_>,
+) -> io::Result<TlsStream<TcpStream>> {
+    let connect = TlsConnector::from(tls.config.clone()).connect(tls.server_name.clone(), stream);
+    match tokio::time::timeout(dial.handshake_timeout, connect).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => {
+            dial.stats.handshake_failed(HandshakeFailure::UpstreamTls);
+            Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "mTLS handshake failed: {e} — does it present {} signed by its trust bundle?",
+                    tls.peer
+                ),
+            ))
+        }
+        Err(_) => {
+            dial.stats.handshake_failed(HandshakeFailure::Timeout);
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "mTLS handshake not finished within {:?} — raise handshake_timeout_ms if peers are slow",
+                    dial.handshake_timeout
+                ),
+            ))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -616,6 +694,7 @@ mod tests {
                     address: SocketAddr::from(([192, 0, 2, i as u8], 80)),
                     weight,
                     priority,
+                    tls: None,
                 })
                 .collect(),
             connect_timeout: Duration::from_secs(1),
@@ -630,7 +709,6 @@ mod tests {
             health_check: None,
             max_connections: None,
             max_pending: None,
-            tls: None,
         }
     }
 
