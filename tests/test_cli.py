@@ -165,3 +165,19 @@ def test_help_works_for_every_group():
         result = meshfed_cli(*group, "--help")
         assert result.returncode == 0, group
         assert b"Usage" in result.stdout
+
+
+def test_meshfed_up_raises_the_open_file_limit_for_many_egress_listeners():
+    """Each imported service port holds a listening socket; a soft limit of 1024 would cap the imports."""
+    script = (
+        "import resource\n"
+        "from meshfed.runtime import raise_open_file_limit\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
+        "raised = raise_open_file_limit()\n"
+        "print(raised, resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    raised, now, hard = (int(value) for value in result.stdout.split())
+    assert raised == now
+    assert now == hard or (hard == -1 and now > 256)

@@ -86,5 +86,10 @@ class Gateway:
         exclusive upper bounds; the last bucket is open-ended).
         """
 
+    def unhealthy_endpoints(self) -> dict[str, list[str]]:
+        """Endpoints (``"ip:port"``) ejected by outlier detection or failing active
+        health checks, by cluster name; clusters with none are left out. Cheap to
+        poll: it reads only health state, unlike :meth:`stats`."""
+
     def close(self) -> None:
         """Stop all listeners and the runtime. Idempotent."""

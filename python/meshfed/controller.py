@@ -49,7 +49,7 @@ CATALOG_POLL_SECONDS = 0.2
 CATALOG_RETRY_SECONDS = 2.0
 # How often the gateway's verdict on local endpoints is read; peers hear of a change at once.
 LOCAL_HEALTH_POLL_SECONDS = 0.5
-DEFAULT_HEALTH_CHECK = HealthCheck(interval_ms=2_000, timeout_ms=1_000, healthy_threshold=2, unhealthy_threshold=2)
+DEFAULT_HEALTH_CHECK = HealthCheck(interval_ms=5_000, timeout_ms=1_000, healthy_threshold=2, unhealthy_threshold=2)
 
 PeerTrustDomains = Callable[[], Mapping[str, TrustDomain]]
 FailingPeerPolicy = Literal["open", "closed"]
@@ -416,14 +416,14 @@ class Controller:
                 listener()
 
     def _unhealthy_local_endpoints(self) -> UnhealthyEndpoints:
+        if self._gateway is None:
+            return self._unhealthy
         services = {local_cluster_name(service): service.key for service in self._applied_exports.catalog.services}
-        clusters: Mapping[str, Any] = self.gateway_stats().get("clusters", {})
         return frozenset(
             (*services[name], address)
-            for name, cluster in clusters.items()
+            for name, addresses in self._gateway.unhealthy_endpoints().items()
             if name in services
-            for address, endpoint in cluster.get("endpoints", {}).items()
-            if not endpoint.get("healthy", True)
+            for address in addresses
         )
 
     def egress_addresses(self) -> dict[str, tuple[str, int]]:

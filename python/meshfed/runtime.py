@@ -7,7 +7,9 @@ peering stream, imports and peer bundles flow back into the gateway.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import resource
 from dataclasses import dataclass
 
 from fastapi import FastAPI
@@ -44,6 +46,20 @@ class ZoneSettings:
     failing_peer_grace: dt.timedelta = dt.timedelta(minutes=5)
     failing_peer_policy: FailingPeerPolicy = "open"
     health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK  # active checks of local endpoints; None: catalog only
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's open-file limit to its hard limit; returns the new soft limit.
+
+    Every imported service port is an egress listener, one file descriptor each;
+    the usual soft limit of 1024 would cap a zone at about a thousand imports.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def health_check_every(interval: dt.timedelta) -> HealthCheck | None:

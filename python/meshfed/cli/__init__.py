@@ -93,7 +93,7 @@ def up(
         typer.Option(
             help="Active TCP checks of local endpoints; two failures in a row mark one unhealthy for peers. 0s = off."
         ),
-    ] = "2s",
+    ] = "5s",
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     log_format: Annotated[str, typer.Option(help="json (one object per line, with trace ids) or text.")] = "json",
 ) -> None:

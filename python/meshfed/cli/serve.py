@@ -9,7 +9,7 @@ import uvicorn
 
 from meshfed.errors import MeshfedError
 from meshfed.logs import configure_logging
-from meshfed.runtime import ZoneSettings, assemble_zone
+from meshfed.runtime import ZoneSettings, assemble_zone, raise_open_file_limit
 from meshfed.zone import Zone
 
 
@@ -17,6 +17,7 @@ def serve_zone(zone: Zone, settings: ZoneSettings, *, api_address: str, log_leve
     """Start the zone (errors surface as one line), then serve the API until a signal."""
     host, port = split_address(api_address, "--api-address")
     configure_logging(log_level, json=json_logs)
+    raise_open_file_limit()
     asyncio.run(_serve(zone, settings, host, port, log_level))
 
 

@@ -58,6 +58,10 @@ class Gateway:
         stats: dict[str, Any] = orjson.loads(self._core.stats())
         return stats
 
+    def unhealthy_endpoints(self) -> dict[str, list[str]]:
+        """Endpoints (``ip:port``) the data plane sees failing, by cluster; cheap enough to poll."""
+        return self._core.unhealthy_endpoints()
+
     def close(self) -> None:
         """Stop every listener and the data-plane runtime. Safe to call twice."""
         self._core.close()

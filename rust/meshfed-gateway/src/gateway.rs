@@ -29,8 +29,8 @@ use crate::config::{CompiledConfig, ConfigError};
 pub use self::stats::{HistogramSnapshot, ListenerSnapshot, RouteSnapshot};
 pub use self::upstream::{ClusterSnapshot, EndpointSnapshot};
 
-/// Worker threads of the data-plane runtime.
-const WORKER_THREADS: usize = 2;
+/// Overrides the number of data-plane worker threads.
+pub const WORKER_THREADS_ENV: &str = "MESHFED_GATEWAY_WORKER_THREADS";
 /// How long `shutdown()` waits for tasks to stop.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after a failed `accept()` (e.g. out of file descriptors).
@@ -112,6 +112,19 @@ impl RunningListener {
     }
 }
 
+/// One worker per CPU this process may run on (its affinity mask and cgroup
+/// quota, as HAProxy and Envoy size themselves), unless
+/// [`WORKER_THREADS_ENV`] says otherwise. More workers than CPUs only adds
+/// cross-thread wake-ups to every message.
+fn worker_threads() -> usize {
+    std::env::var(WORKER_THREADS_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
+        .unwrap_or(1)
+}
+
 impl Gateway {
     /// Compiles `config_json`, starts the runtime and binds every listener.
     pub fn start(config_json: &[u8]) -> Result<Self, GatewayError> {
@@ -121,7 +134,7 @@ impl Gateway {
     /// Starts the gateway with an already compiled config.
     pub fn start_compiled(config: CompiledConfig) -> Result<Self, GatewayError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(WORKER_THREADS)
+            .worker_threads(worker_threads())
             .thread_name_fn(|| {
                 static NEXT: AtomicUsize = AtomicUsize::new(0);
                 format!("meshfed-gw-{}", NEXT.fetch_add(1, Ordering::Relaxed))
@@ -183,6 +196,28 @@ impl Gateway {
             .filter_map(|(name, state)| {
                 let spec = snapshot.config.clusters.get(name)?;
                 Some((name.clone(), state.snapshot(spec)))
+            })
+            .collect()
+    }
+
+    /// The endpoints that are unhealthy now (ejected by outlier detection or
+    /// failing active health checks), by cluster name; clusters with none
+    /// are left out. Cheap enough to poll often, unlike [`Self::stats_json`]
+    /// on a gateway with thousands of clusters.
+    pub fn unhealthy_endpoints(&self) -> BTreeMap<String, Vec<SocketAddr>> {
+        let snapshot = self.snapshot.load();
+        let now = upstream::now_ms();
+        snapshot
+            .clusters
+            .iter()
+            .filter_map(|(name, state)| {
+                let down: Vec<SocketAddr> = state
+                    .endpoints
+                    .iter()
+                    .filter(|e| !e.healthy(now))
+                    .map(|e| e.address)
+                    .collect();
+                (!down.is_empty()).then(|| (name.clone(), down))
             })
             .collect()
     }

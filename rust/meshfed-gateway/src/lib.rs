@@ -23,7 +23,7 @@ mod tls;
 pub use config::{CompiledConfig, ConfigError, validate_config};
 pub use gateway::{
     ClusterSnapshot, EndpointSnapshot, Gateway, GatewayError, HistogramSnapshot, ListenerSnapshot,
-    RouteSnapshot,
+    RouteSnapshot, WORKER_THREADS_ENV,
 };
 pub use spiffe::{SpiffeError, SpiffeId, SpiffePattern, TrustDomain};
 pub use tls::{SvidError, spiffe_id_of};

@@ -465,6 +465,10 @@ async fn active_health_check_takes_a_dead_endpoint_out() -> TestResult {
         doc["clusters"]["web"]["endpoints"][live.to_string()]["healthy"],
         true
     );
+    // The cheap view the control plane polls says the same.
+    let unhealthy = gateway.unhealthy_endpoints();
+    assert_eq!(unhealthy.get("web"), Some(&vec![dead]));
+    assert_eq!(unhealthy.len(), 1);
     Ok(())
 }
 

@@ -82,6 +82,15 @@ impl Gateway {
         PyBytes::new(py, self.inner.stats_json().as_bytes())
     }
 
+    /// Unhealthy endpoints ("ip:port") by cluster name; healthy clusters are left out.
+    fn unhealthy_endpoints(&self) -> BTreeMap<String, Vec<String>> {
+        self.inner
+            .unhealthy_endpoints()
+            .into_iter()
+            .map(|(name, down)| (name, down.iter().map(ToString::to_string).collect()))
+            .collect()
+    }
+
     /// Stops all listeners and the runtime. Idempotent.
     fn close(&self, py: Python<'_>) {
         py.detach(|| self.inner.shutdown());

@@ -17,6 +17,10 @@
 //!   Without it a one-line summary goes to stderr.
 //! - `--check` — compile the config and exit (0 if valid) without binding.
 //!
+//! The data plane runs one worker thread per CPU the process may use (its
+//! affinity mask, e.g. `taskset`, and cgroup quota);
+//! `MESHFED_GATEWAY_WORKER_THREADS=N` sets another number.
+//!
 //! The process runs until SIGTERM or SIGINT (default disposition: the kernel
 //! closes every socket). Exit codes: 0 on `--help`/`--version`/a good
 //! `--check`; 2 on a usage error, an unreadable or invalid config, or a
