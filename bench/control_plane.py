@@ -69,9 +69,10 @@ def spread(values: Sequence[float], scale: float = 1.0, unit: str = "") -> str:
     return f"n={len(values)}, min {min(values) * scale:.0f}{unit}, max {max(values) * scale:.0f}{unit}"
 
 
-def settings(heartbeat: float = 5.0) -> ZoneSettings:
+def settings(heartbeat: float = 5.0, egress_host: str = "127.0.0.1") -> ZoneSettings:
     return ZoneSettings(
         gateway_address="127.0.0.1:0",
+        egress_host=egress_host,
         egress_port_base=0,
         peering_address="127.0.0.1:0",
         establish_address="127.0.0.1:0",
@@ -270,7 +271,7 @@ async def loop_stall_monitor(record: list[float], tick: float = 0.05) -> None:
         last = now
 
 
-def run_peer(directory: str, token: str, services: int, events: Connection) -> None:
+def run_peer(directory: str, egress_host: str, token: str, services: int, events: Connection) -> None:
     """A peer zone in its own process, as in production (each peer's 10,000 egress listeners are
     10,000 descriptors: one process holding every zone would hit the open-file limit first).
 
@@ -280,11 +281,11 @@ def run_peer(directory: str, token: str, services: int, events: Connection) -> N
     """
     logging.basicConfig(level=logging.ERROR)
     raise_open_file_limit()
-    asyncio.run(_peer(Path(directory), token, services, events))
+    asyncio.run(_peer(Path(directory), egress_host, token, services, events))
 
 
-async def _peer(directory: Path, token: str, services: int, events: Connection) -> None:
-    runtime = assemble_zone(Zone.open(directory), settings())
+async def _peer(directory: Path, egress_host: str, token: str, services: int, events: Connection) -> None:
+    runtime = assemble_zone(Zone.open(directory), settings(egress_host=egress_host))
     stalls: list[float] = []
     monitor = asyncio.create_task(loop_stall_monitor(stalls))
     await runtime.controller.start()
@@ -303,6 +304,9 @@ async def _peer(directory: Path, token: str, services: int, events: Connection) 
             if "serving" not in reported:
                 bound = runtime.controller.gateway.addresses()
                 if sum(1 for listener in bound if listener.startswith("egress:")) == services:
+                    if "snapshot" not in reported:  # serving implies the imports are stored
+                        reported.add("snapshot")
+                        events.send(("snapshot", time.time(), None))
                     reported.add("serving")
                     events.send(("serving", time.time(), None))
             await asyncio.sleep(0.05)
@@ -334,10 +338,15 @@ async def bulk_sync(root: Path, services: int, timeout: float) -> SyncResult:
     monitor = asyncio.create_task(loop_stall_monitor(stalls))
     await exporter.controller.start()
     try:
-        for name in PEERS:
+        for index, name in enumerate(PEERS):
             ours, theirs = spawn.Pipe()
             token = exporter.peering.issue_token(name).encoded
-            process = spawn.Process(target=run_peer, args=(str(root / name), token, services, theirs), daemon=True)
+            # One loopback address per peer, as each would have its own host: 3 x 10,000 egress
+            # listeners on one address would exhaust its ephemeral ports (about 28,000).
+            egress_host = f"127.0.0.{index + 2}"
+            process = spawn.Process(
+                target=run_peer, args=(str(root / name), egress_host, token, services, theirs), daemon=True
+            )
             process.start()
             pipes[name] = ours
             processes.append(process)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from meshfed._core import validate_config
 from meshfed.catalog import CatalogSnapshot, Endpoint, Service
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.federation.exports import ExportIndex
-from meshfed.federation.gateway_config import build_gateway_config, failover_groups
+from meshfed.federation.failover import FailoverPolicy, failover_groups
+from meshfed.federation.gateway_config import build_gateway_config
 from meshfed.federation.imports import ImportedService
 from meshfed.gateway import Cluster, OriginateListener
 from meshfed.trust.bundle import bundle_roots_pem
@@ -16,6 +18,7 @@ from meshfed.trust.spiffe import TrustDomain
 from meshfed.zone import Zone
 from tests.conftest import ZoneFactory, gateway_identity, trust_each_other
 
+NORTH_FIRST = FailoverPolicy(order=["north"])
 GATEWAYS = {"east": "10.0.1.1:15443", "north": "10.0.2.1:15443", "south": "10.0.3.1:15443"}
 
 
@@ -42,7 +45,8 @@ def test_a_group_needs_two_sources_and_orders_peers_as_configured():
     assert failover_groups(empty, [imported("east")]) == []  # one source: the per-peer import is enough
     assert failover_groups(empty, [imported("east"), imported("north", name="api")]) == []
 
-    (group,) = failover_groups(empty, [imported("south"), imported("east"), imported("north")], order=["north"])
+    imports = [imported("south"), imported("east"), imported("north")]
+    (group,) = failover_groups(empty, imports, FailoverPolicy(order=["north"]))
     assert group.name == "web.default"
     assert group.sources == ["north", "east", "south"]  # listed first, the rest by name
     assert group.listener_name("http") == "failover:web.default:http"
@@ -58,7 +62,12 @@ def west(make_zone: ZoneFactory) -> Zone:
     return west
 
 
-def _config(west: Zone, catalog: CatalogSnapshot, imports: list[ImportedService]) -> dict[str, Cluster]:
+def _config(
+    west: Zone,
+    catalog: CatalogSnapshot,
+    imports: list[ImportedService],
+    policy: FailoverPolicy = NORTH_FIRST,
+) -> dict[str, Cluster]:
     config = build_gateway_config(
         identity=gateway_identity(west),
         trust_bundles=bundle_roots_pem([stored.bundle for stored in west.trusted_bundles()]),
@@ -69,7 +78,7 @@ def _config(west: Zone, catalog: CatalogSnapshot, imports: list[ImportedService]
         peer_trust_domains={},
         imports=imports,
         egress_address=lambda name: "127.0.0.1:0",
-        failover_order=["north"],
+        failover=policy,
     )
     validate_config(config.to_json())  # the Rust core accepts what Python builds
     listeners = {listener.name: listener for listener in config.listeners}
@@ -104,3 +113,25 @@ def test_sources_without_healthy_endpoints_leave_the_group_unless_none_is_health
         west, CatalogSnapshot(version=1, services=[]), [imported("east", healthy=0), imported("north", healthy=0)]
     ).values()
     assert [endpoint.address for endpoint in cluster.endpoints] == [GATEWAYS["north"], GATEWAYS["east"]]
+
+
+def test_a_split_tier_shares_traffic_by_weight_across_its_peers(west):
+    """``[failover] split = {east = 9, north = 1}``: one tier, 90/10, spread over each peer's gateways."""
+    east = imported("east")
+    two_gateways = east.snapshot.model_copy(update={"gateway_addresses": [GATEWAYS["east"], "10.0.1.2:15443"]})
+    east = ImportedService("east", two_gateways, east.service)
+    policy = FailoverPolicy(split={"east": 9, "north": 1})
+    (cluster,) = _config(west, CatalogSnapshot(version=1, services=[]), [east, imported("north")], policy).values()
+    assert cluster.lb == "weighted_round_robin"
+    shares = {endpoint.address: (endpoint.priority, endpoint.weight) for endpoint in cluster.endpoints}
+    # east's 9 over two gateways, north's 1 over one: the tier keeps the 9:1 ratio.
+    assert shares == {GATEWAYS["east"]: (1, 9), "10.0.1.2:15443": (1, 9), GATEWAYS["north"]: (1, 2)}
+
+    (group,) = failover_groups(CatalogSnapshot(version=1, services=[]), [east, imported("north")], policy)
+    assert group.describe() == "east 9 / north 1"
+
+
+def test_failover_policy_refuses_bad_peers_and_weights():
+    for bad in ({"order": ["East"]}, {"order": ["a", "a"]}, {"split": {"east": 0}}, {"split": {"no_pe": 1}}):
+        with pytest.raises(ValidationError, match="failover"):
+            FailoverPolicy.model_validate(bad)

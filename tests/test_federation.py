@@ -149,10 +149,21 @@ def test_stale_or_duplicate_snapshots_change_nothing(zones, echo_server):
 
 def test_egress_ports_are_kept_per_import(tmp_path):
     with ImportStore(tmp_path) as imports:
-        first = imports.egress_port("egress:a.default.east:http", 15500)
-        second = imports.egress_port("egress:b.default.east:http", 15500)
+        ports = imports.egress_ports(15500)
+        first, second = ports("egress:a.default.east:http"), ports("egress:b.default.east:http")
         assert (first, second) == (15500, 15501)
-        assert imports.egress_port("egress:a.default.east:http", 15500) == 15500
+        assert ports("egress:a.default.east:http") == 15500
+        ports.save()
+    with ImportStore(tmp_path) as imports:  # kept across restarts; new names skip the taken ports
+        ports = imports.egress_ports(15500)
+        assert ports("egress:c.default.east:http") == 15502
+        assert ports("egress:b.default.east:http") == 15501
+    with ImportStore(tmp_path) as imports:  # c was never saved: its port is free again
+        assert imports.egress_ports(15500)("egress:d.default.east:http") == 15502
+        near_the_top = imports.egress_ports(65535)
+        assert near_the_top("egress:e.default.east:http") == 65535
+        with pytest.raises(FederationError, match="no free egress port"):
+            near_the_top("egress:f.default.east:http")
 
 
 @pytest.mark.parametrize(

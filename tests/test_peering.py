@@ -7,6 +7,7 @@ Each zone is a real ``Controller`` (Rust gateway on 127.0.0.1:0) with a
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import pytest
 
 from meshfed.controller import Controller
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
-from meshfed.federation.peering import PeeringStore, PeerState, request_delete
+from meshfed.federation.peering import Peering, PeeringStore, PeerState, request_delete
 from meshfed.federation.service import PeeringService, establish
 from meshfed.zone import Zone
 from tests.conftest import eventually
@@ -268,3 +269,26 @@ def test_dialer_restart_resumes_without_replay(make_zone):
         await east.stop()
 
     run(scenario())
+
+
+def test_store_updates_write_only_the_named_columns_and_status_reads_skip_snapshots(make_zone):
+    """Heartbeats and status reads run every second; with big catalogs they must not touch the snapshots."""
+    zone = make_zone("east")
+    now = dt.datetime.now(dt.UTC)
+    snapshot = ServiceSnapshot(
+        zone="west", trust_domain="west.mesh", gateway_addresses=[], version=7, services=[service("a"), service("b")]
+    )
+    with PeeringStore.of(zone) as store:
+        store.put(Peering("west", "dialer", PeerState.ACTIVE, now, now, peer_zone="west"))
+        assert store.update("west", received_version=7, received_snapshot=snapshot)
+        assert store.update("west", last_heartbeat_received_at=now)
+        light = store.require("west")
+        assert light.received_snapshot is None  # not parsed...
+        assert light.received_services == 2  # ...but counted
+        assert light.last_heartbeat_received_at == now
+        assert store.require("west", snapshots=True).received_snapshot == snapshot  # the heartbeat kept it
+        assert store.update("west", received_snapshot=None)
+        assert store.require("west").received_services == 0
+        assert not store.update("nobody", state=PeerState.FAILING)
+        with pytest.raises(TypeError, match="no updatable field 'role'"):
+            store.update("west", role="acceptor")

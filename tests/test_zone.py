@@ -4,6 +4,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from meshfed.errors import ZoneError
 from meshfed.zone import Zone
@@ -81,3 +82,19 @@ def test_open_explains_a_missing_or_broken_zone(tmp_path):
     (tmp_path / "zone.toml").write_text('name = "east"\ntrust_domain = "east.mesh"\nsurprise = 1\n')
     with pytest.raises(ZoneError, match="surprise"):
         Zone.open(tmp_path)
+
+
+def test_failover_policy_is_read_from_zone_toml_and_checked(tmp_path):
+    zone = Zone.init(tmp_path / "west", "west", "west.mesh")
+    toml = zone.directory / "zone.toml"
+    document = tomllib.loads(toml.read_text())
+    assert document["failover"] == {"order": [], "split": {}}  # written by init, ready to edit
+    document["failover"] = {"order": ["north", "east"], "split": {"east": 90, "south": 10}}
+    toml.write_text(tomli_w.dumps(document))
+    config = Zone.open(zone.directory).config.failover
+    assert config.order == ["north", "east"]
+    assert config.split == {"east": 90, "south": 10}
+    document["failover"]["split"]["south"] = 0
+    toml.write_text(tomli_w.dumps(document))
+    with pytest.raises(ZoneError, match=r"zone\.toml.*weight of 'south'"):
+        Zone.open(zone.directory)

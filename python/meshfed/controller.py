@@ -26,12 +26,11 @@ from meshfed.catalog import CatalogSnapshot, CatalogSource, LocalImport, open_ca
 from meshfed.errors import MeshfedError
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.exports import ExportIndex, ExportRules, UnhealthyEndpoints, exported_snapshot
+from meshfed.federation.failover import FailoverGroup, failover_groups
 from meshfed.federation.gateway_config import (
     INGRESS_LISTENER,
-    FailoverGroup,
     build_gateway_config,
     egress_listener_name,
-    failover_groups,
     local_cluster_name,
 )
 from meshfed.federation.imports import ImportedService, ImportStore
@@ -235,7 +234,8 @@ class Controller:
                 # Only now may peers hear of these exports: the ingress already admits them.
                 self._applied_exports, self._snapshots = exports, {}
                 log.debug("zone %s: gateway config applied", self.zone.name)
-            await self._catalog.publish_imports(self.local_imports())
+            # Off the event loop: with thousands of imports this parses every stored snapshot.
+            await self._catalog.publish_imports(await asyncio.to_thread(self.local_imports))
 
     async def exports_changed(self) -> None:
         """Export rules or the catalog changed: apply the new ingress and tell the peers."""
@@ -310,10 +310,11 @@ class Controller:
         with ExportRules(directory) as rules, ImportStore(directory) as imports:
             exports = _Exports(catalog, ExportIndex(rules.rules()), rules.version())
 
+            ports = imports.egress_ports(self._egress_port_base)
+
             def egress_address(listener: str) -> str:
-                if not self._egress_port_base:
-                    return f"{self._egress_host}:0"
-                return f"{self._egress_host}:{imports.egress_port(listener, self._egress_port_base)}"
+                port = ports(listener) if self._egress_port_base else 0
+                return f"{self._egress_host}:{port}"
 
             config = build_gateway_config(
                 identity=Identity(
@@ -328,9 +329,10 @@ class Controller:
                 peer_trust_domains=self._peer_trust_domains(),
                 imports=self._served_imports(imports),
                 egress_address=egress_address,
-                failover_order=self.zone.config.failover_order,
+                failover=self.zone.config.failover,
                 health_check=self._health_check,
             )
+            ports.save()
         return config, exports
 
     def _served_imports(self, imports: ImportStore) -> list[ImportedService]:
@@ -340,7 +342,7 @@ class Controller:
         """The services this zone's gateway serves as failover groups, sources in failover order."""
         with ImportStore(self.zone.directory) as imports:
             served = self._served_imports(imports)
-        return failover_groups(self._catalog_snapshot, served, self.zone.config.failover_order)
+        return failover_groups(self._catalog_snapshot, served, self.zone.config.failover)
 
     def _withheld(self, peer: str) -> bool:
         """Under the closed policy, a peer failing for longer than the grace period is not served."""

@@ -129,7 +129,7 @@ async def _demo(requests: int, concurrency: int, console: Console) -> DemoReport
             for name, listener in listeners.items():
                 address = west.controller.gateway.address(listener)
                 console.print(f"  west egress for {_SERVICE}.{_NAMESPACE}.{name} (originate) on {_fmt(address)}")
-            group = " → ".join(west.controller.failover_groups()[0].sources)
+            group = west.controller.failover_groups()[0].describe()
             address = west.controller.gateway.address(_FAILOVER_LISTENER)
             console.print(f"  west egress for {_SERVICE}.{_NAMESPACE} [{group}] (originate) on {_fmt(address)}")
             for name in _EXPORTERS:

@@ -43,10 +43,11 @@ from typing import Literal
 
 import tomli_w
 from cryptography import x509
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from meshfed.catalog.settings import CatalogMode, ConsulSettings, KubernetesSettings
 from meshfed.errors import InvalidBundleError, RotationError, TrustError, ZoneError
+from meshfed.federation.failover import FailoverPolicy
 from meshfed.store import CaGeneration, Federation, FederationProfile, StateStore, StoredBundle
 from meshfed.trust.bundle import TrustBundle, fingerprint
 from meshfed.trust.ca import (
@@ -90,8 +91,8 @@ class ZoneConfig(BaseModel):
     trust_domain: str
     catalog: CatalogMode = "embedded"
     gateway_address: str = "0.0.0.0:15443"
-    # Peers a failover group tries after local endpoints, in this order; unlisted peers follow by name.
-    failover_order: list[str] = Field(default_factory=list)
+    # [failover]: the order (and any weighted split) in which failover groups try peers after local endpoints.
+    failover: FailoverPolicy = FailoverPolicy()
     # Settings of the consul / kubernetes catalog sources ([consul], [kubernetes] in zone.toml).
     consul: ConsulSettings | None = None
     kubernetes: KubernetesSettings | None = None
@@ -101,16 +102,6 @@ class ZoneConfig(BaseModel):
     def _check_name(cls, value: str) -> str:
         if not _ZONE_NAME.fullmatch(value):
             raise ValueError("a zone name is a DNS label: lowercase letters, digits and '-', at most 63 characters")
-        return value
-
-    @field_validator("failover_order")
-    @classmethod
-    def _check_failover_order(cls, value: list[str]) -> list[str]:
-        for peer in value:
-            if not _ZONE_NAME.fullmatch(peer):
-                raise ValueError(f"failover_order: {peer!r} is not a peering name (a DNS label)")
-        if len(set(value)) != len(value):
-            raise ValueError("failover_order names a peer twice")
         return value
 
     @field_validator("trust_domain")

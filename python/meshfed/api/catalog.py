@@ -32,6 +32,7 @@ class ImportView(BaseModel):
 class FailoverGroupView(BaseModel):
     name: str = Field(description="<service>.<namespace>")
     sources: list[str] = Field(description="'local', then peers, in the order traffic tries them.")
+    split: dict[str, int] = Field(description="Peers sharing a tier, with their weights (zone.toml [failover] split).")
     listeners: dict[str, str] = Field(description="Port name -> host:port where local clients reach the group.")
 
 
@@ -88,6 +89,7 @@ def catalog(request: Request) -> CatalogView:
             FailoverGroupView(
                 name=group.name,
                 sources=group.sources,
+                split=group.weights,
                 listeners={
                     port_name: bound[group.listener_name(port_name)]
                     for port_name in group.port_names

@@ -13,7 +13,7 @@ from meshfed.catalog.embedded import EmbeddedCatalog
 from meshfed.catalog.model import Endpoint, Locality, Service
 from meshfed.cli.common import ZoneDir
 from meshfed.errors import CatalogError
-from meshfed.federation.gateway_config import failover_groups
+from meshfed.federation.failover import failover_groups
 from meshfed.federation.imports import ImportStore
 from meshfed.zone import Zone
 
@@ -103,11 +103,11 @@ def _print_catalog(zone: Zone) -> None:
             f"{item.service.healthy_endpoints}/{item.service.total_endpoints}",
             f"via gateway {', '.join(item.snapshot.gateway_addresses)}",
         )
-    for group in failover_groups(snapshot, imported, zone.config.failover_order):
+    for group in failover_groups(snapshot, imported, zone.config.failover):
         table.add_row(
             f"{group.name} (failover group)",
             ", ".join(group.port_names),
-            " → ".join(group.sources),
+            group.describe(),
             "",
             "listener " + ", ".join(group.listener_name(port) for port in group.port_names),
         )

@@ -8,21 +8,22 @@ can tell its peers when a service it exports has no live endpoint.
 Egress: one originate listener per imported service port, opening mTLS to the
 exporting peer's gateway with that service's SNI and the peer gateway's SPIFFE
 ID pinned. A service that several sources offer (this zone and peers, or
-several peers) is also a *failover group*: one more originate listener whose
-cluster holds the local endpoints at priority 0 and each peer's gateway at the
-next priorities, in the zone's failover order. The data plane keeps traffic on
-the first priority with healthy endpoints and retries the next one when a
-connect or handshake fails; sources that report no healthy endpoint are left
-out while any other is healthy.
+several peers) is also a *failover group* (``federation/failover.py``): one
+more originate listener whose cluster holds the local endpoints at priority 0
+and the peers' gateways at the next priorities, tier by tier. The data plane
+keeps traffic on the first priority with healthy endpoints (split by weight
+within it) and retries the next one when a connect or handshake fails; sources
+that report no healthy endpoint are left out while any other is healthy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping
 
 from meshfed.catalog.model import CatalogSnapshot, Service
 from meshfed.federation.exports import ExportIndex
+from meshfed.federation.failover import DEFAULT_POLICY, FailoverGroup, FailoverPolicy, failover_groups
 from meshfed.federation.imports import ImportedService
 from meshfed.gateway import (
     Cluster,
@@ -40,63 +41,9 @@ from meshfed.gateway.sni import service_sni
 from meshfed.trust.spiffe import TrustDomain
 
 INGRESS_LISTENER = "ingress"
-LOCAL_SOURCE = "local"
-"""How a failover group names this zone among its sources."""
 
 # Where an egress listener binds: (listener name) -> "host:port".
 EgressAddress = Callable[[str], str]
-
-
-@dataclass(frozen=True)
-class FailoverGroup:
-    """One service offered by several sources, in the order traffic tries them."""
-
-    namespace: str
-    service: str
-    local: Service | None
-    peers: tuple[ImportedService, ...]
-
-    @property
-    def name(self) -> str:
-        """``<service>.<namespace>``: the service, wherever it runs."""
-        return f"{self.service}.{self.namespace}"
-
-    @property
-    def sources(self) -> list[str]:
-        """``local`` (if this zone runs the service), then peer names, in failover order."""
-        return ([LOCAL_SOURCE] if self.local is not None else []) + [item.peer for item in self.peers]
-
-    @property
-    def port_names(self) -> list[str]:
-        names = set(self.local.ports if self.local is not None else {})
-        for item in self.peers:
-            names.update(item.service.ports)
-        return sorted(names)
-
-    def listener_name(self, port_name: str) -> str:
-        """``failover:<service>.<namespace>:<port name>``: stable across config generations."""
-        return f"failover:{self.name}:{port_name}"
-
-
-def failover_groups(
-    catalog: CatalogSnapshot, imports: Iterable[ImportedService], order: Sequence[str] = ()
-) -> list[FailoverGroup]:
-    """Services imported from a peer and offered by at least one more source (this zone or another peer).
-
-    Peers come in ``order`` first, then the rest by name.
-    """
-    rank = {peer: i for i, peer in enumerate(order)}
-    by_service: dict[tuple[str, str], list[ImportedService]] = {}
-    for item in imports:
-        by_service.setdefault(item.service.key, []).append(item)
-    local = {service.key: service for service in catalog.services if service.endpoints}
-    groups = []
-    for (namespace, name), items in sorted(by_service.items()):
-        peers = tuple(sorted(items, key=lambda item: (rank.get(item.peer, len(rank)), item.peer)))
-        group = FailoverGroup(namespace=namespace, service=name, local=local.get((namespace, name)), peers=peers)
-        if len(group.sources) > 1:
-            groups.append(group)
-    return groups
 
 
 def build_gateway_config(
@@ -110,7 +57,7 @@ def build_gateway_config(
     peer_trust_domains: Mapping[str, TrustDomain],
     imports: list[ImportedService],
     egress_address: EgressAddress,
-    failover_order: Sequence[str] = (),
+    failover: FailoverPolicy = DEFAULT_POLICY,
     health_check: HealthCheck | None = None,
 ) -> GatewayConfig:
     """The whole gateway config for this state; the same inputs always give the same config."""
@@ -141,18 +88,20 @@ def build_gateway_config(
             clusters.append(Cluster(name=name, endpoints=endpoints))
             listeners.append(OriginateListener(name=name, address=egress_address(name), cluster=name))
 
-    for group in failover_groups(catalog, imports, failover_order):
+    for group in failover_groups(catalog, imports, failover):
         for port_name in group.port_names:
             endpoints = _group_endpoints(group, port_name)
             if not endpoints:
                 continue
             name = group.listener_name(port_name)
-            clusters.append(Cluster(name=name, endpoints=endpoints, health_check=health_check))
+            clusters.append(
+                Cluster(name=name, endpoints=endpoints, lb="weighted_round_robin", health_check=health_check)
+            )
             listeners.append(OriginateListener(name=name, address=egress_address(name), cluster=name))
     return GatewayConfig(identity=identity, trust_bundles=trust_bundles, listeners=listeners, clusters=clusters)
 
 
-def _peer_endpoints(imported: ImportedService, port_name: str, *, priority: int) -> list[Endpoint]:
+def _peer_endpoints(imported: ImportedService, port_name: str, *, priority: int, weight: int = 1) -> list[Endpoint]:
     """The peer's gateways, each dialed with the service's SNI and the peer gateway's SPIFFE ID pinned."""
     port = imported.service.ports.get(port_name)
     if port is None:
@@ -162,18 +111,24 @@ def _peer_endpoints(imported: ImportedService, port_name: str, *, priority: int)
         sni=service_sni(imported.service.name, imported.service.namespace, port, peer_domain),
         peer_spiffe_id=str(peer_domain.gateway_id),
     )
-    return [Endpoint(address=address, priority=priority, tls=tls) for address in imported.snapshot.gateway_addresses]
+    addresses = imported.snapshot.gateway_addresses
+    return [Endpoint(address=address, priority=priority, weight=weight, tls=tls) for address in addresses]
 
 
 def _group_endpoints(group: FailoverGroup, port_name: str) -> list[Endpoint]:
-    """Local endpoints at priority 0, then each peer's gateways; unhealthy sources only if nothing is healthy."""
+    """Local endpoints at priority 0, then one priority per tier of peers; unhealthy sources only if
+    nothing is healthy. Within a split tier each peer's share is spread over its gateway addresses."""
     offered: list[tuple[bool, list[Endpoint]]] = []
     if group.local is not None and port_name in group.local.ports:
         for local in group.local.endpoints:
             offered.append((local.healthy, [Endpoint(address=local.key, weight=local.weight, priority=0)]))
-    for priority, imported in enumerate(group.peers, start=1):
-        healthy = imported.service.healthy_endpoints > 0
-        offered.append((healthy, _peer_endpoints(imported, port_name, priority=priority)))
+    for priority, tier in enumerate(group.tiers, start=1):
+        # Scale so that every peer's share divides evenly among its addresses.
+        scale = math.lcm(*(max(len(item.snapshot.gateway_addresses), 1) for item in tier))
+        for imported in tier:
+            share = group.weights.get(imported.peer, 1) * scale // max(len(imported.snapshot.gateway_addresses), 1)
+            healthy = imported.service.healthy_endpoints > 0
+            offered.append((healthy, _peer_endpoints(imported, port_name, priority=priority, weight=share)))
     chosen = [endpoints for healthy, endpoints in offered if healthy] or [endpoints for _, endpoints in offered]
     unique: dict[str, Endpoint] = {}
     for endpoints in chosen:

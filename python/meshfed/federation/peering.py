@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
@@ -74,6 +74,15 @@ _MIGRATIONS = (
         alive_at TEXT NOT NULL
     ) STRICT;
     """,
+    # Service counts beside the snapshots: status reads (every poll, every scrape) need only the
+    # counts, and parsing a 10,000-service snapshot costs tens of milliseconds.
+    """
+    ALTER TABLE peerings ADD COLUMN sent_services INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE peerings ADD COLUMN received_services INTEGER NOT NULL DEFAULT 0;
+    UPDATE peerings SET
+        sent_services = coalesce(json_array_length(sent_snapshot, '$.services'), 0),
+        received_services = coalesce(json_array_length(received_snapshot, '$.services'), 0);
+    """,
 )
 
 Role = Literal["acceptor", "dialer"]
@@ -115,6 +124,9 @@ class Peering:
     last_connected_at: dt.datetime | None = None
     last_heartbeat_sent_at: dt.datetime | None = None
     last_heartbeat_received_at: dt.datetime | None = None
+    # Services in the two snapshots; kept even when the snapshots are not loaded (see PeeringStore.get).
+    sent_services: int = 0
+    received_services: int = 0
 
 
 @dataclass(frozen=True)
@@ -148,14 +160,17 @@ class PeeringStore(SqliteStore):
     # -- peerings --------------------------------------------------------
 
     def peerings(self) -> list[Peering]:
-        return [_peering(row) for row in self._db.execute(f"SELECT {_COLUMNS} FROM peerings ORDER BY name")]  # noqa: S608
+        """Every peering, without its snapshots (``sent_services`` / ``received_services`` give their sizes)."""
+        return [_peering(row) for row in self._db.execute(f"SELECT {_LIGHT} FROM peerings ORDER BY name")]  # noqa: S608
 
-    def get(self, name: str) -> Peering | None:
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM peerings WHERE name = ?", (name,)).fetchone()  # noqa: S608
+    def get(self, name: str, *, snapshots: bool = False) -> Peering | None:
+        """One peering; its sent and received snapshots are parsed only if ``snapshots`` asks."""
+        columns = _COLUMNS if snapshots else _LIGHT
+        row = self._db.execute(f"SELECT {columns} FROM peerings WHERE name = ?", (name,)).fetchone()  # noqa: S608
         return None if row is None else _peering(row)
 
-    def require(self, name: str) -> Peering:
-        peering = self.get(name)
+    def require(self, name: str, *, snapshots: bool = False) -> Peering:
+        peering = self.get(name, snapshots=snapshots)
         if peering is None:
             known = ", ".join(p.name for p in self.peerings()) or "none"
             raise PeeringError(f"no peering named {name!r} (known: {known}); 'meshfed peer list' shows them")
@@ -172,15 +187,27 @@ class PeeringStore(SqliteStore):
         with transaction(self._db):
             self._put(peering)
 
-    def update(self, name: str, **changes: object) -> Peering | None:
-        """Change some fields of a peering, if it still exists; returns the new row."""
+    def update(self, name: str, **changes: object) -> bool:
+        """Change some fields of a peering, if it still exists (True if it does).
+
+        Writes only the columns named: a heartbeat must not rewrite (or even read) snapshots of
+        thousands of services.
+        """
+        values: dict[str, object] = {"updated_at": _iso(_now())}
+        for field_name, value in changes.items():
+            if field_name not in _WRITERS:
+                raise TypeError(f"Peering has no updatable field {field_name!r}")
+            values[field_name] = _WRITERS[field_name](value)
+            if field_name in _COUNTED:
+                snapshot = value if isinstance(value, ServiceSnapshot) else None
+                values[_COUNTED[field_name]] = len(snapshot.services) if snapshot is not None else 0
+        assignments = ", ".join(f"{column} = ?" for column in values)
         with transaction(self._db):
-            current = self.get(name)
-            if current is None:
-                return None
-            updated = replace(current, **changes, updated_at=_now())  # type: ignore[arg-type]
-            self._put(updated)
-        return updated
+            cursor = self._db.execute(
+                f"UPDATE peerings SET {assignments} WHERE name = ?",  # noqa: S608 -- column names from _WRITERS
+                (*values.values(), name),
+            )
+        return cursor.rowcount > 0
 
     def delete(self, name: str) -> None:
         with transaction(self._db):
@@ -211,6 +238,8 @@ class PeeringStore(SqliteStore):
                 _maybe_iso(p.last_connected_at),
                 _maybe_iso(p.last_heartbeat_sent_at),
                 _maybe_iso(p.last_heartbeat_received_at),
+                len(p.sent_snapshot.services) if p.sent_snapshot else 0,
+                len(p.received_snapshot.services) if p.received_snapshot else 0,
             ),
         )
 
@@ -327,17 +356,18 @@ class PeeringStore(SqliteStore):
 def request_delete(store: PeeringStore, name: str) -> Peering:
     """Mark a peering for deletion; a running controller tears it down on both sides within a second."""
     store.require(name)
-    updated = store.update(name, state=PeerState.TERMINATED, delete_requested=True, state_reason="deleted locally")
-    assert updated is not None
-    return updated
+    store.update(name, state=PeerState.TERMINATED, delete_requested=True, state_reason="deleted locally")
+    return store.require(name)
 
 
 # Fixed column names, never user input: the f-strings below build no SQL from data.
 _COLUMNS = (
     "name, role, state, state_reason, delete_requested, peer_zone, peer_trust_domain, peer_addresses, "
     "created_at, updated_at, sent_version, sent_snapshot, acked_version, received_version, received_snapshot, "
-    "last_connected_at, last_heartbeat_sent_at, last_heartbeat_received_at"
+    "last_connected_at, last_heartbeat_sent_at, last_heartbeat_received_at, sent_services, received_services"
 )
+# The same columns with the snapshots left out (NULL): what status reads need.
+_LIGHT = _COLUMNS.replace("sent_snapshot", "NULL").replace("received_snapshot", "NULL")
 _COLUMN_COUNT = _COLUMNS.count(",") + 1
 _UPDATE_ALL = ", ".join(f"{c.strip()} = excluded.{c.strip()}" for c in _COLUMNS.split(",")[1:])
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -363,6 +393,8 @@ def _peering(row: tuple[object, ...]) -> Peering:
         connected,
         hb_sent,
         hb_received,
+        sent_services,
+        received_services,
     ) = row
     return Peering(
         name=str(name),
@@ -385,7 +417,35 @@ def _peering(row: tuple[object, ...]) -> Peering:
         last_connected_at=_maybe_time(connected),
         last_heartbeat_sent_at=_maybe_time(hb_sent),
         last_heartbeat_received_at=_maybe_time(hb_received),
+        sent_services=int(str(sent_services)),
+        received_services=int(str(received_services)),
     )
+
+
+def _snapshot_json(value: object) -> str | None:
+    return value.model_dump_json() if isinstance(value, ServiceSnapshot) else None
+
+
+def _state(value: object) -> str:
+    return PeerState(str(value)).value
+
+
+# How each updatable field is stored (the column has the field's name).
+_WRITERS: dict[str, Callable[[object], object]] = {
+    "state": _state,
+    "state_reason": str,
+    "delete_requested": lambda value: int(bool(value)),
+    "sent_version": lambda value: int(str(value)),
+    "sent_snapshot": _snapshot_json,
+    "acked_version": lambda value: int(str(value)),
+    "received_version": lambda value: int(str(value)),
+    "received_snapshot": _snapshot_json,
+    "last_connected_at": lambda value: _maybe_iso(value if isinstance(value, dt.datetime) else None),
+    "last_heartbeat_sent_at": lambda value: _maybe_iso(value if isinstance(value, dt.datetime) else None),
+    "last_heartbeat_received_at": lambda value: _maybe_iso(value if isinstance(value, dt.datetime) else None),
+}
+# Snapshot fields and the count column kept with each.
+_COUNTED = {"sent_snapshot": "sent_services", "received_snapshot": "received_services"}
 
 
 def _now() -> dt.datetime:

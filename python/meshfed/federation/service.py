@@ -127,8 +127,10 @@ class PeerStatus(BaseModel):
             acked_version=peering.acked_version,
             received_version=peering.received_version,
             propagation_lag_seconds=link.propagation_lag() if link is not None else 0.0,
-            exported_services=len(peering.sent_snapshot.services) if peering.sent_snapshot else 0,
-            imported_services=len(peering.received_snapshot.services) if peering.received_snapshot else 0,
+            exported_services=len(peering.sent_snapshot.services) if peering.sent_snapshot else peering.sent_services,
+            imported_services=(
+                len(peering.received_snapshot.services) if peering.received_snapshot else peering.received_services
+            ),
         )
 
 
@@ -500,7 +502,8 @@ class PeeringService:
                 if peering.delete_requested:
                     await self._teardown(peering.name, "deleted by zone " + self.zone.name, remove=True)
                 elif peering.state in LIVE_STATES and peering.name not in self._links:
-                    link = PeerLink(self, peering)
+                    # A link resumes from the stored snapshots: the one read that parses them.
+                    link = PeerLink(self, self.store.require(peering.name, snapshots=True))
                     self._links[peering.name] = link
                     link.start()
             known = {p.name for p in peerings}

@@ -85,6 +85,16 @@ pub struct Gateway {
     handle: Handle,
     snapshot: Arc<ArcSwap<Snapshot>>,
     control: Mutex<Control>,
+    /// The running listeners as readers see them, republished after each
+    /// change: `addresses()` and `stats()` never wait for an `apply()` that
+    /// is binding thousands of sockets under the control lock.
+    published: ArcSwap<BTreeMap<String, PublishedListener>>,
+}
+
+/// A running listener's bound address and counters.
+struct PublishedListener {
+    local: SocketAddr,
+    stats: Arc<ListenerStats>,
 }
 
 /// State only `apply()` and `shutdown()` change, under one mutex.
@@ -147,6 +157,7 @@ impl Gateway {
             runtime: Mutex::new(Some(runtime)),
             snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::empty())),
             control: Mutex::new(Control::default()),
+            published: ArcSwap::from_pointee(BTreeMap::new()),
         };
         gateway.install(config)?;
         Ok(gateway)
@@ -170,8 +181,8 @@ impl Gateway {
 
     /// The address each listener is actually bound to, by listener name.
     pub fn addresses(&self) -> BTreeMap<String, SocketAddr> {
-        self.control()
-            .listeners
+        self.published
+            .load()
             .iter()
             .map(|(name, l)| (name.clone(), l.local))
             .collect()
@@ -179,11 +190,27 @@ impl Gateway {
 
     /// A copy of every listener's counters, by listener name.
     pub fn stats(&self) -> BTreeMap<String, ListenerSnapshot> {
-        self.control()
-            .listeners
+        self.published
+            .load()
             .iter()
             .map(|(name, l)| (name.clone(), l.stats.snapshot()))
             .collect()
+    }
+
+    /// Makes the listeners of `control` what readers see.
+    fn publish(&self, control: &Control) {
+        let view = control
+            .listeners
+            .iter()
+            .map(|(name, l)| {
+                let published = PublishedListener {
+                    local: l.local,
+                    stats: l.stats.clone(),
+                };
+                (name.clone(), published)
+            })
+            .collect();
+        self.published.store(Arc::new(view));
     }
 
     /// Counters, gauges and latency histograms of every cluster of the
@@ -259,6 +286,7 @@ impl Gateway {
             for (_, checks) in std::mem::take(&mut control.health_checks) {
                 checks.stop();
             }
+            self.publish(&control);
         }
         let runtime = self
             .runtime
@@ -346,6 +374,7 @@ impl Gateway {
                 },
             );
         }
+        self.publish(&control);
         Ok(())
     }
 

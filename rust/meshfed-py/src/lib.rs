@@ -69,17 +69,20 @@ impl Gateway {
     }
 
     /// The bound address ("ip:port") of each listener, by name.
-    fn addresses(&self) -> BTreeMap<String, String> {
-        self.inner
-            .addresses()
-            .into_iter()
-            .map(|(name, addr)| (name, addr.to_string()))
-            .collect()
+    fn addresses(&self, py: Python<'_>) -> BTreeMap<String, String> {
+        py.detach(|| {
+            self.inner
+                .addresses()
+                .into_iter()
+                .map(|(name, addr)| (name, addr.to_string()))
+                .collect()
+        })
     }
 
     /// Per-listener counters as JSON bytes.
     fn stats<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, self.inner.stats_json().as_bytes())
+        let json = py.detach(|| self.inner.stats_json());
+        PyBytes::new(py, json.as_bytes())
     }
 
     /// Unhealthy endpoints ("ip:port") by cluster name; healthy clusters are left out.

@@ -8,11 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rustls::ServerConfig;
+use rustls::server::Acceptor;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::timeout;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 
 use super::balancer;
 use super::counting::{Counted, Sinks};
@@ -21,7 +22,7 @@ use super::stats::{ConnectionGuard, HandshakeFailure, ListenerStats, inc};
 use super::upstream::{self, ClusterState, ConnectError, Dial, Lease, Previous, Upstream, now_ms};
 use crate::client_hello::{self, HelloError, Parsed};
 use crate::config::{
-    ClusterSpec, CompiledConfig, ListenerMode, RouteSpec, SniRouter, TerminateRoute,
+    ClusterSpec, CompiledConfig, ListenerMode, RouteSpec, RouteTarget, SniRouter, TerminateRoute,
 };
 use crate::proxy_protocol;
 use crate::spiffe::SpiffeId;
@@ -89,6 +90,23 @@ impl Snapshot {
     fn cluster(&self, name: &str) -> Option<(&ClusterSpec, &Arc<ClusterState>)> {
         Some((self.config.clusters.get(name)?, self.clusters.get(name)?))
     }
+
+    /// Whether some cluster of `target` has an endpoint that is neither
+    /// ejected nor failing health checks.
+    fn any_healthy(&self, target: &RouteTarget) -> bool {
+        let now = now_ms();
+        let healthy = |name: &str| {
+            self.clusters
+                .get(name)
+                .is_some_and(|c| c.endpoints.iter().any(|e| e.healthy(now)))
+        };
+        match target {
+            RouteTarget::Cluster(name) => healthy(name),
+            RouteTarget::Weighted { clusters, .. } => {
+                clusters.iter().any(|(name, _)| healthy(name))
+            }
+        }
+    }
 }
 
 /// Why a connection ended early. Logged at debug level; counted in stats.
@@ -106,6 +124,8 @@ enum ConnError {
     HandshakeTimeout(Duration),
     #[error("TLS handshake with client failed: {0}")]
     ServerHandshake(io::Error),
+    #[error("refused before the handshake: no healthy endpoint behind SNI {0:?}")]
+    NoHealthyEndpoint(String),
     #[error("client sent no SNI")]
     NoSni,
     #[error("no route for SNI {0:?}")]
@@ -250,12 +270,35 @@ async fn terminate(
 ) -> Result<(u64, u64), ConnError> {
     let limit = snapshot.config.handshake_timeout;
     let local = client.local_addr()?;
-    let accept = TlsAcceptor::from(tls.clone()).accept(client);
+    let accept = async {
+        let start = LazyConfigAcceptor::new(Acceptor::default(), client)
+            .await
+            .map_err(ConnError::ServerHandshake)?;
+        // Refuse before the handshake when every endpoint behind the SNI is
+        // known down: a calling gateway then sees its handshake fail, which it
+        // retries on its next endpoint (another zone of a failover group),
+        // instead of finishing mTLS into a connection that can only close.
+        if let Some(sni) = start.client_hello().server_name() {
+            if let Some(route) = routes.lookup(sni) {
+                if !snapshot.any_healthy(&route.route.target) {
+                    return Err(ConnError::NoHealthyEndpoint(sni.to_owned()));
+                }
+            }
+        }
+        start
+            .into_stream(tls.clone())
+            .await
+            .map_err(ConnError::ServerHandshake)
+    };
     let tls_stream = match timeout(limit, accept).await {
         Ok(Ok(stream)) => stream,
+        Ok(Err(e @ ConnError::NoHealthyEndpoint(_))) => {
+            inc(&stats.upstream_connect_failures);
+            return Err(e);
+        }
         Ok(Err(e)) => {
             stats.handshake_failed(HandshakeFailure::Tls);
-            return Err(ConnError::ServerHandshake(e));
+            return Err(e);
         }
         Err(_) => {
             stats.handshake_failed(HandshakeFailure::Timeout);
