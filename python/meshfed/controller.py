@@ -330,6 +330,7 @@ class Controller:
                 imports=self._served_imports(imports),
                 egress_address=egress_address,
                 failover=self.zone.config.failover,
+                splits=self.zone.config.split,
                 health_check=self._health_check,
             )
             ports.save()

@@ -43,11 +43,12 @@ from typing import Literal
 
 import tomli_w
 from cryptography import x509
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from meshfed.catalog.settings import CatalogMode, ConsulSettings, KubernetesSettings
 from meshfed.errors import InvalidBundleError, RotationError, TrustError, ZoneError
 from meshfed.federation.failover import FailoverPolicy
+from meshfed.federation.splits import SubsetSplit
 from meshfed.store import CaGeneration, Federation, FederationProfile, StateStore, StoredBundle
 from meshfed.trust.bundle import TrustBundle, fingerprint
 from meshfed.trust.ca import (
@@ -93,6 +94,8 @@ class ZoneConfig(BaseModel):
     gateway_address: str = "0.0.0.0:15443"
     # [failover]: the order (and any weighted split) in which failover groups try peers after local endpoints.
     failover: FailoverPolicy = FailoverPolicy()
+    # [[split]]: exported services whose peers' traffic is divided among subsets by weight.
+    split: list[SubsetSplit] = Field(default_factory=list)
     # Settings of the consul / kubernetes catalog sources ([consul], [kubernetes] in zone.toml).
     consul: ConsulSettings | None = None
     kubernetes: KubernetesSettings | None = None

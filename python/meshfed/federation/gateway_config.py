@@ -19,12 +19,13 @@ that report no healthy endpoint are left out while any other is healthy.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from meshfed.catalog.model import CatalogSnapshot, Service
 from meshfed.federation.exports import ExportIndex
 from meshfed.federation.failover import DEFAULT_POLICY, FailoverGroup, FailoverPolicy, failover_groups
 from meshfed.federation.imports import ImportedService
+from meshfed.federation.splits import SubsetSplit
 from meshfed.gateway import (
     Cluster,
     Endpoint,
@@ -35,6 +36,7 @@ from meshfed.gateway import (
     Route,
     TerminateListener,
     UpstreamTls,
+    WeightedCluster,
 )
 from meshfed.gateway.config import Listener
 from meshfed.gateway.sni import service_sni
@@ -58,11 +60,13 @@ def build_gateway_config(
     imports: list[ImportedService],
     egress_address: EgressAddress,
     failover: FailoverPolicy = DEFAULT_POLICY,
+    splits: Sequence[SubsetSplit] = (),
     health_check: HealthCheck | None = None,
 ) -> GatewayConfig:
     """The whole gateway config for this state; the same inputs always give the same config."""
     routes: list[Route] = []
     clusters: list[Cluster] = []
+    split_of = {split.key: split for split in splits}
     for service in catalog.services:
         allowed = exports.peers_allowed(service, peer_trust_domains)
         endpoints = [Endpoint(address=e.key, weight=e.weight) for e in service.healthy_endpoints]
@@ -70,13 +74,15 @@ def build_gateway_config(
             continue
         cluster = local_cluster_name(service)
         clusters.append(Cluster(name=cluster, endpoints=endpoints, health_check=health_check))
+        split = split_of.get(service.key)
+        shares = _subset_clusters(service, split, clusters) if split is not None else []
         allow = sorted(str(peer_trust_domains[peer].gateway_id) for peer in allowed)
         for port in sorted(set(service.ports.values())):
-            routes.append(
-                Route(
-                    sni=service_sni(service.name, service.namespace, port, trust_domain), cluster=cluster, allow=allow
-                )
-            )
+            sni = service_sni(service.name, service.namespace, port, trust_domain)
+            if shares:
+                routes.append(Route(sni=sni, weighted_clusters=shares, allow=allow))
+            else:
+                routes.append(Route(sni=sni, cluster=cluster, allow=allow))
 
     listeners: list[Listener] = [TerminateListener(name=INGRESS_LISTENER, address=ingress_address, routes=routes)]
     for imported in imports:
@@ -99,6 +105,19 @@ def build_gateway_config(
             )
             listeners.append(OriginateListener(name=name, address=egress_address(name), cluster=name))
     return GatewayConfig(identity=identity, trust_bundles=trust_bundles, listeners=listeners, clusters=clusters)
+
+
+def _subset_clusters(service: Service, split: SubsetSplit, clusters: list[Cluster]) -> list[WeightedCluster]:
+    """One cluster per weighted subset with healthy endpoints (added to ``clusters``); none if no share is left."""
+    shares = []
+    for value, weight in sorted(split.weights.items()):
+        members = [e for e in service.healthy_endpoints if e.labels.get(split.label) == value]
+        if not members:
+            continue
+        name = f"{local_cluster_name(service)}@{split.label}={value}"
+        clusters.append(Cluster(name=name, endpoints=[Endpoint(address=e.key, weight=e.weight) for e in members]))
+        shares.append(WeightedCluster(cluster=name, weight=weight))
+    return shares if any(share.weight for share in shares) else []
 
 
 def _peer_endpoints(imported: ImportedService, port_name: str, *, priority: int, weight: int = 1) -> list[Endpoint]:
