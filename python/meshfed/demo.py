@@ -345,15 +345,21 @@ def _print_report(report: DemoReport, runtimes: dict[str, ZoneRuntime], elapsed:
             console.print(f"{zone} ingress verified client {spiffe_id} ({count} connections)")
     for spiffe_id, count in report.egress_verified.items():
         console.print(f"west egress verified server {spiffe_id} ({count} connections)")
-    console.print(f"export → peer gateway serving it: {report.propagation_ms:.0f} ms")
+    summary = Table(title="summary", title_justify="left")
+    summary.add_column("what")
+    summary.add_column("observed")
+    summary.add_row("export → peer gateway serving it", f"{report.propagation_ms:.0f} ms")
     if report.failover_ms is None:
-        console.print(f"failover of {_SERVICE}.{_NAMESPACE}: [red]north never answered[/]")
+        failover = "[red]north never answered[/]"
     else:
-        console.print(
-            f"failover of {_SERVICE}.{_NAMESPACE}: {report.failover_first} → north {report.failover_ms:.0f} ms "
-            f"after east's backend stopped ({report.failover_failed} requests failed in that window)"
+        failover = (
+            f"{report.failover_first} → north {report.failover_ms:.0f} ms after east's backend stopped; "
+            f"{report.failover_failed} requests failed in that window"
         )
-    console.print(f"rogue.mesh (never peered) refused at the handshake: {'yes' if report.rogue_refused else 'NO'}")
+    summary.add_row(f"failover of {_SERVICE}.{_NAMESPACE}", failover)
+    refused = "yes" if report.rogue_refused else "[red]NO[/]"
+    summary.add_row("rogue.mesh (never peered) refused at the handshake", refused)
+    console.print(summary)
     console.print(f"result: {'[green]OK[/]' if report.ok else '[red]FAILED[/]'}")
 
 
