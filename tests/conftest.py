@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -63,6 +64,22 @@ def write_svid(zone: Zone, spiffe_id: str, directory: Path) -> SvidFiles:
     cert.write_bytes(svid.cert_chain_pem())
     key.write_bytes(svid.private_key_pem())
     return SvidFiles(svid, cert, key)
+
+
+def client_hello_bytes(server_name: str) -> bytes:
+    """A real ClientHello (from Python's ssl) naming ``server_name``, as a passthrough listener sees it."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def dead_endpoint() -> str:
+    """``127.0.0.1:port`` with nothing listening: connects are refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
 
 
 @dataclass

@@ -22,7 +22,14 @@ from meshfed.gateway import (
 )
 from meshfed.trust.bundle import bundle_roots_pem
 from meshfed.zone import Zone
-from tests.conftest import EchoServer, gateway_identity, round_trip, trust_each_other, write_svid
+from tests.conftest import (
+    EchoServer,
+    client_hello_bytes,
+    gateway_identity,
+    round_trip,
+    trust_each_other,
+    write_svid,
+)
 
 ECHO = "echo"
 
@@ -153,17 +160,9 @@ def test_passthrough_routes_on_sni_and_closes_unknown_names(echo_server):
         # A known name is forwarded untouched: the echo server returns our own
         # ClientHello, which proves the bytes reached it unmodified.
         with socket.create_connection(gateway.address("sni"), timeout=5) as raw:
-            hello = _client_hello_bytes("known.example")
+            hello = client_hello_bytes("known.example")
             assert round_trip(raw, hello) == hello
     assert len(echo_server.connections) == 1
-
-
-def _client_hello_bytes(server_name: str) -> bytes:
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=server_name)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 def test_malformed_config_is_rejected_naming_the_field_and_the_old_one_keeps_serving(federated, echo_server):

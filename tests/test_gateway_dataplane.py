@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import ssl
 
 import pytest
 
@@ -21,23 +20,9 @@ from meshfed.gateway.config import (
     WeightedCluster,
 )
 from meshfed.gateway.runtime import Gateway, validate
-from tests.conftest import EchoServer, round_trip
+from tests.conftest import EchoServer, client_hello_bytes, dead_endpoint, round_trip
 
 SNI = "known.example"
-
-
-def _client_hello_bytes(server_name: str) -> bytes:
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=server_name)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
-
-
-def _dead_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 def test_every_new_field_is_accepted_by_the_rust_schema() -> None:
@@ -95,7 +80,7 @@ def test_a_split_and_a_single_cluster_together_are_rejected_naming_the_field() -
 
 
 def test_dead_local_endpoint_is_ejected_and_traffic_fails_over_to_the_next_priority(echo_server: EchoServer) -> None:
-    dead = _dead_endpoint()
+    dead = dead_endpoint()
     config = GatewayConfig(
         listeners=[PassthroughListener(name="in", address="127.0.0.1:0", routes=[Route(sni=SNI, cluster="web")])],
         clusters=[
@@ -106,7 +91,7 @@ def test_dead_local_endpoint_is_ejected_and_traffic_fails_over_to_the_next_prior
             )
         ],
     )
-    hello = _client_hello_bytes(SNI)
+    hello = client_hello_bytes(SNI)
     with Gateway(config) as gateway:
         for _ in range(3):
             with socket.create_connection(gateway.address("in"), timeout=5) as raw:
@@ -132,7 +117,7 @@ def test_circuit_breaker_counts_refusals(echo_server: EchoServer) -> None:
             )
         ],
     )
-    hello = _client_hello_bytes(SNI)
+    hello = client_hello_bytes(SNI)
     with Gateway(config) as gateway, socket.create_connection(gateway.address("in"), timeout=5) as held:
         assert round_trip(held, hello) == hello
         with socket.create_connection(gateway.address("in"), timeout=5) as refused:

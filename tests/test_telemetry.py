@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import ssl
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,7 +18,7 @@ from meshfed.controller import Controller
 from meshfed.gateway import Cluster, Endpoint, Gateway, GatewayConfig, OutlierDetection, PassthroughListener, Route
 from meshfed.logs import JsonFormatter
 from meshfed.telemetry import Telemetry
-from tests.conftest import EchoServer, eventually, round_trip
+from tests.conftest import EchoServer, client_hello_bytes, dead_endpoint, eventually, round_trip
 
 SNI = "known.example"
 # One scrape: every sample by name and labels.
@@ -71,7 +70,7 @@ def test_json_formatter_outside_a_span_has_no_trace_id():
 
 
 def test_cluster_and_endpoint_series_count_real_traffic(echo_server: EchoServer) -> None:
-    dead = _dead_endpoint()
+    dead = dead_endpoint()
     config = GatewayConfig(
         listeners=[PassthroughListener(name="in", address="127.0.0.1:0", routes=[Route(sni=SNI, cluster="web")])],
         clusters=[
@@ -82,7 +81,7 @@ def test_cluster_and_endpoint_series_count_real_traffic(echo_server: EchoServer)
             )
         ],
     )
-    hello = _client_hello_bytes(SNI)
+    hello = client_hello_bytes(SNI)
     with Gateway(config) as gateway, socket.create_connection(gateway.address("in"), timeout=5) as held:
         telemetry = Telemetry("east", gateway.stats)
         try:
@@ -165,7 +164,7 @@ def test_a_scrape_reads_the_gateway_stats_once_and_the_next_one_afresh(echo_serv
         listeners=[PassthroughListener(name="in", address="127.0.0.1:0", routes=[Route(sni=SNI, cluster="web")])],
         clusters=[Cluster(name="web", endpoints=[Endpoint(address=echo_server.endpoint)])],
     )
-    hello = _client_hello_bytes(SNI)
+    hello = client_hello_bytes(SNI)
     with Gateway(config) as gateway:
         reads: list[None] = []  # list.append is atomic; scrapes below run on several threads
 
@@ -215,17 +214,3 @@ def _scrape(telemetry: Telemetry) -> Scrape:
 
 def _value(scrape: Scrape, name: str, **labels: str) -> float:
     return scrape[(name, frozenset(labels.items()))]
-
-
-def _client_hello_bytes(server_name: str) -> bytes:
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=server_name)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
-
-
-def _dead_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"

@@ -48,7 +48,17 @@ CATALOG_POLL_SECONDS = 0.2
 CATALOG_RETRY_SECONDS = 2.0
 # How often the gateway's verdict on local endpoints is read; peers hear of a change at once.
 LOCAL_HEALTH_POLL_SECONDS = 0.5
-DEFAULT_HEALTH_CHECK = HealthCheck(interval_ms=5_000, timeout_ms=1_000, healthy_threshold=2, unhealthy_threshold=2)
+
+
+def health_check_every(interval: dt.timedelta) -> HealthCheck | None:
+    """Local endpoint checks every ``interval`` (none for 0): two failures mark an endpoint down, two passes up."""
+    if interval <= dt.timedelta(0):
+        return None
+    ms = max(int(interval.total_seconds() * 1000), 1)
+    return HealthCheck(interval_ms=ms, timeout_ms=min(ms, 1_000), healthy_threshold=2, unhealthy_threshold=2)
+
+
+DEFAULT_HEALTH_CHECK = health_check_every(dt.timedelta(seconds=5))
 
 PeerTrustDomains = Callable[[], Mapping[str, TrustDomain]]
 FailingPeerPolicy = Literal["open", "closed"]
@@ -421,12 +431,12 @@ class Controller:
     def _unhealthy_local_endpoints(self) -> UnhealthyEndpoints:
         if self._gateway is None:
             return self._unhealthy
+        down = self._gateway.unhealthy_endpoints()
+        if not down:
+            return frozenset()  # the common case: no need to index thousands of services
         services = {local_cluster_name(service): service.key for service in self._applied_exports.catalog.services}
         return frozenset(
-            (*services[name], address)
-            for name, addresses in self._gateway.unhealthy_endpoints().items()
-            if name in services
-            for address in addresses
+            (*services[name], address) for name, addresses in down.items() if name in services for address in addresses
         )
 
     def egress_addresses(self) -> dict[str, tuple[str, int]]:

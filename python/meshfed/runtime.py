@@ -62,14 +62,6 @@ def raise_open_file_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def health_check_every(interval: dt.timedelta) -> HealthCheck | None:
-    """Local endpoint checks every ``interval`` (none for 0): two failures mark an endpoint down, two passes up."""
-    if interval <= dt.timedelta(0):
-        return None
-    ms = max(int(interval.total_seconds() * 1000), 1)
-    return HealthCheck(interval_ms=ms, timeout_ms=min(ms, 1_000), healthy_threshold=2, unhealthy_threshold=2)
-
-
 @dataclass(frozen=True)
 class ZoneRuntime:
     """A zone ready to start: ``async with runtime.controller`` runs everything."""

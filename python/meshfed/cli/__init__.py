@@ -99,7 +99,8 @@ def up(
 ) -> None:
     """Run one zone in the foreground: controller, gateway, peering and API. SIGTERM stops it cleanly."""
     from meshfed.cli.serve import serve_zone
-    from meshfed.runtime import ZoneSettings, health_check_every
+    from meshfed.controller import health_check_every
+    from meshfed.runtime import ZoneSettings
 
     if log_format not in ("json", "text"):
         raise typer.BadParameter("use json or text", param_hint="--log-format")

@@ -426,6 +426,10 @@ def _snapshot_json(value: object) -> str | None:
     return value.model_dump_json() if isinstance(value, ServiceSnapshot) else None
 
 
+def _moment(value: object) -> str | None:
+    return _maybe_iso(value if isinstance(value, dt.datetime) else None)
+
+
 def _state(value: object) -> str:
     return PeerState(str(value)).value
 
@@ -440,9 +444,9 @@ _WRITERS: dict[str, Callable[[object], object]] = {
     "acked_version": lambda value: int(str(value)),
     "received_version": lambda value: int(str(value)),
     "received_snapshot": _snapshot_json,
-    "last_connected_at": lambda value: _maybe_iso(value if isinstance(value, dt.datetime) else None),
-    "last_heartbeat_sent_at": lambda value: _maybe_iso(value if isinstance(value, dt.datetime) else None),
-    "last_heartbeat_received_at": lambda value: _maybe_iso(value if isinstance(value, dt.datetime) else None),
+    "last_connected_at": _moment,
+    "last_heartbeat_sent_at": _moment,
+    "last_heartbeat_received_at": _moment,
 }
 # Snapshot fields and the count column kept with each.
 _COUNTED = {"sent_snapshot": "sent_services", "received_snapshot": "received_services"}
