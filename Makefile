@@ -14,7 +14,7 @@ RUST_SOURCES := Cargo.toml Cargo.lock pyproject.toml $(shell find rust -name '*.
 PROTO_SOURCES := federation/proto/generate.py $(shell find federation/proto -name '*.proto')
 PROTO_STUBS := python/meshfed/federation/_proto/peering_pb2_grpc.py
 
-.PHONY: demo test lint test-rust test-python system-deps bench clean
+.PHONY: demo test lint test-rust test-python system-deps bench clean servers servers-stop
 
 demo: $(VENV)/.built
 	$(BIN)/meshfed demo
@@ -32,8 +32,21 @@ lint: $(VENV)/.built
 test-rust:
 	cargo test --workspace --locked
 
+# The Python suite runs against real Consul (ACLs on) and a real Kubernetes
+# control plane as well as the doubles; the servers are stopped by PID
+# whatever the tests' outcome.
+SERVERS := $(CURDIR)/.servers
 test-python: $(VENV)/.built system-deps $(BIN)/helm
-	$(BIN)/pytest
+	$(BIN)/python tests/servers/run.py start $(SERVERS)
+	status=0; MESHFED_TEST_SERVERS=$(SERVERS)/servers.json $(BIN)/pytest $(PYTEST_ARGS) || status=$$?; \
+	  $(BIN)/python tests/servers/run.py stop $(SERVERS); exit $$status
+
+# Start the real servers for running pytest by hand (tests/servers/run.py); `make servers-stop` ends them.
+servers: $(VENV)/.built system-deps
+	$(BIN)/python tests/servers/run.py start $(SERVERS)
+
+servers-stop:
+	$(BIN)/python tests/servers/run.py stop $(SERVERS)
 
 # Side-by-side benchmark against HAProxy and nginx (bench/README.md); not part of `make test`.
 bench: $(VENV)/.built
@@ -43,12 +56,11 @@ bench: $(VENV)/.built
 system-deps:
 	@command -v openssl >/dev/null || (apt-get update -qq && apt-get install -y -qq openssl)
 
-# helm comes from the Go module proxy (a package registry), never a release
-# download; it compiles once (several minutes on 2 cores) into the venv.
-HELM_VERSION := v3.21.4
+# helm and the real servers come from the Go module proxy (a package
+# registry), never a release download; tests/servers/build compiles each once
+# per user and version into a cache outside the clone (several CPU-minutes).
 $(BIN)/helm: | $(BIN)/python
-	GOBIN=$(abspath $(BIN)) go install -ldflags "-X helm.sh/helm/v3/internal/version.version=$(HELM_VERSION)" \
-	  helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+	ln -sf "$$(tests/servers/build helm)/bin/helm" $@
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,7 +75,7 @@ $(VENV)/.built: $(BIN)/python $(RUST_SOURCES) $(PROTO_STUBS)
 	@touch $@
 
 clean:
-	rm -rf $(VENV) target python/meshfed/federation/_proto
+	rm -rf $(VENV) target python/meshfed/federation/_proto $(SERVERS)
 
 # Fuzzing: a short run of each cargo-fuzz target in every `make test`;
 # FUZZ_SECONDS=3600 for a long one. cargo-fuzz comes from crates.io; libFuzzer

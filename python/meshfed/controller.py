@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from meshfed.aio import cancel_and_wait
 from meshfed.catalog import CatalogSnapshot, CatalogSource, LocalImport, open_catalog
+from meshfed.catalog.publisher import DEFAULT_RESYNC, ImportPublisher, PublicationStatus
 from meshfed.errors import MeshfedError
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.exports import ExportIndex, ExportRules, UnhealthyEndpoints, exported_snapshot
@@ -39,7 +40,7 @@ from meshfed.telemetry import Telemetry
 from meshfed.trust.bundle import bundle_roots_pem
 from meshfed.trust.ca import Svid
 from meshfed.trust.spiffe import TrustDomain
-from meshfed.zone import Zone
+from meshfed.zone import STATE_FILE, Zone
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class Controller:
         failing_peer_policy: FailingPeerPolicy = "open",
         catalog: CatalogSource | None = None,
         health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
+        publication_resync: dt.timedelta = DEFAULT_RESYNC,
     ) -> None:
         """``egress_port_base`` 0 gives each import an ephemeral port; otherwise ports are kept from that base.
         Imports are published to the catalog at ``egress_advertise_host`` (default: the bound host), so a
@@ -117,9 +119,20 @@ class Controller:
         gateway; an endpoint that fails them counts as unhealthy in what peers
         are told, so their failover groups move on. ``None`` leaves health to
         the catalog alone.
+
+        Imports are published into the catalog (Consul registrations, Kubernetes
+        mirrors) by an :class:`ImportPublisher` of their own, again every
+        ``publication_resync``: a refusal there never blocks applying config.
         """
         self.zone = zone
         self._catalog = catalog if catalog is not None else open_catalog(zone)
+        self._publisher = ImportPublisher(
+            self._catalog,
+            self.local_imports,
+            describe=f"zone {zone.name}: {zone.config.catalog} catalog",
+            state_path=zone.directory / STATE_FILE,
+            resync=publication_resync,
+        )
         self._catalog_snapshot = CatalogSnapshot(version=0, services=[])
         self._applied_exports = _Exports(self._catalog_snapshot, ExportIndex([]), 0)
         # What each peer was last told, per applied generation: peers ask once per update, and a
@@ -200,6 +213,7 @@ class Controller:
             self._gateway = None
             await asyncio.to_thread(gateway.close)
             raise
+        self._publisher.start()
         self._tasks = [
             asyncio.create_task(self._renew_gateway_svid(), name=f"meshfed-{self.zone.name}-svid"),
             asyncio.create_task(self._watch_catalog(), name=f"meshfed-{self.zone.name}-catalog"),
@@ -215,6 +229,7 @@ class Controller:
         self._stopped = True
         await cancel_and_wait(*self._tasks)
         self._tasks = []
+        await self._publisher.stop()
         for service in reversed(self._services):
             try:
                 await service.stop()
@@ -244,8 +259,8 @@ class Controller:
                 # Only now may peers hear of these exports: the ingress already admits them.
                 self._applied_exports, self._snapshots = exports, {}
                 log.debug("zone %s: gateway config applied", self.zone.name)
-            # Off the event loop: with thousands of imports this parses every stored snapshot.
-            await self._catalog.publish_imports(await asyncio.to_thread(self.local_imports))
+            # Never awaited here: a catalog that refuses imports must not stop config and exports.
+            self._publisher.request()
 
     async def exports_changed(self) -> None:
         """Export rules or the catalog changed: apply the new ingress and tell the peers."""
@@ -371,6 +386,20 @@ class Controller:
     def gateway_stats(self) -> dict[str, Any]:
         """The gateway's counters, or none while it is not running."""
         return self._gateway.stats() if self._gateway is not None else {"listeners": {}}
+
+    @property
+    def publication(self) -> PublicationStatus:
+        """How publishing imports into the zone's catalog went last."""
+        return self._publisher.status
+
+    @property
+    def publisher(self) -> ImportPublisher:
+        return self._publisher
+
+    @property
+    def catalog_error(self) -> str | None:
+        """What the catalog source last failed with, or None while it answers ."""
+        return self._catalog.last_error
 
     @property
     def catalog_snapshot(self) -> CatalogSnapshot:

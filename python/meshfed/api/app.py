@@ -68,10 +68,20 @@ def create_app(controller: Controller, peering: PeeringService | None = None) ->
 
     @app.get("/readyz", tags=["health"], responses={503: {"description": "The zone is still starting"}})
     def readyz() -> JSONResponse:
-        """The gateway serves and every background service has started."""
-        if controller.ready:
-            return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "starting"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+        """The gateway serves and every background service has started (503 until then).
+
+        ``status`` is ``degraded`` (still 200: the gateway serves) when the
+        catalog cannot be read or imports cannot be published into it;
+        ``problems`` says what, one line each.
+        """
+        if not controller.ready:
+            return JSONResponse({"status": "starting"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+        problems = []
+        if controller.catalog_error is not None:
+            problems.append(f"catalog: {controller.catalog_error}")
+        if not controller.publication.ok:
+            problems.append(f"import publication: {controller.publication.last_error}")
+        return JSONResponse({"status": "degraded" if problems else "ready", "problems": problems})
 
     @app.get("/metrics", tags=["health"], response_class=Response)
     def metrics() -> Response:

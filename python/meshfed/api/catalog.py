@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
@@ -9,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from meshfed.api.auth import require_admin
 from meshfed.catalog.model import Service
+from meshfed.catalog.publisher import PublicationStatus
 from meshfed.controller import Controller
 from meshfed.errors import FederationError
 from meshfed.federation.exports import ExportRules
@@ -36,8 +38,35 @@ class FailoverGroupView(BaseModel):
     listeners: dict[str, str] = Field(description="Port name -> host:port where local clients reach the group.")
 
 
+class CatalogSourceView(BaseModel):
+    mode: str = Field(description="embedded, consul or kubernetes (zone.toml catalog).")
+    error: str | None = Field(description="What the last read of the catalog failed with; null while it answers.")
+
+
+class PublicationView(BaseModel):
+    """How publishing imports into the zone's catalog (Consul registrations, Kubernetes mirrors) went last."""
+
+    ok: bool
+    imports: int = Field(description="Imports published by the last successful publication.")
+    error: str | None = Field(description="Why the last publication failed; null when it succeeded.")
+    failing_since: dt.datetime | None
+    last_success_at: dt.datetime | None
+
+    @classmethod
+    def of(cls, status: PublicationStatus) -> PublicationView:
+        return cls(
+            ok=status.ok,
+            imports=status.imports,
+            error=status.last_error,
+            failing_since=status.failing_since,
+            last_success_at=status.last_success_at,
+        )
+
+
 class CatalogView(BaseModel):
     version: int
+    source: CatalogSourceView
+    publication: PublicationView
     services: list[Service]
     imports: list[ImportView]
     failover_groups: list[FailoverGroupView]
@@ -72,6 +101,8 @@ def catalog(request: Request) -> CatalogView:
     bound = {name: f"{host}:{port}" for name, (host, port) in controller.egress_addresses().items()}
     return CatalogView(
         version=snapshot.version,
+        source=CatalogSourceView(mode=controller.zone.config.catalog, error=controller.catalog_error),
+        publication=PublicationView.of(controller.publication),
         services=snapshot.services,
         imports=[
             ImportView(

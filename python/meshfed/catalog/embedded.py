@@ -95,6 +95,11 @@ class EmbeddedCatalog(SqliteStore):
     async def aclose(self) -> None:
         self.close()
 
+    @property
+    def last_error(self) -> str | None:
+        """Never set: the embedded catalog is a local file, and a failed read raises at once."""
+        return None
+
     def _bump(self) -> int:
         self._db.execute("UPDATE catalog_version SET version = version + 1")
         return self.version()

@@ -32,3 +32,8 @@ class CatalogSource(Protocol):
     async def aclose(self) -> None:
         """Release connections; the source is not used afterwards."""
         ...
+
+    @property
+    def last_error(self) -> str | None:
+        """What the last failed read said, or None while the source answers."""
+        ...

@@ -18,10 +18,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from meshfed.catalog.publisher import PublicationStore
 from meshfed.cli.common import ZoneDir, parse_duration
 from meshfed.federation.peering import PeeringStore, request_delete
 from meshfed.federation.service import PeerStatus, establish
-from meshfed.zone import Zone
+from meshfed.zone import STATE_FILE, Zone
 
 peer_app = typer.Typer(help="Peer this zone with other zones (tokens, establish, list, delete).", no_args_is_help=True)
 
@@ -100,6 +101,14 @@ def list_peers(directory: ZoneDir) -> None:
             str(status.imported_services),
         )
     Console(width=160).print(table)
+    with PublicationStore(zone.directory / STATE_FILE) as publications:
+        publication = publications.get()
+    if publication is not None and not publication.ok:
+        typer.echo(
+            f"warning: imports from these peers are served by the gateway but not published in the "
+            f"{zone.config.catalog} catalog: {publication.last_error}",
+            err=True,
+        )
 
 
 @peer_app.command("show")

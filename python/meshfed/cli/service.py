@@ -1,7 +1,15 @@
-"""``meshfed service`` and ``meshfed catalog``: the embedded catalog."""
+"""``meshfed service`` and ``meshfed catalog``: the zone's catalog.
+
+``service register``/``deregister`` write the embedded catalog; a zone whose
+catalog is Consul or Kubernetes refuses them (services are registered there,
+with that platform's tools). ``service list`` and ``catalog list`` read the
+catalog the zone is configured with, through the same source the controller
+uses, so a Consul or Kubernetes zone shows what that server holds.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 import typer
@@ -9,13 +17,15 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from meshfed.catalog import CatalogSnapshot, open_catalog
 from meshfed.catalog.embedded import EmbeddedCatalog
 from meshfed.catalog.model import Endpoint, Locality, Service
+from meshfed.catalog.publisher import PublicationStore
 from meshfed.cli.common import ZoneDir
 from meshfed.errors import CatalogError
 from meshfed.federation.failover import failover_groups
 from meshfed.federation.imports import ImportStore
-from meshfed.zone import Zone
+from meshfed.zone import STATE_FILE, Zone
 
 service_app = typer.Typer(help="Register services in the zone's embedded catalog.", no_args_is_help=True)
 catalog_app = typer.Typer(help="Show the zone's catalog.", no_args_is_help=True)
@@ -37,6 +47,7 @@ def register(
 ) -> None:
     """Add or replace a service and all its endpoints."""
     zone = Zone.open(directory)
+    _require_embedded(zone, "register")
     try:
         service = Service(
             name=name,
@@ -63,6 +74,7 @@ def deregister(
 ) -> None:
     """Remove a service from the embedded catalog."""
     zone = Zone.open(directory)
+    _require_embedded(zone, "deregister")
     with EmbeddedCatalog(zone.directory) as catalog:
         version = catalog.deregister(namespace, name)
     typer.echo(f"deregistered {name}.{namespace}, version {version}")
@@ -70,7 +82,7 @@ def deregister(
 
 @service_app.command("list")
 def list_services(directory: ZoneDir) -> None:
-    """List the services registered in the embedded catalog."""
+    """List the services in the zone's catalog (embedded, Consul or Kubernetes)."""
     _print_catalog(Zone.open(directory))
 
 
@@ -80,11 +92,41 @@ def list_catalog(directory: ZoneDir) -> None:
     _print_catalog(Zone.open(directory))
 
 
+def _require_embedded(zone: Zone, verb: str) -> None:
+    mode = zone.config.catalog
+    if mode != "embedded":
+        where = {"consul": "in Consul (consul services register, or the agent's service definitions)"}.get(
+            mode, "in Kubernetes (a Service with a selector, or your own EndpointSlices)"
+        )
+        raise CatalogError(
+            f"zone {zone.name} reads its services from its {mode} catalog, so `meshfed service {verb}` does not "
+            f"apply; manage them {where}"
+        )
+
+
+def _load(zone: Zone) -> CatalogSnapshot:
+    """The zone's services now, read from the source zone.toml names."""
+    if zone.config.catalog == "embedded":
+        with EmbeddedCatalog(zone.directory) as embedded:
+            return embedded.load()
+
+    async def read() -> CatalogSnapshot:
+        source = open_catalog(zone)
+        try:
+            return await source.snapshot()
+        finally:
+            await source.aclose()
+
+    return asyncio.run(read())
+
+
 def _print_catalog(zone: Zone) -> None:
-    with EmbeddedCatalog(zone.directory) as catalog, ImportStore(zone.directory) as imports:
-        snapshot = catalog.load()
+    snapshot = _load(zone)
+    with ImportStore(zone.directory) as imports:
         imported = imports.services()
-    table = Table(title=f"zone {zone.name} catalog (version {snapshot.version})")
+    with PublicationStore(zone.directory / STATE_FILE) as publications:
+        publication = publications.get()
+    table = Table(title=f"zone {zone.name} catalog ({zone.config.catalog}, version {snapshot.version})")
     for column in ("service", "ports", "zone", "healthy", "endpoints"):
         table.add_column(column)
     for service in snapshot.services:
@@ -112,6 +154,13 @@ def _print_catalog(zone: Zone) -> None:
             "listener " + ", ".join(group.listener_name(port) for port in group.port_names),
         )
     Console(width=160).print(table)
+    if publication is not None and not publication.ok:
+        since = publication.failing_since.isoformat(timespec="seconds") if publication.failing_since else "?"
+        typer.echo(
+            f"warning: imports are not published in the {zone.config.catalog} catalog since {since}: "
+            f"{publication.last_error}",
+            err=True,
+        )
 
 
 def _ports(ports: dict[str, int]) -> str:
