@@ -62,7 +62,9 @@ def test_a_refused_publication_neither_blocks_imports_nor_this_zones_own_exports
     caplog.set_level(logging.WARNING, logger="meshfed.catalog.publisher")
 
     async def scenario() -> None:
-        east_ctl = Controller(east, gateway_address="127.0.0.1:0", peer_trust_domains=lambda: {"west": west.trust_domain})
+        east_ctl = Controller(
+            east, gateway_address="127.0.0.1:0", peer_trust_domains=lambda: {"west": west.trust_domain}
+        )
         west_ctl = Controller(
             west,
             gateway_address="127.0.0.1:0",
@@ -103,7 +105,8 @@ def test_a_refused_publication_neither_blocks_imports_nor_this_zones_own_exports
             assert "denied access" in publication["error"]
             with PublicationStore(west.directory / STATE_FILE) as store:
                 stored = store.get()
-            assert stored is not None and not stored.ok
+            assert stored is not None
+            assert not stored.ok
 
             # Healed: the next retry publishes the current imports, and the status clears.
             refusing.healed = True
@@ -149,3 +152,17 @@ def test_service_register_on_a_non_embedded_zone_is_refused(tmp_path, verb):
     assert result.returncode == 1
     assert result.stderr.decode().startswith("meshfed: error: zone east reads its services from its consul catalog")
     assert result.stderr.count(b"\n") == 1
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::1"])
+def test_up_refuses_a_loopback_egress_address_for_a_kubernetes_zone(tmp_path, host):
+    zone_dir = tmp_path / "east"
+    Zone.init(zone_dir, "east", "east.mesh")
+    config = zone_dir / "zone.toml"
+    config.write_text(config.read_text().replace('catalog = "embedded"', 'catalog = "kubernetes"'))
+    result = meshfed_cli("up", "--dir", zone_dir, "--egress-host", host, "--api-address", "127.0.0.1:1")
+    assert result.returncode == 1
+    message = result.stderr.decode()
+    assert message.startswith(f"meshfed: error: zone east mirrors imports as EndpointSlices at {host}")
+    assert "--egress-advertise-host" in message
+    assert message.count("\n") == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import ipaddress
 import resource
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from fastapi import FastAPI
 
 from meshfed.api import create_app
 from meshfed.controller import DEFAULT_HEALTH_CHECK, Controller, FailingPeerPolicy
-from meshfed.errors import PeeringError
+from meshfed.errors import MeshfedError, PeeringError
 from meshfed.federation.peering import PeerState
 from meshfed.federation.service import PeeringService, PeerStatus
 from meshfed.gateway import HealthCheck
@@ -46,6 +47,26 @@ class ZoneSettings:
     failing_peer_grace: dt.timedelta = dt.timedelta(minutes=5)
     failing_peer_policy: FailingPeerPolicy = "open"
     health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK  # active checks of local endpoints; None: catalog only
+
+
+def check_settings(zone: Zone, settings: ZoneSettings) -> None:
+    """Refuse settings that cannot work with this zone's catalog, before anything binds."""
+    if zone.config.catalog != "kubernetes":
+        return
+    published = settings.egress_advertise_host or settings.egress_host
+    try:
+        address = ipaddress.ip_address(published)
+    except ValueError:
+        raise MeshfedError(
+            f"zone {zone.name} mirrors imports as EndpointSlices, which need an IP address; "
+            f"--egress-advertise-host {published!r} is not one (give the pod IP)"
+        ) from None
+    if address.is_loopback or address.is_unspecified:
+        raise MeshfedError(
+            f"zone {zone.name} mirrors imports as EndpointSlices at {published}, and the Kubernetes API server "
+            "refuses loopback and unspecified addresses there: set --egress-advertise-host to an address pods "
+            "reach (the pod IP; the Helm chart sets it)"
+        )
 
 
 def raise_open_file_limit() -> int:

@@ -9,13 +9,14 @@ import uvicorn
 
 from meshfed.errors import MeshfedError
 from meshfed.logs import configure_logging
-from meshfed.runtime import ZoneSettings, assemble_zone, raise_open_file_limit
+from meshfed.runtime import ZoneSettings, assemble_zone, check_settings, raise_open_file_limit
 from meshfed.zone import Zone
 
 
 def serve_zone(zone: Zone, settings: ZoneSettings, *, api_address: str, log_level: str, json_logs: bool) -> None:
     """Start the zone (errors surface as one line), then serve the API until a signal."""
     host, port = split_address(api_address, "--api-address")
+    check_settings(zone, settings)
     configure_logging(log_level, json=json_logs)
     raise_open_file_limit()
     asyncio.run(_serve(zone, settings, host, port, log_level))
