@@ -18,6 +18,7 @@ deleted behind meshfed's back. So publication is a job of its own:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable
@@ -140,12 +141,11 @@ class ImportPublisher:
     async def _run(self) -> None:
         delay = self._backoff[0]
         while True:
-            try:
-                # A failed publication retries after the backoff; a good one waits for a request or the resync.
-                timeout = delay if not self.status.ok else self._resync
-                await asyncio.wait_for(self._wanted.wait(), timeout)
-            except TimeoutError:
-                pass
+            # A failed publication retries after the backoff; a good one waits for a request or the resync.
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that races the event.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay if not self.status.ok else self._resync):
+                    await self._wanted.wait()
             self._wanted.clear()
             ok = await self._publish_once()
             delay = self._backoff[0] if ok else min(delay * 2, self._backoff[1])
