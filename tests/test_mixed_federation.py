@@ -1,8 +1,12 @@
-"""A mixed federation: one zone on Consul, one on Kubernetes, one embedded — each assembled as `meshfed up` does.
+"""A mixed federation on the real servers: a zone on Consul, one on Kubernetes, one embedded, run as `meshfed up` does.
 
 Each zone exports its own ``echo`` to both others; every zone then calls the
 other two through its gateway's egress, and the imports show up where local
-clients look: registered in Consul, mirrored as Kubernetes Services.
+clients look: registered in the real Consul (with meshfed's ACL token of the
+documented policy), mirrored as Services + EndpointSlices the real API server
+admits. The Kubernetes zone's backend and egress sit on a veth pair into a
+network namespace the test makes, because the API server refuses loopback
+addresses in EndpointSlices.
 """
 
 from __future__ import annotations
@@ -24,118 +28,19 @@ import httpx
 import pytest
 
 from meshfed.catalog import ConsulSettings, EmbeddedCatalog, Endpoint, KubernetesSettings, Service
-from meshfed.catalog.kubernetes import MIRROR_LABEL, OWNER_LABEL, SERVICE_NAME_LABEL
+from meshfed.catalog.kubernetes import SERVICE_NAME_LABEL
 from meshfed.federation.exports import ExportRules
 from meshfed.runtime import ZoneRuntime, assemble_zone
 from meshfed.zone import Zone
-from tests.conftest import EchoServer, eventually, running_echo_server
-from tests.doubles.consul import ConsulDouble
-from tests.doubles.kubernetes import KubernetesDouble, endpoint_slice, service
-from tests.servers import REPO, RealConsul, RealKubernetes, real_consul, real_kubernetes
+from tests.conftest import eventually, running_echo_server
+from tests.servers import RealConsul, RealKubernetes, real_consul, real_kubernetes
+from tests.test_catalog_consul import documented_policy
 from tests.test_e2e_federation import LOOPBACK, call
-
-# The ACL policy the README tells Consul operators to write; the real-server test runs with exactly it.
-CONSUL_POLICY = REPO / "helm" / "meshfed" / "examples" / "consul-acl-policy.hcl"
 
 
 def _serves(runtime: ZoneRuntime, listener: str) -> bool:
     return listener in runtime.controller.gateway.addresses()
 
-
-def test_consul_kubernetes_and_embedded_zones_call_each_other(tmp_path: Path, echo_server: EchoServer):
-    port = echo_server.address[1]
-    with ConsulDouble() as consul, KubernetesDouble() as kube:
-        consul.register("echo", "127.0.0.1", port, meta={"meshfed-port-name": "tcp"})
-        kube.apply(service("echo", ports={"tcp": 7}))
-        kube.apply(endpoint_slice("echo", [("127.0.0.1", True, "")], port, port_name="tcp"))
-        east = Zone.init(
-            tmp_path / "east", "east", "east.mesh", catalog="consul", consul=ConsulSettings(address=consul.address)
-        )
-        west = Zone.init(
-            tmp_path / "west",
-            "west",
-            "west.mesh",
-            catalog="kubernetes",
-            kubernetes=KubernetesSettings(kubeconfig=str(kube.write_kubeconfig(tmp_path / "kubeconfig"))),
-        )
-        north = Zone.init(tmp_path / "north", "north", "north.mesh")
-        with EmbeddedCatalog(north.directory) as catalog:
-            catalog.register(
-                Service(name="echo", ports={"tcp": 7}, endpoints=[Endpoint(address="127.0.0.1", port=port)])
-            )
-        zones = {"east": east, "west": west, "north": north}
-        for name, zone in zones.items():
-            with ExportRules(zone.directory) as rules:
-                rules.add("echo", "default", [other for other in zones if other != name])
-
-        async def scenario() -> None:
-            runtimes = {name: assemble_zone(zone, LOOPBACK) for name, zone in zones.items()}
-            for runtime in runtimes.values():
-                await runtime.controller.start()
-            try:
-                for acceptor, dialer in (("east", "west"), ("east", "north"), ("west", "north")):
-                    token = runtimes[acceptor].peering.issue_token(dialer).encoded
-                    await runtimes[dialer].peering.establish(token, acceptor)
-                for caller, callee in itertools.permutations(zones, 2):
-                    runtime = runtimes[caller]
-                    listener = f"egress:echo.default.{callee}:tcp"
-                    await eventually(
-                        functools.partial(_serves, runtime, listener),
-                        f"{caller}'s egress for {callee}'s echo",
-                        timeout=15,
-                    )
-                    payload = f"{caller} calls {callee}".encode()
-                    assert await call(runtime, listener, payload) == payload
-
-                # The imports are where each zone's own clients look for services.
-                def consul_has_imports() -> bool:
-                    names = {s["Service"] for s in consul.registered("meshfed-east").values()}
-                    return names == {"echo-west", "echo-north"}
-
-                def kubernetes_has_mirrors() -> bool:
-                    mirrors = kube.objects("services", "default", f"{MIRROR_LABEL}=true,{OWNER_LABEL}=west")
-                    slices = kube.objects("endpointslices", "default", f"{MIRROR_LABEL}=true")
-                    return {m["metadata"]["name"] for m in mirrors} == {"echo-east", "echo-north"} and len(slices) == 2
-
-                await eventually(consul_has_imports, "imports registered in Consul")
-                await eventually(kubernetes_has_mirrors, "imports mirrored in Kubernetes")
-                registered = consul.registered("meshfed-east")["meshfed-echo.default.west"]
-                egress_host, egress_port = runtimes["east"].controller.gateway.addresses()[
-                    "egress:echo.default.west:tcp"
-                ]
-                assert (registered["Address"], registered["Port"]) == (egress_host, egress_port)
-                # ...and never re-exported as local services.
-                for name in ("east", "west"):
-                    local = runtimes[name].controller.exported_snapshot("north")
-                    assert [s.name for s in local.services] == ["echo"]
-
-                # Deleting a peering takes its imports out of Consul and Kubernetes again.
-                await runtimes["north"].peering.delete("west")
-                await runtimes["north"].peering.delete("east")
-                await eventually(
-                    lambda: {s["Service"] for s in consul.registered("meshfed-east").values()} == {"echo-west"},
-                    "north's import deregistered from Consul",
-                )
-                await eventually(
-                    lambda: (
-                        [m["metadata"]["name"] for m in kube.objects("services", "default", f"{OWNER_LABEL}=west")]
-                        == ["echo-east"]
-                    ),
-                    "north's mirror deleted from Kubernetes",
-                    timeout=15,
-                )
-            finally:
-                for runtime in reversed(list(runtimes.values())):
-                    await runtime.controller.stop()
-
-        asyncio.run(scenario())
-    # Every call reached a backend once (health checks connect too, but send nothing).
-    payloads = [f"{caller} calls {callee}".encode() for caller, callee in itertools.permutations(zones, 2)]
-    assert len(echo_server.received) == sum(map(len, payloads))
-    assert all(payload in echo_server.received for payload in payloads)
-
-
-# -- the same federation on the real servers --------------------------------------------------------------
 
 _ECHO = """
 import socket, sys, threading
@@ -213,11 +118,10 @@ def consul_call(consul: RealConsul, method: str, path: str, body: object = None)
     return response.json()
 
 
-def meshfed_consul_token(consul: RealConsul, name: str) -> str:
-    """A token with exactly the policy the docs tell operators to write."""
-    policy = consul_call(
-        consul, "PUT", "/v1/acl/policy", {"Name": f"meshfed-{name}", "Rules": CONSUL_POLICY.read_text()}
-    )
+def meshfed_consul_token(consul: RealConsul, zone: str, imports: list[str]) -> str:
+    """A token with exactly the policy the docs tell operators to write, for this zone and these imports."""
+    rules = documented_policy(f"meshfed-{zone}", imports)
+    policy = consul_call(consul, "PUT", "/v1/acl/policy", {"Name": f"meshfed-{zone}", "Rules": rules})
     token = consul_call(consul, "PUT", "/v1/acl/token", {"Policies": [{"ID": policy["ID"]}]})
     return str(token["SecretID"])
 
@@ -302,7 +206,8 @@ def test_consul_kubernetes_and_embedded_zones_federate_on_the_real_servers(tmp_p
             },
         )
         token_file = tmp_path / "consul.token"
-        token_file.write_text(meshfed_consul_token(consul, names["consul"]))
+        imports = [f"echo-{names['kube']}", f"echo-{namespace}-{names['kube']}", f"echo-{names['embedded']}"]
+        token_file.write_text(meshfed_consul_token(consul, names["consul"], imports))
         zones = {
             "consul": Zone.init(
                 tmp_path / "c",
@@ -404,3 +309,71 @@ def test_consul_kubernetes_and_embedded_zones_federate_on_the_real_servers(tmp_p
         check=False,
         capture_output=True,
     )
+
+
+def test_a_consul_that_refuses_registration_leaves_the_zone_federating(tmp_path: Path):
+    """The frozen-pipeline bug on the real Consul: a token without write rights refuses every import registration."""
+    consul = real_consul()
+    run = uuid.uuid4().hex[:6]
+    dc, emb = f"dc{run}", f"emb{run}"
+    read_only = consul_call(
+        consul,
+        "PUT",
+        "/v1/acl/policy",
+        {
+            "Name": f"read-only-{run}",
+            "Rules": 'service_prefix "" { policy = "read" }\nnode_prefix "" { policy = "read" }',
+        },
+    )
+    token = consul_call(consul, "PUT", "/v1/acl/token", {"Policies": [{"ID": read_only["ID"]}]})
+    token_file = tmp_path / "consul.token"
+    token_file.write_text(token["SecretID"])
+    with running_echo_server() as echo:
+        consul_call(
+            consul,
+            "PUT",
+            "/v1/catalog/register",
+            {
+                "Node": f"node-{run}",
+                "Address": "127.0.0.1",
+                "Service": {"ID": f"cart-{run}", "Service": f"cart{run}", "Port": echo.address[1]},
+            },
+        )
+        consul_zone = Zone.init(
+            tmp_path / "c",
+            dc,
+            f"{dc}.mesh",
+            catalog="consul",
+            consul=ConsulSettings(address=consul.address, token_file=str(token_file)),
+        )
+        embedded = Zone.init(tmp_path / "e", emb, f"{emb}.mesh")
+        with EmbeddedCatalog(embedded.directory) as catalog:
+            catalog.register(
+                Service(name="web", ports={"tcp": 7}, endpoints=[Endpoint(address="127.0.0.1", port=echo.address[1])])
+            )
+        with ExportRules(embedded.directory) as rules:
+            rules.add("web", "default", [dc])
+
+        async def scenario() -> None:
+            c, e = assemble_zone(consul_zone, LOOPBACK), assemble_zone(embedded, LOOPBACK)
+            await c.controller.start()
+            await e.controller.start()
+            try:
+                await c.peering.establish(e.peering.issue_token(dc).encoded, emb)
+                listener = f"egress:web.default.{emb}:tcp"
+                await eventually(functools.partial(_serves, c, listener), "the import served", timeout=20)
+                assert await call(c, listener, b"served anyway") == b"served anyway"
+                await eventually(lambda: not c.controller.publication.ok, "the refusal recorded", timeout=20)
+                assert "Permission denied" in (c.controller.publication.last_error or "")
+                # The zone's own export still reaches its peer after the refusal.
+                with ExportRules(consul_zone.directory) as rules:
+                    rules.add(f"cart{run}", "default", [emb])
+                exported = f"egress:cart{run}.default.{dc}:default"  # no meshfed-port-name meta
+                await eventually(functools.partial(_serves, e, exported), "the Consul zone's export", timeout=20)
+                assert await call(e, exported, b"and exports") == b"and exports"
+            finally:
+                await e.controller.stop()
+                await c.controller.stop()
+                consul_call(consul, "PUT", "/v1/catalog/deregister", {"Node": f"node-{run}"})
+
+        asyncio.run(scenario())
