@@ -35,6 +35,7 @@ from meshfed.zone import Zone
 from tests.conftest import eventually, running_echo_server
 from tests.servers import RealConsul, RealKubernetes, real_consul, real_kubernetes
 from tests.test_catalog_consul import documented_policy
+from tests.test_cli import meshfed_cli
 from tests.test_e2e_federation import LOOPBACK, call
 
 
@@ -377,3 +378,54 @@ def test_a_consul_that_refuses_registration_leaves_the_zone_federating(tmp_path:
                 consul_call(consul, "PUT", "/v1/catalog/deregister", {"Node": f"node-{run}"})
 
         asyncio.run(scenario())
+
+
+def test_catalog_list_reads_the_real_consul_and_kubernetes_catalogs(tmp_path: Path):
+    consul, kube = real_consul(), real_kubernetes()
+    run = uuid.uuid4().hex[:6]
+    namespace = f"list-{run}"
+    kube_apply(kube, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    kube_apply(
+        kube,
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": f"shop{run}", "namespace": namespace},
+            "spec": {"ports": [{"name": "http", "port": 80}]},
+        },
+    )
+    consul_call(
+        consul,
+        "PUT",
+        "/v1/catalog/register",
+        {"Node": f"node-{run}", "Address": "10.9.0.1", "Service": {"Service": f"cart{run}", "Port": 9090}},
+    )
+    token_file = tmp_path / "token"
+    token_file.write_text(consul.management_token)
+    try:
+        consul_zone = Zone.init(
+            tmp_path / "c",
+            "c",
+            "c.mesh",
+            catalog="consul",
+            consul=ConsulSettings(address=consul.address, token_file=str(token_file)),
+        )
+        kube_zone = Zone.init(
+            tmp_path / "k",
+            "k",
+            "k.mesh",
+            catalog="kubernetes",
+            kubernetes=KubernetesSettings(kubeconfig=kube.admin_kubeconfig, namespaces=[namespace]),
+        )
+        for zone, expected in ((consul_zone, f"cart{run}.default"), (kube_zone, f"shop{run}.{namespace}")):
+            for command in ("catalog", "service"):
+                listed = meshfed_cli(command, "list", "--dir", zone.directory)
+                assert listed.returncode == 0, listed.stderr
+                assert expected in listed.stdout.decode()
+    finally:
+        consul_call(consul, "PUT", "/v1/catalog/deregister", {"Node": f"node-{run}"})
+        subprocess.run(
+            [kube.kubectl, "--kubeconfig", kube.admin_kubeconfig, "delete", "namespace", namespace, "--wait=false"],
+            check=False,
+            capture_output=True,
+        )
