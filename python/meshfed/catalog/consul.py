@@ -1,4 +1,4 @@
-"""The Consul catalog source (py-consul's asyncio client).
+"""The Consul catalog source (the HTTP API, through py-consul's asyncio client).
 
 Listing follows Consul's blocking-query rules
 (https://developer.hashicorp.com/consul/api-docs/features/blocking):
@@ -11,6 +11,20 @@ Listing follows Consul's blocking-query rules
   query; an index of 0 is treated as 1 so the next query still blocks;
 * a wake-up may be spurious, so results are compared, not trusted to differ;
 * errors back off exponentially and keep the last good snapshot.
+
+Reads and writes go through py-consul's HTTP client (its aiohttp session and
+its status-to-exception mapping) but not its endpoint wrappers: those hide the
+``X-Consul-Results-Filtered-By-Acls`` header, and ``catalog.register`` /
+``deregister`` put the token into the JSON body as ``WriteRequest``, which a
+Consul with ACLs refuses (``Request decode failed: json: unknown field
+"WriteRequest"``), and send node meta as a query filter that register ignores.
+The token travels in the ``X-Consul-Token`` header only.
+
+ACLs: Consul does not refuse a read the token may not make, it filters the
+answer, and says so in ``X-Consul-Results-Filtered-By-Acls`` (never for the
+anonymous token). A filtered answer is published as it is (it is all Consul
+shows) and reported in :attr:`ConsulCatalog.last_error`, logged once. The rules
+meshfed's token needs are in ``helm/meshfed/examples/consul-acl-policy.hcl``.
 
 Mapping: a Consul service is a meshfed :class:`Service` in its Consul
 Enterprise namespace (``default`` otherwise). Its one port is named by the
@@ -34,8 +48,11 @@ those (an import is never re-exported) and publishing removes stale ones.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -43,6 +60,7 @@ from urllib.parse import urlencode, urlsplit
 import aiohttp
 import consul
 import consul.aio
+from consul.callback import CB
 from pydantic import ValidationError
 
 from meshfed.aio import cancel_and_wait
@@ -57,6 +75,34 @@ MANAGED_META = "meshfed-managed"
 PORT_NAME_META = "meshfed-port-name"
 DEFAULT_PORT_NAME = "default"
 _MESHFED_META_PREFIX = "meshfed-"
+# The synthetic node's meta, as consul-k8s catalog sync and consul-esm expect of an external node.
+_NODE_META = {MANAGED_META: "true", "external-node": "true", "external-probe": "false"}
+# Named in error hints: the one place that says which ACL rules meshfed's token needs.
+ACL_POLICY_FILE = "helm/meshfed/examples/consul-acl-policy.hcl"
+_FILTERED_HEADER = "X-Consul-Results-Filtered-By-Acls"
+# Consul's 403 names the missing permission: lacks permission 'service:write' on "api-west".
+_MISSING_PERMISSION = re.compile(r"lacks permission '(\w+):(\w+)'(?: on \"([^\"]*)\")?")
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A Consul read: the raw ``X-Consul-Index``, the decoded body (None on 404), and what ACLs hid."""
+
+    index: str | None
+    body: Any
+    filtered: bool
+    default_deny: bool
+
+
+def _answer(response: Any) -> _Answer:
+    body = CB.json()(response)  # raises py-consul's exceptions on 4xx/5xx and on bodies that are not JSON
+    headers = response.headers  # case-insensitive (aiohttp)
+    return _Answer(
+        index=headers.get("X-Consul-Index"),
+        body=body,
+        filtered=headers.get(_FILTERED_HEADER, "").lower() == "true",
+        default_deny=headers.get("X-Consul-Default-Acl-Policy", "").lower() == "deny",
+    )
 
 
 class _HTTPClient(consul.aio.HTTPClient):  # type: ignore[misc]
@@ -116,6 +162,7 @@ class ConsulCatalog:
         self._services: dict[str, list[Service]] = {}
         self._listed = False
         self._skipped: set[str] = set()
+        self._warned_anonymous = False
 
     # -- the CatalogSource interface -------------------------------------------------------------------
 
@@ -129,32 +176,37 @@ class ConsulCatalog:
 
     async def publish_imports(self, imports: list[LocalImport]) -> None:
         """Register exactly ``imports`` on node ``meshfed-<zone>``; deregister what meshfed registered before."""
-        client = self._start()
         desired = {registration["ID"]: registration for registration in map(self._registration, imports)}
+        path = f"/v1/catalog/node/{self.node}"
         try:
-            node = await client.catalog.node(self.node)
-            existing: Mapping[str, Any] = {}
-            if isinstance(node, tuple):  # (index, document)
-                node = node[1]
-            if isinstance(node, dict):
-                existing = node.get("Services") or {}
+            answer = await self._get(path)
+            if answer.filtered:
+                # What the token cannot see would be registered again on every pass, and never removed when stale.
+                raise CatalogError(f"cannot register imports: {self._hidden(path)}")
+            node: Mapping[str, Any] = answer.body if isinstance(answer.body, dict) else {}
+            existing: Mapping[str, Any] = node.get("Services") or {}
+            # A node registered without its meta (meshfed before NodeMeta went into the body) is rewritten once.
+            node_current = (node.get("Node") or {}).get("Meta") == _NODE_META
             owned = {
                 service_id: service
                 for service_id, service in existing.items()
                 if (service.get("Meta") or {}).get(MANAGED_META) == "true"
             }
             for service_id, registration in desired.items():
-                if _same_registration(owned.get(service_id), registration):
+                if node_current and _same_registration(owned.get(service_id), registration):
                     continue
-                address = registration["Address"]
-                await client.catalog.register(
-                    self.node,
-                    address,
-                    service=registration,
-                    node_meta={MANAGED_META: "true", "external-node": "true", "external-probe": "false"},
+                await self._put(
+                    "/v1/catalog/register",
+                    {
+                        "Node": self.node,
+                        "Address": registration["Address"],
+                        "NodeMeta": _NODE_META,
+                        "Service": registration,
+                    },
                 )
+                node_current = True
             for service_id in owned.keys() - desired.keys():
-                await client.catalog.deregister(self.node, service_id=service_id)
+                await self._put("/v1/catalog/deregister", {"Node": self.node, "ServiceID": service_id})
         except (consul.ConsulException, aiohttp.ClientError, TimeoutError) as err:
             raise CatalogError(f"cannot register imports: {self._describe(err)}") from None
 
@@ -209,27 +261,26 @@ class ConsulCatalog:
         return client
 
     async def _watch_services(self) -> None:
-        client = self._start()
         backoff = Backoff(*self._backoff)
         index = 0
+        path = "/v1/catalog/services"
         # After an error, ask once without blocking: a blocking query on the old
         # index would hide for a whole wait that Consul is answering again.
         retrying = False
         while True:
             try:
-                blocking_index = None if retrying else (index or None)
-                raw_index, services = await client.catalog.services(index=blocking_index, wait=self._wait_param())
-                names = _service_names(services, self.address)
-                new_index = _parse_index(raw_index, self.address, "/v1/catalog/services")
+                answer = await self._get(path, None if retrying else index)
+                names = _service_names(answer.body, self.address)
+                new_index = _parse_index(answer.index, self.address, path)
             except asyncio.CancelledError:
                 raise
             except (consul.ConsulException, aiohttp.ClientError, TimeoutError, CatalogError) as err:
-                self._cache.failed(self._describe(err))
+                self._cache.failed(self._describe(err), path)
                 retrying = True
                 await backoff.sleep()
                 continue
             backoff.reset()
-            self._cache.recovered()
+            self._report_filtering(path, answer.filtered)
             retrying = False
             if new_index < index:
                 # The server's history restarted (snapshot restore, new cluster): start over from scratch.
@@ -250,38 +301,75 @@ class ConsulCatalog:
         for name in self._watchers.keys() - names:
             self._watchers.pop(name).cancel()
             self._services.pop(name, None)
+            self._cache.recovered(f"/v1/health/service/{name}")  # no longer asked: its failure is moot
 
     async def _restart_watchers(self) -> None:
         watchers, self._watchers = self._watchers, {}
         self._services.clear()
         await cancel_and_wait(*watchers.values())
+        for name in watchers:
+            self._cache.recovered(f"/v1/health/service/{name}")
 
     async def _watch_service(self, name: str) -> None:
-        client = self._start()
         backoff = Backoff(*self._backoff)
         index = 0
         path = f"/v1/health/service/{name}"
         retrying = False  # as in _watch_services: the first query after an error does not block
         while True:
             try:
-                blocking_index = None if retrying else (index or None)
-                raw_index, entries = await client.health.service(name, index=blocking_index, wait=self._wait_param())
-                new_index = _parse_index(raw_index, self.address, path)
-                services = self._to_services(name, entries, path)
+                answer = await self._get(path, None if retrying else index)
+                new_index = _parse_index(answer.index, self.address, path)
+                services = self._to_services(name, answer.body, path)
             except asyncio.CancelledError:
                 raise
             except (consul.ConsulException, aiohttp.ClientError, TimeoutError, CatalogError) as err:
-                self._cache.failed(self._describe(err))
+                self._cache.failed(self._describe(err), path)
                 retrying = True
                 await backoff.sleep()
                 continue
             backoff.reset()
-            self._cache.recovered()
             retrying = False
             # Backwards: the history is gone; this answer is current, but the next query must not block on it.
             index = 0 if new_index < index else max(new_index, 1)
             self._services[name] = services
             self._publish()
+            self._report_filtering(path, answer.filtered)
+
+    async def _get(self, path: str, index: int | None = None) -> _Answer:
+        """One read; with ``index``, a blocking query that returns once Consul's index passes it (or on ``wait``)."""
+        params: list[tuple[str, str]] = []
+        if self._settings.datacenter:
+            params.append(("dc", self._settings.datacenter))
+        if index:
+            params += [("index", str(index)), ("wait", self._wait_param())]
+        answer: _Answer = await self._start().http.get(_answer, path, params=params, headers=self._headers())
+        if answer.default_deny and self._token is None and not self._warned_anonymous:
+            # Consul filters the anonymous token's reads without saying so: this is the only sign.
+            self._warned_anonymous = True
+            log.warning(
+                "Consul at %s enforces ACLs (default policy deny) and zone.toml names no [consul] token_file: "
+                "Consul shows meshfed only what its anonymous token may read, and does not say what it hides "
+                "— create a token with the policy in %s",
+                self.address,
+                ACL_POLICY_FILE,
+            )
+        return answer
+
+    async def _put(self, path: str, body: dict[str, Any]) -> None:
+        """One catalog write, the token in the header only (Consul refuses unknown fields in the body)."""
+        if self._settings.datacenter:
+            body = {**body, "Datacenter": self._settings.datacenter}
+        await self._start().http.put(CB.boolean(), path, data=json.dumps(body), headers=self._headers())
+
+    def _headers(self) -> dict[str, str]:
+        return {"X-Consul-Token": self._token} if self._token else {}
+
+    def _report_filtering(self, path: str, filtered: bool) -> None:
+        """A query answered: healed, or degraded if ACLs hid part of the answer (which is published regardless)."""
+        if filtered:
+            self._cache.failed(self._hidden(path), path)
+        else:
+            self._cache.recovered(path)
 
     def _publish(self) -> None:
         # The first snapshot waits until every listed service has answered once, so it is complete.
@@ -382,6 +470,54 @@ class ConsulCatalog:
             "Meta": meta,
         }
 
+    def _hidden(self, path: str) -> str:
+        """What an answer filtered by ACLs lacks, and which rule of the documented policy would show it."""
+        where, token = f"Consul at {self.address}", self._token_named()
+        if path == "/v1/catalog/services":
+            return (
+                f"{where} hides services from {token} (ACL-filtered {path}): the catalog lacks them "
+                f'— does its policy grant service:read on every service (service_prefix "" read, {ACL_POLICY_FILE})?'
+            )
+        if path.startswith("/v1/health/service/"):
+            # One message for every service, so that a token without node:read is one log line, not one per service.
+            return (
+                f"{where} hides instances on nodes that {token} cannot read (ACL-filtered /v1/health/service): "
+                f'services lack endpoints — does its policy grant node:read on every node (node_prefix "" read, '
+                f"{ACL_POLICY_FILE})?"
+            )
+        return (
+            f"{where} hides node {self.node} or its services from {token} (ACL-filtered {path}): meshfed cannot "
+            f"tell what it registered there — does its policy grant node:read and service:read ({ACL_POLICY_FILE})?"
+        )
+
+    def _token_named(self) -> str:
+        if self._settings.token_file is None:
+            return "the anonymous ACL token (zone.toml names no [consul] token_file)"
+        return f"the ACL token in {self._settings.token_file}"
+
+    def _denied(self, text: str) -> str:
+        """A 403, with the ACL rule that would have allowed it when Consul names the missing permission."""
+        where, token = f"Consul at {self.address}", self._token_named()
+        if self._settings.token_file is None:
+            return (
+                f"{where} denied access (403 {text}) to {token} — create a token with the policy in {ACL_POLICY_FILE}"
+            )
+        if "ACL not found" in text:
+            return (
+                f"{where} does not know {token} (403 ACL not found) — is it the SecretID of a token "
+                "that exists in this datacenter?"
+            )
+        missing = _MISSING_PERMISSION.search(text)
+        if missing is None:
+            return f"{where} denied access (403 {text}) — does {token} carry the policy in {ACL_POLICY_FILE}?"
+        kind, access, name = missing.groups()
+        on = f' on "{name}"' if name is not None else ""
+        rule = f'{kind} "{name}" {{ policy = "{access}" }}' if name is not None else f'{kind} = "{access}"'
+        return (
+            f"{where} denied access (403 {text}) — {token} lacks {kind}:{access}{on}: "
+            f"add `{rule}` to its policy (see {ACL_POLICY_FILE})"
+        )
+
     def _describe(self, err: BaseException) -> str:
         where = f"Consul at {self.address}"
         if isinstance(err, CatalogError):
@@ -389,10 +525,7 @@ class ConsulCatalog:
         if isinstance(err, aiohttp.ClientConnectorError):
             return f"{where} refused the connection ({err.os_error}) — is [consul] address in zone.toml right?"
         if isinstance(err, consul.ACLPermissionDenied):
-            return (
-                f"{where} denied access (403 {str(err).strip()}) — does the ACL token "
-                f"({self._settings.token_file or 'none configured'}) grant service:read and node:write?"
-            )
+            return self._denied(str(err).strip())
         if isinstance(err, consul.ACLDisabled):
             return f"{where} rejected the request (401 {str(err).strip()}) — check the ACL token"
         if isinstance(err, TimeoutError | consul.Timeout):
@@ -433,4 +566,4 @@ def _same_registration(existing: Mapping[str, Any] | None, desired: Mapping[str,
     return all(existing.get(key) == desired[key] for key in ("Service", "Address", "Port", "Tags", "Meta"))
 
 
-__all__ = ["DEFAULT_PORT_NAME", "MANAGED_META", "PORT_NAME_META", "ConsulCatalog"]
+__all__ = ["ACL_POLICY_FILE", "DEFAULT_PORT_NAME", "MANAGED_META", "PORT_NAME_META", "ConsulCatalog"]

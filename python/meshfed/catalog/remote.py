@@ -5,7 +5,8 @@ queries, Kubernetes watches) and answer :meth:`watch` from the cache, because
 the controller calls ``watch`` with a short timeout and checks export rules
 between calls. A failed poll never empties the cache: the last good snapshot
 keeps serving while the task backs off and retries, and :attr:`last_error`
-says what went wrong.
+says what went wrong (once per distinct failure in the log, however many
+queries share it).
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ class SnapshotCache:
         self._snapshot = CatalogSnapshot(version=0, services=[])
         self._changed = asyncio.Event()
         self.synced = asyncio.Event()
-        self.last_error: str | None = None
+        # What each failing query said, oldest first. Queries fail and heal on their own (one watcher per
+        # Consul service): one that answers must not clear another's failure, or a persistent failure is
+        # logged again every time some other query succeeds.
+        self._failing: dict[str, str] = {}
         # The last few distinct failures, for status pages and tests: errors that healed stay visible.
         self.recent_errors: collections.deque[str] = collections.deque(maxlen=20)
 
@@ -56,16 +60,23 @@ class SnapshotCache:
         self._changed = asyncio.Event()
         return True
 
-    def failed(self, message: str) -> None:
-        if message != self.last_error:
-            self.recent_errors.append(message)
-            log.warning("%s (serving the last good catalog, version %d)", message, self._snapshot.version)
-        self.last_error = message
+    @property
+    def last_error(self) -> str | None:
+        """What the most recent of the still-failing queries said, or None while every query answers."""
+        return next(reversed(self._failing.values()), None)
 
-    def recovered(self) -> None:
-        if self.last_error is not None:
+    def failed(self, message: str, query: str = "") -> None:
+        """``query`` failed with ``message``: logged once, not again while any query keeps failing that way."""
+        previous = self._failing.pop(query, None)
+        if message != previous and message not in self._failing.values():
+            self.recent_errors.append(message)
+            log.warning("%s (serving catalog version %d)", message, self._snapshot.version)
+        self._failing[query] = message
+
+    def recovered(self, query: str = "") -> None:
+        """``query`` answered (or is no longer asked)."""
+        if self._failing.pop(query, None) is not None and not self._failing:
             log.info("%s: reachable again", self._what)
-        self.last_error = None
 
     async def first(self, timeout: float) -> CatalogSnapshot:
         """The snapshot once the first full listing is in; a clear error if none arrives in ``timeout`` seconds."""
