@@ -119,10 +119,9 @@ def consul_call(consul: RealConsul, method: str, path: str, body: object = None)
     return response.json()
 
 
-def meshfed_consul_token(consul: RealConsul, zone: str, imports: list[str]) -> str:
-    """A token with exactly the policy the docs tell operators to write, for this zone and these imports."""
-    rules = documented_policy(f"meshfed-{zone}", imports)
-    policy = consul_call(consul, "PUT", "/v1/acl/policy", {"Name": f"meshfed-{zone}", "Rules": rules})
+def consul_token(consul: RealConsul, name: str, rules: str) -> str:
+    """A new token with a policy of ``rules`` of its own."""
+    policy = consul_call(consul, "PUT", "/v1/acl/policy", {"Name": name, "Rules": rules})
     token = consul_call(consul, "PUT", "/v1/acl/token", {"Policies": [{"ID": policy["ID"]}]})
     return str(token["SecretID"])
 
@@ -208,7 +207,9 @@ def test_consul_kubernetes_and_embedded_zones_federate_on_the_real_servers(tmp_p
         )
         token_file = tmp_path / "consul.token"
         imports = [f"echo-{names['kube']}", f"echo-{namespace}-{names['kube']}", f"echo-{names['embedded']}"]
-        token_file.write_text(meshfed_consul_token(consul, names["consul"], imports))
+        # Exactly the policy the docs tell operators to write, for this zone and these imports.
+        policy = documented_policy(f"meshfed-{names['consul']}", imports)
+        token_file.write_text(consul_token(consul, f"meshfed-{names['consul']}", policy))
         zones = {
             "consul": Zone.init(
                 tmp_path / "c",
@@ -317,18 +318,9 @@ def test_a_consul_that_refuses_registration_leaves_the_zone_federating(tmp_path:
     consul = real_consul()
     run = uuid.uuid4().hex[:6]
     dc, emb = f"dc{run}", f"emb{run}"
-    read_only = consul_call(
-        consul,
-        "PUT",
-        "/v1/acl/policy",
-        {
-            "Name": f"read-only-{run}",
-            "Rules": 'service_prefix "" { policy = "read" }\nnode_prefix "" { policy = "read" }',
-        },
-    )
-    token = consul_call(consul, "PUT", "/v1/acl/token", {"Policies": [{"ID": read_only["ID"]}]})
+    read_only = 'service_prefix "" { policy = "read" }\nnode_prefix "" { policy = "read" }'
     token_file = tmp_path / "consul.token"
-    token_file.write_text(token["SecretID"])
+    token_file.write_text(consul_token(consul, f"read-only-{run}", read_only))
     with running_echo_server() as echo:
         consul_call(
             consul,
