@@ -9,9 +9,12 @@ and a newer one is refused rather than misread.
 
 from __future__ import annotations
 
+import errno
+import os
+import secrets
 import sqlite3
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -22,7 +25,14 @@ _SCHEMA_TABLE = "CREATE TABLE IF NOT EXISTS meshfed_schema (component TEXT PRIMA
 
 
 def open_database(path: Path, component: str, migrations: Sequence[str]) -> sqlite3.Connection:
-    """Open (creating if needed) ``path`` and bring ``component``'s tables up to date."""
+    """Open (creating if needed) ``path`` and bring ``component``'s tables up to date.
+
+    Refuses, in one line saying what to do, a file that is damaged (empty, not
+    a database, corrupt) or that this process may not open.
+    """
+    _create_if_missing(path)
+    _refuse_empty(path)
+    db: sqlite3.Connection | None = None
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
@@ -32,7 +42,9 @@ def open_database(path: Path, component: str, migrations: Sequence[str]) -> sqli
         db.execute(_SCHEMA_TABLE)
         row = db.execute("SELECT version FROM meshfed_schema WHERE component = ?", (component,)).fetchone()
     except sqlite3.Error as err:
-        raise ZoneError(f"cannot open database {path}: {err}; is the zone directory readable?") from None
+        if db is not None:
+            db.close()
+        raise ZoneError(f"cannot open {path}: {describe_error(err, path)}") from None
     version = 0 if row is None else int(row[0])
     if version > len(migrations):
         db.close()
@@ -52,8 +64,108 @@ def open_database(path: Path, component: str, migrations: Sequence[str]) -> sqli
             if db.in_transaction:
                 db.execute("ROLLBACK")
             db.close()
-            raise ZoneError(f"cannot upgrade {path} ({component} schema {number}): {err}") from None
+            raise ZoneError(
+                f"cannot upgrade {path} ({component} schema {number}): {describe_error(err, path)}"
+            ) from None
     return db
+
+
+def describe_error(err: sqlite3.Error, path: Path | None = None) -> str:
+    """What went wrong with a zone database and what to do about it, in one line.
+
+    ``path`` is the file when known; errors raised by a query on an open
+    connection (the CLI catches those) do not say which file they came from.
+    """
+    name = path.name if path is not None else "a zone database"
+    primary = (err.sqlite_errorcode or 0) & 0xFF  # extended codes keep the primary one in the low byte
+    if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return f"{name} is damaged ({err}): restore the zone directory from a backup"
+    if primary == _SQLITE_FULL:
+        return f"{err}: free space on the disk that holds the zone directory"
+    if primary in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return f"{err}: another meshfed process held a write for more than 5 s; retry"
+    cause = _os_cause(path) if path is not None else None
+    if cause is not None:
+        return cause
+    if primary == _SQLITE_READONLY:
+        return f"{name} is read-only ({err}): give this user write access to the zone directory and its files"
+    return f"{err}; is the zone directory readable and writable by this user?"
+
+
+# SQLite's primary result codes (https://sqlite.org/rescode.html).
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 5, 6, 8
+_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
+_ERRNO_HINTS = {
+    errno.EMFILE: "raise the open-file limit (ulimit -n)",
+    errno.ENFILE: "the system is out of file handles; raise fs.file-max or close other programs",
+    errno.EACCES: "run meshfed as the user that owns the zone directory",
+    errno.EPERM: "run meshfed as the user that owns the zone directory",
+    errno.EROFS: "the zone directory is on a read-only file system; mount it read-write",
+    errno.ENOENT: "is --dir the zone directory?",
+}
+
+
+def _os_cause(path: Path) -> str | None:
+    """Why the OS refuses ``path`` (SQLite only says "unable to open"), or None if it does not."""
+    try:
+        fd = os.open(path if path.exists() else path.parent, os.O_RDWR if path.exists() else os.O_RDONLY)
+    except OSError as err:
+        return _os_reason(err)
+    os.close(fd)
+    if not os.access(path.parent, os.W_OK):
+        # WAL mode keeps state.db-wal and state.db-shm beside the file: the directory must be writable too.
+        return f"{path.parent} is not writable by this user: {_ERRNO_HINTS[errno.EACCES]}"
+    return None
+
+
+def _os_reason(err: OSError) -> str:
+    return f"{(err.strerror or str(err)).lower()}: {_ERRNO_HINTS.get(err.errno or 0, 'check the zone directory')}"
+
+
+def _create_if_missing(path: Path) -> None:
+    """Create a missing database beside its place, then link it in: a database never appears empty.
+
+    SQLite creates an empty file at connect and writes its header a moment
+    later; a process opening it in between could not tell it from a damaged
+    one. Two processes creating at once both build one; the first link wins.
+    """
+    if path.exists():
+        return
+    staged = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.new")
+    try:
+        with closing(sqlite3.connect(staged, isolation_level=None)) as db:
+            db.execute("PRAGMA journal_mode=WAL")  # writes the header; the WAL goes when the connection closes
+            db.execute(_SCHEMA_TABLE)
+        try:
+            os.link(staged, path)
+        except FileExistsError:
+            pass  # another process created it first: use theirs
+        except OSError:
+            # A file system without hard links (SMB, FAT): rename unless a creator got there first.
+            if not path.exists():
+                staged.rename(path)
+    except sqlite3.Error as err:
+        raise ZoneError(f"cannot create {path}: {_os_cause(path) or describe_error(err)}") from None
+    except OSError as err:
+        raise ZoneError(f"cannot create {path}: {_os_reason(err)}") from None
+    finally:
+        for leftover in (staged, staged.with_name(f"{staged.name}-wal"), staged.with_name(f"{staged.name}-shm")):
+            with suppress(FileNotFoundError):
+                leftover.unlink()
+
+
+def _refuse_empty(path: Path) -> None:
+    """An existing empty file is damage, never a new database.
+
+    SQLite would take it for an empty database and this component would
+    recreate its tables in it, leaving a zone without its trust state.
+    """
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise ZoneError(f"cannot open {path}: {_os_reason(err)}") from None
+    if size == 0:
+        raise ZoneError(f"{path.name} is damaged (the file {path} is empty): restore the zone directory from a backup")
 
 
 @contextmanager

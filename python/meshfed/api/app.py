@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from meshfed import __version__, _core
 from meshfed.api import catalog as catalog_api
+from meshfed.api import limits
 from meshfed.api import peering as peering_api
 from meshfed.api import trust as trust_api
 from meshfed.api.auth import require_admin
@@ -54,6 +55,7 @@ def create_app(controller: Controller, peering: PeeringService | None = None) ->
         lifespan=lifespan,
         description="Federation API of one meshfed zone. Mutating calls need the zone's admin token.",
     )
+    limits.install(app)
     app.state.controller = controller
     app.state.peering = peering
     app.state.admin_token = controller.zone.admin_token()

@@ -6,9 +6,10 @@ import datetime as dt
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from meshfed.api.auth import require_admin
+from meshfed.api.limits import MAX_EXPORT_PEERS
 from meshfed.catalog.model import Service
 from meshfed.catalog.publisher import PublicationStatus
 from meshfed.controller import Controller
@@ -83,7 +84,10 @@ class ExportRequest(BaseModel):
 
     service: Annotated[str, Field(pattern=_NAME)]
     namespace: Annotated[str, Field(pattern=_NAME)] = "default"
-    to: Annotated[list[str], Field(min_length=1, description="Peering names, or '*' for every peer.")]
+    to: Annotated[
+        list[Annotated[str, StringConstraints(min_length=1, max_length=63)]],
+        Field(min_length=1, max_length=MAX_EXPORT_PEERS, description="Peering names, or '*' for every peer."),
+    ]
 
 
 def _controller(request: Request) -> Controller:

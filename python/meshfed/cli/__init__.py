@@ -6,6 +6,8 @@ tracebacks are reserved for bugs.
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 import sys
 from typing import Annotated
 
@@ -19,6 +21,7 @@ from meshfed.cli.service import catalog_app, service_app
 from meshfed.cli.trust import trust_app
 from meshfed.cli.zone import zone_app
 from meshfed.errors import MeshfedError
+from meshfed.sqlite import describe_error
 from meshfed.zone import Zone
 
 app = typer.Typer(
@@ -131,10 +134,17 @@ def main() -> None:
         app()
     except MeshfedError as err:
         fail(str(err))
+    except sqlite3.Error as err:
+        # Opening a database turns its errors into ZoneError; a damaged page may only show on a later query.
+        fail(describe_error(err))
     except OSError as err:
-        fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
+        message = f"{err.strerror or err}: {err.filename}" if err.filename else str(err)
+        fail(f"{message}; raise the open-file limit (ulimit -n)" if err.errno in _FD_EXHAUSTED else message)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+_FD_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 __all__ = ["app", "main"]
