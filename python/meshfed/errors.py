@@ -7,7 +7,8 @@ that line and exits non-zero; it never shows a traceback for these.
 ::
 
     MeshfedError
-    ├── ZoneError            a zone directory is missing, incomplete or already exists
+    ├── ZoneError            a zone directory is missing, incomplete, already exists or is running
+    ├── InvalidAddressError  a host:port or host is malformed or out of range (also a ValueError)
     ├── TrustError           SPIFFE IDs, certificates, bundles
     │   ├── InvalidSpiffeIdError
     │   ├── InvalidBundleError       a bundle is malformed, tampered or holds no usable authority
@@ -31,6 +32,7 @@ __all__ = [
     "FederationError",
     "GatewayConfigError",
     "GatewayError",
+    "InvalidAddressError",
     "InvalidBundleError",
     "InvalidSpiffeIdError",
     "InvalidSvidError",
@@ -50,6 +52,13 @@ class MeshfedError(Exception):
 
 class ZoneError(MeshfedError):
     """A zone directory is missing, incomplete, or would be overwritten."""
+
+
+class InvalidAddressError(MeshfedError, ValueError):
+    """A ``host:port`` or host is malformed or its port is out of range; the message names the flag or field.
+
+    Also a ``ValueError``, so a pydantic validator that parses an address reports it as a validation error.
+    """
 
 
 class TrustError(MeshfedError):

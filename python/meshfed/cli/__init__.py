@@ -14,13 +14,14 @@ from typing import Annotated
 import typer
 
 from meshfed import __version__, _core
+from meshfed.addresses import HostPort, is_ip_address, parse_host, parse_host_port, parse_port
 from meshfed.cli.common import ZoneDir, fail, parse_duration
 from meshfed.cli.export import export_app
 from meshfed.cli.peer import peer_app
 from meshfed.cli.service import catalog_app, service_app
 from meshfed.cli.trust import trust_app
 from meshfed.cli.zone import zone_app
-from meshfed.errors import MeshfedError
+from meshfed.errors import InvalidAddressError, MeshfedError
 from meshfed.sqlite import describe_error
 from meshfed.zone import Zone
 
@@ -82,10 +83,10 @@ def up(
         str | None, typer.Option(help="Address local clients reach imports at (the pod IP); default: --egress-host.")
     ] = None,
     egress_port_base: Annotated[
-        int, typer.Option(min=0, max=65535, help="First local port for imported services; 0 = ephemeral.")
+        int, typer.Option(help="First local port for imported services (0-65535); 0 = ephemeral.")
     ] = 15500,
     bundle_endpoint_port: Annotated[
-        int | None, typer.Option(min=0, max=65535, help="Serve the SPIFFE bundle endpoint (https_spiffe) here.")
+        int | None, typer.Option(help="Serve the SPIFFE bundle endpoint (https_spiffe) on this port (0-65535).")
     ] = None,
     failing_peer_policy: Annotated[
         str, typer.Option(help="open: keep serving a failing peer's imports; closed: stop after the grace.")
@@ -101,7 +102,7 @@ def up(
     log_format: Annotated[str, typer.Option(help="json (one object per line, with trace ids) or text.")] = "json",
 ) -> None:
     """Run one zone in the foreground: controller, gateway, peering and API. SIGTERM stops it cleanly."""
-    from meshfed.cli.serve import serve_zone
+    from meshfed.cli.serve import Listeners, serve_zone
     from meshfed.controller import health_check_every
     from meshfed.runtime import ZoneSettings
 
@@ -109,23 +110,63 @@ def up(
         raise typer.BadParameter("use json or text", param_hint="--log-format")
     if failing_peer_policy not in ("open", "closed"):
         raise typer.BadParameter("use open or closed", param_hint="--failing-peer-policy")
+    # Every address is parsed here, before anything binds: ports the layers below would take
+    # modulo 65536, or names they would only refuse much later, are one line naming the flag.
+    zone = Zone.open(directory)
+    if gateway_address is None:
+        gateway_flag, gateway = f"gateway_address in {directory / 'zone.toml'}", zone.config.gateway_address
+    else:
+        gateway_flag, gateway = "--gateway-address", gateway_address
+    listeners = Listeners(
+        api=parse_host_port(api_address, what="--api-address", allow_zero=True),
+        gateway=_gateway_bind(gateway, gateway_flag),
+        gateway_flag=gateway_flag,
+        peering=parse_host_port(peering_address, what="--peering-address", allow_zero=True),
+        establish=parse_host_port(establish_address, what="--establish-address", allow_zero=True),
+        bundle_endpoint_port=(
+            None
+            if bundle_endpoint_port is None
+            else parse_port(bundle_endpoint_port, what="--bundle-endpoint-port", allow_zero=True)
+        ),
+    )
     settings = ZoneSettings(
-        gateway_address=gateway_address,
-        gateway_advertise=tuple(gateway_advertise or ()),
-        egress_host=egress_host,
-        egress_advertise_host=egress_advertise_host,
-        egress_port_base=egress_port_base,
-        peering_address=peering_address,
-        establish_address=establish_address,
-        advertise_host=advertise_host,
-        bundle_endpoint_port=bundle_endpoint_port,
+        gateway_address=None if gateway_address is None else str(listeners.gateway),
+        gateway_advertise=tuple(
+            str(parse_host_port(address, what="--gateway-advertise", allow_zero=False))
+            for address in gateway_advertise or ()
+        ),
+        egress_host=_ip_host(egress_host, "--egress-host"),
+        egress_advertise_host=(
+            None if egress_advertise_host is None else parse_host(egress_advertise_host, what="--egress-advertise-host")
+        ),
+        egress_port_base=parse_port(egress_port_base, what="--egress-port-base", allow_zero=True),
+        peering_address=str(listeners.peering),
+        establish_address=str(listeners.establish),
+        advertise_host=None if advertise_host is None else parse_host(advertise_host, what="--advertise-host"),
+        bundle_endpoint_port=listeners.bundle_endpoint_port,
         failing_peer_grace=parse_duration(failing_peer_grace, "--failing-peer-grace"),
         failing_peer_policy="open" if failing_peer_policy == "open" else "closed",
         health_check=health_check_every(parse_duration(health_check_interval, "--health-check-interval")),
     )
-    serve_zone(
-        Zone.open(directory), settings, api_address=api_address, log_level=log_level, json_logs=log_format == "json"
-    )
+    serve_zone(zone, settings, listeners, log_level=log_level, json_logs=log_format == "json")
+
+
+# The gateway binds socket addresses: an IP literal and a port, never a name.
+_GATEWAY_BINDS_IPS = "the gateway binds IP addresses, not names; give one (0.0.0.0 or :: for every interface)"
+
+
+def _gateway_bind(text: str, what: str) -> HostPort:
+    address = parse_host_port(text, what=what, allow_zero=True)
+    if not is_ip_address(address.host):
+        raise InvalidAddressError(f"{what} {text!r}: {_GATEWAY_BINDS_IPS}")
+    return address
+
+
+def _ip_host(text: str, what: str) -> str:
+    host = parse_host(text, what=what)
+    if not is_ip_address(host):
+        raise InvalidAddressError(f"{what} {text!r}: {_GATEWAY_BINDS_IPS}")
+    return host
 
 
 def main() -> None:

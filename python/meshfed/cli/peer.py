@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from meshfed.addresses import parse_host_port
 from meshfed.catalog.publisher import PublicationStore
 from meshfed.cli.common import ZoneDir, parse_duration
 from meshfed.federation.peering import PeeringStore, request_delete
@@ -42,9 +43,11 @@ def token(
     """Print a one-time token that lets zone PEER establish a peering with this zone."""
     zone = Zone.open(directory)
     lifetime = parse_duration(ttl)
+    # Put in the token and dialed by the peer: a port to connect to, 1-65535.
+    given = [str(parse_host_port(text, what="--address", allow_zero=False)) for text in address or ()]
     with PeeringStore.of(zone) as store:
         listener = store.listener()
-        addresses = address or (list(listener.establish_addresses) if listener else [])
+        addresses = given or (list(listener.establish_addresses) if listener else [])
         issued = store.issue_token(zone, peer, addresses, lifetime)
     typer.echo(issued.encoded)
     typer.echo(

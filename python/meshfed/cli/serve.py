@@ -1,48 +1,180 @@
-"""``meshfed up``: one zone's controller, services and API in the foreground."""
+"""``meshfed up``: one zone's controller, services and API in the foreground.
+
+The order is what makes failures one line: the zone lock first (a second
+``meshfed up`` of the zone is refused before it binds anything), then a check
+that every fixed port binds, then the API socket, then the controller and its
+services. A listener that still fails to bind (another process took the port
+in between) fails the start; its error is translated here into the same one
+line naming the address and the flag that set it, whichever component raised it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
+import os
 import signal
+import socket
+from dataclasses import dataclass
 
 import uvicorn
 
-from meshfed.errors import MeshfedError
+from meshfed.addresses import HostPort
+from meshfed.errors import GatewayConfigError, GatewayError, MeshfedError
 from meshfed.logs import configure_logging
-from meshfed.runtime import ZoneSettings, assemble_zone, check_settings, raise_open_file_limit
+from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone, check_settings, raise_open_file_limit
 from meshfed.zone import Zone
+from meshfed.zonelock import hold_zone_lock
+
+log = logging.getLogger(__name__)
+
+# grpc's add_secure_port raises RuntimeError with this text when a port does not bind (it never returns 0).
+_GRPC_BIND_FAILED = "Failed to bind to address"
+# The gateway's bind error starts with the listener's name; each kind of listener is set by its own flags.
+_GATEWAY_LISTENER_FLAGS = (
+    ('listener "ingress"', "--gateway-address"),
+    ('listener "egress:', "--egress-host/--egress-port-base"),
+    ('listener "failover:', "--egress-host/--egress-port-base"),
+)
+_BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+_BUNDLE_ENDPOINT_HOST = "0.0.0.0"  # noqa: S104 -- where the runtime binds the bundle endpoint; probed, never served
 
 
-def serve_zone(zone: Zone, settings: ZoneSettings, *, api_address: str, log_level: str, json_logs: bool) -> None:
-    """Start the zone (errors surface as one line), then serve the API until a signal."""
-    host, port = split_address(api_address, "--api-address")
-    check_settings(zone, settings)
-    configure_logging(log_level, json=json_logs)
-    raise_open_file_limit()
-    asyncio.run(_serve(zone, settings, host, port, log_level))
+@dataclass(frozen=True)
+class Listeners:
+    """What ``meshfed up`` binds, as parsed from the flags, so that a failure names its flag."""
+
+    api: HostPort
+    gateway: HostPort
+    gateway_flag: str  # --gateway-address, or the zone.toml key it defaulted from
+    peering: HostPort
+    establish: HostPort
+    bundle_endpoint_port: int | None
+
+    def fixed(self) -> list[tuple[str, HostPort]]:
+        """(flag, address) of every listener with a fixed port; port 0 always binds."""
+        listeners = [
+            ("--api-address", self.api),
+            (self.gateway_flag, self.gateway),
+            ("--peering-address", self.peering),
+            ("--establish-address", self.establish),
+        ]
+        if self.bundle_endpoint_port is not None:
+            listeners.append(("--bundle-endpoint-port", HostPort(_BUNDLE_ENDPOINT_HOST, self.bundle_endpoint_port)))
+        return [(flag, address) for flag, address in listeners if address.port != 0]
 
 
-async def _serve(zone: Zone, settings: ZoneSettings, host: str, port: int, log_level: str) -> None:
+def serve_zone(zone: Zone, settings: ZoneSettings, listeners: Listeners, *, log_level: str, json_logs: bool) -> None:
+    """Lock the zone, start it (errors surface as one line), then serve the API until a signal.
+
+    ``listeners`` are the parsed flags behind ``settings``' addresses.
+    """
+    with hold_zone_lock(zone.directory, zone.name):
+        check_settings(zone, settings)
+        # Before anything starts: grpc would log its own line for a taken port, and the
+        # gateway would briefly serve before a later listener failed.
+        for flag, address in listeners.fixed():
+            _bind(address, flag).close()
+        configure_logging(log_level, json=json_logs)
+        raise_open_file_limit()
+        # Held from here: a taken API port must not let the zone come up and peer first.
+        with _bind(listeners.api, "--api-address") as api_socket:
+            asyncio.run(_serve(zone, settings, listeners, api_socket, log_level))
+
+
+async def _serve(
+    zone: Zone, settings: ZoneSettings, listeners: Listeners, api_socket: socket.socket, log_level: str
+) -> None:
     runtime = assemble_zone(zone, settings)
-    await runtime.controller.start()
-    # uvicorn drains on SIGTERM, then re-raises the signal to the handler it
-    # found; a no-op handler makes a drained shutdown exit 0, as orchestrators expect.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    config = uvicorn.Config(runtime.app(), log_level=log_level, access_log=False, log_config=None)
+    server = uvicorn.Server(config)
+    # A SIGTERM while the zone starts stops it as soon as it has. Once serving, uvicorn takes the
+    # signal, drains, then re-raises it to this handler: a drained shutdown exits 0, as orchestrators expect.
+    signal.signal(signal.SIGTERM, lambda signum, frame: setattr(server, "should_exit", True))
+    await start_runtime(runtime, listeners)
     try:
-        config = uvicorn.Config(
-            runtime.app(), host=host, port=port, log_level=log_level, access_log=False, log_config=None
-        )
-        server = uvicorn.Server(config)
-        await server.serve()
-        if not server.started:
-            raise MeshfedError(f"the API could not listen on {host}:{port}; is the port free? (--api-address)")
+        try:
+            # Listening from here: a client that reads the line below and connects is served.
+            api_socket.listen(config.backlog)
+        except OSError as err:
+            raise MeshfedError(_cannot_listen("--api-address", listeners.api, err)) from None
+        host, port = api_socket.getsockname()[:2]
+        log.info("zone %s: API on http://%s", zone.name, HostPort(host, port))
+        await server.serve(sockets=[api_socket])
+        if not server.started and not server.should_exit:
+            raise MeshfedError(f"the API could not serve on {listeners.api}; see the log above (--api-address)")
     finally:
         await runtime.controller.stop()
 
 
-def split_address(address: str, option: str) -> tuple[str, int]:
-    """``host:port`` (IPv6 in brackets) → (host, port), or a one-line error naming the option."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise MeshfedError(f"{option} {address!r} is not host:port")
-    return host.strip("[]"), int(port)
+async def start_runtime(runtime: ZoneRuntime, listeners: Listeners) -> None:
+    """Start the controller; a listener that cannot bind becomes one line naming its address and flag."""
+    try:
+        await runtime.controller.start()
+    except GatewayConfigError:
+        raise
+    except GatewayError as err:
+        flag = next((flag for prefix, flag in _GATEWAY_LISTENER_FLAGS if str(err).startswith(prefix)), None)
+        if flag is None or "cannot bind" not in str(err):
+            raise
+        raise MeshfedError(f"{flag}: {err}") from None
+    except RuntimeError as err:
+        if not str(err).startswith(_GRPC_BIND_FAILED):
+            raise
+        # grpc names the address but not why: bind it once here for the OS's reason.
+        flag, address = next(
+            ((flag, address) for flag, address in _peering_listeners(listeners) if str(address) in str(err)),
+            ("--peering-address/--establish-address", listeners.peering),
+        )
+        _bind(address, flag).close()
+        raise MeshfedError(
+            f"{flag} {address}: cannot listen there: grpc could not bind it (GRPC_VERBOSITY=debug)"
+        ) from None
+    except OSError as err:
+        # The bundle endpoint (asyncio.start_server) raises OSError from bind; nothing else binds with asyncio.
+        if listeners.bundle_endpoint_port is None or err.errno not in _BIND_ERRNOS:
+            raise
+        address = HostPort(_BUNDLE_ENDPOINT_HOST, listeners.bundle_endpoint_port)
+        raise MeshfedError(_cannot_listen("--bundle-endpoint-port", address, err)) from None
+
+
+def _peering_listeners(listeners: Listeners) -> tuple[tuple[str, HostPort], ...]:
+    return (("--peering-address", listeners.peering), ("--establish-address", listeners.establish))
+
+
+def _bind(address: HostPort, flag: str) -> socket.socket:
+    """A TCP socket bound to ``address`` and not yet listening (connects are refused until a server runs).
+
+    SO_REUSEADDR as every listener of a zone sets (a restart rebinds at once),
+    never SO_REUSEPORT: a port another process listens on is refused.
+    """
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as err:
+        raise MeshfedError(f"{flag} {address}: cannot resolve {address.host}: {err.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+    except OSError as err:
+        sock.close()
+        raise MeshfedError(_cannot_listen(flag, address, err)) from None
+    return sock
+
+
+def _cannot_listen(flag: str, address: HostPort, err: OSError) -> str:
+    # asyncio's bind errors repeat the address in strerror; the errno alone says why.
+    code = err.errno or 0
+    reason = os.strerror(code) if code in errno.errorcode else (err.strerror or str(err))
+    return f"{flag} {address}: cannot listen there: {reason.lower()}; {_HINTS.get(code, _HINT)}"
+
+
+_HINT = "check the address and that the port is free"
+_HINTS = {
+    errno.EADDRINUSE: "is another zone or program using the port? (every zone needs ports of its own)",
+    errno.EACCES: "ports below 1024 need privileges (CAP_NET_BIND_SERVICE)",
+    errno.EADDRNOTAVAIL: "is this IP address assigned to a local interface?",
+}

@@ -408,7 +408,7 @@ class PeeringService:
         self._svid = await asyncio.to_thread(issue_controller_svid, self.zone)
         self._own_bundle_sequence = self.zone.own_bundle().sequence
         self._rebuild_credentials()
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_PeeringEstablishmentServicer_to_server(_Establishment(self), server)  # type: ignore[no-untyped-call]
         pb_grpc.add_PeeringStreamServicer_to_server(_Stream(self), server)  # type: ignore[no-untyped-call]
         stream_port = server.add_secure_port(
