@@ -21,10 +21,10 @@ from typing import Any, Literal, Protocol
 
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from meshfed.aio import cancel_and_wait
+from meshfed.addresses import HostPort
 from meshfed.catalog import CatalogSnapshot, CatalogSource, LocalImport, open_catalog
 from meshfed.catalog.publisher import DEFAULT_RESYNC, ImportPublisher, PublicationStatus
-from meshfed.errors import MeshfedError
+from meshfed.errors import GatewayConfigError, MeshfedError, PeerInputError
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.exports import ExportIndex, ExportRules, UnhealthyEndpoints, exported_snapshot
 from meshfed.federation.failover import FailoverGroup, failover_groups
@@ -34,8 +34,12 @@ from meshfed.federation.gateway_config import (
     egress_listener_name,
     local_cluster_name,
 )
-from meshfed.federation.imports import ImportedService, ImportStore
+from meshfed.federation.imports import ImportedService, ImportStore, services_of
+from meshfed.federation.peering import PeeringStore, PeerState
+from meshfed.federation.resolver import GatewayResolver
 from meshfed.gateway import Gateway, GatewayConfig, HealthCheck, Identity
+from meshfed.gateway.runtime import validate
+from meshfed.supervisor import Supervisor
 from meshfed.telemetry import Telemetry
 from meshfed.trust.bundle import bundle_roots_pem
 from meshfed.trust.ca import Svid
@@ -103,6 +107,7 @@ class Controller:
         catalog: CatalogSource | None = None,
         health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
         publication_resync: dt.timedelta = DEFAULT_RESYNC,
+        allow_empty_catalog: bool = False,
     ) -> None:
         """``egress_port_base`` 0 gives each import an ephemeral port; otherwise ports are kept from that base.
         Imports are published to the catalog at ``egress_advertise_host`` (default: the bound host), so a
@@ -123,15 +128,25 @@ class Controller:
         Imports are published into the catalog (Consul registrations, Kubernetes
         mirrors) by an :class:`ImportPublisher` of their own, again every
         ``publication_resync``: a refusal there never blocks applying config.
+
+        Catalog continuity: a zone that starts with an empty catalog although it
+        exported services before (a deleted ``catalog.db``, a Consul or
+        Kubernetes pointed at the wrong place) keeps telling its peers what they
+        last heard, until the catalog has services again or an operator
+        confirms (:meth:`confirm_empty_catalog`, or ``allow_empty_catalog``):
+        withdrawing every export would make every peer delete every import.
         """
         self.zone = zone
         self._catalog = catalog if catalog is not None else open_catalog(zone)
+        # Owns every background loop of the zone, the services' included (see meshfed.supervisor).
+        self.supervisor = Supervisor(zone.name)
         self._publisher = ImportPublisher(
             self._catalog,
             self.local_imports,
             describe=f"zone {zone.name}: {zone.config.catalog} catalog",
             state_path=zone.directory / STATE_FILE,
             resync=publication_resync,
+            supervisor=self.supervisor,
         )
         self._catalog_snapshot = CatalogSnapshot(version=0, services=[])
         self._applied_exports = _Exports(self._catalog_snapshot, ExportIndex([]), 0)
@@ -149,7 +164,12 @@ class Controller:
         self._exports_listeners: list[Callable[[], None]] = []
         self._gateway: Gateway | None = None
         self._svid: Svid | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._resolver = GatewayResolver()
+        # Per peer, why its imports are not (all) served: unreadable, rejected by the data plane, or
+        # gateway addresses that do not resolve. Recomputed by every config build.
+        self._import_problems: dict[str, str] = {}
+        # Peers whose imports the last build left out because the data plane rejected them.
+        self._rejected: frozenset[str] = frozenset()
         self._apply_lock = asyncio.Lock()
         self._stopped = False
         self._failing_peer_grace = failing_peer_grace
@@ -158,6 +178,9 @@ class Controller:
         self._health_check = health_check
         self._unhealthy: UnhealthyEndpoints = frozenset()
         self._health_version = 0
+        self._allow_empty_catalog = allow_empty_catalog
+        # While the catalog is unexpectedly empty: what each peer was last told, kept as it is.
+        self._catalog_hold: dict[str, ServiceSnapshot] | None = None
         self.telemetry = Telemetry(zone.name, self.gateway_stats, span_exporter=span_exporter)
 
     async def __aenter__(self) -> Controller:
@@ -194,7 +217,12 @@ class Controller:
             raise MeshfedError(f"zone {self.zone.name}: a stopped controller cannot restart; make a new one")
         self._svid = await asyncio.to_thread(self._issue_gateway_svid)
         self._health_version = await asyncio.to_thread(self._read_health_version)
+        # Deletes requested while the zone was down apply before anything is served: a deleted
+        # peer's imports must not stop the zone from starting.
+        await asyncio.to_thread(self._withdraw_deleted_peers)
         self._catalog_snapshot = await self._catalog.snapshot()
+        if not self._catalog_snapshot.services and not self._allow_empty_catalog:
+            await self._hold_exports_if_catalog_lost()
         config, exports = await asyncio.to_thread(self._build_config)
         gateway = await asyncio.to_thread(Gateway, config)
         self._applied_exports, self._snapshots = exports, {}
@@ -214,12 +242,10 @@ class Controller:
             await asyncio.to_thread(gateway.close)
             raise
         self._publisher.start()
-        self._tasks = [
-            asyncio.create_task(self._renew_gateway_svid(), name=f"meshfed-{self.zone.name}-svid"),
-            asyncio.create_task(self._watch_catalog(), name=f"meshfed-{self.zone.name}-catalog"),
-        ]
+        self.supervisor.spawn("svid-renewal", self._renew_gateway_svid)
+        self.supervisor.spawn("catalog-watch", self._watch_catalog)
         if self._health_check is not None:
-            self._tasks.append(asyncio.create_task(self._watch_local_health(), name=f"meshfed-{self.zone.name}-health"))
+            self.supervisor.spawn("local-health", self._watch_local_health)
         log.info("zone %s running: gateway ingress on %s", self.zone.name, self.gateway_address)
 
     async def stop(self) -> None:
@@ -227,8 +253,7 @@ class Controller:
         if self._stopped:
             return
         self._stopped = True
-        await cancel_and_wait(*self._tasks)
-        self._tasks = []
+        await self.supervisor.stop()
         await self._publisher.stop()
         for service in reversed(self._services):
             try:
@@ -269,11 +294,26 @@ class Controller:
             listener()
 
     async def import_snapshot(self, peer: str, snapshot: ServiceSnapshot) -> None:
-        """A peer sent its exports: keep them and serve them, unless this version is already known."""
+        """A peer sent its exports: keep them and serve them.
+
+        All or nothing: if the data plane rejects them, or applying fails, the
+        peer's previous imports are put back and served, and PeerInputError (a
+        refusal the peer is told of) or the failure is raised.
+        """
         with ImportStore(self.zone.directory) as imports:
-            changed = await asyncio.to_thread(imports.put, peer, snapshot)
-        if changed:
-            await self.reconfigure()
+            previous = await asyncio.to_thread(imports.get, peer)
+            if not await asyncio.to_thread(imports.put, peer, snapshot):
+                return
+            try:
+                await self.reconfigure()
+                rejected = self._import_problems.get(peer) if peer in self._rejected else None
+            except BaseException:
+                await asyncio.to_thread(imports.restore, peer, previous)
+                raise
+            if rejected is not None:
+                await asyncio.to_thread(imports.restore, peer, previous)
+                await self.reconfigure()
+                raise PeerInputError(rejected)
 
     async def forget_peer(self, peer: str) -> None:
         """A peering was deleted: drop its imports and their egress listeners."""
@@ -289,13 +329,81 @@ class Controller:
             await self.forget_peer(peer)
         elif state == "FAILING":
             self._failing_since.setdefault(peer, time.monotonic())
-            if self._failing_peer_policy == "closed":
-                self._tasks.append(asyncio.create_task(self._close_after_grace(peer), name=f"meshfed-grace-{peer}"))
+            if self._failing_peer_policy == "closed" and f"grace-{peer}" not in self._grace_timers():
+                self.supervisor.spawn(f"grace-{peer}", lambda: self._close_after_grace(peer))
+        elif state == PeerState.DISCONNECTED:
+            pass  # the stream dropped; FAILING (and the policy) follows at the heartbeat deadline
         elif self._failing_since.pop(peer, None) is not None and self._failing_peer_policy == "closed":
             await self.reconfigure()  # back from FAILING: serve its imports again
 
+    def _grace_timers(self) -> set[str]:
+        return {status.name for status in self.supervisor.statuses() if status.name.startswith("grace-")}
+
+    async def _hold_exports_if_catalog_lost(self) -> None:
+        held = await asyncio.to_thread(self._last_sent_exports)
+        if not held:
+            return
+        self._catalog_hold = held
+        count = max(len(snapshot.services) for snapshot in held.values())
+        log.warning(
+            "zone %s: the %s catalog is empty, but this zone exported %d service(s) before; its peers keep what "
+            "they last heard until the catalog has services again or an operator confirms "
+            "(POST /v1/catalog/confirm-empty, or 'meshfed up --allow-empty-catalog'). Check the catalog's "
+            "location (catalog.db in the zone directory, the Consul address, the Kubernetes namespaces).",
+            self.zone.name,
+            self.zone.config.catalog,
+            count,
+        )
+
+    def _last_sent_exports(self) -> dict[str, ServiceSnapshot]:
+        with PeeringStore.of(self.zone) as peerings:
+            return {
+                p.name: p.sent_snapshot
+                for p in (peerings.get(light.name, snapshots=True) for light in peerings.peerings())
+                if p is not None and p.sent_snapshot is not None and p.sent_snapshot.services
+            }
+
+    @property
+    def catalog_held(self) -> bool:
+        """True while exports are held because the catalog came up empty (see the class docstring)."""
+        return self._catalog_hold is not None
+
+    def confirm_empty_catalog(self) -> bool:
+        """An operator confirms the empty catalog: peers now hear it. False if nothing was held."""
+        return self._release_catalog_hold("an operator confirmed the empty catalog")
+
+    def _release_catalog_hold(self, why: str) -> bool:
+        if self._catalog_hold is None:
+            return False
+        self._catalog_hold = None
+        log.warning("zone %s: exports to peers follow the catalog again: %s", self.zone.name, why)
+        for listener in self._exports_listeners:
+            listener()
+        return True
+
+    def import_problem(self, peer: str) -> str | None:
+        """Why ``peer``'s imports are not (all) served, if they are not."""
+        return self._import_problems.get(peer)
+
+    def problems(self) -> list[str]:
+        """What ``/readyz`` reports: one line per thing that is not as it should be."""
+        problems = [f"component {problem}" for problem in self.supervisor.problems()]
+        if self._catalog_hold is not None:
+            problems.append(
+                "catalog: empty although this zone exported services before; peers keep what they last heard "
+                "until it has services again or an operator confirms (POST /v1/catalog/confirm-empty)"
+            )
+        if self._catalog.last_error is not None:
+            problems.append(f"catalog: {self._catalog.last_error}")
+        if not self.publication.ok:
+            problems.append(f"import publication: {self.publication.last_error}")
+        problems += [f"imports of peer {peer}: {problem}" for peer, problem in sorted(self._import_problems.items())]
+        return problems
+
     def exported_snapshot(self, peer: str) -> ServiceSnapshot:
         """What ``peer`` may see of this zone: the exports of the config the gateway runs now."""
+        if self._catalog_hold is not None and peer in self._catalog_hold:
+            return self._catalog_hold[peer]
         cached = self._snapshots.get(peer)
         if cached is not None:
             return cached
@@ -320,49 +428,123 @@ class Controller:
             return list(self._advertise)
         host, port = self.gateway.address(INGRESS_LISTENER)
         # A wildcard bind is reachable on loopback at least; real deployments set gateway_advertise.
-        return [f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"]  # noqa: S104 -- compares, never binds
+        return [str(HostPort("127.0.0.1" if host in ("0.0.0.0", "::") else host, port))]  # noqa: S104 -- compares
 
     def gateway_config(self) -> GatewayConfig:
         """The complete gateway config for the zone's state now."""
         return self._build_config()[0]
 
     def _build_config(self) -> tuple[GatewayConfig, _Exports]:
-        """The config, and the exports it admits (which is all that peers may be told about)."""
+        """The config, and the exports it admits (which is all that peers may be told about).
+
+        One peer's imports can never fail the build: a stored snapshot that does
+        not parse, or imports the data plane rejects, are left out (that peer
+        alone) and reported by :meth:`import_problem`; if even the config
+        without any import is rejected, the fault is this zone's own and is raised.
+        """
         if self._svid is None:
             raise MeshfedError(f"zone {self.zone.name}: no gateway SVID yet; start the controller first")
         directory = self.zone.directory
-        catalog = self._catalog_snapshot
         with ExportRules(directory) as rules, ImportStore(directory) as imports:
-            exports = _Exports(catalog, ExportIndex(rules.rules()), rules.version())
-
+            exports = _Exports(self._catalog_snapshot, ExportIndex(rules.rules()), rules.version())
+            snapshots, problems = imports.read()
+            served = {peer: snapshot for peer, snapshot in snapshots.items() if not self._withheld(peer)}
+            served = self._resolved(served, problems)
             ports = imports.egress_ports(self._egress_port_base)
 
-            def egress_address(listener: str) -> str:
-                port = ports(listener) if self._egress_port_base else 0
-                return f"{self._egress_host}:{port}"
+            def build(peers: dict[str, ServiceSnapshot]) -> GatewayConfig:
+                return self._config(exports, services_of(peers), ports)
 
-            config = build_gateway_config(
-                identity=Identity(
-                    cert_chain_pem=self._svid.cert_chain_pem().decode(),
-                    private_key_pem=self._svid.private_key_pem().decode(),
-                ),
-                trust_bundles=bundle_roots_pem([stored.bundle for stored in self.zone.trusted_bundles()]),
-                trust_domain=self.zone.trust_domain,
-                ingress_address=self.gateway_address,
-                catalog=catalog,
-                exports=exports.index,
-                peer_trust_domains=self._peer_trust_domains(),
-                imports=self._served_imports(imports),
-                egress_address=egress_address,
-                failover=self.zone.config.failover,
-                splits=self.zone.config.split,
-                health_check=self._health_check,
-            )
+            config = build(served)
+            rejected: set[str] = set()
+            try:
+                validate(config)
+            except GatewayConfigError as err:
+                config, rejected = self._without_rejected_peers(build, served, err, problems)
             ports.save()
+        self._import_problems, self._rejected = problems, frozenset(rejected)
         return config, exports
 
+    def _without_rejected_peers(
+        self,
+        build: Callable[[dict[str, ServiceSnapshot]], GatewayConfig],
+        served: dict[str, ServiceSnapshot],
+        error: GatewayConfigError,
+        problems: dict[str, str],
+    ) -> tuple[GatewayConfig, set[str]]:
+        """The config with the imports of every peer the data plane rejects left out, one peer at a time."""
+        base = build({})
+        try:
+            validate(base)
+        except GatewayConfigError:
+            raise error from None  # not a peer's fault: the zone's own config is rejected
+        kept: dict[str, ServiceSnapshot] = {}
+        rejected: set[str] = set()
+        for peer, snapshot in served.items():
+            try:
+                validate(build({**kept, peer: snapshot}))
+            except GatewayConfigError as err:
+                log.error(
+                    "zone %s: imports of peer %s left out, the data plane rejects them: %s", self.zone.name, peer, err
+                )
+                problems[peer] = f"left out: the data plane rejects them ({err})"
+                rejected.add(peer)
+            else:
+                kept[peer] = snapshot
+        return build(kept), rejected
+
+    def _resolved(self, snapshots: dict[str, ServiceSnapshot], problems: dict[str, str]) -> dict[str, ServiceSnapshot]:
+        """The snapshots with gateway addresses as the data plane dials them (DNS names resolved)."""
+        resolved: dict[str, ServiceSnapshot] = {}
+        for peer, snapshot in snapshots.items():
+            addresses, failures = self._resolver.resolve(snapshot.gateway_addresses)
+            if failures:
+                problems.setdefault(peer, "; ".join(failures))
+            if addresses != snapshot.gateway_addresses:
+                snapshot = snapshot.model_copy(update={"gateway_addresses": addresses})
+            resolved[peer] = snapshot
+        return resolved
+
+    def _config(self, exports: _Exports, imported: list[ImportedService], ports: Any) -> GatewayConfig:
+        assert self._svid is not None
+
+        def egress_address(listener: str) -> str:
+            port = ports(listener) if self._egress_port_base else 0
+            return str(HostPort(self._egress_host, port))
+
+        return build_gateway_config(
+            identity=Identity(
+                cert_chain_pem=self._svid.cert_chain_pem().decode(),
+                private_key_pem=self._svid.private_key_pem().decode(),
+            ),
+            trust_bundles=bundle_roots_pem([stored.bundle for stored in self.zone.trusted_bundles()]),
+            trust_domain=self.zone.trust_domain,
+            ingress_address=self.gateway_address,
+            catalog=exports.catalog,
+            exports=exports.index,
+            peer_trust_domains=self._peer_trust_domains(),
+            imports=imported,
+            egress_address=egress_address,
+            failover=self.zone.config.failover,
+            splits=self.zone.config.split,
+            health_check=self._health_check,
+        )
+
+    def _withdraw_deleted_peers(self) -> None:
+        """Drop the imports of peerings deleted (or gone) while no controller ran."""
+        with PeeringStore.of(self.zone) as peerings, ImportStore(self.zone.directory) as imports:
+            live = {
+                p.name for p in peerings.peerings() if not p.delete_requested and p.state is not PeerState.TERMINATED
+            }
+            stored, unreadable = imports.read()
+            for peer in sorted((stored.keys() | unreadable.keys()) - live):
+                log.info("zone %s: withdrawing the imports of deleted peering %s", self.zone.name, peer)
+                imports.remove(peer)
+
     def _served_imports(self, imports: ImportStore) -> list[ImportedService]:
-        return [item for item in imports.services() if not self._withheld(item.peer)]
+        return [
+            item for item in imports.services() if not self._withheld(item.peer) and item.peer not in self._rejected
+        ]
 
     def failover_groups(self) -> list[FailoverGroup]:
         """The services this zone's gateway serves as failover groups, sources in failover order."""
@@ -433,6 +615,8 @@ class Controller:
                 rules_version = rules.version()
                 if snapshot.version != since or rules_version != seen_rules:
                     self._catalog_snapshot, seen_rules = snapshot, rules_version
+                    if snapshot.services:
+                        self._release_catalog_hold("the catalog has services again")
                     await _retrying(self.zone.name, "applying a catalog or export change", self.exports_changed)
                 else:
                     await asyncio.sleep(CATALOG_POLL_SECONDS)

@@ -18,7 +18,8 @@ that line and exits non-zero; it never shows a traceback for these.
     │   └── BundleFetchError         a bundle endpoint could not be reached, authenticated or read
     ├── CatalogError         a service, endpoint or catalog source is invalid or unreachable
     ├── PeeringError         a peering cannot be made, found, reached or kept
-    │   └── InvalidTokenError        a peering token is malformed, tampered, expired, spent or not for this zone
+    │   ├── InvalidTokenError        a peering token is malformed, tampered, expired, spent or not for this zone
+    │   └── PeerInputError           a peer sent a message that breaks the protocol's rules (refused whole)
     ├── FederationError      export and import rules, imported services
     └── GatewayError         the Rust data plane could not start or apply a config
         └── GatewayConfigError   the config was rejected; the running one stays in force
@@ -38,6 +39,7 @@ __all__ = [
     "InvalidSvidError",
     "InvalidTokenError",
     "MeshfedError",
+    "PeerInputError",
     "PeeringError",
     "RotationError",
     "TrustError",
@@ -103,6 +105,10 @@ class PeeringError(MeshfedError):
 
 class InvalidTokenError(PeeringError):
     """A peering token is malformed, tampered, expired, already used, or meant for another zone."""
+
+
+class PeerInputError(PeeringError):
+    """A peer's message breaks the protocol's rules; nothing of it was applied. The message names the field."""
 
 
 class GatewayError(MeshfedError):

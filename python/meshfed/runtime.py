@@ -11,7 +11,7 @@ import contextlib
 import datetime as dt
 import ipaddress
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
@@ -19,7 +19,7 @@ from meshfed.api import create_app
 from meshfed.controller import DEFAULT_HEALTH_CHECK, Controller, FailingPeerPolicy
 from meshfed.errors import MeshfedError, PeeringError
 from meshfed.federation.peering import PeerState
-from meshfed.federation.service import PeeringService, PeerStatus
+from meshfed.federation.service import PeeringService, PeerLimits, PeerStatus
 from meshfed.gateway import HealthCheck
 from meshfed.trust.endpoint import BundleEndpointServer, endpoint_spiffe_id
 from meshfed.trust.poller import BundlePoller
@@ -47,6 +47,8 @@ class ZoneSettings:
     failing_peer_grace: dt.timedelta = dt.timedelta(minutes=5)
     failing_peer_policy: FailingPeerPolicy = "open"
     health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK  # active checks of local endpoints; None: catalog only
+    peer_limits: PeerLimits = field(default_factory=PeerLimits)  # what one peer may make this zone hold
+    allow_empty_catalog: bool = False  # an empty catalog at start withdraws earlier exports (else they are held)
 
 
 def check_settings(zone: Zone, settings: ZoneSettings) -> None:
@@ -124,6 +126,7 @@ def assemble_zone(zone: Zone, settings: ZoneSettings = ZoneSettings()) -> ZoneRu
         failing_peer_grace=settings.failing_peer_grace,
         failing_peer_policy=settings.failing_peer_policy,
         health_check=settings.health_check,
+        allow_empty_catalog=settings.allow_empty_catalog,
     )
     peering = PeeringService(
         zone,
@@ -131,6 +134,9 @@ def assemble_zone(zone: Zone, settings: ZoneSettings = ZoneSettings()) -> ZoneRu
         on_imports=controller.import_snapshot,
         on_trust_changed=controller.reconfigure,
         on_peer_state=controller.peer_state_changed,
+        import_problem=controller.import_problem,
+        limits=settings.peer_limits,
+        supervisor=controller.supervisor,
         listen_address=settings.peering_address,
         establish_address=settings.establish_address,
         advertise_host=settings.advertise_host,
@@ -139,8 +145,8 @@ def assemble_zone(zone: Zone, settings: ZoneSettings = ZoneSettings()) -> ZoneRu
     controller.on_exports_changed(peering.notify_exports_changed)
     _observe_peering(controller, peering)
     controller.add_service(peering)
-    controller.add_service(RotationService(zone, controller.reconfigure))
-    controller.add_service(BundlePoller(zone, controller.reconfigure))
+    controller.add_service(RotationService(zone, controller.reconfigure, supervisor=controller.supervisor))
+    controller.add_service(BundlePoller(zone, controller.reconfigure, supervisor=controller.supervisor))
     endpoint = None
     if settings.bundle_endpoint_port is not None:
         endpoint = BundleEndpointServer(

@@ -129,8 +129,11 @@ def _create_if_missing(path: Path) -> None:
     later; a process opening it in between could not tell it from a damaged
     one. Two processes creating at once both build one; the first link wins.
     """
-    if path.exists():
-        return
+    try:
+        if path.exists():
+            return
+    except OSError as err:  # a directory on the way this user may not enter
+        raise ZoneError(f"cannot open {path}: {_os_reason(err)}") from None
     staged = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.new")
     try:
         with closing(sqlite3.connect(staged, isolation_level=None)) as db:

@@ -3,7 +3,9 @@
 Layout (the directory is 0700; private keys and the token are 0600)::
 
     zone.toml              name, trust domain, listen addresses
-    state.db               SQLite: trust bundles, later peerings and catalogs
+    state.db               SQLite: trust bundles, peerings, exports, imports
+    catalog.db             SQLite: the embedded catalog (zones with catalog = "embedded")
+    zone.lock              held by the running ``meshfed up`` (its pid inside): one process per zone
     admin-token            bearer token for mutating API calls
     ca/root.pem            the trust domain's root (published in the bundle)
     ca/root.key
@@ -213,15 +215,31 @@ class Zone:
         key = load_private_key_pem(key_pem, str(ca / "intermediate.key"))
         return CertificateAuthority(self.trust_domain, root, intermediate, key)
 
-    def issue_svid(self, spiffe_id: SpiffeId, ttl: dt.timedelta, dns_names: Sequence[str] = ()) -> Svid:
-        """Issue an X.509-SVID from this zone's active CA, remembering its TTL for the CA's retirement."""
+    def issue_svid(
+        self, spiffe_id: SpiffeId, ttl: dt.timedelta, dns_names: Sequence[str] = (), *, generation: int | None = None
+    ) -> Svid:
+        """Issue an X.509-SVID from this zone's active CA, remembering its TTL for the CA's retirement.
+
+        ``generation`` names a retiring CA instead: during a rotation, peers that
+        have not yet received the new root can verify only what the old one
+        signed (see the peering service). Such an SVID never outlives the old
+        root's retirement.
+        """
         with self.store() as store:
             generations = store.ca_generations()
-            active = next((generation for generation in generations if generation.state == "active"), None)
-            authority = self._load_authority(active.directory if active else _LEGACY_CA_DIRECTORY)
+            active = next((g for g in generations if g.state == "active"), None)
+            chosen = active
+            if generation is not None and (active is None or generation != active.generation):
+                chosen = next((g for g in generations if g.generation == generation and g.state == "retiring"), None)
+                if chosen is None or chosen.retire_at is None:
+                    raise RotationError(f"zone {self.name}: CA generation {generation} is not retiring; it cannot sign")
+                ttl = min(ttl, chosen.retire_at - dt.datetime.now(dt.UTC))
+                if ttl <= dt.timedelta(0):
+                    raise RotationError(f"zone {self.name}: CA generation {generation} is retired; it cannot sign")
+            authority = self._load_authority(chosen.directory if chosen else _LEGACY_CA_DIRECTORY)
             svid = authority.issue(spiffe_id, ttl, dns_names)
-            if active is not None:
-                store.record_svid_ttl(active.generation, int(ttl.total_seconds()) + 1)
+            if chosen is not None and chosen is active:
+                store.record_svid_ttl(chosen.generation, int(ttl.total_seconds()) + 1)
         return svid
 
     def ca_generations(self) -> list[CaGeneration]:

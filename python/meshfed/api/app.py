@@ -72,17 +72,14 @@ def create_app(controller: Controller, peering: PeeringService | None = None) ->
     def readyz() -> JSONResponse:
         """The gateway serves and every background service has started (503 until then).
 
-        ``status`` is ``degraded`` (still 200: the gateway serves) when the
-        catalog cannot be read or imports cannot be published into it;
-        ``problems`` says what, one line each.
+        ``status`` is ``degraded`` (still 200: the gateway serves) when a
+        background component crashed and waits to restart, the catalog cannot
+        be read, imports cannot be published into it, or a peer's imports are
+        withheld; ``problems`` says what, one line each.
         """
         if not controller.ready:
             return JSONResponse({"status": "starting"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
-        problems = []
-        if controller.catalog_error is not None:
-            problems.append(f"catalog: {controller.catalog_error}")
-        if not controller.publication.ok:
-            problems.append(f"import publication: {controller.publication.last_error}")
+        problems = controller.problems()
         return JSONResponse({"status": "degraded" if problems else "ready", "problems": problems})
 
     @app.get("/metrics", tags=["health"], response_class=Response)

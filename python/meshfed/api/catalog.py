@@ -136,6 +136,24 @@ def catalog(request: Request) -> CatalogView:
     )
 
 
+class CatalogHoldView(BaseModel):
+    """Whether exports were held because the catalog came up empty, and whether this call released them."""
+
+    released: bool
+
+
+@router.post("/catalog/confirm-empty", dependencies=[Depends(require_admin)])
+def confirm_empty_catalog(request: Request) -> CatalogHoldView:
+    """Confirm that the zone's empty catalog is meant: its peers then hear that its exports are gone.
+
+    A zone that starts with an empty catalog although it exported services
+    before (a lost ``catalog.db``, a catalog source pointed at the wrong place)
+    keeps telling peers what they last heard until this call, or until the
+    catalog has services again. ``released`` is false when nothing was held.
+    """
+    return CatalogHoldView(released=_controller(request).confirm_empty_catalog())
+
+
 @router.get("/exports")
 def list_exports(request: Request) -> list[ExportRuleView]:
     with ExportRules(_controller(request).zone.directory) as rules:

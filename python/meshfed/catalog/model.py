@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def _dns_label(value: str, what: str) -> str:
     if not _DNS_LABEL.fullmatch(value):
-        raise ValueError(f"{what} {value!r} must be a DNS label: lowercase letters, digits and '-', at most 63")
+        # Cut what is echoed: the value may come from a peer and be megabytes long.
+        raise ValueError(f"{what} {value[:80]!r} must be a DNS label: lowercase letters, digits and '-', at most 63")
     return value
+
+
+# A service, namespace or port name: a DNS label (RFC 1123), as every catalog and the SNI need.
+DnsLabel = Annotated[str, AfterValidator(lambda value: _dns_label(value, "name"))]
 
 
 class _Model(BaseModel):

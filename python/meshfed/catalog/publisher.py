@@ -25,11 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshfed.aio import cancel_and_wait
 from meshfed.catalog.model import LocalImport
 from meshfed.catalog.source import CatalogSource
 from meshfed.errors import MeshfedError
 from meshfed.sqlite import SqliteStore, transaction
+from meshfed.supervisor import Component, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ class ImportPublisher:
         state_path: Path | None = None,
         resync: dt.timedelta = DEFAULT_RESYNC,
         backoff: tuple[float, float] = _BACKOFF,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._source = source
         self._imports = imports
@@ -116,7 +117,8 @@ class ImportPublisher:
         self._backoff = backoff
         self._wanted = asyncio.Event()
         self._published = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor = supervisor or Supervisor(describe)
+        self._task: Component | None = None
         self.status = PublicationStatus(source=describe)
 
     def request(self) -> None:
@@ -126,11 +128,12 @@ class ImportPublisher:
     def start(self) -> None:
         if self._task is None:
             self._wanted.set()
-            self._task = asyncio.create_task(self._run(), name="meshfed-import-publisher")
+            self._task = self._supervisor.spawn("import-publisher", self._run)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        await cancel_and_wait(task)
+        if task is not None:
+            await task.cancel()
 
     async def published(self) -> PublicationStatus:
         """Wait for the next publication attempt to finish; returns its status (for tests and ``--wait``)."""

@@ -98,6 +98,14 @@ def up(
             help="Active TCP checks of local endpoints; two failures in a row mark one unhealthy for peers. 0s = off."
         ),
     ] = "5s",
+    allow_empty_catalog: Annotated[
+        bool,
+        typer.Option(
+            help="Tell peers at once if the catalog is empty at start. By default a zone that exported "
+            "services before keeps them for its peers until the catalog has services again or "
+            "POST /v1/catalog/confirm-empty."
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     log_format: Annotated[str, typer.Option(help="json (one object per line, with trace ids) or text.")] = "json",
 ) -> None:
@@ -147,6 +155,7 @@ def up(
         failing_peer_grace=parse_duration(failing_peer_grace, "--failing-peer-grace"),
         failing_peer_policy="open" if failing_peer_policy == "open" else "closed",
         health_check=health_check_every(parse_duration(health_check_interval, "--health-check-interval")),
+        allow_empty_catalog=allow_empty_catalog,
     )
     serve_zone(zone, settings, listeners, log_level=log_level, json_logs=log_format == "json")
 

@@ -104,6 +104,11 @@ def list_peers(directory: ZoneDir) -> None:
             str(status.imported_services),
         )
     Console(width=160).print(table)
+    for status in statuses:
+        if status.import_error:
+            typer.echo(f"warning: peer {status.name}: its newest update was refused: {status.import_error}", err=True)
+        if status.state_reason and status.state.value in ("DISCONNECTED", "FAILING"):
+            typer.echo(f"warning: peer {status.name} is {status.state.value}: {status.state_reason}", err=True)
     with PublicationStore(zone.directory / STATE_FILE) as publications:
         publication = publications.get()
     if publication is not None and not publication.ok:

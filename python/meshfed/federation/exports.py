@@ -14,10 +14,19 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from meshfed.catalog.model import CatalogSnapshot, Service
 from meshfed.errors import FederationError
-from meshfed.federation.exchange import ExportedService, ServiceSnapshot
+from meshfed.federation.exchange import (
+    MAX_LABEL_KEY,
+    MAX_LABEL_VALUE,
+    MAX_LABELS,
+    MAX_SUBSET_KEYS,
+    MAX_SUBSET_VALUES,
+    ExportedService,
+    ServiceSnapshot,
+)
 from meshfed.sqlite import SqliteStore, transaction
 
 ALL_PEERS = "*"
@@ -173,11 +182,33 @@ def _exported(service: Service, unhealthy: UnhealthyEndpoints) -> ExportedServic
         name=service.name,
         namespace=service.namespace,
         ports=service.ports,
-        labels=service.labels,
+        labels=_within_bounds(service.labels, MAX_LABELS),
         healthy_endpoints=len(healthy),
         total_endpoints=len(service.endpoints),
-        subsets={key: sorted(values) for key, values in sorted(subsets.items())},
+        subsets=_within_bounds(
+            {key: sorted(values) for key, values in sorted(subsets.items()) if len(values) <= MAX_SUBSET_VALUES},
+            MAX_SUBSET_KEYS,
+        ),
     )
+
+
+_V = TypeVar("_V", str, list[str])
+
+
+def _within_bounds(entries: dict[str, _V], count: int) -> dict[str, _V]:
+    """What a peer accepts of a label map: keys and values within the exchange's bounds, at most ``count``.
+
+    Local catalogs have no such bounds; labels beyond them (a per-pod hash with
+    a value per endpoint, say) say nothing useful to a peer, and sending them
+    would get the whole snapshot refused.
+    """
+
+    def fits(value: str | list[str]) -> bool:
+        values = [value] if isinstance(value, str) else value
+        return all(len(item) <= MAX_LABEL_VALUE for item in values)
+
+    kept = {key: value for key, value in entries.items() if 0 < len(key) <= MAX_LABEL_KEY and fits(value)}
+    return dict(sorted(kept.items())[:count])
 
 
 def _check_peer(peer: str) -> str:

@@ -42,9 +42,13 @@ def federation_host(trust_domain: TrustDomain | str) -> str:
     return f"federation.{trust_domain}"
 
 
-def issue_controller_svid(zone: Zone, ttl: dt.timedelta = CONTROLLER_SVID_TTL) -> Svid:
-    """The controller SVID of ``zone``, with its federation DNS SAN."""
-    return zone.issue_svid(controller_id(zone.trust_domain), ttl, dns_names=[federation_host(zone.trust_domain)])
+def issue_controller_svid(
+    zone: Zone, ttl: dt.timedelta = CONTROLLER_SVID_TTL, *, generation: int | None = None
+) -> Svid:
+    """The controller SVID of ``zone``, with its federation DNS SAN (from CA ``generation``; default: active)."""
+    return zone.issue_svid(
+        controller_id(zone.trust_domain), ttl, dns_names=[federation_host(zone.trust_domain)], generation=generation
+    )
 
 
 def needs_renewal(svid: Svid, now: dt.datetime | None = None) -> bool:

@@ -1,14 +1,21 @@
 """Imported services: what peers export to this zone, kept across restarts.
 
 Each peer's latest :class:`ServiceSnapshot` is stored whole; an import is named
-``<service>.<namespace>.<peer>``. A snapshot with a version no newer than the
-stored one is a duplicate (a resumed stream may resend) and changes nothing.
+``<service>.<namespace>.<peer>``. Within one export epoch of the peer, a
+snapshot no newer than the stored one is a duplicate (a resumed stream may
+resend) and changes nothing; a snapshot of a new epoch replaces whatever is
+stored (the peer's history went backwards and it resent everything).
+
+A stored snapshot that no longer parses (damaged, or written under looser rules)
+is reported per peer by :meth:`ImportStore.read` and left out: one peer's bad
+row never stops the zone from starting or serving the others.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +26,8 @@ from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.sqlite import SqliteStore, transaction
 
 STATE_FILE = "state.db"
+# The prefix of import listeners' names (see gateway_config.egress_listener_name); failover groups' differ.
+EGRESS_PREFIX = "egress:"
 
 _MIGRATIONS = (
     """
@@ -53,36 +62,68 @@ class EgressPorts:
 
     Loads the table once and assigns new ports from a cursor, so a config with
     10,000 imports costs one query, not one scan of the table per listener.
+
+    Ports stay with their listener while there is room. Once the range is full,
+    the ports (from ``base`` up) of import listeners that no stored import has
+    any more (a peer renamed or dropped the service, or the peering went) are
+    reused, lowest first: a peer that renames its services on every update must
+    not use the range up for everyone. ``live`` names the listeners stored
+    imports still have; it is asked only when the range is full.
     """
 
-    def __init__(self, db: sqlite3.Connection, base: int) -> None:
+    def __init__(self, db: sqlite3.Connection, base: int, live: Callable[[], set[str]] | None = None) -> None:
         self._db = db
         self._ports = {
             str(listener): int(port) for listener, port in db.execute("SELECT listener, port FROM egress_ports")
         }
         self._taken = set(self._ports.values())
-        self._next = base
+        self._base = self._next = base
         self._new: dict[str, int] = {}
+        self._live = live
+        self._stale: list[tuple[int, str]] | None = None
+        self._reclaimed: list[str] = []
+        self._used: set[str] = set()  # handed out by this object: never reclaimed
 
     def __call__(self, listener: str) -> int:
+        self._used.add(listener)
         port = self._ports.get(listener)
         if port is not None:
             return port
         while self._next in self._taken:
             self._next += 1
-        if self._next > 65535:
-            raise FederationError("no free egress port left above the base; lower the egress port base")
-        port = self._ports[listener] = self._next
-        self._taken.add(port)
+        if self._next <= 65535:
+            port = self._next
+            self._taken.add(port)
+        else:
+            port = self._reclaim()
+        self._ports[listener] = port
         self._new[listener] = port
         return port
 
+    def _reclaim(self) -> int:
+        if self._stale is None:
+            live = self._live() if self._live is not None else None
+            self._stale = sorted(
+                (port, name)
+                for name, port in self._ports.items()
+                if live is not None and port >= self._base and name.startswith(EGRESS_PREFIX) and name not in live
+            )
+            self._stale.reverse()  # popped from the end: lowest port first
+        while self._stale:
+            port, name = self._stale.pop()
+            if name not in self._used:
+                del self._ports[name]
+                self._reclaimed.append(name)
+                return port
+        raise FederationError("no free egress port left above the base; lower the egress port base")
+
     def save(self) -> None:
         """Keep the ports assigned since the last save, so listeners keep their address across restarts."""
-        if self._new:
+        if self._new or self._reclaimed:
             with transaction(self._db):
+                self._db.executemany("DELETE FROM egress_ports WHERE listener = ?", [(n,) for n in self._reclaimed])
                 self._db.executemany("INSERT OR IGNORE INTO egress_ports VALUES (?, ?)", self._new.items())
-            self._new = {}
+            self._new, self._reclaimed = {}, []
 
 
 class ImportStore(SqliteStore):
@@ -91,11 +132,32 @@ class ImportStore(SqliteStore):
     def __init__(self, zone_directory: Path) -> None:
         super().__init__(zone_directory / STATE_FILE, "imports", _MIGRATIONS)
 
-    def put(self, peer: str, snapshot: ServiceSnapshot) -> bool:
-        """Keep ``snapshot`` as ``peer``'s exports unless an equal or newer version is stored. True if stored."""
+    def get(self, peer: str) -> bytes | None:
+        """``peer``'s stored snapshot document as it is (to put back with :meth:`restore`), if any."""
+        row = self._db.execute("SELECT snapshot FROM imported_snapshots WHERE peer = ?", (peer,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def restore(self, peer: str, document: bytes | None) -> None:
+        """Put back what :meth:`get` returned (None: nothing was stored): an update was refused."""
         with transaction(self._db):
-            row = self._db.execute("SELECT version FROM imported_snapshots WHERE peer = ?", (peer,)).fetchone()
-            if row is not None and row[0] >= snapshot.version:
+            if document is None:
+                self._db.execute("DELETE FROM imported_snapshots WHERE peer = ?", (peer,))
+            else:
+                self._db.execute(
+                    "UPDATE imported_snapshots SET snapshot = ?, version = json_extract(?, '$.version') WHERE peer = ?",
+                    (document, document, peer),
+                )
+
+    def put(self, peer: str, snapshot: ServiceSnapshot) -> bool:
+        """Keep ``snapshot`` as ``peer``'s exports unless it is a duplicate (see above). True if stored."""
+        document = snapshot.model_dump_json().encode()
+        with transaction(self._db):
+            row = self._db.execute(
+                "SELECT version, coalesce(json_extract(snapshot, '$.epoch'), '') FROM imported_snapshots "
+                "WHERE peer = ?",
+                (peer,),
+            ).fetchone()
+            if row is not None and row[1] == snapshot.epoch and row[0] >= snapshot.version:
                 return False
             self._db.execute(
                 "INSERT INTO imported_snapshots VALUES (?, ?, ?, ?) ON CONFLICT(peer) DO UPDATE SET "
@@ -103,7 +165,7 @@ class ImportStore(SqliteStore):
                 (
                     peer,
                     snapshot.version,
-                    snapshot.model_dump_json().encode(),
+                    document,
                     dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 ),
             )
@@ -116,23 +178,42 @@ class ImportStore(SqliteStore):
 
     def egress_ports(self, base: int) -> EgressPorts:
         """Ports for egress listeners, from ``base`` up; call :meth:`EgressPorts.save` to keep new ones."""
-        return EgressPorts(self._db, base)
+        return EgressPorts(self._db, base, self._listeners)
+
+    def _listeners(self) -> set[str]:
+        """The egress listener names of every stored import (one per service port)."""
+        from meshfed.federation.gateway_config import egress_listener_name  # here: it imports this module
+
+        return {egress_listener_name(item, port) for item in self.services() for port in item.service.ports}
+
+    def read(self) -> tuple[dict[str, ServiceSnapshot], dict[str, str]]:
+        """Every peer's latest snapshot by peer name, and why any peer's stored snapshot is unreadable."""
+        snapshots: dict[str, ServiceSnapshot] = {}
+        unreadable: dict[str, str] = {}
+        for peer, document in self._db.execute("SELECT peer, snapshot FROM imported_snapshots ORDER BY peer"):
+            try:
+                snapshots[str(peer)] = ServiceSnapshot.model_validate_json(document)
+            except ValidationError as err:
+                unreadable[str(peer)] = (
+                    f"its stored imports are unreadable ({err.error_count()} errors); they are withheld until "
+                    "the peer sends them again"
+                )
+        return snapshots, unreadable
 
     def snapshots(self) -> dict[str, ServiceSnapshot]:
-        """The latest snapshot of every peer, by peer name."""
-        rows = self._db.execute("SELECT peer, snapshot FROM imported_snapshots ORDER BY peer").fetchall()
-        try:
-            return {peer: ServiceSnapshot.model_validate_json(document) for peer, document in rows}
-        except ValidationError as err:
-            raise FederationError(
-                f"a stored import is unreadable ({err.error_count()} errors); re-peer to refresh"
-            ) from None
+        """The latest readable snapshot of every peer, by peer name."""
+        return self.read()[0]
 
     def services(self) -> list[ImportedService]:
         """Every imported service, ordered by name."""
-        imported = [
-            ImportedService(peer, snapshot, service)
-            for peer, snapshot in self.snapshots().items()
-            for service in snapshot.services
-        ]
-        return sorted(imported, key=lambda item: item.name)
+        return services_of(self.snapshots())
+
+
+def services_of(snapshots: dict[str, ServiceSnapshot]) -> list[ImportedService]:
+    """The imported services of these peers' snapshots, ordered by name."""
+    imported = [
+        ImportedService(peer, snapshot, service)
+        for peer, snapshot in snapshots.items()
+        for service in snapshot.services
+    ]
+    return sorted(imported, key=lambda item: item.name)

@@ -6,6 +6,7 @@ dialer names it when it establishes). Its life::
     PENDING      (acceptor) a token was issued; nobody has redeemed it yet
     ESTABLISHING bundles exchanged; the stream has not said hello yet
     ACTIVE       the stream is up and heartbeats arrive
+    DISCONNECTED the stream dropped (the reason says why); the dialer is reconnecting
     FAILING      no message from the peer within its heartbeat deadline
     TERMINATED   the peer deleted the peering, or a local delete awaits the controller
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 import orjson
+from pydantic import ValidationError
 
 from meshfed.errors import InvalidTokenError, PeeringError
 from meshfed.federation.exchange import ServiceSnapshot
@@ -83,6 +85,63 @@ _MIGRATIONS = (
         sent_services = coalesce(json_array_length(sent_snapshot, '$.services'), 0),
         received_services = coalesce(json_array_length(received_snapshot, '$.services'), 0);
     """,
+    # 3: a DISCONNECTED state (the stream dropped; FAILING once the deadline passes), export epochs
+    # (a sender whose history went backwards starts a new one), the peer's refusal of our exports,
+    # and which of our bundles the peer confirmed holding (rotation must not partition it).
+    # SQLite cannot alter a CHECK: the table is rebuilt. The tokens go first and come back after,
+    # so dropping the old peerings cascades to nothing.
+    """
+    CREATE TEMP TABLE peering_tokens_kept AS SELECT * FROM peering_tokens;
+    DROP TABLE peering_tokens;
+    CREATE TABLE peerings_next (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('acceptor', 'dialer')),
+        state TEXT NOT NULL CHECK (
+            state IN ('PENDING', 'ESTABLISHING', 'ACTIVE', 'DISCONNECTED', 'FAILING', 'TERMINATED')
+        ),
+        state_reason TEXT NOT NULL DEFAULT '',
+        delete_requested INTEGER NOT NULL DEFAULT 0,
+        peer_zone TEXT,
+        peer_trust_domain TEXT UNIQUE,
+        peer_addresses TEXT NOT NULL DEFAULT '[]',
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        sent_version INTEGER NOT NULL DEFAULT 0,
+        sent_snapshot TEXT,
+        acked_version INTEGER NOT NULL DEFAULT 0,
+        received_version INTEGER NOT NULL DEFAULT 0,
+        received_snapshot TEXT,
+        last_connected_at TEXT,
+        last_heartbeat_sent_at TEXT,
+        last_heartbeat_received_at TEXT,
+        sent_services INTEGER NOT NULL DEFAULT 0,
+        received_services INTEGER NOT NULL DEFAULT 0,
+        sent_epoch TEXT NOT NULL DEFAULT '',
+        received_epoch TEXT NOT NULL DEFAULT '',
+        refused_reason TEXT NOT NULL DEFAULT '',
+        peer_bundle_sequence INTEGER NOT NULL DEFAULT 0
+    ) STRICT;
+    INSERT INTO peerings_next (
+        name, role, state, state_reason, delete_requested, peer_zone, peer_trust_domain, peer_addresses,
+        created_at, updated_at, sent_version, sent_snapshot, acked_version, received_version, received_snapshot,
+        last_connected_at, last_heartbeat_sent_at, last_heartbeat_received_at, sent_services, received_services
+    ) SELECT
+        name, role, state, state_reason, delete_requested, peer_zone, peer_trust_domain, peer_addresses,
+        created_at, updated_at, sent_version, sent_snapshot, acked_version, received_version, received_snapshot,
+        last_connected_at, last_heartbeat_sent_at, last_heartbeat_received_at, sent_services, received_services
+    FROM peerings;
+    DROP TABLE peerings;
+    ALTER TABLE peerings_next RENAME TO peerings;
+    CREATE TABLE peering_tokens (
+        secret_hash TEXT PRIMARY KEY,
+        peer_name TEXT NOT NULL REFERENCES peerings(name) ON DELETE CASCADE,
+        issued_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        used_at TEXT
+    ) STRICT;
+    INSERT INTO peering_tokens SELECT * FROM peering_tokens_kept;
+    DROP TABLE peering_tokens_kept;
+    """,
 )
 
 Role = Literal["acceptor", "dialer"]
@@ -92,12 +151,13 @@ class PeerState(StrEnum):
     PENDING = "PENDING"
     ESTABLISHING = "ESTABLISHING"
     ACTIVE = "ACTIVE"
+    DISCONNECTED = "DISCONNECTED"
     FAILING = "FAILING"
     TERMINATED = "TERMINATED"
 
 
 # States in which the peer's controller may hold a stream open with us.
-LIVE_STATES = frozenset({PeerState.ESTABLISHING, PeerState.ACTIVE, PeerState.FAILING})
+LIVE_STATES = frozenset({PeerState.ESTABLISHING, PeerState.ACTIVE, PeerState.DISCONNECTED, PeerState.FAILING})
 
 
 @dataclass(frozen=True)
@@ -127,6 +187,14 @@ class Peering:
     # Services in the two snapshots; kept even when the snapshots are not loaded (see PeeringStore.get).
     sent_services: int = 0
     received_services: int = 0
+    # The export epoch of each direction (see the Snapshot message): versions grow within one.
+    sent_epoch: str = ""
+    received_epoch: str = ""
+    # Why the peer's newest update was refused (empty when it was applied): its imports keep the
+    # last good version meanwhile.
+    refused_reason: str = ""
+    # The sequence of this zone's bundle the peer confirmed holding (0: unknown).
+    peer_bundle_sequence: int = 0
 
 
 @dataclass(frozen=True)
@@ -240,6 +308,10 @@ class PeeringStore(SqliteStore):
                 _maybe_iso(p.last_heartbeat_received_at),
                 len(p.sent_snapshot.services) if p.sent_snapshot else 0,
                 len(p.received_snapshot.services) if p.received_snapshot else 0,
+                p.sent_epoch,
+                p.received_epoch,
+                p.refused_reason,
+                p.peer_bundle_sequence,
             ),
         )
 
@@ -364,7 +436,8 @@ def request_delete(store: PeeringStore, name: str) -> Peering:
 _COLUMNS = (
     "name, role, state, state_reason, delete_requested, peer_zone, peer_trust_domain, peer_addresses, "
     "created_at, updated_at, sent_version, sent_snapshot, acked_version, received_version, received_snapshot, "
-    "last_connected_at, last_heartbeat_sent_at, last_heartbeat_received_at, sent_services, received_services"
+    "last_connected_at, last_heartbeat_sent_at, last_heartbeat_received_at, sent_services, received_services, "
+    "sent_epoch, received_epoch, refused_reason, peer_bundle_sequence"
 )
 # The same columns with the snapshots left out (NULL): what status reads need.
 _LIGHT = _COLUMNS.replace("sent_snapshot", "NULL").replace("received_snapshot", "NULL")
@@ -395,6 +468,10 @@ def _peering(row: tuple[object, ...]) -> Peering:
         hb_received,
         sent_services,
         received_services,
+        sent_epoch,
+        received_epoch,
+        refused_reason,
+        peer_bundle_sequence,
     ) = row
     return Peering(
         name=str(name),
@@ -408,18 +485,31 @@ def _peering(row: tuple[object, ...]) -> Peering:
         created_at=_time(created),
         updated_at=_time(updated),
         sent_version=int(str(sent_version)),
-        sent_snapshot=None if sent_snapshot is None else ServiceSnapshot.model_validate_json(str(sent_snapshot)),
+        sent_snapshot=_stored_snapshot(sent_snapshot),
         acked_version=int(str(acked_version)),
         received_version=int(str(received_version)),
-        received_snapshot=(
-            None if received_snapshot is None else ServiceSnapshot.model_validate_json(str(received_snapshot))
-        ),
+        received_snapshot=_stored_snapshot(received_snapshot),
         last_connected_at=_maybe_time(connected),
         last_heartbeat_sent_at=_maybe_time(hb_sent),
         last_heartbeat_received_at=_maybe_time(hb_received),
         sent_services=int(str(sent_services)),
         received_services=int(str(received_services)),
+        sent_epoch=str(sent_epoch),
+        received_epoch=str(received_epoch),
+        refused_reason=str(refused_reason),
+        peer_bundle_sequence=int(str(peer_bundle_sequence)),
     )
+
+
+def _stored_snapshot(document: object) -> ServiceSnapshot | None:
+    """A stored snapshot, or None if it no longer parses (written by an older meshfed with looser rules,
+    or damaged): the link then asks the peer for everything again instead of failing to start."""
+    if document is None:
+        return None
+    try:
+        return ServiceSnapshot.model_validate_json(str(document))
+    except ValidationError:
+        return None
 
 
 def _snapshot_json(value: object) -> str | None:
@@ -447,6 +537,10 @@ _WRITERS: dict[str, Callable[[object], object]] = {
     "last_connected_at": _moment,
     "last_heartbeat_sent_at": _moment,
     "last_heartbeat_received_at": _moment,
+    "sent_epoch": str,
+    "received_epoch": str,
+    "refused_reason": str,
+    "peer_bundle_sequence": lambda value: int(str(value)),
 }
 # Snapshot fields and the count column kept with each.
 _COUNTED = {"sent_snapshot": "sent_services", "received_snapshot": "received_services"}

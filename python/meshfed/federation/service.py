@@ -29,6 +29,7 @@ import dataclasses
 import datetime as dt
 import logging
 import random
+import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -37,12 +38,11 @@ from typing import Any
 import grpc
 from pydantic import BaseModel
 
-from meshfed.aio import cancel_and_wait
-from meshfed.errors import InvalidTokenError, MeshfedError, PeeringError
+from meshfed.errors import InvalidTokenError, MeshfedError, PeeringError, PeerInputError
 from meshfed.federation import wire
 from meshfed.federation._proto import peering_pb2 as pb
 from meshfed.federation._proto import peering_pb2_grpc as pb_grpc
-from meshfed.federation.exchange import ServiceSnapshot
+from meshfed.federation.exchange import MAX_VERSION, ServiceSnapshot
 from meshfed.federation.identity import (
     authenticate_peer,
     federation_host,
@@ -60,6 +60,7 @@ from meshfed.federation.peering import (
 )
 from meshfed.federation.stream import CAPABILITIES, PeerTerminatedError, Session
 from meshfed.federation.token import DEFAULT_TOKEN_TTL, decode_token
+from meshfed.supervisor import Component, Supervisor
 from meshfed.trust.bundle import TrustBundle, newest, parse_bundle
 from meshfed.trust.ca import Svid
 from meshfed.trust.spiffe import TrustDomain
@@ -68,6 +69,7 @@ from meshfed.zone import Zone
 log = logging.getLogger(__name__)
 
 ExportsOf = Callable[[str], ServiceSnapshot]
+ImportProblem = Callable[[str], str | None]
 OnImports = Callable[[str, ServiceSnapshot], Awaitable[None]]
 OnTrustChanged = Callable[[], Awaitable[None]]
 OnPeerState = Callable[[str, PeerState], Awaitable[None]]
@@ -78,6 +80,23 @@ DEFAULT_ESTABLISH_ADDRESS = "0.0.0.0:15441"
 ESTABLISH_TIMEOUT = 10.0
 # Deltas can be made from this many recent versions; an older ack gets a full snapshot.
 HISTORY_DEPTH = 16
+# A peer's announced heartbeat interval is held within these bounds (seconds): a peer announcing
+# 4294967295 ms must not make itself impossible to mark FAILING.
+PEER_HEARTBEAT_BOUNDS = (0.05, 60.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerLimits:
+    """What one peer may make this zone hold: refused beyond, with a message naming the limit."""
+
+    max_services: int = 10_000  # services imported from one peer
+    max_listeners: int = 10_000  # egress listeners (one socket each: a service port) for one peer
+
+
+# A SPIFFE bundle with a handful of roots is a few KiB; SPIRE's with JWT keys stays well under this.
+MAX_BUNDLE_BYTES = 256 * 1024
+# SPIFFE's limit on a trust domain name, which the Rust gateway enforces on every bundle it holds.
+MAX_TRUST_DOMAIN_LENGTH = 255
 _WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})  # noqa: S104 -- recognised, not bound
 
 
@@ -103,6 +122,13 @@ class PeerStatus(BaseModel):
     propagation_lag_seconds: float
     exported_services: int
     imported_services: int
+    # The peer's heartbeat interval as this zone uses it (clamped to local bounds): its failure deadline.
+    peer_heartbeat_seconds: float | None
+    # Why this zone refused the peer's newest update (its imports keep the last good version), or
+    # why its imports are withheld; empty when all is applied.
+    import_error: str
+    # Why the peer refused this zone's newest update; empty when it applied it.
+    export_error: str
 
     @classmethod
     def of(cls, peering: Peering, link: PeerLink | None = None) -> PeerStatus:
@@ -131,6 +157,9 @@ class PeerStatus(BaseModel):
             imported_services=(
                 len(peering.received_snapshot.services) if peering.received_snapshot else peering.received_services
             ),
+            peer_heartbeat_seconds=link.peer_heartbeat_interval if link is not None else None,
+            import_error=peering.refused_reason or (link.quarantine_reason() if link is not None else ""),
+            export_error=link.export_error if link is not None else "",
         )
 
 
@@ -154,7 +183,15 @@ class PeerLink:
         self.sent_version = peering.sent_version
         self.acked_version = peering.acked_version
         self.received = peering.received_snapshot
-        self.received_version = peering.received_version
+        # A stored snapshot that no longer parses counts as nothing held: the peer resends everything.
+        self.received_version = peering.received_version if self.received is not None else 0
+        self.sent_epoch = peering.sent_epoch
+        self.received_epoch = peering.received_epoch if self.received is not None else ""
+        self.refused_reason = peering.refused_reason
+        self.export_error = ""
+        self.peer_bundle_sequence = peering.peer_bundle_sequence
+        self.held_peer_bundle_sequence = service.held_bundle_sequence(peering.peer_trust_domain)
+        self._epoch_restarted = False
         self.history: collections.OrderedDict[int, ServiceSnapshot] = collections.OrderedDict()
         if self.sent is not None:
             self.history[self.sent_version] = self.sent
@@ -165,7 +202,7 @@ class PeerLink:
         self.last_message_at = time.monotonic()
         self.session: Session | None = None
         self.stopped = False
-        self._dialer: asyncio.Task[None] | None = None
+        self._dialer: Component | None = None
 
     @property
     def connected_now(self) -> bool:
@@ -181,6 +218,8 @@ class PeerLink:
             acked_version=self.acked_version,
             received_version=self.received_version,
             received_snapshot=self.received,
+            refused_reason=self.refused_reason,
+            peer_bundle_sequence=self.peer_bundle_sequence,
             last_connected_at=self.last_connected_at,
             last_heartbeat_sent_at=self.last_heartbeat_sent_at,
             last_heartbeat_received_at=self.last_heartbeat_received_at,
@@ -190,12 +229,12 @@ class PeerLink:
 
     def start(self) -> None:
         if self.role == "dialer":
-            self._dialer = asyncio.create_task(self._dial_forever(), name=f"meshfed-peer-{self.name}-dial")
+            self._dialer = self.service.supervisor.spawn(f"peer-{self.name}-dialer", self._dial_forever)
 
     async def stop(self) -> None:
         self.stopped = True
-        if self._dialer is not None and self._dialer is not asyncio.current_task():
-            await cancel_and_wait(self._dialer)
+        if self._dialer is not None:
+            await self._dialer.cancel()
 
     async def run_session(self, session: Session) -> None:
         """Run ``session`` as this link's one connection (a newer connection replaces an older one)."""
@@ -209,9 +248,28 @@ class PeerLink:
             await session.run()
         except PeerTerminatedError as err:
             await self.service.peer_terminated(self, str(err))
+        except asyncio.CancelledError:
+            if self.role == "acceptor":
+                # grpc cancels the stream handler when the dialer's connection drops without a word:
+                # the stream is lost as surely as on an error (a link being stopped ignores it).
+                await self._lost(session, "the connection to the peer dropped")
+            raise
+        except BaseException as err:
+            await self._lost(session, _describe_stream_error(err))
+            raise
+        else:
+            await self._lost(session, "the stream ended")
         finally:
             if self.session is session:
                 self.session = None
+
+    async def _lost(self, session: Session, reason: str) -> None:
+        """The stream dropped: show it at once (DISCONNECTED); FAILING follows at the heartbeat deadline."""
+        if self.session is not session or self.stopped or not session.said_hello:
+            return
+        self.session = None
+        if self.state is PeerState.ACTIVE:
+            await self.set_state(PeerState.DISCONNECTED, f"{reason}; reconnecting")
 
     async def _dial_forever(self) -> None:
         attempt = 0
@@ -229,9 +287,9 @@ class PeerLink:
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as err:
-                log.info("peer %s at %s: %s %s", self.name, address, err.code().name, err.details())
+                log.info("peer %s at %s: %s", self.name, address, _describe_stream_error(err, self.peer_trust_domain))
             except MeshfedError as err:
-                log.info("peer %s at %s: %s", self.name, address, err)
+                log.info("peer %s at %s: %s", self.name, address, _describe_stream_error(err))
             except Exception:
                 log.exception("peer %s: stream failed", self.name)
             if self.stopped:
@@ -250,12 +308,16 @@ class PeerLink:
             trust_domain=str(zone.trust_domain),
             capabilities=CAPABILITIES,
             last_acked_version=self.received_version,
+            last_acked_epoch=self.received_epoch,
             heartbeat_interval_ms=int(self.heartbeat_interval * 1000),
+            bundle_sequence=self.held_peer_bundle_sequence,
         )
 
     async def connected(self, hello: pb.Hello) -> None:
         if hello.heartbeat_interval_ms:
-            self.peer_heartbeat_interval = hello.heartbeat_interval_ms / 1000
+            low, high = self.service.peer_heartbeat_bounds
+            self.peer_heartbeat_interval = min(max(hello.heartbeat_interval_ms / 1000, low), high)
+        self.peer_bundle_confirmed(hello.bundle_sequence)
         self.last_connected_at = dt.datetime.now(dt.UTC)
         self.last_message_at = time.monotonic()
         await self.set_state(PeerState.ACTIVE, "")
@@ -264,7 +326,7 @@ class PeerLink:
         self.last_message_at = time.monotonic()
         if message.WhichOneof("body") == "heartbeat":
             self.last_heartbeat_received_at = dt.datetime.now(dt.UTC)
-        if self.state is PeerState.FAILING:
+        if self.state in (PeerState.FAILING, PeerState.DISCONNECTED):
             await self.set_state(PeerState.ACTIVE, "")
 
     def heartbeat_sent(self) -> None:
@@ -276,12 +338,14 @@ class PeerLink:
     def current_exports(self) -> ServiceSnapshot:
         """What we export to the peer now, with a version that grows whenever the content changes."""
         snapshot = self.service.exports(self.name)
-        if self.sent is not None and wire.same_content(self.sent, snapshot):
+        if self.sent is not None and self.sent.epoch == self.sent_epoch and wire.same_content(self.sent, snapshot):
             return self.sent
+        if not self.sent_epoch:
+            self.sent_epoch = _new_epoch()
         version = max(snapshot.version, self.sent_version + 1)
-        snapshot = snapshot.model_copy(update={"version": version})
+        snapshot = snapshot.model_copy(update={"version": version, "epoch": self.sent_epoch})
         # Persisted before it is sent, so a restart never reuses a version for other content.
-        self.service.store.update(self.name, sent_version=version, sent_snapshot=snapshot)
+        self.service.store.update(self.name, sent_version=version, sent_snapshot=snapshot, sent_epoch=self.sent_epoch)
         self.sent, self.sent_version = snapshot, version
         self.history[version] = snapshot
         while len(self.history) > HISTORY_DEPTH:
@@ -289,7 +353,42 @@ class PeerLink:
         self._version_sent_at.setdefault(version, time.monotonic())
         return snapshot
 
+    def peer_holds(self, epoch: str, version: int) -> int | None:
+        """The version of our exports the peer holds, or None when it must get a full snapshot.
+
+        A peer holding a version of our current epoch that we never sent means our
+        history went backwards (this zone's state was restored from an older
+        backup): start a new epoch, so the peer takes the next full snapshot.
+        """
+        if not epoch or epoch != self.sent_epoch:
+            return None
+        if version <= self.sent_version:
+            return version
+        if self._epoch_restarted:
+            raise PeeringError(
+                f"peer {self.name} acknowledges version {version} of export epoch {epoch[:16]}, which this zone "
+                "never sent; closing the stream"
+            )
+        log.warning(
+            "peer %s holds version %d of this zone's exports, but this zone only reached %d: its state was "
+            "restored from an older backup; starting a new export epoch and resending everything",
+            self.name,
+            version,
+            self.sent_version,
+        )
+        self._epoch_restarted = True
+        self.sent_epoch, self.sent, self.acked_version = _new_epoch(), None, 0
+        self.history.clear()
+        self.service.store.update(self.name, sent_epoch=self.sent_epoch, acked_version=0)
+        return None
+
+    def export_refused(self, reason: str) -> None:
+        if reason != self.export_error:
+            log.error("peer %s refused this zone's exports: %s", self.name, reason)
+        self.export_error = reason
+
     def acked(self, version: int) -> None:
+        self.export_error = ""
         self.acked_version = version
         for old in [v for v in self._version_sent_at if v <= version]:
             del self._version_sent_at[old]
@@ -300,31 +399,92 @@ class PeerLink:
             return 0.0
         return time.monotonic() - min(self._version_sent_at.values())
 
+    def _ack(self, *, resync: bool = False) -> pb.Ack:
+        return pb.Ack(version=self.received_version, epoch=self.received_epoch, resync=resync)
+
     async def apply_snapshot(self, message: pb.Snapshot) -> pb.Ack:
-        if message.version <= self.received_version:
-            return pb.Ack(version=self.received_version)  # a replay: applied already
+        """Apply a full snapshot; raises PeerInputError (nothing applied) when it breaks a rule or a limit."""
+        if message.epoch == self.received_epoch and message.version <= self.received_version:
+            return self._ack()  # a replay: applied already (or the sender went back; it starts a new epoch)
         snapshot = wire.snapshot_from_proto(message, self.peer_zone, self.peer_trust_domain)
+        if self.received_epoch and snapshot.epoch != self.received_epoch:
+            log.info("peer %s started a new export epoch; taking its full snapshot", self.name)
         await self._deliver(snapshot)
-        return pb.Ack(version=snapshot.version)
+        return self._ack()
 
     async def apply_delta(self, delta: pb.Delta) -> pb.Ack:
+        if delta.epoch != self.received_epoch or self.received is None:
+            return self._ack(resync=True)
         if delta.version <= self.received_version:
-            return pb.Ack(version=self.received_version)
-        if self.received is None or delta.from_version != self.received_version:
-            return pb.Ack(version=self.received_version, resync=True)
+            return self._ack()
+        if delta.from_version != self.received_version:
+            return self._ack(resync=True)
         await self._deliver(wire.apply_delta(self.received, delta))
-        return pb.Ack(version=delta.version)
+        return self._ack()
+
+    def _check_limits(self, snapshot: ServiceSnapshot) -> None:
+        limits = self.service.limits
+        if len(snapshot.services) > limits.max_services:
+            raise PeerInputError(
+                f"peer {self.name} exports {len(snapshot.services)} services to this zone, more than its limit of "
+                f"{limits.max_services} (max_services per peer): ask its operator to export fewer, or raise the limit"
+            )
+        if snapshot.listener_count > limits.max_listeners:
+            raise PeerInputError(
+                f"peer {self.name}'s exports need {snapshot.listener_count} egress listeners here, more than its "
+                f"limit of {limits.max_listeners} (max_listeners per peer): ask its operator to export fewer "
+                "ports, or raise the limit"
+            )
 
     async def _deliver(self, snapshot: ServiceSnapshot) -> None:
-        # Applied, then recorded, then acked: a crash in between re-delivers the same
-        # full snapshot (harmless), never skips one.
+        # Checked, applied, then recorded, then acked: a crash in between re-delivers the same
+        # full snapshot (harmless), never skips one; a refusal anywhere leaves everything as it was.
+        self._check_limits(snapshot)
         await self.service.on_imports(self.name, snapshot)
-        self.service.store.update(self.name, received_version=snapshot.version, received_snapshot=snapshot)
-        self.received, self.received_version = snapshot, snapshot.version
+        self.service.store.update(
+            self.name,
+            received_version=snapshot.version,
+            received_snapshot=snapshot,
+            received_epoch=snapshot.epoch,
+            refused_reason="",
+        )
+        self.received, self.received_version, self.received_epoch = snapshot, snapshot.version, snapshot.epoch
+        self.refused_reason = ""
+
+    def refused(self, reason: str) -> pb.Ack:
+        """Record why the peer's update was refused and answer with a NACK; its last good imports stay."""
+        if reason != self.refused_reason:
+            log.error(
+                "peer %s: update refused, its imports keep version %d: %s", self.name, self.received_version, reason
+            )
+            self.refused_reason = reason
+            self.service.store.update(self.name, refused_reason=reason)
+        return pb.Ack(version=self.received_version, epoch=self.received_epoch, error=reason)
+
+    def quarantine_reason(self) -> str:
+        return self.service.import_problem(self.name) or ""
 
     async def apply_bundle(self, data: bytes) -> None:
+        if len(data) > MAX_BUNDLE_BYTES:
+            raise PeerInputError(
+                f"peer {self.name} sent a bundle of {len(data)} bytes; the limit is {MAX_BUNDLE_BYTES}"
+            )
         offered = parse_bundle(TrustDomain(self.peer_trust_domain), data)
         await self.service.bundle_received(offered)
+        self.held_peer_bundle_sequence = self.service.held_bundle_sequence(self.peer_trust_domain)
+
+    def bundle_refused(self, reason: str) -> None:
+        log.error("peer %s sent a bundle this zone refused (the one it holds stays): %s", self.name, reason)
+
+    def peer_bundle_confirmed(self, sequence: int) -> None:
+        """The peer says it holds our bundle at ``sequence``: a rotation may now present the new CA to it."""
+        # A uint64 from the peer: capped to what SQLite stores (no bundle of ours gets anywhere near it).
+        sequence = min(sequence, MAX_VERSION)
+        if sequence == self.peer_bundle_sequence:
+            return
+        self.peer_bundle_sequence = sequence
+        self.service.store.update(self.name, peer_bundle_sequence=sequence)
+        self.service.peer_bundle_changed()
 
     async def set_state(self, state: PeerState, reason: str) -> None:
         if state is self.state and reason == self.state_reason:
@@ -337,6 +497,7 @@ class PeerLink:
                 await self.service.on_peer_state(self.name, state)
 
     def failure_deadline(self) -> float:
+        """Seconds of silence after which the peer is FAILING."""
         return self.peer_heartbeat_interval * self.service.missed_heartbeats
 
 
@@ -359,11 +520,15 @@ class PeeringService:
         on_imports: OnImports,
         on_trust_changed: OnTrustChanged,
         on_peer_state: OnPeerState | None = None,
+        import_problem: ImportProblem = lambda peer: None,
+        limits: PeerLimits = PeerLimits(),
+        supervisor: Supervisor | None = None,
         listen_address: str = DEFAULT_LISTEN_ADDRESS,
         establish_address: str = DEFAULT_ESTABLISH_ADDRESS,
         advertise_host: str | None = None,
         heartbeat_interval: float = 5.0,
         missed_heartbeats: int = 3,
+        peer_heartbeat_bounds: tuple[float, float] = PEER_HEARTBEAT_BOUNDS,
         store_poll_interval: float = 1.0,
         reconnect_backoff: tuple[float, float] = (0.2, 10.0),
     ) -> None:
@@ -372,8 +537,13 @@ class PeeringService:
         self.on_imports = on_imports
         self.on_trust_changed = on_trust_changed
         self.on_peer_state = on_peer_state
+        self.import_problem = import_problem
+        self.limits = limits
+        self.supervisor = supervisor or Supervisor(zone.name)
+        self._own_supervisor = supervisor is None
         self.heartbeat_interval = heartbeat_interval
         self.missed_heartbeats = missed_heartbeats
+        self.peer_heartbeat_bounds = peer_heartbeat_bounds
         self.reconnect_backoff = reconnect_backoff
         self._listen_address = listen_address
         self._establish_address = establish_address
@@ -384,8 +554,10 @@ class PeeringService:
         self._store: PeeringStore | None = None
         self._server: grpc.aio.Server | None = None
         self._svid: Svid | None = None
+        # The CA generation the controller SVID came from (None: a zone that never rotated).
+        self._svid_generation: int | None = None
         self._links: dict[str, PeerLink] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[Component] = []
         self._own_bundle_sequence = 0
         self._reconcile_lock = asyncio.Lock()
         # grpc calls the credential fetchers on its own threads, once per handshake.
@@ -405,7 +577,7 @@ class PeeringService:
 
     async def start(self) -> None:
         self._store = PeeringStore.of(self.zone)
-        self._svid = await asyncio.to_thread(issue_controller_svid, self.zone)
+        self._svid = await asyncio.to_thread(self._issue_svid)
         self._own_bundle_sequence = self.zone.own_bundle().sequence
         self._rebuild_credentials()
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -435,8 +607,8 @@ class PeeringService:
         self.store.record_listener(self.establish_addresses, self.stream_addresses)
         await self.refresh()
         self._tasks = [
-            asyncio.create_task(self._poll_store(), name=f"meshfed-{self.zone.name}-peering-poll"),
-            asyncio.create_task(self._watch_heartbeats(), name=f"meshfed-{self.zone.name}-peering-watch"),
+            self.supervisor.spawn("peering-poll", self._poll_store),
+            self.supervisor.spawn("peering-heartbeats", self._watch_heartbeats),
         ]
         log.info(
             "zone %s peering: establish on %s, stream on %s",
@@ -446,7 +618,8 @@ class PeeringService:
         )
 
     async def stop(self) -> None:
-        await cancel_and_wait(*self._tasks)
+        for task in self._tasks:
+            await task.cancel()
         self._tasks = []
         for link in list(self._links.values()):
             if link.session is not None:
@@ -526,7 +699,8 @@ class PeeringService:
             if notify_peer and session is not None and session.said_hello:
                 session.terminate(reason)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(session.finished.wait(), 2.0)
+                    async with asyncio.timeout(2.0):  # not wait_for: it can swallow a racing cancel on 3.11
+                        await session.finished.wait()
             await link.stop()
         peering = self.store.get(name)
         if remove:
@@ -535,11 +709,18 @@ class PeeringService:
             self.store.update(name, state=PeerState.TERMINATED, state_reason=reason, received_snapshot=None)
         self._rebuild_credentials()
         if peering is not None and peering.peer_zone is not None and peering.peer_trust_domain is not None:
+            held = link.received_version if link else peering.received_version
+            epoch = link.received_epoch if link else peering.received_epoch
+            if held >= MAX_VERSION:
+                # A peer may have pushed its version to the largest SQLite integer: no newer version of
+                # its epoch exists, so the empty snapshot opens a new one (else it reads as a replay).
+                epoch = _new_epoch()
             empty = ServiceSnapshot(
                 zone=peering.peer_zone,
                 trust_domain=peering.peer_trust_domain,
                 gateway_addresses=[],
-                version=(link.received_version if link else peering.received_version) + 1,
+                version=min(held + 1, MAX_VERSION),
+                epoch=epoch,
             )
             await self.on_imports(name, empty)
             # The peering brought this trust domain; with it gone, its roots verify nothing here.
@@ -556,9 +737,10 @@ class PeeringService:
                 await self._teardown(link.name, f"the peer ended the peering: {reason}", remove=False)
 
     async def bundle_received(self, offered: TrustBundle) -> None:
-        held = next(
-            (s.bundle for s in self.zone.trusted_bundles() if s.bundle.trust_domain == offered.trust_domain), None
-        )
+        stored = next((s for s in self.zone.trusted_bundles() if s.bundle.trust_domain == offered.trust_domain), None)
+        if stored is not None and stored.source != "peering":
+            raise PeeringError(_trust_owned_elsewhere(offered.trust_domain, stored.source))
+        held = stored.bundle if stored is not None else None
         kept = newest(held, offered)
         if kept is held:
             return
@@ -587,9 +769,52 @@ class PeeringService:
     def _bundle_of(self, trust_domain: TrustDomain) -> TrustBundle | None:
         return next((s.bundle for s in self.zone.trusted_bundles() if s.bundle.trust_domain == trust_domain), None)
 
+    def held_bundle_sequence(self, trust_domain: str) -> int:
+        """The sequence of the bundle this zone holds for a peer's trust domain (0: none)."""
+        bundle = self._bundle_of(TrustDomain(trust_domain))
+        return bundle.sequence if bundle is not None else 0
+
+    def peer_bundle_changed(self) -> None:
+        """A peer confirmed a newer bundle of ours: the controller SVID may move to the new CA now."""
+        self._current_svid()
+
+    def _presented_generation(self) -> int | None:
+        """The CA generation our controller SVID must come from so that every live peer can verify it.
+
+        After a rotation activates a new CA, a peer that has not confirmed our
+        newest bundle (it was offline through the overlap) trusts only the old
+        root, and the new root reaches it only over a stream that would need it.
+        So while any live peer is behind and the old CA still retires (its root
+        stays in our bundle meanwhile), the SVID comes from the old CA; once
+        every peer confirmed, from the new one. If the old root retired before a
+        peer came back, that peer cannot verify us: its dial errors say so.
+        """
+        generations = self.zone.ca_generations()
+        active = next((g.generation for g in generations if g.state == "active"), None)
+        retiring = [g.generation for g in generations if g.state == "retiring"]
+        if not retiring:
+            return active
+        newest_sequence = self.zone.own_bundle().sequence
+        behind = sorted(link.name for link in self._links.values() if link.peer_bundle_sequence < newest_sequence)
+        if not behind:
+            return active
+        if active != self._svid_generation:
+            log.info(
+                "zone %s: presenting the retiring CA's controller SVID until peer(s) %s confirm the new bundle",
+                self.zone.name,
+                ", ".join(behind),
+            )
+        return max(retiring)
+
+    def _issue_svid(self) -> Svid:
+        generation = self._presented_generation()
+        svid = issue_controller_svid(self.zone, generation=generation)
+        self._svid_generation = generation
+        return svid
+
     def _current_svid(self) -> Svid:
-        if self._svid is None or needs_renewal(self._svid):
-            self._svid = issue_controller_svid(self.zone)
+        if self._svid is None or needs_renewal(self._svid) or self._presented_generation() != self._svid_generation:
+            self._svid = self._issue_svid()
             self._rebuild_credentials()
         return self._svid
 
@@ -651,7 +876,7 @@ class PeeringService:
             now = time.monotonic()
             for link in list(self._links.values()):
                 silent = now - link.last_message_at
-                if link.state is PeerState.ACTIVE and silent > link.failure_deadline():
+                if link.state in (PeerState.ACTIVE, PeerState.DISCONNECTED) and silent > link.failure_deadline():
                     await link.set_state(
                         PeerState.FAILING,
                         f"no message for {silent:.1f}s (heartbeats every {link.peer_heartbeat_interval:g}s)",
@@ -669,6 +894,7 @@ class PeeringService:
                 f"the token names peer {request.peer_name!r}, its secret belongs to {pending.name!r}"
             )
         trust_domain = TrustDomain.parse(request.trust_domain)
+        _check_trust_domain_length(trust_domain, "the dialer's")
         if trust_domain == self.zone.trust_domain:
             raise InvalidTokenError(
                 "a zone cannot peer with its own trust domain; this token was presented to its issuer"
@@ -676,6 +902,9 @@ class PeeringService:
         clash = store.by_trust_domain(trust_domain.name)
         if clash is not None:
             raise PeeringError(f"this zone already peers with {trust_domain} as {clash.name!r}")
+        _refuse_trust_owned_elsewhere(self.zone, trust_domain)
+        if len(request.bundle) > MAX_BUNDLE_BYTES:
+            raise PeeringError(f"the dialer's bundle is {len(request.bundle)} bytes; the limit is {MAX_BUNDLE_BYTES}")
         bundle = parse_bundle(trust_domain, request.bundle)
         now = dt.datetime.now(dt.UTC)
         established = Peering(
@@ -688,8 +917,14 @@ class PeeringService:
             peer_trust_domain=trust_domain.name,
             peer_addresses=tuple(request.stream_addresses),
         )
-        await asyncio.to_thread(self.zone.import_bundle, bundle, "peering")
+        # Spent (with the peering stored) before any trust is added: of concurrent redemptions of one
+        # token, exactly one gets here, so no trust domain is ever trusted without a peering owning it.
         store.spend_token(request.secret, established)
+        try:
+            await asyncio.to_thread(self.zone.import_bundle, bundle, "peering")
+        except BaseException:
+            store.delete(established.name)
+            raise
         await self.refresh()
         await self.on_trust_changed()
         log.info("zone %s accepted peering %s (%s)", self.zone.name, established.name, trust_domain)
@@ -775,6 +1010,7 @@ async def establish(
         ca_bundle = parse_bundle(peer_domain, token.ca_bundle.encode())
     except MeshfedError as err:
         raise InvalidTokenError(f"the token's CA bundle is unusable ({err}); copy the token again") from None
+    _check_trust_domain_length(peer_domain, "the token's")
     name = name or token.zone
     with PeeringStore.of(zone) as store:
         existing = store.get(name)
@@ -785,6 +1021,7 @@ async def establish(
         if stream_addresses is None:
             listener = store.listener()
             stream_addresses = listener.stream_addresses if listener else ()
+    _refuse_trust_owned_elsewhere(zone, peer_domain)
     request = pb.EstablishRequest(
         secret=token.secret,
         peer_name=token.peer_name,
@@ -847,6 +1084,54 @@ async def _redeem(
 
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _new_epoch() -> str:
+    return secrets.token_hex(8)
+
+
+def _check_trust_domain_length(trust_domain: TrustDomain, whose: str) -> None:
+    """Refuse a peer's trust domain beyond SPIFFE's 255 characters: the gateway holds no longer one, so
+    its bundle would make every gateway config of this zone invalid."""
+    if len(trust_domain.name) > MAX_TRUST_DOMAIN_LENGTH:
+        raise PeeringError(
+            f"{whose} trust domain {trust_domain.name[:64]}... is {len(trust_domain.name)} characters long; "
+            f"SPIFFE allows at most {MAX_TRUST_DOMAIN_LENGTH}"
+        )
+
+
+def _trust_owned_elsewhere(trust_domain: TrustDomain, source: str) -> str:
+    how = {"import": "an operator imported its bundle", "federation": "it is federated over a bundle endpoint"}
+    return (
+        f"this zone already trusts {trust_domain} because {how.get(source, f'of source {source!r}')}; a peering "
+        f"will not replace that trust: remove it first ('meshfed trust list' shows it), then peer again"
+    )
+
+
+def _refuse_trust_owned_elsewhere(zone: Zone, trust_domain: TrustDomain) -> None:
+    stored = next((s for s in zone.trusted_bundles() if s.bundle.trust_domain == trust_domain), None)
+    if stored is not None and stored.source != "peering":
+        raise PeeringError(_trust_owned_elsewhere(trust_domain, stored.source))
+
+
+def _describe_stream_error(err: BaseException, peer_trust_domain: str | None = None) -> str:
+    """One line for a lost or failed stream, naming the likely cause when the TLS handshake failed."""
+    if isinstance(err, grpc.aio.AioRpcError):
+        details = err.details() or ""
+        text = f"{err.code().name} {details}"
+        lowered = details.lower()
+        if "certificate_verify_failed" in lowered or "handshake failed" in lowered:
+            return (
+                f"{text}: the TLS handshake failed; if zone {peer_trust_domain or 'the peer'} rotated its CA while "
+                "this zone was away, this zone does not hold its new root yet: check 'meshfed trust list' and "
+                "import its current bundle"
+            )
+        if "socket closed" in lowered:
+            return f"{text}: the peer closed the connection (did it refuse this zone's certificate?)"
+        return text
+    if isinstance(err, MeshfedError):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
 
 
 __all__ = ["PeerLink", "PeerStatus", "PeeringService", "establish"]

@@ -11,9 +11,17 @@ flight until the peer acks it, and the update is computed when it is sent,
 so changes made meanwhile coalesce into one. A slow peer costs one pending
 snapshot, never a backlog.
 
-Resume: each hello carries the newest version of the peer's exports this end
-has applied. The sender answers with nothing (up to date), a delta (when it
-still holds that version), or a full snapshot.
+Resume: each hello carries the newest version (and epoch) of the peer's
+exports this end has applied. The sender answers with nothing (up to date), a
+delta (when it still holds that version), or a full snapshot. A peer that
+claims a version this end never sent means this end's history went backwards
+(a restore from backup): the sender starts a new epoch and sends everything.
+
+Everything read here is a peer's untrusted input: updates are parsed whole
+into typed values (:mod:`meshfed.federation.wire`) and refused with a NACK
+(``Ack.error``) naming the field; a refused update changes nothing, is never
+acked as applied, and the stream carries on. The sender does not resend
+content the peer refused.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from meshfed.errors import PeeringError
+from meshfed.errors import MeshfedError, PeeringError, PeerInputError
 from meshfed.federation import wire
 from meshfed.federation._proto import peering_pb2 as pb
 
@@ -60,6 +68,8 @@ class Session:
         # What the peer holds of our exports (None: unknown, send a full snapshot).
         self._peer_has: int | None = None
         self._in_flight: int | None = None
+        # The version the peer refused last: not sent again (only newer content is).
+        self._refused: int | None = None
         self._check_exports = True
         self._bundle_due = True
         self._pending_ack: pb.Ack | None = None
@@ -98,8 +108,11 @@ class Session:
     async def _run(self) -> None:
         link = self.link
         await self._write(pb.PeerMessage(hello=link.hello()))
+        # asyncio.timeout, not wait_for, here and below: on 3.11 wait_for can swallow a cancel that
+        # races the awaited result, and a session that misses its cancel never ends.
         try:
-            first = await asyncio.wait_for(self._read(), HANDSHAKE_TIMEOUT)
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                first = await self._read()
         except TimeoutError:
             raise PeeringError(f"peer {link.name} sent no hello within {HANDSHAKE_TIMEOUT:.0f}s") from None
         if not isinstance(first, pb.PeerMessage) or first.WhichOneof("body") != "hello":
@@ -107,9 +120,12 @@ class Session:
         hello = first.hello
         if hello.trust_domain != link.peer_trust_domain:
             raise PeeringError(
-                f"peer {link.name} says it is {hello.trust_domain}, but the peering is with {link.peer_trust_domain}"
+                f"peer {link.name} says it is {hello.trust_domain[:256]}, "
+                f"but the peering is with {link.peer_trust_domain}"
             )
-        self._peer_has = hello.last_acked_version
+        if hello.zone != link.peer_zone:
+            raise PeeringError(f"peer {link.name} says it is zone {hello.zone[:64]!r}, not {link.peer_zone!r}")
+        self._peer_has = link.peer_holds(hello.last_acked_epoch, hello.last_acked_version)
         self.said_hello = True
         await link.connected(hello)
         reader = asyncio.create_task(self._read_loop(), name=f"peer-{link.name}-read")
@@ -124,7 +140,8 @@ class Session:
                 # We sent Terminate: give the peer a moment to read it and close its end, so
                 # closing ours does not cancel the call before the message is delivered.
                 with contextlib.suppress(TimeoutError, Exception):
-                    await asyncio.wait_for(asyncio.shield(reader), TERMINATE_GRACE)
+                    async with asyncio.timeout(TERMINATE_GRACE):
+                        await asyncio.shield(reader)
                 return
         finally:
             for task in tasks:
@@ -147,30 +164,55 @@ class Session:
             await link.message_received(message)
             kind = message.WhichOneof("body")
             if kind == "snapshot":
-                self._acknowledge(await link.apply_snapshot(message.snapshot))
+                self._acknowledge(await self._applied(link.apply_snapshot(message.snapshot)))
             elif kind == "delta":
-                self._acknowledge(await link.apply_delta(message.delta))
+                self._acknowledge(await self._applied(link.apply_delta(message.delta)))
             elif kind == "ack":
                 self._acked(message.ack)
             elif kind == "bundle":
-                await link.apply_bundle(message.bundle.bundle)
+                try:
+                    await link.apply_bundle(message.bundle.bundle)
+                except MeshfedError as err:
+                    # Refused: the peer's bundle we hold stays; the stream (authenticated by it) carries on.
+                    link.bundle_refused(str(err))
+                else:
+                    self.send_heartbeat_now()  # tells the peer which of its bundles we now hold
+            elif kind == "heartbeat":
+                link.peer_bundle_confirmed(message.heartbeat.bundle_sequence)
             elif kind == "terminate":
                 raise PeerTerminatedError(message.terminate.reason or "the peer deleted the peering")
             elif kind == "hello":
                 raise PeeringError(f"peer {link.name} sent a second hello")
-            # heartbeat: message_received has recorded it; unknown kinds are ignored (newer peers).
+            # Unknown kinds are ignored (newer peers).
+
+    async def _applied(self, applying: Awaitable[pb.Ack]) -> pb.Ack:
+        """The ack of an update, or a NACK naming why it was refused (nothing of it was applied)."""
+        try:
+            return await applying
+        except PeerInputError as err:
+            return self.link.refused(str(err))
+
+    def send_heartbeat_now(self) -> None:
+        self._next_heartbeat = 0.0
+        self._wake.set()
 
     def _acknowledge(self, ack: pb.Ack) -> None:
         self._pending_ack = ack
         self._wake.set()
 
     def _acked(self, ack: pb.Ack) -> None:
-        if ack.resync:
+        link = self.link
+        if ack.error:
+            # A NACK: the peer still serves what it had; do not send this content again.
+            self._refused = self._in_flight
+            link.export_refused(ack.error[:1024])
+            self._peer_has = link.peer_holds(ack.epoch, ack.version)
+        elif ack.resync:
             self._peer_has = None
         else:
-            self._peer_has = ack.version
-            if ack.version == self._in_flight:
-                self.link.acked(ack.version)
+            self._peer_has = link.peer_holds(ack.epoch, ack.version)
+            if self._peer_has is not None and ack.version == self._in_flight:
+                link.acked(ack.version)
         self._in_flight = None
         self._check_exports = True
         self._wake.set()
@@ -188,11 +230,15 @@ class Session:
                 continue
             timeout = max(self._next_heartbeat - time.monotonic(), 0.0)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             if time.monotonic() >= self._next_heartbeat:
                 self._next_heartbeat = time.monotonic() + interval
                 self.link.heartbeat_sent()
-                await self._write(pb.PeerMessage(heartbeat=pb.Heartbeat(sent_at_unix_ms=int(time.time() * 1000))))
+                heartbeat = pb.Heartbeat(
+                    sent_at_unix_ms=int(time.time() * 1000), bundle_sequence=self.link.held_peer_bundle_sequence
+                )
+                await self._write(pb.PeerMessage(heartbeat=heartbeat))
 
     def _next_message(self) -> pb.PeerMessage | None:
         if self._terminate_reason is not None:
@@ -210,7 +256,7 @@ class Session:
 
     def _update(self) -> pb.PeerMessage | None:
         current = self.link.current_exports()
-        if current.version == self._peer_has:
+        if current.version == self._peer_has or current.version == self._refused:
             return None
         self._in_flight = current.version
         base = self.link.history.get(self._peer_has) if self._peer_has is not None else None

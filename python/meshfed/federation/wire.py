@@ -1,9 +1,23 @@
-"""Conversions between :mod:`meshfed.federation.exchange` models and the protocol messages, and deltas."""
+"""Conversions between :mod:`meshfed.federation.exchange` models and the protocol messages, and deltas.
+
+Inbound conversions are the parse step at the stream's edge: a message from a
+peer becomes validated models or a :class:`PeerInputError` naming the first
+field that broke a rule (``snapshot.services[3].ports.http: ...``); nothing
+partial comes out.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from meshfed.errors import PeerInputError
 from meshfed.federation._proto import peering_pb2 as pb
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 def service_to_proto(service: ExportedService) -> pb.ExportedService:
@@ -18,34 +32,42 @@ def service_to_proto(service: ExportedService) -> pb.ExportedService:
     )
 
 
-def service_from_proto(message: pb.ExportedService) -> ExportedService:
-    return ExportedService(
-        name=message.name,
-        namespace=message.namespace,
-        ports=dict(message.ports),
-        labels=dict(message.labels),
-        healthy_endpoints=message.healthy_endpoints,
-        total_endpoints=message.total_endpoints,
-        subsets={key: list(values.values) for key, values in message.subsets.items()},
-    )
+def _service_fields(message: pb.ExportedService) -> dict[str, Any]:
+    return {
+        "name": message.name,
+        "namespace": message.namespace,
+        "ports": dict(message.ports),
+        "labels": dict(message.labels),
+        "healthy_endpoints": message.healthy_endpoints,
+        "total_endpoints": message.total_endpoints,
+        "subsets": {key: list(values.values) for key, values in message.subsets.items()},
+    }
+
+
+def service_from_proto(message: pb.ExportedService, where: str = "service") -> ExportedService:
+    return _parse(ExportedService, _service_fields(message), where)
 
 
 def snapshot_to_proto(snapshot: ServiceSnapshot) -> pb.Snapshot:
     return pb.Snapshot(
         version=snapshot.version,
+        epoch=snapshot.epoch,
         gateway_addresses=snapshot.gateway_addresses,
         services=[service_to_proto(service) for service in snapshot.services],
     )
 
 
 def snapshot_from_proto(message: pb.Snapshot, zone: str, trust_domain: str) -> ServiceSnapshot:
-    return ServiceSnapshot(
-        zone=zone,
-        trust_domain=trust_domain,
-        gateway_addresses=list(message.gateway_addresses),
-        version=message.version,
-        services=[service_from_proto(service) for service in message.services],
-    )
+    """A peer's full snapshot as a validated model, or PeerInputError naming the bad field."""
+    fields = {
+        "zone": zone,
+        "trust_domain": trust_domain,
+        "gateway_addresses": list(message.gateway_addresses),
+        "version": message.version,
+        "epoch": message.epoch,
+        "services": [_service_fields(service) for service in message.services],
+    }
+    return _parse(ServiceSnapshot, fields, "snapshot")
 
 
 def same_content(a: ServiceSnapshot | None, b: ServiceSnapshot) -> bool:
@@ -63,6 +85,7 @@ def diff(old: ServiceSnapshot, new: ServiceSnapshot) -> pb.Delta:
     return pb.Delta(
         from_version=old.version,
         version=new.version,
+        epoch=new.epoch,
         gateway_addresses=new.gateway_addresses,
         upserted=[service_to_proto(s) for key, s in sorted(after.items()) if before.get(key) != s],
         removed=[pb.ServiceKey(namespace=ns, name=name) for ns, name in sorted(before.keys() - after.keys())],
@@ -70,19 +93,39 @@ def diff(old: ServiceSnapshot, new: ServiceSnapshot) -> pb.Delta:
 
 
 def apply_delta(old: ServiceSnapshot, delta: pb.Delta) -> ServiceSnapshot:
+    """``old`` with a peer's delta applied, validated whole (counts, addresses, version), or PeerInputError."""
     services = {service.key: service for service in old.services}
     for key in delta.removed:
         services.pop((key.namespace, key.name), None)
-    for message in delta.upserted:
-        service = service_from_proto(message)
+    for index, message in enumerate(delta.upserted):
+        service = service_from_proto(message, f"delta.upserted[{index}]")
         services[service.key] = service
-    return old.model_copy(
-        update={
-            "version": delta.version,
-            "gateway_addresses": list(delta.gateway_addresses),
-            "services": [services[key] for key in sorted(services)],
-        }
-    )
+    fields = {
+        **old.model_dump(include={"zone", "trust_domain"}),
+        "version": delta.version,
+        "epoch": delta.epoch,
+        "gateway_addresses": list(delta.gateway_addresses),
+        "services": [services[key] for key in sorted(services)],
+    }
+    return _parse(ServiceSnapshot, fields, "delta")
+
+
+def _parse(model: type[_M], fields: Mapping[str, Any], where: str) -> _M:
+    try:
+        return model.model_validate(fields)
+    except ValidationError as err:
+        raise PeerInputError(_describe(err, where)) from None
+
+
+def _describe(err: ValidationError, where: str) -> str:
+    """The first broken rule as ``where.field[3].name: message``, bounded so a hostile value is not echoed."""
+    first = err.errors(include_url=False, include_input=False)[0]
+    path = where
+    for part in first["loc"]:
+        path += f"[{part}]" if isinstance(part, int) else f".{str(part)[:64]}"
+    more = err.error_count() - 1
+    suffix = f" (and {more} more)" if more else ""
+    return f"{path}: {first['msg'][:200]}{suffix}"
 
 
 def _key(service: ExportedService) -> tuple[str, str]:

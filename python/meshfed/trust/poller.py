@@ -16,9 +16,9 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
 
-from meshfed.aio import cancel_and_wait
 from meshfed.errors import MeshfedError
 from meshfed.store import Federation
+from meshfed.supervisor import Component, Supervisor
 from meshfed.trust.bundle import DEFAULT_REFRESH_HINT_SECONDS, TrustBundle, newest
 from meshfed.trust.endpoint import EndpointSpec, fetch_bundle
 from meshfed.trust.spiffe import SpiffeId
@@ -46,20 +46,23 @@ class BundlePoller:
         interval: dt.timedelta | None = None,
         retry_after_error: dt.timedelta = RETRY_AFTER_ERROR,
         fetch_timeout: dt.timedelta = dt.timedelta(seconds=10),
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._zone = zone
         self._on_trust_changed = on_trust_changed
         self._interval = interval
         self._retry_after_error = retry_after_error
         self._fetch_timeout = fetch_timeout
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor = supervisor or Supervisor(zone.name)
+        self._task: Component | None = None
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"meshfed-{self._zone.name}-bundle-poller")
+        self._task = self._supervisor.spawn("bundle-poller", self._run)
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._task)
+        if self._task is not None:
+            await self._task.cancel()
         self._task = None
 
     def wake(self) -> None:

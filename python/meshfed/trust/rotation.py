@@ -17,8 +17,8 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
 
-from meshfed.aio import cancel_and_wait
 from meshfed.errors import MeshfedError
+from meshfed.supervisor import Component, Supervisor
 from meshfed.zone import Zone
 
 log = logging.getLogger(__name__)
@@ -48,21 +48,24 @@ class RotationService:
         *,
         check_interval: dt.timedelta = DEFAULT_CHECK_INTERVAL,
         clock: Clock = utc_now,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._zone = zone
         self._on_trust_changed = on_trust_changed
         self._check_interval = check_interval
         self._clock = clock
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor = supervisor or Supervisor(zone.name)
+        self._task: Component | None = None
         self._seen: tuple[object, ...] | None = None
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
         self._seen = await asyncio.to_thread(self._trust_state)
-        self._task = asyncio.create_task(self._run(), name=f"meshfed-{self._zone.name}-rotation")
+        self._task = self._supervisor.spawn("ca-rotation", self._run)
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._task)
+        if self._task is not None:
+            await self._task.cancel()
         self._task = None
 
     def wake(self) -> None:

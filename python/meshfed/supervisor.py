@@ -1,0 +1,148 @@
+"""The one owner of a zone's long-running background work.
+
+Every loop a running zone keeps (catalog watch, SVID renewal, peering poll,
+heartbeat watch, dialers, rotation, bundle polling, import publication) runs
+as a named component here instead of a free ``asyncio.Task``. A component
+that ends with an exception — or is cancelled by anything but
+:meth:`Supervisor.stop` / :meth:`Component.cancel` — is logged as an error
+with its traceback, shown by :meth:`Supervisor.problems` (and so by
+``/readyz``), and restarted with exponential backoff. Nothing dies silently.
+
+A component that returns normally has finished its job and is not restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+# Restart delays: doubled after each crash up to the cap; reset once a run lasted RESET_AFTER.
+RESTART_BACKOFF = (0.5, 30.0)
+RESET_AFTER = 60.0
+
+Run = Callable[[], Coroutine[Any, Any, None]]
+ComponentState = Literal["running", "restarting", "finished", "stopped"]
+
+
+@dataclass
+class ComponentStatus:
+    """How one component is doing; ``problem`` is set while it waits to restart."""
+
+    name: str
+    state: ComponentState = "running"
+    restarts: int = 0
+    last_error: str = ""
+    problem: str = ""
+
+
+@dataclass
+class Component:
+    """A supervised loop: its current task, and how to stop it for good."""
+
+    supervisor: Supervisor
+    status: ComponentStatus
+    run: Run
+    task: asyncio.Task[None] | None = None
+    _delay: float = 0.0
+    _started_at: float = 0.0
+    _restart: asyncio.TimerHandle | None = field(default=None, repr=False)
+    _stopping: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.status.name
+
+    async def cancel(self) -> None:
+        """Stop this component for good and wait until its task has finished."""
+        self._stopping = True
+        self.status.state, self.status.problem = "stopped", ""
+        if self._restart is not None:
+            self._restart.cancel()
+        task = self.task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.supervisor._forget(self)
+
+    def _start(self) -> None:
+        self._restart = None
+        self._started_at = time.monotonic()
+        self.status.state, self.status.problem = "running", ""
+        self.task = asyncio.create_task(self.run(), name=f"meshfed-{self.supervisor.zone}-{self.name}")
+        self.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if self._stopping:
+            return
+        if task.cancelled():
+            error = "cancelled by something other than the zone's shutdown"
+        elif (exc := task.exception()) is None:
+            self.status.state = "finished"
+            self.supervisor._forget(self)
+            return
+        else:
+            error = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "zone %s: background component %s crashed",
+                self.supervisor.zone,
+                self.name,
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
+        first, cap = self.supervisor.backoff
+        if not self._delay or time.monotonic() - self._started_at >= RESET_AFTER:
+            self._delay = first
+        delay, self._delay = self._delay, min(self._delay * 2, cap)
+        self.status.state, self.status.last_error = "restarting", error
+        self.status.restarts += 1
+        self.status.problem = f"{self.name} crashed ({error}); restarting in {delay:.1f}s"
+        log.error("zone %s: %s", self.supervisor.zone, self.status.problem)
+        self._restart = asyncio.get_running_loop().call_later(delay, self._start)
+
+
+class Supervisor:
+    """Starts, restarts and stops a zone's background components (see the module docstring)."""
+
+    def __init__(self, zone: str, *, backoff: tuple[float, float] = RESTART_BACKOFF) -> None:
+        self.zone = zone
+        self.backoff = backoff
+        self._components: dict[str, Component] = {}
+        self._stopped = False
+
+    def spawn(self, name: str, run: Run) -> Component:
+        """Run ``run()`` as component ``name`` (unique among running ones), restarting it if it crashes."""
+        if self._stopped:
+            raise RuntimeError(f"zone {self.zone}: the supervisor is stopped; {name} cannot start")
+        if name in self._components:
+            raise RuntimeError(f"zone {self.zone}: a component named {name} already runs")
+        component = Component(self, ComponentStatus(name), run)
+        self._components[name] = component
+        component._start()
+        return component
+
+    def statuses(self) -> list[ComponentStatus]:
+        return [component.status for component in self._components.values()]
+
+    def problems(self) -> list[str]:
+        """One line per component that crashed and waits to restart."""
+        return [status.problem for status in self.statuses() if status.problem]
+
+    async def stop(self) -> None:
+        """Stop every component (newest first) and wait for each. Safe to call twice."""
+        self._stopped = True
+        for component in reversed(list(self._components.values())):
+            await component.cancel()
+
+    def _forget(self, component: Component) -> None:
+        if self._components.get(component.name) is component:
+            del self._components[component.name]
+
+
+__all__ = ["Component", "ComponentStatus", "Supervisor"]

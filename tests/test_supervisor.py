@@ -1,0 +1,87 @@
+"""The supervisor: crashed or killed components are seen and restarted; finished or stopped ones are not."""
+
+from __future__ import annotations
+
+import asyncio
+
+from meshfed.supervisor import Supervisor
+from tests.conftest import eventually
+
+# Long enough for a poll to see the component waiting to restart, short enough for a fast test.
+FAST = (0.2, 0.4)
+
+
+def test_a_crashing_component_is_reported_and_restarted_with_backoff() -> None:
+    async def scenario() -> None:
+        supervisor = Supervisor("east", backoff=FAST)
+        runs = 0
+        healthy = asyncio.Event()
+
+        async def flaky() -> None:
+            nonlocal runs
+            runs += 1
+            if runs < 3:
+                raise RuntimeError(f"boom {runs}")
+            healthy.set()
+            await asyncio.Event().wait()
+
+        supervisor.spawn("flaky", flaky)
+        await eventually(lambda: supervisor.problems() != [], "the crash is reported")
+        assert "flaky crashed (RuntimeError: boom " in supervisor.problems()[0]
+        await asyncio.wait_for(healthy.wait(), 5)
+        (status,) = supervisor.statuses()
+        assert (status.state, status.restarts, status.last_error) == ("running", 2, "RuntimeError: boom 2")
+        assert supervisor.problems() == []
+        await supervisor.stop()
+        assert supervisor.statuses() == []
+
+    asyncio.run(scenario())
+
+
+def test_a_component_cancelled_from_outside_is_restarted() -> None:
+    async def scenario() -> None:
+        supervisor = Supervisor("east", backoff=FAST)
+        starts = 0
+
+        async def loop() -> None:
+            nonlocal starts
+            starts += 1
+            await asyncio.Event().wait()
+
+        component = supervisor.spawn("watch", loop)
+        await eventually(lambda: starts == 1, "started")
+        first = component.task
+        assert first is not None
+        assert first.get_name() == "meshfed-east-watch"
+        first.cancel()
+        await eventually(lambda: any("watch crashed (cancelled" in p for p in supervisor.problems()), "seen")
+        await eventually(lambda: starts == 2, "restarted")
+        assert component.task is not first
+        await component.cancel()
+        assert component.task is not None
+        assert component.task.cancelled()
+        await supervisor.stop()
+
+    asyncio.run(scenario())
+
+
+def test_finished_and_stopped_components_stay_down() -> None:
+    async def scenario() -> None:
+        supervisor = Supervisor("east", backoff=FAST)
+        done = asyncio.Event()
+
+        async def once() -> None:
+            done.set()
+
+        async def forever() -> None:
+            await asyncio.Event().wait()
+
+        supervisor.spawn("once", once)
+        supervisor.spawn("forever", forever)
+        await asyncio.wait_for(done.wait(), 5)
+        await eventually(lambda: [s.name for s in supervisor.statuses()] == ["forever"], "once finished")
+        await supervisor.stop()
+        assert supervisor.statuses() == []
+        assert supervisor.problems() == []
+
+    asyncio.run(scenario())
