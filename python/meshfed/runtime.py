@@ -155,6 +155,7 @@ def assemble_zone(zone: Zone, settings: ZoneSettings = ZoneSettings()) -> ZoneRu
             host="0.0.0.0",  # noqa: S104 -- consumers in other zones must reach it
             port=settings.bundle_endpoint_port,
             issue_svid=lambda: zone.issue_svid(endpoint_spiffe_id(zone.trust_domain), _ENDPOINT_SVID_TTL),
+            supervisor=controller.supervisor,
         )
         controller.add_service(endpoint)
     return ZoneRuntime(zone, controller, peering, endpoint)

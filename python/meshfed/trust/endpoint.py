@@ -32,8 +32,8 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from meshfed.aio import cancel_and_wait
 from meshfed.errors import BundleFetchError, MeshfedError, TrustError
+from meshfed.supervisor import Component, Supervisor
 from meshfed.trust.bundle import TrustBundle, parse_bundle
 from meshfed.trust.ca import Svid
 from meshfed.trust.spiffe import SYSTEM_NAMESPACE, SpiffeId, TrustDomain
@@ -82,6 +82,7 @@ class BundleEndpointServer:
         port: int = 0,
         web_certificate: WebCertificate | None = None,
         issue_svid: Callable[[], Svid] | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         if profile == "https_web" and web_certificate is None:
             raise TrustError("the https_web bundle endpoint needs a server certificate and key (--web-cert/--web-key)")
@@ -95,7 +96,8 @@ class BundleEndpointServer:
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._context.minimum_version = ssl.TLSVersion.TLSv1_2
         self._server: asyncio.Server | None = None
-        self._renewal: asyncio.Task[None] | None = None
+        self._supervisor = supervisor or Supervisor("bundle-endpoint")
+        self._renewal: Component | None = None
         self.requests_served = 0
 
     @property
@@ -118,12 +120,21 @@ class BundleEndpointServer:
                 raise TrustError(f"cannot load the bundle endpoint's web certificate: {err}") from None
         else:
             svid = await asyncio.to_thread(self._load_svid)
-            self._renewal = asyncio.create_task(self._renew(svid), name="meshfed-bundle-endpoint-svid")
-        self._server = await asyncio.start_server(self._serve, self._host, self._port, ssl=self._context)
+            self._renewal = self._supervisor.spawn("bundle-endpoint-svid", lambda: self._renew(svid))
+        try:
+            self._server = await asyncio.start_server(self._serve, self._host, self._port, ssl=self._context)
+        except OSError as err:
+            await self.stop()
+            raise TrustError(
+                f"the bundle endpoint cannot listen on {self._host}:{self._port}: {err.strerror or err}; "
+                "is another zone or program using the port? (--bundle-endpoint-port)"
+            ) from None
         log.info("bundle endpoint (%s) serving on %s", self._profile, self.url)
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._renewal)
+        if self._renewal is not None:
+            await self._renewal.cancel()
+            self._renewal = None
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
