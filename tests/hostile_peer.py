@@ -35,7 +35,7 @@ from meshfed.federation._proto import peering_pb2 as pb
 from meshfed.federation._proto import peering_pb2_grpc as pb_grpc
 from meshfed.federation.exports import ExportRules
 from meshfed.federation.gateway_config import INGRESS_LISTENER
-from meshfed.federation.identity import controller_id, federation_host, issue_controller_svid
+from meshfed.federation.identity import federation_host, issue_controller_svid
 from meshfed.federation.service import PeerStatus
 from meshfed.federation.token import decode_token
 from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone
@@ -206,7 +206,7 @@ class ForgedIdentity:
 
 def forged_identity(zone: str, trust_domain: str) -> ForgedIdentity:
     """A root for ``trust_domain`` and a controller SVID issued by it (short common names)."""
-    domain = TrustDomain.parse(trust_domain)
+    domain = TrustDomain(trust_domain)  # not parse(): a forger need not keep the rules
     now = dt.datetime.now(dt.UTC)
     root_key = ec.generate_private_key(ec.SECP256R1())
     root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "forged root")])
@@ -240,7 +240,11 @@ def forged_identity(zone: str, trust_domain: str) -> ForgedIdentity:
         )
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(str(controller_id(domain))), x509.DNSName(federation_host(domain))]
+                [
+                    # Written out, not built with controller_id(): that would refuse an overlong domain.
+                    x509.UniformResourceIdentifier(f"spiffe://{domain}/ns/meshfed-system/sa/controller"),
+                    x509.DNSName(federation_host(domain)),
+                ]
             ),
             critical=False,
         )

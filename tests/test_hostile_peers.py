@@ -617,7 +617,8 @@ def test_a_peering_never_replaces_or_removes_trust_an_operator_imported(make_zon
 
 def test_a_silent_peer_announcing_an_endless_heartbeat_interval_fails_within_the_clamped_deadline(make_zone):
     async def scenario() -> None:
-        async with federation(make_zone, hostile=None, peer_heartbeat_bounds=(0.05, 0.5)) as fed:
+        bounded = replace(LOOPBACK, peer_heartbeat_bounds=(0.05, 0.5))
+        async with federation(make_zone, hostile=None, east_settings=bounded) as fed:
             east = fed.east
             evil = HostilePeer(make_zone("evil"), east)
             await evil.establish()
@@ -714,12 +715,6 @@ def test_a_peer_offline_through_a_rotation_reconnects_and_then_gets_the_new_ca(m
 # -- known gap: a failover group shared with a peer that claims another peer's gateway ----------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="federation/gateway_config.py _group_endpoints keeps one endpoint per address (first source wins): a "
-    "peer sorting before the honest one that advertises the honest peer's gateway address replaces the honest "
-    "endpoint (and its SPIFFE pin) in the group; the Rust config refuses two endpoints with one address",
-)
 def test_a_peer_claiming_another_peers_gateway_address_does_not_take_over_its_failover_group(make_zone, echo_server):
     async def scenario() -> None:
         async with federation(make_zone) as fed:

@@ -19,7 +19,7 @@ from meshfed.api import create_app
 from meshfed.controller import DEFAULT_HEALTH_CHECK, Controller, FailingPeerPolicy
 from meshfed.errors import MeshfedError, PeeringError
 from meshfed.federation.peering import PeerState
-from meshfed.federation.service import PeeringService, PeerLimits, PeerStatus
+from meshfed.federation.service import PEER_HEARTBEAT_BOUNDS, PeeringService, PeerLimits, PeerStatus
 from meshfed.gateway import HealthCheck
 from meshfed.trust.endpoint import BundleEndpointServer, endpoint_spiffe_id
 from meshfed.trust.poller import BundlePoller
@@ -48,6 +48,8 @@ class ZoneSettings:
     failing_peer_policy: FailingPeerPolicy = "open"
     health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK  # active checks of local endpoints; None: catalog only
     peer_limits: PeerLimits = field(default_factory=PeerLimits)  # what one peer may make this zone hold
+    # A peer's announced heartbeat interval is held within these (seconds): its failure deadline.
+    peer_heartbeat_bounds: tuple[float, float] = PEER_HEARTBEAT_BOUNDS
     allow_empty_catalog: bool = False  # an empty catalog at start withdraws earlier exports (else they are held)
 
 
@@ -141,6 +143,7 @@ def assemble_zone(zone: Zone, settings: ZoneSettings = ZoneSettings()) -> ZoneRu
         establish_address=settings.establish_address,
         advertise_host=settings.advertise_host,
         heartbeat_interval=settings.heartbeat_interval,
+        peer_heartbeat_bounds=settings.peer_heartbeat_bounds,
     )
     controller.on_exports_changed(peering.notify_exports_changed)
     _observe_peering(controller, peering)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from meshfed.addresses import HostPort
-from meshfed.errors import GatewayConfigError, GatewayError, MeshfedError
+from meshfed.errors import GatewayConfigError, GatewayError, MeshfedError, PeeringError, TrustError
 from meshfed.logs import configure_logging
 from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone, check_settings, raise_open_file_limit
 from meshfed.zone import Zone
@@ -29,8 +29,8 @@ from meshfed.zonelock import hold_zone_lock
 
 log = logging.getLogger(__name__)
 
-# grpc's add_secure_port raises RuntimeError with this text when a port does not bind (it never returns 0).
-_GRPC_BIND_FAILED = "Failed to bind to address"
+# What the peering service's PeeringError says when grpc cannot bind one of its ports.
+_PEERING_BIND_FAILED = "cannot listen on"
 # The gateway's bind error starts with the listener's name; each kind of listener is set by its own flags.
 _GATEWAY_LISTENER_FLAGS = (
     ('listener "ingress"', "--gateway-address"),
@@ -119,8 +119,8 @@ async def start_runtime(runtime: ZoneRuntime, listeners: Listeners) -> None:
         if flag is None or "cannot bind" not in str(err):
             raise
         raise MeshfedError(f"{flag}: {err}") from None
-    except RuntimeError as err:
-        if not str(err).startswith(_GRPC_BIND_FAILED):
+    except PeeringError as err:
+        if _PEERING_BIND_FAILED not in str(err):
             raise
         # grpc names the address but not why: bind it once here for the OS's reason.
         flag, address = next(
@@ -131,12 +131,13 @@ async def start_runtime(runtime: ZoneRuntime, listeners: Listeners) -> None:
         raise MeshfedError(
             f"{flag} {address}: cannot listen there: grpc could not bind it (GRPC_VERBOSITY=debug)"
         ) from None
-    except OSError as err:
-        # The bundle endpoint (asyncio.start_server) raises OSError from bind; nothing else binds with asyncio.
-        if listeners.bundle_endpoint_port is None or err.errno not in _BIND_ERRNOS:
+    except TrustError as err:
+        # The bundle endpoint's bind failure carries the OSError (asyncio.start_server's) as its cause.
+        cause = err.__cause__
+        if listeners.bundle_endpoint_port is None or not isinstance(cause, OSError) or cause.errno not in _BIND_ERRNOS:
             raise
         address = HostPort(_BUNDLE_ENDPOINT_HOST, listeners.bundle_endpoint_port)
-        raise MeshfedError(_cannot_listen("--bundle-endpoint-port", address, err)) from None
+        raise MeshfedError(_cannot_listen("--bundle-endpoint-port", address, cause)) from None
 
 
 def _peering_listeners(listeners: Listeners) -> tuple[tuple[str, HostPort], ...]:

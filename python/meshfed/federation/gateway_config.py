@@ -149,10 +149,14 @@ def _group_endpoints(group: FailoverGroup, port_name: str) -> list[Endpoint]:
             healthy = imported.service.healthy_endpoints > 0
             offered.append((healthy, _peer_endpoints(imported, port_name, priority=priority, weight=share)))
     chosen = [endpoints for healthy, endpoints in offered if healthy] or [endpoints for _, endpoints in offered]
-    unique: dict[str, Endpoint] = {}
+    unique: dict[tuple[str, str | None], Endpoint] = {}
     for endpoints in chosen:
         for candidate in endpoints:
-            unique.setdefault(candidate.address, candidate)  # one address, one endpoint: the first source wins
+            # One endpoint per address and pinned identity (the first source wins): a peer that
+            # advertises another peer's gateway address adds an endpoint of its own, which fails
+            # its handshake there, and cannot replace the owner's.
+            pinned = candidate.tls.peer_spiffe_id if candidate.tls is not None else None
+            unique.setdefault((candidate.address, pinned), candidate)
     return list(unique.values())
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 
 from cryptography import x509
 
+from meshfed.addresses import parse_host_port
 from meshfed.errors import MeshfedError, PeeringError, TrustError
 from meshfed.trust.bundle import TrustBundle
 from meshfed.trust.ca import Svid, spiffe_id_of
@@ -88,7 +89,8 @@ def probe_acceptor(address: str, roots_pem: bytes, trust_domain: TrustDomain, ti
     the establishment server happens on this separate handshake, which also
     turns "unreachable" into an error naming the address.
     """
-    host, port = split_address(address)
+    parsed = parse_host_port(address, what="acceptor address", allow_zero=False)
+    host, port = parsed.host, parsed.port
     context = ssl.create_default_context(cadata=roots_pem.decode())
     context.set_alpn_protocols(["h2"])
     expected = controller_id(trust_domain)
@@ -118,13 +120,6 @@ def probe_acceptor(address: str, roots_pem: bytes, trust_domain: TrustDomain, ti
         raise PeeringError(f"{address} presented {presented}, expected {expected}; refusing to establish")
 
 
-def split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise PeeringError(f"{address!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
 __all__ = [
     "authenticate_peer",
     "controller_id",
@@ -132,5 +127,4 @@ __all__ = [
     "issue_controller_svid",
     "needs_renewal",
     "probe_acceptor",
-    "split_address",
 ]

@@ -38,6 +38,7 @@ from typing import Any
 import grpc
 from pydantic import BaseModel
 
+from meshfed.addresses import HostPort, parse_host_port
 from meshfed.errors import InvalidTokenError, MeshfedError, PeeringError, PeerInputError
 from meshfed.federation import wire
 from meshfed.federation._proto import peering_pb2 as pb
@@ -49,7 +50,6 @@ from meshfed.federation.identity import (
     issue_controller_svid,
     needs_renewal,
     probe_acceptor,
-    split_address,
 )
 from meshfed.federation.peering import (
     LIVE_STATES,
@@ -95,8 +95,6 @@ class PeerLimits:
 
 # A SPIFFE bundle with a handful of roots is a few KiB; SPIRE's with JWT keys stays well under this.
 MAX_BUNDLE_BYTES = 256 * 1024
-# SPIFFE's limit on a trust domain name, which the Rust gateway enforces on every bundle it holds.
-MAX_TRUST_DOMAIN_LENGTH = 255
 _WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})  # noqa: S104 -- recognised, not bound
 
 
@@ -583,23 +581,20 @@ class PeeringService:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_PeeringEstablishmentServicer_to_server(_Establishment(self), server)  # type: ignore[no-untyped-call]
         pb_grpc.add_PeeringStreamServicer_to_server(_Stream(self), server)  # type: ignore[no-untyped-call]
-        stream_port = server.add_secure_port(
+        stream_port = self._listen(
+            server,
             self._listen_address,
             grpc.dynamic_ssl_server_credentials(
                 self._stream_config, self._fetch_stream_config, require_client_authentication=True
             ),
         )
-        establish_port = server.add_secure_port(
+        establish_port = self._listen(
+            server,
             self._establish_address,
             grpc.dynamic_ssl_server_credentials(
                 self._establish_config, self._fetch_establish_config, require_client_authentication=False
             ),
         )
-        if not stream_port or not establish_port:
-            raise PeeringError(
-                f"zone {self.zone.name}: cannot listen on {self._listen_address} and {self._establish_address}; "
-                "are the ports free?"
-            )
         await server.start()
         self._server = server
         self.stream_addresses = [self._advertised(self._listen_address, stream_port)]
@@ -634,13 +629,26 @@ class PeeringService:
             self._store.close()
             self._store = None
 
+    def _listen(self, server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials) -> int:
+        # grpc raises a bare RuntimeError (or returns 0, in older versions) when it cannot bind.
+        try:
+            port = server.add_secure_port(address, credentials)
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise PeeringError(
+                f"zone {self.zone.name}: the peering service cannot listen on {address}; is another zone or "
+                "program using the port?"
+            )
+        return port
+
     def _advertised(self, listen: str, port: int) -> str:
-        host, _ = split_address(listen)
+        host = parse_host_port(listen, what="peering listen address", allow_zero=True).host
         if self._advertise_host:
             host = self._advertise_host
         elif host in _WILDCARD_HOSTS:
             host = "127.0.0.1"  # only meaningful on one machine; pass advertise_host otherwise
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return str(HostPort(host, port))
 
     # -- read accessors ---------------------------------------------------
 
@@ -894,7 +902,6 @@ class PeeringService:
                 f"the token names peer {request.peer_name!r}, its secret belongs to {pending.name!r}"
             )
         trust_domain = TrustDomain.parse(request.trust_domain)
-        _check_trust_domain_length(trust_domain, "the dialer's")
         if trust_domain == self.zone.trust_domain:
             raise InvalidTokenError(
                 "a zone cannot peer with its own trust domain; this token was presented to its issuer"
@@ -1010,7 +1017,6 @@ async def establish(
         ca_bundle = parse_bundle(peer_domain, token.ca_bundle.encode())
     except MeshfedError as err:
         raise InvalidTokenError(f"the token's CA bundle is unusable ({err}); copy the token again") from None
-    _check_trust_domain_length(peer_domain, "the token's")
     name = name or token.zone
     with PeeringStore.of(zone) as store:
         existing = store.get(name)
@@ -1088,16 +1094,6 @@ def _utcnow() -> dt.datetime:
 
 def _new_epoch() -> str:
     return secrets.token_hex(8)
-
-
-def _check_trust_domain_length(trust_domain: TrustDomain, whose: str) -> None:
-    """Refuse a peer's trust domain beyond SPIFFE's 255 characters: the gateway holds no longer one, so
-    its bundle would make every gateway config of this zone invalid."""
-    if len(trust_domain.name) > MAX_TRUST_DOMAIN_LENGTH:
-        raise PeeringError(
-            f"{whose} trust domain {trust_domain.name[:64]}... is {len(trust_domain.name)} characters long; "
-            f"SPIFFE allows at most {MAX_TRUST_DOMAIN_LENGTH}"
-        )
 
 
 def _trust_owned_elsewhere(trust_domain: TrustDomain, source: str) -> str:

@@ -52,6 +52,7 @@ class TrustBundle:
             raise InvalidBundleError(f"bundle for {self.trust_domain} holds no authorities (no root certificate)")
         for root in self.roots:
             _require_ca(root)
+            _require_publishable_key(root)
 
     def to_spiffe_json(self) -> bytes:
         """The SPIFFE bundle JSON document (pretty-printed for people and diffs)."""
@@ -217,6 +218,18 @@ def _require_ca(cert: x509.Certificate) -> None:
         is_ca = False
     if not is_ca:
         raise InvalidBundleError(f"bundle root {cert.subject.rfc4514_string()!r} is not a CA certificate")
+
+
+def _require_publishable_key(cert: x509.Certificate) -> None:
+    """Refuse a root whose key a SPIFFE bundle cannot carry here (an EC key on P-256/384/521), at parse time:
+    a bundle taken in would otherwise fail only when it is stored or served."""
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _JWK_CURVES:
+        kind = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
+        raise InvalidBundleError(
+            f"bundle root {cert.subject.rfc4514_string()[:128]!r} has a {kind} key; meshfed takes EC roots on "
+            "P-256, P-384 or P-521"
+        )
 
 
 def _jwk_of(root: x509.Certificate) -> dict[str, Any]:

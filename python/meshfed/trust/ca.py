@@ -74,7 +74,13 @@ class CertificateAuthority:
             raise TrustError("the zone's intermediate CA has expired; rotate the zone's CA")
         key = ec.generate_private_key(ec.SECP256R1())
         leaf = (
-            _builder(_name(f"{self.trust_domain} workload"), self.intermediate.subject, key, now - _BACKDATE, not_after)
+            _builder(
+                _name(_common_name("", self.trust_domain, " workload")),
+                self.intermediate.subject,
+                key,
+                now - _BACKDATE,
+                not_after,
+            )
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(digital_signature=True), critical=True)
             .add_extension(
@@ -110,7 +116,7 @@ def create_authority(trust_domain: TrustDomain, generation: int = 0) -> NewAutho
     now = _now()
     root_key = ec.generate_private_key(ec.SECP256R1())
     suffix = f" g{generation}" if generation else ""
-    root_name = _name(f"meshfed root CA {trust_domain}{suffix}")
+    root_name = _name(_common_name("meshfed root CA ", trust_domain, suffix))
     root = (
         _builder(root_name, root_name, root_key, now - _BACKDATE, now + ROOT_VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
@@ -121,7 +127,7 @@ def create_authority(trust_domain: TrustDomain, generation: int = 0) -> NewAutho
     intermediate_key = ec.generate_private_key(ec.SECP256R1())
     intermediate = (
         _builder(
-            _name(f"meshfed intermediate CA {trust_domain}{suffix}"),
+            _name(_common_name("meshfed intermediate CA ", trust_domain, suffix)),
             root.subject,
             intermediate_key,
             now - _BACKDATE,
@@ -173,6 +179,21 @@ def load_private_key_pem(data: bytes, what: str) -> ec.EllipticCurvePrivateKey:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+# X.509 caps a common name at 64 characters (RFC 5280 ub-common-name); trust domains run to 255.
+_MAX_COMMON_NAME = 64
+
+
+def _common_name(prefix: str, trust_domain: object, suffix: str) -> str:
+    """``prefix + trust domain + suffix`` within 64 characters: the trust domain is cut (with '~'), never the
+    generation suffix, so the names of two generations' CAs always differ. The SPIFFE ID, in the URI SAN,
+    names the trust domain in full."""
+    name = str(trust_domain)
+    room = _MAX_COMMON_NAME - len(prefix) - len(suffix)
+    if len(name) > room:
+        name = name[: room - 1] + "~"
+    return f"{prefix}{name}{suffix}"
 
 
 def _name(common_name: str) -> x509.Name:

@@ -128,7 +128,7 @@ class BundleEndpointServer:
             raise TrustError(
                 f"the bundle endpoint cannot listen on {self._host}:{self._port}: {err.strerror or err}; "
                 "is another zone or program using the port? (--bundle-endpoint-port)"
-            ) from None
+            ) from err
         log.info("bundle endpoint (%s) serving on %s", self._profile, self.url)
 
     async def stop(self) -> None:

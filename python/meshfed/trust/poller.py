@@ -135,7 +135,9 @@ class BundlePoller:
                 log.error("zone %s: bundle polling failed: %s", self._zone.name, err)
                 wait = self._retry_after_error
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=wait.total_seconds())
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that races the event.
+                async with asyncio.timeout(wait.total_seconds()):
+                    await self._wake.wait()
 
 
 def _refresh_interval(bundle: TrustBundle | None) -> dt.timedelta:

@@ -101,7 +101,9 @@ class RotationService:
         if deadline is not None:
             delay = max(0.0, min(delay, (deadline - self._clock()).total_seconds()))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that races the event.
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
 
     def _trust_state(self) -> tuple[object, ...]:
         # What the gateway depends on: every bundle's revision and the signing generation.

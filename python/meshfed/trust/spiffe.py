@@ -18,6 +18,9 @@ _TRUST_DOMAIN_CHARS = re.compile(r"[a-z0-9._-]+")
 _SEGMENT_CHARS = re.compile(r"[A-Za-z0-9._-]+")
 
 
+MAX_TRUST_DOMAIN_LENGTH = 255
+
+
 @dataclass(frozen=True, order=True, slots=True)
 class TrustDomain:
     """A SPIFFE trust domain name such as ``east.mesh``."""
@@ -30,6 +33,13 @@ class TrustDomain:
         name = text.removeprefix(_SCHEME)
         if not name:
             raise InvalidSpiffeIdError("trust domain is empty")
+        if len(name) > MAX_TRUST_DOMAIN_LENGTH:
+            # The SPIFFE limit, which the Rust gateway enforces too: a longer one accepted here would
+            # make every gateway config holding it invalid.
+            raise InvalidSpiffeIdError(
+                f"trust domain {name[:64]!r}... is {len(name)} characters long; SPIFFE allows at most "
+                f"{MAX_TRUST_DOMAIN_LENGTH}"
+            )
         if not _TRUST_DOMAIN_CHARS.fullmatch(name):
             raise InvalidSpiffeIdError(
                 f"trust domain {text!r} may contain only lowercase letters, digits, '.', '-' and '_'"

@@ -168,6 +168,13 @@ pub(crate) struct EndpointSpec {
     pub(crate) tls: Option<Arc<UpstreamTlsSpec>>,
 }
 
+impl EndpointSpec {
+    /// The SPIFFE ID the endpoint must present, if it is dialled with mTLS.
+    pub(crate) fn peer(&self) -> Option<&SpiffeId> {
+        self.tls.as_ref().map(|tls| &tls.peer)
+    }
+}
+
 /// Passive outlier detection parameters.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct OutlierSpec {
@@ -668,16 +675,22 @@ fn compile_clusters(
                     "must be at least 1",
                 ));
             }
-            if endpoints.iter().any(|e| e.address == address) {
+            let tls = match &endpoint.tls {
+                Some(t) => Some(upstream_tls.compile(&at(&format!("endpoints[{j}].tls")), t)?),
+                None => cluster_tls.clone(),
+            };
+            // One address may appear once per pinned identity: two peers advertising the same
+            // gateway address are two endpoints, and only the real owner's handshake succeeds.
+            let peer = tls.as_ref().map(|t| &t.peer);
+            if endpoints
+                .iter()
+                .any(|e| e.address == address && e.peer() == peer)
+            {
                 return Err(ConfigError::new(
                     at(&format!("endpoints[{j}].address")),
                     format!("duplicate endpoint {address} (raise its weight instead)"),
                 ));
             }
-            let tls = match &endpoint.tls {
-                Some(t) => Some(upstream_tls.compile(&at(&format!("endpoints[{j}].tls")), t)?),
-                None => cluster_tls.clone(),
-            };
             endpoints.push(EndpointSpec {
                 address,
                 weight: endpoint.weight,

@@ -485,3 +485,23 @@ fn data_plane_rejections_name_the_field() {
         "at least 1",
     );
 }
+
+#[test]
+fn one_address_may_appear_once_per_pinned_peer() {
+    // Two peers may advertise one gateway address (one of them is lying): two endpoints, each
+    // pinned to its own peer, so the liar cannot replace the real owner's endpoint.
+    let endpoint = |peer: &str| json!({"address": "127.0.0.1:15443", "tls": {"sni": SNI, "peer_spiffe_id": peer}});
+    let mut doc = good();
+    doc["clusters"][1]["endpoints"] = json!([
+        endpoint("spiffe://east.mesh/ns/meshfed-system/sa/gateway"),
+        endpoint("spiffe://west.mesh/ns/meshfed-system/sa/gateway"),
+    ]);
+    compile_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+    doc["clusters"][1]["endpoints"][1] =
+        endpoint("spiffe://east.mesh/ns/meshfed-system/sa/gateway");
+    let err = compile_value(&doc)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("duplicate endpoint"), "{err}");
+}

@@ -19,6 +19,7 @@ use tokio_rustls::client::TlsStream;
 use super::balancer::{self, MAGLEV_TABLE_SIZE};
 use super::stats::{HandshakeFailure, Histogram, HistogramSnapshot, ListenerStats, inc};
 use crate::config::{ClusterSpec, EndpointSpec, Lb, UpstreamTlsSpec};
+use crate::spiffe::SpiffeId;
 
 /// Decay time constant of the peak EWMA (linkerd2-proxy uses 10 s).
 const EWMA_DECAY: Duration = Duration::from_secs(10);
@@ -36,10 +37,12 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// Everything known about one endpoint, carried across `apply()` by
-/// endpoint key (cluster name + address).
+/// endpoint key (cluster name + address + pinned peer identity).
 #[derive(Debug)]
 pub(crate) struct EndpointState {
     pub(crate) address: SocketAddr,
+    /// The SPIFFE ID pinned for mTLS to this endpoint, if any: part of its key.
+    peer: Option<SpiffeId>,
     active: AtomicU64,
     consecutive_failures: AtomicU32,
     /// `now_ms()` until which the endpoint is ejected; 0 when not.
@@ -58,9 +61,10 @@ pub(crate) struct EndpointState {
 }
 
 impl EndpointState {
-    fn new(address: SocketAddr) -> Self {
+    fn new(spec: &EndpointSpec) -> Self {
         Self {
-            address,
+            address: spec.address,
+            peer: spec.peer().cloned(),
             active: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
@@ -72,6 +76,10 @@ impl EndpointState {
             connect_failures: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
         }
+    }
+
+    fn key(&self) -> String {
+        endpoint_key(self.address, self.peer.as_ref())
     }
 
     fn ejected(&self, now: u64) -> bool {
@@ -148,6 +156,15 @@ pub(crate) struct Previous<'a> {
     pub(crate) clusters: &'a HashMap<String, Arc<ClusterState>>,
 }
 
+/// `ip:port`, with the pinned peer after a space when there is one: an endpoint's key, unique
+/// within a cluster (stats, Maglev names).
+fn endpoint_key(address: SocketAddr, peer: Option<&SpiffeId>) -> String {
+    match peer {
+        Some(peer) => format!("{address} {peer}"),
+        None => address.to_string(),
+    }
+}
+
 impl ClusterState {
     /// Builds the state for `spec`, reusing what `previous` knows about the
     /// cluster (by name) and its endpoints (by address).
@@ -157,9 +174,13 @@ impl ClusterState {
             .endpoints
             .iter()
             .map(|e| {
-                old.and_then(|o| o.endpoints.iter().find(|s| s.address == e.address))
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(EndpointState::new(e.address)))
+                old.and_then(|o| {
+                    o.endpoints
+                        .iter()
+                        .find(|s| s.address == e.address && s.peer.as_ref() == e.peer())
+                })
+                .cloned()
+                .unwrap_or_else(|| Arc::new(EndpointState::new(e)))
             })
             .collect();
         let mut priorities: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
@@ -170,22 +191,23 @@ impl ClusterState {
             .into_values()
             .map(|members| {
                 let maglev = (spec.lb == Lb::Maglev).then(|| {
-                    let addresses: Vec<SocketAddr> =
-                        members.iter().map(|&i| spec.endpoints[i].address).collect();
+                    let keys: Vec<String> = members
+                        .iter()
+                        .map(|&i| endpoint_key(spec.endpoints[i].address, spec.endpoints[i].peer()))
+                        .collect();
                     // Reuse the old table when the level is unchanged.
                     old.and_then(|o| {
                         o.levels.iter().find(|l| {
                             l.maglev.is_some()
                                 && l.members.len() == members.len()
-                                && l.members.iter().zip(&addresses).all(|(&i, a)| {
-                                    o.endpoints.get(i).is_some_and(|e| e.address == *a)
+                                && l.members.iter().zip(&keys).all(|(&i, key)| {
+                                    o.endpoints.get(i).is_some_and(|e| e.key() == *key)
                                 })
                         })
                     })
                     .and_then(|l| l.maglev.clone())
                     .unwrap_or_else(|| {
-                        let names: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
-                        let refs: Vec<&[u8]> = names.iter().map(|n| n.as_bytes()).collect();
+                        let refs: Vec<&[u8]> = keys.iter().map(|n| n.as_bytes()).collect();
                         Arc::new(balancer::maglev_table(&refs, MAGLEV_TABLE_SIZE))
                     })
                 });
@@ -425,7 +447,22 @@ impl ClusterState {
                             healthy: e.healthy(now),
                             ewma_connect_us: e.ewma_us() as u64,
                         };
-                        (e.address.to_string(), snapshot)
+                        // By address, as operators know endpoints; by the full key only where two
+                        // endpoints share an address (two peers claiming one gateway address).
+                        let shared = spec
+                            .endpoints
+                            .iter()
+                            .filter(|o| o.address == e.address)
+                            .count()
+                            > 1;
+                        (
+                            if shared {
+                                e.key()
+                            } else {
+                                e.address.to_string()
+                            },
+                            snapshot,
+                        )
                     },
                 )
                 .collect(),
