@@ -75,11 +75,16 @@ def client_hello_bytes(server_name: str) -> bytes:
     return outgoing.read()
 
 
-def dead_endpoint() -> str:
-    """``127.0.0.1:port`` with nothing listening: connects are refused."""
+def free_port() -> int:
+    """A loopback port nothing listens on now (for addresses a test must know before binding)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{probe.getsockname()[1]}"
+        return int(probe.getsockname()[1])
+
+
+def dead_endpoint() -> str:
+    """``127.0.0.1:port`` with nothing listening: connects are refused."""
+    return f"127.0.0.1:{free_port()}"
 
 
 @dataclass

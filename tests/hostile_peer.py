@@ -42,15 +42,10 @@ from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone
 from meshfed.trust.bundle import TrustBundle, parse_bundle
 from meshfed.trust.spiffe import TrustDomain
 from meshfed.zone import Zone
+from tests.test_e2e_federation import LOOPBACK as E2E_LOOPBACK
 
-LOOPBACK = ZoneSettings(
-    gateway_address="127.0.0.1:0",
-    egress_port_base=0,
-    peering_address="127.0.0.1:0",
-    establish_address="127.0.0.1:0",
-    heartbeat_interval=0.2,
-    health_check=None,  # the registered endpoints are not real: let the catalog alone say what is healthy
-)
+# The registered endpoints are not real: let the catalog alone say what is healthy.
+LOOPBACK = replace(E2E_LOOPBACK, health_check=None)
 # Where a hostile peer says its gateway is: a valid address nobody needs to reach.
 SOME_GATEWAY = "127.0.0.1:9"
 

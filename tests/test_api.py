@@ -25,7 +25,7 @@ from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
 from meshfed.controller import Controller
 from meshfed.trust.bundle import parse_bundle
 from meshfed.zone import Zone
-from tests.conftest import write_svid
+from tests.conftest import free_port, write_svid
 
 
 @dataclass
@@ -122,19 +122,13 @@ def test_metrics_serve_gateway_series(running_east):
     assert 'meshfed_gateway_handshake_failures_total{listener="ingress"' in text
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _side_ports() -> list[str]:
     """Free loopback ports for the listeners a test does not look at."""
     return [
         "--peering-address",
-        f"127.0.0.1:{_free_port()}",
+        f"127.0.0.1:{free_port()}",
         "--establish-address",
-        f"127.0.0.1:{_free_port()}",
+        f"127.0.0.1:{free_port()}",
         "--egress-port-base",
         "0",
     ]
@@ -142,7 +136,7 @@ def _side_ports() -> list[str]:
 
 def test_meshfed_up_serves_until_sigterm_and_exits_cleanly(tmp_path: Path):
     Zone.init(tmp_path / "east", "east", "east.mesh")
-    api_port, gateway_port = _free_port(), _free_port()
+    api_port, gateway_port = free_port(), free_port()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -199,7 +193,7 @@ def test_meshfed_up_reports_a_busy_gateway_port_in_one_line(tmp_path: Path):
                 "--dir",
                 str(tmp_path / "east"),
                 "--api-address",
-                f"127.0.0.1:{_free_port()}",
+                f"127.0.0.1:{free_port()}",
                 "--gateway-address",
                 f"127.0.0.1:{port}",
                 *_side_ports(),

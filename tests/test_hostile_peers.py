@@ -17,7 +17,6 @@ import contextlib
 import datetime as dt
 import functools
 import logging
-import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping
@@ -44,7 +43,7 @@ from meshfed.supervisor import ComponentStatus
 from meshfed.trust.bundle import TrustBundle, parse_bundle
 from meshfed.trust.spiffe import TrustDomain
 from meshfed.zone import STATE_FILE
-from tests.conftest import ZoneFactory, eventually, round_trip
+from tests.conftest import ZoneFactory, eventually, free_port
 from tests.hostile_peer import (
     LOOPBACK,
     SOME_GATEWAY,
@@ -57,6 +56,7 @@ from tests.hostile_peer import (
     service,
     snapshot,
 )
+from tests.test_e2e_federation import call as call_listener
 
 
 def run(coroutine: Coroutine[Any, Any, None], timeout: float = 60) -> None:
@@ -776,24 +776,9 @@ def test_a_cancelled_background_task_is_reported_then_restarted(make_zone):
 # -- helpers ---------------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def call(zone: RunningZone, listener: str, payload: bytes) -> bytes:
     """``payload`` sent through one of the zone's listeners; what came back (nothing if the connection failed)."""
-    address = zone.runtime.controller.gateway.addresses()[listener]
-
-    def once() -> bytes:
-        try:
-            with socket.create_connection(address, timeout=5) as sock:
-                return round_trip(sock, payload)
-        except OSError:
-            return b""
-
-    return await asyncio.to_thread(once)
+    return await call_listener(zone.runtime, listener, payload)
 
 
 def trusted_domains(zone: RunningZone) -> set[str]:

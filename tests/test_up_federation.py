@@ -21,13 +21,7 @@ from pathlib import Path
 import httpx
 
 from meshfed.zone import Zone
-from tests.conftest import EchoServer, round_trip, running_echo_server
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.conftest import EchoServer, free_port, round_trip, running_echo_server
 
 
 def meshfed(*args: str, stdin: str | None = None) -> str:

@@ -26,14 +26,9 @@ from meshfed.addresses import HostPort
 from meshfed.cli.serve import Listeners, start_runtime
 from meshfed.errors import MeshfedError
 from meshfed.runtime import ZoneSettings, assemble_zone
+from tests.conftest import free_port
 
 _API_LINE = ": API on http://"  # what `meshfed up` logs once everything listens
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def ephemeral_flags() -> list[str]:
