@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -217,6 +218,10 @@ class EndpointSpec:
     web_ca_pem: str | None = None
 
 
+# Redirects followed at most (each to https only, each target authenticated as the first would be).
+MAX_REDIRECTS = 3
+
+
 async def fetch_bundle(
     spec: EndpointSpec,
     verification_bundle: TrustBundle | None,
@@ -227,44 +232,76 @@ async def fetch_bundle(
     ``verification_bundle`` is the bundle held for the endpoint SPIFFE ID's
     trust domain (``https_spiffe`` only): the bootstrap bundle, then each
     refreshed one.
+
+    HTTP is httpx's: chunked bodies (SPIRE chunks any bundle over 2 KiB, so
+    every bundle with two roots), bodies split across TLS records, redirects
+    (https only, at most :data:`MAX_REDIRECTS`), one timeout for each step. For
+    ``https_spiffe`` the server's SVID is checked against the pinned SPIFFE ID
+    before a byte of the body is read; the body is bounded by
+    :data:`MAX_BUNDLE_BYTES` while it streams.
     """
-    parts = urlsplit(spec.url)
-    if parts.scheme != "https" or not parts.hostname:
-        raise BundleFetchError(f"bundle endpoint {spec.url!r} must be an https:// URL")
-    port = parts.port or 443
+    url = spec.url
     context = _client_context(spec, verification_bundle)
-    server_hostname = parts.hostname if spec.profile == "https_web" else None
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(parts.hostname, port, ssl=context, server_hostname=server_hostname), timeout
-        )
-    except ssl.SSLCertVerificationError as err:
+    async with httpx.AsyncClient(verify=context, timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            if parts.scheme != "https" or not parts.hostname:
+                raise BundleFetchError(f"bundle endpoint {url!r} of {spec.trust_domain} must be an https:// URL")
+            try:
+                async with client.stream("GET", url, headers={"Accept": "application/json"}) as response:
+                    if spec.profile == "https_spiffe":
+                        _check_endpoint_identity(spec, url, response)
+                    if response.is_redirect and "location" in response.headers:
+                        url = str(response.url.join(response.headers["location"]))
+                        continue
+                    if response.status_code != httpx.codes.OK:
+                        raise BundleFetchError(
+                            f"bundle endpoint {url} of {spec.trust_domain} answered {response.status_code} "
+                            f"{response.reason_phrase}, expected 200"
+                        )
+                    body = await _bounded_body(spec, url, response)
+            except httpx.ConnectError as err:
+                raise BundleFetchError(_connect_failure(spec, url, err)) from None
+            except httpx.TimeoutException:
+                raise BundleFetchError(
+                    f"bundle endpoint {url} of {spec.trust_domain} did not answer within {timeout:g}s; "
+                    "is it running and reachable from this zone?"
+                ) from None
+            except httpx.HTTPError as err:
+                raise BundleFetchError(f"bundle endpoint {url} of {spec.trust_domain}: {err}") from None
+            return parse_bundle(spec.trust_domain, body)
+    raise BundleFetchError(
+        f"bundle endpoint {spec.url} of {spec.trust_domain} redirected more than {MAX_REDIRECTS} times"
+    )
+
+
+async def _bounded_body(spec: EndpointSpec, url: str, response: httpx.Response) -> bytes:
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BUNDLE_BYTES:
         raise BundleFetchError(
-            f"bundle endpoint {spec.url} of {spec.trust_domain}: server certificate refused "
-            f"({err.verify_message}); {_what_to_check(spec)}"
-        ) from None
-    except (OSError, TimeoutError, ssl.SSLError) as err:
-        raise BundleFetchError(
-            f"cannot reach the bundle endpoint {spec.url} of {spec.trust_domain}: {err or type(err).__name__}; "
-            "is it running and reachable from this zone?"
-        ) from None
-    try:
-        if spec.profile == "https_spiffe":
-            _check_endpoint_identity(spec, writer)
-        path = parts.path or "/"
-        request = (
-            f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+            f"bundle endpoint {url} sends {declared} bytes, more than {MAX_BUNDLE_BYTES}; refusing it"
         )
-        writer.write(request.encode())
-        await writer.drain()
-        response = await asyncio.wait_for(reader.read(MAX_BUNDLE_BYTES + _MAX_REQUEST_HEAD + 1), timeout)
-    except (OSError, TimeoutError, ssl.SSLError) as err:
-        raise BundleFetchError(f"bundle endpoint {spec.url} of {spec.trust_domain}: read failed: {err}") from None
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await writer.wait_closed()
-    return parse_bundle(spec.trust_domain, _body_of(spec, response))
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > MAX_BUNDLE_BYTES:
+            raise BundleFetchError(f"bundle endpoint {url} sent more than {MAX_BUNDLE_BYTES} bytes; refusing it")
+    return bytes(body)
+
+
+def _connect_failure(spec: EndpointSpec, url: str, err: httpx.ConnectError) -> str:
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return (
+            f"bundle endpoint {url} of {spec.trust_domain}: server certificate refused ({cause.verify_message}); "
+            f"{_what_to_check(spec)}"
+        )
+    return (
+        f"cannot reach the bundle endpoint {url} of {spec.trust_domain}: {err or type(err).__name__}; "
+        "is it running and reachable from this zone?"
+    )
 
 
 def _client_context(spec: EndpointSpec, verification_bundle: TrustBundle | None) -> ssl.SSLContext:
@@ -286,39 +323,21 @@ def _client_context(spec: EndpointSpec, verification_bundle: TrustBundle | None)
     return context
 
 
-def _check_endpoint_identity(spec: EndpointSpec, writer: asyncio.StreamWriter) -> None:
-    ssl_object = writer.get_extra_info("ssl_object")
+def _check_endpoint_identity(spec: EndpointSpec, url: str, response: httpx.Response) -> None:
+    stream = response.extensions.get("network_stream")
+    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
-        raise BundleFetchError(f"bundle endpoint {spec.url} presented no certificate")
+        raise BundleFetchError(f"bundle endpoint {url} presented no certificate")
     leaf = x509.load_der_x509_certificate(der)
     try:
         presented = check_svid_rules(parse_certificates(leaf.public_bytes(Encoding.PEM)))
     except TrustError as err:
-        raise BundleFetchError(f"bundle endpoint {spec.url} presented an invalid SVID: {err}") from None
+        raise BundleFetchError(f"bundle endpoint {url} presented an invalid SVID: {err}") from None
     if presented != spec.endpoint_spiffe_id:
         raise BundleFetchError(
-            f"bundle endpoint {spec.url} presented {presented}, not the pinned {spec.endpoint_spiffe_id}; refusing it"
+            f"bundle endpoint {url} presented {presented}, not the pinned {spec.endpoint_spiffe_id}; refusing it"
         )
-
-
-def _body_of(spec: EndpointSpec, response: bytes) -> bytes:
-    head, separator, body = response.partition(b"\r\n\r\n")
-    if not separator:
-        raise BundleFetchError(f"bundle endpoint {spec.url} sent no complete HTTP response")
-    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or parts[1] != "200":
-        raise BundleFetchError(f"bundle endpoint {spec.url} answered {status_line!r}, expected 200")
-    if len(body) > MAX_BUNDLE_BYTES:
-        raise BundleFetchError(f"bundle endpoint {spec.url} sent more than {MAX_BUNDLE_BYTES} bytes; refusing it")
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.decode("latin-1").partition(":")
-        if name.strip().lower() == "content-length" and value.strip().isdigit() and int(value) != len(body):
-            raise BundleFetchError(
-                f"bundle endpoint {spec.url}: the bundle was truncated ({len(body)} of {value} bytes)"
-            )
-    return body
 
 
 def _what_to_check(spec: EndpointSpec) -> str:

@@ -19,9 +19,9 @@ from collections.abc import Awaitable, Callable
 from meshfed.errors import MeshfedError
 from meshfed.store import Federation
 from meshfed.supervisor import Component, Supervisor
-from meshfed.trust.bundle import DEFAULT_REFRESH_HINT_SECONDS, TrustBundle, newest
+from meshfed.trust.bundle import DEFAULT_REFRESH_HINT_SECONDS, newest
 from meshfed.trust.endpoint import EndpointSpec, fetch_bundle
-from meshfed.trust.spiffe import SpiffeId
+from meshfed.trust.spiffe import SpiffeId, TrustDomain
 from meshfed.zone import Zone
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ class BundlePoller:
         self._supervisor = supervisor or Supervisor(zone.name)
         self._task: Component | None = None
         self._wake = asyncio.Event()
+        # The refresh hint each endpoint announced last: honoured at once, even when the sequence (and
+        # so the bundle held) did not change.
+        self._hints: dict[TrustDomain, int] = {}
 
     async def start(self) -> None:
         self._task = self._supervisor.spawn("bundle-poller", self._run)
@@ -95,6 +98,7 @@ class BundlePoller:
             log.warning("federation with %s: %s (keeping the bundle held)", federation.trust_domain, err)
             await asyncio.to_thread(self._zone.record_poll, federation.trust_domain, now, str(err))
             raise
+        self._hints[federation.trust_domain] = fetched.refresh_hint_seconds
         kept = newest(held, fetched)
         if held is not None and fetched.sequence < held.sequence:
             message = (
@@ -123,8 +127,11 @@ class BundlePoller:
             return min(self._retry_after_error, self._interval or self._retry_after_error)
         if self._interval is not None:
             return self._interval
+        hint = self._hints.get(federation.trust_domain)
+        if hint is not None:
+            return _refresh_interval(hint)
         held = await asyncio.to_thread(self._zone.bundle_of, federation.trust_domain)
-        return _refresh_interval(held)
+        return _refresh_interval(held.refresh_hint_seconds if held is not None else 0)
 
     async def _run(self) -> None:
         while True:
@@ -140,10 +147,8 @@ class BundlePoller:
                     await self._wake.wait()
 
 
-def _refresh_interval(bundle: TrustBundle | None) -> dt.timedelta:
-    if bundle is None or bundle.refresh_hint_seconds <= 0:
-        return DEFAULT_REFRESH
-    return dt.timedelta(seconds=bundle.refresh_hint_seconds)
+def _refresh_interval(hint_seconds: int) -> dt.timedelta:
+    return DEFAULT_REFRESH if hint_seconds <= 0 else dt.timedelta(seconds=hint_seconds)
 
 
 __all__ = ["DEFAULT_REFRESH", "BundlePoller"]
