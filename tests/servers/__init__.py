@@ -37,6 +37,12 @@ class RealKubernetes:
     version: str
 
 
+@dataclass(frozen=True)
+class RealSpire:
+    spire_server: str
+    version: str
+
+
 def _document() -> dict[str, Any]:
     path = Path(os.environ.get("MESHFED_TEST_SERVERS") or DEFAULT_STATE)
     if not path.exists():
@@ -66,3 +72,10 @@ def real_kubernetes() -> RealKubernetes:
         helm=document["helm"],
         version=kube["version"],
     )
+
+
+def real_spire() -> RealSpire:
+    spire = _document().get("spire")
+    if not spire:
+        pytest.fail("servers.json lists no spire-server: did `make servers` fail to build it?")
+    return RealSpire(spire["spire_server"], spire["version"])

@@ -1,6 +1,6 @@
 """Start and stop the real servers the tests run against, on fixed loopback ports.
 
-    python tests/servers/run.py start DIR [consul|kubernetes ...]  # build (once), start, wait, write DIR/servers.json
+    python tests/servers/run.py start DIR [consul|kubernetes|spire ...]  # build (once), start, write DIR/servers.json
     python tests/servers/run.py stop DIR                           # stop what DIR/servers.json lists, by PID
 
 What runs:
@@ -9,6 +9,8 @@ What runs:
   (the production default); the management token is in ``servers.json``, and
   each test creates the tokens it needs with the policy the docs tell
   operators to write.
+* **SPIRE** (``spire-server``): built only; each test runs its own server on a
+  fresh datastore (tests rotate its CA), see ``tests/spire.py``.
 * **etcd**, **kube-apiserver** and **kube-controller-manager**: a control plane
   without a kubelet. Pods stay Pending, but every object is admitted,
   validated and authorized by the real server (``Node,RBAC``; PodSecurity
@@ -358,7 +360,8 @@ def start_kubernetes(state: Path, bins: dict[str, Path], port: dict[str, int]) -
     }
 
 
-SERVERS = ("consul", "kubernetes")
+SERVERS = ("consul", "kubernetes", "spire")
+SPIRE_VERSION = "1.13.3"
 
 
 def start(state: Path, which: tuple[str, ...] = SERVERS) -> None:
@@ -366,11 +369,16 @@ def start(state: Path, which: tuple[str, ...] = SERVERS) -> None:
     if (state / STATE_FILE).exists():
         stop(state)
     wanted = (
-        ["helm"] + (["consul"] if "consul" in which else []) + (["etcd", "kubernetes"] if "kubernetes" in which else [])
+        ["helm"]
+        + (["consul"] if "consul" in which else [])
+        + (["etcd", "kubernetes"] if "kubernetes" in which else [])
+        + (["spire"] if "spire" in which else [])
     )
     bins = build(*wanted)
     port = ports()
     document: dict[str, Any] = {"ports": port, "helm": str(bins["helm"] / "helm")}
+    if "spire" in which:
+        document["spire"] = {"spire_server": str(bins["spire"] / "spire-server"), "version": SPIRE_VERSION}
     # Written as each server comes up, so a failed start still stops what did start.
     try:
         if "consul" in which:
@@ -415,7 +423,7 @@ def stop(state: Path) -> None:
 def main() -> None:
     which = tuple(sys.argv[3:]) or SERVERS
     if len(sys.argv) < 3 or sys.argv[1] not in ("start", "stop") or not set(which) <= set(SERVERS):
-        raise SystemExit("usage: run.py start DIR [consul] [kubernetes] | run.py stop DIR")
+        raise SystemExit("usage: run.py start DIR [consul] [kubernetes] [spire] | run.py stop DIR")
     state = Path(sys.argv[2]).resolve()
     if sys.argv[1] == "start":
         start(state, which)
