@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from meshfed.supervisor import Supervisor
 from tests.conftest import eventually
@@ -83,5 +84,37 @@ def test_finished_and_stopped_components_stay_down() -> None:
         await supervisor.stop()
         assert supervisor.statuses() == []
         assert supervisor.problems() == []
+
+    asyncio.run(scenario())
+
+
+def test_a_component_that_swallows_cancellation_still_stops_or_is_left_behind(caplog) -> None:
+    async def scenario() -> None:
+        supervisor = Supervisor("east", backoff=FAST, stop_timeout=0.5)
+        stubborn = True
+
+        async def swallows_once() -> None:
+            with contextlib.suppress(asyncio.CancelledError):  # what a racing wait_for does on Python 3.11
+                await asyncio.Event().wait()
+            await asyncio.Event().wait()
+
+        async def swallows_while_stubborn() -> None:
+            while stubborn:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.Event().wait()
+
+        once = supervisor.spawn("once", swallows_once)
+        always = supervisor.spawn("always", swallows_while_stubborn)
+        await asyncio.sleep(0)  # both started
+        await once.cancel()
+        assert once.task is not None
+        assert once.task.cancelled()
+        await always.cancel()  # returns after the stop timeout instead of hanging the shutdown
+        assert always.task is not None
+        assert not always.task.done()
+        assert "component always did not stop within 0.5s" in caplog.text
+        stubborn = False  # let the leaked task end, so the test leaves nothing behind
+        always.task.cancel()
+        await asyncio.wait({always.task})
 
     asyncio.run(scenario())

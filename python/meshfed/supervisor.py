@@ -14,7 +14,6 @@ A component that returns normally has finished its job and is not restarted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -26,6 +25,9 @@ log = logging.getLogger(__name__)
 # Restart delays: doubled after each crash up to the cap; reset once a run lasted RESET_AFTER.
 RESTART_BACKOFF = (0.5, 30.0)
 RESET_AFTER = 60.0
+# How long stopping a component may take; it is cancelled again every _RECANCEL_EVERY seconds meanwhile.
+STOP_TIMEOUT = 10.0
+_RECANCEL_EVERY = 0.1
 
 Run = Callable[[], Coroutine[Any, Any, None]]
 ComponentState = Literal["running", "restarting", "finished", "stopped"]
@@ -67,9 +69,7 @@ class Component:
             self._restart.cancel()
         task = self.task
         if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await _cancelled(task, self.supervisor, self.name)
         self.supervisor._forget(self)
 
     def _start(self) -> None:
@@ -107,12 +107,31 @@ class Component:
         self._restart = asyncio.get_running_loop().call_later(delay, self._start)
 
 
+async def _cancelled(task: asyncio.Task[None], supervisor: Supervisor, name: str) -> None:
+    """Cancel ``task`` and wait for it to end, cancelling again while it swallows the cancel (Python 3.11's
+    ``wait_for`` can); after the stop timeout it is left behind with an error, so a shutdown never hangs."""
+    loop = asyncio.get_running_loop()
+    zone, timeout = supervisor.zone, supervisor.stop_timeout
+    deadline = loop.time() + timeout
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=min(_RECANCEL_EVERY, max(deadline - loop.time(), 0.0)))
+        if not task.done() and loop.time() >= deadline:
+            log.error("zone %s: component %s did not stop within %gs; leaving it behind", zone, name, timeout)
+            return
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("zone %s: component %s ended with %r while stopping", zone, name, task.exception())
+
+
 class Supervisor:
     """Starts, restarts and stops a zone's background components (see the module docstring)."""
 
-    def __init__(self, zone: str, *, backoff: tuple[float, float] = RESTART_BACKOFF) -> None:
+    def __init__(
+        self, zone: str, *, backoff: tuple[float, float] = RESTART_BACKOFF, stop_timeout: float = STOP_TIMEOUT
+    ) -> None:
         self.zone = zone
         self.backoff = backoff
+        self.stop_timeout = stop_timeout
         self._components: dict[str, Component] = {}
         self._stopped = False
 

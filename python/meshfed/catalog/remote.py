@@ -81,7 +81,10 @@ class SnapshotCache:
     async def first(self, timeout: float) -> CatalogSnapshot:
         """The snapshot once the first full listing is in; a clear error if none arrives in ``timeout`` seconds."""
         try:
-            await asyncio.wait_for(self.synced.wait(), timeout)
+            # asyncio.timeout, not wait_for, here and below: on 3.11 wait_for can swallow a cancel that
+            # races the timeout, and the controller's catalog watch (every 0.2 s) would then never stop.
+            async with asyncio.timeout(timeout):
+                await self.synced.wait()
         except TimeoutError:
             detail = self.last_error or f"{self._what} did not answer within {timeout:g} s"
             raise CatalogError(f"cannot list the catalog: {detail}") from None
@@ -95,7 +98,8 @@ class SnapshotCache:
             if remaining <= 0:
                 break
             try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
             except TimeoutError:
                 break
         return self._snapshot
