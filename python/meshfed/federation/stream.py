@@ -126,6 +126,9 @@ class Session:
         if hello.zone != link.peer_zone:
             raise PeeringError(f"peer {link.name} says it is zone {hello.zone[:64]!r}, not {link.peer_zone!r}")
         self._peer_has = link.peer_holds(hello.last_acked_epoch, hello.last_acked_version)
+        if self._peer_has is not None and self._peer_has > link.acked_version:
+            # The peer applied a version whose ack never reached us (or was not stored before a restart).
+            link.acked(self._peer_has)
         self.said_hello = True
         await link.connected(hello)
         reader = asyncio.create_task(self._read_loop(), name=f"peer-{link.name}-read")
