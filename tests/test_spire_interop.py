@@ -50,6 +50,8 @@ async def _poll_until(zone: Zone, spire: SpireServer, check: Callable[[set[str]]
         assert loop.time() < deadline, (
             f"{what}: meshfed holds {len(_held_roots(zone))} root(s), SPIRE shows {spire.bundle()!r}"
         )
+        # SPIRE refreshes what its endpoint serves on its own clock, which no test controls and which
+        # gives no signal to wait on: poll the real endpoint again shortly (bounded by the deadline above).
         await asyncio.sleep(0.5)
 
 
