@@ -38,6 +38,10 @@ class RunningZone:
     def admin(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.zone.admin_token()}"}
 
+    @property
+    def reader(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.zone.read_token()}"}
+
 
 @pytest.fixture
 def running_east(make_zone) -> Iterator[RunningZone]:
@@ -64,7 +68,8 @@ def running_east(make_zone) -> Iterator[RunningZone]:
 def test_health_readiness_and_zone_info(running_east):
     assert running_east.api.get("/healthz").json() == {"status": "ok"}
     assert running_east.api.get("/readyz").status_code == 200
-    info = running_east.api.get("/v1/zone").json()
+    assert running_east.api.get("/v1/zone").status_code == 401
+    info = running_east.api.get("/v1/zone", headers=running_east.reader).json()
     assert info["name"] == "east"
     assert info["trust_domain"] == "east.mesh"
     paths = running_east.api.get("/openapi.json").json()["paths"]
@@ -102,7 +107,7 @@ def test_imported_trust_reaches_the_running_gateway_without_restart(running_east
             tls.sendall(b"hello")
             with contextlib.suppress(ssl.SSLError, ConnectionError):
                 tls.recv(1)
-        listeners = running_east.api.get("/v1/gateway/stats").json()["listeners"]
+        listeners = running_east.api.get("/v1/gateway/stats", headers=running_east.reader).json()["listeners"]
         identities: dict[str, int] = listeners["ingress"]["peer_identities"]
         return identities
 
@@ -210,21 +215,21 @@ def test_meshfed_up_reports_a_busy_gateway_port_in_one_line(tmp_path: Path):
 
 
 def test_exports_and_catalog_over_the_api(running_east):
-    api, admin = running_east.api, running_east.admin
+    api, admin, reader = running_east.api, running_east.admin, running_east.reader
     with EmbeddedCatalog(running_east.zone.directory) as catalog:
         catalog.register(Service(name="web", ports={"http": 8080}, endpoints=[Endpoint(address="127.0.0.1", port=9)]))
     deadline = time.monotonic() + 5
-    while not api.get("/v1/catalog").json()["services"]:
+    while not api.get("/v1/catalog", headers=reader).json()["services"]:
         assert time.monotonic() < deadline, "the controller did not see the new service"
         time.sleep(0.05)
-    assert api.get("/v1/catalog").json()["services"][0]["name"] == "web"
+    assert api.get("/v1/catalog", headers=reader).json()["services"][0]["name"] == "web"
 
     body = {"service": "web", "to": ["west"]}
     assert api.post("/v1/exports", json=body).status_code == 401
     assert api.post("/v1/exports", json=body, headers=admin).status_code == 201
-    assert api.get("/v1/exports").json() == [{"service": "web", "namespace": "default", "peer": "west"}]
+    assert api.get("/v1/exports", headers=reader).json() == [{"service": "web", "namespace": "default", "peer": "west"}]
     for bad in ({"service": "Web", "to": ["west"]}, {"service": "web", "to": []}, {"service": "web", "to": ["a b"]}):
         assert api.post("/v1/exports", json=bad, headers=admin).status_code in (400, 422), bad
     assert api.delete("/v1/exports/default/nothing", headers=admin).status_code == 404
     assert api.delete("/v1/exports/default/web", headers=admin).status_code == 204
-    assert api.get("/v1/exports").json() == []
+    assert api.get("/v1/exports", headers=reader).json() == []

@@ -9,6 +9,7 @@ Python model cannot drift apart silently.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -95,10 +96,10 @@ def test_rendered_manifests_match_kubernetes_schemas(helm: str, values: list[str
     assert manifests
     for manifest in manifests:
         if manifest["apiVersion"].startswith("monitoring.coreos.com/"):
-            # A CRD: no schema ships with Kubernetes; check it scrapes the API Service's port.
-            api = one(manifests, "Service", "-api")
-            assert manifest["spec"]["endpoints"][0]["port"] in {port["name"] for port in api["spec"]["ports"]}
-            assert manifest["spec"]["selector"]["matchLabels"].items() <= api["metadata"]["labels"].items()
+            # A CRD: no schema ships with Kubernetes; check it scrapes the metrics Service's port.
+            metrics = one(manifests, "Service", "-metrics")
+            assert manifest["spec"]["endpoints"][0]["port"] in {port["name"] for port in metrics["spec"]["ports"]}
+            assert manifest["spec"]["selector"]["matchLabels"].items() <= metrics["metadata"]["labels"].items()
             continue
         try:
             kubernetes_validate.validate(manifest, KUBE_VERSION, strict=True)
@@ -135,8 +136,12 @@ def test_every_pod_is_hardened(helm: str, values: list[str]) -> None:
 def test_controller_probes_and_services(helm: str, values: list[str]) -> None:
     manifests = render(helm, values)
     (controller,) = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
-    assert controller["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "api"}
-    assert controller["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "api"}
+    # The metrics listener: plain HTTP on the pod IP whether the API is on loopback or behind TLS.
+    assert controller["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert controller["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert controller["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    ports = {port["name"]: port["containerPort"] for port in controller["ports"]}
+    assert f"--metrics-address=0.0.0.0:{ports['metrics']}" in controller["args"]
     gateway = one(manifests, "Service", "-gateway")
     assert [port["port"] for port in gateway["spec"]["ports"]] == [15443]
     pod_labels = one(manifests, "Deployment")["spec"]["template"]["metadata"]["labels"]
@@ -202,6 +207,15 @@ def test_kubernetes_mode_with_default_values_grants_rbac(helm: str) -> None:
         "zone.healthCheckInterval=often",
         "typo=1",
         "persistence.sizee=1Gi",
+        "api.tls.secretName=Not_A_Name",
+        "metrics.port=0",
+        "networkPolicy.enable=true",
+        "networkPolicy.egressListeners.ports=0",
+        "egress.workloadTls=sometimes",
+        "egress.imports[0].service=cart",
+        "authz[0].service=cart,authz[0].action=maybe,authz[0].id=*",
+        "authz[0].service=cart,authz[0].action=allow,authz[0].id=west.mesh/*",
+        "authz[0].service=cart,authz[0].action=allow",
     ],
 )
 def test_values_schema_rejects_bad_values(helm: str, bad: str) -> None:
@@ -249,8 +263,10 @@ def _prepare(manifests: list[Manifest], root: Path) -> dict[str, str]:
     (root / "data" / "lost+found").mkdir()  # what a fresh ext4 volume holds
     (root / "etc" / "config").mkdir(parents=True)
     (root / "etc" / "admin-token").mkdir()
+    (root / "etc" / "read-token").mkdir()
     (root / "etc" / "config" / "zone.toml").write_text(one(manifests, "ConfigMap")["data"]["zone.toml"])
     (root / "etc" / "admin-token" / "token").write_text("from-the-secret\n")
+    (root / "etc" / "read-token" / "token").write_text("read-from-the-secret\n")
     return {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
 
 
@@ -262,13 +278,17 @@ def test_bootstrap_creates_the_zone_then_keeps_it(helm: str, tmp_path: Path) -> 
     zone = Zone.open(tmp_path / "data" / "zone")
     assert (zone.name, str(zone.trust_domain), zone.config.catalog) == ("east", "east.mesh", "kubernetes")
     assert zone.admin_token() == "from-the-secret"
+    assert zone.read_token() == "read-from-the-secret"
+    assert oct((zone.directory / "read-token").stat().st_mode & 0o777) == "0o600"
     root = zone.own_bundle().roots
-    # A restart keeps the CA and state; only zone.toml and the token are refreshed.
+    # A restart keeps the CA and state; only zone.toml and the tokens are refreshed.
     (tmp_path / "etc" / "admin-token" / "token").write_text("rotated\n")
+    (tmp_path / "etc" / "read-token" / "token").write_text("read-rotated\n")
     subprocess.run(["/bin/sh", "-c", script], check=True, env=env, timeout=60)
     again = Zone.open(tmp_path / "data" / "zone")
     assert again.own_bundle().roots == root
     assert again.admin_token() == "rotated"
+    assert again.read_token() == "read-rotated"
 
 
 def test_bootstrap_seeds_the_zone_from_a_secret(helm: str, tmp_path: Path) -> None:
@@ -286,3 +306,219 @@ def test_bootstrap_seeds_the_zone_from_a_secret(helm: str, tmp_path: Path) -> No
     assert zone.own_bundle().roots == made.own_bundle().roots
     assert zone.authority().root == made.authority().root
     assert oct((zone.directory / "ca" / "root.key").stat().st_mode & 0o777) == "0o600"
+
+
+def _controller(manifests: list[Manifest]) -> Manifest:
+    (controller,) = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return dict(controller)
+
+
+def _arg(controller: Manifest, flag: str) -> str | None:
+    values = [arg.split("=", 1)[1] for arg in controller["args"] if arg.startswith(f"{flag}=")]
+    assert len(values) <= 1, values
+    return values[0] if values else None
+
+
+def test_the_api_is_on_loopback_unless_it_serves_tls(helm: str) -> None:
+    plain = render(helm, [])
+    controller = _controller(plain)
+    assert _arg(controller, "--api-address") == "127.0.0.1:8470"
+    assert _arg(controller, "--api-tls-cert") is None
+    assert "api" not in {port["name"] for port in controller["ports"]}  # nothing to reach on the pod IP
+    assert not [s for s in of_kind(plain, "Service") if s["metadata"]["name"].endswith("-api")]
+
+    tls = render(helm, ["--set", "api.tls.secretName=east-api-tls"])
+    controller = _controller(tls)
+    assert _arg(controller, "--api-address") == "0.0.0.0:8470"
+    cert, key = _arg(controller, "--api-tls-cert"), _arg(controller, "--api-tls-key")
+    assert (cert, key) == ("/etc/meshfed/api-tls/tls.crt", "/etc/meshfed/api-tls/tls.key")
+    (mount,) = [m for m in controller["volumeMounts"] if m["mountPath"] == "/etc/meshfed/api-tls"]
+    assert mount["readOnly"] is True
+    spec = one(tls, "Deployment")["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "east-api-tls"
+    assert {item["key"] for item in volume["secret"]["items"]} == {"tls.crt", "tls.key"}  # kubernetes.io/tls keys
+    assert {port["name"]: port["containerPort"] for port in controller["ports"]}["api"] == 8470
+    api = one(tls, "Service", "-api")
+    assert [(port["name"], port["targetPort"]) for port in api["spec"]["ports"]] == [("https-api", "api")]
+    for manifests in (plain, tls):
+        controller = _controller(manifests)
+        assert {probe["httpGet"]["port"] for probe in _probes(controller)} == {"metrics"}
+        metrics = one(manifests, "Service", "-metrics")
+        assert [(port["port"], port["targetPort"]) for port in metrics["spec"]["ports"]] == [(9470, "metrics")]
+
+
+def _probes(controller: Manifest) -> list[Manifest]:
+    return [controller[kind] for kind in ("startupProbe", "livenessProbe", "readinessProbe")]
+
+
+def _ports_of(rule: Manifest) -> set[str | int]:
+    return {port["port"] for port in rule.get("ports", [])}
+
+
+@pytest.mark.parametrize("values", CASES)
+def test_the_network_policy_selects_the_zone_and_names_its_ports(helm: str, values: list[str]) -> None:
+    manifests = render(helm, values)
+    policy = one(manifests, "NetworkPolicy")["spec"]
+    pod = one(manifests, "Deployment")["spec"]["template"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    declared = {port["name"]: port["containerPort"] for port in _controller(manifests)["ports"]}
+    for rule in policy["ingress"]:
+        for port in rule["ports"]:
+            # A named port the pod does not declare would silently admit nothing.
+            assert isinstance(port["port"], int) or port["port"] in declared, port
+    # Open to any source: exactly the ports peers dial.
+    (open_rule,) = [rule for rule in policy["ingress"] if "from" not in rule]
+    assert _ports_of(open_rule) <= {"gateway", "peering", "establish", "bundle"}
+    assert {"gateway", "peering", "establish"} <= _ports_of(open_rule)
+
+
+def test_the_default_network_policy_admits_only_what_a_zone_needs(helm: str) -> None:
+    policy = one(render(helm, []), "NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress"]  # egress open: catalog, peers, DNS
+    assert "egress" not in policy
+    rules = {frozenset(map(str, _ports_of(rule))): rule.get("from") for rule in policy["ingress"]}
+    assert rules == {
+        frozenset({"gateway", "peering", "establish"}): None,
+        frozenset({"metrics"}): [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        frozenset({"15500"}): [{"namespaceSelector": {}}],
+    }
+    (listeners,) = [rule for rule in policy["ingress"] if 15500 in _ports_of(rule)]
+    assert listeners["ports"] == [{"port": 15500, "endPort": 16499, "protocol": "TCP"}]
+    # The API is on loopback: no rule admits its port, from anywhere.
+    assert not [rule for rule in policy["ingress"] if "api" in _ports_of(rule)]
+
+
+def test_the_network_policy_follows_the_values(helm: str) -> None:
+    ops = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}}}]
+    rule = {"to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}], "ports": [{"port": 15443}]}
+    manifests = render(
+        helm,
+        [
+            *("--set", "api.tls.secretName=east-api-tls", "--set", "bundleEndpoint.enabled=true"),
+            *("--set-json", f"networkPolicy.api.from={json.dumps(ops)}"),
+            *("--set", "networkPolicy.metrics.from=null", "--set", "networkPolicy.egress.restrict=true"),
+            *("--set-json", f"networkPolicy.egress.rules={json.dumps([rule])}"),
+            *("--set", "gateway.egressPortBase=65000", "--set", "networkPolicy.egressListeners.ports=1000"),
+        ],
+    )
+    policy = one(manifests, "NetworkPolicy")["spec"]
+    by_ports = {frozenset(map(str, _ports_of(rule))): rule for rule in policy["ingress"]}
+    assert set(by_ports) == {
+        frozenset({"gateway", "peering", "establish", "bundle"}),
+        frozenset({"api"}),
+        frozenset({"65000"}),
+    }
+    assert by_ports[frozenset({"api"})]["from"] == ops
+    assert by_ports[frozenset({"65000"})]["ports"][0]["endPort"] == 65535  # clamped to the last port
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    dns, *rest = policy["egress"]
+    assert dns == {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    assert rest == [rule]
+
+    assert of_kind(render(helm, ["--set", "networkPolicy.enabled=false"]), "NetworkPolicy") == []
+    ephemeral = run_helm(
+        helm, "template", "east", str(CHART), "--kube-version", KUBE_VERSION, "--set", "gateway.egressPortBase=0"
+    )
+    assert ephemeral.returncode != 0
+    assert "networkPolicy.enabled needs a fixed gateway.egressPortBase" in ephemeral.stderr
+
+
+def test_authz_and_egress_values_become_zone_toml_tables(helm: str) -> None:
+    authz = [
+        {
+            "service": "cart",
+            "namespace": "shop",
+            "port": 8080,
+            "action": "allow",
+            "id": "spiffe://west.mesh/ns/shop/sa/web",
+        },
+        {"service": "cart", "action": "deny", "id": "*"},
+    ]
+    imports = [
+        {"service": "payments", "namespace": "shop", "workloadTls": "strict"},
+        {"peer": "west", "service": "search", "workloadTls": "plain"},
+    ]
+    manifests = render(
+        helm,
+        [
+            *("--set-json", f"authz={json.dumps(authz)}"),
+            *("--set", "egress.workloadTls=permissive", "--set-json", f"egress.imports={json.dumps(imports)}"),
+        ],
+    )
+    text = one(manifests, "ConfigMap")["data"]["zone.toml"]
+    document = tomllib.loads(text)
+    assert document["authz"] == [
+        {
+            "service": "cart",
+            "namespace": "shop",
+            "port": 8080,
+            "action": "allow",
+            "id": "spiffe://west.mesh/ns/shop/sa/web",
+        },
+        {"service": "cart", "namespace": "default", "action": "deny", "id": "*"},
+    ]
+    assert document["egress"] == {
+        "workload_tls": "permissive",
+        "import": [
+            {"service": "payments", "namespace": "shop", "workload_tls": "strict"},
+            {"peer": "west", "service": "search", "namespace": "default", "workload_tls": "plain"},
+        ],
+    }
+    config = ZoneConfig.model_validate(document)  # the models the zone reads them with
+    assert [(rule.service, rule.port, rule.action) for rule in config.authz] == [
+        ("cart", 8080, "allow"),
+        ("cart", None, "deny"),
+    ]
+    assert config.egress.mode("payments", "shop", "east") == "strict"
+    assert config.egress.mode("search", "default", "west") == "plain"
+    assert config.egress.mode("search", "default", "north") == "permissive"
+
+    # The defaults write neither table: no rules, and plain is what a zone without [egress] does.
+    defaults = tomllib.loads(one(render(helm, []), "ConfigMap")["data"]["zone.toml"])
+    assert "authz" not in defaults
+    assert "egress" not in defaults
+    only_imports = render(helm, ["--set-json", f"egress.imports={json.dumps(imports[:1])}"])
+    assert tomllib.loads(one(only_imports, "ConfigMap")["data"]["zone.toml"])["egress"] == {
+        "workload_tls": "plain",
+        "import": [{"service": "payments", "namespace": "shop", "workload_tls": "strict"}],
+    }
+
+
+def test_notes_document_the_port_forward_and_the_tokens(helm: str, tmp_path: Path) -> None:
+    # helm renders NOTES.txt only on install; a copy of the chart renders it into a ConfigMap instead.
+    chart = tmp_path / "meshfed"
+    shutil.copytree(CHART, chart)
+    shutil.copy(chart / "templates" / "NOTES.txt", chart / "notes.txt")
+    (chart / "templates" / "zz-notes.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
+        'data:\n  notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}\n'
+    )
+
+    def notes(*values: str) -> str:
+        result = run_helm(
+            helm,
+            "template",
+            "east",
+            str(chart),
+            "-n",
+            NAMESPACE,
+            "--kube-version",
+            KUBE_VERSION,
+            "--show-only",
+            "templates/zz-notes.yaml",
+            *values,
+        )
+        assert result.returncode == 0, result.stderr
+        return str(yaml.safe_load(result.stdout)["data"]["notes"])
+
+    plain = notes()
+    assert f"kubectl -n {NAMESPACE} port-forward deploy/east-meshfed 8470:8470" in plain
+    assert "listens on 127.0.0.1 inside the pod only" in plain
+    assert "curl http://127.0.0.1:8470/v1/catalog" in plain
+    assert "east-meshfed-read-token" in plain
+    assert "east-meshfed-admin-token" in plain
+    tls = notes("--set", "api.tls.secretName=east-api-tls")
+    assert "serves HTTPS (certificate from Secret east-api-tls) on Service" in tls
+    assert "none yet: set it" in tls
+    assert "curl -k https://127.0.0.1:8470/v1/catalog" in tls

@@ -100,7 +100,8 @@ def test_a_refused_publication_neither_blocks_imports_nor_this_zones_own_exports
             assert ready.status_code == 200
             assert ready.json()["status"] == "degraded"
             assert any("import publication" in problem for problem in ready.json()["problems"])
-            publication = api.get("/v1/catalog").json()["publication"]
+            reader = {"Authorization": f"Bearer {west.read_token()}"}
+            publication = api.get("/v1/catalog", headers=reader).json()["publication"]
             assert publication["ok"] is False
             assert "denied access" in publication["error"]
             with PublicationStore(west.directory / STATE_FILE) as store:

@@ -50,19 +50,19 @@ def test_peering_api_token_establish_show_delete(make_zone):
 
             await eventually(lambda: west.state_of("east") is PeerState.ACTIVE)
             await eventually(lambda: east.service.peer("west").acked_version >= 1)
-            shown = (await east_api.get("/v1/peerings/west")).json()
+            shown = (await east_api.get("/v1/peerings/west", headers=east_admin)).json()
             assert shown["state"] == "ACTIVE"
             assert shown["role"] == "acceptor"
             assert shown["connected"] is True
-            listed = (await west_api.get("/v1/peerings")).json()
+            listed = (await west_api.get("/v1/peerings", headers=west_admin)).json()
             assert [p["name"] for p in listed] == ["east"]
-            assert (await east_api.get("/v1/peerings/nope")).status_code == 404
+            assert (await east_api.get("/v1/peerings/nope", headers=east_admin)).status_code == 404
 
             assert (await west_api.post("/v1/peerings/refresh", headers=west_admin)).status_code == 204
             assert (await west_api.delete("/v1/peerings/east")).status_code == 401
             assert (await west_api.delete("/v1/peerings/east", headers=west_admin)).status_code == 204
             await eventually(lambda: east.state_of("west") is PeerState.TERMINATED)
-            assert (await west_api.get("/v1/peerings")).json() == []
+            assert (await west_api.get("/v1/peerings", headers=west_admin)).json() == []
         await asyncio.gather(west.stop(), east.stop())
 
     run(scenario())

@@ -128,7 +128,8 @@ def test_three_meshfed_up_zones_peer_by_cli_and_fail_over(tmp_path):
         assert reused.returncode != 0
 
         def group_address() -> tuple[str, int] | None:
-            groups = west.api.get("/v1/catalog").json()["failover_groups"]
+            reader = {"Authorization": f"Bearer {Zone.open(west.directory).read_token()}"}
+            groups = west.api.get("/v1/catalog", headers=reader).json()["failover_groups"]
             if not groups or "tcp" not in groups[0]["listeners"]:
                 return None
             assert groups[0]["sources"] == ["east", "north"]

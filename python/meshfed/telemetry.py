@@ -87,6 +87,35 @@ def _handshake_failures(stats: Mapping[str, Any]) -> Iterator[tuple[float, Mappi
             yield count, {**attributes, "reason": reason}
 
 
+# Label values one listener may contribute to a per-caller metric. The core bounds its own maps
+# (1000 identities per listener, the rest under "<other>"), but a scrape is listeners x values, and
+# Prometheus keeps every series it ever saw: what is exported is capped here too, whatever the core sends.
+MAX_SERIES_PER_LISTENER = 100
+OTHER = "<other>"
+
+
+def _capped(counts: Mapping[str, int], limit: int = MAX_SERIES_PER_LISTENER) -> Iterator[tuple[str, int]]:
+    """``counts`` with at most ``limit`` keys of their own; the rest (and the core's ``<other>``) summed as ``<other>``.
+
+    The kept keys are the first by name, not the largest: a series must not
+    appear and vanish as counts change, or its rate() would break.
+    """
+    named = sorted(key for key in counts if key != OTHER)
+    for key in named[:limit]:
+        yield key, counts[key]
+    rest = sum(counts[key] for key in named[limit:]) + counts.get(OTHER, 0)
+    if rest or OTHER in counts or len(named) > limit:
+        yield OTHER, rest
+
+
+def _denied_by_trust_domain(stats: Mapping[str, Any]) -> Iterator[tuple[float, Mapping[str, str]]]:
+    # A core built before the key existed reports none: the metric then has no series, not an error.
+    for attributes, listener in _listeners(stats):
+        counts: Mapping[str, int] = listener.get("denied_by_trust_domain") or {}
+        for trust_domain, count in _capped(counts):
+            yield count, {**attributes, "trust_domain": trust_domain}
+
+
 _Kind = Literal["counter", "up_down_counter", "gauge"]
 
 # Every gateway metric: (kind, name, description, unit, its series in a stats document).
@@ -135,6 +164,15 @@ _GATEWAY_METRICS: tuple[tuple[_Kind, str, str, str, _Readings], ...] = (
         "Verified callers refused by authorization",
         "{connection}",
         _field(_listeners, "denied"),
+    ),
+    (
+        # Beside the total, not in it: one metric mixing series with and without the label would double-count.
+        "counter",
+        "meshfed.gateway.denied_by_trust_domain",
+        f"Verified callers refused by authorization, by their SPIFFE trust domain "
+        f"(at most {MAX_SERIES_PER_LISTENER} per listener, the rest as {OTHER})",
+        "{connection}",
+        _denied_by_trust_domain,
     ),
     (
         "counter",

@@ -1,12 +1,13 @@
 """A zone directory: its config, CA, state database and admin token.
 
-Layout (the directory is 0700; private keys and the token are 0600)::
+Layout (the directory is 0700; private keys and the tokens are 0600)::
 
     zone.toml              name, trust domain, listen addresses
     state.db               SQLite: trust bundles, peerings, exports, imports
     catalog.db             SQLite: the embedded catalog (zones with catalog = "embedded")
     zone.lock              held by the running ``meshfed up`` (its pid inside): one process per zone
-    admin-token            bearer token for mutating API calls
+    admin-token            bearer token for mutating API calls (and reads)
+    read-token             bearer token for the API's reads only (made on first open for older zones)
     ca/root.pem            the trust domain's root (published in the bundle)
     ca/root.key
     ca/intermediate.pem    signs SVIDs
@@ -66,6 +67,7 @@ from meshfed.trust.spiffe import SpiffeId, TrustDomain
 CONFIG_FILE = "zone.toml"
 STATE_FILE = "state.db"
 TOKEN_FILE = "admin-token"  # noqa: S105 -- a file name, not a secret
+READ_TOKEN_FILE = "read-token"  # noqa: S105 -- a file name, not a secret
 _ZONE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 BundleSource = Literal["self", "import", "federation"]
@@ -188,6 +190,7 @@ class Zone:
             config = ZoneConfig.model_validate(raw)
         except ValidationError as err:
             raise ZoneError(f"{path}: {_first_validation_error(err)}") from None
+        _ensure_read_token(directory, strict=False)
         return cls(directory, config)
 
     def store(self) -> StateStore:
@@ -439,6 +442,47 @@ class Zone:
         except OSError as err:
             raise ZoneError(f"cannot read the admin token: {err}") from None
 
+    def read_token(self) -> str:
+        """The zone's read-only API token (``read-token``), made now if this zone predates it."""
+        _ensure_read_token(self.directory, strict=True)
+        try:
+            return (self.directory / READ_TOKEN_FILE).read_text().strip()
+        except OSError as err:
+            raise ZoneError(f"cannot read the read token: {err}") from None
+
+
+def _ensure_read_token(directory: Path, *, strict: bool) -> None:
+    """Give a zone made before read tokens existed its ``read-token`` (0600), once, race-free.
+
+    The token is written whole to a temporary file and linked into place, so a
+    concurrent reader sees either no file or the whole token, and of two
+    processes racing, one wins and both read its token. ``strict=False`` (on
+    open) leaves a read-only zone directory alone; :meth:`Zone.read_token` then
+    says why it has no token.
+    """
+    path = directory / READ_TOKEN_FILE
+    if path.exists():
+        return
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=".read-token-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write((secrets.token_urlsafe(32) + "\n").encode())
+                # Root running a command in a zone it does not own: the zone's owner must still read it.
+                owner = directory.stat()
+                if os.geteuid() == 0 and owner.st_uid != 0:
+                    os.fchown(file.fileno(), owner.st_uid, owner.st_gid)
+            os.link(temporary, path)
+        except FileExistsError:
+            pass
+        finally:
+            Path(temporary).unlink()
+    except OSError as err:
+        if strict:
+            raise ZoneError(
+                f"cannot create {path}: {err.strerror or err}; run a meshfed command as the zone's owner once"
+            ) from None
+
 
 _SECOND = dt.timedelta(seconds=1)
 
@@ -499,6 +543,7 @@ def _populate(directory: Path, config: ZoneConfig) -> None:
     (directory / "ca").mkdir(mode=0o700)
     authority = _write_authority_files(directory / "ca", TrustDomain(config.trust_domain))
     _write(directory / TOKEN_FILE, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
+    _write(directory / READ_TOKEN_FILE, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
     _write(directory / CONFIG_FILE, tomli_w.dumps(config.model_dump(exclude_none=True)).encode(), 0o644)
     with StateStore(directory / STATE_FILE) as store:
         store.put_bundle(TrustBundle(authority.trust_domain, (authority.root,)), source="self")

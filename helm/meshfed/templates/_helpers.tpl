@@ -67,6 +67,10 @@ change only this definition.
 {{- default (include "meshfed.resourceName" (dict "root" . "suffix" "admin-token")) .Values.adminToken.existingSecret }}
 {{- end }}
 
+{{- define "meshfed.readTokenSecretName" -}}
+{{- default (include "meshfed.resourceName" (dict "root" . "suffix" "read-token")) .Values.readToken.existingSecret }}
+{{- end }}
+
 {{- define "meshfed.claimName" -}}
 {{- default (include "meshfed.resourceName" (dict "root" . "suffix" "zone")) .Values.persistence.existingClaim }}
 {{- end }}
@@ -81,6 +85,15 @@ change only this definition.
 {{- define "meshfed.zoneDir" -}}/var/lib/meshfed/zone{{- end }}
 {{- define "meshfed.consulTokenFile" -}}/etc/meshfed/consul-token/token{{- end }}
 {{- define "meshfed.consulTlsDir" -}}/etc/meshfed/consul-tls{{- end }}
+{{- define "meshfed.apiTlsDir" -}}/etc/meshfed/api-tls{{- end }}
+
+{{/*
+Where the API listens in the pod: loopback unless it serves TLS (api.tls.secretName), so a plain-HTTP
+API is never on the pod network. Probes and Prometheus use the metrics listener either way.
+*/}}
+{{- define "meshfed.apiHost" -}}
+{{- if .Values.api.tls.secretName }}0.0.0.0{{ else }}127.0.0.1{{ end }}
+{{- end }}
 
 {{/* The zone name: zone.name, else the release name (already a DNS label). */}}
 {{- define "meshfed.zoneName" -}}
@@ -109,6 +122,9 @@ seccompProfile:
   readOnly: true
 - name: admin-token
   mountPath: /etc/meshfed/admin-token
+  readOnly: true
+- name: read-token
+  mountPath: /etc/meshfed/read-token
   readOnly: true
 - name: data
   mountPath: {{ include "meshfed.dataDir" . }}

@@ -2,7 +2,12 @@
 
 ``create_app(controller)`` returns an app whose lifespan starts and stops the
 controller (and with it the gateway and background services), so one uvicorn
-process is one running zone.
+process is one running zone. Reads of the zone's topology need its read or
+admin token and changes its admin token (``api/auth.py``); health, readiness,
+metrics and the zone's own bundle are open. ``create_health_app(controller)``
+serves only those open routes, for ``meshfed up --metrics-address``: probes and
+Prometheus reach them on the pod network while the API itself stays on
+loopback or behind TLS.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Response, status
+from fastapi import Depends, FastAPI, Request, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -20,7 +25,7 @@ from meshfed.api import catalog as catalog_api
 from meshfed.api import limits
 from meshfed.api import peering as peering_api
 from meshfed.api import trust as trust_api
-from meshfed.api.auth import require_admin
+from meshfed.api.auth import audit_call, require_admin, require_reader
 from meshfed.controller import Controller
 from meshfed.federation.service import PeeringService
 
@@ -53,16 +58,72 @@ def create_app(controller: Controller, peering: PeeringService | None = None) ->
         title="meshfed zone API",
         version=__version__,
         lifespan=lifespan,
-        description="Federation API of one meshfed zone. Mutating calls need the zone's admin token.",
+        description="Federation API of one meshfed zone. Reads need the zone's read token (read-token) or "
+        "its admin token; mutating calls need the admin token. /healthz, /readyz, /metrics and "
+        "GET /v1/trust/bundle are open.",
     )
     limits.install(app)
     app.state.controller = controller
     app.state.peering = peering
     app.state.admin_token = controller.zone.admin_token()
+    app.state.read_token = controller.zone.read_token()
     app.include_router(catalog_api.router)
     app.include_router(trust_api.router)
     app.include_router(peering_api.router)
+    _add_open_routes(app, controller)
 
+    @app.get("/v1/zone", tags=["zone"], dependencies=[Depends(require_reader)])
+    def zone_info() -> ZoneInfo:
+        zone = controller.zone
+        return ZoneInfo(
+            name=zone.name,
+            trust_domain=str(zone.trust_domain),
+            version=__version__,
+            core_version=_core.core_version(),
+            gateway_address=controller.gateway_address,
+        )
+
+    @app.get("/v1/gateway/stats", tags=["gateway"], dependencies=[Depends(require_reader)])
+    def gateway_stats() -> dict[str, Any]:
+        """Counters of every gateway listener, with the identities of the callers it verified."""
+        return controller.gateway_stats()
+
+    @app.get("/v1/gateway/config", tags=["gateway"], dependencies=[Depends(require_admin)])
+    def gateway_config() -> dict[str, Any]:
+        """The config the gateway runs, with its private key redacted."""
+        document = controller.gateway_config().model_dump(exclude_none=True)
+        if "identity" in document:
+            document["identity"]["private_key_pem"] = _REDACTED
+        return document
+
+    @app.post(
+        "/v1/gateway/reconfigure",
+        tags=["gateway"],
+        status_code=status.HTTP_204_NO_CONTENT,
+        dependencies=[Depends(require_admin)],
+    )
+    async def reconfigure(request: Request) -> Response:
+        """Rebuild the gateway config from the zone's state and apply it now."""
+        await controller.reconfigure()
+        audit_call(request, controller.zone.directory, "gateway.reconfigure", f"zone {controller.zone.name}")
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+    return app
+
+
+def create_health_app(controller: Controller) -> FastAPI:
+    """Only ``/healthz``, ``/readyz`` and ``/metrics`` of ``controller``: no token, no topology, no lifespan.
+
+    Served beside the API (``meshfed up --metrics-address``) on its own port, so
+    that kubelet probes and Prometheus need neither the API's TLS nor a token,
+    and a NetworkPolicy can admit monitoring to metrics without admitting it to the API.
+    """
+    app = FastAPI(title="meshfed zone health", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
+    _add_open_routes(app, controller)
+    return app
+
+
+def _add_open_routes(app: FastAPI, controller: Controller) -> None:
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
         """The process is alive."""
@@ -86,40 +147,3 @@ def create_app(controller: Controller, peering: PeeringService | None = None) ->
     def metrics() -> Response:
         """Prometheus text exposition of the zone's OpenTelemetry metrics."""
         return Response(controller.telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/v1/zone", tags=["zone"])
-    def zone_info() -> ZoneInfo:
-        zone = controller.zone
-        return ZoneInfo(
-            name=zone.name,
-            trust_domain=str(zone.trust_domain),
-            version=__version__,
-            core_version=_core.core_version(),
-            gateway_address=controller.gateway_address,
-        )
-
-    @app.get("/v1/gateway/stats", tags=["gateway"])
-    def gateway_stats() -> dict[str, Any]:
-        """Counters of every gateway listener."""
-        return controller.gateway_stats()
-
-    @app.get("/v1/gateway/config", tags=["gateway"], dependencies=[Depends(require_admin)])
-    def gateway_config() -> dict[str, Any]:
-        """The config the gateway runs, with its private key redacted."""
-        document = controller.gateway_config().model_dump(exclude_none=True)
-        if "identity" in document:
-            document["identity"]["private_key_pem"] = _REDACTED
-        return document
-
-    @app.post(
-        "/v1/gateway/reconfigure",
-        tags=["gateway"],
-        status_code=status.HTTP_204_NO_CONTENT,
-        dependencies=[Depends(require_admin)],
-    )
-    async def reconfigure() -> Response:
-        """Rebuild the gateway config from the zone's state and apply it now."""
-        await controller.reconfigure()
-        return Response(status_code=status.HTTP_204_NO_CONTENT)
-
-    return app

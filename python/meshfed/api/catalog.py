@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from meshfed.api.auth import require_admin
+from meshfed.api.auth import audit_call, require_admin, require_reader
 from meshfed.api.limits import MAX_EXPORT_PEERS
 from meshfed.catalog.model import Service
 from meshfed.catalog.publisher import PublicationStatus
@@ -95,7 +95,7 @@ def _controller(request: Request) -> Controller:
     return controller
 
 
-@router.get("/catalog")
+@router.get("/catalog", dependencies=[Depends(require_reader)])
 def catalog(request: Request) -> CatalogView:
     """Local services (as the controller last saw them) and imported services."""
     controller = _controller(request)
@@ -151,10 +151,15 @@ def confirm_empty_catalog(request: Request) -> CatalogHoldView:
     keeps telling peers what they last heard until this call, or until the
     catalog has services again. ``released`` is false when nothing was held.
     """
-    return CatalogHoldView(released=_controller(request).confirm_empty_catalog())
+    controller = _controller(request)
+    released = controller.confirm_empty_catalog()
+    audit_call(
+        request, controller.zone.directory, "catalog.confirm_empty", f"zone {controller.zone.name}", released=released
+    )
+    return CatalogHoldView(released=released)
 
 
-@router.get("/exports")
+@router.get("/exports", dependencies=[Depends(require_reader)])
 def list_exports(request: Request) -> list[ExportRuleView]:
     with ExportRules(_controller(request).zone.directory) as rules:
         return [ExportRuleView(service=r.service, namespace=r.namespace, peer=r.peer) for r in rules.rules()]
@@ -169,6 +174,13 @@ async def add_export(body: ExportRequest, request: Request) -> list[ExportRuleVi
             added = rules.add(body.service, body.namespace, body.to)
     except FederationError as err:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
+    audit_call(
+        request,
+        controller.zone.directory,
+        "export.add",
+        f"{body.service}.{body.namespace}",
+        to=sorted({rule.peer for rule in added}),
+    )
     if controller.ready:
         await controller.exports_changed()
     return [ExportRuleView(service=r.service, namespace=r.namespace, peer=r.peer) for r in added]
@@ -184,9 +196,10 @@ async def remove_export(namespace: str, service: str, request: Request) -> Respo
     controller = _controller(request)
     try:
         with ExportRules(controller.zone.directory) as rules:
-            rules.remove(service, namespace)
+            removed = rules.remove(service, namespace)
     except FederationError as err:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(err)) from None
+    audit_call(request, controller.zone.directory, "export.remove", f"{service}.{namespace}", to="*", removed=removed)
     if controller.ready:
         await controller.exports_changed()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

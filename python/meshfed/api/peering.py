@@ -11,7 +11,7 @@ import datetime as dt
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field
 
-from meshfed.api.auth import require_admin
+from meshfed.api.auth import audit_call, require_admin, require_reader
 from meshfed.errors import InvalidTokenError, PeeringError
 from meshfed.federation.service import PeeringService, PeerStatus
 from meshfed.federation.token import DEFAULT_TOKEN_TTL
@@ -46,13 +46,13 @@ def _not_found(name: str) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND, f"no peering named {name!r}")
 
 
-@router.get("")
+@router.get("", dependencies=[Depends(require_reader)])
 def list_peerings(request: Request) -> list[PeerStatus]:
     """Every peering with its state, heartbeats, versions and lag."""
     return _service(request).peers()
 
 
-@router.get("/{name}", responses={404: {"description": "No such peering"}})
+@router.get("/{name}", dependencies=[Depends(require_reader)], responses={404: {"description": "No such peering"}})
 def show_peering(name: str, request: Request) -> PeerStatus:
     try:
         return _service(request).peer(name)
@@ -63,10 +63,20 @@ def show_peering(name: str, request: Request) -> PeerStatus:
 @router.post("/tokens", dependencies=[Depends(require_admin)], status_code=status.HTTP_201_CREATED)
 def create_token(body: TokenRequest, request: Request) -> TokenResponse:
     """Issue a one-time token for zone ``peer_name``; the response is the only copy of its secret."""
+    service = _service(request)
     try:
-        issued = _service(request).issue_token(body.peer_name, dt.timedelta(seconds=body.ttl_seconds))
+        issued = service.issue_token(body.peer_name, dt.timedelta(seconds=body.ttl_seconds))
     except PeeringError as err:
         raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
+    # The token's secret is the caller's alone: the log says only that one was issued, for whom, until when.
+    audit_call(
+        request,
+        service.zone.directory,
+        "peer.token",
+        f"peer {body.peer_name}",
+        expires_at=issued.token.expires_at.isoformat(),
+        addresses=issued.token.addresses,
+    )
     return TokenResponse(token=issued.encoded, expires_at=issued.token.expires_at, addresses=issued.token.addresses)
 
 
@@ -85,23 +95,35 @@ async def establish_peering(body: EstablishRequest, request: Request) -> PeerSta
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
     except PeeringError as err:
         raise HTTPException(status.HTTP_502_BAD_GATEWAY, str(err)) from None
+    audit_call(
+        request,
+        service.zone.directory,
+        "peer.establish",
+        f"peer {peering.name}",
+        zone=peering.peer_zone,
+        trust_domain=peering.peer_trust_domain,
+    )
     return service.peer(peering.name)
 
 
 @router.delete("/{name}", dependencies=[Depends(require_admin)], status_code=status.HTTP_204_NO_CONTENT)
 async def delete_peering(name: str, request: Request) -> Response:
     """Tear the peering down on both sides and remove its imports."""
+    service = _service(request)
     try:
-        await _service(request).delete(name)
+        await service.delete(name)
     except PeeringError:
         raise _not_found(name) from None
+    audit_call(request, service.zone.directory, "peer.delete", f"peer {name}")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/refresh", dependencies=[Depends(require_admin)], status_code=status.HTTP_204_NO_CONTENT)
 async def refresh(request: Request) -> Response:
     """Pick up peerings changed in the store (the service also polls every second)."""
-    await _service(request).refresh()
+    service = _service(request)
+    await service.refresh()
+    audit_call(request, service.zone.directory, "peer.refresh", f"zone {service.zone.name}")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -1,8 +1,8 @@
 """Trust routes under ``/v1/trust``: the zone's bundle, what it trusts, imports, rotation, federation.
 
-Reads are open (bundles and fingerprints are public by design); every change
-needs the admin token. Errors are 400 with the same one-line message the CLI
-prints. Private keys never appear in any response.
+The zone's own bundle is open (public by design); the listing of what it trusts
+needs a token of the zone, and every change the admin token. Errors are 400 with
+the same one-line message the CLI prints. Private keys never appear in any response.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field
 
-from meshfed.api.auth import require_admin
+from meshfed.api.auth import audit_call, require_admin, require_reader
 from meshfed.errors import TrustError
 from meshfed.trust.bundle import parse_bundle
 from meshfed.trust.listing import trust_listing
@@ -53,7 +53,7 @@ async def own_bundle(request: Request) -> Response:
     return Response(bundle.to_spiffe_json(), media_type=_SPIFFE_JSON)
 
 
-@router.get("/bundles")
+@router.get("/bundles", dependencies=[Depends(require_reader)])
 async def trusted_bundles(request: Request) -> dict[str, Any]:
     """Every trusted trust domain (sequence, roots, expiry, last refresh, source) and the rotation phases."""
     return await asyncio.to_thread(trust_listing, _zone(request), dt.datetime.now(dt.UTC))
@@ -70,6 +70,7 @@ async def import_bundle(
         await asyncio.to_thread(zone.import_bundle, bundle)
     except TrustError as err:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
+    audit_call(request, zone.directory, "trust.import", bundle.trust_domain.name, sequence=bundle.sequence)
     await _trust_changed(request)
     return {"trust_domain": bundle.trust_domain.name, "sequence": bundle.sequence, "roots": bundle.fingerprints()}
 
@@ -83,6 +84,7 @@ async def rotate(request: Request, rotation: RotationRequest) -> dict[str, Any]:
         generation = await asyncio.to_thread(zone.rotate, overlap)
     except TrustError as err:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
+    audit_call(request, zone.directory, "trust.rotate", str(zone.trust_domain), generation=generation.generation)
     await _trust_changed(request)
     return {
         "generation": generation.generation,
@@ -111,6 +113,7 @@ async def federate(request: Request, federation: FederationRequest) -> dict[str,
         )
     except TrustError as err:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
+    audit_call(request, zone.directory, "trust.federate", domain.name, endpoint_url=federation.endpoint_url)
     if bootstrap is not None:
         await _trust_changed(request)
     return {"trust_domain": domain.name, "endpoint_url": federation.endpoint_url, "profile": federation.profile}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import sqlite3
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -63,6 +64,18 @@ def demo(
 def up(
     directory: ZoneDir,
     api_address: Annotated[str, typer.Option(help="host:port of the zone's HTTP API.")] = "127.0.0.1:8470",
+    api_tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="Serve the API over HTTPS with this PEM certificate chain (needs --api-tls-key)."),
+    ] = None,
+    api_tls_key: Annotated[Path | None, typer.Option(help="The PEM private key of --api-tls-cert.")] = None,
+    metrics_address: Annotated[
+        str | None,
+        typer.Option(
+            help="host:port of a plain-HTTP listener serving only /healthz, /readyz and /metrics (no token), "
+            "for probes and Prometheus when the API is on loopback or TLS. Default: none."
+        ),
+    ] = None,
     gateway_address: Annotated[
         str | None, typer.Option(help="host:port of the gateway ingress; default from zone.toml.")
     ] = None,
@@ -110,7 +123,7 @@ def up(
     log_format: Annotated[str, typer.Option(help="json (one object per line, with trace ids) or text.")] = "json",
 ) -> None:
     """Run one zone in the foreground: controller, gateway, peering and API. SIGTERM stops it cleanly."""
-    from meshfed.cli.serve import Listeners, serve_zone
+    from meshfed.cli.serve import ApiTls, Listeners, serve_zone
     from meshfed.controller import health_check_every
     from meshfed.runtime import ZoneSettings
 
@@ -118,6 +131,8 @@ def up(
         raise typer.BadParameter("use json or text", param_hint="--log-format")
     if failing_peer_policy not in ("open", "closed"):
         raise typer.BadParameter("use open or closed", param_hint="--failing-peer-policy")
+    if (api_tls_cert is None) != (api_tls_key is None):
+        raise typer.BadParameter("give both or neither", param_hint="--api-tls-cert/--api-tls-key")
     # Every address is parsed here, before anything binds: ports the layers below would take
     # modulo 65536, or names they would only refuse much later, are one line naming the flag.
     zone = Zone.open(directory)
@@ -136,6 +151,12 @@ def up(
             if bundle_endpoint_port is None
             else parse_port(bundle_endpoint_port, what="--bundle-endpoint-port", allow_zero=True)
         ),
+        metrics=(
+            None
+            if metrics_address is None
+            else parse_host_port(metrics_address, what="--metrics-address", allow_zero=True)
+        ),
+        api_tls=None if api_tls_cert is None or api_tls_key is None else ApiTls(api_tls_cert, api_tls_key),
     )
     settings = ZoneSettings(
         gateway_address=None if gateway_address is None else str(listeners.gateway),

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from meshfed import audit
 from meshfed.cli.common import ZoneDir
 from meshfed.federation.exports import ExportRules
 from meshfed.zone import Zone
@@ -26,8 +27,16 @@ def add(
     namespace: NamespaceOption = "default",
 ) -> None:
     """Export a service to peers; a running zone applies it within a second."""
-    with ExportRules(Zone.open(directory).directory) as rules:
+    zone = Zone.open(directory)
+    with ExportRules(zone.directory) as rules:
         added = rules.add(service, namespace, to)
+    audit.record(
+        zone.directory,
+        actor=audit.cli_actor(),
+        action="export.add",
+        target=f"{service}.{namespace}",
+        to=sorted({rule.peer for rule in added}),
+    )
     typer.echo(f"exported {service}.{namespace} to {', '.join(rule.peer for rule in added)}")
 
 
@@ -39,8 +48,17 @@ def remove(
     to: Annotated[list[str] | None, typer.Option("--to", help="Only these peers (default: all rules).")] = None,
 ) -> None:
     """Stop exporting a service (to some peers, or to all)."""
-    with ExportRules(Zone.open(directory).directory) as rules:
+    zone = Zone.open(directory)
+    with ExportRules(zone.directory) as rules:
         removed = rules.remove(service, namespace, to)
+    audit.record(
+        zone.directory,
+        actor=audit.cli_actor(),
+        action="export.remove",
+        target=f"{service}.{namespace}",
+        to=sorted(to) if to else "*",
+        removed=removed,
+    )
     typer.echo(f"removed {removed} export rule(s) of {service}.{namespace}")
 
 

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from meshfed import audit
 from meshfed.addresses import parse_host_port
 from meshfed.catalog.publisher import PublicationStore
 from meshfed.cli.common import ZoneDir, parse_duration
@@ -49,6 +50,15 @@ def token(
         listener = store.listener()
         addresses = given or (list(listener.establish_addresses) if listener else [])
         issued = store.issue_token(zone, peer, addresses, lifetime)
+    # Never the token itself: it is a one-time secret, and the log outlives it.
+    audit.record(
+        zone.directory,
+        actor=audit.cli_actor(),
+        action="peer.token",
+        target=f"peer {peer}",
+        expires_at=issued.token.expires_at.isoformat(),
+        addresses=addresses,
+    )
     typer.echo(issued.encoded)
     typer.echo(
         f"token for zone {peer} to peer with {zone.name} via {', '.join(addresses)}; "
@@ -69,6 +79,14 @@ def establish_(
     zone = Zone.open(directory)
     text = sys.stdin.read() if encoded == "-" else encoded
     peering = asyncio.run(establish(zone, text, name))
+    audit.record(
+        zone.directory,
+        actor=audit.cli_actor(),
+        action="peer.establish",
+        target=f"peer {peering.name}",
+        zone=peering.peer_zone,
+        trust_domain=peering.peer_trust_domain,
+    )
     with PeeringStore.of(zone) as store:
         listener = store.listener()
     running = listener is not None and listener.alive()
@@ -135,6 +153,7 @@ def delete(directory: ZoneDir, name: Annotated[str, typer.Argument(help="The pee
     zone = Zone.open(directory)
     with PeeringStore.of(zone) as store:
         request_delete(store, name)
+        audit.record(zone.directory, actor=audit.cli_actor(), action="peer.delete", target=f"peer {name}")
         listener = store.listener()
         if listener is None or not listener.alive():
             typer.echo(

@@ -11,16 +11,22 @@ line naming the address and the flag that set it, whichever component raised it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import signal
 import socket
+import ssl
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from meshfed.addresses import HostPort
+from meshfed.api.app import create_health_app
 from meshfed.errors import GatewayConfigError, GatewayError, MeshfedError, PeeringError, TrustError
 from meshfed.logs import configure_logging
 from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone, check_settings, raise_open_file_limit
@@ -42,6 +48,30 @@ _BUNDLE_ENDPOINT_HOST = "0.0.0.0"  # noqa: S104 -- where the runtime binds the b
 
 
 @dataclass(frozen=True)
+class ApiTls:
+    """``--api-tls-cert`` and ``--api-tls-key``: the API serves HTTPS with this certificate (e.g. from cert-manager)."""
+
+    cert: Path
+    key: Path
+
+    def check(self) -> None:
+        """Load the pair once now, so that a bad file is one line before anything binds, not a server traceback."""
+        for path in (self.cert, self.key):
+            if not path.is_file():
+                raise MeshfedError(f"--api-tls-cert/--api-tls-key: {path}: no such file")
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert, self.key)
+        except (ssl.SSLError, OSError) as err:
+            raise MeshfedError(
+                f"--api-tls-cert {self.cert} / --api-tls-key {self.key}: cannot load them ({err}); "
+                "give a PEM certificate chain and its unencrypted PEM private key"
+            ) from None
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        return {"ssl_certfile": str(self.cert), "ssl_keyfile": str(self.key)}
+
+
+@dataclass(frozen=True)
 class Listeners:
     """What ``meshfed up`` binds, as parsed from the flags, so that a failure names its flag."""
 
@@ -51,6 +81,9 @@ class Listeners:
     peering: HostPort
     establish: HostPort
     bundle_endpoint_port: int | None
+    # --metrics-address: /healthz, /readyz and /metrics alone, in plain HTTP, for probes and Prometheus.
+    metrics: HostPort | None = None
+    api_tls: ApiTls | None = None
 
     def fixed(self) -> list[tuple[str, HostPort]]:
         """(flag, address) of every listener with a fixed port; port 0 always binds."""
@@ -62,6 +95,8 @@ class Listeners:
         ]
         if self.bundle_endpoint_port is not None:
             listeners.append(("--bundle-endpoint-port", HostPort(_BUNDLE_ENDPOINT_HOST, self.bundle_endpoint_port)))
+        if self.metrics is not None:
+            listeners.append(("--metrics-address", self.metrics))
         return [(flag, address) for flag, address in listeners if address.port != 0]
 
 
@@ -72,6 +107,8 @@ def serve_zone(zone: Zone, settings: ZoneSettings, listeners: Listeners, *, log_
     """
     with hold_zone_lock(zone.directory, zone.name):
         check_settings(zone, settings)
+        if listeners.api_tls is not None:
+            listeners.api_tls.check()
         # Before anything starts: grpc would log its own line for a taken port, and the
         # gateway would briefly serve before a later listener failed.
         for flag, address in listeners.fixed():
@@ -79,15 +116,21 @@ def serve_zone(zone: Zone, settings: ZoneSettings, listeners: Listeners, *, log_
         configure_logging(log_level, json=json_logs)
         raise_open_file_limit()
         # Held from here: a taken API port must not let the zone come up and peer first.
-        with _bind(listeners.api, "--api-address") as api_socket:
-            asyncio.run(_serve(zone, settings, listeners, api_socket, log_level))
+        with _bind(listeners.api, "--api-address") as api_socket, _bind_metrics(listeners) as metrics_socket:
+            asyncio.run(_serve(zone, settings, listeners, api_socket, log_level, metrics_socket))
 
 
 async def _serve(
-    zone: Zone, settings: ZoneSettings, listeners: Listeners, api_socket: socket.socket, log_level: str
+    zone: Zone,
+    settings: ZoneSettings,
+    listeners: Listeners,
+    api_socket: socket.socket,
+    log_level: str,
+    metrics_socket: socket.socket | None = None,
 ) -> None:
     runtime = assemble_zone(zone, settings)
-    config = uvicorn.Config(runtime.app(), log_level=log_level, access_log=False, log_config=None)
+    tls = listeners.api_tls.uvicorn_options() if listeners.api_tls is not None else {}
+    config = uvicorn.Config(runtime.app(), log_level=log_level, access_log=False, log_config=None, **tls)
     server = uvicorn.Server(config)
     # A SIGTERM while the zone starts stops it as soon as it has. Once serving, uvicorn takes the
     # signal, drains, then re-raises it to this handler: a drained shutdown exits 0, as orchestrators expect.
@@ -99,13 +142,55 @@ async def _serve(
             api_socket.listen(config.backlog)
         except OSError as err:
             raise MeshfedError(_cannot_listen("--api-address", listeners.api, err)) from None
-        host, port = api_socket.getsockname()[:2]
-        log.info("zone %s: API on http://%s", zone.name, HostPort(host, port))
-        await server.serve(sockets=[api_socket])
+        async with _serve_health(runtime, listeners, metrics_socket, log_level):
+            host, port = api_socket.getsockname()[:2]
+            scheme = "https" if listeners.api_tls is not None else "http"
+            log.info("zone %s: API on %s://%s", zone.name, scheme, HostPort(host, port))
+            await server.serve(sockets=[api_socket])
         if not server.started and not server.should_exit:
             raise MeshfedError(f"the API could not serve on {listeners.api}; see the log above (--api-address)")
     finally:
         await runtime.controller.stop()
+
+
+class _HealthServer(uvicorn.Server):
+    """The health and metrics listener: it leaves signals to the API's server, which stops it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _serve_health(
+    runtime: ZoneRuntime, listeners: Listeners, metrics_socket: socket.socket | None, log_level: str
+) -> AsyncIterator[None]:
+    """Serve ``/healthz``, ``/readyz`` and ``/metrics`` on ``metrics_socket`` for as long as the API serves."""
+    if metrics_socket is None or listeners.metrics is None:
+        yield
+        return
+    config = uvicorn.Config(
+        create_health_app(runtime.controller), log_level=log_level, access_log=False, log_config=None, lifespan="off"
+    )
+    try:
+        metrics_socket.listen(config.backlog)
+    except OSError as err:
+        raise MeshfedError(_cannot_listen("--metrics-address", listeners.metrics, err)) from None
+    health = _HealthServer(config)
+    task = asyncio.create_task(health.serve(sockets=[metrics_socket]), name="health-listener")
+    host, port = metrics_socket.getsockname()[:2]
+    log.info("zone %s: health and metrics on http://%s", runtime.zone.name, HostPort(host, port))
+    try:
+        yield
+    finally:
+        health.should_exit = True
+        await task
+
+
+def _bind_metrics(listeners: Listeners) -> contextlib.AbstractContextManager[socket.socket | None]:
+    if listeners.metrics is None:
+        return contextlib.nullcontext()
+    return _bind(listeners.metrics, "--metrics-address")
 
 
 async def start_runtime(runtime: ZoneRuntime, listeners: Listeners) -> None:

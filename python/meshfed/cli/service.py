@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from meshfed import audit
 from meshfed.catalog import CatalogSnapshot, open_catalog
 from meshfed.catalog.embedded import EmbeddedCatalog
 from meshfed.catalog.model import Endpoint, Locality, Service
@@ -61,6 +62,14 @@ def register(
         raise CatalogError(str(first["msg"]).removeprefix("Value error, ")) from None
     with EmbeddedCatalog(zone.directory) as catalog:
         version = catalog.register(service)
+    audit.record(
+        zone.directory,
+        actor=audit.cli_actor(),
+        action="service.register",
+        target=f"{service.name}.{service.namespace}",
+        endpoints=len(service.endpoints),
+        version=version,
+    )
     typer.echo(
         f"registered {service.name}.{service.namespace}: {len(service.endpoints)} endpoint(s), version {version}"
     )
@@ -77,6 +86,13 @@ def deregister(
     _require_embedded(zone, "deregister")
     with EmbeddedCatalog(zone.directory) as catalog:
         version = catalog.deregister(namespace, name)
+    audit.record(
+        zone.directory,
+        actor=audit.cli_actor(),
+        action="service.deregister",
+        target=f"{name}.{namespace}",
+        version=version,
+    )
     typer.echo(f"deregistered {name}.{namespace}, version {version}")
 
 

@@ -1,16 +1,20 @@
-"""``meshfed zone``: create and inspect zone directories."""
+"""``meshfed zone``: create and inspect zone directories, and print their API tokens."""
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
+import orjson
 import typer
 from pydantic import ValidationError
 
+from meshfed import audit
 from meshfed.catalog.settings import CatalogMode, ConsulSettings, KubernetesSettings
+from meshfed.cli.common import ZoneDir
 from meshfed.errors import ZoneError
-from meshfed.zone import Zone
+from meshfed.zone import READ_TOKEN_FILE, TOKEN_FILE, Zone
 
 zone_app = typer.Typer(help="Create and inspect zones.", no_args_is_help=True)
 
@@ -40,7 +44,7 @@ def init(
         str | None, typer.Option(help="Namespace for imported-service mirrors (default: the import's namespace).")
     ] = None,
 ) -> None:
-    """Create a zone: root and intermediate CA, config, state database and admin token."""
+    """Create a zone: root and intermediate CA, config, state database, admin and read tokens."""
     if catalog not in ("embedded", "consul", "kubernetes"):
         raise ZoneError(f"--catalog {catalog!r}: choose embedded, consul or kubernetes")
     mode: CatalogMode = catalog  # type: ignore[assignment]  # checked just above
@@ -88,4 +92,38 @@ def init(
         field = ".".join(str(part) for part in first["loc"])
         raise ZoneError(f"{mode}.{field}: {str(first['msg']).removeprefix('Value error, ')}") from None
     zone = Zone.init(directory, name, trust_domain, catalog=mode, consul=consul, kubernetes=kubernetes)
+    audit.record(
+        zone.directory,
+        actor=audit.cli_actor(),
+        action="zone.init",
+        target=f"zone {zone.name}",
+        trust_domain=str(zone.trust_domain),
+        catalog=mode,
+    )
     typer.echo(f"zone {zone.name} (trust domain {zone.trust_domain}, {mode} catalog) created in {zone.directory}")
+
+
+class Output(StrEnum):
+    text = "text"
+    json = "json"
+
+
+@zone_app.command("token")
+def token(
+    directory: ZoneDir,
+    read: Annotated[bool, typer.Option("--read", help="The read-only token: every API read, no change.")] = False,
+    admin: Annotated[bool, typer.Option("--admin", help="The admin token: every API call.")] = False,
+    output: Annotated[Output, typer.Option("--output", "-o", help="text (the token alone) or json.")] = Output.text,
+) -> None:
+    """Print one of the zone's API tokens, for 'Authorization: Bearer <token>'."""
+    if read == admin:
+        raise typer.BadParameter("choose one of --read or --admin", param_hint="--read/--admin")
+    zone = Zone.open(directory)
+    kind, secret, file = (
+        ("read", zone.read_token(), READ_TOKEN_FILE) if read else ("admin", zone.admin_token(), TOKEN_FILE)
+    )
+    if output is Output.json:
+        document = {"zone": zone.name, "kind": kind, "token": secret, "file": str(zone.directory / file)}
+        typer.echo(orjson.dumps(document).decode())
+    else:
+        typer.echo(secret)
