@@ -9,6 +9,7 @@ import pytest
 
 from meshfed.errors import GatewayConfigError, GatewayError
 from meshfed.gateway import (
+    AuthzRule,
     Cluster,
     Endpoint,
     Gateway,
@@ -39,7 +40,13 @@ def _ingress(zone: Zone, sni: str, backend: EchoServer, allow: list[str]) -> Gat
         identity=gateway_identity(zone),
         trust_bundles=bundle_roots_pem([s.bundle for s in zone.trusted_bundles()]),
         listeners=[
-            TerminateListener(name="ingress", address="127.0.0.1:0", routes=[Route(sni=sni, cluster=ECHO, allow=allow)])
+            TerminateListener(
+                name="ingress",
+                address="127.0.0.1:0",
+                routes=[
+                    Route(sni=sni, cluster=ECHO, rules=[AuthzRule(action="allow", id=pattern) for pattern in allow])
+                ],
+            )
         ],
         clusters=[Cluster(name=ECHO, endpoints=[Endpoint(address=backend.endpoint)])],
     )

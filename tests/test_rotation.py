@@ -12,6 +12,7 @@ import pytest
 
 from meshfed.errors import RotationError
 from meshfed.gateway import (
+    AuthzRule,
     Cluster,
     Endpoint,
     Gateway,
@@ -174,7 +175,13 @@ class Mesh:
                 TerminateListener(
                     name="ingress",
                     address=address,
-                    routes=[Route(sni=self.sni, cluster="echo", allow=[f"spiffe://{self.client.trust_domain}/*"])],
+                    routes=[
+                        Route(
+                            sni=self.sni,
+                            cluster="echo",
+                            rules=[AuthzRule(action="allow", id=f"spiffe://{self.client.trust_domain}/*")],
+                        )
+                    ],
                 )
             ],
             clusters=[Cluster(name="echo", endpoints=[Endpoint(address=self.backend.endpoint)])],

@@ -69,6 +69,7 @@ class Gateway:
                 "handshake_failures": n, "handshake_failure_reasons": {"timeout": n,
                 "closed": n, "not_tls": n, "too_large": n, "malformed": n, "tls": n,
                 "no_svid": n, "upstream_tls": n}, "no_route": n, "denied": n,
+                "denied_by_trust_domain": {"<trust domain>": n},
                 "upstream_connect_failures": n, "rate_limited": n, "circuit_open": n,
                 "idle_timeouts": n, "peer_identities": {"spiffe://...": n},
                 "routes": {"<sni>": {"connections": n, "rate_limited": n,
@@ -84,6 +85,13 @@ class Gateway:
 
         Histogram buckets are powers of two in microseconds (``le_us`` are the
         exclusive upper bounds; the last bucket is open-ended).
+
+        ``denied`` counts every connection refused by authorization;
+        ``denied_by_trust_domain`` splits it by the caller's trust domain (for a
+        caller a peer gateway vouched for, the gateway's). ``peer_identities``
+        counts authorized callers (terminate listeners) or verified peer
+        gateways (originate listeners). Both tables hold at most 1000 keys per
+        listener; the rest are counted under ``"<other>"``.
         """
 
     def unhealthy_endpoints(self) -> dict[str, list[str]]:

@@ -1,6 +1,7 @@
 """The east-west gateway: config models and a handle on the Rust data plane."""
 
 from meshfed.gateway.config import (
+    AuthzRule,
     CircuitBreaker,
     Cluster,
     Endpoint,
@@ -20,6 +21,7 @@ from meshfed.gateway.runtime import Gateway
 from meshfed.gateway.sni import service_sni
 
 __all__ = [
+    "AuthzRule",
     "CircuitBreaker",
     "Cluster",
     "Endpoint",

@@ -24,10 +24,17 @@ class Identity(_Model):
 
 
 class UpstreamTls(_Model):
-    """mTLS to an endpoint with the gateway's identity; the endpoint must present ``peer_spiffe_id``."""
+    """mTLS to an endpoint with the gateway's identity; the endpoint must present ``peer_spiffe_id``.
+
+    ``convey_caller``: offer the ALPN protocol ``meshfed-caller/1``; if the peer gateway negotiates
+    it, the first bytes inside the tunnel are a PROXY v2 header naming the calling workload (TLV 0xE0,
+    its verified SPIFFE ID; absent for a plain workload, which makes this gateway the caller). A peer
+    that does not negotiate it (an older ingress) gets no header and sees this gateway as the caller.
+    """
 
     sni: str
     peer_spiffe_id: str
+    convey_caller: bool = False
 
 
 class Endpoint(_Model):
@@ -106,18 +113,30 @@ class RateLimit(_Model):
     burst: int = Field(ge=1)
 
 
+class AuthzRule(_Model):
+    """One authorization rule of a terminate route: ``action`` for the callers ``id`` matches.
+
+    ``id`` is a SPIFFE ID pattern: ``*``, an exact SPIFFE ID, or ``spiffe://<td>/<prefix>/*``
+    (every ID strictly below the prefix, whole segments only).
+    """
+
+    action: Literal["allow", "deny"]
+    id: str
+
+
 class Route(_Model):
     """Route a server name to a cluster, or split it by weight over ``weighted_clusters``.
 
-    Terminate only: ``allow`` (SPIFFE ID patterns), ``proxy_protocol`` (send a PROXY v2 header
-    with the caller's SPIFFE ID in TLV 0xE0 and the SNI in TLV 0x02) and ``source_rate_limit``
-    (one bucket per caller SPIFFE ID).
+    Terminate only: ``rules`` (ordered: the first rule whose ``id`` matches the caller decides; no
+    match, or no rules, denies), ``proxy_protocol`` (send a PROXY v2 header with the caller's SPIFFE
+    ID in TLV 0xE0 and the SNI in TLV 0x02) and ``source_rate_limit`` (one bucket per caller SPIFFE
+    ID). The caller is the client's SVID, or the workload a trusted gateway vouches for.
     """
 
     sni: str
     cluster: str | None = None
     weighted_clusters: list[WeightedCluster] | None = None
-    allow: list[str] | None = None
+    rules: list[AuthzRule] | None = None
     proxy_protocol: bool = False
     rate_limit: RateLimit | None = None
     source_rate_limit: RateLimit | None = None
@@ -133,22 +152,36 @@ class PassthroughListener(_Model):
 
 
 class TerminateListener(_Model):
-    """Finish mTLS, verify the caller against its own trust domain's bundle, authorize, forward."""
+    """Finish mTLS, verify the caller against its own trust domain's bundle, authorize, forward.
+
+    ``trusted_gateways``: SPIFFE IDs of the peer gateways that may vouch for a caller over the
+    ``meshfed-caller/1`` hop protocol, and only for callers of their own trust domain. A client
+    offering that protocol and not listed here is refused with the TLS alert ``access_denied``.
+    """
 
     mode: Literal["terminate"] = "terminate"
     name: str
     address: str
     routes: list[Route]
+    trusted_gateways: list[str] = Field(default_factory=list)
 
 
 class OriginateListener(_Model):
-    """Accept plain TCP from local clients and connect to ``cluster``: mTLS to its peer gateways
-    (each pinned to its exact SPIFFE ID), plain to its local endpoints."""
+    """Accept local clients and connect to ``cluster``: mTLS to its peer gateways (each pinned to its
+    exact SPIFFE ID), plain to its local endpoints.
+
+    ``workload_tls``: ``plain`` accepts plain TCP (the gateway is the caller); ``strict`` requires
+    mTLS with an X.509-SVID of the gateway's own trust domain, which becomes the caller (plain
+    clients and clients without an SVID are refused); ``permissive`` treats a TLS ClientHello as
+    ``strict`` and anything else as ``plain``. ``strict`` and ``permissive`` need the gateway's
+    ``identity`` and its own trust domain's bundle in ``trust_bundles``.
+    """
 
     mode: Literal["originate"] = "originate"
     name: str
     address: str
     cluster: str
+    workload_tls: Literal["plain", "permissive", "strict"] = "plain"
 
 
 Listener = Annotated[PassthroughListener | TerminateListener | OriginateListener, Field(discriminator="mode")]

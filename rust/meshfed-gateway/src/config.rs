@@ -18,6 +18,7 @@ use rustls::pki_types::ServerName;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
+use crate::authz::{Rule, Rules, TrustedGateways};
 use crate::spiffe::{SpiffeId, SpiffePattern, TrustDomain};
 use crate::tls::{self, Identity, SpiffeClientVerifier};
 
@@ -85,11 +86,39 @@ pub(crate) enum ListenerMode {
     /// Finish mTLS, authorize the caller, forward plain bytes.
     Terminate {
         routes: SniRouter<TerminateRoute>,
-        tls: Arc<ServerConfig>,
+        tls: TerminateTls,
     },
-    /// Accept plain TCP and connect to the cluster: mTLS to the endpoints
-    /// that are peer gateways, plain to the rest (a failover group).
-    Originate { cluster: String },
+    /// Accept a local workload (plain TCP, or mTLS per `workload_tls`) and
+    /// connect to the cluster: mTLS to the endpoints that are peer gateways,
+    /// plain to the rest (a failover group).
+    Originate {
+        cluster: String,
+        workload_tls: WorkloadTls,
+    },
+}
+
+/// The TLS side of a terminate listener.
+#[derive(Debug)]
+pub(crate) struct TerminateTls {
+    /// For clients not asking for the hop protocol: no ALPN, so clients
+    /// offering `h2` or anything else are unaffected.
+    pub(crate) plain: Arc<ServerConfig>,
+    /// For clients offering `meshfed-caller/1`: exactly that protocol. A
+    /// clone of `plain` (same verifier, certificate and session cache).
+    pub(crate) hop: Arc<ServerConfig>,
+    /// Who may vouch for a caller over the hop protocol.
+    pub(crate) trusted_gateways: Arc<TrustedGateways>,
+}
+
+/// How an originate listener accepts local workloads.
+#[derive(Debug)]
+pub(crate) enum WorkloadTls {
+    /// Plain TCP; the gateway is the caller.
+    Plain,
+    /// A TLS record (first byte 0x16) as in `Strict`, anything else as `Plain`.
+    Permissive(Arc<ServerConfig>),
+    /// mTLS with an SVID of the gateway's own trust domain, or refused.
+    Strict(Arc<ServerConfig>),
 }
 
 /// Where a route sends its connections.
@@ -144,16 +173,10 @@ pub(crate) struct RouteSpec {
 #[derive(Debug)]
 pub(crate) struct TerminateRoute {
     pub(crate) route: RouteSpec,
-    pub(crate) allow: Vec<SpiffePattern>,
+    /// Shared with the handshakes that check them (one `Arc` clone each).
+    pub(crate) rules: Arc<Rules>,
     pub(crate) proxy_protocol: bool,
     pub(crate) source_rate_limit: Option<RateLimitSpec>,
-}
-
-impl TerminateRoute {
-    /// Default deny: only identities matched by an `allow` pattern pass.
-    pub(crate) fn allows(&self, id: &SpiffeId) -> bool {
-        self.allow.iter().any(|pattern| pattern.matches(id))
-    }
 }
 
 pub(crate) use raw::Lb;
@@ -199,7 +222,10 @@ pub(crate) struct HealthCheckSpec {
 pub(crate) struct UpstreamTlsSpec {
     pub(crate) server_name: ServerName<'static>,
     pub(crate) peer: SpiffeId,
+    /// Offers the hop protocol when `convey_caller` is set.
     pub(crate) config: Arc<ClientConfig>,
+    /// Tell the peer the caller if it negotiates the hop protocol.
+    pub(crate) convey_caller: bool,
 }
 
 /// An upstream cluster.
@@ -300,6 +326,7 @@ fn compile(doc: raw::Document) -> Result<CompiledConfig, ConfigError> {
         clusters: &clusters,
         provider: &provider,
         server_tls: None,
+        workload_tls: None,
     };
     let mut listeners = Vec::with_capacity(doc.listeners.len());
     let mut names = HashSet::new();
@@ -352,8 +379,11 @@ struct ListenerContext<'a> {
     bundles: &'a BTreeMap<TrustDomain, Arc<RootCertStore>>,
     clusters: &'a HashMap<String, Arc<ClusterSpec>>,
     provider: &'a Arc<rustls::crypto::CryptoProvider>,
-    /// Built on the first terminate listener, shared by all of them.
-    server_tls: Option<Arc<ServerConfig>>,
+    /// Built on the first terminate listener, shared by all of them:
+    /// `(plain, hop)`.
+    server_tls: Option<(Arc<ServerConfig>, Arc<ServerConfig>)>,
+    /// Built on the first originate listener with `workload_tls`, shared.
+    workload_tls: Option<Arc<ServerConfig>>,
 }
 
 impl ListenerContext<'_> {
@@ -364,6 +394,24 @@ impl ListenerContext<'_> {
     ) -> Result<ListenerMode, ConfigError> {
         let at = |field: &str| format!("listeners[{i}].{field}");
         let mode = listener.mode;
+        if mode != raw::Mode::Terminate && listener.trusted_gateways.is_some() {
+            return Err(ConfigError::new(
+                at("trusted_gateways"),
+                format!(
+                    "only for terminate listeners (the peer gateways that may vouch for a caller); {} listeners never authorize callers",
+                    mode.as_str()
+                ),
+            ));
+        }
+        if mode != raw::Mode::Originate && listener.workload_tls.is_some() {
+            return Err(ConfigError::new(
+                at("workload_tls"),
+                format!(
+                    "only for originate listeners (how local workloads connect); not for {} listeners",
+                    mode.as_str()
+                ),
+            ));
+        }
         if mode == raw::Mode::Originate {
             if listener.routes.is_some() {
                 return Err(ConfigError::new(
@@ -384,7 +432,7 @@ impl ListenerContext<'_> {
             raw::Mode::Passthrough => {
                 let routes = self.routes(i, listener, |j, route| {
                     let terminate_only = [
-                        ("allow", route.allow.is_some()),
+                        ("rules", route.rules.is_some()),
                         ("proxy_protocol", route.proxy_protocol),
                         ("source_rate_limit", route.source_rate_limit.is_some()),
                     ];
@@ -416,44 +464,69 @@ impl ListenerContext<'_> {
                         .as_ref()
                         .map(|r| rate_limit(&at(&format!("routes[{j}].source_rate_limit")), r))
                         .transpose()?;
-                    let allow = route
-                        .allow
-                        .iter()
-                        .flatten()
-                        .enumerate()
-                        .map(|(k, pattern)| {
-                            SpiffePattern::parse(pattern).map_err(|e| {
-                                ConfigError::new(
-                                    at(&format!("routes[{j}].allow[{k}]")),
-                                    e.to_string(),
-                                )
-                            })
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
+                    let rules = compile_rules(
+                        &at(&format!("routes[{j}].rules")),
+                        route.rules.as_deref().unwrap_or_default(),
+                    )?;
                     Ok(TerminateRoute {
                         route: spec,
-                        allow,
+                        rules: Arc::new(rules),
                         proxy_protocol: route.proxy_protocol,
                         source_rate_limit,
                     })
                 })?;
-                let tls = match &self.server_tls {
+                let trusted_gateways = listener
+                    .trusted_gateways
+                    .iter()
+                    .flatten()
+                    .enumerate()
+                    .map(|(k, id)| {
+                        SpiffeId::parse(id).map_err(|e| {
+                            ConfigError::new(at(&format!("trusted_gateways[{k}]")), e.to_string())
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let (plain, hop) = match &self.server_tls {
                     Some(tls) => tls.clone(),
                     None => {
-                        let tls =
+                        let plain =
                             build_server_tls(self.bundles, identity, self.provider, &at("mode"))?;
+                        let mut hop = ServerConfig::clone(&plain);
+                        hop.alpn_protocols = vec![tls::HOP_ALPN.to_vec()];
+                        let tls = (plain, Arc::new(hop));
                         self.server_tls = Some(tls.clone());
                         tls
                     }
                 };
-                Ok(ListenerMode::Terminate { routes, tls })
+                Ok(ListenerMode::Terminate {
+                    routes,
+                    tls: TerminateTls {
+                        plain,
+                        hop,
+                        trusted_gateways: Arc::new(TrustedGateways::new(trusted_gateways)),
+                    },
+                })
             }
             raw::Mode::Originate => {
                 let cluster = listener.cluster.as_ref().ok_or_else(|| {
                     ConfigError::new(at("cluster"), "required for originate listeners")
                 })?;
                 let cluster = self.cluster(at("cluster"), cluster)?;
-                Ok(ListenerMode::Originate { cluster })
+                let mode = listener.workload_tls.unwrap_or(raw::WorkloadTls::Plain);
+                let path = at("workload_tls");
+                let workload_tls = match mode {
+                    raw::WorkloadTls::Plain => WorkloadTls::Plain,
+                    raw::WorkloadTls::Permissive => {
+                        WorkloadTls::Permissive(self.workload_server_tls(&path, mode)?)
+                    }
+                    raw::WorkloadTls::Strict => {
+                        WorkloadTls::Strict(self.workload_server_tls(&path, mode)?)
+                    }
+                };
+                Ok(ListenerMode::Originate {
+                    cluster,
+                    workload_tls,
+                })
             }
         }
     }
@@ -563,6 +636,47 @@ impl ListenerContext<'_> {
         }
     }
 
+    /// The server config workloads connect to: the gateway's identity, and
+    /// client SVIDs verified against the gateway's own trust domain only (a
+    /// local workload is never of another zone).
+    fn workload_server_tls(
+        &mut self,
+        path: &str,
+        mode: raw::WorkloadTls,
+    ) -> Result<Arc<ServerConfig>, ConfigError> {
+        let identity = self.identity.ok_or_else(|| {
+            ConfigError::new(
+                path,
+                format!(
+                    "workload_tls {:?} presents the gateway's identity to workloads, but \"identity\" is missing",
+                    mode.as_str()
+                ),
+            )
+        })?;
+        if let Some(config) = &self.workload_tls {
+            return Ok(config.clone());
+        }
+        let own = identity.spiffe_id.trust_domain();
+        let Some(roots) = self.bundles.get(own) else {
+            return Err(ConfigError::new(
+                path,
+                format!(
+                    "workload_tls {:?} verifies workloads against the gateway's own trust domain {:?}, but trust_bundles has no bundle for it — add it",
+                    mode.as_str(),
+                    own.as_str()
+                ),
+            ));
+        };
+        let own_only = BTreeMap::from([(own.clone(), roots.clone())]);
+        let verifier = SpiffeClientVerifier::new(&own_only, self.provider.clone()).map_err(
+            |(domain, e)| ConfigError::new(format!("trust_bundles[{:?}]", domain.as_str()), e),
+        )?;
+        let config = tls::server_config(self.provider.clone(), identity, Arc::new(verifier))
+            .map_err(|e| ConfigError::new(path, format!("cannot build TLS server: {e}")))?;
+        self.workload_tls = Some(config.clone());
+        Ok(config)
+    }
+
     fn require_identity(&self, path: &str, mode: raw::Mode) -> Result<&Identity, ConfigError> {
         self.identity.ok_or_else(|| {
             ConfigError::new(
@@ -601,6 +715,23 @@ fn compile_identity(identity: &raw::Identity) -> Result<Identity, ConfigError> {
     })
 }
 
+/// Compiles a route's `rules`; `at` is their path.
+fn compile_rules(at: &str, rules: &[raw::AuthzRule]) -> Result<Rules, ConfigError> {
+    rules
+        .iter()
+        .enumerate()
+        .map(|(k, rule)| {
+            let pattern = SpiffePattern::parse(&rule.id)
+                .map_err(|e| ConfigError::new(format!("{at}[{k}].id"), e.to_string()))?;
+            Ok(Rule {
+                action: rule.action,
+                pattern,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Rules::new)
+}
+
 fn rate_limit(at: &str, raw: &raw::RateLimit) -> Result<RateLimitSpec, ConfigError> {
     if !(raw.connections_per_second.is_finite() && raw.connections_per_second > 0.0) {
         return Err(ConfigError::new(
@@ -632,6 +763,7 @@ fn compile_clusters(
         bundles,
         provider,
         by_peer: HashMap::new(),
+        hop_by_peer: HashMap::new(),
     };
     for (i, cluster) in clusters.iter().enumerate() {
         let at = |field: &str| format!("clusters[{i}].{field}");
@@ -783,12 +915,14 @@ fn compile_clusters(
 /// Compiles `tls` settings of clusters and endpoints, building one rustls
 /// client config per peer SPIFFE ID: its verifier pins that ID, and sharing
 /// it shares the TLS session cache, so every import from one peer gateway
-/// resumes sessions with it.
+/// resumes sessions with it. With `convey_caller` the config is a clone
+/// offering the hop protocol by ALPN (still sharing the session cache).
 struct UpstreamTlsCompiler<'a> {
     identity: Option<&'a Identity>,
     bundles: &'a BTreeMap<TrustDomain, Arc<RootCertStore>>,
     provider: &'a Arc<rustls::crypto::CryptoProvider>,
     by_peer: HashMap<SpiffeId, Arc<ClientConfig>>,
+    hop_by_peer: HashMap<SpiffeId, Arc<ClientConfig>>,
 }
 
 impl UpstreamTlsCompiler<'_> {
@@ -834,10 +968,23 @@ impl UpstreamTlsCompiler<'_> {
                 config
             }
         };
+        let config = if raw.convey_caller {
+            self.hop_by_peer
+                .entry(peer.clone())
+                .or_insert_with(|| {
+                    let mut hop = ClientConfig::clone(&config);
+                    hop.alpn_protocols = vec![tls::HOP_ALPN.to_vec()];
+                    Arc::new(hop)
+                })
+                .clone()
+        } else {
+            config
+        };
         Ok(Arc::new(UpstreamTlsSpec {
             server_name,
             peer,
             config,
+            convey_caller: raw.convey_caller,
         }))
     }
 }
@@ -848,10 +995,11 @@ fn build_server_tls(
     provider: &Arc<rustls::crypto::CryptoProvider>,
     path: &str,
 ) -> Result<Arc<ServerConfig>, ConfigError> {
-    let verifier =
-        SpiffeClientVerifier::new(bundles, provider.clone()).map_err(|(domain, e)| {
+    let verifier = SpiffeClientVerifier::new(bundles, provider.clone())
+        .map_err(|(domain, e)| {
             ConfigError::new(format!("trust_bundles[{:?}]", domain.as_str()), e)
-        })?;
+        })?
+        .authorizing();
     tls::server_config(provider.clone(), identity, Arc::new(verifier))
         .map_err(|e| ConfigError::new(path, format!("cannot build TLS server: {e}")))
 }

@@ -5,6 +5,7 @@ mod balancer;
 mod connection;
 mod counting;
 mod health;
+mod hop;
 mod limits;
 mod stats;
 mod upstream;

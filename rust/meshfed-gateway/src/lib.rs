@@ -6,13 +6,18 @@
 //!
 //! - `passthrough`: route on the ClientHello's SNI, forward TLS untouched;
 //! - `terminate`: finish mTLS, verify the caller's X.509-SVID against the
-//!   bundle of its own trust domain, authorize, forward plain TCP;
-//! - `originate`: accept plain TCP, open mTLS to a peer gateway pinned to a
-//!   SPIFFE ID.
+//!   bundle of its own trust domain, authorize it by the route's ordered
+//!   rules (in the handshake where possible: `access_denied`), forward plain
+//!   TCP; a trusted peer gateway may vouch for the calling workload over the
+//!   hop protocol (ALPN `meshfed-caller/1`, then a PROXY v2 header);
+//! - `originate`: accept plain TCP (or the workload's own mTLS, with
+//!   `workload_tls`), open mTLS to a peer gateway pinned to a SPIFFE ID and,
+//!   with `convey_caller`, tell it which workload is calling.
 //!
 //! This crate has no Python dependency; the binding lives in `meshfed-py`.
 #![forbid(unsafe_code)]
 
+mod authz;
 pub mod client_hello;
 pub mod config;
 mod gateway;

@@ -179,6 +179,17 @@ impl SpiffePattern {
     }
 }
 
+impl fmt::Display for SpiffePattern {
+    /// The pattern as written in a config: `*`, an ID, or an ID followed by `/*`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Any => f.write_str("*"),
+            Self::Exact(id) => f.write_str(id.as_str()),
+            Self::Prefix(prefix) => write!(f, "{prefix}/*"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,6 +293,13 @@ mod tests {
         assert!(ns.matches(&web));
         assert!(!nsx.matches(&web), "prefix must match whole segments");
         assert!(exact.matches(&web) && !exact.matches(&other));
+        for text in [
+            "*",
+            "spiffe://west.mesh/ns/default/*",
+            "spiffe://west.mesh/x",
+        ] {
+            assert_eq!(SpiffePattern::parse(text)?.to_string(), text);
+        }
         assert!(SpiffePattern::parse("spiffe://west.mesh/ns/*/sa/x").is_err());
         assert!(SpiffePattern::parse("west.mesh/*").is_err());
         Ok(())

@@ -12,7 +12,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::spiffe::{SpiffeError, SpiffeId};
 
-pub(crate) use verifier::{SpiffeClientVerifier, SpiffePeerVerifier};
+pub(crate) use verifier::{SpiffeClientVerifier, SpiffePeerVerifier, is_missing_svid};
 
 /// Why a certificate does not carry a usable SPIFFE ID.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,6 +30,11 @@ pub enum SvidError {
     #[error("certificate URI SAN is not a SPIFFE ID: {0}")]
     NotSpiffe(#[from] SpiffeError),
 }
+
+/// The ALPN protocol of the caller hop: an egress gateway offers it on mTLS
+/// to a peer ingress with `convey_caller`; when negotiated, the first bytes
+/// inside the tunnel are a PROXY v2 header naming the calling workload.
+pub(crate) const HOP_ALPN: &[u8] = b"meshfed-caller/1";
 
 /// The gateway's own X.509-SVID: certificate chain, private key and the
 /// SPIFFE ID of the leaf.
@@ -95,8 +100,9 @@ pub(crate) fn root_store(pem: &str) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-/// The server side of a terminate listener: our SVID, client certificates
-/// required and checked per trust domain by `verifier`.
+/// A server config presenting our SVID, client certificates required and
+/// checked per trust domain by `verifier` (terminate listeners; originate
+/// listeners with `workload_tls`), with no ALPN protocol.
 pub(crate) fn server_config(
     provider: Arc<CryptoProvider>,
     identity: &Identity,

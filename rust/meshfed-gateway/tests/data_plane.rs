@@ -556,7 +556,7 @@ async fn terminate_sends_proxy_v2_with_caller_identity_and_reencrypts() -> TestR
         "identity": {"cert_chain_pem": east_svid.cert_pem, "private_key_pem": east_svid.key_pem},
         "trust_bundles": {"east.mesh": east.bundle_pem(), "west.mesh": west.bundle_pem()},
         "listeners": [{"name": "ingress", "address": "127.0.0.1:0", "mode": "terminate",
-            "routes": [{"sni": SNI, "cluster": "web", "allow": ["spiffe://west.mesh/*"],
+            "routes": [{"sni": SNI, "cluster": "web", "rules": [{"action": "allow", "id": "spiffe://west.mesh/*"}],
                         "proxy_protocol": true}]}],
         "clusters": [{"name": "web", "endpoints": endpoints(&[backend]),
                       "tls": {"sni": "web.default.svc", "peer_spiffe_id": WEB}}]
@@ -605,7 +605,7 @@ async fn reencrypt_refuses_an_endpoint_with_the_wrong_identity() -> TestResult {
         "identity": {"cert_chain_pem": east_svid.cert_pem, "private_key_pem": east_svid.key_pem},
         "trust_bundles": {"east.mesh": east.bundle_pem(), "west.mesh": west.bundle_pem()},
         "listeners": [{"name": "ingress", "address": "127.0.0.1:0", "mode": "terminate",
-            "routes": [{"sni": SNI, "cluster": "web", "allow": ["spiffe://west.mesh/*"],
+            "routes": [{"sni": SNI, "cluster": "web", "rules": [{"action": "allow", "id": "spiffe://west.mesh/*"}],
                         "proxy_protocol": true}]}],
         "clusters": [{"name": "web", "endpoints": endpoints(&[backend]),
                       "tls": {"sni": "web.default.svc",

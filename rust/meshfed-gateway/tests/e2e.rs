@@ -97,7 +97,7 @@ fn east_config(pki: &Pki, backend: SocketAddr) -> Value {
         "handshake_timeout_ms": 3000,
         "listeners": [
             {"name": "ingress-mtls", "address": "127.0.0.1:0", "mode": "terminate",
-             "routes": [{"sni": SNI, "cluster": "web", "allow": ["spiffe://west.mesh/*"]}]},
+             "routes": [{"sni": SNI, "cluster": "web", "rules": [{"action": "allow", "id": "spiffe://west.mesh/*"}]}]},
             {"name": "ingress", "address": "127.0.0.1:0", "mode": "passthrough",
              "routes": [{"sni": SNI, "cluster": "web"}]}
         ],
@@ -292,11 +292,9 @@ async fn trusted_but_unauthorized_caller_is_denied() -> TestResult {
     .await?;
     let inn = stats(&east, "ingress-mtls");
     assert_eq!(inn.bytes_client_to_upstream, 0);
-    assert_eq!(
-        inn.peer_identities
-            .get("spiffe://east.mesh/ns/default/sa/curious"),
-        Some(&1)
-    );
+    // Only authorized callers enter the caller table; denials count by trust domain.
+    assert!(inn.peer_identities.is_empty(), "{inn:?}");
+    assert_eq!(inn.denied_by_trust_domain.get("east.mesh"), Some(&1));
     Ok(())
 }
 
@@ -582,9 +580,9 @@ async fn apply_keeps_live_connections_and_unchanged_listeners() -> TestResult {
     assert_eq!(round_trip(&mut live, b"before").await?, b"before");
 
     // New generation: the passthrough listener goes away, a new one
-    // appears, and the route now denies everyone (empty allow list).
+    // appears, and the route now denies everyone (no rules).
     let mut next = east_config(&pki, backend);
-    next["listeners"][0]["routes"][0]["allow"] = json!([]);
+    next["listeners"][0]["routes"][0]["rules"] = json!([]);
     next["listeners"][1] =
         json!({"name": "ingress-2", "address": "127.0.0.1:0", "mode": "passthrough", "routes": []});
     east.apply(next.to_string().as_bytes())?;

@@ -45,6 +45,37 @@ pub(crate) struct Listener {
     pub(crate) routes: Option<Vec<Route>>,
     /// originate: the cluster to dial; its endpoints say how (plain or mTLS).
     pub(crate) cluster: Option<String>,
+    /// terminate: SPIFFE IDs of the peer gateways that may vouch for the
+    /// caller over the hop protocol (ALPN `meshfed-caller/1`), each only for
+    /// callers of its own trust domain. Default none. An ID of a trust
+    /// domain without a bundle is accepted but can never connect (so a
+    /// bundle withdrawn before its peer's exports does not fail the config).
+    pub(crate) trusted_gateways: Option<Vec<String>>,
+    /// originate: how local workloads connect. Default `plain`.
+    pub(crate) workload_tls: Option<WorkloadTls>,
+}
+
+/// How an originate listener accepts local workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum WorkloadTls {
+    /// Plain TCP; the gateway is the caller.
+    Plain,
+    /// TLS (a first byte of 0x16) as in `strict`, anything else as `plain`.
+    Permissive,
+    /// mTLS with an X.509-SVID of the gateway's own trust domain, which
+    /// becomes the caller; anything else is refused.
+    Strict,
+}
+
+impl WorkloadTls {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "plain",
+            Self::Permissive => "permissive",
+            Self::Strict => "strict",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -66,7 +97,7 @@ impl Mode {
 }
 
 /// An SNI route. Exactly one of `cluster` / `weighted_clusters`;
-/// `allow`, `proxy_protocol` and `source_rate_limit` only in terminate mode.
+/// `rules`, `proxy_protocol` and `source_rate_limit` only in terminate mode.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Route {
@@ -75,7 +106,9 @@ pub(crate) struct Route {
     pub(crate) cluster: Option<String>,
     /// Traffic split across clusters by weight (A/B, canary).
     pub(crate) weighted_clusters: Option<Vec<WeightedCluster>>,
-    pub(crate) allow: Option<Vec<String>>,
+    /// Who may use the route, in order: the first rule whose `id` pattern
+    /// matches the caller decides; no match (or no rules) denies.
+    pub(crate) rules: Option<Vec<AuthzRule>>,
     /// Send a PROXY protocol v2 header (source, destination, caller SPIFFE ID)
     /// to the endpoint before any byte of the client.
     #[serde(default)]
@@ -84,6 +117,15 @@ pub(crate) struct Route {
     pub(crate) rate_limit: Option<RateLimit>,
     /// Token bucket on new connections of the route, one per caller SPIFFE ID.
     pub(crate) source_rate_limit: Option<RateLimit>,
+}
+
+/// One authorization rule: `action` for the callers `id` matches (`*`, an
+/// exact SPIFFE ID, or `spiffe://td/prefix/*`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuthzRule {
+    pub(crate) action: crate::authz::Action,
+    pub(crate) id: String,
 }
 
 /// One cluster of a weighted split.
@@ -208,6 +250,10 @@ pub(crate) struct CircuitBreaker {
 pub(crate) struct UpstreamTls {
     pub(crate) sni: String,
     pub(crate) peer_spiffe_id: String,
+    /// Offer the hop protocol (ALPN `meshfed-caller/1`) and, when the peer
+    /// negotiates it, tell it the caller in a PROXY v2 header inside the tunnel.
+    #[serde(default)]
+    pub(crate) convey_caller: bool,
 }
 
 fn default_handshake_timeout_ms() -> u64 {

@@ -34,7 +34,8 @@ fn good() -> Value {
             {"name": "ingress", "address": "127.0.0.1:0", "mode": "passthrough",
              "routes": [{"sni": SNI, "cluster": "web"}, {"sni": "*.svc.east.mesh", "cluster": "web"}]},
             {"name": "ingress-mtls", "address": "127.0.0.1:0", "mode": "terminate",
-             "routes": [{"sni": SNI, "cluster": "web", "allow": ["spiffe://west.mesh/*"]}]},
+             "routes": [{"sni": SNI, "cluster": "web",
+                         "rules": [{"action": "allow", "id": "spiffe://west.mesh/*"}]}]},
             {"name": "egress-web", "address": "127.0.0.1:0", "mode": "originate",
              "cluster": "east-gateway"}
         ],
@@ -68,8 +69,8 @@ fn good_config_compiles() {
     let route = routes.lookup(SNI).unwrap_or_else(|| panic!("no route"));
     let west = SpiffeId::parse("spiffe://west.mesh/ns/default/sa/client").ok();
     let east = SpiffeId::parse("spiffe://east.mesh/ns/default/sa/client").ok();
-    assert!(west.is_some_and(|id| route.allows(&id)));
-    assert!(!east.is_some_and(|id| route.allows(&id)));
+    assert!(west.is_some_and(|id| route.rules.evaluate(&id).allowed()));
+    assert!(!east.is_some_and(|id| route.rules.evaluate(&id).allowed()));
 }
 
 #[test]
@@ -88,11 +89,11 @@ fn minimal_config_uses_defaults() {
 }
 
 #[test]
-fn empty_allow_list_denies_everyone() {
+fn no_rules_deny_everyone() {
     let mut doc = good();
     doc["listeners"][1]["routes"][0]
         .as_object_mut()
-        .map(|route| route.remove("allow"));
+        .map(|route| route.remove("rules"));
     let config = compile_value(&doc).unwrap_or_else(|e| panic!("{e}"));
     let Some(ListenerMode::Terminate { routes, .. }) =
         config.listener("ingress-mtls").map(|l| &l.mode)
@@ -101,7 +102,7 @@ fn empty_allow_list_denies_everyone() {
     };
     let id = SpiffeId::parse("spiffe://west.mesh/ns/default/sa/client");
     let route = routes.lookup(SNI);
-    assert!(matches!((route, id), (Some(r), Ok(id)) if !r.allows(&id)));
+    assert!(matches!((route, id), (Some(r), Ok(id)) if !r.rules.evaluate(&id).allowed()));
 }
 
 /// Applies `edit` to the good document and expects an error at `path`
@@ -128,8 +129,8 @@ fn rejections_name_the_field() {
         "unknown variant",
     );
     rejects(
-        |d| d["listeners"][0]["routes"][0]["allow"] = json!(["*"]),
-        "listeners[0].routes[0].allow",
+        |d| d["listeners"][0]["routes"][0]["rules"] = json!([{"action": "allow", "id": "*"}]),
+        "listeners[0].routes[0].rules",
         "only terminate routes",
     );
     rejects(
@@ -180,8 +181,12 @@ fn rejections_name_the_field() {
         "not a valid SNI",
     );
     rejects(
-        |d| d["listeners"][1]["routes"][0]["allow"] = json!(["*", "spiffe://West.mesh/*"]),
-        "listeners[1].routes[0].allow[1]",
+        |d| {
+            d["listeners"][1]["routes"][0]["rules"] = json!([
+                {"action": "deny", "id": "*"}, {"action": "allow", "id": "spiffe://West.mesh/*"}
+            ])
+        },
+        "listeners[1].routes[0].rules[1].id",
         "trust domain",
     );
     const PEER_TLS: &str = "clusters[1].endpoints[0].tls";
@@ -307,7 +312,7 @@ fn data_plane_fields_compile() {
         {"cluster": "web", "weight": 90}, {"cluster": "web-canary", "weight": 10}],
         "rate_limit": {"connections_per_second": 100.0, "burst": 20}});
     doc["listeners"][1]["routes"][0] = json!({"sni": SNI, "cluster": "web-tls",
-        "allow": ["spiffe://west.mesh/*"], "proxy_protocol": true,
+        "rules": [{"action": "allow", "id": "spiffe://west.mesh/*"}], "proxy_protocol": true,
         "source_rate_limit": {"connections_per_second": 5, "burst": 5}});
     let config = compile_value(&doc).unwrap_or_else(|e| panic!("{e}"));
     let web = &config.clusters["web"];
@@ -504,4 +509,153 @@ fn one_address_may_appear_once_per_pinned_peer() {
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(err.contains("duplicate endpoint"), "{err}");
+}
+
+/// The zero-trust fields: ordered rules, trusted gateways, workload TLS and
+/// convey_caller compile into what the data plane reads.
+#[test]
+fn zero_trust_fields_compile() {
+    let mut doc = good();
+    let west_gw = "spiffe://west.mesh/ns/meshfed-system/sa/gateway";
+    doc["listeners"][1]["trusted_gateways"] = json!([west_gw]);
+    doc["listeners"][1]["routes"][0]["rules"] = json!([
+        {"action": "deny", "id": "spiffe://west.mesh/ns/shop/sa/intruder"},
+        {"action": "allow", "id": "spiffe://west.mesh/ns/shop/*"},
+    ]);
+    doc["listeners"][2]["workload_tls"] = json!("strict");
+    doc["clusters"][1]["endpoints"][0]["tls"]["convey_caller"] = json!(true);
+    let config = compile_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+    let Some(ListenerMode::Terminate { routes, tls }) =
+        config.listener("ingress-mtls").map(|l| &l.mode)
+    else {
+        panic!("ingress-mtls is not a terminate listener");
+    };
+    let id = |text: &str| SpiffeId::parse(text).unwrap_or_else(|e| panic!("{e}"));
+    assert!(tls.trusted_gateways.contains(&id(west_gw)));
+    assert!(
+        !tls.trusted_gateways
+            .contains(&id("spiffe://west.mesh/ns/shop/sa/cart"))
+    );
+    assert_eq!(tls.hop.alpn_protocols, [crate::tls::HOP_ALPN.to_vec()]);
+    assert!(tls.plain.alpn_protocols.is_empty());
+    let route = routes.lookup(SNI).unwrap_or_else(|| panic!("no route"));
+    assert!(
+        !route
+            .rules
+            .evaluate(&id("spiffe://west.mesh/ns/shop/sa/intruder"))
+            .allowed()
+    );
+    assert!(
+        route
+            .rules
+            .evaluate(&id("spiffe://west.mesh/ns/shop/sa/cart"))
+            .allowed()
+    );
+    assert!(
+        !route
+            .rules
+            .evaluate(&id("spiffe://west.mesh/ns/pay/sa/x"))
+            .allowed()
+    );
+    assert!(matches!(
+        config.listener("egress-web").map(|l| &l.mode),
+        Some(ListenerMode::Originate {
+            workload_tls: WorkloadTls::Strict(_),
+            ..
+        })
+    ));
+    let tls = config.clusters["east-gateway"].endpoints[0].tls.as_deref();
+    assert!(tls.is_some_and(
+        |t| t.convey_caller && t.config.alpn_protocols == [crate::tls::HOP_ALPN.to_vec()]
+    ));
+
+    // The defaults: no trusted gateways, plain workloads, no caller conveyed.
+    let config = compile_value(&good()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(
+        config.listener("egress-web").map(|l| &l.mode),
+        Some(ListenerMode::Originate {
+            workload_tls: WorkloadTls::Plain,
+            ..
+        })
+    ));
+    let tls = config.clusters["east-gateway"].endpoints[0].tls.as_deref();
+    assert!(tls.is_some_and(|t| !t.convey_caller && t.config.alpn_protocols.is_empty()));
+}
+
+#[test]
+fn zero_trust_rejections_name_the_field() {
+    rejects(
+        |d| {
+            d["listeners"][1]["routes"][0]["rules"] = json!([
+                {"action": "allow", "id": "*"}, {"action": "allow", "id": "spiffe://west.mesh/ns/*/sa/x"}
+            ])
+        },
+        "listeners[1].routes[0].rules[1].id",
+        "bad path",
+    );
+    rejects(
+        |d| d["listeners"][1]["routes"][0]["rules"] = json!([{"action": "permit", "id": "*"}]),
+        "listeners[1].routes[0].rules[0].action",
+        "unknown variant",
+    );
+    rejects(
+        |d| d["listeners"][1]["routes"][0]["rules"] = json!([{"id": "*"}]),
+        "listeners[1].routes[0].rules[0]",
+        "missing field `action`",
+    );
+    rejects(
+        |d| d["listeners"][1]["routes"][0]["allow"] = json!(["*"]),
+        "listeners[1].routes[0].allow",
+        "unknown field `allow`",
+    );
+    rejects(
+        |d| {
+            d["listeners"][1]["trusted_gateways"] = json!(["spiffe://west.mesh/gw", "west.mesh/gw"])
+        },
+        "listeners[1].trusted_gateways[1]",
+        "spiffe://",
+    );
+    rejects(
+        |d| d["listeners"][2]["trusted_gateways"] = json!([]),
+        "listeners[2].trusted_gateways",
+        "only for terminate listeners",
+    );
+    rejects(
+        |d| d["listeners"][1]["workload_tls"] = json!("strict"),
+        "listeners[1].workload_tls",
+        "only for originate listeners",
+    );
+    rejects(
+        |d| d["listeners"][2]["workload_tls"] = json!("mandatory"),
+        "listeners[2].workload_tls",
+        "unknown variant",
+    );
+    // A north.mesh gateway: strict workload TLS needs north.mesh's own bundle.
+    rejects(
+        |d| {
+            let svid = TestDomain::new("north.mesh").svid("spiffe://north.mesh/ns/gw/sa/gateway");
+            d["identity"] =
+                json!({"cert_chain_pem": svid.cert_pem, "private_key_pem": svid.key_pem});
+            d["listeners"][2]["workload_tls"] = json!("strict");
+        },
+        "listeners[2].workload_tls",
+        "no bundle for it",
+    );
+    rejects(
+        |d| {
+            d.as_object_mut().map(|o| o.remove("identity"));
+            d["clusters"][1]["endpoints"][0]
+                .as_object_mut()
+                .map(|e| e.remove("tls"));
+            d["listeners"].as_array_mut().map(|l| l.remove(1));
+            d["listeners"][1]["workload_tls"] = json!("permissive");
+        },
+        "listeners[1].workload_tls",
+        "\"identity\" is missing",
+    );
+    rejects(
+        |d| d["clusters"][1]["endpoints"][0]["tls"]["convey_caller"] = json!("yes"),
+        "clusters[1].endpoints[0].tls.convey_caller",
+        "invalid type",
+    );
 }

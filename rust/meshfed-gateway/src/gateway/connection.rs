@@ -7,26 +7,33 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rustls::ServerConfig;
 use rustls::server::Acceptor;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::time::timeout;
-use tokio_rustls::LazyConfigAcceptor;
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 
 use super::balancer;
 use super::counting::{Counted, Sinks};
+use super::hop::{self, AssertionError, HeaderError};
 use super::limits::RouteState;
 use super::stats::{ConnectionGuard, HandshakeFailure, ListenerStats, inc};
-use super::upstream::{self, ClusterState, ConnectError, Dial, Lease, Previous, Upstream, now_ms};
+use super::upstream::{
+    self, ClusterState, ConnectError, Conveyed, Dial, Lease, Previous, Upstream, now_ms,
+};
+use crate::authz::{
+    Denial, DenialSink, HandshakeAuthz, HandshakeCheck, HandshakeOutcome, Reason, Stage,
+};
 use crate::client_hello::{self, HelloError, Parsed};
 use crate::config::{
     ClusterSpec, CompiledConfig, ListenerMode, RouteSpec, RouteTarget, SniRouter, TerminateRoute,
+    TerminateTls, WorkloadTls,
 };
 use crate::proxy_protocol;
 use crate::spiffe::SpiffeId;
-use crate::tls::{SvidError, spiffe_id_of};
+use crate::tls::{self, SvidError, is_missing_svid, spiffe_id_of};
 
 /// Copy buffer per direction of a proxied connection. Small on purpose:
 /// idle connections dominate a gateway's memory, and TCP already buffers.
@@ -124,14 +131,22 @@ enum ConnError {
     HandshakeTimeout(Duration),
     #[error("TLS handshake with client failed: {0}")]
     ServerHandshake(io::Error),
+    #[error(
+        "TLS handshake with the workload failed: {0} — does it present an SVID of the gateway's own trust domain?"
+    )]
+    WorkloadHandshake(io::Error),
+    #[error("workload_tls is strict but the workload did not start a TLS handshake")]
+    NotTls,
+    #[error(transparent)]
+    CallerHeader(#[from] HeaderError),
     #[error("refused before the handshake: no healthy endpoint behind SNI {0:?}")]
     NoHealthyEndpoint(String),
     #[error("client sent no SNI")]
     NoSni,
     #[error("no route for SNI {0:?}")]
     NoRoute(String),
-    #[error("caller {caller} is not allowed on SNI {sni:?}")]
-    Denied { caller: SpiffeId, sni: String },
+    #[error("caller refused by authorization (counted in denied and logged)")]
+    Denied,
     #[error("rate limit of route {0:?} exceeded")]
     RateLimited(String),
     #[error("verified client certificate has no SPIFFE ID: {0}")]
@@ -177,10 +192,26 @@ pub(crate) async fn serve(
                 Box::pin(passthrough(client, peer, routes, &snapshot, &stats)).await
             }
             ListenerMode::Terminate { routes, tls } => {
-                Box::pin(terminate(client, peer, routes, tls, &snapshot, &stats)).await
+                let ingress = Ingress {
+                    name: &listener,
+                    snapshot: &snapshot,
+                    stats: &stats,
+                };
+                Box::pin(terminate(client, peer, routes, tls, ingress)).await
             }
-            ListenerMode::Originate { cluster } => {
-                Box::pin(originate(client, peer, cluster, &snapshot, &stats)).await
+            ListenerMode::Originate {
+                cluster,
+                workload_tls,
+            } => {
+                Box::pin(originate(
+                    client,
+                    peer,
+                    cluster,
+                    workload_tls,
+                    &snapshot,
+                    &stats,
+                ))
+                .await
             }
         },
     };
@@ -215,6 +246,7 @@ async fn passthrough(
     let route_state = admit(snapshot, route, None, None, stats)?;
     let dial = Dial {
         preamble: &[],
+        conveyed: None,
         handshake_timeout: limit,
         stats,
     };
@@ -257,74 +289,115 @@ async fn read_client_hello(stream: &mut TcpStream) -> Result<(Vec<u8>, Option<St
     }
 }
 
-/// Finishes mTLS, authorizes the caller's SPIFFE ID on the route of its
-/// SNI, applies rate limits, and forwards plain (or re-encrypted) bytes to
-/// the route's cluster, behind a PROXY v2 header when the route asks.
+/// What a terminate connection needs of its listener.
+#[derive(Clone, Copy)]
+struct Ingress<'a> {
+    name: &'a Arc<str>,
+    snapshot: &'a Snapshot,
+    stats: &'a Arc<ListenerStats>,
+}
+
+impl Ingress<'_> {
+    /// Counts and logs a denial found after the handshake; the connection
+    /// is closed when the caller returns the error (after the count).
+    fn deny(&self, sni: Option<&str>, denial: &Denial<'_>) -> ConnError {
+        self.stats.report(self.name, sni, denial);
+        ConnError::Denied
+    }
+}
+
+/// Counts every denial, and logs it: at info the first time a (caller, SNI)
+/// pair is refused, at debug for repeats (see `DenialLog`).
+impl DenialSink for ListenerStats {
+    fn report(&self, listener: &str, sni: Option<&str>, denial: &Denial<'_>) {
+        let caller = denial.caller.as_str();
+        let notable = self.record_denial(denial.trust_domain().as_str(), caller, sni);
+        let sni = sni.unwrap_or("-");
+        let via = denial.via.map_or("-", SpiffeId::as_str);
+        let stage = denial.stage.as_str();
+        let reason = &denial.reason;
+        if notable {
+            tracing::info!(%listener, %caller, %sni, %via, %stage, outcome = %reason, "caller denied");
+        } else {
+            tracing::debug!(%listener, %caller, %sni, %via, %stage, outcome = %reason, "caller denied (again)");
+        }
+    }
+}
+
+/// Finishes mTLS, authorizes the caller on the route of its SNI (in the
+/// handshake when it can, so a refused caller gets `access_denied`),
+/// applies rate limits, and forwards plain (or re-encrypted) bytes to the
+/// route's cluster, behind a PROXY v2 header when the route asks.
+///
+/// The caller is the TLS peer's SVID, unless the peer negotiated the hop
+/// protocol: then it must be a trusted gateway, and the caller is whom its
+/// header vouches for (see `hop`).
 async fn terminate(
     client: TcpStream,
     peer: SocketAddr,
     routes: &SniRouter<TerminateRoute>,
-    tls: &Arc<ServerConfig>,
-    snapshot: &Snapshot,
-    stats: &Arc<ListenerStats>,
+    tls: &TerminateTls,
+    ingress: Ingress<'_>,
 ) -> Result<(u64, u64), ConnError> {
+    let Ingress {
+        snapshot, stats, ..
+    } = ingress;
     let limit = snapshot.config.handshake_timeout;
+    // One budget for the ClientHello, the handshake and the caller header.
+    let deadline = Instant::now() + limit;
     let local = client.local_addr()?;
-    let accept = async {
-        let start = LazyConfigAcceptor::new(Acceptor::default(), client)
-            .await
-            .map_err(ConnError::ServerHandshake)?;
-        // Refuse before the handshake when every endpoint behind the SNI is
-        // known down: a calling gateway then sees its handshake fail, which it
-        // retries on its next endpoint (another zone of a failover group),
-        // instead of finishing mTLS into a connection that can only close.
-        if let Some(sni) = start.client_hello().server_name() {
-            if let Some(route) = routes.lookup(sni) {
-                if !snapshot.any_healthy(&route.route.target) {
-                    return Err(ConnError::NoHealthyEndpoint(sni.to_owned()));
-                }
+    let (mut tls_stream, outcome) =
+        match timeout_at(deadline, accept(client, routes, tls, ingress)).await {
+            Ok(accepted) => accepted?,
+            Err(_) => {
+                stats.handshake_failed(HandshakeFailure::Timeout);
+                return Err(ConnError::HandshakeTimeout(limit));
             }
-        }
-        start
-            .into_stream(tls.clone())
-            .await
-            .map_err(ConnError::ServerHandshake)
-    };
-    let tls_stream = match timeout(limit, accept).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e @ ConnError::NoHealthyEndpoint(_))) => {
-            inc(&stats.upstream_connect_failures);
-            return Err(e);
-        }
-        Ok(Err(e)) => {
-            stats.handshake_failed(HandshakeFailure::Tls);
-            return Err(e);
-        }
-        Err(_) => {
-            stats.handshake_failed(HandshakeFailure::Timeout);
-            return Err(ConnError::HandshakeTimeout(limit));
-        }
-    };
+        };
+    let HandshakeOutcome { sni, verified, .. } = outcome;
     let (_, conn) = tls_stream.get_ref();
-    let sni = conn.server_name().map(str::to_owned);
-    let caller = conn
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .ok_or(SvidError::NoUriSan)
-        .and_then(spiffe_id_of)
-        .inspect_err(|_| stats.handshake_failed(HandshakeFailure::NoSvid))?;
-    stats.record_peer(caller.as_str());
+    let hop = conn.alpn_protocol() == Some(tls::HOP_ALPN);
+    // The verifier hands back the ID it parsed; a resumed session has none.
+    let peer_id = match verified {
+        Some(id) => id,
+        None => conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .ok_or(SvidError::NoUriSan)
+            .and_then(spiffe_id_of)
+            .inspect_err(|_| stats.handshake_failed(HandshakeFailure::NoSvid))?,
+    };
+    let sni = sni.as_deref();
+    let (caller, via) = if hop {
+        vouched_caller(&mut tls_stream, peer_id, tls, deadline, ingress, sni).await?
+    } else {
+        (peer_id, None)
+    };
     let sni = sni
         .ok_or(ConnError::NoSni)
         .inspect_err(|_| inc(&stats.no_route))?;
     let route = routes
-        .lookup(&sni)
-        .ok_or_else(|| ConnError::NoRoute(sni.clone()))
+        .lookup(sni)
+        .ok_or_else(|| ConnError::NoRoute(sni.to_owned()))
         .inspect_err(|_| inc(&stats.no_route))?;
-    if !route.allows(&caller) {
-        inc(&stats.denied);
-        return Err(ConnError::Denied { caller, sni });
+    // Decided in the handshake already, unless the session was resumed or
+    // the caller came over the hop protocol: the same rules, once more.
+    let verdict = route.rules.evaluate(&caller);
+    if !verdict.allowed() {
+        let stage = if hop {
+            Stage::CallerHeader
+        } else {
+            Stage::AfterHandshake
+        };
+        let denial = Denial {
+            caller: &caller,
+            via: via.as_ref(),
+            reason: Reason::Verdict(verdict),
+            stage,
+        };
+        return Err(ingress.deny(Some(sni), &denial));
     }
+    stats.record_peer(caller.as_str());
     let route_state = admit(
         snapshot,
         &route.route,
@@ -333,12 +406,17 @@ async fn terminate(
         stats,
     )?;
     let header = if route.proxy_protocol {
-        proxy_protocol::encode_v2(peer, local, Some(&sni), Some(caller.as_str()))?
+        proxy_protocol::encode_v2(peer, local, Some(sni), Some(caller.as_str()))?
     } else {
         Vec::new()
     };
     let dial = Dial {
         preamble: &header,
+        conveyed: Some(Conveyed {
+            source: peer,
+            destination: local,
+            caller: Some(&caller),
+        }),
         handshake_timeout: limit,
         stats,
     };
@@ -348,12 +426,210 @@ async fn terminate(
     proxy_to(client, upstream, spec.idle_timeout, &sinks, stats).await
 }
 
-/// Connects to `cluster` (mTLS to peer gateways, plain to local endpoints)
-/// and forwards the client's plain bytes.
+/// The caller a peer gateway vouches for over the hop protocol, and the
+/// gateway: `(gateway, None)` when it calls for itself. The gateway must be
+/// trusted (checked in the handshake too, but a resumed session skipped
+/// that), its header must arrive by `deadline`, and the caller must be of
+/// its own trust domain. Counts its own refusals.
+async fn vouched_caller(
+    tls_stream: &mut TlsStream<TcpStream>,
+    gateway: SpiffeId,
+    tls: &TerminateTls,
+    deadline: Instant,
+    ingress: Ingress<'_>,
+    sni: Option<&str>,
+) -> Result<(SpiffeId, Option<SpiffeId>), ConnError> {
+    let stats = ingress.stats;
+    if !tls.trusted_gateways.contains(&gateway) {
+        let denial = Denial {
+            caller: &gateway,
+            via: None,
+            reason: Reason::UntrustedGateway,
+            stage: Stage::AfterHandshake,
+        };
+        return Err(ingress.deny(sni, &denial));
+    }
+    let header = match timeout_at(deadline, hop::read_header(tls_stream)).await {
+        Ok(Ok(header)) => header,
+        Ok(Err(e)) => {
+            stats.handshake_failed(e.failure());
+            return Err(e.into());
+        }
+        Err(_) => {
+            stats.handshake_failed(HandshakeFailure::Timeout);
+            let limit = ingress.snapshot.config.handshake_timeout;
+            return Err(ConnError::HandshakeTimeout(limit));
+        }
+    };
+    match hop::asserted_caller(&header, &gateway) {
+        Ok(None) => Ok((gateway, None)),
+        Ok(Some(caller)) => Ok((caller, Some(gateway))),
+        Err(refused) => {
+            let (caller, via, reason) = match &refused {
+                AssertionError::Foreign(asserted) => {
+                    (asserted, Some(&gateway), Reason::ForeignTrustDomain)
+                }
+                AssertionError::Unusable(why) => (&gateway, None, Reason::BadAssertion(why)),
+            };
+            let stage = Stage::CallerHeader;
+            let denial = Denial {
+                caller,
+                via,
+                reason,
+                stage,
+            };
+            Err(ingress.deny(sni, &denial))
+        }
+    }
+}
+
+/// Reads the ClientHello, picks the server config by ALPN (the hop protocol
+/// or none) and finishes the handshake under the connection's
+/// [`HandshakeAuthz`]. Counts its own failures.
+async fn accept(
+    client: TcpStream,
+    routes: &SniRouter<TerminateRoute>,
+    tls: &TerminateTls,
+    ingress: Ingress<'_>,
+) -> Result<(TlsStream<TcpStream>, HandshakeOutcome), ConnError> {
+    let Ingress {
+        name,
+        snapshot,
+        stats,
+    } = ingress;
+    let start = LazyConfigAcceptor::new(Acceptor::default(), client)
+        .await
+        .map_err(ConnError::ServerHandshake)
+        .inspect_err(|_| stats.handshake_failed(HandshakeFailure::Tls))?;
+    let hello = start.client_hello();
+    let sni = hello.server_name().map(str::to_owned);
+    let hop = hello
+        .alpn()
+        .is_some_and(|mut offered| offered.any(|protocol| protocol == tls::HOP_ALPN));
+    let route = sni.as_deref().and_then(|sni| routes.lookup(sni));
+    // Refuse before the handshake when every endpoint behind the SNI is
+    // known down: a calling gateway then sees its handshake fail, which it
+    // retries on its next endpoint (another zone of a failover group),
+    // instead of finishing mTLS into a connection that can only close.
+    if let (Some(route), Some(sni)) = (route, &sni) {
+        if !snapshot.any_healthy(&route.route.target) {
+            inc(&stats.upstream_connect_failures);
+            return Err(ConnError::NoHealthyEndpoint(sni.clone()));
+        }
+    }
+    // A client offering the hop protocol gets exactly it (and must be a
+    // trusted gateway); any other client gets no ALPN at all, so clients
+    // offering h2 or http/1.1 handshake as they always did.
+    let (config, check) = if hop {
+        let check = HandshakeCheck::TrustedGateway(tls.trusted_gateways.clone());
+        (&tls.hop, check)
+    } else {
+        let check = route.map_or(HandshakeCheck::Deferred, |route| {
+            HandshakeCheck::Rules(route.rules.clone())
+        });
+        (&tls.plain, check)
+    };
+    let authz = HandshakeAuthz::new(check, stats.clone(), name.clone(), sni);
+    let handshake = start.into_stream(config.clone()).into_fallible();
+    let (result, outcome) = authz.run(handshake).await;
+    match result {
+        Ok(stream) => Ok((stream, outcome)),
+        // A refusal by the verifier is counted and logged there already,
+        // before the alert went out.
+        Err(_) if outcome.denied => Err(ConnError::Denied),
+        Err((e, _io)) => {
+            // Counted before `_io` (the socket) is dropped: whoever sees
+            // the close also sees the count.
+            stats.handshake_failed(HandshakeFailure::Tls);
+            Err(ConnError::ServerHandshake(e))
+        }
+    }
+}
+
+/// A workload's connection to an originate listener.
+enum Workload {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// Accepts a workload per `workload_tls`; returns its connection and its
+/// verified SPIFFE ID (`None` for a plain client: the gateway is the caller).
+/// Counts its own failures.
+async fn accept_workload(
+    client: TcpStream,
+    mode: &WorkloadTls,
+    limit: Duration,
+    stats: &ListenerStats,
+) -> Result<(Workload, Option<SpiffeId>), ConnError> {
+    /// Every TLS connection starts with a handshake record.
+    const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+    let (config, strict) = match mode {
+        WorkloadTls::Plain => return Ok((Workload::Plain(client), None)),
+        WorkloadTls::Permissive(config) => (config, false),
+        WorkloadTls::Strict(config) => (config, true),
+    };
+    let deadline = Instant::now() + limit;
+    let mut first = [0u8; 1];
+    let fail = |reason: HandshakeFailure, e: ConnError| {
+        stats.handshake_failed(reason);
+        Err(e)
+    };
+    match timeout_at(deadline, client.peek(&mut first)).await {
+        Ok(Ok(0)) => return fail(HandshakeFailure::Closed, ConnError::ClosedBeforeHello),
+        Ok(Ok(_)) if first[0] == TLS_HANDSHAKE_RECORD => {}
+        Ok(Ok(_)) if !strict => return Ok((Workload::Plain(client), None)),
+        Ok(Ok(_)) => return fail(HandshakeFailure::NotTls, ConnError::NotTls),
+        Ok(Err(e)) => return fail(HandshakeFailure::Closed, ConnError::Io(e)),
+        // A silent client may speak a protocol where the server talks
+        // first: permissive serves it as plain.
+        Err(_) if !strict => return Ok((Workload::Plain(client), None)),
+        Err(_) => {
+            return fail(
+                HandshakeFailure::Timeout,
+                ConnError::HandshakeTimeout(limit),
+            );
+        }
+    }
+    let handshake = TlsAcceptor::from(config.clone())
+        .accept(client)
+        .into_fallible();
+    let stream = match timeout_at(deadline, handshake).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err((e, _io))) => {
+            // Counted before `_io` (the socket) is dropped.
+            let reason = if is_missing_svid(&e) {
+                HandshakeFailure::NoSvid
+            } else {
+                HandshakeFailure::Tls
+            };
+            return fail(reason, ConnError::WorkloadHandshake(e));
+        }
+        Err(_) => {
+            return fail(
+                HandshakeFailure::Timeout,
+                ConnError::HandshakeTimeout(limit),
+            );
+        }
+    };
+    let caller = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or(SvidError::NoUriSan)
+        .and_then(spiffe_id_of)
+        .inspect_err(|_| stats.handshake_failed(HandshakeFailure::NoSvid))?;
+    Ok((Workload::Tls(Box::new(stream)), Some(caller)))
+}
+
+/// Accepts a local workload, connects to `cluster` (mTLS to peer gateways,
+/// telling those that speak the hop protocol who is calling; plain to local
+/// endpoints) and forwards the workload's bytes.
 async fn originate(
     client: TcpStream,
     source: SocketAddr,
     cluster: &str,
+    workload_tls: &WorkloadTls,
     snapshot: &Snapshot,
     stats: &Arc<ListenerStats>,
 ) -> Result<(u64, u64), ConnError> {
@@ -361,9 +637,17 @@ async fn originate(
         .cluster(cluster)
         .ok_or_else(|| ConnError::UnknownCluster(cluster.to_owned()))
         .inspect_err(|_| inc(&stats.upstream_connect_failures))?;
+    let local = client.local_addr()?;
+    let limit = snapshot.config.handshake_timeout;
+    let (workload, caller) = accept_workload(client, workload_tls, limit, stats).await?;
     let dial = Dial {
         preamble: &[],
-        handshake_timeout: snapshot.config.handshake_timeout,
+        conveyed: Some(Conveyed {
+            source,
+            destination: local,
+            caller: caller.as_ref(),
+        }),
+        handshake_timeout: limit,
         stats,
     };
     let (upstream, lease) = upstream::connect(spec, state, source.ip(), &dial)
@@ -374,8 +658,16 @@ async fn originate(
         stats.record_peer(tls.peer.as_str());
     }
     let sinks = sinks(stats, None, &lease);
-    let client = Counted::new(client, sinks.clone());
-    proxy_to(client, upstream, spec.idle_timeout, &sinks, stats).await
+    match workload {
+        Workload::Plain(client) => {
+            let client = Counted::new(client, sinks.clone());
+            proxy_to(client, upstream, spec.idle_timeout, &sinks, stats).await
+        }
+        Workload::Tls(client) => {
+            let client = Counted::new(*client, sinks.clone());
+            proxy_to(client, upstream, spec.idle_timeout, &sinks, stats).await
+        }
+    }
 }
 
 /// Counts a route connection and applies its rate limits.

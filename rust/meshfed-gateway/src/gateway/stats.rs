@@ -1,11 +1,19 @@
 //! Per-listener counters, updated by the data plane with relaxed atomics and
 //! read from any thread without blocking it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Serialize;
+
+use super::upstream::now_ms;
+
+/// Most distinct keys a per-listener table ([`BoundedCounts`]) holds.
+pub(crate) const MAX_TRACKED_KEYS: usize = 1000;
+/// The key that counts everything beyond [`MAX_TRACKED_KEYS`].
+pub(crate) const OTHER_KEY: &str = "<other>";
 
 /// Counters of one listener. Kept by listener name across `apply()`.
 #[derive(Debug, Default)]
@@ -24,8 +32,12 @@ pub(crate) struct ListenerStats {
     pub(crate) idle_timeouts: AtomicU64,
     /// Handshake failures by [`HandshakeFailure`] (index = discriminant).
     handshake_reasons: [AtomicU64; HandshakeFailure::ALL.len()],
-    /// Verified peer SPIFFE IDs (terminate: callers; originate: peer gateways).
-    peer_identities: Mutex<HashMap<String, u64>>,
+    /// Authorized callers (terminate) or verified peer gateways (originate).
+    peer_identities: BoundedCounts,
+    /// Denials by the trust domain answerable for them.
+    denied_by_trust_domain: BoundedCounts,
+    /// Which denials are logged at info.
+    denial_log: DenialLog,
 }
 
 /// A point-in-time copy of [`ListenerStats`], as serialized by `stats_json`.
@@ -45,8 +57,13 @@ pub struct ListenerSnapshot {
     pub handshake_failures: u64,
     /// Connections closed because no route matched their SNI.
     pub no_route: u64,
-    /// Connections closed because the caller's identity was not allowed.
+    /// Connections refused by authorization (the route's rules, or a peer
+    /// gateway not trusted or vouching outside its trust domain).
     pub denied: u64,
+    /// `denied` by trust domain: the caller's, or the vouching gateway's for
+    /// a caller that came over the hop protocol. At most 1000 keys, the rest
+    /// under `"<other>"`.
+    pub denied_by_trust_domain: BTreeMap<String, u64>,
     /// Connections closed because no endpoint of the cluster could be reached.
     pub upstream_connect_failures: u64,
     /// Connections refused by a route or per-caller rate limit.
@@ -58,7 +75,9 @@ pub struct ListenerSnapshot {
     /// `handshake_failures` by reason (`timeout`, `closed`, `not_tls`,
     /// `too_large`, `malformed`, `tls`, `no_svid`, `upstream_tls`).
     pub handshake_failure_reasons: BTreeMap<&'static str, u64>,
-    /// Connections per verified peer SPIFFE ID.
+    /// Connections per verified peer SPIFFE ID: authorized callers
+    /// (terminate) or peer gateways (originate). At most 1000 keys, the rest
+    /// under `"<other>"`.
     pub peer_identities: BTreeMap<String, u64>,
     /// Per route (keyed by SNI pattern): connections, rate-limited, bytes.
     pub routes: BTreeMap<String, RouteSnapshot>,
@@ -208,25 +227,28 @@ impl ListenerStats {
         }
     }
 
-    /// Counts one connection from a verified peer identity.
+    /// Counts one connection from a verified (and, on terminate listeners,
+    /// authorized) peer identity.
     pub(crate) fn record_peer(&self, id: &str) {
-        let mut map = self
-            .peer_identities
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        *map.entry(id.to_owned()).or_insert(0) += 1;
+        self.peer_identities.record(id);
+    }
+
+    /// Counts one denial under `trust_domain`; returns whether to log it at
+    /// info level (see [`DenialLog`]).
+    pub(crate) fn record_denial(
+        &self,
+        trust_domain: &str,
+        caller: &str,
+        sni: Option<&str>,
+    ) -> bool {
+        inc(&self.denied);
+        self.denied_by_trust_domain.record(trust_domain);
+        self.denial_log.notable(caller, sni)
     }
 
     /// Copies the counters.
     pub(crate) fn snapshot(&self) -> ListenerSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let peer_identities = self
-            .peer_identities
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
         ListenerSnapshot {
             accepted: get(&self.accepted),
             active: get(&self.active),
@@ -236,6 +258,7 @@ impl ListenerStats {
             handshake_failures: get(&self.handshake_failures),
             no_route: get(&self.no_route),
             denied: get(&self.denied),
+            denied_by_trust_domain: self.denied_by_trust_domain.snapshot(),
             upstream_connect_failures: get(&self.upstream_connect_failures),
             rate_limited: get(&self.rate_limited),
             circuit_open: get(&self.circuit_open),
@@ -245,9 +268,88 @@ impl ListenerStats {
                 .zip(&self.handshake_reasons)
                 .map(|(reason, c)| (reason.as_str(), get(c)))
                 .collect(),
-            peer_identities,
+            peer_identities: self.peer_identities.snapshot(),
             routes: BTreeMap::new(),
         }
+    }
+}
+
+/// Counts by key, for at most [`MAX_TRACKED_KEYS`] distinct keys; the rest
+/// count under [`OTHER_KEY`]. The first keys seen keep their place (no
+/// eviction): a metric series never appears and vanishes as counts move,
+/// and a stream of new keys costs no memory beyond the bound.
+#[derive(Debug, Default)]
+struct BoundedCounts(Mutex<CountsInner>);
+
+#[derive(Debug, Default)]
+struct CountsInner {
+    counts: HashMap<Box<str>, u64>,
+    other: u64,
+}
+
+impl BoundedCounts {
+    /// Adds one to `key`; allocates only for a key not seen before.
+    fn record(&self, key: &str) {
+        let mut inner = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = inner.counts.get_mut(key) {
+            *count += 1;
+        } else if inner.counts.len() < MAX_TRACKED_KEYS {
+            inner.counts.insert(key.into(), 1);
+        } else {
+            inner.other += 1;
+        }
+    }
+
+    fn snapshot(&self) -> BTreeMap<String, u64> {
+        let inner = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out: BTreeMap<String, u64> = inner
+            .counts
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
+        if inner.other > 0 {
+            out.insert(OTHER_KEY.to_owned(), inner.other);
+        }
+        out
+    }
+}
+
+/// Keeps denial logs rate-safe: a denial is logged at info the first time
+/// its (caller, SNI) pair is refused, for up to [`MAX_TRACKED_KEYS`] pairs;
+/// repeats go to debug, since a client retrying in a loop would otherwise
+/// write one info line per attempt. Once that many pairs are remembered, at
+/// most one new-pair denial per second makes it to info (an attacker
+/// cycling identities cannot flood the log either). Every denial is still
+/// counted in `denied` and `denied_by_trust_domain`.
+#[derive(Debug, Default)]
+struct DenialLog {
+    /// Hashes of the pairs seen, keyed per process so nobody can aim collisions.
+    seen: Mutex<HashSet<u64>>,
+    hasher: RandomState,
+    /// `now_ms()` of the last info line once `seen` is full.
+    last_overflow_ms: AtomicU64,
+}
+
+impl DenialLog {
+    /// Whether this denial deserves an info line.
+    fn notable(&self, caller: &str, sni: Option<&str>) -> bool {
+        let key = self.hasher.hash_one((caller, sni));
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.contains(&key) {
+            return false;
+        }
+        if seen.len() < MAX_TRACKED_KEYS {
+            seen.insert(key);
+            return true;
+        }
+        drop(seen);
+        let now = now_ms();
+        let last = self.last_overflow_ms.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= 1000)
+            && self
+                .last_overflow_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 }
 
@@ -266,5 +368,58 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
         inc(&self.0.closed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_are_bounded_and_count_the_rest_as_other() {
+        let stats = ListenerStats::default();
+        for i in 0..MAX_TRACKED_KEYS + 5 {
+            stats.record_peer(&format!("spiffe://west.mesh/sa/{i}"));
+        }
+        stats.record_peer("spiffe://west.mesh/sa/0");
+        stats.record_peer("spiffe://west.mesh/sa/late");
+        let snapshot = stats.snapshot();
+        assert_eq!(snapshot.peer_identities.len(), MAX_TRACKED_KEYS + 1);
+        assert_eq!(snapshot.peer_identities.get(OTHER_KEY), Some(&6));
+        assert_eq!(
+            snapshot.peer_identities.get("spiffe://west.mesh/sa/0"),
+            Some(&2)
+        );
+        assert!(
+            ListenerStats::default()
+                .snapshot()
+                .peer_identities
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn denials_count_by_trust_domain_and_log_a_pair_once() {
+        let stats = ListenerStats::default();
+        let caller = "spiffe://west.mesh/sa/intruder";
+        assert!(stats.record_denial("west.mesh", caller, Some("web")));
+        assert!(!stats.record_denial("west.mesh", caller, Some("web")));
+        assert!(stats.record_denial("west.mesh", caller, Some("api")));
+        assert!(stats.record_denial("east.mesh", "spiffe://east.mesh/x", None));
+        let snapshot = stats.snapshot();
+        assert_eq!(snapshot.denied, 4);
+        assert_eq!(
+            snapshot.denied_by_trust_domain,
+            BTreeMap::from([("east.mesh".to_owned(), 1), ("west.mesh".to_owned(), 3)])
+        );
+        // Past the bound: new pairs reach info at most once per second.
+        let log = DenialLog::default();
+        for i in 0..MAX_TRACKED_KEYS {
+            assert!(log.notable(&format!("spiffe://x/{i}"), None));
+        }
+        let loud = (0..100)
+            .filter(|i| log.notable(&format!("spiffe://y/{i}"), None))
+            .count();
+        assert_eq!(loud, 1);
     }
 }

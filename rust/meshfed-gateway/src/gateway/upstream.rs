@@ -17,9 +17,11 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::balancer::{self, MAGLEV_TABLE_SIZE};
+use super::hop;
 use super::stats::{HandshakeFailure, Histogram, HistogramSnapshot, ListenerStats, inc};
 use crate::config::{ClusterSpec, EndpointSpec, Lb, UpstreamTlsSpec};
 use crate::spiffe::SpiffeId;
+use crate::tls::HOP_ALPN;
 
 /// Decay time constant of the peak EWMA (linkerd2-proxy uses 10 s).
 const EWMA_DECAY: Duration = Duration::from_secs(10);
@@ -575,10 +577,26 @@ pub(crate) struct Dial<'a> {
     /// Bytes written before anything else (a PROXY protocol header), ahead
     /// of the TLS handshake when the endpoint is reached over mTLS.
     pub(crate) preamble: &'a [u8],
+    /// What to tell a peer gateway that negotiates the hop protocol (see
+    /// `hop`); `None` only where no mTLS endpoint can be reached.
+    pub(crate) conveyed: Option<Conveyed<'a>>,
     /// Limit on an upstream TLS handshake.
     pub(crate) handshake_timeout: Duration,
     /// Where upstream handshake failures are counted.
     pub(crate) stats: &'a ListenerStats,
+}
+
+/// The connection as the hop protocol describes it to a peer gateway.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Conveyed<'a> {
+    /// The client's address.
+    pub(crate) source: SocketAddr,
+    /// The listener address the client connected to.
+    pub(crate) destination: SocketAddr,
+    /// The client's verified SPIFFE ID; `None`: the gateway is the caller.
+    /// From a terminate listener, its effective caller, which the next
+    /// ingress accepts only if it is of this gateway's own trust domain.
+    pub(crate) caller: Option<&'a SpiffeId>,
 }
 
 /// Connects to an endpoint of `cluster` for a client at `source`: checks the
@@ -680,7 +698,8 @@ async fn establish(
     }
 }
 
-/// The mTLS handshake with an endpoint that must present `tls.peer`'s SVID.
+/// The mTLS handshake with an endpoint that must present `tls.peer`'s SVID,
+/// then the caller header if both sides speak the hop protocol.
 async fn secure(
     stream: TcpStream,
     tls: &UpstreamTlsSpec,
@@ -688,7 +707,12 @@ async fn secure(
 ) -> io::Result<TlsStream<TcpStream>> {
     let connect = TlsConnector::from(tls.config.clone()).connect(tls.server_name.clone(), stream);
     match tokio::time::timeout(dial.handshake_timeout, connect).await {
-        Ok(Ok(stream)) => Ok(stream),
+        Ok(Ok(mut stream)) => {
+            if tls.convey_caller {
+                convey(&mut stream, tls, dial).await?;
+            }
+            Ok(stream)
+        }
         Ok(Err(e)) => {
             dial.stats.handshake_failed(HandshakeFailure::UpstreamTls);
             Err(io::Error::new(
@@ -710,6 +734,40 @@ async fn secure(
             ))
         }
     }
+}
+
+/// Writes the caller header as the first bytes inside the tunnel, if the
+/// peer negotiated the hop protocol. Part of the connect attempt: a failure
+/// here moves on to the next endpoint like a failed handshake, so the
+/// header always goes to the endpoint that finally accepted.
+async fn convey(
+    stream: &mut TlsStream<TcpStream>,
+    tls: &UpstreamTlsSpec,
+    dial: &Dial<'_>,
+) -> io::Result<()> {
+    if stream.get_ref().1.alpn_protocol() != Some(HOP_ALPN) {
+        tracing::debug!(
+            peer = %tls.peer,
+            "peer gateway did not negotiate meshfed-caller/1 (an older ingress?): no caller header, it sees this gateway as the caller"
+        );
+        return Ok(());
+    }
+    let Some(conveyed) = dial.conveyed else {
+        return Err(io::Error::other(
+            "the peer expects a caller header, but this connection has no caller to convey",
+        ));
+    };
+    let header = hop::encode_header(
+        conveyed.source,
+        conveyed.destination,
+        &tls.server_name.to_str(),
+        conveyed.caller,
+    )
+    .map_err(io::Error::other)?;
+    stream.write_all(&header).await?;
+    // The ingress waits for the header before it dials its backend: a client
+    // that waits for the server to speak first must not stall it.
+    stream.flush().await
 }
 
 #[cfg(test)]

@@ -37,14 +37,35 @@ fn refuse(err: PeerError) -> Error {
     Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(err))))
 }
 
+/// Whether a failed handshake failed because the client presented no
+/// X.509-SVID: no certificate at all, or one without a SPIFFE ID.
+pub(crate) fn is_missing_svid(err: &std::io::Error) -> bool {
+    match err.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
+        Some(Error::NoCertificatesPresented) => true,
+        Some(Error::InvalidCertificate(CertificateError::Other(other))) => {
+            matches!(
+                other.0.downcast_ref::<PeerError>(),
+                Some(PeerError::NotSvid(_))
+            )
+        }
+        _ => false,
+    }
+}
+
 /// Verifies client X.509-SVIDs: reads the leaf's SPIFFE ID, picks the
 /// verifier of that ID's trust domain (built from that domain's bundle
 /// only) and delegates chain validation to it. Unknown trust domains are
 /// refused.
+///
+/// An authorizing verifier (terminate listeners) then asks the handshake's
+/// authorization ([`crate::authz::in_handshake`]) and refuses with
+/// `ApplicationVerificationFailure`, which rustls sends as the alert
+/// `access_denied`.
 #[derive(Debug)]
 pub(crate) struct SpiffeClientVerifier {
     by_domain: BTreeMap<TrustDomain, Arc<dyn ClientCertVerifier>>,
     provider: Arc<CryptoProvider>,
+    authorize: bool,
 }
 
 impl SpiffeClientVerifier {
@@ -64,7 +85,16 @@ impl SpiffeClientVerifier {
         Ok(Self {
             by_domain,
             provider,
+            authorize: false,
         })
+    }
+
+    /// This verifier, also authorizing each verified peer in the handshake.
+    pub(crate) fn authorizing(self) -> Self {
+        Self {
+            authorize: true,
+            ..self
+        }
     }
 }
 
@@ -91,7 +121,13 @@ impl ClientCertVerifier for SpiffeClientVerifier {
                 id,
             )));
         };
-        verifier.verify_client_cert(end_entity, intermediates, now)
+        let verified = verifier.verify_client_cert(end_entity, intermediates, now)?;
+        if self.authorize && !crate::authz::in_handshake(id) {
+            return Err(Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(verified)
     }
 
     fn verify_tls12_signature(

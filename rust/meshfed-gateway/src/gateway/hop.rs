@@ -1,0 +1,271 @@
+//! The caller hop: how an egress gateway tells a peer's ingress gateway
+//! which local workload is calling.
+//!
+//! The egress offers the ALPN protocol `meshfed-caller/1` on its mTLS
+//! connection (upstream `tls.convey_caller`). An ingress that negotiates it
+//! reads a PROXY v2 header as the first bytes inside the tunnel: source =
+//! the workload's address, destination = the egress listener's address,
+//! TLV `0x02` = the SNI, TLV `0xE0` = the workload's verified SPIFFE ID,
+//! absent when the workload has none (the gateway itself is then the
+//! caller). The ingress believes it only from a gateway in its listener's
+//! `trusted_gateways`, and only for callers in that gateway's own trust
+//! domain: west's gateway may speak for `spiffe://west.mesh/...`, never for
+//! east.mesh or a third domain.
+//!
+//! An ingress that does not negotiate the protocol (an older one) gets no
+//! header and sees the egress gateway as the caller, as before.
+
+use std::io;
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::stats::HandshakeFailure;
+use crate::proxy_protocol::{self, Header, PP2_TYPE_MESHFED_SPIFFE_ID, ProxyHeaderError};
+use crate::spiffe::{SpiffeError, SpiffeId};
+
+/// Largest caller header an ingress reads. The real one is well under
+/// 2.2 KiB (addresses, an SNI of at most 255 bytes, an ID of at most 2048).
+pub(crate) const MAX_HEADER_LEN: usize = 4096;
+/// Signature, version/command, family and length: the fixed part.
+const FIXED_LEN: usize = 16;
+
+/// Why the caller header could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HeaderError {
+    #[error("the peer gateway closed the tunnel inside the caller header")]
+    Closed,
+    #[error(
+        "caller header announces {0} bytes, more than the {MAX_HEADER_LEN} an ingress reads — is the peer a meshfed gateway?"
+    )]
+    TooLarge(usize),
+    #[error(
+        "the tunnel does not start with a PROXY v2 caller header ({0}), though the peer negotiated meshfed-caller/1"
+    )]
+    Malformed(#[from] ProxyHeaderError),
+    #[error("cannot read the caller header: {0}")]
+    Io(io::Error),
+}
+
+impl HeaderError {
+    /// How the failure is counted in `handshake_failure_reasons`.
+    pub(crate) fn failure(&self) -> HandshakeFailure {
+        match self {
+            Self::Closed | Self::Io(_) => HandshakeFailure::Closed,
+            Self::TooLarge(_) => HandshakeFailure::TooLarge,
+            Self::Malformed(_) => HandshakeFailure::Malformed,
+        }
+    }
+}
+
+/// Reads the caller header off the start of `stream`, never a byte past
+/// it (what follows is the client's own data). Refuses a header longer than
+/// [`MAX_HEADER_LEN`] before reading its body. The caller bounds the time.
+pub(crate) async fn read_header<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<Header, HeaderError> {
+    let eof = |e: io::Error| match e.kind() {
+        io::ErrorKind::UnexpectedEof => HeaderError::Closed,
+        _ => HeaderError::Io(e),
+    };
+    // On the heap: a buffer in the future's state would stay with the
+    // connection for its whole life.
+    let mut buf = vec![0u8; FIXED_LEN];
+    stream.read_exact(&mut buf).await.map_err(eof)?;
+    if buf.get(..proxy_protocol::SIGNATURE.len()) != Some(&proxy_protocol::SIGNATURE[..]) {
+        return Err(ProxyHeaderError::Malformed("bad signature").into());
+    }
+    let announced = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+    let total = FIXED_LEN + announced;
+    if total > MAX_HEADER_LEN {
+        return Err(HeaderError::TooLarge(total));
+    }
+    buf.resize(total, 0);
+    stream
+        .read_exact(&mut buf[FIXED_LEN..])
+        .await
+        .map_err(eof)?;
+    let (header, _) = proxy_protocol::decode_v2(&buf)?;
+    Ok(header)
+}
+
+/// Why a gateway's caller TLV is refused.
+#[derive(Debug)]
+pub(crate) enum AssertionError {
+    /// A well-formed ID of another trust domain than the gateway's.
+    Foreign(SpiffeId),
+    /// Not usable at all.
+    Unusable(&'static str),
+}
+
+/// The caller `gateway` vouches for in `header`: `None` when the header has
+/// no caller TLV (the gateway calls for itself).
+pub(crate) fn asserted_caller(
+    header: &Header,
+    gateway: &SpiffeId,
+) -> Result<Option<SpiffeId>, AssertionError> {
+    let mut values = header
+        .tlvs
+        .iter()
+        .filter(|(kind, _)| *kind == PP2_TYPE_MESHFED_SPIFFE_ID)
+        .map(|(_, value)| value);
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        // Two answers to "who is calling": backends might read either one.
+        return Err(AssertionError::Unusable("it appears more than once"));
+    }
+    let text = std::str::from_utf8(value).map_err(|_| AssertionError::Unusable("not UTF-8"))?;
+    let caller = SpiffeId::parse(text).map_err(|e| {
+        AssertionError::Unusable(match e {
+            SpiffeError::TooLong => "longer than 2048 bytes",
+            _ => "not a SPIFFE ID",
+        })
+    })?;
+    if caller.trust_domain() != gateway.trust_domain() {
+        return Err(AssertionError::Foreign(caller));
+    }
+    Ok(Some(caller))
+}
+
+/// The header an egress writes inside the tunnel.
+pub(crate) fn encode_header(
+    source: SocketAddr,
+    destination: SocketAddr,
+    sni: &str,
+    caller: Option<&SpiffeId>,
+) -> Result<Vec<u8>, ProxyHeaderError> {
+    proxy_protocol::encode_v2(source, destination, Some(sni), caller.map(SpiffeId::as_str))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn id(text: &str) -> SpiffeId {
+        SpiffeId::parse(text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn read(bytes: &[u8]) -> (Result<Header, HeaderError>, usize) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut rest = bytes;
+        let result = runtime.block_on(read_header(&mut rest));
+        (result, rest.len())
+    }
+
+    #[test]
+    fn asserted_caller_stays_in_the_gateway_trust_domain() {
+        let gateway = id("spiffe://west.mesh/ns/meshfed-system/sa/gateway");
+        let header = |tlvs: &[(u8, &[u8])]| {
+            let bytes =
+                proxy_protocol::encode_v2_tlvs(addr("10.0.0.1:1"), addr("10.0.0.2:2"), tlvs)
+                    .unwrap_or_else(|e| panic!("{e}"));
+            proxy_protocol::decode_v2(&bytes)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .0
+        };
+        let cart = b"spiffe://west.mesh/ns/shop/sa/cart";
+        assert_eq!(
+            asserted_caller(&header(&[(0x02, b"web"), (0xE0, cart)]), &gateway).ok(),
+            Some(Some(id("spiffe://west.mesh/ns/shop/sa/cart")))
+        );
+        assert!(matches!(
+            asserted_caller(&header(&[(0x02, b"web")]), &gateway),
+            Ok(None)
+        ));
+        for foreign in [
+            &b"spiffe://east.mesh/ns/shop/sa/cart"[..],
+            b"spiffe://third.mesh/x",
+            b"spiffe://west.mesh.evil/x",
+        ] {
+            assert!(matches!(
+                asserted_caller(&header(&[(0xE0, foreign)]), &gateway),
+                Err(AssertionError::Foreign(_))
+            ));
+        }
+        for bad in [
+            &[(0xE0, &b"west.mesh/x"[..])][..],
+            &[(0xE0, &[0xFF, 0xFE][..])],
+            &[(0xE0, cart), (0xE0, cart)],
+        ] {
+            assert!(matches!(
+                asserted_caller(&header(bad), &gateway),
+                Err(AssertionError::Unusable(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn refuses_oversized_and_foreign_headers_without_reading_on() {
+        let mut big = proxy_protocol::SIGNATURE.to_vec();
+        big.extend_from_slice(&[0x21, 0x11, 0x13, 0x88]); // announces 5000 bytes
+        big.extend_from_slice(&[0u8; 5000]);
+        let (result, left) = read(&big);
+        assert!(
+            matches!(result, Err(HeaderError::TooLarge(5016))),
+            "{result:?}"
+        );
+        assert_eq!(left, 5000, "the body of a refused header must not be read");
+
+        let (result, _) = read(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(
+            matches!(result, Err(HeaderError::Malformed(_))),
+            "{result:?}"
+        );
+        let (result, _) = read(&proxy_protocol::SIGNATURE[..10]);
+        assert!(matches!(result, Err(HeaderError::Closed)), "{result:?}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        /// A header followed by client bytes reads back whole and leaves the
+        /// client bytes unread; any cut inside it is `Closed`.
+        #[test]
+        fn reads_exactly_the_header(
+            sni in "[a-z.]{0,40}",
+            path in prop::collection::vec("[a-z]{1,8}", 0..4),
+            trailing in prop::collection::vec(any::<u8>(), 0..64),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let caller = id(&format!("spiffe://west.mesh{}", path.iter().map(|p| format!("/{p}")).collect::<String>()));
+            let mut bytes = encode_header(addr("[::1]:40000"), addr("127.0.0.1:15001"), &sni, Some(&caller))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let len = bytes.len();
+            bytes.extend_from_slice(&trailing);
+            let (result, left) = read(&bytes);
+            let header = result.unwrap_or_else(|e| panic!("{e}"));
+            prop_assert_eq!(left, trailing.len());
+            prop_assert_eq!(header.tlvs.len(), 2);
+            let (result, _) = read(&bytes[..cut.index(len)]);
+            prop_assert!(matches!(result, Err(HeaderError::Closed)));
+        }
+
+        /// Arbitrary bytes are refused or read, never a panic, never more
+        /// than the limit.
+        #[test]
+        fn never_reads_past_the_limit(mut bytes in prop::collection::vec(any::<u8>(), 0..200), signed: bool, len: u16) {
+            if signed {
+                let mut head = proxy_protocol::SIGNATURE.to_vec();
+                head.extend_from_slice(&[0x21, 0x11]);
+                head.extend_from_slice(&len.to_be_bytes());
+                head.extend_from_slice(&bytes);
+                bytes = head;
+            }
+            let (result, left) = read(&bytes);
+            prop_assert!(bytes.len() - left <= MAX_HEADER_LEN);
+            if let Ok(header) = result {
+                prop_assert!(header.tlvs.len() <= MAX_HEADER_LEN / 3);
+            }
+        }
+    }
+}

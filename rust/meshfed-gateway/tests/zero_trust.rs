@@ -1,0 +1,722 @@
+//! Zero trust across zones, on loopback with real sockets and real TLS:
+//! west's originate egress (workload TLS, `convey_caller`) and east's
+//! terminate ingress (ordered `rules`, `trusted_gateways`) in one process,
+//! a backend that reads the PROXY v2 header east sends, and workloads and
+//! hostile gateways written directly with rustls.
+//!
+//! No test waits on a clock to see an effect: a refused client reads until
+//! the gateway closes its socket, and the gateway counts a refusal before it
+//! closes (or, in the handshake, before the alert goes out).
+
+#[path = "../src/test_certs.rs"]
+#[allow(dead_code)] // shared with the other suites; not every helper is used here
+mod test_certs;
+
+use std::error::Error;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshfed_gateway::{Gateway, ListenerSnapshot, proxy_protocol, spiffe_id_of};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{
+    AlertDescription, ClientConfig, DigitallySignedStruct, HandshakeKind, RootCertStore,
+    SignatureScheme,
+};
+use serde_json::{Value, json};
+use test_certs::{TestDomain, TestSvid};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+type TestResult = Result<(), Box<dyn Error + Send + Sync>>;
+type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+const SNI: &str = "outbound_.8080_._.orders.shop.svc.east.mesh";
+const EAST_GW: &str = "spiffe://east.mesh/ns/meshfed-system/sa/gateway";
+const WEST_GW: &str = "spiffe://west.mesh/ns/meshfed-system/sa/gateway";
+const CART: &str = "spiffe://west.mesh/ns/shop/sa/cart";
+const INTRUDER: &str = "spiffe://west.mesh/ns/shop/sa/intruder";
+const HOP_ALPN: &[u8] = b"meshfed-caller/1";
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Pki {
+    east: TestDomain,
+    west: TestDomain,
+}
+
+impl Pki {
+    fn new() -> Self {
+        Self {
+            east: TestDomain::new("east.mesh"),
+            west: TestDomain::new("west.mesh"),
+        }
+    }
+}
+
+/// East: a terminate ingress trusting west's gateway to vouch for callers;
+/// intruder denied first, then west's shop namespace and west's gateway
+/// itself allowed; the backend gets a PROXY v2 header with the caller.
+fn east_config(pki: &Pki, backend: SocketAddr, handshake_timeout_ms: u64) -> Value {
+    let svid = pki.east.svid(EAST_GW);
+    json!({
+        "identity": {"cert_chain_pem": svid.cert_pem, "private_key_pem": svid.key_pem},
+        "trust_bundles": {"east.mesh": pki.east.bundle_pem(), "west.mesh": pki.west.bundle_pem()},
+        "handshake_timeout_ms": handshake_timeout_ms,
+        "listeners": [{
+            "name": "ingress", "address": "127.0.0.1:0", "mode": "terminate",
+            "trusted_gateways": [WEST_GW],
+            "routes": [{"sni": SNI, "cluster": "orders", "proxy_protocol": true, "rules": [
+                {"action": "deny", "id": INTRUDER},
+                {"action": "allow", "id": "spiffe://west.mesh/ns/shop/*"},
+                {"action": "allow", "id": WEST_GW},
+            ]}]
+        }],
+        "clusters": [{"name": "orders", "endpoints": [{"address": backend.to_string()}]}]
+    })
+}
+
+/// West: a strict and a permissive egress to `endpoints` (mTLS to east's
+/// gateway, conveying the caller).
+fn west_config(pki: &Pki, endpoints: Value) -> Value {
+    let svid = pki.west.svid(WEST_GW);
+    json!({
+        "identity": {"cert_chain_pem": svid.cert_pem, "private_key_pem": svid.key_pem},
+        "trust_bundles": {"west.mesh": pki.west.bundle_pem(), "east.mesh": pki.east.bundle_pem()},
+        "listeners": [
+            {"name": "egress-strict", "address": "127.0.0.1:0", "mode": "originate",
+             "cluster": "east", "workload_tls": "strict"},
+            {"name": "egress-permissive", "address": "127.0.0.1:0", "mode": "originate",
+             "cluster": "east", "workload_tls": "permissive"},
+        ],
+        "clusters": [{"name": "east", "endpoints": endpoints, "connect_timeout_ms": 2000,
+                      "tls": {"sni": SNI, "peer_spiffe_id": EAST_GW, "convey_caller": true}}]
+    })
+}
+
+fn start(config: &Value) -> Res<Gateway> {
+    Ok(Gateway::start(config.to_string().as_bytes())?)
+}
+
+fn address(gateway: &Gateway, listener: &str) -> Res<SocketAddr> {
+    let address = gateway.addresses().get(listener).copied();
+    address.ok_or_else(|| format!("no listener {listener:?}").into())
+}
+
+fn stats(gateway: &Gateway, listener: &str) -> ListenerSnapshot {
+    gateway
+        .stats()
+        .remove(listener)
+        .unwrap_or_else(|| panic!("no stats for {listener}"))
+}
+
+fn reason(snapshot: &ListenerSnapshot, reason: &str) -> u64 {
+    snapshot
+        .handshake_failure_reasons
+        .get(reason)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// A free loopback port with nothing listening on it.
+fn dead_address() -> Res<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// East's backend: reads the PROXY v2 header of each connection, hands it
+/// to the test, then echoes.
+struct Backend {
+    address: SocketAddr,
+    headers: mpsc::UnboundedReceiver<proxy_protocol::Header>,
+}
+
+impl Backend {
+    async fn start() -> Res<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let (tx, headers) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut header = vec![0u8; 16];
+                    if stream.read_exact(&mut header).await.is_err() {
+                        return;
+                    }
+                    let len = usize::from(u16::from_be_bytes([header[14], header[15]]));
+                    header.resize(16 + len, 0);
+                    if stream.read_exact(&mut header[16..]).await.is_err() {
+                        return;
+                    }
+                    let Ok((parsed, _)) = proxy_protocol::decode_v2(&header) else {
+                        return;
+                    };
+                    let _ = tx.send(parsed);
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        Ok(Self { address, headers })
+    }
+
+    /// The caller SPIFFE ID (TLV 0xE0) of the next connection that arrived.
+    async fn next_caller(&mut self) -> Res<String> {
+        let header = timeout(IO_TIMEOUT, self.headers.recv())
+            .await?
+            .ok_or("backend stopped")?;
+        let caller = header
+            .tlvs
+            .iter()
+            .find(|(kind, _)| *kind == proxy_protocol::PP2_TYPE_MESHFED_SPIFFE_ID)
+            .ok_or("no caller TLV in the backend's PROXY header")?;
+        Ok(String::from_utf8(caller.1.clone())?)
+    }
+
+    /// Whether no connection reached the backend since the last look.
+    fn untouched(&mut self) -> bool {
+        self.headers.try_recv().is_err()
+    }
+}
+
+/// Verifies a server's X.509-SVID as a workload does: chain to `roots`,
+/// URI SAN exactly `expected`.
+#[derive(Debug)]
+struct PinnedSvid {
+    roots: Arc<RootCertStore>,
+    expected: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedSvid {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        match spiffe_id_of(end_entity) {
+            Ok(id) if id.as_str() == self.expected => Ok(ServerCertVerified::assertion()),
+            other => Err(rustls::Error::General(format!(
+                "server is {other:?}, expected {}",
+                self.expected
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn roots(domain: &TestDomain) -> Res<Arc<RootCertStore>> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(domain.bundle_pem().as_bytes()) {
+        roots.add(cert?)?;
+    }
+    Ok(Arc::new(roots))
+}
+
+fn chain_and_key(svid: &TestSvid) -> Res<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let chain =
+        CertificateDer::pem_slice_iter(svid.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    Ok((
+        chain,
+        PrivateKeyDer::from_pem_slice(svid.key_pem.as_bytes())?,
+    ))
+}
+
+/// A TLS client (a workload, or a hand-made gateway) that expects the
+/// server `server_id` of `server_domain`, presents `svid` if given and
+/// offers `alpn`; TLS 1.2 only when `tls12`, else the defaults (1.3 first).
+fn client(
+    server_domain: &TestDomain,
+    server_id: &str,
+    svid: Option<&TestSvid>,
+    alpn: &[&[u8]],
+    tls12: bool,
+) -> Res<Arc<ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(PinnedSvid {
+        roots: roots(server_domain)?,
+        expected: server_id.to_owned(),
+        provider: provider.clone(),
+    });
+    let builder = ClientConfig::builder_with_provider(provider);
+    let builder = if tls12 {
+        builder.with_protocol_versions(&[&rustls::version::TLS12])?
+    } else {
+        builder.with_safe_default_protocol_versions()?
+    };
+    let builder = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match svid {
+        Some(svid) => {
+            let (chain, key) = chain_and_key(svid)?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+async fn connect(
+    config: &Arc<ClientConfig>,
+    address: SocketAddr,
+    sni: &str,
+) -> io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(address).await?;
+    let name = ServerName::try_from(sni.to_owned()).map_err(io::Error::other)?;
+    timeout(
+        IO_TIMEOUT,
+        TlsConnector::from(config.clone()).connect(name, tcp),
+    )
+    .await?
+}
+
+/// Sends `payload` and reads the echo.
+async fn echo(stream: &mut TlsStream<TcpStream>, payload: &[u8]) -> Res<Vec<u8>> {
+    stream.write_all(payload).await?;
+    stream.flush().await?;
+    let mut back = vec![0u8; payload.len()];
+    timeout(IO_TIMEOUT, stream.read_exact(&mut back)).await??;
+    Ok(back)
+}
+
+fn rustls_error(e: &io::Error) -> Option<rustls::Error> {
+    e.get_ref()?.downcast_ref::<rustls::Error>().cloned()
+}
+
+/// Reads until the gateway ends the connection, then until it has closed
+/// the socket; returns the TLS error the client saw (an alert), if any.
+/// Fails if any byte arrives: a refused client must get none.
+async fn refusal(mut tls: TlsStream<TcpStream>) -> Res<Option<rustls::Error>> {
+    let mut buf = vec![0u8; 1024];
+    let error = match timeout(IO_TIMEOUT, tls.read(&mut buf)).await? {
+        Ok(0) => None,
+        Ok(n) => return Err(format!("expected a refusal, got {:?}", &buf[..n]).into()),
+        Err(e) => rustls_error(&e),
+    };
+    let (mut tcp, _) = tls.into_inner();
+    let mut rest = Vec::new();
+    // EOF or a reset: either way the gateway has closed (and counted).
+    let _ = timeout(IO_TIMEOUT, tcp.read_to_end(&mut rest)).await?;
+    Ok(error)
+}
+
+/// A plain TCP client refused: the gateway closes without a byte.
+async fn plain_refusal(address: SocketAddr, payload: &[u8]) -> TestResult {
+    let mut tcp = TcpStream::connect(address).await?;
+    let _ = tcp.write_all(payload).await;
+    let mut got = Vec::new();
+    let _ = timeout(IO_TIMEOUT, tcp.read_to_end(&mut got)).await?;
+    assert!(got.is_empty(), "refused client got {got:?}");
+    Ok(())
+}
+
+fn access_denied() -> Option<rustls::Error> {
+    Some(rustls::Error::AlertReceived(AlertDescription::AccessDenied))
+}
+
+/// A PROXY v2 caller header as a gateway writes it inside the tunnel.
+fn caller_header(caller: Option<&str>) -> Res<Vec<u8>> {
+    let (source, destination) = ("10.1.0.7:40000".parse()?, "10.1.0.1:15001".parse()?);
+    Ok(proxy_protocol::encode_v2(
+        source,
+        destination,
+        Some(SNI),
+        caller,
+    )?)
+}
+
+/// A workload with an SVID calling through west's strict egress reaches
+/// east's backend as itself; the intruder is denied by east's deny rule;
+/// called directly, east refuses it in the handshake with `access_denied`;
+/// workloads without an SVID never leave west.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_identity_crosses_zones_and_east_authorizes_it() -> TestResult {
+    let pki = Pki::new();
+    let mut backend = Backend::start().await?;
+    let east = start(&east_config(&pki, backend.address, 10_000))?;
+    let ingress = address(&east, "ingress")?;
+    // A dead local endpoint first: the header must go to the endpoint that
+    // finally accepts, after the retry.
+    let endpoints = json!([
+        {"address": dead_address()?.to_string(), "priority": 0},
+        {"address": ingress.to_string(), "priority": 1},
+    ]);
+    let west = start(&west_config(&pki, endpoints))?;
+    let egress = address(&west, "egress-strict")?;
+
+    let cart = client(&pki.west, WEST_GW, Some(&pki.west.svid(CART)), &[], false)?;
+    let mut stream = connect(&cart, egress, "egress.west.mesh").await?;
+    assert_eq!(echo(&mut stream, b"order #1").await?, b"order #1");
+    assert_eq!(backend.next_caller().await?, CART);
+    drop(stream);
+    assert!(
+        west.cluster_stats()["east"].connect_failures >= 1,
+        "no retry happened"
+    );
+    let inn = stats(&east, "ingress");
+    assert_eq!(inn.peer_identities.get(CART), Some(&1), "{inn:?}");
+    assert_eq!(inn.denied, 0);
+
+    // The intruder, through the same egress: west conveys it, east's first
+    // rule denies it before the backend.
+    let intruder_svid = pki.west.svid(INTRUDER);
+    let intruder = client(&pki.west, WEST_GW, Some(&intruder_svid), &[], false)?;
+    let mut stream = connect(&intruder, egress, "egress.west.mesh").await?;
+    stream.write_all(b"steal").await?;
+    refusal(stream).await?;
+    let inn = stats(&east, "ingress");
+    assert_eq!(inn.denied, 1);
+    assert_eq!(inn.denied_by_trust_domain.get("west.mesh"), Some(&1));
+    assert!(!inn.peer_identities.contains_key(INTRUDER), "{inn:?}");
+    assert!(backend.untouched());
+
+    // The intruder calling east directly with its own SVID: refused in the
+    // handshake with the alert access_denied, over TLS 1.3 and 1.2.
+    let direct = client(&pki.east, EAST_GW, Some(&intruder_svid), &[], false)?;
+    let stream = connect(&direct, ingress, SNI).await?;
+    assert_eq!(refusal(stream).await?, access_denied());
+    let direct12 = client(&pki.east, EAST_GW, Some(&intruder_svid), &[], true)?;
+    let refused = connect(&direct12, ingress, SNI).await.err();
+    assert_eq!(refused.as_ref().and_then(rustls_error), access_denied());
+    let inn = stats(&east, "ingress");
+    assert_eq!(inn.denied, 3);
+    assert_eq!(inn.denied_by_trust_domain.get("west.mesh"), Some(&3));
+    assert_eq!(
+        inn.handshake_failures, 0,
+        "a denial is not a handshake failure"
+    );
+    let json: Value = serde_json::from_str(&east.stats_json())?;
+    assert_eq!(
+        json["listeners"]["ingress"]["denied_by_trust_domain"],
+        json!({"west.mesh": 3})
+    );
+
+    // No SVID, no way out: plain TCP and TLS without a client certificate.
+    plain_refusal(egress, b"GET / HTTP/1.1\r\n\r\n").await?;
+    // (TLS 1.3: the client finishes its side first, then reads the alert.)
+    let anonymous = client(&pki.west, WEST_GW, None, &[], false)?;
+    let stream = connect(&anonymous, egress, "egress.west.mesh").await?;
+    assert!(refusal(stream).await?.is_some(), "expected an alert");
+    let out = stats(&west, "egress-strict");
+    assert_eq!(
+        (reason(&out, "not_tls"), reason(&out, "no_svid")),
+        (1, 1),
+        "{out:?}"
+    );
+    assert!(backend.untouched());
+    assert_eq!(stats(&east, "ingress").accepted, 4);
+    Ok(())
+}
+
+/// Permissive egress: plain clients are served as the gateway, TLS clients
+/// as their SVID (and TLS clients without one are still refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_egress_serves_plain_as_the_gateway_and_tls_as_the_workload() -> TestResult {
+    let pki = Pki::new();
+    let mut backend = Backend::start().await?;
+    let east = start(&east_config(&pki, backend.address, 10_000))?;
+    let ingress = address(&east, "ingress")?;
+    let west = start(&west_config(
+        &pki,
+        json!([{"address": ingress.to_string()}]),
+    ))?;
+    let egress = address(&west, "egress-permissive")?;
+
+    let mut plain = TcpStream::connect(egress).await?;
+    plain.write_all(b"plain").await?;
+    let mut back = [0u8; 5];
+    timeout(IO_TIMEOUT, plain.read_exact(&mut back)).await??;
+    assert_eq!(&back, b"plain");
+    assert_eq!(backend.next_caller().await?, WEST_GW);
+
+    let cart = client(&pki.west, WEST_GW, Some(&pki.west.svid(CART)), &[], false)?;
+    let mut stream = connect(&cart, egress, "egress.west.mesh").await?;
+    assert_eq!(echo(&mut stream, b"tls").await?, b"tls");
+    assert_eq!(backend.next_caller().await?, CART);
+
+    let anonymous = client(&pki.west, WEST_GW, None, &[], false)?;
+    let stream = connect(&anonymous, egress, "egress.west.mesh").await?;
+    assert!(refusal(stream).await?.is_some(), "expected an alert");
+    assert_eq!(reason(&stats(&west, "egress-permissive"), "no_svid"), 1);
+    let inn = stats(&east, "ingress");
+    assert_eq!(inn.peer_identities.get(WEST_GW), Some(&1), "{inn:?}");
+    assert_eq!(inn.peer_identities.get(CART), Some(&1), "{inn:?}");
+    assert!(backend.untouched());
+    Ok(())
+}
+
+/// A hostile west gateway (west's real gateway SVID, speaking the hop
+/// protocol by hand) may vouch for west.mesh callers only; a peer not in
+/// trusted_gateways may not speak it at all, not even by resuming a
+/// session it got without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_gateways_cannot_vouch_outside_their_trust_domain() -> TestResult {
+    let pki = Pki::new();
+    let mut backend = Backend::start().await?;
+    // Rules that end by allowing anyone: only the trust-domain check can
+    // stop a forged caller.
+    let mut config = east_config(&pki, backend.address, 10_000);
+    let rules = &mut config["listeners"][0]["routes"][0]["rules"];
+    rules
+        .as_array_mut()
+        .ok_or("rules")?
+        .push(json!({"action": "allow", "id": "*"}));
+    let east = start(&config)?;
+    let ingress = address(&east, "ingress")?;
+    let west_gw = pki.west.svid(WEST_GW);
+    let hostile = client(&pki.east, EAST_GW, Some(&west_gw), &[HOP_ALPN], false)?;
+
+    for forged in [
+        "spiffe://east.mesh/ns/shop/sa/cart",
+        "spiffe://third.mesh/ns/shop/sa/cart",
+    ] {
+        let mut stream = connect(&hostile, ingress, SNI).await?;
+        assert_eq!(stream.get_ref().1.alpn_protocol(), Some(HOP_ALPN));
+        stream.write_all(&caller_header(Some(forged))?).await?;
+        stream.write_all(b"forged").await?;
+        stream.flush().await?;
+        assert_eq!(
+            refusal(stream).await?,
+            None,
+            "{forged}: refused after the header, no alert"
+        );
+    }
+    let inn = stats(&east, "ingress");
+    // Counted under the vouching gateway's trust domain, not the forged one.
+    assert_eq!(
+        inn.denied_by_trust_domain,
+        [("west.mesh".to_owned(), 2)].into()
+    );
+    assert!(backend.untouched());
+
+    // The same gateway vouching for a west.mesh caller, and for itself (no TLV).
+    let mut stream = connect(&hostile, ingress, SNI).await?;
+    stream.write_all(&caller_header(Some(CART))?).await?;
+    assert_eq!(echo(&mut stream, b"vouched").await?, b"vouched");
+    assert_eq!(backend.next_caller().await?, CART);
+    let mut stream = connect(&hostile, ingress, SNI).await?;
+    stream.write_all(&caller_header(None)?).await?;
+    assert_eq!(echo(&mut stream, b"itself").await?, b"itself");
+    assert_eq!(backend.next_caller().await?, WEST_GW);
+    // ... but not for a west.mesh caller the rules deny.
+    let mut stream = connect(&hostile, ingress, SNI).await?;
+    stream.write_all(&caller_header(Some(INTRUDER))?).await?;
+    stream.flush().await?;
+    refusal(stream).await?;
+    assert_eq!(stats(&east, "ingress").denied, 3);
+
+    // A west workload is not a trusted gateway: access_denied in the handshake.
+    let cart_svid = pki.west.svid(CART);
+    let pretender = client(
+        &pki.east,
+        EAST_GW,
+        Some(&cart_svid),
+        &[b"h2", HOP_ALPN],
+        false,
+    )?;
+    let stream = connect(&pretender, ingress, SNI).await?;
+    assert_eq!(refusal(stream).await?, access_denied());
+    assert_eq!(stats(&east, "ingress").denied, 4);
+
+    // It cannot dodge that check by resuming a session it earned without the
+    // hop protocol (resumption skips certificate verification).
+    let honest = client(&pki.east, EAST_GW, Some(&cart_svid), &[], false)?;
+    let mut stream = connect(&honest, ingress, SNI).await?;
+    assert_eq!(echo(&mut stream, b"honest").await?, b"honest");
+    assert_eq!(backend.next_caller().await?, CART);
+    drop(stream);
+    let mut resuming = ClientConfig::clone(&honest);
+    resuming.alpn_protocols = vec![HOP_ALPN.to_vec()];
+    let stream = connect(&Arc::new(resuming), ingress, SNI).await?;
+    assert_eq!(
+        stream.get_ref().1.handshake_kind(),
+        Some(HandshakeKind::Resumed)
+    );
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(HOP_ALPN));
+    assert_eq!(refusal(stream).await?, None);
+    let inn = stats(&east, "ingress");
+    assert_eq!(inn.denied, 5);
+    assert_eq!(inn.denied_by_trust_domain.get("west.mesh"), Some(&5));
+    assert!(!inn.peer_identities.contains_key(INTRUDER));
+    assert!(backend.untouched());
+    Ok(())
+}
+
+/// Malformed, oversized and slow caller headers are refused, each counted
+/// by reason, while an honest connection on the same ingress is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_caller_headers_are_refused_without_harming_other_connections() -> TestResult {
+    let pki = Pki::new();
+    let mut backend = Backend::start().await?;
+    // A short handshake budget (it covers the caller header): the slow
+    // client below is cut by it.
+    let east = start(&east_config(&pki, backend.address, 2_000))?;
+    let ingress = address(&east, "ingress")?;
+    let gateway = client(
+        &pki.east,
+        EAST_GW,
+        Some(&pki.west.svid(WEST_GW)),
+        &[HOP_ALPN],
+        false,
+    )?;
+
+    // Slow: half a header, then silence.
+    let mut slow = connect(&gateway, ingress, SNI).await?;
+    let slow_since = Instant::now();
+    slow.write_all(&caller_header(Some(CART))?[..10]).await?;
+    slow.flush().await?;
+
+    let mut garbage = connect(&gateway, ingress, SNI).await?;
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n")
+        .await?;
+    garbage.flush().await?;
+    refusal(garbage).await?;
+
+    let mut oversized = connect(&gateway, ingress, SNI).await?;
+    let mut head = proxy_protocol::SIGNATURE.to_vec();
+    head.extend_from_slice(&[0x21, 0x11, 0x13, 0x88]); // announces 5000 bytes
+    head.extend_from_slice(&[0u8; 64]);
+    oversized.write_all(&head).await?;
+    oversized.flush().await?;
+    refusal(oversized).await?;
+
+    let mut honest = connect(&gateway, ingress, SNI).await?;
+    honest.write_all(&caller_header(Some(CART))?).await?;
+    assert_eq!(echo(&mut honest, b"still served").await?, b"still served");
+    assert_eq!(backend.next_caller().await?, CART);
+
+    refusal(slow).await?;
+    assert!(
+        slow_since.elapsed() >= Duration::from_millis(1_000),
+        "closed before its deadline"
+    );
+    let inn = stats(&east, "ingress");
+    let reasons = ["malformed", "too_large", "timeout"].map(|r| reason(&inn, r));
+    assert_eq!(reasons, [1, 1, 1], "{inn:?}");
+    assert_eq!(inn.denied, 0);
+    assert!(backend.untouched());
+    Ok(())
+}
+
+/// Clients that never heard of the hop protocol are unaffected: one
+/// offering h2 and http/1.1 connects, negotiates no ALPN, and is
+/// authorized as itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordinary_clients_offering_h2_still_connect() -> TestResult {
+    let pki = Pki::new();
+    let mut backend = Backend::start().await?;
+    let east = start(&east_config(&pki, backend.address, 10_000))?;
+    let ingress = address(&east, "ingress")?;
+    let cart_svid = pki.west.svid(CART);
+    for tls12 in [false, true] {
+        let h2 = client(
+            &pki.east,
+            EAST_GW,
+            Some(&cart_svid),
+            &[b"h2", b"http/1.1"],
+            tls12,
+        )?;
+        let mut stream = connect(&h2, ingress, SNI).await?;
+        assert_eq!(stream.get_ref().1.alpn_protocol(), None);
+        assert_eq!(
+            echo(&mut stream, b"PRI * HTTP/2.0").await?,
+            b"PRI * HTTP/2.0"
+        );
+        assert_eq!(backend.next_caller().await?, CART);
+    }
+    assert_eq!(stats(&east, "ingress").peer_identities.get(CART), Some(&2));
+    Ok(())
+}
+
+/// An ingress that does not speak the hop protocol (an older gateway, here
+/// a plain rustls server) gets no caller header: its first bytes are the
+/// client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn convey_caller_to_an_older_ingress_sends_no_header() -> TestResult {
+    let pki = Pki::new();
+    let (chain, key) = chain_and_key(&pki.east.svid(EAST_GW))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots(&pki.west)?,
+        provider.clone(),
+    )
+    .build()?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let older = listener.local_addr()?;
+    let (tx, mut first_bytes) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let mut buf = [0u8; 64];
+                let Ok(n) = tls.read(&mut buf).await else {
+                    return;
+                };
+                let _ = tx.send(buf[..n].to_vec());
+                let _ = tls.write_all(&buf[..n]).await;
+                let _ = tls.flush().await;
+            });
+        }
+    });
+    let west = start(&west_config(&pki, json!([{"address": older.to_string()}])))?;
+    let cart = client(&pki.west, WEST_GW, Some(&pki.west.svid(CART)), &[], false)?;
+    let mut stream = connect(&cart, address(&west, "egress-strict")?, "egress").await?;
+    assert_eq!(echo(&mut stream, b"hello").await?, b"hello");
+    let first = timeout(IO_TIMEOUT, first_bytes.recv()).await?;
+    assert_eq!(first.as_deref(), Some(&b"hello"[..]));
+    Ok(())
+}
