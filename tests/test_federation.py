@@ -18,6 +18,7 @@ from meshfed.controller import Controller
 from meshfed.errors import FederationError
 from meshfed.federation.exports import ExportRules
 from meshfed.federation.imports import ImportStore
+from meshfed.gateway import AuthzRule
 from meshfed.trust.spiffe import TrustDomain
 from meshfed.zone import Zone
 from tests.conftest import EchoServer, round_trip, trust_each_other
@@ -190,7 +191,11 @@ def test_peer_trust_domain_mapping_is_what_the_ingress_allows(zones, echo_server
     async def scenario() -> None:
         async with _controller(east, {"west": west}) as east_ctl:
             (route,) = east_ctl.gateway_config().listeners[0].routes  # type: ignore[union-attr]
-            assert route.allow == [str(TrustDomain("west.mesh").gateway_id)]
+            # Any identity west's trust domain vouches for (its gateway, or a workload it conveys).
+            assert route.rules == [AuthzRule(action="allow", id="spiffe://west.mesh/*")]
+            assert east_ctl.gateway_config().listeners[0].trusted_gateways == [  # type: ignore[union-attr]
+                str(TrustDomain("west.mesh").gateway_id)
+            ]
 
     asyncio.run(scenario())
 

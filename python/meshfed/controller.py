@@ -16,7 +16,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from opentelemetry.sdk.trace.export import SpanExporter
@@ -25,6 +25,8 @@ from meshfed.addresses import HostPort
 from meshfed.catalog import CatalogSnapshot, CatalogSource, LocalImport, open_catalog
 from meshfed.catalog.publisher import DEFAULT_RESYNC, ImportPublisher, PublicationStatus
 from meshfed.errors import GatewayConfigError, MeshfedError, PeerInputError
+from meshfed.federation.authz import AuthzIndex, AuthzRules
+from meshfed.federation.egress import WorkloadTls
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.exports import ExportIndex, ExportRules, UnhealthyEndpoints, exported_snapshot
 from meshfed.federation.failover import FailoverGroup, failover_groups
@@ -76,6 +78,8 @@ class _Exports:
     catalog: CatalogSnapshot
     index: ExportIndex
     rules_version: int
+    authz: AuthzIndex = field(default_factory=AuthzIndex)
+    proxy_protocol: frozenset[tuple[str, str]] = frozenset()
 
 
 class Service(Protocol):
@@ -108,6 +112,7 @@ class Controller:
         health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
         publication_resync: dt.timedelta = DEFAULT_RESYNC,
         allow_empty_catalog: bool = False,
+        egress_workload_tls: WorkloadTls | None = None,
     ) -> None:
         """``egress_port_base`` 0 gives each import an ephemeral port; otherwise ports are kept from that base.
         Imports are published to the catalog at ``egress_advertise_host`` (default: the bound host), so a
@@ -135,6 +140,10 @@ class Controller:
         last heard, until the catalog has services again or an operator
         confirms (:meth:`confirm_empty_catalog`, or ``allow_empty_catalog``):
         withdrawing every export would make every peer delete every import.
+
+        ``egress_workload_tls`` overrides ``[egress] workload_tls`` of ``zone.toml``
+        (per-import overrides still apply): whether local workloads must present
+        SVIDs to the egress listeners.
         """
         self.zone = zone
         self._catalog = catalog if catalog is not None else open_catalog(zone)
@@ -158,6 +167,10 @@ class Controller:
         self._egress_host = egress_host
         self._egress_advertise_host = egress_advertise_host
         self._egress_port_base = egress_port_base
+        egress = zone.config.egress
+        self._egress = (
+            egress if egress_workload_tls is None else egress.model_copy(update={"workload_tls": egress_workload_tls})
+        )
         self._svid_ttl = gateway_svid_ttl
         self._peer_trust_domains = peer_trust_domains
         self._services = list(services)
@@ -220,6 +233,7 @@ class Controller:
         # Deletes requested while the zone was down apply before anything is served: a deleted
         # peer's imports must not stop the zone from starting.
         await asyncio.to_thread(self._withdraw_deleted_peers)
+        await asyncio.to_thread(self._load_config_rules)
         self._catalog_snapshot = await self._catalog.snapshot()
         if not self._catalog_snapshot.services and not self._allow_empty_catalog:
             await self._hold_exports_if_catalog_lost()
@@ -445,8 +459,14 @@ class Controller:
         if self._svid is None:
             raise MeshfedError(f"zone {self.zone.name}: no gateway SVID yet; start the controller first")
         directory = self.zone.directory
-        with ExportRules(directory) as rules, ImportStore(directory) as imports:
-            exports = _Exports(self._catalog_snapshot, ExportIndex(rules.rules()), rules.version())
+        with ExportRules(directory) as rules, AuthzRules(directory) as authz, ImportStore(directory) as imports:
+            exports = _Exports(
+                self._catalog_snapshot,
+                ExportIndex(rules.rules()),
+                rules.version(),
+                AuthzIndex(authz.rules()),
+                rules.proxy_protocol_services(),
+            )
             snapshots, problems = imports.read()
             served = {peer: snapshot for peer, snapshot in snapshots.items() if not self._withheld(peer)}
             served = self._resolved(served, problems)
@@ -528,7 +548,15 @@ class Controller:
             failover=self.zone.config.failover,
             splits=self.zone.config.split,
             health_check=self._health_check,
+            authz=exports.authz,
+            egress=self._egress,
+            proxy_protocol=exports.proxy_protocol,
         )
+
+    def _load_config_rules(self) -> None:
+        """Make the stored ``zone.toml`` authorization rules those of the file as it is now."""
+        with AuthzRules(self.zone.directory) as authz:
+            authz.replace_config_rules(self.zone.config.authz)
 
     def _withdraw_deleted_peers(self) -> None:
         """Drop the imports of peerings deleted (or gone) while no controller ran."""
@@ -602,8 +630,12 @@ class Controller:
         # The source wakes us on catalog changes; export rules are two integers
         # away in SQLite, so checking them on every wake-up catches CLI writes
         # from other processes within a fraction of a second.
-        with ExportRules(self.zone.directory) as rules:
-            seen_rules = rules.version()
+        with ExportRules(self.zone.directory) as exports, AuthzRules(self.zone.directory) as authz:
+
+            def rules_version() -> tuple[int, int]:
+                return exports.version(), authz.version()
+
+            seen_rules = rules_version()
             while True:
                 since = self._catalog_snapshot.version
                 try:
@@ -612,9 +644,9 @@ class Controller:
                     log.error("zone %s: catalog watch failed, retrying: %s", self.zone.name, err)
                     await asyncio.sleep(CATALOG_RETRY_SECONDS)
                     continue
-                rules_version = rules.version()
-                if snapshot.version != since or rules_version != seen_rules:
-                    self._catalog_snapshot, seen_rules = snapshot, rules_version
+                current = rules_version()
+                if snapshot.version != since or current != seen_rules:
+                    self._catalog_snapshot, seen_rules = snapshot, current
                     if snapshot.services:
                         self._release_catalog_hold("the catalog has services again")
                     await _retrying(self.zone.name, "applying a catalog or export change", self.exports_changed)

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from meshfed.api import create_app
 from meshfed.controller import DEFAULT_HEALTH_CHECK, Controller, FailingPeerPolicy
 from meshfed.errors import MeshfedError, PeeringError
+from meshfed.federation.egress import WorkloadTls
 from meshfed.federation.peering import PeerState
 from meshfed.federation.service import PEER_HEARTBEAT_BOUNDS, PeeringService, PeerLimits, PeerStatus
 from meshfed.gateway import HealthCheck
@@ -51,6 +52,7 @@ class ZoneSettings:
     # A peer's announced heartbeat interval is held within these (seconds): its failure deadline.
     peer_heartbeat_bounds: tuple[float, float] = PEER_HEARTBEAT_BOUNDS
     allow_empty_catalog: bool = False  # an empty catalog at start withdraws earlier exports (else they are held)
+    egress_workload_tls: WorkloadTls | None = None  # default: [egress] workload_tls in zone.toml
 
 
 def check_settings(zone: Zone, settings: ZoneSettings) -> None:
@@ -129,6 +131,7 @@ def assemble_zone(zone: Zone, settings: ZoneSettings = ZoneSettings()) -> ZoneRu
         failing_peer_policy=settings.failing_peer_policy,
         health_check=settings.health_check,
         allow_empty_catalog=settings.allow_empty_catalog,
+        egress_workload_tls=settings.egress_workload_tls,
     )
     peering = PeeringService(
         zone,

@@ -50,6 +50,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from meshfed.catalog.settings import CatalogMode, ConsulSettings, KubernetesSettings
 from meshfed.errors import InvalidBundleError, RotationError, TrustError, ZoneError
+from meshfed.federation.authz import RuleSpec
+from meshfed.federation.egress import EgressPolicy
 from meshfed.federation.failover import FailoverPolicy
 from meshfed.federation.splits import SubsetSplit
 from meshfed.store import CaGeneration, Federation, FederationProfile, StateStore, StoredBundle
@@ -100,6 +102,10 @@ class ZoneConfig(BaseModel):
     failover: FailoverPolicy = FailoverPolicy()
     # [[split]]: exported services whose peers' traffic is divided among subsets by weight.
     split: list[SubsetSplit] = Field(default_factory=list)
+    # [[authz]]: ordered allow/deny rules over caller SPIFFE IDs per exported service (federation/authz.py).
+    authz: list[RuleSpec] = Field(default_factory=list)
+    # [egress]: whether local workloads must present SVIDs to the egress listeners (federation/egress.py).
+    egress: EgressPolicy = EgressPolicy()
     # Settings of the consul / kubernetes catalog sources ([consul], [kubernetes] in zone.toml).
     consul: ConsulSettings | None = None
     kubernetes: KubernetesSettings | None = None
@@ -544,12 +550,27 @@ def _populate(directory: Path, config: ZoneConfig) -> None:
     authority = _write_authority_files(directory / "ca", TrustDomain(config.trust_domain))
     _write(directory / TOKEN_FILE, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
     _write(directory / READ_TOKEN_FILE, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
-    _write(directory / CONFIG_FILE, tomli_w.dumps(config.model_dump(exclude_none=True)).encode(), 0o644)
+    _write(directory / CONFIG_FILE, tomli_w.dumps(_config_document(config)).encode(), 0o644)
     with StateStore(directory / STATE_FILE) as store:
         store.put_bundle(TrustBundle(authority.trust_domain, (authority.root,)), source="self")
         # Recorded from birth, so every SVID's TTL is known when this CA is rotated out.
         store.put_ca_generation(_first_generation(authority, longest_svid_ttl=dt.timedelta(0)))
     (directory / STATE_FILE).chmod(0o600)
+
+
+def _config_document(config: ZoneConfig) -> dict[str, object]:
+    """What ``zone init`` writes to ``zone.toml``: the settings, without empty lists and default tables.
+
+    An empty list would be written as ``authz = []``, after which an operator's ``[[authz]]`` table
+    is a TOML error; an omitted key is the same default and leaves room to add one.
+    """
+    document = config.model_dump(exclude_none=True, by_alias=True)
+    defaults = ZoneConfig.model_construct().model_dump(exclude_none=True, by_alias=True)
+    return {
+        key: value
+        for key, value in document.items()
+        if value != [] and not (key == "egress" and value == defaults.get("egress"))
+    }
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from meshfed import __version__, _core
+from meshfed.api import authz as authz_api
 from meshfed.api import catalog as catalog_api
 from meshfed.api import limits
 from meshfed.api import peering as peering_api
@@ -70,6 +71,7 @@ def create_app(controller: Controller, peering: PeeringService | None = None) ->
     app.include_router(catalog_api.router)
     app.include_router(trust_api.router)
     app.include_router(peering_api.router)
+    app.include_router(authz_api.router)
     _add_open_routes(app, controller)
 
     @app.get("/v1/zone", tags=["zone"], dependencies=[Depends(require_reader)])

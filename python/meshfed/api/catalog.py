@@ -88,6 +88,10 @@ class ExportRequest(BaseModel):
         list[Annotated[str, StringConstraints(min_length=1, max_length=63)]],
         Field(min_length=1, max_length=MAX_EXPORT_PEERS, description="Peering names, or '*' for every peer."),
     ]
+    proxy_protocol: bool | None = Field(
+        default=None,
+        description="Send the backends a PROXY v2 header with the original caller's SPIFFE ID; null: unchanged.",
+    )
 
 
 def _controller(request: Request) -> Controller:
@@ -171,7 +175,7 @@ async def add_export(body: ExportRequest, request: Request) -> list[ExportRuleVi
     controller = _controller(request)
     try:
         with ExportRules(controller.zone.directory) as rules:
-            added = rules.add(body.service, body.namespace, body.to)
+            added = rules.add(body.service, body.namespace, body.to, proxy_protocol=body.proxy_protocol)
     except FederationError as err:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
     audit_call(

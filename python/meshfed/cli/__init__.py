@@ -10,12 +10,13 @@ import errno
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast, get_args
 
 import typer
 
 from meshfed import __version__, _core
 from meshfed.addresses import HostPort, is_ip_address, parse_host, parse_host_port, parse_port
+from meshfed.cli.authz import authz_app
 from meshfed.cli.common import ZoneDir, fail, parse_duration
 from meshfed.cli.export import export_app
 from meshfed.cli.peer import peer_app
@@ -23,6 +24,7 @@ from meshfed.cli.service import catalog_app, service_app
 from meshfed.cli.trust import trust_app
 from meshfed.cli.zone import zone_app
 from meshfed.errors import InvalidAddressError, MeshfedError
+from meshfed.federation.egress import WorkloadTls
 from meshfed.sqlite import describe_error
 from meshfed.zone import Zone
 
@@ -38,6 +40,7 @@ app.add_typer(trust_app, name="trust")
 app.add_typer(service_app, name="service")
 app.add_typer(catalog_app, name="catalog")
 app.add_typer(export_app, name="export")
+app.add_typer(authz_app, name="authz")
 app.add_typer(peer_app, name="peer")
 
 
@@ -119,6 +122,14 @@ def up(
             "POST /v1/catalog/confirm-empty."
         ),
     ] = False,
+    egress_workload_tls: Annotated[
+        str | None,
+        typer.Option(
+            help="plain: egress listeners take plain TCP and peers see this zone's gateway; strict: local "
+            "workloads must present SVIDs of this zone, and peers see which workload called; permissive: both. "
+            "Default: [egress] workload_tls in zone.toml (plain)."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     log_format: Annotated[str, typer.Option(help="json (one object per line, with trace ids) or text.")] = "json",
 ) -> None:
@@ -133,6 +144,8 @@ def up(
         raise typer.BadParameter("use open or closed", param_hint="--failing-peer-policy")
     if (api_tls_cert is None) != (api_tls_key is None):
         raise typer.BadParameter("give both or neither", param_hint="--api-tls-cert/--api-tls-key")
+    if egress_workload_tls not in (None, *get_args(WorkloadTls)):
+        raise typer.BadParameter("use plain, permissive or strict", param_hint="--egress-workload-tls")
     # Every address is parsed here, before anything binds: ports the layers below would take
     # modulo 65536, or names they would only refuse much later, are one line naming the flag.
     zone = Zone.open(directory)
@@ -177,6 +190,7 @@ def up(
         failing_peer_policy="open" if failing_peer_policy == "open" else "closed",
         health_check=health_check_every(parse_duration(health_check_interval, "--health-check-interval")),
         allow_empty_catalog=allow_empty_catalog,
+        egress_workload_tls=cast("WorkloadTls | None", egress_workload_tls),
     )
     serve_zone(zone, settings, listeners, log_level=log_level, json_logs=log_format == "json")
 

@@ -10,7 +10,8 @@ from rich.table import Table
 
 from meshfed import audit
 from meshfed.cli.common import ZoneDir
-from meshfed.federation.exports import ExportRules
+from meshfed.federation.exports import ALL_PEERS, ExportRules
+from meshfed.federation.peering import PeeringStore
 from meshfed.zone import Zone
 
 export_app = typer.Typer(help="Export local services to peers (nothing is exported by default).", no_args_is_help=True)
@@ -25,11 +26,19 @@ def add(
     service: ServiceOption,
     to: Annotated[list[str], typer.Option("--to", help="Peering name, or '*' for every peer. Repeatable.")],
     namespace: NamespaceOption = "default",
+    proxy_protocol: Annotated[
+        bool | None,
+        typer.Option(
+            "--proxy-protocol/--no-proxy-protocol",
+            help="Send the service's backends a PROXY v2 header naming the original caller's SPIFFE ID "
+            "(TLV 0xE0) before the client's bytes. Default: leave as it is (off for a new export).",
+        ),
+    ] = None,
 ) -> None:
     """Export a service to peers; a running zone applies it within a second."""
     zone = Zone.open(directory)
     with ExportRules(zone.directory) as rules:
-        added = rules.add(service, namespace, to)
+        added = rules.add(service, namespace, to, proxy_protocol=proxy_protocol)
     audit.record(
         zone.directory,
         actor=audit.cli_actor(),
@@ -38,6 +47,16 @@ def add(
         to=sorted({rule.peer for rule in added}),
     )
     typer.echo(f"exported {service}.{namespace} to {', '.join(rule.peer for rule in added)}")
+    with PeeringStore.of(zone) as peerings:
+        known = {peering.name for peering in peerings.peerings()}
+    for peer in sorted({rule.peer for rule in added} - known - {ALL_PEERS}):
+        # An export names peerings; a trust domain federated by bundle only (SPIRE) is admitted by a rule.
+        typer.echo(
+            f"note: zone {zone.name} has no peering named {peer!r} yet; the export applies once one is "
+            "established. To admit workloads of a trust domain federated by bundle (SPIRE, another mesh), "
+            f"use 'meshfed authz add --service {service} --allow spiffe://<trust domain>/*'",
+            err=True,
+        )
 
 
 @export_app.command("remove")

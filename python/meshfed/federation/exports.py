@@ -51,6 +51,15 @@ _MIGRATIONS = (
     CREATE TABLE export_health_version (only INTEGER PRIMARY KEY CHECK (only = 1), version INTEGER NOT NULL) STRICT;
     INSERT INTO export_health_version VALUES (1, 0);
     """,
+    # Per exported service, not per peer: whether its backends get a PROXY v2 header naming the caller.
+    """
+    CREATE TABLE export_options (
+        namespace TEXT NOT NULL,
+        service TEXT NOT NULL,
+        proxy_protocol INTEGER NOT NULL CHECK (proxy_protocol IN (0, 1)),
+        PRIMARY KEY (namespace, service)
+    ) STRICT;
+    """,
 )
 
 UnhealthyEndpoints = frozenset[tuple[str, str, str]]
@@ -70,8 +79,14 @@ class ExportRules(SqliteStore):
     def __init__(self, zone_directory: Path) -> None:
         super().__init__(zone_directory / STATE_FILE, "exports", _MIGRATIONS)
 
-    def add(self, service: str, namespace: str, peers: Iterable[str]) -> list[ExportRule]:
-        """Export ``service`` to each of ``peers`` (names, or ``*``). Adding an existing rule is a no-op."""
+    def add(
+        self, service: str, namespace: str, peers: Iterable[str], *, proxy_protocol: bool | None = None
+    ) -> list[ExportRule]:
+        """Export ``service`` to each of ``peers`` (names, or ``*``). Adding an existing rule is a no-op.
+
+        ``proxy_protocol`` (when given) sets whether the service's backends get a PROXY v2 header
+        with the original caller's SPIFFE ID; it applies to the service whoever calls.
+        """
         rules = [ExportRule(namespace, service, _check_peer(peer)) for peer in peers]
         if not rules:
             raise FederationError("name at least one peer with --to (a peering name, or '*' for every peer)")
@@ -81,8 +96,19 @@ class ExportRules(SqliteStore):
                 "INSERT OR IGNORE INTO export_rules VALUES (?, ?, ?, ?)",
                 [(rule.namespace, rule.service, rule.peer, now) for rule in rules],
             )
+            if proxy_protocol is not None:
+                self._db.execute(
+                    "INSERT INTO export_options VALUES (?, ?, ?) "
+                    "ON CONFLICT (namespace, service) DO UPDATE SET proxy_protocol = excluded.proxy_protocol",
+                    (namespace, service, int(proxy_protocol)),
+                )
             self._bump()
         return rules
+
+    def proxy_protocol_services(self) -> frozenset[tuple[str, str]]:
+        """(namespace, service) of the exports whose backends get a PROXY v2 header."""
+        rows = self._db.execute("SELECT namespace, service FROM export_options WHERE proxy_protocol = 1").fetchall()
+        return frozenset((namespace, service) for namespace, service in rows)
 
     def remove(self, service: str, namespace: str, peers: Iterable[str] | None = None) -> int:
         """Remove the rules of ``service`` (only those to ``peers`` if given). Returns how many went."""
@@ -101,6 +127,10 @@ class ExportRules(SqliteStore):
                 )
             if not removed:
                 raise FederationError(f"no export of {service}.{namespace} matches; see 'meshfed export list'")
+            self._db.execute(
+                "DELETE FROM export_options WHERE (namespace, service) NOT IN "
+                "(SELECT namespace, service FROM export_rules)"
+            )
             self._bump()
         return removed
 

@@ -1,16 +1,24 @@
 """From federation state to one complete gateway config (DESIGN §6: one snapshot per generation).
 
 Ingress: one terminate listener; a route per exported service port, keyed by
-the federated SNI of this zone's trust domain, allowing exactly the gateways
-of the peers an export names. Local clusters are health-checked so the zone
-can tell its peers when a service it exports has no live endpoint.
+the federated SNI of this zone's trust domain. Who may call a route is an
+ordered list of rules over the caller's SPIFFE ID: the service's authorization
+rules (``federation/authz.py``) when it has any, else every identity of the
+trust domains of the peers an export names. A peer's gateway may vouch for the
+workload behind it (``trusted_gateways``), within its own trust domain only, so
+the rules see the workload that called, not just its zone. Local clusters are
+health-checked so the zone can tell its peers when a service it exports has no
+live endpoint.
 
 Egress: one originate listener per imported service port, opening mTLS to the
 exporting peer's gateway with that service's SNI and the peer gateway's SPIFFE
-ID pinned. A service that several sources offer (this zone and peers, or
-several peers) is also a *failover group* (``federation/failover.py``): one
-more originate listener whose cluster holds the local endpoints at priority 0
-and the peers' gateways at the next priorities, tier by tier. The data plane
+ID pinned, and conveying the calling workload's verified SPIFFE ID to it when
+the listener requires workload SVIDs (``federation/egress.py``).
+
+A service that several sources offer (this zone and peers, or several peers)
+is also a *failover group* (``federation/failover.py``): one more originate
+listener whose cluster holds the local endpoints at priority 0 and the peers'
+gateways at the next priorities, tier by tier. The data plane
 keeps traffic on the first priority with healthy endpoints (split by weight
 within it) and retries the next one when a connect or handshake fails; sources
 that report no healthy endpoint are left out while any other is healthy.
@@ -20,13 +28,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from meshfed.catalog.model import CatalogSnapshot, Service
+from meshfed.federation.authz import AuthzIndex
+from meshfed.federation.egress import EgressPolicy
 from meshfed.federation.exports import ExportIndex
 from meshfed.federation.failover import DEFAULT_POLICY, FailoverGroup, FailoverPolicy, failover_groups
 from meshfed.federation.imports import ImportedService
 from meshfed.federation.splits import SubsetSplit
 from meshfed.gateway import (
+    AuthzRule,
     Cluster,
     Endpoint,
     GatewayConfig,
@@ -62,37 +74,59 @@ def build_gateway_config(
     failover: FailoverPolicy = DEFAULT_POLICY,
     splits: Sequence[SubsetSplit] = (),
     health_check: HealthCheck | None = None,
+    authz: AuthzIndex | None = None,
+    egress: EgressPolicy | None = None,
+    proxy_protocol: frozenset[tuple[str, str]] = frozenset(),
 ) -> GatewayConfig:
-    """The whole gateway config for this state; the same inputs always give the same config."""
+    """The whole gateway config for this state; the same inputs always give the same config.
+
+    ``proxy_protocol`` holds the (namespace, service) whose backends get a PROXY v2 header
+    naming the original caller (``meshfed export add --proxy-protocol``).
+    """
+    authz = authz or AuthzIndex()
+    egress = egress or EgressPolicy()
     routes: list[Route] = []
     clusters: list[Cluster] = []
     split_of = {split.key: split for split in splits}
     for service in catalog.services:
         allowed = exports.peers_allowed(service, peer_trust_domains)
         endpoints = [Endpoint(address=e.key, weight=e.weight) for e in service.healthy_endpoints]
-        if not allowed or not endpoints:
+        if not (allowed or authz.has_rules(service)) or not endpoints:
             continue
         cluster = local_cluster_name(service)
         clusters.append(Cluster(name=cluster, endpoints=endpoints, health_check=health_check))
         split = split_of.get(service.key)
         shares = _subset_clusters(service, split, clusters) if split is not None else []
-        allow = sorted(str(peer_trust_domains[peer].gateway_id) for peer in allowed)
+        # Default: whatever the named peers' trust domains vouch for (their gateways, and the
+        # workloads their gateways convey); a service with rules gets exactly its rules.
+        default = [AuthzRule(action="allow", id=f"{peer_trust_domains[peer].id}/*") for peer in sorted(allowed)]
         for port in sorted(set(service.ports.values())):
             sni = service_sni(service.name, service.namespace, port, trust_domain)
-            if shares:
-                routes.append(Route(sni=sni, weighted_clusters=shares, allow=allow))
-            else:
-                routes.append(Route(sni=sni, cluster=cluster, allow=allow))
+            rules = (
+                [AuthzRule(action=rule.action, id=rule.pattern) for rule in authz.rules_for(service, port)]
+                if authz.has_rules(service)
+                else default
+            )
+            target: dict[str, Any] = {"weighted_clusters": shares} if shares else {"cluster": cluster}
+            routes.append(Route(sni=sni, rules=rules, proxy_protocol=service.key in proxy_protocol, **target))
 
-    listeners: list[Listener] = [TerminateListener(name=INGRESS_LISTENER, address=ingress_address, routes=routes)]
+    trusted_gateways = sorted({str(domain.gateway_id) for domain in peer_trust_domains.values()})
+    listeners: list[Listener] = [
+        TerminateListener(
+            name=INGRESS_LISTENER, address=ingress_address, routes=routes, trusted_gateways=trusted_gateways
+        )
+    ]
     for imported in imports:
+        workload_tls = egress.mode(imported.service.name, imported.service.namespace, imported.peer)
         for port_name in sorted(imported.service.ports):
             endpoints = _peer_endpoints(imported, port_name, priority=0)
             if not endpoints:
                 continue  # the peer advertised no gateway: nothing to dial
             name = egress_listener_name(imported, port_name)
             clusters.append(Cluster(name=name, endpoints=endpoints))
-            listeners.append(OriginateListener(name=name, address=egress_address(name), cluster=name))
+            listeners.append(
+                OriginateListener(name=name, address=egress_address(name), cluster=name, workload_tls=workload_tls)
+            )
 
     for group in failover_groups(catalog, imports, failover):
         for port_name in group.port_names:
@@ -103,7 +137,10 @@ def build_gateway_config(
             clusters.append(
                 Cluster(name=name, endpoints=endpoints, lb="weighted_round_robin", health_check=health_check)
             )
-            listeners.append(OriginateListener(name=name, address=egress_address(name), cluster=name))
+            workload_tls = egress.mode(group.service, group.namespace, None)
+            listeners.append(
+                OriginateListener(name=name, address=egress_address(name), cluster=name, workload_tls=workload_tls)
+            )
     return GatewayConfig(identity=identity, trust_bundles=trust_bundles, listeners=listeners, clusters=clusters)
 
 
@@ -129,6 +166,7 @@ def _peer_endpoints(imported: ImportedService, port_name: str, *, priority: int,
     tls = UpstreamTls(
         sni=service_sni(imported.service.name, imported.service.namespace, port, peer_domain),
         peer_spiffe_id=str(peer_domain.gateway_id),
+        convey_caller=True,
     )
     addresses = imported.snapshot.gateway_addresses
     return [Endpoint(address=address, priority=priority, weight=weight, tls=tls) for address in addresses]
