@@ -26,7 +26,7 @@ from meshfed.catalog import CatalogSnapshot, CatalogSource, LocalImport, open_ca
 from meshfed.catalog.publisher import DEFAULT_RESYNC, ImportPublisher, PublicationStatus
 from meshfed.errors import GatewayConfigError, MeshfedError, PeerInputError
 from meshfed.federation.authz import AuthzIndex, AuthzRules
-from meshfed.federation.egress import WorkloadTls
+from meshfed.federation.egress import EgressPolicy, WorkloadTls
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.exports import ExportIndex, ExportRules, UnhealthyEndpoints, exported_snapshot
 from meshfed.federation.failover import FailoverGroup, failover_groups
@@ -619,6 +619,16 @@ class Controller:
     @property
     def gateway_svid(self) -> Svid | None:
         return self._svid
+
+    @property
+    def egress_policy(self) -> EgressPolicy:
+        """What the egress listeners ask of local clients (zone.toml's [egress], with ``meshfed up``'s override)."""
+        return self._egress
+
+    @property
+    def unhealthy_endpoints(self) -> UnhealthyEndpoints:
+        """Local endpoints the gateway's health checks find failing, whatever the catalog says."""
+        return self._unhealthy
 
     def _svid_signer_retired(self) -> bool:
         return self._svid is not None and self._svid.intermediates[0] != self.zone.authority().intermediate

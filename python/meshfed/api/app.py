@@ -25,6 +25,7 @@ from meshfed.api import authz as authz_api
 from meshfed.api import catalog as catalog_api
 from meshfed.api import limits
 from meshfed.api import peering as peering_api
+from meshfed.api import status as status_api
 from meshfed.api import trust as trust_api
 from meshfed.api.auth import audit_call, require_admin, require_reader
 from meshfed.controller import Controller
@@ -72,6 +73,7 @@ def create_app(controller: Controller, peering: PeeringService | None = None) ->
     app.include_router(trust_api.router)
     app.include_router(peering_api.router)
     app.include_router(authz_api.router)
+    app.include_router(status_api.router)
     _add_open_routes(app, controller)
 
     @app.get("/v1/zone", tags=["zone"], dependencies=[Depends(require_reader)])

@@ -21,6 +21,8 @@ from meshfed.cli.common import ZoneDir, fail, parse_duration
 from meshfed.cli.export import export_app
 from meshfed.cli.peer import peer_app
 from meshfed.cli.service import catalog_app, service_app
+from meshfed.cli.status import explain as explain_command
+from meshfed.cli.status import status as status_command
 from meshfed.cli.trust import trust_app
 from meshfed.cli.zone import zone_app
 from meshfed.errors import InvalidAddressError, MeshfedError
@@ -42,6 +44,8 @@ app.add_typer(catalog_app, name="catalog")
 app.add_typer(export_app, name="export")
 app.add_typer(authz_app, name="authz")
 app.add_typer(peer_app, name="peer")
+app.command("status")(status_command)
+app.command("explain")(explain_command)
 
 
 @app.command()

@@ -27,6 +27,7 @@ import uvicorn
 
 from meshfed.addresses import HostPort
 from meshfed.api.app import create_health_app
+from meshfed.cli.status import API_URL_FILE
 from meshfed.errors import GatewayConfigError, GatewayError, MeshfedError, PeeringError, TrustError
 from meshfed.logs import configure_logging
 from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone, check_settings, raise_open_file_limit
@@ -145,8 +146,16 @@ async def _serve(
         async with _serve_health(runtime, listeners, metrics_socket, log_level):
             host, port = api_socket.getsockname()[:2]
             scheme = "https" if listeners.api_tls is not None else "http"
+            # Where `meshfed status` and `explain` find this process: a wildcard bind answers on loopback.
+            # Written before the line below, so whoever reads that line finds the file.
+            local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104 -- compares
+            recorded = zone.directory / API_URL_FILE
+            recorded.write_text(f"{scheme}://{HostPort(local, port)}\n")
             log.info("zone %s: API on %s://%s", zone.name, scheme, HostPort(host, port))
-            await server.serve(sockets=[api_socket])
+            try:
+                await server.serve(sockets=[api_socket])
+            finally:
+                recorded.unlink(missing_ok=True)
         if not server.started and not server.should_exit:
             raise MeshfedError(f"the API could not serve on {listeners.api}; see the log above (--api-address)")
     finally:

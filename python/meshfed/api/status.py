@@ -1,0 +1,42 @@
+"""``/v1/status`` and ``/v1/explain``: the running zone at a glance, and the path of one service."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from meshfed.api.auth import require_reader
+from meshfed.controller import Controller
+from meshfed.diagnose import Explanation, ZoneStatus, explain, zone_status
+from meshfed.federation.service import PeeringService
+
+router = APIRouter(prefix="/v1", tags=["status"], dependencies=[Depends(require_reader)])
+
+
+def _parts(request: Request) -> tuple[Controller, PeeringService | None]:
+    return request.app.state.controller, request.app.state.peering
+
+
+@router.get("/status")
+def status(request: Request) -> ZoneStatus:
+    """Identity, CA generations, peerings, catalog, imports with their local addresses, and problems.
+
+    ``healthy`` is false when something needs attention; ``problems`` says what, one line each.
+    """
+    return zone_status(*_parts(request))
+
+
+@router.get("/explain")
+def explain_service(
+    request: Request,
+    service: Annotated[str, Query(max_length=63)],
+    namespace: Annotated[str, Query(max_length=63)] = "default",
+    peer: Annotated[str | None, Query(max_length=63, description="Only towards or from this peer.")] = None,
+    caller: Annotated[
+        str | None, Query(alias="as", max_length=2048, description="Explain the authorization of this SPIFFE ID.")
+    ] = None,
+) -> Explanation:
+    """Each link of the service's path on this zone, in traffic order; ``broken`` is the first that fails."""
+    controller, peering = _parts(request)
+    return explain(controller, peering, service=service, namespace=namespace, peer=peer, caller=caller)
