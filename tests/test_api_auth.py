@@ -45,6 +45,9 @@ TOPOLOGY_READS = {
     "/v1/trust/bundles",
     "/v1/peerings",
     "/v1/peerings/{name}",
+    "/v1/status",
+    "/v1/explain/{namespace}/{service}",
+    "/v1/authz",
 }
 
 

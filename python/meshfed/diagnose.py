@@ -3,7 +3,8 @@
 Both read the live zone (its controller and peering service) so they tell the
 truth of the process, not of its files: peerings as the stream sees them,
 listeners as the gateway bound them, health as its checks found it. The API
-serves them (``GET /v1/status``, ``GET /v1/explain``); the CLI asks the API.
+serves them (``GET /v1/status``, ``GET /v1/explain/{namespace}/{service}``);
+the CLI asks the API.
 
 ``explain`` walks the path of one service on this zone, in the order traffic
 takes it, and names the first link that is broken with what to do about it.

@@ -1,10 +1,10 @@
-"""``/v1/status`` and ``/v1/explain``: the running zone at a glance, and the path of one service."""
+"""``/v1/status`` and ``/v1/explain/{namespace}/{service}``: the zone at a glance, and one service's path."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 
 from meshfed.api.auth import require_reader
 from meshfed.controller import Controller
@@ -27,11 +27,11 @@ def status(request: Request) -> ZoneStatus:
     return zone_status(*_parts(request))
 
 
-@router.get("/explain")
+@router.get("/explain/{namespace}/{service}")
 def explain_service(
     request: Request,
-    service: Annotated[str, Query(max_length=63)],
-    namespace: Annotated[str, Query(max_length=63)] = "default",
+    namespace: Annotated[str, Path(max_length=63)],
+    service: Annotated[str, Path(max_length=63)],
     peer: Annotated[str | None, Query(max_length=63, description="Only towards or from this peer.")] = None,
     caller: Annotated[
         str | None, Query(alias="as", max_length=2048, description="Explain the authorization of this SPIFFE ID.")

@@ -143,9 +143,7 @@ def explain(
         api,
         token_file,
         api_ca,
-        "/v1/explain",
-        service=service,
-        namespace=namespace,
+        f"/v1/explain/{namespace}/{service}",
         peer=peer,
         **{"as": caller},
     )
