@@ -22,11 +22,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from meshfed.errors import BundleFetchError, TrustError
-from meshfed.trust.bundle import parse_bundle
+from meshfed.trust.bundle import TrustBundle, parse_bundle
+from meshfed.trust.ca import create_authority
 from meshfed.trust.endpoint import BundleEndpointServer, WebCertificate, endpoint_spiffe_id
 from meshfed.trust.poller import BundlePoller
-from meshfed.trust.spiffe import SpiffeId
+from meshfed.trust.spiffe import SpiffeId, TrustDomain
 from meshfed.zone import Zone
+from tests.test_trust_cli import meshfed_cli
 
 
 @dataclass
@@ -254,7 +256,11 @@ def _bad_bundles(east: Zone) -> dict[str, bytes]:
         ],
     }
     full = orjson.dumps(good)
+    # A root of another trust domain (its URI SAN says so) served as east's: refused at parse.
+    west_root = TrustBundle(TrustDomain("west.mesh"), (create_authority(TrustDomain("west.mesh")).authority.root,))
+    foreign = {**good, "keys": orjson.loads(west_root.to_spiffe_json())["keys"]}
     return {
+        "foreign_root": orjson.dumps(foreign),
         "tampered": orjson.dumps(tampered),
         "truncated": full[: len(full) // 2],
         "malformed": b"<html>maintenance</html>",
@@ -263,7 +269,7 @@ def _bad_bundles(east: Zone) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.parametrize("kind", ["tampered", "truncated", "malformed", "ca_false", "no_keys"])
+@pytest.mark.parametrize("kind", ["tampered", "truncated", "malformed", "ca_false", "no_keys", "foreign_root"])
 def test_a_bad_bundle_from_the_endpoint_is_refused_and_trust_is_unchanged(make_zone, kind):
     east, west = make_zone("east"), make_zone("west")
     bad = _bad_bundles(east)[kind]
@@ -294,11 +300,11 @@ def test_a_bad_bundle_from_the_endpoint_is_refused_and_trust_is_unchanged(make_z
     assert "east.mesh" in message
 
 
-def test_a_lower_sequence_is_ignored_and_logged(make_zone, caplog):
+def test_a_lower_sequence_with_the_same_authorities_is_ignored_and_logged(make_zone, caplog):
     east, west = make_zone("east"), make_zone("west")
     east.rotate(overlap=dt.timedelta(minutes=15))  # sequence 2 held by west below
     stale = orjson.loads(east.own_bundle().to_spiffe_json())
-    stale["spiffe_sequence"] = 1
+    stale["spiffe_sequence"] = 1  # a lagging replica: the same roots, an older number
 
     async def scenario() -> bool:
         server = _spiffe_server(east, bundle=lambda: orjson.dumps(stale))
@@ -318,7 +324,188 @@ def test_a_lower_sequence_is_ignored_and_logged(make_zone, caplog):
     with caplog.at_level(logging.WARNING, logger="meshfed.trust.poller"):
         assert asyncio.run(scenario()) is False
     assert west.bundle_of(east.trust_domain).sequence == 2
-    assert "lower than the 2 held; ignored" in caplog.text
+    assert "lower than the 2 held, with the same authorities; ignored" in caplog.text
+
+
+def _redeployed(zone: Zone, sequence: int, *, keep_current: bool) -> bytes:
+    """``zone``'s domain as a redeployed endpoint serves it: numbering restarted at ``sequence``, other roots.
+
+    ``keep_current`` keeps the root that signs today beside a new one (a SPIRE server with an upstream CA,
+    redeployed on a fresh datastore: its endpoint SVID still chains to a root held); else only a new root.
+    """
+    fresh = create_authority(zone.trust_domain, generation=7).authority.root
+    roots = (zone.authority().root, fresh) if keep_current else (fresh,)
+    return TrustBundle(zone.trust_domain, roots, sequence=sequence).to_spiffe_json()
+
+
+def test_a_sequence_reset_over_https_spiffe_is_taken_when_the_pinned_endpoint_serves_it(make_zone, caplog):
+    east, west = make_zone("east"), make_zone("west")
+    for _ in range(2):  # east's bundle moves to sequence 5 with two whole rotations (no SVID to outlive)
+        east.rotate(overlap=dt.timedelta(0))
+        east.advance_rotation()
+    reset = _redeployed(east, 1, keep_current=True)
+
+    async def scenario() -> tuple[bool, int]:
+        server = _spiffe_server(east, bundle=lambda: reset)
+        await server.start()
+        try:
+            west.federate(
+                east.trust_domain,
+                server.url,
+                "https_spiffe",
+                endpoint_spiffe_id=endpoint_spiffe_id(east.trust_domain),
+                bootstrap_bundle=_bootstrap(east),
+            )
+            changes = Changes()
+            return await _poll_once(west, changes), changes.count
+        finally:
+            await server.stop()
+
+    held_before = east.own_bundle().sequence
+    assert held_before == 5
+    with caplog.at_level(logging.WARNING, logger="meshfed.trust.poller"):
+        assert asyncio.run(scenario()) == (True, 1)
+    held = west.bundle_of(east.trust_domain)
+    assert held.sequence == 1
+    assert held.fingerprints() == parse_bundle(east.trust_domain, reset).fingerprints()
+    warning = next(r for r in caplog.records if "sequence reset" in r.getMessage()).getMessage()
+    assert "east.mesh" in warning
+    assert "spiffe_sequence 1, lower than the 5 held" in warning
+    assert "pinned spiffe://east.mesh/ns/meshfed-system/sa/controller" in warning
+
+
+def test_a_sequence_reset_over_https_web_is_taken_and_a_later_fetch_follows_it(make_zone, tmp_path, caplog):
+    east, west = make_zone("east"), make_zone("west")
+    pki = _web_pki(tmp_path, "east")
+    east.rotate(overlap=dt.timedelta(0))  # sequence 2 held by west first
+    served = [east.own_bundle().to_spiffe_json()]
+
+    async def scenario() -> list[bool]:
+        server = BundleEndpointServer(lambda: served[0], profile="https_web", web_certificate=pki.server)
+        await server.start()
+        try:
+            west.federate(east.trust_domain, server.url, "https_web", web_ca_pem=pki.ca_pem)
+            results = [await _poll_once(west, Changes())]
+            served[0] = _redeployed(east, 1, keep_current=False)  # a fresh CA, numbering from 1
+            results.append(await _poll_once(west, Changes()))
+            served[0] = TrustBundle(
+                east.trust_domain, parse_bundle(east.trust_domain, served[0]).roots, sequence=2
+            ).to_spiffe_json()
+            results.append(await _poll_once(west, Changes()))  # the same roots at 2: nothing new
+            return results
+        finally:
+            await server.stop()
+
+    with caplog.at_level(logging.WARNING, logger="meshfed.trust.poller"):
+        assert asyncio.run(scenario()) == [True, True, True]
+    held = west.bundle_of(east.trust_domain)
+    assert held.sequence == 2
+    assert len(held.roots) == 1
+    assert held.fingerprints()[0] not in east.own_bundle().fingerprints()
+    assert "served by 127.0.0.1, verified by the Web PKI (--web-ca)" in caplog.text
+
+
+def test_a_lower_sequence_from_an_endpoint_that_is_not_the_pinned_one_changes_nothing(make_zone, caplog):
+    """A reset is taken on the endpoint's authenticated word only: an impostor's lower sequence never lands."""
+    east, west, rogue = make_zone("east"), make_zone("west"), make_zone("rogue")
+    east.rotate(overlap=dt.timedelta(0))
+
+    async def scenario() -> None:
+        server = _spiffe_server(
+            rogue,
+            spiffe_id=endpoint_spiffe_id(rogue.trust_domain),
+            bundle=lambda: _redeployed(east, 1, keep_current=False),
+        )
+        await server.start()
+        try:
+            west.federate(
+                east.trust_domain,
+                server.url,
+                "https_spiffe",
+                endpoint_spiffe_id=endpoint_spiffe_id(east.trust_domain),
+                bootstrap_bundle=_bootstrap(east),
+            )
+            with pytest.raises(BundleFetchError, match="server certificate refused"):
+                await _poll_once(west, Changes())
+        finally:
+            await server.stop()
+
+    asyncio.run(scenario())
+    assert west.bundle_of(east.trust_domain).sequence == 2
+    assert "sequence reset" not in caplog.text
+
+
+async def _first_fetch_after(consumer: Zone, started: float, deadline: float = 10.0) -> float:
+    """Seconds from ``started`` until ``consumer`` recorded its first successful fetch; fails after ``deadline``.
+
+    Read every 10 ms: the poller runs in this loop and records the fetch in state.db, which gives no
+    signal to wait on.
+    """
+    loop = asyncio.get_running_loop()
+    while not any(f.last_success_at for f in await asyncio.to_thread(consumer.federations)):
+        assert loop.time() - started < deadline, f"no fetch within {deadline} s"
+        await asyncio.sleep(0.01)
+    return loop.time() - started
+
+
+def test_a_federation_added_by_another_process_is_fetched_within_about_a_second(make_zone, tmp_path):
+    """`meshfed trust federate` (a separate process) writes state.db; the running poller, waiting out a
+    5-minute refresh, notices the new relationship and fetches at once."""
+    east, west = make_zone("east"), make_zone("west")
+    bootstrap = tmp_path / "east.bundle.json"
+    bootstrap.write_bytes(east.own_bundle().to_spiffe_json())
+
+    async def scenario() -> float:
+        server = _spiffe_server(east)
+        await server.start()
+        poller = BundlePoller(west, Changes())
+        await poller.start()
+        try:
+            # Nothing to poll yet: the poller settles into its default wait (5 minutes).
+            result = await asyncio.to_thread(
+                meshfed_cli,
+                *("trust", "federate", "--dir", west.directory, "--trust-domain", "east.mesh"),
+                *("--endpoint", server.url, "--profile", "https_spiffe"),
+                *("--endpoint-spiffe-id", str(endpoint_spiffe_id(east.trust_domain))),
+                *("--bootstrap-bundle", bootstrap),
+            )
+            written = asyncio.get_running_loop().time()
+            assert result.returncode == 0, result.stderr.decode()
+            return await _first_fetch_after(west, written)
+        finally:
+            await poller.stop()
+            await server.stop()
+
+    latency = asyncio.run(scenario())
+    assert latency < 2.0, f"first fetch {latency:.2f} s after the CLI wrote the federation"
+
+
+def test_wake_fetches_a_new_federation_at_once_without_waiting_for_the_store_check(make_zone):
+    """What POST /v1/trust/federations does in the zone's process (the store check is an hour here)."""
+    east, west = make_zone("east"), make_zone("west")
+
+    async def scenario() -> float:
+        server = _spiffe_server(east)
+        await server.start()
+        poller = BundlePoller(west, Changes(), store_check_interval=dt.timedelta(hours=1))
+        await poller.start()
+        try:
+            await asyncio.sleep(0)  # let the first (empty) round run
+            west.federate(
+                east.trust_domain,
+                server.url,
+                "https_spiffe",
+                endpoint_spiffe_id=endpoint_spiffe_id(east.trust_domain),
+                bootstrap_bundle=_bootstrap(east),
+            )
+            started = asyncio.get_running_loop().time()
+            poller.wake()
+            return await _first_fetch_after(west, started)
+        finally:
+            await poller.stop()
+            await server.stop()
+
+    assert asyncio.run(scenario()) < 1.0
 
 
 def test_the_poller_service_polls_at_its_interval_and_reports_changes(make_zone):

@@ -12,6 +12,7 @@ from meshfed.api.peering import router
 from meshfed.federation.peering import PeerState
 from tests.conftest import eventually
 from tests.test_peering import Harness, run
+from tests.test_trust_name_constraints import make_legacy_root
 
 
 def api(harness: Harness) -> httpx.AsyncClient:
@@ -81,6 +82,9 @@ def test_stream_refuses_an_id_signed_by_another_peers_ca(make_zone):
 
     east = Harness(make_zone("east"))
     west, north = make_zone("west"), make_zone("north")
+    # A root without name constraints (an older zone, a SPIRE root): with them, the handshake itself refuses
+    # the forged chain (tests/test_trust_name_constraints.py), and this check is never reached.
+    make_legacy_root(north)
 
     async def scenario() -> None:
         await east.start()

@@ -80,3 +80,26 @@ def test_a_bad_bundle_is_400_with_one_line_and_changes_nothing(make_zone):
     assert "holds no authorities" in response.json()["detail"]
     assert "\n" not in response.json()["detail"]
     assert [s.bundle.trust_domain.name for s in east.trusted_bundles()] == ["east.mesh"]
+
+
+class _Poller:
+    def __init__(self) -> None:
+        self.wakes = 0
+
+    def wake(self) -> None:
+        self.wakes += 1
+
+
+def test_a_federation_made_through_the_api_wakes_the_zones_poller(make_zone):
+    """The running zone's poller (``app.state.bundle_poller``) fetches at once instead of at its next round."""
+    east = make_zone("east")
+    client = _client(east)
+    poller = _Poller()
+    client.app.state.bundle_poller = poller  # type: ignore[attr-defined]
+    admin = {"Authorization": f"Bearer {east.admin_token()}"}
+    body = {"trust_domain": "west.mesh", "endpoint_url": "https://127.0.0.1:9/", "profile": "https_web"}
+    assert client.post("/v1/trust/federations", json=body, headers=admin).status_code == 201
+    assert poller.wakes == 1
+    refused = client.post("/v1/trust/federations", json={**body, "endpoint_url": "http://x/"}, headers=admin)
+    assert refused.status_code == 400
+    assert poller.wakes == 1

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from meshfed.trust.bundle import parse_bundle
 from meshfed.trust.spiffe import TrustDomain
@@ -96,13 +100,10 @@ def test_trust_list_flags_an_expired_root_and_keeps_it(make_zone):
     # The reference vector's root expired in 2023: kept (a peer may still renew it) but flagged.
     east = make_zone("east")
     vector = Path(__file__).parent / "data" / "spiffe" / "bundle" / "spiffebundle_valid_1.json"
-    assert (
-        meshfed_cli("trust", "import", vector, "--dir", east.directory, "--trust-domain", "domain1.test").returncode
-        == 0
-    )
+    assert meshfed_cli("trust", "import", vector, "--dir", east.directory, "--trust-domain", "local").returncode == 0
     table = meshfed_cli("trust", "list", "--dir", east.directory).stdout.decode()
     assert "EXPIRED (verifies nothing)" in table
-    assert east.bundle_of(TrustDomain("domain1.test")) is not None
+    assert east.bundle_of(TrustDomain("local")) is not None
 
 
 def test_trust_rotate_publishes_a_new_root_and_refuses_a_second_rotation(make_zone):
@@ -222,6 +223,46 @@ def test_a_bad_bundle_import_is_one_line_error_and_changes_nothing(make_zone, tm
 
 
 # -- private keys never leave their files ------------------------------------------------------------------------
+
+
+def test_import_refuses_a_root_that_names_another_trust_domain(make_zone, tmp_path):
+    east, west = make_zone("east"), make_zone("west")
+    bundle = tmp_path / "west.bundle.json"
+    bundle.write_bytes(west.own_bundle().to_spiffe_json())
+    message = _one_line_error(
+        meshfed_cli("trust", "import", bundle, "--dir", east.directory, "--trust-domain", "north.mesh")
+    )
+    assert "is a root of west.mesh (URI SAN spiffe://west.mesh), not of north.mesh" in message
+    assert "--trust-domain west.mesh" in message
+    assert east.bundle_of(TrustDomain("north.mesh")) is None
+
+
+def test_import_refuses_a_root_whose_name_constraints_exclude_the_domain(make_zone, tmp_path):
+    """A root without a SPIFFE URI SAN, constrained to URIs of another domain, can vouch for none of ours."""
+    east = make_zone("east")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "constrained root")])
+    now = dt.datetime.now(dt.UTC)
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.NameConstraints([x509.UniformResourceIdentifier("west.mesh")], None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    pem = tmp_path / "root.pem"
+    pem.write_bytes(root.public_bytes(serialization.Encoding.PEM))
+    message = _one_line_error(
+        meshfed_cli("trust", "import", pem, "--dir", east.directory, "--trust-domain", "north.mesh")
+    )
+    assert "name constraints permitting URIs of west.mesh only" in message
+    accepted = meshfed_cli("trust", "import", pem, "--dir", east.directory, "--trust-domain", "west.mesh")
+    assert accepted.returncode == 0, accepted.stderr.decode()
 
 
 def _key_material(zone: Zone) -> list[bytes]:

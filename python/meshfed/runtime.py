@@ -22,7 +22,8 @@ from meshfed.federation.egress import WorkloadTls
 from meshfed.federation.peering import PeerState
 from meshfed.federation.service import PEER_HEARTBEAT_BOUNDS, PeeringService, PeerLimits, PeerStatus
 from meshfed.gateway import HealthCheck
-from meshfed.trust.endpoint import BundleEndpointServer, endpoint_spiffe_id
+from meshfed.trust.ca import Svid
+from meshfed.trust.endpoint import BundleEndpointServer, WebCertificate, endpoint_spiffe_id
 from meshfed.trust.poller import BundlePoller
 from meshfed.trust.rotation import RotationService
 from meshfed.trust.spiffe import TrustDomain
@@ -43,7 +44,11 @@ class ZoneSettings:
     peering_address: str = "0.0.0.0:15440"
     establish_address: str = "0.0.0.0:15441"
     advertise_host: str | None = None  # host peers dial for peering; default: the listen host
-    bundle_endpoint_port: int | None = None  # serve the https_spiffe bundle endpoint on this port
+    bundle_endpoint_port: int | None = None  # serve the SPIFFE bundle endpoint on this port (None: not at all)
+    bundle_endpoint_host: str = "0.0.0.0"  # noqa: S104 -- where it binds: consumers in other zones must reach it
+    # The https_web certificate and key of the bundle endpoint; None: https_spiffe (the controller's SVID).
+    bundle_endpoint_web: WebCertificate | None = None
+    bundle_refresh_hint: dt.timedelta | None = None  # default: bundle_refresh_hint in zone.toml, else 5 minutes
     heartbeat_interval: float = 5.0
     failing_peer_grace: dt.timedelta = dt.timedelta(minutes=5)
     failing_peer_policy: FailingPeerPolicy = "open"
@@ -97,10 +102,13 @@ class ZoneRuntime:
     controller: Controller
     peering: PeeringService
     bundle_endpoint: BundleEndpointServer | None
+    bundle_poller: BundlePoller | None = None
 
     def app(self) -> FastAPI:
         """The zone's API; its lifespan starts and stops the controller and services."""
-        return create_app(self.controller, peering=self.peering)
+        app = create_app(self.controller, peering=self.peering)
+        app.state.bundle_poller = self.bundle_poller  # POST /v1/trust/federations polls the new endpoint at once
+        return app
 
 
 def assemble_zone(zone: Zone, settings: ZoneSettings = ZoneSettings()) -> ZoneRuntime:
@@ -152,19 +160,30 @@ def assemble_zone(zone: Zone, settings: ZoneSettings = ZoneSettings()) -> ZoneRu
     _observe_peering(controller, peering)
     controller.add_service(peering)
     controller.add_service(RotationService(zone, controller.reconfigure, supervisor=controller.supervisor))
-    controller.add_service(BundlePoller(zone, controller.reconfigure, supervisor=controller.supervisor))
+    poller = BundlePoller(zone, controller.reconfigure, supervisor=controller.supervisor)
+    controller.add_service(poller)
+    # The hint every copy of the bundle carries (endpoint, peering, trust export), and the one a rotation's
+    # default overlap is counted in: stored, so the CLI's rotations see it too.
+    zone.set_refresh_hint(zone.refresh_hint(settings.bundle_refresh_hint))
     endpoint = None
     if settings.bundle_endpoint_port is not None:
+        web = settings.bundle_endpoint_web
+
+        def signs_still(svid: Svid) -> bool:
+            return svid.intermediates[0] == zone.authority().intermediate
+
         endpoint = BundleEndpointServer(
             lambda: zone.own_bundle().to_spiffe_json(),
-            profile="https_spiffe",
-            host="0.0.0.0",  # noqa: S104 -- consumers in other zones must reach it
+            profile="https_web" if web is not None else "https_spiffe",
+            host=settings.bundle_endpoint_host,
             port=settings.bundle_endpoint_port,
+            web_certificate=web,
             issue_svid=lambda: zone.issue_svid(endpoint_spiffe_id(zone.trust_domain), _ENDPOINT_SVID_TTL),
+            svid_current=signs_still,
             supervisor=controller.supervisor,
         )
         controller.add_service(endpoint)
-    return ZoneRuntime(zone, controller, peering, endpoint)
+    return ZoneRuntime(zone, controller, peering, endpoint, poller)
 
 
 def _observe_peering(controller: Controller, peering: PeeringService) -> None:

@@ -196,6 +196,24 @@ class StateStore(SqliteStore):
             for td, url, profile, sid, web_ca, created, ok, error in rows
         ]
 
+    def federation(self, trust_domain: TrustDomain) -> Federation | None:
+        """The relationship with ``trust_domain``, if any."""
+        return next((f for f in self.federations() if f.trust_domain == trust_domain), None)
+
+    def delete_federation(self, trust_domain: TrustDomain) -> bool:
+        """End the relationship with ``trust_domain`` (its bundle stays). True if there was one."""
+        with self._transaction():
+            return self._db.execute("DELETE FROM federations WHERE trust_domain = ?", (trust_domain.name,)).rowcount > 0
+
+    def federation_revision(self) -> tuple[tuple[object, ...], ...]:
+        """What defines every relationship (not its poll outcomes): changes when one is added, re-pointed or ended."""
+        return tuple(
+            self._db.execute(
+                "SELECT trust_domain, endpoint_url, profile, endpoint_spiffe_id, web_ca_pem, created_at "
+                "FROM federations ORDER BY trust_domain"
+            ).fetchall()
+        )
+
     def record_poll(self, trust_domain: TrustDomain, at: dt.datetime, error: str | None) -> None:
         """Note the outcome of one poll: success time, or the error (the last success stays)."""
         with self._transaction():
@@ -223,7 +241,7 @@ def _stored_bundle(row: tuple[str, bytes, str, str]) -> StoredBundle:
     # Bundles are stored in their SPIFFE wire form, so a stored bundle re-parses
     # with the same checks as one arriving from a peer.
     trust_domain, bundle_json, source, updated_at = row
-    bundle = parse_bundle(TrustDomain.parse(trust_domain), bundle_json)
+    bundle = parse_bundle(TrustDomain.parse(trust_domain), bundle_json, check_root_names=False)
     return StoredBundle(bundle, source, dt.datetime.fromisoformat(updated_at))
 
 

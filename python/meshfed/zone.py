@@ -9,10 +9,10 @@ Layout (the directory is 0700; private keys and the tokens are 0600)::
     admin-token            bearer token for mutating API calls (and reads)
     read-token             bearer token for the API's reads only (made on first open for older zones)
     ca/root.pem            the trust domain's root (published in the bundle)
-    ca/root.key
+    ca/root.key            absent if the zone keeps its root key offline (``zone init --offline-root-key``)
     ca/intermediate.pem    signs SVIDs
     ca/intermediate.key
-    ca/generations/<n>/    roots made by ``meshfed trust rotate`` (same four files)
+    ca/generations/<n>/    CAs made by ``meshfed trust rotate`` (same four files; root.key only if kept here)
 
 Which generation signs is recorded in ``state.db`` (table ``ca_generations``);
 a zone that never rotated has no rows there and signs with ``ca/``.
@@ -24,6 +24,12 @@ deadlines are stored, so a restart resumes where it stopped::
     rotate      new root published in the bundle (sequence + 1); old CA still signs
     activate_at new CA signs; old root stays in the bundle (retiring)
     retire_at   old root leaves the bundle (sequence + 1); its keys are deleted
+
+``Zone.finish_rotation`` does the remaining phases now (after a key
+compromise: the old root stops being trusted at once); ``Zone.abort_rotation``
+drops a new CA that does not sign yet. A zone whose root key is offline
+rotates its intermediate under the same root (``rotate(root_key=...)``: the
+bundle does not change), or to a new root whose key goes offline too.
 
 ``Zone.init`` builds the whole directory beside its target and renames it into
 place, so a failed init leaves nothing behind and an existing zone is never
@@ -39,13 +45,14 @@ import secrets
 import shutil
 import tempfile
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import tomli_w
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from meshfed.catalog.settings import CatalogMode, ConsulSettings, KubernetesSettings
@@ -55,12 +62,13 @@ from meshfed.federation.egress import EgressPolicy
 from meshfed.federation.failover import FailoverPolicy
 from meshfed.federation.splits import SubsetSplit
 from meshfed.store import CaGeneration, Federation, FederationProfile, StateStore, StoredBundle
-from meshfed.trust.bundle import TrustBundle, fingerprint
+from meshfed.trust.bundle import DEFAULT_REFRESH_HINT_SECONDS, TrustBundle, fingerprint
 from meshfed.trust.ca import (
     CertificateAuthority,
     Svid,
     certificates_to_pem,
     create_authority,
+    create_intermediate,
     load_private_key_pem,
     private_key_to_pem,
 )
@@ -78,6 +86,15 @@ _GENERATIONS_DIRECTORY = "ca/generations"
 # Zones whose SVIDs were issued before TTLs were recorded: assume the default SVID lifetime.
 _ASSUMED_SVID_TTL = dt.timedelta(hours=24)
 ROTATION_OVERLAP_REFRESH_HINTS = 3
+
+
+@dataclass(frozen=True)
+class RemovedTrust:
+    """What :meth:`Zone.remove_trust` removed."""
+
+    trust_domain: TrustDomain
+    bundle: bool
+    federation: bool
 
 
 @dataclass(frozen=True)
@@ -106,6 +123,8 @@ class ZoneConfig(BaseModel):
     authz: list[RuleSpec] = Field(default_factory=list)
     # [egress]: whether local workloads must present SVIDs to the egress listeners (federation/egress.py).
     egress: EgressPolicy = EgressPolicy()
+    # The spiffe_refresh_hint of this zone's bundle, such as "5m" (meshfed up --bundle-refresh-hint overrides it).
+    bundle_refresh_hint: str | None = None
     # Settings of the consul / kubernetes catalog sources ([consul], [kubernetes] in zone.toml).
     consul: ConsulSettings | None = None
     kubernetes: KubernetesSettings | None = None
@@ -124,6 +143,16 @@ class ZoneConfig(BaseModel):
             return TrustDomain.parse(value).name
         except TrustError as err:
             raise ValueError(str(err)) from None
+
+    @field_validator("bundle_refresh_hint")
+    @classmethod
+    def _check_refresh_hint(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_refresh_hint(value)
+            except TrustError as err:
+                raise ValueError(str(err)) from None
+        return value
 
 
 class Zone:
@@ -151,8 +180,14 @@ class Zone:
         catalog: CatalogMode = "embedded",
         consul: ConsulSettings | None = None,
         kubernetes: KubernetesSettings | None = None,
+        offline_root_key: Path | None = None,
     ) -> Zone:
-        """Create a new zone in ``directory``, which must not exist or must be empty."""
+        """Create a new zone in ``directory``, which must not exist or must be empty.
+
+        ``offline_root_key`` is a new file (outside the zone) that gets the root's
+        private key instead of ``ca/root.key``: the zone then signs with its
+        intermediate alone, and only a rotation needs the root key again.
+        """
         # zone.toml of a Consul or Kubernetes zone always says where that catalog is.
         if catalog == "consul" and consul is None:
             consul = ConsulSettings()
@@ -169,13 +204,17 @@ class Zone:
             raise ZoneError(f"{directory} already holds a zone; refusing to overwrite it")
         if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
             raise ZoneError(f"{directory} exists and is not an empty directory; choose a new path")
+        if offline_root_key is not None:
+            offline_root_key = _offline_key_path(offline_root_key, directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.init-", dir=directory.parent))
         try:
-            _populate(staging, config)
+            _populate(staging, config, offline_root_key)
             staging.rename(directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            if offline_root_key is not None:
+                offline_root_key.unlink(missing_ok=True)
             raise
         return cls(directory, config)
 
@@ -256,31 +295,75 @@ class Zone:
         with self.store() as store:
             return store.ca_generations()
 
-    def rotate(self, overlap: dt.timedelta | None = None, now: dt.datetime | None = None) -> CaGeneration:
-        """Start a CA rotation: make a new root and intermediate and publish the root in the bundle now.
+    def rotate(
+        self,
+        overlap: dt.timedelta | None = None,
+        now: dt.datetime | None = None,
+        *,
+        root_key: ec.EllipticCurvePrivateKey | None = None,
+        offline_root_key: Path | None = None,
+    ) -> CaGeneration:
+        """Start a CA rotation: make a new CA and publish its root in the bundle now.
 
-        The current CA keeps signing for ``overlap`` (default: 3x the bundle's
-        refresh hint, so every consumer polling at the hint has had three
-        chances to fetch the new root before anything it signs appears).
+        By default the new CA is a new root and intermediate. The current CA
+        keeps signing for ``overlap`` (default: 3x the bundle's refresh hint, so
+        every consumer polling at the hint has had three chances to fetch the
+        new root before anything it signs appears).
+
+        ``root_key`` (the active root's private key, for a zone that keeps it
+        offline) makes a new intermediate under the same root instead: the
+        bundle does not change, so the overlap defaults to none.
+        ``offline_root_key`` makes a new root whose key is written to that new
+        file instead of the zone directory.
         """
         now = now or dt.datetime.now(dt.UTC)
         if overlap is not None and overlap < dt.timedelta(0):
             raise RotationError(f"the rotation overlap must not be negative, got {overlap}")
+        if root_key is not None and offline_root_key is not None:
+            raise RotationError(
+                "--root-key makes a new intermediate under the current root, --offline-root-key a new root: give one"
+            )
         own = self.own_bundle()
-        overlap = (
-            overlap if overlap is not None else own.refresh_hint_seconds * ROTATION_OVERLAP_REFRESH_HINTS * _SECOND
-        )
         with self.store() as store:
             generations = store.ca_generations() or [self._legacy_generation()]
             busy = [generation for generation in generations if generation.state in ("published", "retiring")]
             if busy:
                 raise RotationError(
                     f"zone {self.name}: a rotation is in progress (generation {busy[0].generation} is "
-                    f"{busy[0].state}); let it finish ('meshfed trust list --dir ...' shows when)"
+                    f"{busy[0].state}); let it finish ('meshfed trust list --dir ...' shows when), or end it "
+                    "now with 'meshfed trust rotate --finish' (or drop a CA not signing yet with --abort)"
                 )
+            active = next(generation for generation in generations if generation.state == "active")
             number = max(generation.generation for generation in generations) + 1
             directory = f"{_GENERATIONS_DIRECTORY}/{number}"
-            new = _write_authority(self.directory / directory, self.trust_domain, number)
+            if root_key is not None:
+                current = self._load_authority(active.directory)
+                # A zone that keeps its root key here keeps it beside the new intermediate too (the old
+                # generation's copy goes when it retires).
+                new = _write_intermediate(
+                    self.directory / directory,
+                    self.trust_domain,
+                    current.root,
+                    root_key,
+                    number,
+                    keep_root_key=not self.root_key_offline(),
+                )
+                overlap = overlap if overlap is not None else dt.timedelta(0)
+            else:
+                if offline_root_key is None and self.root_key_offline():
+                    raise RotationError(
+                        f"zone {self.name} keeps its root key offline: give it with --root-key FILE to make a new "
+                        "intermediate under the current root, or rotate to a new root whose key goes to a new "
+                        "file with --offline-root-key FILE"
+                    )
+                if offline_root_key is not None:
+                    offline_root_key = _offline_key_path(offline_root_key, self.directory)
+                new = _write_authority(self.directory / directory, self.trust_domain, number, offline_root_key)
+                overlap = (
+                    overlap
+                    if overlap is not None
+                    else own.refresh_hint_seconds * ROTATION_OVERLAP_REFRESH_HINTS * _SECOND
+                )
             generation = CaGeneration(
                 number, directory, fingerprint(new.root), "published", now, activate_at=now + overlap
             )
@@ -290,6 +373,82 @@ class Zone:
                 store.put_ca_generation(generation)
                 store.put_bundle(own.with_roots([new.root]), source="self")
         return generation
+
+    def root_key_offline(self) -> bool:
+        """True if the active CA's root key is not in the zone directory (``zone init --offline-root-key``)."""
+        return not (self.directory / self._active_generation_directory() / "root.key").exists()
+
+    def finish_rotation(self, now: dt.datetime | None = None) -> list[RotationStep]:
+        """End the rotation in progress now: a published CA signs at once, and every older root leaves the bundle.
+
+        For an emergency (an old key compromised): SVIDs the old CA signed stop
+        verifying at once, and consumers that have not fetched the new root
+        cannot verify this zone until they do.
+        """
+        now = now or dt.datetime.now(dt.UTC)
+        steps: list[RotationStep] = []
+        with self.store() as store, store.atomic():
+            generations = store.ca_generations()
+            if not any(g.state in ("published", "retiring") for g in generations):
+                raise RotationError(f"zone {self.name}: no rotation is in progress; nothing to finish")
+            own = _own_bundle(store, self)
+            published = next((g for g in generations if g.state == "published"), None)
+            for old in generations:
+                retire = old.state == "retiring" or (published is not None and old.state == "active")
+                if retire:
+                    store.put_ca_generation(replace(old, state="retired", retire_at=now))
+                    own = _without_root(own, old, generations)
+                    steps.append(
+                        RotationStep(
+                            old.generation,
+                            "retired",
+                            f"root {old.root_fingerprint[:16]} retired early: it stops signing and verifying now "
+                            f"(bundle sequence {own.sequence})",
+                        )
+                    )
+            if published is not None:
+                store.put_ca_generation(replace(published, state="active", activate_at=now))
+                steps.append(
+                    RotationStep(published.generation, "active", f"root {published.root_fingerprint[:16]} now signs")
+                )
+            store.put_bundle(own, source="self")
+        self._delete_retired_keys()
+        return steps
+
+    def abort_rotation(self, now: dt.datetime | None = None) -> list[RotationStep]:
+        """Drop the CA a rotation published before it signs: its root leaves the bundle and its keys are deleted."""
+        now = now or dt.datetime.now(dt.UTC)
+        steps: list[RotationStep] = []
+        with self.store() as store, store.atomic():
+            generations = store.ca_generations()
+            published = next((g for g in generations if g.state == "published"), None)
+            if published is None:
+                retiring = next((g for g in generations if g.state == "retiring"), None)
+                if retiring is not None:
+                    active = next(g for g in generations if g.state == "active")
+                    raise RotationError(
+                        f"zone {self.name}: CA generation {active.generation} already signs, so the rotation can no "
+                        "longer be aborted; let it finish, or end it now with 'meshfed trust rotate --finish'"
+                    )
+                raise RotationError(f"zone {self.name}: no rotation is in progress; nothing to abort")
+            own = _without_root(_own_bundle(store, self), published, generations)
+            store.put_ca_generation(replace(published, state="retired", retire_at=now))
+            store.put_bundle(own, source="self")
+            steps.append(
+                RotationStep(
+                    published.generation,
+                    "retired",
+                    f"aborted: root {published.root_fingerprint[:16]} never signed; removed from the bundle "
+                    f"(sequence {own.sequence}) and its keys deleted",
+                )
+            )
+        self._delete_retired_keys()
+        return steps
+
+    def _delete_retired_keys(self) -> None:
+        for old in self.ca_generations():
+            if old.state == "retired":
+                _delete_keys(self.directory / old.directory)
 
     def advance_rotation(self, now: dt.datetime | None = None) -> list[RotationStep]:
         """Move every due phase of a rotation on; idempotent, safe to call at any time from any process."""
@@ -318,7 +477,7 @@ class Zone:
             for old in store.ca_generations():
                 if old.state == "retiring" and old.retire_at is not None and old.retire_at <= now:
                     store.put_ca_generation(replace(old, state="retired"))
-                    own = own.without_roots([old.root_fingerprint])
+                    own = _without_root(own, old, store.ca_generations())
                     steps.append(
                         RotationStep(
                             old.generation,
@@ -328,9 +487,7 @@ class Zone:
                     )
             if steps:
                 store.put_bundle(own, source="self")
-        for old in self.ca_generations():
-            if old.state == "retired":
-                _delete_keys(self.directory / old.directory)
+        self._delete_retired_keys()
         return steps
 
     def next_rotation_deadline(self) -> dt.datetime | None:
@@ -355,6 +512,24 @@ class Zone:
         if stored is None:
             raise ZoneError(f"zone {self.name} has no bundle of its own in {STATE_FILE}; the zone is damaged")
         return stored.bundle
+
+    def refresh_hint(self, override: dt.timedelta | None = None) -> int:
+        """The refresh hint (seconds) the zone's bundle should carry: ``override``, else zone.toml, else the default."""
+        if override is not None:
+            return _hint_seconds(override)
+        if self.config.bundle_refresh_hint is not None:
+            return parse_refresh_hint(self.config.bundle_refresh_hint)
+        return DEFAULT_REFRESH_HINT_SECONDS
+
+    def set_refresh_hint(self, seconds: int) -> bool:
+        """Publish ``seconds`` as the bundle's refresh hint (the sequence moves on); False if it already is."""
+        with self.store() as store, store.atomic():
+            own = _own_bundle(store, self)
+            if own.refresh_hint_seconds == seconds:
+                return False
+            # A new hint is new content: consumers that compare sequences must take it.
+            store.put_bundle(replace(own, refresh_hint_seconds=seconds, sequence=own.sequence + 1), source="self")
+        return True
 
     def trusted_bundles(self) -> list[StoredBundle]:
         """Every trust domain this zone trusts, its own included, one bundle each."""
@@ -385,12 +560,46 @@ class Zone:
             stored = store.bundle(trust_domain)
         return None if stored is None else stored.bundle
 
-    def store_federated_bundle(self, bundle: TrustBundle) -> None:
-        """Store a bundle fetched from a federated endpoint (the poller has already kept the newest)."""
+    def store_federated_bundle(self, bundle: TrustBundle) -> bool:
+        """Store a bundle fetched from a federated endpoint (the poller has already kept the newest).
+
+        False, storing nothing, if the relationship ended meanwhile (``trust
+        remove`` while the fetch ran): a removed domain must not come back.
+        """
         if bundle.trust_domain == self.trust_domain:
             raise InvalidBundleError(f"{bundle.trust_domain} is this zone's own trust domain; it cannot be federated")
-        with self.store() as store:
+        with self.store() as store, store.atomic():
+            if store.federation(bundle.trust_domain) is None:
+                return False
             store.put_bundle(bundle, source="federation")
+        return True
+
+    def remove_trust(self, trust_domain: TrustDomain, *, federation_only: bool = False) -> RemovedTrust:
+        """Stop trusting ``trust_domain``: its bundle (imported or federated) and its federation go.
+
+        ``federation_only`` ends just the federation (and the bundle it
+        fetched; an imported bundle stays). Bundles a peering brought are
+        refused here (:func:`meshfed.trust.removal.remove_trust` also refuses
+        a domain a live peering depends on), as is the zone's own.
+        """
+        if trust_domain == self.trust_domain:
+            raise TrustError(
+                f"{trust_domain} is this zone's own trust domain; it cannot be removed (rotate its CA instead: "
+                "meshfed trust rotate)"
+            )
+        with self.store() as store, store.atomic():
+            stored = store.bundle(trust_domain)
+            if stored is not None and stored.source == "peering":
+                raise TrustError(
+                    f"{trust_domain} is trusted through a peering; delete the peering (meshfed peer delete) to "
+                    "stop trusting it"
+                )
+            federation = store.delete_federation(trust_domain)
+            removable = ("federation",) if federation_only else ("federation", "import")
+            bundle = False
+            if stored is not None and stored.source in removable:
+                bundle = store.delete_bundle(trust_domain, stored.source)
+        return RemovedTrust(trust_domain, bundle=bundle, federation=federation)
 
     def federate(
         self,
@@ -500,15 +709,51 @@ def _own_bundle(store: StateStore, zone: Zone) -> TrustBundle:
     return stored.bundle
 
 
-def _write_authority(directory: Path, trust_domain: TrustDomain, generation: int) -> CertificateAuthority:
+def _write_authority(
+    directory: Path, trust_domain: TrustDomain, generation: int, offline_root_key: Path | None = None
+) -> CertificateAuthority:
     """Create a root + intermediate in ``directory`` (replacing a half-made one left by a crash)."""
+    try:
+        return _staged(
+            directory, lambda staging: _write_authority_files(staging, trust_domain, generation, offline_root_key)
+        )
+    except BaseException:
+        if offline_root_key is not None:
+            offline_root_key.unlink(missing_ok=True)  # made just now (_offline_key_path refuses existing files)
+        raise
+
+
+def _write_intermediate(
+    directory: Path,
+    trust_domain: TrustDomain,
+    root: x509.Certificate,
+    root_key: ec.EllipticCurvePrivateKey,
+    generation: int,
+    *,
+    keep_root_key: bool,
+) -> CertificateAuthority:
+    """Create a new intermediate under ``root`` in ``directory``; the root key is written beside it only if
+    ``keep_root_key`` (else it stays where it was: offline)."""
+
+    def write(ca: Path) -> CertificateAuthority:
+        ca.chmod(0o700)
+        authority = create_intermediate(trust_domain, root, root_key, generation)
+        if keep_root_key:
+            _write(ca / "root.key", private_key_to_pem(root_key), 0o600)
+        _write_ca_files(ca, authority)
+        return authority
+
+    return _staged(directory, write)
+
+
+def _staged(directory: Path, write: Callable[[Path], CertificateAuthority]) -> CertificateAuthority:
     if directory.exists():
         # Only an unrecorded generation can be here: its row is written after its files.
         shutil.rmtree(directory)
     directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
-        authority = _write_authority_files(staging, trust_domain, generation)
+        authority = write(staging)
         staging.rename(directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -516,15 +761,82 @@ def _write_authority(directory: Path, trust_domain: TrustDomain, generation: int
     return authority
 
 
-def _write_authority_files(ca: Path, trust_domain: TrustDomain, generation: int = 0) -> CertificateAuthority:
+def _write_authority_files(
+    ca: Path, trust_domain: TrustDomain, generation: int = 0, offline_root_key: Path | None = None
+) -> CertificateAuthority:
     ca.chmod(0o700)
     new = create_authority(trust_domain, generation)
-    authority = new.authority
+    # The offline key is written first and with O_EXCL: a file that exists is never overwritten.
+    _write(offline_root_key or ca / "root.key", private_key_to_pem(new.root_key), 0o600)
+    _write_ca_files(ca, new.authority)
+    return new.authority
+
+
+def _write_ca_files(ca: Path, authority: CertificateAuthority) -> None:
     _write(ca / "root.pem", certificates_to_pem([authority.root])[0], 0o644)
-    _write(ca / "root.key", private_key_to_pem(new.root_key), 0o600)
     _write(ca / "intermediate.pem", certificates_to_pem([authority.intermediate])[0], 0o644)
     _write(ca / "intermediate.key", private_key_to_pem(authority.intermediate_key), 0o600)
-    return authority
+
+
+def _offline_key_path(path: Path, zone_directory: Path) -> Path:
+    """Where an offline root key may go: a new file outside the zone directory, in a directory that exists."""
+    path = path.absolute()
+    if path.is_relative_to(zone_directory.absolute()):
+        raise ZoneError(f"--offline-root-key {path}: keep the root key outside the zone directory (that is the point)")
+    if path.exists():
+        raise ZoneError(f"--offline-root-key {path}: the file exists; give a new file (a key is never overwritten)")
+    if not path.parent.is_dir():
+        raise ZoneError(f"--offline-root-key {path}: {path.parent} is not a directory")
+    return path
+
+
+def load_root_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """Read a root key kept offline (``--root-key FILE``)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ZoneError(f"--root-key {path}: cannot read it: {err.strerror or err}") from None
+    return load_private_key_pem(data, f"--root-key {path}")
+
+
+def _without_root(own: TrustBundle, leaving: CaGeneration, generations: Sequence[CaGeneration]) -> TrustBundle:
+    """``own`` without ``leaving``'s root, unless another generation still in use shares it (an intermediate
+    rotation keeps the root)."""
+    shared = any(
+        g.generation != leaving.generation
+        and g.root_fingerprint == leaving.root_fingerprint
+        and g.state in ("published", "active", "retiring")
+        for g in generations
+    )
+    return own if shared else own.without_roots([leaving.root_fingerprint])
+
+
+def _hint_seconds(hint: dt.timedelta) -> int:
+    seconds = int(hint.total_seconds())
+    if not MIN_REFRESH_HINT <= hint <= MAX_REFRESH_HINT or seconds != hint.total_seconds():
+        raise TrustError(
+            f"a bundle refresh hint of {hint} is out of range; give whole seconds from "
+            f"{int(MIN_REFRESH_HINT.total_seconds())}s to {MAX_REFRESH_HINT.days}d"
+        )
+    return seconds
+
+
+def parse_refresh_hint(text: str, what: str = "bundle_refresh_hint") -> int:
+    """``90s``, ``5m``, ``1h``, ``1d`` or a sum like ``1h30m`` as whole seconds, within the hint's range."""
+    parts = _DURATION.findall(text)
+    if not text or "".join(number + unit for number, unit in parts) != text:
+        raise TrustError(f"{what} {text!r} is not a duration; use forms like 90s, 5m, 1h, 1d")
+    try:
+        return _hint_seconds(dt.timedelta(seconds=sum(int(number) * _UNITS[unit] for number, unit in parts)))
+    except TrustError as err:
+        raise TrustError(f"{what} {text!r}: {err}") from None
+
+
+_DURATION = re.compile(r"(\d+)([smhd])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Below a second consumers would poll in a loop; over a week a rotation's overlap (3 hints) gets absurd.
+MIN_REFRESH_HINT = dt.timedelta(seconds=1)
+MAX_REFRESH_HINT = dt.timedelta(days=7)
 
 
 def _first_generation(authority: CertificateAuthority, longest_svid_ttl: dt.timedelta) -> CaGeneration:
@@ -544,15 +856,17 @@ def _delete_keys(ca: Path) -> None:
         (ca / name).unlink(missing_ok=True)
 
 
-def _populate(directory: Path, config: ZoneConfig) -> None:
+def _populate(directory: Path, config: ZoneConfig, offline_root_key: Path | None = None) -> None:
     directory.chmod(0o700)
     (directory / "ca").mkdir(mode=0o700)
-    authority = _write_authority_files(directory / "ca", TrustDomain(config.trust_domain))
+    authority = _write_authority_files(directory / "ca", TrustDomain(config.trust_domain), 0, offline_root_key)
     _write(directory / TOKEN_FILE, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
     _write(directory / READ_TOKEN_FILE, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
     _write(directory / CONFIG_FILE, tomli_w.dumps(_config_document(config)).encode(), 0o644)
     with StateStore(directory / STATE_FILE) as store:
-        store.put_bundle(TrustBundle(authority.trust_domain, (authority.root,)), source="self")
+        hint = parse_refresh_hint(config.bundle_refresh_hint) if config.bundle_refresh_hint else None
+        bundle = TrustBundle(authority.trust_domain, (authority.root,))
+        store.put_bundle(bundle if hint is None else replace(bundle, refresh_hint_seconds=hint), source="self")
         # Recorded from birth, so every SVID's TTL is known when this CA is rotated out.
         store.put_ca_generation(_first_generation(authority, longest_svid_ttl=dt.timedelta(0)))
     (directory / STATE_FILE).chmod(0o600)
@@ -595,4 +909,12 @@ def _first_validation_error(err: ValidationError) -> str:
     return f"{field}: {message}"
 
 
-__all__ = ["RotationStep", "Zone", "ZoneConfig", "write_private_file"]
+__all__ = [
+    "RemovedTrust",
+    "RotationStep",
+    "Zone",
+    "ZoneConfig",
+    "load_root_key",
+    "parse_refresh_hint",
+    "write_private_file",
+]

@@ -1,4 +1,4 @@
-"""Trust routes under ``/v1/trust``: the zone's bundle, what it trusts, imports, rotation, federation.
+"""Trust routes under ``/v1/trust``: the zone's bundle, what it trusts, imports, removals, rotation, federation.
 
 The zone's own bundle is open (public by design); the listing of what it trusts
 needs a token of the zone, and every change the admin token. Errors are 400 with
@@ -18,6 +18,7 @@ from meshfed.api.auth import audit_call, require_admin, require_reader
 from meshfed.errors import TrustError
 from meshfed.trust.bundle import parse_bundle
 from meshfed.trust.listing import trust_listing
+from meshfed.trust.removal import remove_trust
 from meshfed.trust.spiffe import SpiffeId, TrustDomain
 from meshfed.zone import Zone
 
@@ -30,6 +31,12 @@ class RotationRequest(BaseModel):
     overlap_seconds: int | None = Field(
         default=None, ge=0, le=366 * 86400, description="Default: 3x the bundle's refresh hint; at most a year."
     )
+    finish: bool = Field(
+        default=False,
+        description="End the rotation in progress now: its new CA signs at once and the old root leaves the bundle "
+        "(after a key compromise).",
+    )
+    abort: bool = Field(default=False, description="Drop the new CA of the rotation in progress before it signs.")
 
 
 class FederationRequest(BaseModel):
@@ -77,10 +84,21 @@ async def import_bundle(
 
 @router.post("/rotate", dependencies=[Depends(require_admin)])
 async def rotate(request: Request, rotation: RotationRequest) -> dict[str, Any]:
-    """Start a CA rotation: the new root is published now and signs after the overlap."""
+    """Start a CA rotation (the new root is published now and signs after the overlap), or end one early.
+
+    ``finish`` retires the old CA now (after a key compromise); ``abort`` drops a new CA that does not sign
+    yet. A zone whose root key is offline rotates only with the CLI on its host (``--root-key``).
+    """
     zone = _zone(request)
+    if rotation.finish or rotation.abort:
+        return await _end_rotation(request, zone, rotation)
     overlap = dt.timedelta(seconds=rotation.overlap_seconds) if rotation.overlap_seconds is not None else None
     try:
+        if await asyncio.to_thread(zone.root_key_offline):
+            raise TrustError(
+                f"zone {zone.name} keeps its root key offline, and it never travels to the API: rotate on the "
+                "zone's host with 'meshfed trust rotate --root-key FILE' (or --offline-root-key NEWFILE)"
+            )
         generation = await asyncio.to_thread(zone.rotate, overlap)
     except TrustError as err:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
@@ -93,9 +111,28 @@ async def rotate(request: Request, rotation: RotationRequest) -> dict[str, Any]:
     }
 
 
+async def _end_rotation(request: Request, zone: Zone, rotation: RotationRequest) -> dict[str, Any]:
+    if (rotation.finish and rotation.abort) or rotation.overlap_seconds is not None:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST, "give one of finish or abort, and no overlap_seconds with either"
+        )
+    try:
+        steps = await asyncio.to_thread(zone.finish_rotation if rotation.finish else zone.abort_rotation)
+    except TrustError as err:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
+    action = "trust.rotate.finish" if rotation.finish else "trust.rotate.abort"
+    sequence = (await asyncio.to_thread(zone.own_bundle)).sequence
+    audit_call(request, zone.directory, action, str(zone.trust_domain), bundle_sequence=sequence)
+    await _trust_changed(request)
+    return {
+        "bundle_sequence": sequence,
+        "steps": [{"generation": s.generation, "phase": s.state, "message": s.message} for s in steps],
+    }
+
+
 @router.post("/federations", dependencies=[Depends(require_admin)], status_code=status.HTTP_201_CREATED)
 async def federate(request: Request, federation: FederationRequest) -> dict[str, Any]:
-    """Federate with a trust domain's bundle endpoint (polled at the bundle's refresh hint)."""
+    """Federate with a trust domain's bundle endpoint: fetched at once, then at the refresh hint it announces."""
     zone = _zone(request)
     try:
         domain = TrustDomain.parse(federation.trust_domain)
@@ -116,7 +153,43 @@ async def federate(request: Request, federation: FederationRequest) -> dict[str,
     audit_call(request, zone.directory, "trust.federate", domain.name, endpoint_url=federation.endpoint_url)
     if bootstrap is not None:
         await _trust_changed(request)
+    poller = getattr(request.app.state, "bundle_poller", None)
+    if poller is not None:
+        poller.wake()  # the first fetch now, not at the next poll
     return {"trust_domain": domain.name, "endpoint_url": federation.endpoint_url, "profile": federation.profile}
+
+
+@router.delete(
+    "/bundles/{trust_domain}",
+    dependencies=[Depends(require_admin)],
+    responses={400: {"description": "The zone's own domain, a peer's, or one it does not trust"}},
+)
+async def remove_bundle(request: Request, trust_domain: str) -> dict[str, Any]:
+    """Stop trusting an imported or federated trust domain: its bundle and any federation with it go."""
+    return await _remove(request, trust_domain, federation_only=False)
+
+
+@router.delete(
+    "/federations/{trust_domain}",
+    dependencies=[Depends(require_admin)],
+    responses={400: {"description": "No federation with that domain, or a peer's domain"}},
+)
+async def remove_federation(request: Request, trust_domain: str) -> dict[str, Any]:
+    """Stop federating with a trust domain: the relationship and the bundle it fetched go (an imported one stays)."""
+    return await _remove(request, trust_domain, federation_only=True)
+
+
+async def _remove(request: Request, trust_domain: str, *, federation_only: bool) -> dict[str, Any]:
+    zone = _zone(request)
+    try:
+        domain = TrustDomain.parse(trust_domain)
+        removed = await asyncio.to_thread(lambda: remove_trust(zone, domain, federation_only=federation_only))
+    except TrustError as err:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
+    action = "trust.federation.remove" if federation_only else "trust.remove"
+    audit_call(request, zone.directory, action, domain.name, bundle=removed.bundle, federation=removed.federation)
+    await _trust_changed(request)
+    return {"trust_domain": domain.name, "bundle_removed": removed.bundle, "federation_removed": removed.federation}
 
 
 async def _trust_changed(request: Request) -> None:

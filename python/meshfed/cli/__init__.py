@@ -6,11 +6,13 @@ tracebacks are reserved for bugs.
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import sqlite3
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, cast, get_args
+from typing import TYPE_CHECKING, Annotated, cast, get_args
 
 import typer
 
@@ -28,7 +30,10 @@ from meshfed.cli.zone import zone_app
 from meshfed.errors import InvalidAddressError, MeshfedError
 from meshfed.federation.egress import WorkloadTls
 from meshfed.sqlite import describe_error
-from meshfed.zone import Zone
+from meshfed.zone import Zone, parse_refresh_hint
+
+if TYPE_CHECKING:
+    from meshfed.trust.endpoint import WebCertificate
 
 app = typer.Typer(
     name="meshfed",
@@ -106,7 +111,29 @@ def up(
         int, typer.Option(help="First local port for imported services (0-65535); 0 = ephemeral.")
     ] = 15500,
     bundle_endpoint_port: Annotated[
-        int | None, typer.Option(help="Serve the SPIFFE bundle endpoint (https_spiffe) on this port (0-65535).")
+        int | None,
+        typer.Option(help="Serve the SPIFFE bundle endpoint on this port of every interface (0-65535)."),
+    ] = None,
+    bundle_endpoint_address: Annotated[
+        str | None,
+        typer.Option(help="host:port to serve the SPIFFE bundle endpoint on (instead of --bundle-endpoint-port)."),
+    ] = None,
+    bundle_endpoint_web_cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="Serve the bundle endpoint as https_web with this PEM certificate chain (from a CA its consumers "
+            "trust; needs --bundle-endpoint-web-key). Default: https_spiffe, presenting the controller's SVID."
+        ),
+    ] = None,
+    bundle_endpoint_web_key: Annotated[
+        Path | None, typer.Option(help="The PEM private key of --bundle-endpoint-web-cert.")
+    ] = None,
+    bundle_refresh_hint: Annotated[
+        str | None,
+        typer.Option(
+            help="The spiffe_refresh_hint of this zone's bundle, such as 5m (1s to 7d); a rotation's default "
+            "overlap is three of it. Default: bundle_refresh_hint in zone.toml, else 5m."
+        ),
     ] = None,
     failing_peer_policy: Annotated[
         str, typer.Option(help="open: keep serving a failing peer's imports; closed: stop after the grace.")
@@ -150,6 +177,9 @@ def up(
         raise typer.BadParameter("give both or neither", param_hint="--api-tls-cert/--api-tls-key")
     if egress_workload_tls not in (None, *get_args(WorkloadTls)):
         raise typer.BadParameter("use plain, permissive or strict", param_hint="--egress-workload-tls")
+    bundle_endpoint = _bundle_endpoint(
+        bundle_endpoint_port, bundle_endpoint_address, bundle_endpoint_web_cert, bundle_endpoint_web_key
+    )
     # Every address is parsed here, before anything binds: ports the layers below would take
     # modulo 65536, or names they would only refuse much later, are one line naming the flag.
     zone = Zone.open(directory)
@@ -163,11 +193,9 @@ def up(
         gateway_flag=gateway_flag,
         peering=parse_host_port(peering_address, what="--peering-address", allow_zero=True),
         establish=parse_host_port(establish_address, what="--establish-address", allow_zero=True),
-        bundle_endpoint_port=(
-            None
-            if bundle_endpoint_port is None
-            else parse_port(bundle_endpoint_port, what="--bundle-endpoint-port", allow_zero=True)
-        ),
+        bundle_endpoint_port=None if bundle_endpoint is None else bundle_endpoint.address.port,
+        bundle_endpoint_host=bundle_endpoint.address.host if bundle_endpoint else "0.0.0.0",  # noqa: S104
+        bundle_endpoint_flag=bundle_endpoint.flag if bundle_endpoint else "--bundle-endpoint-port",
         metrics=(
             None
             if metrics_address is None
@@ -190,6 +218,13 @@ def up(
         establish_address=str(listeners.establish),
         advertise_host=None if advertise_host is None else parse_host(advertise_host, what="--advertise-host"),
         bundle_endpoint_port=listeners.bundle_endpoint_port,
+        bundle_endpoint_host=listeners.bundle_endpoint_host,
+        bundle_endpoint_web=bundle_endpoint.web if bundle_endpoint else None,
+        bundle_refresh_hint=(
+            None
+            if bundle_refresh_hint is None
+            else dt.timedelta(seconds=parse_refresh_hint(bundle_refresh_hint, "--bundle-refresh-hint"))
+        ),
         failing_peer_grace=parse_duration(failing_peer_grace, "--failing-peer-grace"),
         failing_peer_policy="open" if failing_peer_policy == "open" else "closed",
         health_check=health_check_every(parse_duration(health_check_interval, "--health-check-interval")),
@@ -197,6 +232,40 @@ def up(
         egress_workload_tls=cast("WorkloadTls | None", egress_workload_tls),
     )
     serve_zone(zone, settings, listeners, log_level=log_level, json_logs=log_format == "json")
+
+
+@dataclass(frozen=True)
+class _BundleEndpoint:
+    address: HostPort
+    flag: str  # the flag that set the address, for bind errors
+    web: WebCertificate | None
+
+
+def _bundle_endpoint(
+    port: int | None, address: str | None, web_cert: Path | None, web_key: Path | None
+) -> _BundleEndpoint | None:
+    """Where and how ``meshfed up`` serves the bundle endpoint, from its four flags; None: not at all."""
+    from meshfed.trust.endpoint import WebCertificate  # httpx and friends: only for `up`
+
+    if port is not None and address is not None:
+        raise MeshfedError(
+            "--bundle-endpoint-address/--bundle-endpoint-port: give one (host:port, or a port on every interface)"
+        )
+    if (web_cert is None) != (web_key is None):
+        raise MeshfedError("--bundle-endpoint-web-cert/--bundle-endpoint-web-key: give both or neither")
+    web = None if web_cert is None or web_key is None else WebCertificate(web_cert, web_key)
+    if address is not None:
+        bound = parse_host_port(address, what="--bundle-endpoint-address", allow_zero=True)
+        return _BundleEndpoint(bound, "--bundle-endpoint-address", web)
+    if port is not None:
+        parsed = parse_port(port, what="--bundle-endpoint-port", allow_zero=True)
+        return _BundleEndpoint(HostPort("0.0.0.0", parsed), "--bundle-endpoint-port", web)  # noqa: S104
+    if web is not None:
+        raise MeshfedError(
+            "--bundle-endpoint-web-cert is the bundle endpoint's certificate: give --bundle-endpoint-address "
+            "(or --bundle-endpoint-port) too"
+        )
+    return None
 
 
 # The gateway binds socket addresses: an IP literal and a port, never a name.

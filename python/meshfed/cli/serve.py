@@ -45,7 +45,7 @@ _GATEWAY_LISTENER_FLAGS = (
     ('listener "failover:', "--egress-host/--egress-port-base"),
 )
 _BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
-_BUNDLE_ENDPOINT_HOST = "0.0.0.0"  # noqa: S104 -- where the runtime binds the bundle endpoint; probed, never served
+_BUNDLE_ENDPOINT_HOST = "0.0.0.0"  # noqa: S104 -- where --bundle-endpoint-port binds (ZoneSettings' default)
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,15 @@ class Listeners:
     # --metrics-address: /healthz, /readyz and /metrics alone, in plain HTTP, for probes and Prometheus.
     metrics: HostPort | None = None
     api_tls: ApiTls | None = None
+    # --bundle-endpoint-address sets both host and port; --bundle-endpoint-port the port on every interface.
+    bundle_endpoint_host: str = _BUNDLE_ENDPOINT_HOST
+    bundle_endpoint_flag: str = "--bundle-endpoint-port"
+
+    @property
+    def bundle_endpoint(self) -> HostPort | None:
+        if self.bundle_endpoint_port is None:
+            return None
+        return HostPort(self.bundle_endpoint_host, self.bundle_endpoint_port)
 
     def fixed(self) -> list[tuple[str, HostPort]]:
         """(flag, address) of every listener with a fixed port; port 0 always binds."""
@@ -94,8 +103,8 @@ class Listeners:
             ("--peering-address", self.peering),
             ("--establish-address", self.establish),
         ]
-        if self.bundle_endpoint_port is not None:
-            listeners.append(("--bundle-endpoint-port", HostPort(_BUNDLE_ENDPOINT_HOST, self.bundle_endpoint_port)))
+        if self.bundle_endpoint is not None:
+            listeners.append((self.bundle_endpoint_flag, self.bundle_endpoint))
         if self.metrics is not None:
             listeners.append(("--metrics-address", self.metrics))
         return [(flag, address) for flag, address in listeners if address.port != 0]
@@ -110,6 +119,8 @@ def serve_zone(zone: Zone, settings: ZoneSettings, listeners: Listeners, *, log_
         check_settings(zone, settings)
         if listeners.api_tls is not None:
             listeners.api_tls.check()
+        if settings.bundle_endpoint_web is not None:
+            settings.bundle_endpoint_web.check()
         # Before anything starts: grpc would log its own line for a taken port, and the
         # gateway would briefly serve before a later listener failed.
         for flag, address in listeners.fixed():
@@ -228,10 +239,10 @@ async def start_runtime(runtime: ZoneRuntime, listeners: Listeners) -> None:
     except TrustError as err:
         # The bundle endpoint's bind failure carries the OSError (asyncio.start_server's) as its cause.
         cause = err.__cause__
-        if listeners.bundle_endpoint_port is None or not isinstance(cause, OSError) or cause.errno not in _BIND_ERRNOS:
+        endpoint = listeners.bundle_endpoint
+        if endpoint is None or not isinstance(cause, OSError) or cause.errno not in _BIND_ERRNOS:
             raise
-        address = HostPort(_BUNDLE_ENDPOINT_HOST, listeners.bundle_endpoint_port)
-        raise MeshfedError(_cannot_listen("--bundle-endpoint-port", address, cause)) from None
+        raise MeshfedError(_cannot_listen(listeners.bundle_endpoint_flag, endpoint, cause)) from None
 
 
 def _peering_listeners(listeners: Listeners) -> tuple[tuple[str, HostPort], ...]:

@@ -11,11 +11,14 @@ from typing import Annotated
 import orjson
 import typer
 
+from meshfed import audit
 from meshfed.cli.common import ZoneDir, parse_duration
+from meshfed.errors import RotationError
 from meshfed.trust.bundle import parse_bundle
 from meshfed.trust.listing import trust_listing
+from meshfed.trust.removal import remove_trust
 from meshfed.trust.spiffe import SpiffeId, TrustDomain
-from meshfed.zone import Zone, write_private_file
+from meshfed.zone import Zone, load_root_key, write_private_file
 
 trust_app = typer.Typer(help="Issue SVIDs and exchange trust bundles.", no_args_is_help=True)
 
@@ -65,6 +68,9 @@ def import_(
     data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
     bundle = parse_bundle(domain, data)
     zone.import_bundle(bundle)
+    audit.record(
+        zone.directory, actor=audit.cli_actor(), action="trust.import", target=domain.name, sequence=bundle.sequence
+    )
     typer.echo(f"trusting {domain}: {len(bundle.roots)} root(s), sequence {bundle.sequence}")
 
 
@@ -106,18 +112,71 @@ def rotate(
     overlap: Annotated[
         str | None,
         typer.Option(
-            help="How long the old CA keeps signing while peers fetch the new root (default 3x refresh hint)."
+            help="How long the old CA keeps signing while peers fetch the new root (default 3x refresh hint; "
+            "none with --root-key, as the root stays)."
         ),
+    ] = None,
+    finish: Annotated[
+        bool,
+        typer.Option(
+            "--finish",
+            help="End the rotation in progress now: the new CA signs at once and the old root leaves the bundle "
+            "(after a key compromise; consumers that lack the new root cannot verify this zone until they fetch it).",
+        ),
+    ] = False,
+    abort: Annotated[
+        bool, typer.Option("--abort", help="Drop the new CA of the rotation in progress before it signs.")
+    ] = False,
+    root_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="The root's private key, for a zone that keeps it offline: makes a new intermediate under the "
+            "same root (the bundle does not change)."
+        ),
+    ] = None,
+    offline_root_key: Annotated[
+        Path | None,
+        typer.Option(help="Rotate to a new root whose private key is written to this new file, not the zone."),
     ] = None,
 ) -> None:
     """Start a CA rotation: publish a new root now, switch signing after the overlap, retire the old root later."""
+    if finish and abort:
+        raise RotationError("--finish/--abort: give one (finish the rotation in progress now, or drop its new CA)")
+    if (finish or abort) and (overlap is not None or root_key is not None or offline_root_key is not None):
+        raise RotationError("--finish and --abort end the rotation in progress; they take no --overlap or root key")
     zone = _open(directory)
-    generation = zone.rotate(parse_duration(overlap) if overlap is not None else None)
+    if finish or abort:
+        steps = zone.finish_rotation() if finish else zone.abort_rotation()
+        for step in steps:
+            typer.echo(f"CA generation {step.generation} {step.state}: {step.message}")
+        audit.record(
+            zone.directory,
+            actor=audit.cli_actor(),
+            action="trust.rotate.finish" if finish else "trust.rotate.abort",
+            target=str(zone.trust_domain),
+            bundle_sequence=zone.own_bundle().sequence,
+        )
+        return
+    generation = zone.rotate(
+        parse_duration(overlap, "--overlap") if overlap is not None else None,
+        root_key=load_root_key(root_key) if root_key is not None else None,
+        offline_root_key=offline_root_key,
+    )
+    audit.record(
+        zone.directory,
+        actor=audit.cli_actor(),
+        action="trust.rotate",
+        target=str(zone.trust_domain),
+        generation=generation.generation,
+    )
     bundle = zone.own_bundle()
+    what = "new intermediate under the current root" if root_key is not None else "new root"
     typer.echo(
-        f"new root sha256:{generation.root_fingerprint} published (bundle sequence {bundle.sequence}); "
+        f"{what} (root sha256:{generation.root_fingerprint}) published (bundle sequence {bundle.sequence}); "
         f"it signs from {generation.activate_at:%Y-%m-%d %H:%M:%S}Z"
     )
+    if offline_root_key is not None:
+        typer.echo(f"the new root's key is in {offline_root_key}: keep it offline", err=True)
 
 
 @trust_app.command("federate")
@@ -148,9 +207,38 @@ def federate(
         bootstrap_bundle=bootstrap,
         web_ca_pem=web_ca.read_text() if web_ca is not None else None,
     )
-    typer.echo(
-        f"federating with {domain} via {endpoint} ({profile.value}); a running zone polls it at the refresh hint"
+    audit.record(
+        zone.directory, actor=audit.cli_actor(), action="trust.federate", target=domain.name, endpoint_url=endpoint
     )
+    typer.echo(
+        f"federating with {domain} via {endpoint} ({profile.value}); a running zone fetches it within a second, "
+        "then at the refresh hint"
+    )
+
+
+@trust_app.command("remove")
+def remove(
+    directory: ZoneDir,
+    trust_domain: Annotated[str, typer.Option(help="The trust domain to stop trusting.")],
+) -> None:
+    """Stop trusting an imported or federated trust domain: its bundle and its federation go.
+
+    A running zone's gateway stops trusting it on its next reconfigure (within
+    seconds). A peer's trust domain goes with its peering (meshfed peer delete).
+    """
+    zone = _open(directory)
+    domain = TrustDomain.parse(trust_domain)
+    removed = remove_trust(zone, domain)
+    audit.record(
+        zone.directory,
+        actor=audit.cli_actor(),
+        action="trust.remove",
+        target=domain.name,
+        bundle=removed.bundle,
+        federation=removed.federation,
+    )
+    parts = [part for part, done in (("its bundle", removed.bundle), ("its federation", removed.federation)) if done]
+    typer.echo(f"no longer trusting {domain}: removed {' and '.join(parts)}")
 
 
 def _open(directory: Path) -> Zone:

@@ -43,6 +43,13 @@ def init(
     mirror_namespace: Annotated[
         str | None, typer.Option(help="Namespace for imported-service mirrors (default: the import's namespace).")
     ] = None,
+    offline_root_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the root CA's private key to this new file (outside the zone) instead of the zone "
+            "directory; 'meshfed trust rotate' then needs it back (--root-key)."
+        ),
+    ] = None,
 ) -> None:
     """Create a zone: root and intermediate CA, config, state database, admin and read tokens."""
     if catalog not in ("embedded", "consul", "kubernetes"):
@@ -91,7 +98,15 @@ def init(
         first = err.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
         raise ZoneError(f"{mode}.{field}: {str(first['msg']).removeprefix('Value error, ')}") from None
-    zone = Zone.init(directory, name, trust_domain, catalog=mode, consul=consul, kubernetes=kubernetes)
+    zone = Zone.init(
+        directory,
+        name,
+        trust_domain,
+        catalog=mode,
+        consul=consul,
+        kubernetes=kubernetes,
+        offline_root_key=offline_root_key,
+    )
     audit.record(
         zone.directory,
         actor=audit.cli_actor(),
@@ -101,6 +116,8 @@ def init(
         catalog=mode,
     )
     typer.echo(f"zone {zone.name} (trust domain {zone.trust_domain}, {mode} catalog) created in {zone.directory}")
+    if offline_root_key is not None:
+        typer.echo(f"the root key is in {offline_root_key}, not in the zone: keep it offline", err=True)
 
 
 class Output(StrEnum):

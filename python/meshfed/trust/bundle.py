@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -22,9 +23,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from meshfed.errors import InvalidBundleError
+from meshfed.errors import InvalidBundleError, InvalidSpiffeIdError
 from meshfed.trust.ca import certificates_to_pem
-from meshfed.trust.spiffe import TrustDomain
+from meshfed.trust.spiffe import SpiffeId, TrustDomain
 
 DEFAULT_REFRESH_HINT_SECONDS = 300
 _X509_SVID_USE = "x509-svid"
@@ -126,24 +127,34 @@ def newest(held: TrustBundle | None, offered: TrustBundle) -> TrustBundle:
     return held
 
 
-def parse_bundle(trust_domain: TrustDomain, data: bytes) -> TrustBundle:
-    """Parse SPIFFE bundle JSON, or PEM roots, for ``trust_domain``."""
+def parse_bundle(trust_domain: TrustDomain, data: bytes, *, check_root_names: bool = True) -> TrustBundle:
+    """Parse SPIFFE bundle JSON, or PEM roots, for ``trust_domain``.
+
+    A root that names another trust domain (a SPIFFE URI SAN, or URI name
+    constraints that exclude ``trust_domain``) is refused: it was handed over
+    for the wrong domain, and trusting it here would let it vouch for names
+    it was never meant to. ``check_root_names=False`` is for re-reading what
+    a zone already stored, so a bundle taken in before the check existed
+    stays readable (and is refused only when it is replaced).
+    """
     if data.lstrip().startswith(_PEM_MARKER):
-        return _parse_pem(trust_domain, data)
-    return _parse_spiffe_json(trust_domain, data)
+        return _parse_pem(trust_domain, data, check_root_names)
+    return _parse_spiffe_json(trust_domain, data, check_root_names)
 
 
-def _parse_pem(trust_domain: TrustDomain, data: bytes) -> TrustBundle:
+def _parse_pem(trust_domain: TrustDomain, data: bytes, check_root_names: bool) -> TrustBundle:
     try:
         roots = x509.load_pem_x509_certificates(data)
     except ValueError as err:
         raise InvalidBundleError(f"bundle for {trust_domain}: PEM does not parse: {err}") from None
     for index, root in enumerate(roots):
         _require_intact(trust_domain, index, root)
+        if check_root_names:
+            _require_own_trust_domain(trust_domain, index, root)
     return TrustBundle(trust_domain, tuple(roots))
 
 
-def _parse_spiffe_json(trust_domain: TrustDomain, data: bytes) -> TrustBundle:
+def _parse_spiffe_json(trust_domain: TrustDomain, data: bytes, check_root_names: bool) -> TrustBundle:
     try:
         document = orjson.loads(data)
     except orjson.JSONDecodeError as err:
@@ -164,7 +175,10 @@ def _parse_spiffe_json(trust_domain: TrustDomain, data: bytes) -> TrustBundle:
             # §4.2.1: `kty` MUST be set; a client meeting an unknown key type MUST ignore the whole element.
             continue
         if key.get("use") == _X509_SVID_USE:
-            roots.append(_root_of(trust_domain, index, key))
+            root = _root_of(trust_domain, index, key)
+            if check_root_names:
+                _require_own_trust_domain(trust_domain, index, root)
+            roots.append(root)
         elif key.get("use") == _JWT_SVID_USE:
             if not isinstance(key.get("kid"), str) or not key["kid"]:
                 raise InvalidBundleError(f"bundle for {trust_domain}: keys[{index}] (jwt-svid) has no 'kid'")
@@ -202,6 +216,53 @@ def _require_intact(trust_domain: TrustDomain, index: int, root: x509.Certificat
         raise InvalidBundleError(
             f"bundle for {trust_domain}: keys[{index}] root's self-signature does not verify; the bundle was altered"
         ) from None
+
+
+def _require_own_trust_domain(trust_domain: TrustDomain, index: int, root: x509.Certificate) -> None:
+    """Refuse a root whose names say it belongs to another trust domain than the one it is taken in for."""
+    subject = root.subject.rfc4514_string()[:128]
+    for uri in _uri_sans(root):
+        try:
+            named = SpiffeId.parse(uri).trust_domain
+        except InvalidSpiffeIdError:
+            continue  # a URI SAN that is no SPIFFE ID names no trust domain
+        if named != trust_domain:
+            raise InvalidBundleError(
+                f"bundle for {trust_domain}: keys[{index}] root {subject!r} is a root of {named} "
+                f"(URI SAN {uri}), not of {trust_domain}; give it for {named} (--trust-domain {named})"
+            )
+    permitted = permitted_uri_hosts(root)
+    if permitted is not None and not any(_host_within(trust_domain.name, base) for base in permitted):
+        raise InvalidBundleError(
+            f"bundle for {trust_domain}: keys[{index}] root {subject!r} has name constraints permitting URIs of "
+            f"{', '.join(permitted)} only, so it can vouch for no SPIFFE ID of {trust_domain}; is it the right root?"
+        )
+
+
+def permitted_uri_hosts(cert: x509.Certificate) -> list[str] | None:
+    """The hosts of a certificate's permitted URI name-constraint subtrees; None if it constrains no URIs."""
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return None
+    permitted = [
+        name.value for name in constraints.permitted_subtrees or () if isinstance(name, x509.UniformResourceIdentifier)
+    ]
+    return permitted or None
+
+
+def _host_within(host: str, base: str) -> bool:
+    # RFC 5280 §4.2.1.10: "east.mesh" permits that host exactly; ".east.mesh" any host below it.
+    host, base = host.lower(), base.lower()
+    return host.endswith(base) if base.startswith(".") else host == base
+
+
+def _uri_sans(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return san.get_values_for_type(x509.UniformResourceIdentifier)
 
 
 def _non_negative_int(trust_domain: TrustDomain, document: dict[str, Any], field: str, default: int) -> int:
@@ -251,12 +312,70 @@ def _jwk_of(root: x509.Certificate) -> dict[str, Any]:
 
 
 def bundle_roots_pem(bundles: Sequence[TrustBundle]) -> dict[str, str]:
-    """Map trust domain name → PEM roots, the form the gateway config takes.
+    """Map trust domain name → PEM trust anchors, the form the gateway config takes.
 
     A bundle with only JWT authorities can verify no X.509-SVID, so its trust
     domain gets no pool at all (its callers are refused at the handshake).
+    Each root goes in as :func:`gateway_anchor` makes it.
     """
-    return {bundle.trust_domain.name: bundle.to_pem().decode() for bundle in bundles if bundle.roots}
+    return {
+        bundle.trust_domain.name: b"".join(
+            certificates_to_pem([gateway_anchor(bundle.trust_domain, root) for root in bundle.roots])
+        ).decode()
+        for bundle in bundles
+        if bundle.roots
+    }
+
+
+def gateway_anchor(trust_domain: TrustDomain, root: x509.Certificate) -> x509.Certificate:
+    """``root`` as the gateway's trust anchor for ``trust_domain``: without URI name constraints it enforces itself.
+
+    rustls-webpki (0.103) implements no URI name constraints: it fails closed,
+    refusing every certificate with a URI SAN below a CA whose constraints
+    name URIs, so every SVID under a constrained root would be refused. A trust
+    anchor is only a subject, a public key and constraints (RFC 5914; webpki
+    reads just these from the certificate and checks no anchor signature), so
+    the gateway gets a copy of the root with the same subject and key and
+    without the permitted URI subtrees, when they permit ``trust_domain``:
+    the gateway verifies a SPIFFE ID only against the pool of the ID's own
+    trust domain, which is what those constraints ask. Any other constraint
+    (DNS, IP, excluded URIs, URIs of other domains only) stays in, for webpki to
+    apply or refuse. The copy's signature is by a throwaway key: nothing checks
+    it, and it is no certificate anyone else sees (bundles and ``trust export``
+    carry the root itself).
+    """
+    permitted = permitted_uri_hosts(root)
+    if permitted is None or not any(_host_within(trust_domain.name, base) for base in permitted):
+        return root
+    return _anchor_without_uri_constraints(root.public_bytes(Encoding.DER))
+
+
+@functools.lru_cache(maxsize=256)
+def _anchor_without_uri_constraints(der: bytes) -> x509.Certificate:
+    root = x509.load_der_x509_certificate(der)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(root.subject)
+        .issuer_name(root.issuer)
+        .public_key(root.public_key())
+        .serial_number(root.serial_number)
+        .not_valid_before(root.not_valid_before_utc)
+        .not_valid_after(root.not_valid_after_utc)
+    )
+    for extension in root.extensions:
+        value = extension.value
+        if isinstance(value, x509.NameConstraints):
+            permitted = [n for n in value.permitted_subtrees or () if not isinstance(n, x509.UniformResourceIdentifier)]
+            if not permitted and not value.excluded_subtrees:
+                continue
+            value = x509.NameConstraints(permitted or None, value.excluded_subtrees)
+        builder = builder.add_extension(value, extension.critical)
+    return builder.sign(_anchor_signing_key(), hashes.SHA256())
+
+
+@functools.cache
+def _anchor_signing_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
 
 
 def _canonical_json(value: dict[str, Any]) -> bytes:

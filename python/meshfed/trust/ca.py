@@ -4,6 +4,18 @@ The root signs only the intermediate (path length 1); the intermediate signs
 SVIDs (path length 0). Keys are ECDSA P-256. SVIDs follow the X.509-SVID spec:
 exactly one URI SAN holding the SPIFFE ID, not a CA, ``digitalSignature`` key
 usage, both TLS client and server EKUs so one SVID serves both ends of mTLS.
+
+The root carries X.509 name constraints (critical, RFC 5280 §4.2.1.10)
+permitting URI names of its own trust domain only: a consumer that checks
+them (OpenSSL, BoringSSL in gRPC, Go's crypto/x509 in SPIRE) refuses anything
+the root would sign for another trust domain, even from a merged root pool.
+Constraints apply to the whole path below the root, so the intermediate needs
+none of its own, and it must have none: rustls-webpki (0.103, the gateway's
+verifier) implements no URI constraints and fails closed on any it meets on
+a path (a leaf's URI SAN never "matches" a permitted URI subtree), so an SVID
+under a constrained intermediate is refused by every meshfed gateway. The
+root's constraints reach webpki as the trust anchor's, which the gateway is
+given without them (:func:`meshfed.trust.bundle.bundle_roots_pem`).
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshfed.errors import TrustError
@@ -122,8 +135,22 @@ def create_authority(trust_domain: TrustDomain, generation: int = 0) -> NewAutho
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
         .add_extension(_key_usage(key_cert_sign=True), critical=True)
         .add_extension(_trust_domain_san(trust_domain), critical=False)
+        .add_extension(trust_domain_name_constraints(trust_domain), critical=True)
         .sign(root_key, hashes.SHA256())
     )
+    return NewAuthority(create_intermediate(trust_domain, root, root_key, generation), root_key)
+
+
+def create_intermediate(
+    trust_domain: TrustDomain, root: x509.Certificate, root_key: ec.EllipticCurvePrivateKey, generation: int
+) -> CertificateAuthority:
+    """A new intermediate signed by ``root`` (whose private key is ``root_key``), named for ``generation``."""
+    if _public_der(root_key.public_key()) != _public_der(root.public_key()):
+        raise TrustError(f"the root key given is not the key of the root {root.subject.rfc4514_string()!r}")
+    now = _now()
+    if root.not_valid_after_utc <= now:
+        raise TrustError(f"the root {root.subject.rfc4514_string()!r} has expired; rotate to a new root")
+    suffix = f" g{generation}" if generation else ""
     intermediate_key = ec.generate_private_key(ec.SECP256R1())
     intermediate = (
         _builder(
@@ -139,7 +166,20 @@ def create_authority(trust_domain: TrustDomain, generation: int = 0) -> NewAutho
         .add_extension(_authority_key_id(root), critical=False)
         .sign(root_key, hashes.SHA256())
     )
-    return NewAuthority(CertificateAuthority(trust_domain, root, intermediate, intermediate_key), root_key)
+    return CertificateAuthority(trust_domain, root, intermediate, intermediate_key)
+
+
+def trust_domain_name_constraints(trust_domain: TrustDomain) -> x509.NameConstraints:
+    """Permit URI names whose host is ``trust_domain`` (every ``spiffe://<td>/...``) and nothing else of that form.
+
+    RFC 5280 matches a URI constraint against the URI's host: ``east.mesh``
+    permits ``spiffe://east.mesh/...`` but neither ``spiffe://west.mesh/...``
+    nor ``spiffe://a.east.mesh/...`` (that would take ``.east.mesh``). Other
+    name forms (the DNS SANs gRPC wants on a server SVID) stay unconstrained.
+    """
+    return x509.NameConstraints(
+        permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain.name)], excluded_subtrees=None
+    )
 
 
 def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
@@ -175,6 +215,10 @@ def load_private_key_pem(data: bytes, what: str) -> ec.EllipticCurvePrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise TrustError(f"{what} is not an EC private key")
     return key
+
+
+def _public_der(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _now() -> dt.datetime:

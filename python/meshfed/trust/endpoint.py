@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 Profile = Literal["https_web", "https_spiffe"]
 BUNDLE_PATHS = ("/", "/v1/trust/bundle")
 MAX_BUNDLE_BYTES = 1 << 20
+# How often the https_spiffe endpoint checks that the CA of its SVID still signs.
+SIGNER_CHECK_INTERVAL = dt.timedelta(seconds=5)
 _MAX_REQUEST_HEAD = 8192
 _IO_TIMEOUT = 10.0
 
@@ -64,6 +66,20 @@ class WebCertificate:
     cert_chain_file: Path
     key_file: Path
 
+    def check(self) -> None:
+        """Load the pair once, so a bad file is one line before anything binds."""
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert_chain_file, self.key_file)
+        except FileNotFoundError as err:
+            raise TrustError(
+                f"--bundle-endpoint-web-cert/--bundle-endpoint-web-key: {err.filename}: no such file"
+            ) from None
+        except (OSError, ssl.SSLError) as err:
+            raise TrustError(
+                f"--bundle-endpoint-web-cert {self.cert_chain_file} / --bundle-endpoint-web-key {self.key_file}: "
+                f"cannot load them ({err}); give a PEM certificate chain and its unencrypted PEM private key"
+            ) from None
+
 
 class BundleEndpointServer:
     """Serve a bundle over HTTPS; a controller service (``start``/``stop``).
@@ -71,7 +87,10 @@ class BundleEndpointServer:
     ``bundle`` returns the SPIFFE JSON to serve, read on every request so a
     rotation is visible at once. For ``https_spiffe``, ``issue_svid`` makes
     the server's SVID; it is renewed at half-life into the same TLS context,
-    so new connections get the new one with no restart.
+    so new connections get the new one with no restart, and sooner when
+    ``svid_current`` (checked every :data:`SIGNER_CHECK_INTERVAL`) says the CA
+    that signed it no longer signs (a rotation finished early). ``flag`` names
+    the setting that chose the address, for the one-line bind error.
     """
 
     def __init__(
@@ -83,10 +102,15 @@ class BundleEndpointServer:
         port: int = 0,
         web_certificate: WebCertificate | None = None,
         issue_svid: Callable[[], Svid] | None = None,
+        svid_current: Callable[[Svid], bool] | None = None,
         supervisor: Supervisor | None = None,
+        flag: str = "--bundle-endpoint-address/--bundle-endpoint-port",
     ) -> None:
         if profile == "https_web" and web_certificate is None:
-            raise TrustError("the https_web bundle endpoint needs a server certificate and key (--web-cert/--web-key)")
+            raise TrustError(
+                "the https_web bundle endpoint needs a server certificate and key "
+                "(--bundle-endpoint-web-cert/--bundle-endpoint-web-key)"
+            )
         if profile == "https_spiffe" and issue_svid is None:
             raise TrustError("the https_spiffe bundle endpoint needs a way to issue its SVID")
         self._bundle = bundle
@@ -94,6 +118,8 @@ class BundleEndpointServer:
         self._host, self._port = host, port
         self._web_certificate = web_certificate
         self._issue_svid = issue_svid
+        self._svid_current = svid_current
+        self._flag = flag
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._context.minimum_version = ssl.TLSVersion.TLSv1_2
         self._server: asyncio.Server | None = None
@@ -118,7 +144,11 @@ class BundleEndpointServer:
             try:
                 self._context.load_cert_chain(self._web_certificate.cert_chain_file, self._web_certificate.key_file)
             except (OSError, ssl.SSLError) as err:
-                raise TrustError(f"cannot load the bundle endpoint's web certificate: {err}") from None
+                raise TrustError(
+                    f"cannot load the bundle endpoint's web certificate {self._web_certificate.cert_chain_file} and "
+                    f"key {self._web_certificate.key_file} ({err}); give a PEM chain and its unencrypted PEM key "
+                    "(--bundle-endpoint-web-cert/--bundle-endpoint-web-key)"
+                ) from None
         else:
             svid = await asyncio.to_thread(self._load_svid)
             self._renewal = self._supervisor.spawn("bundle-endpoint-svid", lambda: self._renew(svid))
@@ -128,7 +158,7 @@ class BundleEndpointServer:
             await self.stop()
             raise TrustError(
                 f"the bundle endpoint cannot listen on {self._host}:{self._port}: {err.strerror or err}; "
-                "is another zone or program using the port? (--bundle-endpoint-port)"
+                f"is another zone or program using the port? ({self._flag})"
             ) from err
         log.info("bundle endpoint (%s) serving on %s", self._profile, self.url)
 
@@ -152,8 +182,15 @@ class BundleEndpointServer:
         while True:
             lifetime = svid.leaf.not_valid_after_utc - svid.leaf.not_valid_before_utc
             renew_at = svid.leaf.not_valid_before_utc + lifetime / 2
-            await asyncio.sleep(max((renew_at - dt.datetime.now(dt.UTC)).total_seconds(), 1.0))
+            delay = max((renew_at - dt.datetime.now(dt.UTC)).total_seconds(), 1.0)
+            if self._svid_current is not None:
+                delay = min(delay, SIGNER_CHECK_INTERVAL.total_seconds())
+            await asyncio.sleep(delay)
             try:
+                if dt.datetime.now(dt.UTC) < renew_at and self._svid_current is not None:
+                    if await asyncio.to_thread(self._svid_current, svid):
+                        continue
+                    log.info("bundle endpoint: its SVID's CA no longer signs; presenting a new SVID")
                 svid = await asyncio.to_thread(self._load_svid)
             except MeshfedError as err:
                 log.error("bundle endpoint SVID renewal failed, retrying: %s", err)

@@ -2,10 +2,24 @@
 
 For every federation relationship in the zone's store, the poller fetches the
 bundle at the bundle's refresh hint (default 5 minutes), keeps the highest
-``spiffe_sequence`` (a lower one is ignored and logged), stores a newer one
-with source ``federation`` and calls ``on_trust_changed`` so the controller
-pushes the new pool to the gateway. A failed fetch or a bad bundle changes
-nothing: the zone keeps trusting what it held.
+``spiffe_sequence``, stores a newer one with source ``federation`` and calls
+``on_trust_changed`` so the controller pushes the new pool to the gateway. A
+failed fetch or a bad bundle changes nothing: the zone keeps trusting what it
+held.
+
+A lower sequence holding the same authorities is a lagging replica or a
+replay, and is ignored. A lower sequence with *other* authorities is a
+sequence reset (the endpoint was redeployed, say a SPIRE server with a fresh
+datastore starting again at 1): since every fetch is authenticated (the
+pinned SPIFFE ID verified against the bundle held, or the Web PKI identity of
+the host), it is the domain's own endpoint speaking, so the bundle is taken
+and a warning names the domain and both sequences.
+
+Relationships added or changed by another process (``meshfed trust
+federate`` writes ``state.db``) are noticed by reading their definitions
+every :data:`STORE_CHECK_INTERVAL` while the poller waits: the first fetch
+follows within about that. In the zone's own process, :meth:`BundlePoller.wake`
+polls at once.
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ import contextlib
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 from meshfed.errors import MeshfedError
 from meshfed.store import Federation
@@ -29,6 +44,8 @@ log = logging.getLogger(__name__)
 DEFAULT_REFRESH = dt.timedelta(seconds=DEFAULT_REFRESH_HINT_SECONDS)
 # A failed poll is retried sooner than the hint, but not in a tight loop.
 RETRY_AFTER_ERROR = dt.timedelta(seconds=30)
+# How often a waiting poller reads the federation definitions (one small SELECT) for changes by the CLI.
+STORE_CHECK_INTERVAL = dt.timedelta(seconds=0.5)
 
 
 class BundlePoller:
@@ -46,6 +63,7 @@ class BundlePoller:
         interval: dt.timedelta | None = None,
         retry_after_error: dt.timedelta = RETRY_AFTER_ERROR,
         fetch_timeout: dt.timedelta = dt.timedelta(seconds=10),
+        store_check_interval: dt.timedelta = STORE_CHECK_INTERVAL,
         supervisor: Supervisor | None = None,
     ) -> None:
         self._zone = zone
@@ -53,6 +71,7 @@ class BundlePoller:
         self._interval = interval
         self._retry_after_error = retry_after_error
         self._fetch_timeout = fetch_timeout
+        self._store_check_interval = store_check_interval
         self._supervisor = supervisor or Supervisor(zone.name)
         self._task: Component | None = None
         self._wake = asyncio.Event()
@@ -75,6 +94,8 @@ class BundlePoller:
     async def poll_all(self) -> dt.timedelta:
         """Poll every relationship once; returns how long to wait before the next round."""
         federations = await asyncio.to_thread(self._zone.federations)
+        current = {federation.trust_domain for federation in federations}
+        self._hints = {domain: hint for domain, hint in self._hints.items() if domain in current}
         waits = [await self._poll(federation) for federation in federations]
         return min(waits, default=self._interval or DEFAULT_REFRESH)
 
@@ -101,16 +122,30 @@ class BundlePoller:
         self._hints[federation.trust_domain] = fetched.refresh_hint_seconds
         kept = newest(held, fetched)
         if held is not None and fetched.sequence < held.sequence:
-            message = (
-                f"endpoint served spiffe_sequence {fetched.sequence}, lower than the {held.sequence} held; ignored"
+            if fetched.same_content(held):
+                message = (
+                    f"endpoint served spiffe_sequence {fetched.sequence}, lower than the {held.sequence} held, "
+                    "with the same authorities; ignored"
+                )
+                log.warning("federation with %s: %s", federation.trust_domain, message)
+                await asyncio.to_thread(self._zone.record_poll, federation.trust_domain, now, message)
+                return False
+            log.warning(
+                "federation with %s: sequence reset: %s now serves spiffe_sequence %d, lower than the %d held, "
+                "with other authorities; taking it (the endpoint was redeployed?), as %s",
+                federation.trust_domain,
+                spec.url,
+                fetched.sequence,
+                held.sequence,
+                _served_by(spec),
             )
-            log.warning("federation with %s: %s", federation.trust_domain, message)
-            await asyncio.to_thread(self._zone.record_poll, federation.trust_domain, now, message)
-            return False
+            kept = fetched
         await asyncio.to_thread(self._zone.record_poll, federation.trust_domain, now, None)
         if kept is held:
             return False
-        await asyncio.to_thread(self._zone.store_federated_bundle, kept)
+        if not await asyncio.to_thread(self._zone.store_federated_bundle, kept):
+            log.info("federation with %s ended while its bundle was fetched; not stored", federation.trust_domain)
+            return False
         log.info(
             "federation with %s: bundle sequence %d stored (%d root(s))",
             federation.trust_domain,
@@ -134,21 +169,41 @@ class BundlePoller:
         return _refresh_interval(held.refresh_hint_seconds if held is not None else 0)
 
     async def _run(self) -> None:
-        while True:
-            self._wake.clear()  # before polling, so a wake() during the poll is not lost
-            try:
-                wait = await self.poll_all()
-            except MeshfedError as err:
-                log.error("zone %s: bundle polling failed: %s", self._zone.name, err)
-                wait = self._retry_after_error
+        with self._zone.store() as store:  # one connection for the store checks while waiting
+            while True:
+                self._wake.clear()  # before polling, so a wake() during the poll is not lost
+                seen = await asyncio.to_thread(store.federation_revision)
+                try:
+                    wait = await self.poll_all()
+                except MeshfedError as err:
+                    log.error("zone %s: bundle polling failed: %s", self._zone.name, err)
+                    wait = self._retry_after_error
+                await self._wait(wait, store.federation_revision, seen)
+
+    async def _wait(self, wait: dt.timedelta, revision: Callable[[], object], seen: object) -> None:
+        """Until ``wait`` has passed, :meth:`wake` is called, or a relationship was added, changed or ended."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait.total_seconds()
+        while (remaining := deadline - loop.time()) > 0:
             with contextlib.suppress(TimeoutError):
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that races the event.
-                async with asyncio.timeout(wait.total_seconds()):
+                async with asyncio.timeout(min(remaining, self._store_check_interval.total_seconds())):
                     await self._wake.wait()
+                    return
+            if await asyncio.to_thread(revision) != seen:
+                log.info("zone %s: federation relationships changed; polling now", self._zone.name)
+                return
+
+
+def _served_by(spec: EndpointSpec) -> str:
+    if spec.profile == "https_spiffe":
+        return f"it was served by the pinned {spec.endpoint_spiffe_id}, verified against the bundle held"
+    host = urlsplit(spec.url).hostname
+    return f"it was served by {host}, verified by the Web PKI" + (" (--web-ca)" if spec.web_ca_pem else "")
 
 
 def _refresh_interval(hint_seconds: int) -> dt.timedelta:
     return DEFAULT_REFRESH if hint_seconds <= 0 else dt.timedelta(seconds=hint_seconds)
 
 
-__all__ = ["DEFAULT_REFRESH", "BundlePoller"]
+__all__ = ["DEFAULT_REFRESH", "STORE_CHECK_INTERVAL", "BundlePoller"]
