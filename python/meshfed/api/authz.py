@@ -4,15 +4,24 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
 from pydantic import BaseModel, Field
 
 from meshfed.api.auth import audit_call, require_admin, require_reader
 from meshfed.controller import Controller
 from meshfed.errors import FederationError
-from meshfed.federation.authz import Action, AuthzRule, AuthzRules, ConfigRuleError, RuleSpec, Source
+from meshfed.federation.authz import (
+    MAX_RULES_PER_SERVICE,
+    Action,
+    AuthzRule,
+    AuthzRules,
+    ConfigRuleError,
+    RuleSpec,
+    Source,
+)
 
 router = APIRouter(prefix="/v1/authz", tags=["authz"])
+MAX_RULE_ID = 2**63 - 1  # SQLite's INTEGER: a larger id names no rule, and must not reach the database
 
 
 class RuleView(BaseModel):
@@ -38,7 +47,9 @@ class RuleView(BaseModel):
 
 
 class RuleRequest(RuleSpec):
-    position: int | None = Field(default=None, ge=1, description="1 = first of the service's API rules; default last.")
+    position: int | None = Field(
+        default=None, ge=1, le=MAX_RULES_PER_SERVICE, description="1 = first of the service's API rules; default last."
+    )
 
 
 def _controller(request: Request) -> Controller:
@@ -88,7 +99,7 @@ async def add_rule(body: RuleRequest, request: Request) -> RuleView:
     dependencies=[Depends(require_admin)],
     responses={404: {"description": "No such rule"}, 409: {"description": "The rule comes from zone.toml"}},
 )
-async def remove_rule(rule_id: int, request: Request) -> Response:
+async def remove_rule(rule_id: Annotated[int, Path(ge=1, le=MAX_RULE_ID)], request: Request) -> Response:
     """Remove a rule added by the CLI or API."""
     controller = _controller(request)
     try:
