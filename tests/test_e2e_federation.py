@@ -79,7 +79,9 @@ def test_peered_zones_call_exported_services_through_their_gateways(make_zone, e
             assert 'meshfed_peering_state{peer="east",state="ACTIVE"} 1.0' in metrics
             assert 'meshfed_peering_heartbeat_age_seconds{peer="east"}' in metrics
             assert 'meshfed_peering_imported_services{peer="east"} 1.0' in metrics
-            assert f'meshfed_gateway_connections_total{{listener="{egress}"}} 1.0' in metrics
+            # Labelled with what the listener serves: the service, and the peer with its trust domain.
+            labels = f'listener="{egress}",namespace="default",peer="east",service="echo",trust_domain="east.mesh"'
+            assert f"meshfed_gateway_connections_total{{{labels}}} 1.0" in metrics
 
             # Export to north too, as the CLI would (another process writing state.db): it arrives by stream.
             with ExportRules(east.directory) as rules:

@@ -144,10 +144,24 @@ def test_cli_list_show_and_delete_on_a_stopped_zone(east, make_zone):
     assert "e1" in listed.stdout
     assert "ESTABLISHING" in listed.stdout
     shown = cli("peer", "show", "--dir", str(west.directory), "e1")
-    assert "peer_trust_domain: east.mesh" in shown.stdout
+    assert "zone:                    east (east.mesh)" in shown.stdout
+    assert "connected:               unknown: the zone is not running" in shown.stdout
     missing = cli("peer", "show", "--dir", str(west.directory), "nope")
     assert isinstance(missing.exception, PeeringError)
     deleted = cli("peer", "delete", "--dir", str(west.directory), "e1")
     assert "marked for deletion" in deleted.stdout
     with PeeringStore.of(west) as store:
         assert store.require("e1").state is PeerState.TERMINATED
+
+
+def test_a_token_wrapped_by_a_terminal_is_accepted(east, make_zone):
+    acceptor = east.harness.zone
+    west = make_zone("west")
+    token = token_for(acceptor, "west")
+    # As a terminal or a mail client breaks it: newlines every 64 characters, indentation, a trailing space.
+    wrapped = "\n  ".join(token[i : i + 64] for i in range(0, len(token), 64)) + " \n"
+    assert decode_token(wrapped) == decode_token(token)
+    result = runner.invoke(app, ["peer", "establish", "--dir", str(west.directory), "-"], input=wrapped)
+    assert result.exit_code == 0, result.exception
+    with PeeringStore.of(west) as store:
+        assert store.require("east").state is PeerState.ESTABLISHING

@@ -18,7 +18,7 @@ from meshfed.controller import Controller
 from meshfed.gateway import Cluster, Endpoint, Gateway, GatewayConfig, OutlierDetection, PassthroughListener, Route
 from meshfed.logs import JsonFormatter
 from meshfed.telemetry import Telemetry
-from tests.conftest import EchoServer, client_hello_bytes, dead_endpoint, eventually, round_trip
+from tests.conftest import EchoServer, client_hello_bytes, dead_endpoint, eventually, round_trip, trust_each_other
 
 SNI = "known.example"
 # One scrape: every sample by name and labels.
@@ -112,7 +112,7 @@ def test_cluster_and_endpoint_series_count_real_traffic(echo_server: EchoServer)
     assert _value(scrape, "meshfed_gateway_cluster_circuit_open_total", cluster="web") == 0
     assert _value(scrape, "meshfed_gateway_cluster_active_connections", cluster="web") == 1
     assert _value(scrape, "meshfed_gateway_cluster_pending_connections", cluster="web") == 0
-    assert _value(scrape, "meshfed_gateway_cluster_bytes_sent_bytes_total", cluster="web") == 3 * len(hello)
+    assert _value(scrape, "meshfed_gateway_cluster_sent_bytes_total", cluster="web") == 3 * len(hello)
     assert _value(scrape, "meshfed_gateway_endpoint_connections_total", **live) == 3
     assert _value(scrape, "meshfed_gateway_endpoint_active_connections", **live) == 1
     assert _value(scrape, "meshfed_gateway_endpoint_healthy", **live) == 1
@@ -214,3 +214,175 @@ def _scrape(telemetry: Telemetry) -> Scrape:
 
 def _value(scrape: Scrape, name: str, **labels: str) -> float:
     return scrape[(name, frozenset(labels.items()))]
+
+
+def _every_stat() -> dict[str, Any]:
+    """A stats document with every field the core reports, on an import, a failover group and the ingress."""
+    histogram = {"count": 1, "sum_us": 5, "le_us": [10, 2**64 - 1], "counts": [1, 0]}
+    listener = {
+        "accepted": 1,
+        "bytes_client_to_upstream": 2,
+        "bytes_upstream_to_client": 3,
+        "handshake_failure_reasons": {"not_tls": 1},
+        "no_route": 0,
+        "denied": 0,
+        "denied_by_trust_domain": {"west.mesh": 1},
+        "upstream_connect_failures": 0,
+        "active": 0,
+    }
+    cluster = {
+        "connections": 1,
+        "connect_failures": 0,
+        "circuit_open": 0,
+        "ejections": 0,
+        "bytes_sent": 4,
+        "bytes_received": 5,
+        "active": 0,
+        "pending": 0,
+        "connect_latency": histogram,
+        "duration": histogram,
+        "endpoints": {
+            "10.0.0.5:8080": {
+                "connections": 1,
+                "connect_failures": 0,
+                "ejections": 0,
+                "active": 0,
+                "healthy": True,
+                "ejected": False,
+            }
+        },
+    }
+    return {
+        "listeners": {
+            "ingress": {
+                **listener,
+                "routes": {"outbound_.8080_._.web.default.svc.east.mesh": {"connections": 1, "rate_limited": 0}},
+            },
+            "egress:db.shop.east:tcp": {**listener, "routes": {}},
+            "failover:db.shop:tcp": {**listener, "routes": {}},
+        },
+        "clusters": {
+            "local:default/web": cluster,
+            "local:default/web@version=v2": cluster,
+            "egress:db.shop.east:tcp": cluster,
+            "failover:db.shop:tcp": cluster,
+        },
+    }
+
+
+# Every gateway series as Prometheus sees it: each name has its unit once, then _total for counters.
+GATEWAY_SERIES = {
+    "meshfed_gateway_connections_total",
+    "meshfed_gateway_upstream_bytes_total",
+    "meshfed_gateway_downstream_bytes_total",
+    "meshfed_gateway_handshake_failures_total",
+    "meshfed_gateway_no_route_total",
+    "meshfed_gateway_denied_total",
+    "meshfed_gateway_denied_by_trust_domain_total",
+    "meshfed_gateway_upstream_connect_failures_total",
+    "meshfed_gateway_active_connections",
+    "meshfed_gateway_route_connections_total",
+    "meshfed_gateway_route_rate_limited_total",
+    "meshfed_gateway_cluster_connections_total",
+    "meshfed_gateway_cluster_connect_failures_total",
+    "meshfed_gateway_cluster_circuit_open_total",
+    "meshfed_gateway_cluster_ejections_total",
+    "meshfed_gateway_cluster_sent_bytes_total",
+    "meshfed_gateway_cluster_received_bytes_total",
+    "meshfed_gateway_cluster_active_connections",
+    "meshfed_gateway_cluster_pending_connections",
+    "meshfed_gateway_endpoint_connections_total",
+    "meshfed_gateway_endpoint_connect_failures_total",
+    "meshfed_gateway_endpoint_ejections_total",
+    "meshfed_gateway_endpoint_active_connections",
+    "meshfed_gateway_endpoint_healthy",
+    "meshfed_gateway_endpoint_ejected",
+    *(
+        f"meshfed_gateway_cluster_{name}_seconds_{part}"
+        for name in ("connect_latency", "connection_duration")
+        for part in ("bucket", "count", "sum")
+    ),
+}
+
+
+def test_exported_names_are_pinned_and_carry_their_unit_once() -> None:
+    telemetry = Telemetry("east", _every_stat)
+    try:
+        names = {name for name, _ in _scrape(telemetry) if name.startswith("meshfed_gateway_")}
+    finally:
+        telemetry.shutdown()
+    assert names == GATEWAY_SERIES
+    for name in names:
+        words = name.split("_")
+        assert all(words.count(unit) <= 1 for unit in ("bytes", "seconds")), name
+
+
+def test_gateway_series_name_the_service_peer_and_trust_domain_they_serve() -> None:
+    telemetry = Telemetry("west", _every_stat, peer_trust_domains=lambda: {"east": "east.mesh"})
+    try:
+        scrape = _scrape(telemetry)
+    finally:
+        telemetry.shutdown()
+
+    def labels_of(name: str, key: str, value: str) -> dict[str, str]:
+        (found,) = [dict(labels) for (sample, labels), _ in scrape.items() if sample == name and (key, value) in labels]
+        return {label: text for label, text in found.items() if text}  # Prometheus: an empty label is no label
+
+    imported = {"namespace": "shop", "service": "db", "peer": "east", "trust_domain": "east.mesh"}
+    connections = "meshfed_gateway_connections_total"
+    assert labels_of(connections, "listener", "egress:db.shop.east:tcp") == {
+        "listener": "egress:db.shop.east:tcp",
+        **imported,
+    }
+    assert labels_of(connections, "listener", "failover:db.shop:tcp") == {
+        "listener": "failover:db.shop:tcp",
+        "namespace": "shop",
+        "service": "db",
+    }
+    assert labels_of(connections, "listener", "ingress") == {"listener": "ingress"}
+    route = "outbound_.8080_._.web.default.svc.east.mesh"
+    assert labels_of("meshfed_gateway_route_connections_total", "route", route) == {
+        "listener": "ingress",
+        "route": route,
+        "namespace": "default",
+        "service": "web",
+    }
+    sent = "meshfed_gateway_cluster_sent_bytes_total"
+    assert labels_of(sent, "cluster", "egress:db.shop.east:tcp") == {"cluster": "egress:db.shop.east:tcp", **imported}
+    for cluster in ("local:default/web", "local:default/web@version=v2"):
+        assert labels_of(sent, "cluster", cluster) == {"cluster": cluster, "namespace": "default", "service": "web"}
+    latency = "meshfed_gateway_cluster_connect_latency_seconds_count"
+    assert labels_of(latency, "cluster", "egress:db.shop.east:tcp") == {
+        "cluster": "egress:db.shop.east:tcp",
+        **imported,
+    }
+    assert labels_of("meshfed_gateway_endpoint_healthy", "cluster", "local:default/web")["service"] == "web"
+
+
+def test_expiry_gauges_give_when_the_ca_svid_and_trusted_roots_expire(make_zone) -> None:
+    east, west = make_zone("east"), make_zone("west")
+    trust_each_other(east, west)
+
+    async def scenario() -> Scrape:
+        async with Controller(east, gateway_address="127.0.0.1:0", health_check=None) as controller:
+            scrape = _scrape(controller.telemetry)
+            svid = controller.gateway_svid
+            assert svid is not None
+            assert _value(scrape, "meshfed_gateway_svid_expiry_timestamp_seconds") == pytest.approx(
+                svid.leaf.not_valid_after_utc.timestamp()
+            )
+            return scrape
+
+    scrape = asyncio.run(scenario())
+    authority = east.authority()
+    assert _value(scrape, "meshfed_ca_expiry_timestamp_seconds", certificate="root") == pytest.approx(
+        authority.root.not_valid_after_utc.timestamp()
+    )
+    assert _value(scrape, "meshfed_ca_expiry_timestamp_seconds", certificate="intermediate") == pytest.approx(
+        authority.intermediate.not_valid_after_utc.timestamp()
+    )
+    for zone in (east, west):
+        roots = zone.own_bundle().roots
+        assert _value(
+            scrape, "meshfed_trust_bundle_expiry_timestamp_seconds", trust_domain=zone.trust_domain.name
+        ) == pytest.approx(min(root.not_valid_after_utc for root in roots).timestamp())

@@ -6,6 +6,18 @@ exports, imports, peers) into one gateway config, and runs the zone's
 background services (peering, bundle pollers, rotation). Every change reaches
 the data plane through one path, :meth:`Controller.reconfigure`, which builds a
 complete config and applies it atomically.
+
+What only the running controller knows is kept where the CLI can read it
+(:mod:`meshfed.runstate`): a lease saying it runs, the address of every
+listener, and (beside the health version) the local endpoints its gateway's
+health checks find failing.
+
+``zone.toml`` is read again whenever it changes (checked with the catalog,
+five times a second): ``[failover]``, ``[[split]]`` and ``[[authz]]`` apply
+live, each change logged; an edit that does not parse or validate is logged
+with its error and the running settings stay. The rest (name, trust domain,
+addresses, catalog, egress) applies at the next start, and a change to it is
+logged as such.
 """
 
 from __future__ import annotations
@@ -13,13 +25,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import logging
 import time
+import tomllib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from opentelemetry.sdk.trace.export import SpanExporter
+from pydantic import BaseModel, ValidationError
 
 from meshfed.addresses import HostPort
 from meshfed.catalog import CatalogSnapshot, CatalogSource, LocalImport, open_catalog
@@ -41,12 +56,14 @@ from meshfed.federation.peering import PeeringStore, PeerState
 from meshfed.federation.resolver import GatewayResolver
 from meshfed.gateway import Gateway, GatewayConfig, HealthCheck, Identity
 from meshfed.gateway.runtime import validate
+from meshfed.runstate import LEASE_RENEW_SECONDS, RunState
 from meshfed.supervisor import Supervisor
 from meshfed.telemetry import Telemetry
 from meshfed.trust.bundle import bundle_roots_pem
 from meshfed.trust.ca import Svid
 from meshfed.trust.spiffe import TrustDomain
-from meshfed.zone import STATE_FILE, Zone
+from meshfed.validation import describe_validation_error
+from meshfed.zone import CONFIG_FILE, STATE_FILE, Zone, ZoneConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +72,10 @@ CATALOG_POLL_SECONDS = 0.2
 CATALOG_RETRY_SECONDS = 2.0
 # How often the gateway's verdict on local endpoints is read; peers hear of a change at once.
 LOCAL_HEALTH_POLL_SECONDS = 0.5
+# The tables of zone.toml a running zone applies when the file changes; the rest waits for a restart.
+LIVE_SETTINGS = ("failover", "split", "authz")
+# Endpoints named in one health log line; the rest are counted.
+_NAMED_IN_LOG = 10
 
 
 def health_check_every(interval: dt.timedelta) -> HealthCheck | None:
@@ -146,13 +167,17 @@ class Controller:
         SVIDs to the egress listeners.
         """
         self.zone = zone
+        # The settings in force: zone.toml as read at start, with live edits of LIVE_SETTINGS applied.
+        self._settings: ZoneConfig = zone.config
+        # SHA-256 of zone.toml as last read; None: compare the file with the settings at the next check.
+        self._config_digest: bytes | None = None
         self._catalog = catalog if catalog is not None else open_catalog(zone)
         # Owns every background loop of the zone, the services' included (see meshfed.supervisor).
         self.supervisor = Supervisor(zone.name)
         self._publisher = ImportPublisher(
             self._catalog,
             self.local_imports,
-            describe=f"zone {zone.name}: {zone.config.catalog} catalog",
+            describe=f"zone {zone.name}: {self._settings.catalog} catalog",
             state_path=zone.directory / STATE_FILE,
             resync=publication_resync,
             supervisor=self.supervisor,
@@ -162,12 +187,12 @@ class Controller:
         # What each peer was last told, per applied generation: peers ask once per update, and a
         # large catalog makes a snapshot costly to rebuild.
         self._snapshots: dict[str, ServiceSnapshot] = {}
-        self.gateway_address = gateway_address or zone.config.gateway_address
+        self.gateway_address = gateway_address or self._settings.gateway_address
         self._advertise = list(gateway_advertise)
         self._egress_host = egress_host
         self._egress_advertise_host = egress_advertise_host
         self._egress_port_base = egress_port_base
-        egress = zone.config.egress
+        egress = self._settings.egress
         self._egress = (
             egress if egress_workload_tls is None else egress.model_copy(update={"workload_tls": egress_workload_tls})
         )
@@ -194,7 +219,15 @@ class Controller:
         self._allow_empty_catalog = allow_empty_catalog
         # While the catalog is unexpectedly empty: what each peer was last told, kept as it is.
         self._catalog_hold: dict[str, ServiceSnapshot] | None = None
-        self.telemetry = Telemetry(zone.name, self.gateway_stats, span_exporter=span_exporter)
+        self._recorded_listeners: dict[str, tuple[str, int]] | None = None
+        self._listeners_applied = asyncio.Event()
+        self.telemetry = Telemetry(
+            zone.name,
+            self.gateway_stats,
+            span_exporter=span_exporter,
+            peer_trust_domains=lambda: {peer: str(domain) for peer, domain in self._peer_trust_domains().items()},
+        )
+        self._observe_expiry()
 
     async def __aenter__(self) -> Controller:
         await self.start()
@@ -255,7 +288,10 @@ class Controller:
             self._gateway = None
             await asyncio.to_thread(gateway.close)
             raise
+        await asyncio.to_thread(self._take_lease)
         self._publisher.start()
+        self.supervisor.spawn("lease", self._renew_lease)
+        self.supervisor.spawn("listener-record", self._keep_listeners_recorded)
         self.supervisor.spawn("svid-renewal", self._renew_gateway_svid)
         self.supervisor.spawn("catalog-watch", self._watch_catalog)
         if self._health_check is not None:
@@ -275,6 +311,8 @@ class Controller:
             except Exception:
                 log.exception("zone %s: a service failed to stop cleanly", self.zone.name)
         if self._gateway is not None:
+            with RunState(self.zone.directory) as runstate:
+                await asyncio.to_thread(runstate.release_lease)
             await asyncio.to_thread(self._gateway.close)
             self._gateway = None
         await self._catalog.aclose()
@@ -297,6 +335,9 @@ class Controller:
                 await asyncio.to_thread(self.gateway.apply, config)
                 # Only now may peers hear of these exports: the ingress already admits them.
                 self._applied_exports, self._snapshots = exports, {}
+                # Recorded for the CLI by a loop of its own: no await may follow a successful apply here,
+                # or a cancel landing on it would make import_snapshot roll back what the gateway serves.
+                self._listeners_applied.set()
                 log.debug("zone %s: gateway config applied", self.zone.name)
             # Never awaited here: a catalog that refuses imports must not stop config and exports.
             self._publisher.request()
@@ -365,7 +406,7 @@ class Controller:
             "(POST /v1/catalog/confirm-empty, or 'meshfed up --allow-empty-catalog'). Check the catalog's "
             "location (catalog.db in the zone directory, the Consul address, the Kubernetes namespaces).",
             self.zone.name,
-            self.zone.config.catalog,
+            self._settings.catalog,
             count,
         )
 
@@ -545,8 +586,8 @@ class Controller:
             peer_trust_domains=self._peer_trust_domains(),
             imports=imported,
             egress_address=egress_address,
-            failover=self.zone.config.failover,
-            splits=self.zone.config.split,
+            failover=self._settings.failover,
+            splits=self._settings.split,
             health_check=self._health_check,
             authz=exports.authz,
             egress=self._egress,
@@ -556,7 +597,7 @@ class Controller:
     def _load_config_rules(self) -> None:
         """Make the stored ``zone.toml`` authorization rules those of the file as it is now."""
         with AuthzRules(self.zone.directory) as authz:
-            authz.replace_config_rules(self.zone.config.authz)
+            authz.replace_config_rules(self._settings.authz)
 
     def _withdraw_deleted_peers(self) -> None:
         """Drop the imports of peerings deleted (or gone) while no controller ran."""
@@ -578,7 +619,7 @@ class Controller:
         """The services this zone's gateway serves as failover groups, sources in failover order."""
         with ImportStore(self.zone.directory) as imports:
             served = self._served_imports(imports)
-        return failover_groups(self._catalog_snapshot, served, self.zone.config.failover)
+        return failover_groups(self._catalog_snapshot, served, self._settings.failover)
 
     def _withheld(self, peer: str) -> bool:
         """Under the closed policy, a peer failing for longer than the grace period is not served."""
@@ -654,6 +695,7 @@ class Controller:
                     log.error("zone %s: catalog watch failed, retrying: %s", self.zone.name, err)
                     await asyncio.sleep(CATALOG_RETRY_SECONDS)
                     continue
+                await self.check_zone_toml()
                 current = rules_version()
                 if snapshot.version != since or current != seen_rules:
                     self._catalog_snapshot, seen_rules = snapshot, current
@@ -677,11 +719,23 @@ class Controller:
             if unhealthy == self._unhealthy:
                 continue
             with ExportRules(self.zone.directory) as rules:
-                version = await asyncio.to_thread(rules.bump_health_version)
-            log.info("zone %s: gateway sees %d local endpoint(s) failing health checks", self.zone.name, len(unhealthy))
+                version = await asyncio.to_thread(rules.bump_health_version, unhealthy)
+            self._log_health_change(self._unhealthy, unhealthy)
             self._unhealthy, self._health_version, self._snapshots = unhealthy, version, {}
             for listener in self._exports_listeners:
                 listener()
+
+    def _log_health_change(self, before: UnhealthyEndpoints, after: UnhealthyEndpoints) -> None:
+        failing, recovered = sorted(after - before), sorted(before - after)
+        if failing:
+            log.warning(
+                "zone %s: %s failing the gateway's health checks (TCP connects from this zone's gateway); peers now "
+                "count them unhealthy. Is each backend running and listening on that address?",
+                self.zone.name,
+                _endpoint_list(failing),
+            )
+        if recovered:
+            log.info("zone %s: %s passing health checks again", self.zone.name, _endpoint_list(recovered))
 
     def _unhealthy_local_endpoints(self) -> UnhealthyEndpoints:
         if self._gateway is None:
@@ -718,6 +772,172 @@ class Controller:
             for (peer, namespace, service), ports in sorted(by_import.items())
         ]
 
+    @property
+    def config(self) -> ZoneConfig:
+        """The settings in force: ``zone.toml`` as read at start, with its live tables as last applied."""
+        return self._settings
+
+    # -- what the CLI reads of the running zone (meshfed.runstate) --------------------------
+
+    def _take_lease(self) -> None:
+        with RunState(self.zone.directory) as runstate, ExportRules(self.zone.directory) as rules:
+            runstate.take_lease()
+            # A verdict of an earlier run says nothing about this gateway, which has checked nothing yet.
+            rules.clear_unhealthy_endpoints()
+        self._recorded_listeners = None
+        self._record_listeners()
+
+    async def _renew_lease(self) -> None:
+        with RunState(self.zone.directory) as runstate:
+            while True:
+                await asyncio.sleep(LEASE_RENEW_SECONDS)
+                await asyncio.to_thread(runstate.renew_lease)
+
+    async def _keep_listeners_recorded(self) -> None:
+        while True:
+            await self._listeners_applied.wait()
+            self._listeners_applied.clear()
+            await asyncio.to_thread(self._record_listeners)
+
+    def _record_listeners(self) -> None:
+        """Keep where each listener serves for the CLI, when it changed (most applies change no listener)."""
+        addresses = self.egress_addresses()
+        if addresses == self._recorded_listeners:
+            return
+        with RunState(self.zone.directory) as runstate:
+            runstate.record_listeners(addresses)
+        self._recorded_listeners = addresses
+
+    # -- expiry gauges ----------------------------------------------------------------------
+
+    def _observe_expiry(self) -> None:
+        """Gauges of when the zone's certificates and the roots it trusts expire (see meshfed.telemetry)."""
+
+        def ca() -> list[tuple[float, dict[str, str]]]:
+            try:
+                authority = self.zone.authority()
+            except MeshfedError:
+                return []
+            return [
+                (authority.root.not_valid_after_utc.timestamp(), {"certificate": "root"}),
+                (authority.intermediate.not_valid_after_utc.timestamp(), {"certificate": "intermediate"}),
+            ]
+
+        def svid() -> list[tuple[float, dict[str, str]]]:
+            current = self._svid
+            return [] if current is None else [(current.leaf.not_valid_after_utc.timestamp(), {})]
+
+        def bundles() -> list[tuple[float, dict[str, str]]]:
+            try:
+                stored = self.zone.trusted_bundles()
+            except MeshfedError:
+                return []
+            return [
+                (
+                    min(root.not_valid_after_utc for root in item.bundle.roots).timestamp(),
+                    {"trust_domain": item.bundle.trust_domain.name},
+                )
+                for item in stored
+                if item.bundle.roots
+            ]
+
+        self.telemetry.add_gauge(
+            "meshfed.ca.expiry_timestamp",
+            "Unix time at which the zone's active CA root or intermediate (label certificate) expires",
+            "s",
+            ca,
+        )
+        self.telemetry.add_gauge(
+            "meshfed.gateway.svid.expiry_timestamp", "Unix time at which the gateway's current SVID expires", "s", svid
+        )
+        self.telemetry.add_gauge(
+            "meshfed.trust.bundle.expiry_timestamp",
+            "Unix time at which the first root of each trusted bundle (this zone's own included) expires",
+            "s",
+            bundles,
+        )
+
+    # -- live zone.toml -----------------------------------------------------------------------
+
+    async def check_zone_toml(self) -> bool:
+        """Apply ``zone.toml``'s live tables if the file changed since it was last read. True if applied.
+
+        Called by the catalog watch five times a second: the file is a few hundred
+        bytes, so it is read and hashed whole (an mtime misses two edits within
+        one clock tick). An edit that does not parse or validate is logged once
+        and the running settings stay; so do settings that only apply at start.
+        """
+        path = self.zone.directory / CONFIG_FILE
+        try:
+            text = await asyncio.to_thread(path.read_bytes)
+        except OSError as err:
+            if self._config_digest is not None:
+                log.error("zone %s: cannot read %s, the running settings stay: %s", self.zone.name, path, err)
+            self._config_digest = None
+            return False
+        digest = hashlib.sha256(text).digest()
+        if digest == self._config_digest:
+            return False
+        self._config_digest = digest
+        try:
+            edited = ZoneConfig.model_validate(tomllib.loads(text.decode()))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            log.error("zone %s: %s does not parse, the running settings stay: %s", self.zone.name, path, err)
+            return False
+        except ValidationError as err:
+            log.error(
+                "zone %s: %s is invalid, the running settings stay: %s",
+                self.zone.name,
+                path,
+                describe_validation_error(err),
+            )
+            return False
+        return await self._apply_live_settings(edited)
+
+    async def _apply_live_settings(self, edited: ZoneConfig) -> bool:
+        current = self._settings
+        fixed = [name for name in type(current).model_fields if name not in LIVE_SETTINGS]
+        waiting = [name for name in fixed if getattr(edited, name) != getattr(current, name)]
+        if waiting:
+            log.warning(
+                "zone %s: %s in %s changed; a running zone does not apply %s: restart the zone ('meshfed up')",
+                self.zone.name,
+                ", ".join(waiting),
+                CONFIG_FILE,
+                "that" if len(waiting) == 1 else "those",
+            )
+        changed = [name for name in LIVE_SETTINGS if getattr(edited, name) != getattr(current, name)]
+        if not changed:
+            return False
+        self._settings = current.model_copy(update={name: getattr(edited, name) for name in changed})
+        try:
+            if "authz" in changed:
+                await asyncio.to_thread(self._load_config_rules)
+            await self.exports_changed()
+        except MeshfedError as err:
+            self._settings = current
+            if "authz" in changed:
+                await asyncio.to_thread(self._load_config_rules)
+            log.error(
+                "zone %s: the edited %s of %s cannot be applied, the running settings stay: %s",
+                self.zone.name,
+                " and ".join(f"[{name}]" for name in changed),
+                CONFIG_FILE,
+                err,
+            )
+            await _retrying(self.zone.name, "restoring the running settings", self.exports_changed)
+            return False
+        for name in changed:
+            log.info(
+                "zone %s: [%s] of %s applied: %s (was %s)",
+                self.zone.name,
+                name,
+                CONFIG_FILE,
+                _describe_setting(getattr(edited, name)),
+                _describe_setting(getattr(current, name)),
+            )
+        return True
+
     async def _renew_gateway_svid(self) -> None:
         # Renew at half-life, as SPIRE agents do: a failed renewal leaves half the
         # lifetime to retry before peers start refusing the gateway.
@@ -730,6 +950,23 @@ class Controller:
             self._svid = await asyncio.to_thread(self._issue_gateway_svid)
             await _retrying(self.zone.name, "applying the renewed gateway SVID", self.reconfigure)
             log.info("zone %s: gateway SVID renewed until %s", self.zone.name, self._svid.leaf.not_valid_after_utc)
+
+
+def _describe_setting(value: object) -> str:
+    """A live setting in one line for the log: tables as JSON."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_describe_setting(item) for item in value) + "]"
+    if isinstance(value, BaseModel):
+        return value.model_dump_json(exclude_defaults=True)
+    return repr(value)
+
+
+def _endpoint_list(endpoints: Sequence[tuple[str, str, str]]) -> str:
+    shown = endpoints[:_NAMED_IN_LOG]
+    named = ", ".join(f"{address} of {service}.{namespace}" for namespace, service, address in shown)
+    more = len(endpoints) - _NAMED_IN_LOG
+    noun = "endpoint" if len(endpoints) == 1 else "endpoints"
+    return f"{noun} {named}" + (f" and {more} more" if more > 0 else "")
 
 
 async def _retrying(zone: str, what: str, action: Callable[[], Awaitable[object]]) -> None:

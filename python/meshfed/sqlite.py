@@ -5,6 +5,11 @@ and export state). Each component has its own ordered list of migration
 scripts, and the ``meshfed_schema`` table records how many of each have run,
 so components evolve independently, an old zone directory upgrades in place,
 and a newer one is refused rather than misread.
+
+Every database is created here, and only its owner may read it (0600; SQLite
+gives the ``-wal`` and ``-shm`` files the database's mode): ``state.db`` holds
+token hashes and peers' topology, ``catalog.db`` the zone's endpoints. A file
+made more open by an older meshfed is narrowed when it is next opened.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Self
 
 from meshfed.errors import ZoneError
 
+DATABASE_MODE = 0o600
 _SCHEMA_TABLE = "CREATE TABLE IF NOT EXISTS meshfed_schema (component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
 
 
@@ -32,6 +38,7 @@ def open_database(path: Path, component: str, migrations: Sequence[str]) -> sqli
     """
     _create_if_missing(path)
     _refuse_empty(path)
+    _restrict(path)
     db: sqlite3.Connection | None = None
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -136,6 +143,8 @@ def _create_if_missing(path: Path) -> None:
         raise ZoneError(f"cannot open {path}: {_os_reason(err)}") from None
     staged = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.new")
     try:
+        # Made 0600 before SQLite opens it, whatever the umask: SQLite keeps an existing file's mode.
+        os.close(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DATABASE_MODE))
         with closing(sqlite3.connect(staged, isolation_level=None)) as db:
             db.execute("PRAGMA journal_mode=WAL")  # writes the header; the WAL goes when the connection closes
             db.execute(_SCHEMA_TABLE)
@@ -155,6 +164,19 @@ def _create_if_missing(path: Path) -> None:
         for leftover in (staged, staged.with_name(f"{staged.name}-wal"), staged.with_name(f"{staged.name}-shm")):
             with suppress(FileNotFoundError):
                 leftover.unlink()
+
+
+def _restrict(path: Path) -> None:
+    """Narrow a database that others may read to 0600 (one made by an older meshfed, or copied in)."""
+    for file in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        try:
+            if file.stat().st_mode & 0o777 & ~DATABASE_MODE:
+                file.chmod(DATABASE_MODE)
+        except FileNotFoundError:
+            continue
+        except OSError as err:  # another user's file: opening it says why, or works read-only
+            if err.errno not in (errno.EPERM, errno.EACCES):
+                raise ZoneError(f"cannot open {file}: {_os_reason(err)}") from None
 
 
 def _refuse_empty(path: Path) -> None:

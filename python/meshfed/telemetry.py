@@ -6,10 +6,30 @@ are observed at collection time from the Rust core's lock-free stats, read once
 per scrape: nothing is pushed on the data path. OTLP export of metrics and
 traces turns on when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, as the
 OpenTelemetry spec prescribes.
+
+Names. Each instrument is named so that the Prometheus name carries its unit
+once: the exporter appends the unit (``By`` becomes ``_bytes``, ``s``
+``_seconds``) and ``_total`` for counters, so ``meshfed.gateway.upstream``
+in bytes is ``meshfed_gateway_upstream_bytes_total``. ``tests/test_telemetry.py``
+pins every exported name.
+
+Labels. Gateway series carry the object they count (``listener``, ``route``,
+``cluster``, ``endpoint``) and, where that object maps to one, the federated
+service it serves: ``service`` and ``namespace`` on import listeners
+(``egress:<service>.<namespace>.<peer>:<port>``), failover groups
+(``failover:<service>.<namespace>:<port>``), ingress routes (per SNI) and local
+clusters; ``peer`` and the peer's ``trust_domain`` on import listeners and their
+clusters. The ingress listener itself serves every peer and has none.
+
+Expiry gauges (registered by the controller, ``Controller._observe_expiry``): the Unix
+time at which the zone's CA root and intermediate, the gateway SVID and each
+trusted bundle's first root expire, as ``..._expiry_timestamp_seconds``:
+alert on ``meshfed_ca_expiry_timestamp_seconds - time() < 30 * 86400``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -43,24 +63,79 @@ _Readings = Callable[[Mapping[str, Any]], Iterable[tuple[float, Mapping[str, str
 _Rows = Callable[[Mapping[str, Any]], Iterator[tuple[dict[str, str], Mapping[str, Any]]]]
 
 
+class GatewayStats(dict[str, Any]):
+    """One reading of the gateway's stats document, with the peers' trust domains it is labelled with."""
+
+    def __init__(self, stats: Mapping[str, Any], peer_trust_domains: Mapping[str, str]) -> None:
+        super().__init__(stats)
+        self.peer_trust_domains = peer_trust_domains
+
+
+def _peer_trust_domains(stats: Mapping[str, Any]) -> Mapping[str, str]:
+    return stats.peer_trust_domains if isinstance(stats, GatewayStats) else {}
+
+
+@functools.lru_cache(maxsize=65536)
+def _object_labels(name: str) -> tuple[tuple[str, str], ...]:
+    """The service (and peer) a listener or cluster name maps to, as label pairs; none for the ingress.
+
+    Service, namespace, peer and port names are DNS labels (no dots or colons), so names parse
+    back unambiguously: ``egress:<service>.<namespace>.<peer>:<port>``, ``failover:<service>.<namespace>:<port>``,
+    ``local:<namespace>/<service>`` (with ``@<label>=<value>`` for a subset).
+    """
+    kind, _, rest = name.partition(":")
+    if kind in ("egress", "failover"):
+        parts = rest.rpartition(":")[0].split(".")
+        if kind == "egress" and len(parts) == 3:
+            return (("namespace", parts[1]), ("peer", parts[2]), ("service", parts[0]))
+        if kind == "failover" and len(parts) == 2:
+            return (("namespace", parts[1]), ("service", parts[0]))
+    elif kind == "local":
+        namespace, slash, service = rest.partition("@")[0].partition("/")
+        if slash:
+            return (("namespace", namespace), ("service", service))
+    return ()
+
+
+@functools.lru_cache(maxsize=65536)
+def _route_labels(sni: str) -> tuple[tuple[str, str], ...]:
+    """The service an ingress route's SNI names (``outbound_.<port>_.<subset>_.<service>.<namespace>.svc.<td>``)."""
+    _, sep, rest = sni.rpartition("_.")
+    service, dot, tail = rest.partition(".")
+    namespace, dot2, svc = tail.partition(".")
+    if sep and dot and dot2 and svc.startswith("svc."):
+        return (("namespace", namespace), ("service", service))
+    return ()
+
+
+def _labelled(kind: str, name: str, stats: Mapping[str, Any]) -> dict[str, str]:
+    attributes = {kind: name, **dict(_object_labels(name))}
+    peer = attributes.get("peer")
+    if peer is not None:
+        trust_domain = _peer_trust_domains(stats).get(peer)
+        if trust_domain is not None:
+            attributes["trust_domain"] = trust_domain
+    return attributes
+
+
 def _listeners(stats: Mapping[str, Any]) -> Iterator[tuple[dict[str, str], Mapping[str, Any]]]:
     listeners: Mapping[str, Mapping[str, Any]] = stats.get("listeners", {})
     for name, listener in listeners.items():
-        yield {"listener": name}, listener
+        yield _labelled("listener", name, stats), listener
 
 
 def _routes(stats: Mapping[str, Any]) -> Iterator[tuple[dict[str, str], Mapping[str, Any]]]:
     for attributes, listener in _listeners(stats):
         routes: Mapping[str, Mapping[str, Any]] = listener.get("routes", {})
         for sni, route in routes.items():
-            yield {**attributes, "route": sni}, route
+            yield {**attributes, "route": sni, **dict(_route_labels(sni))}, route
 
 
 def _clusters(stats: Mapping[str, Any]) -> Iterator[tuple[dict[str, str], Mapping[str, Any]]]:
     # A controller without a running gateway reports no "clusters" at all.
     clusters: Mapping[str, Mapping[str, Any]] = stats.get("clusters", {})
     for name, cluster in clusters.items():
-        yield {"cluster": name}, cluster
+        yield _labelled("cluster", name, stats), cluster
 
 
 def _endpoints(stats: Mapping[str, Any]) -> Iterator[tuple[dict[str, str], Mapping[str, Any]]]:
@@ -132,14 +207,14 @@ _GATEWAY_METRICS: tuple[tuple[_Kind, str, str, str, _Readings], ...] = (
     ),
     (
         "counter",
-        "meshfed.gateway.bytes.upstream",
+        "meshfed.gateway.upstream",
         "Bytes forwarded from clients to upstreams",
         "By",
         _field(_listeners, "bytes_client_to_upstream"),
     ),
     (
         "counter",
-        "meshfed.gateway.bytes.downstream",
+        "meshfed.gateway.downstream",
         "Bytes forwarded from upstreams to clients",
         "By",
         _field(_listeners, "bytes_upstream_to_client"),
@@ -234,14 +309,14 @@ _GATEWAY_METRICS: tuple[tuple[_Kind, str, str, str, _Readings], ...] = (
     ),
     (
         "counter",
-        "meshfed.gateway.cluster.bytes.sent",
+        "meshfed.gateway.cluster.sent",
         "Bytes sent to a cluster's endpoints",
         "By",
         _field(_clusters, "bytes_sent"),
     ),
     (
         "counter",
-        "meshfed.gateway.cluster.bytes.received",
+        "meshfed.gateway.cluster.received",
         "Bytes received from a cluster's endpoints",
         "By",
         _field(_clusters, "bytes_received"),
@@ -323,7 +398,15 @@ _CLUSTER_HISTOGRAMS = (
 class Telemetry:
     """Metrics and traces of one zone. :meth:`render` returns the Prometheus text exposition."""
 
-    def __init__(self, zone: str, gateway_stats: StatsSource, *, span_exporter: SpanExporter | None = None) -> None:
+    def __init__(
+        self,
+        zone: str,
+        gateway_stats: StatsSource,
+        *,
+        span_exporter: SpanExporter | None = None,
+        peer_trust_domains: Callable[[], Mapping[str, str]] = dict,
+    ) -> None:
+        """``peer_trust_domains`` (peering name to trust domain) labels the series of each peer's imports."""
         resource = Resource.create({"service.name": "meshfed", "service.version": __version__, "meshfed.zone": zone})
         otlp = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
         self._registry = CollectorRegistry(auto_describe=True)
@@ -339,7 +422,18 @@ class Telemetry:
             self._tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         self._meter_provider = MeterProvider(metric_readers=readers, resource=resource)
         self._tracer = self._tracer_provider.get_tracer("meshfed")
-        self._gateway_stats = _OncePerScrape(gateway_stats)
+
+        def labelled_stats() -> GatewayStats:
+            stats = gateway_stats()
+            try:
+                trust_domains = peer_trust_domains()
+            except Exception:
+                # Labels are a convenience: the series stay, without the peers' trust domains.
+                log.warning("peer trust domains unreadable; gateway series go without them this time", exc_info=True)
+                trust_domains = {}
+            return GatewayStats(stats, trust_domains)
+
+        self._gateway_stats = _OncePerScrape(labelled_stats)
         meter = self._meter_provider.get_meter("meshfed.gateway")
         create: dict[_Kind, Callable[..., object]] = {
             "counter": meter.create_observable_counter,
@@ -448,12 +542,15 @@ class _ClusterHistograms:
 
     def collect(self) -> Iterable[Metric]:
         clusters = list(_clusters(self._stats()))
+        # The labels any cluster has, as the OpenTelemetry exporter does for the other metrics.
+        labels = sorted({label for attributes, _ in clusters for label in attributes})
         for key, name, documentation in _CLUSTER_HISTOGRAMS:
-            family = HistogramMetricFamily(name, documentation, labels=["cluster"], unit="seconds")
+            family = HistogramMetricFamily(name, documentation, labels=labels, unit="seconds")
             for attributes, cluster in clusters:
                 if key in cluster:
                     histogram = cluster[key]
-                    family.add_metric([attributes["cluster"]], _buckets(histogram), histogram["sum_us"] / 1e6)
+                    values = [attributes.get(label, "") for label in labels]
+                    family.add_metric(values, _buckets(histogram), histogram["sum_us"] / 1e6)
             yield family
 
 

@@ -1,4 +1,10 @@
-"""``/v1/catalog`` and ``/v1/exports``: the zone's services, its imports, and what it exports."""
+"""``/v1/catalog``, ``/v1/services`` and ``/v1/exports``: the zone's services, its imports, and what it exports.
+
+``GET /v1/catalog`` is the one read of services (local ones, imports and
+failover groups); ``POST /v1/services`` and ``DELETE /v1/services/{namespace}/{name}``
+change the embedded catalog with the validation ``meshfed service register``
+uses (:mod:`meshfed.catalog.registration`).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,17 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from meshfed.addresses import HostPort
 from meshfed.api.auth import audit_call, require_admin, require_reader
 from meshfed.api.limits import MAX_EXPORT_PEERS
+from meshfed.catalog.embedded import EmbeddedCatalog
 from meshfed.catalog.model import Service
 from meshfed.catalog.publisher import PublicationStatus
+from meshfed.catalog.registration import ServiceRegistration, not_embedded
 from meshfed.controller import Controller
-from meshfed.errors import FederationError
-from meshfed.federation.exports import ExportRules
+from meshfed.errors import CatalogError, FederationError
+from meshfed.federation.exports import ExportRules, UnhealthyEndpoints
+from meshfed.federation.gateway_config import egress_listener_name
 from meshfed.federation.imports import ImportStore
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
@@ -29,14 +39,18 @@ class ImportView(BaseModel):
     ports: dict[str, int]
     healthy_endpoints: int
     total_endpoints: int
-    gateway_addresses: list[str]
+    gateway_addresses: list[str] = Field(description="The exporting zone's gateways, which this zone's gateway dials.")
+    local_addresses: dict[str, str] = Field(
+        description="Port name -> host:port where local clients connect (the import's egress listener); a port "
+        "the gateway does not serve is left out."
+    )
 
 
 class FailoverGroupView(BaseModel):
     name: str = Field(description="<service>.<namespace>")
     sources: list[str] = Field(description="'local', then peers, in the order traffic tries them.")
     split: dict[str, int] = Field(description="Peers sharing a tier, with their weights (zone.toml [failover] split).")
-    listeners: dict[str, str] = Field(description="Port name -> host:port where local clients reach the group.")
+    listeners: dict[str, str] = Field(description="Port name -> host:port where local clients connect to the group.")
 
 
 class CatalogSourceView(BaseModel):
@@ -64,11 +78,23 @@ class PublicationView(BaseModel):
         )
 
 
+class FailingEndpointView(BaseModel):
+    service: str
+    namespace: str
+    endpoint: str = Field(description="address:port")
+
+
 class CatalogView(BaseModel):
     version: int
     source: CatalogSourceView
     publication: PublicationView
-    services: list[Service]
+    services: list[Service] = Field(
+        description="Local services; an endpoint is healthy when the catalog says so and the gateway's health "
+        "checks do not find it failing (failing_health_checks), which is what peers are told."
+    )
+    failing_health_checks: list[FailingEndpointView] = Field(
+        description="Local endpoints the gateway's health checks find failing, whatever the catalog says."
+    )
     imports: list[ImportView]
     failover_groups: list[FailoverGroupView]
 
@@ -106,12 +132,17 @@ def catalog(request: Request) -> CatalogView:
     with ImportStore(controller.zone.directory) as imports:
         imported = imports.services()
     snapshot = controller.catalog_snapshot
-    bound = {name: f"{host}:{port}" for name, (host, port) in controller.egress_addresses().items()}
+    bound = {name: str(HostPort(host, port)) for name, (host, port) in controller.egress_addresses().items()}
+    failing = controller.unhealthy_endpoints
     return CatalogView(
         version=snapshot.version,
         source=CatalogSourceView(mode=controller.zone.config.catalog, error=controller.catalog_error),
         publication=PublicationView.of(controller.publication),
-        services=snapshot.services,
+        services=[_checked(service, failing) for service in snapshot.services],
+        failing_health_checks=[
+            FailingEndpointView(service=service, namespace=namespace, endpoint=endpoint)
+            for namespace, service, endpoint in sorted(failing)
+        ],
         imports=[
             ImportView(
                 name=item.name,
@@ -121,6 +152,11 @@ def catalog(request: Request) -> CatalogView:
                 healthy_endpoints=item.service.healthy_endpoints,
                 total_endpoints=item.service.total_endpoints,
                 gateway_addresses=item.snapshot.gateway_addresses,
+                local_addresses={
+                    port_name: bound[egress_listener_name(item, port_name)]
+                    for port_name in sorted(item.service.ports)
+                    if egress_listener_name(item, port_name) in bound
+                },
             )
             for item in imported
         ],
@@ -138,6 +174,77 @@ def catalog(request: Request) -> CatalogView:
             for group in controller.failover_groups()
         ],
     )
+
+
+def _checked(service: Service, failing: UnhealthyEndpoints) -> Service:
+    """``service`` with the endpoints the gateway finds failing marked unhealthy."""
+    if not any((service.namespace, service.name, e.key) in failing for e in service.endpoints):
+        return service
+    endpoints = [
+        e.model_copy(update={"healthy": False}) if (service.namespace, service.name, e.key) in failing else e
+        for e in service.endpoints
+    ]
+    return service.model_copy(update={"endpoints": endpoints})
+
+
+class ServiceChangeView(BaseModel):
+    service: str
+    namespace: str
+    catalog_version: int = Field(description="The embedded catalog's version after the change.")
+
+
+def _embedded_only(controller: Controller, what: str) -> None:
+    refusal = not_embedded(controller.zone.name, controller.zone.config.catalog, what)
+    if refusal is not None:
+        raise HTTPException(status.HTTP_409_CONFLICT, refusal)
+
+
+@router.post(
+    "/services",
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[Depends(require_admin)],
+    responses={409: {"description": "The zone's catalog is Consul or Kubernetes, which meshfed does not own"}},
+)
+def register_service(body: ServiceRegistration, request: Request) -> ServiceChangeView:
+    """Add or replace a service and all its endpoints in the embedded catalog (``meshfed service register``).
+
+    A running zone applies it within a second (its gateway, and the peers it is exported to).
+    """
+    controller = _controller(request)
+    _embedded_only(controller, "POST /v1/services")
+    service = body.service(controller.zone.name)
+    with EmbeddedCatalog(controller.zone.directory) as catalog:
+        version = catalog.register(service)
+    audit_call(
+        request,
+        controller.zone.directory,
+        "service.register",
+        f"{service.name}.{service.namespace}",
+        endpoints=len(service.endpoints),
+        version=version,
+    )
+    return ServiceChangeView(service=service.name, namespace=service.namespace, catalog_version=version)
+
+
+@router.delete(
+    "/services/{namespace}/{name}",
+    dependencies=[Depends(require_admin)],
+    responses={
+        404: {"description": "No such service in the embedded catalog"},
+        409: {"description": "The zone's catalog is Consul or Kubernetes, which meshfed does not own"},
+    },
+)
+def deregister_service(namespace: str, name: str, request: Request) -> ServiceChangeView:
+    """Remove a service from the embedded catalog (``meshfed service deregister``)."""
+    controller = _controller(request)
+    _embedded_only(controller, "DELETE /v1/services")
+    try:
+        with EmbeddedCatalog(controller.zone.directory) as catalog:
+            version = catalog.deregister(namespace, name)
+    except CatalogError as err:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(err)) from None
+    audit_call(request, controller.zone.directory, "service.deregister", f"{name}.{namespace}", version=version)
+    return ServiceChangeView(service=name, namespace=namespace, catalog_version=version)
 
 
 class CatalogHoldView(BaseModel):

@@ -9,19 +9,32 @@ from __future__ import annotations
 import datetime as dt
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from meshfed.api.auth import audit_call, require_admin, require_reader
 from meshfed.errors import InvalidTokenError, PeeringError
+from meshfed.federation.peering import check_peering_name
 from meshfed.federation.service import PeeringService, PeerStatus
-from meshfed.federation.token import DEFAULT_TOKEN_TTL
+from meshfed.federation.token import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL
 
 router = APIRouter(prefix="/v1/peerings", tags=["peerings"])
 
 
 class TokenRequest(BaseModel):
-    peer_name: str = Field(min_length=1, max_length=63, description="Zone allowed to redeem the token.")
-    ttl_seconds: int = Field(default=int(DEFAULT_TOKEN_TTL.total_seconds()), ge=1, le=7 * 86400)
+    peer_name: str = Field(
+        min_length=1, max_length=63, description="Zone allowed to redeem the token (its name, a DNS label)."
+    )
+    ttl_seconds: int = Field(
+        default=int(DEFAULT_TOKEN_TTL.total_seconds()), ge=1, le=int(MAX_TOKEN_TTL.total_seconds())
+    )
+
+    @field_validator("peer_name")
+    @classmethod
+    def _check_peer_name(cls, value: str) -> str:
+        try:
+            return check_peering_name(value, "the peer's zone name")
+        except PeeringError as err:
+            raise ValueError(str(err)) from None
 
 
 class TokenResponse(BaseModel):
@@ -33,6 +46,14 @@ class TokenResponse(BaseModel):
 class EstablishRequest(BaseModel):
     token: str = Field(min_length=1, max_length=65536)
     name: str | None = Field(default=None, min_length=1, max_length=63)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        try:
+            return None if value is None else check_peering_name(value)
+        except PeeringError as err:
+            raise ValueError(str(err)) from None
 
 
 def _service(request: Request) -> PeeringService:

@@ -68,6 +68,7 @@ from meshfed.catalog.model import CatalogSnapshot, Endpoint, LocalImport, Locali
 from meshfed.catalog.remote import Backoff, SnapshotCache
 from meshfed.catalog.settings import ConsulSettings
 from meshfed.errors import CatalogError
+from meshfed.validation import describe_validation_error
 
 log = logging.getLogger(__name__)
 
@@ -444,7 +445,7 @@ class ConsulCatalog:
     def _skip(self, what: str, err: ValidationError) -> None:
         if what not in self._skipped:
             self._skipped.add(what)
-            reason = str(err.errors()[0]["msg"]).removeprefix("Value error, ")
+            reason = describe_validation_error(err)
             log.warning("Consul at %s: skipping %s, which meshfed cannot represent: %s", self.address, what, reason)
 
     def _registration(self, item: LocalImport) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from meshfed.catalog.model import CatalogSnapshot, LocalImport, Service
 from meshfed.errors import CatalogError
 from meshfed.sqlite import SqliteStore, transaction
+from meshfed.validation import describe_validation_error
 
 CATALOG_FILE = "catalog.db"
 _POLL_SECONDS = 0.1
@@ -70,7 +71,10 @@ class EmbeddedCatalog(SqliteStore):
         try:
             services = [Service.model_validate_json(document) for (document,) in rows]
         except ValidationError as err:
-            raise CatalogError(f"the embedded catalog holds an unreadable service: {err}") from None
+            raise CatalogError(
+                f"the embedded catalog holds an unreadable service ({describe_validation_error(err)}); register "
+                "it again with 'meshfed service register', or restore catalog.db from a backup"
+            ) from None
         return CatalogSnapshot(version=version, services=services)
 
     def version(self) -> int:

@@ -72,6 +72,7 @@ from meshfed.catalog.model import CatalogSnapshot, Endpoint, LocalImport, Locali
 from meshfed.catalog.remote import Backoff, SnapshotCache
 from meshfed.catalog.settings import KubernetesSettings
 from meshfed.errors import CatalogError
+from meshfed.validation import describe_validation_error
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +429,7 @@ class KubernetesCatalog:
 
     def _skip(self, what: str, reason: ValidationError | str) -> None:
         if isinstance(reason, ValidationError):
-            reason = str(reason.errors()[0]["msg"]).removeprefix("Value error, ")
+            reason = describe_validation_error(reason)
         if what not in self._skipped:
             self._skipped.add(what)
             log.warning("Kubernetes: skipping %s, which meshfed cannot represent: %s", what, reason)

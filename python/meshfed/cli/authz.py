@@ -16,6 +16,7 @@ from meshfed import audit
 from meshfed.cli.common import ZoneDir
 from meshfed.errors import FederationError
 from meshfed.federation.authz import AuthzRule, AuthzRules, RuleSpec
+from meshfed.validation import describe_validation_error
 from meshfed.zone import Zone
 
 authz_app = typer.Typer(
@@ -65,7 +66,7 @@ def add(
             id=pattern or "",
         )
     except ValidationError as err:
-        raise FederationError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        raise FederationError(describe_validation_error(err)) from None
     zone = Zone.open(directory)
     with AuthzRules(zone.directory) as rules:
         rule = rules.add(spec, position=position)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 import typer
@@ -9,7 +10,10 @@ from rich.console import Console
 from rich.table import Table
 
 from meshfed import audit
+from meshfed.catalog import CatalogSnapshot, open_catalog
+from meshfed.catalog.embedded import EmbeddedCatalog
 from meshfed.cli.common import ZoneDir
+from meshfed.errors import MeshfedError
 from meshfed.federation.exports import ALL_PEERS, ExportRules
 from meshfed.federation.peering import PeeringStore
 from meshfed.zone import Zone
@@ -18,6 +22,8 @@ export_app = typer.Typer(help="Export local services to peers (nothing is export
 
 ServiceOption = Annotated[str, typer.Option("--service", help="Service name in the zone's catalog.")]
 NamespaceOption = Annotated[str, typer.Option(help="Namespace of the service.")]
+# How long `export add` waits for a Consul or Kubernetes catalog to say whether the service exists.
+_REMOTE_CATALOG_CHECK_SECONDS = 3.0
 
 
 @export_app.command("add")
@@ -47,6 +53,12 @@ def add(
         to=sorted({rule.peer for rule in added}),
     )
     typer.echo(f"exported {service}.{namespace} to {', '.join(rule.peer for rule in added)}")
+    if _in_catalog(zone, service, namespace) is False:
+        typer.echo(
+            f"note: zone {zone.name}'s {zone.config.catalog} catalog has no service {service}.{namespace} yet; "
+            "the export applies once it is registered ('meshfed service list' shows what is there)",
+            err=True,
+        )
     with PeeringStore.of(zone) as peerings:
         known = {peering.name for peering in peerings.peerings()}
     for peer in sorted({rule.peer for rule in added} - known - {ALL_PEERS}):
@@ -57,6 +69,26 @@ def add(
             f"use 'meshfed authz add --service {service} --allow spiffe://<trust domain>/*'",
             err=True,
         )
+
+
+def _in_catalog(zone: Zone, service: str, namespace: str) -> bool | None:
+    """Whether the zone's catalog has the service now; None when the catalog cannot be read quickly."""
+    if zone.config.catalog == "embedded":
+        with EmbeddedCatalog(zone.directory) as catalog:
+            return catalog.load().service(namespace, service) is not None
+
+    async def read() -> CatalogSnapshot:
+        source = open_catalog(zone)
+        try:
+            async with asyncio.timeout(_REMOTE_CATALOG_CHECK_SECONDS):
+                return await source.snapshot()
+        finally:
+            await source.aclose()
+
+    try:
+        return asyncio.run(read()).service(namespace, service) is not None
+    except (MeshfedError, TimeoutError):
+        return None  # an unreachable Consul or API server must not stop an export rule
 
 
 @export_app.command("remove")

@@ -10,6 +10,7 @@ to be running: it dials it.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import sys
 import time
 from typing import Annotated
@@ -139,12 +140,51 @@ def list_peers(directory: ZoneDir) -> None:
 
 @peer_app.command("show")
 def show(directory: ZoneDir, name: Annotated[str, typer.Argument(help="The peering's local name.")]) -> None:
-    """Show one peering in detail."""
+    """Show one peering in detail.
+
+    Whether the stream is up is what the running zone last recorded (within a
+    second); when the zone is not running it is unknown, and says so.
+    """
     zone = Zone.open(directory)
     with PeeringStore.of(zone) as store:
-        status = PeerStatus.of(store.require(name))
-    for key, value in status.model_dump(mode="json").items():
-        typer.echo(f"{key}: {value}")
+        status = PeerStatus.stored(store.require(name))
+        listener = store.listener()
+    running = listener is not None and listener.alive()
+    now = dt.datetime.now(dt.UTC)
+    lines = {
+        "peer": status.name,
+        "role": status.role,
+        "state": status.state.value + (f" ({status.state_reason})" if status.state_reason else ""),
+        "zone": f"{status.peer_zone or '-'} ({status.peer_trust_domain or '-'})",
+        "peer addresses": ", ".join(status.peer_addresses) or "-",
+        "connected": ("yes" if status.connected else "no") if running else "unknown: the zone is not running",
+        "last connected": _moment(status.last_connected_at, now),
+        "last heartbeat sent": _moment(status.last_heartbeat_sent_at, now),
+        "last heartbeat received": _moment(status.last_heartbeat_received_at, now),
+        "exports sent/acked": f"version {status.sent_version}/{status.acked_version}",
+        "imports received": f"version {status.received_version}",
+        "services exported": str(status.exported_services),
+        "services imported": str(status.imported_services),
+        "import error": status.import_error or "-",
+    }
+    width = max(map(len, lines))
+    for key, value in lines.items():
+        typer.echo(f"{key + ':':<{width + 1}} {value}")
+
+
+def _moment(moment: dt.datetime | None, now: dt.datetime) -> str:
+    if moment is None:
+        return "never"
+    return f"{moment.isoformat(timespec='seconds').replace('+00:00', 'Z')} ({_age(now - moment)} ago)"
+
+
+def _age(elapsed: dt.timedelta) -> str:
+    seconds = max(elapsed.total_seconds(), 0.0)
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
 
 
 @peer_app.command("delete")

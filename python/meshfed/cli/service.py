@@ -13,19 +13,22 @@ import asyncio
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from meshfed import audit
+from meshfed.addresses import HostPort
 from meshfed.catalog import CatalogSnapshot, open_catalog
 from meshfed.catalog.embedded import EmbeddedCatalog
-from meshfed.catalog.model import Endpoint, Locality, Service
 from meshfed.catalog.publisher import PublicationStore
+from meshfed.catalog.registration import not_embedded, registration
 from meshfed.cli.common import ZoneDir
 from meshfed.errors import CatalogError
+from meshfed.federation.exports import ExportRules
 from meshfed.federation.failover import failover_groups
+from meshfed.federation.gateway_config import egress_listener_name
 from meshfed.federation.imports import ImportStore
+from meshfed.runstate import RunState
 from meshfed.zone import STATE_FILE, Zone
 
 service_app = typer.Typer(help="Register services in the zone's embedded catalog.", no_args_is_help=True)
@@ -49,17 +52,16 @@ def register(
     """Add or replace a service and all its endpoints."""
     zone = Zone.open(directory)
     _require_embedded(zone, "register")
-    try:
-        service = Service(
-            name=name,
-            namespace=namespace,
-            ports={key: _port_number(key, value) for key, value in map(_pair, port)},
-            labels=dict(map(_pair, label or [])),
-            endpoints=[_endpoint(spec, zone.name) for spec in endpoint],
-        )
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise CatalogError(str(first["msg"]).removeprefix("Value error, ")) from None
+    labels = dict(map(_pair, label or []))
+    if len(labels) != len(label or []):
+        raise CatalogError("--label: a label key is given twice; give each key once")
+    service = registration(
+        name=name,
+        namespace=namespace,
+        ports=[{"name": key, "port": _port_number(key, value)} for key, value in map(_pair, port)],
+        labels=labels,
+        endpoints=[_endpoint(spec) for spec in endpoint],
+    ).service(zone.name)
     with EmbeddedCatalog(zone.directory) as catalog:
         version = catalog.register(service)
     audit.record(
@@ -109,15 +111,9 @@ def list_catalog(directory: ZoneDir) -> None:
 
 
 def _require_embedded(zone: Zone, verb: str) -> None:
-    mode = zone.config.catalog
-    if mode != "embedded":
-        where = {"consul": "in Consul (consul services register, or the agent's service definitions)"}.get(
-            mode, "in Kubernetes (a Service with a selector, or your own EndpointSlices)"
-        )
-        raise CatalogError(
-            f"zone {zone.name} reads its services from its {mode} catalog, so `meshfed service {verb}` does not "
-            f"apply; manage them {where}"
-        )
+    refusal = not_embedded(zone.name, zone.config.catalog, f"`meshfed service {verb}`")
+    if refusal is not None:
+        raise CatalogError(refusal)
 
 
 def _load(zone: Zone) -> CatalogSnapshot:
@@ -142,16 +138,25 @@ def _print_catalog(zone: Zone) -> None:
         imported = imports.services()
     with PublicationStore(zone.directory / STATE_FILE) as publications:
         publication = publications.get()
+    # What only the running zone knows: its gateway's health verdict and where its listeners are.
+    with RunState(zone.directory) as runstate:
+        running = runstate.running()
+        bound = runstate.listeners() if running else {}
+    with ExportRules(zone.directory) as rules:
+        failing = rules.unhealthy_endpoints() if running else frozenset()
     table = Table(title=f"zone {zone.name} catalog ({zone.config.catalog}, version {snapshot.version})")
-    for column in ("service", "ports", "zone", "healthy", "endpoints"):
+    for column in ("service", "ports", "zone", "healthy", "endpoints", "local address"):
         table.add_column(column)
     for service in snapshot.services:
+        checked = [e for e in service.endpoints if (service.namespace, service.name, e.key) in failing]
+        healthy = [e for e in service.healthy_endpoints if e not in checked]
         table.add_row(
             f"{service.name}.{service.namespace}",
             _ports(service.ports),
             zone.name,
-            f"{len(service.healthy_endpoints)}/{len(service.endpoints)}",
-            ", ".join(endpoint.key for endpoint in service.endpoints),
+            f"{len(healthy)}/{len(service.endpoints)}",
+            ", ".join(e.key + (" (failing health checks)" if e in checked else "") for e in service.endpoints),
+            "-",
         )
     for item in imported:
         table.add_row(
@@ -160,6 +165,7 @@ def _print_catalog(zone: Zone) -> None:
             item.snapshot.zone,
             f"{item.service.healthy_endpoints}/{item.service.total_endpoints}",
             f"via gateway {', '.join(item.snapshot.gateway_addresses)}",
+            _local_address(running, bound, {port: egress_listener_name(item, port) for port in item.service.ports}),
         )
     for group in failover_groups(snapshot, imported, zone.config.failover):
         table.add_row(
@@ -168,8 +174,15 @@ def _print_catalog(zone: Zone) -> None:
             group.describe(),
             "",
             "listener " + ", ".join(group.listener_name(port) for port in group.port_names),
+            _local_address(running, bound, {port: group.listener_name(port) for port in group.port_names}),
         )
-    Console(width=160).print(table)
+    Console(width=200).print(table)
+    if not running:
+        typer.echo(
+            f"note: zone {zone.name} is not running: health is the catalog's alone (no gateway health checks) "
+            "and local addresses are unknown until 'meshfed up'",
+            err=True,
+        )
     if publication is not None and not publication.ok:
         since = publication.failing_since.isoformat(timespec="seconds") if publication.failing_since else "?"
         typer.echo(
@@ -177,6 +190,16 @@ def _print_catalog(zone: Zone) -> None:
             f"{publication.last_error}",
             err=True,
         )
+
+
+def _local_address(running: bool, bound: dict[str, tuple[str, int]], listeners: dict[str, str]) -> str:
+    """Where local clients connect, per port: the running zone's listener addresses."""
+    if not running:
+        return "unknown (zone not running)"
+    return ", ".join(
+        f"{port}={HostPort(*bound[name])}" if name in bound else f"{port}=not served"
+        for port, name in sorted(listeners.items())
+    )
 
 
 def _ports(ports: dict[str, int]) -> str:
@@ -196,24 +219,27 @@ def _port_number(name: str, value: str) -> int:
     return int(value)
 
 
-def _endpoint(spec: str, zone: str) -> Endpoint:
+def _endpoint(spec: str) -> dict[str, object]:
+    """One ``--endpoint`` as the fields of an :class:`~meshfed.catalog.registration.EndpointSpec`."""
     address_port, *settings = spec.split(";")
     host, sep, port = address_port.rpartition(":")
     if not sep or not port.isdigit():
         raise CatalogError(f"endpoint {spec!r} must start with IP:PORT")
-    fields: dict[str, str] = dict(map(_pair, settings))
+    pairs = list(map(_pair, settings))
+    fields: dict[str, str] = dict(pairs)
+    if len(fields) != len(pairs):
+        raise CatalogError(f"endpoint {spec!r}: a setting is given twice; give each key once")
     labels = {key: value for key, value in fields.items() if key not in ("weight", "healthy", "region", "zone")}
     if fields.get("healthy", "true") not in ("true", "false"):
         raise CatalogError(f"endpoint {spec!r}: healthy must be true or false")
     weight = fields.get("weight", "1")
     if not weight.isdigit():
         raise CatalogError(f"endpoint {spec!r}: weight must be a positive integer")
-    return Endpoint(
-        address=host.strip("[]"),
-        port=int(port),
-        zone=zone,
-        locality=Locality(region=fields.get("region", ""), zone=fields.get("zone", "")),
-        weight=int(weight),
-        healthy=fields.get("healthy", "true") == "true",
-        labels=labels,
-    )
+    return {
+        "address": host.strip("[]"),
+        "port": int(port),
+        "locality": {"region": fields.get("region", ""), "zone": fields.get("zone", "")},
+        "weight": int(weight),
+        "healthy": fields.get("healthy", "true") == "true",
+        "labels": labels,
+    }

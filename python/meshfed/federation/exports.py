@@ -60,6 +60,16 @@ _MIGRATIONS = (
         PRIMARY KEY (namespace, service)
     ) STRICT;
     """,
+    # The local endpoints the gateway's health checks find failing, written with each health version
+    # by the running controller alone, so that the CLI shows what the gateway found.
+    """
+    CREATE TABLE export_unhealthy_endpoints (
+        namespace TEXT NOT NULL,
+        service TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        PRIMARY KEY (namespace, service, endpoint)
+    ) STRICT;
+    """,
 )
 
 UnhealthyEndpoints = frozenset[tuple[str, str, str]]
@@ -87,6 +97,8 @@ class ExportRules(SqliteStore):
         ``proxy_protocol`` (when given) sets whether the service's backends get a PROXY v2 header
         with the original caller's SPIFFE ID; it applies to the service whoever calls.
         """
+        _check_label(service, "service")
+        _check_label(namespace, "namespace")
         rules = [ExportRule(namespace, service, _check_peer(peer)) for peer in peers]
         if not rules:
             raise FederationError("name at least one peer with --to (a peering name, or '*' for every peer)")
@@ -146,11 +158,35 @@ class ExportRules(SqliteStore):
         (version,) = self._db.execute("SELECT version FROM export_health_version").fetchone()
         return int(version)
 
-    def bump_health_version(self) -> int:
-        """Local endpoint health changed: a new generation of what peers are told. Returns it."""
+    def bump_health_version(self, unhealthy: UnhealthyEndpoints | None = None) -> int:
+        """Local endpoint health changed: a new generation of what peers are told. Returns it.
+
+        ``unhealthy`` (when given) is the gateway's new verdict, kept with the version for readers
+        in other processes (:meth:`unhealthy_endpoints`). Only the running controller calls this.
+        """
         with transaction(self._db):
             self._db.execute("UPDATE export_health_version SET version = version + 1")
+            if unhealthy is not None:
+                self._replace_unhealthy(unhealthy)
             return self.health_version()
+
+    def clear_unhealthy_endpoints(self) -> None:
+        """Forget the last verdict (a starting controller: its gateway has checked nothing yet)."""
+        with transaction(self._db):
+            self._replace_unhealthy(frozenset())
+
+    def unhealthy_endpoints(self) -> UnhealthyEndpoints:
+        """The local endpoints the running controller's gateway last found failing its health checks.
+
+        Meaningful only while the controller runs (see :mod:`meshfed.runstate`); a zone that is
+        not running has no verdict, and what is stored is its last one.
+        """
+        rows = self._db.execute("SELECT namespace, service, endpoint FROM export_unhealthy_endpoints").fetchall()
+        return frozenset((str(namespace), str(service), str(endpoint)) for namespace, service, endpoint in rows)
+
+    def _replace_unhealthy(self, unhealthy: UnhealthyEndpoints) -> None:
+        self._db.execute("DELETE FROM export_unhealthy_endpoints")
+        self._db.executemany("INSERT INTO export_unhealthy_endpoints VALUES (?, ?, ?)", sorted(unhealthy))
 
     def _bump(self) -> None:
         self._db.execute("UPDATE export_rules_version SET version = version + 1")
@@ -239,6 +275,14 @@ def _within_bounds(entries: dict[str, _V], count: int) -> dict[str, _V]:
 
     kept = {key: value for key, value in entries.items() if 0 < len(key) <= MAX_LABEL_KEY and fits(value)}
     return dict(sorted(kept.items())[:count])
+
+
+def _check_label(value: str, what: str) -> None:
+    if not _PEER_NAME.fullmatch(value):
+        raise FederationError(
+            f"{what} {value[:80]!r} is not a DNS label (lowercase letters, digits and '-', at most 63); "
+            f"give the {what} as the catalog names it"
+        )
 
 
 def _check_peer(peer: str) -> str:

@@ -10,6 +10,20 @@ dialer names it when it establishes). Its life::
     FAILING      no message from the peer within its heartbeat deadline
     TERMINATED   the peer deleted the peering, or a local delete awaits the controller
 
+A PENDING peering whose token expired unredeemed is gone: reads leave it out
+at once, so ``peer list`` never shows an offer nobody can take any more, and
+a new ``peer token`` starts a fresh one. The running peering service deletes
+the row (with its tokens) :data:`EXPIRED_PENDING_KEPT` after the expiry; until
+then a late redemption is told the token expired, not that it is unknown. A TERMINATED peering (the peer ended
+it; its imports and the trust it brought are withdrawn already) no longer
+holds its name or trust domain: ``peer token`` or ``peer establish`` with
+either replaces it by a new peering. One being deleted locally
+(``delete_requested``) waits for the running zone to tell the peer first.
+
+``connected`` is whether the stream is up, as the running peering service
+last wrote it (every poll); readers believe it only while that service's lease
+is alive (:meth:`Listener.alive`), and otherwise say the zone is not running.
+
 The CLI and the running controller share this store. The controller's peering
 service polls it every second (see :mod:`meshfed.federation.service`), so a
 peering established or deleted with the CLI is picked up without any call to
@@ -20,6 +34,7 @@ listens and whether it is alive.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,13 +47,15 @@ from pydantic import ValidationError
 
 from meshfed.errors import InvalidTokenError, PeeringError
 from meshfed.federation.exchange import ServiceSnapshot
-from meshfed.federation.token import DEFAULT_TOKEN_TTL, PeeringToken, hash_secret, new_secret
+from meshfed.federation.token import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, PeeringToken, hash_secret, new_secret
 from meshfed.sqlite import SqliteStore, transaction
 from meshfed.zone import STATE_FILE, Zone
 
 COMPONENT = "peering"
 # A running service refreshes its lease every poll (1 s); the CLI calls it dead after this long.
 LEASE_TIMEOUT = dt.timedelta(seconds=5)
+# How long an expired, unredeemed PENDING peering stays stored (hidden) before the running zone deletes it.
+EXPIRED_PENDING_KEPT = dt.timedelta(days=1)
 
 _MIGRATIONS = (
     """
@@ -142,6 +159,10 @@ _MIGRATIONS = (
     INSERT INTO peering_tokens SELECT * FROM peering_tokens_kept;
     DROP TABLE peering_tokens_kept;
     """,
+    # 4: whether the stream is up now, written by the running peering service for readers in other processes.
+    """
+    ALTER TABLE peerings ADD COLUMN connected INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 Role = Literal["acceptor", "dialer"]
@@ -195,6 +216,8 @@ class Peering:
     refused_reason: str = ""
     # The sequence of this zone's bundle the peer confirmed holding (0: unknown).
     peer_bundle_sequence: int = 0
+    # Whether the stream was up when the running peering service last looked (see the module docstring).
+    connected: bool = False
 
 
 @dataclass(frozen=True)
@@ -227,15 +250,60 @@ class PeeringStore(SqliteStore):
 
     # -- peerings --------------------------------------------------------
 
-    def peerings(self) -> list[Peering]:
-        """Every peering, without its snapshots (``sent_services`` / ``received_services`` give their sizes)."""
-        return [_peering(row) for row in self._db.execute(f"SELECT {_LIGHT} FROM peerings ORDER BY name")]  # noqa: S608
+    def peerings(self, now: dt.datetime | None = None) -> list[Peering]:
+        """Every peering, without its snapshots (``sent_services`` / ``received_services`` give their sizes).
 
-    def get(self, name: str, *, snapshots: bool = False) -> Peering | None:
+        PENDING peerings whose tokens all expired unredeemed are left out (see the module docstring).
+        """
+        expired = self._expired_pending(now)
+        rows = self._db.execute(f"SELECT {_LIGHT} FROM peerings ORDER BY name")  # noqa: S608
+        return [peering for peering in map(_peering, rows) if peering.name not in expired]
+
+    def get(self, name: str, *, snapshots: bool = False, now: dt.datetime | None = None) -> Peering | None:
         """One peering; its sent and received snapshots are parsed only if ``snapshots`` asks."""
         columns = _COLUMNS if snapshots else _LIGHT
         row = self._db.execute(f"SELECT {columns} FROM peerings WHERE name = ?", (name,)).fetchone()  # noqa: S608
-        return None if row is None else _peering(row)
+        if row is None:
+            return None
+        peering = _peering(row)
+        return None if peering.state is PeerState.PENDING and name in self._expired_pending(now) else peering
+
+    def _expired_pending(self, now: dt.datetime | None = None) -> set[str]:
+        """PENDING peerings without a token that can still be redeemed (at ``now``)."""
+        moment = now or _now()
+        rows = self._db.execute(
+            "SELECT p.name, max(t.expires_at) FROM peerings p LEFT JOIN peering_tokens t "
+            "ON t.peer_name = p.name AND t.used_at IS NULL WHERE p.state = 'PENDING' GROUP BY p.name"
+        ).fetchall()
+        return {str(name) for name, expires in rows if expires is None or _time(expires) <= moment}
+
+    def drop_expired_pending(self, now: dt.datetime | None = None) -> list[str]:
+        """Delete the PENDING peerings whose tokens expired unredeemed :data:`EXPIRED_PENDING_KEPT` ago.
+
+        The running peering service calls it at each poll; returns the names dropped.
+        """
+        with transaction(self._db):
+            names = sorted(self._expired_pending((now or _now()) - EXPIRED_PENDING_KEPT))
+            self._db.executemany("DELETE FROM peerings WHERE name = ? AND state = 'PENDING'", [(n,) for n in names])
+        return names
+
+    def replace_terminated(self, name: str, trust_domain: str | None = None) -> None:
+        """Make way for a new peering over a TERMINATED one with this ``name`` (or ``trust_domain``).
+
+        The old peering's imports and trust went when it was terminated; its row (and its spent
+        tokens) go now. A peering being deleted locally is refused: the running zone must first
+        tell the peer.
+        """
+        rows = [self.get(name)]
+        if trust_domain is not None:
+            rows.append(self.by_trust_domain(trust_domain))
+        for old in {p.name: p for p in rows if p is not None and p.state is PeerState.TERMINATED}.values():
+            if old.delete_requested:
+                raise PeeringError(
+                    f"peering {old.name!r} is being deleted; once the running zone has told the peer "
+                    "('meshfed up' if it is not running) peer again"
+                )
+            self.delete(old.name)
 
     def require(self, name: str, *, snapshots: bool = False) -> Peering:
         peering = self.get(name, snapshots=snapshots)
@@ -312,6 +380,7 @@ class PeeringStore(SqliteStore):
                 p.received_epoch,
                 p.refused_reason,
                 p.peer_bundle_sequence,
+                int(p.connected),
             ),
         )
 
@@ -320,9 +389,18 @@ class PeeringStore(SqliteStore):
     def issue_token(
         self, zone: Zone, peer_name: str, addresses: Sequence[str], ttl: dt.timedelta = DEFAULT_TOKEN_TTL
     ) -> IssuedToken:
-        """Make a one-time token for zone ``peer_name`` and a PENDING peering; earlier unused tokens for it lapse."""
+        """Make a one-time token for zone ``peer_name`` and a PENDING peering; earlier unused tokens for it lapse.
+
+        ``peer_name`` must be a zone name (a DNS label), and ``ttl`` at most :data:`MAX_TOKEN_TTL`.
+        """
+        check_peering_name(peer_name, "the peer's zone name")
         if ttl <= dt.timedelta(0):
             raise PeeringError(f"the token TTL must be positive, got {ttl}")
+        if ttl > MAX_TOKEN_TTL:
+            raise PeeringError(
+                f"a token may be valid for at most {MAX_TOKEN_TTL.days} days, not {ttl}; "
+                "issue one when the peer is ready to redeem it"
+            )
         if peer_name == zone.name:
             raise PeeringError(f"{peer_name!r} is this zone's own name; a zone cannot peer with itself")
         if not addresses:
@@ -342,6 +420,7 @@ class PeeringStore(SqliteStore):
             expires_at=(now + ttl).replace(microsecond=0),
         )
         with transaction(self._db):
+            self.replace_terminated(peer_name)
             existing = self.get(peer_name)
             if existing is not None and existing.state is not PeerState.PENDING:
                 raise PeeringError(
@@ -425,6 +504,19 @@ class PeeringStore(SqliteStore):
         return self._db
 
 
+_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def check_peering_name(name: str, what: str = "a peering name") -> str:
+    """Refuse a name that is not a DNS label (peering names label metrics, imports and listeners)."""
+    if not _NAME.fullmatch(name):
+        raise PeeringError(
+            f"{what} {name[:80]!r} is not a DNS label: use lowercase letters, digits and '-', at most 63 "
+            "characters (a zone's name, as 'meshfed zone init --name' gave it)"
+        )
+    return name
+
+
 def request_delete(store: PeeringStore, name: str) -> Peering:
     """Mark a peering for deletion; a running controller tears it down on both sides within a second."""
     store.require(name)
@@ -437,7 +529,7 @@ _COLUMNS = (
     "name, role, state, state_reason, delete_requested, peer_zone, peer_trust_domain, peer_addresses, "
     "created_at, updated_at, sent_version, sent_snapshot, acked_version, received_version, received_snapshot, "
     "last_connected_at, last_heartbeat_sent_at, last_heartbeat_received_at, sent_services, received_services, "
-    "sent_epoch, received_epoch, refused_reason, peer_bundle_sequence"
+    "sent_epoch, received_epoch, refused_reason, peer_bundle_sequence, connected"
 )
 # The same columns with the snapshots left out (NULL): what status reads need.
 _LIGHT = _COLUMNS.replace("sent_snapshot", "NULL").replace("received_snapshot", "NULL")
@@ -472,6 +564,7 @@ def _peering(row: tuple[object, ...]) -> Peering:
         received_epoch,
         refused_reason,
         peer_bundle_sequence,
+        connected_now,
     ) = row
     return Peering(
         name=str(name),
@@ -498,6 +591,7 @@ def _peering(row: tuple[object, ...]) -> Peering:
         received_epoch=str(received_epoch),
         refused_reason=str(refused_reason),
         peer_bundle_sequence=int(str(peer_bundle_sequence)),
+        connected=bool(connected_now),
     )
 
 
@@ -541,6 +635,7 @@ _WRITERS: dict[str, Callable[[object], object]] = {
     "received_epoch": str,
     "refused_reason": str,
     "peer_bundle_sequence": lambda value: int(str(value)),
+    "connected": lambda value: int(bool(value)),
 }
 # Snapshot fields and the count column kept with each.
 _COUNTED = {"sent_snapshot": "sent_services", "received_snapshot": "received_services"}
@@ -567,11 +662,13 @@ def _maybe_time(text: object) -> dt.datetime | None:
 
 
 __all__ = [
+    "EXPIRED_PENDING_KEPT",
     "LIVE_STATES",
     "IssuedToken",
     "Listener",
     "PeerState",
     "Peering",
     "PeeringStore",
+    "check_peering_name",
     "request_delete",
 ]

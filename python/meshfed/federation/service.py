@@ -57,6 +57,7 @@ from meshfed.federation.peering import (
     Peering,
     PeeringStore,
     PeerState,
+    check_peering_name,
 )
 from meshfed.federation.stream import CAPABILITIES, PeerTerminatedError, Session
 from meshfed.federation.token import DEFAULT_TOKEN_TTL, decode_token
@@ -108,6 +109,8 @@ class PeerStatus(BaseModel):
     peer_zone: str | None
     peer_trust_domain: str | None
     peer_addresses: list[str]
+    # Whether the stream is up now (read from the zone directory by another process: as the running
+    # zone last recorded it; see PeerStatus.stored).
     connected: bool
     last_connected_at: dt.datetime | None
     last_heartbeat_sent_at: dt.datetime | None
@@ -159,6 +162,16 @@ class PeerStatus(BaseModel):
             import_error=peering.refused_reason or (link.quarantine_reason() if link is not None else ""),
             export_error=link.export_error if link is not None else "",
         )
+
+    @classmethod
+    def stored(cls, peering: Peering) -> PeerStatus:
+        """The stored row as a process other than the running zone sees it (``meshfed peer show``).
+
+        ``connected`` is what the running peering service last recorded: current only while its
+        lease is alive (:meth:`~meshfed.federation.peering.Listener.alive`); a reader must say
+        it is unknown otherwise.
+        """
+        return cls.of(peering).model_copy(update={"connected": peering.connected})
 
 
 class PeerLink:
@@ -285,9 +298,11 @@ class PeerLink:
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as err:
-                log.info("peer %s at %s: %s", self.name, address, _describe_stream_error(err, self.peer_trust_domain))
+                log.warning(
+                    "peer %s at %s: %s", self.name, address, _describe_stream_error(err, self.peer_trust_domain)
+                )
             except MeshfedError as err:
-                log.info("peer %s at %s: %s", self.name, address, _describe_stream_error(err))
+                log.warning("peer %s at %s: %s", self.name, address, _describe_stream_error(err))
             except Exception:
                 log.exception("peer %s: stream failed", self.name)
             if self.stopped:
@@ -490,7 +505,8 @@ class PeerLink:
         previous, self.state, self.state_reason = self.state, state, reason
         self.service.store.update(self.name, state=state, state_reason=reason)
         if state is not previous:
-            log.info("peer %s: %s -> %s %s", self.name, previous, state, reason)
+            level = logging.WARNING if state in (PeerState.DISCONNECTED, PeerState.FAILING) else logging.INFO
+            log.log(level, "peer %s: %s -> %s %s", self.name, previous, state, _with_hint(state, reason, self))
             if self.service.on_peer_state is not None:
                 await self.service.on_peer_state(self.name, state)
 
@@ -714,7 +730,9 @@ class PeeringService:
         if remove:
             self.store.delete(name)
         else:
-            self.store.update(name, state=PeerState.TERMINATED, state_reason=reason, received_snapshot=None)
+            self.store.update(
+                name, state=PeerState.TERMINATED, state_reason=reason, received_snapshot=None, connected=False
+            )
         self._rebuild_credentials()
         if peering is not None and peering.peer_zone is not None and peering.peer_trust_domain is not None:
             held = link.received_version if link else peering.received_version
@@ -874,7 +892,10 @@ class PeeringService:
                         last_connected_at=link.last_connected_at,
                         last_heartbeat_sent_at=link.last_heartbeat_sent_at,
                         last_heartbeat_received_at=link.last_heartbeat_received_at,
+                        connected=link.connected_now,
                     )
+                for name in self.store.drop_expired_pending():
+                    log.info("zone %s: peering %s dropped: its token expired unredeemed", self.zone.name, name)
             except MeshfedError as err:
                 log.error("zone %s peering poll: %s", self.zone.name, err)
 
@@ -906,6 +927,8 @@ class PeeringService:
             raise InvalidTokenError(
                 "a zone cannot peer with its own trust domain; this token was presented to its issuer"
             )
+        # A TERMINATED peering with this trust domain (the peer ended it) gives way to the new one.
+        store.replace_terminated(pending.name, trust_domain.name)
         clash = store.by_trust_domain(trust_domain.name)
         if clash is not None:
             raise PeeringError(f"this zone already peers with {trust_domain} as {clash.name!r}")
@@ -1017,13 +1040,25 @@ async def establish(
         ca_bundle = parse_bundle(peer_domain, token.ca_bundle.encode())
     except MeshfedError as err:
         raise InvalidTokenError(f"the token's CA bundle is unusable ({err}); copy the token again") from None
-    name = name or token.zone
+    name = check_peering_name(name or token.zone)
     with PeeringStore.of(zone) as store:
         existing = store.get(name)
-        if existing is not None and not (existing.state is PeerState.TERMINATED and existing.delete_requested is False):
-            raise PeeringError(f"a peering named {name!r} already exists ({existing.state}); delete it first")
-        if store.by_trust_domain(peer_domain.name) is not None:
-            raise PeeringError(f"this zone already peers with {peer_domain}; delete that peering first")
+        if existing is not None and existing.state is not PeerState.TERMINATED:
+            raise PeeringError(
+                f"a peering named {name!r} already exists ({existing.state}); "
+                f"'meshfed peer delete {name}' first, or choose another --name"
+            )
+        held = store.by_trust_domain(peer_domain.name)
+        if held is not None and held.state is not PeerState.TERMINATED:
+            raise PeeringError(
+                f"this zone already peers with {peer_domain} as {held.name!r}; 'meshfed peer delete {held.name}' first"
+            )
+        for old in (existing, held):
+            if old is not None and old.delete_requested:
+                raise PeeringError(
+                    f"peering {old.name!r} is being deleted; once the running zone has told the peer "
+                    "('meshfed up' if it is not running) peer again"
+                )
         if stream_addresses is None:
             listener = store.listener()
             stream_addresses = listener.stream_addresses if listener else ()
@@ -1054,6 +1089,8 @@ async def establish(
         peer_addresses=tuple(response.stream_addresses),
     )
     with PeeringStore.of(zone) as store:
+        # A TERMINATED peering of that name or trust domain (its imports and trust already gone) makes way.
+        store.replace_terminated(name, peer_domain.name)
         store.put(established)
     return established
 
@@ -1110,6 +1147,18 @@ def _refuse_trust_owned_elsewhere(zone: Zone, trust_domain: TrustDomain) -> None
         raise PeeringError(_trust_owned_elsewhere(trust_domain, stored.source))
 
 
+def _with_hint(state: PeerState, reason: str, link: PeerLink) -> str:
+    """A state change's reason with what to check, for the log."""
+    if state is PeerState.FAILING:
+        where = (
+            f"can this zone reach it at {', '.join(link.peer_addresses)}?"
+            if link.role == "dialer"
+            else "can it reach this zone's peering port?"
+        )
+        return f"{reason}: is zone {link.peer_zone} running, and {where}"
+    return reason
+
+
 def _describe_stream_error(err: BaseException, peer_trust_domain: str | None = None) -> str:
     """One line for a lost or failed stream, naming the likely cause when the TLS handshake failed."""
     if isinstance(err, grpc.aio.AioRpcError):
@@ -1124,6 +1173,11 @@ def _describe_stream_error(err: BaseException, peer_trust_domain: str | None = N
             )
         if "socket closed" in lowered:
             return f"{text}: the peer closed the connection (did it refuse this zone's certificate?)"
+        if err.code() is grpc.StatusCode.UNAVAILABLE or "connection refused" in lowered:
+            return (
+                f"{text}: cannot connect; is zone {peer_trust_domain or 'the peer'} running, and is its peering "
+                "port reachable from this zone (firewall, --peering-address, --advertise-host)?"
+            )
         return text
     if isinstance(err, MeshfedError):
         return str(err)

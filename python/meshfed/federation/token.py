@@ -27,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from meshfed.errors import InvalidTokenError
 
 DEFAULT_TOKEN_TTL = dt.timedelta(minutes=15)
+# The longest a token may stay valid, for the CLI and the API alike: a token is a secret in transit.
+MAX_TOKEN_TTL = dt.timedelta(days=7)
 _SECRET_BYTES = 32
 
 
@@ -53,8 +55,12 @@ class PeeringToken(BaseModel):
 
 
 def decode_token(text: str) -> PeeringToken:
-    """Parse a token, refusing anything that is not exactly what ``encode`` produces."""
-    text = text.strip()
+    """Parse a token, refusing anything that is not exactly what ``encode`` produces.
+
+    Whitespace anywhere is dropped first: base64url has none, and a terminal or
+    a mail client that wraps the long line inserts some.
+    """
+    text = "".join(text.split())
     if not text:
         raise InvalidTokenError("the peering token is empty; paste the whole output of 'meshfed peer token'")
     try:
@@ -90,4 +96,4 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-__all__ = ["DEFAULT_TOKEN_TTL", "PeeringToken", "decode_token", "hash_secret", "new_secret"]
+__all__ = ["DEFAULT_TOKEN_TTL", "MAX_TOKEN_TTL", "PeeringToken", "decode_token", "hash_secret", "new_secret"]
