@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -45,3 +46,19 @@ def configure_logging(level: str, json: bool) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+
+
+class LogLevel(StrEnum):
+    """``meshfed up --log-level``: refused at parse unless one of these."""
+
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+class LogFormat(StrEnum):
+    """``meshfed up --log-format``: one JSON object per line, or text."""
+
+    json = "json"
+    text = "text"

@@ -1,25 +1,30 @@
 """The ``meshfed`` command line: one command group per noun.
 
 Every failure meshfed expects prints one line on stderr and exits non-zero;
-tracebacks are reserved for bugs.
+tracebacks are reserved for bugs. Usage errors are one line too, ``meshfed:
+error: <message> (see 'meshfed <command> --help')``, exit 2. The exit codes
+are ``ExitCode`` in ``meshfed.cli.common``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import errno
+import os
 import sqlite3
 import sys
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, cast, get_args
+from typing import TYPE_CHECKING, Annotated, NoReturn, cast, get_args
 
 import typer
 
 from meshfed import __version__, _core
 from meshfed.addresses import HostPort, is_ip_address, parse_host, parse_host_port, parse_port
+from meshfed.cli import _signals  # noqa: F401 -- before the command groups: SIGTERM while `up` imports them
 from meshfed.cli.authz import authz_app
-from meshfed.cli.common import ZoneDir, fail, parse_duration
+from meshfed.cli.common import ExitCode, ZoneDir, fail, parse_duration
 from meshfed.cli.export import export_app
 from meshfed.cli.peer import peer_app
 from meshfed.cli.service import catalog_app, service_app
@@ -29,6 +34,7 @@ from meshfed.cli.trust import trust_app
 from meshfed.cli.zone import zone_app
 from meshfed.errors import InvalidAddressError, MeshfedError
 from meshfed.federation.egress import WorkloadTls
+from meshfed.logs import LogFormat, LogLevel
 from meshfed.sqlite import describe_error
 from meshfed.zone import Zone, parse_refresh_hint
 
@@ -53,10 +59,50 @@ app.command("status")(status_command)
 app.command("explain")(explain_command)
 
 
+def _version_text() -> str:
+    return f"meshfed {__version__} (core {_core.core_version()})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(_version_text())
+        raise typer.Exit(ExitCode.OK)
+
+
+@app.callback()
+def _meshfed(
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version (as 'meshfed version')."
+        ),
+    ] = False,
+) -> None:
+    pass
+
+
 @app.command()
 def version() -> None:
     """Print meshfed's version and the Rust core's version."""
-    typer.echo(f"meshfed {__version__} (core {_core.core_version()})")
+    typer.echo(_version_text())
+
+
+class Shell(StrEnum):
+    bash = "bash"
+    zsh = "zsh"
+    fish = "fish"
+
+
+@app.command()
+def completion(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.")]) -> None:
+    """Print the shell completion script: eval "$(meshfed completion bash)" (or zsh; fish: | source)."""
+    from typer._completion_shared import get_completion_script
+
+    typer.echo(get_completion_script(prog_name=PROG, complete_var=_COMPLETE_VAR, shell=shell.value))
+
+
+PROG = "meshfed"
+_COMPLETE_VAR = "_MESHFED_COMPLETE"  # what the completion script sets when it asks meshfed for candidates
 
 
 @app.command()
@@ -161,16 +207,16 @@ def up(
             "Default: [egress] workload_tls in zone.toml (plain)."
         ),
     ] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
-    log_format: Annotated[str, typer.Option(help="json (one object per line, with trace ids) or text.")] = "json",
+    log_level: Annotated[LogLevel, typer.Option(help="debug, info, warning or error.")] = LogLevel.info,
+    log_format: Annotated[
+        LogFormat, typer.Option(help="json (one object per line, with trace ids) or text.")
+    ] = LogFormat.json,
 ) -> None:
     """Run one zone in the foreground: controller, gateway, peering and API. SIGTERM stops it cleanly."""
     from meshfed.cli.serve import ApiTls, Listeners, serve_zone
     from meshfed.controller import health_check_every
     from meshfed.runtime import ZoneSettings
 
-    if log_format not in ("json", "text"):
-        raise typer.BadParameter("use json or text", param_hint="--log-format")
     if failing_peer_policy not in ("open", "closed"):
         raise typer.BadParameter("use open or closed", param_hint="--failing-peer-policy")
     if (api_tls_cert is None) != (api_tls_key is None):
@@ -231,7 +277,7 @@ def up(
         allow_empty_catalog=allow_empty_catalog,
         egress_workload_tls=cast("WorkloadTls | None", egress_workload_tls),
     )
-    serve_zone(zone, settings, listeners, log_level=log_level, json_logs=log_format == "json")
+    serve_zone(zone, settings, listeners, log_level=log_level.value, json_logs=log_format is LogFormat.json)
 
 
 @dataclass(frozen=True)
@@ -287,9 +333,20 @@ def _ip_host(text: str, what: str) -> str:
 
 
 def main() -> None:
-    """Entry point of the ``meshfed`` script."""
+    """Entry point of the ``meshfed`` script: exits with an ``ExitCode``, errors in one line on stderr."""
+    if _COMPLETE_VAR in os.environ:  # the shell asks for candidates: typer registers its shells only on request
+        from typer._completion_classes import completion_init
+
+        completion_init()
     try:
-        app()
+        code = app(prog_name=PROG, complete_var=_COMPLETE_VAR, standalone_mode=False)
+    except typer.TyperException as err:  # click's UsageError (exit 2) and the rest of its errors
+        if type(err).__name__ == "NoArgsIsHelpError":  # the help is printed already (typer checks it so too)
+            sys.exit(ExitCode.USAGE)
+        _usage_error(err)
+    except typer.Abort:  # input ended at a prompt
+        print(f"{PROG}: aborted", file=sys.stderr)
+        sys.exit(ExitCode.INTERRUPTED)
     except MeshfedError as err:
         fail(str(err))
     except sqlite3.Error as err:
@@ -299,7 +356,25 @@ def main() -> None:
         message = f"{err.strerror or err}: {err.filename}" if err.filename else str(err)
         fail(f"{message}; raise the open-file limit (ulimit -n)" if err.errno in _FD_EXHAUSTED else message)
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
+    # Without standalone mode typer returns what the command returned (None), or the code of a typer.Exit.
+    sys.exit(code if isinstance(code, int) else ExitCode.OK)
+
+
+def _usage_error(err: typer.TyperException) -> NoReturn:
+    """``meshfed: error: <message> (see 'meshfed <command> --help')``, on one line."""
+    # Typer words an enum's refusal as pydantic does ("Value error, 'x' is not one of ..."): drop that.
+    message = " ".join(err.format_message().split()).removesuffix(".").replace(": Value error, ", ": ")
+    if message[:1].isupper() and message[1:2].islower():
+        message = message[0].lower() + message[1:]
+    param, ctx = getattr(err, "param", None), getattr(err, "ctx", None)
+    envvar = getattr(param, "envvar", None)
+    if type(err).__name__ == "MissingParameter" and isinstance(envvar, str):
+        # "missing option '--dir' (or set MESHFED_DIR)", whether or not typer named the variable.
+        message = message.replace(f" (env var: '{envvar}')", "") + f" (or set {envvar})"
+    command = getattr(ctx, "command_path", None) or PROG
+    print(f"{PROG}: error: {message} (see '{command} --help')", file=sys.stderr)
+    sys.exit(getattr(err, "exit_code", ExitCode.USAGE))
 
 
 _FD_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE})

@@ -1,25 +1,80 @@
-"""Helpers shared by the command groups."""
+"""Helpers shared by the command groups: exit codes, options, durations, tables.
+
+Exit codes of every ``meshfed`` command (README, "Exit codes"):
+
+- 0 ``OK``: done; ``meshfed up`` also after a clean stop on SIGTERM.
+- 1 ``ERROR``: an error meshfed expected, said in one line on stderr.
+- 2 ``USAGE``: a usage error (unknown command or option, missing or bad value), one line on stderr.
+- 3 ``NEEDS_ATTENTION``: ``meshfed status`` found a problem, or ``meshfed explain`` a broken link.
+- 130 ``INTERRUPTED``: Ctrl-C (SIGINT), or input ended at a prompt.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import re
 import sys
+from collections.abc import Iterable, Sequence
+from enum import IntEnum, StrEnum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, NoReturn, TextIO
 
 import typer
+
+from meshfed.errors import MeshfedError
+
+
+class ExitCode(IntEnum):
+    """What a ``meshfed`` process's exit status means; the one definition every command uses."""
+
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    NEEDS_ATTENTION = 3
+    INTERRUPTED = 130
+
+
+NEEDS_ATTENTION = ExitCode.NEEDS_ATTENTION
 
 _DURATION = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
-ZoneDir = Annotated[Path, typer.Option("--dir", help="The zone directory (made by 'meshfed zone init').")]
+DIR_ENVVAR = "MESHFED_DIR"
+
+
+def _zone_directory(value: Path | None) -> Path | None:
+    # A file is refused here, in one line naming the flag, before anything tries to read a zone.toml in it.
+    if value is not None and value.exists() and not value.is_dir():
+        raise MeshfedError(f"--dir {value}: a file, not a zone directory (make one with 'meshfed zone init')")
+    return value
+
+
+ZoneDir = Annotated[
+    Path,
+    typer.Option(
+        "--dir",
+        envvar=DIR_ENVVAR,
+        show_envvar=True,
+        callback=_zone_directory,
+        help="The zone directory (made by 'meshfed zone init').",
+    ),
+]
+
+
+class Output(StrEnum):
+    """``-o``: a table (or lines) for people, or JSON for programs."""
+
+    table = "table"
+    json = "json"
+
+
+OutputOption = Annotated[Output, typer.Option("--output", "-o", help="table or json.")]
 
 
 def fail(message: str) -> NoReturn:
     """Print one error line and exit 1."""
     print(f"meshfed: error: {message}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(ExitCode.ERROR)
 
 
 def parse_duration(text: str, option: str = "--ttl") -> dt.timedelta:
@@ -28,3 +83,40 @@ def parse_duration(text: str, option: str = "--ttl") -> dt.timedelta:
     if not text or "".join(number + unit for number, unit in parts) != text:
         raise typer.BadParameter(f"{text!r} is not a duration; use forms like 90s, 15m, 1h, 2d", param_hint=option)
     return dt.timedelta(seconds=sum(int(number) * _UNITS[unit] for number, unit in parts))
+
+
+def print_table(
+    title: str,
+    headers: Sequence[str],
+    rows: Iterable[Sequence[object]],
+    *,
+    width: int = 160,
+    file: TextIO | None = None,
+) -> None:
+    """A table on a terminal; when ``file`` (default stdout) is not one, plain tab-separated lines.
+
+    The plain form is a header line, then one line per row, with no title and
+    no box drawing, for ``cut -f``, ``awk -F'\\t'`` and ``grep``. Cells are
+    plain text (no rich markup); tabs and newlines inside a cell become spaces.
+    """
+    out = sys.stdout if file is None else file
+    cells = [[_plain(cell) for cell in row] for row in rows]
+    if not out.isatty():
+        for line in (list(headers), *cells):
+            print("\t".join(line), file=out)
+        return
+    from rich.console import Console  # only for a terminal
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title)
+    for header in headers:
+        table.add_column(header)
+    for row in cells:
+        table.add_row(*(Text(cell) for cell in row))
+    Console(file=out, width=width).print(table)
+
+
+def _plain(cell: object) -> str:
+    text = "" if cell is None else str(cell)
+    return text.replace("\t", " ").replace("\r\n", " ").replace("\n", " ")

@@ -6,6 +6,12 @@ that every fixed port binds, then the API socket, then the controller and its
 services. A listener that still fails to bind (another process took the port
 in between) fails the start; its error is translated here into the same one
 line naming the address and the flag that set it, whichever component raised it.
+
+SIGTERM at any moment stops the zone cleanly and exits 0: the handler is the
+first thing ``serve_zone`` installs (a SIGTERM that came while Python imported
+the CLI was recorded by ``meshfed.cli._signals`` and counts too); before the
+API serves, a stop skips what has not started yet; once it serves, uvicorn
+takes the signal and drains.
 """
 
 from __future__ import annotations
@@ -18,15 +24,18 @@ import os
 import signal
 import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import uvicorn
 
 from meshfed.addresses import HostPort
 from meshfed.api.app import create_health_app
+from meshfed.cli import _signals
 from meshfed.cli.status import API_URL_FILE
 from meshfed.errors import GatewayConfigError, GatewayError, MeshfedError, PeeringError, TrustError
 from meshfed.logs import configure_logging
@@ -110,12 +119,36 @@ class Listeners:
         return [(flag, address) for flag, address in listeners if address.port != 0]
 
 
+class _Stop:
+    """The SIGTERM handler of ``meshfed up``: asks the API's server to stop, or, before there is one, the start."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.server: uvicorn.Server | None = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        if self.server is not None:
+            self.server.should_exit = True
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self)
+        # A SIGTERM that came while the CLI was still being imported.
+        self.requested = self.requested or signal.SIGTERM in _signals.received
+
+
 def serve_zone(zone: Zone, settings: ZoneSettings, listeners: Listeners, *, log_level: str, json_logs: bool) -> None:
     """Lock the zone, start it (errors surface as one line), then serve the API until a signal.
 
-    ``listeners`` are the parsed flags behind ``settings``' addresses.
+    ``listeners`` are the parsed flags behind ``settings``' addresses. A SIGTERM
+    before the API serves stops the start where it is, cleanly: this returns.
     """
+    stop = _Stop()
+    stop.install()
     with hold_zone_lock(zone.directory, zone.name):
+        if stop.requested:
+            return
         check_settings(zone, settings)
         if listeners.api_tls is not None:
             listeners.api_tls.check()
@@ -129,7 +162,9 @@ def serve_zone(zone: Zone, settings: ZoneSettings, listeners: Listeners, *, log_
         raise_open_file_limit()
         # Held from here: a taken API port must not let the zone come up and peer first.
         with _bind(listeners.api, "--api-address") as api_socket, _bind_metrics(listeners) as metrics_socket:
-            asyncio.run(_serve(zone, settings, listeners, api_socket, log_level, metrics_socket))
+            if stop.requested:
+                return
+            asyncio.run(_serve(zone, settings, listeners, api_socket, log_level, stop, metrics_socket))
 
 
 async def _serve(
@@ -138,17 +173,23 @@ async def _serve(
     listeners: Listeners,
     api_socket: socket.socket,
     log_level: str,
+    stop: _Stop,
     metrics_socket: socket.socket | None = None,
 ) -> None:
     runtime = assemble_zone(zone, settings)
     tls = listeners.api_tls.uvicorn_options() if listeners.api_tls is not None else {}
     config = uvicorn.Config(runtime.app(), log_level=log_level, access_log=False, log_config=None, **tls)
     server = uvicorn.Server(config)
-    # A SIGTERM while the zone starts stops it as soon as it has. Once serving, uvicorn takes the
-    # signal, drains, then re-raises it to this handler: a drained shutdown exits 0, as orchestrators expect.
-    signal.signal(signal.SIGTERM, lambda signum, frame: setattr(server, "should_exit", True))
+    # A SIGTERM while the controller starts stops it as soon as it has. Once serving, uvicorn takes the
+    # signal, drains, then re-raises it to `stop`: a drained shutdown exits 0, as orchestrators expect.
+    stop.server = server
+    if stop.requested:
+        return
     await start_runtime(runtime, listeners)
     try:
+        if stop.requested:
+            log.info("zone %s: stopped (SIGTERM) before the API served", zone.name)
+            return
         try:
             # Listening from here: a client that reads the line below and connects is served.
             api_socket.listen(config.backlog)

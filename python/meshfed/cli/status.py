@@ -6,14 +6,13 @@ its health checks found. So these commands talk to the zone's API: the address
 ``meshfed up`` recorded in the zone directory (``api-url``), or ``--api URL``
 for a zone elsewhere, with the zone's read token.
 
-Exit codes: 0 all is well; 3 something needs attention (a problem in
-``status``, a broken link in ``explain``); 1 the zone could not be asked (one
-line says why); 2 a usage error.
+Exit codes (``ExitCode`` in ``meshfed.cli.common``): 0 all is well; 3
+something needs attention (a problem in ``status``, a broken link in
+``explain``); 1 the zone could not be asked (one line says why); 2 a usage error.
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,17 +20,12 @@ import httpx
 import orjson
 import typer
 
+from meshfed.cli.common import DIR_ENVVAR, ExitCode, Output, OutputOption
 from meshfed.errors import MeshfedError
 from meshfed.zone import READ_TOKEN_FILE
 
-NEEDS_ATTENTION = 3
 API_URL_FILE = "api-url"
 """Where ``meshfed up`` records its API's URL in the zone directory (removed when it stops)."""
-
-
-class Output(StrEnum):
-    table = "table"
-    json = "json"
 
 
 ApiOption = Annotated[
@@ -49,9 +43,11 @@ TokenFileOption = Annotated[
     ),
 ]
 DirOption = Annotated[
-    Path | None, typer.Option("--dir", envvar="MESHFED_DIR", help="The zone directory (made by 'meshfed zone init').")
+    Path | None,
+    typer.Option(
+        "--dir", envvar=DIR_ENVVAR, show_envvar=True, help="The zone directory (made by 'meshfed zone init')."
+    ),
 ]
-OutputOption = Annotated[Output, typer.Option("--output", "-o", help="table or json.")]
 CaOption = Annotated[
     Path | None, typer.Option("--api-ca", help="CA certificate (PEM) that signed the API's TLS certificate.")
 ]
@@ -118,7 +114,7 @@ def status(
     else:
         _print_status(report)
     if not report["healthy"]:
-        raise typer.Exit(NEEDS_ATTENTION)
+        raise typer.Exit(ExitCode.NEEDS_ATTENTION)
 
 
 def explain(
@@ -152,7 +148,7 @@ def explain(
     else:
         _print_explanation(report)
     if report["broken"] is not None:
-        raise typer.Exit(NEEDS_ATTENTION)
+        raise typer.Exit(ExitCode.NEEDS_ATTENTION)
 
 
 def _print_status(report: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ import orjson
 import typer
 
 from meshfed import audit
-from meshfed.cli.common import ZoneDir, parse_duration
+from meshfed.cli.common import Output, OutputOption, ZoneDir, parse_duration
 from meshfed.errors import RotationError
 from meshfed.trust.bundle import parse_bundle
 from meshfed.trust.listing import trust_listing
@@ -82,11 +82,12 @@ class Profile(StrEnum):
 @trust_app.command("list")
 def list_(
     directory: ZoneDir,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    output: OutputOption = Output.table,
+    as_json: Annotated[bool, typer.Option("--json", help="The same as -o json.")] = False,
 ) -> None:
     """Every trusted trust domain: sequence, roots (fingerprint, expiry), last refresh, source."""
     listing = trust_listing(_open(directory), dt.datetime.now(dt.UTC))
-    if as_json:
+    if as_json or output is Output.json:
         sys.stdout.buffer.write(orjson.dumps(listing, option=orjson.OPT_INDENT_2) + b"\n")
         return
     for domain in listing["trust_domains"]:

@@ -12,16 +12,28 @@ from pydantic import ValidationError
 
 from meshfed import audit
 from meshfed.catalog.settings import CatalogMode, ConsulSettings, KubernetesSettings
-from meshfed.cli.common import ZoneDir
+from meshfed.cli.common import DIR_ENVVAR, ZoneDir
 from meshfed.errors import ZoneError
 from meshfed.zone import READ_TOKEN_FILE, TOKEN_FILE, Zone
 
 zone_app = typer.Typer(help="Create and inspect zones.", no_args_is_help=True)
 
 
+class Output(StrEnum):
+    """``-o`` of ``zone init`` and ``zone token``: what people read, or JSON."""
+
+    text = "text"
+    json = "json"
+
+
 @zone_app.command("init")
 def init(
-    directory: Annotated[Path, typer.Option("--dir", help="Directory to create; must not exist or be empty.")],
+    directory: Annotated[
+        Path,
+        typer.Option(
+            "--dir", envvar=DIR_ENVVAR, show_envvar=True, help="Directory to create; must not exist or be empty."
+        ),
+    ],
     name: Annotated[str, typer.Option(help="Zone name, a DNS label such as 'east'.")],
     trust_domain: Annotated[str, typer.Option(help="SPIFFE trust domain, such as 'east.mesh'.")],
     catalog: Annotated[str, typer.Option(help="Where the zone's services live: embedded, consul or kubernetes.")] = (
@@ -50,6 +62,9 @@ def init(
             "directory; 'meshfed trust rotate' then needs it back (--root-key)."
         ),
     ] = None,
+    output: Annotated[
+        Output, typer.Option("--output", "-o", help="text (one line) or json (the zone and its files).")
+    ] = Output.text,
 ) -> None:
     """Create a zone: root and intermediate CA, config, state database, admin and read tokens."""
     if catalog not in ("embedded", "consul", "kubernetes"):
@@ -115,14 +130,21 @@ def init(
         trust_domain=str(zone.trust_domain),
         catalog=mode,
     )
-    typer.echo(f"zone {zone.name} (trust domain {zone.trust_domain}, {mode} catalog) created in {zone.directory}")
+    if output is Output.json:
+        document = {
+            "zone": zone.name,
+            "trust_domain": str(zone.trust_domain),
+            "catalog": mode,
+            "directory": str(zone.directory),
+            "admin_token_file": str(zone.directory / TOKEN_FILE),
+            "read_token_file": str(zone.directory / READ_TOKEN_FILE),
+            "offline_root_key": None if offline_root_key is None else str(offline_root_key),
+        }
+        typer.echo(orjson.dumps(document).decode())
+    else:
+        typer.echo(f"zone {zone.name} (trust domain {zone.trust_domain}, {mode} catalog) created in {zone.directory}")
     if offline_root_key is not None:
         typer.echo(f"the root key is in {offline_root_key}, not in the zone: keep it offline", err=True)
-
-
-class Output(StrEnum):
-    text = "text"
-    json = "json"
 
 
 @zone_app.command("token")
