@@ -50,6 +50,10 @@ def messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == level and r.name == "meshfed.controller"]
 
 
+def applied_changes(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [m for m in messages(caplog, logging.INFO) if "applied" in m and "zone.toml" in m]
+
+
 def test_failover_split_and_authz_apply_live_and_bad_edits_change_nothing(
     make_zone, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -75,6 +79,9 @@ def test_failover_split_and_authz_apply_live_and_bad_edits_change_nothing(
         )
     with ExportRules(east.directory) as rules:
         rules.add("web", "default", ["west"])
+
+    def applied() -> list[str]:
+        return applied_changes(caplog)
 
     async def scenario() -> None:
         controller = Controller(
@@ -138,6 +145,7 @@ def test_failover_split_and_authz_apply_live_and_bad_edits_change_nothing(
             document = tomllib.loads(path.read_text().removesuffix("\n[failover\n"))
             path.write_text(tomli_w.dumps({**document, "gateway_address": "127.0.0.1:1", "failover": {"order": []}}))
             await eventually(lambda: sources() == ["local", "north", "west"], "the order back to names")
+            await eventually(lambda: len(applied()) == 4, "the last change applied and logged")
             assert controller.config.gateway_address == "0.0.0.0:15443"
 
     with caplog.at_level(logging.INFO, logger="meshfed.controller"):
@@ -146,8 +154,8 @@ def test_failover_split_and_authz_apply_live_and_bad_edits_change_nothing(
     (invalid,) = [m for m in errors if "invalid" in m]
     assert "failover.order" in invalid
     assert "the running settings stay" in invalid
-    applied = [m for m in messages(caplog, logging.INFO) if "applied" in m and "zone.toml" in m]
-    assert [m.split("]")[0].split("[")[1] for m in applied] == ["failover", "split", "authz", "failover"]
+    tables = [m.split("]")[0].split("[")[1] for m in applied_changes(caplog)]
+    assert tables == ["failover", "split", "authz", "failover"]
     (waiting,) = [m for m in messages(caplog, logging.WARNING) if "does not apply" in m]
     assert "gateway_address" in waiting
     assert "restart" in waiting
