@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn, cast, get_args
 
 import typer
+from pydantic import ValidationError
 
 from meshfed import __version__, _core
 from meshfed.addresses import HostPort, is_ip_address, parse_host, parse_host_port, parse_port
@@ -36,6 +37,7 @@ from meshfed.errors import InvalidAddressError, MeshfedError
 from meshfed.federation.egress import WorkloadTls
 from meshfed.logs import LogFormat, LogLevel
 from meshfed.sqlite import describe_error
+from meshfed.validation import describe_validation_error
 from meshfed.zone import Zone, parse_refresh_hint
 
 if TYPE_CHECKING:
@@ -349,6 +351,8 @@ def main() -> None:
         sys.exit(ExitCode.INTERRUPTED)
     except MeshfedError as err:
         fail(str(err))
+    except ValidationError as err:  # a model built from user input that a command did not check first
+        fail(describe_validation_error(err))
     except sqlite3.Error as err:
         # Opening a database turns its errors into ZoneError; a damaged page may only show on a later query.
         fail(describe_error(err))

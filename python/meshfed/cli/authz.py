@@ -82,7 +82,9 @@ def add(
 @authz_app.command("remove")
 def remove(
     directory: ZoneDir,
-    rule_id: Annotated[int | None, typer.Option("--id", help="The rule to remove (see 'meshfed authz list').")] = None,
+    rule_id: Annotated[
+        int | None, typer.Option("--id", min=1, max=2**63 - 1, help="The rule to remove (see 'meshfed authz list').")
+    ] = None,
     service: Annotated[
         str | None, typer.Option("--service", help="Remove every CLI/API rule of this service instead.")
     ] = None,
