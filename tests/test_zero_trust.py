@@ -171,6 +171,21 @@ def ingress_stats(runtime: ZoneRuntime) -> dict[str, Any]:
     return stats
 
 
+def export_orders(east: Zone, backend: ProxyBackend) -> None:
+    """orders.shop on ``backend``, exported to west with the caller in a PROXY v2 header."""
+    with EmbeddedCatalog(east.directory) as catalog:
+        catalog.register(
+            Service(
+                name=SERVICE,
+                namespace=NAMESPACE,
+                ports={"tcp": PORT},
+                endpoints=[Endpoint(address="127.0.0.1", port=backend.address[1])],
+            )
+        )
+    with ExportRules(east.directory) as rules:
+        rules.add(SERVICE, NAMESPACE, ["west"], proxy_protocol=True)
+
+
 @pytest.fixture
 def zones(make_zone):
     east, west = make_zone("east"), make_zone("west")
@@ -180,17 +195,7 @@ def zones(make_zone):
 def test_a_workload_identity_crosses_zones_and_east_authorizes_it(zones, tmp_path) -> None:
     east, west = zones
     with running_proxy_backend() as backend:
-        with EmbeddedCatalog(east.directory) as catalog:
-            catalog.register(
-                Service(
-                    name=SERVICE,
-                    namespace=NAMESPACE,
-                    ports={"tcp": PORT},
-                    endpoints=[Endpoint(address="127.0.0.1", port=backend.address[1])],
-                )
-            )
-        with ExportRules(east.directory) as rules:
-            rules.add(SERVICE, NAMESPACE, ["west"], proxy_protocol=True)
+        export_orders(east, backend)
         with AuthzRules(east.directory) as authz:
             authz.add(RuleSpec(service=SERVICE, namespace=NAMESPACE, action="deny", id=INTRUDER))
             authz.add(RuleSpec(service=SERVICE, namespace=NAMESPACE, action="allow", id="spiffe://west.mesh/ns/shop/*"))
@@ -260,17 +265,7 @@ def test_authz_rules_change_a_running_zone(zones, tmp_path) -> None:
     """A rule added while the zone runs applies at once; removing it restores the export's default."""
     east, west = zones
     with running_proxy_backend() as backend:
-        with EmbeddedCatalog(east.directory) as catalog:
-            catalog.register(
-                Service(
-                    name=SERVICE,
-                    namespace=NAMESPACE,
-                    ports={"tcp": PORT},
-                    endpoints=[Endpoint(address="127.0.0.1", port=backend.address[1])],
-                )
-            )
-        with ExportRules(east.directory) as rules:
-            rules.add(SERVICE, NAMESPACE, ["west"], proxy_protocol=True)
+        export_orders(east, backend)
 
         async def scenario() -> None:
             e = assemble_zone(east, LOOPBACK)

@@ -27,6 +27,23 @@ def _dns_label(value: str, what: str) -> str:
 DnsLabel = Annotated[str, AfterValidator(lambda value: _dns_label(value, "name"))]
 
 
+def _ip_address(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"endpoint address {value[:80]!r} must be an IP address") from None
+
+
+# An endpoint's address: an IP literal, in its canonical text form.
+IpAddress = Annotated[str, AfterValidator(_ip_address)]
+
+
+def endpoint_key(address: str, port: int) -> str:
+    """``address:port`` (IPv6 in brackets): an endpoint's identity within a service."""
+    host = f"[{address}]" if ":" in address else address
+    return f"{host}:{port}"
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -39,7 +56,7 @@ class Locality(_Model):
 class Endpoint(_Model):
     """One instance of a service: an IP address and port, with its placement and health."""
 
-    address: str
+    address: IpAddress
     port: int = Field(ge=1, le=65535)
     zone: str = ""
     locality: Locality = Locality()
@@ -47,19 +64,10 @@ class Endpoint(_Model):
     healthy: bool = True
     labels: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("address")
-    @classmethod
-    def _check_address(cls, value: str) -> str:
-        try:
-            return str(ipaddress.ip_address(value))
-        except ValueError:
-            raise ValueError(f"endpoint address {value!r} must be an IP address") from None
-
     @property
     def key(self) -> str:
         """``address:port``, unique within a service."""
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{host}:{self.port}"
+        return endpoint_key(self.address, self.port)
 
     def matches(self, selector: dict[str, str]) -> bool:
         """True if every label of ``selector`` is on this endpoint (a subset selector)."""

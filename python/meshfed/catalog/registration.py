@@ -10,12 +10,11 @@ then gives the catalog's :class:`~meshfed.catalog.model.Service`.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from meshfed.catalog.model import Endpoint, Locality, Service, _dns_label
+from meshfed.catalog.model import Endpoint, IpAddress, Locality, Service, _dns_label, endpoint_key
 from meshfed.errors import CatalogError
 from meshfed.validation import describe_validation_error
 
@@ -39,25 +38,16 @@ class PortSpec(_Model):
 class EndpointSpec(_Model):
     """One instance (``--endpoint '10.0.0.5:8080;version=v2;weight=3'``)."""
 
-    address: str = Field(description="An IP address.")
+    address: IpAddress = Field(description="An IP address.")
     port: int = Field(ge=1, le=65535)
     weight: int = Field(default=1, ge=1, le=1_000_000)
     healthy: bool = True
     locality: Locality = Locality()
     labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS)
 
-    @field_validator("address")
-    @classmethod
-    def _check_address(cls, value: str) -> str:
-        try:
-            return str(ipaddress.ip_address(value))
-        except ValueError:
-            raise ValueError(f"endpoint address {value[:80]!r} must be an IP address") from None
-
     @property
     def key(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{host}:{self.port}"
+        return endpoint_key(self.address, self.port)
 
 
 class ServiceRegistration(_Model):
