@@ -136,3 +136,23 @@ def test_status_and_explain_cli_ask_the_running_zone(tmp_path, echo_server):
         assert b"Traceback" not in refused.stderr
         assert zone.stop() == 0
     assert not (directory / "api-url").exists(), "a stopped zone must not leave its API address behind"
+
+
+def test_a_wildcard_peering_bind_without_advertise_host_warns(make_zone, caplog):
+    """Peers would be told 127.0.0.1: the log says so and names the flag that fixes it."""
+    zone = make_zone("east")
+    settings = replace(LOOPBACK, peering_address="0.0.0.0:0", establish_address="0.0.0.0:0")
+
+    async def scenario() -> str:
+        runtime = assemble_zone(zone, settings)
+        await runtime.controller.start()
+        try:
+            return runtime.peering.issue_token("west").encoded
+        finally:
+            await runtime.controller.stop()
+
+    with caplog.at_level("WARNING", logger="meshfed.federation.service"):
+        asyncio.run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if "without --advertise-host" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # the stream and the token address
+    assert "127.0.0.1" in warnings[0]

@@ -663,7 +663,15 @@ class PeeringService:
         if self._advertise_host:
             host = self._advertise_host
         elif host in _WILDCARD_HOSTS:
-            host = "127.0.0.1"  # only meaningful on one machine; pass advertise_host otherwise
+            # Only meaningful on one machine: a peer elsewhere would dial itself.
+            log.warning(
+                "zone %s: peering listens on %s without --advertise-host, so tokens and peers are told "
+                "127.0.0.1:%d; set --advertise-host to the name or address other zones reach this host at",
+                self.zone.name,
+                listen,
+                port,
+            )
+            host = "127.0.0.1"
         return str(HostPort(host, port))
 
     # -- read accessors ---------------------------------------------------
