@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from enum import StrEnum
 from typing import Annotated
 
-import orjson
 import typer
 from pydantic import ValidationError
-from rich.console import Console
-from rich.table import Table
 
 from meshfed import audit
-from meshfed.cli.common import ZoneDir
+from meshfed.cli.common import Output, OutputOption, ZoneDir, emit, print_table
 from meshfed.errors import FederationError
 from meshfed.federation.authz import AuthzRule, AuthzRules, RuleSpec
 from meshfed.validation import describe_validation_error
@@ -27,14 +23,8 @@ authz_app = typer.Typer(
 )
 
 
-class Output(StrEnum):
-    table = "table"
-    json = "json"
-
-
 ServiceOption = Annotated[str, typer.Option("--service", help="Service name in the zone's catalog.")]
 NamespaceOption = Annotated[str, typer.Option(help="Namespace of the service.")]
-OutputOption = Annotated[Output, typer.Option("--output", "-o", help="table or json.")]
 
 
 @authz_app.command("add")
@@ -73,10 +63,7 @@ def add(
     audit.record(
         zone.directory, actor=audit.cli_actor(), action="authz.add", target=f"{service}.{namespace}", rule=asdict(rule)
     )
-    if output is Output.json:
-        typer.echo(orjson.dumps(asdict(rule)).decode())
-    else:
-        typer.echo(f"rule {rule.rule_id}: {_describe(rule)}")
+    emit(rule, output, table=lambda: typer.echo(f"rule {rule.rule_id}: {_describe(rule)}"))
 
 
 @authz_app.command("remove")
@@ -106,7 +93,7 @@ def remove(
             target = f"{service}.{namespace}"
             message = f"removed {count} rule(s) of {target}"
     audit.record(zone.directory, actor=audit.cli_actor(), action="authz.remove", target=target, rules=count)
-    typer.echo(orjson.dumps({"removed": count, "target": target}).decode() if output is Output.json else message)
+    emit({"removed": count, "target": target}, output, table=lambda: typer.echo(message))
 
 
 @authz_app.command("list")
@@ -115,26 +102,34 @@ def list_rules(
     service: Annotated[str | None, typer.Option("--service", help="Only this service.")] = None,
     output: OutputOption = Output.table,
 ) -> None:
-    """List the rules in the order the gateway applies them, per service."""
+    """List the rules in the order the gateway applies them, per service.
+
+    -o json prints a list of rules: rule_id, namespace, service, port (null: every port), action,
+    pattern, source (config: zone.toml; api: the CLI or API).
+    """
     zone = Zone.open(directory)
     with AuthzRules(zone.directory) as rules:
         current = [rule for rule in rules.rules() if service is None or rule.service == service]
-    if output is Output.json:
-        typer.echo(orjson.dumps([asdict(rule) for rule in current]).decode())
-        return
-    table = Table(title=f"zone {zone.name} authorization rules (first match decides; no match: denied)")
-    for column in ("id", "service", "port", "action", "caller", "from"):
-        table.add_column(column)
-    for rule in current:
-        table.add_row(
-            str(rule.rule_id),
-            f"{rule.service}.{rule.namespace}",
-            "all" if rule.port is None else str(rule.port),
-            rule.action,
-            rule.pattern,
-            "zone.toml" if rule.source == "config" else "cli/api",
-        )
-    Console(width=140).print(table)
+    emit(
+        current,
+        output,
+        table=lambda: print_table(
+            f"zone {zone.name} authorization rules (first match decides; no match: denied)",
+            ("id", "service", "port", "action", "caller", "from"),
+            (
+                (
+                    rule.rule_id,
+                    f"{rule.service}.{rule.namespace}",
+                    "all" if rule.port is None else rule.port,
+                    rule.action,
+                    rule.pattern,
+                    "zone.toml" if rule.source == "config" else "cli/api",
+                )
+                for rule in current
+            ),
+            width=140,
+        ),
+    )
 
 
 def _describe(rule: AuthzRule) -> str:

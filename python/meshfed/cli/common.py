@@ -1,4 +1,4 @@
-"""Helpers shared by the command groups: exit codes, options, durations, tables.
+"""Helpers shared by the command groups: exit codes, options, durations, tables, ``-o`` output.
 
 Exit codes of every ``meshfed`` command (README, "Exit codes"):
 
@@ -14,12 +14,14 @@ from __future__ import annotations
 import datetime as dt
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Annotated, NoReturn, TextIO
 
+import orjson
 import typer
+from pydantic import BaseModel
 
 from meshfed.errors import MeshfedError
 
@@ -62,13 +64,49 @@ ZoneDir = Annotated[
 
 
 class Output(StrEnum):
-    """``-o``: a table (or lines) for people, or JSON for programs."""
+    """``-o`` of every list and show command: a table (or lines) for people, or JSON or YAML for programs.
+
+    JSON and YAML hold the same document: for a command whose thing has an API
+    model, the objects the API returns for it (the command's help names the
+    ``GET /v1/...`` it matches), with fields in the order the model defines.
+    """
 
     table = "table"
     json = "json"
+    yaml = "yaml"
 
 
-OutputOption = Annotated[Output, typer.Option("--output", "-o", help="table or json.")]
+OutputOption = Annotated[
+    Output,
+    typer.Option("--output", "-o", help="table (lines on a terminal, tab-separated when piped), json or yaml."),
+]
+
+
+def emit(value: object, output: Output, *, table: Callable[[], None]) -> None:
+    """Print ``value`` as ``output`` says: ``table()`` for people, else one JSON line or a YAML document.
+
+    ``value`` is anything orjson serializes (dicts, lists, dataclasses,
+    datetimes, enums) or pydantic models (dumped as their JSON mode would),
+    nested freely; keys keep the order the models and dicts give them.
+    """
+    if output is Output.table:
+        table()
+        return
+    encoded = orjson.dumps(value, default=_model_data)
+    if output is Output.json:
+        sys.stdout.buffer.write(encoded + b"\n")
+        sys.stdout.flush()
+        return
+    import yaml  # only for -o yaml
+
+    # Through JSON, so YAML holds exactly the JSON document (strings for datetimes, values for enums).
+    typer.echo(yaml.safe_dump(orjson.loads(encoded), sort_keys=False, allow_unicode=True), nl=False)
+
+
+def _model_data(value: object) -> object:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"cannot print a {type(value).__name__} as JSON")
 
 
 def fail(message: str) -> NoReturn:

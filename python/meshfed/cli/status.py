@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
-import orjson
 import typer
 
-from meshfed.cli.common import DIR_ENVVAR, ExitCode, Output, OutputOption
+from meshfed.cli.common import DIR_ENVVAR, ExitCode, Output, OutputOption, emit
 from meshfed.errors import MeshfedError
 from meshfed.zone import READ_TOKEN_FILE
 
@@ -107,12 +106,10 @@ def status(
     """The running zone at a glance: identity, peerings, imports and where to reach them, problems.
 
     Exits 3 when something needs attention, so scripts and probes can use it.
+    -o json prints what GET /v1/status returns.
     """
     report = _ask(directory, api, token_file, api_ca, "/v1/status")
-    if output is Output.json:
-        typer.echo(orjson.dumps(report).decode())
-    else:
-        _print_status(report)
+    emit(report, output, table=lambda: _print_status(report))
     if not report["healthy"]:
         raise typer.Exit(ExitCode.NEEDS_ATTENTION)
 
@@ -132,7 +129,7 @@ def explain(
 ) -> None:
     """Walk a service's path on this zone and name the first broken link, with what to do about it.
 
-    Exits 3 when a link is broken.
+    Exits 3 when a link is broken. -o json prints what GET /v1/explain/NAMESPACE/SERVICE returns.
     """
     report = _ask(
         directory,
@@ -143,10 +140,7 @@ def explain(
         peer=peer,
         **{"as": caller},
     )
-    if output is Output.json:
-        typer.echo(orjson.dumps(report).decode())
-    else:
-        _print_explanation(report)
+    emit(report, output, table=lambda: _print_explanation(report))
     if report["broken"] is not None:
         raise typer.Exit(ExitCode.NEEDS_ATTENTION)
 

@@ -6,13 +6,12 @@ import datetime as dt
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-import orjson
 import typer
 
 from meshfed import audit
-from meshfed.cli.common import Output, OutputOption, ZoneDir, parse_duration
+from meshfed.cli.common import Output, OutputOption, ZoneDir, emit, parse_duration
 from meshfed.errors import RotationError
 from meshfed.trust.bundle import parse_bundle
 from meshfed.trust.listing import trust_listing
@@ -85,11 +84,15 @@ def list_(
     output: OutputOption = Output.table,
     as_json: Annotated[bool, typer.Option("--json", help="The same as -o json.")] = False,
 ) -> None:
-    """Every trusted trust domain: sequence, roots (fingerprint, expiry), last refresh, source."""
+    """Every trusted trust domain: sequence, roots (fingerprint, expiry), last refresh, source.
+
+    -o json prints what GET /v1/trust/bundles returns: trust_domains (each with its roots) and rotation.
+    """
     listing = trust_listing(_open(directory), dt.datetime.now(dt.UTC))
-    if as_json or output is Output.json:
-        sys.stdout.buffer.write(orjson.dumps(listing, option=orjson.OPT_INDENT_2) + b"\n")
-        return
+    emit(listing, Output.json if as_json else output, table=lambda: _print_listing(listing))
+
+
+def _print_listing(listing: dict[str, Any]) -> None:
     for domain in listing["trust_domains"]:
         refreshed = domain["last_refresh"] or "never"
         typer.echo(
