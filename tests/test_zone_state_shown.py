@@ -38,8 +38,9 @@ def catalog_list(zone: Zone) -> tuple[str, str]:
 
 
 def row(table: str, name: str) -> str:
-    (line,) = [line for line in table.splitlines() if f" {name} " in line]
-    return line
+    """The line of the row naming ``name``, tabs around each cell: piped, the table is tab-separated lines."""
+    (line,) = [line for line in table.splitlines() if line.split("\t")[0] == name]
+    return f"\t{line}\t"
 
 
 async def api_get(controller: Controller, path: str) -> Any:
@@ -88,7 +89,7 @@ def test_the_exporting_zone_shows_what_its_health_checks_found(
             assert controller.exported_snapshot("west").services[0].healthy_endpoints == 1
             table, _ = await asyncio.to_thread(catalog_list, east)
             web = row(table, "web.default")
-            assert " 1/2 " in web
+            assert "\t1/2\t" in web
             assert f"{dead} (failing health checks)" in web
             assert f"{echo_server.endpoint} (failing" not in web
             view = await api_get(controller, "/v1/catalog")
@@ -101,7 +102,7 @@ def test_the_exporting_zone_shows_what_its_health_checks_found(
 
         # Stopped: no gateway checks anything, and the CLI says so instead of showing a stale verdict.
         table, notes = await asyncio.to_thread(catalog_list, east)
-        assert " 2/2 " in row(table, "web.default")
+        assert "\t2/2\t" in row(table, "web.default")
         assert "zone east is not running" in notes
 
     with caplog.at_level(logging.WARNING, logger="meshfed.controller"):

@@ -138,7 +138,7 @@ def catalog(request: Request) -> CatalogView:
         version=snapshot.version,
         source=CatalogSourceView(mode=controller.zone.config.catalog, error=controller.catalog_error),
         publication=PublicationView.of(controller.publication),
-        services=[_checked(service, failing) for service in snapshot.services],
+        services=[checked_service(service, failing) for service in snapshot.services],
         failing_health_checks=[
             FailingEndpointView(service=service, namespace=namespace, endpoint=endpoint)
             for namespace, service, endpoint in sorted(failing)
@@ -176,7 +176,7 @@ def catalog(request: Request) -> CatalogView:
     )
 
 
-def _checked(service: Service, failing: UnhealthyEndpoints) -> Service:
+def checked_service(service: Service, failing: UnhealthyEndpoints) -> Service:
     """``service`` with the endpoints the gateway finds failing marked unhealthy."""
     if not any((service.namespace, service.name, e.key) in failing for e in service.endpoints):
         return service

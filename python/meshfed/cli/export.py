@@ -6,13 +6,11 @@ import asyncio
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from meshfed import audit
 from meshfed.catalog import CatalogSnapshot, open_catalog
 from meshfed.catalog.embedded import EmbeddedCatalog
-from meshfed.cli.common import ZoneDir
+from meshfed.cli.common import Output, OutputOption, ZoneDir, emit, print_table
 from meshfed.errors import MeshfedError
 from meshfed.federation.exports import ALL_PEERS, ExportRules
 from meshfed.federation.peering import PeeringStore
@@ -114,14 +112,24 @@ def remove(
 
 
 @export_app.command("list")
-def list_exports(directory: ZoneDir) -> None:
-    """List the export rules."""
+def list_exports(directory: ZoneDir, output: OutputOption = Output.table) -> None:
+    """List the export rules.
+
+    -o json prints the same list as GET /v1/exports: objects with service, namespace and peer
+    (a peering name, or '*' for every peer).
+    """
+    from meshfed.api.catalog import ExportRuleView  # the API's model; fastapi only for this command
+
     zone = Zone.open(directory)
     with ExportRules(zone.directory) as rules:
-        current = rules.rules()
-    table = Table(title=f"zone {zone.name} exports")
-    for column in ("service", "to"):
-        table.add_column(column)
-    for rule in current:
-        table.add_row(f"{rule.service}.{rule.namespace}", rule.peer)
-    Console(width=120).print(table)
+        current = [ExportRuleView(service=r.service, namespace=r.namespace, peer=r.peer) for r in rules.rules()]
+    emit(
+        current,
+        output,
+        table=lambda: print_table(
+            f"zone {zone.name} exports",
+            ("service", "to"),
+            ((f"{rule.service}.{rule.namespace}", rule.peer) for rule in current),
+            width=120,
+        ),
+    )

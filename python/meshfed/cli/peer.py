@@ -16,13 +16,11 @@ import time
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from meshfed import audit
 from meshfed.addresses import parse_host_port
 from meshfed.catalog.publisher import PublicationStore
-from meshfed.cli.common import ZoneDir, parse_duration
+from meshfed.cli.common import Output, OutputOption, ZoneDir, emit, parse_duration, print_table
 from meshfed.federation.peering import PeeringStore, request_delete
 from meshfed.federation.service import PeerStatus, establish
 from meshfed.zone import STATE_FILE, Zone
@@ -102,27 +100,36 @@ def establish_(
 
 
 @peer_app.command("list")
-def list_peers(directory: ZoneDir) -> None:
-    """List peerings with their state, heartbeats, versions and lag."""
+def list_peers(directory: ZoneDir, output: OutputOption = Output.table) -> None:
+    """List peerings with their state, heartbeats, versions and lag.
+
+    -o json prints the same list of objects as GET /v1/peerings (PeerStatus).
+    """
     zone = Zone.open(directory)
     with PeeringStore.of(zone) as store:
         statuses = [PeerStatus.of(peering) for peering in store.peerings()]
-    table = Table(title=f"zone {zone.name} peerings")
-    for column in ("peer", "zone", "role", "state", "heartbeat age", "sent/acked", "received", "exported", "imported"):
-        table.add_column(column)
-    for status in statuses:
-        table.add_row(
-            status.name,
-            f"{status.peer_zone or '-'} ({status.peer_trust_domain or '-'})",
-            status.role,
-            status.state.value,
-            "-" if status.heartbeat_age_seconds is None else f"{status.heartbeat_age_seconds:.1f}s",
-            f"{status.sent_version}/{status.acked_version}",
-            str(status.received_version),
-            str(status.exported_services),
-            str(status.imported_services),
-        )
-    Console(width=160).print(table)
+    emit(
+        statuses,
+        output,
+        table=lambda: print_table(
+            f"zone {zone.name} peerings",
+            ("peer", "zone", "role", "state", "heartbeat age", "sent/acked", "received", "exported", "imported"),
+            (
+                (
+                    status.name,
+                    f"{status.peer_zone or '-'} ({status.peer_trust_domain or '-'})",
+                    status.role,
+                    status.state.value,
+                    "-" if status.heartbeat_age_seconds is None else f"{status.heartbeat_age_seconds:.1f}s",
+                    f"{status.sent_version}/{status.acked_version}",
+                    status.received_version,
+                    status.exported_services,
+                    status.imported_services,
+                )
+                for status in statuses
+            ),
+        ),
+    )
     for status in statuses:
         if status.import_error:
             typer.echo(f"warning: peer {status.name}: its newest update was refused: {status.import_error}", err=True)
@@ -139,17 +146,27 @@ def list_peers(directory: ZoneDir) -> None:
 
 
 @peer_app.command("show")
-def show(directory: ZoneDir, name: Annotated[str, typer.Argument(help="The peering's local name.")]) -> None:
+def show(
+    directory: ZoneDir,
+    name: Annotated[str, typer.Argument(help="The peering's local name.")],
+    output: OutputOption = Output.table,
+) -> None:
     """Show one peering in detail.
 
     Whether the stream is up is what the running zone last recorded (within a
-    second); when the zone is not running it is unknown, and says so.
+    second); when the zone is not running it is unknown, and says so. -o json
+    prints the same object as GET /v1/peerings/NAME (PeerStatus), with
+    connected false when the zone is not running.
     """
     zone = Zone.open(directory)
     with PeeringStore.of(zone) as store:
         status = PeerStatus.stored(store.require(name))
         listener = store.listener()
     running = listener is not None and listener.alive()
+    emit(status, output, table=lambda: _print_status(status, running))
+
+
+def _print_status(status: PeerStatus, running: bool) -> None:
     now = dt.datetime.now(dt.UTC)
     lines = {
         "peer": status.name,

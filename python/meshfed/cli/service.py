@@ -10,19 +10,17 @@ uses, so a Consul or Kubernetes zone shows what that server holds.
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from meshfed import audit
 from meshfed.addresses import HostPort
 from meshfed.catalog import CatalogSnapshot, open_catalog
 from meshfed.catalog.embedded import EmbeddedCatalog
-from meshfed.catalog.publisher import PublicationStore
+from meshfed.catalog.publisher import PublicationStatus, PublicationStore
 from meshfed.catalog.registration import not_embedded, registration
-from meshfed.cli.common import ZoneDir
+from meshfed.cli.common import Output, OutputOption, ZoneDir, emit, print_table
 from meshfed.errors import CatalogError
 from meshfed.federation.exports import ExportRules
 from meshfed.federation.failover import failover_groups
@@ -30,6 +28,11 @@ from meshfed.federation.gateway_config import egress_listener_name
 from meshfed.federation.imports import ImportStore
 from meshfed.runstate import RunState
 from meshfed.zone import STATE_FILE, Zone
+
+if TYPE_CHECKING:
+    from meshfed.api.catalog import CatalogView
+    from meshfed.federation.failover import FailoverGroup
+    from meshfed.federation.imports import ImportedService
 
 service_app = typer.Typer(help="Register services in the zone's embedded catalog.", no_args_is_help=True)
 catalog_app = typer.Typer(help="Show the zone's catalog.", no_args_is_help=True)
@@ -99,15 +102,25 @@ def deregister(
 
 
 @service_app.command("list")
-def list_services(directory: ZoneDir) -> None:
-    """List the services in the zone's catalog (embedded, Consul or Kubernetes)."""
-    _print_catalog(Zone.open(directory))
+def list_services(directory: ZoneDir, output: OutputOption = Output.table) -> None:
+    """List the services in the zone's catalog (embedded, Consul or Kubernetes).
+
+    -o json prints the same object as GET /v1/catalog (see 'meshfed catalog list --help').
+    """
+    _print_catalog(Zone.open(directory), output)
 
 
 @catalog_app.command("list")
-def list_catalog(directory: ZoneDir) -> None:
-    """List the zone's services with their health and zone."""
-    _print_catalog(Zone.open(directory))
+def list_catalog(directory: ZoneDir, output: OutputOption = Output.table) -> None:
+    """List the zone's services with their health and zone.
+
+    -o json prints the same object as GET /v1/catalog: version, source {mode, error}, publication,
+    services (endpoints the gateway's health checks find failing marked unhealthy),
+    failing_health_checks, imports (with local_addresses) and failover_groups (with listeners).
+    Read from the zone directory: local addresses and health checks only while the zone runs,
+    and source.error is null.
+    """
+    _print_catalog(Zone.open(directory), output)
 
 
 def _require_embedded(zone: Zone, verb: str) -> None:
@@ -132,7 +145,7 @@ def _load(zone: Zone) -> CatalogSnapshot:
     return asyncio.run(read())
 
 
-def _print_catalog(zone: Zone) -> None:
+def _print_catalog(zone: Zone, output: Output) -> None:
     snapshot = _load(zone)
     with ImportStore(zone.directory) as imports:
         imported = imports.services()
@@ -144,39 +157,52 @@ def _print_catalog(zone: Zone) -> None:
         bound = runstate.listeners() if running else {}
     with ExportRules(zone.directory) as rules:
         failing = rules.unhealthy_endpoints() if running else frozenset()
-    table = Table(title=f"zone {zone.name} catalog ({zone.config.catalog}, version {snapshot.version})")
-    for column in ("service", "ports", "zone", "healthy", "endpoints", "local address"):
-        table.add_column(column)
+    groups = failover_groups(snapshot, imported, zone.config.failover)
+    if output is not Output.table:
+        emit(_catalog_view(zone, snapshot, imported, groups, publication, bound, failing), output, table=lambda: None)
+        return
+    rows: list[tuple[object, ...]] = []
     for service in snapshot.services:
         checked = [e for e in service.endpoints if (service.namespace, service.name, e.key) in failing]
         healthy = [e for e in service.healthy_endpoints if e not in checked]
-        table.add_row(
-            f"{service.name}.{service.namespace}",
-            _ports(service.ports),
-            zone.name,
-            f"{len(healthy)}/{len(service.endpoints)}",
-            ", ".join(e.key + (" (failing health checks)" if e in checked else "") for e in service.endpoints),
-            "-",
+        rows.append(
+            (
+                f"{service.name}.{service.namespace}",
+                _ports(service.ports),
+                zone.name,
+                f"{len(healthy)}/{len(service.endpoints)}",
+                ", ".join(e.key + (" (failing health checks)" if e in checked else "") for e in service.endpoints),
+                "-",
+            )
         )
     for item in imported:
-        table.add_row(
-            item.name,
-            _ports(item.service.ports),
-            item.snapshot.zone,
-            f"{item.service.healthy_endpoints}/{item.service.total_endpoints}",
-            f"via gateway {', '.join(item.snapshot.gateway_addresses)}",
-            _local_address(running, bound, {port: egress_listener_name(item, port) for port in item.service.ports}),
+        rows.append(
+            (
+                item.name,
+                _ports(item.service.ports),
+                item.snapshot.zone,
+                f"{item.service.healthy_endpoints}/{item.service.total_endpoints}",
+                f"via gateway {', '.join(item.snapshot.gateway_addresses)}",
+                _local_address(running, bound, {port: egress_listener_name(item, port) for port in item.service.ports}),
+            )
         )
-    for group in failover_groups(snapshot, imported, zone.config.failover):
-        table.add_row(
-            f"{group.name} (failover group)",
-            ", ".join(group.port_names),
-            group.describe(),
-            "",
-            "listener " + ", ".join(group.listener_name(port) for port in group.port_names),
-            _local_address(running, bound, {port: group.listener_name(port) for port in group.port_names}),
+    for group in groups:
+        rows.append(
+            (
+                f"{group.name} (failover group)",
+                ", ".join(group.port_names),
+                group.describe(),
+                "",
+                "listener " + ", ".join(group.listener_name(port) for port in group.port_names),
+                _local_address(running, bound, {port: group.listener_name(port) for port in group.port_names}),
+            )
         )
-    Console(width=200).print(table)
+    print_table(
+        f"zone {zone.name} catalog ({zone.config.catalog}, version {snapshot.version})",
+        ("service", "ports", "zone", "healthy", "endpoints", "local address"),
+        rows,
+        width=200,
+    )
     if not running:
         typer.echo(
             f"note: zone {zone.name} is not running: health is the catalog's alone (no gateway health checks) "
@@ -190,6 +216,61 @@ def _print_catalog(zone: Zone) -> None:
             f"{publication.last_error}",
             err=True,
         )
+
+
+def _catalog_view(
+    zone: Zone,
+    snapshot: CatalogSnapshot,
+    imported: list[ImportedService],
+    groups: list[FailoverGroup],
+    publication: PublicationStatus | None,
+    bound: dict[str, tuple[str, int]],
+    failing: frozenset[tuple[str, str, str]],
+) -> CatalogView:
+    """What ``GET /v1/catalog`` would answer, from the zone directory."""
+    from meshfed.api import catalog as api  # the API's models; fastapi only for -o json|yaml
+
+    addresses = {name: str(HostPort(host, port)) for name, (host, port) in bound.items()}
+    return api.CatalogView(
+        version=snapshot.version,
+        source=api.CatalogSourceView(mode=zone.config.catalog, error=None),
+        publication=api.PublicationView.of(publication or PublicationStatus(source=zone.config.catalog)),
+        services=[api.checked_service(service, failing) for service in snapshot.services],
+        failing_health_checks=[
+            api.FailingEndpointView(service=service, namespace=namespace, endpoint=endpoint)
+            for namespace, service, endpoint in sorted(failing)
+        ],
+        imports=[
+            api.ImportView(
+                name=item.name,
+                peer=item.peer,
+                zone=item.snapshot.zone,
+                ports=item.service.ports,
+                healthy_endpoints=item.service.healthy_endpoints,
+                total_endpoints=item.service.total_endpoints,
+                gateway_addresses=item.snapshot.gateway_addresses,
+                local_addresses={
+                    port: addresses[egress_listener_name(item, port)]
+                    for port in sorted(item.service.ports)
+                    if egress_listener_name(item, port) in addresses
+                },
+            )
+            for item in imported
+        ],
+        failover_groups=[
+            api.FailoverGroupView(
+                name=group.name,
+                sources=group.sources,
+                split=group.weights,
+                listeners={
+                    port: addresses[group.listener_name(port)]
+                    for port in group.port_names
+                    if group.listener_name(port) in addresses
+                },
+            )
+            for group in groups
+        ],
+    )
 
 
 def _local_address(running: bool, bound: dict[str, tuple[str, int]], listeners: dict[str, str]) -> str:

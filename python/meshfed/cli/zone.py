@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-import orjson
 import typer
 from pydantic import ValidationError
 
 from meshfed import audit
 from meshfed.catalog.settings import CatalogMode, ConsulSettings, KubernetesSettings
-from meshfed.cli.common import DIR_ENVVAR, ZoneDir
+from meshfed.cli.common import DIR_ENVVAR, Output, OutputOption, ZoneDir, emit
 from meshfed.errors import ZoneError
 from meshfed.zone import READ_TOKEN_FILE, TOKEN_FILE, Zone
 
 zone_app = typer.Typer(help="Create and inspect zones.", no_args_is_help=True)
-
-
-class Output(StrEnum):
-    """``-o`` of ``zone init`` and ``zone token``: what people read, or JSON."""
-
-    text = "text"
-    json = "json"
 
 
 @zone_app.command("init")
@@ -62,11 +53,13 @@ def init(
             "directory; 'meshfed trust rotate' then needs it back (--root-key)."
         ),
     ] = None,
-    output: Annotated[
-        Output, typer.Option("--output", "-o", help="text (one line) or json (the zone and its files).")
-    ] = Output.text,
+    output: OutputOption = Output.table,
 ) -> None:
-    """Create a zone: root and intermediate CA, config, state database, admin and read tokens."""
+    """Create a zone: root and intermediate CA, config, state database, admin and read tokens.
+
+    -o table prints one line; -o json an object: zone, trust_domain, catalog, directory,
+    admin_token_file, read_token_file, offline_root_key (null unless --offline-root-key).
+    """
     if catalog not in ("embedded", "consul", "kubernetes"):
         raise ZoneError(f"--catalog {catalog!r}: choose embedded, consul or kubernetes")
     mode: CatalogMode = catalog  # type: ignore[assignment]  # checked just above
@@ -130,19 +123,22 @@ def init(
         trust_domain=str(zone.trust_domain),
         catalog=mode,
     )
-    if output is Output.json:
-        document = {
-            "zone": zone.name,
-            "trust_domain": str(zone.trust_domain),
-            "catalog": mode,
-            "directory": str(zone.directory),
-            "admin_token_file": str(zone.directory / TOKEN_FILE),
-            "read_token_file": str(zone.directory / READ_TOKEN_FILE),
-            "offline_root_key": None if offline_root_key is None else str(offline_root_key),
-        }
-        typer.echo(orjson.dumps(document).decode())
-    else:
-        typer.echo(f"zone {zone.name} (trust domain {zone.trust_domain}, {mode} catalog) created in {zone.directory}")
+    document = {
+        "zone": zone.name,
+        "trust_domain": str(zone.trust_domain),
+        "catalog": mode,
+        "directory": str(zone.directory),
+        "admin_token_file": str(zone.directory / TOKEN_FILE),
+        "read_token_file": str(zone.directory / READ_TOKEN_FILE),
+        "offline_root_key": None if offline_root_key is None else str(offline_root_key),
+    }
+    emit(
+        document,
+        output,
+        table=lambda: typer.echo(
+            f"zone {zone.name} (trust domain {zone.trust_domain}, {mode} catalog) created in {zone.directory}"
+        ),
+    )
     if offline_root_key is not None:
         typer.echo(f"the root key is in {offline_root_key}, not in the zone: keep it offline", err=True)
 
@@ -152,17 +148,17 @@ def token(
     directory: ZoneDir,
     read: Annotated[bool, typer.Option("--read", help="The read-only token: every API read, no change.")] = False,
     admin: Annotated[bool, typer.Option("--admin", help="The admin token: every API call.")] = False,
-    output: Annotated[Output, typer.Option("--output", "-o", help="text (the token alone) or json.")] = Output.text,
+    output: OutputOption = Output.table,
 ) -> None:
-    """Print one of the zone's API tokens, for 'Authorization: Bearer <token>'."""
+    """Print one of the zone's API tokens, for 'Authorization: Bearer <token>'.
+
+    -o table prints the token alone; -o json an object: zone, kind (read or admin), token, file.
+    """
     if read == admin:
         raise typer.BadParameter("choose one of --read or --admin", param_hint="--read/--admin")
     zone = Zone.open(directory)
     kind, secret, file = (
         ("read", zone.read_token(), READ_TOKEN_FILE) if read else ("admin", zone.admin_token(), TOKEN_FILE)
     )
-    if output is Output.json:
-        document = {"zone": zone.name, "kind": kind, "token": secret, "file": str(zone.directory / file)}
-        typer.echo(orjson.dumps(document).decode())
-    else:
-        typer.echo(secret)
+    document = {"zone": zone.name, "kind": kind, "token": secret, "file": str(zone.directory / file)}
+    emit(document, output, table=lambda: typer.echo(secret))
