@@ -88,7 +88,7 @@ def test_failover_policy_is_read_from_zone_toml_and_checked(tmp_path):
     zone = Zone.init(tmp_path / "west", "west", "west.mesh")
     toml = zone.directory / "zone.toml"
     document = tomllib.loads(toml.read_text())
-    assert document["failover"] == {"order": [], "split": {}}  # written by init, ready to edit
+    assert "failover" not in document  # a default table is left out, so an operator's own does not clash
     document["failover"] = {"order": ["north", "east"], "split": {"east": 90, "south": 10}}
     toml.write_text(tomli_w.dumps(document))
     config = Zone.open(zone.directory).config.failover
@@ -98,3 +98,24 @@ def test_failover_policy_is_read_from_zone_toml_and_checked(tmp_path):
     toml.write_text(tomli_w.dumps(document))
     with pytest.raises(ZoneError, match=r"zone\.toml.*weight of 'south'"):
         Zone.open(zone.directory)
+
+
+def test_zone_toml_written_at_init_takes_every_optional_table(tmp_path):
+    """The commented examples parse once uncommented, and README snippets can be appended as they are."""
+    zone = Zone.init(tmp_path / "east", "east", "east.mesh")
+    path = zone.directory / "zone.toml"
+    written = path.read_text()
+    uncommented = "\n".join(
+        line.removeprefix("# ") if line.startswith("# [") or (line.startswith("# ") and "=" in line) else line
+        for line in written.splitlines()
+    )
+    path.write_text(uncommented)
+    config = Zone.open(zone.directory).config
+    assert config.failover.order == ["east", "north"]
+    assert config.split[0].weights == {"v1": 90, "v2": 10}
+    assert config.authz[0].id == "spiffe://west.mesh/ns/shop/*"
+    assert config.egress.workload_tls == "strict"
+
+    # The README's [failover] snippet appended to a fresh zone.toml: no table is declared twice.
+    path.write_text(written + '\n[failover]\nsplit = {east = 90, north = 10}\norder = ["south"]\n')
+    assert Zone.open(zone.directory).config.failover.order == ["south"]

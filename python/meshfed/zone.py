@@ -862,7 +862,7 @@ def _populate(directory: Path, config: ZoneConfig, offline_root_key: Path | None
     authority = _write_authority_files(directory / "ca", TrustDomain(config.trust_domain), 0, offline_root_key)
     _write(directory / TOKEN_FILE, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
     _write(directory / READ_TOKEN_FILE, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
-    _write(directory / CONFIG_FILE, tomli_w.dumps(_config_document(config)).encode(), 0o644)
+    _write(directory / CONFIG_FILE, _config_document(config).encode(), 0o644)
     with StateStore(directory / STATE_FILE) as store:
         hint = parse_refresh_hint(config.bundle_refresh_hint) if config.bundle_refresh_hint else None
         bundle = TrustBundle(authority.trust_domain, (authority.root,))
@@ -872,19 +872,42 @@ def _populate(directory: Path, config: ZoneConfig, offline_root_key: Path | None
     (directory / STATE_FILE).chmod(0o600)
 
 
-def _config_document(config: ZoneConfig) -> dict[str, object]:
-    """What ``zone init`` writes to ``zone.toml``: the settings, without empty lists and default tables.
+# Appended to the zone.toml that `zone init` writes: the optional tables, ready to uncomment.
+_OPTIONAL_TABLES = """
+# Optional tables: uncomment to use. `meshfed up` reads this file at start; a running zone also
+# applies changes to [failover], [[split]] and [[authz]]. Top-level keys go above the first table.
+#
+# [failover]                        # the order in which failover groups try peers after local endpoints
+# order = ["east", "north"]
+# split = {east = 90, north = 10}   # or: peers sharing one tier by weight
+#
+# [[split]]                         # divide peers' traffic to an exported service among its subsets
+# service = "web"
+# label = "version"
+# weights = {v1 = 90, v2 = 10}
+#
+# [[authz]]                         # who may call an exported service; the first matching rule decides
+# service = "web"
+# action = "allow"
+# id = "spiffe://west.mesh/ns/shop/*"
+#
+# [egress]                          # what local workloads must present to the egress listeners
+# workload_tls = "strict"           # plain (default), permissive or strict
+"""
 
-    An empty list would be written as ``authz = []``, after which an operator's ``[[authz]]`` table
-    is a TOML error; an omitted key is the same default and leaves room to add one.
+
+def _config_document(config: ZoneConfig) -> str:
+    """What ``zone init`` writes to ``zone.toml``: the settings that differ from a default, then examples.
+
+    A table or list at its default is left out rather than written empty: ``[failover]`` or
+    ``authz = []`` in the file would make an operator's own ``[failover]`` or ``[[authz]]`` a
+    TOML error. The zone's name, trust domain, catalog and gateway address are always written.
     """
     document = config.model_dump(exclude_none=True, by_alias=True)
     defaults = ZoneConfig.model_construct().model_dump(exclude_none=True, by_alias=True)
-    return {
-        key: value
-        for key, value in document.items()
-        if value != [] and not (key == "egress" and value == defaults.get("egress"))
-    }
+    always = {"name", "trust_domain", "catalog", "gateway_address"}
+    kept = {key: value for key, value in document.items() if key in always or value != defaults.get(key)}
+    return tomli_w.dumps(kept) + _OPTIONAL_TABLES
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
