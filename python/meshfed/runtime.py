@@ -108,6 +108,7 @@ class ZoneRuntime:
         """The zone's API; its lifespan starts and stops the controller and services."""
         app = create_app(self.controller, peering=self.peering)
         app.state.bundle_poller = self.bundle_poller  # POST /v1/trust/federations polls the new endpoint at once
+        app.state.bundle_endpoint = self.bundle_endpoint  # POST /v1/trust/rotate {"finish"} renews its SVID at once
         return app
 
 

@@ -124,6 +124,10 @@ async def _end_rotation(request: Request, zone: Zone, rotation: RotationRequest)
     sequence = (await asyncio.to_thread(zone.own_bundle)).sequence
     audit_call(request, zone.directory, action, str(zone.trust_domain), bundle_sequence=sequence)
     await _trust_changed(request)
+    endpoint = getattr(request.app.state, "bundle_endpoint", None)
+    if endpoint is not None and rotation.finish:
+        # Consumers that take the new bundle must reach the endpoint at once, not after its next check.
+        await endpoint.renew_if_signer_retired()
     return {
         "bundle_sequence": sequence,
         "steps": [{"generation": s.generation, "phase": s.state, "message": s.message} for s in steps],

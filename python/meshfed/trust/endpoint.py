@@ -125,6 +125,7 @@ class BundleEndpointServer:
         self._server: asyncio.Server | None = None
         self._supervisor = supervisor or Supervisor("bundle-endpoint")
         self._renewal: Component | None = None
+        self._svid: Svid | None = None  # the https_spiffe SVID being presented
         self.requests_served = 0
 
     @property
@@ -150,8 +151,8 @@ class BundleEndpointServer:
                     "(--bundle-endpoint-web-cert/--bundle-endpoint-web-key)"
                 ) from None
         else:
-            svid = await asyncio.to_thread(self._load_svid)
-            self._renewal = self._supervisor.spawn("bundle-endpoint-svid", lambda: self._renew(svid))
+            await asyncio.to_thread(self._load_svid)
+            self._renewal = self._supervisor.spawn("bundle-endpoint-svid", self._renew)
         try:
             self._server = await asyncio.start_server(self._serve, self._host, self._port, ssl=self._context)
         except OSError as err:
@@ -171,27 +172,41 @@ class BundleEndpointServer:
             await self._server.wait_closed()
             self._server = None
 
-    def _load_svid(self) -> Svid:
+    def _load_svid(self) -> None:
         assert self._issue_svid is not None
         svid = self._issue_svid()
         with _private_files(svid) as (cert_file, key_file):
             self._context.load_cert_chain(cert_file, key_file)
-        return svid
+        self._svid = svid
 
-    async def _renew(self, svid: Svid) -> None:
+    async def renew_if_signer_retired(self) -> bool:
+        """Present a new SVID now if the CA that signed the current one no longer signs; True if it did.
+
+        The zone calls it when a rotation finishes early, so consumers holding only the new bundle
+        reach the endpoint at once; the renewal loop also checks every :data:`SIGNER_CHECK_INTERVAL`,
+        for a rotation finished by another process (the CLI).
+        """
+        svid = self._svid
+        if svid is None or self._svid_current is None or await asyncio.to_thread(self._svid_current, svid):
+            return False
+        log.info("bundle endpoint: its SVID's CA no longer signs; presenting a new SVID")
+        await asyncio.to_thread(self._load_svid)
+        return True
+
+    async def _renew(self) -> None:
         while True:
-            lifetime = svid.leaf.not_valid_after_utc - svid.leaf.not_valid_before_utc
-            renew_at = svid.leaf.not_valid_before_utc + lifetime / 2
+            assert self._svid is not None
+            lifetime = self._svid.leaf.not_valid_after_utc - self._svid.leaf.not_valid_before_utc
+            renew_at = self._svid.leaf.not_valid_before_utc + lifetime / 2
             delay = max((renew_at - dt.datetime.now(dt.UTC)).total_seconds(), 1.0)
             if self._svid_current is not None:
                 delay = min(delay, SIGNER_CHECK_INTERVAL.total_seconds())
             await asyncio.sleep(delay)
             try:
-                if dt.datetime.now(dt.UTC) < renew_at and self._svid_current is not None:
-                    if await asyncio.to_thread(self._svid_current, svid):
-                        continue
-                    log.info("bundle endpoint: its SVID's CA no longer signs; presenting a new SVID")
-                svid = await asyncio.to_thread(self._load_svid)
+                if dt.datetime.now(dt.UTC) < renew_at:
+                    await self.renew_if_signer_retired()
+                else:
+                    await asyncio.to_thread(self._load_svid)
             except MeshfedError as err:
                 log.error("bundle endpoint SVID renewal failed, retrying: %s", err)
 
