@@ -435,17 +435,27 @@ def test_a_lower_sequence_from_an_endpoint_that_is_not_the_pinned_one_changes_no
     assert "sequence reset" not in caplog.text
 
 
-async def _first_fetch_after(consumer: Zone, started: float, deadline: float = 10.0) -> float:
-    """Seconds from ``started`` until ``consumer`` recorded its first successful fetch; fails after ``deadline``.
+class FirstFetch:
+    """Resolves when ``consumer``'s poller records its first successful fetch (it records every poll in
+    state.db through ``Zone.record_poll``, run in a thread: this wraps that one call to signal it)."""
 
-    Read every 10 ms: the poller runs in this loop and records the fetch in state.db, which gives no
-    signal to wait on.
-    """
-    loop = asyncio.get_running_loop()
-    while not any(f.last_success_at for f in await asyncio.to_thread(consumer.federations)):
-        assert loop.time() - started < deadline, f"no fetch within {deadline} s"
-        await asyncio.sleep(0.01)
-    return loop.time() - started
+    def __init__(self, consumer: Zone) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._done = asyncio.Event()
+        record = consumer.record_poll
+
+        def recorded(trust_domain: TrustDomain, at: dt.datetime, error: str | None) -> None:
+            record(trust_domain, at, error)
+            if error is None:
+                self._loop.call_soon_threadsafe(self._done.set)
+
+        consumer.record_poll = recorded  # type: ignore[method-assign]
+
+    async def after(self, started: float, deadline: float = 10.0) -> float:
+        """Seconds from ``started`` to the first successful fetch; fails after ``deadline``."""
+        async with asyncio.timeout(deadline):
+            await self._done.wait()
+        return self._loop.time() - started
 
 
 def test_a_federation_added_by_another_process_is_fetched_within_about_a_second(make_zone, tmp_path):
@@ -458,6 +468,7 @@ def test_a_federation_added_by_another_process_is_fetched_within_about_a_second(
     async def scenario() -> float:
         server = _spiffe_server(east)
         await server.start()
+        first_fetch = FirstFetch(west)
         poller = BundlePoller(west, Changes())
         await poller.start()
         try:
@@ -471,7 +482,7 @@ def test_a_federation_added_by_another_process_is_fetched_within_about_a_second(
             )
             written = asyncio.get_running_loop().time()
             assert result.returncode == 0, result.stderr.decode()
-            return await _first_fetch_after(west, written)
+            return await first_fetch.after(written)
         finally:
             await poller.stop()
             await server.stop()
@@ -487,6 +498,7 @@ def test_wake_fetches_a_new_federation_at_once_without_waiting_for_the_store_che
     async def scenario() -> float:
         server = _spiffe_server(east)
         await server.start()
+        first_fetch = FirstFetch(west)
         poller = BundlePoller(west, Changes(), store_check_interval=dt.timedelta(hours=1))
         await poller.start()
         try:
@@ -500,7 +512,7 @@ def test_wake_fetches_a_new_federation_at_once_without_waiting_for_the_store_che
             )
             started = asyncio.get_running_loop().time()
             poller.wake()
-            return await _first_fetch_after(west, started)
+            return await first_fetch.after(started)
         finally:
             await poller.stop()
             await server.stop()
