@@ -18,14 +18,16 @@ from meshfed.addresses import HostPort
 from meshfed.api.auth import audit_call, require_admin, require_reader
 from meshfed.api.limits import MAX_EXPORT_PEERS
 from meshfed.catalog.embedded import EmbeddedCatalog
-from meshfed.catalog.model import Service
+from meshfed.catalog.model import CatalogSnapshot, Service
 from meshfed.catalog.publisher import PublicationStatus
 from meshfed.catalog.registration import ServiceRegistration, not_embedded
 from meshfed.controller import Controller
 from meshfed.errors import CatalogError, FederationError
 from meshfed.federation.exports import ExportRules, UnhealthyEndpoints
+from meshfed.federation.failover import FailoverGroup
 from meshfed.federation.gateway_config import egress_listener_name
-from meshfed.federation.imports import ImportStore
+from meshfed.federation.imports import ImportedService, ImportStore
+from meshfed.zone import Zone
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
 
@@ -131,13 +133,35 @@ def catalog(request: Request) -> CatalogView:
     controller = _controller(request)
     with ImportStore(controller.zone.directory) as imports:
         imported = imports.services()
-    snapshot = controller.catalog_snapshot
-    bound = {name: str(HostPort(host, port)) for name, (host, port) in controller.egress_addresses().items()}
-    failing = controller.unhealthy_endpoints
+    return catalog_view(
+        controller.zone,
+        controller.catalog_snapshot,
+        imported,
+        controller.failover_groups(),
+        controller.publication,
+        controller.egress_addresses(),
+        controller.unhealthy_endpoints,
+        catalog_error=controller.catalog_error,
+    )
+
+
+def catalog_view(
+    zone: Zone,
+    snapshot: CatalogSnapshot,
+    imported: list[ImportedService],
+    groups: list[FailoverGroup],
+    publication: PublicationStatus,
+    bound: dict[str, tuple[str, int]],
+    failing: UnhealthyEndpoints,
+    *,
+    catalog_error: str | None = None,
+) -> CatalogView:
+    """The catalog as ``GET /v1/catalog`` answers it; ``meshfed catalog list -o json`` builds the same offline."""
+    addresses = {name: str(HostPort(host, port)) for name, (host, port) in bound.items()}
     return CatalogView(
         version=snapshot.version,
-        source=CatalogSourceView(mode=controller.zone.config.catalog, error=controller.catalog_error),
-        publication=PublicationView.of(controller.publication),
+        source=CatalogSourceView(mode=zone.config.catalog, error=catalog_error),
+        publication=PublicationView.of(publication),
         services=[checked_service(service, failing) for service in snapshot.services],
         failing_health_checks=[
             FailingEndpointView(service=service, namespace=namespace, endpoint=endpoint)
@@ -153,9 +177,9 @@ def catalog(request: Request) -> CatalogView:
                 total_endpoints=item.service.total_endpoints,
                 gateway_addresses=item.snapshot.gateway_addresses,
                 local_addresses={
-                    port_name: bound[egress_listener_name(item, port_name)]
-                    for port_name in sorted(item.service.ports)
-                    if egress_listener_name(item, port_name) in bound
+                    port: addresses[egress_listener_name(item, port)]
+                    for port in sorted(item.service.ports)
+                    if egress_listener_name(item, port) in addresses
                 },
             )
             for item in imported
@@ -166,12 +190,12 @@ def catalog(request: Request) -> CatalogView:
                 sources=group.sources,
                 split=group.weights,
                 listeners={
-                    port_name: bound[group.listener_name(port_name)]
-                    for port_name in group.port_names
-                    if group.listener_name(port_name) in bound
+                    port: addresses[group.listener_name(port)]
+                    for port in group.port_names
+                    if group.listener_name(port) in addresses
                 },
             )
-            for group in controller.failover_groups()
+            for group in groups
         ],
     )
 

@@ -228,49 +228,10 @@ def _catalog_view(
     failing: frozenset[tuple[str, str, str]],
 ) -> CatalogView:
     """What ``GET /v1/catalog`` would answer, from the zone directory."""
-    from meshfed.api import catalog as api  # the API's models; fastapi only for -o json|yaml
+    from meshfed.api.catalog import catalog_view  # the API's models; fastapi only for -o json|yaml
 
-    addresses = {name: str(HostPort(host, port)) for name, (host, port) in bound.items()}
-    return api.CatalogView(
-        version=snapshot.version,
-        source=api.CatalogSourceView(mode=zone.config.catalog, error=None),
-        publication=api.PublicationView.of(publication or PublicationStatus(source=zone.config.catalog)),
-        services=[api.checked_service(service, failing) for service in snapshot.services],
-        failing_health_checks=[
-            api.FailingEndpointView(service=service, namespace=namespace, endpoint=endpoint)
-            for namespace, service, endpoint in sorted(failing)
-        ],
-        imports=[
-            api.ImportView(
-                name=item.name,
-                peer=item.peer,
-                zone=item.snapshot.zone,
-                ports=item.service.ports,
-                healthy_endpoints=item.service.healthy_endpoints,
-                total_endpoints=item.service.total_endpoints,
-                gateway_addresses=item.snapshot.gateway_addresses,
-                local_addresses={
-                    port: addresses[egress_listener_name(item, port)]
-                    for port in sorted(item.service.ports)
-                    if egress_listener_name(item, port) in addresses
-                },
-            )
-            for item in imported
-        ],
-        failover_groups=[
-            api.FailoverGroupView(
-                name=group.name,
-                sources=group.sources,
-                split=group.weights,
-                listeners={
-                    port: addresses[group.listener_name(port)]
-                    for port in group.port_names
-                    if group.listener_name(port) in addresses
-                },
-            )
-            for group in groups
-        ],
-    )
+    publication = publication or PublicationStatus(source=zone.config.catalog)
+    return catalog_view(zone, snapshot, imported, groups, publication, bound, failing)
 
 
 def _local_address(running: bool, bound: dict[str, tuple[str, int]], listeners: dict[str, str]) -> str:
