@@ -8,68 +8,27 @@ probes and Prometheus use while the API stays on loopback or behind TLS.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import ssl
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import orjson
 import pytest
 
 from meshfed.zone import Zone
 from tests.conftest import free_port
 from tests.test_bundle_endpoint import _web_pki
-from tests.test_zone_process import ephemeral_flags, init_zone, meshfed_up_once, one_line_error
-
-_READY = "health and metrics on http://"  # logged just before the API's line, both once they listen
-_API = ": API on "
-
-
-class UpProcess:
-    """A `meshfed up` whose log is read as it comes; ``wait`` returns once both listeners are announced."""
-
-    def __init__(self, directory: Path, flags: list[str]) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "meshfed", "up", "--dir", str(directory), *flags, "--log-level", "info"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        self.log: list[str] = []
-        self.api_url = self.metrics_url = ""
-        self._announced = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for raw in self.process.stderr:
-            line = raw.decode(errors="replace").rstrip("\n")
-            self.log.append(line)
-            message = str(orjson.loads(line).get("message", "")) if line.startswith("{") else ""
-            if _READY in message:
-                self.metrics_url = "http://" + message.partition(_READY)[2]
-            if _API in message:
-                self.api_url = message.partition(_API)[2]
-                self._announced.set()
-        self._announced.set()
-
-    def wait(self) -> None:
-        assert self._announced.wait(60), f"the zone did not start: {self.log}"
-        assert self.api_url, f"the zone exited ({self.process.wait()}): {self.log}"
+from tests.test_zone_process import ZoneProcess, ephemeral_flags, init_zone, meshfed_up_once, one_line_error
 
 
 @contextmanager
-def meshfed_up(directory: Path, flags: list[str]) -> Iterator[UpProcess]:
-    zone = UpProcess(directory, flags)
+def meshfed_up(directory: Path, flags: list[str]) -> Iterator[ZoneProcess]:
+    zone = ZoneProcess(directory, flags)
     try:
-        zone.wait()
+        zone.wait_serving()
         yield zone
         zone.process.send_signal(signal.SIGTERM)
         # Both servers drain and the process exits 0: the health listener never holds the shutdown.

@@ -28,7 +28,8 @@ from meshfed.errors import MeshfedError
 from meshfed.runtime import ZoneSettings, assemble_zone
 from tests.conftest import free_port
 
-_API_LINE = ": API on http://"  # what `meshfed up` logs once everything listens
+_API_LINE = ": API on "  # what `meshfed up` logs once everything listens, with the API's URL
+_METRICS_LINE = "health and metrics on http://"  # logged just before it when --metrics-address is given
 
 
 def ephemeral_flags() -> list[str]:
@@ -81,7 +82,7 @@ class ZoneProcess:
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
         self.log: list[str] = []
-        self.api_url = ""
+        self.api_url = self.metrics_url = ""
         self._serving = threading.Event()
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
@@ -92,6 +93,8 @@ class ZoneProcess:
             line = raw.decode(errors="replace").rstrip("\n")
             self.log.append(line)
             message = str(orjson.loads(line).get("message", "")) if line.startswith("{") else ""
+            if _METRICS_LINE in message:
+                self.metrics_url = "http://" + message.partition(_METRICS_LINE)[2]
             if _API_LINE in message:
                 self.api_url = message.partition(_API_LINE)[2]
                 self._serving.set()
@@ -102,7 +105,7 @@ class ZoneProcess:
         return self.process.pid
 
     def wait_serving(self, timeout: float = 60.0) -> str:
-        """Wait (on the log, not a clock) until the zone says where its API is; returns that URL."""
+        """Wait (on the log, not a clock) until the zone says where its API is; returns that URL (with scheme)."""
         assert self._serving.wait(timeout), f"the zone did not start in {timeout} s: {self.log}"
         assert self.api_url, f"the zone exited ({self.process.wait()}): {self.log}"
         return self.api_url
