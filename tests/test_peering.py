@@ -292,3 +292,38 @@ def test_store_updates_write_only_the_named_columns_and_status_reads_skip_snapsh
         assert not store.update("nobody", state=PeerState.FAILING)
         with pytest.raises(TypeError, match="no updatable field 'role'"):
             store.update("west", role="acceptor")
+
+
+async def hello_as_west_signed_by_north(east: Harness, west: Zone, north: Zone) -> Exception:
+    """west and north peer with ``east``; then north's CA signs a west.mesh controller SVID and says hello
+    as west on east's stream. Returns the error the stream refused it with (it must refuse)."""
+    import grpc
+
+    from meshfed.federation._proto import peering_pb2 as pb
+    from meshfed.federation._proto import peering_pb2_grpc as pb_grpc
+    from meshfed.federation.identity import controller_id, federation_host
+    from meshfed.trust.ca import CertificateAuthority
+    from meshfed.trust.spiffe import TrustDomain
+
+    await establish(west, east.service.issue_token("west").encoded)
+    await establish(north, east.service.issue_token("north").encoded)
+    north_ca = north.authority()
+    forger = CertificateAuthority(
+        TrustDomain("west.mesh"), north_ca.root, north_ca.intermediate, north_ca.intermediate_key
+    )
+    forged = forger.issue(controller_id(TrustDomain("west.mesh")))
+    credentials = grpc.ssl_channel_credentials(
+        east.zone.own_bundle().to_pem(), forged.private_key_pem(), forged.cert_chain_pem()
+    )
+    options = [("grpc.ssl_target_name_override", federation_host("east.mesh"))]
+    async with grpc.aio.secure_channel(east.service.stream_addresses[0], credentials, options=options) as channel:
+        call = pb_grpc.PeeringStreamStub(channel).Stream()  # type: ignore[no-untyped-call]
+
+        async def say_hello_and_listen() -> None:
+            # The server may refuse before the hello is even written: either call raises.
+            await call.write(pb.PeerMessage(hello=pb.Hello(zone="west", trust_domain="west.mesh")))
+            await call.read()
+
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await say_hello_and_listen()
+    return refused.value

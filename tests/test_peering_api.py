@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-import pytest
 from fastapi import FastAPI
 
 from meshfed.api.peering import router
 from meshfed.federation.peering import PeerState
 from tests.conftest import eventually
-from tests.test_peering import Harness, run
+from tests.test_peering import Harness, hello_as_west_signed_by_north, run
 from tests.test_trust_name_constraints import make_legacy_root
 
 
@@ -73,13 +72,6 @@ def test_stream_refuses_an_id_signed_by_another_peers_ca(make_zone):
     """The TLS layer's merged pool lets north's chain through; the per-domain check must not."""
     import grpc
 
-    from meshfed.federation._proto import peering_pb2 as pb
-    from meshfed.federation._proto import peering_pb2_grpc as pb_grpc
-    from meshfed.federation.identity import controller_id, federation_host
-    from meshfed.federation.service import establish
-    from meshfed.trust.ca import CertificateAuthority
-    from meshfed.trust.spiffe import TrustDomain
-
     east = Harness(make_zone("east"))
     west, north = make_zone("west"), make_zone("north")
     # A root without name constraints (an older zone, a SPIRE root): with them, the handshake itself refuses
@@ -89,30 +81,10 @@ def test_stream_refuses_an_id_signed_by_another_peers_ca(make_zone):
     async def scenario() -> None:
         await east.start()
         try:
-            await establish(west, east.service.issue_token("west").encoded)
-            await establish(north, east.service.issue_token("north").encoded)
-            north_ca = north.authority()
-            forger = CertificateAuthority(
-                TrustDomain("west.mesh"), north_ca.root, north_ca.intermediate, north_ca.intermediate_key
-            )
-            forged = forger.issue(controller_id(TrustDomain("west.mesh")))
-            credentials = grpc.ssl_channel_credentials(
-                east.zone.own_bundle().to_pem(), forged.private_key_pem(), forged.cert_chain_pem()
-            )
-            options = [("grpc.ssl_target_name_override", federation_host("east.mesh"))]
-            async with grpc.aio.secure_channel(east.service.stream_addresses[0], credentials, options=options) as ch:
-                call = pb_grpc.PeeringStreamStub(ch).Stream()  # type: ignore[no-untyped-call]
-                # The server may refuse before the hello is even written: either call raises.
-                hello = pb.PeerMessage(hello=pb.Hello(zone="west", trust_domain="west.mesh"))
-
-                async def say_hello_and_listen() -> None:
-                    await call.write(hello)
-                    await call.read()
-
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await say_hello_and_listen()
-            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
-            assert "west.mesh" in (refused.value.details() or "")
+            refused = await hello_as_west_signed_by_north(east, west, north)
+            assert isinstance(refused, grpc.aio.AioRpcError)
+            assert refused.code() is grpc.StatusCode.UNAUTHENTICATED
+            assert "west.mesh" in (refused.details() or "")
             assert east.state_of("west") is PeerState.ESTABLISHING
         finally:
             await east.stop()

@@ -299,12 +299,7 @@ def test_grpc_refuses_at_the_handshake_an_id_signed_under_another_domains_constr
     west.mesh ID signed by north's CA never reaches meshfed's per-domain check (see test_peering_api)."""
     import grpc
 
-    from meshfed.federation._proto import peering_pb2 as pb
-    from meshfed.federation._proto import peering_pb2_grpc as pb_grpc
-    from meshfed.federation.identity import controller_id, federation_host
-    from meshfed.federation.service import establish
-    from meshfed.trust.ca import CertificateAuthority
-    from tests.test_peering import Harness
+    from tests.test_peering import Harness, hello_as_west_signed_by_north
 
     east = Harness(make_zone("east"))
     west, north = make_zone("west"), make_zone("north")
@@ -312,27 +307,9 @@ def test_grpc_refuses_at_the_handshake_an_id_signed_under_another_domains_constr
     async def scenario() -> grpc.StatusCode:
         await east.start()
         try:
-            await establish(west, east.service.issue_token("west").encoded)
-            await establish(north, east.service.issue_token("north").encoded)
-            north_ca = north.authority()
-            forger = CertificateAuthority(
-                TrustDomain("west.mesh"), north_ca.root, north_ca.intermediate, north_ca.intermediate_key
-            )
-            forged = forger.issue(controller_id(TrustDomain("west.mesh")))
-            credentials = grpc.ssl_channel_credentials(
-                east.zone.own_bundle().to_pem(), forged.private_key_pem(), forged.cert_chain_pem()
-            )
-            options = [("grpc.ssl_target_name_override", federation_host("east.mesh"))]
-            async with grpc.aio.secure_channel(east.service.stream_addresses[0], credentials, options=options) as ch:
-                call = pb_grpc.PeeringStreamStub(ch).Stream()  # type: ignore[no-untyped-call]
-
-                async def say_hello_and_listen() -> None:
-                    await call.write(pb.PeerMessage(hello=pb.Hello(zone="west", trust_domain="west.mesh")))
-                    await call.read()
-
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await say_hello_and_listen()
-            return refused.value.code()
+            refused = await hello_as_west_signed_by_north(east, west, north)
+            assert isinstance(refused, grpc.aio.AioRpcError)
+            return refused.code()
         finally:
             await east.stop()
 
