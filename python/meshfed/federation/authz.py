@@ -70,8 +70,7 @@ def check_pattern(text: str) -> str:
         SpiffeId.parse(text.removesuffix("/*"))
     except InvalidSpiffeIdError as err:
         raise FederationError(
-            f"{text!r} is not a SPIFFE ID pattern ({err}); use '*', spiffe://<trust domain>/<path> "
-            "or spiffe://<trust domain>/<path>/* for everything below a path"
+            f"{text[:80]!r} is not a SPIFFE ID pattern ({err}); use '*', spiffe://<td>/<path> or <id>/*"
         ) from None
     return text
 
