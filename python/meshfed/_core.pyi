@@ -14,6 +14,7 @@ __all__ = [
     "GatewayError",
     "__version__",
     "core_version",
+    "gateway_config_schema",
     "validate_config",
 ]
 
@@ -22,6 +23,9 @@ __version__: str
 
 def core_version() -> str:
     """The version of the Rust core."""
+
+def gateway_config_schema() -> str:
+    """The JSON Schema (draft 2020-12) of the config document, derived from the Rust types."""
 
 def validate_config(config: bytes) -> None:
     """Check a config document without starting anything.

@@ -31,7 +31,9 @@ use serde::Deserialize;
 use crate::spiffe::{SpiffeId, SpiffePattern, TrustDomain};
 
 /// What a matching rule does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Action {
     Allow,

@@ -1006,3 +1006,10 @@ fn build_server_tls(
 
 #[cfg(test)]
 mod tests;
+
+/// The JSON Schema of the config document, derived from the serde types that
+/// parse it, so the Python models can be checked against the one definition.
+pub fn config_schema_json() -> String {
+    serde_json::to_string(&schemars::schema_for!(raw::Document))
+        .unwrap_or_else(|e| format!("{{\"error\": \"schema serialization failed: {e}\"}}"))
+}

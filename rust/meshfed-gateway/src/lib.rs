@@ -25,7 +25,7 @@ pub mod proxy_protocol;
 pub mod spiffe;
 mod tls;
 
-pub use config::{CompiledConfig, ConfigError, validate_config};
+pub use config::{CompiledConfig, ConfigError, config_schema_json, validate_config};
 pub use gateway::{
     ClusterSnapshot, EndpointSnapshot, Gateway, GatewayError, HistogramSnapshot, ListenerSnapshot,
     RouteSnapshot, WORKER_THREADS_ENV,

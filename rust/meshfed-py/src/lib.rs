@@ -46,6 +46,12 @@ fn validate_config(py: Python<'_>, config: &[u8]) -> PyResult<()> {
         .map_err(|e| ConfigError::new_err(e.to_string()))
 }
 
+/// The JSON Schema of the gateway config document, derived from the Rust types.
+#[pyfunction]
+fn gateway_config_schema() -> String {
+    meshfed_gateway::config_schema_json()
+}
+
 /// A running east-west gateway on its own Rust runtime.
 #[pyclass(frozen, module = "meshfed._core")]
 struct Gateway {
@@ -109,6 +115,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("GatewayError", py.get_type::<GatewayError>())?;
     m.add_function(wrap_pyfunction!(core_version, m)?)?;
     m.add_function(wrap_pyfunction!(validate_config, m)?)?;
+    m.add_function(wrap_pyfunction!(gateway_config_schema, m)?)?;
     m.add_class::<Gateway>()?;
     Ok(())
 }

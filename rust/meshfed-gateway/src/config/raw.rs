@@ -3,14 +3,15 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 /// Default for `handshake_timeout_ms`.
 pub(crate) const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// Default for a cluster's `connect_timeout_ms`.
 pub(crate) const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Document {
     #[serde(default)]
@@ -25,7 +26,7 @@ pub(crate) struct Document {
     pub(crate) clusters: Vec<Cluster>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Identity {
     pub(crate) cert_chain_pem: String,
@@ -35,7 +36,7 @@ pub(crate) struct Identity {
 /// A listener. `mode` decides which of the optional fields apply; the
 /// compiler rejects fields that do not belong to the mode. (A flat struct
 /// rather than a serde-tagged enum, so errors keep their exact JSON path.)
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Listener {
     pub(crate) name: String,
@@ -56,7 +57,7 @@ pub(crate) struct Listener {
 }
 
 /// How an originate listener accepts local workloads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum WorkloadTls {
     /// Plain TCP; the gateway is the caller.
@@ -78,7 +79,7 @@ impl WorkloadTls {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Mode {
     Passthrough,
@@ -98,7 +99,7 @@ impl Mode {
 
 /// An SNI route. Exactly one of `cluster` / `weighted_clusters`;
 /// `rules`, `proxy_protocol` and `source_rate_limit` only in terminate mode.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Route {
     pub(crate) sni: String,
@@ -121,7 +122,7 @@ pub(crate) struct Route {
 
 /// One authorization rule: `action` for the callers `id` matches (`*`, an
 /// exact SPIFFE ID, or `spiffe://td/prefix/*`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AuthzRule {
     pub(crate) action: crate::authz::Action,
@@ -129,7 +130,7 @@ pub(crate) struct AuthzRule {
 }
 
 /// One cluster of a weighted split.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct WeightedCluster {
     pub(crate) cluster: String,
@@ -137,7 +138,7 @@ pub(crate) struct WeightedCluster {
 }
 
 /// A token bucket: `connections_per_second` refill, `burst` capacity.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RateLimit {
     pub(crate) connections_per_second: f64,
@@ -145,7 +146,7 @@ pub(crate) struct RateLimit {
 }
 
 /// Load-balancing policy of a cluster.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Lb {
     #[default]
@@ -155,7 +156,7 @@ pub(crate) enum Lb {
     Maglev,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Cluster {
     pub(crate) name: String,
@@ -178,7 +179,7 @@ pub(crate) struct Cluster {
     pub(crate) tls: Option<UpstreamTls>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Endpoint {
     pub(crate) address: String,
@@ -194,7 +195,7 @@ pub(crate) struct Endpoint {
 }
 
 /// Passive health: eject an endpoint after consecutive connect failures.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct OutlierDetection {
     /// Connect failures in a row that eject an endpoint; 0 disables.
@@ -223,7 +224,7 @@ impl Default for OutlierDetection {
 }
 
 /// Active TCP health checks, run on the data-plane runtime.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct HealthCheck {
     #[serde(default = "default_hc_interval_ms")]
@@ -237,7 +238,7 @@ pub(crate) struct HealthCheck {
 }
 
 /// Per-cluster circuit breaker; absent limits are unlimited.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CircuitBreaker {
     pub(crate) max_connections: Option<u32>,
@@ -245,7 +246,7 @@ pub(crate) struct CircuitBreaker {
 }
 
 /// mTLS to an endpoint with the gateway's identity.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpstreamTls {
     pub(crate) sni: String,
