@@ -42,9 +42,9 @@ from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone  # noqa: E4
 from meshfed.trust.bundle import TrustBundle, parse_bundle  # noqa: E402
 from meshfed.trust.ca import create_authority  # noqa: E402
 from meshfed.trust.endpoint import endpoint_spiffe_id  # noqa: E402
-from meshfed.trust.poller import BundlePoller  # noqa: E402
 from meshfed.trust.spiffe import TrustDomain  # noqa: E402
 from meshfed.zone import Zone  # noqa: E402
+from meshfed.zone.bundle_poller import BundlePoller  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "trust.md"
 ROTATION_OVERLAP = dt.timedelta(hours=1)  # the old CA keeps signing: only the bundle changes during the measurement

@@ -10,8 +10,7 @@ from meshfed.api import create_app
 from meshfed.catalog.model import CatalogSnapshot, Endpoint, Service
 from meshfed.controller import Controller
 from meshfed.errors import FederationError
-from meshfed.federation.authz import AuthzIndex, AuthzRules, RuleSpec, pattern_matches
-from meshfed.federation.egress import EgressPolicy, ImportOverride
+from meshfed.federation.authz import AuthzIndex, AuthzRules
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.federation.exports import ExportIndex, ExportRule
 from meshfed.federation.gateway_config import build_gateway_config
@@ -19,6 +18,8 @@ from meshfed.federation.imports import ImportedService
 from meshfed.gateway import AuthzRule, OriginateListener, TerminateListener
 from meshfed.gateway.runtime import validate
 from meshfed.gateway.sni import service_sni
+from meshfed.policy.authz import RuleSpec, pattern_matches
+from meshfed.policy.egress import EgressPolicy, ImportOverride
 from meshfed.trust.bundle import bundle_roots_pem
 from meshfed.trust.spiffe import TrustDomain
 from meshfed.zone import Zone

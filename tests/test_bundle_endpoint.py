@@ -25,9 +25,9 @@ from meshfed.errors import BundleFetchError, TrustError
 from meshfed.trust.bundle import TrustBundle, parse_bundle
 from meshfed.trust.ca import create_authority
 from meshfed.trust.endpoint import BundleEndpointServer, WebCertificate, endpoint_spiffe_id
-from meshfed.trust.poller import BundlePoller
 from meshfed.trust.spiffe import SpiffeId, TrustDomain
 from meshfed.zone import Zone
+from meshfed.zone.bundle_poller import BundlePoller
 from tests.test_trust_cli import meshfed_cli
 
 
@@ -321,7 +321,7 @@ def test_a_lower_sequence_with_the_same_authorities_is_ignored_and_logged(make_z
         finally:
             await server.stop()
 
-    with caplog.at_level(logging.WARNING, logger="meshfed.trust.poller"):
+    with caplog.at_level(logging.WARNING, logger="meshfed.zone.bundle_poller"):
         assert asyncio.run(scenario()) is False
     assert west.bundle_of(east.trust_domain).sequence == 2
     assert "lower than the 2 held, with the same authorities; ignored" in caplog.text
@@ -363,7 +363,7 @@ def test_a_sequence_reset_over_https_spiffe_is_taken_when_the_pinned_endpoint_se
 
     held_before = east.own_bundle().sequence
     assert held_before == 5
-    with caplog.at_level(logging.WARNING, logger="meshfed.trust.poller"):
+    with caplog.at_level(logging.WARNING, logger="meshfed.zone.bundle_poller"):
         assert asyncio.run(scenario()) == (True, 1)
     held = west.bundle_of(east.trust_domain)
     assert held.sequence == 1
@@ -396,7 +396,7 @@ def test_a_sequence_reset_over_https_web_is_taken_and_a_later_fetch_follows_it(m
         finally:
             await server.stop()
 
-    with caplog.at_level(logging.WARNING, logger="meshfed.trust.poller"):
+    with caplog.at_level(logging.WARNING, logger="meshfed.zone.bundle_poller"):
         assert asyncio.run(scenario()) == [True, True, True]
     held = west.bundle_of(east.trust_domain)
     assert held.sequence == 2

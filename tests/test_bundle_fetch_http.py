@@ -21,8 +21,8 @@ import pytest
 
 from meshfed.errors import BundleFetchError
 from meshfed.trust.endpoint import MAX_BUNDLE_BYTES, EndpointSpec, fetch_bundle
-from meshfed.trust.poller import BundlePoller
 from meshfed.zone import Zone
+from meshfed.zone.bundle_poller import BundlePoller
 from tests.test_bundle_endpoint import _web_pki
 
 Handler = Callable[[str, asyncio.StreamWriter], Awaitable[None]]

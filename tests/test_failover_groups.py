@@ -9,10 +9,11 @@ from meshfed._core import validate_config
 from meshfed.catalog import CatalogSnapshot, Endpoint, Service
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.federation.exports import ExportIndex
-from meshfed.federation.failover import FailoverPolicy, failover_groups
+from meshfed.federation.failover import failover_groups
 from meshfed.federation.gateway_config import build_gateway_config
 from meshfed.federation.imports import ImportedService
 from meshfed.gateway import Cluster, OriginateListener
+from meshfed.policy.failover import FailoverPolicy
 from meshfed.trust.bundle import bundle_roots_pem
 from meshfed.trust.spiffe import TrustDomain
 from meshfed.zone import Zone

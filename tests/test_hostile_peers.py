@@ -32,9 +32,9 @@ from meshfed.errors import PeeringError
 from meshfed.federation._proto import peering_pb2 as pb
 from meshfed.federation._proto import peering_pb2_grpc as pb_grpc
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
-from meshfed.federation.gateway_config import INGRESS_LISTENER, egress_listener_name
+from meshfed.federation.gateway_config import INGRESS_LISTENER
 from meshfed.federation.identity import federation_host
-from meshfed.federation.imports import ImportStore
+from meshfed.federation.imports import ImportStore, egress_listener_name
 from meshfed.federation.peering import Peering, PeeringStore, request_delete
 from meshfed.federation.service import PeerLimits, establish
 from meshfed.federation.token import PeeringToken, decode_token, new_secret

@@ -25,9 +25,9 @@ from meshfed.gateway import (
     service_sni,
 )
 from meshfed.trust.bundle import bundle_roots_pem, fingerprint, parse_bundle
-from meshfed.trust.rotation import RotationService
 from meshfed.trust.svid import verify_x509_svid
 from meshfed.zone import Zone
+from meshfed.zone.rotation import RotationService
 from tests.conftest import EchoServer, round_trip, trust_each_other
 
 SVID_TTL = dt.timedelta(hours=1)

@@ -13,8 +13,9 @@ import ssl
 from pathlib import Path
 
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
-from meshfed.federation.authz import AuthzRules, RuleSpec
+from meshfed.federation.authz import AuthzRules
 from meshfed.gateway.sni import service_sni
+from meshfed.policy.authz import RuleSpec
 from meshfed.runtime import assemble_zone
 from meshfed.trust.bundle import parse_bundle
 from meshfed.trust.spiffe import TrustDomain

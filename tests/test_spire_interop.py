@@ -29,9 +29,9 @@ from meshfed.errors import BundleFetchError
 from meshfed.trust.bundle import TrustBundle, fingerprint, parse_bundle
 from meshfed.trust.ca import certificates_to_pem, create_authority, private_key_to_pem
 from meshfed.trust.endpoint import EndpointSpec, endpoint_spiffe_id, fetch_bundle
-from meshfed.trust.poller import BundlePoller
 from meshfed.trust.spiffe import SpiffeId, TrustDomain
 from meshfed.zone import Zone
+from meshfed.zone.bundle_poller import BundlePoller
 from tests.conftest import free_port
 from tests.spire import SpireServer, spire_server
 from tests.test_bundle_endpoint import _web_pki
@@ -189,7 +189,7 @@ def test_meshfed_takes_the_sequence_reset_of_a_spire_server_on_a_fresh_datastore
         assert reset.sequence == 1
         assert reset.fingerprints() == raised.fingerprints()  # the upstream root: unchanged
         assert not reset.same_content(raised)  # the JWT keys: new
-        with caplog.at_level(logging.WARNING, logger="meshfed.trust.poller"):
+        with caplog.at_level(logging.WARNING, logger="meshfed.zone.bundle_poller"):
             after = asyncio.run(poll_until_sequence(1, "the reset bundle"))
         assert after.same_content(reset)
         warning = next(r.getMessage() for r in caplog.records if "sequence reset" in r.getMessage())

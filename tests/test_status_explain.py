@@ -17,8 +17,9 @@ import orjson
 
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
 from meshfed.diagnose import explain, zone_status
-from meshfed.federation.authz import AuthzRules, RuleSpec
+from meshfed.federation.authz import AuthzRules
 from meshfed.federation.exports import ExportRules
+from meshfed.policy.authz import RuleSpec
 from meshfed.runtime import ZoneRuntime, assemble_zone
 from meshfed.zone import Zone
 from tests.conftest import EchoServer, eventually, round_trip

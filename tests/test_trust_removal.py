@@ -15,13 +15,13 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from meshfed.federation.peering import Peering, PeeringStore, PeerState
+from meshfed.federation.trust_removal import remove_trust
 from meshfed.gateway import GatewayConfig
 from meshfed.runtime import ZoneSettings, assemble_zone
 from meshfed.trust.bundle import parse_bundle
 from meshfed.trust.endpoint import endpoint_spiffe_id
-from meshfed.trust.removal import remove_trust
-from meshfed.trust.rotation import RotationService
 from meshfed.zone import Zone
+from meshfed.zone.rotation import RotationService
 from tests.test_trust_cli import _one_line_error, meshfed_cli
 
 LOOPBACK = ZoneSettings(

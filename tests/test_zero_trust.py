@@ -25,9 +25,10 @@ from typing import Any
 import pytest
 
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
-from meshfed.federation.authz import AuthzRules, RuleSpec
+from meshfed.federation.authz import AuthzRules
 from meshfed.federation.exports import ExportRules
 from meshfed.gateway.sni import service_sni
+from meshfed.policy.authz import RuleSpec
 from meshfed.runtime import ZoneRuntime, assemble_zone
 from meshfed.trust.spiffe import SpiffeId
 from meshfed.zone import Zone

@@ -41,21 +41,20 @@ from meshfed.catalog import CatalogSnapshot, CatalogSource, LocalImport, open_ca
 from meshfed.catalog.publisher import DEFAULT_RESYNC, ImportPublisher, PublicationStatus
 from meshfed.errors import GatewayConfigError, MeshfedError, PeerInputError
 from meshfed.federation.authz import AuthzIndex, AuthzRules
-from meshfed.federation.egress import EgressPolicy, WorkloadTls
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.exports import ExportIndex, ExportRules, UnhealthyEndpoints, exported_snapshot
 from meshfed.federation.failover import FailoverGroup, failover_groups
 from meshfed.federation.gateway_config import (
     INGRESS_LISTENER,
     build_gateway_config,
-    egress_listener_name,
     local_cluster_name,
 )
-from meshfed.federation.imports import ImportedService, ImportStore, services_of
+from meshfed.federation.imports import ImportedService, ImportStore, egress_listener_name, services_of
 from meshfed.federation.peering import PeeringStore, PeerState
 from meshfed.federation.resolver import GatewayResolver
 from meshfed.gateway import Gateway, GatewayConfig, HealthCheck, Identity
 from meshfed.gateway.runtime import validate
+from meshfed.policy.egress import EgressPolicy, WorkloadTls
 from meshfed.runstate import LEASE_RENEW_SECONDS, RunState
 from meshfed.supervisor import Supervisor
 from meshfed.telemetry import Telemetry

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, Field
 
 from meshfed.catalog.model import Service
-from meshfed.federation.authz import AuthzRules, pattern_matches
+from meshfed.federation.authz import AuthzRules
 from meshfed.federation.exports import ALL_PEERS, ExportRules
-from meshfed.federation.gateway_config import egress_listener_name
-from meshfed.federation.imports import ImportedService, ImportStore
+from meshfed.federation.imports import ImportedService, ImportStore, egress_listener_name
 from meshfed.gateway.sni import service_sni
+from meshfed.policy.authz import pattern_matches
 from meshfed.trust.spiffe import TrustDomain
 
 if TYPE_CHECKING:

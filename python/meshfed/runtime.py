@@ -18,16 +18,16 @@ from fastapi import FastAPI
 from meshfed.api import create_app
 from meshfed.controller import DEFAULT_HEALTH_CHECK, Controller, FailingPeerPolicy
 from meshfed.errors import MeshfedError, PeeringError
-from meshfed.federation.egress import WorkloadTls
 from meshfed.federation.peering import PeerState
 from meshfed.federation.service import PEER_HEARTBEAT_BOUNDS, PeeringService, PeerLimits, PeerStatus
 from meshfed.gateway import HealthCheck
+from meshfed.policy.egress import WorkloadTls
 from meshfed.trust.ca import Svid
 from meshfed.trust.endpoint import BundleEndpointServer, WebCertificate, endpoint_spiffe_id
-from meshfed.trust.poller import BundlePoller
-from meshfed.trust.rotation import RotationService
 from meshfed.trust.spiffe import TrustDomain
 from meshfed.zone import Zone
+from meshfed.zone.bundle_poller import BundlePoller
+from meshfed.zone.rotation import RotationService
 
 _ENDPOINT_SVID_TTL = dt.timedelta(hours=24)
 

@@ -10,15 +10,8 @@ from pydantic import BaseModel, Field
 from meshfed.api.auth import audit_call, require_admin, require_reader
 from meshfed.controller import Controller
 from meshfed.errors import FederationError
-from meshfed.federation.authz import (
-    MAX_RULES_PER_SERVICE,
-    Action,
-    AuthzRule,
-    AuthzRules,
-    ConfigRuleError,
-    RuleSpec,
-    Source,
-)
+from meshfed.federation.authz import MAX_RULES_PER_SERVICE, AuthzRule, AuthzRules, ConfigRuleError, Source
+from meshfed.policy.authz import Action, RuleSpec
 
 router = APIRouter(prefix="/v1/authz", tags=["authz"])
 MAX_RULE_ID = 2**63 - 1  # SQLite's INTEGER: a larger id names no rule, and must not reach the database

@@ -25,8 +25,7 @@ from meshfed.controller import Controller
 from meshfed.errors import CatalogError, FederationError
 from meshfed.federation.exports import ExportRules, UnhealthyEndpoints
 from meshfed.federation.failover import FailoverGroup
-from meshfed.federation.gateway_config import egress_listener_name
-from meshfed.federation.imports import ImportedService, ImportStore
+from meshfed.federation.imports import ImportedService, ImportStore, egress_listener_name
 from meshfed.zone import Zone
 
 router = APIRouter(prefix="/v1", tags=["catalog"])

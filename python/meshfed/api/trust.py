@@ -16,11 +16,11 @@ from pydantic import BaseModel, Field
 
 from meshfed.api.auth import audit_call, require_admin, require_reader
 from meshfed.errors import TrustError
+from meshfed.federation.trust_removal import remove_trust
 from meshfed.trust.bundle import parse_bundle
-from meshfed.trust.listing import trust_listing
-from meshfed.trust.removal import remove_trust
 from meshfed.trust.spiffe import SpiffeId, TrustDomain
 from meshfed.zone import Zone
+from meshfed.zone.trust_listing import trust_listing
 
 router = APIRouter(prefix="/v1/trust", tags=["trust"])
 

@@ -34,8 +34,8 @@ from meshfed.cli.status import status as status_command
 from meshfed.cli.trust import trust_app
 from meshfed.cli.zone import zone_app
 from meshfed.errors import InvalidAddressError, MeshfedError
-from meshfed.federation.egress import WorkloadTls
 from meshfed.logs import LogFormat, LogLevel
+from meshfed.policy.egress import WorkloadTls
 from meshfed.sqlite import describe_error
 from meshfed.validation import describe_validation_error
 from meshfed.zone import Zone, parse_refresh_hint

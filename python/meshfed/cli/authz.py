@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from meshfed import audit
 from meshfed.cli.common import Output, OutputOption, ZoneDir, emit, print_table
 from meshfed.errors import FederationError
-from meshfed.federation.authz import AuthzRule, AuthzRules, RuleSpec
+from meshfed.federation.authz import AuthzRule, AuthzRules
+from meshfed.policy.authz import RuleSpec
 from meshfed.validation import describe_validation_error
 from meshfed.zone import Zone
 

@@ -24,8 +24,7 @@ from meshfed.cli.common import Output, OutputOption, ZoneDir, emit, print_table
 from meshfed.errors import CatalogError
 from meshfed.federation.exports import ExportRules
 from meshfed.federation.failover import failover_groups
-from meshfed.federation.gateway_config import egress_listener_name
-from meshfed.federation.imports import ImportStore
+from meshfed.federation.imports import ImportStore, egress_listener_name
 from meshfed.runstate import RunState
 from meshfed.zone import STATE_FILE, Zone
 

@@ -13,11 +13,11 @@ import typer
 from meshfed import audit
 from meshfed.cli.common import Output, OutputOption, ZoneDir, emit, parse_duration
 from meshfed.errors import RotationError
+from meshfed.federation.trust_removal import remove_trust
 from meshfed.trust.bundle import parse_bundle
-from meshfed.trust.listing import trust_listing
-from meshfed.trust.removal import remove_trust
 from meshfed.trust.spiffe import SpiffeId, TrustDomain
 from meshfed.zone import Zone, load_root_key, write_private_file
+from meshfed.zone.trust_listing import trust_listing
 
 trust_app = typer.Typer(help="Issue SVIDs and exchange trust bundles.", no_args_is_help=True)
 

@@ -13,7 +13,7 @@ live endpoint.
 Egress: one originate listener per imported service port, opening mTLS to the
 exporting peer's gateway with that service's SNI and the peer gateway's SPIFFE
 ID pinned, and conveying the calling workload's verified SPIFFE ID to it when
-the listener requires workload SVIDs (``federation/egress.py``).
+the listener requires workload SVIDs (``policy/egress.py``).
 
 A service that several sources offer (this zone and peers, or several peers)
 is also a *failover group* (``federation/failover.py``): one more originate
@@ -32,11 +32,9 @@ from typing import Any
 
 from meshfed.catalog.model import CatalogSnapshot, Service
 from meshfed.federation.authz import AuthzIndex
-from meshfed.federation.egress import EgressPolicy
 from meshfed.federation.exports import ExportIndex
-from meshfed.federation.failover import DEFAULT_POLICY, FailoverGroup, FailoverPolicy, failover_groups
-from meshfed.federation.imports import ImportedService
-from meshfed.federation.splits import SubsetSplit
+from meshfed.federation.failover import FailoverGroup, failover_groups
+from meshfed.federation.imports import ImportedService, egress_listener_name
 from meshfed.gateway import (
     AuthzRule,
     Cluster,
@@ -52,6 +50,9 @@ from meshfed.gateway import (
 )
 from meshfed.gateway.config import Listener
 from meshfed.gateway.sni import service_sni
+from meshfed.policy.egress import EgressPolicy
+from meshfed.policy.failover import DEFAULT_POLICY, FailoverPolicy
+from meshfed.policy.splits import SubsetSplit
 from meshfed.trust.spiffe import TrustDomain
 
 INGRESS_LISTENER = "ingress"
@@ -196,11 +197,6 @@ def _group_endpoints(group: FailoverGroup, port_name: str) -> list[Endpoint]:
             pinned = candidate.tls.peer_spiffe_id if candidate.tls is not None else None
             unique.setdefault((candidate.address, pinned), candidate)
     return list(unique.values())
-
-
-def egress_listener_name(imported: ImportedService, port_name: str) -> str:
-    """``egress:<service>.<namespace>.<peer>:<port name>``: stable across config generations."""
-    return f"egress:{imported.name}:{port_name}"
 
 
 def local_cluster_name(service: Service) -> str:

@@ -26,7 +26,7 @@ from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.sqlite import SqliteStore, transaction
 
 STATE_FILE = "state.db"
-# The prefix of import listeners' names (see gateway_config.egress_listener_name); failover groups' differ.
+# The prefix of import listeners' names; failover groups' differ.
 EGRESS_PREFIX = "egress:"
 
 _MIGRATIONS = (
@@ -182,8 +182,6 @@ class ImportStore(SqliteStore):
 
     def _listeners(self) -> set[str]:
         """The egress listener names of every stored import (one per service port)."""
-        from meshfed.federation.gateway_config import egress_listener_name  # here: it imports this module
-
         return {egress_listener_name(item, port) for item in self.services() for port in item.service.ports}
 
     def read(self) -> tuple[dict[str, ServiceSnapshot], dict[str, str]]:
@@ -217,3 +215,8 @@ def services_of(snapshots: dict[str, ServiceSnapshot]) -> list[ImportedService]:
         for service in snapshot.services
     ]
     return sorted(imported, key=lambda item: item.name)
+
+
+def egress_listener_name(imported: ImportedService, port_name: str) -> str:
+    """``egress:<service>.<namespace>.<peer>:<port name>``: stable across config generations."""
+    return f"{EGRESS_PREFIX}{imported.name}:{port_name}"

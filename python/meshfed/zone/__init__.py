@@ -57,10 +57,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from meshfed.catalog.settings import CatalogMode, ConsulSettings, KubernetesSettings
 from meshfed.errors import InvalidBundleError, RotationError, TrustError, ZoneError
-from meshfed.federation.authz import RuleSpec
-from meshfed.federation.egress import EgressPolicy
-from meshfed.federation.failover import FailoverPolicy
-from meshfed.federation.splits import SubsetSplit
+from meshfed.policy.authz import RuleSpec
+from meshfed.policy.egress import EgressPolicy
+from meshfed.policy.failover import FailoverPolicy
+from meshfed.policy.splits import SubsetSplit
 from meshfed.store import CaGeneration, Federation, FederationProfile, StateStore, StoredBundle
 from meshfed.trust.bundle import DEFAULT_REFRESH_HINT_SECONDS, TrustBundle, fingerprint
 from meshfed.trust.ca import (
@@ -121,7 +121,7 @@ class ZoneConfig(BaseModel):
     split: list[SubsetSplit] = Field(default_factory=list)
     # [[authz]]: ordered allow/deny rules over caller SPIFFE IDs per exported service (federation/authz.py).
     authz: list[RuleSpec] = Field(default_factory=list)
-    # [egress]: whether local workloads must present SVIDs to the egress listeners (federation/egress.py).
+    # [egress]: whether local workloads must present SVIDs to the egress listeners (policy/egress.py).
     egress: EgressPolicy = EgressPolicy()
     # The spiffe_refresh_hint of this zone's bundle, such as "5m" (meshfed up --bundle-refresh-hint overrides it).
     bundle_refresh_hint: str | None = None
@@ -579,7 +579,7 @@ class Zone:
 
         ``federation_only`` ends just the federation (and the bundle it
         fetched; an imported bundle stays). Bundles a peering brought are
-        refused here (:func:`meshfed.trust.removal.remove_trust` also refuses
+        refused here (:func:`meshfed.federation.trust_removal.remove_trust` also refuses
         a domain a live peering depends on), as is the zone's own.
         """
         if trust_domain == self.trust_domain:

@@ -3,7 +3,7 @@
 A bundle is removed from ``state.db``; the gateway stops trusting it on its
 next reconfigure, which follows at once when the API made the change and
 within the rotation service's check interval when the CLI did (that service
-notices every change to the trusted bundles; see :mod:`meshfed.trust.rotation`).
+notices every change to the trusted bundles; see :mod:`meshfed.zone.rotation`).
 """
 
 from __future__ import annotations
