@@ -35,6 +35,41 @@ def test_version_names_both_layers():
     assert result.stdout.decode().strip() == f"meshfed {meshfed.__version__} (core {_core.core_version()})"
 
 
+# What `meshfed version` must not load: each group is imported when the command line names it.
+_HEAVY = ("grpc", "httpx", "meshfed.federation", "meshfed.zone", "meshfed.catalog", "meshfed.cli.peer")
+
+
+def test_version_loads_none_of_the_command_groups():
+    probe = (
+        "import sys\n"
+        "from meshfed import cli\n"
+        "sys.argv = ['meshfed', 'version']\n"
+        "try:\n"
+        "    cli.main()\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\n"
+        f"print(sorted(m for m in sys.modules if m.startswith({_HEAVY!r})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=True, text=True).stdout
+    assert out.splitlines() == [f"meshfed {meshfed.__version__} (core {_core.core_version()})", "[]"]
+
+
+def test_a_command_group_loads_when_named():
+    probe = (
+        "import sys\n"
+        "from meshfed import cli\n"
+        "sys.argv = ['meshfed', 'peer', '--help']\n"
+        "try:\n"
+        "    cli.main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('meshfed.cli.peer' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=True, text=True).stdout
+    assert out.splitlines()[-1] == "True"
+    assert "token" in out  # peer's own subcommands are listed
+
+
 def test_zone_init_then_issue_export_import(tmp_path):
     east, west = tmp_path / "east", tmp_path / "west"
     assert meshfed_cli("zone", "init", "--dir", east, "--name", "east", "--trust-domain", "east.mesh").returncode == 0

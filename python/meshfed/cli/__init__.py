@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import importlib
 import os
 import sqlite3
 import sys
@@ -19,46 +20,70 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn, cast, get_args
 
 import typer
+import typer.main
 from pydantic import ValidationError
+from typer import _click as click  # typer vendors click: TyperGroup's overrides take its types
+from typer.core import TyperGroup
 
 from meshfed import __version__, _core
 from meshfed.addresses import HostPort, is_ip_address, parse_host, parse_host_port, parse_port
 from meshfed.cli import _signals  # noqa: F401 -- before the command groups: SIGTERM while `up` imports them
-from meshfed.cli.authz import authz_app
 from meshfed.cli.common import ExitCode, ZoneDir, fail, parse_duration
-from meshfed.cli.export import export_app
-from meshfed.cli.peer import peer_app
-from meshfed.cli.service import catalog_app, service_app
-from meshfed.cli.status import explain as explain_command
-from meshfed.cli.status import status as status_command
-from meshfed.cli.trust import trust_app
-from meshfed.cli.zone import zone_app
 from meshfed.errors import InvalidAddressError, MeshfedError
 from meshfed.logs import LogFormat, LogLevel
-from meshfed.policy.egress import WorkloadTls
 from meshfed.sqlite import describe_error
 from meshfed.validation import describe_validation_error
-from meshfed.zone import Zone, parse_refresh_hint
 
 if TYPE_CHECKING:
     from meshfed.trust.endpoint import WebCertificate
 
+# Command groups by name: (module under meshfed.cli, its Typer app or command function). Each is
+# imported when the command line names it, so `meshfed version` does not pay for gRPC, the catalog
+# clients and the zone's stores (about a second of imports) before printing one line.
+_LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "zone": ("zone", "zone_app"),
+    "trust": ("trust", "trust_app"),
+    "service": ("service", "service_app"),
+    "catalog": ("service", "catalog_app"),
+    "export": ("export", "export_app"),
+    "authz": ("authz", "authz_app"),
+    "peer": ("peer", "peer_app"),
+    "status": ("status", "status"),
+    "explain": ("status", "explain"),
+}
+
+
+class _LazyGroup(TyperGroup):
+    """The root command: the groups of ``_LAZY_COMMANDS`` are loaded on first use (click's lazy-group pattern)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in _LAZY_COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module_name, attribute = _LAZY_COMMANDS[cmd_name]
+        module = importlib.import_module(f"meshfed.cli.{module_name}")
+        target = getattr(module, attribute)
+        command: click.Command
+        if isinstance(target, typer.Typer):  # a group, even of one subcommand (`catalog list`)
+            command = typer.main.get_group(target)
+        else:  # a single command: typer turns a one-command app into that command
+            single = typer.Typer()
+            single.command(cmd_name)(target)
+            command = typer.main.get_command(single)
+        command.name = cmd_name
+        return command
+
+
 app = typer.Typer(
     name="meshfed",
+    cls=_LazyGroup,
     help="Federate service meshes across clusters: SPIFFE trust bridging, catalogs, east-west gateways.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-app.add_typer(zone_app, name="zone")
-app.add_typer(trust_app, name="trust")
-app.add_typer(service_app, name="service")
-app.add_typer(catalog_app, name="catalog")
-app.add_typer(export_app, name="export")
-app.add_typer(authz_app, name="authz")
-app.add_typer(peer_app, name="peer")
-app.command("status")(status_command)
-app.command("explain")(explain_command)
 
 
 def _version_text() -> str:
@@ -217,7 +242,9 @@ def up(
     """Run one zone in the foreground: controller, gateway, peering and API. SIGTERM stops it cleanly."""
     from meshfed.cli.serve import ApiTls, Listeners, serve_zone
     from meshfed.controller import health_check_every
+    from meshfed.policy.egress import WorkloadTls
     from meshfed.runtime import ZoneSettings
+    from meshfed.zone import Zone, parse_refresh_hint
 
     if failing_peer_policy not in ("open", "closed"):
         raise typer.BadParameter("use open or closed", param_hint="--failing-peer-policy")
