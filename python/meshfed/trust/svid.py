@@ -6,9 +6,9 @@ Three separate steps, because callers need them separately:
   two, in either order) and checks that the key belongs to the leaf;
 * :func:`check_svid_rules` applies the X.509-SVID spec's rules (§3, §4, §5.2)
   to a chain, leaf first, and returns the leaf's SPIFFE ID;
-* :func:`verify_x509_svid` walks the chain to a root of the bundle of *the
-  leaf's own trust domain* (never a merged pool: federation spec §4.2) at a
-  given time.
+* :func:`verify_x509_svid` has ``cryptography``'s X.509 verifier build and
+  check a path to a root of the bundle of *the leaf's own trust domain*
+  (never a merged pool: federation spec §4.2) at a given time.
 
 Every refusal is an :class:`InvalidSvidError` or :class:`UntrustedSvidError`
 whose one-line message names the rule that was broken.
@@ -23,16 +23,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    Policy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 
 from meshfed.errors import InvalidSpiffeIdError, InvalidSvidError, UntrustedSvidError
-from meshfed.trust.bundle import TrustBundle
+from meshfed.trust.bundle import TrustBundle, gateway_anchor
 from meshfed.trust.spiffe import SpiffeId, TrustDomain
 
 # RFC 5280 allows longer paths; SPIFFE deployments use one or two intermediates.
-# The cap bounds the work an attacker-supplied chain can cause.
+# The cap (intermediates between leaf and root) bounds the work an attacker-supplied chain can cause.
 MAX_CHAIN_DEPTH = 8
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
 
@@ -123,45 +131,128 @@ def verify_x509_svid(chain: Sequence[x509.Certificate], bundles: BundleSource, a
     """Check the rules, then verify ``chain`` against the bundle of the leaf's trust domain at ``at``.
 
     ``bundles`` maps trust domains to bundles (or is a lookup function); only
-    the leaf's own trust domain's roots are ever tried.
+    the leaf's own trust domain's roots are ever tried. ``chain[1:]`` may come
+    in any order and may hold the matching root: the path is built from it.
+
+    Path validation (signatures, validity dates of every certificate, path
+    length, basic constraints, key usage, name constraints) is
+    ``cryptography``'s RFC 5280 verifier; only the SPIFFE profile on top of it
+    (:func:`check_svid_rules`, the choice of bundle, which EKUs a leaf may
+    carry) is meshfed's.
     """
     spiffe_id = check_svid_rules(chain)
     domain = spiffe_id.trust_domain
     bundle = bundles(domain) if callable(bundles) else bundles.get(domain)
     if bundle is None or not bundle.roots:
         raise UntrustedSvidError(f"{spiffe_id}: this zone trusts no X.509 roots of {domain}; import its bundle")
-    _check_time(chain[0], "the leaf", at)
-    current, pool = chain[0], list(chain[1:])
-    for _ in range(MAX_CHAIN_DEPTH):
-        for root in bundle.roots:
-            if _issued_by(current, root):
-                _check_time(root, f"root {root.subject.rfc4514_string()!r} of {domain}", at)
-                return spiffe_id
-        issuer = next((candidate for candidate in pool if _issued_by(current, candidate)), None)
-        if issuer is None:
-            raise UntrustedSvidError(
-                f"{spiffe_id}: the chain does not lead to any root in the bundle of {domain} "
-                f"(issuer {current.issuer.rfc4514_string()!r}); is the bundle current?"
-            )
-        _check_time(issuer, f"signing certificate {issuer.subject.rfc4514_string()!r}", at)
-        pool.remove(issuer)
-        current = issuer
-    raise UntrustedSvidError(f"{spiffe_id}: the chain is longer than {MAX_CHAIN_DEPTH} certificates")
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    # Roots go in as the gateway takes them (gateway_anchor): the library implements no URI name
+    # constraints and refuses any it meets, so a root's own-domain URI subtrees are dropped from the
+    # anchor. Taking roots from the leaf's own domain's bundle alone is what those subtrees ask for.
+    anchors = [gateway_anchor(domain, root) for root in bundle.roots]
+    # A presented copy of a bundle root adds nothing (the anchor stands for it) and, taken as an
+    # untrusted intermediate with its URI constraints, would only bury the real reason for a refusal.
+    intermediates = [cert for cert in chain[1:] if cert not in bundle.roots]
+    verifier = (
+        PolicyBuilder()
+        .store(Store(anchors))
+        .time(at)
+        .max_chain_depth(MAX_CHAIN_DEPTH)
+        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_LEAF_POLICY)
+        # A client verifier, because a server one must match a DNS name or IP, which an SVID need not
+        # carry; the leaf's EKU is checked by _LEAF_POLICY, not by the client verifier's clientAuth default.
+        .build_client_verifier()
+    )
     try:
-        cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    return True
+        verifier.verify(chain[0], intermediates)
+    except VerificationError as err:
+        reason = _explain(str(err), chain, bundle.roots, domain, at)
+        raise UntrustedSvidError(f"{spiffe_id} does not verify against the bundle of {domain}: {reason}") from None
+    return spiffe_id
 
 
-def _check_time(cert: x509.Certificate, what: str, at: dt.datetime) -> None:
-    if at < cert.not_valid_before_utc:
-        raise UntrustedSvidError(f"{what} is not valid before {cert.not_valid_before_utc.isoformat()}")
-    if at > cert.not_valid_after_utc:
-        raise UntrustedSvidError(f"{what} expired at {cert.not_valid_after_utc.isoformat()}")
+# X.509-SVID §4.4: a leaf's EKU, when present, names TLS server and client authentication (the spec has
+# issuers set both; meshfed's CA and SPIRE do). This verifier does not know which end of mTLS an SVID is
+# presented on, so it asks for at least one of the two: a certificate whose EKU names only other purposes
+# (codeSigning, say, or only anyExtendedKeyUsage) was minted for another job and is refused.
+_LEAF_PURPOSES = frozenset({ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH})
+# On a CA, an EKU limits what it may sign for (RFC 5280 §4.2.1.12 as Go and the library read it), with
+# anyExtendedKeyUsage meaning no limit.
+_CA_PURPOSES = _LEAF_PURPOSES | {ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
+_EKU_NAMES = {oid: name for name, oid in vars(ExtendedKeyUsageOID).items() if isinstance(oid, x509.ObjectIdentifier)}
+
+
+def _leaf_purpose(_policy: Policy, _cert: x509.Certificate, usage: x509.ExtendedKeyUsage | None) -> None:
+    if usage is not None and not _LEAF_PURPOSES.intersection(usage):
+        raise ValueError(f"the leaf's extended key usage ({_eku_names(usage)}) has neither serverAuth nor clientAuth")
+
+
+def _ca_purpose(_policy: Policy, cert: x509.Certificate, usage: x509.ExtendedKeyUsage | None) -> None:
+    if usage is not None and not _CA_PURPOSES.intersection(usage):
+        raise ValueError(
+            f"CA {cert.subject.rfc4514_string()!r} has extended key usage ({_eku_names(usage)}) that allows "
+            "neither serverAuth nor clientAuth below it"
+        )
+
+
+def _eku_names(usage: x509.ExtendedKeyUsage) -> str:
+    return ", ".join(_EKU_NAMES.get(oid, oid.dotted_string) for oid in usage)
+
+
+# The library's Web PKI profiles with SPIFFE relaxations: an EKU of any criticality holding serverAuth as well
+# as clientAuth (one SVID serves both ends of mTLS), and no required authority key identifier on the leaf (the
+# X.509-SVID spec asks for none; go-spiffe's reference SVIDs carry none). Everything else stays: the leaf may
+# not be a CA nor carry name constraints, each CA needs critical basicConstraints and keyCertSign.
+_LEAF_POLICY = (
+    ExtensionPolicy.webpki_defaults_ee()
+    .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _leaf_purpose)
+    .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
+)
+_CA_POLICY = ExtensionPolicy.webpki_defaults_ca().may_be_present(
+    x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ca_purpose
+)
+_LIBRARY_PREFIXES = ("validation failed: ", "candidates exhausted: ", "Python extension validator failed: ValueError: ")
+_ENCOUNTERED = re.compile(r"\s*\(encountered processing <Certificate\(.*$", re.DOTALL)
+
+
+def _explain(
+    text: str,
+    chain: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+    domain: TrustDomain,
+    at: dt.datetime,
+) -> str:
+    """The library's reason as one line a reader can act on."""
+    for prefix in _LIBRARY_PREFIXES:
+        text = text.removeprefix(prefix)
+    # The library names the certificate by an elided repr; the explanations below name it properly.
+    text = " ".join(_ENCOUNTERED.sub("", text).split())
+    if "not valid at validation time" in text:
+        for what, cert in _described(chain, roots, domain):
+            if at < cert.not_valid_before_utc:
+                return f"{what} is not valid before {cert.not_valid_before_utc.isoformat()} (check the clocks)"
+            if at > cert.not_valid_after_utc:
+                return f"{what} expired at {cert.not_valid_after_utc.isoformat()}"
+    if text == "path length constraint violated":
+        return "a CA on the path has more CAs below it than its basicConstraints path length allows"
+    if text == "unsupported name constraint":
+        return (
+            "a CA on the path has URI name constraints; only a root's constraints permitting "
+            f"{domain} are understood (intermediates must carry none, as for the gateway)"
+        )
+    if text in ("all candidates exhausted with no interior errors", ""):
+        return (
+            f"no path from the leaf (issuer {chain[0].issuer.rfc4514_string()!r}) to any of its roots; "
+            "is the bundle current, and does the peer send its intermediates?"
+        )
+    return text
+
+
+def _described(
+    chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate], domain: TrustDomain
+) -> list[tuple[str, x509.Certificate]]:
+    named = [("the leaf", chain[0])]
+    named += [(f"signing certificate {c.subject.rfc4514_string()!r}", c) for c in chain[1:] if c not in roots]
+    return named + [(f"root {root.subject.rfc4514_string()!r} of {domain}", root) for root in roots]
 
 
 def _spiffe_id(cert: x509.Certificate, what: str) -> SpiffeId | None:
