@@ -2,6 +2,7 @@
 //! snapshot that connections read, and `apply()`, the one writer.
 
 mod balancer;
+mod clock;
 mod connection;
 mod counting;
 mod health;
@@ -234,7 +235,7 @@ impl Gateway {
     /// on a gateway with thousands of clusters.
     pub fn unhealthy_endpoints(&self) -> BTreeMap<String, Vec<SocketAddr>> {
         let snapshot = self.snapshot.load();
-        let now = upstream::now_ms();
+        let now = clock::now();
         snapshot
             .clusters
             .iter()

@@ -11,17 +11,18 @@ use rustls::server::Acceptor;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::time::{Instant, timeout, timeout_at};
+use tokio::time::{timeout, timeout_at};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 
 use super::balancer;
+use super::clock::{self, Instant};
 use super::counting::{Counted, Sinks};
 use super::hop::{self, AssertionError, HeaderError};
 use super::limits::RouteState;
 use super::stats::{ConnectionGuard, HandshakeFailure, ListenerStats, inc};
 use super::upstream::{
-    self, ClusterState, ConnectError, Conveyed, Dial, Lease, Previous, Upstream, now_ms,
+    self, ClusterState, ConnectError, Conveyed, Dial, Lease, Previous, Upstream,
 };
 use crate::authz::{
     Denial, DenialSink, HandshakeAuthz, HandshakeCheck, HandshakeOutcome, Reason, Stage,
@@ -101,7 +102,7 @@ impl Snapshot {
     /// Whether some cluster of `target` has an endpoint that is neither
     /// ejected nor failing health checks.
     fn any_healthy(&self, target: &RouteTarget) -> bool {
-        let now = now_ms();
+        let now = clock::now();
         let healthy = |name: &str| {
             self.clusters
                 .get(name)
@@ -344,7 +345,7 @@ async fn terminate(
     } = ingress;
     let limit = snapshot.config.handshake_timeout;
     // One budget for the ClientHello, the handshake and the caller header.
-    let deadline = Instant::now() + limit;
+    let deadline = clock::now() + limit;
     let local = client.local_addr()?;
     let (mut tls_stream, outcome) =
         match timeout_at(deadline, accept(client, routes, tls, ingress)).await {
@@ -568,7 +569,7 @@ async fn accept_workload(
         WorkloadTls::Permissive(config) => (config, false),
         WorkloadTls::Strict(config) => (config, true),
     };
-    let deadline = Instant::now() + limit;
+    let deadline = clock::now() + limit;
     let mut first = [0u8; 1];
     let fail = |reason: HandshakeFailure, e: ConnError| {
         stats.handshake_failed(reason);
@@ -731,7 +732,7 @@ fn sinks(stats: &Arc<ListenerStats>, route: Option<Arc<RouteState>>, lease: &Lea
         listener: stats.clone(),
         route,
         cluster: lease.shared.clone(),
-        activity: Arc::new(AtomicU64::new(now_ms())),
+        activity: Arc::new(AtomicU64::new(clock::now_nanos())),
     }
 }
 
@@ -886,15 +887,84 @@ fn read_drained(reader: &OwnedReadHalf, buf: &mut Vec<u8>) -> io::Result<(usize,
     }
 }
 
-/// Returns once `activity` is older than `idle`.
+/// Returns once `activity` (in `clock` nanoseconds) is `idle` old.
+///
+/// Sleeps to the deadline of the last activity seen, then looks again:
+/// bytes moving push the deadline on without touching a timer per byte.
 async fn idle_watch(activity: &AtomicU64, idle: Duration) {
-    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    let idle = clock::nanos(idle);
     loop {
-        let deadline = activity.load(Ordering::Relaxed).saturating_add(idle_ms);
-        let now = now_ms();
-        if now >= deadline {
+        let deadline = activity.load(Ordering::Relaxed).saturating_add(idle);
+        if clock::now_nanos() >= deadline {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(deadline - now)).await;
+        tokio::time::sleep_until(clock::from_nanos(deadline)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::duplex;
+
+    use super::*;
+
+    /// Lets every task that can run, run, without moving the paused clock
+    /// (`yield_now` never lets the runtime auto-advance it).
+    async fn settle() {
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// On the data plane's (paused) clock: a proxied connection is closed
+    /// when no byte has moved for exactly its idle timeout, not a
+    /// millisecond before, and each byte pushes the deadline on.
+    #[tokio::test(start_paused = true)]
+    async fn idle_connection_closes_at_its_deadline_and_not_before() {
+        let idle = Duration::from_secs(30);
+        let stats = ListenerStats::new();
+        let sinks = Sinks {
+            listener: stats.clone(),
+            route: None,
+            cluster: Arc::default(),
+            activity: Arc::new(AtomicU64::new(clock::now_nanos())),
+        };
+        let (mut client, client_end) = duplex(1024);
+        let (upstream_end, mut server) = duplex(1024);
+        let task = tokio::spawn({
+            let stats = stats.clone();
+            async move {
+                let client_end = Counted::new(client_end, sinks.clone());
+                proxy(client_end, upstream_end, Some(idle), &sinks, &stats).await
+            }
+        });
+        let open = |task: &tokio::task::JoinHandle<_>| {
+            !task.is_finished() && stats.idle_timeouts.load(Ordering::Relaxed) == 0
+        };
+
+        settle().await;
+        tokio::time::advance(idle - Duration::from_millis(1)).await;
+        settle().await;
+        assert!(open(&task), "closed before its idle deadline");
+
+        // A byte just before the deadline: the connection lives on.
+        client.write_all(b"x").await.ok();
+        let mut byte = [0u8; 1];
+        server.read_exact(&mut byte).await.ok();
+        assert_eq!(&byte, b"x");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        settle().await;
+        assert!(open(&task), "closed although a byte moved");
+        tokio::time::advance(idle - Duration::from_millis(2)).await;
+        settle().await;
+        assert!(open(&task), "closed before the pushed-on deadline");
+
+        tokio::time::advance(Duration::from_millis(1)).await;
+        settle().await;
+        assert!(task.is_finished(), "still open at its idle deadline");
+        assert_eq!(stats.idle_timeouts.load(Ordering::Relaxed), 1);
+        assert!(matches!(task.await, Ok(Err(ConnError::Idle(d))) if d == idle));
+        // The client sees the close.
+        assert_eq!(client.read(&mut byte).await.ok(), Some(0));
     }
 }

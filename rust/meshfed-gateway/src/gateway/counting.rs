@@ -9,9 +9,10 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::clock;
 use super::limits::RouteState;
 use super::stats::ListenerStats;
-use super::upstream::{ClusterShared, now_ms};
+use super::upstream::ClusterShared;
 
 /// Where a connection's byte counts go.
 #[derive(Clone)]
@@ -19,7 +20,8 @@ pub(crate) struct Sinks {
     pub(crate) listener: Arc<ListenerStats>,
     pub(crate) route: Option<Arc<RouteState>>,
     pub(crate) cluster: Arc<ClusterShared>,
-    /// `now_ms()` of the last byte either way.
+    /// When the last byte moved either way (`clock` nanoseconds): the
+    /// idle timeout counts from it.
     pub(crate) activity: Arc<AtomicU64>,
 }
 
@@ -35,7 +37,7 @@ impl Sinks {
                 .fetch_add(n, Ordering::Relaxed);
         }
         self.cluster.bytes_sent.fetch_add(n, Ordering::Relaxed);
-        self.activity.store(now_ms(), Ordering::Relaxed);
+        self.activity.store(clock::now_nanos(), Ordering::Relaxed);
     }
 
     pub(crate) fn down(&self, n: u64) {
@@ -49,7 +51,7 @@ impl Sinks {
                 .fetch_add(n, Ordering::Relaxed);
         }
         self.cluster.bytes_received.fetch_add(n, Ordering::Relaxed);
-        self.activity.store(now_ms(), Ordering::Relaxed);
+        self.activity.store(clock::now_nanos(), Ordering::Relaxed);
     }
 }
 

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
-use std::time::Instant;
 
+use super::clock::{self, Instant};
 use super::stats::RouteStats;
 use crate::config::RateLimitSpec;
 
@@ -27,21 +27,28 @@ impl Bucket {
         }
     }
 
-    fn refill(&mut self, spec: &RateLimitSpec, now: Instant) {
+    /// Tokens available at `now`, never above the burst.
+    fn available(&self, spec: &RateLimitSpec, now: Instant) -> f64 {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * spec.per_second).min(spec.burst);
-        self.at = now;
+        (self.tokens + elapsed * spec.per_second).min(spec.burst)
     }
 
-    /// Takes one token if there is one.
+    /// Takes one token if there is one. A refusal leaves the bucket as it
+    /// was: recounting from the last admission, not from every refused
+    /// attempt, keeps the refill from drifting by rounding under a flood.
     fn take(&mut self, spec: &RateLimitSpec, now: Instant) -> bool {
-        self.refill(spec, now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let tokens = self.available(spec, now);
+        if tokens >= 1.0 {
+            self.tokens = tokens - 1.0;
+            self.at = now;
             true
         } else {
             false
         }
+    }
+
+    fn is_full(&self, spec: &RateLimitSpec, now: Instant) -> bool {
+        self.available(spec, now) >= spec.burst
     }
 }
 
@@ -54,27 +61,24 @@ pub(crate) struct RouteState {
 }
 
 impl RouteState {
-    /// One connection against the route-wide bucket.
+    /// One connection against the route-wide bucket, now.
     pub(crate) fn admit(&self, spec: &RateLimitSpec) -> bool {
-        let now = Instant::now();
+        let now = clock::now();
         let mut bucket = self.route.lock().unwrap_or_else(PoisonError::into_inner);
         bucket
             .get_or_insert_with(|| Bucket::full(spec, now))
             .take(spec, now)
     }
 
-    /// One connection from `caller` against its own bucket.
+    /// One connection from `caller` against its own bucket, now.
     pub(crate) fn admit_source(&self, spec: &RateLimitSpec, caller: &str) -> bool {
-        let now = Instant::now();
+        let now = clock::now();
         let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(bucket) = sources.get_mut(caller) {
             return bucket.take(spec, now);
         }
         if sources.len() >= MAX_SOURCES {
-            sources.retain(|_, b| {
-                b.refill(spec, now);
-                b.tokens < spec.burst
-            });
+            sources.retain(|_, b| !b.is_full(spec, now));
             if sources.len() >= MAX_SOURCES {
                 sources.clear();
             }
@@ -120,5 +124,53 @@ mod tests {
         assert!(state.admit_source(&spec, "spiffe://a/x"));
         assert!(!state.admit_source(&spec, "spiffe://a/x"));
         assert!(state.admit_source(&spec, "spiffe://a/y"));
+    }
+
+    /// `n` admissions in a row against the route-wide bucket, now.
+    fn admitted(state: &RouteState, spec: &RateLimitSpec, n: usize) -> usize {
+        (0..n).filter(|_| state.admit(spec)).count()
+    }
+
+    /// The data plane's buckets refill from tokio's clock at exactly the
+    /// configured rate: a token is back after 1/rate and not a millisecond
+    /// sooner, and idling never banks more than the burst.
+    #[tokio::test(start_paused = true)]
+    async fn route_bucket_refills_at_its_rate_on_the_data_plane_clock() {
+        let spec = RateLimitSpec {
+            per_second: 10.0,
+            burst: 2.0,
+        };
+        let state = RouteState::default();
+        assert_eq!(admitted(&state, &spec, 3), 2, "the burst, then nothing");
+        tokio::time::advance(Duration::from_millis(99)).await;
+        assert_eq!(admitted(&state, &spec, 1), 0, "refilled before 1/rate");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(admitted(&state, &spec, 2), 1, "one token per 100 ms");
+        // Refused attempts in between do not slow the refill down.
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_millis(19)).await;
+            assert_eq!(admitted(&state, &spec, 1), 0);
+        }
+        tokio::time::advance(Duration::from_millis(5)).await;
+        assert_eq!(admitted(&state, &spec, 2), 1);
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_eq!(admitted(&state, &spec, 5), 2, "capped at the burst");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn caller_bucket_refills_at_its_rate_on_the_data_plane_clock() {
+        let spec = RateLimitSpec {
+            per_second: 2.0,
+            burst: 1.0,
+        };
+        let state = RouteState::default();
+        let caller = "spiffe://west.mesh/sa/client";
+        assert!(state.admit_source(&spec, caller));
+        assert!(!state.admit_source(&spec, caller));
+        tokio::time::advance(Duration::from_millis(499)).await;
+        assert!(!state.admit_source(&spec, caller), "refilled before 1/rate");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(state.admit_source(&spec, caller), "one token per 500 ms");
+        assert!(!state.admit_source(&spec, caller));
     }
 }

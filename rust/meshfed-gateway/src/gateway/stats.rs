@@ -5,15 +5,18 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use serde::Serialize;
 
-use super::upstream::now_ms;
+use super::clock;
 
 /// Most distinct keys a per-listener table ([`BoundedCounts`]) holds.
 pub(crate) const MAX_TRACKED_KEYS: usize = 1000;
 /// The key that counts everything beyond [`MAX_TRACKED_KEYS`].
 pub(crate) const OTHER_KEY: &str = "<other>";
+/// At most one info line per this for denials of pairs beyond the bound.
+const OVERFLOW_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Counters of one listener. Kept by listener name across `apply()`.
 #[derive(Debug, Default)]
@@ -183,7 +186,7 @@ pub struct HistogramSnapshot {
 }
 
 impl Histogram {
-    pub(crate) fn record(&self, value: std::time::Duration) {
+    pub(crate) fn record(&self, value: Duration) {
         let us = u64::try_from(value.as_micros()).unwrap_or(u64::MAX);
         let index = (64 - us.leading_zeros() as usize).min(BUCKETS - 1);
         if let Some(bucket) = self.buckets.get(index) {
@@ -326,8 +329,9 @@ struct DenialLog {
     /// Hashes of the pairs seen, keyed per process so nobody can aim collisions.
     seen: Mutex<HashSet<u64>>,
     hasher: RandomState,
-    /// `now_ms()` of the last info line once `seen` is full.
-    last_overflow_ms: AtomicU64,
+    /// When (`clock` nanoseconds) the last info line went out once `seen`
+    /// is full; 0 before the first.
+    last_overflow: AtomicU64,
 }
 
 impl DenialLog {
@@ -343,11 +347,11 @@ impl DenialLog {
             return true;
         }
         drop(seen);
-        let now = now_ms();
-        let last = self.last_overflow_ms.load(Ordering::Relaxed);
-        (last == 0 || now.saturating_sub(last) >= 1000)
+        let now = clock::now_nanos();
+        let last = self.last_overflow.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= clock::nanos(OVERFLOW_LOG_INTERVAL))
             && self
-                .last_overflow_ms
+                .last_overflow
                 .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
     }

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
@@ -17,6 +17,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::balancer::{self, MAGLEV_TABLE_SIZE};
+use super::clock::{self, Instant};
 use super::hop;
 use super::stats::{HandshakeFailure, Histogram, HistogramSnapshot, ListenerStats, inc};
 use crate::config::{ClusterSpec, EndpointSpec, Lb, UpstreamTlsSpec};
@@ -30,14 +31,6 @@ const EWMA_DEFAULT_US: f64 = 1_000.0;
 /// Cap on the exponent of the ejection backoff.
 const MAX_EJECTION_DOUBLINGS: u32 = 16;
 
-/// Milliseconds since the first call (a process-wide monotonic clock that
-/// fits in an atomic).
-pub(crate) fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
 /// Everything known about one endpoint, carried across `apply()` by
 /// endpoint key (cluster name + address + pinned peer identity).
 #[derive(Debug)]
@@ -47,8 +40,9 @@ pub(crate) struct EndpointState {
     peer: Option<SpiffeId>,
     active: AtomicU64,
     consecutive_failures: AtomicU32,
-    /// `now_ms()` until which the endpoint is ejected; 0 when not.
-    ejected_until_ms: AtomicU64,
+    /// The instant (in `clock` nanoseconds) until which the endpoint is
+    /// ejected; 0 when not.
+    ejected_until: AtomicU64,
     /// Ejections in a row; doubles the next ejection time.
     ejection_multiplier: AtomicU32,
     /// Verdict of active health checks (true when none run).
@@ -69,11 +63,11 @@ impl EndpointState {
             peer: spec.peer().cloned(),
             active: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
-            ejected_until_ms: AtomicU64::new(0),
+            ejected_until: AtomicU64::new(0),
             ejection_multiplier: AtomicU32::new(0),
             check_healthy: AtomicBool::new(true),
             wrr_current: AtomicI64::new(0),
-            ewma: Mutex::new((EWMA_DEFAULT_US, Instant::now())),
+            ewma: Mutex::new((EWMA_DEFAULT_US, clock::now())),
             connections: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
@@ -84,33 +78,33 @@ impl EndpointState {
         endpoint_key(self.address, self.peer.as_ref())
     }
 
-    fn ejected(&self, now: u64) -> bool {
-        now < self.ejected_until_ms.load(Ordering::Relaxed)
+    fn ejected(&self, now: Instant) -> bool {
+        clock::to_nanos(now) < self.ejected_until.load(Ordering::Relaxed)
     }
 
     /// Not ejected by outlier detection and not failed by health checks.
-    pub(crate) fn healthy(&self, now: u64) -> bool {
+    pub(crate) fn healthy(&self, now: Instant) -> bool {
         !self.ejected(now) && self.check_healthy.load(Ordering::Relaxed)
     }
 
-    fn ewma_us(&self) -> f64 {
+    fn ewma_us(&self, now: Instant) -> f64 {
         let (value, at) = *self.ewma.lock().unwrap_or_else(PoisonError::into_inner);
         // Decay toward zero while idle, so a once-slow endpoint is retried.
-        let w = (-at.elapsed().as_secs_f64() / EWMA_DECAY.as_secs_f64()).exp();
-        value * w
+        let idle = now.saturating_duration_since(at).as_secs_f64();
+        value * (-idle / EWMA_DECAY.as_secs_f64()).exp()
     }
 
     /// Peak EWMA: a slower sample replaces the estimate at once, faster
     /// ones pull it down smoothly.
-    fn observe(&self, rtt: Duration) {
+    fn observe(&self, rtt: Duration, now: Instant) {
         let sample = rtt.as_secs_f64() * 1e6;
         let mut ewma = self.ewma.lock().unwrap_or_else(PoisonError::into_inner);
         let (value, at) = *ewma;
-        let now = Instant::now();
         let next = if sample > value {
             sample
         } else {
-            let w = (-now.duration_since(at).as_secs_f64() / EWMA_DECAY.as_secs_f64()).exp();
+            let idle = now.saturating_duration_since(at).as_secs_f64();
+            let w = (-idle / EWMA_DECAY.as_secs_f64()).exp();
             value * w + sample * (1.0 - w)
         };
         *ewma = (next, now);
@@ -230,7 +224,7 @@ impl ClusterState {
         spec: &ClusterSpec,
         source: IpAddr,
         tried: &[usize],
-        now: u64,
+        now: Instant,
     ) -> Option<usize> {
         let open = |i: &usize| !tried.contains(i);
         let healthy = |i: &usize| open(i) && self.endpoints.get(*i).is_some_and(|e| e.healthy(now));
@@ -266,7 +260,7 @@ impl ClusterState {
             if candidates.is_empty() {
                 continue;
             }
-            if let Some(i) = self.choose(spec, level, &candidates, source) {
+            if let Some(i) = self.choose(spec, level, &candidates, source, now) {
                 return Some(i);
             }
         }
@@ -280,6 +274,7 @@ impl ClusterState {
         level: &Level,
         candidates: &[usize],
         source: IpAddr,
+        now: Instant,
     ) -> Option<usize> {
         match spec.lb {
             Lb::RoundRobin => {
@@ -317,7 +312,7 @@ impl ClusterState {
                     .iter()
                     .map(|&i| {
                         self.endpoints.get(i).map_or(f64::MAX, |e| {
-                            balancer::p2c_cost(e.ewma_us(), e.active.load(Ordering::Relaxed))
+                            balancer::p2c_cost(e.ewma_us(now), e.active.load(Ordering::Relaxed))
                         })
                     })
                     .collect();
@@ -341,7 +336,7 @@ impl ClusterState {
     /// Records a failed connect; ejects the endpoint when it has failed
     /// `consecutive_failures` times in a row, unless that would exceed
     /// `max_ejection_percent` or leave no healthy endpoint.
-    pub(crate) fn record_failure(&self, spec: &ClusterSpec, index: usize, now: u64) {
+    pub(crate) fn record_failure(&self, spec: &ClusterSpec, index: usize, now: Instant) {
         let Some(endpoint) = self.endpoints.get(index) else {
             return;
         };
@@ -381,21 +376,20 @@ impl ClusterState {
         let time = base.min(od.max_ejection);
         // Up to 10 % jitter so endpoints ejected together return apart.
         let jitter_ms = (time.as_millis() as u64 / 10).max(1);
-        let ms = time.as_millis() as u64 + balancer::random() % jitter_ms;
-        endpoint
-            .ejected_until_ms
-            .store(now.saturating_add(ms), Ordering::Relaxed);
+        let ejection = time.saturating_add(Duration::from_millis(balancer::random() % jitter_ms));
+        let until = clock::to_nanos(now).saturating_add(clock::nanos(ejection));
+        endpoint.ejected_until.store(until, Ordering::Relaxed);
         endpoint.consecutive_failures.store(0, Ordering::Relaxed);
         inc(&endpoint.ejections);
         inc(&self.shared.ejections);
         tracing::info!(
-            cluster = %spec.name, endpoint = %endpoint.address, ejection_ms = ms,
+            cluster = %spec.name, endpoint = %endpoint.address, ejection_ms = ejection.as_millis(),
             "endpoint ejected after {failures} consecutive connect failures"
         );
     }
 
     /// Records a successful connect and its latency.
-    fn record_success(&self, index: usize, latency: Duration) {
+    fn record_success(&self, index: usize, latency: Duration, now: Instant) {
         let Some(endpoint) = self.endpoints.get(index) else {
             return;
         };
@@ -405,7 +399,7 @@ impl ClusterState {
             endpoint
                 .ejection_multiplier
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| m.checked_sub(1));
-        endpoint.observe(latency);
+        endpoint.observe(latency, now);
         inc(&endpoint.connections);
         inc(&self.shared.connections);
         self.shared.connect_latency.record(latency);
@@ -414,7 +408,7 @@ impl ClusterState {
     /// A copy of the cluster's counters, for `stats_json`.
     pub(crate) fn snapshot(&self, spec: &ClusterSpec) -> ClusterSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let now = now_ms();
+        let now = clock::now();
         let s = &self.shared;
         ClusterSnapshot {
             connections: get(&s.connections),
@@ -447,7 +441,7 @@ impl ClusterState {
                             ejections: get(&e.ejections),
                             ejected: e.ejected(now),
                             healthy: e.healthy(now),
-                            ewma_connect_us: e.ewma_us() as u64,
+                            ewma_connect_us: e.ewma_us(now) as u64,
                         };
                         // By address, as operators know endpoints; by the full key only where two
                         // endpoints share an address (two peers claiming one gateway address).
@@ -562,7 +556,8 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.shared.active.fetch_sub(1, Ordering::Relaxed);
         self.endpoint.active.fetch_sub(1, Ordering::Relaxed);
-        self.shared.duration.record(self.opened.elapsed());
+        let open_for = clock::now().saturating_duration_since(self.opened);
+        self.shared.duration.record(open_for);
     }
 }
 
@@ -631,7 +626,7 @@ pub(crate) async fn connect(
     let mut tried = Vec::new();
     let mut failures = Vec::new();
     while tried.len() < state.endpoints.len() {
-        let Some(index) = state.pick(spec, source, &tried, now_ms()) else {
+        let Some(index) = state.pick(spec, source, &tried, clock::now()) else {
             break;
         };
         tried.push(index);
@@ -641,23 +636,24 @@ pub(crate) async fn connect(
             continue;
         };
         let address = endpoint.address;
-        let started = Instant::now();
+        let started = clock::now();
         match establish(spec, endpoint_spec, dial).await {
             Ok(stream) => {
-                state.record_success(index, started.elapsed());
+                let now = clock::now();
+                state.record_success(index, now.saturating_duration_since(started), now);
                 shared.active.fetch_add(1, Ordering::Relaxed);
                 endpoint.active.fetch_add(1, Ordering::Relaxed);
                 let lease = Lease {
                     index,
                     shared: shared.clone(),
                     endpoint: endpoint.clone(),
-                    opened: Instant::now(),
+                    opened: now,
                 };
                 return Ok((stream, lease));
             }
             Err(e) => {
                 tracing::debug!(cluster = %spec.name, %address, error = %e, "endpoint connect failed");
-                state.record_failure(spec, index, now_ms());
+                state.record_failure(spec, index, clock::now());
                 failures.push(format!("{address}: {e}"));
             }
         }
@@ -827,7 +823,7 @@ mod tests {
     fn never_ejects_the_last_healthy_endpoint() {
         let spec = spec(Lb::RoundRobin, &[(1, 0), (1, 0)]);
         let state = state(&spec);
-        let now = now_ms();
+        let now = clock::now();
         state.record_failure(&spec, 0, now);
         state.record_failure(&spec, 1, now);
         assert!(!state.endpoints[0].healthy(now));
@@ -837,32 +833,84 @@ mod tests {
         );
     }
 
+    /// How long endpoint `i` of `state` stays ejected from now on.
+    fn ejection_left(state: &ClusterState, i: usize) -> Duration {
+        let until = state.endpoints[i].ejected_until.load(Ordering::Relaxed);
+        Duration::from_nanos(until.saturating_sub(clock::now_nanos()))
+    }
+
+    /// Whether `pick` returns endpoint `i` within 8 tries (round robin over
+    /// two endpoints returns each healthy one every other pick).
+    fn picked(spec: &ClusterSpec, state: &ClusterState, i: usize) -> bool {
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        (0..8).any(|_| state.pick(spec, ip, &[], clock::now()) == Some(i))
+    }
+
     #[test]
-    fn ejection_backs_off_and_respects_max_percent() {
+    fn ejection_respects_max_percent() {
         let mut spec = spec(Lb::RoundRobin, &[(1, 0), (1, 0), (1, 0), (1, 0)]);
         spec.outlier.max_ejection_percent = 50;
-        spec.outlier.base_ejection = Duration::from_millis(100);
         let state = state(&spec);
-        let now = now_ms();
+        let now = clock::now();
         for i in 0..4 {
             state.record_failure(&spec, i, now);
         }
         let ejected = state.endpoints.iter().filter(|e| e.ejected(now)).count();
         assert_eq!(ejected, 2, "max_ejection_percent 50 of 4");
-        // Second ejection of endpoint 0 lasts about twice as long.
-        let first = state.endpoints[0].ejected_until_ms.load(Ordering::Relaxed) - now;
-        let later = now + 1_000;
-        state.record_failure(&spec, 0, later);
-        let second = state.endpoints[0].ejected_until_ms.load(Ordering::Relaxed) - later;
-        assert!((100..=110).contains(&first), "{first}");
-        assert!((200..=220).contains(&second), "{second}");
+    }
+
+    /// On the data plane's (paused) clock: an ejected endpoint is out for
+    /// exactly its ejection time (base plus under 10 % jitter), back at its
+    /// end and not a nanosecond before; ejected again, it stays out twice
+    /// as long; a success after its return halves the next ejection again.
+    #[tokio::test(start_paused = true)]
+    async fn ejected_endpoint_returns_exactly_when_its_ejection_ends() {
+        let spec = spec(Lb::RoundRobin, &[(1, 0), (1, 0)]);
+        let base = spec.outlier.base_ejection;
+        let state = state(&spec);
+        let eject = |state: &ClusterState| state.record_failure(&spec, 0, clock::now());
+
+        eject(&state);
+        let first = ejection_left(&state, 0);
+        assert!(first >= base && first < base + base / 10, "{first:?}");
+        tokio::time::advance(first - Duration::from_millis(1)).await;
+        assert!(!state.endpoints[0].healthy(clock::now()));
+        assert!(!picked(&spec, &state, 0), "picked while ejected");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(state.endpoints[0].healthy(clock::now()), "not back on time");
+        assert!(picked(&spec, &state, 0), "not picked once back");
+
+        eject(&state);
+        let second = ejection_left(&state, 0);
+        assert!(
+            second >= base * 2 && second < (base * 2) + base / 5,
+            "{second:?}"
+        );
+        tokio::time::advance(second - Duration::from_nanos(1)).await;
+        assert!(
+            !state.endpoints[0].healthy(clock::now()),
+            "back a nanosecond early"
+        );
+        tokio::time::advance(Duration::from_nanos(1)).await;
+        assert!(state.endpoints[0].healthy(clock::now()));
+
+        state.record_success(0, Duration::from_millis(1), clock::now());
+        eject(&state);
+        let third = ejection_left(&state, 0);
+        assert!(
+            third >= base * 2 && third < (base * 2) + base / 5,
+            "{third:?}"
+        );
+        let ejections =
+            state.snapshot(&spec).endpoints[&spec.endpoints[0].address.to_string()].ejections;
+        assert_eq!(ejections, 3);
     }
 
     #[test]
     fn state_carries_over_by_endpoint_key() {
         let a = spec(Lb::RoundRobin, &[(1, 0), (1, 0)]);
         let old = Arc::new(state(&a));
-        old.record_failure(&a, 1, now_ms());
+        old.record_failure(&a, 1, clock::now());
         let clusters = HashMap::from([("c".to_owned(), old.clone())]);
         let mut b = spec(Lb::LeastRequest, &[(1, 0)]);
         b.endpoints[0].address = a.endpoints[1].address;
@@ -891,10 +939,11 @@ mod tests {
         ) {
             let spec = spec(LBS[lb], &endpoints);
             let state = state(&spec);
-            let now = now_ms();
+            let now = clock::now();
             for (i, e) in state.endpoints.iter().enumerate() {
                 if dead[i] {
-                    e.ejected_until_ms.store(now + 60_000, Ordering::Relaxed);
+                    let until = clock::to_nanos(now + Duration::from_secs(60));
+                    e.ejected_until.store(until, Ordering::Relaxed);
                 }
             }
             let any_healthy = state.endpoints.iter().any(|e| e.healthy(now));
@@ -927,7 +976,7 @@ mod tests {
             let mut counts = vec![0u32; weights.len()];
             let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
             for _ in 0..total * 4 {
-                let i = state.pick(&spec, ip, &[], now_ms()).unwrap_or(usize::MAX);
+                let i = state.pick(&spec, ip, &[], clock::now()).unwrap_or(usize::MAX);
                 prop_assert!(i < weights.len());
                 counts[i] += 1;
             }
@@ -943,9 +992,9 @@ mod tests {
         let state = state(&spec);
         for source in 0..50u32 {
             let ip = IpAddr::V4(Ipv4Addr::from(source));
-            let first = state.pick(&spec, ip, &[], now_ms());
+            let first = state.pick(&spec, ip, &[], clock::now());
             for _ in 0..5 {
-                assert_eq!(state.pick(&spec, ip, &[], now_ms()), first);
+                assert_eq!(state.pick(&spec, ip, &[], clock::now()), first);
             }
         }
     }
