@@ -8,6 +8,7 @@ mod counting;
 mod health;
 mod hop;
 mod limits;
+mod retired;
 mod stats;
 mod upstream;
 
@@ -25,6 +26,7 @@ use tokio::task::JoinHandle;
 
 use self::connection::Snapshot;
 use self::health::RunningChecks;
+use self::retired::Retired;
 use self::stats::ListenerStats;
 use crate::config::{CompiledConfig, ConfigError};
 
@@ -105,6 +107,9 @@ struct Control {
     listeners: BTreeMap<String, RunningListener>,
     /// Active health checks by cluster name.
     health_checks: HashMap<String, RunningChecks>,
+    /// Counters of listeners, routes, clusters and endpoints that left the
+    /// config, for when their names come back.
+    retired: Retired,
     closed: bool,
 }
 
@@ -172,6 +177,12 @@ impl Gateway {
     /// keep their socket, new ones bind, removed ones stop accepting while
     /// their connections finish. Live connections keep the config they
     /// started with; new connections see the new one.
+    ///
+    /// Counters are cumulative per name: a listener, route, cluster or
+    /// endpoint rebuilt under its name, or removed and re-added by a later
+    /// apply, goes on from where it was (a bounded number of removed names
+    /// are remembered; see `retired`), and its gauges count its live
+    /// connections, old and new.
     pub fn apply(&self, config_json: &[u8]) -> Result<(), GatewayError> {
         self.install(CompiledConfig::from_json(config_json)?)
     }
@@ -338,11 +349,12 @@ impl Gateway {
         // 2. Swap the snapshot, carrying cluster, endpoint and route state
         //    over by name, endpoint key and route key.
         let previous = self.snapshot.load_full();
-        let next = Arc::new(Snapshot::build(config, &previous));
+        let next = Arc::new(Snapshot::build(config, &previous, &mut control.retired));
         self.snapshot.store(next.clone());
         self.sync_health_checks(&mut control, &next);
 
-        // 3. Stop accepting on listeners that are gone or moved.
+        // 3. Stop accepting on listeners that are gone or moved (a moved
+        //    one keeps its counters below, under its name).
         let mut carried_stats = HashMap::new();
         control.listeners.retain(|name, running| {
             let keep = wanted
@@ -355,10 +367,12 @@ impl Gateway {
             keep
         });
 
-        // 4. Start accepting on the new ones.
+        // 4. Start accepting on the new ones, with the counters their name
+        //    had, if it had any.
         for (name, configured, (listener, local)) in fresh {
             let stats = carried_stats
                 .remove(&name)
+                .or_else(|| control.retired.listeners.revive(&name))
                 .unwrap_or_else(ListenerStats::new);
             let task = self.handle.spawn(accept_loop(
                 listener,
@@ -375,6 +389,10 @@ impl Gateway {
                     task,
                 },
             );
+        }
+        // 5. Keep the counters of the listeners that are gone.
+        for (name, stats) in carried_stats {
+            control.retired.listeners.retire(name, stats);
         }
         self.publish(&control);
         Ok(())

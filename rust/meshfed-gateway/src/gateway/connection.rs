@@ -20,6 +20,7 @@ use super::clock::{self, Instant};
 use super::counting::{Counted, Sinks};
 use super::hop::{self, AssertionError, HeaderError};
 use super::limits::RouteState;
+use super::retired::Retired;
 use super::stats::{ConnectionGuard, HandshakeFailure, ListenerStats, inc};
 use super::upstream::{
     self, ClusterState, ConnectError, Conveyed, Dial, Lease, Previous, Upstream,
@@ -62,16 +63,30 @@ impl Snapshot {
     }
 
     /// The snapshot for `config`, carrying state over from `previous`:
-    /// clusters by name, endpoints by address, routes by key.
-    pub(crate) fn build(config: CompiledConfig, previous: &Snapshot) -> Self {
-        let carried = Previous {
+    /// clusters by name, endpoints by endpoint key, routes by key; names
+    /// not in `previous` get back what `retired` kept of them, and what
+    /// `previous` had that `config` dropped goes to `retired`.
+    pub(crate) fn build(
+        config: CompiledConfig,
+        previous: &Snapshot,
+        retired: &mut Retired,
+    ) -> Self {
+        let mut carried = Previous {
             clusters: &previous.clusters,
+            retired,
         };
-        let clusters = config
+        let clusters: HashMap<String, Arc<ClusterState>> = config
             .clusters
             .iter()
-            .map(|(name, spec)| (name.clone(), Arc::new(ClusterState::build(spec, &carried))))
+            .map(|(name, spec)| {
+                let state = ClusterState::build(spec, &mut carried);
+                (name.clone(), Arc::new(state))
+            })
             .collect();
+        let retired = carried.retired;
+        for (name, old) in &previous.clusters {
+            old.retire_into(name, clusters.get(name).map(|c| &**c), retired);
+        }
         let mut routes = HashMap::new();
         for listener in &config.listeners {
             let keys: Vec<&str> = match &listener.mode {
@@ -84,8 +99,19 @@ impl Snapshot {
                 ListenerMode::Originate { .. } => Vec::new(),
             };
             for key in keys {
-                let state = previous.routes.get(key).cloned().unwrap_or_default();
+                let state = previous
+                    .routes
+                    .get(key)
+                    .cloned()
+                    .or_else(|| retired.routes.revive(key))
+                    .unwrap_or_default();
                 routes.insert(key.to_owned(), state);
+            }
+        }
+        for (key, state) in &previous.routes {
+            if !routes.contains_key(key) {
+                state.forget_buckets();
+                retired.routes.retire(key.clone(), state.clone());
             }
         }
         Self {

@@ -61,6 +61,18 @@ pub(crate) struct RouteState {
 }
 
 impl RouteState {
+    /// Drops the buckets of a route that left the config: its counters are
+    /// kept a while (see `retired`), its per-caller buckets, up to
+    /// thousands, need not be. Back in a config, it starts full, as a new
+    /// route does.
+    pub(crate) fn forget_buckets(&self) {
+        *self.route.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        self.sources
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
     /// One connection against the route-wide bucket, now.
     pub(crate) fn admit(&self, spec: &RateLimitSpec) -> bool {
         let now = clock::now();

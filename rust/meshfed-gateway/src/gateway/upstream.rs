@@ -19,6 +19,7 @@ use tokio_rustls::client::TlsStream;
 use super::balancer::{self, MAGLEV_TABLE_SIZE};
 use super::clock::{self, Instant};
 use super::hop;
+use super::retired::Retired;
 use super::stats::{HandshakeFailure, Histogram, HistogramSnapshot, ListenerStats, inc};
 use crate::config::{ClusterSpec, EndpointSpec, Lb, UpstreamTlsSpec};
 use crate::spiffe::SpiffeId;
@@ -147,9 +148,11 @@ pub(crate) struct ClusterState {
     levels: Vec<Level>,
 }
 
-/// Carried-over state of every cluster, looked up while building the next one.
+/// Carried-over state of every cluster, looked up while building the next
+/// one: the previous generation's, else what a removed cluster left.
 pub(crate) struct Previous<'a> {
     pub(crate) clusters: &'a HashMap<String, Arc<ClusterState>>,
+    pub(crate) retired: &'a mut Retired,
 }
 
 /// `ip:port`, with the pinned peer after a space when there is one: an endpoint's key, unique
@@ -163,8 +166,8 @@ fn endpoint_key(address: SocketAddr, peer: Option<&SpiffeId>) -> String {
 
 impl ClusterState {
     /// Builds the state for `spec`, reusing what `previous` knows about the
-    /// cluster (by name) and its endpoints (by address).
-    pub(crate) fn build(spec: &ClusterSpec, previous: &Previous<'_>) -> Self {
+    /// cluster (by name) and its endpoints (by endpoint key).
+    pub(crate) fn build(spec: &ClusterSpec, previous: &mut Previous<'_>) -> Self {
         let old = previous.clusters.get(&spec.name);
         let endpoints: Vec<Arc<EndpointState>> = spec
             .endpoints
@@ -176,6 +179,10 @@ impl ClusterState {
                         .find(|s| s.address == e.address && s.peer.as_ref() == e.peer())
                 })
                 .cloned()
+                .or_else(|| {
+                    let key = (spec.name.clone(), endpoint_key(e.address, e.peer()));
+                    previous.retired.endpoints.revive(&key)
+                })
                 .unwrap_or_else(|| Arc::new(EndpointState::new(e)))
             })
             .collect();
@@ -210,10 +217,32 @@ impl ClusterState {
                 Level { members, maglev }
             })
             .collect();
+        let shared = old
+            .map(|o| o.shared.clone())
+            .or_else(|| previous.retired.clusters.revive(&spec.name))
+            .unwrap_or_default();
         Self {
-            shared: old.map(|o| o.shared.clone()).unwrap_or_default(),
+            shared,
             endpoints,
             levels,
+        }
+    }
+
+    /// Keeps in `retired` what this generation of cluster `name` had and
+    /// `next`, its successor (if the name is still configured), dropped.
+    pub(crate) fn retire_into(&self, name: &str, next: Option<&Self>, retired: &mut Retired) {
+        if next.is_none() {
+            retired
+                .clusters
+                .retire(name.to_owned(), self.shared.clone());
+        }
+        for endpoint in &self.endpoints {
+            let kept = next.is_some_and(|n| n.endpoints.iter().any(|e| Arc::ptr_eq(e, endpoint)));
+            if !kept {
+                retired
+                    .endpoints
+                    .retire((name.to_owned(), endpoint.key()), endpoint.clone());
+            }
         }
     }
 
@@ -806,8 +835,9 @@ mod tests {
     fn state(spec: &ClusterSpec) -> ClusterState {
         ClusterState::build(
             spec,
-            &Previous {
+            &mut Previous {
                 clusters: &HashMap::new(),
+                retired: &mut Retired::new(),
             },
         )
     }
@@ -916,12 +946,49 @@ mod tests {
         b.endpoints[0].address = a.endpoints[1].address;
         let new = ClusterState::build(
             &b,
-            &Previous {
+            &mut Previous {
                 clusters: &clusters,
+                retired: &mut Retired::new(),
             },
         );
         assert!(Arc::ptr_eq(&new.endpoints[0], &old.endpoints[1]));
         assert!(Arc::ptr_eq(&new.shared, &old.shared));
+    }
+
+    /// An endpoint dropped by one generation and a cluster dropped by the
+    /// next come back, later, as the same state: counters and gauges go on.
+    #[test]
+    fn removed_endpoints_and_clusters_come_back_with_their_state() {
+        let a = spec(Lb::RoundRobin, &[(1, 0), (1, 0)]);
+        let mut retired = Retired::new();
+        let first = Arc::new(state(&a));
+        first.record_failure(&a, 0, clock::now());
+        let mut b = spec(Lb::RoundRobin, &[(1, 0)]);
+        b.endpoints[0].address = a.endpoints[1].address;
+        let clusters = HashMap::from([("c".to_owned(), first.clone())]);
+        let second = Arc::new(ClusterState::build(
+            &b,
+            &mut Previous {
+                clusters: &clusters,
+                retired: &mut retired,
+            },
+        ));
+        first.retire_into("c", Some(&second), &mut retired);
+        assert_eq!(retired.endpoints.len(), 1);
+        // The cluster goes away altogether.
+        second.retire_into("c", None, &mut retired);
+        let third = ClusterState::build(
+            &a,
+            &mut Previous {
+                clusters: &HashMap::new(),
+                retired: &mut retired,
+            },
+        );
+        assert!(Arc::ptr_eq(&third.shared, &first.shared));
+        assert!(Arc::ptr_eq(&third.endpoints[0], &first.endpoints[0]));
+        assert!(Arc::ptr_eq(&third.endpoints[1], &first.endpoints[1]));
+        assert_eq!(third.snapshot(&a).connect_failures, 1);
+        assert_eq!(retired.endpoints.len() + retired.clusters.len(), 0);
     }
 
     proptest! {
