@@ -1,17 +1,21 @@
-"""meshfed's bundle parser agrees with the reference SPIFFE library's test vectors.
+"""meshfed agrees with shared test vectors: the reference SPIFFE library's bundles and SVIDs, and the SPIFFE ID
+cases the gateway's parser runs too.
 
-The vectors and their expected results are in ``tests/data/spiffe/README.md``.
+The go-spiffe vectors and their expected results are in ``tests/data/spiffe/README.md``; the SPIFFE ID cases are
+``tests/vectors/spiffe_ids.json``, read here and by ``rust/meshfed-gateway/tests/spiffe_vectors.rs``.
 """
 
 import datetime as dt
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from meshfed.errors import InvalidBundleError, InvalidSvidError, UntrustedSvidError
+from meshfed.errors import InvalidBundleError, InvalidSpiffeIdError, InvalidSvidError, UntrustedSvidError
 from meshfed.trust.bundle import TrustBundle, parse_bundle
-from meshfed.trust.spiffe import TrustDomain
+from meshfed.trust.spiffe import SpiffeId, TrustDomain
 from meshfed.trust.svid import load_x509_svid, parse_certificates, verify_x509_svid
 
 BUNDLES = Path(__file__).parent / "data" / "spiffe" / "bundle"
@@ -132,3 +136,74 @@ def test_rule_breaking_vectors_are_refused_before_any_chain_walk(name):
     chain = parse_certificates((SVIDS / name).read_bytes())
     with pytest.raises(InvalidSvidError):
         verify_x509_svid(chain, lambda domain: None, dt.datetime(2020, 6, 1, tzinfo=dt.UTC))
+
+
+SPIFFE_IDS = Path(__file__).parent / "vectors" / "spiffe_ids.json"
+_CASES: list[dict[str, Any]] = json.loads(SPIFFE_IDS.read_text(encoding="ascii"))
+# What each reason class in the vector file looks like in meshfed's error messages. The gateway's test maps
+# the same classes to its error variants, so both parsers refuse each case for the same reason.
+_REASON_TEXT = {
+    "scheme": r"must start with 'spiffe://'|is a SPIFFE ID, not a trust domain name",
+    "empty trust domain": r"trust domain is empty",
+    "bad character": r"may contain only",
+    "port": r"must not contain a port",
+    "userinfo": r"must not contain user info",
+    "query": r"must not contain a query",
+    "fragment": r"must not contain a fragment",
+    "trailing slash": r"has a trailing '/'",
+    "empty path segment": r"has an empty path segment \('//'\)",
+    "dot segment": r"has a '\.' or '\.\.' path segment",
+    "too long": r"is longer than 2048 bytes|characters long; SPIFFE allows at most 255",
+}
+_FIELDS = {"input", "kind", "valid", "trust_domain", "path", "reason"}
+
+
+def _case_id(case: dict[str, Any]) -> str:
+    text = case["input"].encode("unicode_escape").decode()
+    return f"{case['kind']}:{text[:48]}{'...' if len(text) > 48 else ''}"
+
+
+def test_the_spiffe_id_vector_file_is_well_formed():
+    assert len(_CASES) >= 60
+    inputs = [(case["kind"], case["input"]) for case in _CASES]
+    assert len(set(inputs)) == len(inputs), "a case appears twice"
+    for case in _CASES:
+        assert _FIELDS <= case.keys() <= _FIELDS | {"note"}, case
+        assert case["kind"] in ("id", "trust_domain"), case
+        if case["valid"]:
+            assert case["reason"] is None, case
+            assert case["trust_domain"] is not None, case
+            assert (case["path"] is None) == (case["kind"] == "trust_domain"), case
+        else:
+            assert case["reason"] in _REASON_TEXT, case
+            assert case["trust_domain"] is case["path"] is None, case
+    # Every reason class is exercised, and both the 2048-byte ID cap and the 255-byte trust domain cap are
+    # tested on both sides of the limit.
+    assert {case["reason"] for case in _CASES if not case["valid"]} == _REASON_TEXT.keys()
+    lengths = {(c["valid"], len(c["input"].encode("utf-8", "surrogatepass"))) for c in _CASES if c["kind"] == "id"}
+    assert {(True, 2048), (False, 2049)} <= lengths
+    td_lengths = {(c["valid"], len(c["input"])) for c in _CASES if c["kind"] == "trust_domain"}
+    assert {(True, 255), (False, 256)} <= td_lengths
+
+
+@pytest.mark.parametrize("case", [c for c in _CASES if c["valid"]], ids=_case_id)
+def test_valid_spiffe_id_vectors_parse(case):
+    if case["kind"] == "trust_domain":
+        assert TrustDomain.parse(case["input"]).name == case["trust_domain"]
+        return
+    parsed = SpiffeId.parse(case["input"])
+    assert (parsed.trust_domain.name, parsed.path) == (case["trust_domain"], case["path"])
+    assert str(parsed) == case["input"]
+
+
+@pytest.mark.parametrize("case", [c for c in _CASES if not c["valid"]], ids=_case_id)
+def test_invalid_spiffe_id_vectors_are_refused_for_their_reason(case):
+    parse = TrustDomain.parse if case["kind"] == "trust_domain" else SpiffeId.parse
+    # InvalidSpiffeIdError and nothing else: a lone surrogate once escaped as UnicodeEncodeError.
+    with pytest.raises(InvalidSpiffeIdError) as caught:
+        parse(case["input"])
+    message = str(caught.value)
+    assert re.search(_REASON_TEXT[case["reason"]], message), f"{case['reason']!r} expected, got: {message}"
+    # One line, and short even for a 2 KiB input: the message quotes the input cut down.
+    assert "\n" not in message
+    assert len(message) < 400
