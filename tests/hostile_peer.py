@@ -36,7 +36,7 @@ from meshfed.federation._proto import peering_pb2_grpc as pb_grpc
 from meshfed.federation.exports import ExportRules
 from meshfed.federation.gateway_config import INGRESS_LISTENER
 from meshfed.federation.identity import federation_host, issue_controller_svid
-from meshfed.federation.service import PeerStatus
+from meshfed.federation.peer_status import PeerStatus
 from meshfed.federation.token import decode_token
 from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone
 from meshfed.trust.bundle import TrustBundle, parse_bundle

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from meshfed.api.catalog import CatalogView, ExportRuleView
-from meshfed.federation.service import PeerStatus
+from meshfed.federation.peer_status import PeerStatus
 from tests.test_cli import meshfed_cli
 
 # Box drawing (U+2500-U+257F), which rich's tables are drawn with.

@@ -31,7 +31,8 @@ from meshfed.trust.spiffe import TrustDomain
 
 if TYPE_CHECKING:
     from meshfed.controller import Controller
-    from meshfed.federation.service import PeeringService, PeerStatus
+    from meshfed.federation.peer_status import PeerStatus
+    from meshfed.federation.service import PeeringService
 
 
 class CaGenerationView(BaseModel):

@@ -21,8 +21,9 @@ from meshfed import audit
 from meshfed.addresses import parse_host_port
 from meshfed.catalog.publisher import PublicationStore
 from meshfed.cli.common import Output, OutputOption, ZoneDir, emit, parse_duration, print_table
+from meshfed.federation.peer_status import PeerStatus
 from meshfed.federation.peering import PeeringStore, request_delete
-from meshfed.federation.service import PeerStatus, establish
+from meshfed.federation.service import establish
 from meshfed.zone import STATE_FILE, Zone
 
 peer_app = typer.Typer(help="Peer this zone with other zones (tokens, establish, list, delete).", no_args_is_help=True)

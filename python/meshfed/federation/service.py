@@ -36,7 +36,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
-from pydantic import BaseModel
 
 from meshfed.addresses import HostPort, parse_host_port
 from meshfed.errors import InvalidTokenError, MeshfedError, PeeringError, PeerInputError
@@ -51,6 +50,7 @@ from meshfed.federation.identity import (
     needs_renewal,
     probe_acceptor,
 )
+from meshfed.federation.peer_status import PeerStatus
 from meshfed.federation.peering import (
     LIVE_STATES,
     IssuedToken,
@@ -97,81 +97,6 @@ class PeerLimits:
 # A SPIFFE bundle with a handful of roots is a few KiB; SPIRE's with JWT keys stays well under this.
 MAX_BUNDLE_BYTES = 256 * 1024
 _WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})  # noqa: S104 -- recognised, not bound
-
-
-class PeerStatus(BaseModel):
-    """What ``meshfed peer list|show`` and ``GET /v1/peerings`` report for one peering."""
-
-    name: str
-    role: str
-    state: PeerState
-    state_reason: str
-    peer_zone: str | None
-    peer_trust_domain: str | None
-    peer_addresses: list[str]
-    # Whether the stream is up now (read from the zone directory by another process: as the running
-    # zone last recorded it; see PeerStatus.stored).
-    connected: bool
-    last_connected_at: dt.datetime | None
-    last_heartbeat_sent_at: dt.datetime | None
-    last_heartbeat_received_at: dt.datetime | None
-    heartbeat_age_seconds: float | None
-    sent_version: int
-    acked_version: int
-    received_version: int
-    # Seconds the oldest unacked version of our exports has waited for the peer's ack (0 when in sync).
-    propagation_lag_seconds: float
-    exported_services: int
-    imported_services: int
-    # The peer's heartbeat interval as this zone uses it (clamped to local bounds): its failure deadline.
-    peer_heartbeat_seconds: float | None
-    # Why this zone refused the peer's newest update (its imports keep the last good version), or
-    # why its imports are withheld; empty when all is applied.
-    import_error: str
-    # Why the peer refused this zone's newest update; empty when it applied it.
-    export_error: str
-
-    @classmethod
-    def of(cls, peering: Peering, link: PeerLink | None = None) -> PeerStatus:
-        """The stored row, overlaid with the live link's fresher numbers when the service runs."""
-        if link is not None:
-            peering = link.as_peering(peering)
-        received_at = peering.last_heartbeat_received_at
-        return cls(
-            name=peering.name,
-            role=peering.role,
-            state=peering.state,
-            state_reason=peering.state_reason,
-            peer_zone=peering.peer_zone,
-            peer_trust_domain=peering.peer_trust_domain,
-            peer_addresses=list(peering.peer_addresses),
-            connected=link is not None and link.connected_now,
-            last_connected_at=peering.last_connected_at,
-            last_heartbeat_sent_at=peering.last_heartbeat_sent_at,
-            last_heartbeat_received_at=received_at,
-            heartbeat_age_seconds=None if received_at is None else (_utcnow() - received_at).total_seconds(),
-            sent_version=peering.sent_version,
-            acked_version=peering.acked_version,
-            received_version=peering.received_version,
-            propagation_lag_seconds=link.propagation_lag() if link is not None else 0.0,
-            exported_services=len(peering.sent_snapshot.services) if peering.sent_snapshot else peering.sent_services,
-            imported_services=(
-                len(peering.received_snapshot.services) if peering.received_snapshot else peering.received_services
-            ),
-            peer_heartbeat_seconds=link.peer_heartbeat_interval if link is not None else None,
-            import_error=peering.refused_reason or (link.quarantine_reason() if link is not None else ""),
-            export_error=link.export_error if link is not None else "",
-        )
-
-    @classmethod
-    def stored(cls, peering: Peering) -> PeerStatus:
-        """The stored row as a process other than the running zone sees it (``meshfed peer show``).
-
-        ``connected`` is what the running peering service last recorded: current only while its
-        lease is alive (:meth:`~meshfed.federation.peering.Listener.alive`); a reader must say
-        it is unknown otherwise.
-        """
-        return cls.of(peering).model_copy(update={"connected": peering.connected})
 
 
 class PeerLink:
@@ -1192,4 +1117,4 @@ def _describe_stream_error(err: BaseException, peer_trust_domain: str | None = N
     return f"{type(err).__name__}: {err}"
 
 
-__all__ = ["PeerLink", "PeerStatus", "PeeringService", "establish"]
+__all__ = ["PeerLink", "PeeringService", "establish"]
