@@ -199,7 +199,7 @@ def test_cli_adds_lists_and_removes_rules_with_json_output(tmp_path):
     assert added.returncode == 0, added.stderr
     rule = orjson.loads(added.stdout)
     assert rule["action"] == "deny"
-    assert rule["pattern"] == "*"
+    assert rule["id"] == "*"
     listed = meshfed_cli("authz", "list", *base, "-o", "json")
     assert [r["rule_id"] for r in orjson.loads(listed.stdout)] == [rule["rule_id"]]
     bad = meshfed_cli("authz", "add", *base, "--service", "orders", "--allow", "west.mesh/*")

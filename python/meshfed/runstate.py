@@ -30,7 +30,7 @@ from pathlib import Path
 
 from meshfed.sqlite import SqliteStore, transaction
 
-STATE_FILE = "state.db"
+STATE_FILE = "state.db"  # the zone's own state; the one definition of its name
 # The controller renews its lease every second; readers call it gone after this long without.
 LEASE_TIMEOUT = dt.timedelta(seconds=5)
 LEASE_RENEW_SECONDS = 1.0
@@ -121,4 +121,4 @@ def _iso(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).isoformat()
 
 
-__all__ = ["LEASE_TIMEOUT", "Lease", "RunState"]
+__all__ = ["LEASE_TIMEOUT", "STATE_FILE", "Lease", "RunState"]

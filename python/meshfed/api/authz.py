@@ -5,38 +5,16 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from meshfed.api.auth import audit_call, require_admin, require_reader
 from meshfed.controller import Controller
 from meshfed.errors import FederationError
-from meshfed.federation.authz import MAX_RULES_PER_SERVICE, AuthzRule, AuthzRules, ConfigRuleError, Source
-from meshfed.policy.authz import Action, RuleSpec
+from meshfed.federation.authz import MAX_RULES_PER_SERVICE, AuthzRules, ConfigRuleError, RuleView
+from meshfed.policy.authz import RuleSpec
 
 router = APIRouter(prefix="/v1/authz", tags=["authz"])
 MAX_RULE_ID = 2**63 - 1  # SQLite's INTEGER: a larger id names no rule, and must not reach the database
-
-
-class RuleView(BaseModel):
-    rule_id: int = Field(description="Names the rule for DELETE /v1/authz/{rule_id}.")
-    service: str
-    namespace: str
-    port: int | None = Field(description="The service port the rule applies to; null for every port.")
-    action: Action
-    id: str = Field(description="SPIFFE ID pattern of the callers it matches.")
-    source: Source = Field(description="config: zone.toml [[authz]] (read-only here); api: CLI or API.")
-
-    @classmethod
-    def of(cls, rule: AuthzRule) -> RuleView:
-        return cls(
-            rule_id=rule.rule_id,
-            service=rule.service,
-            namespace=rule.namespace,
-            port=rule.port,
-            action=rule.action,
-            id=rule.pattern,
-            source=rule.source,
-        )
 
 
 class RuleRequest(RuleSpec):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from meshfed.addresses import HostPort
@@ -325,15 +325,30 @@ async def add_export(body: ExportRequest, request: Request) -> list[ExportRuleVi
     status_code=status.HTTP_204_NO_CONTENT,
     dependencies=[Depends(require_admin)],
 )
-async def remove_export(namespace: str, service: str, request: Request) -> Response:
-    """Stop exporting a service to every peer."""
+async def remove_export(
+    namespace: str,
+    service: str,
+    request: Request,
+    to: Annotated[
+        list[Annotated[str, StringConstraints(min_length=1, max_length=63)]] | None,
+        Query(max_length=MAX_EXPORT_PEERS, description="Only the rules naming these peers; default: every rule."),
+    ] = None,
+) -> Response:
+    """Stop exporting a service to every peer, or to the peers ``to`` names."""
     controller = _controller(request)
     try:
         with ExportRules(controller.zone.directory) as rules:
-            removed = rules.remove(service, namespace)
+            removed = rules.remove(service, namespace, to)
     except FederationError as err:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(err)) from None
-    audit_call(request, controller.zone.directory, "export.remove", f"{service}.{namespace}", to="*", removed=removed)
+    audit_call(
+        request,
+        controller.zone.directory,
+        "export.remove",
+        f"{service}.{namespace}",
+        to=sorted(to) if to else "*",
+        removed=removed,
+    )
     if controller.ready:
         await controller.exports_changed()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field
 
 from meshfed.api.auth import audit_call, require_admin, require_reader
@@ -66,11 +66,25 @@ async def trusted_bundles(request: Request) -> dict[str, Any]:
     return await asyncio.to_thread(trust_listing, _zone(request), dt.datetime.now(dt.UTC))
 
 
-@router.put("/bundles/{trust_domain}", dependencies=[Depends(require_admin)], status_code=status.HTTP_200_OK)
-async def import_bundle(
-    request: Request, trust_domain: str, body: Annotated[bytes, Body(media_type=_SPIFFE_JSON)]
-) -> dict[str, Any]:
+# The body is read raw: a bundle is SPIFFE JSON or PEM, and parse_bundle is its one parser (FastAPI would
+# decode a body sent as application/json, the bundle's own type, into a dict and refuse it as not bytes).
+_BUNDLE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {_SPIFFE_JSON: {"schema": {"type": "object"}}, "application/x-pem-file": {"schema": {}}},
+    }
+}
+
+
+@router.put(
+    "/bundles/{trust_domain}",
+    dependencies=[Depends(require_admin)],
+    status_code=status.HTTP_200_OK,
+    openapi_extra=_BUNDLE_BODY,
+)
+async def import_bundle(request: Request, trust_domain: str) -> dict[str, Any]:
     """Trust ``trust_domain`` with this bundle (SPIFFE JSON or PEM), replacing its earlier one."""
+    body = await request.body()
     zone = _zone(request)
     try:
         bundle = parse_bundle(TrustDomain.parse(trust_domain), body)

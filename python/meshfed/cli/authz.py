@@ -1,4 +1,9 @@
-"""``meshfed authz``: who may call each exported service, by SPIFFE ID."""
+"""``meshfed authz``: who may call each exported service, by SPIFFE ID.
+
+Each command works through the zone's API when it runs (or ``--api``), else on
+its files (:mod:`meshfed.cli.remote`); ``-o json`` prints the API's rule objects
+either way.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,12 @@ import typer
 from pydantic import ValidationError
 
 from meshfed import audit
-from meshfed.cli.common import Output, OutputOption, ZoneDir, emit, print_table
+from meshfed.cli.common import OptionalZoneDir, Output, OutputOption, emit, print_table
+from meshfed.cli.remote import ApiOption, CaOption, TokenFileOption, target
 from meshfed.errors import FederationError
-from meshfed.federation.authz import AuthzRule, AuthzRules
+from meshfed.federation.authz import AuthzRules, RuleView
 from meshfed.policy.authz import RuleSpec
 from meshfed.validation import describe_validation_error
-from meshfed.zone import Zone
 
 authz_app = typer.Typer(
     help="Authorization rules per exported service: ordered allow/deny over caller SPIFFE IDs. "
@@ -30,7 +35,6 @@ NamespaceOption = Annotated[str, typer.Option(help="Namespace of the service.")]
 
 @authz_app.command("add")
 def add(
-    directory: ZoneDir,
     service: ServiceOption,
     allow: Annotated[
         str | None,
@@ -42,6 +46,10 @@ def add(
     position: Annotated[
         int | None, typer.Option(help="Where among the service's rules (1 = first); default: last.")
     ] = None,
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
     output: OutputOption = Output.table,
 ) -> None:
     """Add one rule; a running zone applies it within a second. The first matching rule decides."""
@@ -58,18 +66,26 @@ def add(
         )
     except ValidationError as err:
         raise FederationError(describe_validation_error(err)) from None
-    zone = Zone.open(directory)
-    with AuthzRules(zone.directory) as rules:
-        rule = rules.add(spec, position=position)
-    audit.record(
-        zone.directory, actor=audit.cli_actor(), action="authz.add", target=f"{service}.{namespace}", rule=asdict(rule)
-    )
+    where = target(directory, api, token_file, api_ca, change=True)
+    if where.api is not None:
+        rule = RuleView.model_validate(where.api.post("/v1/authz", {**spec.model_dump(), "position": position}))
+    else:
+        zone = where.zone()
+        with AuthzRules(zone.directory) as rules:
+            stored = rules.add(spec, position=position)
+        audit.record(
+            zone.directory,
+            actor=audit.cli_actor(),
+            action="authz.add",
+            target=f"{service}.{namespace}",
+            rule=asdict(stored),
+        )
+        rule = RuleView.of(stored)
     emit(rule, output, table=lambda: typer.echo(f"rule {rule.rule_id}: {_describe(rule)}"))
 
 
 @authz_app.command("remove")
 def remove(
-    directory: ZoneDir,
     rule_id: Annotated[
         int | None, typer.Option("--id", min=1, max=2**63 - 1, help="The rule to remove (see 'meshfed authz list').")
     ] = None,
@@ -77,45 +93,75 @@ def remove(
         str | None, typer.Option("--service", help="Remove every CLI/API rule of this service instead.")
     ] = None,
     namespace: NamespaceOption = "default",
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
     output: OutputOption = Output.table,
 ) -> None:
     """Remove a rule, or every rule of a service added by the CLI or API (zone.toml rules stay)."""
     if (rule_id is None) == (service is None):
         raise typer.BadParameter("give --id N or --service NAME", param_hint="--id")
-    zone = Zone.open(directory)
+    where = target(directory, api, token_file, api_ca, change=True)
+    if where.api is not None:
+        listed = [RuleView.model_validate(item) for item in where.api.get("/v1/authz", service=service)]
+        if rule_id is not None:
+            chosen = [rule for rule in listed if rule.rule_id == rule_id]
+        else:
+            chosen = [rule for rule in listed if rule.namespace == namespace and rule.source == "api"]
+        for rule in chosen:
+            where.api.delete(f"/v1/authz/{rule.rule_id}")
+        if rule_id is not None and not chosen:
+            raise FederationError(f"no authorization rule {rule_id}; see 'meshfed authz list'")
+        name = f"{chosen[0].service}.{chosen[0].namespace}" if rule_id is not None else f"{service}.{namespace}"
+        message = (
+            f"removed rule {rule_id}: {_describe(chosen[0])}"
+            if rule_id is not None
+            else f"removed {len(chosen)} rule(s) of {name}"
+        )
+        emit({"removed": len(chosen), "target": name}, output, table=lambda: typer.echo(message))
+        return
+    zone = where.zone()
     with AuthzRules(zone.directory) as rules:
         if rule_id is not None:
             removed = rules.remove(rule_id)
-            target, count = f"{removed.service}.{removed.namespace}", 1
-            message = f"removed rule {rule_id}: {_describe(removed)}"
+            name, count = f"{removed.service}.{removed.namespace}", 1
+            message = f"removed rule {rule_id}: {_describe(RuleView.of(removed))}"
         else:
             assert service is not None
             count = rules.remove_service(service, namespace)
-            target = f"{service}.{namespace}"
-            message = f"removed {count} rule(s) of {target}"
-    audit.record(zone.directory, actor=audit.cli_actor(), action="authz.remove", target=target, rules=count)
-    emit({"removed": count, "target": target}, output, table=lambda: typer.echo(message))
+            name = f"{service}.{namespace}"
+            message = f"removed {count} rule(s) of {name}"
+    audit.record(zone.directory, actor=audit.cli_actor(), action="authz.remove", target=name, rules=count)
+    emit({"removed": count, "target": name}, output, table=lambda: typer.echo(message))
 
 
 @authz_app.command("list")
 def list_rules(
-    directory: ZoneDir,
     service: Annotated[str | None, typer.Option("--service", help="Only this service.")] = None,
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
     output: OutputOption = Output.table,
 ) -> None:
     """List the rules in the order the gateway applies them, per service.
 
-    -o json prints a list of rules: rule_id, namespace, service, port (null: every port), action,
-    pattern, source (config: zone.toml; api: the CLI or API).
+    -o json prints what GET /v1/authz returns: rule_id, service, namespace, port (null: every port),
+    action, id (the callers' SPIFFE ID pattern), source (config: zone.toml; api: the CLI or API).
     """
-    zone = Zone.open(directory)
-    with AuthzRules(zone.directory) as rules:
-        current = [rule for rule in rules.rules() if service is None or rule.service == service]
+    where = target(directory, api, token_file, api_ca, change=False)
+    current: list[RuleView]
+    if where.api is not None:
+        current = [RuleView.model_validate(item) for item in where.api.get("/v1/authz", service=service)]
+    else:
+        with AuthzRules(where.zone().directory) as rules:
+            current = [RuleView.of(rule) for rule in rules.rules() if service is None or rule.service == service]
     emit(
         current,
         output,
         table=lambda: print_table(
-            f"zone {zone.name} authorization rules (first match decides; no match: denied)",
+            "authorization rules (first match decides; no match: denied)",
             ("id", "service", "port", "action", "caller", "from"),
             (
                 (
@@ -123,7 +169,7 @@ def list_rules(
                     f"{rule.service}.{rule.namespace}",
                     "all" if rule.port is None else rule.port,
                     rule.action,
-                    rule.pattern,
+                    rule.id,
                     "zone.toml" if rule.source == "config" else "cli/api",
                 )
                 for rule in current
@@ -133,6 +179,6 @@ def list_rules(
     )
 
 
-def _describe(rule: AuthzRule) -> str:
+def _describe(rule: RuleView) -> str:
     port = "" if rule.port is None else f" port {rule.port}"
-    return f"{rule.action} {rule.pattern} on {rule.service}.{rule.namespace}{port}"
+    return f"{rule.action} {rule.id} on {rule.service}.{rule.namespace}{port}"

@@ -61,6 +61,16 @@ ZoneDir = Annotated[
         help="The zone directory (made by 'meshfed zone init').",
     ),
 ]
+OptionalZoneDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--dir",
+        envvar=DIR_ENVVAR,
+        show_envvar=True,
+        callback=_zone_directory,
+        help="The zone directory (made by 'meshfed zone init'); not needed with --api.",
+    ),
+]
 
 
 class Output(StrEnum):

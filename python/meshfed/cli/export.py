@@ -1,4 +1,8 @@
-"""``meshfed export``: which local services each peer may see and call."""
+"""``meshfed export``: which local services each peer may see and call.
+
+Each command works through the zone's API when it runs (or ``--api``), else on
+its files (:mod:`meshfed.cli.remote`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ import typer
 from meshfed import audit
 from meshfed.catalog import CatalogSnapshot, open_catalog
 from meshfed.catalog.embedded import EmbeddedCatalog
-from meshfed.cli.common import Output, OutputOption, ZoneDir, emit, print_table
+from meshfed.cli.common import OptionalZoneDir, Output, OutputOption, emit, print_table
+from meshfed.cli.remote import ApiOption, CaOption, TokenFileOption, ZoneApi, target
 from meshfed.errors import MeshfedError
 from meshfed.federation.exports import ALL_PEERS, ExportRules
 from meshfed.federation.peering import PeeringStore
@@ -26,7 +31,6 @@ _REMOTE_CATALOG_CHECK_SECONDS = 3.0
 
 @export_app.command("add")
 def add(
-    directory: ZoneDir,
     service: ServiceOption,
     to: Annotated[list[str], typer.Option("--to", help="Peering name, or '*' for every peer. Repeatable.")],
     namespace: NamespaceOption = "default",
@@ -38,9 +42,17 @@ def add(
             "(TLV 0xE0) before the client's bytes. Default: leave as it is (off for a new export).",
         ),
     ] = None,
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
 ) -> None:
-    """Export a service to peers; a running zone applies it within a second."""
-    zone = Zone.open(directory)
+    """Export a service to peers; a running zone applies it at once."""
+    where = target(directory, api, token_file, api_ca, change=True)
+    if where.api is not None:
+        _add_through(where.api, service, namespace, to, proxy_protocol)
+        return
+    zone = where.zone()
     with ExportRules(zone.directory) as rules:
         added = rules.add(service, namespace, to, proxy_protocol=proxy_protocol)
     audit.record(
@@ -60,13 +72,33 @@ def add(
     with PeeringStore.of(zone) as peerings:
         known = {peering.name for peering in peerings.peerings()}
     for peer in sorted({rule.peer for rule in added} - known - {ALL_PEERS}):
-        # An export names peerings; a trust domain federated by bundle only (SPIRE) is admitted by a rule.
+        typer.echo(_no_such_peering(peer, service), err=True)
+
+
+def _add_through(api: ZoneApi, service: str, namespace: str, to: list[str], proxy_protocol: bool | None) -> None:
+    added = api.post(
+        "/v1/exports", {"service": service, "namespace": namespace, "to": to, "proxy_protocol": proxy_protocol}
+    )
+    typer.echo(f"exported {service}.{namespace} to {', '.join(rule['peer'] for rule in added)}")
+    catalog = api.get("/v1/catalog")
+    if not any(s["name"] == service and s["namespace"] == namespace for s in catalog["services"]):
         typer.echo(
-            f"note: zone {zone.name} has no peering named {peer!r} yet; the export applies once one is "
-            "established. To admit workloads of a trust domain federated by bundle (SPIRE, another mesh), "
-            f"use 'meshfed authz add --service {service} --allow spiffe://<trust domain>/*'",
+            f"note: the zone's {catalog['source']['mode']} catalog has no service {service}.{namespace} yet; "
+            "the export applies once it is registered ('meshfed service list' shows what is there)",
             err=True,
         )
+    known = {peering["name"] for peering in api.get("/v1/peerings")}
+    for peer in sorted({rule["peer"] for rule in added} - known - {ALL_PEERS}):
+        typer.echo(_no_such_peering(peer, service), err=True)
+
+
+def _no_such_peering(peer: str, service: str) -> str:
+    # An export names peerings; a trust domain federated by bundle only (SPIRE) is admitted by a rule.
+    return (
+        f"note: the zone has no peering named {peer!r} yet; the export applies once one is established. To "
+        "admit workloads of a trust domain federated by bundle (SPIRE, another mesh), use "
+        f"'meshfed authz add --service {service} --allow spiffe://<trust domain>/*'"
+    )
 
 
 def _in_catalog(zone: Zone, service: str, namespace: str) -> bool | None:
@@ -91,13 +123,21 @@ def _in_catalog(zone: Zone, service: str, namespace: str) -> bool | None:
 
 @export_app.command("remove")
 def remove(
-    directory: ZoneDir,
     service: ServiceOption,
     namespace: NamespaceOption = "default",
     to: Annotated[list[str] | None, typer.Option("--to", help="Only these peers (default: all rules).")] = None,
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
 ) -> None:
     """Stop exporting a service (to some peers, or to all)."""
-    zone = Zone.open(directory)
+    where = target(directory, api, token_file, api_ca, change=True)
+    if where.api is not None:
+        where.api.delete(f"/v1/exports/{namespace}/{service}", to=to)
+        typer.echo(f"removed the export rule(s) of {service}.{namespace}" + (f" to {', '.join(to)}" if to else ""))
+        return
+    zone = where.zone()
     with ExportRules(zone.directory) as rules:
         removed = rules.remove(service, namespace, to)
     audit.record(
@@ -112,24 +152,31 @@ def remove(
 
 
 @export_app.command("list")
-def list_exports(directory: ZoneDir, output: OutputOption = Output.table) -> None:
+def list_exports(
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
+    output: OutputOption = Output.table,
+) -> None:
     """List the export rules.
 
     -o json prints the same list as GET /v1/exports: objects with service, namespace and peer
     (a peering name, or '*' for every peer).
     """
-    from meshfed.api.catalog import ExportRuleView  # the API's model; fastapi only for this command
-
-    zone = Zone.open(directory)
-    with ExportRules(zone.directory) as rules:
-        current = [ExportRuleView(service=r.service, namespace=r.namespace, peer=r.peer) for r in rules.rules()]
+    where = target(directory, api, token_file, api_ca, change=False)
+    if where.api is not None:
+        current: list[dict[str, str]] = where.api.get("/v1/exports")
+    else:
+        with ExportRules(where.zone().directory) as rules:
+            current = [{"service": r.service, "namespace": r.namespace, "peer": r.peer} for r in rules.rules()]
     emit(
         current,
         output,
         table=lambda: print_table(
-            f"zone {zone.name} exports",
+            "exports",
             ("service", "to"),
-            ((f"{rule.service}.{rule.namespace}", rule.peer) for rule in current),
+            ((f"{rule['service']}.{rule['namespace']}", rule["peer"]) for rule in current),
             width=120,
         ),
     )

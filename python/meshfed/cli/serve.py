@@ -36,7 +36,7 @@ import uvicorn
 from meshfed.addresses import HostPort
 from meshfed.api.app import create_health_app
 from meshfed.cli import _signals
-from meshfed.cli.status import API_URL_FILE
+from meshfed.cli.remote import API_URL_FILE
 from meshfed.errors import GatewayConfigError, GatewayError, MeshfedError, PeeringError, TrustError
 from meshfed.logs import configure_logging
 from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone, check_settings, raise_open_file_limit

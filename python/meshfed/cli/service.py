@@ -1,37 +1,39 @@
 """``meshfed service`` and ``meshfed catalog``: the zone's catalog.
 
-``service register``/``deregister`` write the embedded catalog; a zone whose
+``service register``/``deregister`` change the embedded catalog; a zone whose
 catalog is Consul or Kubernetes refuses them (services are registered there,
-with that platform's tools). ``service list`` and ``catalog list`` read the
-catalog the zone is configured with, through the same source the controller
-uses, so a Consul or Kubernetes zone shows what that server holds.
+with that platform's tools). ``service list`` and ``catalog list`` show what
+``GET /v1/catalog`` does. Each works through the zone's API when it runs (or
+``--api``); on a zone that does not run, on its files, reading the catalog
+through the same source the controller uses, so a Consul or Kubernetes zone
+shows what that server holds.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from meshfed import audit
-from meshfed.addresses import HostPort
 from meshfed.catalog import CatalogSnapshot, open_catalog
 from meshfed.catalog.embedded import EmbeddedCatalog
 from meshfed.catalog.publisher import PublicationStatus, PublicationStore
 from meshfed.catalog.registration import not_embedded, registration
-from meshfed.cli.common import Output, OutputOption, ZoneDir, emit, print_table
+from meshfed.cli.common import OptionalZoneDir, Output, OutputOption, emit, print_table
+from meshfed.cli.remote import ApiOption, CaOption, TokenFileOption, target
 from meshfed.errors import CatalogError
 from meshfed.federation.exports import ExportRules
 from meshfed.federation.failover import failover_groups
-from meshfed.federation.imports import ImportStore, egress_listener_name
+from meshfed.federation.imports import ImportStore
 from meshfed.runstate import RunState
 from meshfed.zone import STATE_FILE, Zone
 
 if TYPE_CHECKING:
     from meshfed.api.catalog import CatalogView
-    from meshfed.federation.failover import FailoverGroup
-    from meshfed.federation.imports import ImportedService
 
 service_app = typer.Typer(help="Register services in the zone's embedded catalog.", no_args_is_help=True)
 catalog_app = typer.Typer(help="Show the zone's catalog.", no_args_is_help=True)
@@ -44,26 +46,38 @@ _ENDPOINT_HELP = (
 
 @service_app.command("register")
 def register(
-    directory: ZoneDir,
     name: Annotated[str, typer.Option(help="Service name (a DNS label).")],
     port: Annotated[list[str], typer.Option(help="Named port NAME=NUMBER, e.g. http=8080. Repeatable.")],
     endpoint: Annotated[list[str], typer.Option(help=_ENDPOINT_HELP)],
     namespace: Annotated[str, typer.Option(help="Namespace of the service.")] = "default",
     label: Annotated[list[str] | None, typer.Option(help="Service label KEY=VALUE. Repeatable.")] = None,
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
 ) -> None:
     """Add or replace a service and all its endpoints."""
-    zone = Zone.open(directory)
-    _require_embedded(zone, "register")
     labels = dict(map(_pair, label or []))
     if len(labels) != len(label or []):
         raise CatalogError("--label: a label key is given twice; give each key once")
-    service = registration(
+    spec = registration(
         name=name,
         namespace=namespace,
         ports=[{"name": key, "port": _port_number(key, value)} for key, value in map(_pair, port)],
         labels=labels,
-        endpoints=[_endpoint(spec) for spec in endpoint],
-    ).service(zone.name)
+        endpoints=[_endpoint(text) for text in endpoint],
+    )
+    where = target(directory, api, token_file, api_ca, change=True)
+    if where.api is not None:
+        changed = where.api.post("/v1/services", spec.model_dump(mode="json"))
+        typer.echo(
+            f"registered {spec.name}.{spec.namespace}: {len(spec.endpoints)} endpoint(s), "
+            f"version {changed['catalog_version']}"
+        )
+        return
+    zone = where.zone()
+    _require_embedded(zone, "register")
+    service = spec.service(zone.name)
     with EmbeddedCatalog(zone.directory) as catalog:
         version = catalog.register(service)
     audit.record(
@@ -81,12 +95,20 @@ def register(
 
 @service_app.command("deregister")
 def deregister(
-    directory: ZoneDir,
     name: Annotated[str, typer.Option(help="Service name.")],
     namespace: Annotated[str, typer.Option(help="Namespace of the service.")] = "default",
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
 ) -> None:
     """Remove a service from the embedded catalog."""
-    zone = Zone.open(directory)
+    where = target(directory, api, token_file, api_ca, change=True)
+    if where.api is not None:
+        changed = where.api.delete(f"/v1/services/{namespace}/{name}")
+        typer.echo(f"deregistered {name}.{namespace}, version {changed['catalog_version']}")
+        return
+    zone = where.zone()
     _require_embedded(zone, "deregister")
     with EmbeddedCatalog(zone.directory) as catalog:
         version = catalog.deregister(namespace, name)
@@ -101,25 +123,37 @@ def deregister(
 
 
 @service_app.command("list")
-def list_services(directory: ZoneDir, output: OutputOption = Output.table) -> None:
+def list_services(
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
+    output: OutputOption = Output.table,
+) -> None:
     """List the services in the zone's catalog (embedded, Consul or Kubernetes).
 
     -o json prints the same object as GET /v1/catalog (see 'meshfed catalog list --help').
     """
-    _print_catalog(Zone.open(directory), output)
+    _print_catalog(directory, api, token_file, api_ca, output)
 
 
 @catalog_app.command("list")
-def list_catalog(directory: ZoneDir, output: OutputOption = Output.table) -> None:
-    """List the zone's services with their health and zone.
+def list_catalog(
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """List the zone's services with their health and zone, and where local clients reach each import.
 
     -o json prints the same object as GET /v1/catalog: version, source {mode, error}, publication,
     services (endpoints the gateway's health checks find failing marked unhealthy),
     failing_health_checks, imports (with local_addresses) and failover_groups (with listeners).
-    Read from the zone directory: local addresses and health checks only while the zone runs,
+    Of a zone that is not running: read from its files, without local addresses or health checks,
     and source.error is null.
     """
-    _print_catalog(Zone.open(directory), output)
+    _print_catalog(directory, api, token_file, api_ca, output)
 
 
 def _require_embedded(zone: Zone, verb: str) -> None:
@@ -144,12 +178,50 @@ def _load(zone: Zone) -> CatalogSnapshot:
     return asyncio.run(read())
 
 
-def _print_catalog(zone: Zone, output: Output) -> None:
+def _print_catalog(
+    directory: Path | None, api: str | None, token_file: Path | None, api_ca: Path | None, output: Output
+) -> None:
+    from meshfed.api.catalog import CatalogView  # the API's models (and fastapi) only for this command
+
+    where = target(directory, api, token_file, api_ca, change=False)
+    if where.api is not None:
+        view, running, zone_name = CatalogView.model_validate(where.api.get("/v1/catalog")), True, None
+    else:
+        zone = where.zone()
+        view, running, zone_name = _offline_view(zone), _running(zone), zone.name
+    emit(view, output, table=lambda: _print_view(view, running))
+    mode = view.source.mode
+    if not running:
+        typer.echo(
+            f"note: zone {zone_name} is not running: health is the catalog's alone (no gateway health checks) "
+            "and local addresses are unknown until 'meshfed up'",
+            err=True,
+        )
+    if view.source.error is not None:
+        typer.echo(f"warning: the {mode} catalog does not answer: {view.source.error}", err=True)
+    publication = view.publication
+    if not publication.ok:
+        since = publication.failing_since.isoformat(timespec="seconds") if publication.failing_since else "?"
+        typer.echo(
+            f"warning: imports are not published in the {mode} catalog since {since}: {publication.error}",
+            err=True,
+        )
+
+
+def _running(zone: Zone) -> bool:
+    with RunState(zone.directory) as runstate:
+        return runstate.running()
+
+
+def _offline_view(zone: Zone) -> CatalogView:
+    """What ``GET /v1/catalog`` would answer, from the zone directory."""
+    from meshfed.api.catalog import catalog_view
+
     snapshot = _load(zone)
     with ImportStore(zone.directory) as imports:
         imported = imports.services()
     with PublicationStore(zone.directory / STATE_FILE) as publications:
-        publication = publications.get()
+        publication = publications.get() or PublicationStatus(source=zone.config.catalog)
     # What only the running zone knows: its gateway's health verdict and where its listeners are.
     with RunState(zone.directory) as runstate:
         running = runstate.running()
@@ -157,90 +229,62 @@ def _print_catalog(zone: Zone, output: Output) -> None:
     with ExportRules(zone.directory) as rules:
         failing = rules.unhealthy_endpoints() if running else frozenset()
     groups = failover_groups(snapshot, imported, zone.config.failover)
-    if output is not Output.table:
-        emit(_catalog_view(zone, snapshot, imported, groups, publication, bound, failing), output, table=lambda: None)
-        return
+    return catalog_view(zone, snapshot, imported, groups, publication, bound, failing)
+
+
+def _print_view(view: CatalogView, running: bool) -> None:
+    failing = {(item.namespace, item.service, item.endpoint) for item in view.failing_health_checks}
     rows: list[tuple[object, ...]] = []
-    for service in snapshot.services:
-        checked = [e for e in service.endpoints if (service.namespace, service.name, e.key) in failing]
-        healthy = [e for e in service.healthy_endpoints if e not in checked]
+    for service in view.services:
         rows.append(
             (
                 f"{service.name}.{service.namespace}",
                 _ports(service.ports),
-                zone.name,
-                f"{len(healthy)}/{len(service.endpoints)}",
-                ", ".join(e.key + (" (failing health checks)" if e in checked else "") for e in service.endpoints),
+                ", ".join(sorted({e.zone for e in service.endpoints})) or "-",
+                f"{len(service.healthy_endpoints)}/{len(service.endpoints)}",
+                ", ".join(
+                    e.key + (" (failing health checks)" if (service.namespace, service.name, e.key) in failing else "")
+                    for e in service.endpoints
+                ),
                 "-",
             )
         )
-    for item in imported:
+    for item in view.imports:
         rows.append(
             (
                 item.name,
-                _ports(item.service.ports),
-                item.snapshot.zone,
-                f"{item.service.healthy_endpoints}/{item.service.total_endpoints}",
-                f"via gateway {', '.join(item.snapshot.gateway_addresses)}",
-                _local_address(running, bound, {port: egress_listener_name(item, port) for port in item.service.ports}),
+                _ports(item.ports),
+                item.zone,
+                f"{item.healthy_endpoints}/{item.total_endpoints}",
+                f"via gateway {', '.join(item.gateway_addresses)}",
+                _local_address(running, item.local_addresses, item.ports),
             )
         )
-    for group in groups:
+    for group in view.failover_groups:
+        split = ", ".join(f"{peer} {weight}" for peer, weight in group.split.items())
         rows.append(
             (
                 f"{group.name} (failover group)",
-                ", ".join(group.port_names),
-                group.describe(),
+                ", ".join(sorted(group.listeners)) or "-",
+                " -> ".join(group.sources) + (f" (split {split})" if split else ""),
                 "",
-                "listener " + ", ".join(group.listener_name(port) for port in group.port_names),
-                _local_address(running, bound, {port: group.listener_name(port) for port in group.port_names}),
+                "",
+                _local_address(running, group.listeners, group.listeners),
             )
         )
     print_table(
-        f"zone {zone.name} catalog ({zone.config.catalog}, version {snapshot.version})",
+        f"catalog ({view.source.mode}, version {view.version})",
         ("service", "ports", "zone", "healthy", "endpoints", "local address"),
         rows,
         width=200,
     )
-    if not running:
-        typer.echo(
-            f"note: zone {zone.name} is not running: health is the catalog's alone (no gateway health checks) "
-            "and local addresses are unknown until 'meshfed up'",
-            err=True,
-        )
-    if publication is not None and not publication.ok:
-        since = publication.failing_since.isoformat(timespec="seconds") if publication.failing_since else "?"
-        typer.echo(
-            f"warning: imports are not published in the {zone.config.catalog} catalog since {since}: "
-            f"{publication.last_error}",
-            err=True,
-        )
 
 
-def _catalog_view(
-    zone: Zone,
-    snapshot: CatalogSnapshot,
-    imported: list[ImportedService],
-    groups: list[FailoverGroup],
-    publication: PublicationStatus | None,
-    bound: dict[str, tuple[str, int]],
-    failing: frozenset[tuple[str, str, str]],
-) -> CatalogView:
-    """What ``GET /v1/catalog`` would answer, from the zone directory."""
-    from meshfed.api.catalog import catalog_view  # the API's models; fastapi only for -o json|yaml
-
-    publication = publication or PublicationStatus(source=zone.config.catalog)
-    return catalog_view(zone, snapshot, imported, groups, publication, bound, failing)
-
-
-def _local_address(running: bool, bound: dict[str, tuple[str, int]], listeners: dict[str, str]) -> str:
+def _local_address(running: bool, bound: dict[str, str], ports: Iterable[str]) -> str:
     """Where local clients connect, per port: the running zone's listener addresses."""
     if not running:
         return "unknown (zone not running)"
-    return ", ".join(
-        f"{port}={HostPort(*bound[name])}" if name in bound else f"{port}=not served"
-        for port, name in sorted(listeners.items())
-    )
+    return ", ".join(f"{port}={bound.get(port, 'not served')}" for port in sorted(ports))
 
 
 def _ports(ports: dict[str, int]) -> str:

@@ -13,91 +13,16 @@ something needs attention (a problem in ``status``, a broken link in
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 
-from meshfed.cli.common import DIR_ENVVAR, ExitCode, Output, OutputOption, emit
-from meshfed.errors import MeshfedError
-from meshfed.zone import READ_TOKEN_FILE
-
-API_URL_FILE = "api-url"
-"""Where ``meshfed up`` records its API's URL in the zone directory (removed when it stops)."""
-
-
-ApiOption = Annotated[
-    str | None,
-    typer.Option(
-        "--api",
-        envvar="MESHFED_API",
-        help="The zone's API URL; default: the address its 'meshfed up' recorded in the zone directory.",
-    ),
-]
-TokenFileOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--token-file", envvar="MESHFED_TOKEN_FILE", help="A token of the zone; default: read-token in --dir."
-    ),
-]
-DirOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--dir", envvar=DIR_ENVVAR, show_envvar=True, help="The zone directory (made by 'meshfed zone init')."
-    ),
-]
-CaOption = Annotated[
-    Path | None, typer.Option("--api-ca", help="CA certificate (PEM) that signed the API's TLS certificate.")
-]
-
-
-def _ask(
-    directory: Path | None, api: str | None, token_file: Path | None, ca: Path | None, path: str, **params: Any
-) -> Any:
-    """GET ``path`` from the zone's API; a one-line MeshfedError when it cannot be asked."""
-    if api is None:
-        if directory is None:
-            raise MeshfedError("give the zone with --dir DIR (or MESHFED_DIR), or its API with --api URL")
-        recorded = directory / API_URL_FILE
-        if not recorded.exists():
-            raise MeshfedError(
-                f"zone in {directory} is not running (no {API_URL_FILE}): start it with "
-                f"'meshfed up --dir {directory}', or give --api URL for a zone elsewhere"
-            )
-        api = recorded.read_text().strip()
-    if token_file is None:
-        if directory is None:
-            raise MeshfedError("give --token-file (a token of the zone) with --api, or --dir for its read-token")
-        token_file = directory / READ_TOKEN_FILE
-    try:
-        token = token_file.read_text().strip()
-    except OSError as err:
-        raise MeshfedError(f"cannot read the token {token_file}: {err.strerror or err}") from None
-    verify: Any = str(ca) if ca is not None else True
-    try:
-        response = httpx.get(
-            f"{api.rstrip('/')}{path}",
-            params={k: v for k, v in params.items() if v is not None},
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=10,
-            verify=verify,
-        )
-    except httpx.HTTPError as err:
-        raise MeshfedError(
-            f"cannot reach the zone's API at {api}: {err}; is 'meshfed up' running (and is {api} its --api-address)?"
-        ) from None
-    if response.status_code != 200:
-        try:
-            detail = response.json().get("detail", response.text)
-        except ValueError:
-            detail = response.text
-        raise MeshfedError(f"the zone's API at {api} answered {response.status_code}: {detail}")
-    return response.json()
+from meshfed.cli.common import ExitCode, OptionalZoneDir, Output, OutputOption, emit
+from meshfed.cli.remote import ApiOption, CaOption, TokenFileOption, require_api
 
 
 def status(
-    directory: DirOption = None,
+    directory: OptionalZoneDir = None,
     api: ApiOption = None,
     token_file: TokenFileOption = None,
     api_ca: CaOption = None,
@@ -108,7 +33,7 @@ def status(
     Exits 3 when something needs attention, so scripts and probes can use it.
     -o json prints what GET /v1/status returns.
     """
-    report = _ask(directory, api, token_file, api_ca, "/v1/status")
+    report = require_api(directory, api, token_file, api_ca).get("/v1/status")
     emit(report, output, table=lambda: _print_status(report))
     if not report["healthy"]:
         raise typer.Exit(ExitCode.NEEDS_ATTENTION)
@@ -121,7 +46,7 @@ def explain(
     caller: Annotated[
         str | None, typer.Option("--as", help="Also explain whether this SPIFFE ID may call it (exporter side).")
     ] = None,
-    directory: DirOption = None,
+    directory: OptionalZoneDir = None,
     api: ApiOption = None,
     token_file: TokenFileOption = None,
     api_ca: CaOption = None,
@@ -131,14 +56,8 @@ def explain(
 
     Exits 3 when a link is broken. -o json prints what GET /v1/explain/NAMESPACE/SERVICE returns.
     """
-    report = _ask(
-        directory,
-        api,
-        token_file,
-        api_ca,
-        f"/v1/explain/{namespace}/{service}",
-        peer=peer,
-        **{"as": caller},
+    report = require_api(directory, api, token_file, api_ca).get(
+        f"/v1/explain/{namespace}/{service}", peer=peer, **{"as": caller}
     )
     emit(report, output, table=lambda: _print_explanation(report))
     if report["broken"] is not None:

@@ -1,4 +1,11 @@
-"""``meshfed trust``: SVIDs and trust bundles."""
+"""``meshfed trust``: SVIDs and trust bundles.
+
+``list``, ``import``, ``federate``, ``remove`` and ``rotate`` work through the
+zone's API when it runs (or ``--api``), else on its files
+(:mod:`meshfed.cli.remote`). ``issue`` and ``export`` read the zone's CA and
+bundle from its directory, and a rotation that needs a root key file runs on
+the zone's host: root keys never travel to the API.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,8 @@ from typing import Annotated, Any
 import typer
 
 from meshfed import audit
-from meshfed.cli.common import Output, OutputOption, ZoneDir, emit, parse_duration
+from meshfed.cli.common import OptionalZoneDir, Output, OutputOption, ZoneDir, emit, parse_duration
+from meshfed.cli.remote import ApiOption, CaOption, Target, TokenFileOption, ZoneApi, target
 from meshfed.errors import RotationError
 from meshfed.federation.trust_removal import remove_trust
 from meshfed.trust.bundle import parse_bundle
@@ -58,14 +66,22 @@ def export(
 @trust_app.command("import")
 def import_(
     file: Annotated[str, typer.Argument(help="Bundle file (SPIFFE JSON or PEM roots), or '-' for stdin.")],
-    directory: ZoneDir,
     trust_domain: Annotated[str, typer.Option(help="The trust domain the bundle belongs to.")],
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
 ) -> None:
     """Trust another trust domain's bundle (replaces an earlier bundle of that domain)."""
-    zone = _open(directory)
     domain = TrustDomain.parse(trust_domain)
     data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
-    bundle = parse_bundle(domain, data)
+    bundle = parse_bundle(domain, data)  # refused here, in one line, before anything is sent
+    where = target(directory, api, token_file, api_ca, change=True)
+    if where.api is not None:
+        where.api.put(f"/v1/trust/bundles/{domain.name}", data, "application/json")
+        typer.echo(f"trusting {domain}: {len(bundle.roots)} root(s), sequence {bundle.sequence}")
+        return
+    zone = _open(where)
     zone.import_bundle(bundle)
     audit.record(
         zone.directory, actor=audit.cli_actor(), action="trust.import", target=domain.name, sequence=bundle.sequence
@@ -80,7 +96,10 @@ class Profile(StrEnum):
 
 @trust_app.command("list")
 def list_(
-    directory: ZoneDir,
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
     output: OutputOption = Output.table,
     as_json: Annotated[bool, typer.Option("--json", help="The same as -o json.")] = False,
 ) -> None:
@@ -88,7 +107,12 @@ def list_(
 
     -o json prints what GET /v1/trust/bundles returns: trust_domains (each with its roots) and rotation.
     """
-    listing = trust_listing(_open(directory), dt.datetime.now(dt.UTC))
+    where = target(directory, api, token_file, api_ca, change=False)
+    listing: dict[str, Any] = (
+        where.api.get("/v1/trust/bundles")
+        if where.api is not None
+        else trust_listing(_open(where), dt.datetime.now(dt.UTC))
+    )
     emit(listing, Output.json if as_json else output, table=lambda: _print_listing(listing))
 
 
@@ -112,7 +136,6 @@ def _print_listing(listing: dict[str, Any]) -> None:
 
 @trust_app.command("rotate")
 def rotate(
-    directory: ZoneDir,
     overlap: Annotated[
         str | None,
         typer.Option(
@@ -142,13 +165,27 @@ def rotate(
         Path | None,
         typer.Option(help="Rotate to a new root whose private key is written to this new file, not the zone."),
     ] = None,
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
 ) -> None:
     """Start a CA rotation: publish a new root now, switch signing after the overlap, retire the old root later."""
     if finish and abort:
         raise RotationError("--finish/--abort: give one (finish the rotation in progress now, or drop its new CA)")
     if (finish or abort) and (overlap is not None or root_key is not None or offline_root_key is not None):
         raise RotationError("--finish and --abort end the rotation in progress; they take no --overlap or root key")
-    zone = _open(directory)
+    lapse = parse_duration(overlap, "--overlap") if overlap is not None else None
+    # A root key file stays on this host: such a rotation works on the zone's files, even while it runs.
+    where = target(directory, api, token_file, api_ca, change=True)
+    if where.api is not None and root_key is None and offline_root_key is None:
+        _rotate_through(where.api, lapse, finish=finish, abort=abort)
+        return
+    if where.directory is None:
+        raise RotationError(
+            "--root-key and --offline-root-key rotate on the zone's host, never through its API: give --dir"
+        )
+    zone = _open(where)
     if finish or abort:
         steps = zone.finish_rotation() if finish else zone.abort_rotation()
         for step in steps:
@@ -162,7 +199,7 @@ def rotate(
         )
         return
     generation = zone.rotate(
-        parse_duration(overlap, "--overlap") if overlap is not None else None,
+        lapse,
         root_key=load_root_key(root_key) if root_key is not None else None,
         offline_root_key=offline_root_key,
     )
@@ -183,9 +220,22 @@ def rotate(
         typer.echo(f"the new root's key is in {offline_root_key}: keep it offline", err=True)
 
 
+def _rotate_through(api: ZoneApi, overlap: dt.timedelta | None, *, finish: bool, abort: bool) -> None:
+    if finish or abort:
+        ended = api.post("/v1/trust/rotate", {"finish": finish, "abort": abort})
+        for step in ended["steps"]:
+            typer.echo(f"CA generation {step['generation']} {step['phase']}: {step['message']}")
+        return
+    seconds = int(overlap.total_seconds()) if overlap is not None else None
+    started = api.post("/v1/trust/rotate", {"overlap_seconds": seconds})
+    typer.echo(
+        f"new root (root sha256:{started['root_fingerprint']}) published; CA generation {started['generation']} "
+        f"signs from {started['activate_at']}"
+    )
+
+
 @trust_app.command("federate")
 def federate(
-    directory: ZoneDir,
     trust_domain: Annotated[str, typer.Option(help="The trust domain whose bundle the endpoint serves.")],
     endpoint: Annotated[str, typer.Option(help="The bundle endpoint URL (https://...).")],
     profile: Annotated[Profile, typer.Option(help="How the endpoint is authenticated.")],
@@ -198,11 +248,31 @@ def federate(
     web_ca: Annotated[
         Path | None, typer.Option(help="https_web: PEM CA certificates to trust instead of the system's.")
     ] = None,
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
 ) -> None:
     """Trust another trust domain through its bundle endpoint, polled at the bundle's refresh hint."""
-    zone = _open(directory)
     domain = TrustDomain.parse(trust_domain)
-    bootstrap = parse_bundle(domain, bootstrap_bundle.read_bytes()) if bootstrap_bundle is not None else None
+    bootstrap_data = bootstrap_bundle.read_bytes() if bootstrap_bundle is not None else None
+    bootstrap = parse_bundle(domain, bootstrap_data) if bootstrap_data is not None else None
+    where = target(directory, api, token_file, api_ca, change=True)
+    if where.api is not None:
+        where.api.post(
+            "/v1/trust/federations",
+            {
+                "trust_domain": domain.name,
+                "endpoint_url": endpoint,
+                "profile": profile.value,
+                "endpoint_spiffe_id": endpoint_spiffe_id,
+                "bootstrap_bundle": bootstrap_data.decode() if bootstrap_data is not None else None,
+                "web_ca_pem": web_ca.read_text() if web_ca is not None else None,
+            },
+        )
+        typer.echo(f"federating with {domain} via {endpoint} ({profile.value}); the running zone fetches it now")
+        return
+    zone = _open(where)
     zone.federate(
         domain,
         endpoint,
@@ -222,16 +292,25 @@ def federate(
 
 @trust_app.command("remove")
 def remove(
-    directory: ZoneDir,
     trust_domain: Annotated[str, typer.Option(help="The trust domain to stop trusting.")],
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
 ) -> None:
     """Stop trusting an imported or federated trust domain: its bundle and its federation go.
 
-    A running zone's gateway stops trusting it on its next reconfigure (within
-    seconds). A peer's trust domain goes with its peering (meshfed peer delete).
+    A running zone's gateway stops trusting it at once. A peer's trust domain
+    goes with its peering (meshfed peer delete).
     """
-    zone = _open(directory)
     domain = TrustDomain.parse(trust_domain)
+    where = target(directory, api, token_file, api_ca, change=True)
+    if where.api is not None:
+        gone = where.api.delete(f"/v1/trust/bundles/{domain.name}")
+        done = (("its bundle", gone["bundle_removed"]), ("its federation", gone["federation_removed"]))
+        typer.echo(f"no longer trusting {domain}: removed {' and '.join(part for part, ok in done if ok)}")
+        return
+    zone = _open(where)
     removed = remove_trust(zone, domain)
     audit.record(
         zone.directory,
@@ -245,9 +324,9 @@ def remove(
     typer.echo(f"no longer trusting {domain}: removed {' and '.join(parts)}")
 
 
-def _open(directory: Path) -> Zone:
+def _open(where: Path | Target) -> Zone:
     # Every command moves a due rotation phase on, so a zone that is not running still rotates.
-    zone = Zone.open(directory)
+    zone = where.zone() if isinstance(where, Target) else Zone.open(where)
     for step in zone.advance_rotation():
         typer.echo(f"CA generation {step.generation} {step.state}: {step.message}", err=True)
     return zone

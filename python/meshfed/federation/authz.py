@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from pydantic import BaseModel, Field
+
 from meshfed.catalog.model import Service
 from meshfed.errors import FederationError
 from meshfed.policy.authz import Action, RuleSpec
@@ -72,6 +74,30 @@ class AuthzRule:
 
     def applies_to(self, port: int) -> bool:
         return self.port is None or self.port == port
+
+
+class RuleView(BaseModel):
+    """A rule as ``GET /v1/authz`` and ``meshfed authz list -o json`` show it."""
+
+    rule_id: int = Field(description="Names the rule for DELETE /v1/authz/{rule_id}.")
+    service: str
+    namespace: str
+    port: int | None = Field(description="The service port the rule applies to; null for every port.")
+    action: Action
+    id: str = Field(description="SPIFFE ID pattern of the callers it matches.")
+    source: Source = Field(description="config: zone.toml [[authz]] (read-only here); api: CLI or API.")
+
+    @classmethod
+    def of(cls, rule: AuthzRule) -> RuleView:
+        return cls(
+            rule_id=rule.rule_id,
+            service=rule.service,
+            namespace=rule.namespace,
+            port=rule.port,
+            action=rule.action,
+            id=rule.pattern,
+            source=rule.source,
+        )
 
 
 class AuthzRules(SqliteStore):

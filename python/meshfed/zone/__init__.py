@@ -61,6 +61,7 @@ from meshfed.policy.authz import RuleSpec
 from meshfed.policy.egress import EgressPolicy
 from meshfed.policy.failover import FailoverPolicy
 from meshfed.policy.splits import SubsetSplit
+from meshfed.runstate import STATE_FILE as STATE_FILE  # re-exported: the zone directory's file names live here
 from meshfed.store import CaGeneration, Federation, FederationProfile, StateStore, StoredBundle
 from meshfed.trust.bundle import DEFAULT_REFRESH_HINT_SECONDS, TrustBundle, fingerprint
 from meshfed.trust.ca import (
@@ -75,7 +76,6 @@ from meshfed.trust.ca import (
 from meshfed.trust.spiffe import SpiffeId, TrustDomain
 
 CONFIG_FILE = "zone.toml"
-STATE_FILE = "state.db"
 TOKEN_FILE = "admin-token"  # noqa: S105 -- a file name, not a secret
 READ_TOKEN_FILE = "read-token"  # noqa: S105 -- a file name, not a secret
 _ZONE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
