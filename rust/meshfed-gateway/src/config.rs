@@ -160,11 +160,46 @@ pub(crate) struct RateLimitSpec {
     pub(crate) burst: f64,
 }
 
+/// Names one route of one listener: route state (buckets, counters) is
+/// kept under it across `apply()`, and stats report it under its parts.
+/// Two fields, not a joined string: nothing has to split it again, and no
+/// listener name can run into an SNI pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct RouteKey {
+    listener: Box<str>,
+    /// The SNI pattern, lowercase (SNI matching ignores case).
+    sni: Box<str>,
+}
+
+impl RouteKey {
+    pub(crate) fn new(listener: &str, sni_pattern: &str) -> Self {
+        Self {
+            listener: listener.into(),
+            sni: sni_pattern.to_ascii_lowercase().into(),
+        }
+    }
+
+    pub(crate) fn listener(&self) -> &str {
+        &self.listener
+    }
+
+    pub(crate) fn sni(&self) -> &str {
+        &self.sni
+    }
+}
+
+/// `<listener>/<sni pattern>`, for messages.
+impl std::fmt::Display for RouteKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.listener, self.sni)
+    }
+}
+
 /// What every passthrough or terminate route has.
 #[derive(Debug)]
 pub(crate) struct RouteSpec {
-    /// `"<listener>/<sni pattern>"`: the key route state is carried under.
-    pub(crate) key: String,
+    /// The key route state is carried under.
+    pub(crate) key: RouteKey,
     pub(crate) target: RouteTarget,
     pub(crate) rate_limit: Option<RateLimitSpec>,
 }
@@ -610,7 +645,7 @@ impl ListenerContext<'_> {
             .map(|r| rate_limit(&format!("{at}.rate_limit"), r))
             .transpose()?;
         Ok(RouteSpec {
-            key: format!("{}/{}", listener.name, route.sni.to_ascii_lowercase()),
+            key: RouteKey::new(&listener.name, &route.sni),
             target,
             rate_limit,
         })

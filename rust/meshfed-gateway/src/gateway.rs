@@ -275,10 +275,9 @@ impl Gateway {
         let mut listeners = self.stats();
         let snapshot = self.snapshot.load();
         for (key, route) in &snapshot.routes {
-            if let Some((listener, sni)) = key.split_once('/') {
-                if let Some(l) = listeners.get_mut(listener) {
-                    l.routes.insert(sni.to_owned(), route.stats.snapshot());
-                }
+            if let Some(l) = listeners.get_mut(key.listener()) {
+                l.routes
+                    .insert(key.sni().to_owned(), route.stats.snapshot());
             }
         }
         serde_json::to_string(&Doc {

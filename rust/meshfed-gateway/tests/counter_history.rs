@@ -200,3 +200,35 @@ async fn counters_keep_their_history_when_a_listener_is_rebuilt() -> TestResult 
     continued(&gen3, &end, 0)?;
     Ok(())
 }
+
+/// Route counters are reported under their own listener, whatever its name:
+/// a listener named like another plus a slash does not lend its routes to
+/// that other one.
+#[tokio::test]
+async fn route_counters_stay_with_their_listener_whatever_its_name() -> TestResult {
+    let backend = echo_backend().await?;
+    let listener = |name: &str| {
+        json!({"name": name, "address": "127.0.0.1:0", "mode": "passthrough",
+               "routes": [{"sni": SNI, "cluster": "web"}]})
+    };
+    let gateway = Gateway::start(
+        json!({
+            "listeners": [listener("edge"), listener("edge/in")],
+            "clusters": [{"name": "web", "endpoints": [{"address": backend.to_string()}]}]
+        })
+        .to_string()
+        .as_bytes(),
+    )?;
+    let slashed = *gateway.addresses().get("edge/in").ok_or("no listener")?;
+    round_trip(slashed).await?;
+    let doc = stats(&gateway)?;
+    let routes = |name: &str| doc["listeners"][name]["routes"].clone();
+    assert_eq!(routes("edge/in")[SNI]["connections"], 1, "{doc}");
+    assert_eq!(routes("edge")[SNI]["connections"], 0, "{doc}");
+    assert_eq!(
+        routes("edge").as_object().map(|r| r.len()),
+        Some(1),
+        "{doc}"
+    );
+    Ok(())
+}

@@ -30,8 +30,8 @@ use crate::authz::{
 };
 use crate::client_hello::{self, HelloError, Parsed};
 use crate::config::{
-    ClusterSpec, CompiledConfig, ListenerMode, RouteSpec, RouteTarget, SniRouter, TerminateRoute,
-    TerminateTls, WorkloadTls,
+    ClusterSpec, CompiledConfig, ListenerMode, RouteKey, RouteSpec, RouteTarget, SniRouter,
+    TerminateRoute, TerminateTls, WorkloadTls,
 };
 use crate::proxy_protocol;
 use crate::spiffe::SpiffeId;
@@ -49,8 +49,7 @@ const SPLICE_MAX_BUFFER: usize = 64 * 1024;
 pub(crate) struct Snapshot {
     pub(crate) config: Arc<CompiledConfig>,
     pub(crate) clusters: HashMap<String, Arc<ClusterState>>,
-    /// By route key (`"<listener>/<sni pattern>"`).
-    pub(crate) routes: HashMap<String, Arc<RouteState>>,
+    pub(crate) routes: HashMap<RouteKey, Arc<RouteState>>,
 }
 
 impl Snapshot {
@@ -89,12 +88,10 @@ impl Snapshot {
         }
         let mut routes = HashMap::new();
         for listener in &config.listeners {
-            let keys: Vec<&str> = match &listener.mode {
-                ListenerMode::Passthrough { routes } => {
-                    routes.values().map(|r| r.key.as_str()).collect()
-                }
+            let keys: Vec<&RouteKey> = match &listener.mode {
+                ListenerMode::Passthrough { routes } => routes.values().map(|r| &r.key).collect(),
                 ListenerMode::Terminate { routes, .. } => {
-                    routes.values().map(|r| r.route.key.as_str()).collect()
+                    routes.values().map(|r| &r.route.key).collect()
                 }
                 ListenerMode::Originate { .. } => Vec::new(),
             };
@@ -105,7 +102,7 @@ impl Snapshot {
                     .cloned()
                     .or_else(|| retired.routes.revive(key))
                     .unwrap_or_default();
-                routes.insert(key.to_owned(), state);
+                routes.insert(key.clone(), state);
             }
         }
         for (key, state) in &previous.routes {
@@ -174,8 +171,8 @@ enum ConnError {
     NoRoute(String),
     #[error("caller refused by authorization (counted in denied and logged)")]
     Denied,
-    #[error("rate limit of route {0:?} exceeded")]
-    RateLimited(String),
+    #[error("rate limit of route \"{0}\" exceeded")]
+    RateLimited(RouteKey),
     #[error("verified client certificate has no SPIFFE ID: {0}")]
     Svid(#[from] SvidError),
     #[error("no cluster named {0:?} in this config generation")]

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use super::limits::RouteState;
 use super::stats::ListenerStats;
 use super::upstream::{ClusterShared, EndpointState};
+use crate::config::RouteKey;
 
 /// Retired listeners kept. A listener's stats hold up to two identity
 /// tables and a denial log of 1000 keys each, ~100 KiB at worst: 64 of
@@ -103,8 +104,7 @@ impl<K: Hash + Eq + Clone, V> RetiredMap<K, V> {
 #[derive(Debug)]
 pub(crate) struct Retired {
     pub(crate) listeners: RetiredMap<String, Arc<ListenerStats>>,
-    /// By route key.
-    pub(crate) routes: RetiredMap<String, Arc<RouteState>>,
+    pub(crate) routes: RetiredMap<RouteKey, Arc<RouteState>>,
     pub(crate) clusters: RetiredMap<String, Arc<ClusterShared>>,
     /// By cluster name and endpoint key.
     pub(crate) endpoints: RetiredMap<(String, String), Arc<EndpointState>>,
