@@ -9,6 +9,7 @@ mod health;
 mod hop;
 mod limits;
 mod retired;
+mod snapshot;
 mod stats;
 mod upstream;
 
@@ -24,9 +25,9 @@ use tokio::net::TcpListener;
 use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
 
-use self::connection::Snapshot;
 use self::health::RunningChecks;
 use self::retired::Retired;
+use self::snapshot::Snapshot;
 use self::stats::ListenerStats;
 use crate::config::{CompiledConfig, ConfigError};
 

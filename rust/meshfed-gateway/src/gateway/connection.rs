@@ -1,6 +1,5 @@
 //! What happens to one accepted connection, per listener mode.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,18 +19,16 @@ use super::clock::{self, Instant};
 use super::counting::{Counted, Sinks};
 use super::hop::{self, AssertionError, HeaderError};
 use super::limits::RouteState;
-use super::retired::Retired;
+use super::snapshot::Snapshot;
 use super::stats::{ConnectionGuard, HandshakeFailure, ListenerStats, inc};
-use super::upstream::{
-    self, ClusterState, ConnectError, Conveyed, Dial, Lease, Previous, Upstream,
-};
+use super::upstream::{self, ConnectError, Conveyed, Dial, Lease, Upstream};
 use crate::authz::{
     Denial, DenialSink, HandshakeAuthz, HandshakeCheck, HandshakeOutcome, Reason, Stage,
 };
 use crate::client_hello::{self, HelloError, Parsed};
 use crate::config::{
-    ClusterSpec, CompiledConfig, ListenerMode, RouteKey, RouteSpec, RouteTarget, SniRouter,
-    TerminateRoute, TerminateTls, WorkloadTls,
+    ClusterSpec, ListenerMode, RouteKey, RouteSpec, SniRouter, TerminateRoute, TerminateTls,
+    WorkloadTls,
 };
 use crate::proxy_protocol;
 use crate::spiffe::SpiffeId;
@@ -42,103 +39,6 @@ use crate::tls::{self, SvidError, is_missing_svid, spiffe_id_of};
 pub(crate) const COPY_BUFFER: usize = 4 * 1024;
 /// Largest buffer one direction of a passthrough splice grows to under bulk load.
 const SPLICE_MAX_BUFFER: usize = 64 * 1024;
-
-/// One generation of configuration plus the runtime state of its clusters
-/// and routes. A connection loads it once and keeps it for its whole life.
-#[derive(Debug)]
-pub(crate) struct Snapshot {
-    pub(crate) config: Arc<CompiledConfig>,
-    pub(crate) clusters: HashMap<String, Arc<ClusterState>>,
-    pub(crate) routes: HashMap<RouteKey, Arc<RouteState>>,
-}
-
-impl Snapshot {
-    pub(crate) fn empty() -> Self {
-        Self {
-            config: Arc::new(CompiledConfig::empty()),
-            clusters: HashMap::new(),
-            routes: HashMap::new(),
-        }
-    }
-
-    /// The snapshot for `config`, carrying state over from `previous`:
-    /// clusters by name, endpoints by endpoint key, routes by key; names
-    /// not in `previous` get back what `retired` kept of them, and what
-    /// `previous` had that `config` dropped goes to `retired`.
-    pub(crate) fn build(
-        config: CompiledConfig,
-        previous: &Snapshot,
-        retired: &mut Retired,
-    ) -> Self {
-        let mut carried = Previous {
-            clusters: &previous.clusters,
-            retired,
-        };
-        let clusters: HashMap<String, Arc<ClusterState>> = config
-            .clusters
-            .iter()
-            .map(|(name, spec)| {
-                let state = ClusterState::build(spec, &mut carried);
-                (name.clone(), Arc::new(state))
-            })
-            .collect();
-        let retired = carried.retired;
-        for (name, old) in &previous.clusters {
-            old.retire_into(name, clusters.get(name).map(|c| &**c), retired);
-        }
-        let mut routes = HashMap::new();
-        for listener in &config.listeners {
-            let keys: Vec<&RouteKey> = match &listener.mode {
-                ListenerMode::Passthrough { routes } => routes.values().map(|r| &r.key).collect(),
-                ListenerMode::Terminate { routes, .. } => {
-                    routes.values().map(|r| &r.route.key).collect()
-                }
-                ListenerMode::Originate { .. } => Vec::new(),
-            };
-            for key in keys {
-                let state = previous
-                    .routes
-                    .get(key)
-                    .cloned()
-                    .or_else(|| retired.routes.revive(key))
-                    .unwrap_or_default();
-                routes.insert(key.clone(), state);
-            }
-        }
-        for (key, state) in &previous.routes {
-            if !routes.contains_key(key) {
-                state.forget_buckets();
-                retired.routes.retire(key.clone(), state.clone());
-            }
-        }
-        Self {
-            config: Arc::new(config),
-            clusters,
-            routes,
-        }
-    }
-
-    fn cluster(&self, name: &str) -> Option<(&ClusterSpec, &Arc<ClusterState>)> {
-        Some((self.config.clusters.get(name)?, self.clusters.get(name)?))
-    }
-
-    /// Whether some cluster of `target` has an endpoint that is neither
-    /// ejected nor failing health checks.
-    fn any_healthy(&self, target: &RouteTarget) -> bool {
-        let now = clock::now();
-        let healthy = |name: &str| {
-            self.clusters
-                .get(name)
-                .is_some_and(|c| c.endpoints.iter().any(|e| e.healthy(now)))
-        };
-        match target {
-            RouteTarget::Cluster(name) => healthy(name),
-            RouteTarget::Weighted { clusters, .. } => {
-                clusters.iter().any(|(name, _)| healthy(name))
-            }
-        }
-    }
-}
 
 /// Why a connection ended early. Logged at debug level; counted in stats.
 #[derive(Debug, thiserror::Error)]
