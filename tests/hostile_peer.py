@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
+from meshfed.federation import dialer
 from meshfed.federation import service as peering_service
 from meshfed.federation._proto import peering_pb2 as pb
 from meshfed.federation._proto import peering_pb2_grpc as pb_grpc
@@ -307,7 +308,7 @@ class HostilePeer:
         token = self.target.peering.issue_token(self.name).encoded
         if self.forged is None:
             assert self.zone is not None
-            await peering_service.establish(self.zone, token, self.target.zone.name, stream_addresses=[])
+            await dialer.establish(self.zone, token, self.target.zone.name, stream_addresses=[])
             self._target_bundle = self.zone.bundle_of(self.target.zone.trust_domain)
             return
         decoded = decode_token(token)

@@ -31,12 +31,13 @@ import pytest
 from meshfed.errors import PeeringError
 from meshfed.federation._proto import peering_pb2 as pb
 from meshfed.federation._proto import peering_pb2_grpc as pb_grpc
+from meshfed.federation.dialer import establish
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.federation.gateway_config import INGRESS_LISTENER
 from meshfed.federation.identity import federation_host
 from meshfed.federation.imports import ImportStore, egress_listener_name
+from meshfed.federation.link import PeerLimits
 from meshfed.federation.peering import Peering, PeeringStore, request_delete
-from meshfed.federation.service import PeerLimits, establish
 from meshfed.federation.token import PeeringToken, decode_token, new_secret
 from meshfed.runtime import ZoneSettings
 from meshfed.supervisor import ComponentStatus
@@ -680,7 +681,7 @@ def test_a_peer_offline_through_a_rotation_reconnects_and_then_gets_the_new_ca(m
         async with federation(make_zone, hostile=None) as fed:
             east, west = fed.east, fed.west
             await eventually(lambda: stored(east, "west").peer_bundle_sequence == 1, "west confirms east's bundle")
-            old_intermediate = east.peering._svid.intermediates[0] if east.peering._svid else None
+            old_intermediate = east.peering._server._svid.intermediates[0] if east.peering._server._svid else None
             await west.stop()
             await eventually(lambda: east.state("west") != "ACTIVE", "east sees west go")
 
@@ -691,16 +692,18 @@ def test_a_peer_offline_through_a_rotation_reconnects_and_then_gets_the_new_ca(m
             new = next(g for g in east.zone.ca_generations() if g.state == "active")
             assert new.generation == 1
             assert east.zone.own_bundle().sequence == 2
-            await eventually(lambda: east.peering._svid_generation == 0, "east keeps presenting the retiring CA")
-            assert east.peering._svid is not None
-            assert east.peering._svid.intermediates[0] == old_intermediate
+            await eventually(
+                lambda: east.peering._server._svid_generation == 0, "east keeps presenting the retiring CA"
+            )
+            assert east.peering._server._svid is not None
+            assert east.peering._server._svid.intermediates[0] == old_intermediate
 
             await west.start()
             await eventually(lambda: east.state("west") == "ACTIVE", "west reconnects on its own")
             await eventually(lambda: held_sequence(west, "east.mesh") == 2, "west holds east's new bundle")
-            await eventually(lambda: east.peering._svid_generation == 1, "east presents the new CA")
-            assert east.peering._svid is not None
-            assert east.peering._svid.intermediates[0] == east.zone.authority().intermediate
+            await eventually(lambda: east.peering._server._svid_generation == 1, "east presents the new CA")
+            assert east.peering._server._svid is not None
+            assert east.peering._server._svid.intermediates[0] == east.zone.authority().intermediate
             # A fresh connection verifies east's new-CA SVID.
             await west.stop()
             await eventually(lambda: east.state("west") != "ACTIVE", "east sees west go")

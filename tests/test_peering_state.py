@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from meshfed.cli import app as cli
+from meshfed.federation.dialer import establish
 from meshfed.federation.peering import EXPIRED_PENDING_KEPT, PeeringStore, PeerState
-from meshfed.federation.service import establish
 from meshfed.zone import Zone
 from tests.conftest import eventually
 from tests.test_peering import Harness, run

@@ -18,9 +18,10 @@ from fastapi import FastAPI
 from meshfed.api import create_app
 from meshfed.controller import DEFAULT_HEALTH_CHECK, Controller, FailingPeerPolicy
 from meshfed.errors import MeshfedError, PeeringError
+from meshfed.federation.link import PEER_HEARTBEAT_BOUNDS, PeerLimits
 from meshfed.federation.peer_status import PeerStatus
 from meshfed.federation.peering import PeerState
-from meshfed.federation.service import PEER_HEARTBEAT_BOUNDS, PeeringService, PeerLimits
+from meshfed.federation.service import PeeringService
 from meshfed.gateway import HealthCheck
 from meshfed.policy.egress import WorkloadTls
 from meshfed.trust.ca import Svid

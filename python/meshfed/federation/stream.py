@@ -30,17 +30,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
 
 import grpc
 
 from meshfed.errors import MeshfedError, PeeringError, PeerInputError
 from meshfed.federation import wire
 from meshfed.federation._proto import peering_pb2 as pb
-
-if TYPE_CHECKING:
-    from meshfed.federation.service import PeerLink
+from meshfed.federation.exchange import ServiceSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +54,75 @@ class PeerTerminatedError(PeeringError):
     """The peer deleted the peering (it sent Terminate)."""
 
 
+class SessionLink(Protocol):
+    """What a session asks of its peering's link (:class:`~meshfed.federation.link.PeerLink` is one).
+
+    The link holds the peering's state across connections; a session holds
+    only what one connection needs (what is in flight, what the peer holds).
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def peer_zone(self) -> str: ...
+
+    @property
+    def peer_trust_domain(self) -> str: ...
+
+    @property
+    def heartbeat_interval(self) -> float: ...
+
+    @property
+    def acked_version(self) -> int: ...
+
+    @property
+    def held_peer_bundle_sequence(self) -> int: ...
+
+    @property
+    def history(self) -> Mapping[int, ServiceSnapshot]: ...
+
+    # -- the handshake ----------------------------------------------------
+
+    def hello(self) -> pb.Hello: ...
+
+    async def connected(self, hello: pb.Hello) -> None: ...
+
+    # -- sending our exports ----------------------------------------------
+
+    def current_exports(self) -> ServiceSnapshot: ...
+
+    def peer_holds(self, epoch: str, version: int) -> int | None: ...
+
+    def acked(self, version: int) -> None: ...
+
+    def export_refused(self, reason: str) -> None: ...
+
+    def own_bundle_json(self) -> bytes: ...
+
+    def heartbeat_sent(self) -> None: ...
+
+    # -- receiving the peer's ---------------------------------------------
+
+    async def message_received(self, message: pb.PeerMessage) -> None: ...
+
+    async def apply_snapshot(self, message: pb.Snapshot) -> pb.Ack: ...
+
+    async def apply_delta(self, delta: pb.Delta) -> pb.Ack: ...
+
+    def refused(self, reason: str) -> pb.Ack: ...
+
+    async def apply_bundle(self, data: bytes) -> None: ...
+
+    def bundle_refused(self, reason: str) -> None: ...
+
+    def peer_bundle_confirmed(self, sequence: int) -> None: ...
+
+
 class Session:
     """The protocol on one connection of one peering."""
 
-    def __init__(self, link: PeerLink, read: ReadMessage, write: WriteMessage) -> None:
+    def __init__(self, link: SessionLink, read: ReadMessage, write: WriteMessage) -> None:
         self.link = link
         self._read = read
         self._write = write
@@ -268,4 +331,4 @@ class Session:
         return pb.PeerMessage(snapshot=wire.snapshot_to_proto(current))
 
 
-__all__ = ["CAPABILITIES", "PeerTerminatedError", "Session"]
+__all__ = ["CAPABILITIES", "PeerTerminatedError", "Session", "SessionLink"]
