@@ -84,6 +84,41 @@ def test_open_explains_a_missing_or_broken_zone(tmp_path):
         Zone.open(tmp_path)
 
 
+def _edit_zone_toml(directory: Path, **changes: str) -> None:
+    toml = directory / "zone.toml"
+    toml.write_text(tomli_w.dumps({**tomllib.loads(toml.read_text()), **changes}))
+
+
+def test_zone_toml_cannot_rename_a_zone_or_change_its_trust_domain(tmp_path):
+    zone = Zone.init(tmp_path / "east", "east", "east.mesh")
+    before = _snapshot(zone.directory)
+    _edit_zone_toml(zone.directory, name="west")
+    with pytest.raises(ZoneError, match="name is 'west', but this zone was created as 'east'"):
+        Zone.open(zone.directory)
+    _edit_zone_toml(zone.directory, name="east", trust_domain="other.mesh")
+    with pytest.raises(ZoneError, match=r"trust_domain is 'other\.mesh', but this zone's CA, SVIDs and peerings"):
+        Zone.open(zone.directory)
+    _edit_zone_toml(zone.directory, trust_domain="east.mesh")
+    assert Zone.open(zone.directory).name == "east"
+    after = _snapshot(zone.directory)
+    assert {k: v for k, v in after.items() if k != "zone.toml"} == {
+        k: v for k, v in before.items() if k != "zone.toml"
+    }, "a refused open must change nothing"
+
+
+def test_a_zone_made_before_identities_were_recorded_gets_its_own(tmp_path):
+    zone = Zone.init(tmp_path / "east", "east", "east.mesh")
+    with zone.store() as store:
+        store._db.execute("DELETE FROM zone_identity")
+    _edit_zone_toml(zone.directory, trust_domain="other.mesh")
+    with pytest.raises(ZoneError, match=r"trust_domain is 'other\.mesh'"):
+        Zone.open(zone.directory)  # its own bundle says which domain it is
+    _edit_zone_toml(zone.directory, trust_domain="east.mesh")
+    Zone.open(zone.directory)
+    with zone.store() as store:
+        assert store.identity() == ("east", "east.mesh")
+
+
 def test_failover_policy_is_read_from_zone_toml_and_checked(tmp_path):
     zone = Zone.init(tmp_path / "west", "west", "west.mesh")
     toml = zone.directory / "zone.toml"

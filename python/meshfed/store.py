@@ -49,6 +49,14 @@ _MIGRATIONS = (
         last_error TEXT
     ) STRICT;
     """,
+    # 3: who the zone is, so an edit of zone.toml's name or trust_domain is caught (zone/__init__.py).
+    """
+    CREATE TABLE zone_identity (
+        only INTEGER PRIMARY KEY CHECK (only = 1),
+        name TEXT NOT NULL,
+        trust_domain TEXT NOT NULL
+    ) STRICT;
+    """,
 )
 
 GenerationState = Literal["published", "active", "retiring", "retired"]
@@ -102,6 +110,16 @@ class StateStore(SqliteStore):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, "trust", _MIGRATIONS)
+
+    def identity(self) -> tuple[str, str] | None:
+        """The zone's name and trust domain as it was created (None: recorded by no version so far)."""
+        row = self._db.execute("SELECT name, trust_domain FROM zone_identity").fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    def record_identity(self, name: str, trust_domain: str) -> None:
+        """Record who the zone is; once, at its creation (or on the first open of a zone made before)."""
+        with self._transaction():
+            self._db.execute("INSERT INTO zone_identity VALUES (1, ?, ?)", (name, trust_domain))
 
     def put_bundle(self, bundle: TrustBundle, source: str) -> None:
         """Store ``bundle`` as the one bundle of its trust domain, replacing any earlier one."""

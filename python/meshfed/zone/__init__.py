@@ -235,6 +235,7 @@ class Zone:
             config = ZoneConfig.model_validate(raw)
         except ValidationError as err:
             raise ZoneError(f"{path}: {_first_validation_error(err)}") from None
+        _check_identity(directory, config)
         _ensure_read_token(directory, strict=False)
         return cls(directory, config)
 
@@ -850,6 +851,37 @@ def _first_generation(authority: CertificateAuthority, longest_svid_ttl: dt.time
     )
 
 
+def _check_identity(directory: Path, config: ZoneConfig) -> None:
+    """zone.toml's ``name`` and ``trust_domain`` must be the zone's own: its CA, SVIDs and peerings are theirs.
+
+    A renamed zone would present SVIDs its peers pin under the old name, and a
+    new trust domain has no CA at all; refuse at open, in one line, rather than
+    fail later in every gateway config and peering stream.
+    """
+    path = directory / CONFIG_FILE
+    with StateStore(directory / STATE_FILE) as store:
+        recorded = store.identity()
+        if recorded is None:  # a zone made before identities were recorded: its own bundle says its domain
+            own = {stored.bundle.trust_domain.name for stored in store.bundles() if stored.source == "self"}
+            if len(own) != 1:
+                return  # not a zone this version can vouch for; the CA checks say what is wrong
+            recorded = (config.name, own.pop())
+            if recorded[1] == config.trust_domain:
+                store.record_identity(*recorded)
+    name, trust_domain = recorded
+    if config.trust_domain != trust_domain:
+        raise ZoneError(
+            f"{path}: trust_domain is {config.trust_domain!r}, but this zone's CA, SVIDs and peerings are "
+            f"{trust_domain!r}; a zone cannot change its trust domain: put {trust_domain!r} back, or make a new "
+            "zone with 'meshfed zone init' (and peer it anew)"
+        )
+    if config.name != name:
+        raise ZoneError(
+            f"{path}: name is {config.name!r}, but this zone was created as {name!r} and its peers know it by "
+            f"that name; a zone cannot be renamed: put {name!r} back, or make a new zone with 'meshfed zone init'"
+        )
+
+
 def _delete_keys(ca: Path) -> None:
     # A retired CA verifies nothing and must sign nothing: its private keys go.
     for name in ("root.key", "intermediate.key"):
@@ -869,6 +901,7 @@ def _populate(directory: Path, config: ZoneConfig, offline_root_key: Path | None
         store.put_bundle(bundle if hint is None else replace(bundle, refresh_hint_seconds=hint), source="self")
         # Recorded from birth, so every SVID's TTL is known when this CA is rotated out.
         store.put_ca_generation(_first_generation(authority, longest_svid_ttl=dt.timedelta(0)))
+        store.record_identity(config.name, config.trust_domain)
     (directory / STATE_FILE).chmod(0o600)
 
 
