@@ -1,10 +1,9 @@
 """``meshfed peer``: peer this zone with others using one-time tokens.
 
-These commands work on the zone directory, whether or not the zone runs. A
-running zone's peering service polls the same store every second, so a peering
-established or deleted here is picked up (stream opened, or torn down on both
-sides) without restarting it. ``establish`` itself needs the *accepting* zone
-to be running: it dials it.
+Each command works through the zone's API when it runs (or ``--api``): the
+running peering service opens, shows and tears down streams at once. On a zone
+that does not run they work on its files, which it reads when it starts.
+``establish`` always needs the *accepting* zone to be running: it dials it.
 """
 
 from __future__ import annotations
@@ -13,18 +12,20 @@ import asyncio
 import datetime as dt
 import sys
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from meshfed import audit
 from meshfed.addresses import parse_host_port
 from meshfed.catalog.publisher import PublicationStore
-from meshfed.cli.common import Output, OutputOption, ZoneDir, emit, parse_duration, print_table
+from meshfed.cli.common import OptionalZoneDir, Output, OutputOption, emit, parse_duration, print_table
+from meshfed.cli.remote import ApiOption, CaOption, TokenFileOption, target
+from meshfed.errors import MeshfedError
 from meshfed.federation.dialer import establish
 from meshfed.federation.peer_status import PeerStatus
 from meshfed.federation.peering import PeeringStore, request_delete
-from meshfed.zone import STATE_FILE, Zone
+from meshfed.zone import STATE_FILE
 
 peer_app = typer.Typer(help="Peer this zone with other zones (tokens, establish, list, delete).", no_args_is_help=True)
 
@@ -33,19 +34,41 @@ _DELETE_WAIT_SECONDS = 5.0
 
 @peer_app.command("token")
 def token(
-    directory: ZoneDir,
     peer: Annotated[str, typer.Option(help="Name of the zone allowed to redeem the token (its zone name).")],
     ttl: Annotated[str, typer.Option(help="How long the token stays valid, such as 15m or 1h.")] = "15m",
     address: Annotated[
         list[str] | None,
-        typer.Option(help="HOST:PORT where peers reach this zone's establishment port. Default: as last run."),
+        typer.Option(
+            help="HOST:PORT where peers reach this zone's establishment port (a zone that is not running). "
+            "Default: where it serves, or as last run."
+        ),
     ] = None,
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
 ) -> None:
     """Print a one-time token that lets zone PEER establish a peering with this zone."""
-    zone = Zone.open(directory)
     lifetime = parse_duration(ttl)
     # Put in the token and dialed by the peer: a port to connect to, 1-65535.
     given = [str(parse_host_port(text, what="--address", allow_zero=False)) for text in address or ()]
+    where = target(directory, api, token_file, api_ca, change=True)
+    if where.api is not None:
+        if given:
+            raise MeshfedError(
+                "--address is for a zone that is not running; a running zone puts the addresses it serves "
+                "establishment on in the token (set them with 'meshfed up --advertise-host')"
+            )
+        issued = where.api.post(
+            "/v1/peerings/tokens", {"peer_name": peer, "ttl_seconds": int(lifetime.total_seconds())}
+        )
+        typer.echo(issued["token"])
+        typer.echo(
+            f"token for zone {peer} via {', '.join(issued['addresses'])}; one use, expires {issued['expires_at']}",
+            err=True,
+        )
+        return
+    zone = where.zone()
     with PeeringStore.of(zone) as store:
         listener = store.listener()
         addresses = given or (list(listener.establish_addresses) if listener else [])
@@ -69,15 +92,26 @@ def token(
 
 @peer_app.command("establish")
 def establish_(
-    directory: ZoneDir,
     encoded: Annotated[str, typer.Argument(metavar="TOKEN|-", help="The token, or '-' to read it from stdin.")],
     name: Annotated[
         str | None, typer.Option(help="Local name for the peering. Default: the accepting zone's name.")
     ] = None,
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
 ) -> None:
     """Redeem a token from another zone: exchange trust bundles and record the peering."""
-    zone = Zone.open(directory)
     text = sys.stdin.read() if encoded == "-" else encoded
+    where = target(directory, api, token_file, api_ca, change=True)
+    if where.api is not None:
+        made = where.api.post("/v1/peerings/establish", {"token": text.strip(), "name": name})
+        typer.echo(
+            f"established peering {made['name']} with zone {made['peer_zone']} ({made['peer_trust_domain']}); "
+            "the running zone opens the stream now"
+        )
+        return
+    zone = where.zone()
     peering = asyncio.run(establish(zone, text, name))
     audit.record(
         zone.directory,
@@ -101,19 +135,38 @@ def establish_(
 
 
 @peer_app.command("list")
-def list_peers(directory: ZoneDir, output: OutputOption = Output.table) -> None:
+def list_peers(
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
+    output: OutputOption = Output.table,
+) -> None:
     """List peerings with their state, heartbeats, versions and lag.
 
     -o json prints the same list of objects as GET /v1/peerings (PeerStatus).
     """
-    zone = Zone.open(directory)
-    with PeeringStore.of(zone) as store:
-        statuses = [PeerStatus.of(peering) for peering in store.peerings()]
+    where = target(directory, api, token_file, api_ca, change=False)
+    publication_error: str | None = None
+    if where.api is not None:
+        statuses = [PeerStatus.model_validate(item) for item in where.api.get("/v1/peerings")]
+        catalog: dict[str, Any] = where.api.get("/v1/catalog")
+        catalog_mode = catalog["source"]["mode"]
+        publication_error = None if catalog["publication"]["ok"] else catalog["publication"]["error"]
+    else:
+        zone = where.zone()
+        catalog_mode = zone.config.catalog
+        with PeeringStore.of(zone) as store:
+            statuses = [PeerStatus.of(peering) for peering in store.peerings()]
+        with PublicationStore(zone.directory / STATE_FILE) as publications:
+            publication = publications.get()
+        if publication is not None and not publication.ok:
+            publication_error = publication.last_error
     emit(
         statuses,
         output,
         table=lambda: print_table(
-            f"zone {zone.name} peerings",
+            "peerings",
             ("peer", "zone", "role", "state", "heartbeat age", "sent/acked", "received", "exported", "imported"),
             (
                 (
@@ -136,35 +189,42 @@ def list_peers(directory: ZoneDir, output: OutputOption = Output.table) -> None:
             typer.echo(f"warning: peer {status.name}: its newest update was refused: {status.import_error}", err=True)
         if status.state_reason and status.state.value in ("DISCONNECTED", "FAILING"):
             typer.echo(f"warning: peer {status.name} is {status.state.value}: {status.state_reason}", err=True)
-    with PublicationStore(zone.directory / STATE_FILE) as publications:
-        publication = publications.get()
-    if publication is not None and not publication.ok:
+    if publication_error is not None:
         typer.echo(
             f"warning: imports from these peers are served by the gateway but not published in the "
-            f"{zone.config.catalog} catalog: {publication.last_error}",
+            f"{catalog_mode} catalog: {publication_error}",
             err=True,
         )
 
 
 @peer_app.command("show")
 def show(
-    directory: ZoneDir,
     name: Annotated[str, typer.Argument(help="The peering's local name.")],
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
     output: OutputOption = Output.table,
 ) -> None:
     """Show one peering in detail.
 
-    Whether the stream is up is what the running zone last recorded (within a
-    second); when the zone is not running it is unknown, and says so. -o json
-    prints the same object as GET /v1/peerings/NAME (PeerStatus), with
-    connected false when the zone is not running.
+    A running zone says whether the stream is up; of a zone that is not
+    running that is unknown, and says so. -o json prints the same object as
+    GET /v1/peerings/NAME (PeerStatus), with connected null when unknown.
     """
-    zone = Zone.open(directory)
-    with PeeringStore.of(zone) as store:
-        status = PeerStatus.stored(store.require(name))
-        listener = store.listener()
-    running = listener is not None and listener.alive()
-    emit(status, output, table=lambda: _print_status(status, running))
+    where = target(directory, api, token_file, api_ca, change=False)
+    if where.api is not None:
+        status = PeerStatus.model_validate(where.api.get(f"/v1/peerings/{name}"))
+        running = True
+    else:
+        zone = where.zone()
+        with PeeringStore.of(zone) as store:
+            status = PeerStatus.stored(store.require(name))
+            listener = store.listener()
+        running = listener is not None and listener.alive()
+    # Of a zone that is not running nobody knows whether the stream is up: null, not false.
+    shown: object = status if running else {**status.model_dump(mode="json"), "connected": None}
+    emit(shown, output, table=lambda: _print_status(status, running))
 
 
 def _print_status(status: PeerStatus, running: bool) -> None:
@@ -206,9 +266,20 @@ def _age(elapsed: dt.timedelta) -> str:
 
 
 @peer_app.command("delete")
-def delete(directory: ZoneDir, name: Annotated[str, typer.Argument(help="The peering's local name.")]) -> None:
+def delete(
+    name: Annotated[str, typer.Argument(help="The peering's local name.")],
+    directory: OptionalZoneDir = None,
+    api: ApiOption = None,
+    token_file: TokenFileOption = None,
+    api_ca: CaOption = None,
+) -> None:
     """Delete a peering: tears it down on both sides when this zone runs, and removes its imports."""
-    zone = Zone.open(directory)
+    where = target(directory, api, token_file, api_ca, change=True)
+    if where.api is not None:
+        where.api.delete(f"/v1/peerings/{name}")
+        typer.echo(f"deleted peering {name}; the peer was told")
+        return
+    zone = where.zone()
     with PeeringStore.of(zone) as store:
         request_delete(store, name)
         audit.record(zone.directory, actor=audit.cli_actor(), action="peer.delete", target=f"peer {name}")
