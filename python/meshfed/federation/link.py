@@ -6,7 +6,14 @@ connection replaces an older one). It owns the peering's live state; what it
 needs of the zone it asks of its :class:`LinkHost` (the peering service), and
 it writes only its own peering's row, through the host.
 
-Longer than this package's other modules (about 480 lines): :class:`PeerLink`
+A large snapshot received from the peer (more than :data:`OFF_LOOP_SERVICES`
+services) is recorded off the event loop: thousands of services take tens of
+milliseconds to serialise and write. A small one costs less to write than to
+hand to a thread, and is written at once. Either way, one write at a time per
+link, in the order the snapshots were delivered, and a newer snapshot is never
+overwritten by an older one.
+
+Longer than this package's other modules (about 520 lines): :class:`PeerLink`
 is one state machine whose fields its methods share; split, each half would
 reach into the other's state.
 """
@@ -44,6 +51,8 @@ HISTORY_DEPTH = 16
 PEER_HEARTBEAT_BOUNDS = (0.05, 60.0)
 # A SPIFFE bundle with a handful of roots is a few KiB; SPIRE's with JWT keys stays well under this.
 MAX_BUNDLE_BYTES = 256 * 1024
+# A received snapshot of more services than this is serialised and written on a worker thread.
+OFF_LOOP_SERVICES = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +93,11 @@ class LinkHost(Protocol):
     async def state_changed(self, peer: str, state: PeerState) -> None: ...
 
     def record(self, peer: str, **changes: object) -> None:
-        """Write some fields of ``peer``'s row."""
+        """Write some fields of ``peer``'s row, on the event loop."""
+        ...
+
+    async def record_snapshot(self, peer: str, **changes: object) -> None:
+        """Write some fields of ``peer``'s row that include a large snapshot, off the event loop."""
         ...
 
     def own_bundle_json(self) -> bytes: ...
@@ -148,6 +161,8 @@ class PeerLink:
         self.stopped = False
         # The dialer's reconnect loop (see meshfed.federation.dialer), set by the service that spawned it.
         self.dialer: Component | None = None
+        # The newest write of a received snapshot; each write waits for the one before it.
+        self._recording: asyncio.Task[None] | None = None
 
     @property
     def connected_now(self) -> bool:
@@ -176,6 +191,9 @@ class PeerLink:
         self.stopped = True
         if self.dialer is not None:
             await self.dialer.cancel()
+        if self._recording is not None:
+            # A received snapshot still being written lands before whatever the caller writes next.
+            await asyncio.wait([self._recording])
 
     async def run_session(self, session: Session) -> None:
         """Run ``session`` as this link's one connection (a newer connection replaces an older one)."""
@@ -353,13 +371,43 @@ class PeerLink:
         # full snapshot (harmless), never skips one; a refusal anywhere leaves everything as it was.
         self._check_limits(snapshot)
         await self._host.deliver(self.name, snapshot)
-        self._host.record(
-            self.name,
-            received_version=snapshot.version,
-            received_snapshot=snapshot,
-            received_epoch=snapshot.epoch,
-            refused_reason="",
-        )
+        idle = self._recording is None or self._recording.done()
+        if idle and len(snapshot.services) <= OFF_LOOP_SERVICES:
+            self._record_received(snapshot)
+            return
+        recording = asyncio.ensure_future(self._record_received_after(self._recording, snapshot))
+        self._recording = recording
+        # Shielded: a cancelled session leaves the write and this link's copy to finish together.
+        await asyncio.shield(recording)
+
+    async def _record_received_after(self, earlier: asyncio.Task[None] | None, snapshot: ServiceSnapshot) -> None:
+        if earlier is not None:
+            await asyncio.wait([earlier])  # its outcome is its own caller's
+        if len(snapshot.services) <= OFF_LOOP_SERVICES:
+            self._record_received(snapshot)
+        elif not self._holds_newer(snapshot):
+            await self._host.record_snapshot(self.name, **self._received_row(snapshot))
+            self._hold_received(snapshot)
+
+    def _record_received(self, snapshot: ServiceSnapshot) -> None:
+        if not self._holds_newer(snapshot):
+            self._host.record(self.name, **self._received_row(snapshot))
+            self._hold_received(snapshot)
+
+    def _holds_newer(self, snapshot: ServiceSnapshot) -> bool:
+        # An older delivery (of a replaced session) that finished after a newer one: the newer one stays.
+        return snapshot.epoch == self.received_epoch and snapshot.version <= self.received_version
+
+    @staticmethod
+    def _received_row(snapshot: ServiceSnapshot) -> dict[str, object]:
+        return {
+            "received_version": snapshot.version,
+            "received_snapshot": snapshot,
+            "received_epoch": snapshot.epoch,
+            "refused_reason": "",
+        }
+
+    def _hold_received(self, snapshot: ServiceSnapshot) -> None:
         self.received, self.received_version, self.received_epoch = snapshot, snapshot.version, snapshot.epoch
         self.refused_reason = ""
 
@@ -458,6 +506,7 @@ def _with_hint(state: PeerState, reason: str, link: PeerLink) -> str:
 __all__ = [
     "HISTORY_DEPTH",
     "MAX_BUNDLE_BYTES",
+    "OFF_LOOP_SERVICES",
     "PEER_HEARTBEAT_BOUNDS",
     "LinkHost",
     "LinkSettings",

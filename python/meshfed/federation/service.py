@@ -370,6 +370,10 @@ class _LinkHost:
     def record(self, peer: str, **changes: object) -> None:
         self._service.store.update(peer, **changes)
 
+    async def record_snapshot(self, peer: str, **changes: object) -> None:
+        self._service.store  # noqa: B018 -- refuses (PeeringError) once the service stopped, as record does
+        await asyncio.to_thread(_update_row, self._service.zone, peer, changes)
+
     def own_bundle_json(self) -> bytes:
         return self._service.zone.own_bundle().to_spiffe_json()
 
@@ -386,6 +390,13 @@ class _LinkHost:
 
     async def peer_terminated(self, link: PeerLink, reason: str) -> None:
         await self._service._peer_terminated(link, reason)
+
+
+def _update_row(zone: Zone, peer: str, changes: dict[str, object]) -> None:
+    # On a worker thread, with a connection of its own: a connection holds one transaction at a time,
+    # and the event loop goes on using the service's meanwhile.
+    with PeeringStore.of(zone) as store:
+        store.update(peer, **changes)
 
 
 __all__ = ["PeeringService"]

@@ -1,0 +1,204 @@
+"""A peering's link records the peer's snapshots one at a time, newest last; large ones off the event loop.
+
+The link runs against a recording LinkHost (no gRPC, no store); the last test
+runs two real peering services and checks which thread wrote what.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+
+import pytest
+
+from meshfed.federation import wire
+from meshfed.federation._proto import peering_pb2 as pb
+from meshfed.federation.exchange import ServiceSnapshot
+from meshfed.federation.link import OFF_LOOP_SERVICES, LinkSettings, PeerLimits, PeerLink
+from meshfed.federation.peering import Peering, PeeringStore, PeerState
+from meshfed.trust.bundle import TrustBundle
+from tests.conftest import eventually
+from tests.test_peering import Harness, run, service
+
+
+class RecordingHost:
+    """A LinkHost that records the link's writes; deliveries of versions in ``hold`` wait for ``release``."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.hold: set[int] = set()
+        self.written: list[int] = []
+        self.off_loop: list[int] = []
+        self.writing = 0
+        self.most_at_once = 0
+
+    def exports(self, peer: str) -> ServiceSnapshot:
+        return ServiceSnapshot(zone="east", trust_domain="east.mesh", gateway_addresses=[], version=0)
+
+    def import_problem(self, peer: str) -> str | None:
+        return None
+
+    async def deliver(self, peer: str, snapshot: ServiceSnapshot) -> None:
+        if snapshot.version in self.hold:
+            await self.release.wait()
+
+    async def state_changed(self, peer: str, state: PeerState) -> None:
+        pass
+
+    def record(self, peer: str, **changes: object) -> None:
+        snapshot = changes.get("received_snapshot")
+        if isinstance(snapshot, ServiceSnapshot):
+            assert self.writing == 0
+            self.written.append(snapshot.version)
+
+    async def record_snapshot(self, peer: str, **changes: object) -> None:
+        self.writing += 1
+        self.most_at_once = max(self.most_at_once, self.writing)
+        await asyncio.sleep(0.05)  # a slow write: others queue meanwhile
+        snapshot = changes["received_snapshot"]
+        assert isinstance(snapshot, ServiceSnapshot)
+        self.written.append(snapshot.version)
+        self.off_loop.append(snapshot.version)
+        self.writing -= 1
+
+    def own_bundle_json(self) -> bytes:
+        return b"{}"
+
+    def held_bundle_sequence(self, trust_domain: str) -> int:
+        return 1
+
+    async def bundle_received(self, offered: TrustBundle) -> None:
+        pass
+
+    def peer_bundle_changed(self) -> None:
+        pass
+
+    async def peer_terminated(self, link: PeerLink, reason: str) -> None:
+        pass
+
+
+def _link(host: RecordingHost) -> PeerLink:
+    now = dt.datetime.now(dt.UTC)
+    peering = Peering(
+        name="west",
+        role="acceptor",
+        state=PeerState.ACTIVE,
+        created_at=now,
+        updated_at=now,
+        peer_zone="west",
+        peer_trust_domain="west.mesh",
+    )
+    settings = LinkSettings(
+        zone="east",
+        trust_domain="east.mesh",
+        heartbeat_interval=0.2,
+        missed_heartbeats=3,
+        peer_heartbeat_bounds=(0.05, 60.0),
+        limits=PeerLimits(),
+    )
+    return PeerLink(host, settings, peering)
+
+
+LARGE = OFF_LOOP_SERVICES + 1
+
+
+def _snapshot(version: int, size: int = LARGE) -> pb.Snapshot:
+    services = [service(f"s{version}-{i}") for i in range(size)]
+    return wire.snapshot_to_proto(
+        ServiceSnapshot(
+            zone="west", trust_domain="west.mesh", gateway_addresses=[], version=version, epoch="e1", services=services
+        )
+    )
+
+
+@pytest.mark.parametrize("size", [1, LARGE])
+def test_an_older_snapshot_delivered_last_never_overwrites_a_newer_one(size: int) -> None:
+    async def scenario() -> None:
+        host = RecordingHost()
+        link = _link(host)
+        host.hold = {1}
+        older = asyncio.create_task(link.apply_snapshot(_snapshot(1, size)))  # waits in delivery
+        await asyncio.sleep(0.01)
+        newer = asyncio.create_task(link.apply_snapshot(_snapshot(2, size)))
+        await asyncio.sleep(0.01)
+        host.release.set()  # the older delivery finishes after the newer one was delivered
+        acks = await asyncio.gather(older, newer)
+        assert host.written == [2]
+        assert host.off_loop == ([2] if size == LARGE else [])
+        assert (link.received_version, link.received_epoch) == (2, "e1")
+        assert [ack.version for ack in acks] == [2, 2]
+
+    asyncio.run(scenario())
+
+
+def test_writes_of_one_link_run_one_at_a_time_in_delivery_order() -> None:
+    async def scenario() -> None:
+        host = RecordingHost()
+        link = _link(host)
+        # A small snapshot behind a large one waits for it.
+        for version, size in ((1, LARGE), (2, 1), (3, LARGE), (4, 1)):
+            asyncio.create_task(link.apply_snapshot(_snapshot(version, size)))  # noqa: RUF006 -- awaited by stop
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+        await link.stop()  # waits for the writes in flight
+        assert host.written == [1, 2, 3, 4]
+        assert host.off_loop == [1, 3]
+        assert host.most_at_once == 1
+        assert link.received_version == 4
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_session_leaves_its_write_to_finish_and_stop_waits_for_it() -> None:
+    async def scenario() -> None:
+        host = RecordingHost()
+        link = _link(host)
+        applying = asyncio.create_task(link.apply_snapshot(_snapshot(1)))
+        await asyncio.sleep(0.01)  # in the write
+        applying.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await applying
+        assert host.written == []
+        await link.stop()
+        assert host.written == [1]
+        assert link.received_version == 1  # the link's copy follows the row it wrote
+
+    asyncio.run(scenario())
+
+
+def test_a_running_service_writes_received_snapshots_on_another_thread(make_zone, monkeypatch) -> None:
+    written: list[tuple[str, bool]] = []  # (field, on the event loop's thread)
+    received: list[tuple[int, bool]] = []  # (services, on the event loop's thread)
+    update = PeeringStore.update
+
+    def recording_update(self: PeeringStore, name: str, **changes: object) -> bool:
+        on_loop = threading.current_thread() is threading.main_thread()
+        written.extend((field, on_loop) for field in changes)
+        snapshot = changes.get("received_snapshot")
+        if isinstance(snapshot, ServiceSnapshot):
+            received.append((len(snapshot.services), on_loop))
+        return update(self, name, **changes)
+
+    monkeypatch.setattr(PeeringStore, "update", recording_update)
+    east, west = Harness(make_zone("east")), Harness(make_zone("west"))
+    east.exported = [service(f"web-{i}") for i in range(LARGE)]
+
+    async def scenario() -> None:
+        await east.start()
+        await west.start()
+        try:
+            await west.service.establish(east.service.issue_token("west").encoded)
+            await eventually(lambda: west.service.peer("east").received_version >= 1, what="west holds east's exports")
+            with PeeringStore.of(west.zone) as store:
+                stored = store.require("east", snapshots=True).received_snapshot
+            assert stored is not None
+            assert len(stored.services) == LARGE
+        finally:
+            await west.stop()
+            await east.stop()
+
+    run(scenario())
+    assert (LARGE, False) in received  # west's copy of east's large exports: off the event loop's thread
+    assert (0, True) in received  # east's of west's empty ones: written at once, on the loop
+    assert ("acked_version", True) in written  # small fields: on the loop, as before
