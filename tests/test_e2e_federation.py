@@ -74,14 +74,22 @@ def test_peered_zones_call_exported_services_through_their_gateways(make_zone, e
             assert await call(w, egress, b"across zones") == b"across zones"
             assert egress not in n.controller.gateway.addresses()
 
-            # /metrics shows the peering and the gateway series.
-            metrics = w.controller.telemetry.render().decode()
-            assert 'meshfed_peering_state{peer="east",state="ACTIVE"} 1.0' in metrics
-            assert 'meshfed_peering_heartbeat_age_seconds{peer="east"}' in metrics
-            assert 'meshfed_peering_imported_services{peer="east"} 1.0' in metrics
-            # Labelled with what the listener serves: the service, and the peer with its trust domain.
+            # /metrics shows the peering and the gateway series. Each appears once its event is counted (the
+            # first heartbeat, the gateway's close of the call), which need not have happened yet: wait for them.
             labels = f'listener="{egress}",namespace="default",peer="east",service="echo",trust_domain="east.mesh"'
-            assert f"meshfed_gateway_connections_total{{{labels}}} 1.0" in metrics
+            series = (
+                'meshfed_peering_state{peer="east",state="ACTIVE"} 1.0',
+                'meshfed_peering_heartbeat_age_seconds{peer="east"}',
+                'meshfed_peering_imported_services{peer="east"} 1.0',
+                # Labelled with what the listener serves: the service, and the peer with its trust domain.
+                f"meshfed_gateway_connections_total{{{labels}}} 1.0",
+            )
+
+            def missing_series() -> list[str]:
+                metrics = w.controller.telemetry.render().decode()
+                return [line for line in series if line not in metrics]
+
+            await eventually(lambda: not missing_series(), "west's /metrics to show the peering and gateway series")
 
             # Export to north too, as the CLI would (another process writing state.db): it arrives by stream.
             with ExportRules(east.directory) as rules:
