@@ -18,7 +18,8 @@ import tomli_w
 from meshfed.errors import TrustError
 from meshfed.runtime import ZoneSettings, assemble_zone
 from meshfed.trust.bundle import DEFAULT_REFRESH_HINT_SECONDS, TrustBundle
-from meshfed.trust.endpoint import BundleEndpointServer, EndpointSpec, fetch_bundle
+from meshfed.trust.endpoint import BundleEndpointServer
+from meshfed.trust.endpoint_client import EndpointSpec, fetch_bundle
 from meshfed.trust.spiffe import TrustDomain
 from meshfed.zone import Zone
 from tests.conftest import free_port

@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from meshfed.errors import BundleFetchError
-from meshfed.trust.endpoint import MAX_BUNDLE_BYTES, EndpointSpec, fetch_bundle
+from meshfed.trust.endpoint_client import MAX_BUNDLE_BYTES, EndpointSpec, fetch_bundle
 from meshfed.zone import Zone
 from meshfed.zone.bundle_poller import BundlePoller
 from tests.test_bundle_endpoint import _web_pki

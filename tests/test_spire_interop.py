@@ -28,7 +28,8 @@ import httpx
 from meshfed.errors import BundleFetchError
 from meshfed.trust.bundle import TrustBundle, fingerprint, parse_bundle
 from meshfed.trust.ca import certificates_to_pem, create_authority, private_key_to_pem
-from meshfed.trust.endpoint import EndpointSpec, endpoint_spiffe_id, fetch_bundle
+from meshfed.trust.endpoint import endpoint_spiffe_id
+from meshfed.trust.endpoint_client import EndpointSpec, fetch_bundle
 from meshfed.trust.spiffe import SpiffeId, TrustDomain
 from meshfed.zone import Zone
 from meshfed.zone.bundle_poller import BundlePoller

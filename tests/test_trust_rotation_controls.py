@@ -15,7 +15,8 @@ from meshfed.errors import RotationError, UntrustedSvidError
 from meshfed.runtime import ZoneSettings, assemble_zone
 from meshfed.trust.bundle import fingerprint
 from meshfed.trust.ca import load_private_key_pem
-from meshfed.trust.endpoint import EndpointSpec, endpoint_spiffe_id, fetch_bundle
+from meshfed.trust.endpoint import endpoint_spiffe_id
+from meshfed.trust.endpoint_client import EndpointSpec, fetch_bundle
 from meshfed.trust.svid import verify_x509_svid
 from meshfed.zone import Zone
 from tests.conftest import free_port
