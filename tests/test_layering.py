@@ -16,7 +16,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "python" / "meshfed"
 # Lowest first. A unit is a top-level module or subpackage of meshfed; it may import
 # its own layer's units (without a cycle) and any layer below, never one above.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"meshfed", "_core", "errors", "addresses", "aio", "sqlite", "validation", "logs", "zonelock"}),
+    frozenset(
+        {"meshfed", "_core", "errors", "addresses", "aio", "sqlite", "validation", "logs", "zonelock", "defaults"}
+    ),
     frozenset({"supervisor", "runstate", "audit", "telemetry"}),
     frozenset({"trust", "catalog"}),
     frozenset({"policy", "gateway", "store"}),

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
+from meshfed import defaults
 from meshfed.api import create_app
 from meshfed.controller import DEFAULT_HEALTH_CHECK, Controller, FailingPeerPolicy
 from meshfed.errors import MeshfedError, PeeringError
 from meshfed.federation.link import PEER_HEARTBEAT_BOUNDS, PeerLimits
 from meshfed.federation.peer_status import PeerStatus
-from meshfed.federation.peering import PeerState
+from meshfed.federation.peering_state import PeerState
 from meshfed.federation.service import PeeringService
 from meshfed.gateway import HealthCheck
 from meshfed.policy.egress import WorkloadTls
@@ -40,20 +41,20 @@ class ZoneSettings:
 
     gateway_address: str | None = None  # default: zone.toml
     gateway_advertise: tuple[str, ...] = ()  # default: the bound ingress address
-    egress_host: str = "127.0.0.1"  # where egress listeners bind
+    egress_host: str = defaults.EGRESS_HOST  # where egress listeners bind
     egress_advertise_host: str | None = None  # where local clients reach them; default: egress_host
-    egress_port_base: int = 15500  # 0: ephemeral egress ports
-    peering_address: str = "0.0.0.0:15440"
-    establish_address: str = "0.0.0.0:15441"
+    egress_port_base: int = defaults.EGRESS_PORT_BASE  # 0: ephemeral egress ports
+    peering_address: str = defaults.PEERING_ADDRESS
+    establish_address: str = defaults.ESTABLISH_ADDRESS
     advertise_host: str | None = None  # host peers dial for peering; default: the listen host
     bundle_endpoint_port: int | None = None  # serve the SPIFFE bundle endpoint on this port (None: not at all)
-    bundle_endpoint_host: str = "0.0.0.0"  # noqa: S104 -- where it binds: consumers in other zones must reach it
+    bundle_endpoint_host: str = defaults.BUNDLE_ENDPOINT_HOST  # where it binds: consumers in other zones reach it
     # The https_web certificate and key of the bundle endpoint; None: https_spiffe (the controller's SVID).
     bundle_endpoint_web: WebCertificate | None = None
     bundle_refresh_hint: dt.timedelta | None = None  # default: bundle_refresh_hint in zone.toml, else 5 minutes
-    heartbeat_interval: float = 5.0
-    failing_peer_grace: dt.timedelta = dt.timedelta(minutes=5)
-    failing_peer_policy: FailingPeerPolicy = "open"
+    heartbeat_interval: float = defaults.HEARTBEAT_INTERVAL.total_seconds()
+    failing_peer_grace: dt.timedelta = defaults.FAILING_PEER_GRACE
+    failing_peer_policy: FailingPeerPolicy = defaults.FAILING_PEER_POLICY
     health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK  # active checks of local endpoints; None: catalog only
     peer_limits: PeerLimits = field(default_factory=PeerLimits)  # what one peer may make this zone hold
     # A peer's announced heartbeat interval is held within these (seconds): its failure deadline.

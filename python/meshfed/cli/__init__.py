@@ -25,10 +25,10 @@ from pydantic import ValidationError
 from typer import _click as click  # typer vendors click: TyperGroup's overrides take its types
 from typer.core import TyperGroup
 
-from meshfed import __version__, _core
+from meshfed import __version__, _core, defaults
 from meshfed.addresses import HostPort, is_ip_address, parse_host, parse_host_port, parse_port
 from meshfed.cli import _signals  # noqa: F401 -- before the command groups: SIGTERM while `up` imports them
-from meshfed.cli.common import ExitCode, ZoneDir, fail, parse_duration
+from meshfed.cli.common import ExitCode, ZoneDir, duration_text, fail, parse_duration
 from meshfed.errors import InvalidAddressError, MeshfedError
 from meshfed.logs import LogFormat, LogLevel
 from meshfed.sqlite import describe_error
@@ -148,7 +148,7 @@ def demo(
 @app.command()
 def up(
     directory: ZoneDir,
-    api_address: Annotated[str, typer.Option(help="host:port of the zone's HTTP API.")] = "127.0.0.1:8470",
+    api_address: Annotated[str, typer.Option(help="host:port of the zone's HTTP API.")] = defaults.API_ADDRESS,
     api_tls_cert: Annotated[
         Path | None,
         typer.Option(help="Serve the API over HTTPS with this PEM certificate chain (needs --api-tls-key)."),
@@ -167,22 +167,24 @@ def up(
     gateway_advertise: Annotated[
         list[str] | None, typer.Option(help="host:port peers use to reach the ingress. Repeatable.")
     ] = None,
-    peering_address: Annotated[str, typer.Option(help="host:port of the peering stream (mTLS).")] = "0.0.0.0:15440",
+    peering_address: Annotated[
+        str, typer.Option(help="host:port of the peering stream (mTLS).")
+    ] = defaults.PEERING_ADDRESS,
     establish_address: Annotated[
         str, typer.Option(help="host:port where peers redeem tokens (TLS).")
-    ] = "0.0.0.0:15441",
+    ] = defaults.ESTABLISH_ADDRESS,
     advertise_host: Annotated[
         str | None, typer.Option(help="Host name or IP that peers dial for peering; put in tokens.")
     ] = None,
     egress_host: Annotated[
         str, typer.Option(help="Address the egress listeners of imported services bind to.")
-    ] = "127.0.0.1",
+    ] = defaults.EGRESS_HOST,
     egress_advertise_host: Annotated[
         str | None, typer.Option(help="Address local clients reach imports at (the pod IP); default: --egress-host.")
     ] = None,
     egress_port_base: Annotated[
         int, typer.Option(help="First local port for imported services (0-65535); 0 = ephemeral.")
-    ] = 15500,
+    ] = defaults.EGRESS_PORT_BASE,
     bundle_endpoint_port: Annotated[
         int | None,
         typer.Option(help="Serve the SPIFFE bundle endpoint on this port of every interface (0-65535)."),
@@ -210,14 +212,16 @@ def up(
     ] = None,
     failing_peer_policy: Annotated[
         str, typer.Option(help="open: keep serving a failing peer's imports; closed: stop after the grace.")
-    ] = "open",
-    failing_peer_grace: Annotated[str, typer.Option(help="How long a peer may fail before the policy applies.")] = "5m",
+    ] = defaults.FAILING_PEER_POLICY,
+    failing_peer_grace: Annotated[
+        str, typer.Option(help="How long a peer may fail before the policy applies.")
+    ] = duration_text(defaults.FAILING_PEER_GRACE),
     health_check_interval: Annotated[
         str,
         typer.Option(
             help="Active TCP checks of local endpoints; two failures in a row mark one unhealthy for peers. 0s = off."
         ),
-    ] = "5s",
+    ] = duration_text(defaults.HEALTH_CHECK_INTERVAL),
     allow_empty_catalog: Annotated[
         bool,
         typer.Option(
@@ -269,7 +273,7 @@ def up(
         peering=parse_host_port(peering_address, what="--peering-address", allow_zero=True),
         establish=parse_host_port(establish_address, what="--establish-address", allow_zero=True),
         bundle_endpoint_port=None if bundle_endpoint is None else bundle_endpoint.address.port,
-        bundle_endpoint_host=bundle_endpoint.address.host if bundle_endpoint else "0.0.0.0",  # noqa: S104
+        bundle_endpoint_host=bundle_endpoint.address.host if bundle_endpoint else defaults.BUNDLE_ENDPOINT_HOST,
         bundle_endpoint_flag=bundle_endpoint.flag if bundle_endpoint else "--bundle-endpoint-port",
         metrics=(
             None
@@ -334,7 +338,7 @@ def _bundle_endpoint(
         return _BundleEndpoint(bound, "--bundle-endpoint-address", web)
     if port is not None:
         parsed = parse_port(port, what="--bundle-endpoint-port", allow_zero=True)
-        return _BundleEndpoint(HostPort("0.0.0.0", parsed), "--bundle-endpoint-port", web)  # noqa: S104
+        return _BundleEndpoint(HostPort(defaults.BUNDLE_ENDPOINT_HOST, parsed), "--bundle-endpoint-port", web)
     if web is not None:
         raise MeshfedError(
             "--bundle-endpoint-web-cert is the bundle endpoint's certificate: give --bundle-endpoint-address "

@@ -133,6 +133,16 @@ def parse_duration(text: str, option: str = "--ttl") -> dt.timedelta:
     return dt.timedelta(seconds=sum(int(number) * _UNITS[unit] for number, unit in parts))
 
 
+def duration_text(duration: dt.timedelta) -> str:
+    """``duration`` as :func:`parse_duration` reads it back: ``5m``, ``1h30m``, ``0s``."""
+    seconds, text = int(duration.total_seconds()), ""
+    for unit, size in sorted(_UNITS.items(), key=lambda item: -item[1]):
+        if seconds >= size:
+            text += f"{seconds // size}{unit}"
+            seconds %= size
+    return text or "0s"
+
+
 def print_table(
     title: str,
     headers: Sequence[str],

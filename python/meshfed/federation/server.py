@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from meshfed import defaults
 from meshfed.addresses import HostPort, parse_host_port
 from meshfed.errors import PeeringError
 from meshfed.federation._proto import peering_pb2_grpc as pb_grpc
@@ -38,9 +39,6 @@ from meshfed.zone import Zone
 # The peering service's one logger, whichever of its modules logs: log lines keep their logger name.
 log = logging.getLogger("meshfed.federation.service")
 
-# Peers in other clusters dial these, so they listen on every interface by default.
-DEFAULT_LISTEN_ADDRESS = "0.0.0.0:15440"
-DEFAULT_ESTABLISH_ADDRESS = "0.0.0.0:15441"
 _WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})  # noqa: S104 -- recognised, not bound
 
 # The trust domains of the live peerings: the stream port's root pool.
@@ -58,8 +56,8 @@ class PeeringServer:
         *,
         live_trust_domains: LiveTrustDomains,
         peers_behind: PeersBehind,
-        listen_address: str = DEFAULT_LISTEN_ADDRESS,
-        establish_address: str = DEFAULT_ESTABLISH_ADDRESS,
+        listen_address: str = defaults.PEERING_ADDRESS,
+        establish_address: str = defaults.ESTABLISH_ADDRESS,
         advertise_host: str | None = None,
     ) -> None:
         self._zone = zone
@@ -224,4 +222,4 @@ class PeeringServer:
             return config
 
 
-__all__ = ["DEFAULT_ESTABLISH_ADDRESS", "DEFAULT_LISTEN_ADDRESS", "PeeringServer"]
+__all__ = ["PeeringServer"]

@@ -33,6 +33,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from meshfed import defaults
 from meshfed.errors import MeshfedError, PeeringError
 from meshfed.federation.acceptor import EstablishmentServicer, StreamServicer
 from meshfed.federation.dialer import dial_forever, establish
@@ -40,8 +41,10 @@ from meshfed.federation.exchange import MAX_VERSION, ServiceSnapshot
 from meshfed.federation.link import PEER_HEARTBEAT_BOUNDS, LinkSettings, PeerLimits, PeerLink, new_epoch
 from meshfed.federation.peer_status import PeerStatus
 from meshfed.federation.peer_trust import held_bundle, trust_owned_elsewhere
-from meshfed.federation.peering import LIVE_STATES, IssuedToken, Peering, PeeringStore, PeerState
-from meshfed.federation.server import DEFAULT_ESTABLISH_ADDRESS, DEFAULT_LISTEN_ADDRESS, PeeringServer
+from meshfed.federation.peering_state import LIVE_STATES, Peering, PeerState
+from meshfed.federation.peering_store import PeeringStore
+from meshfed.federation.peering_tokens import IssuedToken
+from meshfed.federation.server import PeeringServer
 from meshfed.federation.token import DEFAULT_TOKEN_TTL
 from meshfed.supervisor import Component, Supervisor
 from meshfed.trust.bundle import TrustBundle, newest
@@ -80,10 +83,10 @@ class PeeringService:
         import_problem: ImportProblem = lambda peer: None,
         limits: PeerLimits = _DEFAULT_LIMITS,
         supervisor: Supervisor | None = None,
-        listen_address: str = DEFAULT_LISTEN_ADDRESS,
-        establish_address: str = DEFAULT_ESTABLISH_ADDRESS,
+        listen_address: str = defaults.PEERING_ADDRESS,
+        establish_address: str = defaults.ESTABLISH_ADDRESS,
         advertise_host: str | None = None,
-        heartbeat_interval: float = 5.0,
+        heartbeat_interval: float = defaults.HEARTBEAT_INTERVAL.total_seconds(),
         missed_heartbeats: int = 3,
         peer_heartbeat_bounds: tuple[float, float] = PEER_HEARTBEAT_BOUNDS,
         store_poll_interval: float = 1.0,

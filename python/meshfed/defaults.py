@@ -1,0 +1,45 @@
+"""The one definition of each default a running zone starts with.
+
+``meshfed up``'s flags, :class:`meshfed.runtime.ZoneSettings`, the components
+that take these settings and ``zone.toml`` (:class:`meshfed.zone.ZoneConfig`)
+all read their defaults from here, and ``tests/test_defaults.py`` checks that
+the Helm chart's ``values.yaml`` says the same. Plain values only: this module
+is imported by the CLI before anything heavy loads.
+
+Peers in other clusters dial the peering, establishment and gateway ports, so
+those listen on every interface; the API, which holds the admin token's power,
+and the egress listeners, which only local clients call, stay on loopback.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Final, Literal
+
+API_ADDRESS: Final = "127.0.0.1:8470"
+GATEWAY_ADDRESS: Final = "0.0.0.0:15443"
+PEERING_ADDRESS: Final = "0.0.0.0:15440"
+ESTABLISH_ADDRESS: Final = "0.0.0.0:15441"
+BUNDLE_ENDPOINT_HOST: Final = "0.0.0.0"  # noqa: S104 -- consumers in other zones fetch the bundle
+EGRESS_HOST: Final = "127.0.0.1"
+# Imports get ports from here up, kept per import across restarts; 0 gives each an ephemeral port.
+EGRESS_PORT_BASE: Final = 15500
+
+HEARTBEAT_INTERVAL: Final = dt.timedelta(seconds=5)
+FAILING_PEER_GRACE: Final = dt.timedelta(minutes=5)
+FAILING_PEER_POLICY: Final[Literal["open", "closed"]] = "open"
+HEALTH_CHECK_INTERVAL: Final = dt.timedelta(seconds=5)  # active checks of local endpoints
+
+__all__ = [
+    "API_ADDRESS",
+    "BUNDLE_ENDPOINT_HOST",
+    "EGRESS_HOST",
+    "EGRESS_PORT_BASE",
+    "ESTABLISH_ADDRESS",
+    "FAILING_PEER_GRACE",
+    "FAILING_PEER_POLICY",
+    "GATEWAY_ADDRESS",
+    "HEALTH_CHECK_INTERVAL",
+    "HEARTBEAT_INTERVAL",
+    "PEERING_ADDRESS",
+]
