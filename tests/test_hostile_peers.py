@@ -37,7 +37,8 @@ from meshfed.federation.gateway_config import INGRESS_LISTENER
 from meshfed.federation.identity import federation_host
 from meshfed.federation.imports import ImportStore, egress_listener_name
 from meshfed.federation.link import PeerLimits
-from meshfed.federation.peering import Peering, PeeringStore, request_delete
+from meshfed.federation.peering_state import Peering
+from meshfed.federation.peering_store import PeeringStore, request_delete
 from meshfed.federation.token import PeeringToken, decode_token, new_secret
 from meshfed.runtime import ZoneSettings
 from meshfed.supervisor import ComponentStatus

@@ -16,7 +16,8 @@ from meshfed.federation import wire
 from meshfed.federation._proto import peering_pb2 as pb
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.link import OFF_LOOP_SERVICES, LinkSettings, PeerLimits, PeerLink
-from meshfed.federation.peering import Peering, PeeringStore, PeerState
+from meshfed.federation.peering_state import Peering, PeerState
+from meshfed.federation.peering_store import PeeringStore
 from meshfed.trust.bundle import TrustBundle
 from tests.conftest import eventually
 from tests.test_peering import Harness, run, service

@@ -18,7 +18,8 @@ import pytest
 from meshfed.controller import Controller
 from meshfed.federation.dialer import establish
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
-from meshfed.federation.peering import Peering, PeeringStore, PeerState, request_delete
+from meshfed.federation.peering_state import Peering, PeerState
+from meshfed.federation.peering_store import PeeringStore, request_delete
 from meshfed.federation.service import PeeringService
 from meshfed.zone import Zone
 from tests.conftest import eventually

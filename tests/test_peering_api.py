@@ -8,7 +8,7 @@ import httpx
 from fastapi import FastAPI
 
 from meshfed.api.peering import router
-from meshfed.federation.peering import PeerState
+from meshfed.federation.peering_state import PeerState
 from tests.conftest import eventually
 from tests.test_peering import Harness, hello_as_west_signed_by_north, run
 from tests.test_trust_name_constraints import make_legacy_root

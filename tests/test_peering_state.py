@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from meshfed.cli import app as cli
 from meshfed.federation.dialer import establish
-from meshfed.federation.peering import EXPIRED_PENDING_KEPT, PeeringStore, PeerState
+from meshfed.federation.peering_state import EXPIRED_PENDING_KEPT, PeerState
+from meshfed.federation.peering_store import PeeringStore
 from meshfed.zone import Zone
 from tests.conftest import eventually
 from tests.test_peering import Harness, run

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 from meshfed.cli import app
 from meshfed.errors import InvalidTokenError, MeshfedError, PeeringError
-from meshfed.federation.peering import PeeringStore, PeerState
+from meshfed.federation.peering_state import PeerState
+from meshfed.federation.peering_store import PeeringStore
 from meshfed.federation.token import decode_token, hash_secret
 from meshfed.zone import Zone
 from tests.test_peering import Harness

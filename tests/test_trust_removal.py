@@ -14,7 +14,8 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from meshfed.federation.peering import Peering, PeeringStore, PeerState
+from meshfed.federation.peering_state import Peering, PeerState
+from meshfed.federation.peering_store import PeeringStore
 from meshfed.federation.trust_removal import remove_trust
 from meshfed.gateway import GatewayConfig
 from meshfed.runtime import ZoneSettings, assemble_zone

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, field_validator
 from meshfed.api.auth import audit_call, require_admin, require_reader
 from meshfed.errors import InvalidTokenError, PeeringError
 from meshfed.federation.peer_status import PeerStatus
-from meshfed.federation.peering import check_peering_name
+from meshfed.federation.peering_names import check_peering_name
 from meshfed.federation.service import PeeringService
 from meshfed.federation.token import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL
 

@@ -23,7 +23,8 @@ from meshfed.federation._proto import peering_pb2_grpc as pb_grpc
 from meshfed.federation.identity import authenticate_peer
 from meshfed.federation.link import MAX_BUNDLE_BYTES, PeerLink
 from meshfed.federation.peer_trust import refuse_trust_owned_elsewhere
-from meshfed.federation.peering import Peering, PeeringStore, PeerState
+from meshfed.federation.peering_state import Peering, PeerState
+from meshfed.federation.peering_store import PeeringStore
 from meshfed.federation.stream import Session
 from meshfed.trust.bundle import TrustBundle, parse_bundle
 from meshfed.trust.spiffe import TrustDomain

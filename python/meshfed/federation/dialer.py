@@ -25,7 +25,9 @@ from meshfed.federation._proto import peering_pb2_grpc as pb_grpc
 from meshfed.federation.identity import federation_host, probe_acceptor
 from meshfed.federation.link import PeerLink, describe_stream_error
 from meshfed.federation.peer_trust import refuse_trust_owned_elsewhere
-from meshfed.federation.peering import Peering, PeeringStore, PeerState, check_peering_name
+from meshfed.federation.peering_names import check_peering_name
+from meshfed.federation.peering_state import Peering, PeerState
+from meshfed.federation.peering_store import PeeringStore
 from meshfed.federation.stream import Session
 from meshfed.federation.token import decode_token
 from meshfed.trust.bundle import TrustBundle, parse_bundle

@@ -35,7 +35,7 @@ from meshfed.errors import MeshfedError, PeeringError, PeerInputError
 from meshfed.federation import wire
 from meshfed.federation._proto import peering_pb2 as pb
 from meshfed.federation.exchange import MAX_VERSION, ServiceSnapshot
-from meshfed.federation.peering import Peering, PeerState
+from meshfed.federation.peering_state import Peering, PeerState
 from meshfed.federation.stream import CAPABILITIES, PeerTerminatedError, Session
 from meshfed.supervisor import Component
 from meshfed.trust.bundle import TrustBundle, parse_bundle

@@ -1,6 +1,6 @@
 """What ``meshfed peer list|show`` and ``GET /v1/peerings`` report for one peering.
 
-A :class:`PeerStatus` is the stored row (:class:`~meshfed.federation.peering.Peering`),
+A :class:`PeerStatus` is the stored row (:class:`~meshfed.federation.peering_state.Peering`),
 overlaid with the fresher numbers of the running link (:class:`LiveLink`) when
 the zone's peering service runs.
 """
@@ -12,7 +12,7 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
-from meshfed.federation.peering import Peering, PeerState
+from meshfed.federation.peering_state import Peering, PeerState
 
 
 class LiveLink(Protocol):
@@ -103,7 +103,7 @@ class PeerStatus(BaseModel):
         """The stored row as a process other than the running zone sees it (``meshfed peer show``).
 
         ``connected`` is what the running peering service last recorded: current only while its
-        lease is alive (:meth:`~meshfed.federation.peering.Listener.alive`); a reader must say
+        lease is alive (:meth:`~meshfed.federation.peering_state.Listener.alive`); a reader must say
         it is unknown otherwise.
         """
         return cls.of(peering).model_copy(update={"connected": peering.connected})

@@ -9,7 +9,8 @@ notices every change to the trusted bundles; see :mod:`meshfed.zone.rotation`).
 from __future__ import annotations
 
 from meshfed.errors import TrustError
-from meshfed.federation.peering import PeeringStore, PeerState
+from meshfed.federation.peering_state import PeerState
+from meshfed.federation.peering_store import PeeringStore
 from meshfed.trust.spiffe import TrustDomain
 from meshfed.zone import RemovedTrust, Zone
 

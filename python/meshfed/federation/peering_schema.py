@@ -1,0 +1,313 @@
+"""The peering tables of ``state.db`` (``peerings``, ``peering_tokens``, ``peering_listener``): their
+migrations, their columns, and how a :class:`~meshfed.federation.peering_state.Peering` becomes a row and back.
+
+Only :mod:`meshfed.federation.peering_store` reads and writes them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+
+import orjson
+from pydantic import ValidationError
+
+from meshfed.federation.exchange import ServiceSnapshot
+from meshfed.federation.peering_state import Peering, PeerState
+
+COMPONENT = "peering"
+
+MIGRATIONS = (
+    """
+    CREATE TABLE peerings (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('acceptor', 'dialer')),
+        state TEXT NOT NULL CHECK (state IN ('PENDING', 'ESTABLISHING', 'ACTIVE', 'FAILING', 'TERMINATED')),
+        state_reason TEXT NOT NULL DEFAULT '',
+        delete_requested INTEGER NOT NULL DEFAULT 0,
+        peer_zone TEXT,
+        peer_trust_domain TEXT UNIQUE,
+        peer_addresses TEXT NOT NULL DEFAULT '[]',
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        sent_version INTEGER NOT NULL DEFAULT 0,
+        sent_snapshot TEXT,
+        acked_version INTEGER NOT NULL DEFAULT 0,
+        received_version INTEGER NOT NULL DEFAULT 0,
+        received_snapshot TEXT,
+        last_connected_at TEXT,
+        last_heartbeat_sent_at TEXT,
+        last_heartbeat_received_at TEXT
+    ) STRICT;
+    CREATE TABLE peering_tokens (
+        secret_hash TEXT PRIMARY KEY,
+        peer_name TEXT NOT NULL REFERENCES peerings(name) ON DELETE CASCADE,
+        issued_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        used_at TEXT
+    ) STRICT;
+    CREATE TABLE peering_listener (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        establish_addresses TEXT NOT NULL,
+        stream_addresses TEXT NOT NULL,
+        alive_at TEXT NOT NULL
+    ) STRICT;
+    """,
+    # Service counts beside the snapshots: status reads (every poll, every scrape) need only the
+    # counts, and parsing a 10,000-service snapshot costs tens of milliseconds.
+    """
+    ALTER TABLE peerings ADD COLUMN sent_services INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE peerings ADD COLUMN received_services INTEGER NOT NULL DEFAULT 0;
+    UPDATE peerings SET
+        sent_services = coalesce(json_array_length(sent_snapshot, '$.services'), 0),
+        received_services = coalesce(json_array_length(received_snapshot, '$.services'), 0);
+    """,
+    # 3: a DISCONNECTED state (the stream dropped; FAILING once the deadline passes), export epochs
+    # (a sender whose history went backwards starts a new one), the peer's refusal of our exports,
+    # and which of our bundles the peer confirmed holding (rotation must not partition it).
+    # SQLite cannot alter a CHECK: the table is rebuilt. The tokens go first and come back after,
+    # so dropping the old peerings cascades to nothing.
+    """
+    CREATE TEMP TABLE peering_tokens_kept AS SELECT * FROM peering_tokens;
+    DROP TABLE peering_tokens;
+    CREATE TABLE peerings_next (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('acceptor', 'dialer')),
+        state TEXT NOT NULL CHECK (
+            state IN ('PENDING', 'ESTABLISHING', 'ACTIVE', 'DISCONNECTED', 'FAILING', 'TERMINATED')
+        ),
+        state_reason TEXT NOT NULL DEFAULT '',
+        delete_requested INTEGER NOT NULL DEFAULT 0,
+        peer_zone TEXT,
+        peer_trust_domain TEXT UNIQUE,
+        peer_addresses TEXT NOT NULL DEFAULT '[]',
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        sent_version INTEGER NOT NULL DEFAULT 0,
+        sent_snapshot TEXT,
+        acked_version INTEGER NOT NULL DEFAULT 0,
+        received_version INTEGER NOT NULL DEFAULT 0,
+        received_snapshot TEXT,
+        last_connected_at TEXT,
+        last_heartbeat_sent_at TEXT,
+        last_heartbeat_received_at TEXT,
+        sent_services INTEGER NOT NULL DEFAULT 0,
+        received_services INTEGER NOT NULL DEFAULT 0,
+        sent_epoch TEXT NOT NULL DEFAULT '',
+        received_epoch TEXT NOT NULL DEFAULT '',
+        refused_reason TEXT NOT NULL DEFAULT '',
+        peer_bundle_sequence INTEGER NOT NULL DEFAULT 0
+    ) STRICT;
+    INSERT INTO peerings_next (
+        name, role, state, state_reason, delete_requested, peer_zone, peer_trust_domain, peer_addresses,
+        created_at, updated_at, sent_version, sent_snapshot, acked_version, received_version, received_snapshot,
+        last_connected_at, last_heartbeat_sent_at, last_heartbeat_received_at, sent_services, received_services
+    ) SELECT
+        name, role, state, state_reason, delete_requested, peer_zone, peer_trust_domain, peer_addresses,
+        created_at, updated_at, sent_version, sent_snapshot, acked_version, received_version, received_snapshot,
+        last_connected_at, last_heartbeat_sent_at, last_heartbeat_received_at, sent_services, received_services
+    FROM peerings;
+    DROP TABLE peerings;
+    ALTER TABLE peerings_next RENAME TO peerings;
+    CREATE TABLE peering_tokens (
+        secret_hash TEXT PRIMARY KEY,
+        peer_name TEXT NOT NULL REFERENCES peerings(name) ON DELETE CASCADE,
+        issued_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        used_at TEXT
+    ) STRICT;
+    INSERT INTO peering_tokens SELECT * FROM peering_tokens_kept;
+    DROP TABLE peering_tokens_kept;
+    """,
+    # 4: whether the stream is up now, written by the running peering service for readers in other processes.
+    """
+    ALTER TABLE peerings ADD COLUMN connected INTEGER NOT NULL DEFAULT 0;
+    """,
+)
+
+# Fixed column names, never user input: the store's f-strings build no SQL from data.
+COLUMNS = (
+    "name, role, state, state_reason, delete_requested, peer_zone, peer_trust_domain, peer_addresses, "
+    "created_at, updated_at, sent_version, sent_snapshot, acked_version, received_version, received_snapshot, "
+    "last_connected_at, last_heartbeat_sent_at, last_heartbeat_received_at, sent_services, received_services, "
+    "sent_epoch, received_epoch, refused_reason, peer_bundle_sequence, connected"
+)
+# The same columns with the snapshots left out (NULL): what status reads need.
+LIGHT = COLUMNS.replace("sent_snapshot", "NULL").replace("received_snapshot", "NULL")
+COLUMN_COUNT = COLUMNS.count(",") + 1
+UPDATE_ALL = ", ".join(f"{c.strip()} = excluded.{c.strip()}" for c in COLUMNS.split(",")[1:])
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def peering_row(p: Peering) -> tuple[object, ...]:
+    """The values of :data:`COLUMNS` for ``p``, in that order."""
+    return (
+        p.name,
+        p.role,
+        p.state.value,
+        p.state_reason,
+        int(p.delete_requested),
+        p.peer_zone,
+        p.peer_trust_domain,
+        orjson.dumps(list(p.peer_addresses)).decode(),
+        iso(p.created_at),
+        iso(p.updated_at),
+        p.sent_version,
+        p.sent_snapshot.model_dump_json() if p.sent_snapshot else None,
+        p.acked_version,
+        p.received_version,
+        p.received_snapshot.model_dump_json() if p.received_snapshot else None,
+        maybe_iso(p.last_connected_at),
+        maybe_iso(p.last_heartbeat_sent_at),
+        maybe_iso(p.last_heartbeat_received_at),
+        len(p.sent_snapshot.services) if p.sent_snapshot else 0,
+        len(p.received_snapshot.services) if p.received_snapshot else 0,
+        p.sent_epoch,
+        p.received_epoch,
+        p.refused_reason,
+        p.peer_bundle_sequence,
+        int(p.connected),
+    )
+
+
+def peering_from_row(row: tuple[object, ...]) -> Peering:
+    (
+        name,
+        role,
+        state,
+        reason,
+        delete_requested,
+        peer_zone,
+        peer_td,
+        addresses,
+        created,
+        updated,
+        sent_version,
+        sent_snapshot,
+        acked_version,
+        received_version,
+        received_snapshot,
+        connected,
+        hb_sent,
+        hb_received,
+        sent_services,
+        received_services,
+        sent_epoch,
+        received_epoch,
+        refused_reason,
+        peer_bundle_sequence,
+        connected_now,
+    ) = row
+    return Peering(
+        name=str(name),
+        role="acceptor" if role == "acceptor" else "dialer",
+        state=PeerState(str(state)),
+        state_reason=str(reason),
+        delete_requested=bool(delete_requested),
+        peer_zone=None if peer_zone is None else str(peer_zone),
+        peer_trust_domain=None if peer_td is None else str(peer_td),
+        peer_addresses=tuple(orjson.loads(str(addresses))),
+        created_at=from_iso(created),
+        updated_at=from_iso(updated),
+        sent_version=int(str(sent_version)),
+        sent_snapshot=_stored_snapshot(sent_snapshot),
+        acked_version=int(str(acked_version)),
+        received_version=int(str(received_version)),
+        received_snapshot=_stored_snapshot(received_snapshot),
+        last_connected_at=maybe_from_iso(connected),
+        last_heartbeat_sent_at=maybe_from_iso(hb_sent),
+        last_heartbeat_received_at=maybe_from_iso(hb_received),
+        sent_services=int(str(sent_services)),
+        received_services=int(str(received_services)),
+        sent_epoch=str(sent_epoch),
+        received_epoch=str(received_epoch),
+        refused_reason=str(refused_reason),
+        peer_bundle_sequence=int(str(peer_bundle_sequence)),
+        connected=bool(connected_now),
+    )
+
+
+def _stored_snapshot(document: object) -> ServiceSnapshot | None:
+    """A stored snapshot, or None if it no longer parses (written by an older meshfed with looser rules,
+    or damaged): the link then asks the peer for everything again instead of failing to start."""
+    if document is None:
+        return None
+    try:
+        return ServiceSnapshot.model_validate_json(str(document))
+    except ValidationError:
+        return None
+
+
+def _snapshot_json(value: object) -> str | None:
+    return value.model_dump_json() if isinstance(value, ServiceSnapshot) else None
+
+
+def _moment(value: object) -> str | None:
+    return maybe_iso(value if isinstance(value, dt.datetime) else None)
+
+
+def _state(value: object) -> str:
+    return PeerState(str(value)).value
+
+
+# How each updatable field is stored (the column has the field's name).
+WRITERS: dict[str, Callable[[object], object]] = {
+    "state": _state,
+    "state_reason": str,
+    "delete_requested": lambda value: int(bool(value)),
+    "sent_version": lambda value: int(str(value)),
+    "sent_snapshot": _snapshot_json,
+    "acked_version": lambda value: int(str(value)),
+    "received_version": lambda value: int(str(value)),
+    "received_snapshot": _snapshot_json,
+    "last_connected_at": _moment,
+    "last_heartbeat_sent_at": _moment,
+    "last_heartbeat_received_at": _moment,
+    "sent_epoch": str,
+    "received_epoch": str,
+    "refused_reason": str,
+    "peer_bundle_sequence": lambda value: int(str(value)),
+    "connected": lambda value: int(bool(value)),
+}
+# Snapshot fields and the count column kept with each.
+COUNTED = {"sent_snapshot": "sent_services", "received_snapshot": "received_services"}
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def iso(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def maybe_iso(moment: dt.datetime | None) -> str | None:
+    return None if moment is None else iso(moment)
+
+
+def from_iso(text: object) -> dt.datetime:
+    return dt.datetime.fromisoformat(str(text))
+
+
+def maybe_from_iso(text: object) -> dt.datetime | None:
+    return None if text is None else from_iso(text)
+
+
+__all__ = [
+    "COLUMNS",
+    "COLUMN_COUNT",
+    "COMPONENT",
+    "COUNTED",
+    "EPOCH",
+    "LIGHT",
+    "MIGRATIONS",
+    "UPDATE_ALL",
+    "WRITERS",
+    "from_iso",
+    "iso",
+    "maybe_from_iso",
+    "maybe_iso",
+    "now",
+    "peering_from_row",
+    "peering_row",
+]
