@@ -33,7 +33,9 @@ import httpx
 import pytest
 
 from meshfed.catalog import CatalogSnapshot, ConsulSettings, LocalImport, Service, open_catalog
-from meshfed.catalog.consul import ACL_POLICY_FILE, MANAGED_META, ConsulCatalog
+from meshfed.catalog.consul import ConsulCatalog
+from meshfed.catalog.consul_api import ACL_POLICY_FILE
+from meshfed.catalog.consul_imports import MANAGED_META
 from meshfed.errors import CatalogError, ZoneError
 from meshfed.zone import Zone
 from tests.conftest import eventually, until
