@@ -34,7 +34,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshfed.catalog import KubernetesSettings, LocalImport, open_catalog
-from meshfed.catalog.kubernetes import MIRROR_LABEL, OWNER_LABEL, KubernetesCatalog, mirror_name
+from meshfed.catalog.kubernetes import KubernetesCatalog
+from meshfed.catalog.kubernetes_mirrors import MIRROR_LABEL, OWNER_LABEL, mirror_name
 from meshfed.errors import CatalogError
 from meshfed.zone import Zone
 from tests.conftest import eventually, until

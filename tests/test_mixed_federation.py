@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from meshfed.catalog import ConsulSettings, EmbeddedCatalog, Endpoint, KubernetesSettings, Service
-from meshfed.catalog.kubernetes import SERVICE_NAME_LABEL
+from meshfed.catalog.kubernetes_api import SERVICE_NAME_LABEL
 from meshfed.federation.exports import ExportRules
 from meshfed.runtime import ZoneRuntime, assemble_zone
 from meshfed.zone import Zone
