@@ -221,9 +221,11 @@ def test_cli_delete_while_running_is_picked_up(make_zone):
 def test_slow_peer_gets_coalesced_snapshots(make_zone, coalesce_changes):
     east, west = Harness(make_zone("east")), Harness(make_zone("west"))
 
+    busy = asyncio.Event()  # west stays busy with the snapshot it holds until the test lets it go
+
     async def slow_imports(peer: str, snapshot: ServiceSnapshot) -> None:
         west.imports.append((peer, snapshot))
-        await asyncio.sleep(0.1)
+        await busy.wait()
 
     async def scenario() -> None:
         await east.start()
@@ -234,7 +236,8 @@ def test_slow_peer_gets_coalesced_snapshots(make_zone, coalesce_changes):
         for index in range(coalesce_changes):
             east.exported = [service(f"s{index}")]
             east.service.notify_exports_changed()
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0)  # east's stream runs between changes: each could be sent
+        busy.set()
         await eventually(lambda: names(west.latest_from("east")) == [f"s{coalesce_changes - 1}"], timeout=10)
         versions = west.versions_from("east")
         assert versions == sorted(set(versions))
@@ -265,7 +268,19 @@ def test_dialer_restart_resumes_without_replay(make_zone):
         await eventually(lambda: names(west.latest_from("east")) == ["x", "y"], what="east's changes at west")
         await eventually(lambda: east.state_of("west") is PeerState.ACTIVE)
         assert west.versions_from("east") == [1, 2]  # two changes while away: one coalesced version
-        await asyncio.sleep(HEARTBEAT * 2)
+        # Two heartbeats from west on the resumed stream: it had its chance to re-send, and did not.
+        resumed = east.service.peer("west").last_heartbeat_received_at
+        assert resumed is not None
+        await eventually(
+            lambda: (east.service.peer("west").last_heartbeat_received_at or resumed) > resumed,
+            what="a heartbeat from west after the resume",
+        )
+        latest = east.service.peer("west").last_heartbeat_received_at
+        assert latest is not None
+        await eventually(
+            lambda: (east.service.peer("west").last_heartbeat_received_at or latest) > latest,
+            what="a second heartbeat from west",
+        )
         assert east.versions_from("west") == [1]  # west's unchanged exports are not re-sent
         await west.stop()
         await east.stop()

@@ -20,11 +20,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
 
+# typer vendors click: its UsageError is what main() reports as a usage error (exit 2).
+from typer._click.exceptions import UsageError
+from typer._click.globals import get_current_context
+
+from meshfed.cli.common import DIR_ENVVAR
 from meshfed.errors import MeshfedError
 from meshfed.runstate import RunState
 from meshfed.zone import READ_TOKEN_FILE, STATE_FILE, TOKEN_FILE, Zone
@@ -139,7 +144,7 @@ class Target:
     def zone(self) -> Zone:
         """The zone of ``--dir`` (for a command that works on files)."""
         if self.directory is None:
-            raise MeshfedError("give the zone with --dir DIR (or MESHFED_DIR), or its API with --api URL")
+            _no_zone_given()
         return Zone.open(self.directory)
 
 
@@ -154,11 +159,19 @@ def target(
     """The zone a command works on (see the module's docstring); ``change`` picks the default token."""
     if api is None:
         if directory is None:
-            raise MeshfedError("give the zone with --dir DIR (or MESHFED_DIR), or its API with --api URL")
+            _no_zone_given()
         api = running_api_url(directory)
         if api is None:
             return Target(None, directory)
     return Target(ZoneApi(api, _token(directory, token_file, change), str(ca) if ca is not None else True), directory)
+
+
+def _no_zone_given() -> NoReturn:
+    # A usage error (exit 2), worded as click words a missing required option, with the other way named.
+    raise UsageError(
+        f"missing option '--dir' (or set {DIR_ENVVAR}), or give the zone's API with --api URL",
+        ctx=get_current_context(silent=True),
+    )
 
 
 def require_api(directory: Path | None, api: str | None, token_file: Path | None, ca: Path | None) -> ZoneApi:
