@@ -18,7 +18,7 @@ from meshfed.cli.common import OptionalZoneDir, Output, OutputOption, emit, prin
 from meshfed.cli.remote import ApiOption, CaOption, TokenFileOption, ZoneApi, target
 from meshfed.errors import MeshfedError
 from meshfed.federation.exports import ALL_PEERS, ExportRules
-from meshfed.federation.peering import PeeringStore
+from meshfed.federation.peering_store import PeeringStore
 from meshfed.zone import Zone
 
 export_app = typer.Typer(help="Export local services to peers (nothing is exported by default).", no_args_is_help=True)

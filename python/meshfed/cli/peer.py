@@ -24,7 +24,7 @@ from meshfed.cli.remote import ApiOption, CaOption, TokenFileOption, target
 from meshfed.errors import MeshfedError
 from meshfed.federation.dialer import establish
 from meshfed.federation.peer_status import PeerStatus
-from meshfed.federation.peering import PeeringStore, request_delete
+from meshfed.federation.peering_store import PeeringStore, request_delete
 from meshfed.zone import STATE_FILE
 
 peer_app = typer.Typer(help="Peer this zone with other zones (tokens, establish, list, delete).", no_args_is_help=True)
