@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request, Response, status
+from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -92,10 +92,25 @@ def create_app(controller: Controller, peering: PeeringService | None = None) ->
         """Counters of every gateway listener, with the identities of the callers it verified."""
         return controller.gateway_stats()
 
-    @app.get("/v1/gateway/config", tags=["gateway"], dependencies=[Depends(require_admin)])
+    @app.get(
+        "/v1/gateway/config",
+        tags=["gateway"],
+        dependencies=[Depends(require_admin)],
+        responses={503: {"description": "The gateway has not been configured yet"}},
+    )
     def gateway_config() -> dict[str, Any]:
-        """The config the gateway runs, with its private key redacted."""
-        document = controller.gateway_config().model_dump(exclude_none=True)
+        """The config the gateway runs (the last one it accepted), with its private key redacted.
+
+        Reading it changes nothing: it is not rebuilt, and no egress port is given out.
+        """
+        applied = controller.applied_gateway_config
+        if applied is None:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                f"zone {controller.zone.name}: the gateway has not been configured yet; "
+                "it gets its first config when the controller starts",
+            )
+        document = applied.model_dump(exclude_none=True)
         if "identity" in document:
             document["identity"]["private_key_pem"] = _REDACTED
         return document

@@ -29,8 +29,7 @@ import hashlib
 import logging
 import time
 import tomllib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 from opentelemetry.sdk.trace.export import SpanExporter
@@ -39,30 +38,26 @@ from pydantic import BaseModel, ValidationError
 from meshfed.addresses import HostPort
 from meshfed.catalog import CatalogSnapshot, CatalogSource, LocalImport, open_catalog
 from meshfed.catalog.publisher import DEFAULT_RESYNC, ImportPublisher, PublicationStatus
-from meshfed.errors import GatewayConfigError, MeshfedError, PeerInputError
-from meshfed.federation.authz import AuthzIndex, AuthzRules
+from meshfed.errors import MeshfedError, PeerInputError
+from meshfed.federation.authz import AuthzRules
 from meshfed.federation.exchange import ServiceSnapshot
-from meshfed.federation.exports import ExportIndex, ExportRules, UnhealthyEndpoints, exported_snapshot
+from meshfed.federation.exports import ExportRules, UnhealthyEndpoints, exported_snapshot
 from meshfed.federation.failover import FailoverGroup, failover_groups
-from meshfed.federation.gateway_config import (
-    INGRESS_LISTENER,
-    build_gateway_config,
-    local_cluster_name,
-)
-from meshfed.federation.imports import ImportedService, ImportStore, egress_listener_name, services_of
+from meshfed.federation.gateway_config import INGRESS_LISTENER, local_cluster_name
+from meshfed.federation.imports import ImportedService, ImportStore, egress_listener_name
 from meshfed.federation.peering import PeeringStore, PeerState
-from meshfed.federation.resolver import GatewayResolver
-from meshfed.gateway import Gateway, GatewayConfig, HealthCheck, Identity
-from meshfed.gateway.runtime import validate
+from meshfed.gateway import Gateway, GatewayConfig, HealthCheck
 from meshfed.policy.egress import EgressPolicy, WorkloadTls
 from meshfed.runstate import LEASE_RENEW_SECONDS, RunState
 from meshfed.supervisor import Supervisor
 from meshfed.telemetry import Telemetry
-from meshfed.trust.bundle import bundle_roots_pem
 from meshfed.trust.ca import Svid
 from meshfed.trust.spiffe import TrustDomain
 from meshfed.validation import describe_validation_error
 from meshfed.zone import CONFIG_FILE, STATE_FILE, Zone, ZoneConfig
+
+from .gateway_driver import GatewayDriver, ZoneView
+from .retry import retrying
 
 log = logging.getLogger(__name__)
 
@@ -89,17 +84,6 @@ DEFAULT_HEALTH_CHECK = health_check_every(dt.timedelta(seconds=5))
 
 PeerTrustDomains = Callable[[], Mapping[str, TrustDomain]]
 FailingPeerPolicy = Literal["open", "closed"]
-
-
-@dataclass(frozen=True)
-class _Exports:
-    """The catalog and export rules one gateway config was built from."""
-
-    catalog: CatalogSnapshot
-    index: ExportIndex
-    rules_version: int
-    authz: AuthzIndex = field(default_factory=AuthzIndex)
-    proxy_protocol: frozenset[tuple[str, str]] = frozenset()
 
 
 class Service(Protocol):
@@ -182,32 +166,19 @@ class Controller:
             supervisor=self.supervisor,
         )
         self._catalog_snapshot = CatalogSnapshot(version=0, services=[])
-        self._applied_exports = _Exports(self._catalog_snapshot, ExportIndex([]), 0)
         # What each peer was last told, per applied generation: peers ask once per update, and a
         # large catalog makes a snapshot costly to rebuild.
         self._snapshots: dict[str, ServiceSnapshot] = {}
         self.gateway_address = gateway_address or self._settings.gateway_address
         self._advertise = list(gateway_advertise)
-        self._egress_host = egress_host
         self._egress_advertise_host = egress_advertise_host
-        self._egress_port_base = egress_port_base
         egress = self._settings.egress
         self._egress = (
             egress if egress_workload_tls is None else egress.model_copy(update={"workload_tls": egress_workload_tls})
         )
-        self._svid_ttl = gateway_svid_ttl
         self._peer_trust_domains = peer_trust_domains
         self._services = list(services)
         self._exports_listeners: list[Callable[[], None]] = []
-        self._gateway: Gateway | None = None
-        self._svid: Svid | None = None
-        self._resolver = GatewayResolver()
-        # Per peer, why its imports are not (all) served: unreadable, rejected by the data plane, or
-        # gateway addresses that do not resolve. Recomputed by every config build.
-        self._import_problems: dict[str, str] = {}
-        # Peers whose imports the last build left out because the data plane rejected them.
-        self._rejected: frozenset[str] = frozenset()
-        self._apply_lock = asyncio.Lock()
         self._stopped = False
         self._failing_peer_grace = failing_peer_grace
         self._failing_peer_policy = failing_peer_policy
@@ -225,6 +196,19 @@ class Controller:
             self.gateway_stats,
             span_exporter=span_exporter,
             peer_trust_domains=lambda: {peer: str(domain) for peer, domain in self._peer_trust_domains().items()},
+        )
+        # The one place that builds and applies gateway config, and keeps what it applied.
+        self._driver = GatewayDriver(
+            zone,
+            view=self._view,
+            on_applied=self._config_applied,
+            telemetry=self.telemetry,
+            address=self.gateway_address,
+            egress_host=egress_host,
+            egress_port_base=egress_port_base,
+            egress=self._egress,
+            health_check=health_check,
+            svid_ttl=gateway_svid_ttl,
         )
         self._observe_expiry()
 
@@ -248,19 +232,17 @@ class Controller:
     @property
     def ready(self) -> bool:
         """True once the gateway serves and every service has started."""
-        return self._gateway is not None
+        return self._driver.running
 
     @property
     def gateway(self) -> Gateway:
-        if self._gateway is None:
-            raise MeshfedError(f"zone {self.zone.name}: the controller is not running")
-        return self._gateway
+        return self._driver.gateway
 
     async def start(self) -> None:
         """Start the gateway with the zone's current state, then the services."""
         if self._stopped:
             raise MeshfedError(f"zone {self.zone.name}: a stopped controller cannot restart; make a new one")
-        self._svid = await asyncio.to_thread(self._issue_gateway_svid)
+        await self._driver.issue_svid()
         self._health_version = await asyncio.to_thread(self._read_health_version)
         # Deletes requested while the zone was down apply before anything is served: a deleted
         # peer's imports must not stop the zone from starting.
@@ -269,10 +251,8 @@ class Controller:
         self._catalog_snapshot = await self._catalog.snapshot()
         if not self._catalog_snapshot.services and not self._allow_empty_catalog:
             await self._hold_exports_if_catalog_lost()
-        config, exports = await asyncio.to_thread(self._build_config)
-        gateway = await asyncio.to_thread(Gateway, config)
-        self._applied_exports, self._snapshots = exports, {}
-        self._gateway = gateway
+        await self._driver.start()
+        self._snapshots = {}
         started: list[Service] = []
         try:
             for service in self._services:
@@ -284,14 +264,13 @@ class Controller:
             for service in reversed(started):
                 with contextlib.suppress(Exception):
                     await service.stop()
-            self._gateway = None
-            await asyncio.to_thread(gateway.close)
+            await self._driver.abandon()
             raise
         await asyncio.to_thread(self._take_lease)
         self._publisher.start()
         self.supervisor.spawn("lease", self._renew_lease)
         self.supervisor.spawn("listener-record", self._keep_listeners_recorded)
-        self.supervisor.spawn("svid-renewal", self._renew_gateway_svid)
+        self.supervisor.spawn("svid-renewal", self._driver.renew_svid)
         self.supervisor.spawn("catalog-watch", self._watch_catalog)
         if self._health_check is not None:
             self.supervisor.spawn("local-health", self._watch_local_health)
@@ -309,11 +288,10 @@ class Controller:
                 await service.stop()
             except Exception:
                 log.exception("zone %s: a service failed to stop cleanly", self.zone.name)
-        if self._gateway is not None:
+        if self._driver.running:
             with RunState(self.zone.directory) as runstate:
                 await asyncio.to_thread(runstate.release_lease)
-            await asyncio.to_thread(self._gateway.close)
-            self._gateway = None
+            await self._driver.close()
         await self._catalog.aclose()
         self.telemetry.shutdown()
 
@@ -323,23 +301,24 @@ class Controller:
         Serialized: concurrent callers apply one after another, each a complete
         config, so the last state always wins.
         """
-        async with self._apply_lock:
-            with self.telemetry.span("meshfed.gateway.apply", **{"meshfed.zone": self.zone.name}) as span:
-                if await asyncio.to_thread(self._svid_signer_retired):
-                    # A rotation switched the signing CA: present an SVID from the new one now.
-                    self._svid = await asyncio.to_thread(self._issue_gateway_svid)
-                config, exports = await asyncio.to_thread(self._build_config)
-                span.set_attribute("meshfed.gateway.listeners", len(config.listeners))
-                span.set_attribute("meshfed.gateway.clusters", len(config.clusters))
-                await asyncio.to_thread(self.gateway.apply, config)
-                # Only now may peers hear of these exports: the ingress already admits them.
-                self._applied_exports, self._snapshots = exports, {}
-                # Recorded for the CLI by a loop of its own: no await may follow a successful apply here,
-                # or a cancel landing on it would make import_snapshot roll back what the gateway serves.
-                self._listeners_applied.set()
-                log.debug("zone %s: gateway config applied", self.zone.name)
-            # Never awaited here: a catalog that refuses imports must not stop config and exports.
-            self._publisher.request()
+        await self._driver.apply()
+
+    def _config_applied(self) -> None:
+        """The gateway accepted a config: peers hear of its exports, the CLI and the catalog of its listeners."""
+        self._snapshots = {}
+        # Recorded for the CLI by a loop of its own: no await may follow a successful apply (see GatewayDriver).
+        self._listeners_applied.set()
+        # Never awaited here: a catalog that refuses imports must not stop config and exports.
+        self._publisher.request()
+
+    def _view(self) -> ZoneView:
+        """What the controller holds that the gateway config is built from, now."""
+        return ZoneView(
+            catalog=self._catalog_snapshot,
+            settings=self._settings,
+            peer_trust_domains=self._peer_trust_domains(),
+            withheld=frozenset(peer for peer in self._failing_since if self._withheld(peer)),
+        )
 
     async def exports_changed(self) -> None:
         """Export rules or the catalog changed: apply the new ingress and tell the peers."""
@@ -360,7 +339,7 @@ class Controller:
                 return
             try:
                 await self.reconfigure()
-                rejected = self._import_problems.get(peer) if peer in self._rejected else None
+                rejected = self._driver.import_problems.get(peer) if peer in self._driver.rejected else None
             except BaseException:
                 await asyncio.to_thread(imports.restore, peer, previous)
                 raise
@@ -437,7 +416,7 @@ class Controller:
 
     def import_problem(self, peer: str) -> str | None:
         """Why ``peer``'s imports are not (all) served, if they are not."""
-        return self._import_problems.get(peer)
+        return self._driver.import_problems.get(peer)
 
     def problems(self) -> list[str]:
         """What ``/readyz`` reports: one line per thing that is not as it should be."""
@@ -451,7 +430,9 @@ class Controller:
             problems.append(f"catalog: {self._catalog.last_error}")
         if not self.publication.ok:
             problems.append(f"import publication: {self.publication.last_error}")
-        problems += [f"imports of peer {peer}: {problem}" for peer, problem in sorted(self._import_problems.items())]
+        problems += [
+            f"imports of peer {peer}: {problem}" for peer, problem in sorted(self._driver.import_problems.items())
+        ]
         return problems
 
     def exported_snapshot(self, peer: str) -> ServiceSnapshot:
@@ -461,7 +442,7 @@ class Controller:
         cached = self._snapshots.get(peer)
         if cached is not None:
             return cached
-        applied = self._applied_exports
+        applied = self._driver.applied_exports
         snapshot = exported_snapshot(
             zone=self.zone.name,
             trust_domain=str(self.zone.trust_domain),
@@ -485,113 +466,16 @@ class Controller:
         return [str(HostPort("127.0.0.1" if host in ("0.0.0.0", "::") else host, port))]  # noqa: S104 -- compares
 
     def gateway_config(self) -> GatewayConfig:
-        """The complete gateway config for the zone's state now."""
-        return self._build_config()[0]
+        """A complete gateway config built now from the zone's state (not applied: see :attr:`applied_gateway_config`).
 
-    def _build_config(self) -> tuple[GatewayConfig, _Exports]:
-        """The config, and the exports it admits (which is all that peers may be told about).
-
-        One peer's imports can never fail the build: a stored snapshot that does
-        not parse, or imports the data plane rejects, are left out (that peer
-        alone) and reported by :meth:`import_problem`; if even the config
-        without any import is rejected, the fault is this zone's own and is raised.
+        Like every build, it keeps the egress ports it gives new imports and updates :meth:`import_problem`.
         """
-        if self._svid is None:
-            raise MeshfedError(f"zone {self.zone.name}: no gateway SVID yet; start the controller first")
-        directory = self.zone.directory
-        with ExportRules(directory) as rules, AuthzRules(directory) as authz, ImportStore(directory) as imports:
-            exports = _Exports(
-                self._catalog_snapshot,
-                ExportIndex(rules.rules()),
-                rules.version(),
-                AuthzIndex(authz.rules()),
-                rules.proxy_protocol_services(),
-            )
-            snapshots, problems = imports.read()
-            served = {peer: snapshot for peer, snapshot in snapshots.items() if not self._withheld(peer)}
-            served = self._resolved(served, problems)
-            ports = imports.egress_ports(self._egress_port_base)
+        return self._driver.build()[0]
 
-            def build(peers: dict[str, ServiceSnapshot]) -> GatewayConfig:
-                return self._config(exports, services_of(peers), ports)
-
-            config = build(served)
-            rejected: set[str] = set()
-            try:
-                validate(config)
-            except GatewayConfigError as err:
-                config, rejected = self._without_rejected_peers(build, served, err, problems)
-            ports.save()
-        self._import_problems, self._rejected = problems, frozenset(rejected)
-        return config, exports
-
-    def _without_rejected_peers(
-        self,
-        build: Callable[[dict[str, ServiceSnapshot]], GatewayConfig],
-        served: dict[str, ServiceSnapshot],
-        error: GatewayConfigError,
-        problems: dict[str, str],
-    ) -> tuple[GatewayConfig, set[str]]:
-        """The config with the imports of every peer the data plane rejects left out, one peer at a time."""
-        base = build({})
-        try:
-            validate(base)
-        except GatewayConfigError:
-            raise error from None  # not a peer's fault: the zone's own config is rejected
-        kept: dict[str, ServiceSnapshot] = {}
-        rejected: set[str] = set()
-        for peer, snapshot in served.items():
-            try:
-                validate(build({**kept, peer: snapshot}))
-            except GatewayConfigError as err:
-                log.error(
-                    "zone %s: imports of peer %s left out, the data plane rejects them: %s", self.zone.name, peer, err
-                )
-                problems[peer] = f"left out: the data plane rejects them ({err})"
-                rejected.add(peer)
-            else:
-                kept[peer] = snapshot
-        return build(kept), rejected
-
-    def _resolved(self, snapshots: dict[str, ServiceSnapshot], problems: dict[str, str]) -> dict[str, ServiceSnapshot]:
-        """The snapshots with gateway addresses as the data plane dials them (DNS names resolved)."""
-        resolved: dict[str, ServiceSnapshot] = {}
-        for peer, snapshot in snapshots.items():
-            addresses, failures = self._resolver.resolve(snapshot.gateway_addresses)
-            if failures:
-                problems.setdefault(peer, "; ".join(failures))
-            if addresses != snapshot.gateway_addresses:
-                snapshot = snapshot.model_copy(update={"gateway_addresses": addresses})
-            resolved[peer] = snapshot
-        return resolved
-
-    def _config(self, exports: _Exports, imported: list[ImportedService], ports: Any) -> GatewayConfig:
-        assert self._svid is not None
-
-        def egress_address(listener: str) -> str:
-            port = ports(listener) if self._egress_port_base else 0
-            return str(HostPort(self._egress_host, port))
-
-        return build_gateway_config(
-            identity=Identity(
-                cert_chain_pem=self._svid.cert_chain_pem().decode(),
-                private_key_pem=self._svid.private_key_pem().decode(),
-            ),
-            trust_bundles=bundle_roots_pem([stored.bundle for stored in self.zone.trusted_bundles()]),
-            trust_domain=self.zone.trust_domain,
-            ingress_address=self.gateway_address,
-            catalog=exports.catalog,
-            exports=exports.index,
-            peer_trust_domains=self._peer_trust_domains(),
-            imports=imported,
-            egress_address=egress_address,
-            failover=self._settings.failover,
-            splits=self._settings.split,
-            health_check=self._health_check,
-            authz=exports.authz,
-            egress=self._egress,
-            proxy_protocol=exports.proxy_protocol,
-        )
+    @property
+    def applied_gateway_config(self) -> GatewayConfig | None:
+        """The config the gateway runs: the last one it accepted; None before the controller started it."""
+        return self._driver.applied_config
 
     def _load_config_rules(self) -> None:
         """Make the stored ``zone.toml`` authorization rules those of the file as it is now."""
@@ -611,7 +495,9 @@ class Controller:
 
     def _served_imports(self, imports: ImportStore) -> list[ImportedService]:
         return [
-            item for item in imports.services() if not self._withheld(item.peer) and item.peer not in self._rejected
+            item
+            for item in imports.services()
+            if not self._withheld(item.peer) and item.peer not in self._driver.rejected
         ]
 
     def failover_groups(self) -> list[FailoverGroup]:
@@ -631,11 +517,11 @@ class Controller:
         await asyncio.sleep(self._failing_peer_grace.total_seconds())
         if peer in self._failing_since:
             log.warning("zone %s: peer %s failing past the grace period; its imports stop", self.zone.name, peer)
-            await _retrying(self.zone.name, f"withholding the imports of {peer}", self.reconfigure)
+            await retrying(self.zone.name, f"withholding the imports of {peer}", self.reconfigure)
 
     def gateway_stats(self) -> dict[str, Any]:
         """The gateway's counters, or none while it is not running."""
-        return self._gateway.stats() if self._gateway is not None else {"listeners": {}}
+        return self._driver.gateway.stats() if self._driver.running else {"listeners": {}}
 
     @property
     def publication(self) -> PublicationStatus:
@@ -658,7 +544,7 @@ class Controller:
 
     @property
     def gateway_svid(self) -> Svid | None:
-        return self._svid
+        return self._driver.svid
 
     @property
     def egress_policy(self) -> EgressPolicy:
@@ -669,12 +555,6 @@ class Controller:
     def unhealthy_endpoints(self) -> UnhealthyEndpoints:
         """Local endpoints the gateway's health checks find failing, whatever the catalog says."""
         return self._unhealthy
-
-    def _svid_signer_retired(self) -> bool:
-        return self._svid is not None and self._svid.intermediates[0] != self.zone.authority().intermediate
-
-    def _issue_gateway_svid(self) -> Svid:
-        return self.zone.issue_svid(self.zone.trust_domain.gateway_id, self._svid_ttl)
 
     async def _watch_catalog(self) -> None:
         # The source wakes us on catalog changes; export rules are two integers
@@ -700,7 +580,7 @@ class Controller:
                     self._catalog_snapshot, seen_rules = snapshot, current
                     if snapshot.services:
                         self._release_catalog_hold("the catalog has services again")
-                    await _retrying(self.zone.name, "applying a catalog or export change", self.exports_changed)
+                    await retrying(self.zone.name, "applying a catalog or export change", self.exports_changed)
                 else:
                     await asyncio.sleep(CATALOG_POLL_SECONDS)
 
@@ -737,19 +617,20 @@ class Controller:
             log.info("zone %s: %s passing health checks again", self.zone.name, _endpoint_list(recovered))
 
     def _unhealthy_local_endpoints(self) -> UnhealthyEndpoints:
-        if self._gateway is None:
+        if not self._driver.running:
             return self._unhealthy
-        down = self._gateway.unhealthy_endpoints()
+        down = self._driver.gateway.unhealthy_endpoints()
         if not down:
             return frozenset()  # the common case: no need to index thousands of services
-        services = {local_cluster_name(service): service.key for service in self._applied_exports.catalog.services}
+        catalog = self._driver.applied_exports.catalog
+        services = {local_cluster_name(service): service.key for service in catalog.services}
         return frozenset(
             (*services[name], address) for name, addresses in down.items() if name in services for address in addresses
         )
 
     def egress_addresses(self) -> dict[str, tuple[str, int]]:
         """Where local clients reach each listener (the advertised egress host), by name; none while stopped."""
-        if self._gateway is None:
+        if not self._driver.running:
             return {}
         return {
             name: (self._egress_advertise_host or host, port) for name, (host, port) in self.gateway.addresses().items()
@@ -823,7 +704,7 @@ class Controller:
             ]
 
         def svid() -> list[tuple[float, dict[str, str]]]:
-            current = self._svid
+            current = self._driver.svid
             return [] if current is None else [(current.leaf.not_valid_after_utc.timestamp(), {})]
 
         def bundles() -> list[tuple[float, dict[str, str]]]:
@@ -924,7 +805,7 @@ class Controller:
                 CONFIG_FILE,
                 err,
             )
-            await _retrying(self.zone.name, "restoring the running settings", self.exports_changed)
+            await retrying(self.zone.name, "restoring the running settings", self.exports_changed)
             return False
         for name in changed:
             log.info(
@@ -936,19 +817,6 @@ class Controller:
                 _describe_setting(getattr(current, name)),
             )
         return True
-
-    async def _renew_gateway_svid(self) -> None:
-        # Renew at half-life, as SPIRE agents do: a failed renewal leaves half the
-        # lifetime to retry before peers start refusing the gateway.
-        while True:
-            svid = self._svid
-            assert svid is not None
-            lifetime = svid.leaf.not_valid_after_utc - svid.leaf.not_valid_before_utc
-            renew_at = svid.leaf.not_valid_before_utc + lifetime / 2
-            await asyncio.sleep(max((renew_at - dt.datetime.now(dt.UTC)).total_seconds(), 1.0))
-            self._svid = await asyncio.to_thread(self._issue_gateway_svid)
-            await _retrying(self.zone.name, "applying the renewed gateway SVID", self.reconfigure)
-            log.info("zone %s: gateway SVID renewed until %s", self.zone.name, self._svid.leaf.not_valid_after_utc)
 
 
 def _describe_setting(value: object) -> str:
@@ -966,16 +834,3 @@ def _endpoint_list(endpoints: Sequence[tuple[str, str, str]]) -> str:
     more = len(endpoints) - _NAMED_IN_LOG
     noun = "endpoint" if len(endpoints) == 1 else "endpoints"
     return f"{noun} {named}" + (f" and {more} more" if more > 0 else "")
-
-
-async def _retrying(zone: str, what: str, action: Callable[[], Awaitable[object]]) -> None:
-    """Run ``action`` until it succeeds, logging MeshfedErrors and backing off up to 30 s."""
-    delay = 0.5
-    while True:
-        try:
-            await action()
-            return
-        except MeshfedError as err:
-            log.error("zone %s: %s failed, retrying in %.1f s: %s", zone, what, delay, err)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)

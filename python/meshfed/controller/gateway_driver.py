@@ -1,0 +1,329 @@
+"""The gateway driver: the one place that builds the zone's gateway config, applies it, and keeps what it applied.
+
+A config is built from a :class:`ZoneView` (what the controller holds in memory:
+the catalog as last seen, the settings in force, the peers' trust domains, the
+peers whose imports are withheld), taken once per build, and from what the
+zone's directory stores (export and authorization rules, imports, trust
+bundles, egress ports). The driver owns the Rust gateway and its SVID (issued,
+renewed at half-life, and reissued when a rotation retires the CA that signed
+it), and keeps the last config the gateway accepted: that, and nothing built
+afresh, is what the gateway runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from meshfed.addresses import HostPort
+from meshfed.catalog import CatalogSnapshot
+from meshfed.errors import GatewayConfigError, MeshfedError
+from meshfed.federation.authz import AuthzIndex, AuthzRules
+from meshfed.federation.exchange import ServiceSnapshot
+from meshfed.federation.exports import ExportIndex, ExportRules
+from meshfed.federation.gateway_config import build_gateway_config
+from meshfed.federation.imports import EgressPorts, ImportedService, ImportStore, services_of
+from meshfed.federation.resolver import GatewayResolver
+from meshfed.gateway import Gateway, GatewayConfig, HealthCheck, Identity
+from meshfed.gateway.runtime import validate
+from meshfed.policy.egress import EgressPolicy
+from meshfed.telemetry import Telemetry
+from meshfed.trust.bundle import bundle_roots_pem
+from meshfed.trust.ca import Svid
+from meshfed.trust.spiffe import TrustDomain
+from meshfed.zone import Zone, ZoneConfig
+
+from .retry import retrying
+
+# The controller's parts log as the controller: operators (and tests) follow one logger.
+log = logging.getLogger("meshfed.controller")
+
+
+@dataclass(frozen=True)
+class ZoneView:
+    """What the controller holds in memory that a gateway config is built from, as it was at one moment."""
+
+    catalog: CatalogSnapshot
+    settings: ZoneConfig
+    peer_trust_domains: Mapping[str, TrustDomain]
+    withheld: frozenset[str] = frozenset()  # peers whose imports are not served (the failing-peer policy)
+
+
+@dataclass(frozen=True)
+class ConfigExports:
+    """The catalog and export rules one gateway config was built from."""
+
+    catalog: CatalogSnapshot
+    index: ExportIndex
+    rules_version: int
+    authz: AuthzIndex = field(default_factory=AuthzIndex)
+    proxy_protocol: frozenset[tuple[str, str]] = frozenset()
+
+
+class GatewayDriver:
+    """Builds and applies the zone's gateway config; owns the gateway and its SVID; keeps the last applied config.
+
+    ``view`` is called once per build (in a worker thread: it may read the
+    peering store). ``on_applied`` runs right after the gateway accepted a
+    config, before any await: a cancel landing after a successful apply must not
+    make a caller roll back what the gateway serves.
+    """
+
+    def __init__(
+        self,
+        zone: Zone,
+        *,
+        view: Callable[[], ZoneView],
+        on_applied: Callable[[], None],
+        telemetry: Telemetry,
+        address: str,
+        egress_host: str,
+        egress_port_base: int,
+        egress: EgressPolicy,
+        health_check: HealthCheck | None,
+        svid_ttl: dt.timedelta,
+    ) -> None:
+        self._zone = zone
+        self._view = view
+        self._on_applied = on_applied
+        self._telemetry = telemetry
+        self.address = address
+        self._egress_host = egress_host
+        self._egress_port_base = egress_port_base
+        self._egress = egress
+        self._health_check = health_check
+        self._svid_ttl = svid_ttl
+        self._gateway: Gateway | None = None
+        self._svid: Svid | None = None
+        self._resolver = GatewayResolver()
+        self._lock = asyncio.Lock()
+        self._applied: GatewayConfig | None = None
+        self._applied_exports = ConfigExports(CatalogSnapshot(version=0, services=[]), ExportIndex([]), 0)
+        # Per peer, why its imports are not (all) served: unreadable, rejected by the data plane, or
+        # gateway addresses that do not resolve. Recomputed by every config build.
+        self._import_problems: dict[str, str] = {}
+        # Peers whose imports the last build left out because the data plane rejected them.
+        self._rejected: frozenset[str] = frozenset()
+
+    # -- what it runs -----------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._gateway is not None
+
+    @property
+    def gateway(self) -> Gateway:
+        if self._gateway is None:
+            raise MeshfedError(f"zone {self._zone.name}: the controller is not running")
+        return self._gateway
+
+    @property
+    def applied_config(self) -> GatewayConfig | None:
+        """The config the gateway runs: the last one it accepted (None before the first)."""
+        return self._applied
+
+    @property
+    def applied_exports(self) -> ConfigExports:
+        """The exports of the config the gateway runs, which is all that peers may be told about."""
+        return self._applied_exports
+
+    @property
+    def svid(self) -> Svid | None:
+        return self._svid
+
+    @property
+    def import_problems(self) -> Mapping[str, str]:
+        """Per peer, why its imports are not (all) served, as the last build found."""
+        return self._import_problems
+
+    @property
+    def rejected(self) -> frozenset[str]:
+        """Peers whose imports the last build left out because the data plane rejected them."""
+        return self._rejected
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def issue_svid(self) -> None:
+        """Issue the gateway's first SVID (before the first build)."""
+        self._svid = await asyncio.to_thread(self._issue_svid)
+
+    async def start(self) -> None:
+        """Build the config and start the gateway with it."""
+        config, exports = await asyncio.to_thread(self.build)
+        gateway = await asyncio.to_thread(Gateway, config)
+        self._applied, self._applied_exports = config, exports
+        self._gateway = gateway
+
+    async def abandon(self) -> None:
+        """A start failed after the gateway started: forget it, then close it."""
+        gateway, self._gateway = self._gateway, None
+        if gateway is not None:
+            await asyncio.to_thread(gateway.close)
+
+    async def close(self) -> None:
+        """Close the gateway; it runs until it is closed."""
+        if self._gateway is not None:
+            await asyncio.to_thread(self._gateway.close)
+            self._gateway = None
+
+    async def apply(self) -> None:
+        """Rebuild the gateway config from the zone's state and apply it atomically.
+
+        Serialized: concurrent callers apply one after another, each a complete
+        config, so the last state always wins.
+        """
+        async with self._lock:
+            with self._telemetry.span("meshfed.gateway.apply", **{"meshfed.zone": self._zone.name}) as span:
+                if await asyncio.to_thread(self._svid_signer_retired):
+                    # A rotation switched the signing CA: present an SVID from the new one now.
+                    self._svid = await asyncio.to_thread(self._issue_svid)
+                config, exports = await asyncio.to_thread(self.build)
+                span.set_attribute("meshfed.gateway.listeners", len(config.listeners))
+                span.set_attribute("meshfed.gateway.clusters", len(config.clusters))
+                await asyncio.to_thread(self.gateway.apply, config)
+                # Only now may peers hear of these exports: the ingress already admits them.
+                self._applied, self._applied_exports = config, exports
+                # No await may follow a successful apply here, or a cancel landing on it would make
+                # import_snapshot roll back what the gateway serves.
+                self._on_applied()
+                log.debug("zone %s: gateway config applied", self._zone.name)
+
+    async def renew_svid(self) -> None:
+        """Renew the gateway's SVID at half-life, forever, applying each renewal."""
+        # Renew at half-life, as SPIRE agents do: a failed renewal leaves half the
+        # lifetime to retry before peers start refusing the gateway.
+        while True:
+            svid = self._svid
+            assert svid is not None
+            lifetime = svid.leaf.not_valid_after_utc - svid.leaf.not_valid_before_utc
+            renew_at = svid.leaf.not_valid_before_utc + lifetime / 2
+            await asyncio.sleep(max((renew_at - dt.datetime.now(dt.UTC)).total_seconds(), 1.0))
+            self._svid = await asyncio.to_thread(self._issue_svid)
+            await retrying(self._zone.name, "applying the renewed gateway SVID", self.apply)
+            log.info("zone %s: gateway SVID renewed until %s", self._zone.name, self._svid.leaf.not_valid_after_utc)
+
+    def _svid_signer_retired(self) -> bool:
+        return self._svid is not None and self._svid.intermediates[0] != self._zone.authority().intermediate
+
+    def _issue_svid(self) -> Svid:
+        return self._zone.issue_svid(self._zone.trust_domain.gateway_id, self._svid_ttl)
+
+    # -- building ---------------------------------------------------------------------------
+
+    def build(self) -> tuple[GatewayConfig, ConfigExports]:
+        """The config for the zone's state now, and the exports it admits (all that peers may be told about).
+
+        One peer's imports can never fail the build: a stored snapshot that does
+        not parse, or imports the data plane rejects, are left out (that peer
+        alone) and reported in :attr:`import_problems`; if even the config
+        without any import is rejected, the fault is this zone's own and is raised.
+        Egress ports given to new imports are kept.
+        """
+        if self._svid is None:
+            raise MeshfedError(f"zone {self._zone.name}: no gateway SVID yet; start the controller first")
+        view = self._view()
+        directory = self._zone.directory
+        with ExportRules(directory) as rules, AuthzRules(directory) as authz, ImportStore(directory) as imports:
+            exports = ConfigExports(
+                view.catalog,
+                ExportIndex(rules.rules()),
+                rules.version(),
+                AuthzIndex(authz.rules()),
+                rules.proxy_protocol_services(),
+            )
+            snapshots, problems = imports.read()
+            served = {peer: snapshot for peer, snapshot in snapshots.items() if peer not in view.withheld}
+            served = self._resolved(served, problems)
+            ports = imports.egress_ports(self._egress_port_base)
+            trust_bundles = bundle_roots_pem([stored.bundle for stored in self._zone.trusted_bundles()])
+
+            def build(peers: dict[str, ServiceSnapshot]) -> GatewayConfig:
+                return self._config(view, exports, trust_bundles, services_of(peers), ports)
+
+            config = build(served)
+            rejected: set[str] = set()
+            try:
+                validate(config)
+            except GatewayConfigError as err:
+                config, rejected = self._without_rejected_peers(build, served, err, problems)
+            ports.save()
+        self._import_problems, self._rejected = problems, frozenset(rejected)
+        return config, exports
+
+    def _without_rejected_peers(
+        self,
+        build: Callable[[dict[str, ServiceSnapshot]], GatewayConfig],
+        served: dict[str, ServiceSnapshot],
+        error: GatewayConfigError,
+        problems: dict[str, str],
+    ) -> tuple[GatewayConfig, set[str]]:
+        """The config with the imports of every peer the data plane rejects left out, one peer at a time."""
+        base = build({})
+        try:
+            validate(base)
+        except GatewayConfigError:
+            raise error from None  # not a peer's fault: the zone's own config is rejected
+        kept: dict[str, ServiceSnapshot] = {}
+        rejected: set[str] = set()
+        for peer, snapshot in served.items():
+            try:
+                validate(build({**kept, peer: snapshot}))
+            except GatewayConfigError as err:
+                log.error(
+                    "zone %s: imports of peer %s left out, the data plane rejects them: %s", self._zone.name, peer, err
+                )
+                problems[peer] = f"left out: the data plane rejects them ({err})"
+                rejected.add(peer)
+            else:
+                kept[peer] = snapshot
+        return build(kept), rejected
+
+    def _resolved(self, snapshots: dict[str, ServiceSnapshot], problems: dict[str, str]) -> dict[str, ServiceSnapshot]:
+        """The snapshots with gateway addresses as the data plane dials them (DNS names resolved)."""
+        resolved: dict[str, ServiceSnapshot] = {}
+        for peer, snapshot in snapshots.items():
+            addresses, failures = self._resolver.resolve(snapshot.gateway_addresses)
+            if failures:
+                problems.setdefault(peer, "; ".join(failures))
+            if addresses != snapshot.gateway_addresses:
+                snapshot = snapshot.model_copy(update={"gateway_addresses": addresses})
+            resolved[peer] = snapshot
+        return resolved
+
+    def _config(
+        self,
+        view: ZoneView,
+        exports: ConfigExports,
+        trust_bundles: dict[str, str],
+        imported: list[ImportedService],
+        ports: EgressPorts,
+    ) -> GatewayConfig:
+        assert self._svid is not None
+
+        def egress_address(listener: str) -> str:
+            port = ports(listener) if self._egress_port_base else 0
+            return str(HostPort(self._egress_host, port))
+
+        return build_gateway_config(
+            identity=Identity(
+                cert_chain_pem=self._svid.cert_chain_pem().decode(),
+                private_key_pem=self._svid.private_key_pem().decode(),
+            ),
+            trust_bundles=trust_bundles,
+            trust_domain=self._zone.trust_domain,
+            ingress_address=self.address,
+            catalog=exports.catalog,
+            exports=exports.index,
+            peer_trust_domains=view.peer_trust_domains,
+            imports=imported,
+            egress_address=egress_address,
+            failover=view.settings.failover,
+            splits=view.settings.split,
+            health_check=self._health_check,
+            authz=exports.authz,
+            egress=self._egress,
+            proxy_protocol=exports.proxy_protocol,
+        )
