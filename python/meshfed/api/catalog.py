@@ -8,7 +8,9 @@ uses (:mod:`meshfed.catalog.registration`).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import pathlib
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
@@ -127,11 +129,11 @@ def _controller(request: Request) -> Controller:
 
 
 @router.get("/catalog", dependencies=[Depends(require_reader)])
-def catalog(request: Request) -> CatalogView:
+async def catalog(request: Request) -> CatalogView:
     """Local services (as the controller last saw them) and imported services."""
+    # A coroutine: the controller's state belongs to the event loop; the stored imports are read beside it.
     controller = _controller(request)
-    with ImportStore(controller.zone.directory) as imports:
-        imported = imports.services()
+    imported = await asyncio.to_thread(_stored_imports, controller.zone.directory)
     return catalog_view(
         controller.zone,
         controller.catalog_snapshot,
@@ -142,6 +144,11 @@ def catalog(request: Request) -> CatalogView:
         controller.unhealthy_endpoints,
         catalog_error=controller.catalog_error,
     )
+
+
+def _stored_imports(directory: pathlib.Path) -> list[ImportedService]:
+    with ImportStore(directory) as imports:
+        return imports.services()
 
 
 def catalog_view(
@@ -277,7 +284,7 @@ class CatalogHoldView(BaseModel):
 
 
 @router.post("/catalog/confirm-empty", dependencies=[Depends(require_admin)])
-def confirm_empty_catalog(request: Request) -> CatalogHoldView:
+async def confirm_empty_catalog(request: Request) -> CatalogHoldView:
     """Confirm that the zone's empty catalog is meant: its peers then hear that its exports are gone.
 
     A zone that starts with an empty catalog although it exported services

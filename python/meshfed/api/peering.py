@@ -68,14 +68,15 @@ def _not_found(name: str) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND, f"no peering named {name!r}")
 
 
+# The handlers are coroutines: the peering service's links belong to the event loop, so they are read on it.
 @router.get("", dependencies=[Depends(require_reader)])
-def list_peerings(request: Request) -> list[PeerStatus]:
+async def list_peerings(request: Request) -> list[PeerStatus]:
     """Every peering with its state, heartbeats, versions and lag."""
     return _service(request).peers()
 
 
 @router.get("/{name}", dependencies=[Depends(require_reader)], responses={404: {"description": "No such peering"}})
-def show_peering(name: str, request: Request) -> PeerStatus:
+async def show_peering(name: str, request: Request) -> PeerStatus:
     try:
         return _service(request).peer(name)
     except PeeringError:
@@ -83,7 +84,7 @@ def show_peering(name: str, request: Request) -> PeerStatus:
 
 
 @router.post("/tokens", dependencies=[Depends(require_admin)], status_code=status.HTTP_201_CREATED)
-def create_token(body: TokenRequest, request: Request) -> TokenResponse:
+async def create_token(body: TokenRequest, request: Request) -> TokenResponse:
     """Issue a one-time token for zone ``peer_name``; the response is the only copy of its secret."""
     service = _service(request)
     try:

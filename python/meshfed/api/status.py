@@ -13,13 +13,16 @@ from meshfed.federation.service import PeeringService
 
 router = APIRouter(prefix="/v1", tags=["status"], dependencies=[Depends(require_reader)])
 
+# The handlers are coroutines: they read the controller's and the peering service's state, which the event
+# loop owns and changes, so they run on that loop (a plain def would run on a worker thread meanwhile).
+
 
 def _parts(request: Request) -> tuple[Controller, PeeringService | None]:
     return request.app.state.controller, request.app.state.peering
 
 
 @router.get("/status")
-def status(request: Request) -> ZoneStatus:
+async def status(request: Request) -> ZoneStatus:
     """Identity, CA generations, peerings, catalog, imports with their local addresses, and problems.
 
     ``healthy`` is false when something needs attention; ``problems`` says what, one line each.
@@ -28,7 +31,7 @@ def status(request: Request) -> ZoneStatus:
 
 
 @router.get("/explain/{namespace}/{service}")
-def explain_service(
+async def explain_service(
     request: Request,
     namespace: Annotated[str, Path(max_length=63)],
     service: Annotated[str, Path(max_length=63)],
