@@ -10,10 +10,10 @@ import socketserver
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import pytest
 
@@ -25,6 +25,7 @@ from meshfed.trust.spiffe import SpiffeId
 from meshfed.zone import Zone
 
 ZoneFactory = Callable[[str], Zone]
+_T = TypeVar("_T")
 
 
 @pytest.fixture
@@ -186,3 +187,40 @@ def round_trip(sock: socket.socket, payload: bytes) -> bytes:
             break
         received += chunk
     return received
+
+
+_real_asyncio_run = asyncio.run
+
+
+def _describe_task(task: asyncio.Task[object]) -> str:
+    coro = task.get_coro()
+    where = getattr(coro, "__qualname__", repr(coro))
+    return f"{task.get_name()} ({where})"
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_tasks(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Fail a test whose ``asyncio.run`` returns while tasks it started still run.
+
+    ``asyncio.run`` cancels such tasks silently when the loop closes, so a
+    component that forgets to stop (or cancel) its work would pass unnoticed.
+    """
+    leaked: list[str] = []
+
+    def run_checked(main: Coroutine[object, object, _T], **kwargs: object) -> _T:
+        async def checked() -> _T:
+            result = await main
+            # Work that finishes on its own within a few loop turns (a cancelled task unwinding) is not a leak.
+            for _ in range(10):
+                pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+                if not pending:
+                    break
+                await asyncio.sleep(0)
+            leaked.extend(_describe_task(task) for task in pending)
+            return result
+
+        return _real_asyncio_run(checked(), **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncio, "run", run_checked)
+    yield leaked
+    assert not leaked, f"tasks still running when asyncio.run returned (stop what starts them): {leaked}"

@@ -25,7 +25,15 @@ from meshfed.trust.svid import verify_x509_svid
 EAST = TrustDomain("east.mesh")
 WEST = TrustDomain("west.mesh")
 WEB = SpiffeId.parse("spiffe://east.mesh/ns/default/sa/web")
+# The hand-built certificates are valid around NOW; those a meshfed CA issues (create_authority) from the moment
+# they are made, which in a long run comes well after this module loaded: they are checked at the time of the test.
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
 HOUR = dt.timedelta(hours=1)
 DAY = dt.timedelta(days=1)
 
@@ -144,9 +152,9 @@ def test_a_meshfed_svid_and_a_controller_svid_verify_with_or_without_the_root_in
     bundles = _bundles(authority.root)
     web = authority.issue(WEB)
     controller = authority.issue(EAST.workload("meshfed-system", "controller"), dns_names=["federation.east.mesh"])
-    assert verify_x509_svid([web.leaf, *web.intermediates], bundles, NOW) == WEB
+    assert verify_x509_svid([web.leaf, *web.intermediates], bundles, _now()) == WEB
     # The peer may send the root too, in any order: the path is built from what is there.
-    assert verify_x509_svid([controller.leaf, authority.root, *controller.intermediates], bundles, NOW) == (
+    assert verify_x509_svid([controller.leaf, authority.root, *controller.intermediates], bundles, _now()) == (
         controller.spiffe_id
     )
 
@@ -156,13 +164,13 @@ def test_svids_of_both_generations_verify_while_a_rotation_overlaps_and_the_old_
     new = create_authority(EAST, generation=1).authority
     old_svid, new_svid = old.issue(WEB), new.issue(WEB)
     overlapping = _bundles(old.root, new.root)
-    assert verify_x509_svid([old_svid.leaf, *old_svid.intermediates], overlapping, NOW) == WEB
-    assert verify_x509_svid([new_svid.leaf, *new_svid.intermediates], overlapping, NOW) == WEB
+    assert verify_x509_svid([old_svid.leaf, *old_svid.intermediates], overlapping, _now()) == WEB
+    assert verify_x509_svid([new_svid.leaf, *new_svid.intermediates], overlapping, _now()) == WEB
     # A new intermediate under the same root (an intermediate-only rotation) verifies against the same bundle.
     root_key = create_authority(EAST)
     reissued = create_intermediate(EAST, root_key.authority.root, root_key.root_key, generation=1).issue(WEB)
-    assert verify_x509_svid([reissued.leaf, *reissued.intermediates], _bundles(root_key.authority.root), NOW) == WEB
-    assert "no path from the leaf" in _refusal([old_svid.leaf, *old_svid.intermediates], _bundles(new.root))
+    assert verify_x509_svid([reissued.leaf, *reissued.intermediates], _bundles(root_key.authority.root), _now()) == WEB
+    assert "no path from the leaf" in _refusal([old_svid.leaf, *old_svid.intermediates], _bundles(new.root), _now())
 
 
 def test_an_intermediate_with_path_length_0_cannot_have_a_ca_below_it():
@@ -259,11 +267,13 @@ def test_an_east_id_signed_under_the_west_root_is_refused_though_west_is_trusted
     intermediate = Issued(west.intermediate, west.intermediate_key)
     forged = _leaf(intermediate)
     bundles = {EAST: TrustBundle(EAST, (east.root,)), WEST: TrustBundle(WEST, (west.root,))}
-    assert "no path from the leaf" in _refusal([forged.cert, west.intermediate], bundles)
+    # Checked now: west's CA was made just above, after this module's NOW.
+    at = _now()
+    assert "no path from the leaf" in _refusal([forged.cert, west.intermediate], bundles, at)
     # Even a bundle of east.mesh wrongly holding west's root does not let it vouch for east.mesh IDs: its name
     # constraints permit west.mesh URIs only, and the verifier fails closed on them.
     wrong = {EAST: TrustBundle(EAST, (east.root, west.root))}
-    assert "URI name constraints" in _refusal([forged.cert, west.intermediate], wrong)
+    assert "URI name constraints" in _refusal([forged.cert, west.intermediate], wrong, at)
 
 
 def test_an_intermediate_with_uri_name_constraints_is_refused_as_the_gateway_refuses_it():
