@@ -15,6 +15,7 @@ __all__ = [
     "__version__",
     "core_version",
     "gateway_config_schema",
+    "gateway_stats_schema",
     "validate_config",
 ]
 
@@ -26,6 +27,9 @@ def core_version() -> str:
 
 def gateway_config_schema() -> str:
     """The JSON Schema (draft 2020-12) of the config document, derived from the Rust types."""
+
+def gateway_stats_schema() -> str:
+    """The JSON Schema (draft 2020-12) of the stats document ``Gateway.stats()`` returns, from the Rust types."""
 
 def validate_config(config: bytes) -> None:
     """Check a config document without starting anything.

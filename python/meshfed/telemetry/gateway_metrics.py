@@ -10,32 +10,40 @@ keeps their buckets.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 
+from meshfed.gateway.stats import StatsObject
 from meshfed.telemetry.gateway_stats import (
     MAX_SERIES_PER_LISTENER,
     OTHER,
-    Rows,
+    ROWS,
     StatsSource,
     capped,
     cluster_rows,
-    endpoint_rows,
     listener_rows,
-    route_rows,
 )
 
 # The series of one gateway metric in a stats document: (value, attributes) pairs.
 Readings = Callable[[Mapping[str, Any]], Iterable[tuple[float, Mapping[str, str]]]]
 
 
-def _field(rows: Rows, key: str) -> Readings:
-    def read(stats: Mapping[str, Any]) -> list[tuple[float, Mapping[str, str]]]:
-        # int(): healthy and ejected are JSON booleans, exported as 1 and 0.
-        return [(int(row[key]), attributes) for attributes, row in rows(stats) if key in row]
+@dataclass(frozen=True)
+class Field:
+    """A metric read from one field of every object of a kind: ``key`` of each listener, route, cluster or endpoint.
 
-    return read
+    Kept as data, not a closure, so ``tests/test_stats_schema.py`` can check each
+    key against the Rust core's stats schema.
+    """
+
+    of: StatsObject
+    key: str
+
+    def __call__(self, stats: Mapping[str, Any]) -> list[tuple[float, Mapping[str, str]]]:
+        # int(): healthy and ejected are JSON booleans, exported as 1 and 0.
+        return [(int(cast("int", row[self.key])), attributes) for attributes, row in ROWS[self.of](stats)]
 
 
 def _handshake_failures(stats: Mapping[str, Any]) -> Iterator[tuple[float, Mapping[str, str]]]:
@@ -67,21 +75,21 @@ GATEWAY_METRICS: tuple[tuple[Kind, str, str, str, Readings], ...] = (
         "meshfed.gateway.connections",
         "Connections accepted by a listener",
         "{connection}",
-        _field(listener_rows, "accepted"),
+        Field("listener", "accepted"),
     ),
     (
         "counter",
         "meshfed.gateway.upstream",
         "Bytes forwarded from clients to upstreams",
         "By",
-        _field(listener_rows, "bytes_client_to_upstream"),
+        Field("listener", "bytes_client_to_upstream"),
     ),
     (
         "counter",
         "meshfed.gateway.downstream",
         "Bytes forwarded from upstreams to clients",
         "By",
-        _field(listener_rows, "bytes_upstream_to_client"),
+        Field("listener", "bytes_upstream_to_client"),
     ),
     (
         "counter",
@@ -95,14 +103,14 @@ GATEWAY_METRICS: tuple[tuple[Kind, str, str, str, Readings], ...] = (
         "meshfed.gateway.no_route",
         "Connections closed because no route matched the SNI",
         "{connection}",
-        _field(listener_rows, "no_route"),
+        Field("listener", "no_route"),
     ),
     (
         "counter",
         "meshfed.gateway.denied",
         "Verified callers refused by authorization",
         "{connection}",
-        _field(listener_rows, "denied"),
+        Field("listener", "denied"),
     ),
     (
         # Beside the total, not in it: one metric mixing series with and without the label would double-count.
@@ -118,14 +126,14 @@ GATEWAY_METRICS: tuple[tuple[Kind, str, str, str, Readings], ...] = (
         "meshfed.gateway.upstream_connect_failures",
         "Connections that found no reachable endpoint",
         "{connection}",
-        _field(listener_rows, "upstream_connect_failures"),
+        Field("listener", "upstream_connect_failures"),
     ),
     (
         "up_down_counter",
         "meshfed.gateway.active_connections",
         "Connections open now",
         "{connection}",
-        _field(listener_rows, "active"),
+        Field("listener", "active"),
     ),
     # Routes, by listener and SNI pattern.
     (
@@ -133,14 +141,14 @@ GATEWAY_METRICS: tuple[tuple[Kind, str, str, str, Readings], ...] = (
         "meshfed.gateway.route.connections",
         "Connections matched by a route, before its rate limits",
         "{connection}",
-        _field(route_rows, "connections"),
+        Field("route", "connections"),
     ),
     (
         "counter",
         "meshfed.gateway.route.rate_limited",
         "Connections refused by a route's rate limit or per-caller rate limit",
         "{connection}",
-        _field(route_rows, "rate_limited"),
+        Field("route", "rate_limited"),
     ),
     # Clusters.
     (
@@ -148,56 +156,56 @@ GATEWAY_METRICS: tuple[tuple[Kind, str, str, str, Readings], ...] = (
         "meshfed.gateway.cluster.connections",
         "Upstream connections established to a cluster's endpoints",
         "{connection}",
-        _field(cluster_rows, "connections"),
+        Field("cluster", "connections"),
     ),
     (
         "counter",
         "meshfed.gateway.cluster.connect_failures",
         "Failed connect attempts to a cluster's endpoints (each retry counts)",
         "{attempt}",
-        _field(cluster_rows, "connect_failures"),
+        Field("cluster", "connect_failures"),
     ),
     (
         "counter",
         "meshfed.gateway.cluster.circuit_open",
         "Connections refused because the cluster's circuit breaker was open",
         "{connection}",
-        _field(cluster_rows, "circuit_open"),
+        Field("cluster", "circuit_open"),
     ),
     (
         "counter",
         "meshfed.gateway.cluster.ejections",
         "Endpoints of the cluster ejected by outlier detection",
         "{ejection}",
-        _field(cluster_rows, "ejections"),
+        Field("cluster", "ejections"),
     ),
     (
         "counter",
         "meshfed.gateway.cluster.sent",
         "Bytes sent to a cluster's endpoints",
         "By",
-        _field(cluster_rows, "bytes_sent"),
+        Field("cluster", "bytes_sent"),
     ),
     (
         "counter",
         "meshfed.gateway.cluster.received",
         "Bytes received from a cluster's endpoints",
         "By",
-        _field(cluster_rows, "bytes_received"),
+        Field("cluster", "bytes_received"),
     ),
     (
         "up_down_counter",
         "meshfed.gateway.cluster.active_connections",
         "Upstream connections open now",
         "{connection}",
-        _field(cluster_rows, "active"),
+        Field("cluster", "active"),
     ),
     (
         "up_down_counter",
         "meshfed.gateway.cluster.pending_connections",
         "Upstream connects in progress now",
         "{connection}",
-        _field(cluster_rows, "pending"),
+        Field("cluster", "pending"),
     ),
     # Endpoints, by cluster and address.
     (
@@ -205,47 +213,47 @@ GATEWAY_METRICS: tuple[tuple[Kind, str, str, str, Readings], ...] = (
         "meshfed.gateway.endpoint.connections",
         "Upstream connections established to an endpoint",
         "{connection}",
-        _field(endpoint_rows, "connections"),
+        Field("endpoint", "connections"),
     ),
     (
         "counter",
         "meshfed.gateway.endpoint.connect_failures",
         "Failed connect attempts to an endpoint",
         "{attempt}",
-        _field(endpoint_rows, "connect_failures"),
+        Field("endpoint", "connect_failures"),
     ),
     (
         "counter",
         "meshfed.gateway.endpoint.ejections",
         "Times outlier detection ejected an endpoint",
         "{ejection}",
-        _field(endpoint_rows, "ejections"),
+        Field("endpoint", "ejections"),
     ),
     (
         "up_down_counter",
         "meshfed.gateway.endpoint.active_connections",
         "Upstream connections open now to an endpoint",
         "{connection}",
-        _field(endpoint_rows, "active"),
+        Field("endpoint", "active"),
     ),
     (
         "gauge",
         "meshfed.gateway.endpoint.healthy",
         "1 while the endpoint is neither ejected nor failing active health checks, else 0",
         "1",
-        _field(endpoint_rows, "healthy"),
+        Field("endpoint", "healthy"),
     ),
     (
         "gauge",
         "meshfed.gateway.endpoint.ejected",
         "1 while outlier detection keeps the endpoint ejected, else 0",
         "1",
-        _field(endpoint_rows, "ejected"),
+        Field("endpoint", "ejected"),
     ),
 )
 
 # The cluster latency histograms: (stats key, Prometheus name, help).
-CLUSTER_HISTOGRAMS = (
+CLUSTER_HISTOGRAMS: tuple[tuple[Literal["connect_latency", "duration"], str, str], ...] = (
     (
         "connect_latency",
         "meshfed_gateway_cluster_connect_latency_seconds",
@@ -283,10 +291,9 @@ class ClusterHistograms:
         for key, name, documentation in CLUSTER_HISTOGRAMS:
             family = HistogramMetricFamily(name, documentation, labels=labels, unit="seconds")
             for attributes, cluster in clusters:
-                if key in cluster:
-                    histogram = cluster[key]
-                    values = [attributes.get(label, "") for label in labels]
-                    family.add_metric(values, _buckets(histogram), histogram["sum_us"] / 1e6)
+                histogram = cluster[key]
+                values = [attributes.get(label, "") for label in labels]
+                family.add_metric(values, _buckets(histogram), histogram["sum_us"] / 1e6)
             yield family
 
 
@@ -304,4 +311,4 @@ def _buckets(histogram: Mapping[str, Any]) -> list[tuple[str, float]]:
     return [*buckets[:-1], ("+Inf", total)]
 
 
-__all__ = ["CLUSTER_HISTOGRAMS", "GATEWAY_METRICS", "ClusterHistograms", "Kind", "Readings"]
+__all__ = ["CLUSTER_HISTOGRAMS", "GATEWAY_METRICS", "ClusterHistograms", "Field", "Kind", "Readings"]

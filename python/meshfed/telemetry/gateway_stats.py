@@ -15,14 +15,16 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
+
+from meshfed.gateway.stats import ClusterStats, EndpointStats, ListenerStats, RouteStats, StatsObject
 
 # The package's logger, as before the split: log lines keep their name.
 log = logging.getLogger("meshfed.telemetry")
 
 StatsSource = Callable[[], Mapping[str, Any]]
 # The objects a metric is kept per (listeners, routes, clusters, endpoints): (attributes, their stats).
-Rows = Callable[[Mapping[str, Any]], Iterator[tuple[dict[str, str], Mapping[str, Any]]]]
+Rows = Callable[[Mapping[str, Any]], Iterator[tuple[dict[str, str], Mapping[str, object]]]]
 
 
 class GatewayStats(dict[str, Any]):
@@ -80,31 +82,38 @@ def _labelled(kind: str, name: str, stats: Mapping[str, Any]) -> dict[str, str]:
     return attributes
 
 
-def listener_rows(stats: Mapping[str, Any]) -> Iterator[tuple[dict[str, str], Mapping[str, Any]]]:
-    listeners: Mapping[str, Mapping[str, Any]] = stats.get("listeners", {})
+# The rows are typed as the core's document is (meshfed.gateway.stats), so a key read from one is checked.
+def listener_rows(stats: Mapping[str, Any]) -> Iterator[tuple[dict[str, str], ListenerStats]]:
+    listeners = cast("dict[str, ListenerStats]", stats.get("listeners", {}))
     for name, listener in listeners.items():
         yield _labelled("listener", name, stats), listener
 
 
-def route_rows(stats: Mapping[str, Any]) -> Iterator[tuple[dict[str, str], Mapping[str, Any]]]:
+def route_rows(stats: Mapping[str, Any]) -> Iterator[tuple[dict[str, str], RouteStats]]:
     for attributes, listener in listener_rows(stats):
-        routes: Mapping[str, Mapping[str, Any]] = listener.get("routes", {})
-        for sni, route in routes.items():
+        for sni, route in listener.get("routes", {}).items():
             yield {**attributes, "route": sni, **dict(_route_labels(sni))}, route
 
 
-def cluster_rows(stats: Mapping[str, Any]) -> Iterator[tuple[dict[str, str], Mapping[str, Any]]]:
+def cluster_rows(stats: Mapping[str, Any]) -> Iterator[tuple[dict[str, str], ClusterStats]]:
     # A controller without a running gateway reports no "clusters" at all.
-    clusters: Mapping[str, Mapping[str, Any]] = stats.get("clusters", {})
+    clusters = cast("dict[str, ClusterStats]", stats.get("clusters", {}))
     for name, cluster in clusters.items():
         yield _labelled("cluster", name, stats), cluster
 
 
-def endpoint_rows(stats: Mapping[str, Any]) -> Iterator[tuple[dict[str, str], Mapping[str, Any]]]:
+def endpoint_rows(stats: Mapping[str, Any]) -> Iterator[tuple[dict[str, str], EndpointStats]]:
     for attributes, cluster in cluster_rows(stats):
-        endpoints: Mapping[str, Mapping[str, Any]] = cluster.get("endpoints", {})
-        for address, endpoint in endpoints.items():
+        for address, endpoint in cluster.get("endpoints", {}).items():
             yield {**attributes, "endpoint": address}, endpoint
+
+
+ROWS: dict[StatsObject, Rows] = {
+    "listener": listener_rows,
+    "route": route_rows,
+    "cluster": cluster_rows,
+    "endpoint": endpoint_rows,
+}
 
 
 # Label values one listener may contribute to a per-caller metric. The core bounds its own maps
@@ -173,6 +182,7 @@ class OncePerScrape:
 __all__ = [
     "MAX_SERIES_PER_LISTENER",
     "OTHER",
+    "ROWS",
     "GatewayStats",
     "OncePerScrape",
     "Rows",

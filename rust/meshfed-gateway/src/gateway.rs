@@ -79,6 +79,23 @@ fn bind_hint(err: &io::Error) -> &'static str {
     }
 }
 
+/// The stats document [`Gateway::stats_json`] writes: listeners (with their
+/// routes by SNI) and clusters (with their endpoints by address), by name.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct StatsDocument {
+    /// Per listener name.
+    pub listeners: BTreeMap<String, ListenerSnapshot>,
+    /// Per cluster name.
+    pub clusters: BTreeMap<String, ClusterSnapshot>,
+}
+
+/// The JSON Schema of the stats document, derived from the types that write
+/// it, so the Python side can be checked against the one definition.
+pub fn stats_schema_json() -> String {
+    // A schemars schema is a JSON value already, so writing it out cannot fail.
+    schemars::schema_for!(StatsDocument).as_value().to_string()
+}
+
 /// A running east-west gateway.
 ///
 /// Owns a dedicated multi-thread tokio runtime (threads named
@@ -268,11 +285,6 @@ impl Gateway {
     /// {"<ip:port>": {...}}}}}`. Reads atomics only: never waits on the
     /// data plane.
     pub fn stats_json(&self) -> String {
-        #[derive(serde::Serialize)]
-        struct Doc {
-            listeners: BTreeMap<String, ListenerSnapshot>,
-            clusters: BTreeMap<String, ClusterSnapshot>,
-        }
         let mut listeners = self.stats();
         let snapshot = self.snapshot.load();
         for (key, route) in &snapshot.routes {
@@ -281,7 +293,7 @@ impl Gateway {
                     .insert(key.sni().to_owned(), route.stats.snapshot());
             }
         }
-        serde_json::to_string(&Doc {
+        serde_json::to_string(&StatsDocument {
             listeners,
             clusters: self.cluster_stats(),
         })

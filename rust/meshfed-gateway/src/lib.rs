@@ -28,7 +28,7 @@ mod tls;
 pub use config::{CompiledConfig, ConfigError, config_schema_json, validate_config};
 pub use gateway::{
     ClusterSnapshot, EndpointSnapshot, Gateway, GatewayError, HistogramSnapshot, ListenerSnapshot,
-    RouteSnapshot, WORKER_THREADS_ENV,
+    RouteSnapshot, StatsDocument, WORKER_THREADS_ENV, stats_schema_json,
 };
 pub use spiffe::{SpiffeError, SpiffeId, SpiffePattern, TrustDomain};
 pub use tls::{SvidError, spiffe_id_of};

@@ -52,6 +52,12 @@ fn gateway_config_schema() -> String {
     meshfed_gateway::config_schema_json()
 }
 
+/// The JSON Schema of the gateway stats document, derived from the Rust types.
+#[pyfunction]
+fn gateway_stats_schema() -> String {
+    meshfed_gateway::stats_schema_json()
+}
+
 /// A running east-west gateway on its own Rust runtime.
 #[pyclass(frozen, module = "meshfed._core")]
 struct Gateway {
@@ -116,6 +122,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(core_version, m)?)?;
     m.add_function(wrap_pyfunction!(validate_config, m)?)?;
     m.add_function(wrap_pyfunction!(gateway_config_schema, m)?)?;
+    m.add_function(wrap_pyfunction!(gateway_stats_schema, m)?)?;
     m.add_class::<Gateway>()?;
     Ok(())
 }

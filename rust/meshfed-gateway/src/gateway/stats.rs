@@ -44,7 +44,7 @@ pub(crate) struct ListenerStats {
 }
 
 /// A point-in-time copy of [`ListenerStats`], as serialized by `stats_json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct ListenerSnapshot {
     /// Connections accepted.
     pub accepted: u64,
@@ -135,7 +135,7 @@ pub(crate) struct RouteStats {
 }
 
 /// A copy of one route's counters.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct RouteSnapshot {
     /// Connections routed here (before rate limiting).
     pub connections: u64,
@@ -173,7 +173,7 @@ pub(crate) struct Histogram {
 
 /// A copy of a [`Histogram`]: `counts[i]` values were below `le_us[i]`
 /// (and at or above `le_us[i - 1]`); the last bound is open-ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct HistogramSnapshot {
     /// Values recorded.
     pub count: u64,

@@ -74,7 +74,7 @@ impl ClusterState {
 }
 
 /// A copy of one cluster's counters, as serialized by `stats_json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct ClusterSnapshot {
     /// Upstream connections established.
     pub connections: u64,
@@ -101,7 +101,7 @@ pub struct ClusterSnapshot {
 }
 
 /// A copy of one endpoint's state and counters.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct EndpointSnapshot {
     /// Locality priority (0 = local).
     pub priority: u32,
