@@ -12,6 +12,7 @@ loopback or behind TLS.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -98,19 +99,19 @@ def create_app(controller: Controller, peering: PeeringService | None = None) ->
         dependencies=[Depends(require_admin)],
         responses={503: {"description": "The gateway has not been configured yet"}},
     )
-    def gateway_config() -> dict[str, Any]:
+    async def gateway_config() -> dict[str, Any]:
         """The config the gateway runs (the last one it accepted), with its private key redacted.
 
         Reading it changes nothing: it is not rebuilt, and no egress port is given out.
         """
-        applied = controller.applied_gateway_config
+        applied = controller.applied_gateway_config  # read on the event loop that owns it
         if applied is None:
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
                 f"zone {controller.zone.name}: the gateway has not been configured yet; "
                 "it gets its first config when the controller starts",
             )
-        document = applied.model_dump(exclude_none=True)
+        document = await asyncio.to_thread(applied.model_dump, exclude_none=True)  # large with many imports
         if "identity" in document:
             document["identity"]["private_key_pem"] = _REDACTED
         return document

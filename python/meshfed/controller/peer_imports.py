@@ -1,0 +1,106 @@
+"""Peer imports: what peers sent this zone, kept in ``state.db`` and served all or nothing.
+
+A peer's snapshot is stored, then applied; if the data plane rejects it, or
+applying fails, the peer's previous imports are put back and served. The
+imports of peerings deleted while no controller ran are withdrawn at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from meshfed.catalog import LocalImport
+from meshfed.errors import PeerInputError
+from meshfed.federation.exchange import ServiceSnapshot
+from meshfed.federation.imports import ImportedService, ImportStore, egress_listener_name
+from meshfed.federation.peering import PeeringStore, PeerState
+from meshfed.zone import Zone
+
+from .gateway_driver import GatewayDriver
+
+# The controller's parts log as the controller: operators (and tests) follow one logger.
+log = logging.getLogger("meshfed.controller")
+
+
+class PeerImports:
+    """The imports of every peer: stored, withdrawn, and which of them the gateway serves.
+
+    ``withheld`` says whether the failing-peer policy withholds a peer's imports.
+    """
+
+    def __init__(
+        self,
+        zone: Zone,
+        driver: GatewayDriver,
+        *,
+        reconfigure: Callable[[], Awaitable[None]],
+        withheld: Callable[[str], bool],
+    ) -> None:
+        self._zone = zone
+        self._driver = driver
+        self._reconfigure = reconfigure
+        self._withheld = withheld
+
+    async def put(self, peer: str, snapshot: ServiceSnapshot) -> None:
+        """A peer sent its exports: keep them and serve them (all or nothing; see the module docstring).
+
+        Raises PeerInputError (a refusal the peer is told of) if the data plane rejects them.
+        """
+        with ImportStore(self._zone.directory) as imports:
+            previous = await asyncio.to_thread(imports.get, peer)
+            if not await asyncio.to_thread(imports.put, peer, snapshot):
+                return
+            try:
+                await self._reconfigure()
+                rejected = self._driver.import_problems.get(peer) if peer in self._driver.rejected else None
+            except BaseException:
+                await asyncio.to_thread(imports.restore, peer, previous)
+                raise
+            if rejected is not None:
+                await asyncio.to_thread(imports.restore, peer, previous)
+                await self._reconfigure()
+                raise PeerInputError(rejected)
+
+    async def forget(self, peer: str) -> None:
+        """A peering was deleted: drop its imports and their egress listeners."""
+        with ImportStore(self._zone.directory) as imports:
+            removed = await asyncio.to_thread(imports.remove, peer)
+        if removed:
+            await self._reconfigure()
+
+    def withdraw_deleted_peers(self) -> None:
+        """Drop the imports of peerings deleted (or gone) while no controller ran (blocking: call it in a thread)."""
+        with PeeringStore.of(self._zone) as peerings, ImportStore(self._zone.directory) as imports:
+            live = {
+                p.name for p in peerings.peerings() if not p.delete_requested and p.state is not PeerState.TERMINATED
+            }
+            stored, unreadable = imports.read()
+            for peer in sorted((stored.keys() | unreadable.keys()) - live):
+                log.info("zone %s: withdrawing the imports of deleted peering %s", self._zone.name, peer)
+                imports.remove(peer)
+
+    def served(self) -> list[ImportedService]:
+        """The imported services the gateway serves: neither withheld nor rejected by the data plane."""
+        with ImportStore(self._zone.directory) as imports:
+            return [
+                item
+                for item in imports.services()
+                if not self._withheld(item.peer) and item.peer not in self._driver.rejected
+            ]
+
+    def local(self, bound: dict[str, tuple[str, int]]) -> list[LocalImport]:
+        """The imports as local clients reach them, given where each egress listener is reached (``bound``)."""
+        by_import: dict[tuple[str, str, str], dict[str, tuple[str, int]]] = {}
+        with ImportStore(self._zone.directory) as imports:
+            for imported in imports.services():
+                for port_name in imported.service.ports:
+                    address = bound.get(egress_listener_name(imported, port_name))
+                    if address is not None:
+                        key = (imported.peer, imported.service.namespace, imported.service.name)
+                        by_import.setdefault(key, {})[port_name] = address
+        return [
+            LocalImport(peer=peer, namespace=namespace, service=service, ports=ports)
+            for (peer, namespace, service), ports in sorted(by_import.items())
+        ]
