@@ -67,8 +67,8 @@ class FailingPeers:
         return time.monotonic() - since >= self._grace.total_seconds()
 
     def withheld_now(self) -> frozenset[str]:
-        """Every peer whose imports are not served now."""
-        return frozenset(peer for peer in self._failing_since if self.withheld(peer))
+        """Every peer whose imports are not served now (safe off the event loop: it iterates a copy)."""
+        return frozenset(peer for peer in list(self._failing_since) if self.withheld(peer))
 
     def _grace_timers(self) -> set[str]:
         return {status.name for status in self._supervisor.statuses() if status.name.startswith("grace-")}
