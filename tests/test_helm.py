@@ -245,7 +245,8 @@ def test_controller_args_are_options_of_meshfed_up(helm: str, values: list[str])
     assert command == "up"
     group = typer.main.get_command(app)
     assert isinstance(group, typer.core.TyperGroup)
-    up = group.commands["up"]
+    up = group.get_command(group.make_context("meshfed", ["up", "--help"], resilient_parsing=True), "up")
+    assert up is not None
     options = {option for param in up.params for option in param.opts}
     for arg in args:
         assert arg.split("=", 1)[0] in options, arg

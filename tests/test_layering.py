@@ -19,9 +19,10 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset(
         {"meshfed", "_core", "errors", "addresses", "aio", "sqlite", "validation", "logs", "zonelock", "defaults"}
     ),
-    frozenset({"supervisor", "runstate", "audit", "telemetry"}),
+    frozenset({"supervisor", "runstate", "audit"}),
     frozenset({"trust", "catalog"}),
     frozenset({"policy", "gateway", "store"}),
+    frozenset({"telemetry"}),  # reads the gateway's typed stats document (meshfed.gateway.stats)
     frozenset({"zone"}),
     frozenset({"federation"}),
     frozenset({"controller", "diagnose"}),

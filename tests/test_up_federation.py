@@ -59,7 +59,7 @@ def meshfed_up(directory: Path) -> Iterator[RunningZone]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1"),
     )
     api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=5)
     try:
@@ -74,7 +74,9 @@ def meshfed_up(directory: Path) -> Iterator[RunningZone]:
         zone.until(f"{directory.name} ready", ready, timeout=30)
         yield zone
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=20) == 0
+        code = process.wait(timeout=20)
+        # A crash says where: faulthandler's trace of every thread is the end of the zone's stderr.
+        assert code == 0, (code, process.stderr.read().decode()[-8000:] if process.stderr else "")
     finally:
         api.close()
         process.kill()

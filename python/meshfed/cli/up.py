@@ -122,6 +122,8 @@ def up(
     ] = LogFormat.json,
 ) -> None:
     """Run one zone in the foreground: controller, gateway, peering and API. SIGTERM stops it cleanly."""
+    import faulthandler
+
     from meshfed.cli.serve import ApiTls, Listeners, serve_zone
     from meshfed.controller import health_check_every
     from meshfed.policy.egress import WorkloadTls
@@ -188,6 +190,9 @@ def up(
         allow_empty_catalog=allow_empty_catalog,
         egress_workload_tls=cast("WorkloadTls | None", egress_workload_tls),
     )
+    # A crash in a C extension (gRPC, SQLite, the core) prints every thread's Python stack to stderr: the
+    # operator's report says where, not only "exited -11".
+    faulthandler.enable()
     serve_zone(zone, settings, listeners, log_level=log_level.value, json_logs=log_format is LogFormat.json)
 
 

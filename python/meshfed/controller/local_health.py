@@ -55,6 +55,11 @@ class LocalHealth:
         with ExportRules(self._zone.directory) as rules:
             return rules.health_version()
 
+    def _bump_health_version(self, unhealthy: UnhealthyEndpoints) -> int:
+        # Opened in the worker thread: a cancelled watch must not close a connection the thread still uses.
+        with ExportRules(self._zone.directory) as rules:
+            return rules.bump_health_version(unhealthy)
+
     async def watch(self) -> None:
         """Follow the gateway's verdict, forever."""
         while True:
@@ -62,8 +67,7 @@ class LocalHealth:
             unhealthy = self._unhealthy_local_endpoints()
             if unhealthy == self._unhealthy:
                 continue
-            with ExportRules(self._zone.directory) as rules:
-                version = await asyncio.to_thread(rules.bump_health_version, unhealthy)
+            version = await asyncio.to_thread(self._bump_health_version, unhealthy)
             self._log_change(self._unhealthy, unhealthy)
             self._unhealthy, self._version = unhealthy, version
             self._on_change()

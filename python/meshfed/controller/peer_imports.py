@@ -48,25 +48,38 @@ class PeerImports:
 
         Raises PeerInputError (a refusal the peer is told of) if the data plane rejects them.
         """
+        # Each step opens its own connection in the worker thread: a put cancelled while a thread writes must
+        # not close the connection under it (sqlite3 crashes on that).
+        previous, stored = await asyncio.to_thread(self._stored, peer, snapshot)
+        if not stored:
+            return
+        try:
+            await self._reconfigure()
+            rejected = self._driver.import_problems.get(peer) if peer in self._driver.rejected else None
+        except BaseException:
+            await asyncio.to_thread(self._restore, peer, previous)
+            raise
+        if rejected is not None:
+            await asyncio.to_thread(self._restore, peer, previous)
+            await self._reconfigure()
+            raise PeerInputError(rejected)
+
+    def _stored(self, peer: str, snapshot: ServiceSnapshot) -> tuple[bytes | None, bool]:
+        """The peer's imports before, and whether ``snapshot`` was stored (an older one is not)."""
         with ImportStore(self._zone.directory) as imports:
-            previous = await asyncio.to_thread(imports.get, peer)
-            if not await asyncio.to_thread(imports.put, peer, snapshot):
-                return
-            try:
-                await self._reconfigure()
-                rejected = self._driver.import_problems.get(peer) if peer in self._driver.rejected else None
-            except BaseException:
-                await asyncio.to_thread(imports.restore, peer, previous)
-                raise
-            if rejected is not None:
-                await asyncio.to_thread(imports.restore, peer, previous)
-                await self._reconfigure()
-                raise PeerInputError(rejected)
+            return imports.get(peer), imports.put(peer, snapshot)
+
+    def _restore(self, peer: str, previous: bytes | None) -> None:
+        with ImportStore(self._zone.directory) as imports:
+            imports.restore(peer, previous)
+
+    def _remove(self, peer: str) -> bool:
+        with ImportStore(self._zone.directory) as imports:
+            return imports.remove(peer)
 
     async def forget(self, peer: str) -> None:
         """A peering was deleted: drop its imports and their egress listeners."""
-        with ImportStore(self._zone.directory) as imports:
-            removed = await asyncio.to_thread(imports.remove, peer)
+        removed = await asyncio.to_thread(self._remove, peer)
         if removed:
             await self._reconfigure()
 

@@ -34,19 +34,23 @@ class RunRecord:
         self._recorded_listeners = None
         self._record_listeners()
 
+    # Each use of state.db opens, uses and closes its connection inside the worker thread: a task cancelled
+    # while it awaits the thread must not close a connection the thread is still using (sqlite3 crashes).
     async def release_lease(self) -> None:
-        with RunState(self._zone.directory) as runstate:
-            await asyncio.to_thread(runstate.release_lease)
+        await asyncio.to_thread(self._in_runstate, RunState.release_lease)
 
     def listeners_applied(self) -> None:
         """A config was applied: record the listeners soon (never awaits)."""
         self._listeners_applied.set()
 
     async def renew_lease(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_RENEW_SECONDS)
+            await asyncio.to_thread(self._in_runstate, RunState.renew_lease)
+
+    def _in_runstate(self, step: Callable[[RunState], None]) -> None:
         with RunState(self._zone.directory) as runstate:
-            while True:
-                await asyncio.sleep(LEASE_RENEW_SECONDS)
-                await asyncio.to_thread(runstate.renew_lease)
+            step(runstate)
 
     async def keep_listeners_recorded(self) -> None:
         while True:

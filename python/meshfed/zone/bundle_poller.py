@@ -169,16 +169,21 @@ class BundlePoller:
         return _refresh_interval(held.refresh_hint_seconds if held is not None else 0)
 
     async def _run(self) -> None:
-        with self._zone.store() as store:  # one connection for the store checks while waiting
-            while True:
-                self._wake.clear()  # before polling, so a wake() during the poll is not lost
-                seen = await asyncio.to_thread(store.federation_revision)
-                try:
-                    wait = await self.poll_all()
-                except MeshfedError as err:
-                    log.error("zone %s: bundle polling failed: %s", self._zone.name, err)
-                    wait = self._retry_after_error
-                await self._wait(wait, store.federation_revision, seen)
+        while True:
+            self._wake.clear()  # before polling, so a wake() during the poll is not lost
+            seen = await asyncio.to_thread(self._federation_revision)
+            try:
+                wait = await self.poll_all()
+            except MeshfedError as err:
+                log.error("zone %s: bundle polling failed: %s", self._zone.name, err)
+                wait = self._retry_after_error
+            await self._wait(wait, self._federation_revision, seen)
+
+    def _federation_revision(self) -> object:
+        # Opened in the worker thread: a poller cancelled while it waits for the thread must not close a
+        # connection the thread still uses (sqlite3 crashes on that).
+        with self._zone.store() as store:
+            return store.federation_revision()
 
     async def _wait(self, wait: dt.timedelta, revision: Callable[[], object], seen: object) -> None:
         """Until ``wait`` has passed, :meth:`wake` is called, or a relationship was added, changed or ended."""
