@@ -16,7 +16,7 @@ from meshfed.federation.exports import ExportIndex, ExportRule
 from meshfed.federation.gateway_config import build_gateway_config
 from meshfed.federation.imports import ImportedService
 from meshfed.gateway import AuthzRule, OriginateListener, TerminateListener
-from meshfed.gateway.runtime import validate
+from meshfed.gateway.handle import validate
 from meshfed.gateway.sni import service_sni
 from meshfed.policy.authz import RuleSpec, pattern_matches
 from meshfed.policy.egress import EgressPolicy, ImportOverride

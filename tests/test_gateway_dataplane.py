@@ -19,7 +19,7 @@ from meshfed.gateway.config import (
     Route,
     WeightedCluster,
 )
-from meshfed.gateway.runtime import Gateway, validate
+from meshfed.gateway.handle import Gateway, validate
 from tests.conftest import EchoServer, client_hello_bytes, dead_endpoint, round_trip
 
 SNI = "known.example"

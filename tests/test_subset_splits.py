@@ -13,7 +13,7 @@ from meshfed.catalog import CatalogSnapshot, EmbeddedCatalog, Endpoint, Service
 from meshfed.federation.exports import ExportIndex, ExportRule, ExportRules
 from meshfed.federation.gateway_config import build_gateway_config
 from meshfed.gateway import Route
-from meshfed.gateway.runtime import validate
+from meshfed.gateway.handle import validate
 from meshfed.policy.splits import SubsetSplit
 from meshfed.runtime import assemble_zone
 from meshfed.trust.bundle import bundle_roots_pem

@@ -162,10 +162,10 @@ def assemble_zone(zone: Zone, settings: ZoneSettings = ZoneSettings()) -> ZoneRu
     )
     controller.on_exports_changed(peering.notify_exports_changed)
     _observe_peering(controller, peering)
-    controller.add_service(peering)
-    controller.add_service(RotationService(zone, controller.reconfigure, supervisor=controller.supervisor))
+    controller.add_companion(peering)
+    controller.add_companion(RotationService(zone, controller.reconfigure, supervisor=controller.supervisor))
     poller = BundlePoller(zone, controller.reconfigure, supervisor=controller.supervisor)
-    controller.add_service(poller)
+    controller.add_companion(poller)
     # The hint every copy of the bundle carries (endpoint, peering, trust export), and the one a rotation's
     # default overlap is counted in: stored, so the CLI's rotations see it too.
     zone.set_refresh_hint(zone.refresh_hint(settings.bundle_refresh_hint))
@@ -186,7 +186,7 @@ def assemble_zone(zone: Zone, settings: ZoneSettings = ZoneSettings()) -> ZoneRu
             svid_current=signs_still,
             supervisor=controller.supervisor,
         )
-        controller.add_service(endpoint)
+        controller.add_companion(endpoint)
     return ZoneRuntime(zone, controller, peering, endpoint, poller)
 
 

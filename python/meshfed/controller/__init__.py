@@ -1,7 +1,7 @@
 """The controller: the one long-running process of a zone, composed of one part per role.
 
 It owns the zone's gateway (the Rust data plane) and runs the zone's background
-services (peering, bundle pollers, rotation). Every change reaches the data
+companions (peering, bundle pollers, rotation). Every change reaches the data
 plane through one path, :meth:`Controller.reconfigure`: the gateway driver
 builds a complete config from the zone's state and applies it atomically.
 
@@ -85,8 +85,8 @@ DEFAULT_HEALTH_CHECK = health_check_every(dt.timedelta(seconds=5))
 PeerTrustDomains = Callable[[], Mapping[str, TrustDomain]]
 
 
-class Service(Protocol):
-    """A background part of the controller, started after the gateway and stopped before it."""
+class Companion(Protocol):
+    """A long-running companion of the controller (peering, rotation), started after the gateway, stopped before it."""
 
     async def start(self) -> None: ...
 
@@ -94,7 +94,7 @@ class Service(Protocol):
 
 
 class Controller:
-    """Runs one zone: gateway, SVID renewal, catalog watch, services. Use ``async with`` or start/stop."""
+    """Runs one zone: gateway, SVID renewal, catalog watch, companions. Use ``async with`` or start/stop."""
 
     def __init__(
         self,
@@ -107,7 +107,7 @@ class Controller:
         egress_port_base: int = 0,
         gateway_svid_ttl: dt.timedelta = DEFAULT_GATEWAY_SVID_TTL,
         peer_trust_domains: PeerTrustDomains = dict,
-        services: Sequence[Service] = (),
+        companions: Sequence[Companion] = (),
         span_exporter: SpanExporter | None = None,
         failing_peer_grace: dt.timedelta = dt.timedelta(minutes=5),
         failing_peer_policy: FailingPeerPolicy = "open",
@@ -153,7 +153,7 @@ class Controller:
         self._live = LiveSettings(zone, exports_changed=self.exports_changed)
         settings = self._live.settings
         self._catalog = catalog if catalog is not None else open_catalog(zone)
-        # Owns every background loop of the zone, the services' included (see meshfed.supervisor).
+        # Owns every background loop of the zone, the companions' included (see meshfed.supervisor).
         self.supervisor = Supervisor(zone.name)
         self._publisher = ImportPublisher(
             self._catalog,
@@ -178,7 +178,7 @@ class Controller:
             egress if egress_workload_tls is None else egress.model_copy(update={"workload_tls": egress_workload_tls})
         )
         self._peer_trust_domains = peer_trust_domains
-        self._services = list(services)
+        self._companions = list(companions)
         self._exports_listeners: list[Callable[[], None]] = []
         self._stopped = False
         self._failing = FailingPeers(
@@ -222,11 +222,11 @@ class Controller:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    def add_service(self, service: Service) -> None:
-        """Register a service before :meth:`start` (services usually need :meth:`reconfigure` first)."""
+    def add_companion(self, companion: Companion) -> None:
+        """Register a companion before :meth:`start` (companions usually need :meth:`reconfigure` first)."""
         if self.ready:
-            raise MeshfedError("services must be added before the controller starts")
-        self._services.append(service)
+            raise MeshfedError("companions must be added before the controller starts")
+        self._companions.append(companion)
 
     def on_exports_changed(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` whenever what this zone exports may have changed (catalog or rules)."""
@@ -246,7 +246,7 @@ class Controller:
         return self._driver.gateway
 
     async def start(self) -> None:
-        """Start the gateway with the zone's current state, then the services."""
+        """Start the gateway with the zone's current state, then the companions."""
         if self._stopped:
             raise MeshfedError(f"zone {self.zone.name}: a stopped controller cannot restart; make a new one")
         await self._driver.issue_svid()
@@ -258,17 +258,17 @@ class Controller:
         await self._catalog_watch.load(allow_empty=self._allow_empty_catalog)
         await self._driver.start()
         self._exports.changed()
-        started: list[Service] = []
+        started: list[Companion] = []
         try:
-            for service in self._services:
-                await service.start()
-                started.append(service)
+            for companion in self._companions:
+                await companion.start()
+                started.append(companion)
             if started:
-                await self.reconfigure()  # services (peering) may add to the config: peers' identities, imports
+                await self.reconfigure()  # companions (peering) may add to the config: peers' identities, imports
         except BaseException:
-            for service in reversed(started):
+            for companion in reversed(started):
                 with contextlib.suppress(Exception):
-                    await service.stop()
+                    await companion.stop()
             await self._driver.abandon()
             raise
         await asyncio.to_thread(self._run_record.take_lease)
@@ -282,17 +282,17 @@ class Controller:
         log.info("zone %s running: gateway ingress on %s", self.zone.name, self.gateway_address)
 
     async def stop(self) -> None:
-        """Stop background tasks, services (newest first), then the gateway. Safe to call twice."""
+        """Stop background tasks, companions (newest first), then the gateway. Safe to call twice."""
         if self._stopped:
             return
         self._stopped = True
         await self.supervisor.stop()
         await self._publisher.stop()
-        for service in reversed(self._services):
+        for companion in reversed(self._companions):
             try:
-                await service.stop()
+                await companion.stop()
             except Exception:
-                log.exception("zone %s: a service failed to stop cleanly", self.zone.name)
+                log.exception("zone %s: %s failed to stop cleanly", self.zone.name, type(companion).__name__)
         if self._driver.running:
             await self._run_record.release_lease()
             await self._driver.close()

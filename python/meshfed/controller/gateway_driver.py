@@ -28,7 +28,7 @@ from meshfed.federation.gateway_config import build_gateway_config
 from meshfed.federation.imports import EgressPorts, ImportedService, ImportStore, services_of
 from meshfed.federation.resolver import GatewayResolver
 from meshfed.gateway import Gateway, GatewayConfig, HealthCheck, Identity
-from meshfed.gateway.runtime import validate
+from meshfed.gateway.handle import validate
 from meshfed.policy.egress import EgressPolicy
 from meshfed.telemetry import Telemetry
 from meshfed.trust.bundle import bundle_roots_pem

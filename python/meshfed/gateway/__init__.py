@@ -17,7 +17,7 @@ from meshfed.gateway.config import (
     UpstreamTls,
     WeightedCluster,
 )
-from meshfed.gateway.runtime import Gateway
+from meshfed.gateway.handle import Gateway
 from meshfed.gateway.sni import service_sni
 
 __all__ = [
