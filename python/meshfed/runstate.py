@@ -17,7 +17,7 @@ otherwise they say the zone is not running. The gateway's health verdict on
 local endpoints is kept beside the health version it belongs to
 (:meth:`meshfed.federation.exports.ExportRules.unhealthy_endpoints`), and a
 peering's live connection with the peering service's own lease
-(:mod:`meshfed.federation.peering`).
+(:mod:`meshfed.federation.peering_store`).
 """
 
 from __future__ import annotations

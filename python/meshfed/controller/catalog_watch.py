@@ -21,7 +21,7 @@ from meshfed.errors import MeshfedError
 from meshfed.federation.authz import AuthzRules
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.exports import ExportRules
-from meshfed.federation.peering import PeeringStore
+from meshfed.federation.peering_store import PeeringStore
 from meshfed.zone import Zone
 
 from .retry import retrying

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
-from meshfed.federation.peering import PeerState
+from meshfed.federation.peering_state import PeerState
 from meshfed.supervisor import Supervisor
 
 from .retry import retrying

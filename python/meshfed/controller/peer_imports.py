@@ -15,7 +15,8 @@ from meshfed.catalog import LocalImport
 from meshfed.errors import PeerInputError
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.imports import ImportedService, ImportStore, egress_listener_name
-from meshfed.federation.peering import PeeringStore, PeerState
+from meshfed.federation.peering_state import PeerState
+from meshfed.federation.peering_store import PeeringStore
 from meshfed.zone import Zone
 
 from .gateway_driver import GatewayDriver
