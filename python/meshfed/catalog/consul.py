@@ -11,15 +11,13 @@ for ``catalog = "consul"``; it puts together the parts, each a module of its own
 * :mod:`meshfed.catalog.consul_api` is the HTTP underneath both (py-consul's
   client, the token in a header only) and what each failure means: the ACL
   rule to add, from ``helm/meshfed/examples/consul-acl-policy.hcl``.
-
-The names other modules used from here before the split are re-exported.
 """
 
 from __future__ import annotations
 
-from meshfed.catalog.consul_api import ACL_POLICY_FILE, ConsulApi
-from meshfed.catalog.consul_imports import MANAGED_META, PORT_NAME_META, register_imports, registrations
-from meshfed.catalog.consul_watch import DEFAULT_PORT_NAME, ConsulWatch
+from meshfed.catalog.consul_api import ConsulApi
+from meshfed.catalog.consul_imports import register_imports, registrations
+from meshfed.catalog.consul_watch import ConsulWatch
 from meshfed.catalog.model import CatalogSnapshot, LocalImport
 from meshfed.catalog.remote import SnapshotCache
 from meshfed.catalog.settings import ConsulSettings
@@ -80,4 +78,4 @@ class ConsulCatalog:
         self._watch.start()
 
 
-__all__ = ["ACL_POLICY_FILE", "DEFAULT_PORT_NAME", "MANAGED_META", "PORT_NAME_META", "ConsulCatalog"]
+__all__ = ["ConsulCatalog"]

@@ -13,8 +13,6 @@ for ``catalog = "kubernetes"``; it puts together the parts, each a module of its
 * :mod:`meshfed.catalog.kubernetes_api` is the API underneath both
   (credentials, requests through the generated client) and what each failure
   means: which RBAC permission is missing, and where.
-
-The names other modules used from here before the split are re-exported.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from __future__ import annotations
 import asyncio
 
 from meshfed.catalog.kubernetes_api import KubernetesApi
-from meshfed.catalog.kubernetes_mirrors import MIRROR_LABEL, OWNER_LABEL, KubernetesMirrors, mirror_name
+from meshfed.catalog.kubernetes_mirrors import KubernetesMirrors
 from meshfed.catalog.kubernetes_watch import KubernetesWatch
 from meshfed.catalog.model import CatalogSnapshot, LocalImport
 from meshfed.catalog.remote import SnapshotCache
@@ -102,4 +100,4 @@ class KubernetesCatalog:
                 self._watch.start()
 
 
-__all__ = ["MIRROR_LABEL", "OWNER_LABEL", "KubernetesCatalog", "mirror_name"]
+__all__ = ["KubernetesCatalog"]

@@ -13,8 +13,7 @@ The bundle is served at ``/`` (where SPIRE serves it) and at
 does it, keeping the endpoint on its own port and TLS settings.
 
 Fetching a federated zone's bundle, the consumer's side, is
-:mod:`meshfed.trust.endpoint_client`; its names are re-exported here for the
-modules that import them from this one.
+:mod:`meshfed.trust.endpoint_client`.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from pathlib import Path
 from meshfed.errors import MeshfedError, TrustError
 from meshfed.supervisor import Component, Supervisor
 from meshfed.trust.ca import Svid
-from meshfed.trust.endpoint_client import EndpointSpec, Profile, fetch_bundle
+from meshfed.trust.endpoint_client import Profile
 from meshfed.trust.spiffe import SYSTEM_NAMESPACE, SpiffeId, TrustDomain
 
 log = logging.getLogger(__name__)
@@ -247,12 +246,4 @@ def _private_files(svid: Svid) -> Iterator[tuple[str, str]]:
         yield str(cert_file), str(key_file)
 
 
-__all__ = [
-    "BUNDLE_PATHS",
-    "BundleEndpointServer",
-    "EndpointSpec",
-    "Profile",
-    "WebCertificate",
-    "endpoint_spiffe_id",
-    "fetch_bundle",
-]
+__all__ = ["BUNDLE_PATHS", "BundleEndpointServer", "WebCertificate", "endpoint_spiffe_id"]

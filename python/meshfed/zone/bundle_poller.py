@@ -35,7 +35,7 @@ from meshfed.errors import MeshfedError
 from meshfed.store import Federation
 from meshfed.supervisor import Component, Supervisor
 from meshfed.trust.bundle import DEFAULT_REFRESH_HINT_SECONDS, newest
-from meshfed.trust.endpoint import EndpointSpec, fetch_bundle
+from meshfed.trust.endpoint_client import EndpointSpec, fetch_bundle
 from meshfed.trust.spiffe import SpiffeId, TrustDomain
 from meshfed.zone import Zone
 
