@@ -46,7 +46,7 @@ class RunningZone:
 @pytest.fixture
 def running_east(make_zone) -> Iterator[RunningZone]:
     zone = make_zone("east")
-    controller = Controller(zone, gateway_address="127.0.0.1:0")
+    controller = Controller(zone, gateway_address="127.0.0.1:0", egress_port_base=0)
     server = uvicorn.Server(uvicorn.Config(create_app(controller), host="127.0.0.1", port=0, log_level="warning"))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)

@@ -217,7 +217,9 @@ def test_api_lists_adds_and_removes_rules_with_the_right_tokens(tmp_path):
     zone = Zone.init(tmp_path / "east", "east", "east.mesh")
     with AuthzRules(zone.directory) as store:
         store.replace_config_rules([spec("deny", "spiffe://west.mesh/ns/shop/sa/intruder")])
-    api = TestClient(create_app(Controller(zone, gateway_address="127.0.0.1:0")))  # lifespan not run: zone stopped
+    api = TestClient(
+        create_app(Controller(zone, gateway_address="127.0.0.1:0", egress_port_base=0))
+    )  # lifespan not run: zone stopped
     admin = {"Authorization": f"Bearer {zone.admin_token()}"}
     reader = {"Authorization": f"Bearer {zone.read_token()}"}
     body = {"service": "orders", "namespace": "shop", "action": "allow", "id": "spiffe://west.mesh/ns/shop/*"}

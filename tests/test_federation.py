@@ -39,6 +39,7 @@ def _controller(zone: Zone, peers: dict[str, Zone]) -> Controller:
     return Controller(
         zone,
         gateway_address="127.0.0.1:0",
+        egress_port_base=0,
         peer_trust_domains=lambda: {name: peer.trust_domain for name, peer in peers.items()},
         # No active checks: these tests count the backend's connections, and a check is one more.
         health_check=None,
@@ -210,6 +211,7 @@ def test_imports_are_published_at_the_advertised_egress_host(zones, echo_server)
         west_controller = Controller(
             west,
             gateway_address="127.0.0.1:0",
+            egress_port_base=0,
             egress_host="0.0.0.0",
             egress_advertise_host="127.0.0.1",
             peer_trust_domains=lambda: {"east": east.trust_domain},

@@ -63,11 +63,15 @@ def test_a_refused_publication_neither_blocks_imports_nor_this_zones_own_exports
 
     async def scenario() -> None:
         east_ctl = Controller(
-            east, gateway_address="127.0.0.1:0", peer_trust_domains=lambda: {"west": west.trust_domain}
+            east,
+            gateway_address="127.0.0.1:0",
+            egress_port_base=0,
+            peer_trust_domains=lambda: {"west": west.trust_domain},
         )
         west_ctl = Controller(
             west,
             gateway_address="127.0.0.1:0",
+            egress_port_base=0,
             peer_trust_domains=lambda: {"east": east.trust_domain},
             catalog=refusing,
             publication_resync=dt.timedelta(hours=1),
@@ -128,7 +132,11 @@ def test_publication_resyncs_what_was_removed_out_of_band(make_zone):
 
     async def scenario() -> None:
         controller = Controller(
-            zone, gateway_address="127.0.0.1:0", catalog=source, publication_resync=dt.timedelta(milliseconds=50)
+            zone,
+            gateway_address="127.0.0.1:0",
+            egress_port_base=0,
+            catalog=source,
+            publication_resync=dt.timedelta(milliseconds=50),
         )
         async with controller:
             # Nothing changes in the zone, yet the catalog is told again every resync interval.

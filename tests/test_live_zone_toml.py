@@ -87,6 +87,7 @@ def test_failover_split_and_authz_apply_live_and_bad_edits_change_nothing(
         controller = Controller(
             east,
             gateway_address="127.0.0.1:0",
+            egress_port_base=0,
             peer_trust_domains=lambda: {"west": west.trust_domain, "north": north.trust_domain},
             health_check=None,
         )

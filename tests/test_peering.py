@@ -78,7 +78,9 @@ class Harness:
             store_poll_interval=0.2,
             reconnect_backoff=(0.05, 0.5),
         )
-        self.controller = Controller(self.zone, gateway_address="127.0.0.1:0", companions=[self.peering])
+        self.controller = Controller(
+            self.zone, gateway_address="127.0.0.1:0", egress_port_base=0, companions=[self.peering]
+        )
         await self.controller.start()
         return self.peering
 

@@ -119,7 +119,7 @@ def test_the_api_and_the_cli_refuse_the_same_registrations(
 def test_a_consul_zone_refuses_both_calls(tmp_path: Path) -> None:
     zone = Zone.init(tmp_path / "east", "east", "east.mesh", catalog="consul", consul=ConsulSettings())
     # Not started: the refusal comes before anything would reach Consul.
-    api = TestClient(create_app(Controller(zone, gateway_address="127.0.0.1:0")))
+    api = TestClient(create_app(Controller(zone, gateway_address="127.0.0.1:0", egress_port_base=0)))
     admin = bearer(zone.admin_token())
     for response in (
         api.post("/v1/services", json=WEB, headers=admin),

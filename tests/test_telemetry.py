@@ -43,7 +43,9 @@ def test_config_applies_are_traced_and_logs_carry_the_trace_id(make_zone):
     try:
 
         async def scenario() -> None:
-            async with Controller(make_zone("east"), gateway_address="127.0.0.1:0", span_exporter=exporter) as east:
+            async with Controller(
+                make_zone("east"), gateway_address="127.0.0.1:0", egress_port_base=0, span_exporter=exporter
+            ) as east:
                 await east.reconfigure()
 
         asyncio.run(scenario())
@@ -364,7 +366,7 @@ def test_expiry_gauges_give_when_the_ca_svid_and_trusted_roots_expire(make_zone)
     trust_each_other(east, west)
 
     async def scenario() -> Scrape:
-        async with Controller(east, gateway_address="127.0.0.1:0", health_check=None) as controller:
+        async with Controller(east, gateway_address="127.0.0.1:0", egress_port_base=0, health_check=None) as controller:
             scrape = _scrape(controller.telemetry)
             svid = controller.gateway_svid
             assert svid is not None

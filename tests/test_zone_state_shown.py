@@ -79,6 +79,7 @@ def test_the_exporting_zone_shows_what_its_health_checks_found(
         controller = Controller(
             east,
             gateway_address="127.0.0.1:0",
+            egress_port_base=0,
             peer_trust_domains=lambda: {"west": west.trust_domain},
             health_check=health_check_every(dt.timedelta(milliseconds=50)),
         )

@@ -33,6 +33,7 @@ from typing import Any
 
 import uvicorn
 
+from meshfed import defaults
 from meshfed.addresses import HostPort
 from meshfed.api.app import create_health_app
 from meshfed.cli import _signals
@@ -54,7 +55,6 @@ _GATEWAY_LISTENER_FLAGS = (
     ('listener "failover:', "--egress-host/--egress-port-base"),
 )
 _BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
-_BUNDLE_ENDPOINT_HOST = "0.0.0.0"  # noqa: S104 -- where --bundle-endpoint-port binds (ZoneSettings' default)
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class Listeners:
     metrics: HostPort | None = None
     api_tls: ApiTls | None = None
     # --bundle-endpoint-address sets both host and port; --bundle-endpoint-port the port on every interface.
-    bundle_endpoint_host: str = _BUNDLE_ENDPOINT_HOST
+    bundle_endpoint_host: str = defaults.BUNDLE_ENDPOINT_HOST
     bundle_endpoint_flag: str = "--bundle-endpoint-port"
 
     @property

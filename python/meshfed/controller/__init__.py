@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from meshfed import defaults
 from meshfed.catalog import CatalogSnapshot, CatalogSource, LocalImport, open_catalog
 from meshfed.catalog.publisher import DEFAULT_RESYNC, ImportPublisher, PublicationStatus
 from meshfed.errors import MeshfedError
@@ -80,7 +81,7 @@ def health_check_every(interval: dt.timedelta) -> HealthCheck | None:
     return HealthCheck(interval_ms=ms, timeout_ms=min(ms, 1_000), healthy_threshold=2, unhealthy_threshold=2)
 
 
-DEFAULT_HEALTH_CHECK = health_check_every(dt.timedelta(seconds=5))
+DEFAULT_HEALTH_CHECK = health_check_every(defaults.HEALTH_CHECK_INTERVAL)
 
 PeerTrustDomains = Callable[[], Mapping[str, TrustDomain]]
 
@@ -102,22 +103,23 @@ class Controller:
         *,
         gateway_address: str | None = None,
         gateway_advertise: Sequence[str] = (),
-        egress_host: str = "127.0.0.1",
+        egress_port_base: int,
+        egress_host: str = defaults.EGRESS_HOST,
         egress_advertise_host: str | None = None,
-        egress_port_base: int = 0,
         gateway_svid_ttl: dt.timedelta = DEFAULT_GATEWAY_SVID_TTL,
         peer_trust_domains: PeerTrustDomains = dict,
         companions: Sequence[Companion] = (),
         span_exporter: SpanExporter | None = None,
-        failing_peer_grace: dt.timedelta = dt.timedelta(minutes=5),
-        failing_peer_policy: FailingPeerPolicy = "open",
+        failing_peer_grace: dt.timedelta = defaults.FAILING_PEER_GRACE,
+        failing_peer_policy: FailingPeerPolicy = defaults.FAILING_PEER_POLICY,
         catalog: CatalogSource | None = None,
         health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
         publication_resync: dt.timedelta = DEFAULT_RESYNC,
         allow_empty_catalog: bool = False,
         egress_workload_tls: WorkloadTls | None = None,
     ) -> None:
-        """``egress_port_base`` 0 gives each import an ephemeral port; otherwise ports are kept from that base.
+        """``egress_port_base`` 0 gives each import an ephemeral port; otherwise ports are kept from that base
+        (no default here: a zone's is :data:`meshfed.defaults.EGRESS_PORT_BASE`, set by its settings).
         Imports are published to the catalog at ``egress_advertise_host`` (default: the bound host), so a
         gateway bound to 0.0.0.0 in a pod can be published at the pod's IP.
 

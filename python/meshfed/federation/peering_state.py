@@ -36,8 +36,10 @@ from typing import Literal
 
 from meshfed.federation.exchange import ServiceSnapshot
 
-# A running service refreshes its lease every poll (1 s); the CLI calls it dead after this long.
-LEASE_TIMEOUT = dt.timedelta(seconds=5)
+# A running service refreshes its lease every poll (1 s); the CLI calls it dead after this long, as it does the
+# controller's lease.
+from meshfed.runstate import LEASE_TIMEOUT
+
 # How long an expired, unredeemed PENDING peering stays stored (hidden) before the running zone deletes it.
 EXPIRED_PENDING_KEPT = dt.timedelta(days=1)
 
@@ -108,4 +110,4 @@ class Listener:
         return (now or dt.datetime.now(dt.UTC)) - self.alive_at < LEASE_TIMEOUT
 
 
-__all__ = ["EXPIRED_PENDING_KEPT", "LEASE_TIMEOUT", "LIVE_STATES", "Listener", "PeerState", "Peering", "Role"]
+__all__ = ["EXPIRED_PENDING_KEPT", "LIVE_STATES", "Listener", "PeerState", "Peering", "Role"]

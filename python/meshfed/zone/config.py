@@ -21,6 +21,7 @@ from pathlib import Path
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from meshfed import defaults
 from meshfed.catalog.settings import CatalogMode, ConsulSettings, KubernetesSettings
 from meshfed.errors import TrustError, ZoneError
 from meshfed.policy.authz import RuleSpec
@@ -43,7 +44,7 @@ class ZoneConfig(BaseModel):
     name: str
     trust_domain: str
     catalog: CatalogMode = "embedded"
-    gateway_address: str = "0.0.0.0:15443"
+    gateway_address: str = defaults.GATEWAY_ADDRESS
     # [failover]: the order (and any weighted split) in which failover groups try peers after local endpoints.
     failover: FailoverPolicy = FailoverPolicy()
     # [[split]]: exported services whose peers' traffic is divided among subsets by weight.
