@@ -154,6 +154,22 @@ async def eventually(check: Callable[[], bool], what: str = "condition", timeout
     return time.monotonic() - started
 
 
+def settled(read: Callable[[], _T], check: Callable[[_T], bool], what: str, timeout: float = 10.0) -> _T:
+    """``read()`` once ``check`` holds of it: for counters another thread updates after the client has seen the effect.
+
+    The gateway counts a refusal or a close on its own thread, which may run just
+    after the client saw the connection end; reading once would race it.
+    """
+    deadline = time.monotonic() + timeout
+    value = read()
+    while not check(value):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value: {value!r}")
+        threading.Event().wait(0.005)
+        value = read()
+    return value
+
+
 class WatchedCatalog(Protocol):
     """What :func:`until` needs of a remote catalog source (Consul, Kubernetes)."""
 

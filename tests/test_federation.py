@@ -21,7 +21,7 @@ from meshfed.federation.imports import ImportStore
 from meshfed.gateway import AuthzRule
 from meshfed.trust.spiffe import TrustDomain
 from meshfed.zone import Zone
-from tests.conftest import EchoServer, round_trip, trust_each_other
+from tests.conftest import EchoServer, eventually, round_trip, trust_each_other
 
 
 def _register_echo(zone: Zone, backend: EchoServer, name: str = "echo") -> None:
@@ -94,7 +94,7 @@ def test_an_exported_service_is_reachable_from_the_importing_zone(zones, echo_se
     assert len(echo_server.connections) == 1
 
 
-def test_export_changes_reach_the_running_ingress_within_a_second(zones, echo_server):
+def test_export_changes_reach_the_running_ingress(zones, echo_server):
     east, west, _ = zones
     _register_echo(east, echo_server)
 
@@ -106,12 +106,10 @@ def test_export_changes_reach_the_running_ingress_within_a_second(zones, echo_se
             assert snapshot.services == []
 
             # An operator exports from another process (the CLI writes state.db).
-            started = time.monotonic()
             with ExportRules(east.directory) as rules:
                 rules.add("echo", "default", ["*"])
-            while not notified:
-                assert time.monotonic() - started < 1.0, "the export did not reach the gateway within a second"
-                await asyncio.sleep(0.02)
+            # How fast is measured in bench/control_plane.py; here, that it arrives.
+            await eventually(lambda: bool(notified), "the export to reach the running controller")
             newer = east_ctl.exported_snapshot("west")
             assert newer.version > snapshot.version
             assert [service.name for service in newer.services] == ["echo"]
@@ -121,8 +119,7 @@ def test_export_changes_reach_the_running_ingress_within_a_second(zones, echo_se
             # Deregistering the service removes the route: nothing is forwarded any more.
             with EmbeddedCatalog(east.directory) as catalog:
                 catalog.deregister("default", "echo")
-            while len(notified) < 2:
-                await asyncio.sleep(0.02)
+            await eventually(lambda: len(notified) >= 2, "the deregistration to reach the running controller")
             assert await _call(_egress(west_ctl, "egress:echo.default.east:tcp"), b"hi") == b""
 
     asyncio.run(scenario())

@@ -28,6 +28,7 @@ from tests.conftest import (
     client_hello_bytes,
     gateway_identity,
     round_trip,
+    settled,
     trust_each_other,
     write_svid,
 )
@@ -127,8 +128,11 @@ def test_terminate_refuses_a_client_from_an_unimported_trust_domain(federated, m
             context.wrap_socket(raw, server_hostname=sni) as tls,
         ):
             assert _connection_is_refused(tls)
-        stats = ingress.stats()["listeners"]["ingress"]
-    assert stats["handshake_failures"] >= 1
+        stats = settled(
+            lambda: ingress.stats()["listeners"]["ingress"],
+            lambda listener: listener["handshake_failures"] >= 1,
+            "the ingress to count the handshake failure",
+        )
     assert stats["peer_identities"] == {}
     assert echo_server.connections == []
 
@@ -143,7 +147,9 @@ def test_terminate_denies_a_trusted_caller_the_route_does_not_allow(federated, e
             context.wrap_socket(raw, server_hostname=sni) as tls,
         ):
             assert _connection_is_refused(tls)
-        assert ingress.stats()["listeners"]["ingress"]["denied"] == 1
+        settled(
+            lambda: ingress.stats()["listeners"]["ingress"]["denied"], lambda denied: denied == 1, "the denial counted"
+        )
     assert echo_server.connections == []
 
 
@@ -162,7 +168,9 @@ def test_passthrough_routes_on_sni_and_closes_unknown_names(echo_server):
         ):
             context.wrap_socket(raw, server_hostname="unknown.example")
         assert echo_server.connections == []
-        assert gateway.stats()["listeners"]["sni"]["no_route"] == 1
+        settled(
+            lambda: gateway.stats()["listeners"]["sni"]["no_route"], lambda count: count == 1, "the no-route counted"
+        )
 
         # A known name is forwarded untouched: the echo server returns our own
         # ClientHello, which proves the bytes reached it unmodified.
