@@ -750,7 +750,10 @@ def test_a_cancelled_background_task_is_reported_then_restarted(make_zone):
             name = "meshfed-east-peering-heartbeats"
             transport = httpx.ASGITransport(app=east.runtime.app())
             async with httpx.AsyncClient(transport=transport, base_url="http://east") as api:
-                assert (await api.get("/readyz")).json() == {"status": "ready", "problems": []}
+                ready = (await api.get("/readyz")).json()
+                assert (ready["status"], ready["problems"]) == ("ready", [])
+                (shown,) = [c for c in ready["components"] if c["name"] == "peering-heartbeats"]
+                assert (shown["state"], shown["ready"], shown["restarts"]) == ("running", True, 0)
                 (task,) = [t for t in asyncio.all_tasks() if t.get_name() == name]
                 task.cancel()
                 await eventually(lambda: any("peering-heartbeats" in p for p in controller.problems()), "reported")
@@ -759,12 +762,15 @@ def test_a_cancelled_background_task_is_reported_then_restarted(make_zone):
                 (problem,) = body["problems"]
                 assert problem.startswith("component peering-heartbeats crashed (cancelled"), problem
                 assert "restarting in" in problem
+                (shown,) = [c for c in body["components"] if c["name"] == "peering-heartbeats"]
+                assert (shown["state"], shown["ready"]) == ("restarting", False)
                 await eventually(lambda: controller.problems() == [], "restarted")
                 (again,) = [t for t in asyncio.all_tasks() if t.get_name() == name]
                 assert again is not task
                 assert not again.done()
                 assert component(east, "peering-heartbeats").restarts == 1
-                assert (await api.get("/readyz")).json() == {"status": "ready", "problems": []}
+                again_ready = (await api.get("/readyz")).json()
+                assert (again_ready["status"], again_ready["problems"]) == ("ready", [])
 
             # The restarted watch works: a peer that falls silent is marked FAILING.
             evil = HostilePeer(make_zone("evil"), east)

@@ -117,7 +117,9 @@ def test_a_refused_publication_neither_blocks_imports_nor_this_zones_own_exports
             refusing.healed = True
             await eventually(lambda: west_ctl.publication.ok, "publication healed", timeout=15)
             assert [item.name for item in refusing.published[-1]] == ["web.default.east"]
-            assert api.get("/readyz").json() == {"status": "ready", "problems": []}
+            ready = api.get("/readyz").json()
+            assert (ready["status"], ready["problems"]) == ("ready", [])
+            assert all(component["ready"] for component in ready["components"])
 
     asyncio.run(scenario())
     refusals = [record for record in caplog.records if "are not published" in record.getMessage()]

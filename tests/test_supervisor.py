@@ -118,3 +118,37 @@ def test_a_component_that_swallows_cancellation_still_stops_or_is_left_behind(ca
         await asyncio.wait({always.task})
 
     asyncio.run(scenario())
+
+
+def test_a_running_component_is_ready_only_while_its_probe_says_so() -> None:
+    async def scenario() -> None:
+        supervisor = Supervisor("east", backoff=FAST)
+        reason: list[str] = []
+
+        def probe() -> str | None:
+            if reason and reason[0] == "raise":
+                raise ValueError("no state yet")
+            return reason[0] if reason else None
+
+        async def forever() -> None:
+            await asyncio.Event().wait()
+
+        supervisor.spawn("watch", forever, ready=probe)
+        supervisor.spawn("plain", forever)
+        assert [(s.name, s.ready) for s in supervisor.statuses()] == [("watch", True), ("plain", True)]
+        assert supervisor.problems() == []
+
+        reason.append("the catalog does not answer")
+        (watch, plain) = supervisor.statuses()
+        assert (watch.state, watch.ready, plain.ready) == ("running", False, True)
+        assert supervisor.problems() == ["watch is not ready: the catalog does not answer"]
+
+        reason[0] = "raise"  # a broken probe is shown, not raised
+        assert supervisor.problems() == ["watch is not ready: its readiness probe failed (ValueError: no state yet)"]
+
+        reason.clear()
+        assert supervisor.problems() == []
+        assert all(status.ready for status in supervisor.statuses())
+        await supervisor.stop()
+
+    asyncio.run(scenario())

@@ -9,6 +9,12 @@ with its traceback, shown by :meth:`Supervisor.problems` (and so by
 ``/readyz``), and restarted with exponential backoff. Nothing dies silently.
 
 A component that returns normally has finished its job and is not restarted.
+
+Readiness is per component: running is not the same as doing its job. A
+component may be given a probe (``spawn(..., ready=...)``) that says, in one
+line, why it is not doing its job now (the catalog does not answer, a bundle
+endpoint fails) or None when it is; :meth:`Supervisor.statuses` evaluates it,
+and the reason is one of :meth:`Supervisor.problems` as a crash is.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ STOP_TIMEOUT = 10.0
 _RECANCEL_EVERY = 0.1
 
 Run = Callable[[], Coroutine[Any, Any, None]]
+# Why a running component is not doing its job now, in one line; None when it is.
+Readiness = Callable[[], str | None]
 ComponentState = Literal["running", "restarting", "finished", "stopped"]
 
 
@@ -42,6 +50,7 @@ class ComponentStatus:
     restarts: int = 0
     last_error: str = ""
     problem: str = ""
+    ready: bool = True  # running and, if it has a probe, doing its job (see the module docstring)
 
 
 @dataclass
@@ -51,6 +60,7 @@ class Component:
     supervisor: Supervisor
     status: ComponentStatus
     run: Run
+    probe: Readiness | None = None
     task: asyncio.Task[None] | None = None
     _delay: float = 0.0
     _started_at: float = 0.0
@@ -71,6 +81,18 @@ class Component:
         if task is not None and task is not asyncio.current_task():
             await _cancelled(task, self.supervisor, self.name)
         self.supervisor._forget(self)
+
+    def refresh_readiness(self) -> None:
+        """Probe whether a running component does its job; a crashed one says so already."""
+        if self.status.state != "running":
+            self.status.ready = False
+            return
+        try:
+            reason = self.probe() if self.probe is not None else None
+        except Exception as err:  # a broken probe is a problem to show, never one to raise into /readyz
+            reason = f"its readiness probe failed ({type(err).__name__}: {err})"
+        self.status.ready = reason is None
+        self.status.problem = "" if reason is None else f"{self.name} is not ready: {reason}"
 
     def _start(self) -> None:
         self._restart = None
@@ -135,22 +157,29 @@ class Supervisor:
         self._components: dict[str, Component] = {}
         self._stopped = False
 
-    def spawn(self, name: str, run: Run) -> Component:
-        """Run ``run()`` as component ``name`` (unique among running ones), restarting it if it crashes."""
+    def spawn(self, name: str, run: Run, *, ready: Readiness | None = None) -> Component:
+        """Run ``run()`` as component ``name`` (unique among running ones), restarting it if it crashes.
+
+        ``ready`` says why the component is not doing its job now (None: it is); without it, a running
+        component is ready.
+        """
         if self._stopped:
             raise RuntimeError(f"zone {self.zone}: the supervisor is stopped; {name} cannot start")
         if name in self._components:
             raise RuntimeError(f"zone {self.zone}: a component named {name} already runs")
-        component = Component(self, ComponentStatus(name), run)
+        component = Component(self, ComponentStatus(name), run, ready)
         self._components[name] = component
         component._start()
         return component
 
     def statuses(self) -> list[ComponentStatus]:
+        """Every component's status now, its readiness probed."""
+        for component in self._components.values():
+            component.refresh_readiness()
         return [component.status for component in self._components.values()]
 
     def problems(self) -> list[str]:
-        """One line per component that crashed and waits to restart."""
+        """One line per component that crashed and waits to restart, or runs without doing its job."""
         return [status.problem for status in self.statuses() if status.problem]
 
     async def stop(self) -> None:
@@ -164,4 +193,4 @@ class Supervisor:
             del self._components[component.name]
 
 
-__all__ = ["Component", "ComponentStatus", "Supervisor"]
+__all__ = ["Component", "ComponentStatus", "Readiness", "Supervisor"]

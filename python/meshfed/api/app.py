@@ -13,6 +13,7 @@ loopback or behind TLS.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -156,12 +157,16 @@ def _add_open_routes(app: FastAPI, controller: Controller) -> None:
         ``status`` is ``degraded`` (still 200: the gateway serves) when a
         background component crashed and waits to restart, the catalog cannot
         be read, imports cannot be published into it, or a peer's imports are
-        withheld; ``problems`` says what, one line each.
+        withheld; ``problems`` says what, one line each. ``components`` is every
+        background component with its state, restarts and readiness.
         """
         if not controller.ready:
             return JSONResponse({"status": "starting"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
         problems = controller.problems()
-        return JSONResponse({"status": "degraded" if problems else "ready", "problems": problems})
+        components = [dataclasses.asdict(component) for component in controller.supervisor.statuses()]
+        return JSONResponse(
+            {"status": "degraded" if problems else "ready", "problems": problems, "components": components}
+        )
 
     @app.get("/metrics", tags=["health"], response_class=Response)
     def metrics() -> Response:

@@ -278,7 +278,7 @@ class Controller:
         self.supervisor.spawn("lease", self._run_record.renew_lease)
         self.supervisor.spawn("listener-record", self._run_record.keep_listeners_recorded)
         self.supervisor.spawn("svid-renewal", self._driver.renew_svid)
-        self.supervisor.spawn("catalog-watch", self._catalog_watch.watch)
+        self.supervisor.spawn("catalog-watch", self._catalog_watch.watch, ready=lambda: self._catalog.last_error)
         if self._health_check is not None:
             self.supervisor.spawn("local-health", self._health.watch)
         log.info("zone %s running: gateway ingress on %s", self.zone.name, self.gateway_address)
@@ -382,8 +382,6 @@ class Controller:
                 "catalog: empty although this zone exported services before; peers keep what they last heard "
                 "until it has services again or an operator confirms (POST /v1/catalog/confirm-empty)"
             )
-        if self._catalog.last_error is not None:
-            problems.append(f"catalog: {self._catalog.last_error}")
         if not self.publication.ok:
             problems.append(f"import publication: {self.publication.last_error}")
         problems += [

@@ -78,9 +78,15 @@ class BundlePoller:
         # The refresh hint each endpoint announced last: honoured at once, even when the sequence (and
         # so the bundle held) did not change.
         self._hints: dict[TrustDomain, int] = {}
+        # Why each relationship's last poll failed; the poller is not ready while any has.
+        self._failing: dict[TrustDomain, str] = {}
 
     async def start(self) -> None:
-        self._task = self._supervisor.spawn("bundle-poller", self._run)
+        self._task = self._supervisor.spawn("bundle-poller", self._run, ready=self._not_ready)
+
+    def _not_ready(self) -> str | None:
+        failing = sorted(self._failing.items(), key=lambda item: item[0].name)
+        return "; ".join(f"the last poll of {domain} failed: {error}" for domain, error in failing) or None
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -96,6 +102,7 @@ class BundlePoller:
         federations = await asyncio.to_thread(self._zone.federations)
         current = {federation.trust_domain for federation in federations}
         self._hints = {domain: hint for domain, hint in self._hints.items() if domain in current}
+        self._failing = {domain: error for domain, error in self._failing.items() if domain in current}
         waits = [await self._poll(federation) for federation in federations]
         return min(waits, default=self._interval or DEFAULT_REFRESH)
 
@@ -117,8 +124,10 @@ class BundlePoller:
             fetched = await fetch_bundle(spec, verifier, self._fetch_timeout.total_seconds())
         except MeshfedError as err:
             log.warning("federation with %s: %s (keeping the bundle held)", federation.trust_domain, err)
+            self._failing[federation.trust_domain] = str(err)
             await asyncio.to_thread(self._zone.record_poll, federation.trust_domain, now, str(err))
             raise
+        self._failing.pop(federation.trust_domain, None)
         self._hints[federation.trust_domain] = fetched.refresh_hint_seconds
         kept = newest(held, fetched)
         if held is not None and fetched.sequence < held.sequence:
