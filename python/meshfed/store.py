@@ -7,6 +7,7 @@ One file (``state.db``) per zone; this module owns its trust tables (the
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -256,11 +257,16 @@ class StateStore(SqliteStore):
 
 
 def _stored_bundle(row: tuple[str, bytes, str, str]) -> StoredBundle:
-    # Bundles are stored in their SPIFFE wire form, so a stored bundle re-parses
-    # with the same checks as one arriving from a peer.
     trust_domain, bundle_json, source, updated_at = row
-    bundle = parse_bundle(TrustDomain.parse(trust_domain), bundle_json, check_root_names=False)
-    return StoredBundle(bundle, source, dt.datetime.fromisoformat(updated_at))
+    return StoredBundle(_parsed_bundle(trust_domain, bytes(bundle_json)), source, dt.datetime.fromisoformat(updated_at))
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_bundle(trust_domain: str, bundle_json: bytes) -> TrustBundle:
+    # Bundles are stored in their SPIFFE wire form, so a stored bundle re-parses with the same checks as one
+    # arriving from a peer. A parse depends on the bytes alone and a TrustBundle is immutable, so each
+    # stored form is parsed once per process, not on every read (every reconfigure reads them all).
+    return parse_bundle(TrustDomain.parse(trust_domain), bundle_json, check_root_names=False)
 
 
 def _iso(moment: dt.datetime) -> str:
