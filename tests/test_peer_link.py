@@ -29,6 +29,10 @@ class RecordingHost:
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.hold: set[int] = set()
+        self.holding = asyncio.Event()  # a delivery waits on release
+        self.in_write = asyncio.Event()  # an off-loop write has begun
+        self.write_release = asyncio.Event()  # writes finish once set (set unless a test holds them)
+        self.write_release.set()
         self.written: list[int] = []
         self.off_loop: list[int] = []
         self.writing = 0
@@ -42,6 +46,7 @@ class RecordingHost:
 
     async def deliver(self, peer: str, snapshot: ServiceSnapshot) -> None:
         if snapshot.version in self.hold:
+            self.holding.set()
             await self.release.wait()
 
     async def state_changed(self, peer: str, state: PeerState) -> None:
@@ -56,7 +61,10 @@ class RecordingHost:
     async def record_snapshot(self, peer: str, **changes: object) -> None:
         self.writing += 1
         self.most_at_once = max(self.most_at_once, self.writing)
-        await asyncio.sleep(0.05)  # a slow write: others queue meanwhile
+        self.in_write.set()
+        await self.write_release.wait()
+        for _ in range(5):  # a write spanning several loop turns: others queue meanwhile
+            await asyncio.sleep(0)
         snapshot = changes["received_snapshot"]
         assert isinstance(snapshot, ServiceSnapshot)
         self.written.append(snapshot.version)
@@ -119,12 +127,12 @@ def test_an_older_snapshot_delivered_last_never_overwrites_a_newer_one(size: int
         host = RecordingHost()
         link = _link(host)
         host.hold = {1}
-        older = asyncio.create_task(link.apply_snapshot(_snapshot(1, size)))  # waits in delivery
-        await asyncio.sleep(0.01)
-        newer = asyncio.create_task(link.apply_snapshot(_snapshot(2, size)))
-        await asyncio.sleep(0.01)
-        host.release.set()  # the older delivery finishes after the newer one was delivered
-        acks = await asyncio.gather(older, newer)
+        older = asyncio.create_task(link.apply_snapshot(_snapshot(1, size)))
+        await host.holding.wait()  # the older one waits in delivery
+        newer = await link.apply_snapshot(_snapshot(2, size))  # the newer one is delivered and recorded
+        assert host.written == [2]
+        host.release.set()  # the older delivery finishes after the newer one was recorded
+        acks = [await older, newer]
         assert host.written == [2]
         assert host.off_loop == ([2] if size == LARGE else [])
         assert (link.received_version, link.received_epoch) == (2, "e1")
@@ -140,8 +148,7 @@ def test_writes_of_one_link_run_one_at_a_time_in_delivery_order() -> None:
         # A small snapshot behind a large one waits for it.
         for version, size in ((1, LARGE), (2, 1), (3, LARGE), (4, 1)):
             asyncio.create_task(link.apply_snapshot(_snapshot(version, size)))  # noqa: RUF006 -- awaited by stop
-            await asyncio.sleep(0)
-        await asyncio.sleep(0.01)
+            await asyncio.sleep(0)  # a loop turn: each apply begins in delivery order
         await link.stop()  # waits for the writes in flight
         assert host.written == [1, 2, 3, 4]
         assert host.off_loop == [1, 3]
@@ -155,12 +162,14 @@ def test_a_cancelled_session_leaves_its_write_to_finish_and_stop_waits_for_it() 
     async def scenario() -> None:
         host = RecordingHost()
         link = _link(host)
+        host.write_release.clear()
         applying = asyncio.create_task(link.apply_snapshot(_snapshot(1)))
-        await asyncio.sleep(0.01)  # in the write
+        await host.in_write.wait()
         applying.cancel()
         with pytest.raises(asyncio.CancelledError):
             await applying
         assert host.written == []
+        host.write_release.set()
         await link.stop()
         assert host.written == [1]
         assert link.received_version == 1  # the link's copy follows the row it wrote
