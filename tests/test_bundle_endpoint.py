@@ -10,6 +10,7 @@ import base64
 import datetime as dt
 import ipaddress
 import logging
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from cryptography.x509.oid import NameOID
 from meshfed.errors import BundleFetchError, TrustError
 from meshfed.trust.bundle import TrustBundle, parse_bundle
 from meshfed.trust.ca import create_authority
-from meshfed.trust.endpoint import BundleEndpointServer, WebCertificate, endpoint_spiffe_id
+from meshfed.trust.endpoint import MAX_REQUEST_HEAD, BundleEndpointServer, WebCertificate, endpoint_spiffe_id
 from meshfed.trust.spiffe import SpiffeId, TrustDomain
 from meshfed.zone import Zone
 from meshfed.zone.bundle_poller import BundlePoller
@@ -128,6 +129,37 @@ def test_https_web_endpoint_serves_the_bundle_and_the_poller_stores_it_once(make
     (federation,) = west.federations()
     assert federation.last_success_at is not None
     assert federation.last_error is None
+
+
+def test_a_request_head_over_the_cap_gets_nothing_and_the_endpoint_keeps_serving(make_zone, tmp_path):
+    east = make_zone("east")
+    pki = _web_pki(tmp_path, "east")
+
+    async def scenario() -> tuple[bytes, bytes]:
+        server = BundleEndpointServer(
+            lambda: east.own_bundle().to_spiffe_json(), profile="https_web", web_certificate=pki.server
+        )
+        await server.start()
+        context = ssl.create_default_context(cadata=pki.ca_pem)
+        try:
+            host, port = server.url.removeprefix("https://").rstrip("/").rsplit(":", 1)
+
+            async def ask(head: bytes) -> bytes:
+                reader, writer = await asyncio.open_connection(host, int(port), ssl=context, server_hostname=host)
+                writer.write(head)
+                await writer.drain()
+                answer = await reader.read()
+                writer.close()
+                return answer
+
+            huge = b"GET / HTTP/1.1\r\nX-Filler: " + b"a" * MAX_REQUEST_HEAD + b"\r\n\r\n"
+            return await ask(huge), await ask(b"GET / HTTP/1.1\r\nHost: east\r\n\r\n")
+        finally:
+            await server.stop()
+
+    refused, served = asyncio.run(scenario())
+    assert refused == b"", "a head over the cap is read no further and answered with nothing"
+    assert served.startswith(b"HTTP/1.1 200"), served[:100]
 
 
 def test_https_web_endpoint_with_a_certificate_from_an_untrusted_ca_is_refused(make_zone, tmp_path):

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 BUNDLE_PATHS = ("/", "/v1/trust/bundle")
 # How often the https_spiffe endpoint checks that the CA of its SVID still signs.
 SIGNER_CHECK_INTERVAL = dt.timedelta(seconds=5)
-_MAX_REQUEST_HEAD = 8192
+# The most a request's head may be: a bundle GET is a few hundred bytes, and a stranger may send anything.
+MAX_REQUEST_HEAD = 8192
 _IO_TIMEOUT = 10.0
 
 
@@ -144,7 +145,9 @@ class BundleEndpointServer:
             await asyncio.to_thread(self._load_svid)
             self._renewal = self._supervisor.spawn("bundle-endpoint-svid", self._renew)
         try:
-            self._server = await asyncio.start_server(self._serve, self._host, self._port, ssl=self._context)
+            self._server = await asyncio.start_server(
+                self._serve, self._host, self._port, ssl=self._context, limit=MAX_REQUEST_HEAD
+            )
         except OSError as err:
             await self.stop()
             raise TrustError(
@@ -246,4 +249,4 @@ def _private_files(svid: Svid) -> Iterator[tuple[str, str]]:
         yield str(cert_file), str(key_file)
 
 
-__all__ = ["BUNDLE_PATHS", "BundleEndpointServer", "WebCertificate", "endpoint_spiffe_id"]
+__all__ = ["BUNDLE_PATHS", "MAX_REQUEST_HEAD", "BundleEndpointServer", "WebCertificate", "endpoint_spiffe_id"]

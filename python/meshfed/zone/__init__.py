@@ -93,8 +93,6 @@ from meshfed.zone.tokens import (
 )
 from meshfed.zone.trust_store import RemovedTrust, TrustStore
 
-BundleSource = Literal["self", "import", "federation"]
-
 
 class Zone:
     """An initialised zone directory. Open with :meth:`open`, create with :meth:`init`."""
