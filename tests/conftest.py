@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 import pytest
+from cryptography import x509
 
 from meshfed.catalog import CatalogSnapshot
 from meshfed.gateway import Identity
@@ -65,6 +66,21 @@ def write_svid(zone: Zone, spiffe_id: str, directory: Path) -> SvidFiles:
     cert.write_bytes(svid.cert_chain_pem())
     key.write_bytes(svid.private_key_pem())
     return SvidFiles(svid, cert, key)
+
+
+def key_usage(*, ca: bool) -> x509.KeyUsage:
+    """The key usage of a test certificate: a CA signs certificates and CRLs, a leaf signs handshakes."""
+    return x509.KeyUsage(
+        digital_signature=not ca,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def client_hello_bytes(server_name: str) -> bytes:

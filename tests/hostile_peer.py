@@ -43,6 +43,7 @@ from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone
 from meshfed.trust.bundle import TrustBundle, parse_bundle
 from meshfed.trust.spiffe import TrustDomain
 from meshfed.zone import Zone
+from tests.conftest import key_usage
 from tests.test_e2e_federation import LOOPBACK as E2E_LOOPBACK
 
 # The registered endpoints are not real: let the catalog alone say what is healthy.
@@ -215,7 +216,7 @@ def forged_identity(zone: str, trust_domain: str) -> ForgedIdentity:
         .not_valid_before(now - dt.timedelta(minutes=1))
         .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(key_cert_sign=True), critical=True)
+        .add_extension(key_usage(ca=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False)
         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(domain.id))]), critical=False)
         .sign(root_key, hashes.SHA256())
@@ -230,7 +231,7 @@ def forged_identity(zone: str, trust_domain: str) -> ForgedIdentity:
         .not_valid_before(now - dt.timedelta(minutes=1))
         .not_valid_after(now + dt.timedelta(hours=1))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(key_usage(ca=False), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         )
@@ -254,20 +255,6 @@ def forged_identity(zone: str, trust_domain: str) -> ForgedIdentity:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return ForgedIdentity(zone, domain, root, key_pem, leaf.public_bytes(serialization.Encoding.PEM))
-
-
-def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=digital_signature,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=key_cert_sign,
-        crl_sign=key_cert_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
 
 
 @dataclass

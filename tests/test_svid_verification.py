@@ -21,6 +21,7 @@ from meshfed.trust.bundle import TrustBundle
 from meshfed.trust.ca import create_authority, create_intermediate
 from meshfed.trust.spiffe import SpiffeId, TrustDomain
 from meshfed.trust.svid import verify_x509_svid
+from tests.conftest import key_usage
 
 EAST = TrustDomain("east.mesh")
 WEST = TrustDomain("west.mesh")
@@ -59,7 +60,7 @@ def _ca(
         not_before,
         not_after,
         x509.BasicConstraints(ca=True, path_length=path_length),
-        _usage(key_cert_sign=True),
+        key_usage(ca=True),
         str(domain.id),
     )
 
@@ -77,7 +78,7 @@ def _leaf(
         NOW - HOUR,
         not_after,
         x509.BasicConstraints(ca=False, path_length=None),
-        _usage(key_cert_sign=False),
+        key_usage(ca=False),
         str(spiffe_id),
         eku=eku,
     )
@@ -120,20 +121,6 @@ def _issue(
     return Issued(builder.sign(issuer.key if issuer else key, hashes.SHA256()), key)
 
 
-def _usage(*, key_cert_sign: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=not key_cert_sign,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=key_cert_sign,
-        crl_sign=key_cert_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
 def _bundles(*roots: x509.Certificate, domain: TrustDomain = EAST) -> dict[TrustDomain, TrustBundle]:
     return {domain: TrustBundle(domain, roots)}
 
@@ -145,6 +132,25 @@ def _refusal(chain: list[x509.Certificate], bundles: dict[TrustDomain, TrustBund
     assert "\n" not in message
     assert message.startswith(f"{WEB} does not verify against the bundle of east.mesh: ")
     return message
+
+
+def _intermediate(root: Issued, name: str, extension: tuple[x509.ExtensionType, bool]) -> Issued:
+    """A CA below ``root`` named CN=``name``, with one extension (and its criticality) beyond a CA's own."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(root.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - DAY)
+        .not_valid_after(NOW + DAY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(key_usage(ca=True), critical=True)
+        .add_extension(extension[0], critical=extension[1])
+        .sign(root.key, hashes.SHA256())
+    )
+    return Issued(cert, key)
 
 
 def test_a_meshfed_svid_and_a_controller_svid_verify_with_or_without_the_root_in_the_chain():
@@ -222,21 +228,9 @@ def test_a_leaf_whose_eku_names_only_another_purpose_is_refused(eku, named):
 
 def test_a_ca_whose_eku_allows_no_tls_purpose_cannot_sign_svids():
     root = _ca("root")
-    key = ec.generate_private_key(ec.SECP256R1())
-    signing_only = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "code signing CA")]))
-        .issuer_name(root.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - DAY)
-        .not_valid_after(NOW + DAY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_usage(key_cert_sign=True), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
-        .sign(root.key, hashes.SHA256())
-    )
-    leaf = _leaf(Issued(signing_only, key))
+    issued = _intermediate(root, "code signing CA", (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), False))
+    signing_only = issued.cert
+    leaf = _leaf(issued)
     assert "CA 'CN=code signing CA' has extended key usage (CODE_SIGNING)" in _refusal(
         [leaf.cert, signing_only], _bundles(root.cert)
     )
@@ -278,24 +272,11 @@ def test_an_east_id_signed_under_the_west_root_is_refused_though_west_is_trusted
 
 def test_an_intermediate_with_uri_name_constraints_is_refused_as_the_gateway_refuses_it():
     root = _ca("root")
-    key = ec.generate_private_key(ec.SECP256R1())
-    constrained = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "constrained")]))
-        .issuer_name(root.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - DAY)
-        .not_valid_after(NOW + DAY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_usage(key_cert_sign=True), critical=True)
-        .add_extension(
-            x509.NameConstraints([x509.UniformResourceIdentifier("east.mesh")], None),
-            critical=True,
-        )
-        .sign(root.key, hashes.SHA256())
+    issued = _intermediate(
+        root, "constrained", (x509.NameConstraints([x509.UniformResourceIdentifier("east.mesh")], None), True)
     )
-    leaf = _leaf(Issued(constrained, key))
+    constrained = issued.cert
+    leaf = _leaf(issued)
     assert "URI name constraints" in _refusal([leaf.cert, constrained], _bundles(root.cert))
 
 
