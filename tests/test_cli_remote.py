@@ -90,6 +90,10 @@ def test_the_cli_manages_a_running_zone_through_its_api(tmp_path: Path) -> None:
             "cannot reach the zone's API at http://127.0.0.1:9",
         )
         one_line_error(meshfed_cli("export", "list", "--api", url), "give --token-file")
+        not_a_url = meshfed_cli("export", "list", "--api", "127.0.0.1:8470", "--token-file", east / READ_TOKEN_FILE)
+        assert not_a_url.returncode == 2, not_a_url.stderr  # a usage error, said in one line
+        (line,) = not_a_url.stderr.decode().strip().splitlines()
+        assert "--api '127.0.0.1:8470' is not an API URL" in line
 
         ok(meshfed_cli("authz", "remove", *admin, "--service", "web"))
         ok(meshfed_cli("trust", "remove", *admin, "--trust-domain", "other.mesh"))

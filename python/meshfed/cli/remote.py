@@ -163,6 +163,8 @@ def target(
         api = running_api_url(directory)
         if api is None:
             return Target(None, directory)
+    else:
+        _check_url(api)
     return Target(ZoneApi(api, _token(directory, token_file, change), str(ca) if ca is not None else True), directory)
 
 
@@ -172,6 +174,15 @@ def _no_zone_given() -> NoReturn:
         f"missing option '--dir' (or set {DIR_ENVVAR}), or give the zone's API with --api URL",
         ctx=get_current_context(silent=True),
     )
+
+
+def _check_url(api: str) -> None:
+    scheme, _, rest = api.partition("://")
+    if scheme not in ("http", "https") or not rest.strip("/"):
+        raise UsageError(
+            f"--api {api!r} is not an API URL; give the zone's, such as http://127.0.0.1:8470",
+            ctx=get_current_context(silent=True),
+        )
 
 
 def require_api(directory: Path | None, api: str | None, token_file: Path | None, ca: Path | None) -> ZoneApi:
