@@ -94,6 +94,31 @@ def test_an_exported_service_is_reachable_from_the_importing_zone(zones, echo_se
     assert len(echo_server.connections) == 1
 
 
+def test_a_peer_hears_of_exports_only_once_the_ingress_admits_it(zones, echo_server):
+    """A peering just established: until east's running ingress admits west, west is told nothing (it would be refused)."""
+    east, west, _ = zones
+    _register_echo(east, echo_server)
+    with ExportRules(east.directory) as rules:
+        rules.add("echo", "default", ["west"])
+    peers: dict[str, Zone] = {}
+    told: list[None] = []
+
+    async def scenario() -> None:
+        async with _controller(east, peers) as east_ctl, _controller(west, {"east": east}) as west_ctl:
+            east_ctl.on_exports_changed(lambda: told.append(None))
+            assert east_ctl.exports_for_peer("west") is None
+            peers["west"] = west  # the peering is stored; the config the gateway runs does not admit west yet
+            assert east_ctl.exports_for_peer("west") is None
+            await east_ctl.reconfigure()
+            assert told, "the apply that admits west asks the peers again"
+            snapshot = east_ctl.exports_for_peer("west")
+            assert snapshot is not None and [service.name for service in snapshot.services] == ["echo"]
+            await west_ctl.import_snapshot("east", snapshot)
+            assert await _call(_egress(west_ctl, "egress:echo.default.east:tcp"), b"ping") == b"ping"
+
+    asyncio.run(scenario())
+
+
 def test_export_changes_reach_the_running_ingress(zones, echo_server):
     east, west, _ = zones
     _register_echo(east, echo_server)

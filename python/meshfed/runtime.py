@@ -147,7 +147,7 @@ def assemble_zone(zone: Zone, settings: ZoneSettings = ZoneSettings()) -> ZoneRu
     )
     peering = PeeringService(
         zone,
-        exports=controller.exported_snapshot,
+        exports=controller.exports_for_peer,
         on_imports=controller.import_snapshot,
         on_trust_changed=controller.reconfigure,
         on_peer_state=controller.peer_state_changed,

@@ -311,7 +311,8 @@ class Controller:
 
     def _config_applied(self) -> None:
         """The gateway accepted a config: peers hear of its exports, the CLI and the catalog of its listeners."""
-        self._exports.changed()
+        if self._exports.changed():
+            self._notify_exports_listeners()  # a newly admitted peer may now hear of the exports
         # Recorded for the CLI by a loop of its own: no await may follow a successful apply (see GatewayDriver).
         self._run_record.listeners_applied()
         # Never awaited here: a catalog that refuses imports must not stop config and exports.
@@ -392,6 +393,10 @@ class Controller:
     def exported_snapshot(self, peer: str) -> ServiceSnapshot:
         """What ``peer`` may see of this zone: the exports of the config the gateway runs now."""
         return self._exports.snapshot(peer)
+
+    def exports_for_peer(self, peer: str) -> ServiceSnapshot | None:
+        """What the peering stream sends ``peer``: None until the running config's ingress admits it."""
+        return self._exports.for_peer(peer)
 
     def advertised_gateway_addresses(self) -> list[str]:
         """Where peers reach this zone's ingress."""

@@ -61,6 +61,8 @@ class ConfigExports:
     rules_version: int
     authz: AuthzIndex = field(default_factory=AuthzIndex)
     proxy_protocol: frozenset[tuple[str, str]] = frozenset()
+    # The peers whose trust domains the config's ingress admits.
+    admitted: frozenset[str] = frozenset()
 
 
 class GatewayDriver:
@@ -233,6 +235,7 @@ class GatewayDriver:
                 rules.version(),
                 AuthzIndex(authz.rules()),
                 rules.proxy_protocol_services(),
+                frozenset(view.peer_trust_domains),
             )
             snapshots, problems = imports.read()
             served = {peer: snapshot for peer, snapshot in snapshots.items() if peer not in view.withheld}

@@ -1,7 +1,9 @@
 """Peer exports: what each peer is told of this zone, and where peers reach its ingress.
 
 A peer is told the exports of the config the gateway runs (never of one it
-has not accepted yet), with the gateway's verdict on local endpoints. Peers ask
+has not accepted yet, nor before that config's ingress admits the peer's
+trust domain: it would refuse the peer's calls to what it is told of), with
+the gateway's verdict on local endpoints. Peers ask
 once per update, and a large catalog makes a snapshot costly to rebuild: so
 each peer's is built once per applied config and health change, and kept.
 While the catalog is unexpectedly empty, peers are held to what they last heard.
@@ -41,10 +43,22 @@ class PeerExports:
         self._advertise = list(advertise)
         # What each peer was last told, per applied generation.
         self._snapshots: dict[str, ServiceSnapshot] = {}
+        self._admitted: frozenset[str] = frozenset()
 
-    def changed(self) -> None:
-        """A config was applied, or the health verdict changed: build each peer's snapshot again when it asks."""
+    def changed(self) -> bool:
+        """A config was applied, or the health verdict changed: build each peer's snapshot again when it asks.
+
+        True when the applied config admits other peers than before: they must be asked again.
+        """
         self._snapshots = {}
+        admitted, self._admitted = self._admitted, self._driver.applied_exports.admitted
+        return admitted != self._admitted
+
+    def for_peer(self, peer: str) -> ServiceSnapshot | None:
+        """What the peering stream sends ``peer``: its :meth:`snapshot`, once the ingress admits it (else None)."""
+        if peer not in self._driver.applied_exports.admitted:
+            return None
+        return self.snapshot(peer)
 
     def snapshot(self, peer: str) -> ServiceSnapshot:
         """What ``peer`` may see of this zone: the exports of the config the gateway runs now."""

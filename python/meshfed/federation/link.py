@@ -78,8 +78,8 @@ class LinkSettings:
 class LinkHost(Protocol):
     """What a link asks of the service that owns it (``peer`` is the link's name)."""
 
-    def exports(self, peer: str) -> ServiceSnapshot:
-        """What this zone exports to ``peer`` now."""
+    def exports(self, peer: str) -> ServiceSnapshot | None:
+        """What this zone exports to ``peer`` now; None while its ingress does not admit ``peer`` yet."""
         ...
 
     def import_problem(self, peer: str) -> str | None:
@@ -265,9 +265,14 @@ class PeerLink:
     def own_bundle_json(self) -> bytes:
         return self._host.own_bundle_json()
 
-    def current_exports(self) -> ServiceSnapshot:
-        """What we export to the peer now, with a version that grows whenever the content changes."""
+    def current_exports(self) -> ServiceSnapshot | None:
+        """What we export to the peer now, with a version that grows whenever the content changes.
+
+        None: nothing to send yet (the ingress does not admit the peer); the peer keeps what it holds.
+        """
         snapshot = self._host.exports(self.name)
+        if snapshot is None:
+            return None
         if self.sent is not None and self.sent.epoch == self.sent_epoch and wire.same_content(self.sent, snapshot):
             return self.sent
         if not self.sent_epoch:

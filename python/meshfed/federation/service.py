@@ -53,7 +53,7 @@ from meshfed.zone import Zone
 
 log = logging.getLogger(__name__)
 
-ExportsOf = Callable[[str], ServiceSnapshot]
+ExportsOf = Callable[[str], ServiceSnapshot | None]
 ImportProblem = Callable[[str], str | None]
 OnImports = Callable[[str, ServiceSnapshot], Awaitable[None]]
 OnTrustChanged = Callable[[], Awaitable[None]]
@@ -65,7 +65,9 @@ class PeeringService:
     """The controller service that establishes peerings and keeps one stream per peering.
 
     ``exports(peer)`` is called on the event loop when a snapshot is due for
-    ``peer`` (coalesced: at most once per round trip); keep it cheap.
+    ``peer`` (coalesced: at most once per round trip); keep it cheap. It
+    returns None while nothing may be sent yet: the peer keeps what it holds
+    until :meth:`notify_exports_changed`.
     ``on_imports(peer, snapshot)`` receives every new version of a peer's
     exports as a full snapshot, in order, once per version; on teardown it gets
     an empty snapshot, then ``on_peer_state(peer, TERMINATED)``.
@@ -357,7 +359,7 @@ class _LinkHost:
     def __init__(self, service: PeeringService) -> None:
         self._service = service
 
-    def exports(self, peer: str) -> ServiceSnapshot:
+    def exports(self, peer: str) -> ServiceSnapshot | None:
         return self._service.exports(peer)
 
     def import_problem(self, peer: str) -> str | None:

@@ -90,7 +90,7 @@ class SessionLink(Protocol):
 
     # -- sending our exports ----------------------------------------------
 
-    def current_exports(self) -> ServiceSnapshot: ...
+    def current_exports(self) -> ServiceSnapshot | None: ...
 
     def peer_holds(self, epoch: str, version: int) -> int | None: ...
 
@@ -322,6 +322,8 @@ class Session:
 
     def _update(self) -> pb.PeerMessage | None:
         current = self.link.current_exports()
+        if current is None:
+            return None  # asked again when the exports change (the ingress admits the peer)
         if current.version == self._peer_has or current.version == self._refused:
             return None
         self._in_flight = current.version
