@@ -17,7 +17,20 @@ PACKAGE = Path(__file__).resolve().parent.parent / "python" / "meshfed"
 # its own layer's units (without a cycle) and any layer below, never one above.
 LAYERS: tuple[frozenset[str], ...] = (
     frozenset(
-        {"meshfed", "_core", "errors", "addresses", "aio", "sqlite", "validation", "logs", "zonelock", "defaults"}
+        {
+            "meshfed",
+            "_core",
+            "errors",
+            "addresses",
+            "aio",
+            "sqlite",
+            "validation",
+            "logs",
+            "zonelock",
+            "defaults",
+            "clock",
+            "database",
+        }
     ),
     frozenset({"supervisor", "runstate", "audit"}),
     frozenset({"trust", "catalog"}),

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from meshfed.clock import SYSTEM_CLOCK, Clock
 from meshfed.controller import Controller
 from meshfed.federation.dialer import establish
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
@@ -22,10 +23,12 @@ from meshfed.federation.peering_state import Peering, PeerState
 from meshfed.federation.peering_store import PeeringStore, request_delete
 from meshfed.federation.service import PeeringService
 from meshfed.zone import Zone
+from tests.clocks import ManualClock
 from tests.conftest import eventually
 
 HEARTBEAT = 0.2
 MISSED = 3
+STORE_POLL = 0.2
 
 
 def service(name: str, healthy: int = 1) -> ExportedService:
@@ -45,6 +48,8 @@ class Harness:
     trust_changes: int = 0
     controller: Controller | None = None
     peering: PeeringService | None = None
+    clock: Clock = SYSTEM_CLOCK
+    heartbeat: float = HEARTBEAT
 
     def exports(self, peer: str) -> ServiceSnapshot:
         return ServiceSnapshot(
@@ -73,13 +78,14 @@ class Harness:
             on_peer_state=self.on_peer_state,
             listen_address=listen,
             establish_address=establish_at,
-            heartbeat_interval=HEARTBEAT,
+            heartbeat_interval=self.heartbeat,
             missed_heartbeats=MISSED,
-            store_poll_interval=0.2,
+            store_poll_interval=STORE_POLL,
             reconnect_backoff=(0.05, 0.5),
+            clock=self.clock,
         )
         self.controller = Controller(
-            self.zone, gateway_address="127.0.0.1:0", egress_port_base=0, companions=[self.peering]
+            self.zone, gateway_address="127.0.0.1:0", egress_port_base=0, companions=[self.peering], clock=self.clock
         )
         await self.controller.start()
         return self.peering
@@ -112,7 +118,12 @@ def names(snapshot: ServiceSnapshot) -> list[str]:
 
 
 def test_token_establish_stream_failover_resume_and_delete(make_zone):
-    east, west = Harness(make_zone("east")), Harness(make_zone("west"))
+    # Both zones on one manual clock: polls, heartbeats and their deadlines run only when the test moves it.
+    # West's own heartbeat is short, so its watcher (every heartbeat/4) looks each millisecond of that clock;
+    # east's deadline at west is east's heartbeat (the peer's) times MISSED.
+    clock = ManualClock()
+    east = Harness(make_zone("east"), clock=clock)
+    west = Harness(make_zone("west"), clock=clock, heartbeat=0.004)
     east.exported = [service("web")]
     west.exported = [service("db")]
 
@@ -125,6 +136,7 @@ def test_token_establish_stream_failover_resume_and_delete(make_zone):
         # Established the way the CLI does it (straight to the store); the running west picks it up by polling.
         peering = await establish(west.zone, token)
         assert peering.name == "east"
+        clock.advance(STORE_POLL)
         await eventually(lambda: east.state_of("west") is PeerState.ACTIVE, what="east sees west ACTIVE")
         await eventually(lambda: west.state_of("east") is PeerState.ACTIVE, what="west sees east ACTIVE")
         assert east.trust_changes >= 1
@@ -149,14 +161,20 @@ def test_token_establish_stream_failover_resume_and_delete(make_zone):
         assert status.connected
         assert status.last_heartbeat_received_at is not None
 
-        # Stop east: west marks it FAILING once its heartbeats stop (how fast: bench/control_plane.py measures it).
+        # Stop east: west shows it DISCONNECTED at once, and FAILING once the clock passes the heartbeat
+        # deadline (east's last message came at the clock's present: it has not moved since).
         east_stream = east.service.stream_addresses[0]
         east_establish = east.service.establish_addresses[0]
-        stopped_at = time.monotonic()
         await east.stop()
-        await eventually(lambda: west.state_of("east") is PeerState.FAILING, what="west to mark east FAILING")
-        detection = time.monotonic() - stopped_at
-        print(f"FAILING detected {detection:.2f}s after the peer stopped (deadline {HEARTBEAT * MISSED:.1f}s)")
+        await eventually(lambda: west.state_of("east") is PeerState.DISCONNECTED, what="west to see east drop")
+        deadline = HEARTBEAT * MISSED
+        clock.advance(deadline - 0.001)
+        await clock.settled()  # west's heartbeat watcher looked, and sleeps again
+        assert west.state_of("east") is PeerState.DISCONNECTED
+        clock.advance(0.002)
+        await clock.settled()
+        assert west.state_of("east") is PeerState.FAILING
+        assert "no message for 0.6s" in west.service.peer("east").state_reason
 
         # While east is down: west changes three times (coalesced), east's own exports change too.
         for extra in ("a", "b", "c"):
@@ -195,6 +213,47 @@ def test_token_establish_stream_failover_resume_and_delete(make_zone):
 
         await west.stop()
         await east.stop()
+
+    run(scenario())
+
+
+def test_a_connected_peer_gone_silent_is_failing_at_the_deadline_and_its_stream_is_dropped(make_zone):
+    """A half-open connection never errors: the heartbeat deadline alone finds it, then the dialer reconnects.
+
+    Each zone on a clock of its own: east's never moves, so after its first messages east sends nothing
+    (no heartbeat comes due), while the test moves west's past the deadline of east's heartbeats.
+    """
+    west_clock = ManualClock()
+    east = Harness(make_zone("east"), clock=ManualClock())
+    west = Harness(make_zone("west"), clock=west_clock, heartbeat=0.004)  # west's watcher looks every 1 ms
+
+    async def scenario() -> None:
+        await east.start()
+        await west.start()
+        try:
+            await west.service.establish(east.service.issue_token("west").encoded)
+            await eventually(
+                lambda: west.service.peer("east").acked_version >= 1 and east.service.peer("west").acked_version >= 1,
+                what="both snapshots applied and acked",
+            )
+            connected_at = west.service.peer("east").last_connected_at
+            deadline = HEARTBEAT * MISSED  # east's heartbeat interval, as it announced it
+
+            west_clock.advance(deadline - 0.001)
+            await west_clock.settled()
+            assert west.state_of("east") is PeerState.ACTIVE
+            west_clock.advance(0.002)
+            await west_clock.settled()
+            status = west.service.peer("east")
+            assert status.state is PeerState.FAILING
+            assert status.state_reason.startswith("no message for 0.6s (heartbeats every 0.2s)")
+
+            # The silent stream was dropped: the dialer connects again and east's hello makes it ACTIVE.
+            await eventually(lambda: west.state_of("east") is PeerState.ACTIVE, what="west reconnected")
+            assert west.service.peer("east").last_connected_at != connected_at
+        finally:
+            await west.stop()
+            await east.stop()
 
     run(scenario())
 

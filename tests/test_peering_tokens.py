@@ -19,11 +19,13 @@ from typer.testing import CliRunner
 
 from meshfed.cli import app
 from meshfed.errors import InvalidTokenError, MeshfedError, PeeringError
+from meshfed.federation.dialer import establish
 from meshfed.federation.peering_state import PeerState
 from meshfed.federation.peering_store import PeeringStore
 from meshfed.federation.token import decode_token, hash_secret
 from meshfed.zone import Zone
-from tests.test_peering import Harness
+from tests.clocks import ManualClock
+from tests.test_peering import Harness, run
 
 runner = CliRunner()
 
@@ -167,3 +169,41 @@ def test_a_token_wrapped_by_a_terminal_is_accepted(east, make_zone):
     assert result.exit_code == 0, result.exception
     with PeeringStore.of(west) as store:
         assert store.require("east").state is PeerState.ESTABLISHING
+
+
+def test_a_token_is_accepted_until_its_expiry_on_each_side_and_refused_from_then_on(make_zone):
+    """The acceptor's clock and the dialer's each decide, to the millisecond; nothing waits for real time."""
+    clock = ManualClock()
+    east = Harness(make_zone("east"), clock=clock)
+    west, north = make_zone("west"), make_zone("north")
+    ttl = dt.timedelta(hours=1)
+
+    async def scenario() -> None:
+        await east.start()
+        try:
+            # At its expiry on the acceptor's clock the token is refused there (the dialer's clock is earlier).
+            first = east.service.issue_token("west", ttl).token
+            clock.advance((first.expires_at - clock.now()).total_seconds())
+            with pytest.raises(InvalidTokenError, match="refused the token: this peering token expired"):
+                await establish(west, first.encode())
+            assert_nothing_stored(west, east.zone)
+
+            # A millisecond before it, the acceptor takes it.
+            second = east.service.issue_token("west", ttl).token
+            clock.advance((second.expires_at - clock.now()).total_seconds() - 0.001)
+            peering = await establish(west, second.encode())
+            assert peering.state is PeerState.ESTABLISHING
+            assert east.service.peer("west").state is PeerState.ESTABLISHING
+
+            # The dialer's own clock refuses a token at its expiry, before asking the acceptor.
+            third = east.service.issue_token("north", ttl).token
+            north_clock = ManualClock()
+            north_clock.advance((third.expires_at - north_clock.now()).total_seconds())
+            with pytest.raises(InvalidTokenError, match=r"expired at .*; ask for a new one"):
+                await establish(north, third.encode(), clock=north_clock)
+            with PeeringStore.of(east.zone) as store:
+                assert store.get("north") is not None  # still PENDING: east never saw it
+        finally:
+            await east.stop()
+
+    run(scenario())

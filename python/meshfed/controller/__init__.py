@@ -45,6 +45,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from meshfed import defaults
 from meshfed.catalog import CatalogSnapshot, CatalogSource, LocalImport, open_catalog
 from meshfed.catalog.publisher import DEFAULT_RESYNC, ImportPublisher, PublicationStatus
+from meshfed.clock import SYSTEM_CLOCK, Clock
 from meshfed.errors import MeshfedError
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.exports import UnhealthyEndpoints
@@ -117,6 +118,7 @@ class Controller:
         publication_resync: dt.timedelta = DEFAULT_RESYNC,
         allow_empty_catalog: bool = False,
         egress_workload_tls: WorkloadTls | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         """``egress_port_base`` 0 gives each import an ephemeral port; otherwise ports are kept from that base
         (no default here: a zone's is :data:`meshfed.defaults.EGRESS_PORT_BASE`, set by its settings).
@@ -189,6 +191,7 @@ class Controller:
             grace=failing_peer_grace,
             policy=failing_peer_policy,
             reconfigure=self.reconfigure,
+            clock=clock,  # failing peers' grace timers
         )
         self._health_check = health_check
         self._allow_empty_catalog = allow_empty_catalog

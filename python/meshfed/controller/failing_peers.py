@@ -7,13 +7,12 @@ for the grace period, and come back when it is no longer FAILING.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
+from meshfed.clock import SYSTEM_CLOCK, Clock
 from meshfed.federation.peering_state import PeerState
 from meshfed.supervisor import Supervisor
 
@@ -36,8 +35,10 @@ class FailingPeers:
         grace: dt.timedelta,
         policy: FailingPeerPolicy,
         reconfigure: Callable[[], Awaitable[None]],
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._zone = zone
+        self._clock = clock  # failing_since and the grace timers
         self._supervisor = supervisor
         self._grace = grace
         self._policy = policy
@@ -51,7 +52,7 @@ class FailingPeers:
     async def follow(self, peer: str, state: str) -> None:
         """Follow a peering's state other than TERMINATED: start the grace timer, or serve it again."""
         if state == "FAILING":
-            self._failing_since.setdefault(peer, time.monotonic())
+            self._failing_since.setdefault(peer, self._clock.monotonic())
             if self._policy == "closed" and f"grace-{peer}" not in self._grace_timers():
                 self._supervisor.spawn(f"grace-{peer}", lambda: self._close_after_grace(peer))
         elif state == PeerState.DISCONNECTED:
@@ -64,7 +65,7 @@ class FailingPeers:
         since = self._failing_since.get(peer)
         if since is None or self._policy != "closed":
             return False
-        return time.monotonic() - since >= self._grace.total_seconds()
+        return self._clock.monotonic() - since >= self._grace.total_seconds()
 
     def withheld_now(self) -> frozenset[str]:
         """Every peer whose imports are not served now (safe off the event loop: it iterates a copy)."""
@@ -74,7 +75,7 @@ class FailingPeers:
         return {status.name for status in self._supervisor.statuses() if status.name.startswith("grace-")}
 
     async def _close_after_grace(self, peer: str) -> None:
-        await asyncio.sleep(self._grace.total_seconds())
+        await self._clock.sleep(self._grace.total_seconds())
         if peer in self._failing_since:
             log.warning("zone %s: peer %s failing past the grace period; its imports stop", self._zone, peer)
             await retrying(self._zone, f"withholding the imports of {peer}", self._reconfigure)

@@ -10,13 +10,13 @@ run on its peering's link. What they need of the zone's peering service is
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
 
+from meshfed.clock import Clock
 from meshfed.errors import InvalidTokenError, MeshfedError, PeeringError
 from meshfed.federation._proto import peering_pb2 as pb
 from meshfed.federation._proto import peering_pb2_grpc as pb_grpc
@@ -42,6 +42,11 @@ class AcceptorHost(Protocol):
 
     @property
     def store(self) -> PeeringStore: ...
+
+    @property
+    def clock(self) -> Clock:
+        """What the acceptor reads the time from (its store reads the same)."""
+        ...
 
     @property
     def stream_addresses(self) -> Sequence[str]: ...
@@ -74,7 +79,7 @@ async def accept(host: AcceptorHost, request: pb.EstablishRequest) -> pb.Establi
     if len(request.bundle) > MAX_BUNDLE_BYTES:
         raise PeeringError(f"the dialer's bundle is {len(request.bundle)} bytes; the limit is {MAX_BUNDLE_BYTES}")
     bundle = parse_bundle(trust_domain, request.bundle)
-    now = dt.datetime.now(dt.UTC)
+    now = host.clock.now()
     established = Peering(
         name=pending.name,
         role="acceptor",

@@ -11,7 +11,6 @@ for each peering this zone dials: it connects to the acceptor's stream port
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from meshfed.clock import SYSTEM_CLOCK, Clock
 from meshfed.errors import InvalidTokenError, MeshfedError, PeeringError
 from meshfed.federation._proto import peering_pb2 as pb
 from meshfed.federation._proto import peering_pb2_grpc as pb_grpc
@@ -79,15 +79,16 @@ async def establish(
     *,
     stream_addresses: Sequence[str] | None = None,
     timeout: float = ESTABLISH_TIMEOUT,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Peering:
     """The dialer's half: redeem ``token_text`` at the acceptor and store the peering (ESTABLISHING).
 
     Nothing is stored unless the acceptor accepted. The stream starts when
     this zone's controller runs (a running one picks the peering up within a
-    second).
+    second). The token's expiry is checked against ``clock``.
     """
     token = decode_token(token_text)
-    now = dt.datetime.now(dt.UTC)
+    now = clock.now()
     if token.expired(now):
         raise InvalidTokenError(f"this peering token expired at {token.expires_at.isoformat()}; ask for a new one")
     if token.trust_domain == str(zone.trust_domain) or token.zone == zone.name:
@@ -105,7 +106,7 @@ async def establish(
     except MeshfedError as err:
         raise InvalidTokenError(f"the token's CA bundle is unusable ({err}); copy the token again") from None
     name = check_peering_name(name or token.zone)
-    with PeeringStore.of(zone) as store:
+    with PeeringStore.of(zone, clock=clock) as store:
         existing = store.get(name)
         if existing is not None and existing.state is not PeerState.TERMINATED:
             raise PeeringError(
@@ -152,7 +153,7 @@ async def establish(
         peer_trust_domain=peer_domain.name,
         peer_addresses=tuple(response.stream_addresses),
     )
-    with PeeringStore.of(zone) as store:
+    with PeeringStore.of(zone, clock=clock) as store:
         # A TERMINATED peering of that name or trust domain (its imports and trust already gone) makes way.
         store.replace_terminated(name, peer_domain.name)
         store.put(established)

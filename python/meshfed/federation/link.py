@@ -23,14 +23,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import datetime as dt
 import logging
 import secrets
-import time
 from typing import Protocol
 
 import grpc
 
+from meshfed.clock import SYSTEM_CLOCK, Clock
 from meshfed.errors import MeshfedError, PeeringError, PeerInputError
 from meshfed.federation import wire
 from meshfed.federation._proto import peering_pb2 as pb
@@ -122,10 +121,14 @@ class LinkHost(Protocol):
 class PeerLink:
     """The running state of one live peering; at most one :class:`Session` at a time."""
 
-    def __init__(self, host: LinkHost, settings: LinkSettings, peering: Peering) -> None:
+    def __init__(
+        self, host: LinkHost, settings: LinkSettings, peering: Peering, *, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         assert peering.peer_trust_domain is not None
         assert peering.peer_zone is not None
         self._host = host
+        # Heartbeat and message times, version send times, and its sessions' heartbeat timers.
+        self.clock = clock
         self._settings = settings
         self.name = peering.name
         self.role = peering.role
@@ -156,7 +159,7 @@ class PeerLink:
         self.last_connected_at = peering.last_connected_at
         self.last_heartbeat_sent_at = peering.last_heartbeat_sent_at
         self.last_heartbeat_received_at = peering.last_heartbeat_received_at
-        self.last_message_at = time.monotonic()
+        self.last_message_at = self.clock.monotonic()
         self.session: Session | None = None
         self.stopped = False
         # The dialer's reconnect loop (see meshfed.federation.dialer), set by the service that spawned it.
@@ -248,19 +251,19 @@ class PeerLink:
             low, high = self._settings.peer_heartbeat_bounds
             self.peer_heartbeat_interval = min(max(hello.heartbeat_interval_ms / 1000, low), high)
         self.peer_bundle_confirmed(hello.bundle_sequence)
-        self.last_connected_at = dt.datetime.now(dt.UTC)
-        self.last_message_at = time.monotonic()
+        self.last_connected_at = self.clock.now()
+        self.last_message_at = self.clock.monotonic()
         await self.set_state(PeerState.ACTIVE, "")
 
     async def message_received(self, message: pb.PeerMessage) -> None:
-        self.last_message_at = time.monotonic()
+        self.last_message_at = self.clock.monotonic()
         if message.WhichOneof("body") == "heartbeat":
-            self.last_heartbeat_received_at = dt.datetime.now(dt.UTC)
+            self.last_heartbeat_received_at = self.clock.now()
         if self.state in (PeerState.FAILING, PeerState.DISCONNECTED):
             await self.set_state(PeerState.ACTIVE, "")
 
     def heartbeat_sent(self) -> None:
-        self.last_heartbeat_sent_at = dt.datetime.now(dt.UTC)
+        self.last_heartbeat_sent_at = self.clock.now()
 
     def own_bundle_json(self) -> bytes:
         return self._host.own_bundle_json()
@@ -285,7 +288,7 @@ class PeerLink:
         self.history[version] = snapshot
         while len(self.history) > HISTORY_DEPTH:
             self.history.popitem(last=False)
-        self._version_sent_at.setdefault(version, time.monotonic())
+        self._version_sent_at.setdefault(version, self.clock.monotonic())
         return snapshot
 
     def peer_holds(self, epoch: str, version: int) -> int | None:
@@ -332,7 +335,7 @@ class PeerLink:
     def propagation_lag(self) -> float:
         if not self._version_sent_at or self.acked_version >= self.sent_version:
             return 0.0
-        return time.monotonic() - min(self._version_sent_at.values())
+        return self.clock.monotonic() - min(self._version_sent_at.values())
 
     def _ack(self, *, resync: bool = False) -> pb.Ack:
         return pb.Ack(version=self.received_version, epoch=self.received_epoch, resync=resync)

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
+from meshfed.clock import SYSTEM_CLOCK
 from meshfed.federation.peering_state import Peering, PeerState
 
 
@@ -67,8 +68,12 @@ class PeerStatus(BaseModel):
     export_error: str
 
     @classmethod
-    def of(cls, peering: Peering, link: LiveLink | None = None) -> PeerStatus:
-        """The stored row, overlaid with the live link's fresher numbers when the service runs."""
+    def of(cls, peering: Peering, link: LiveLink | None = None, *, now: dt.datetime | None = None) -> PeerStatus:
+        """The stored row, overlaid with the live link's fresher numbers when the service runs.
+
+        ``now`` (default: the system clock's) is what the heartbeat's age is measured at.
+        """
+        now = now or SYSTEM_CLOCK.now()
         if link is not None:
             peering = link.as_peering(peering)
         received_at = peering.last_heartbeat_received_at
@@ -84,7 +89,7 @@ class PeerStatus(BaseModel):
             last_connected_at=peering.last_connected_at,
             last_heartbeat_sent_at=peering.last_heartbeat_sent_at,
             last_heartbeat_received_at=received_at,
-            heartbeat_age_seconds=None if received_at is None else (_utcnow() - received_at).total_seconds(),
+            heartbeat_age_seconds=None if received_at is None else (now - received_at).total_seconds(),
             sent_version=peering.sent_version,
             acked_version=peering.acked_version,
             received_version=peering.received_version,
@@ -107,10 +112,6 @@ class PeerStatus(BaseModel):
         it is unknown otherwise.
         """
         return cls.of(peering).model_copy(update={"connected": peering.connected})
-
-
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 __all__ = ["LiveLink", "PeerStatus"]

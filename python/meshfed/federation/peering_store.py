@@ -10,6 +10,10 @@ service polls it every second (see :mod:`meshfed.federation.service`), so a
 peering established or deleted with the CLI is picked up without any call to
 the running process; ``peering_listener`` tells the CLI where the service
 listens and whether it is alive.
+
+A store reads the time from its :class:`~meshfed.clock.Clock` (tokens issued,
+redeemed, expired; rows updated), except for the lease: other processes read
+that on their own system clocks, so it is stamped with the real time.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import orjson
 
+from meshfed.clock import SYSTEM_CLOCK, Clock
 from meshfed.errors import InvalidTokenError, PeeringError
 from meshfed.federation import peering_schema as schema
 from meshfed.federation.exchange import ServiceSnapshot
@@ -34,12 +39,13 @@ from meshfed.zone import STATE_FILE, Zone
 class PeeringStore(SqliteStore):
     """Typed access to the peering tables. Use as a context manager; each method is one transaction."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, clock: Clock = SYSTEM_CLOCK) -> None:
         super().__init__(path, schema.COMPONENT, schema.MIGRATIONS)
+        self._clock = clock
 
     @classmethod
-    def of(cls, zone: Zone) -> PeeringStore:
-        return cls(zone.directory / STATE_FILE)
+    def of(cls, zone: Zone, *, clock: Clock = SYSTEM_CLOCK) -> PeeringStore:
+        return cls(zone.directory / STATE_FILE, clock=clock)
 
     # -- peerings --------------------------------------------------------
 
@@ -63,7 +69,7 @@ class PeeringStore(SqliteStore):
 
     def _expired_pending(self, now: dt.datetime | None = None) -> set[str]:
         """PENDING peerings without a token that can still be redeemed (at ``now``)."""
-        moment = now or schema.now()
+        moment = now or self._clock.now()
         rows = self._db.execute(
             "SELECT p.name, max(t.expires_at) FROM peerings p LEFT JOIN peering_tokens t "
             "ON t.peer_name = p.name AND t.used_at IS NULL WHERE p.state = 'PENDING' GROUP BY p.name"
@@ -76,7 +82,7 @@ class PeeringStore(SqliteStore):
         The running peering service calls it at each poll; returns the names dropped.
         """
         with transaction(self._db):
-            names = sorted(self._expired_pending((now or schema.now()) - EXPIRED_PENDING_KEPT))
+            names = sorted(self._expired_pending((now or self._clock.now()) - EXPIRED_PENDING_KEPT))
             self._db.executemany("DELETE FROM peerings WHERE name = ? AND state = 'PENDING'", [(n,) for n in names])
         return names
 
@@ -122,7 +128,7 @@ class PeeringStore(SqliteStore):
         Writes only the columns named: a heartbeat must not rewrite (or even read) snapshots of
         thousands of services.
         """
-        values: dict[str, object] = {"updated_at": schema.iso(schema.now())}
+        values: dict[str, object] = {"updated_at": schema.iso(self._clock.now())}
         for field_name, value in changes.items():
             if field_name not in schema.WRITERS:
                 raise TypeError(f"Peering has no updatable field {field_name!r}")
@@ -161,7 +167,7 @@ class PeeringStore(SqliteStore):
         ``peer_name`` must be a zone name (a DNS label), and ``ttl`` at most
         :data:`~meshfed.federation.token.MAX_TOKEN_TTL` (see :func:`~meshfed.federation.peering_tokens.new_token`).
         """
-        now = schema.now()
+        now = self._clock.now()
         token = new_token(zone, peer_name, addresses, ttl, now)
         with transaction(self._db):
             self.replace_terminated(peer_name)
@@ -183,7 +189,7 @@ class PeeringStore(SqliteStore):
 
     def redeem_token(self, secret: str, *, dialer_zone: str, now: dt.datetime | None = None) -> Peering:
         """Check a presented secret and return its PENDING peering; the caller spends it with ``spend_token``."""
-        now = now or schema.now()
+        now = now or self._clock.now()
         row = self._db.execute(
             "SELECT peer_name, expires_at, used_at FROM peering_tokens WHERE secret_hash = ?", (hash_secret(secret),)
         ).fetchone()
@@ -194,7 +200,7 @@ class PeeringStore(SqliteStore):
         with transaction(self._db):
             spent = self._db.execute(
                 "UPDATE peering_tokens SET used_at = ? WHERE secret_hash = ? AND used_at IS NULL",
-                (schema.iso(schema.now()), hash_secret(secret)),
+                (schema.iso(self._clock.now()), hash_secret(secret)),
             ).rowcount
             if spent != 1:
                 raise InvalidTokenError("this peering token was used by another request at the same moment")

@@ -30,10 +30,10 @@ import contextlib
 import datetime as dt
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 from meshfed import defaults
+from meshfed.clock import SYSTEM_CLOCK, Clock
 from meshfed.errors import MeshfedError, PeeringError
 from meshfed.federation.acceptor import EstablishmentServicer, StreamServicer
 from meshfed.federation.dialer import dial_forever, establish
@@ -72,6 +72,9 @@ class PeeringService:
     exports as a full snapshot, in order, once per version; on teardown it gets
     an empty snapshot, then ``on_peer_state(peer, TERMINATED)``.
     ``on_trust_changed()`` runs after a peer's bundle is stored or replaced.
+    ``clock`` is what the service, its store and its links read the time from
+    and wait on: heartbeats and their deadlines, the store poll, tokens'
+    lifetimes (the dialers' reconnect backoff stays on real time).
     """
 
     def __init__(
@@ -93,8 +96,10 @@ class PeeringService:
         peer_heartbeat_bounds: tuple[float, float] = PEER_HEARTBEAT_BOUNDS,
         store_poll_interval: float = 1.0,
         reconnect_backoff: tuple[float, float] = (0.2, 10.0),
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.zone = zone
+        self.clock = clock
         self.exports = exports
         self.on_imports = on_imports
         self.on_trust_changed = on_trust_changed
@@ -141,7 +146,7 @@ class PeeringService:
     # -- lifecycle -------------------------------------------------------
 
     async def start(self) -> None:
-        self._store = PeeringStore.of(self.zone)
+        self._store = PeeringStore.of(self.zone, clock=self.clock)
         self._own_bundle_sequence = self.zone.own_bundle().sequence
         await self._server.start(EstablishmentServicer(self), StreamServicer(self))
         self.store.record_listener(self.establish_addresses, self.stream_addresses)
@@ -175,10 +180,11 @@ class PeeringService:
     # -- read accessors ---------------------------------------------------
 
     def peers(self) -> list[PeerStatus]:
-        return [PeerStatus.of(p, self._links.get(p.name)) for p in self.store.peerings()]
+        now = self.clock.now()
+        return [PeerStatus.of(p, self._links.get(p.name), now=now) for p in self.store.peerings()]
 
     def peer(self, name: str) -> PeerStatus:
-        return PeerStatus.of(self.store.require(name), self._links.get(name))
+        return PeerStatus.of(self.store.require(name), self._links.get(name), now=self.clock.now())
 
     # -- operations --------------------------------------------------------
 
@@ -187,7 +193,7 @@ class PeeringService:
 
     async def establish(self, token: str, name: str | None = None) -> Peering:
         """Dial the acceptor named by ``token`` (this zone is the dialer), then start the stream."""
-        peering = await establish(self.zone, token, name, stream_addresses=self.stream_addresses)
+        peering = await establish(self.zone, token, name, stream_addresses=self.stream_addresses, clock=self.clock)
         await self.refresh()
         return peering
 
@@ -240,7 +246,7 @@ class PeeringService:
             peer_heartbeat_bounds=self.peer_heartbeat_bounds,
             limits=self.limits,
         )
-        link = PeerLink(self._host, settings, peering)
+        link = PeerLink(self._host, settings, peering, clock=self.clock)
         if link.role == "dialer":
             dial = functools.partial(dial_forever, link, self._server.client_credentials, self.reconnect_backoff)
             link.dialer = self.supervisor.spawn(f"peer-{link.name}-dialer", dial)
@@ -313,7 +319,7 @@ class PeeringService:
 
     async def _poll_store(self) -> None:
         while True:
-            await asyncio.sleep(self._store_poll_interval)
+            await self.clock.sleep(self._store_poll_interval)
             try:
                 self.store.renew_lease()
                 await self.refresh()
@@ -339,8 +345,8 @@ class PeeringService:
 
     async def _watch_heartbeats(self) -> None:
         while True:
-            await asyncio.sleep(self.heartbeat_interval / 4)
-            now = time.monotonic()
+            await self.clock.sleep(self.heartbeat_interval / 4)
+            now = self.clock.monotonic()
             for link in list(self._links.values()):
                 silent = now - link.last_message_at
                 if link.state in (PeerState.ACTIVE, PeerState.DISCONNECTED) and silent > link.failure_deadline():
@@ -377,7 +383,7 @@ class _LinkHost:
 
     async def record_snapshot(self, peer: str, **changes: object) -> None:
         self._service.store  # noqa: B018 -- refuses (PeeringError) once the service stopped, as record does
-        await asyncio.to_thread(_update_row, self._service.zone, peer, changes)
+        await asyncio.to_thread(_update_row, self._service.zone, peer, changes, self._service.clock)
 
     def own_bundle_json(self) -> bytes:
         return self._service.zone.own_bundle().to_spiffe_json()
@@ -397,10 +403,10 @@ class _LinkHost:
         await self._service._peer_terminated(link, reason)
 
 
-def _update_row(zone: Zone, peer: str, changes: dict[str, object]) -> None:
+def _update_row(zone: Zone, peer: str, changes: dict[str, object], clock: Clock) -> None:
     # On a worker thread, with a connection of its own: a connection holds one transaction at a time,
     # and the event loop goes on using the service's meanwhile.
-    with PeeringStore.of(zone) as store:
+    with PeeringStore.of(zone, clock=clock) as store:
         store.update(peer, **changes)
 
 

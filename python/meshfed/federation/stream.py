@@ -29,12 +29,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
 import grpc
 
+from meshfed.clock import Clock
 from meshfed.errors import MeshfedError, PeeringError, PeerInputError
 from meshfed.federation import wire
 from meshfed.federation._proto import peering_pb2 as pb
@@ -72,6 +72,11 @@ class SessionLink(Protocol):
 
     @property
     def heartbeat_interval(self) -> float: ...
+
+    @property
+    def clock(self) -> Clock:
+        """What the session's heartbeat timer runs on."""
+        ...
 
     @property
     def acked_version(self) -> int: ...
@@ -285,7 +290,8 @@ class Session:
 
     async def _write_loop(self) -> None:
         interval = self.link.heartbeat_interval
-        self._next_heartbeat = time.monotonic()
+        clock = self.link.clock
+        self._next_heartbeat = clock.monotonic()
         while True:
             self._wake.clear()
             message = self._next_message()
@@ -294,17 +300,34 @@ class Session:
                 if message.WhichOneof("body") == "terminate":
                     return
                 continue
-            timeout = max(self._next_heartbeat - time.monotonic(), 0.0)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
-            if time.monotonic() >= self._next_heartbeat:
-                self._next_heartbeat = time.monotonic() + interval
+            await self._woken_or_after(self._next_heartbeat - clock.monotonic())
+            if clock.monotonic() >= self._next_heartbeat:
+                self._next_heartbeat = clock.monotonic() + interval
                 self.link.heartbeat_sent()
                 heartbeat = pb.Heartbeat(
-                    sent_at_unix_ms=int(time.time() * 1000), bundle_sequence=self.link.held_peer_bundle_sequence
+                    sent_at_unix_ms=int(clock.now().timestamp() * 1000),
+                    bundle_sequence=self.link.held_peer_bundle_sequence,
                 )
                 await self._write(pb.PeerMessage(heartbeat=heartbeat))
+
+    async def _woken_or_after(self, seconds: float) -> None:
+        """Wait until woken (:attr:`_wake`) or until ``seconds`` pass on the link's clock, whichever is first.
+
+        A race of two tasks, not ``wait_for``: on 3.11 that can swallow a cancel racing the awaited
+        result. A cancel here cancels both, and nothing is left running.
+        """
+        if self._wake.is_set():
+            return
+        if seconds <= 0:
+            await asyncio.sleep(0)  # a heartbeat is due: one loop turn, as a zero timeout gave, then send it
+            return
+        timer = asyncio.ensure_future(self.link.clock.sleep(seconds))
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait((timer, woken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            woken.cancel()
 
     def _next_message(self) -> pb.PeerMessage | None:
         if self._terminate_reason is not None:

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CHECK_INTERVAL = dt.timedelta(seconds=10)
 
 TrustChanged = Callable[[], Awaitable[None]]
-Clock = Callable[[], dt.datetime]
+# The moment only (a meshfed.clock.Clock also sleeps): what the rotation service reads the time with.
+UtcNow = Callable[[], dt.datetime]
 
 
 def utc_now() -> dt.datetime:
@@ -47,7 +48,7 @@ class RotationService:
         on_trust_changed: TrustChanged,
         *,
         check_interval: dt.timedelta = DEFAULT_CHECK_INTERVAL,
-        clock: Clock = utc_now,
+        clock: UtcNow = utc_now,
         supervisor: Supervisor | None = None,
     ) -> None:
         self._zone = zone
