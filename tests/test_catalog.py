@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
+from meshfed.catalog import CatalogSnapshot, EmbeddedCatalog, EmbeddedCatalogSource, Endpoint, Service
 from meshfed.errors import CatalogError
 from tests.test_cli import meshfed_cli
 
@@ -63,19 +63,47 @@ def test_invalid_services_are_refused(fields, message):
 
 
 def test_watch_wakes_on_a_write_from_another_connection(tmp_path):
-    with EmbeddedCatalog(tmp_path) as watcher:
-        since = watcher.version()
+    with EmbeddedCatalog(tmp_path) as catalog:
+        since = catalog.version()
+    watcher = EmbeddedCatalogSource(tmp_path)
 
-        def write_later() -> None:
-            with EmbeddedCatalog(tmp_path) as writer:
-                writer.register(_web(9001))
+    def write_later() -> None:
+        with EmbeddedCatalog(tmp_path) as writer:
+            writer.register(_web(9001))
 
-        timer = threading.Timer(0.2, write_later)
-        timer.start()
-        snapshot = asyncio.run(watcher.watch(since, timeout=10))
-        timer.join()
+    async def watch() -> CatalogSnapshot:
+        try:
+            return await watcher.watch(since, timeout=10)
+        finally:
+            await watcher.aclose()
+
+    timer = threading.Timer(0.2, write_later)
+    timer.start()
+    snapshot = asyncio.run(watch())
+    timer.join()
     assert snapshot.version == since + 1
     assert snapshot.service("default", "web") is not None
+
+
+def test_an_idle_watch_reads_no_services_again(tmp_path):
+    """The change feed, not a reread: an unchanged catalog hands back the very snapshot it read before."""
+    with EmbeddedCatalog(tmp_path) as catalog:
+        catalog.register(_web(9001))
+    source = EmbeddedCatalogSource(tmp_path)
+
+    async def scenario() -> None:
+        try:
+            first = await source.snapshot()
+            assert await source.watch(first.version, timeout=0.05) is first
+            with EmbeddedCatalog(tmp_path) as writer:
+                writer.register(_web(9002))
+            changed = await source.watch(first.version, timeout=10)
+            assert changed is not first
+            assert changed.version == first.version + 1
+        finally:
+            await source.aclose()
+
+    asyncio.run(scenario())
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -95,7 +95,7 @@ def test_an_exported_service_is_reachable_from_the_importing_zone(zones, echo_se
 
 
 def test_a_peer_hears_of_exports_only_once_the_ingress_admits_it(zones, echo_server):
-    """A peering just established: until east's running ingress admits west, west is told nothing (it would be refused)."""
+    """A peering just established: until east's running ingress admits west, west is told nothing (it'd be refused)."""
     east, west, _ = zones
     _register_echo(east, echo_server)
     with ExportRules(east.directory) as rules:
@@ -112,7 +112,8 @@ def test_a_peer_hears_of_exports_only_once_the_ingress_admits_it(zones, echo_ser
             await east_ctl.reconfigure()
             assert told, "the apply that admits west asks the peers again"
             snapshot = east_ctl.exports_for_peer("west")
-            assert snapshot is not None and [service.name for service in snapshot.services] == ["echo"]
+            assert snapshot is not None
+            assert [service.name for service in snapshot.services] == ["echo"]
             await west_ctl.import_snapshot("east", snapshot)
             assert await _call(_egress(west_ctl, "egress:echo.default.east:tcp"), b"ping") == b"ping"
 

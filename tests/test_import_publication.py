@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from meshfed.api import create_app
-from meshfed.catalog import EmbeddedCatalog, Endpoint, LocalImport, Service
+from meshfed.catalog import EmbeddedCatalog, EmbeddedCatalogSource, Endpoint, LocalImport, Service
 from meshfed.catalog.publisher import PublicationStore
 from meshfed.controller import Controller
 from meshfed.errors import CatalogError
@@ -28,7 +28,7 @@ from tests.conftest import EchoServer, eventually, round_trip, trust_each_other
 from tests.test_cli import meshfed_cli
 
 
-class RefusingCatalog(EmbeddedCatalog):
+class RefusingCatalog(EmbeddedCatalogSource):
     """The embedded catalog, whose server-side publication refuses until :attr:`healed`."""
 
     def __init__(self, zone: Zone) -> None:

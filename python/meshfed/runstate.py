@@ -65,8 +65,10 @@ class Lease:
 class RunState(SqliteStore):
     """The running controller's lease and bound listeners. Use as a context manager."""
 
+    COMPONENT, MIGRATIONS = "runstate", _MIGRATIONS
+
     def __init__(self, zone_directory: Path) -> None:
-        super().__init__(zone_directory / STATE_FILE, "runstate", _MIGRATIONS)
+        super().__init__(zone_directory / STATE_FILE)
 
     # -- the controller's side ----------------------------------------------
 

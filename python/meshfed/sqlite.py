@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import ClassVar, Self
 
 from meshfed.errors import ZoneError
 
@@ -36,6 +36,17 @@ def open_database(path: Path, component: str, migrations: Sequence[str]) -> sqli
     Refuses, in one line saying what to do, a file that is damaged (empty, not
     a database, corrupt) or that this process may not open.
     """
+    db = connect(path)
+    try:
+        migrate(db, path, component, migrations)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection to ``path`` (created if missing) in WAL mode, with no component's tables brought up yet."""
     _create_if_missing(path)
     _refuse_empty(path)
     _restrict(path)
@@ -47,14 +58,21 @@ def open_database(path: Path, component: str, migrations: Sequence[str]) -> sqli
         # The CLI and the running controller may write the same file.
         db.execute("PRAGMA busy_timeout=5000")
         db.execute(_SCHEMA_TABLE)
-        row = db.execute("SELECT version FROM meshfed_schema WHERE component = ?", (component,)).fetchone()
     except sqlite3.Error as err:
         if db is not None:
             db.close()
         raise ZoneError(f"cannot open {path}: {describe_error(err, path)}") from None
+    return db
+
+
+def migrate(db: sqlite3.Connection, path: Path, component: str, migrations: Sequence[str]) -> None:
+    """Bring ``component``'s tables in ``db`` (the file ``path``) up to date; refuse a newer schema."""
+    try:
+        row = db.execute("SELECT version FROM meshfed_schema WHERE component = ?", (component,)).fetchone()
+    except sqlite3.Error as err:
+        raise ZoneError(f"cannot open {path}: {describe_error(err, path)}") from None
     version = 0 if row is None else int(row[0])
     if version > len(migrations):
-        db.close()
         raise ZoneError(
             f"{path}: {component} schema {version} is newer than this meshfed understands "
             f"({len(migrations)}); upgrade meshfed"
@@ -70,11 +88,9 @@ def open_database(path: Path, component: str, migrations: Sequence[str]) -> sqli
         except sqlite3.Error as err:
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            db.close()
             raise ZoneError(
                 f"cannot upgrade {path} ({component} schema {number}): {describe_error(err, path)}"
             ) from None
-    return db
 
 
 def describe_error(err: sqlite3.Error, path: Path | None = None) -> str:
@@ -212,10 +228,31 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
 
 
 class SqliteStore:
-    """Base of the typed stores: one connection to one component's tables, used as a context manager."""
+    """Base of the typed stores: one component's tables, over a connection of its own or a borrowed one.
 
-    def __init__(self, path: Path, component: str, migrations: Sequence[str]) -> None:
-        self._db = open_database(path, component, migrations)
+    ``Store(path)`` opens a connection of its own (the CLI, while the zone is
+    down), closed with the store; :meth:`on` borrows one (the running zone's
+    :class:`~meshfed.database.Database`, on the thread that owns it).
+    """
+
+    # Each store's component in meshfed_schema and its migrations (or passed to __init__).
+    COMPONENT: ClassVar[str] = ""
+    MIGRATIONS: ClassVar[Sequence[str]] = ()
+
+    def __init__(self, path: Path, component: str | None = None, migrations: Sequence[str] | None = None) -> None:
+        self._db = open_database(
+            path, component or self.COMPONENT, self.MIGRATIONS if migrations is None else migrations
+        )
+        self._owned = True
+
+    @classmethod
+    def on(cls, db: sqlite3.Connection, path: Path) -> Self:
+        """This store over the borrowed connection ``db`` to ``path``, its tables brought up to date."""
+        assert cls.COMPONENT, f"{cls.__name__} names no COMPONENT"
+        migrate(db, path, cls.COMPONENT, cls.MIGRATIONS)
+        store = cls.__new__(cls)
+        store._db, store._owned = db, False
+        return store
 
     def __enter__(self) -> Self:
         return self
@@ -226,4 +263,5 @@ class SqliteStore:
         self.close()
 
     def close(self) -> None:
-        self._db.close()
+        if self._owned:
+            self._db.close()

@@ -109,8 +109,10 @@ class StoredBundle:
 class StateStore(SqliteStore):
     """Typed access to ``state.db``. Use as a context manager; each method commits."""
 
+    COMPONENT, MIGRATIONS = "trust", _MIGRATIONS
+
     def __init__(self, path: Path) -> None:
-        super().__init__(path, "trust", _MIGRATIONS)
+        super().__init__(path)
 
     def identity(self) -> tuple[str, str] | None:
         """The zone's name and trust domain as it was created (None: recorded by no version so far)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from meshfed.catalog.embedded import EmbeddedCatalog
+from meshfed.catalog.embedded import EmbeddedCatalog, EmbeddedCatalogSource
 from meshfed.catalog.model import CatalogSnapshot, Endpoint, LocalImport, Locality, Service
 from meshfed.catalog.settings import ConsulSettings, KubernetesSettings
 from meshfed.catalog.source import CatalogSource
@@ -18,6 +18,7 @@ __all__ = [
     "CatalogSource",
     "ConsulSettings",
     "EmbeddedCatalog",
+    "EmbeddedCatalogSource",
     "Endpoint",
     "KubernetesSettings",
     "LocalImport",
@@ -31,7 +32,7 @@ def open_catalog(zone: Zone) -> CatalogSource:
     """The catalog source ``zone.toml`` names (``catalog = "embedded" | "consul" | "kubernetes"``)."""
     mode = zone.config.catalog
     if mode == "embedded":
-        return EmbeddedCatalog(zone.directory)
+        return EmbeddedCatalogSource(zone.directory)
     # Imported here: the Consul and Kubernetes clients are heavy, and an embedded zone needs neither.
     if mode == "consul":
         from meshfed.catalog.consul import ConsulCatalog

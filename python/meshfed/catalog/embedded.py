@@ -3,25 +3,26 @@
 It lives in the zone directory as ``catalog.db``, apart from ``state.db``: it
 is a catalog *source*, like a Consul datacenter or a Kubernetes API would be,
 so a zone that reads Consul simply has no such file. Every write bumps one
-version number; watchers (the controller, in another process than the CLI)
-notice by polling that number.
+version number. :class:`EmbeddedCatalog` is the store (the CLI and the API
+write it); :class:`EmbeddedCatalogSource` is the running zone's source over its
+one connection to the file: it follows the database's change feed and reads
+the services again only when the version moved.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from meshfed.catalog.model import CatalogSnapshot, LocalImport, Service
+from meshfed.database import Database
 from meshfed.errors import CatalogError
 from meshfed.sqlite import SqliteStore, transaction
 from meshfed.validation import describe_validation_error
 
 CATALOG_FILE = "catalog.db"
-_POLL_SECONDS = 0.1
 
 _MIGRATIONS = (
     """
@@ -40,8 +41,10 @@ _MIGRATIONS = (
 class EmbeddedCatalog(SqliteStore):
     """The embedded catalog of one zone directory. Use as a context manager."""
 
+    COMPONENT, MIGRATIONS = "catalog", _MIGRATIONS
+
     def __init__(self, zone_directory: Path) -> None:
-        super().__init__(zone_directory / CATALOG_FILE, "catalog", _MIGRATIONS)
+        super().__init__(zone_directory / CATALOG_FILE)
 
     def register(self, service: Service) -> int:
         """Add or replace ``service`` (with all its endpoints). Returns the new catalog version."""
@@ -81,29 +84,51 @@ class EmbeddedCatalog(SqliteStore):
         (version,) = self._db.execute("SELECT version FROM catalog_version").fetchone()
         return int(version)
 
+    def _bump(self) -> int:
+        self._db.execute("UPDATE catalog_version SET version = version + 1")
+        return self.version()
+
+
+class EmbeddedCatalogSource:
+    """The embedded catalog as the running zone's catalog source (see the module docstring)."""
+
+    def __init__(self, zone_directory: Path) -> None:
+        self._path = zone_directory / CATALOG_FILE
+        self._db = Database(self._path)
+        self._last: CatalogSnapshot | None = None
+        self._feed_seen = -1  # never seen: the first watch reads the version
+
     async def snapshot(self) -> CatalogSnapshot:
-        return await asyncio.to_thread(self.load)
+        self._feed_seen = self._db.version
+        self._last = await self._db.run(lambda db: EmbeddedCatalog.on(db, self._path).load())
+        return self._last
 
     async def watch(self, since: int, timeout: float) -> CatalogSnapshot:
-        """Return once the version passes ``since``, or the current snapshot after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if await asyncio.to_thread(self.version) > since:
-                break
-            await asyncio.sleep(_POLL_SECONDS)
-        return await self.snapshot()
+        """Return once the version passes ``since``, or the current snapshot after ``timeout`` seconds.
+
+        The services are read again only when the catalog's version moved: an
+        idle zone with thousands of services reads one integer per change-feed beat.
+        """
+        if self._last is not None and self._last.version > since:
+            return self._last
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            self._feed_seen = await self._db.changed(self._feed_seen, max(deadline - loop.time(), 0.0))
+            version = await self._db.run(lambda db: EmbeddedCatalog.on(db, self._path).version())
+            last = self._last
+            if last is None or version != last.version:
+                last = await self.snapshot()
+            if last.version > since or loop.time() >= deadline:
+                return last
 
     async def publish_imports(self, imports: list[LocalImport]) -> None:
         """Nothing to do: ``meshfed catalog list`` reads imports from the zone's state."""
 
     async def aclose(self) -> None:
-        self.close()
+        self._db.close()
 
     @property
     def last_error(self) -> str | None:
         """Never set: the embedded catalog is a local file, and a failed read raises at once."""
         return None
-
-    def _bump(self) -> int:
-        self._db.execute("UPDATE catalog_version SET version = version + 1")
-        return self.version()

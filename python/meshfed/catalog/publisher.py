@@ -68,8 +68,10 @@ class PublicationStatus:
 class PublicationStore(SqliteStore):
     """The last publication status, in ``state.db``: the running zone writes it, the CLI reads it."""
 
+    COMPONENT, MIGRATIONS = "import_publication", _MIGRATIONS
+
     def __init__(self, path: Path) -> None:
-        super().__init__(path, "import_publication", _MIGRATIONS)
+        super().__init__(path)
 
     def put(self, status: PublicationStatus) -> None:
         with transaction(self._db):

@@ -46,6 +46,7 @@ from meshfed import defaults
 from meshfed.catalog import CatalogSnapshot, CatalogSource, LocalImport, open_catalog
 from meshfed.catalog.publisher import DEFAULT_RESYNC, ImportPublisher, PublicationStatus
 from meshfed.clock import SYSTEM_CLOCK, Clock
+from meshfed.database import Database
 from meshfed.errors import MeshfedError
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.exports import UnhealthyEndpoints
@@ -153,8 +154,10 @@ class Controller:
         SVIDs to the egress listeners.
         """
         self.zone = zone
+        # The process's one connection to state.db, and its change feed (see meshfed.database).
+        self._state = Database(zone.directory / STATE_FILE)
         # The settings in force: zone.toml as read at start, with live edits of its live tables applied.
-        self._live = LiveSettings(zone, exports_changed=self.exports_changed)
+        self._live = LiveSettings(zone, self._state, exports_changed=self.exports_changed)
         settings = self._live.settings
         self._catalog = catalog if catalog is not None else open_catalog(zone)
         # Owns every background loop of the zone, the companions' included (see meshfed.supervisor).
@@ -169,6 +172,7 @@ class Controller:
         )
         self._catalog_watch = CatalogWatch(
             zone,
+            self._state,
             self._catalog,
             kind=settings.catalog,
             check_zone_toml=self.check_zone_toml,
@@ -214,10 +218,12 @@ class Controller:
             health_check=health_check,
             svid_ttl=gateway_svid_ttl,
         )
-        self._health = LocalHealth(zone, self._driver, on_change=self._local_health_changed)
-        self._imports = PeerImports(zone, self._driver, reconfigure=self.reconfigure, withheld=self._failing.withheld)
+        self._health = LocalHealth(zone, self._state, self._driver, on_change=self._local_health_changed)
+        self._imports = PeerImports(
+            zone, self._state, self._driver, reconfigure=self.reconfigure, withheld=self._failing.withheld
+        )
         self._exports = PeerExports(zone, self._driver, self._health, self._catalog_watch, advertise=gateway_advertise)
-        self._run_record = RunRecord(zone, self.egress_addresses)
+        self._run_record = RunRecord(self._state, self.egress_addresses)
         self._observe_expiry()
 
     async def __aenter__(self) -> Controller:
@@ -259,7 +265,7 @@ class Controller:
         # Deletes requested while the zone was down apply before anything is served: a deleted
         # peer's imports must not stop the zone from starting.
         await asyncio.to_thread(self._imports.withdraw_deleted_peers)
-        await asyncio.to_thread(self._live.load_config_rules)
+        await self._live.load_config_rules()
         await self._catalog_watch.load(allow_empty=self._allow_empty_catalog)
         await self._driver.start()
         self._exports.changed()
@@ -276,7 +282,7 @@ class Controller:
                     await companion.stop()
             await self._driver.abandon()
             raise
-        await asyncio.to_thread(self._run_record.take_lease)
+        await self._run_record.take_lease()
         self._publisher.start()
         self.supervisor.spawn("lease", self._run_record.renew_lease)
         self.supervisor.spawn("listener-record", self._run_record.keep_listeners_recorded)
@@ -302,6 +308,7 @@ class Controller:
             await self._run_record.release_lease()
             await self._driver.close()
         await self._catalog.aclose()
+        await asyncio.to_thread(self._state.close)  # after the units already submitted
         self.telemetry.shutdown()
 
     async def reconfigure(self) -> None:

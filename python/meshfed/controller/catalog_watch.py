@@ -1,9 +1,9 @@
 """The catalog watch: the zone's catalog and export rules as last seen, and catalog continuity.
 
 The catalog source wakes the watch on catalog changes; export and
-authorization rules are two integers away in SQLite, so checking them on every
-wake-up catches CLI writes from other processes within a fraction of a second.
-``zone.toml`` is checked on the same beat.
+authorization rules are read again (two integers) only when the change feed of
+``state.db`` says the file changed, which catches writes of other processes
+within a fraction of a second. ``zone.toml`` is checked on the same beat.
 
 Catalog continuity: a zone that starts with an empty catalog although it
 exported services before keeps telling its peers what they last heard (the
@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 
 from meshfed.catalog import CatalogSnapshot, CatalogSource
+from meshfed.database import Database
 from meshfed.errors import MeshfedError
 from meshfed.federation.authz import AuthzRules
 from meshfed.federation.exchange import ServiceSnapshot
@@ -44,6 +46,7 @@ class CatalogWatch:
     def __init__(
         self,
         zone: Zone,
+        state: Database,
         catalog: CatalogSource,
         *,
         kind: str,
@@ -52,6 +55,7 @@ class CatalogWatch:
         notify_peers: Callable[[], None],
     ) -> None:
         self._zone = zone
+        self._state = state
         self._catalog = catalog
         self._kind = kind
         self._check_zone_toml = check_zone_toml
@@ -115,26 +119,29 @@ class CatalogWatch:
 
     async def watch(self) -> None:
         """Follow the catalog, the export and authorization rules, and ``zone.toml``, forever."""
-        with ExportRules(self._zone.directory) as exports, AuthzRules(self._zone.directory) as authz:
 
-            def rules_version() -> tuple[int, int]:
-                return exports.version(), authz.version()
+        def rules_version(db: sqlite3.Connection) -> tuple[int, int]:
+            path = self._state.path
+            return ExportRules.on(db, path).version(), AuthzRules.on(db, path).version()
 
-            seen_rules = rules_version()
-            while True:
-                since = self._snapshot.version
-                try:
-                    snapshot = await self._catalog.watch(since, CATALOG_POLL_SECONDS)
-                except MeshfedError as err:
-                    log.error("zone %s: catalog watch failed, retrying: %s", self._zone.name, err)
-                    await asyncio.sleep(CATALOG_RETRY_SECONDS)
-                    continue
-                await self._check_zone_toml()
-                current = rules_version()
-                if snapshot.version != since or current != seen_rules:
-                    self._snapshot, seen_rules = snapshot, current
-                    if snapshot.services:
-                        self.release("the catalog has services again")
-                    await retrying(self._zone.name, "applying a catalog or export change", self._exports_changed)
-                else:
-                    await asyncio.sleep(CATALOG_POLL_SECONDS)
+        seen_state = self._state.version
+        seen_rules = await self._state.run(rules_version)
+        while True:
+            since = self._snapshot.version
+            try:
+                snapshot = await self._catalog.watch(since, CATALOG_POLL_SECONDS)
+            except MeshfedError as err:
+                log.error("zone %s: catalog watch failed, retrying: %s", self._zone.name, err)
+                await asyncio.sleep(CATALOG_RETRY_SECONDS)
+                continue
+            await self._check_zone_toml()
+            state = await self._state.changed(seen_state, 0)
+            current = seen_rules if state == seen_state else await self._state.run(rules_version)
+            seen_state = state
+            if snapshot.version != since or current != seen_rules:
+                self._snapshot, seen_rules = snapshot, current
+                if snapshot.services:
+                    self.release("the catalog has services again")
+                await retrying(self._zone.name, "applying a catalog or export change", self._exports_changed)
+            else:
+                await asyncio.sleep(CATALOG_POLL_SECONDS)

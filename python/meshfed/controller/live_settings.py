@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from pydantic import BaseModel, ValidationError
 
+from meshfed.database import Database
 from meshfed.errors import MeshfedError
 from meshfed.federation.authz import AuthzRules
 from meshfed.validation import describe_validation_error
@@ -37,8 +38,9 @@ class LiveSettings:
     fails, the previous settings are put back and applied again.
     """
 
-    def __init__(self, zone: Zone, *, exports_changed: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, zone: Zone, state: Database, *, exports_changed: Callable[[], Awaitable[None]]) -> None:
         self._zone = zone
+        self._state = state
         self._exports_changed = exports_changed
         self._settings: ZoneConfig = zone.config
         # SHA-256 of zone.toml as last read; None: compare the file with the settings at the next check.
@@ -48,10 +50,10 @@ class LiveSettings:
     def settings(self) -> ZoneConfig:
         return self._settings
 
-    def load_config_rules(self) -> None:
+    async def load_config_rules(self) -> None:
         """Make the stored ``zone.toml`` authorization rules those of the file as it is now."""
-        with AuthzRules(self._zone.directory) as authz:
-            authz.replace_config_rules(self._settings.authz)
+        rules = self._settings.authz
+        await self._state.using(AuthzRules, lambda authz: authz.replace_config_rules(rules))
 
     async def check(self) -> bool:
         """Apply ``zone.toml``'s live tables if the file changed since it was last read. True if applied.
@@ -106,12 +108,12 @@ class LiveSettings:
         self._settings = current.model_copy(update={name: getattr(edited, name) for name in changed})
         try:
             if "authz" in changed:
-                await asyncio.to_thread(self.load_config_rules)
+                await self.load_config_rules()
             await self._exports_changed()
         except MeshfedError as err:
             self._settings = current
             if "authz" in changed:
-                await asyncio.to_thread(self.load_config_rules)
+                await self.load_config_rules()
             log.error(
                 "zone %s: the edited %s of %s cannot be applied, the running settings stay: %s",
                 self._zone.name,

@@ -10,9 +10,11 @@ without touching the data plane.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Sequence
 
+from meshfed.database import Database
 from meshfed.federation.exports import ExportRules, UnhealthyEndpoints
 from meshfed.federation.gateway_config import local_cluster_name
 from meshfed.zone import Zone
@@ -31,8 +33,9 @@ _NAMED_IN_LOG = 10
 class LocalHealth:
     """The local endpoints the gateway finds failing, and the health version peers are told with them."""
 
-    def __init__(self, zone: Zone, driver: GatewayDriver, *, on_change: Callable[[], None]) -> None:
+    def __init__(self, zone: Zone, state: Database, driver: GatewayDriver, *, on_change: Callable[[], None]) -> None:
         self._zone = zone
+        self._state = state
         self._driver = driver
         self._on_change = on_change
         self._unhealthy: UnhealthyEndpoints = frozenset()
@@ -49,16 +52,7 @@ class LocalHealth:
 
     async def load(self) -> None:
         """Read the stored health version (at start: peers must see it go on, not start over)."""
-        self._version = await asyncio.to_thread(self._read_version)
-
-    def _read_version(self) -> int:
-        with ExportRules(self._zone.directory) as rules:
-            return rules.health_version()
-
-    def _bump_health_version(self, unhealthy: UnhealthyEndpoints) -> int:
-        # Opened in the worker thread: a cancelled watch must not close a connection the thread still uses.
-        with ExportRules(self._zone.directory) as rules:
-            return rules.bump_health_version(unhealthy)
+        self._version = await self._state.using(ExportRules, ExportRules.health_version)
 
     async def watch(self) -> None:
         """Follow the gateway's verdict, forever."""
@@ -67,7 +61,9 @@ class LocalHealth:
             unhealthy = self._unhealthy_local_endpoints()
             if unhealthy == self._unhealthy:
                 continue
-            version = await asyncio.to_thread(self._bump_health_version, unhealthy)
+            version = await self._state.using(
+                ExportRules, functools.partial(ExportRules.bump_health_version, unhealthy=unhealthy)
+            )
             self._log_change(self._unhealthy, unhealthy)
             self._unhealthy, self._version = unhealthy, version
             self._on_change()

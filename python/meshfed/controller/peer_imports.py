@@ -7,11 +7,11 @@ imports of peerings deleted while no controller ran are withdrawn at start.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
 from meshfed.catalog import LocalImport
+from meshfed.database import Database
 from meshfed.errors import PeerInputError
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.imports import ImportedService, ImportStore, egress_listener_name
@@ -34,12 +34,14 @@ class PeerImports:
     def __init__(
         self,
         zone: Zone,
+        state: Database,
         driver: GatewayDriver,
         *,
         reconfigure: Callable[[], Awaitable[None]],
         withheld: Callable[[str], bool],
     ) -> None:
         self._zone = zone
+        self._state = state
         self._driver = driver
         self._reconfigure = reconfigure
         self._withheld = withheld
@@ -49,38 +51,28 @@ class PeerImports:
 
         Raises PeerInputError (a refusal the peer is told of) if the data plane rejects them.
         """
-        # Each step opens its own connection in the worker thread: a put cancelled while a thread writes must
-        # not close the connection under it (sqlite3 crashes on that).
-        previous, stored = await asyncio.to_thread(self._stored, peer, snapshot)
+        previous, stored = await self._state.using(
+            ImportStore, lambda imports: (imports.get(peer), imports.put(peer, snapshot))
+        )
         if not stored:
             return
         try:
             await self._reconfigure()
             rejected = self._driver.import_problems.get(peer) if peer in self._driver.rejected else None
         except BaseException:
-            await asyncio.to_thread(self._restore, peer, previous)
+            await self._restore(peer, previous)
             raise
         if rejected is not None:
-            await asyncio.to_thread(self._restore, peer, previous)
+            await self._restore(peer, previous)
             await self._reconfigure()
             raise PeerInputError(rejected)
 
-    def _stored(self, peer: str, snapshot: ServiceSnapshot) -> tuple[bytes | None, bool]:
-        """The peer's imports before, and whether ``snapshot`` was stored (an older one is not)."""
-        with ImportStore(self._zone.directory) as imports:
-            return imports.get(peer), imports.put(peer, snapshot)
-
-    def _restore(self, peer: str, previous: bytes | None) -> None:
-        with ImportStore(self._zone.directory) as imports:
-            imports.restore(peer, previous)
-
-    def _remove(self, peer: str) -> bool:
-        with ImportStore(self._zone.directory) as imports:
-            return imports.remove(peer)
+    async def _restore(self, peer: str, previous: bytes | None) -> None:
+        await self._state.using(ImportStore, lambda imports: imports.restore(peer, previous))
 
     async def forget(self, peer: str) -> None:
         """A peering was deleted: drop its imports and their egress listeners."""
-        removed = await asyncio.to_thread(self._remove, peer)
+        removed = await self._state.using(ImportStore, lambda imports: imports.remove(peer))
         if removed:
             await self._reconfigure()
 

@@ -103,8 +103,10 @@ class RuleView(BaseModel):
 class AuthzRules(SqliteStore):
     """The authorization rules of one zone, in its ``state.db``. Use as a context manager."""
 
+    COMPONENT, MIGRATIONS = "authz", _MIGRATIONS
+
     def __init__(self, zone_directory: Path) -> None:
-        super().__init__(zone_directory / STATE_FILE, "authz", _MIGRATIONS)
+        super().__init__(zone_directory / STATE_FILE)
 
     def add(self, spec: RuleSpec, *, position: int | None = None) -> AuthzRule:
         """Add a rule to its service's API rules: at ``position`` (1 = first of them) or last."""

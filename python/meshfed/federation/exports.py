@@ -86,8 +86,10 @@ class ExportRule:
 class ExportRules(SqliteStore):
     """The export rules of one zone, in its ``state.db``. Use as a context manager."""
 
+    COMPONENT, MIGRATIONS = "exports", _MIGRATIONS
+
     def __init__(self, zone_directory: Path) -> None:
-        super().__init__(zone_directory / STATE_FILE, "exports", _MIGRATIONS)
+        super().__init__(zone_directory / STATE_FILE)
 
     def add(
         self, service: str, namespace: str, peers: Iterable[str], *, proxy_protocol: bool | None = None

@@ -129,8 +129,10 @@ class EgressPorts:
 class ImportStore(SqliteStore):
     """Peers' snapshots in the zone's ``state.db``. Use as a context manager."""
 
+    COMPONENT, MIGRATIONS = "imports", _MIGRATIONS
+
     def __init__(self, zone_directory: Path) -> None:
-        super().__init__(zone_directory / STATE_FILE, "imports", _MIGRATIONS)
+        super().__init__(zone_directory / STATE_FILE)
 
     def get(self, peer: str) -> bytes | None:
         """``peer``'s stored snapshot document as it is (to put back with :meth:`restore`), if any."""

@@ -21,6 +21,10 @@ Pick-up of CLI changes: the CLI writes the store (``meshfed peer establish``,
 ``store_poll_interval`` seconds (and on :meth:`PeeringService.refresh`, which
 ``POST /v1/peerings/refresh`` calls). The poll also renews a lease in the
 store, which tells the CLI whether the zone is running.
+
+A little over 400 lines: the reconciliation of links with the store, the
+heartbeat deadlines and the members the API and the controller call share the
+set of links this class owns; the parts that stand alone are already modules.
 """
 
 from __future__ import annotations
