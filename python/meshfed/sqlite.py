@@ -19,10 +19,10 @@ import os
 import secrets
 import sqlite3
 from collections.abc import Iterator, Sequence
-from contextlib import closing, contextmanager, suppress
+from contextlib import AbstractContextManager, closing, contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import ClassVar, Protocol, Self
 
 from meshfed.errors import ZoneError
 
@@ -227,23 +227,55 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("COMMIT")
 
 
+class Lender(Protocol):
+    """What lends a store the one connection of a running zone to its file (:class:`meshfed.database.Database`)."""
+
+    def lease(self, component: str, migrations: Sequence[str]) -> AbstractContextManager[sqlite3.Connection]: ...
+
+
+# The lenders of the files a running zone holds open in this process, newest last, by absolute path.
+_LENDERS: dict[str, list[Lender]] = {}
+
+
+def lend(path: Path, lender: Lender) -> None:
+    """From now on, stores of ``path`` made in this process borrow ``lender``'s connection."""
+    _LENDERS.setdefault(str(path.absolute()), []).append(lender)
+
+
+def stop_lending(path: Path, lender: Lender) -> None:
+    key = str(path.absolute())
+    lenders = _LENDERS.get(key, [])
+    if lender in lenders:
+        lenders.remove(lender)
+    if not lenders:
+        _LENDERS.pop(key, None)
+
+
 class SqliteStore:
-    """Base of the typed stores: one component's tables, over a connection of its own or a borrowed one.
+    """Base of the typed stores: one component's tables, used as a context manager.
 
     ``Store(path)`` opens a connection of its own (the CLI, while the zone is
-    down), closed with the store; :meth:`on` borrows one (the running zone's
-    :class:`~meshfed.database.Database`, on the thread that owns it).
+    down), closed with the store. In the zone process, whose
+    :class:`~meshfed.database.Database` lends its one connection to the file,
+    the store borrows that connection for the ``with`` block instead, so every
+    store of the process goes through it, one block at a time. :meth:`on`
+    wraps a connection already in hand (a unit of work of that Database).
     """
 
     # Each store's component in meshfed_schema and its migrations (or passed to __init__).
     COMPONENT: ClassVar[str] = ""
     MIGRATIONS: ClassVar[Sequence[str]] = ()
+    _db: sqlite3.Connection
 
     def __init__(self, path: Path, component: str | None = None, migrations: Sequence[str] | None = None) -> None:
-        self._db = open_database(
-            path, component or self.COMPONENT, self.MIGRATIONS if migrations is None else migrations
-        )
-        self._owned = True
+        component = component or self.COMPONENT
+        migrations = self.MIGRATIONS if migrations is None else migrations
+        lenders = _LENDERS.get(str(path.absolute()))
+        self._lease: AbstractContextManager[sqlite3.Connection] | None = None
+        if lenders:
+            self._lease, self._owned = lenders[-1].lease(component, migrations), False
+        else:
+            self._db, self._owned = open_database(path, component, migrations), True
 
     @classmethod
     def on(cls, db: sqlite3.Connection, path: Path) -> Self:
@@ -251,15 +283,21 @@ class SqliteStore:
         assert cls.COMPONENT, f"{cls.__name__} names no COMPONENT"
         migrate(db, path, cls.COMPONENT, cls.MIGRATIONS)
         store = cls.__new__(cls)
-        store._db, store._owned = db, False
+        store._db, store._owned, store._lease = db, False, None
         return store
 
     def __enter__(self) -> Self:
+        if self._lease is not None:
+            self._db = self._lease.__enter__()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            del self._db
+            lease.__exit__(exc_type, exc, tb)
         self.close()
 
     def close(self) -> None:

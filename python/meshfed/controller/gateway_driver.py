@@ -25,7 +25,7 @@ from meshfed.federation.authz import AuthzIndex, AuthzRules
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.exports import ExportIndex, ExportRules
 from meshfed.federation.gateway_config import build_gateway_config
-from meshfed.federation.imports import EgressPorts, ImportedService, ImportStore, services_of
+from meshfed.federation.imports import EgressPorts, ImportedService, ImportStore, egress_listener_name, services_of
 from meshfed.federation.resolver import GatewayResolver
 from meshfed.gateway import Gateway, GatewayConfig, HealthCheck, Identity
 from meshfed.gateway.handle import validate
@@ -228,6 +228,8 @@ class GatewayDriver:
             raise MeshfedError(f"zone {self._zone.name}: no gateway SVID yet; start the controller first")
         view = self._view()
         directory = self._zone.directory
+        # Read in one short block: in the zone process it holds the one connection to state.db, and
+        # what follows (DNS, building and validating thousands of listeners) must not hold it.
         with ExportRules(directory) as rules, AuthzRules(directory) as authz, ImportStore(directory) as imports:
             exports = ConfigExports(
                 view.catalog,
@@ -238,21 +240,29 @@ class GatewayDriver:
                 frozenset(view.peer_trust_domains),
             )
             snapshots, problems = imports.read()
-            served = {peer: snapshot for peer, snapshot in snapshots.items() if peer not in view.withheld}
-            served = self._resolved(served, problems)
-            ports = imports.egress_ports(self._egress_port_base)
-            trust_bundles = bundle_roots_pem([stored.bundle for stored in self._zone.trusted_bundles()])
 
-            def build(peers: dict[str, ServiceSnapshot]) -> GatewayConfig:
-                return self._config(view, exports, trust_bundles, services_of(peers), ports)
+            def live() -> set[str]:
+                # Every stored import's listeners, from the snapshots read above.
+                return {
+                    egress_listener_name(item, port) for item in services_of(snapshots) for port in item.service.ports
+                }
 
-            config = build(served)
-            rejected: set[str] = set()
-            try:
-                validate(config)
-            except GatewayConfigError as err:
-                config, rejected = self._without_rejected_peers(build, served, err, problems)
-            ports.save()
+            ports = imports.egress_ports(self._egress_port_base, live)
+        trust_bundles = bundle_roots_pem([stored.bundle for stored in self._zone.trusted_bundles()])
+        served = {peer: snapshot for peer, snapshot in snapshots.items() if peer not in view.withheld}
+        served = self._resolved(served, problems)
+
+        def build(peers: dict[str, ServiceSnapshot]) -> GatewayConfig:
+            return self._config(view, exports, trust_bundles, services_of(peers), ports)
+
+        config = build(served)
+        rejected: set[str] = set()
+        try:
+            validate(config)
+        except GatewayConfigError as err:
+            config, rejected = self._without_rejected_peers(build, served, err, problems)
+        with ImportStore(directory) as imports:
+            imports.save_ports(ports)
         self._import_problems, self._rejected = problems, frozenset(rejected)
         return config, exports
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import grpc
@@ -40,8 +41,9 @@ class AcceptorHost(Protocol):
     @property
     def zone(self) -> Zone: ...
 
-    @property
-    def store(self) -> PeeringStore: ...
+    def peerings(self) -> AbstractContextManager[PeeringStore]:
+        """The peering store, for one block without an await."""
+        ...
 
     @property
     def clock(self) -> Clock:
@@ -63,40 +65,46 @@ class AcceptorHost(Protocol):
 
 async def accept(host: AcceptorHost, request: pb.EstablishRequest) -> pb.EstablishResponse:
     """Redeem a token (the acceptor's half of establishment)."""
-    store, zone = host.store, host.zone
-    pending = store.redeem_token(request.secret, dialer_zone=request.zone)
-    if request.peer_name != pending.name:
-        raise InvalidTokenError(f"the token names peer {request.peer_name!r}, its secret belongs to {pending.name!r}")
-    trust_domain = TrustDomain.parse(request.trust_domain)
-    if trust_domain == zone.trust_domain:
-        raise InvalidTokenError("a zone cannot peer with its own trust domain; this token was presented to its issuer")
-    # A TERMINATED peering with this trust domain (the peer ended it) gives way to the new one.
-    store.replace_terminated(pending.name, trust_domain.name)
-    clash = store.by_trust_domain(trust_domain.name)
-    if clash is not None:
-        raise PeeringError(f"this zone already peers with {trust_domain} as {clash.name!r}")
-    refuse_trust_owned_elsewhere(zone, trust_domain)
-    if len(request.bundle) > MAX_BUNDLE_BYTES:
-        raise PeeringError(f"the dialer's bundle is {len(request.bundle)} bytes; the limit is {MAX_BUNDLE_BYTES}")
-    bundle = parse_bundle(trust_domain, request.bundle)
-    now = host.clock.now()
-    established = Peering(
-        name=pending.name,
-        role="acceptor",
-        state=PeerState.ESTABLISHING,
-        created_at=pending.created_at,
-        updated_at=now,
-        peer_zone=request.zone,
-        peer_trust_domain=trust_domain.name,
-        peer_addresses=tuple(request.stream_addresses),
-    )
-    # Spent (with the peering stored) before any trust is added: of concurrent redemptions of one
-    # token, exactly one gets here, so no trust domain is ever trusted without a peering owning it.
-    store.spend_token(request.secret, established)
+    zone = host.zone
+    with host.peerings() as store:
+        pending = store.redeem_token(request.secret, dialer_zone=request.zone)
+        if request.peer_name != pending.name:
+            raise InvalidTokenError(
+                f"the token names peer {request.peer_name!r}, its secret belongs to {pending.name!r}"
+            )
+        trust_domain = TrustDomain.parse(request.trust_domain)
+        if trust_domain == zone.trust_domain:
+            raise InvalidTokenError(
+                "a zone cannot peer with its own trust domain; this token was presented to its issuer"
+            )
+        # A TERMINATED peering with this trust domain (the peer ended it) gives way to the new one.
+        store.replace_terminated(pending.name, trust_domain.name)
+        clash = store.by_trust_domain(trust_domain.name)
+        if clash is not None:
+            raise PeeringError(f"this zone already peers with {trust_domain} as {clash.name!r}")
+        refuse_trust_owned_elsewhere(zone, trust_domain)
+        if len(request.bundle) > MAX_BUNDLE_BYTES:
+            raise PeeringError(f"the dialer's bundle is {len(request.bundle)} bytes; the limit is {MAX_BUNDLE_BYTES}")
+        bundle = parse_bundle(trust_domain, request.bundle)
+        now = host.clock.now()
+        established = Peering(
+            name=pending.name,
+            role="acceptor",
+            state=PeerState.ESTABLISHING,
+            created_at=pending.created_at,
+            updated_at=now,
+            peer_zone=request.zone,
+            peer_trust_domain=trust_domain.name,
+            peer_addresses=tuple(request.stream_addresses),
+        )
+        # Spent (with the peering stored) before any trust is added: of concurrent redemptions of one
+        # token, exactly one gets here, so no trust domain is ever trusted without a peering owning it.
+        store.spend_token(request.secret, established)
     try:
         await asyncio.to_thread(zone.import_bundle, bundle, "peering")
     except BaseException:
-        store.delete(established.name)
+        with host.peerings() as store:
+            store.delete(established.name)
         raise
     await host.refresh()
     await host.on_trust_changed()

@@ -117,12 +117,17 @@ class EgressPorts:
                 return port
         raise FederationError("no free egress port left above the base; lower the egress port base")
 
-    def save(self) -> None:
-        """Keep the ports assigned since the last save, so listeners keep their address across restarts."""
+    def save(self, db: sqlite3.Connection | None = None) -> None:
+        """Keep the ports assigned since the last save, so listeners keep their address across restarts.
+
+        ``db``: the connection to write with, when the one these ports were read with was only borrowed
+        for the reading (see :meth:`ImportStore.save_ports`).
+        """
+        db = db if db is not None else self._db
         if self._new or self._reclaimed:
-            with transaction(self._db):
-                self._db.executemany("DELETE FROM egress_ports WHERE listener = ?", [(n,) for n in self._reclaimed])
-                self._db.executemany("INSERT OR IGNORE INTO egress_ports VALUES (?, ?)", self._new.items())
+            with transaction(db):
+                db.executemany("DELETE FROM egress_ports WHERE listener = ?", [(n,) for n in self._reclaimed])
+                db.executemany("INSERT OR IGNORE INTO egress_ports VALUES (?, ?)", self._new.items())
             self._new, self._reclaimed = {}, []
 
 
@@ -178,9 +183,17 @@ class ImportStore(SqliteStore):
         with transaction(self._db):
             return self._db.execute("DELETE FROM imported_snapshots WHERE peer = ?", (peer,)).rowcount > 0
 
-    def egress_ports(self, base: int) -> EgressPorts:
-        """Ports for egress listeners, from ``base`` up; call :meth:`EgressPorts.save` to keep new ones."""
-        return EgressPorts(self._db, base, self._listeners)
+    def egress_ports(self, base: int, live: Callable[[], set[str]] | None = None) -> EgressPorts:
+        """Ports for egress listeners, from ``base`` up; call :meth:`EgressPorts.save` to keep new ones.
+
+        ``live`` names the listeners of the stored imports (default: read from this store when asked);
+        give it when the ports are handed out after this store's block ended.
+        """
+        return EgressPorts(self._db, base, live or self._listeners)
+
+    def save_ports(self, ports: EgressPorts) -> None:
+        """Keep the new ports of ``ports``, read in an earlier block of this store."""
+        ports.save(self._db)
 
     def _listeners(self) -> set[str]:
         """The egress listener names of every stored import (one per service port)."""

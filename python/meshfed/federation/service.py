@@ -34,7 +34,7 @@ import contextlib
 import datetime as dt
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from meshfed import defaults
 from meshfed.clock import SYSTEM_CLOCK, Clock
@@ -125,17 +125,23 @@ class PeeringService:
             advertise_host=advertise_host,
         )
         self._host = _LinkHost(self)
-        self._store: PeeringStore | None = None
+        self._running = False
         self._links: dict[str, PeerLink] = {}
         self._tasks: list[Component] = []
         self._own_bundle_sequence = 0
         self._reconcile_lock = asyncio.Lock()
 
-    @property
-    def store(self) -> PeeringStore:
-        if self._store is None:
+    @contextlib.contextmanager
+    def peerings(self) -> Iterator[PeeringStore]:
+        """The peering store for one block (PeeringError while the service is not running).
+
+        In the zone process the block borrows the zone's one connection to
+        ``state.db`` (:mod:`meshfed.database`): keep it short, and never await inside.
+        """
+        if not self._running:
             raise PeeringError(f"zone {self.zone.name}: the peering service is not running")
-        return self._store
+        with PeeringStore.of(self.zone, clock=self.clock) as store:
+            yield store
 
     @property
     def stream_addresses(self) -> list[str]:
@@ -150,10 +156,11 @@ class PeeringService:
     # -- lifecycle -------------------------------------------------------
 
     async def start(self) -> None:
-        self._store = PeeringStore.of(self.zone, clock=self.clock)
+        self._running = True
         self._own_bundle_sequence = self.zone.own_bundle().sequence
         await self._server.start(EstablishmentServicer(self), StreamServicer(self))
-        self.store.record_listener(self.establish_addresses, self.stream_addresses)
+        with self.peerings() as store:
+            store.record_listener(self.establish_addresses, self.stream_addresses)
         await self.refresh()
         self._tasks = [
             self.supervisor.spawn("peering-poll", self._poll_store),
@@ -176,24 +183,29 @@ class PeeringService:
             await link.stop()
         await self._server.stop()
         self._links.clear()
-        if self._store is not None:
-            self._store.release_lease()
-            self._store.close()
-            self._store = None
+        if self._running:
+            with self.peerings() as store:
+                store.release_lease()
+            self._running = False
 
     # -- read accessors ---------------------------------------------------
 
     def peers(self) -> list[PeerStatus]:
         now = self.clock.now()
-        return [PeerStatus.of(p, self._links.get(p.name), now=now) for p in self.store.peerings()]
+        with self.peerings() as store:
+            peerings = store.peerings()
+        return [PeerStatus.of(p, self._links.get(p.name), now=now) for p in peerings]
 
     def peer(self, name: str) -> PeerStatus:
-        return PeerStatus.of(self.store.require(name), self._links.get(name), now=self.clock.now())
+        with self.peerings() as store:
+            peering = store.require(name)
+        return PeerStatus.of(peering, self._links.get(name), now=self.clock.now())
 
     # -- operations --------------------------------------------------------
 
     def issue_token(self, peer_name: str, ttl: dt.timedelta = DEFAULT_TOKEN_TTL) -> IssuedToken:
-        return self.store.issue_token(self.zone, peer_name, self.establish_addresses, ttl)
+        with self.peerings() as store:
+            return store.issue_token(self.zone, peer_name, self.establish_addresses, ttl)
 
     async def establish(self, token: str, name: str | None = None) -> Peering:
         """Dial the acceptor named by ``token`` (this zone is the dialer), then start the stream."""
@@ -210,13 +222,16 @@ class PeeringService:
     async def refresh(self) -> None:
         """Pick up what the CLI changed in the store now, instead of at the next poll."""
         async with self._reconcile_lock:
-            peerings = self.store.peerings()
+            with self.peerings() as store:
+                peerings = store.peerings()
             for peering in peerings:
                 if peering.delete_requested:
                     await self._teardown(peering.name, "deleted by zone " + self.zone.name, remove=True)
                 elif peering.state in LIVE_STATES and peering.name not in self._links:
                     # A link resumes from the stored snapshots: the one read that parses them.
-                    self._links[peering.name] = self._start_link(self.store.require(peering.name, snapshots=True))
+                    with self.peerings() as store:
+                        resumed = store.require(peering.name, snapshots=True)
+                    self._links[peering.name] = self._start_link(resumed)
             known = {p.name for p in peerings}
             for name in [n for n in self._links if n not in known]:
                 await self._links.pop(name).stop()
@@ -224,7 +239,8 @@ class PeeringService:
 
     async def delete(self, name: str) -> None:
         """Tear a peering down on both sides (telling the peer if connected) and forget it."""
-        self.store.require(name)
+        with self.peerings() as store:
+            store.require(name)
         async with self._reconcile_lock:
             await self._teardown(name, "deleted by zone " + self.zone.name, remove=True)
 
@@ -257,7 +273,9 @@ class PeeringService:
         return link
 
     def _live_trust_domains(self) -> set[str]:
-        return {p.peer_trust_domain for p in self.store.peerings() if p.state in LIVE_STATES and p.peer_trust_domain}
+        with self.peerings() as store:
+            peerings = store.peerings()
+        return {p.peer_trust_domain for p in peerings if p.state in LIVE_STATES and p.peer_trust_domain}
 
     def _peers_behind(self, sequence: int) -> list[str]:
         return sorted(link.name for link in self._links.values() if link.peer_bundle_sequence < sequence)
@@ -272,13 +290,14 @@ class PeeringService:
                     async with asyncio.timeout(2.0):  # not wait_for: it can swallow a racing cancel on 3.11
                         await session.finished.wait()
             await link.stop()
-        peering = self.store.get(name)
-        if remove:
-            self.store.delete(name)
-        else:
-            self.store.update(
-                name, state=PeerState.TERMINATED, state_reason=reason, received_snapshot=None, connected=False
-            )
+        with self.peerings() as store:
+            peering = store.get(name)
+            if remove:
+                store.delete(name)
+            else:
+                store.update(
+                    name, state=PeerState.TERMINATED, state_reason=reason, received_snapshot=None, connected=False
+                )
         self._server.rebuild_credentials()
         if peering is not None and peering.peer_zone is not None and peering.peer_trust_domain is not None:
             held = link.received_version if link else peering.received_version
@@ -325,7 +344,8 @@ class PeeringService:
         while True:
             await self.clock.sleep(self._store_poll_interval)
             try:
-                self.store.renew_lease()
+                with self.peerings() as store:
+                    store.renew_lease()
                 await self.refresh()
                 self._server.current_svid()
                 sequence = self.zone.own_bundle().sequence
@@ -334,15 +354,17 @@ class PeeringService:
                     for link in self._links.values():
                         if link.session is not None:
                             link.session.bundle_changed()
-                for link in self._links.values():
-                    self.store.update(
-                        link.name,
-                        last_connected_at=link.last_connected_at,
-                        last_heartbeat_sent_at=link.last_heartbeat_sent_at,
-                        last_heartbeat_received_at=link.last_heartbeat_received_at,
-                        connected=link.connected_now,
-                    )
-                for name in self.store.drop_expired_pending():
+                with self.peerings() as store:
+                    for link in self._links.values():
+                        store.update(
+                            link.name,
+                            last_connected_at=link.last_connected_at,
+                            last_heartbeat_sent_at=link.last_heartbeat_sent_at,
+                            last_heartbeat_received_at=link.last_heartbeat_received_at,
+                            connected=link.connected_now,
+                        )
+                    dropped = store.drop_expired_pending()
+                for name in dropped:
                     log.info("zone %s: peering %s dropped: its token expired unredeemed", self.zone.name, name)
             except MeshfedError as err:
                 log.error("zone %s peering poll: %s", self.zone.name, err)
@@ -383,11 +405,11 @@ class _LinkHost:
             await self._service.on_peer_state(peer, state)
 
     def record(self, peer: str, **changes: object) -> None:
-        self._service.store.update(peer, **changes)
+        with self._service.peerings() as store:
+            store.update(peer, **changes)
 
     async def record_snapshot(self, peer: str, **changes: object) -> None:
-        self._service.store  # noqa: B018 -- refuses (PeeringError) once the service stopped, as record does
-        await asyncio.to_thread(_update_row, self._service.zone, peer, changes, self._service.clock)
+        await asyncio.to_thread(_update_row, self._service, peer, changes)
 
     def own_bundle_json(self) -> bytes:
         return self._service.zone.own_bundle().to_spiffe_json()
@@ -407,10 +429,10 @@ class _LinkHost:
         await self._service._peer_terminated(link, reason)
 
 
-def _update_row(zone: Zone, peer: str, changes: dict[str, object], clock: Clock) -> None:
-    # On a worker thread, with a connection of its own: a connection holds one transaction at a time,
-    # and the event loop goes on using the service's meanwhile.
-    with PeeringStore.of(zone, clock=clock) as store:
+def _update_row(service: PeeringService, peer: str, changes: dict[str, object]) -> None:
+    # On a worker thread: serialising a large snapshot and writing it is not the event loop's work.
+    # Refused (PeeringError) once the service stopped, as record is.
+    with service.peerings() as store:
         store.update(peer, **changes)
 
 
