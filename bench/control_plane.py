@@ -42,9 +42,11 @@ sys.path.insert(0, str(REPO / "python"))
 
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service  # noqa: E402
 from meshfed.catalog.model import CatalogSnapshot  # noqa: E402
+from meshfed.controller import ControllerSettings  # noqa: E402
 from meshfed.federation import wire  # noqa: E402
 from meshfed.federation.exports import ExportIndex, ExportRule, ExportRules, exported_snapshot  # noqa: E402
 from meshfed.federation.imports import ImportStore  # noqa: E402
+from meshfed.federation.settings import PeeringSettings  # noqa: E402
 from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone, raise_open_file_limit  # noqa: E402
 from meshfed.sqlite import transaction  # noqa: E402
 from meshfed.zone import Zone  # noqa: E402
@@ -71,14 +73,16 @@ def spread(values: Sequence[float], scale: float = 1.0, unit: str = "") -> str:
 
 def settings(heartbeat: float = 5.0, egress_host: str = "127.0.0.1") -> ZoneSettings:
     return ZoneSettings(
-        gateway_address="127.0.0.1:0",
-        egress_host=egress_host,
-        egress_port_base=0,
-        peering_address="127.0.0.1:0",
-        establish_address="127.0.0.1:0",
-        heartbeat_interval=heartbeat,
-        # The endpoints are unroutable addresses: active checks would only measure connect timeouts.
-        health_check=None,
+        controller=ControllerSettings(
+            gateway_address="127.0.0.1:0",
+            egress_host=egress_host,
+            egress_port_base=0,
+            # The endpoints are unroutable addresses: active checks would only measure connect timeouts.
+            health_check=None,
+        ),
+        peering=PeeringSettings(
+            listen_address="127.0.0.1:0", establish_address="127.0.0.1:0", heartbeat_interval=heartbeat
+        ),
     )
 
 

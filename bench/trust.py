@@ -37,6 +37,8 @@ sys.path.insert(0, str(REPO / "python"))
 
 
 import meshfed.controller as controller_module  # noqa: E402
+from meshfed.controller import ControllerSettings  # noqa: E402
+from meshfed.federation.settings import PeeringSettings  # noqa: E402
 from meshfed.gateway import Gateway, GatewayConfig  # noqa: E402
 from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone  # noqa: E402
 from meshfed.trust.bundle import TrustBundle, parse_bundle  # noqa: E402
@@ -149,10 +151,8 @@ def bundle_parsing(repetitions: int) -> list[Row]:
 
 def loopback_settings(bundle_endpoint: bool = False) -> ZoneSettings:
     return ZoneSettings(
-        gateway_address="127.0.0.1:0",
-        egress_port_base=0,
-        peering_address="127.0.0.1:0",
-        establish_address="127.0.0.1:0",
+        controller=ControllerSettings(gateway_address="127.0.0.1:0", egress_port_base=0),
+        peering=PeeringSettings(listen_address="127.0.0.1:0", establish_address="127.0.0.1:0"),
         bundle_endpoint_port=0 if bundle_endpoint else None,
     )
 

@@ -40,8 +40,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "python"))
 
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service  # noqa: E402
+from meshfed.controller import ControllerSettings  # noqa: E402
 from meshfed.federation.authz import AuthzRules, RuleSpec  # noqa: E402
 from meshfed.federation.exports import ExportRules  # noqa: E402
+from meshfed.federation.settings import PeeringSettings  # noqa: E402
 from meshfed.gateway.sni import service_sni  # noqa: E402
 from meshfed.runtime import ZoneSettings, assemble_zone  # noqa: E402
 from meshfed.trust.spiffe import SpiffeId  # noqa: E402
@@ -52,12 +54,8 @@ PAYLOAD = b"x" * 64
 PORT = 8080
 CALLER = "spiffe://west.mesh/ns/shop/sa/cart"
 SETTINGS = ZoneSettings(
-    gateway_address="127.0.0.1:0",
-    egress_port_base=0,
-    peering_address="127.0.0.1:0",
-    establish_address="127.0.0.1:0",
-    heartbeat_interval=0.5,
-    health_check=None,
+    controller=ControllerSettings(gateway_address="127.0.0.1:0", egress_port_base=0, health_check=None),
+    peering=PeeringSettings(listen_address="127.0.0.1:0", establish_address="127.0.0.1:0", heartbeat_interval=0.5),
 )
 
 Call = Callable[[], None]

@@ -47,7 +47,7 @@ from tests.conftest import key_usage
 from tests.test_e2e_federation import LOOPBACK as E2E_LOOPBACK
 
 # The registered endpoints are not real: let the catalog alone say what is healthy.
-LOOPBACK = replace(E2E_LOOPBACK, health_check=None)
+LOOPBACK = replace(E2E_LOOPBACK, controller=replace(E2E_LOOPBACK.controller, health_check=None))
 # Where a hostile peer says its gateway is: a valid address nobody needs to reach.
 SOME_GATEWAY = "127.0.0.1:9"
 
@@ -85,9 +85,12 @@ class RunningZone:
         host, port = runtime.controller.gateway.address(INGRESS_LISTENER)
         self.settings = replace(
             self.settings,
-            gateway_address=f"{host}:{port}",
-            peering_address=runtime.peering.stream_addresses[0],
-            establish_address=runtime.peering.establish_addresses[0],
+            controller=replace(self.settings.controller, gateway_address=f"{host}:{port}"),
+            peering=replace(
+                self.settings.peering,
+                listen_address=runtime.peering.stream_addresses[0],
+                establish_address=runtime.peering.establish_addresses[0],
+            ),
         )
         return runtime
 

@@ -22,7 +22,7 @@ import uvicorn
 
 from meshfed.api import create_app
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
-from meshfed.controller import Controller
+from meshfed.controller import Controller, ControllerSettings
 from meshfed.trust.bundle import parse_bundle
 from meshfed.zone import Zone
 from tests.conftest import free_port, write_svid
@@ -46,7 +46,7 @@ class RunningZone:
 @pytest.fixture
 def running_east(make_zone) -> Iterator[RunningZone]:
     zone = make_zone("east")
-    controller = Controller(zone, gateway_address="127.0.0.1:0", egress_port_base=0)
+    controller = Controller(zone, ControllerSettings(gateway_address="127.0.0.1:0", egress_port_base=0))
     server = uvicorn.Server(uvicorn.Config(create_app(controller), host="127.0.0.1", port=0, log_level="warning"))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)

@@ -21,16 +21,15 @@ from typer.testing import CliRunner
 
 from meshfed.api.auth import NEEDS_ADMIN, NEEDS_READER, READ_ONLY, WRONG_ADMIN, WRONG_TOKEN
 from meshfed.cli import app as cli
+from meshfed.controller import ControllerSettings
 from meshfed.errors import ZoneError
+from meshfed.federation.settings import PeeringSettings
 from meshfed.runtime import ZoneSettings, assemble_zone
 from meshfed.zone import READ_TOKEN_FILE, TOKEN_FILE, Zone
 
 LOOPBACK = ZoneSettings(
-    gateway_address="127.0.0.1:0",
-    egress_port_base=0,
-    peering_address="127.0.0.1:0",
-    establish_address="127.0.0.1:0",
-    health_check=None,
+    controller=ControllerSettings(gateway_address="127.0.0.1:0", egress_port_base=0, health_check=None),
+    peering=PeeringSettings(listen_address="127.0.0.1:0", establish_address="127.0.0.1:0"),
 )
 # Taken without a token: liveness, readiness, metrics, and the zone's own bundle (public by design).
 OPEN = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/trust/bundle")}

@@ -21,7 +21,7 @@ import uvicorn
 
 from meshfed.api import create_app
 from meshfed.api.limits import MAX_BODY_BYTES, MAX_EXPORT_PEERS, MAX_REPORTED_ERRORS
-from meshfed.controller import Controller
+from meshfed.controller import Controller, ControllerSettings
 from meshfed.federation.exports import ExportRules
 from meshfed.zone import Zone
 
@@ -45,7 +45,7 @@ class Api:
 def api(make_zone) -> Iterator[Api]:
     zone = make_zone("east")
     # The routes under test need no running controller: no lifespan, no gateway.
-    app = create_app(Controller(zone, gateway_address="127.0.0.1:0", egress_port_base=0))
+    app = create_app(Controller(zone, ControllerSettings(gateway_address="127.0.0.1:0", egress_port_base=0)))
     server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
     # Listening before the server runs: requests queue in the backlog until it accepts, no waiting here.
     listener = socket.create_server(("127.0.0.1", 0))

@@ -20,14 +20,14 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
 
+from meshfed.controller import ControllerSettings
+from meshfed.federation.settings import PeeringSettings
 from meshfed.runtime import ZoneSettings, assemble_zone
 from meshfed.zone import Zone
 
 LOOPBACK = ZoneSettings(
-    gateway_address="127.0.0.1:0",
-    egress_port_base=0,
-    peering_address="127.0.0.1:0",
-    establish_address="127.0.0.1:0",
+    controller=ControllerSettings(gateway_address="127.0.0.1:0", egress_port_base=0),
+    peering=PeeringSettings(listen_address="127.0.0.1:0", establish_address="127.0.0.1:0"),
 )
 
 

@@ -20,17 +20,15 @@ from typer.testing import CliRunner
 
 from meshfed import audit
 from meshfed.cli import app as cli
+from meshfed.controller import ControllerSettings
+from meshfed.federation.settings import PeeringSettings
 from meshfed.runtime import ZoneSettings, assemble_zone
 from meshfed.zone import Zone
 from tests.test_trust_cli import _assert_no_secrets
 
 LOOPBACK = ZoneSettings(
-    gateway_address="127.0.0.1:0",
-    egress_port_base=0,
-    peering_address="127.0.0.1:0",
-    establish_address="127.0.0.1:0",
-    advertise_host="127.0.0.1",
-    health_check=None,
+    controller=ControllerSettings(gateway_address="127.0.0.1:0", egress_port_base=0, health_check=None),
+    peering=PeeringSettings(listen_address="127.0.0.1:0", establish_address="127.0.0.1:0", advertise_host="127.0.0.1"),
 )
 API_ACTOR = "api:admin@testclient"  # the client host TestClient's requests come from
 

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from meshfed.api import create_app
 from meshfed.catalog.model import CatalogSnapshot, Endpoint, Service
-from meshfed.controller import Controller
+from meshfed.controller import Controller, ControllerSettings
 from meshfed.errors import FederationError
 from meshfed.federation.authz import AuthzIndex, AuthzRules
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
@@ -218,7 +218,7 @@ def test_api_lists_adds_and_removes_rules_with_the_right_tokens(tmp_path):
     with AuthzRules(zone.directory) as store:
         store.replace_config_rules([spec("deny", "spiffe://west.mesh/ns/shop/sa/intruder")])
     api = TestClient(
-        create_app(Controller(zone, gateway_address="127.0.0.1:0", egress_port_base=0))
+        create_app(Controller(zone, ControllerSettings(gateway_address="127.0.0.1:0", egress_port_base=0)))
     )  # lifespan not run: zone stopped
     admin = {"Authorization": f"Bearer {zone.admin_token()}"}
     reader = {"Authorization": f"Bearer {zone.read_token()}"}

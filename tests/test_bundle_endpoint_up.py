@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import socket
 import tomllib
+from dataclasses import replace
 
 import pytest
 import tomli_w
@@ -27,6 +28,8 @@ from tests.test_bundle_endpoint import _web_pki
 from tests.test_zone_process import ZoneProcess, ephemeral_flags, init_zone, meshfed_up_once, one_line_error
 
 EAST = TrustDomain("east.mesh")
+# A zone's default controller settings, its ingress on an ephemeral port.
+CONTROLLER = replace(ZoneSettings().controller, gateway_address="127.0.0.1:0")
 
 
 def _fetch_web(url: str, ca_pem: str) -> TrustBundle:
@@ -59,7 +62,7 @@ def test_meshfed_up_serves_https_web_on_the_given_address_with_the_given_refresh
 
 def test_the_refresh_hint_comes_from_the_flag_then_zone_toml_then_the_default(make_zone):
     east = make_zone("east")
-    settings = ZoneSettings(gateway_address="127.0.0.1:0", health_check=None)
+    settings = ZoneSettings(controller=replace(CONTROLLER, health_check=None))
     assemble_zone(east, settings)
     assert east.own_bundle().refresh_hint_seconds == DEFAULT_REFRESH_HINT_SECONDS
     assert east.own_bundle().sequence == 1  # the default changes nothing for an existing zone
@@ -71,9 +74,9 @@ def test_the_refresh_hint_comes_from_the_flag_then_zone_toml_then_the_default(ma
     assemble_zone(east, settings)
     assert east.own_bundle().refresh_hint_seconds == 90
 
-    assemble_zone(east, ZoneSettings(gateway_address="127.0.0.1:0", bundle_refresh_hint=None))
+    assemble_zone(east, ZoneSettings(controller=CONTROLLER, bundle_refresh_hint=None))
     assert east.own_bundle().refresh_hint_seconds == 90
-    assemble_zone(east, ZoneSettings(gateway_address="127.0.0.1:0", bundle_refresh_hint=dt.timedelta(minutes=2)))
+    assemble_zone(east, ZoneSettings(controller=CONTROLLER, bundle_refresh_hint=dt.timedelta(minutes=2)))
     assert east.own_bundle().refresh_hint_seconds == 120
     # A rotation's default overlap is three hints of what the zone now publishes.
     generation = east.rotate()

@@ -28,7 +28,12 @@ EGRESS = "egress:echo.default.east:tcp"
 def _fixed_ports() -> ZoneSettings:
     """LOOPBACK with fixed peering ports: a restarted zone must be where its peer dials."""
     ports = [free_port(), free_port()]
-    return replace(LOOPBACK, peering_address=f"127.0.0.1:{ports[0]}", establish_address=f"127.0.0.1:{ports[1]}")
+    return replace(
+        LOOPBACK,
+        peering=replace(
+            LOOPBACK.peering, listen_address=f"127.0.0.1:{ports[0]}", establish_address=f"127.0.0.1:{ports[1]}"
+        ),
+    )
 
 
 def _in_sync(runtime: ZoneRuntime, peer: str) -> bool:

@@ -9,19 +9,19 @@ import time
 from dataclasses import replace
 
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
+from meshfed.controller import ControllerSettings
 from meshfed.federation.exports import ExportRules
+from meshfed.federation.settings import PeeringSettings
 from meshfed.gateway import HealthCheck
 from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone
 from meshfed.zone import Zone
 from tests.conftest import EchoServer, eventually, round_trip, running_echo_server
 
 LOOPBACK = ZoneSettings(
-    gateway_address="127.0.0.1:0",
-    egress_port_base=0,
-    peering_address="127.0.0.1:0",
-    establish_address="127.0.0.1:0",
-    heartbeat_interval=0.2,
-    failing_peer_grace=dt.timedelta(seconds=0.5),
+    controller=ControllerSettings(
+        gateway_address="127.0.0.1:0", egress_port_base=0, failing_peer_grace=dt.timedelta(seconds=0.5)
+    ),
+    peering=PeeringSettings(listen_address="127.0.0.1:0", establish_address="127.0.0.1:0", heartbeat_interval=0.2),
 )
 
 
@@ -122,7 +122,11 @@ def test_failover_group_moves_to_the_next_zone_when_a_backend_stops(make_zone):
     """
     east, west, north = make_zone("east"), make_zone("west"), make_zone("north")
     settings = replace(
-        LOOPBACK, health_check=HealthCheck(interval_ms=100, timeout_ms=100, healthy_threshold=1, unhealthy_threshold=2)
+        LOOPBACK,
+        controller=replace(
+            LOOPBACK.controller,
+            health_check=HealthCheck(interval_ms=100, timeout_ms=100, healthy_threshold=1, unhealthy_threshold=2),
+        ),
     )
     with running_echo_server() as east_backend, running_echo_server() as north_backend:
         for zone, backend in ((east, east_backend), (north, north_backend)):

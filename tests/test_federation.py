@@ -14,7 +14,7 @@ import time
 import pytest
 
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
-from meshfed.controller import Controller
+from meshfed.controller import Controller, ControllerSettings
 from meshfed.errors import FederationError
 from meshfed.federation.exports import ExportRules
 from meshfed.federation.imports import ImportStore
@@ -38,11 +38,13 @@ def _register_echo(zone: Zone, backend: EchoServer, name: str = "echo") -> None:
 def _controller(zone: Zone, peers: dict[str, Zone]) -> Controller:
     return Controller(
         zone,
-        gateway_address="127.0.0.1:0",
-        egress_port_base=0,
+        ControllerSettings(
+            gateway_address="127.0.0.1:0",
+            egress_port_base=0,
+            # No active checks: these tests count the backend's connections, and a check is one more.
+            health_check=None,
+        ),
         peer_trust_domains=lambda: {name: peer.trust_domain for name, peer in peers.items()},
-        # No active checks: these tests count the backend's connections, and a check is one more.
-        health_check=None,
     )
 
 
@@ -233,10 +235,12 @@ def test_imports_are_published_at_the_advertised_egress_host(zones, echo_server)
     async def scenario() -> None:
         west_controller = Controller(
             west,
-            gateway_address="127.0.0.1:0",
-            egress_port_base=0,
-            egress_host="0.0.0.0",
-            egress_advertise_host="127.0.0.1",
+            ControllerSettings(
+                gateway_address="127.0.0.1:0",
+                egress_port_base=0,
+                egress_host="0.0.0.0",
+                egress_advertise_host="127.0.0.1",
+            ),
             peer_trust_domains=lambda: {"east": east.trust_domain},
         )
         async with _controller(east, {"west": west}) as east_ctl, west_controller as west_ctl:

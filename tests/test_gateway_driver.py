@@ -19,7 +19,7 @@ import pytest
 
 from meshfed.api import create_app
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
-from meshfed.controller import Controller, gateway_driver
+from meshfed.controller import Controller, ControllerSettings, gateway_driver
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.federation.imports import ImportStore, egress_listener_name
 from meshfed.gateway import Gateway, GatewayConfig
@@ -102,10 +102,8 @@ def test_the_route_answers_what_the_gateway_was_given_and_writes_nothing(
         )
     controller = Controller(
         east,
-        gateway_address="127.0.0.1:0",
-        egress_port_base=free_port_pair(),
+        ControllerSettings(gateway_address="127.0.0.1:0", egress_port_base=free_port_pair(), health_check=None),
         peer_trust_domains=lambda: {"west": west.trust_domain},
-        health_check=None,
     )
     admin = {"Authorization": f"Bearer {east.admin_token()}"}
 

@@ -295,7 +295,12 @@ def test_a_trust_domain_the_data_plane_cannot_hold_is_refused_at_establishment(m
 
 def test_a_peer_advertising_its_gateway_by_dns_name_is_reached_through_its_address(make_zone, echo_server):
     port = free_port()
-    west_settings = replace(LOOPBACK, gateway_address=f"127.0.0.1:{port}", gateway_advertise=(f"localhost:{port}",))
+    west_settings = replace(
+        LOOPBACK,
+        controller=replace(
+            LOOPBACK.controller, gateway_address=f"127.0.0.1:{port}", gateway_advertise=(f"localhost:{port}",)
+        ),
+    )
 
     async def scenario() -> None:
         async with federation(make_zone, hostile=None, west_settings=west_settings) as fed:
@@ -325,7 +330,7 @@ def test_a_peer_advertising_its_gateway_by_dns_name_is_reached_through_its_addre
 
 
 def test_a_peer_over_its_limits_is_refused_naming_the_limit_and_under_them_applied(make_zone):
-    limited = replace(LOOPBACK, peer_limits=PeerLimits(max_services=20, max_listeners=20))
+    limited = replace(LOOPBACK, peering=replace(LOOPBACK.peering, limits=PeerLimits(max_services=20, max_listeners=20)))
 
     async def scenario() -> None:
         async with federation(make_zone, east_settings=limited) as fed:
@@ -619,7 +624,7 @@ def test_a_peering_never_replaces_or_removes_trust_an_operator_imported(make_zon
 
 def test_a_silent_peer_announcing_an_endless_heartbeat_interval_fails_within_the_clamped_deadline(make_zone):
     async def scenario() -> None:
-        bounded = replace(LOOPBACK, peer_heartbeat_bounds=(0.05, 0.5))
+        bounded = replace(LOOPBACK, peering=replace(LOOPBACK.peering, peer_heartbeat_bounds=(0.05, 0.5)))
         async with federation(make_zone, hostile=None, east_settings=bounded) as fed:
             east = fed.east
             evil = HostilePeer(make_zone("evil"), east)
@@ -629,7 +634,7 @@ def test_a_silent_peer_announcing_an_endless_heartbeat_interval_fails_within_the
             await eventually(lambda: east.state("evil") == "ACTIVE", "evil ACTIVE")
             assert east.status("evil").peer_heartbeat_seconds == 0.5
             # Silent from now on, with the stream kept open.
-            deadline = 0.5 * east.peering.missed_heartbeats
+            deadline = 0.5 * east.peering.settings.missed_heartbeats
             await eventually(lambda: east.state("evil") == "FAILING", "evil FAILING", timeout=deadline + 2)
             # The clamped interval, not the announced one (nor the lower bound), set the deadline.
             assert deadline - 0.25 < time.monotonic() - said_hello < deadline + 1.0

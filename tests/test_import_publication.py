@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from meshfed.api import create_app
 from meshfed.catalog import EmbeddedCatalog, EmbeddedCatalogSource, Endpoint, LocalImport, Service
 from meshfed.catalog.publisher import PublicationStore
-from meshfed.controller import Controller
+from meshfed.controller import Controller, ControllerSettings
 from meshfed.errors import CatalogError
 from meshfed.federation.exports import ExportRules
 from meshfed.zone import STATE_FILE, Zone
@@ -64,17 +64,16 @@ def test_a_refused_publication_neither_blocks_imports_nor_this_zones_own_exports
     async def scenario() -> None:
         east_ctl = Controller(
             east,
-            gateway_address="127.0.0.1:0",
-            egress_port_base=0,
+            ControllerSettings(gateway_address="127.0.0.1:0", egress_port_base=0),
             peer_trust_domains=lambda: {"west": west.trust_domain},
         )
         west_ctl = Controller(
             west,
-            gateway_address="127.0.0.1:0",
-            egress_port_base=0,
+            ControllerSettings(
+                gateway_address="127.0.0.1:0", egress_port_base=0, publication_resync=dt.timedelta(hours=1)
+            ),
             peer_trust_domains=lambda: {"east": east.trust_domain},
             catalog=refusing,
-            publication_resync=dt.timedelta(hours=1),
         )
         async with east_ctl, west_ctl:
             west_notified: list[int] = []
@@ -135,10 +134,10 @@ def test_publication_resyncs_what_was_removed_out_of_band(make_zone):
     async def scenario() -> None:
         controller = Controller(
             zone,
-            gateway_address="127.0.0.1:0",
-            egress_port_base=0,
+            ControllerSettings(
+                gateway_address="127.0.0.1:0", egress_port_base=0, publication_resync=dt.timedelta(milliseconds=50)
+            ),
             catalog=source,
-            publication_resync=dt.timedelta(milliseconds=50),
         )
         async with controller:
             # Nothing changes in the zone, yet the catalog is told again every resync interval.

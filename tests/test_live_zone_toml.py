@@ -18,7 +18,7 @@ import pytest
 import tomli_w
 
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
-from meshfed.controller import Controller
+from meshfed.controller import Controller, ControllerSettings
 from meshfed.federation.authz import AuthzRules
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.federation.exports import ExportRules
@@ -86,10 +86,8 @@ def test_failover_split_and_authz_apply_live_and_bad_edits_change_nothing(
     async def scenario() -> None:
         controller = Controller(
             east,
-            gateway_address="127.0.0.1:0",
-            egress_port_base=0,
+            ControllerSettings(gateway_address="127.0.0.1:0", egress_port_base=0, health_check=None),
             peer_trust_domains=lambda: {"west": west.trust_domain, "north": north.trust_domain},
-            health_check=None,
         )
         async with controller:
             await controller.import_snapshot("west", peer_exports("west"))

@@ -241,7 +241,7 @@ def test_consul_kubernetes_and_embedded_zones_federate_on_the_real_servers(tmp_p
                 rules.add("echo", service_namespace[role], [names[other] for other in zones if other != role])
         settings = dict.fromkeys(zones, LOOPBACK)
         # The Kubernetes zone's imports are mirrored at the host end of the veth: the API server admits that.
-        settings["kube"] = replace(LOOPBACK, egress_host=netns.host)
+        settings["kube"] = replace(LOOPBACK, controller=replace(LOOPBACK.controller, egress_host=netns.host))
 
         async def scenario() -> None:
             runtimes = {role: assemble_zone(zone, settings[role]) for role, zone in zones.items()}

@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 
 from meshfed.clock import SYSTEM_CLOCK, Clock
-from meshfed.controller import Controller
+from meshfed.controller import Controller, ControllerSettings
 from meshfed.federation.dialer import establish
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.federation.peering_state import Peering, PeerState
 from meshfed.federation.peering_store import PeeringStore, request_delete
 from meshfed.federation.service import PeeringService
+from meshfed.federation.settings import PeeringSettings
 from meshfed.zone import Zone
 from tests.clocks import ManualClock
 from tests.conftest import eventually
@@ -72,20 +73,25 @@ class Harness:
     async def start(self, listen: str = "127.0.0.1:0", establish_at: str = "127.0.0.1:0") -> PeeringService:
         self.peering = PeeringService(
             self.zone,
+            PeeringSettings(
+                listen_address=listen,
+                establish_address=establish_at,
+                heartbeat_interval=self.heartbeat,
+                missed_heartbeats=MISSED,
+                store_poll_interval=STORE_POLL,
+                reconnect_backoff=(0.05, 0.5),
+            ),
             exports=self.exports,
             on_imports=self.on_imports,
             on_trust_changed=self.on_trust_changed,
             on_peer_state=self.on_peer_state,
-            listen_address=listen,
-            establish_address=establish_at,
-            heartbeat_interval=self.heartbeat,
-            missed_heartbeats=MISSED,
-            store_poll_interval=STORE_POLL,
-            reconnect_backoff=(0.05, 0.5),
             clock=self.clock,
         )
         self.controller = Controller(
-            self.zone, gateway_address="127.0.0.1:0", egress_port_base=0, companions=[self.peering], clock=self.clock
+            self.zone,
+            ControllerSettings(gateway_address="127.0.0.1:0", egress_port_base=0),
+            companions=[self.peering],
+            clock=self.clock,
         )
         await self.controller.start()
         return self.peering

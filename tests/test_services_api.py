@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from meshfed.api import create_app
 from meshfed.catalog.settings import ConsulSettings
 from meshfed.cli import app as cli
-from meshfed.controller import Controller
+from meshfed.controller import Controller, ControllerSettings
 from meshfed.runtime import assemble_zone
 from meshfed.zone import Zone
 from tests.conftest import eventually
@@ -119,7 +119,9 @@ def test_the_api_and_the_cli_refuse_the_same_registrations(
 def test_a_consul_zone_refuses_both_calls(tmp_path: Path) -> None:
     zone = Zone.init(tmp_path / "east", "east", "east.mesh", catalog="consul", consul=ConsulSettings())
     # Not started: the refusal comes before anything would reach Consul.
-    api = TestClient(create_app(Controller(zone, gateway_address="127.0.0.1:0", egress_port_base=0)))
+    api = TestClient(
+        create_app(Controller(zone, ControllerSettings(gateway_address="127.0.0.1:0", egress_port_base=0)))
+    )
     admin = bearer(zone.admin_token())
     for response in (
         api.post("/v1/services", json=WEB, headers=admin),

@@ -49,7 +49,12 @@ def broken(runtime: ZoneRuntime, **kwargs: str) -> str | None:
 def test_explain_names_the_first_broken_link_on_each_side(make_zone, echo_server):
     east, west = make_zone("east"), make_zone("west")
     register_echo(east, echo_server)
-    settings = replace(LOOPBACK, failing_peer_policy="closed", failing_peer_grace=dt.timedelta(seconds=0.3))
+    settings = replace(
+        LOOPBACK,
+        controller=replace(
+            LOOPBACK.controller, failing_peer_policy="closed", failing_peer_grace=dt.timedelta(seconds=0.3)
+        ),
+    )
 
     async def scenario() -> None:
         e, w = assemble_zone(east, settings), assemble_zone(west, settings)
@@ -142,7 +147,9 @@ def test_status_and_explain_cli_ask_the_running_zone(tmp_path, echo_server):
 def test_a_wildcard_peering_bind_without_advertise_host_warns(make_zone, caplog):
     """Peers would be told 127.0.0.1: the log says so and names the flag that fixes it."""
     zone = make_zone("east")
-    settings = replace(LOOPBACK, peering_address="0.0.0.0:0", establish_address="0.0.0.0:0")
+    settings = replace(
+        LOOPBACK, peering=replace(LOOPBACK.peering, listen_address="0.0.0.0:0", establish_address="0.0.0.0:0")
+    )
 
     async def scenario() -> str:
         runtime = assemble_zone(zone, settings)

@@ -14,7 +14,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshfed.controller import Controller
+from meshfed.controller import Controller, ControllerSettings
 from meshfed.gateway import Cluster, Endpoint, Gateway, GatewayConfig, OutlierDetection, PassthroughListener, Route
 from meshfed.logs import JsonFormatter
 from meshfed.telemetry import Telemetry
@@ -44,7 +44,9 @@ def test_config_applies_are_traced_and_logs_carry_the_trace_id(make_zone):
 
         async def scenario() -> None:
             async with Controller(
-                make_zone("east"), gateway_address="127.0.0.1:0", egress_port_base=0, span_exporter=exporter
+                make_zone("east"),
+                ControllerSettings(gateway_address="127.0.0.1:0", egress_port_base=0),
+                span_exporter=exporter,
             ) as east:
                 await east.reconfigure()
 
@@ -366,7 +368,9 @@ def test_expiry_gauges_give_when_the_ca_svid_and_trusted_roots_expire(make_zone)
     trust_each_other(east, west)
 
     async def scenario() -> Scrape:
-        async with Controller(east, gateway_address="127.0.0.1:0", egress_port_base=0, health_check=None) as controller:
+        async with Controller(
+            east, ControllerSettings(gateway_address="127.0.0.1:0", egress_port_base=0, health_check=None)
+        ) as controller:
             scrape = _scrape(controller.telemetry)
             svid = controller.gateway_svid
             assert svid is not None

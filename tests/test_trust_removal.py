@@ -14,8 +14,10 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
+from meshfed.controller import ControllerSettings
 from meshfed.federation.peering_state import Peering, PeerState
 from meshfed.federation.peering_store import PeeringStore
+from meshfed.federation.settings import PeeringSettings
 from meshfed.federation.trust_removal import remove_trust
 from meshfed.gateway import GatewayConfig
 from meshfed.runtime import ZoneSettings, assemble_zone
@@ -26,12 +28,8 @@ from meshfed.zone.rotation import RotationService
 from tests.test_trust_cli import _one_line_error, meshfed_cli
 
 LOOPBACK = ZoneSettings(
-    gateway_address="127.0.0.1:0",
-    egress_port_base=0,
-    peering_address="127.0.0.1:0",
-    establish_address="127.0.0.1:0",
-    advertise_host="127.0.0.1",
-    health_check=None,
+    controller=ControllerSettings(gateway_address="127.0.0.1:0", egress_port_base=0, health_check=None),
+    peering=PeeringSettings(listen_address="127.0.0.1:0", establish_address="127.0.0.1:0", advertise_host="127.0.0.1"),
 )
 
 

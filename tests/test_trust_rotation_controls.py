@@ -11,7 +11,9 @@ import pytest
 from cryptography import x509
 from fastapi.testclient import TestClient
 
+from meshfed.controller import ControllerSettings
 from meshfed.errors import RotationError, UntrustedSvidError
+from meshfed.federation.settings import PeeringSettings
 from meshfed.runtime import ZoneSettings, assemble_zone
 from meshfed.trust.bundle import fingerprint
 from meshfed.trust.ca import load_private_key_pem
@@ -25,12 +27,8 @@ from tests.test_trust_cli import _one_line_error, meshfed_cli
 HOUR = dt.timedelta(hours=1)
 WEB = "spiffe://east.mesh/ns/default/sa/web"
 LOOPBACK = ZoneSettings(
-    gateway_address="127.0.0.1:0",
-    egress_port_base=0,
-    peering_address="127.0.0.1:0",
-    establish_address="127.0.0.1:0",
-    advertise_host="127.0.0.1",
-    health_check=None,
+    controller=ControllerSettings(gateway_address="127.0.0.1:0", egress_port_base=0, health_check=None),
+    peering=PeeringSettings(listen_address="127.0.0.1:0", establish_address="127.0.0.1:0", advertise_host="127.0.0.1"),
 )
 
 

@@ -203,7 +203,9 @@ def test_a_workload_identity_crosses_zones_and_east_authorizes_it(zones, tmp_pat
 
         async def scenario() -> None:
             e = assemble_zone(east, LOOPBACK)
-            w = assemble_zone(west, replace(LOOPBACK, egress_workload_tls="strict"))
+            w = assemble_zone(
+                west, replace(LOOPBACK, controller=replace(LOOPBACK.controller, egress_workload_tls="strict"))
+            )
             for runtime in (e, w):
                 await runtime.controller.start()
             try:
@@ -270,7 +272,9 @@ def test_authz_rules_change_a_running_zone(zones, tmp_path) -> None:
 
         async def scenario() -> None:
             e = assemble_zone(east, LOOPBACK)
-            w = assemble_zone(west, replace(LOOPBACK, egress_workload_tls="permissive"))
+            w = assemble_zone(
+                west, replace(LOOPBACK, controller=replace(LOOPBACK.controller, egress_workload_tls="permissive"))
+            )
             for runtime in (e, w):
                 await runtime.controller.start()
             try:

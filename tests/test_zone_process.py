@@ -24,7 +24,9 @@ import pytest
 
 from meshfed.addresses import HostPort
 from meshfed.cli.serve import Listeners, start_runtime
+from meshfed.controller import ControllerSettings
 from meshfed.errors import MeshfedError
+from meshfed.federation.settings import PeeringSettings
 from meshfed.runtime import ZoneSettings, assemble_zone
 from tests.conftest import free_port
 
@@ -186,12 +188,9 @@ def test_a_second_zone_on_the_same_peering_ports_is_refused(tmp_path):
 
 def _loopback(peering: str = "127.0.0.1:0", bundle_endpoint_port: int | None = None) -> ZoneSettings:
     return ZoneSettings(
-        gateway_address="127.0.0.1:0",
-        egress_port_base=0,
-        peering_address=peering,
-        establish_address="127.0.0.1:0",
+        controller=ControllerSettings(gateway_address="127.0.0.1:0", egress_port_base=0, health_check=None),
+        peering=PeeringSettings(listen_address=peering, establish_address="127.0.0.1:0"),
         bundle_endpoint_port=bundle_endpoint_port,
-        health_check=None,
     )
 
 
@@ -204,8 +203,8 @@ def _listeners(settings: ZoneSettings, gateway: str = "127.0.0.1:0") -> Listener
         api=HostPort("127.0.0.1", 0),
         gateway=parse(gateway),
         gateway_flag="--gateway-address",
-        peering=parse(settings.peering_address),
-        establish=parse(settings.establish_address),
+        peering=parse(settings.peering.listen_address),
+        establish=parse(settings.peering.establish_address),
         bundle_endpoint_port=settings.bundle_endpoint_port,
     )
 
@@ -245,11 +244,10 @@ def held_port() -> Iterator[int]:
 def test_a_taken_gateway_port_at_start_names_the_flag(make_zone, held_port):
     async def scenario() -> str:
         settings = ZoneSettings(
-            gateway_address=f"127.0.0.1:{held_port}",
-            egress_port_base=0,
-            peering_address="127.0.0.1:0",
-            establish_address="127.0.0.1:0",
-            health_check=None,
+            controller=ControllerSettings(
+                gateway_address=f"127.0.0.1:{held_port}", egress_port_base=0, health_check=None
+            ),
+            peering=PeeringSettings(listen_address="127.0.0.1:0", establish_address="127.0.0.1:0"),
         )
         runtime = assemble_zone(make_zone("east"), settings)
         with pytest.raises(MeshfedError) as refused:

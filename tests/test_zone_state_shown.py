@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from meshfed.api import create_app
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
 from meshfed.cli import app as cli
-from meshfed.controller import Controller, health_check_every
+from meshfed.controller import Controller, ControllerSettings, health_check_every
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.federation.exports import ExportRules
 from meshfed.runstate import RunState
@@ -78,10 +78,12 @@ def test_the_exporting_zone_shows_what_its_health_checks_found(
     async def scenario() -> None:
         controller = Controller(
             east,
-            gateway_address="127.0.0.1:0",
-            egress_port_base=0,
+            ControllerSettings(
+                gateway_address="127.0.0.1:0",
+                egress_port_base=0,
+                health_check=health_check_every(dt.timedelta(milliseconds=50)),
+            ),
             peer_trust_domains=lambda: {"west": west.trust_domain},
-            health_check=health_check_every(dt.timedelta(milliseconds=50)),
         )
         async with controller:
             await eventually(lambda: bool(controller.unhealthy_endpoints), "the dead endpoint found failing")
@@ -135,11 +137,13 @@ def test_imports_and_failover_groups_show_where_local_clients_connect(make_zone,
     async def scenario() -> None:
         controller = Controller(
             east,
-            gateway_address="127.0.0.1:0",
-            egress_port_base=0,  # ephemeral ports: only the running zone knows them
-            egress_advertise_host=ADVERTISED,
+            ControllerSettings(
+                gateway_address="127.0.0.1:0",
+                egress_port_base=0,  # ephemeral ports: only the running zone knows them
+                egress_advertise_host=ADVERTISED,
+                health_check=None,
+            ),
             peer_trust_domains=lambda: {"west": west.trust_domain},
-            health_check=None,
         )
         async with controller:
             await controller.import_snapshot("west", _west_exports("db", "cache"))

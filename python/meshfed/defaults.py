@@ -1,9 +1,10 @@
 """The one definition of each default a running zone starts with.
 
-``meshfed up``'s flags, :class:`meshfed.runtime.ZoneSettings`, the components
-that take these settings and ``zone.toml`` (:class:`meshfed.zone.ZoneConfig`)
-all read their defaults from here, and ``tests/test_defaults.py`` checks that
-the Helm chart's ``values.yaml`` says the same. Plain values only: this module
+``meshfed up``'s flags, the settings objects (:class:`meshfed.runtime.ZoneSettings`
+and the parts it hands each component whole, ``ControllerSettings`` and
+``PeeringSettings``) and ``zone.toml`` (:class:`meshfed.zone.ZoneConfig`) all
+read their defaults from here, and ``tests/test_defaults.py`` checks that the
+flags and the Helm chart's ``values.yaml`` say the same. Plain values only: this module
 is imported by the CLI before anything heavy loads.
 
 Peers in other clusters dial the peering, establishment and gateway ports, so

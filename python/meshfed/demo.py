@@ -39,7 +39,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
+from meshfed.controller import ControllerSettings
 from meshfed.federation.exports import ExportRules
+from meshfed.federation.settings import PeeringSettings
 from meshfed.gateway import Cluster, GatewayConfig, HealthCheck, Identity, OriginateListener, UpstreamTls
 from meshfed.gateway import Endpoint as GatewayEndpoint
 from meshfed.gateway import Gateway as DataPlane
@@ -52,13 +54,15 @@ _SERVICE, _NAMESPACE, _PORT = "web", "default", 8080
 _LOOPBACK = "127.0.0.1"
 _EXPORTERS = ("east", "north")
 _SETTINGS = ZoneSettings(
-    gateway_address=f"{_LOOPBACK}:0",
-    egress_port_base=0,
-    peering_address=f"{_LOOPBACK}:0",
-    establish_address=f"{_LOOPBACK}:0",
-    heartbeat_interval=0.5,
-    # Fast local health checks, so the failover step takes a fraction of a second.
-    health_check=HealthCheck(interval_ms=200, timeout_ms=200, healthy_threshold=1, unhealthy_threshold=2),
+    controller=ControllerSettings(
+        gateway_address=f"{_LOOPBACK}:0",
+        egress_port_base=0,
+        # Fast local health checks, so the failover step takes a fraction of a second.
+        health_check=HealthCheck(interval_ms=200, timeout_ms=200, healthy_threshold=1, unhealthy_threshold=2),
+    ),
+    peering=PeeringSettings(
+        listen_address=f"{_LOOPBACK}:0", establish_address=f"{_LOOPBACK}:0", heartbeat_interval=0.5
+    ),
 )
 _FAILOVER_LISTENER = f"failover:{_SERVICE}.{_NAMESPACE}:http"
 _WAIT_SECONDS = 20.0

@@ -11,20 +11,18 @@ import contextlib
 import datetime as dt
 import ipaddress
 import resource
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import FastAPI
 
 from meshfed import defaults
 from meshfed.api import create_app
-from meshfed.controller import DEFAULT_HEALTH_CHECK, Controller, FailingPeerPolicy
+from meshfed.controller import Controller, ControllerSettings
 from meshfed.errors import MeshfedError, PeeringError
-from meshfed.federation.link import PEER_HEARTBEAT_BOUNDS, PeerLimits
 from meshfed.federation.peer_status import PeerStatus
 from meshfed.federation.peering_state import PeerState
 from meshfed.federation.service import PeeringService
-from meshfed.gateway import HealthCheck
-from meshfed.policy.egress import WorkloadTls
+from meshfed.federation.settings import PeeringSettings
 from meshfed.trust.ca import Svid
 from meshfed.trust.endpoint import BundleEndpointServer, WebCertificate, endpoint_spiffe_id
 from meshfed.trust.spiffe import TrustDomain
@@ -35,39 +33,28 @@ from meshfed.zone.rotation import RotationService
 _ENDPOINT_SVID_TTL = dt.timedelta(hours=24)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ZoneSettings:
-    """Where a zone listens and how it treats failing peers. Defaults suit one zone per host."""
+    """Everything a zone is tuned by: each component's settings, whole, and the zone's own.
 
-    gateway_address: str | None = None  # default: zone.toml
-    gateway_advertise: tuple[str, ...] = ()  # default: the bound ingress address
-    egress_host: str = defaults.EGRESS_HOST  # where egress listeners bind
-    egress_advertise_host: str | None = None  # where local clients reach them; default: egress_host
-    egress_port_base: int = defaults.EGRESS_PORT_BASE  # 0: ephemeral egress ports
-    peering_address: str = defaults.PEERING_ADDRESS
-    establish_address: str = defaults.ESTABLISH_ADDRESS
-    advertise_host: str | None = None  # host peers dial for peering; default: the listen host
+    Defaults suit one zone per host. To vary one nested field, replace the part:
+    ``replace(settings, peering=replace(settings.peering, heartbeat_interval=0.2))``.
+    """
+
+    controller: ControllerSettings = ControllerSettings(egress_port_base=defaults.EGRESS_PORT_BASE)
+    peering: PeeringSettings = PeeringSettings()
     bundle_endpoint_port: int | None = None  # serve the SPIFFE bundle endpoint on this port (None: not at all)
     bundle_endpoint_host: str = defaults.BUNDLE_ENDPOINT_HOST  # where it binds: consumers in other zones reach it
     # The https_web certificate and key of the bundle endpoint; None: https_spiffe (the controller's SVID).
     bundle_endpoint_web: WebCertificate | None = None
     bundle_refresh_hint: dt.timedelta | None = None  # default: bundle_refresh_hint in zone.toml, else 5 minutes
-    heartbeat_interval: float = defaults.HEARTBEAT_INTERVAL.total_seconds()
-    failing_peer_grace: dt.timedelta = defaults.FAILING_PEER_GRACE
-    failing_peer_policy: FailingPeerPolicy = defaults.FAILING_PEER_POLICY
-    health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK  # active checks of local endpoints; None: catalog only
-    peer_limits: PeerLimits = field(default_factory=PeerLimits)  # what one peer may make this zone hold
-    # A peer's announced heartbeat interval is held within these (seconds): its failure deadline.
-    peer_heartbeat_bounds: tuple[float, float] = PEER_HEARTBEAT_BOUNDS
-    allow_empty_catalog: bool = False  # an empty catalog at start withdraws earlier exports (else they are held)
-    egress_workload_tls: WorkloadTls | None = None  # default: [egress] workload_tls in zone.toml
 
 
 def check_settings(zone: Zone, settings: ZoneSettings) -> None:
     """Refuse settings that cannot work with this zone's catalog, before anything binds."""
     if zone.config.catalog != "kubernetes":
         return
-    published = settings.egress_advertise_host or settings.egress_host
+    published = settings.controller.egress_advertise_host or settings.controller.egress_host
     try:
         address = ipaddress.ip_address(published)
     except ValueError:
@@ -131,34 +118,16 @@ def assemble_zone(zone: Zone, settings: ZoneSettings = ZoneSettings()) -> ZoneRu
             if status.peer_trust_domain and status.state != "TERMINATED"
         }
 
-    controller = Controller(
-        zone,
-        gateway_address=settings.gateway_address,
-        gateway_advertise=settings.gateway_advertise,
-        egress_host=settings.egress_host,
-        egress_advertise_host=settings.egress_advertise_host,
-        egress_port_base=settings.egress_port_base,
-        peer_trust_domains=peer_trust_domains,
-        failing_peer_grace=settings.failing_peer_grace,
-        failing_peer_policy=settings.failing_peer_policy,
-        health_check=settings.health_check,
-        allow_empty_catalog=settings.allow_empty_catalog,
-        egress_workload_tls=settings.egress_workload_tls,
-    )
+    controller = Controller(zone, settings.controller, peer_trust_domains=peer_trust_domains)
     peering = PeeringService(
         zone,
+        settings.peering,
         exports=controller.exports_for_peer,
         on_imports=controller.import_snapshot,
         on_trust_changed=controller.reconfigure,
         on_peer_state=controller.peer_state_changed,
         import_problem=controller.import_problem,
-        limits=settings.peer_limits,
         supervisor=controller.supervisor,
-        listen_address=settings.peering_address,
-        establish_address=settings.establish_address,
-        advertise_host=settings.advertise_host,
-        heartbeat_interval=settings.heartbeat_interval,
-        peer_heartbeat_bounds=settings.peer_heartbeat_bounds,
     )
     controller.on_exports_changed(peering.notify_exports_changed)
     _observe_peering(controller, peering)

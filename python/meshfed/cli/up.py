@@ -1,8 +1,12 @@
 """``meshfed up``: run one zone in the foreground, its flags parsed and checked before anything binds.
 
-Every flag's default is the one in :mod:`meshfed.defaults`; the heavy modules
-(the controller, the API, gRPC) load inside the command, so ``meshfed --help``
-stays quick.
+The flags build :class:`meshfed.runtime.ZoneSettings`: the controller's
+(:class:`~meshfed.controller.ControllerSettings`), the peering service's
+(:class:`~meshfed.federation.settings.PeeringSettings`) and the zone's own.
+Every flag's default is the one in :mod:`meshfed.defaults`, the field's default
+(``tests/test_defaults.py`` checks each field against its flag); the heavy
+modules (the controller, the API, gRPC) load inside the command, so
+``meshfed --help`` stays quick.
 """
 
 from __future__ import annotations
@@ -125,7 +129,8 @@ def up(
     import faulthandler
 
     from meshfed.cli.serve import ApiTls, Listeners, serve_zone
-    from meshfed.controller import health_check_every
+    from meshfed.controller import ControllerSettings, health_check_every
+    from meshfed.federation.settings import PeeringSettings
     from meshfed.policy.egress import WorkloadTls
     from meshfed.runtime import ZoneSettings
     from meshfed.zone import Zone, parse_refresh_hint
@@ -162,7 +167,7 @@ def up(
         ),
         api_tls=None if api_tls_cert is None or api_tls_key is None else ApiTls(api_tls_cert, api_tls_key),
     )
-    settings = ZoneSettings(
+    controller = ControllerSettings(
         gateway_address=None if gateway_address is None else str(listeners.gateway),
         gateway_advertise=tuple(
             str(parse_host_port(address, what="--gateway-advertise", allow_zero=False))
@@ -173,9 +178,20 @@ def up(
             None if egress_advertise_host is None else parse_host(egress_advertise_host, what="--egress-advertise-host")
         ),
         egress_port_base=parse_port(egress_port_base, what="--egress-port-base", allow_zero=True),
-        peering_address=str(listeners.peering),
+        failing_peer_grace=parse_duration(failing_peer_grace, "--failing-peer-grace"),
+        failing_peer_policy="open" if failing_peer_policy == "open" else "closed",
+        health_check=health_check_every(parse_duration(health_check_interval, "--health-check-interval")),
+        allow_empty_catalog=allow_empty_catalog,
+        egress_workload_tls=cast("WorkloadTls | None", egress_workload_tls),
+    )
+    peering = PeeringSettings(
+        listen_address=str(listeners.peering),
         establish_address=str(listeners.establish),
         advertise_host=None if advertise_host is None else parse_host(advertise_host, what="--advertise-host"),
+    )
+    settings = ZoneSettings(
+        controller=controller,
+        peering=peering,
         bundle_endpoint_port=listeners.bundle_endpoint_port,
         bundle_endpoint_host=listeners.bundle_endpoint_host,
         bundle_endpoint_web=bundle_endpoint.web if bundle_endpoint else None,
@@ -184,11 +200,6 @@ def up(
             if bundle_refresh_hint is None
             else dt.timedelta(seconds=parse_refresh_hint(bundle_refresh_hint, "--bundle-refresh-hint"))
         ),
-        failing_peer_grace=parse_duration(failing_peer_grace, "--failing-peer-grace"),
-        failing_peer_policy="open" if failing_peer_policy == "open" else "closed",
-        health_check=health_check_every(parse_duration(health_check_interval, "--health-check-interval")),
-        allow_empty_catalog=allow_empty_catalog,
-        egress_workload_tls=cast("WorkloadTls | None", egress_workload_tls),
     )
     # A crash in a C extension (gRPC, SQLite, the core) prints every thread's Python stack to stderr: the
     # operator's report says where, not only "exited -11".

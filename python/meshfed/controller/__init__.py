@@ -26,33 +26,32 @@ The parts, each a module of this package:
 This module puts them together: the order in which they start and stop, and
 the members the API, :mod:`meshfed.diagnose`, :mod:`meshfed.runtime` and the
 tests use (most of them one line handing over to a part). Every part logs as
-``meshfed.controller``. It runs past 400 lines because that interface is kept
-as it was: the constructor's documented keyword arguments and some thirty
-public members, each small, with no role of its own left here.
+``meshfed.controller``. Its tunables are one :class:`ControllerSettings`
+(``settings``), handed over whole. It runs past 400 lines because that
+interface is kept as it was: some thirty public members, each small, with no
+role of its own left here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from meshfed import defaults
 from meshfed.catalog import CatalogSnapshot, CatalogSource, LocalImport, open_catalog
-from meshfed.catalog.publisher import DEFAULT_RESYNC, ImportPublisher, PublicationStatus
+from meshfed.catalog.publisher import ImportPublisher, PublicationStatus
 from meshfed.clock import SYSTEM_CLOCK, Clock
 from meshfed.database import Database
 from meshfed.errors import MeshfedError
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.exports import UnhealthyEndpoints
 from meshfed.federation.failover import FailoverGroup, failover_groups
-from meshfed.gateway import Gateway, GatewayConfig, HealthCheck
-from meshfed.policy.egress import EgressPolicy, WorkloadTls
+from meshfed.gateway import Gateway, GatewayConfig
+from meshfed.policy.egress import EgressPolicy
 from meshfed.supervisor import Supervisor
 from meshfed.telemetry import Telemetry
 from meshfed.trust.ca import Svid
@@ -69,21 +68,10 @@ from .local_health import LocalHealth
 from .peer_exports import PeerExports
 from .peer_imports import PeerImports
 from .run_record import RunRecord
+from .settings import ControllerSettings as ControllerSettings
+from .settings import health_check_every as health_check_every
 
 log = logging.getLogger(__name__)
-
-DEFAULT_GATEWAY_SVID_TTL = dt.timedelta(hours=24)
-
-
-def health_check_every(interval: dt.timedelta) -> HealthCheck | None:
-    """Local endpoint checks every ``interval`` (none for 0): two failures mark an endpoint down, two passes up."""
-    if interval <= dt.timedelta(0):
-        return None
-    ms = max(int(interval.total_seconds() * 1000), 1)
-    return HealthCheck(interval_ms=ms, timeout_ms=min(ms, 1_000), healthy_threshold=2, unhealthy_threshold=2)
-
-
-DEFAULT_HEALTH_CHECK = health_check_every(defaults.HEALTH_CHECK_INTERVAL)
 
 PeerTrustDomains = Callable[[], Mapping[str, TrustDomain]]
 
@@ -102,89 +90,52 @@ class Controller:
     def __init__(
         self,
         zone: Zone,
+        settings: ControllerSettings,
         *,
-        gateway_address: str | None = None,
-        gateway_advertise: Sequence[str] = (),
-        egress_port_base: int,
-        egress_host: str = defaults.EGRESS_HOST,
-        egress_advertise_host: str | None = None,
-        gateway_svid_ttl: dt.timedelta = DEFAULT_GATEWAY_SVID_TTL,
+        catalog: CatalogSource | None = None,
         peer_trust_domains: PeerTrustDomains = dict,
         companions: Sequence[Companion] = (),
         span_exporter: SpanExporter | None = None,
-        failing_peer_grace: dt.timedelta = defaults.FAILING_PEER_GRACE,
-        failing_peer_policy: FailingPeerPolicy = defaults.FAILING_PEER_POLICY,
-        catalog: CatalogSource | None = None,
-        health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
-        publication_resync: dt.timedelta = DEFAULT_RESYNC,
-        allow_empty_catalog: bool = False,
-        egress_workload_tls: WorkloadTls | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        """``egress_port_base`` 0 gives each import an ephemeral port; otherwise ports are kept from that base
-        (no default here: a zone's is :data:`meshfed.defaults.EGRESS_PORT_BASE`, set by its settings).
-        Imports are published to the catalog at ``egress_advertise_host`` (default: the bound host), so a
-        gateway bound to 0.0.0.0 in a pod can be published at the pod's IP.
+        """``settings`` holds every tunable (see :class:`ControllerSettings` for each one's meaning).
 
+        ``catalog`` is the zone's catalog source (default: the one ``zone.toml`` names);
         ``peer_trust_domains`` maps peering names to their trust domains (the
-        peering service provides it); ``gateway_advertise`` is where peers reach
-        this zone's ingress (default: its bound address). A peer that stays
-        FAILING past ``failing_peer_grace`` keeps its imports served under the
-        ``open`` policy (callers' connects fail over or fail fast) and loses
-        them under ``closed`` until it is back.
-
-        ``health_check`` runs active TCP checks on local endpoints from the
-        gateway; an endpoint that fails them counts as unhealthy in what peers
-        are told, so their failover groups move on. ``None`` leaves health to
-        the catalog alone.
-
-        Imports are published into the catalog (Consul registrations, Kubernetes
-        mirrors) by an :class:`ImportPublisher` of their own, again every
-        ``publication_resync``: a refusal there never blocks applying config.
-
-        Catalog continuity: a zone that starts with an empty catalog although it
-        exported services before (a deleted ``catalog.db``, a Consul or
-        Kubernetes pointed at the wrong place) keeps telling its peers what they
-        last heard, until the catalog has services again or an operator
-        confirms (:meth:`confirm_empty_catalog`, or ``allow_empty_catalog``):
-        withdrawing every export would make every peer delete every import.
-
-        ``egress_workload_tls`` overrides ``[egress] workload_tls`` of ``zone.toml``
-        (per-import overrides still apply): whether local workloads must present
-        SVIDs to the egress listeners.
+        peering service provides it); ``clock`` runs failing peers' grace timers.
+        Catalog continuity (:meth:`confirm_empty_catalog`) is explained on
+        :attr:`ControllerSettings.allow_empty_catalog`.
         """
         self.zone = zone
+        self.settings = settings
         # The process's one connection to state.db, and its change feed (see meshfed.database).
         self._state = Database(zone.directory / STATE_FILE)
         # The settings in force: zone.toml as read at start, with live edits of its live tables applied.
         self._live = LiveSettings(zone, self._state, exports_changed=self.exports_changed)
-        settings = self._live.settings
+        config = self._live.settings
         self._catalog = catalog if catalog is not None else open_catalog(zone)
         # Owns every background loop of the zone, the companions' included (see meshfed.supervisor).
         self.supervisor = Supervisor(zone.name)
         self._publisher = ImportPublisher(
             self._catalog,
             self.local_imports,
-            describe=f"zone {zone.name}: {settings.catalog} catalog",
+            describe=f"zone {zone.name}: {config.catalog} catalog",
             state_path=zone.directory / STATE_FILE,
-            resync=publication_resync,
+            resync=settings.publication_resync,
             supervisor=self.supervisor,
         )
         self._catalog_watch = CatalogWatch(
             zone,
             self._state,
             self._catalog,
-            kind=settings.catalog,
+            kind=config.catalog,
             check_zone_toml=self.check_zone_toml,
             exports_changed=self.exports_changed,
             notify_peers=self._notify_exports_listeners,
         )
-        self.gateway_address = gateway_address or settings.gateway_address
-        self._egress_advertise_host = egress_advertise_host
-        egress = settings.egress
-        self._egress = (
-            egress if egress_workload_tls is None else egress.model_copy(update={"workload_tls": egress_workload_tls})
-        )
+        self.gateway_address = settings.gateway_address or config.gateway_address
+        egress, workload_tls = config.egress, settings.egress_workload_tls
+        self._egress = egress if workload_tls is None else egress.model_copy(update={"workload_tls": workload_tls})
         self._peer_trust_domains = peer_trust_domains
         self._companions = list(companions)
         self._exports_listeners: list[Callable[[], None]] = []
@@ -192,13 +143,11 @@ class Controller:
         self._failing = FailingPeers(
             zone.name,
             self.supervisor,
-            grace=failing_peer_grace,
-            policy=failing_peer_policy,
+            grace=settings.failing_peer_grace,
+            policy=settings.failing_peer_policy,
             reconfigure=self.reconfigure,
             clock=clock,  # failing peers' grace timers
         )
-        self._health_check = health_check
-        self._allow_empty_catalog = allow_empty_catalog
         self.telemetry = Telemetry(
             zone.name,
             self.gateway_stats,
@@ -212,17 +161,19 @@ class Controller:
             on_applied=self._config_applied,
             telemetry=self.telemetry,
             address=self.gateway_address,
-            egress_host=egress_host,
-            egress_port_base=egress_port_base,
+            egress_host=settings.egress_host,
+            egress_port_base=settings.egress_port_base,
             egress=self._egress,
-            health_check=health_check,
-            svid_ttl=gateway_svid_ttl,
+            health_check=settings.health_check,
+            svid_ttl=settings.gateway_svid_ttl,
         )
         self._health = LocalHealth(zone, self._state, self._driver, on_change=self._local_health_changed)
         self._imports = PeerImports(
             zone, self._state, self._driver, reconfigure=self.reconfigure, withheld=self._failing.withheld
         )
-        self._exports = PeerExports(zone, self._driver, self._health, self._catalog_watch, advertise=gateway_advertise)
+        self._exports = PeerExports(
+            zone, self._driver, self._health, self._catalog_watch, advertise=settings.gateway_advertise
+        )
         self._run_record = RunRecord(self._state, self.egress_addresses)
         self._observe_expiry()
 
@@ -266,7 +217,7 @@ class Controller:
         # peer's imports must not stop the zone from starting.
         await asyncio.to_thread(self._imports.withdraw_deleted_peers)
         await self._live.load_config_rules()
-        await self._catalog_watch.load(allow_empty=self._allow_empty_catalog)
+        await self._catalog_watch.load(allow_empty=self.settings.allow_empty_catalog)
         await self._driver.start()
         self._exports.changed()
         started: list[Companion] = []
@@ -288,7 +239,7 @@ class Controller:
         self.supervisor.spawn("listener-record", self._run_record.keep_listeners_recorded)
         self.supervisor.spawn("svid-renewal", self._driver.renew_svid)
         self.supervisor.spawn("catalog-watch", self._catalog_watch.watch, ready=lambda: self._catalog.last_error)
-        if self._health_check is not None:
+        if self.settings.health_check is not None:
             self.supervisor.spawn("local-health", self._health.watch)
         log.info("zone %s running: gateway ingress on %s", self.zone.name, self.gateway_address)
 
@@ -374,7 +325,7 @@ class Controller:
 
     @property
     def catalog_held(self) -> bool:
-        """True while exports are held because the catalog came up empty (see the class docstring)."""
+        """True while exports are held because the catalog came up empty (ControllerSettings.allow_empty_catalog)."""
         return self._catalog_watch.held
 
     def confirm_empty_catalog(self) -> bool:
@@ -417,7 +368,8 @@ class Controller:
         if not self._driver.running:
             return {}
         return {
-            name: (self._egress_advertise_host or host, port) for name, (host, port) in self.gateway.addresses().items()
+            name: (self.settings.egress_advertise_host or host, port)
+            for name, (host, port) in self.gateway.addresses().items()
         }
 
     def local_imports(self) -> list[LocalImport]:

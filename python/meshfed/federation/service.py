@@ -18,7 +18,7 @@ through a :class:`~meshfed.federation.link.LinkHost`.
 
 Pick-up of CLI changes: the CLI writes the store (``meshfed peer establish``,
 ``meshfed peer delete``) and this service polls it every
-``store_poll_interval`` seconds (and on :meth:`PeeringService.refresh`, which
+``settings.store_poll_interval`` seconds (and on :meth:`PeeringService.refresh`, which
 ``POST /v1/peerings/refresh`` calls). The poll also renews a lease in the
 store, which tells the CLI whether the zone is running.
 
@@ -36,19 +36,19 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 
-from meshfed import defaults
 from meshfed.clock import SYSTEM_CLOCK, Clock
 from meshfed.errors import MeshfedError, PeeringError
 from meshfed.federation.acceptor import EstablishmentServicer, StreamServicer
 from meshfed.federation.dialer import dial_forever, establish
 from meshfed.federation.exchange import MAX_VERSION, ServiceSnapshot
-from meshfed.federation.link import PEER_HEARTBEAT_BOUNDS, LinkSettings, PeerLimits, PeerLink, new_epoch
+from meshfed.federation.link import LinkSettings, PeerLink, new_epoch
 from meshfed.federation.peer_status import PeerStatus
 from meshfed.federation.peer_trust import held_bundle, trust_owned_elsewhere
 from meshfed.federation.peering_state import LIVE_STATES, Peering, PeerState
 from meshfed.federation.peering_store import PeeringStore
 from meshfed.federation.peering_tokens import IssuedToken
 from meshfed.federation.server import PeeringServer
+from meshfed.federation.settings import PeeringSettings
 from meshfed.federation.token import DEFAULT_TOKEN_TTL
 from meshfed.supervisor import Component, Supervisor
 from meshfed.trust.bundle import TrustBundle, newest
@@ -62,7 +62,6 @@ ImportProblem = Callable[[str], str | None]
 OnImports = Callable[[str, ServiceSnapshot], Awaitable[None]]
 OnTrustChanged = Callable[[], Awaitable[None]]
 OnPeerState = Callable[[str, PeerState], Awaitable[None]]
-_DEFAULT_LIMITS = PeerLimits()
 
 
 class PeeringService:
@@ -76,6 +75,7 @@ class PeeringService:
     exports as a full snapshot, in order, once per version; on teardown it gets
     an empty snapshot, then ``on_peer_state(peer, TERMINATED)``.
     ``on_trust_changed()`` runs after a peer's bundle is stored or replaced.
+    ``settings`` holds every tunable (addresses, heartbeats, polling, limits).
     ``clock`` is what the service, its store and its links read the time from
     and wait on: heartbeats and their deadlines, the store poll, tokens'
     lifetimes (the dialers' reconnect backoff stays on real time).
@@ -84,45 +84,32 @@ class PeeringService:
     def __init__(
         self,
         zone: Zone,
+        settings: PeeringSettings = PeeringSettings(),
         *,
         exports: ExportsOf,
         on_imports: OnImports,
         on_trust_changed: OnTrustChanged,
         on_peer_state: OnPeerState | None = None,
         import_problem: ImportProblem = lambda peer: None,
-        limits: PeerLimits = _DEFAULT_LIMITS,
         supervisor: Supervisor | None = None,
-        listen_address: str = defaults.PEERING_ADDRESS,
-        establish_address: str = defaults.ESTABLISH_ADDRESS,
-        advertise_host: str | None = None,
-        heartbeat_interval: float = defaults.HEARTBEAT_INTERVAL.total_seconds(),
-        missed_heartbeats: int = 3,
-        peer_heartbeat_bounds: tuple[float, float] = PEER_HEARTBEAT_BOUNDS,
-        store_poll_interval: float = 1.0,
-        reconnect_backoff: tuple[float, float] = (0.2, 10.0),
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.zone = zone
+        self.settings = settings
         self.clock = clock
         self.exports = exports
         self.on_imports = on_imports
         self.on_trust_changed = on_trust_changed
         self.on_peer_state = on_peer_state
         self.import_problem = import_problem
-        self.limits = limits
         self.supervisor = supervisor or Supervisor(zone.name)
-        self.heartbeat_interval = heartbeat_interval
-        self.missed_heartbeats = missed_heartbeats
-        self.peer_heartbeat_bounds = peer_heartbeat_bounds
-        self.reconnect_backoff = reconnect_backoff
-        self._store_poll_interval = store_poll_interval
         self._server = PeeringServer(
             zone,
             live_trust_domains=self._live_trust_domains,
             peers_behind=self._peers_behind,
-            listen_address=listen_address,
-            establish_address=establish_address,
-            advertise_host=advertise_host,
+            listen_address=settings.listen_address,
+            establish_address=settings.establish_address,
+            advertise_host=settings.advertise_host,
         )
         self._host = _LinkHost(self)
         self._running = False
@@ -261,14 +248,16 @@ class PeeringService:
         settings = LinkSettings(
             zone=self.zone.name,
             trust_domain=str(self.zone.trust_domain),
-            heartbeat_interval=self.heartbeat_interval,
-            missed_heartbeats=self.missed_heartbeats,
-            peer_heartbeat_bounds=self.peer_heartbeat_bounds,
-            limits=self.limits,
+            heartbeat_interval=self.settings.heartbeat_interval,
+            missed_heartbeats=self.settings.missed_heartbeats,
+            peer_heartbeat_bounds=self.settings.peer_heartbeat_bounds,
+            limits=self.settings.limits,
         )
         link = PeerLink(self._host, settings, peering, clock=self.clock)
         if link.role == "dialer":
-            dial = functools.partial(dial_forever, link, self._server.client_credentials, self.reconnect_backoff)
+            dial = functools.partial(
+                dial_forever, link, self._server.client_credentials, self.settings.reconnect_backoff
+            )
             link.dialer = self.supervisor.spawn(f"peer-{link.name}-dialer", dial)
         return link
 
@@ -342,7 +331,7 @@ class PeeringService:
 
     async def _poll_store(self) -> None:
         while True:
-            await self.clock.sleep(self._store_poll_interval)
+            await self.clock.sleep(self.settings.store_poll_interval)
             try:
                 with self.peerings() as store:
                     store.renew_lease()
@@ -371,7 +360,7 @@ class PeeringService:
 
     async def _watch_heartbeats(self) -> None:
         while True:
-            await self.clock.sleep(self.heartbeat_interval / 4)
+            await self.clock.sleep(self.settings.heartbeat_interval / 4)
             now = self.clock.monotonic()
             for link in list(self._links.values()):
                 silent = now - link.last_message_at
