@@ -529,9 +529,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     sizes = args.sizes or ([500] if args.quick else [10000])
-    cost_sizes = (
-        args.cost_sizes if args.cost_sizes is not None else ([1000, 2000] if args.quick else [1000, 10000])
-    )
+    cost_sizes = args.cost_sizes if args.cost_sizes is not None else ([1000, 2000] if args.quick else [1000, 10000])
     started = time.monotonic()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="meshfed-bench-cp-") as tmp:

@@ -180,17 +180,17 @@ def test_a_cancelled_session_leaves_its_write_to_finish_and_stop_waits_for_it() 
 def test_a_running_service_writes_received_snapshots_on_another_thread(make_zone, monkeypatch) -> None:
     written: list[tuple[str, bool]] = []  # (field, on the event loop's thread)
     received: list[tuple[int, bool]] = []  # (services, on the event loop's thread)
-    update = PeeringStore.update
+    write = PeeringStore.write_encoded
 
-    def recording_update(self: PeeringStore, name: str, **changes: object) -> bool:
+    def recording_write(self: PeeringStore, name: str, values: dict[str, object]) -> bool:
+        # Every write of a peering's fields ends here, encoded (a snapshot as its document and its count).
         on_loop = threading.current_thread() is threading.main_thread()
-        written.extend((field, on_loop) for field in changes)
-        snapshot = changes.get("received_snapshot")
-        if isinstance(snapshot, ServiceSnapshot):
-            received.append((len(snapshot.services), on_loop))
-        return update(self, name, **changes)
+        written.extend((field, on_loop) for field in values)
+        if "received_snapshot" in values:
+            received.append((int(str(values["received_services"])), on_loop))
+        return write(self, name, values)
 
-    monkeypatch.setattr(PeeringStore, "update", recording_update)
+    monkeypatch.setattr(PeeringStore, "write_encoded", recording_write)
     east, west = Harness(make_zone("east")), Harness(make_zone("west"))
     east.exported = [service(f"web-{i}") for i in range(LARGE)]
 

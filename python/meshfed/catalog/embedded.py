@@ -68,17 +68,14 @@ class EmbeddedCatalog(SqliteStore):
 
     def load(self) -> CatalogSnapshot:
         """Every service, consistently at one version."""
+        return parse_catalog(*self.documents())
+
+    def documents(self) -> tuple[int, list[bytes]]:
+        """The version and every service's document, consistently, unparsed (see :func:`parse_catalog`)."""
         with transaction(self._db):
             (version,) = self._db.execute("SELECT version FROM catalog_version").fetchone()
             rows = self._db.execute("SELECT document FROM services ORDER BY namespace, name").fetchall()
-        try:
-            services = [Service.model_validate_json(document) for (document,) in rows]
-        except ValidationError as err:
-            raise CatalogError(
-                f"the embedded catalog holds an unreadable service ({describe_validation_error(err)}); register "
-                "it again with 'meshfed service register', or restore catalog.db from a backup"
-            ) from None
-        return CatalogSnapshot(version=version, services=services)
+        return int(version), [bytes(document) for (document,) in rows]
 
     def version(self) -> int:
         (version,) = self._db.execute("SELECT version FROM catalog_version").fetchone()
@@ -100,7 +97,9 @@ class EmbeddedCatalogSource:
 
     async def snapshot(self) -> CatalogSnapshot:
         self._feed_seen = self._db.version
-        self._last = await self._db.run(lambda db: EmbeddedCatalog.on(db, self._path).load())
+        documents = await self._db.run(lambda db: EmbeddedCatalog.on(db, self._path).documents())
+        # Parsed off the unit: thousands of services take a second, and the unit holds the connection.
+        self._last = await asyncio.to_thread(parse_catalog, *documents)
         return self._last
 
     async def watch(self, since: int, timeout: float) -> CatalogSnapshot:
@@ -132,3 +131,15 @@ class EmbeddedCatalogSource:
     def last_error(self) -> str | None:
         """Never set: the embedded catalog is a local file, and a failed read raises at once."""
         return None
+
+
+def parse_catalog(version: int, documents: list[bytes]) -> CatalogSnapshot:
+    """The catalog at ``version`` from its services' stored documents."""
+    try:
+        services = [Service.model_validate_json(document) for document in documents]
+    except ValidationError as err:
+        raise CatalogError(
+            f"the embedded catalog holds an unreadable service ({describe_validation_error(err)}); register "
+            "it again with 'meshfed service register', or restore catalog.db from a backup"
+        ) from None
+    return CatalogSnapshot(version=version, services=services)

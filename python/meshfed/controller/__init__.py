@@ -168,9 +168,7 @@ class Controller:
             svid_ttl=settings.gateway_svid_ttl,
         )
         self._health = LocalHealth(zone, self._state, self._driver, on_change=self._local_health_changed)
-        self._imports = PeerImports(
-            zone, self._state, self._driver, reconfigure=self.reconfigure, withheld=self._failing.withheld
-        )
+        self._imports = PeerImports(zone, self._state, self._driver, reconfigure=self.reconfigure)
         self._exports = PeerExports(
             zone, self._driver, self._health, self._catalog_watch, advertise=settings.gateway_advertise
         )

@@ -13,6 +13,7 @@ afresh, is what the gateway runs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable, Mapping
@@ -23,9 +24,16 @@ from meshfed.catalog import CatalogSnapshot
 from meshfed.errors import GatewayConfigError, MeshfedError
 from meshfed.federation.authz import AuthzIndex, AuthzRules
 from meshfed.federation.exchange import ServiceSnapshot
-from meshfed.federation.exports import ExportIndex, ExportRules
+from meshfed.federation.exports import ExportedCatalog, ExportIndex, ExportRules
 from meshfed.federation.gateway_config import build_gateway_config
-from meshfed.federation.imports import EgressPorts, ImportedService, ImportStore, egress_listener_name, services_of
+from meshfed.federation.imports import (
+    EgressPorts,
+    ImportedService,
+    ImportStore,
+    egress_listener_name,
+    parse_documents,
+    services_of,
+)
 from meshfed.federation.resolver import GatewayResolver
 from meshfed.gateway import Gateway, GatewayConfig, HealthCheck, Identity
 from meshfed.gateway.handle import validate
@@ -54,7 +62,7 @@ class ZoneView:
 
 @dataclass(frozen=True)
 class ConfigExports:
-    """The catalog and export rules one gateway config was built from."""
+    """What one gateway config was built from: the catalog and export rules, and the imports it serves."""
 
     catalog: CatalogSnapshot
     index: ExportIndex
@@ -63,6 +71,10 @@ class ConfigExports:
     proxy_protocol: frozenset[tuple[str, str]] = frozenset()
     # The peers whose trust domains the config's ingress admits.
     admitted: frozenset[str] = frozenset()
+    # The exported services as peers see them, built with the config (off the event loop).
+    exported: ExportedCatalog | None = None
+    # The imported services the config serves (neither withheld nor rejected by the data plane).
+    imports: tuple[ImportedService, ...] = ()
 
 
 class GatewayDriver:
@@ -228,6 +240,12 @@ class GatewayDriver:
             raise MeshfedError(f"zone {self._zone.name}: no gateway SVID yet; start the controller first")
         view = self._view()
         directory = self._zone.directory
+        snapshots: dict[str, ServiceSnapshot] = {}
+
+        def live() -> set[str]:
+            # Every stored import's listeners: asked of the ports only once their range is full.
+            return {egress_listener_name(item, port) for item in services_of(snapshots) for port in item.service.ports}
+
         # Read in one short block: in the zone process it holds the one connection to state.db, and
         # what follows (DNS, building and validating thousands of listeners) must not hold it.
         with ExportRules(directory) as rules, AuthzRules(directory) as authz, ImportStore(directory) as imports:
@@ -239,15 +257,10 @@ class GatewayDriver:
                 rules.proxy_protocol_services(),
                 frozenset(view.peer_trust_domains),
             )
-            snapshots, problems = imports.read()
-
-            def live() -> set[str]:
-                # Every stored import's listeners, from the snapshots read above.
-                return {
-                    egress_listener_name(item, port) for item in services_of(snapshots) for port in item.service.ports
-                }
-
+            documents = imports.documents()  # parsed below, outside the block
             ports = imports.egress_ports(self._egress_port_base, live)
+        parsed, problems = parse_documents(documents)
+        snapshots.update(parsed)
         trust_bundles = bundle_roots_pem([stored.bundle for stored in self._zone.trusted_bundles()])
         served = {peer: snapshot for peer, snapshot in snapshots.items() if peer not in view.withheld}
         served = self._resolved(served, problems)
@@ -263,6 +276,10 @@ class GatewayDriver:
             config, rejected = self._without_rejected_peers(build, served, err, problems)
         with ImportStore(directory) as imports:
             imports.save_ports(ports)
+        kept = {peer: snapshot for peer, snapshot in served.items() if peer not in rejected}
+        exports = dataclasses.replace(
+            exports, exported=ExportedCatalog(exports.catalog, exports.index), imports=tuple(services_of(kept))
+        )
         self._import_problems, self._rejected = problems, frozenset(rejected)
         return config, exports
 

@@ -11,11 +11,12 @@ While the catalog is unexpectedly empty, peers are held to what they last heard.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from meshfed.addresses import HostPort
 from meshfed.federation.exchange import ServiceSnapshot
-from meshfed.federation.exports import exported_snapshot
+from meshfed.federation.exports import ExportedCatalog
 from meshfed.federation.gateway_config import INGRESS_LISTENER
 from meshfed.zone import Zone
 
@@ -69,13 +70,14 @@ class PeerExports:
         if cached is not None:
             return cached
         applied = self._driver.applied_exports
-        snapshot = exported_snapshot(
+        if applied.exported is None:  # the config before the first build: nothing is exported yet
+            applied = dataclasses.replace(applied, exported=ExportedCatalog(applied.catalog, applied.index))
+        assert applied.exported is not None
+        snapshot = applied.exported.snapshot(
             zone=self._zone.name,
             trust_domain=str(self._zone.trust_domain),
             gateway_addresses=self.advertised_gateway_addresses(),
             peer=peer,
-            catalog=applied.catalog,
-            index=applied.index,
             rules_version=applied.rules_version,
             health_version=self._health.version,
             unhealthy=self._health.unhealthy,

@@ -7,6 +7,7 @@ imports of peerings deleted while no controller ran are withdrawn at start.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -26,10 +27,7 @@ log = logging.getLogger("meshfed.controller")
 
 
 class PeerImports:
-    """The imports of every peer: stored, withdrawn, and which of them the gateway serves.
-
-    ``withheld`` says whether the failing-peer policy withholds a peer's imports.
-    """
+    """The imports of every peer: stored, withdrawn, and which of them the gateway serves."""
 
     def __init__(
         self,
@@ -38,21 +36,21 @@ class PeerImports:
         driver: GatewayDriver,
         *,
         reconfigure: Callable[[], Awaitable[None]],
-        withheld: Callable[[str], bool],
     ) -> None:
         self._zone = zone
         self._state = state
         self._driver = driver
         self._reconfigure = reconfigure
-        self._withheld = withheld
 
     async def put(self, peer: str, snapshot: ServiceSnapshot) -> None:
         """A peer sent its exports: keep them and serve them (all or nothing; see the module docstring).
 
         Raises PeerInputError (a refusal the peer is told of) if the data plane rejects them.
         """
+        # Serialised before the unit: the unit holds the zone's one connection to state.db.
+        document = await asyncio.to_thread(lambda: snapshot.model_dump_json().encode())
         previous, stored = await self._state.using(
-            ImportStore, lambda imports: (imports.get(peer), imports.put(peer, snapshot))
+            ImportStore, lambda imports: (imports.get(peer), imports.put_document(peer, snapshot, document))
         )
         if not stored:
             return
@@ -88,24 +86,22 @@ class PeerImports:
                 imports.remove(peer)
 
     def served(self) -> list[ImportedService]:
-        """The imported services the gateway serves: neither withheld nor rejected by the data plane."""
-        with ImportStore(self._zone.directory) as imports:
-            return [
-                item
-                for item in imports.services()
-                if not self._withheld(item.peer) and item.peer not in self._driver.rejected
-            ]
+        """The imported services the gateway serves: neither withheld nor rejected by the data plane.
+
+        Those of the config the gateway runs (kept with it: a zone with thousands of imports must
+        not read and parse them all again for each question).
+        """
+        return list(self._driver.applied_exports.imports)
 
     def local(self, bound: dict[str, tuple[str, int]]) -> list[LocalImport]:
         """The imports as local clients reach them, given where each egress listener is reached (``bound``)."""
         by_import: dict[tuple[str, str, str], dict[str, tuple[str, int]]] = {}
-        with ImportStore(self._zone.directory) as imports:
-            for imported in imports.services():
-                for port_name in imported.service.ports:
-                    address = bound.get(egress_listener_name(imported, port_name))
-                    if address is not None:
-                        key = (imported.peer, imported.service.namespace, imported.service.name)
-                        by_import.setdefault(key, {})[port_name] = address
+        for imported in self._driver.applied_exports.imports:
+            for port_name in imported.service.ports:
+                address = bound.get(egress_listener_name(imported, port_name))
+                if address is not None:
+                    key = (imported.peer, imported.service.namespace, imported.service.name)
+                    by_import.setdefault(key, {})[port_name] = address
         return [
             LocalImport(peer=peer, namespace=namespace, service=service, ports=ports)
             for (peer, namespace, service), ports in sorted(by_import.items())

@@ -211,6 +211,54 @@ class ExportIndex:
         """The peers (of ``peers``) that some rule lets call ``service``."""
         return [peer for peer in peers if self.allows(service, peer)]
 
+    def exports_any(self, service: Service) -> bool:
+        """True if some rule exports ``service`` to some peer."""
+        return service.key in self._peers
+
+
+class ExportedCatalog:
+    """The exported services of one catalog snapshot as peers see them, built once and shared by every peer.
+
+    Building a peer's view of 10,000 services costs about 0.3 s; every peer
+    sees the same summaries of the services exported to it, so they are built
+    once per catalog and rules (off the event loop, with the gateway config),
+    and a peer's snapshot is a filter over them. The summaries of services
+    with endpoints the gateway finds failing are built again per health
+    verdict: few, normally none.
+    """
+
+    def __init__(self, catalog: CatalogSnapshot, index: ExportIndex) -> None:
+        self.catalog = catalog
+        self.index = index
+        self._services = [
+            (service, _exported(service, frozenset())) for service in catalog.services if index.exports_any(service)
+        ]
+
+    def snapshot(
+        self,
+        *,
+        zone: str,
+        trust_domain: str,
+        gateway_addresses: list[str],
+        peer: str,
+        rules_version: int,
+        health_version: int = 0,
+        unhealthy: UnhealthyEndpoints = frozenset(),
+    ) -> ServiceSnapshot:
+        """What ``peer`` may see (see :func:`exported_snapshot`)."""
+        failing = {(namespace, name) for namespace, name, _ in unhealthy}
+        return ServiceSnapshot(
+            zone=zone,
+            trust_domain=trust_domain,
+            gateway_addresses=gateway_addresses,
+            version=self.catalog.version + rules_version + health_version,
+            services=[
+                _exported(service, unhealthy) if service.key in failing else summary
+                for service, summary in self._services
+                if self.index.allows(service, peer)
+            ],
+        )
+
 
 def exported_snapshot(
     *,
@@ -231,12 +279,14 @@ def exported_snapshot(
     the rules' and the health versions: each only grows, so the sum grows
     whenever any of them changes.
     """
-    return ServiceSnapshot(
+    return ExportedCatalog(catalog, index).snapshot(
         zone=zone,
         trust_domain=trust_domain,
         gateway_addresses=gateway_addresses,
-        version=catalog.version + rules_version + health_version,
-        services=[_exported(service, unhealthy) for service in catalog.services if index.allows(service, peer)],
+        peer=peer,
+        rules_version=rules_version,
+        health_version=health_version,
+        unhealthy=unhealthy,
     )
 
 

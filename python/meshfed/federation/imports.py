@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,7 +157,10 @@ class ImportStore(SqliteStore):
 
     def put(self, peer: str, snapshot: ServiceSnapshot) -> bool:
         """Keep ``snapshot`` as ``peer``'s exports unless it is a duplicate (see above). True if stored."""
-        document = snapshot.model_dump_json().encode()
+        return self.put_document(peer, snapshot, snapshot.model_dump_json().encode())
+
+    def put_document(self, peer: str, snapshot: ServiceSnapshot, document: bytes) -> bool:
+        """:meth:`put` with ``snapshot`` already serialised (outside the store's block: thousands of services)."""
         with transaction(self._db):
             row = self._db.execute(
                 "SELECT version, coalesce(json_extract(snapshot, '$.epoch'), '') FROM imported_snapshots "
@@ -201,17 +204,14 @@ class ImportStore(SqliteStore):
 
     def read(self) -> tuple[dict[str, ServiceSnapshot], dict[str, str]]:
         """Every peer's latest snapshot by peer name, and why any peer's stored snapshot is unreadable."""
-        snapshots: dict[str, ServiceSnapshot] = {}
-        unreadable: dict[str, str] = {}
-        for peer, document in self._db.execute("SELECT peer, snapshot FROM imported_snapshots ORDER BY peer"):
-            try:
-                snapshots[str(peer)] = ServiceSnapshot.model_validate_json(document)
-            except ValidationError as err:
-                unreadable[str(peer)] = (
-                    f"its stored imports are unreadable ({err.error_count()} errors); they are withheld until "
-                    "the peer sends them again"
-                )
-        return snapshots, unreadable
+        return parse_documents(self.documents())
+
+    def documents(self) -> list[tuple[str, bytes]]:
+        """Every peer's stored snapshot document, unparsed (parse with :func:`parse_documents`, outside the block)."""
+        return [
+            (str(peer), bytes(document))
+            for peer, document in self._db.execute("SELECT peer, snapshot FROM imported_snapshots ORDER BY peer")
+        ]
 
     def snapshots(self) -> dict[str, ServiceSnapshot]:
         """The latest readable snapshot of every peer, by peer name."""
@@ -235,3 +235,18 @@ def services_of(snapshots: dict[str, ServiceSnapshot]) -> list[ImportedService]:
 def egress_listener_name(imported: ImportedService, port_name: str) -> str:
     """``egress:<service>.<namespace>.<peer>:<port name>``: stable across config generations."""
     return f"{EGRESS_PREFIX}{imported.name}:{port_name}"
+
+
+def parse_documents(documents: Iterable[tuple[str, bytes]]) -> tuple[dict[str, ServiceSnapshot], dict[str, str]]:
+    """Stored snapshot documents parsed, by peer, and why any of them is unreadable."""
+    snapshots: dict[str, ServiceSnapshot] = {}
+    unreadable: dict[str, str] = {}
+    for peer, document in documents:
+        try:
+            snapshots[peer] = ServiceSnapshot.model_validate_json(document)
+        except ValidationError as err:
+            unreadable[peer] = (
+                f"its stored imports are unreadable ({err.error_count()} errors); they are withheld until "
+                "the peer sends them again"
+            )
+    return snapshots, unreadable

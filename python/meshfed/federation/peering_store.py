@@ -128,14 +128,11 @@ class PeeringStore(SqliteStore):
         Writes only the columns named: a heartbeat must not rewrite (or even read) snapshots of
         thousands of services.
         """
-        values: dict[str, object] = {"updated_at": schema.iso(self._clock.now())}
-        for field_name, value in changes.items():
-            if field_name not in schema.WRITERS:
-                raise TypeError(f"Peering has no updatable field {field_name!r}")
-            values[field_name] = schema.WRITERS[field_name](value)
-            if field_name in schema.COUNTED:
-                snapshot = value if isinstance(value, ServiceSnapshot) else None
-                values[schema.COUNTED[field_name]] = len(snapshot.services) if snapshot is not None else 0
+        return self.write_encoded(name, encode_changes(changes))
+
+    def write_encoded(self, name: str, values: dict[str, object]) -> bool:
+        """:meth:`update` with the changes already encoded (:func:`encode_changes`, outside the store's block)."""
+        values = {"updated_at": schema.iso(self._clock.now()), **values}
         assignments = ", ".join(f"{column} = ?" for column in values)
         with transaction(self._db):
             cursor = self._db.execute(
@@ -243,4 +240,17 @@ def request_delete(store: PeeringStore, name: str) -> Peering:
     return store.require(name)
 
 
-__all__ = ["PeeringStore", "request_delete"]
+def encode_changes(changes: dict[str, object]) -> dict[str, object]:
+    """Peering fields as the columns that store them (a snapshot of thousands of services serialised: tens of ms)."""
+    values: dict[str, object] = {}
+    for field_name, value in changes.items():
+        if field_name not in schema.WRITERS:
+            raise TypeError(f"Peering has no updatable field {field_name!r}")
+        values[field_name] = schema.WRITERS[field_name](value)
+        if field_name in schema.COUNTED:
+            snapshot = value if isinstance(value, ServiceSnapshot) else None
+            values[schema.COUNTED[field_name]] = len(snapshot.services) if snapshot is not None else 0
+    return values
+
+
+__all__ = ["PeeringStore", "encode_changes", "request_delete"]

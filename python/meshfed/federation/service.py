@@ -45,7 +45,7 @@ from meshfed.federation.link import LinkSettings, PeerLink, new_epoch
 from meshfed.federation.peer_status import PeerStatus
 from meshfed.federation.peer_trust import held_bundle, trust_owned_elsewhere
 from meshfed.federation.peering_state import LIVE_STATES, Peering, PeerState
-from meshfed.federation.peering_store import PeeringStore
+from meshfed.federation.peering_store import PeeringStore, encode_changes
 from meshfed.federation.peering_tokens import IssuedToken
 from meshfed.federation.server import PeeringServer
 from meshfed.federation.settings import PeeringSettings
@@ -419,10 +419,12 @@ class _LinkHost:
 
 
 def _update_row(service: PeeringService, peer: str, changes: dict[str, object]) -> None:
-    # On a worker thread: serialising a large snapshot and writing it is not the event loop's work.
+    # On a worker thread: serialising a large snapshot and writing it is not the event loop's work,
+    # and the serialising happens before the store's block, which holds the zone's one connection.
     # Refused (PeeringError) once the service stopped, as record is.
+    values = encode_changes(changes)
     with service.peerings() as store:
-        store.update(peer, **changes)
+        store.write_encoded(peer, values)
 
 
 __all__ = ["PeeringService"]
