@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import logging
 import multiprocessing
 import os
@@ -47,12 +48,19 @@ from meshfed.federation import wire  # noqa: E402
 from meshfed.federation.exports import ExportIndex, ExportRule, ExportRules, exported_snapshot  # noqa: E402
 from meshfed.federation.imports import ImportStore  # noqa: E402
 from meshfed.federation.settings import PeeringSettings  # noqa: E402
-from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone, raise_open_file_limit  # noqa: E402
+from meshfed.runtime import (  # noqa: E402
+    GC_THRESHOLDS,
+    ZoneRuntime,
+    ZoneSettings,
+    assemble_zone,
+    raise_open_file_limit,
+)
 from meshfed.sqlite import transaction  # noqa: E402
 from meshfed.zone import Zone  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "control_plane.md"
 ENDPOINTS_PER_SERVICE = 10
+INTERPRETER_GC = (700, 10, 10)  # CPython's default collector thresholds
 PEERS = ("west", "north", "south")
 
 
@@ -253,6 +261,7 @@ def heartbeat_rows(root: Path, plan: Sequence[tuple[float, int]]) -> list[Row]:
 @dataclass
 class SyncResult:
     services: int
+    gc_thresholds: tuple[int, int, int]
     register_seconds: float
     snapshot_seconds: dict[str, float]
     serving_seconds: dict[str, float]
@@ -275,7 +284,9 @@ async def loop_stall_monitor(record: list[float], tick: float = 0.05) -> None:
         last = now
 
 
-def run_peer(directory: str, egress_host: str, token: str, services: int, events: Connection) -> None:
+def run_peer(
+    directory: str, egress_host: str, token: str, services: int, gc_thresholds: tuple[int, int, int], events: Connection
+) -> None:
     """A peer zone in its own process, as in production (each peer's 10,000 egress listeners are
     10,000 descriptors: one process holding every zone would hit the open-file limit first).
 
@@ -285,6 +296,7 @@ def run_peer(directory: str, egress_host: str, token: str, services: int, events
     """
     logging.basicConfig(level=logging.ERROR)
     raise_open_file_limit()
+    gc.set_threshold(*gc_thresholds)  # as `meshfed up` sets them (tune_garbage_collector), or the interpreter's
     asyncio.run(_peer(Path(directory), egress_host, token, services, events))
 
 
@@ -323,7 +335,19 @@ async def _peer(directory: Path, egress_host: str, token: str, services: int, ev
         events.send(("done", time.time(), (rss, max(stalls, default=0.0))))
 
 
-async def bulk_sync(root: Path, services: int, timeout: float) -> SyncResult:
+async def bulk_sync(
+    root: Path, services: int, timeout: float, gc_thresholds: tuple[int, int, int] = GC_THRESHOLDS
+) -> SyncResult:
+    """One sync, every zone's cyclic collector at ``gc_thresholds`` (the exporter's: this process's, for the run)."""
+    before = gc.get_threshold()
+    gc.set_threshold(*gc_thresholds)
+    try:
+        return await _bulk_sync(root, services, timeout, gc_thresholds)
+    finally:
+        gc.set_threshold(*before)
+
+
+async def _bulk_sync(root: Path, services: int, timeout: float, gc_thresholds: tuple[int, int, int]) -> SyncResult:
     exporter_zone = Zone.init(root / "east", "east", "east.mesh")
     for name in PEERS:
         Zone.init(root / name, name, f"{name}.mesh")
@@ -349,7 +373,9 @@ async def bulk_sync(root: Path, services: int, timeout: float) -> SyncResult:
             # listeners on one address would exhaust its ephemeral ports (about 28,000).
             egress_host = f"127.0.0.{index + 2}"
             process = spawn.Process(
-                target=run_peer, args=(str(root / name), egress_host, token, services, theirs), daemon=True
+                target=run_peer,
+                args=(str(root / name), egress_host, token, services, gc_thresholds, theirs),
+                daemon=True,
             )
             process.start()
             pipes[name] = ours
@@ -402,6 +428,7 @@ async def bulk_sync(root: Path, services: int, timeout: float) -> SyncResult:
         await stop_all([exporter])
     return SyncResult(
         services,
+        gc_thresholds,
         register_seconds,
         snapshot_seconds,
         serving_seconds,
@@ -436,7 +463,8 @@ def exported_snapshot_cost(services: int) -> float:
 def sync_rows(results: Sequence[SyncResult], costs: dict[int, float]) -> list[Row]:
     rows = []
     for result in results:
-        size = f"{result.services:,} services x {ENDPOINTS_PER_SERVICE} endpoints → 3 peers"
+        collector = "GC as `meshfed up` tunes it" if result.gc_thresholds == GC_THRESHOLDS else "interpreter's GC"
+        size = f"{result.services:,} services x {ENDPOINTS_PER_SERVICE} endpoints → 3 peers, {collector}"
         snapshot = max(result.snapshot_seconds.values(), default=float("nan"))
         serving = max(result.serving_seconds.values(), default=float("nan"))
         outcome = f"**FAILED**: {result.error}; " if result.error else ""
@@ -521,6 +549,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and a smaller sync (about 40 s)")
     parser.add_argument("--sizes", type=int, nargs="+", help="services in the bulk sync runs (default 10000)")
+    parser.add_argument(
+        "--gc",
+        choices=["tuned", "interpreter"],
+        default="tuned",
+        help="the zones' collector thresholds: as `meshfed up` tunes them (default), or the interpreter's; "
+        "bench/control_plane_gc runs both, one process each, and writes them side by side",
+    )
     parser.add_argument("--sync-timeout", type=float, default=90.0, help="seconds a sync run may take")
     parser.add_argument(
         "--cost-sizes", type=int, nargs="*", help="sizes of the exported_snapshot() cost rows (default 1000 10000)"
@@ -536,7 +571,8 @@ def main() -> None:
         root = Path(tmp)
         rows += asyncio.run(propagation(root / "propagation", 3 if args.quick else 5))
         rows += heartbeat_rows(root, [(0.2, 3), (5.0, 1)] if args.quick else [(0.2, 5), (5.0, 2)])
-        results = [asyncio.run(bulk_sync(root / f"sync-{size}", size, args.sync_timeout)) for size in sizes]
+        collector = INTERPRETER_GC if args.gc == "interpreter" else GC_THRESHOLDS
+        results = [asyncio.run(bulk_sync(root / f"sync-{size}", size, args.sync_timeout, collector)) for size in sizes]
         costs = {size: exported_snapshot_cost(size) for size in cost_sizes}
         rows += sync_rows(results, costs)
     table = render(rows, args, time.monotonic() - started)

@@ -40,7 +40,14 @@ from meshfed.cli import _signals
 from meshfed.cli.remote import API_URL_FILE
 from meshfed.errors import GatewayConfigError, GatewayError, MeshfedError, PeeringError, TrustError
 from meshfed.logs import configure_logging
-from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone, check_settings, raise_open_file_limit
+from meshfed.runtime import (
+    ZoneRuntime,
+    ZoneSettings,
+    assemble_zone,
+    check_settings,
+    raise_open_file_limit,
+    tune_garbage_collector,
+)
 from meshfed.zone import Zone
 from meshfed.zonelock import hold_zone_lock
 
@@ -160,6 +167,7 @@ def serve_zone(zone: Zone, settings: ZoneSettings, listeners: Listeners, *, log_
             _bind(address, flag).close()
         configure_logging(log_level, json=json_logs)
         raise_open_file_limit()
+        tune_garbage_collector()
         # Held from here: a taken API port must not let the zone come up and peer first.
         with _bind(listeners.api, "--api-address") as api_socket, _bind_metrics(listeners) as metrics_socket:
             if stop.requested:
