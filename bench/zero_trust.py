@@ -130,13 +130,13 @@ def resumed_tls_call(address: tuple[str, int], context: ssl.SSLContext) -> Call:
 
 
 def client_context(trusting: Zone, svid_zone: Zone, directory: Path, *, resume: bool = False) -> ssl.SSLContext:
-    svid = svid_zone.issue_svid(SpiffeId.parse(CALLER), dt.timedelta(hours=1))
+    svid = svid_zone.authority.issue_svid(SpiffeId.parse(CALLER), dt.timedelta(hours=1))
     cert, key = directory / "cart.pem", directory / "cart.key"
     cert.write_bytes(svid.cert_chain_pem())
     key.write_bytes(svid.private_key_pem())
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
-    context.load_verify_locations(cadata=trusting.own_bundle().to_pem().decode())
+    context.load_verify_locations(cadata=trusting.trust.own_bundle().to_pem().decode())
     context.load_cert_chain(cert, key)
     if not resume:
         # A full handshake per sample, as a workload's first connection has: no session resumption.

@@ -44,12 +44,12 @@ def trust_each_other(*zones: Zone) -> None:
     for importer in zones:
         for exporter in zones:
             if importer is not exporter:
-                wire = exporter.own_bundle().to_spiffe_json()
-                importer.import_bundle(parse_bundle(exporter.trust_domain, wire))
+                wire = exporter.trust.own_bundle().to_spiffe_json()
+                importer.trust.import_bundle(parse_bundle(exporter.trust_domain, wire))
 
 
 def gateway_identity(zone: Zone) -> Identity:
-    svid = zone.issue_svid(zone.trust_domain.gateway_id, dt.timedelta(hours=1))
+    svid = zone.authority.issue_svid(zone.trust_domain.gateway_id, dt.timedelta(hours=1))
     return Identity(cert_chain_pem=svid.cert_chain_pem().decode(), private_key_pem=svid.private_key_pem().decode())
 
 
@@ -61,7 +61,7 @@ class SvidFiles:
 
 
 def write_svid(zone: Zone, spiffe_id: str, directory: Path) -> SvidFiles:
-    svid = zone.issue_svid(SpiffeId.parse(spiffe_id), dt.timedelta(hours=1))
+    svid = zone.authority.issue_svid(SpiffeId.parse(spiffe_id), dt.timedelta(hours=1))
     cert, key = directory / f"{zone.name}-svid.pem", directory / f"{zone.name}-svid.key"
     cert.write_bytes(svid.cert_chain_pem())
     key.write_bytes(svid.private_key_pem())

@@ -299,7 +299,7 @@ class HostilePeer:
         if self.forged is None:
             assert self.zone is not None
             await dialer.establish(self.zone, token, self.target.zone.name, stream_addresses=[])
-            self._target_bundle = self.zone.bundle_of(self.target.zone.trust_domain)
+            self._target_bundle = self.zone.trust.bundle_of(self.target.zone.trust_domain)
             return
         decoded = decode_token(token)
         target_domain = self.target.zone.trust_domain

@@ -99,7 +99,7 @@ def test_imported_trust_reaches_the_running_gateway_without_restart(running_east
     caller = write_svid(west, "spiffe://west.mesh/ns/default/sa/app", tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
-    context.load_verify_locations(cadata=east.own_bundle().to_pem().decode())
+    context.load_verify_locations(cadata=east.trust.own_bundle().to_pem().decode())
     context.load_cert_chain(caller.cert, caller.key)
 
     def outcome_of_one_call() -> tuple[int, int]:
@@ -117,7 +117,7 @@ def test_imported_trust_reaches_the_running_gateway_without_restart(running_east
 
     # west.mesh not trusted yet: refused at the handshake.
     assert outcome_of_one_call() == (1, 0)
-    east.import_bundle(parse_bundle(west.trust_domain, west.own_bundle().to_spiffe_json()))
+    east.trust.import_bundle(parse_bundle(west.trust_domain, west.trust.own_bundle().to_spiffe_json()))
     assert running_east.api.post("/v1/gateway/reconfigure", headers=running_east.admin).status_code == 204
     # Now the SVID verifies, and the call gets as far as routing (nothing is exported to west).
     assert outcome_of_one_call() == (1, 1)

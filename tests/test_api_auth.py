@@ -124,7 +124,7 @@ def test_the_open_routes_answer_without_a_token(api: TestClient, zone: Zone) -> 
     assert api.get("/healthz").json() == {"status": "ok"}
     assert api.get("/readyz").json()["status"] == "ready"
     assert "meshfed_gateway_connections_total" in api.get("/metrics").text
-    assert api.get("/v1/trust/bundle").content == zone.own_bundle().to_spiffe_json()
+    assert api.get("/v1/trust/bundle").content == zone.trust.own_bundle().to_spiffe_json()
 
 
 def test_the_tokens_are_distinct_private_files(zone: Zone) -> None:

@@ -92,7 +92,7 @@ def test_each_api_mutation_is_one_line_and_reads_and_refusals_are_none(make_zone
             ("POST", "/v1/gateway/reconfigure", {}, 204),
             ("POST", "/v1/peerings/tokens", {"json": {"peer_name": "west"}}, 201),
             ("POST", "/v1/peerings/refresh", {}, 204),
-            ("PUT", "/v1/trust/bundles/west.mesh", {"content": west.own_bundle().to_spiffe_json()}, 200),
+            ("PUT", "/v1/trust/bundles/west.mesh", {"content": west.trust.own_bundle().to_spiffe_json()}, 200),
             ("POST", "/v1/trust/rotate", {"json": {"overlap_seconds": 3600}}, 200),
             (
                 "POST",

@@ -107,7 +107,7 @@ def _config(tmp_path, authz: AuthzIndex, exports: list[ExportRule], egress: Egre
     peers = [Zone.init(tmp_path / name, name, f"{name}.mesh") for name in ("west", "north")]
     return build_gateway_config(
         identity=gateway_identity(zone),
-        trust_bundles=bundle_roots_pem([z.own_bundle() for z in (zone, *peers)]),
+        trust_bundles=bundle_roots_pem([z.trust.own_bundle() for z in (zone, *peers)]),
         trust_domain=zone.trust_domain,
         ingress_address="127.0.0.1:0",
         catalog=CatalogSnapshot(version=1, services=[_orders()]),

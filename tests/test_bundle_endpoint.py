@@ -87,19 +87,19 @@ class Changes:
 def _spiffe_server(zone: Zone, spiffe_id: SpiffeId | None = None, bundle: Callable[[], bytes] | None = None):
     presented = spiffe_id or endpoint_spiffe_id(zone.trust_domain)
     return BundleEndpointServer(
-        bundle or (lambda: zone.own_bundle().to_spiffe_json()),
+        bundle or (lambda: zone.trust.own_bundle().to_spiffe_json()),
         profile="https_spiffe",
-        issue_svid=lambda: zone.issue_svid(presented, dt.timedelta(hours=1)),
+        issue_svid=lambda: zone.authority.issue_svid(presented, dt.timedelta(hours=1)),
     )
 
 
 def _bootstrap(zone: Zone):
-    return parse_bundle(zone.trust_domain, zone.own_bundle().to_spiffe_json())
+    return parse_bundle(zone.trust_domain, zone.trust.own_bundle().to_spiffe_json())
 
 
 async def _poll_once(consumer: Zone, changes: Changes) -> bool:
     poller = BundlePoller(consumer, changes)
-    (federation,) = consumer.federations()
+    (federation,) = consumer.trust.federations()
     return await poller.poll(federation)
 
 
@@ -109,11 +109,11 @@ def test_https_web_endpoint_serves_the_bundle_and_the_poller_stores_it_once(make
 
     async def scenario() -> tuple[bool, bool, int]:
         server = BundleEndpointServer(
-            lambda: east.own_bundle().to_spiffe_json(), profile="https_web", web_certificate=pki.server
+            lambda: east.trust.own_bundle().to_spiffe_json(), profile="https_web", web_certificate=pki.server
         )
         await server.start()
         try:
-            west.federate(east.trust_domain, server.url, "https_web", web_ca_pem=pki.ca_pem)
+            west.trust.federate(east.trust_domain, server.url, "https_web", web_ca_pem=pki.ca_pem)
             changes = Changes()
             first = await _poll_once(west, changes)
             second = await _poll_once(west, changes)  # same sequence: nothing to do
@@ -123,10 +123,10 @@ def test_https_web_endpoint_serves_the_bundle_and_the_poller_stores_it_once(make
 
     first, second, changed = asyncio.run(scenario())
     assert (first, second, changed) == (True, False, 1)
-    stored = {s.bundle.trust_domain: s for s in west.trusted_bundles()}[east.trust_domain]
+    stored = {s.bundle.trust_domain: s for s in west.trust.trusted_bundles()}[east.trust_domain]
     assert stored.source == "federation"
-    assert stored.bundle.fingerprints() == east.own_bundle().fingerprints()
-    (federation,) = west.federations()
+    assert stored.bundle.fingerprints() == east.trust.own_bundle().fingerprints()
+    (federation,) = west.trust.federations()
     assert federation.last_success_at is not None
     assert federation.last_error is None
 
@@ -137,7 +137,7 @@ def test_a_request_head_over_the_cap_gets_nothing_and_the_endpoint_keeps_serving
 
     async def scenario() -> tuple[bytes, bytes]:
         server = BundleEndpointServer(
-            lambda: east.own_bundle().to_spiffe_json(), profile="https_web", web_certificate=pki.server
+            lambda: east.trust.own_bundle().to_spiffe_json(), profile="https_web", web_certificate=pki.server
         )
         await server.start()
         context = ssl.create_default_context(cadata=pki.ca_pem)
@@ -168,25 +168,25 @@ def test_https_web_endpoint_with_a_certificate_from_an_untrusted_ca_is_refused(m
 
     async def scenario() -> None:
         server = BundleEndpointServer(
-            lambda: east.own_bundle().to_spiffe_json(), profile="https_web", web_certificate=served.server
+            lambda: east.trust.own_bundle().to_spiffe_json(), profile="https_web", web_certificate=served.server
         )
         await server.start()
         try:
-            west.federate(east.trust_domain, server.url, "https_web", web_ca_pem=trusted.ca_pem)
+            west.trust.federate(east.trust_domain, server.url, "https_web", web_ca_pem=trusted.ca_pem)
             with pytest.raises(BundleFetchError, match="server certificate refused"):
                 await _poll_once(west, Changes())
         finally:
             await server.stop()
 
     asyncio.run(scenario())
-    assert west.bundle_of(east.trust_domain) is None
-    assert "server certificate refused" in (west.federations()[0].last_error or "")
+    assert west.trust.bundle_of(east.trust_domain) is None
+    assert "server certificate refused" in (west.trust.federations()[0].last_error or "")
 
 
 def test_https_spiffe_follows_a_rotation_verifying_with_the_bootstrap_then_the_refreshed_bundle(make_zone):
     east, west = make_zone("east"), make_zone("west")
-    old_root = east.own_bundle().fingerprints()[0]
-    west.federate(
+    old_root = east.trust.own_bundle().fingerprints()[0]
+    west.trust.federate(
         east.trust_domain,
         "https://127.0.0.1:1/",  # replaced below once the server has its port
         "https_spiffe",
@@ -198,7 +198,7 @@ def test_https_spiffe_follows_a_rotation_verifying_with_the_bootstrap_then_the_r
         await server.start()
         try:
             # Re-pointing the relationship at the new port keeps the bundle held for east.
-            west.federate(
+            west.trust.federate(
                 east.trust_domain, server.url, "https_spiffe", endpoint_spiffe_id=endpoint_spiffe_id(east.trust_domain)
             )
             return await _poll_once(west, changes)
@@ -207,18 +207,18 @@ def test_https_spiffe_follows_a_rotation_verifying_with_the_bootstrap_then_the_r
 
     changes = Changes()
     t0 = dt.datetime.now(dt.UTC)
-    new_root = east.rotate(overlap=dt.timedelta(minutes=15), now=t0).root_fingerprint
+    new_root = east.authority.rotate(overlap=dt.timedelta(minutes=15), now=t0).root_fingerprint
     # The endpoint's SVID is still from the old CA: the bootstrap bundle authenticates it.
     assert asyncio.run(poll_from(_spiffe_server(east), changes))
-    assert west.bundle_of(east.trust_domain).fingerprints() == [old_root, new_root]
+    assert west.trust.bundle_of(east.trust_domain).fingerprints() == [old_root, new_root]
 
-    east.advance_rotation(now=t0 + dt.timedelta(minutes=15))
-    east.advance_rotation(now=t0 + dt.timedelta(days=2))  # old root retired, sequence 3
-    assert east.own_bundle().fingerprints() == [new_root]
+    east.authority.advance(now=t0 + dt.timedelta(minutes=15))
+    east.authority.advance(now=t0 + dt.timedelta(days=2))  # old root retired, sequence 3
+    assert east.trust.own_bundle().fingerprints() == [new_root]
     # The endpoint now presents an SVID from the new CA, which the bootstrap bundle does not
     # know: only the refreshed bundle (sequence 2) can authenticate it.
     assert asyncio.run(poll_from(_spiffe_server(east), changes))
-    held = west.bundle_of(east.trust_domain)
+    held = west.trust.bundle_of(east.trust_domain)
     assert held.fingerprints() == [new_root]
     assert held.sequence == 3
     assert changes.count == 2
@@ -232,19 +232,19 @@ def test_https_spiffe_endpoint_presenting_another_spiffe_id_is_refused(make_zone
         server = _spiffe_server(east, spiffe_id=impostor)
         await server.start()
         try:
-            west.federate(
+            west.trust.federate(
                 east.trust_domain,
                 server.url,
                 "https_spiffe",
                 endpoint_spiffe_id=endpoint_spiffe_id(east.trust_domain),
                 bootstrap_bundle=_bootstrap(east),
             )
-            before = west.bundle_of(east.trust_domain)
+            before = west.trust.bundle_of(east.trust_domain)
             with pytest.raises(
                 BundleFetchError, match=r"not the pinned spiffe://east\.mesh/ns/meshfed-system/sa/controller"
             ):
                 await _poll_once(west, Changes())
-            assert west.bundle_of(east.trust_domain) == before
+            assert west.trust.bundle_of(east.trust_domain) == before
         finally:
             await server.stop()
 
@@ -259,7 +259,7 @@ def test_https_spiffe_endpoint_of_another_trust_domain_fails_verification(make_z
         server = _spiffe_server(rogue, spiffe_id=endpoint_spiffe_id(rogue.trust_domain))
         await server.start()
         try:
-            west.federate(
+            west.trust.federate(
                 east.trust_domain,
                 server.url,
                 "https_spiffe",
@@ -275,12 +275,12 @@ def test_https_spiffe_endpoint_of_another_trust_domain_fails_verification(make_z
 
 
 def _bad_bundles(east: Zone) -> dict[str, bytes]:
-    good = orjson.loads(east.own_bundle().to_spiffe_json())
+    good = orjson.loads(east.trust.own_bundle().to_spiffe_json())
     good["spiffe_sequence"] = 9
     der = bytearray(base64.b64decode(good["keys"][0]["x5c"][0]))
     der[-10] ^= 0xFF  # flip a bit inside the signature
     tampered = {**good, "keys": [{**good["keys"][0], "x5c": [base64.b64encode(bytes(der)).decode()]}]}
-    leaf = east.issue_svid(SpiffeId.parse("spiffe://east.mesh/ns/default/sa/web"), dt.timedelta(hours=1)).leaf
+    leaf = east.authority.issue_svid(SpiffeId.parse("spiffe://east.mesh/ns/default/sa/web"), dt.timedelta(hours=1)).leaf
     not_ca = {
         **good,
         "keys": [
@@ -310,18 +310,18 @@ def test_a_bad_bundle_from_the_endpoint_is_refused_and_trust_is_unchanged(make_z
         server = _spiffe_server(east, bundle=lambda: bad)
         await server.start()
         try:
-            west.federate(
+            west.trust.federate(
                 east.trust_domain,
                 server.url,
                 "https_spiffe",
                 endpoint_spiffe_id=endpoint_spiffe_id(east.trust_domain),
                 bootstrap_bundle=_bootstrap(east),
             )
-            before = west.trusted_bundles()
+            before = west.trust.trusted_bundles()
             changes = Changes()
             with pytest.raises(TrustError) as caught:
                 await _poll_once(west, changes)
-            assert west.trusted_bundles() == before
+            assert west.trust.trusted_bundles() == before
             assert changes.count == 0
             return str(caught.value)
         finally:
@@ -334,15 +334,15 @@ def test_a_bad_bundle_from_the_endpoint_is_refused_and_trust_is_unchanged(make_z
 
 def test_a_lower_sequence_with_the_same_authorities_is_ignored_and_logged(make_zone, caplog):
     east, west = make_zone("east"), make_zone("west")
-    east.rotate(overlap=dt.timedelta(minutes=15))  # sequence 2 held by west below
-    stale = orjson.loads(east.own_bundle().to_spiffe_json())
+    east.authority.rotate(overlap=dt.timedelta(minutes=15))  # sequence 2 held by west below
+    stale = orjson.loads(east.trust.own_bundle().to_spiffe_json())
     stale["spiffe_sequence"] = 1  # a lagging replica: the same roots, an older number
 
     async def scenario() -> bool:
         server = _spiffe_server(east, bundle=lambda: orjson.dumps(stale))
         await server.start()
         try:
-            west.federate(
+            west.trust.federate(
                 east.trust_domain,
                 server.url,
                 "https_spiffe",
@@ -355,7 +355,7 @@ def test_a_lower_sequence_with_the_same_authorities_is_ignored_and_logged(make_z
 
     with caplog.at_level(logging.WARNING, logger="meshfed.zone.bundle_poller"):
         assert asyncio.run(scenario()) is False
-    assert west.bundle_of(east.trust_domain).sequence == 2
+    assert west.trust.bundle_of(east.trust_domain).sequence == 2
     assert "lower than the 2 held, with the same authorities; ignored" in caplog.text
 
 
@@ -366,22 +366,22 @@ def _redeployed(zone: Zone, sequence: int, *, keep_current: bool) -> bytes:
     redeployed on a fresh datastore: its endpoint SVID still chains to a root held); else only a new root.
     """
     fresh = create_authority(zone.trust_domain, generation=7).authority.root
-    roots = (zone.authority().root, fresh) if keep_current else (fresh,)
+    roots = (zone.authority.signing_ca().root, fresh) if keep_current else (fresh,)
     return TrustBundle(zone.trust_domain, roots, sequence=sequence).to_spiffe_json()
 
 
 def test_a_sequence_reset_over_https_spiffe_is_taken_when_the_pinned_endpoint_serves_it(make_zone, caplog):
     east, west = make_zone("east"), make_zone("west")
     for _ in range(2):  # east's bundle moves to sequence 5 with two whole rotations (no SVID to outlive)
-        east.rotate(overlap=dt.timedelta(0))
-        east.advance_rotation()
+        east.authority.rotate(overlap=dt.timedelta(0))
+        east.authority.advance()
     reset = _redeployed(east, 1, keep_current=True)
 
     async def scenario() -> tuple[bool, int]:
         server = _spiffe_server(east, bundle=lambda: reset)
         await server.start()
         try:
-            west.federate(
+            west.trust.federate(
                 east.trust_domain,
                 server.url,
                 "https_spiffe",
@@ -393,11 +393,11 @@ def test_a_sequence_reset_over_https_spiffe_is_taken_when_the_pinned_endpoint_se
         finally:
             await server.stop()
 
-    held_before = east.own_bundle().sequence
+    held_before = east.trust.own_bundle().sequence
     assert held_before == 5
     with caplog.at_level(logging.WARNING, logger="meshfed.zone.bundle_poller"):
         assert asyncio.run(scenario()) == (True, 1)
-    held = west.bundle_of(east.trust_domain)
+    held = west.trust.bundle_of(east.trust_domain)
     assert held.sequence == 1
     assert held.fingerprints() == parse_bundle(east.trust_domain, reset).fingerprints()
     warning = next(r for r in caplog.records if "sequence reset" in r.getMessage()).getMessage()
@@ -409,14 +409,14 @@ def test_a_sequence_reset_over_https_spiffe_is_taken_when_the_pinned_endpoint_se
 def test_a_sequence_reset_over_https_web_is_taken_and_a_later_fetch_follows_it(make_zone, tmp_path, caplog):
     east, west = make_zone("east"), make_zone("west")
     pki = _web_pki(tmp_path, "east")
-    east.rotate(overlap=dt.timedelta(0))  # sequence 2 held by west first
-    served = [east.own_bundle().to_spiffe_json()]
+    east.authority.rotate(overlap=dt.timedelta(0))  # sequence 2 held by west first
+    served = [east.trust.own_bundle().to_spiffe_json()]
 
     async def scenario() -> list[bool]:
         server = BundleEndpointServer(lambda: served[0], profile="https_web", web_certificate=pki.server)
         await server.start()
         try:
-            west.federate(east.trust_domain, server.url, "https_web", web_ca_pem=pki.ca_pem)
+            west.trust.federate(east.trust_domain, server.url, "https_web", web_ca_pem=pki.ca_pem)
             results = [await _poll_once(west, Changes())]
             served[0] = _redeployed(east, 1, keep_current=False)  # a fresh CA, numbering from 1
             results.append(await _poll_once(west, Changes()))
@@ -430,17 +430,17 @@ def test_a_sequence_reset_over_https_web_is_taken_and_a_later_fetch_follows_it(m
 
     with caplog.at_level(logging.WARNING, logger="meshfed.zone.bundle_poller"):
         assert asyncio.run(scenario()) == [True, True, True]
-    held = west.bundle_of(east.trust_domain)
+    held = west.trust.bundle_of(east.trust_domain)
     assert held.sequence == 2
     assert len(held.roots) == 1
-    assert held.fingerprints()[0] not in east.own_bundle().fingerprints()
+    assert held.fingerprints()[0] not in east.trust.own_bundle().fingerprints()
     assert "served by 127.0.0.1, verified by the Web PKI (--web-ca)" in caplog.text
 
 
 def test_a_lower_sequence_from_an_endpoint_that_is_not_the_pinned_one_changes_nothing(make_zone, caplog):
     """A reset is taken on the endpoint's authenticated word only: an impostor's lower sequence never lands."""
     east, west, rogue = make_zone("east"), make_zone("west"), make_zone("rogue")
-    east.rotate(overlap=dt.timedelta(0))
+    east.authority.rotate(overlap=dt.timedelta(0))
 
     async def scenario() -> None:
         server = _spiffe_server(
@@ -450,7 +450,7 @@ def test_a_lower_sequence_from_an_endpoint_that_is_not_the_pinned_one_changes_no
         )
         await server.start()
         try:
-            west.federate(
+            west.trust.federate(
                 east.trust_domain,
                 server.url,
                 "https_spiffe",
@@ -463,25 +463,25 @@ def test_a_lower_sequence_from_an_endpoint_that_is_not_the_pinned_one_changes_no
             await server.stop()
 
     asyncio.run(scenario())
-    assert west.bundle_of(east.trust_domain).sequence == 2
+    assert west.trust.bundle_of(east.trust_domain).sequence == 2
     assert "sequence reset" not in caplog.text
 
 
 class FirstFetch:
     """Resolves when ``consumer``'s poller records its first successful fetch (it records every poll in
-    state.db through ``Zone.record_poll``, run in a thread: this wraps that one call to signal it)."""
+    state.db through ``Zone.trust.record_poll``, run in a thread: this wraps that one call to signal it)."""
 
     def __init__(self, consumer: Zone) -> None:
         self._loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
-        record = consumer.record_poll
+        record = consumer.trust.record_poll
 
         def recorded(trust_domain: TrustDomain, at: dt.datetime, error: str | None) -> None:
             record(trust_domain, at, error)
             if error is None:
                 self._loop.call_soon_threadsafe(self._done.set)
 
-        consumer.record_poll = recorded  # type: ignore[method-assign]
+        consumer.trust.record_poll = recorded  # type: ignore[method-assign]
 
     async def after(self, started: float, deadline: float = 10.0) -> float:
         """Seconds from ``started`` to the first successful fetch; fails after ``deadline``."""
@@ -495,7 +495,7 @@ def test_a_federation_added_by_another_process_is_fetched_within_about_a_second(
     5-minute refresh, notices the new relationship and fetches at once."""
     east, west = make_zone("east"), make_zone("west")
     bootstrap = tmp_path / "east.bundle.json"
-    bootstrap.write_bytes(east.own_bundle().to_spiffe_json())
+    bootstrap.write_bytes(east.trust.own_bundle().to_spiffe_json())
 
     async def scenario() -> float:
         server = _spiffe_server(east)
@@ -535,7 +535,7 @@ def test_wake_fetches_a_new_federation_at_once_without_waiting_for_the_store_che
         await poller.start()
         try:
             await asyncio.sleep(0)  # let the first (empty) round run
-            west.federate(
+            west.trust.federate(
                 east.trust_domain,
                 server.url,
                 "https_spiffe",
@@ -561,7 +561,7 @@ def test_the_poller_service_polls_at_its_interval_and_reports_changes(make_zone)
         changes = Changes()
         poller = BundlePoller(west, changes, interval=dt.timedelta(milliseconds=20))
         try:
-            west.federate(
+            west.trust.federate(
                 east.trust_domain,
                 server.url,
                 "https_spiffe",
@@ -569,7 +569,7 @@ def test_the_poller_service_polls_at_its_interval_and_reports_changes(make_zone)
                 bootstrap_bundle=_bootstrap(east),
             )
             await poller.start()
-            east.rotate(overlap=dt.timedelta(minutes=15))
+            east.authority.rotate(overlap=dt.timedelta(minutes=15))
             for _ in range(500):
                 if changes.count:
                     break
@@ -580,22 +580,22 @@ def test_the_poller_service_polls_at_its_interval_and_reports_changes(make_zone)
             await server.stop()
 
     assert asyncio.run(scenario()) == 1
-    assert west.bundle_of(east.trust_domain).sequence == 2
+    assert west.trust.bundle_of(east.trust_domain).sequence == 2
 
 
 def test_federate_refuses_incomplete_relationships(make_zone):
     east, west = make_zone("east"), make_zone("west")
     with pytest.raises(TrustError, match="must be an https:// URL"):
-        west.federate(east.trust_domain, "http://127.0.0.1:1/", "https_web")
+        west.trust.federate(east.trust_domain, "http://127.0.0.1:1/", "https_web")
     with pytest.raises(TrustError, match="needs --endpoint-spiffe-id"):
-        west.federate(east.trust_domain, "https://127.0.0.1:1/", "https_spiffe")
+        west.trust.federate(east.trust_domain, "https://127.0.0.1:1/", "https_spiffe")
     with pytest.raises(TrustError, match="needs a bootstrap bundle"):
-        west.federate(
+        west.trust.federate(
             east.trust_domain,
             "https://127.0.0.1:1/",
             "https_spiffe",
             endpoint_spiffe_id=endpoint_spiffe_id(east.trust_domain),
         )
     with pytest.raises(TrustError, match="own trust domain"):
-        west.federate(west.trust_domain, "https://127.0.0.1:1/", "https_web")
-    assert west.federations() == []
+        west.trust.federate(west.trust_domain, "https://127.0.0.1:1/", "https_web")
+    assert west.trust.federations() == []

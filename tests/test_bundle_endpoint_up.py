@@ -53,7 +53,7 @@ def test_meshfed_up_serves_https_web_on_the_given_address_with_the_given_refresh
         fetched = _fetch_web(f"https://127.0.0.1:{port}/", pki.ca_pem)
     finally:
         assert zone.stop() == 0
-    own = Zone.open(east).own_bundle()
+    own = Zone.open(east).trust.own_bundle()
     assert fetched.fingerprints() == own.fingerprints()
     assert fetched.refresh_hint_seconds == 42
     assert fetched.sequence == 2  # the new hint is new content: the sequence moved on once
@@ -64,22 +64,22 @@ def test_the_refresh_hint_comes_from_the_flag_then_zone_toml_then_the_default(ma
     east = make_zone("east")
     settings = ZoneSettings(controller=replace(CONTROLLER, health_check=None))
     assemble_zone(east, settings)
-    assert east.own_bundle().refresh_hint_seconds == DEFAULT_REFRESH_HINT_SECONDS
-    assert east.own_bundle().sequence == 1  # the default changes nothing for an existing zone
+    assert east.trust.own_bundle().refresh_hint_seconds == DEFAULT_REFRESH_HINT_SECONDS
+    assert east.trust.own_bundle().sequence == 1  # the default changes nothing for an existing zone
 
     config = east.directory / "zone.toml"
     document = tomllib.loads(config.read_text())
     config.write_text(tomli_w.dumps({"bundle_refresh_hint": "90s", **document}))
     east = Zone.open(east.directory)
     assemble_zone(east, settings)
-    assert east.own_bundle().refresh_hint_seconds == 90
+    assert east.trust.own_bundle().refresh_hint_seconds == 90
 
     assemble_zone(east, ZoneSettings(controller=CONTROLLER, bundle_refresh_hint=None))
-    assert east.own_bundle().refresh_hint_seconds == 90
+    assert east.trust.own_bundle().refresh_hint_seconds == 90
     assemble_zone(east, ZoneSettings(controller=CONTROLLER, bundle_refresh_hint=dt.timedelta(minutes=2)))
-    assert east.own_bundle().refresh_hint_seconds == 120
+    assert east.trust.own_bundle().refresh_hint_seconds == 120
     # A rotation's default overlap is three hints of what the zone now publishes.
-    generation = east.rotate()
+    generation = east.authority.rotate()
     assert generation.activate_at is not None
     assert (generation.activate_at - generation.created_at).total_seconds() == 360
 
@@ -134,4 +134,4 @@ def test_a_taken_bundle_endpoint_address_is_one_line_naming_its_flag(tmp_path):
 def test_the_https_web_server_without_a_certificate_names_the_flags_that_exist(make_zone):
     east = make_zone("east")
     with pytest.raises(TrustError, match="--bundle-endpoint-web-cert/--bundle-endpoint-web-key"):
-        BundleEndpointServer(lambda: east.own_bundle().to_spiffe_json(), profile="https_web")
+        BundleEndpointServer(lambda: east.trust.own_bundle().to_spiffe_json(), profile="https_web")

@@ -65,8 +65,8 @@ async def chunked(writer: asyncio.StreamWriter, body: bytes, pieces: int = 5) ->
 
 
 def two_root_bundle(zone: Zone) -> bytes:
-    zone.rotate()  # the new root is published at once: the bundle now holds two
-    return zone.own_bundle().to_spiffe_json()
+    zone.authority.rotate()  # the new root is published at once: the bundle now holds two
+    return zone.trust.own_bundle().to_spiffe_json()
 
 
 def spec(zone: Zone, url: str, ca_pem: str) -> EndpointSpec:
@@ -80,7 +80,7 @@ def test_a_chunked_two_root_bundle_split_across_records_is_read_whole(make_zone,
     async def scenario() -> None:
         async with https_server(tmp_path, lambda path, writer: chunked(writer, document)) as (url, ca):
             bundle = await fetch_bundle(spec(east, f"{url}/bundle", ca), None)
-        assert bundle.roots == east.own_bundle().roots
+        assert bundle.roots == east.trust.own_bundle().roots
         assert len(bundle.roots) == 2
 
     asyncio.run(scenario())
@@ -88,7 +88,7 @@ def test_a_chunked_two_root_bundle_split_across_records_is_read_whole(make_zone,
 
 def test_redirects_are_followed_over_https_only(make_zone, tmp_path):
     east = make_zone("east")
-    document = east.own_bundle().to_spiffe_json()
+    document = east.trust.own_bundle().to_spiffe_json()
 
     async def handle(path: str, writer: asyncio.StreamWriter) -> None:
         if path == "/old":
@@ -104,7 +104,7 @@ def test_redirects_are_followed_over_https_only(make_zone, tmp_path):
     async def scenario() -> None:
         async with https_server(tmp_path, handle) as (url, ca):
             bundle = await fetch_bundle(spec(east, f"{url}/old", ca), None)
-            assert bundle.roots == east.own_bundle().roots
+            assert bundle.roots == east.trust.own_bundle().roots
             with pytest.raises(BundleFetchError, match="must be an https:// URL"):
                 await fetch_bundle(spec(east, f"{url}/plain", ca), None)
             with pytest.raises(BundleFetchError, match="redirected more than 3 times"):
@@ -154,13 +154,13 @@ def test_the_poller_follows_the_refresh_hint_the_endpoint_announces_even_at_the_
     hint = [300]
 
     async def handle(path: str, writer: asyncio.StreamWriter) -> None:
-        document = orjson.loads(east.own_bundle().to_spiffe_json())
+        document = orjson.loads(east.trust.own_bundle().to_spiffe_json())
         document["spiffe_refresh_hint"] = hint[0]
         await chunked(writer, orjson.dumps(document))
 
     async def scenario() -> None:
         async with https_server(tmp_path, handle) as (url, ca):
-            west.federate(east.trust_domain, f"{url}/", "https_web", web_ca_pem=ca)
+            west.trust.federate(east.trust_domain, f"{url}/", "https_web", web_ca_pem=ca)
             poller = BundlePoller(west, _no_change)
             assert await poller.poll_all() == dt.timedelta(seconds=300)
             hint[0] = 15  # same bundle, same sequence, a new hint

@@ -103,7 +103,7 @@ def test_peered_zones_call_exported_services_through_their_gateways(make_zone, e
             # Deleting the peering removes the import and the trust it brought.
             await n.peering.delete("east")
             await eventually(lambda: egress not in n.controller.gateway.addresses(), "north's egress removed")
-            assert "east.mesh" not in {s.bundle.trust_domain.name for s in north.trusted_bundles()}
+            assert "east.mesh" not in {s.bundle.trust_domain.name for s in north.trust.trusted_bundles()}
         finally:
             for runtime in reversed(runtimes):
                 await runtime.controller.stop()

@@ -71,7 +71,7 @@ def _config(
 ) -> dict[str, Cluster]:
     config = build_gateway_config(
         identity=gateway_identity(west),
-        trust_bundles=bundle_roots_pem([stored.bundle for stored in west.trusted_bundles()]),
+        trust_bundles=bundle_roots_pem([stored.bundle for stored in west.trust.trusted_bundles()]),
         trust_domain=west.trust_domain,
         ingress_address="127.0.0.1:0",
         catalog=catalog,

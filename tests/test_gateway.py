@@ -39,7 +39,7 @@ ECHO = "echo"
 def _ingress(zone: Zone, sni: str, backend: EchoServer, allow: list[str]) -> GatewayConfig:
     return GatewayConfig(
         identity=gateway_identity(zone),
-        trust_bundles=bundle_roots_pem([s.bundle for s in zone.trusted_bundles()]),
+        trust_bundles=bundle_roots_pem([s.bundle for s in zone.trust.trusted_bundles()]),
         listeners=[
             TerminateListener(
                 name="ingress",
@@ -56,7 +56,7 @@ def _ingress(zone: Zone, sni: str, backend: EchoServer, allow: list[str]) -> Gat
 def _egress(zone: Zone, peer: Zone, sni: str, ingress: tuple[str, int]) -> GatewayConfig:
     return GatewayConfig(
         identity=gateway_identity(zone),
-        trust_bundles=bundle_roots_pem([s.bundle for s in zone.trusted_bundles()]),
+        trust_bundles=bundle_roots_pem([s.bundle for s in zone.trust.trusted_bundles()]),
         listeners=[
             OriginateListener(
                 name="egress",
@@ -78,7 +78,7 @@ def _mtls_client(zone: Zone, spiffe_id: str, server_zone: Zone, tmp_path) -> ssl
     files = write_svid(zone, spiffe_id, tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False  # SVIDs name workloads by URI SAN, not DNS
-    context.load_verify_locations(cadata=server_zone.own_bundle().to_pem().decode())
+    context.load_verify_locations(cadata=server_zone.trust.own_bundle().to_pem().decode())
     context.load_cert_chain(files.cert, files.key)
     return context
 

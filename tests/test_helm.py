@@ -281,13 +281,13 @@ def test_bootstrap_creates_the_zone_then_keeps_it(helm: str, tmp_path: Path) -> 
     assert zone.admin_token() == "from-the-secret"
     assert zone.read_token() == "read-from-the-secret"
     assert oct((zone.directory / "read-token").stat().st_mode & 0o777) == "0o600"
-    root = zone.own_bundle().roots
+    root = zone.trust.own_bundle().roots
     # A restart keeps the CA and state; only zone.toml and the tokens are refreshed.
     (tmp_path / "etc" / "admin-token" / "token").write_text("rotated\n")
     (tmp_path / "etc" / "read-token" / "token").write_text("read-rotated\n")
     subprocess.run(["/bin/sh", "-c", script], check=True, env=env, timeout=60)
     again = Zone.open(tmp_path / "data" / "zone")
-    assert again.own_bundle().roots == root
+    assert again.trust.own_bundle().roots == root
     assert again.admin_token() == "rotated"
     assert again.read_token() == "read-rotated"
 
@@ -304,8 +304,8 @@ def test_bootstrap_seeds_the_zone_from_a_secret(helm: str, tmp_path: Path) -> No
             shutil.copy(path, seed / path.name)
     subprocess.run(["/bin/sh", "-c", _bootstrap_script(manifests, tmp_path)], check=True, env=env, timeout=60)
     zone = Zone.open(tmp_path / "data" / "zone")
-    assert zone.own_bundle().roots == made.own_bundle().roots
-    assert zone.authority().root == made.authority().root
+    assert zone.trust.own_bundle().roots == made.trust.own_bundle().roots
+    assert zone.authority.signing_ca().root == made.authority.signing_ca().root
     assert oct((zone.directory / "ca" / "root.key").stat().st_mode & 0o777) == "0o600"
 
 

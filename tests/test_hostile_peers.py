@@ -534,7 +534,7 @@ def test_concurrent_token_replays_establish_at_most_one_peering_per_token_and_le
             east = fed.east
             tokens = [decode_token(east.peering.issue_token(f"p{i}").encoded) for i in range(3)]
             dialers = [make_zone(f"d{j}") for j in range(40)]
-            roots = east.zone.own_bundle().to_pem()
+            roots = east.zone.trust.own_bundle().to_pem()
             options = [("grpc.ssl_target_name_override", federation_host(east.zone.trust_domain))]
             address = east.peering.establish_addresses[0]
             async with grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options) as ch:
@@ -547,7 +547,7 @@ def test_concurrent_token_replays_establish_at_most_one_peering_per_token_and_le
                         peer_name=token.peer_name,
                         zone=token.peer_name,
                         trust_domain=str(dialer.trust_domain),
-                        bundle=dialer.own_bundle().to_spiffe_json(),
+                        bundle=dialer.trust.own_bundle().to_spiffe_json(),
                         stream_addresses=["127.0.0.1:9"],
                     )
                     try:
@@ -582,8 +582,8 @@ def test_a_peering_never_replaces_or_removes_trust_an_operator_imported(make_zon
         async with federation(make_zone) as fed:
             east, evil = fed.east, fed.evil
             xray = make_zone("xray")
-            operator_bundle = parse_bundle(xray.trust_domain, xray.own_bundle().to_spiffe_json())
-            east.zone.import_bundle(operator_bundle, "import")  # `meshfed trust import`
+            operator_bundle = parse_bundle(xray.trust_domain, xray.trust.own_bundle().to_spiffe_json())
+            east.zone.trust.import_bundle(operator_bundle, "import")  # `meshfed trust import`
 
             # east redeems xray's token: refused before anything is sent (establish), naming the source.
             with PeeringStore.of(xray) as store:
@@ -604,10 +604,12 @@ def test_a_peering_never_replaces_or_removes_trust_an_operator_imported(make_zon
             # it, and deleting the peering does not remove it.
             evil_zone = evil.zone
             assert evil_zone is not None
-            evil_bundle = parse_bundle(evil_zone.trust_domain, evil_zone.own_bundle().to_spiffe_json())
-            east.zone.import_bundle(evil_bundle, "import")
-            evil_zone.rotate()
-            await evil.send(pb.PeerMessage(bundle=pb.BundleUpdate(bundle=evil_zone.own_bundle().to_spiffe_json())))
+            evil_bundle = parse_bundle(evil_zone.trust_domain, evil_zone.trust.own_bundle().to_spiffe_json())
+            east.zone.trust.import_bundle(evil_bundle, "import")
+            evil_zone.authority.rotate()
+            await evil.send(
+                pb.PeerMessage(bundle=pb.BundleUpdate(bundle=evil_zone.trust.own_bundle().to_spiffe_json()))
+            )
             assert (await evil.update(snapshot(1, [service("ok")]))).error == ""  # the bundle was read before it
             assert held(east, "evil.mesh") == ("import", evil_bundle)
             await east.peering.delete("evil")
@@ -693,11 +695,11 @@ def test_a_peer_offline_through_a_rotation_reconnects_and_then_gets_the_new_ca(m
 
             # The whole overlap passes while west is away: the new CA is active when it comes back.
             t0 = dt.datetime.now(dt.UTC)
-            east.zone.rotate(overlap=overlap, now=t0)
-            east.zone.advance_rotation(now=t0 + overlap)
-            new = next(g for g in east.zone.ca_generations() if g.state == "active")
+            east.zone.authority.rotate(overlap=overlap, now=t0)
+            east.zone.authority.advance(now=t0 + overlap)
+            new = next(g for g in east.zone.authority.generations() if g.state == "active")
             assert new.generation == 1
-            assert east.zone.own_bundle().sequence == 2
+            assert east.zone.trust.own_bundle().sequence == 2
             await eventually(
                 lambda: east.peering._server._svid_generation == 0, "east keeps presenting the retiring CA"
             )
@@ -709,7 +711,7 @@ def test_a_peer_offline_through_a_rotation_reconnects_and_then_gets_the_new_ca(m
             await eventually(lambda: held_sequence(west, "east.mesh") == 2, "west holds east's new bundle")
             await eventually(lambda: east.peering._server._svid_generation == 1, "east presents the new CA")
             assert east.peering._server._svid is not None
-            assert east.peering._server._svid.intermediates[0] == east.zone.authority().intermediate
+            assert east.peering._server._svid.intermediates[0] == east.zone.authority.signing_ca().intermediate
             # A fresh connection verifies east's new-CA SVID.
             await west.stop()
             await eventually(lambda: east.state("west") != "ACTIVE", "east sees west go")
@@ -797,16 +799,16 @@ async def call(zone: RunningZone, listener: str, payload: bytes) -> bytes:
 
 
 def trusted_domains(zone: RunningZone) -> set[str]:
-    return {stored.bundle.trust_domain.name for stored in zone.zone.trusted_bundles()}
+    return {stored.bundle.trust_domain.name for stored in zone.zone.trust.trusted_bundles()}
 
 
 def held(zone: RunningZone, trust_domain: str) -> tuple[str, TrustBundle] | None:
-    stored = next((s for s in zone.zone.trusted_bundles() if s.bundle.trust_domain.name == trust_domain), None)
+    stored = next((s for s in zone.zone.trust.trusted_bundles() if s.bundle.trust_domain.name == trust_domain), None)
     return None if stored is None else (stored.source, stored.bundle)
 
 
 def held_sequence(zone: RunningZone, trust_domain: str) -> int:
-    bundle = zone.zone.bundle_of(TrustDomain.parse(trust_domain))
+    bundle = zone.zone.trust.bundle_of(TrustDomain.parse(trust_domain))
     return 0 if bundle is None else bundle.sequence
 
 

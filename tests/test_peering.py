@@ -211,9 +211,9 @@ def test_token_establish_stream_failover_resume_and_delete(make_zone):
         assert east.latest_from("west").services == []
         assert ("east", PeerState.TERMINATED) in [(n, s) for n, s, _ in west.states]
         # The trust the peering brought goes with it, on both sides.
-        assert "east.mesh" not in {s.bundle.trust_domain.name for s in west.zone.trusted_bundles()}
+        assert "east.mesh" not in {s.bundle.trust_domain.name for s in west.zone.trust.trusted_bundles()}
         await eventually(
-            lambda: "west.mesh" not in {s.bundle.trust_domain.name for s in east.zone.trusted_bundles()},
+            lambda: "west.mesh" not in {s.bundle.trust_domain.name for s in east.zone.trust.trusted_bundles()},
             what="east forgets west.mesh",
         )
 
@@ -390,13 +390,13 @@ async def hello_as_west_signed_by_north(east: Harness, west: Zone, north: Zone) 
 
     await establish(west, east.service.issue_token("west").encoded)
     await establish(north, east.service.issue_token("north").encoded)
-    north_ca = north.authority()
+    north_ca = north.authority.signing_ca()
     forger = CertificateAuthority(
         TrustDomain("west.mesh"), north_ca.root, north_ca.intermediate, north_ca.intermediate_key
     )
     forged = forger.issue(controller_id(TrustDomain("west.mesh")))
     credentials = grpc.ssl_channel_credentials(
-        east.zone.own_bundle().to_pem(), forged.private_key_pem(), forged.cert_chain_pem()
+        east.zone.trust.own_bundle().to_pem(), forged.private_key_pem(), forged.cert_chain_pem()
     )
     options = [("grpc.ssl_target_name_override", federation_host("east.mesh"))]
     async with grpc.aio.secure_channel(east.service.stream_addresses[0], credentials, options=options) as channel:

@@ -80,8 +80,8 @@ def refused(zone: Zone, token: str, error: type[MeshfedError] = InvalidTokenErro
 def assert_nothing_stored(dialer: Zone, acceptor: Zone) -> None:
     with PeeringStore.of(dialer) as store:
         assert store.peerings() == []
-    assert [s.bundle.trust_domain.name for s in dialer.trusted_bundles()] == [dialer.trust_domain.name]
-    assert [s.bundle.trust_domain.name for s in acceptor.trusted_bundles()] == [acceptor.trust_domain.name]
+    assert [s.bundle.trust_domain.name for s in dialer.trust.trusted_bundles()] == [dialer.trust_domain.name]
+    assert [s.bundle.trust_domain.name for s in acceptor.trust.trusted_bundles()] == [acceptor.trust_domain.name]
     with PeeringStore.of(acceptor) as store:
         assert all(p.state is PeerState.PENDING for p in store.peerings())
 

@@ -36,67 +36,67 @@ OVERLAP = dt.timedelta(minutes=15)
 
 def test_rotate_publishes_the_new_root_at_once_and_keeps_the_old_ca_signing(make_zone):
     east = make_zone("east")
-    old_root = east.own_bundle().roots[0]
+    old_root = east.trust.own_bundle().roots[0]
     t0 = dt.datetime.now(dt.UTC)
-    generation = east.rotate(overlap=OVERLAP, now=t0)
-    bundle = east.own_bundle()
+    generation = east.authority.rotate(overlap=OVERLAP, now=t0)
+    bundle = east.trust.own_bundle()
     assert bundle.sequence == 2
     assert bundle.fingerprints() == [fingerprint(old_root), generation.root_fingerprint]
     assert generation.state == "published"
     assert generation.activate_at == t0 + OVERLAP
-    svid = east.issue_svid(east.trust_domain.gateway_id, SVID_TTL)
+    svid = east.authority.issue_svid(east.trust_domain.gateway_id, SVID_TTL)
     assert _signed_by(svid.intermediates[0], old_root)  # still the old CA
-    assert east.advance_rotation(now=t0 + OVERLAP - dt.timedelta(seconds=1)) == []
+    assert east.authority.advance(now=t0 + OVERLAP - dt.timedelta(seconds=1)) == []
 
 
 def test_rotation_phases_follow_their_deadlines_and_survive_reopening_the_zone(make_zone):
     east = make_zone("east")
-    old_fp = east.own_bundle().fingerprints()[0]
+    old_fp = east.trust.own_bundle().fingerprints()[0]
     t0 = dt.datetime.now(dt.UTC)
-    east.issue_svid(east.trust_domain.gateway_id, SVID_TTL)
-    new_fp = east.rotate(overlap=OVERLAP, now=t0).root_fingerprint
+    east.authority.issue_svid(east.trust_domain.gateway_id, SVID_TTL)
+    new_fp = east.authority.rotate(overlap=OVERLAP, now=t0).root_fingerprint
 
     reopened = Zone.open(east.directory)  # a restart: nothing but the directory carries over
-    steps = reopened.advance_rotation(now=t0 + OVERLAP)
+    steps = reopened.authority.advance(now=t0 + OVERLAP)
     assert [(step.generation, step.state) for step in steps] == [(0, "retiring"), (1, "active")]
-    svid = reopened.issue_svid(east.trust_domain.gateway_id, dt.timedelta(hours=2))
+    svid = reopened.authority.issue_svid(east.trust_domain.gateway_id, dt.timedelta(hours=2))
     assert fingerprint(_root_of(reopened, svid)) == new_fp
-    assert reopened.own_bundle().fingerprints() == [old_fp, new_fp]  # old root still trusted
+    assert reopened.trust.own_bundle().fingerprints() == [old_fp, new_fp]  # old root still trusted
 
-    retire_at = {g.generation: g.retire_at for g in reopened.ca_generations()}[0]
+    retire_at = {g.generation: g.retire_at for g in reopened.authority.generations()}[0]
     # Generation 0 issued only a 1 h SVID before the switch: it is retired 1 h (+1 s) after it.
     assert retire_at is not None
     assert t0 + OVERLAP + SVID_TTL <= retire_at <= t0 + OVERLAP + SVID_TTL + dt.timedelta(seconds=2)
-    assert Zone.open(east.directory).advance_rotation(now=retire_at - dt.timedelta(seconds=1)) == []
-    steps = Zone.open(east.directory).advance_rotation(now=retire_at)
+    assert Zone.open(east.directory).authority.advance(now=retire_at - dt.timedelta(seconds=1)) == []
+    steps = Zone.open(east.directory).authority.advance(now=retire_at)
     assert [(step.generation, step.state) for step in steps] == [(0, "retired")]
-    bundle = east.own_bundle()
+    bundle = east.trust.own_bundle()
     assert bundle.fingerprints() == [new_fp]
     assert bundle.sequence == 3
     assert not (east.directory / "ca" / "root.key").exists()
     assert not (east.directory / "ca" / "intermediate.key").exists()
-    assert Zone.open(east.directory).advance_rotation(now=retire_at + dt.timedelta(days=1)) == []
+    assert Zone.open(east.directory).authority.advance(now=retire_at + dt.timedelta(days=1)) == []
 
 
 def test_a_second_rotation_is_refused_while_one_is_in_progress_and_changes_nothing(make_zone):
     east = make_zone("east")
-    east.rotate(overlap=OVERLAP)
-    before = east.own_bundle()
+    east.authority.rotate(overlap=OVERLAP)
+    before = east.trust.own_bundle()
     with pytest.raises(RotationError, match="a rotation is in progress"):
-        east.rotate(overlap=OVERLAP)
-    assert east.own_bundle() == before
-    assert len(east.ca_generations()) == 2
+        east.authority.rotate(overlap=OVERLAP)
+    assert east.trust.own_bundle() == before
+    assert len(east.authority.generations()) == 2
 
 
 def test_the_default_overlap_is_three_refresh_hints(make_zone):
     east = make_zone("east")
     t0 = dt.datetime.now(dt.UTC)
-    generation = east.rotate(now=t0)
-    assert generation.activate_at == t0 + 3 * dt.timedelta(seconds=east.own_bundle().refresh_hint_seconds)
+    generation = east.authority.rotate(now=t0)
+    assert generation.activate_at == t0 + 3 * dt.timedelta(seconds=east.trust.own_bundle().refresh_hint_seconds)
 
 
 def _root_of(zone: Zone, svid):
-    bundle = zone.own_bundle()
+    bundle = zone.trust.own_bundle()
     chain = (svid.leaf, *svid.intermediates)
     verify_x509_svid(chain, {zone.trust_domain: bundle}, dt.datetime.now(dt.UTC))
     return next(root for root in bundle.roots if _signed_by(svid.intermediates[0], root))
@@ -170,7 +170,7 @@ class Mesh:
     def _ingress_config(self, address: str) -> GatewayConfig:
         return GatewayConfig(
             identity=_identity(self.server),
-            trust_bundles=bundle_roots_pem([s.bundle for s in self.server.trusted_bundles()]),
+            trust_bundles=bundle_roots_pem([s.bundle for s in self.server.trust.trusted_bundles()]),
             listeners=[
                 TerminateListener(
                     name="ingress",
@@ -190,7 +190,7 @@ class Mesh:
     def _egress_config(self, address: str) -> GatewayConfig:
         return GatewayConfig(
             identity=_identity(self.client),
-            trust_bundles=bundle_roots_pem([s.bundle for s in self.client.trusted_bundles()]),
+            trust_bundles=bundle_roots_pem([s.bundle for s in self.client.trust.trusted_bundles()]),
             listeners=[
                 OriginateListener(
                     name="egress",
@@ -209,13 +209,13 @@ class Mesh:
 
 
 def _identity(zone: Zone) -> Identity:
-    svid = zone.issue_svid(zone.trust_domain.gateway_id, SVID_TTL)
+    svid = zone.authority.issue_svid(zone.trust_domain.gateway_id, SVID_TTL)
     return Identity(cert_chain_pem=svid.cert_chain_pem().decode(), private_key_pem=svid.private_key_pem().decode())
 
 
 def _publish(exporter: Zone, importer: Zone) -> None:
     """The bundle reaching the peer in the SPIFFE wire form (what the poller or peering stream does)."""
-    importer.import_bundle(parse_bundle(exporter.trust_domain, exporter.own_bundle().to_spiffe_json()))
+    importer.trust.import_bundle(parse_bundle(exporter.trust_domain, exporter.trust.own_bundle().to_spiffe_json()))
 
 
 @pytest.mark.parametrize("rotating", ["server", "client"])
@@ -244,12 +244,12 @@ def test_rotating_a_root_under_traffic_between_zones_loses_no_request(make_zone,
             for move in (None, OVERLAP, SVID_TTL + dt.timedelta(seconds=2)):
                 changed.clear()  # before the change: the service may notice it on its own, before wake()
                 if move is None:
-                    await asyncio.to_thread(zone.rotate, OVERLAP, clock[0])  # as `meshfed trust rotate` does
+                    await asyncio.to_thread(zone.authority.rotate, OVERLAP, clock[0])  # as `meshfed trust rotate` does
                 else:
                     clock[0] += move
                 service.wake()
                 await asyncio.wait_for(changed.wait(), timeout=10)
-                sequences.append(zone.own_bundle().sequence)
+                sequences.append(zone.trust.own_bundle().sequence)
                 await asyncio.to_thread(traffic.wait_for, 50)
                 assert round_trip(long_lived, b"still here") == b"still here"
         finally:
@@ -273,8 +273,8 @@ def test_rotating_a_root_under_traffic_between_zones_loses_no_request(make_zone,
     assert traffic.failures == []
     assert traffic.succeeded >= 200
     assert sequences == [2, 2, 3]
-    new_root = next(g for g in zone.ca_generations() if g.state == "active").root_fingerprint
-    held = peer.bundle_of(zone.trust_domain)
+    new_root = next(g for g in zone.authority.generations() if g.state == "active").root_fingerprint
+    held = peer.trust.bundle_of(zone.trust_domain)
     assert held is not None
     assert held.fingerprints() == [new_root]
     print(f"rotation of the {rotating} zone under traffic: {traffic.succeeded} requests, 0 failed")
@@ -288,8 +288,8 @@ def test_switching_to_a_new_root_the_peer_does_not_know_yet_fails_requests(make_
     mesh = Mesh(server=east, client=west, backend=echo_server)
     try:
         t0 = dt.datetime.now(dt.UTC)
-        east.rotate(overlap=OVERLAP, now=t0)
-        east.advance_rotation(now=t0 + OVERLAP)
+        east.authority.rotate(overlap=OVERLAP, now=t0)
+        east.authority.advance(now=t0 + OVERLAP)
         mesh.reconfigure()  # east presents an SVID from the new CA; west still trusts only the old root
         with socket.create_connection(mesh.egress.address("egress"), timeout=5) as sock:
             try:

@@ -42,7 +42,7 @@ def spire_client(spire: SpireServer, spiffe_id: str, trusting_pem: str, director
 def test_a_spire_workload_is_admitted_only_when_a_rule_allows_it(make_zone, tmp_path):
     east = make_zone("east")
     with spire_server() as spire, running_proxy_backend(proxy_header=False) as backend:
-        east.import_bundle(parse_bundle(SPIRE_TD, spire.bundle()))
+        east.trust.import_bundle(parse_bundle(SPIRE_TD, spire.bundle()))
         with EmbeddedCatalog(east.directory) as catalog:
             catalog.register(
                 Service(
@@ -52,7 +52,7 @@ def test_a_spire_workload_is_admitted_only_when_a_rule_allows_it(make_zone, tmp_
                     endpoints=[Endpoint(address="127.0.0.1", port=backend.address[1])],
                 )
             )
-        roots = east.own_bundle().to_pem().decode()
+        roots = east.trust.own_bundle().to_pem().decode()
         ops = spire_client(spire, "spiffe://spire.test/ns/ops/sa/job", roots, tmp_path)
         web = spire_client(spire, "spiffe://spire.test/ns/web/sa/frontend", roots, tmp_path)
         sni = service_sni(SERVICE, NAMESPACE, PORT, east.trust_domain)

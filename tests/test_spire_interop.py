@@ -51,7 +51,7 @@ def _bundle(document: bytes) -> TrustBundle:
 
 
 def _held_roots(zone: Zone) -> set[str]:
-    held = zone.bundle_of(SPIRE_TD)
+    held = zone.trust.bundle_of(SPIRE_TD)
     assert held is not None
     return set(held.fingerprints())
 
@@ -60,7 +60,7 @@ async def _poll_until(zone: Zone, spire: SpireServer, check: Callable[[set[str]]
     """Poll SPIRE's real endpoint until what meshfed holds passes ``check`` (SPIRE serves a new bundle
     within its own cache refresh, a few seconds)."""
     poller = BundlePoller(zone, _no_change)
-    (federation,) = zone.federations()
+    (federation,) = zone.trust.federations()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
     while True:
@@ -80,7 +80,7 @@ async def _no_change() -> None:
 
 
 def _federate(zone: Zone, spire: SpireServer) -> None:
-    zone.federate(
+    zone.trust.federate(
         SPIRE_TD,
         spire.bundle_endpoint_url,
         "https_spiffe",
@@ -173,12 +173,12 @@ def test_meshfed_takes_the_sequence_reset_of_a_spire_server_on_a_fresh_datastore
         assert raised.sequence == 2
 
         def at(sequence: int) -> bool:
-            held = west.bundle_of(SPIRE_TD)
+            held = west.trust.bundle_of(SPIRE_TD)
             return held is not None and held.sequence == sequence
 
         async def poll_until_sequence(sequence: int, what: str) -> TrustBundle:
             await _poll_until(west, spire, lambda _: at(sequence), what)
-            held: TrustBundle | None = west.bundle_of(SPIRE_TD)
+            held: TrustBundle | None = west.trust.bundle_of(SPIRE_TD)
             assert held is not None
             return held
 
@@ -208,7 +208,7 @@ def _spire_holds(spire: SpireServer) -> set[str]:
 
 
 def _meshfed_roots(east: Path) -> set[str]:
-    return set(Zone.open(east).own_bundle().fingerprints())
+    return set(Zone.open(east).trust.own_bundle().fingerprints())
 
 
 def _refresh(spire: SpireServer) -> None:
@@ -281,7 +281,7 @@ def test_spire_federates_with_meshfed_over_https_web_through_a_meshfed_rotation(
 def test_spire_federates_with_meshfed_over_https_spiffe_through_a_meshfed_rotation(tmp_path):
     east = init_zone(tmp_path / "east")
     bootstrap = tmp_path / "east.bundle.json"
-    bootstrap.write_bytes(Zone.open(east).own_bundle().to_spiffe_json())
+    bootstrap.write_bytes(Zone.open(east).trust.own_bundle().to_spiffe_json())
     port = free_port()
     zone = ZoneProcess(east, [*ephemeral_flags(), "--bundle-endpoint-address", f"127.0.0.1:{port}"])
     try:

@@ -69,7 +69,9 @@ def _bad_pages(state: Path) -> None:
     """Every table's root page overwritten, except what opening reads: the file opens, then queries fail."""
     with sqlite3.connect(state) as db:
         page_size = db.execute("PRAGMA page_size").fetchone()[0]
-        roots = [row[0] for row in db.execute("SELECT rootpage FROM sqlite_master WHERE tbl_name != 'meshfed_schema'")]
+        # Triggers have no pages of their own (root page 0).
+        tables = "SELECT rootpage FROM sqlite_master WHERE tbl_name != 'meshfed_schema' AND rootpage > 0"
+        roots = [row[0] for row in db.execute(tables)]
     with state.open("r+b") as file:
         for root in roots:
             file.seek(page_size * (root - 1))

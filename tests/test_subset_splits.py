@@ -35,7 +35,7 @@ def ingress_routes(make_zone: ZoneFactory, service: Service, split: SubsetSplit)
     trust_each_other(east, west)
     config = build_gateway_config(
         identity=gateway_identity(east),
-        trust_bundles=bundle_roots_pem([stored.bundle for stored in east.trusted_bundles()]),
+        trust_bundles=bundle_roots_pem([stored.bundle for stored in east.trust.trusted_bundles()]),
         trust_domain=east.trust_domain,
         ingress_address="127.0.0.1:0",
         catalog=CatalogSnapshot(version=1, services=[service]),

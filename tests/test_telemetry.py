@@ -233,6 +233,10 @@ def _every_stat() -> dict[str, Any]:
         "denied_by_trust_domain": {"west.mesh": 1},
         "upstream_connect_failures": 0,
         "active": 0,
+        "handshaking": 0,
+        "connections_refused_over_limit": 0,
+        "handshakes_refused_over_limit": 0,
+        "accept_errors": 0,
     }
     cluster = {
         "connections": 1,
@@ -285,6 +289,10 @@ GATEWAY_SERIES = {
     "meshfed_gateway_denied_by_trust_domain_total",
     "meshfed_gateway_upstream_connect_failures_total",
     "meshfed_gateway_active_connections",
+    "meshfed_gateway_handshaking_connections",
+    "meshfed_gateway_connections_refused_over_limit_total",
+    "meshfed_gateway_handshakes_refused_over_limit_total",
+    "meshfed_gateway_accept_errors_total",
     "meshfed_gateway_route_connections_total",
     "meshfed_gateway_route_rate_limited_total",
     "meshfed_gateway_cluster_connections_total",
@@ -380,7 +388,7 @@ def test_expiry_gauges_give_when_the_ca_svid_and_trusted_roots_expire(make_zone)
             return scrape
 
     scrape = asyncio.run(scenario())
-    authority = east.authority()
+    authority = east.authority.signing_ca()
     assert _value(scrape, "meshfed_ca_expiry_timestamp_seconds", certificate="root") == pytest.approx(
         authority.root.not_valid_after_utc.timestamp()
     )
@@ -388,7 +396,7 @@ def test_expiry_gauges_give_when_the_ca_svid_and_trusted_roots_expire(make_zone)
         authority.intermediate.not_valid_after_utc.timestamp()
     )
     for zone in (east, west):
-        roots = zone.own_bundle().roots
+        roots = zone.trust.own_bundle().roots
         assert _value(
             scrape, "meshfed_trust_bundle_expiry_timestamp_seconds", trust_domain=zone.trust_domain.name
         ) == pytest.approx(min(root.not_valid_after_utc for root in roots).timestamp())

@@ -16,8 +16,8 @@ WEB = "spiffe://east.mesh/ns/default/sa/web"
 
 def test_issued_svid_verifies_with_openssl_against_the_exported_roots(make_zone, tmp_path):
     east = make_zone("east")
-    svid = east.issue_svid(SpiffeId.parse(WEB), dt.timedelta(hours=1))
-    (tmp_path / "roots.pem").write_bytes(east.own_bundle().to_pem())
+    svid = east.authority.issue_svid(SpiffeId.parse(WEB), dt.timedelta(hours=1))
+    (tmp_path / "roots.pem").write_bytes(east.trust.own_bundle().to_pem())
     (tmp_path / "leaf.pem").write_bytes(certificates_to_pem([svid.leaf])[0])
     (tmp_path / "chain.pem").write_bytes(svid.cert_chain_pem())
     result = subprocess.run(
@@ -42,8 +42,8 @@ def test_issued_svid_verifies_with_openssl_against_the_exported_roots(make_zone,
 
 def test_openssl_refuses_the_svid_against_another_zones_roots(make_zone, tmp_path):
     east, west = make_zone("east"), make_zone("west")
-    svid = east.issue_svid(SpiffeId.parse(WEB), dt.timedelta(hours=1))
-    (tmp_path / "roots.pem").write_bytes(west.own_bundle().to_pem())
+    svid = east.authority.issue_svid(SpiffeId.parse(WEB), dt.timedelta(hours=1))
+    (tmp_path / "roots.pem").write_bytes(west.trust.own_bundle().to_pem())
     (tmp_path / "chain.pem").write_bytes(svid.cert_chain_pem())
     result = subprocess.run(
         [
@@ -64,7 +64,7 @@ def test_openssl_refuses_the_svid_against_another_zones_roots(make_zone, tmp_pat
 
 def test_svid_follows_the_x509_svid_rules(make_zone):
     east = make_zone("east")
-    svid = east.issue_svid(SpiffeId.parse(WEB), dt.timedelta(minutes=30))
+    svid = east.authority.issue_svid(SpiffeId.parse(WEB), dt.timedelta(minutes=30))
     leaf = svid.leaf
     assert str(spiffe_id_of(leaf)) == WEB
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -87,12 +87,12 @@ def test_svid_follows_the_x509_svid_rules(make_zone):
 )
 def test_issue_refuses_ids_it_must_not_sign(make_zone, spiffe_id, error):
     with pytest.raises(TrustError, match=error):
-        make_zone("east").issue_svid(SpiffeId.parse(spiffe_id), dt.timedelta(hours=1))
+        make_zone("east").authority.issue_svid(SpiffeId.parse(spiffe_id), dt.timedelta(hours=1))
 
 
 def test_bundle_round_trips_through_spiffe_json_and_pem(make_zone):
     east = make_zone("east")
-    bundle = east.own_bundle()
+    bundle = east.trust.own_bundle()
     document = json.loads(bundle.to_spiffe_json())
     (key,) = document["keys"]
     assert key["use"] == "x509-svid"
@@ -107,7 +107,7 @@ def test_bundle_round_trips_through_spiffe_json_and_pem(make_zone):
 
 
 def test_bundle_parser_skips_keys_of_other_uses(make_zone):
-    bundle = make_zone("east").own_bundle()
+    bundle = make_zone("east").trust.own_bundle()
     document = json.loads(bundle.to_spiffe_json())
     document["keys"].append({"use": "jwt-svid", "kty": "EC", "kid": "k1", "crv": "P-256", "x": "AA", "y": "AA"})
     document["keys"].append({"use": "something-new", "kty": "OKP"})
@@ -117,12 +117,12 @@ def test_bundle_parser_skips_keys_of_other_uses(make_zone):
 
 def test_import_then_trust_both_domains_separately(make_zone):
     east, west = make_zone("east"), make_zone("west")
-    west.import_bundle(parse_bundle(east.trust_domain, east.own_bundle().to_spiffe_json()))
-    trusted = {stored.bundle.trust_domain.name: stored for stored in west.trusted_bundles()}
+    west.trust.import_bundle(parse_bundle(east.trust_domain, east.trust.own_bundle().to_spiffe_json()))
+    trusted = {stored.bundle.trust_domain.name: stored for stored in west.trust.trusted_bundles()}
     assert sorted(trusted) == ["east.mesh", "west.mesh"]
     assert trusted["east.mesh"].source == "import"
-    assert trusted["east.mesh"].bundle.fingerprints() == east.own_bundle().fingerprints()
-    assert trusted["west.mesh"].bundle.fingerprints() == west.own_bundle().fingerprints()
+    assert trusted["east.mesh"].bundle.fingerprints() == east.trust.own_bundle().fingerprints()
+    assert trusted["west.mesh"].bundle.fingerprints() == west.trust.own_bundle().fingerprints()
 
 
 def _bad_bundles(good: bytes, leaf_pem: bytes) -> list[tuple[bytes, str]]:
@@ -147,18 +147,18 @@ def _bad_bundles(good: bytes, leaf_pem: bytes) -> list[tuple[bytes, str]]:
 
 def test_bad_bundles_are_refused_and_existing_trust_is_unchanged(make_zone):
     east, west = make_zone("east"), make_zone("west")
-    west.import_bundle(parse_bundle(east.trust_domain, east.own_bundle().to_spiffe_json()))
-    before = [(s.bundle.trust_domain, s.bundle.fingerprints()) for s in west.trusted_bundles()]
-    leaf_pem = east.issue_svid(SpiffeId.parse(WEB), dt.timedelta(hours=1)).cert_chain_pem()
-    for data, message in _bad_bundles(east.own_bundle().to_spiffe_json(), leaf_pem):
+    west.trust.import_bundle(parse_bundle(east.trust_domain, east.trust.own_bundle().to_spiffe_json()))
+    before = [(s.bundle.trust_domain, s.bundle.fingerprints()) for s in west.trust.trusted_bundles()]
+    leaf_pem = east.authority.issue_svid(SpiffeId.parse(WEB), dt.timedelta(hours=1)).cert_chain_pem()
+    for data, message in _bad_bundles(east.trust.own_bundle().to_spiffe_json(), leaf_pem):
         with pytest.raises(InvalidBundleError, match=message):
-            west.import_bundle(parse_bundle(TrustDomain("east.mesh"), data))
-    assert [(s.bundle.trust_domain, s.bundle.fingerprints()) for s in west.trusted_bundles()] == before
+            west.trust.import_bundle(parse_bundle(TrustDomain("east.mesh"), data))
+    assert [(s.bundle.trust_domain, s.bundle.fingerprints()) for s in west.trust.trusted_bundles()] == before
 
 
 def test_a_zone_refuses_to_import_its_own_trust_domain(make_zone):
     east, impostor = make_zone("east"), make_zone("impostor")
     with pytest.raises(InvalidBundleError, match="own trust domain"):
-        east.import_bundle(TrustBundle(east.trust_domain, impostor.own_bundle().roots))
-    assert east.own_bundle().fingerprints() != impostor.own_bundle().fingerprints()
-    assert len(east.trusted_bundles()) == 1
+        east.trust.import_bundle(TrustBundle(east.trust_domain, impostor.trust.own_bundle().roots))
+    assert east.trust.own_bundle().fingerprints() != impostor.trust.own_bundle().fingerprints()
+    assert len(east.trust.trusted_bundles()) == 1

@@ -28,7 +28,7 @@ def test_bundle_and_listing_are_open_and_carry_no_key(make_zone):
     bundle = client.get("/v1/trust/bundle")
     assert bundle.status_code == 200
     assert bundle.headers["content-type"] == "application/json"
-    assert bundle.content == east.own_bundle().to_spiffe_json()
+    assert bundle.content == east.trust.own_bundle().to_spiffe_json()
     assert client.get("/v1/trust/bundles").status_code == 401  # what the zone trusts is topology: a token
     listing = client.get("/v1/trust/bundles", headers={"Authorization": f"Bearer {east.admin_token()}"})
     assert listing.status_code == 200
@@ -39,25 +39,27 @@ def test_bundle_and_listing_are_open_and_carry_no_key(make_zone):
 def test_changes_need_the_admin_token(make_zone):
     east, west = make_zone("east"), make_zone("west")
     client = _client(east)
-    wire = west.own_bundle().to_spiffe_json()
+    wire = west.trust.own_bundle().to_spiffe_json()
     assert client.put("/v1/trust/bundles/west.mesh", content=wire).status_code == 401
     wrong = {"Authorization": "Bearer nope"}
     assert client.put("/v1/trust/bundles/west.mesh", content=wire, headers=wrong).status_code == 403
     assert client.post("/v1/trust/rotate", json={}, headers=wrong).status_code == 403
-    assert east.bundle_of(west.trust_domain) is None
-    assert len(east.own_bundle().roots) == 1
+    assert east.trust.bundle_of(west.trust_domain) is None
+    assert len(east.trust.own_bundle().roots) == 1
 
 
 def test_import_rotate_and_federate_with_the_token(make_zone):
     east, west = make_zone("east"), make_zone("west")
     client = _client(east)
     admin = {"Authorization": f"Bearer {east.admin_token()}"}
-    imported = client.put("/v1/trust/bundles/west.mesh", content=west.own_bundle().to_spiffe_json(), headers=admin)
+    imported = client.put(
+        "/v1/trust/bundles/west.mesh", content=west.trust.own_bundle().to_spiffe_json(), headers=admin
+    )
     assert imported.status_code == 200, imported.text
-    assert imported.json()["roots"] == west.own_bundle().fingerprints()
+    assert imported.json()["roots"] == west.trust.own_bundle().fingerprints()
     rotated = client.post("/v1/trust/rotate", json={"overlap_seconds": 3600}, headers=admin)
     assert rotated.status_code == 200
-    assert len(east.own_bundle().roots) == 2
+    assert len(east.trust.own_bundle().roots) == 2
     again = client.post("/v1/trust/rotate", json={}, headers=admin)
     assert again.status_code == 400
     assert "a rotation is in progress" in again.json()["detail"]
@@ -67,7 +69,7 @@ def test_import_rotate_and_federate_with_the_token(make_zone):
         headers=admin,
     )
     assert federated.status_code == 201
-    assert east.federations()[0].endpoint_url == "https://127.0.0.1:9/"
+    assert east.trust.federations()[0].endpoint_url == "https://127.0.0.1:9/"
     _assert_no_secrets(east, imported.content, rotated.content, again.content, federated.content)
 
 
@@ -79,7 +81,7 @@ def test_a_bad_bundle_is_400_with_one_line_and_changes_nothing(make_zone):
     assert response.status_code == 400
     assert "holds no authorities" in response.json()["detail"]
     assert "\n" not in response.json()["detail"]
-    assert [s.bundle.trust_domain.name for s in east.trusted_bundles()] == ["east.mesh"]
+    assert [s.bundle.trust_domain.name for s in east.trust.trusted_bundles()] == ["east.mesh"]
 
 
 class _Poller:

@@ -41,7 +41,7 @@ def test_a_spire_bundle_imports_with_its_x509_and_jwt_authorities(make_zone):
     result = meshfed_cli("trust", "import", SPIRE_BUNDLE, "--dir", east.directory, "--trust-domain", "example.org")
     assert result.returncode == 0, result.stderr.decode()
     assert "trusting example.org: 1 root(s), sequence 3" in result.stdout.decode()
-    held = east.bundle_of(TrustDomain("example.org"))
+    held = east.trust.bundle_of(TrustDomain("example.org"))
     assert held is not None
     assert len(held.jwt_authorities) == 1
     assert held.refresh_hint_seconds == 300
@@ -70,12 +70,12 @@ def test_exported_bundle_is_spec_compliant_spiffe_json(make_zone):
         assert "=" not in key["x"] + key["y"]  # RFC 7518: base64url without padding
         assert der
     # A consumer built on the reference vectors' rules parses it back to the same roots.
-    assert parse_bundle(east.trust_domain, result.stdout).fingerprints() == east.own_bundle().fingerprints()
+    assert parse_bundle(east.trust_domain, result.stdout).fingerprints() == east.trust.own_bundle().fingerprints()
 
 
 def test_trust_list_shows_sequence_fingerprints_expiry_refresh_and_source(make_zone, tmp_path):
     east, west = make_zone("east"), make_zone("west")
-    (tmp_path / "west.json").write_bytes(west.own_bundle().to_spiffe_json())
+    (tmp_path / "west.json").write_bytes(west.trust.own_bundle().to_spiffe_json())
     assert (
         meshfed_cli(
             "trust", "import", tmp_path / "west.json", "--dir", east.directory, "--trust-domain", "west.mesh"
@@ -88,11 +88,11 @@ def test_trust_list_shows_sequence_fingerprints_expiry_refresh_and_source(make_z
     assert listing["east.mesh"]["source"] == "self"
     assert listing["west.mesh"]["source"] == "import"
     assert listing["west.mesh"]["sequence"] == 1
-    assert [root["fingerprint"] for root in listing["west.mesh"]["roots"]] == west.own_bundle().fingerprints()
+    assert [root["fingerprint"] for root in listing["west.mesh"]["roots"]] == west.trust.own_bundle().fingerprints()
     assert listing["west.mesh"]["roots"][0]["expired"] is False
     assert listing["west.mesh"]["last_refresh"]
     table = meshfed_cli("trust", "list", "--dir", east.directory).stdout.decode()
-    assert f"root sha256:{west.own_bundle().fingerprints()[0]}" in table
+    assert f"root sha256:{west.trust.own_bundle().fingerprints()[0]}" in table
     assert "west.mesh  source import  sequence 1" in table
 
 
@@ -103,7 +103,7 @@ def test_trust_list_flags_an_expired_root_and_keeps_it(make_zone):
     assert meshfed_cli("trust", "import", vector, "--dir", east.directory, "--trust-domain", "local").returncode == 0
     table = meshfed_cli("trust", "list", "--dir", east.directory).stdout.decode()
     assert "EXPIRED (verifies nothing)" in table
-    assert east.bundle_of(TrustDomain("local")) is not None
+    assert east.trust.bundle_of(TrustDomain("local")) is not None
 
 
 def test_trust_rotate_publishes_a_new_root_and_refuses_a_second_rotation(make_zone):
@@ -111,7 +111,7 @@ def test_trust_rotate_publishes_a_new_root_and_refuses_a_second_rotation(make_zo
     result = meshfed_cli("trust", "rotate", "--dir", east.directory, "--overlap", "1h")
     assert result.returncode == 0, result.stderr.decode()
     assert "bundle sequence 2" in result.stdout.decode()
-    assert len(east.own_bundle().roots) == 2
+    assert len(east.trust.own_bundle().roots) == 2
     error = _one_line_error(meshfed_cli("trust", "rotate", "--dir", east.directory))
     assert "a rotation is in progress" in error
     listing = json.loads(meshfed_cli("trust", "list", "--dir", east.directory, "--json").stdout)
@@ -125,13 +125,13 @@ def test_cli_calls_advance_a_due_rotation(make_zone):
     result = meshfed_cli("trust", "list", "--dir", east.directory, "--json")
     phases = [g["phase"] for g in json.loads(result.stdout)["rotation"]]
     assert phases == ["retired", "active"]
-    assert east.own_bundle().sequence == 3
+    assert east.trust.own_bundle().sequence == 3
     assert "generation 0 retired" in result.stderr.decode()
 
 
 def test_trust_federate_stores_the_relationship_and_the_bootstrap_bundle(make_zone, tmp_path):
     east, west = make_zone("east"), make_zone("west")
-    (tmp_path / "east.json").write_bytes(east.own_bundle().to_spiffe_json())
+    (tmp_path / "east.json").write_bytes(east.trust.own_bundle().to_spiffe_json())
     result = meshfed_cli(
         "trust", "federate", "--dir", west.directory, "--trust-domain", "east.mesh",
         "--endpoint", "https://127.0.0.1:8443/", "--profile", "https_spiffe",
@@ -139,10 +139,10 @@ def test_trust_federate_stores_the_relationship_and_the_bootstrap_bundle(make_zo
         "--bootstrap-bundle", tmp_path / "east.json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr.decode()
-    (federation,) = Zone.open(west.directory).federations()
+    (federation,) = Zone.open(west.directory).trust.federations()
     assert federation.profile == "https_spiffe"
     assert federation.endpoint_spiffe_id == "spiffe://east.mesh/ns/meshfed-system/sa/controller"
-    assert west.bundle_of(east.trust_domain).fingerprints() == east.own_bundle().fingerprints()
+    assert west.trust.bundle_of(east.trust_domain).fingerprints() == east.trust.own_bundle().fingerprints()
     listing = json.loads(meshfed_cli("trust", "list", "--dir", west.directory, "--json").stdout)
     assert {e["trust_domain"]: e for e in listing["trust_domains"]}["east.mesh"][
         "endpoint"
@@ -168,16 +168,18 @@ def test_trust_federate_without_a_bootstrap_bundle_is_one_clear_error(make_zone)
         )
     )
     assert "--bootstrap-bundle" in error
-    assert west.federations() == []
+    assert west.trust.federations() == []
 
 
 def _bad_bundles(tmp_path: Path, zone: Zone) -> dict[str, Path]:
-    good = zone.own_bundle().to_spiffe_json()
+    good = zone.trust.own_bundle().to_spiffe_json()
     document = json.loads(good)
     der = bytearray(base64.b64decode(document["keys"][0]["x5c"][0]))
     der[-5] ^= 0x01
     document["keys"][0]["x5c"] = [base64.b64encode(bytes(der)).decode()]
-    leaf = zone.issue_svid(zone.trust_domain.workload("default", "web"), __import__("datetime").timedelta(hours=1)).leaf
+    leaf = zone.authority.issue_svid(
+        zone.trust_domain.workload("default", "web"), __import__("datetime").timedelta(hours=1)
+    ).leaf
     not_ca = json.loads(good)
     not_ca["keys"][0]["x5c"] = [base64.b64encode(leaf.public_bytes(serialization.Encoding.DER)).decode()]
     two = json.loads(good)
@@ -218,7 +220,7 @@ def test_a_bad_bundle_import_is_one_line_error_and_changes_nothing(make_zone, tm
         meshfed_cli("trust", "import", path, "--dir", east.directory, "--trust-domain", "west.mesh")
     )
     assert reason in error
-    assert [s.bundle.trust_domain.name for s in east.trusted_bundles()] == ["east.mesh"]
+    assert [s.bundle.trust_domain.name for s in east.trust.trusted_bundles()] == ["east.mesh"]
     assert (east.directory / "state.db").read_bytes() == before
 
 
@@ -228,13 +230,13 @@ def test_a_bad_bundle_import_is_one_line_error_and_changes_nothing(make_zone, tm
 def test_import_refuses_a_root_that_names_another_trust_domain(make_zone, tmp_path):
     east, west = make_zone("east"), make_zone("west")
     bundle = tmp_path / "west.bundle.json"
-    bundle.write_bytes(west.own_bundle().to_spiffe_json())
+    bundle.write_bytes(west.trust.own_bundle().to_spiffe_json())
     message = _one_line_error(
         meshfed_cli("trust", "import", bundle, "--dir", east.directory, "--trust-domain", "north.mesh")
     )
     assert "is a root of west.mesh (URI SAN spiffe://west.mesh), not of north.mesh" in message
     assert "--trust-domain west.mesh" in message
-    assert east.bundle_of(TrustDomain("north.mesh")) is None
+    assert east.trust.bundle_of(TrustDomain("north.mesh")) is None
 
 
 def test_import_refuses_a_root_whose_name_constraints_exclude_the_domain(make_zone, tmp_path):
@@ -293,7 +295,7 @@ def _assert_no_secrets(zone: Zone, *outputs: bytes) -> None:
 
 def test_no_cli_output_or_bundle_carries_a_private_key(make_zone, tmp_path):
     east, west = make_zone("east"), make_zone("west")
-    (tmp_path / "west.json").write_bytes(west.own_bundle().to_spiffe_json())
+    (tmp_path / "west.json").write_bytes(west.trust.own_bundle().to_spiffe_json())
     runs = [
         meshfed_cli("trust", "rotate", "--dir", east.directory, "--overlap", "0s"),
         meshfed_cli("trust", "export", "--dir", east.directory),
@@ -304,6 +306,6 @@ def test_no_cli_output_or_bundle_carries_a_private_key(make_zone, tmp_path):
         meshfed_cli("trust", "import", tmp_path / "missing.json", "--dir", east.directory, "--trust-domain", "x.mesh"),
     ]
     outputs = [run.stdout for run in runs] + [run.stderr for run in runs]
-    outputs.append(east.own_bundle().to_spiffe_json())
+    outputs.append(east.trust.own_bundle().to_spiffe_json())
     outputs.append((east.directory / "state.db").read_bytes())
     _assert_no_secrets(east, *outputs)

@@ -108,14 +108,14 @@ def _intermediate(
 
 def test_a_zone_root_permits_only_its_own_trust_domain_and_its_intermediate_carries_no_constraints(make_zone):
     east = make_zone("east")
-    authority = east.authority()
+    authority = east.authority.signing_ca()
     constraints = _constraints(authority.root)
     assert constraints is not None
     assert constraints.critical
     assert constraints.value.permitted_subtrees == [x509.UniformResourceIdentifier("east.mesh")]
     assert constraints.value.excluded_subtrees is None
     assert _constraints(authority.intermediate) is None
-    generation = east.rotate(overlap=dt.timedelta(0))
+    generation = east.authority.rotate(overlap=dt.timedelta(0))
     rotated = (east.directory / generation.directory / "root.pem").read_bytes()
     assert permitted_uri_hosts(x509.load_pem_x509_certificate(rotated)) == ["east.mesh"]
 
@@ -135,8 +135,8 @@ def _openssl_verify(tmp_path: Path, roots: bytes, chain: list[x509.Certificate])
 
 def test_openssl_refuses_a_leaf_of_another_trust_domain_signed_under_the_root(make_zone, tmp_path):
     east = make_zone("east")
-    authority = east.authority()
-    roots = east.own_bundle().to_pem()
+    authority = east.authority.signing_ca()
+    roots = east.trust.own_bundle().to_pem()
     own, _ = _leaf(authority.intermediate, authority.intermediate_key, "spiffe://east.mesh/ns/default/sa/web")
     assert _openssl_verify(tmp_path, roots, [own, authority.intermediate]).returncode == 0
     # The intermediate's key signs an ID of west.mesh: the root's constraints refuse the path.
@@ -178,7 +178,7 @@ def _call(
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False  # SVIDs name workloads by URI SAN
     # OpenSSL checks the gateway's SVID against east's root, name constraints included.
-    context.load_verify_locations(cadata=server.own_bundle().to_pem().decode())
+    context.load_verify_locations(cadata=server.trust.own_bundle().to_pem().decode())
     context.load_cert_chain(cert_file, key_file)
     try:
         with (
@@ -195,8 +195,8 @@ def test_the_gateway_verifies_svids_under_constrained_roots_through_the_anchors_
 ):
     east, west = make_zone("east"), make_zone("west")
     trust_each_other(east, west)
-    svid = west.issue_svid(west.trust_domain.workload("default", "client"), dt.timedelta(hours=1))
-    config, sni = _ingress(east, echo_server, bundle_roots_pem([s.bundle for s in east.trusted_bundles()]))
+    svid = west.authority.issue_svid(west.trust_domain.workload("default", "client"), dt.timedelta(hours=1))
+    config, sni = _ingress(east, echo_server, bundle_roots_pem([s.bundle for s in east.trust.trusted_bundles()]))
     with Gateway(config) as gateway:
         assert _call(gateway, sni, east, [svid.leaf, *svid.intermediates], svid.private_key, tmp_path)
 
@@ -206,8 +206,8 @@ def test_webpki_fails_closed_on_uri_constraints_so_raw_roots_would_refuse_every_
     this fails, and ``gateway_anchor`` can go."""
     east, west = make_zone("east"), make_zone("west")
     trust_each_other(east, west)
-    svid = west.issue_svid(west.trust_domain.workload("default", "client"), dt.timedelta(hours=1))
-    raw = {s.bundle.trust_domain.name: s.bundle.to_pem().decode() for s in east.trusted_bundles()}
+    svid = west.authority.issue_svid(west.trust_domain.workload("default", "client"), dt.timedelta(hours=1))
+    raw = {s.bundle.trust_domain.name: s.bundle.to_pem().decode() for s in east.trust.trusted_bundles()}
     config, sni = _ingress(east, echo_server, raw)
     with Gateway(config) as gateway:
         assert not _call(gateway, sni, east, [svid.leaf, *svid.intermediates], svid.private_key, tmp_path)
@@ -218,18 +218,18 @@ def test_an_intermediate_with_uri_constraints_is_refused_by_the_gateway(make_zon
     """Why meshfed's intermediates carry no constraints of their own: webpki would refuse every SVID below."""
     east, west = make_zone("east"), make_zone("west")
     trust_each_other(east, west)
-    root = west.authority().root
+    root = west.authority.signing_ca().root
     constraints = x509.NameConstraints([x509.UniformResourceIdentifier("west.mesh")], None) if constrained else None
     intermediate, intermediate_key = _intermediate(root, _root_key(west), "west.mesh", constraints)
     leaf, key = _leaf(intermediate, intermediate_key, CLIENT_ID)
-    config, sni = _ingress(east, echo_server, bundle_roots_pem([s.bundle for s in east.trusted_bundles()]))
+    config, sni = _ingress(east, echo_server, bundle_roots_pem([s.bundle for s in east.trust.trusted_bundles()]))
     with Gateway(config) as gateway:
         assert _call(gateway, sni, east, [leaf, intermediate], key, tmp_path) is not constrained
 
 
 def test_the_gateway_anchor_keeps_subject_and_key_and_drops_only_the_uri_subtrees_of_its_domain(make_zone):
     east = make_zone("east")
-    root = east.authority().root
+    root = east.authority.signing_ca().root
     anchor = gateway_anchor(east.trust_domain, root)
     assert anchor.subject == root.subject
     assert anchor.public_key() == root.public_key()
@@ -252,7 +252,7 @@ def make_legacy_root(zone: Zone) -> x509.Certificate:
     """
     ca = zone.directory / "ca"
     key = _root_key(zone)
-    old = zone.authority().root
+    old = zone.authority.signing_ca().root
     builder = (
         x509.CertificateBuilder()
         .subject_name(old.subject)
@@ -281,14 +281,14 @@ def test_an_existing_zone_without_constraints_keeps_working_and_its_next_generat
     legacy = make_legacy_root(west)
     assert _constraints(legacy) is None
     trust_each_other(east, west)
-    before = west.issue_svid(west.trust_domain.workload("default", "client"), dt.timedelta(hours=1))
-    generation = west.rotate(overlap=dt.timedelta(0))
-    west.advance_rotation()
+    before = west.authority.issue_svid(west.trust_domain.workload("default", "client"), dt.timedelta(hours=1))
+    generation = west.authority.rotate(overlap=dt.timedelta(0))
+    west.authority.advance()
     trust_each_other(east, west)  # east now holds both of west's roots
-    after = west.issue_svid(west.trust_domain.workload("default", "client"), dt.timedelta(hours=1))
+    after = west.authority.issue_svid(west.trust_domain.workload("default", "client"), dt.timedelta(hours=1))
     new_root = x509.load_pem_x509_certificate((west.directory / generation.directory / "root.pem").read_bytes())
     assert permitted_uri_hosts(new_root) == ["west.mesh"]
-    config, sni = _ingress(east, echo_server, bundle_roots_pem([s.bundle for s in east.trusted_bundles()]))
+    config, sni = _ingress(east, echo_server, bundle_roots_pem([s.bundle for s in east.trust.trusted_bundles()]))
     with Gateway(config) as gateway:
         for svid in (before, after):
             assert _call(gateway, sni, east, [svid.leaf, *svid.intermediates], svid.private_key, tmp_path)

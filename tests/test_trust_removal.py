@@ -34,21 +34,21 @@ LOOPBACK = ZoneSettings(
 
 
 def _import(importer: Zone, exporter: Zone) -> None:
-    importer.import_bundle(parse_bundle(exporter.trust_domain, exporter.own_bundle().to_spiffe_json()))
+    importer.trust.import_bundle(parse_bundle(exporter.trust_domain, exporter.trust.own_bundle().to_spiffe_json()))
 
 
 def _federate(importer: Zone, exporter: Zone) -> None:
-    importer.federate(
+    importer.trust.federate(
         exporter.trust_domain,
         "https://127.0.0.1:9/",
         "https_spiffe",
         endpoint_spiffe_id=endpoint_spiffe_id(exporter.trust_domain),
-        bootstrap_bundle=parse_bundle(exporter.trust_domain, exporter.own_bundle().to_spiffe_json()),
+        bootstrap_bundle=parse_bundle(exporter.trust_domain, exporter.trust.own_bundle().to_spiffe_json()),
     )
 
 
 def _trusted(zone: Zone) -> set[str]:
-    return {stored.bundle.trust_domain.name for stored in zone.trusted_bundles()}
+    return {stored.bundle.trust_domain.name for stored in zone.trust.trusted_bundles()}
 
 
 def test_trust_remove_drops_an_imported_and_a_federated_domain(make_zone):
@@ -64,7 +64,7 @@ def test_trust_remove_drops_an_imported_and_a_federated_domain(make_zone):
     assert federated.returncode == 0, federated.stderr.decode()
     assert "removed its bundle and its federation" in federated.stdout.decode()
     assert _trusted(east) == {"east.mesh"}
-    assert east.federations() == []
+    assert east.trust.federations() == []
 
 
 def test_trust_remove_refuses_the_own_domain_a_peers_domain_and_an_unknown_one(make_zone):
@@ -160,7 +160,7 @@ def test_the_api_removes_a_bundle_and_a_federation_and_the_running_gateway_stops
         assert ended.status_code == 200, ended.text
         assert ended.json() == {"trust_domain": "north.mesh", "bundle_removed": True, "federation_removed": True}
         assert set(applied[-1].trust_bundles) == {"east.mesh"}
-        assert east.federations() == []
+        assert east.trust.federations() == []
 
         again = client.delete("/v1/trust/federations/north.mesh", headers=admin)
         assert again.status_code == 400
@@ -175,7 +175,7 @@ def test_ending_a_federation_keeps_an_imported_bundle(make_zone):
     east, west = make_zone("east"), make_zone("west")
     _federate(east, west)
     _import(east, west)  # the operator's import replaces the federated bundle; the relationship stays
-    removed = east.remove_trust(west.trust_domain, federation_only=True)
+    removed = east.trust.remove_trust(west.trust_domain, federation_only=True)
     assert (removed.bundle, removed.federation) == (False, True)
     assert "west.mesh" in _trusted(east)
 
@@ -183,16 +183,16 @@ def test_ending_a_federation_keeps_an_imported_bundle(make_zone):
 def test_a_fetch_that_lands_after_the_removal_does_not_bring_the_domain_back(make_zone):
     east, west = make_zone("east"), make_zone("west")
     _federate(east, west)
-    fetched = west.own_bundle()
-    east.remove_trust(west.trust_domain)
-    assert not east.store_federated_bundle(fetched)
+    fetched = west.trust.own_bundle()
+    east.trust.remove_trust(west.trust_domain)
+    assert not east.trust.store_federated_bundle(fetched)
     assert "west.mesh" not in _trusted(east)
 
 
 def test_removing_an_import_leaves_the_zone_restartable(make_zone):
     east, west = make_zone("east"), make_zone("west")
     _import(east, west)
-    east.remove_trust(west.trust_domain)
+    east.trust.remove_trust(west.trust_domain)
     reopened = Zone.open(east.directory)
     assert _trusted(reopened) == {"east.mesh"}
-    assert reopened.own_bundle().sequence == 1
+    assert reopened.trust.own_bundle().sequence == 1

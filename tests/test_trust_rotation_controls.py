@@ -33,13 +33,13 @@ LOOPBACK = ZoneSettings(
 
 
 def _svid(zone: Zone):
-    return zone.issue_svid(zone.trust_domain.workload("default", "web"), HOUR)
+    return zone.authority.issue_svid(zone.trust_domain.workload("default", "web"), HOUR)
 
 
 def _verifies(zone: Zone, svid) -> bool:
     try:
         verify_x509_svid(
-            [svid.leaf, *svid.intermediates], {zone.trust_domain: zone.own_bundle()}, dt.datetime.now(dt.UTC)
+            [svid.leaf, *svid.intermediates], {zone.trust_domain: zone.trust.own_bundle()}, dt.datetime.now(dt.UTC)
         )
     except UntrustedSvidError:
         return False
@@ -47,19 +47,19 @@ def _verifies(zone: Zone, svid) -> bool:
 
 
 def _phases(zone: Zone) -> dict[int, str]:
-    return {g.generation: g.state for g in zone.ca_generations()}
+    return {g.generation: g.state for g in zone.authority.generations()}
 
 
 def test_finish_makes_a_published_ca_sign_now_and_drops_the_old_root_at_once(make_zone):
     east = make_zone("east")
     old_svid = _svid(east)
-    old_root = east.own_bundle().fingerprints()[0]
-    generation = east.rotate(overlap=dt.timedelta(days=1))
-    assert east.own_bundle().sequence == 2
-    steps = east.finish_rotation()
+    old_root = east.trust.own_bundle().fingerprints()[0]
+    generation = east.authority.rotate(overlap=dt.timedelta(days=1))
+    assert east.trust.own_bundle().sequence == 2
+    steps = east.authority.finish()
     assert [(s.generation, s.state) for s in steps] == [(0, "retired"), (generation.generation, "active")]
     assert _phases(east) == {0: "retired", 1: "active"}
-    bundle = east.own_bundle()
+    bundle = east.trust.own_bundle()
     assert bundle.fingerprints() == [generation.root_fingerprint]
     assert bundle.sequence == 3
     assert old_root not in bundle.fingerprints()
@@ -69,39 +69,39 @@ def test_finish_makes_a_published_ca_sign_now_and_drops_the_old_root_at_once(mak
     assert not _verifies(east, old_svid)
     new_svid = _svid(east)
     assert _verifies(east, new_svid)
-    assert fingerprint(east.authority().root) == generation.root_fingerprint
+    assert fingerprint(east.authority.signing_ca().root) == generation.root_fingerprint
 
 
 def test_finish_retires_a_retiring_root_before_its_svids_expire(make_zone):
     east = make_zone("east")
     old_svid = _svid(east)  # its TTL keeps the old root in the bundle for an hour once the new CA signs
-    east.rotate(overlap=dt.timedelta(0))
-    east.advance_rotation()
+    east.authority.rotate(overlap=dt.timedelta(0))
+    east.authority.advance()
     assert _phases(east) == {0: "retiring", 1: "active"}
     assert _verifies(east, old_svid)
-    (step,) = east.finish_rotation()
+    (step,) = east.authority.finish()
     assert (step.generation, step.state) == (0, "retired")
     assert _phases(east) == {0: "retired", 1: "active"}
-    assert len(east.own_bundle().roots) == 1
+    assert len(east.trust.own_bundle().roots) == 1
     assert not _verifies(east, old_svid)
     with pytest.raises(RotationError, match="no rotation is in progress; nothing to finish"):
-        east.finish_rotation()
+        east.authority.finish()
 
 
 def test_abort_drops_the_new_ca_before_it_signs_and_the_next_rotation_gets_a_new_number(make_zone):
     east = make_zone("east")
-    before = east.own_bundle()
-    generation = east.rotate(overlap=dt.timedelta(days=1))
-    (step,) = east.abort_rotation()
+    before = east.trust.own_bundle()
+    generation = east.authority.rotate(overlap=dt.timedelta(days=1))
+    (step,) = east.authority.abort()
     assert (step.generation, step.state) == (generation.generation, "retired")
     assert "aborted" in step.message
-    bundle = east.own_bundle()
+    bundle = east.trust.own_bundle()
     assert bundle.fingerprints() == before.fingerprints()
     assert bundle.sequence == before.sequence + 2  # published, then withdrawn: consumers see both
     assert _phases(east) == {0: "active", 1: "retired"}
     assert not (east.directory / generation.directory / "intermediate.key").exists()
     assert _verifies(east, _svid(east))
-    again = east.rotate(overlap=dt.timedelta(days=1))
+    again = east.authority.rotate(overlap=dt.timedelta(days=1))
     assert again.generation == 2
     assert again.root_fingerprint != generation.root_fingerprint
 
@@ -109,12 +109,12 @@ def test_abort_drops_the_new_ca_before_it_signs_and_the_next_rotation_gets_a_new
 def test_abort_is_refused_once_the_new_ca_signs_and_when_nothing_rotates(make_zone):
     east = make_zone("east")
     with pytest.raises(RotationError, match="no rotation is in progress; nothing to abort"):
-        east.abort_rotation()
+        east.authority.abort()
     _svid(east)
-    east.rotate(overlap=dt.timedelta(0))
-    east.advance_rotation()
+    east.authority.rotate(overlap=dt.timedelta(0))
+    east.authority.advance()
     with pytest.raises(RotationError, match=r"generation 1 already signs.*rotate --finish"):
-        east.abort_rotation()
+        east.authority.abort()
     assert _phases(east) == {0: "retiring", 1: "active"}
 
 
@@ -148,7 +148,7 @@ def test_finish_through_the_api_moves_the_running_gateway_and_bundle_endpoint_to
         finished = client.post("/v1/trust/rotate", json={"finish": True}, headers=admin)
         assert finished.status_code == 200, finished.text
         assert [s["phase"] for s in finished.json()["steps"]] == ["retired", "active"]
-        new = east.authority()
+        new = east.authority.signing_ca()
         gateway_svid = runtime.controller.gateway_svid
         assert gateway_svid is not None
         assert gateway_svid.intermediates[0] == new.intermediate
@@ -157,7 +157,7 @@ def test_finish_through_the_api_moves_the_running_gateway_and_bundle_endpoint_to
         )
 
         # The finish renewed the endpoint's SVID before answering: the new bundle alone authenticates it now.
-        asyncio.run(fetch_bundle(spec, east.own_bundle(), timeout=5))
+        asyncio.run(fetch_bundle(spec, east.trust.own_bundle(), timeout=5))
         again = client.post("/v1/trust/rotate", json={"abort": True}, headers=admin)
         assert again.status_code == 400
         assert "no rotation is in progress" in again.json()["detail"]
@@ -182,8 +182,8 @@ def test_zone_init_writes_the_root_key_only_to_the_offline_file(tmp_path):
     assert not (east.directory / "ca" / "root.key").exists()
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     root_key = load_private_key_pem(key.read_bytes(), "root key")
-    assert root_key.public_key() == east.authority().root.public_key()
-    assert east.root_key_offline()
+    assert root_key.public_key() == east.authority.signing_ca().root.public_key()
+    assert east.authority.root_key_offline()
     # The zone signs as any other: the intermediate is in the zone.
     assert _verifies(east, _svid(east))
     inside = _one_line_error(
@@ -208,20 +208,20 @@ def test_rotating_an_offline_root_zone_needs_the_root_key_and_keeps_the_root(tmp
     missing = _one_line_error(meshfed_cli("trust", "rotate", "--dir", east.directory))
     assert "keeps its root key offline: give it with --root-key FILE" in missing
     old_svid = _svid(east)
-    before = east.own_bundle()
+    before = east.trust.own_bundle()
 
     rotated = meshfed_cli("trust", "rotate", "--dir", east.directory, "--root-key", key)
     assert rotated.returncode == 0, rotated.stderr.decode()
     assert "new intermediate under the current root" in rotated.stdout.decode()
-    east.advance_rotation()  # no overlap: the bundle did not change, so nobody needs to fetch anything
-    assert east.own_bundle() == before
+    east.authority.advance()  # no overlap: the bundle did not change, so nobody needs to fetch anything
+    assert east.trust.own_bundle() == before
     assert _phases(east) == {0: "retiring", 1: "active"}
     new_svid = _svid(east)
     assert new_svid.intermediates[0] != old_svid.intermediates[0]
     assert _verifies(east, new_svid)
     assert _verifies(east, old_svid)
-    east.finish_rotation()  # the old intermediate's keys go; the root they shared stays published
-    assert east.own_bundle().fingerprints() == before.fingerprints()
+    east.authority.finish()  # the old intermediate's keys go; the root they shared stays published
+    assert east.trust.own_bundle().fingerprints() == before.fingerprints()
     assert not (east.directory / "ca" / "intermediate.key").exists()
     assert _verifies(east, _svid(east))
     assert not any(east.directory.rglob("root.key"))
@@ -246,11 +246,11 @@ def test_an_offline_root_zone_rotates_to_a_new_offline_root(tmp_path):
     new_key = tmp_path / "east-root-2.key"
     rotated = meshfed_cli("trust", "rotate", "--dir", east.directory, "--offline-root-key", new_key, "--overlap", "0s")
     assert rotated.returncode == 0, rotated.stderr.decode()
-    generation = east.ca_generations()[-1]
+    generation = east.authority.generations()[-1]
     root = x509.load_pem_x509_certificate((east.directory / generation.directory / "root.pem").read_bytes())
     assert load_private_key_pem(new_key.read_bytes(), "new key").public_key() == root.public_key()
     assert not any(east.directory.rglob("root.key"))
-    assert len(east.own_bundle().roots) == 2
+    assert len(east.trust.own_bundle().roots) == 2
 
 
 def test_the_api_does_not_take_an_offline_root_key(tmp_path):

@@ -123,9 +123,9 @@ def tls_client(trusting: Zone, svid_of: Zone | None, spiffe_id: str | None, tmp:
     """A client context trusting ``trusting``'s roots, presenting an SVID of ``svid_of`` if given."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False  # SPIFFE names live in URI SANs; the roots are the check
-    context.load_verify_locations(cadata=trusting.own_bundle().to_pem().decode())
+    context.load_verify_locations(cadata=trusting.trust.own_bundle().to_pem().decode())
     if svid_of is not None and spiffe_id is not None:
-        svid = svid_of.issue_svid(SpiffeId.parse(spiffe_id), dt.timedelta(hours=1))
+        svid = svid_of.authority.issue_svid(SpiffeId.parse(spiffe_id), dt.timedelta(hours=1))
         name = spiffe_id.rsplit("/", 1)[-1]
         cert, key = tmp / f"{name}.pem", tmp / f"{name}.key"
         cert.write_bytes(svid.cert_chain_pem())

@@ -34,7 +34,7 @@ def test_init_creates_the_zone_layout_with_private_files_locked_down(tmp_path):
     assert config["name"] == "east"
     assert config["trust_domain"] == "east.mesh"
     assert len(zone.admin_token()) >= 32
-    assert [stored.source for stored in zone.trusted_bundles()] == ["self"]
+    assert [stored.source for stored in zone.trust.trusted_bundles()] == ["self"]
     reopened = Zone.open(directory)
     assert reopened.trust_domain == zone.trust_domain
 

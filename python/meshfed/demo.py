@@ -105,7 +105,7 @@ async def _demo(requests: int, concurrency: int, console: Console) -> DemoReport
         zones = {name: Zone.init(root / name, name, f"{name}.mesh") for name in ("west", *_EXPORTERS, "rogue")}
         console.print("[bold]meshfed demo[/]: three zones, three roots of trust, peered with one-time tokens")
         for zone in zones.values():
-            fingerprint = zone.own_bundle().fingerprints()[0]
+            fingerprint = zone.trust.own_bundle().fingerprints()[0]
             console.print(
                 f"  zone {zone.name:<6} trust domain {zone.trust_domain.name:<11} root sha256:{fingerprint[:16]}…"
             )
@@ -242,14 +242,14 @@ def _fail_over(west: ZoneRuntime, stop_east: Callable[[], None], report: DemoRep
 
 def _rogue_is_refused(rogue: Zone, east: ZoneRuntime) -> bool:
     """A zone east never peered with dials east's ingress with its own SVID: the handshake must fail."""
-    rogue.import_bundle(parse_bundle(east.zone.trust_domain, east.zone.own_bundle().to_spiffe_json()))
-    svid = rogue.issue_svid(rogue.trust_domain.gateway_id, dt.timedelta(minutes=10))
+    rogue.trust.import_bundle(parse_bundle(east.zone.trust_domain, east.zone.trust.own_bundle().to_spiffe_json()))
+    svid = rogue.authority.issue_svid(rogue.trust_domain.gateway_id, dt.timedelta(minutes=10))
     sni = service_sni(_SERVICE, _NAMESPACE, _PORT, east.zone.trust_domain)
     config = GatewayConfig(
         identity=Identity(
             cert_chain_pem=svid.cert_chain_pem().decode(), private_key_pem=svid.private_key_pem().decode()
         ),
-        trust_bundles=bundle_roots_pem([stored.bundle for stored in rogue.trusted_bundles()]),
+        trust_bundles=bundle_roots_pem([stored.bundle for stored in rogue.trust.trusted_bundles()]),
         listeners=[
             OriginateListener(
                 name="egress",

@@ -151,21 +151,21 @@ def assemble_zone(zone: Zone, settings: ZoneSettings = ZoneSettings()) -> ZoneRu
     controller.add_companion(poller)
     # The hint every copy of the bundle carries (endpoint, peering, trust export), and the one a rotation's
     # default overlap is counted in: stored, so the CLI's rotations see it too.
-    zone.set_refresh_hint(zone.refresh_hint(settings.bundle_refresh_hint))
+    zone.trust.set_refresh_hint(zone.trust.refresh_hint(settings.bundle_refresh_hint))
     endpoint = None
     if settings.bundle_endpoint_port is not None:
         web = settings.bundle_endpoint_web
 
         def signs_still(svid: Svid) -> bool:
-            return svid.intermediates[0] == zone.authority().intermediate
+            return svid.intermediates[0] == zone.authority.signing_ca().intermediate
 
         endpoint = BundleEndpointServer(
-            lambda: zone.own_bundle().to_spiffe_json(),
+            lambda: zone.trust.own_bundle().to_spiffe_json(),
             profile="https_web" if web is not None else "https_spiffe",
             host=settings.bundle_endpoint_host,
             port=settings.bundle_endpoint_port,
             web_certificate=web,
-            issue_svid=lambda: zone.issue_svid(endpoint_spiffe_id(zone.trust_domain), _ENDPOINT_SVID_TTL),
+            issue_svid=lambda: zone.authority.issue_svid(endpoint_spiffe_id(zone.trust_domain), _ENDPOINT_SVID_TTL),
             svid_current=signs_still,
             supervisor=controller.supervisor,
         )

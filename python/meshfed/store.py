@@ -58,6 +58,21 @@ _MIGRATIONS = (
         trust_domain TEXT NOT NULL
     ) STRICT;
     """,
+    # 4: a counter every change of trust_bundles moves, so a reader holding parsed bundles in memory
+    # (zone/trust_store.py) asks one row whether they are current, whichever process wrote.
+    """
+    CREATE TABLE trust_revision (
+        only INTEGER PRIMARY KEY CHECK (only = 1),
+        revision INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO trust_revision VALUES (1, 0);
+    CREATE TRIGGER trust_bundles_inserted AFTER INSERT ON trust_bundles
+        BEGIN UPDATE trust_revision SET revision = revision + 1; END;
+    CREATE TRIGGER trust_bundles_updated AFTER UPDATE ON trust_bundles
+        BEGIN UPDATE trust_revision SET revision = revision + 1; END;
+    CREATE TRIGGER trust_bundles_deleted AFTER DELETE ON trust_bundles
+        BEGIN UPDATE trust_revision SET revision = revision + 1; END;
+    """,
 )
 
 GenerationState = Literal["published", "active", "retiring", "retired"]
@@ -157,6 +172,10 @@ class StateStore(SqliteStore):
         """Every stored bundle, ordered by trust domain."""
         rows = self._db.execute("SELECT * FROM trust_bundles ORDER BY trust_domain").fetchall()
         return [_stored_bundle(row) for row in rows]
+
+    def trust_revision(self) -> int:
+        """A number every insert, update or delete of a trust bundle moves on (in any process)."""
+        return int(self._db.execute("SELECT revision FROM trust_revision").fetchone()[0])
 
     def ca_generations(self) -> list[CaGeneration]:
         """Every recorded CA generation, oldest first (none until the zone's first rotation)."""

@@ -56,7 +56,7 @@ def _zone(request: Request) -> Zone:
 @router.get("/bundle", response_class=Response, responses={200: {"content": {_SPIFFE_JSON: {}}}})
 async def own_bundle(request: Request) -> Response:
     """This zone's bundle in the SPIFFE format (what peers import)."""
-    bundle = await asyncio.to_thread(_zone(request).own_bundle)
+    bundle = await asyncio.to_thread(_zone(request).trust.own_bundle)
     return Response(bundle.to_spiffe_json(), media_type=_SPIFFE_JSON)
 
 
@@ -88,7 +88,7 @@ async def import_bundle(request: Request, trust_domain: str) -> dict[str, Any]:
     zone = _zone(request)
     try:
         bundle = parse_bundle(TrustDomain.parse(trust_domain), body)
-        await asyncio.to_thread(zone.import_bundle, bundle)
+        await asyncio.to_thread(zone.trust.import_bundle, bundle)
     except TrustError as err:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
     audit_call(request, zone.directory, "trust.import", bundle.trust_domain.name, sequence=bundle.sequence)
@@ -108,12 +108,12 @@ async def rotate(request: Request, rotation: RotationRequest) -> dict[str, Any]:
         return await _end_rotation(request, zone, rotation)
     overlap = dt.timedelta(seconds=rotation.overlap_seconds) if rotation.overlap_seconds is not None else None
     try:
-        if await asyncio.to_thread(zone.root_key_offline):
+        if await asyncio.to_thread(zone.authority.root_key_offline):
             raise TrustError(
                 f"zone {zone.name} keeps its root key offline, and it never travels to the API: rotate on the "
                 "zone's host with 'meshfed trust rotate --root-key FILE' (or --offline-root-key NEWFILE)"
             )
-        generation = await asyncio.to_thread(zone.rotate, overlap)
+        generation = await asyncio.to_thread(zone.authority.rotate, overlap)
     except TrustError as err:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
     audit_call(request, zone.directory, "trust.rotate", str(zone.trust_domain), generation=generation.generation)
@@ -131,11 +131,11 @@ async def _end_rotation(request: Request, zone: Zone, rotation: RotationRequest)
             status.HTTP_400_BAD_REQUEST, "give one of finish or abort, and no overlap_seconds with either"
         )
     try:
-        steps = await asyncio.to_thread(zone.finish_rotation if rotation.finish else zone.abort_rotation)
+        steps = await asyncio.to_thread(zone.authority.finish if rotation.finish else zone.authority.abort)
     except TrustError as err:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
     action = "trust.rotate.finish" if rotation.finish else "trust.rotate.abort"
-    sequence = (await asyncio.to_thread(zone.own_bundle)).sequence
+    sequence = (await asyncio.to_thread(zone.trust.own_bundle)).sequence
     audit_call(request, zone.directory, action, str(zone.trust_domain), bundle_sequence=sequence)
     await _trust_changed(request)
     endpoint = getattr(request.app.state, "bundle_endpoint", None)
@@ -157,7 +157,7 @@ async def federate(request: Request, federation: FederationRequest) -> dict[str,
         bootstrap = parse_bundle(domain, federation.bootstrap_bundle.encode()) if federation.bootstrap_bundle else None
         endpoint_id = SpiffeId.parse(federation.endpoint_spiffe_id) if federation.endpoint_spiffe_id else None
         await asyncio.to_thread(
-            lambda: zone.federate(
+            lambda: zone.trust.federate(
                 domain,
                 federation.endpoint_url,
                 federation.profile,

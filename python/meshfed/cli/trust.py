@@ -45,7 +45,7 @@ def issue(
 ) -> None:
     """Issue an X.509-SVID from the zone's CA."""
     lifetime = parse_duration(ttl)
-    svid = _open(directory).issue_svid(SpiffeId.parse(spiffe_id), lifetime)
+    svid = _open(directory).authority.issue_svid(SpiffeId.parse(spiffe_id), lifetime)
     write_private_file(key_out, svid.private_key_pem())
     out.write_bytes(svid.cert_chain_pem())
     typer.echo(f"issued {svid.spiffe_id}, valid until {svid.leaf.not_valid_after_utc.isoformat()}", err=True)
@@ -59,7 +59,7 @@ def export(
     ] = BundleFormat.spiffe,
 ) -> None:
     """Print the zone's own trust bundle."""
-    bundle = _open(directory).own_bundle()
+    bundle = _open(directory).trust.own_bundle()
     sys.stdout.buffer.write(bundle.to_spiffe_json() if bundle_format is BundleFormat.spiffe else bundle.to_pem())
 
 
@@ -82,7 +82,7 @@ def import_(
         typer.echo(f"trusting {domain}: {len(bundle.roots)} root(s), sequence {bundle.sequence}")
         return
     zone = _open(where)
-    zone.import_bundle(bundle)
+    zone.trust.import_bundle(bundle)
     audit.record(
         zone.directory, actor=audit.cli_actor(), action="trust.import", target=domain.name, sequence=bundle.sequence
     )
@@ -187,7 +187,7 @@ def rotate(
         )
     zone = _open(where)
     if finish or abort:
-        steps = zone.finish_rotation() if finish else zone.abort_rotation()
+        steps = zone.authority.finish() if finish else zone.authority.abort()
         for step in steps:
             typer.echo(f"CA generation {step.generation} {step.state}: {step.message}")
         audit.record(
@@ -195,10 +195,10 @@ def rotate(
             actor=audit.cli_actor(),
             action="trust.rotate.finish" if finish else "trust.rotate.abort",
             target=str(zone.trust_domain),
-            bundle_sequence=zone.own_bundle().sequence,
+            bundle_sequence=zone.trust.own_bundle().sequence,
         )
         return
-    generation = zone.rotate(
+    generation = zone.authority.rotate(
         lapse,
         root_key=load_root_key(root_key) if root_key is not None else None,
         offline_root_key=offline_root_key,
@@ -210,7 +210,7 @@ def rotate(
         target=str(zone.trust_domain),
         generation=generation.generation,
     )
-    bundle = zone.own_bundle()
+    bundle = zone.trust.own_bundle()
     what = "new intermediate under the current root" if root_key is not None else "new root"
     typer.echo(
         f"{what} (root sha256:{generation.root_fingerprint}) published (bundle sequence {bundle.sequence}); "
@@ -273,7 +273,7 @@ def federate(
         typer.echo(f"federating with {domain} via {endpoint} ({profile.value}); the running zone fetches it now")
         return
     zone = _open(where)
-    zone.federate(
+    zone.trust.federate(
         domain,
         endpoint,
         profile.value,
@@ -327,6 +327,6 @@ def remove(
 def _open(where: Path | Target) -> Zone:
     # Every command moves a due rotation phase on, so a zone that is not running still rotates.
     zone = where.zone() if isinstance(where, Target) else Zone.open(where)
-    for step in zone.advance_rotation():
+    for step in zone.authority.advance():
         typer.echo(f"CA generation {step.generation} {step.state}: {step.message}", err=True)
     return zone

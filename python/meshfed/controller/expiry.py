@@ -15,7 +15,7 @@ def observe_expiry(telemetry: Telemetry, zone: Zone, gateway_svid: Callable[[], 
 
     def ca() -> list[tuple[float, dict[str, str]]]:
         try:
-            authority = zone.authority()
+            authority = zone.authority.signing_ca()
         except MeshfedError:
             return []
         return [
@@ -29,7 +29,7 @@ def observe_expiry(telemetry: Telemetry, zone: Zone, gateway_svid: Callable[[], 
 
     def bundles() -> list[tuple[float, dict[str, str]]]:
         try:
-            stored = zone.trusted_bundles()
+            stored = zone.trust.trusted_bundles()
         except MeshfedError:
             return []
         return [

@@ -220,10 +220,10 @@ class GatewayDriver:
             log.info("zone %s: gateway SVID renewed until %s", self._zone.name, self._svid.leaf.not_valid_after_utc)
 
     def _svid_signer_retired(self) -> bool:
-        return self._svid is not None and self._svid.intermediates[0] != self._zone.authority().intermediate
+        return self._svid is not None and self._svid.intermediates[0] != self._zone.authority.signing_ca().intermediate
 
     def _issue_svid(self) -> Svid:
-        return self._zone.issue_svid(self._zone.trust_domain.gateway_id, self._svid_ttl)
+        return self._zone.authority.issue_svid(self._zone.trust_domain.gateway_id, self._svid_ttl)
 
     # -- building ---------------------------------------------------------------------------
 
@@ -261,7 +261,7 @@ class GatewayDriver:
             ports = imports.egress_ports(self._egress_port_base, live)
         parsed, problems = parse_documents(documents)
         snapshots.update(parsed)
-        trust_bundles = bundle_roots_pem([stored.bundle for stored in self._zone.trusted_bundles()])
+        trust_bundles = bundle_roots_pem([stored.bundle for stored in self._zone.trust.trusted_bundles()])
         served = {peer: snapshot for peer, snapshot in snapshots.items() if peer not in view.withheld}
         served = self._resolved(served, problems)
 

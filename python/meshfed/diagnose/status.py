@@ -121,7 +121,7 @@ def zone_status(controller: Controller, peering: PeeringService | None) -> ZoneS
                 activate_at=g.activate_at,
                 retire_at=g.retire_at,
             )
-            for g in zone.ca_generations()
+            for g in zone.authority.generations()
         ],
         catalog_mode=zone.config.catalog,
         catalog_error=controller.catalog_error,

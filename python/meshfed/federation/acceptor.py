@@ -101,7 +101,7 @@ async def accept(host: AcceptorHost, request: pb.EstablishRequest) -> pb.Establi
         # token, exactly one gets here, so no trust domain is ever trusted without a peering owning it.
         store.spend_token(request.secret, established)
     try:
-        await asyncio.to_thread(zone.import_bundle, bundle, "peering")
+        await asyncio.to_thread(zone.trust.import_bundle, bundle, "peering")
     except BaseException:
         with host.peerings() as store:
             store.delete(established.name)
@@ -112,7 +112,7 @@ async def accept(host: AcceptorHost, request: pb.EstablishRequest) -> pb.Establi
     return pb.EstablishResponse(
         zone=zone.name,
         trust_domain=str(zone.trust_domain),
-        bundle=zone.own_bundle().to_spiffe_json(),
+        bundle=zone.trust.own_bundle().to_spiffe_json(),
         stream_addresses=host.stream_addresses,
     )
 

@@ -133,7 +133,7 @@ async def establish(
         peer_name=token.peer_name,
         zone=zone.name,
         trust_domain=str(zone.trust_domain),
-        bundle=zone.own_bundle().to_spiffe_json(),
+        bundle=zone.trust.own_bundle().to_spiffe_json(),
         stream_addresses=list(stream_addresses),
     )
     response = await _redeem(token.addresses, ca_bundle, request, timeout)
@@ -142,7 +142,7 @@ async def establish(
     peer_bundle = parse_bundle(peer_domain, response.bundle)
     if not response.stream_addresses:
         raise PeeringError(f"zone {response.zone} sent no stream address; is its peering service configured?")
-    await asyncio.to_thread(zone.import_bundle, peer_bundle, "peering")
+    await asyncio.to_thread(zone.trust.import_bundle, peer_bundle, "peering")
     established = Peering(
         name=name,
         role="dialer",

@@ -47,7 +47,7 @@ def issue_controller_svid(
     zone: Zone, ttl: dt.timedelta = CONTROLLER_SVID_TTL, *, generation: int | None = None
 ) -> Svid:
     """The controller SVID of ``zone``, with its federation DNS SAN (from CA ``generation``; default: active)."""
-    return zone.issue_svid(
+    return zone.authority.issue_svid(
         controller_id(zone.trust_domain), ttl, dns_names=[federation_host(zone.trust_domain)], generation=generation
     )
 

@@ -16,7 +16,7 @@ from meshfed.zone import Zone
 
 def held_bundle(zone: Zone, trust_domain: TrustDomain) -> TrustBundle | None:
     """The bundle ``zone`` trusts for ``trust_domain``, whatever brought it."""
-    return next((s.bundle for s in zone.trusted_bundles() if s.bundle.trust_domain == trust_domain), None)
+    return next((s.bundle for s in zone.trust.trusted_bundles() if s.bundle.trust_domain == trust_domain), None)
 
 
 def trust_owned_elsewhere(trust_domain: TrustDomain, source: str) -> str:
@@ -30,7 +30,7 @@ def trust_owned_elsewhere(trust_domain: TrustDomain, source: str) -> str:
 
 def refuse_trust_owned_elsewhere(zone: Zone, trust_domain: TrustDomain) -> None:
     """Raise PeeringError when ``zone`` trusts ``trust_domain`` for a reason other than a peering."""
-    stored = next((s for s in zone.trusted_bundles() if s.bundle.trust_domain == trust_domain), None)
+    stored = next((s for s in zone.trust.trusted_bundles() if s.bundle.trust_domain == trust_domain), None)
     if stored is not None and stored.source != "peering":
         raise PeeringError(trust_owned_elsewhere(trust_domain, stored.source))
 

@@ -52,7 +52,7 @@ def new_token(
         zone=zone.name,
         trust_domain=str(zone.trust_domain),
         addresses=list(addresses),
-        ca_bundle=zone.own_bundle().to_spiffe_json().decode(),
+        ca_bundle=zone.trust.own_bundle().to_spiffe_json().decode(),
         secret=new_secret(),
         expires_at=(now + ttl).replace(microsecond=0),
     )

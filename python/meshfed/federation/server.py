@@ -162,12 +162,12 @@ class PeeringServer:
         every peer confirmed, from the new one. If the old root retired before a
         peer came back, that peer cannot verify us: its dial errors say so.
         """
-        generations = self._zone.ca_generations()
+        generations = self._zone.authority.generations()
         active = next((g.generation for g in generations if g.state == "active"), None)
         retiring = [g.generation for g in generations if g.state == "retiring"]
         if not retiring:
             return active
-        behind = self._peers_behind(self._zone.own_bundle().sequence)
+        behind = self._peers_behind(self._zone.trust.own_bundle().sequence)
         if not behind:
             return active
         if active != self._svid_generation:
@@ -196,9 +196,9 @@ class PeeringServer:
         svid = self._svid
         assert svid is not None
         live = self._live_trust_domains()
-        bundles = [s.bundle for s in self._zone.trusted_bundles() if s.bundle.trust_domain.name in live]
+        bundles = [s.bundle for s in self._zone.trust.trusted_bundles() if s.bundle.trust_domain.name in live]
         # A pool may not be empty; with no peers, our own roots stand in (no peering matches our own domain).
-        roots = b"".join(b.to_pem() for b in bundles if b.roots) or self._zone.own_bundle().to_pem()
+        roots = b"".join(b.to_pem() for b in bundles if b.roots) or self._zone.trust.own_bundle().to_pem()
         pair = [(svid.private_key_pem(), svid.cert_chain_pem())]
         key = (pair[0][1], roots)
         if key == self._credentials_key:

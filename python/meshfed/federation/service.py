@@ -144,7 +144,7 @@ class PeeringService:
 
     async def start(self) -> None:
         self._running = True
-        self._own_bundle_sequence = self.zone.own_bundle().sequence
+        self._own_bundle_sequence = self.zone.trust.own_bundle().sequence
         await self._server.start(EstablishmentServicer(self), StreamServicer(self))
         with self.peerings() as store:
             store.record_listener(self.establish_addresses, self.stream_addresses)
@@ -304,7 +304,9 @@ class PeeringService:
             )
             await self.on_imports(name, empty)
             # The peering brought this trust domain; with it gone, its roots verify nothing here.
-            if await asyncio.to_thread(self.zone.forget_peering_bundle, TrustDomain.parse(peering.peer_trust_domain)):
+            if await asyncio.to_thread(
+                self.zone.trust.forget_peering_bundle, TrustDomain.parse(peering.peer_trust_domain)
+            ):
                 await self.on_trust_changed()
         if self.on_peer_state is not None:
             await self.on_peer_state(name, PeerState.TERMINATED)
@@ -317,14 +319,16 @@ class PeeringService:
                 await self._teardown(link.name, f"the peer ended the peering: {reason}", remove=False)
 
     async def _bundle_received(self, offered: TrustBundle) -> None:
-        stored = next((s for s in self.zone.trusted_bundles() if s.bundle.trust_domain == offered.trust_domain), None)
+        stored = next(
+            (s for s in self.zone.trust.trusted_bundles() if s.bundle.trust_domain == offered.trust_domain), None
+        )
         if stored is not None and stored.source != "peering":
             raise PeeringError(trust_owned_elsewhere(offered.trust_domain, stored.source))
         held = stored.bundle if stored is not None else None
         kept = newest(held, offered)
         if kept is held:
             return
-        await asyncio.to_thread(self.zone.import_bundle, kept, "peering")
+        await asyncio.to_thread(self.zone.trust.import_bundle, kept, "peering")
         self._server.rebuild_credentials()
         log.info("peer bundle of %s updated to sequence %d", offered.trust_domain, kept.sequence)
         await self.on_trust_changed()
@@ -337,7 +341,7 @@ class PeeringService:
                     store.renew_lease()
                 await self.refresh()
                 self._server.current_svid()
-                sequence = self.zone.own_bundle().sequence
+                sequence = self.zone.trust.own_bundle().sequence
                 if sequence != self._own_bundle_sequence:
                     self._own_bundle_sequence = sequence
                     for link in self._links.values():
@@ -401,7 +405,7 @@ class _LinkHost:
         await asyncio.to_thread(_update_row, self._service, peer, changes)
 
     def own_bundle_json(self) -> bytes:
-        return self._service.zone.own_bundle().to_spiffe_json()
+        return self._service.zone.trust.own_bundle().to_spiffe_json()
 
     def held_bundle_sequence(self, trust_domain: str) -> int:
         bundle = held_bundle(self._service.zone, TrustDomain(trust_domain))

@@ -40,7 +40,7 @@ def remove_trust(zone: Zone, trust_domain: TrustDomain, *, federation_only: bool
             f"peering instead (meshfed peer delete {owner.name}, or DELETE /v1/peerings/{owner.name}): that "
             "ends its trust too"
         )
-    removed = zone.remove_trust(trust_domain, federation_only=federation_only)
+    removed = zone.trust.remove_trust(trust_domain, federation_only=federation_only)
     if not removed.bundle and not removed.federation:
         what = "federates with" if federation_only else "trusts"
         raise TrustError(

@@ -99,7 +99,7 @@ class BundlePoller:
 
     async def poll_all(self) -> dt.timedelta:
         """Poll every relationship once; returns how long to wait before the next round."""
-        federations = await asyncio.to_thread(self._zone.federations)
+        federations = await asyncio.to_thread(self._zone.trust.federations)
         current = {federation.trust_domain for federation in federations}
         self._hints = {domain: hint for domain, hint in self._hints.items() if domain in current}
         self._failing = {domain: error for domain, error in self._failing.items() if domain in current}
@@ -108,7 +108,7 @@ class BundlePoller:
 
     async def poll(self, federation: Federation) -> bool:
         """Poll one endpoint; True if a newer bundle was stored (and ``on_trust_changed`` called)."""
-        held = await asyncio.to_thread(self._zone.bundle_of, federation.trust_domain)
+        held = await asyncio.to_thread(self._zone.trust.bundle_of, federation.trust_domain)
         spec = EndpointSpec(
             federation.trust_domain,
             federation.endpoint_url,
@@ -118,14 +118,14 @@ class BundlePoller:
         )
         verifier = held
         if spec.endpoint_spiffe_id is not None and spec.endpoint_spiffe_id.trust_domain != federation.trust_domain:
-            verifier = await asyncio.to_thread(self._zone.bundle_of, spec.endpoint_spiffe_id.trust_domain)
+            verifier = await asyncio.to_thread(self._zone.trust.bundle_of, spec.endpoint_spiffe_id.trust_domain)
         now = dt.datetime.now(dt.UTC)
         try:
             fetched = await fetch_bundle(spec, verifier, self._fetch_timeout.total_seconds())
         except MeshfedError as err:
             log.warning("federation with %s: %s (keeping the bundle held)", federation.trust_domain, err)
             self._failing[federation.trust_domain] = str(err)
-            await asyncio.to_thread(self._zone.record_poll, federation.trust_domain, now, str(err))
+            await asyncio.to_thread(self._zone.trust.record_poll, federation.trust_domain, now, str(err))
             raise
         self._failing.pop(federation.trust_domain, None)
         self._hints[federation.trust_domain] = fetched.refresh_hint_seconds
@@ -137,7 +137,7 @@ class BundlePoller:
                     "with the same authorities; ignored"
                 )
                 log.warning("federation with %s: %s", federation.trust_domain, message)
-                await asyncio.to_thread(self._zone.record_poll, federation.trust_domain, now, message)
+                await asyncio.to_thread(self._zone.trust.record_poll, federation.trust_domain, now, message)
                 return False
             log.warning(
                 "federation with %s: sequence reset: %s now serves spiffe_sequence %d, lower than the %d held, "
@@ -149,10 +149,10 @@ class BundlePoller:
                 _served_by(spec),
             )
             kept = fetched
-        await asyncio.to_thread(self._zone.record_poll, federation.trust_domain, now, None)
+        await asyncio.to_thread(self._zone.trust.record_poll, federation.trust_domain, now, None)
         if kept is held:
             return False
-        if not await asyncio.to_thread(self._zone.store_federated_bundle, kept):
+        if not await asyncio.to_thread(self._zone.trust.store_federated_bundle, kept):
             log.info("federation with %s ended while its bundle was fetched; not stored", federation.trust_domain)
             return False
         log.info(
@@ -174,7 +174,7 @@ class BundlePoller:
         hint = self._hints.get(federation.trust_domain)
         if hint is not None:
             return _refresh_interval(hint)
-        held = await asyncio.to_thread(self._zone.bundle_of, federation.trust_domain)
+        held = await asyncio.to_thread(self._zone.trust.bundle_of, federation.trust_domain)
         return _refresh_interval(held.refresh_hint_seconds if held is not None else 0)
 
     async def _run(self) -> None:

@@ -75,7 +75,7 @@ class RotationService:
 
     async def check(self) -> bool:
         """One pass: advance due phases; call ``on_trust_changed`` if anything changed. True if it did."""
-        steps = await asyncio.to_thread(self._zone.advance_rotation, self._clock())
+        steps = await asyncio.to_thread(self._zone.authority.advance, self._clock())
         for step in steps:
             log.info("zone %s: CA generation %d %s: %s", self._zone.name, step.generation, step.state, step.message)
         state = await asyncio.to_thread(self._trust_state)
@@ -98,7 +98,7 @@ class RotationService:
 
     async def _sleep_until_next_check(self) -> None:
         delay = self._check_interval.total_seconds()
-        deadline = await asyncio.to_thread(self._zone.next_rotation_deadline)
+        deadline = await asyncio.to_thread(self._zone.authority.next_deadline)
         if deadline is not None:
             delay = max(0.0, min(delay, (deadline - self._clock()).total_seconds()))
         with contextlib.suppress(TimeoutError):
@@ -108,8 +108,10 @@ class RotationService:
 
     def _trust_state(self) -> tuple[object, ...]:
         # What the gateway depends on: every bundle's revision and the signing generation.
-        bundles = tuple((s.bundle.trust_domain.name, s.bundle.sequence, s.source) for s in self._zone.trusted_bundles())
-        active = tuple(g.generation for g in self._zone.ca_generations() if g.state == "active")
+        bundles = tuple(
+            (s.bundle.trust_domain.name, s.bundle.sequence, s.source) for s in self._zone.trust.trusted_bundles()
+        )
+        active = tuple(g.generation for g in self._zone.authority.generations() if g.state == "active")
         return bundles, active
 
 

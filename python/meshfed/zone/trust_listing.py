@@ -11,9 +11,9 @@ from meshfed.zone import Zone
 
 def trust_listing(zone: Zone, now: dt.datetime) -> dict[str, Any]:
     """Every trusted domain with sequence, roots (expired ones flagged), last refresh and source; plus rotation."""
-    federations = {federation.trust_domain: federation for federation in zone.federations()}
+    federations = {federation.trust_domain: federation for federation in zone.trust.federations()}
     domains = []
-    for stored in zone.trusted_bundles():
+    for stored in zone.trust.trusted_bundles():
         bundle = stored.bundle
         federation = federations.get(bundle.trust_domain)
         expired = {fingerprint(root) for root in bundle.expired_roots(now)}
@@ -51,7 +51,7 @@ def trust_listing(zone: Zone, now: dt.datetime) -> dict[str, Any]:
             "activate_at": generation.activate_at.isoformat() if generation.activate_at else None,
             "retire_at": generation.retire_at.isoformat() if generation.retire_at else None,
         }
-        for generation in zone.ca_generations()
+        for generation in zone.authority.generations()
     ]
     return {"zone": zone.name, "trust_domains": domains, "rotation": rotation}
 

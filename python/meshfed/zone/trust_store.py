@@ -1,12 +1,19 @@
 """What a zone trusts, as held in ``state.db``: its own bundle, other domains' bundles, and its federations.
 
-:class:`TrustStore` owns the ``trust_bundles`` and ``federations`` tables of
-one zone: the bundle it publishes for its own trust domain (whose refresh
-hint it sets; its roots are the CA generations', :mod:`meshfed.zone.generations`),
-bundles an operator imported or a peering brought, bundles fetched from
-federated endpoints, and the federation relationships with their polls. It
-refuses what must not happen to a zone's trust: importing, federating or
-removing the zone's own domain, or removing what a peering brought.
+:class:`TrustStore` (``zone.trust``) owns the ``trust_bundles`` and
+``federations`` tables of one zone: the bundle it publishes for its own trust
+domain (whose refresh hint it sets; its roots are the CA generations',
+:mod:`meshfed.zone.authority`), bundles an operator imported or a peering
+brought, bundles fetched from federated endpoints, and the federation
+relationships with their polls. It refuses what must not happen to a zone's
+trust: importing, federating or removing the zone's own domain, or removing
+what a peering brought.
+
+Reads are served from memory: the store keeps the bundles it read last with
+the table's revision (``trust_revision``, moved by a trigger on every change
+in any process), so a read costs one one-row query while nothing changed —
+and a write by another process or another ``Zone`` object is seen by the
+next read, never a stale copy.
 """
 
 from __future__ import annotations
@@ -19,13 +26,14 @@ from typing import Literal
 from meshfed.errors import InvalidBundleError, TrustError, ZoneError
 from meshfed.runstate import STATE_FILE
 from meshfed.store import Federation, FederationProfile, StateStore, StoredBundle
-from meshfed.trust.bundle import TrustBundle
+from meshfed.trust.bundle import DEFAULT_REFRESH_HINT_SECONDS, TrustBundle
 from meshfed.trust.spiffe import SpiffeId, TrustDomain
+from meshfed.zone.config import hint_seconds
 
 
 @dataclass(frozen=True)
 class RemovedTrust:
-    """What :meth:`Zone.remove_trust` removed."""
+    """What :meth:`TrustStore.remove_trust` removed."""
 
     trust_domain: TrustDomain
     bundle: bool
@@ -43,15 +51,46 @@ def own_bundle(store: StateStore, name: str, trust_domain: TrustDomain) -> Trust
 class TrustStore:
     """The trust bundles and federations of zone ``name`` (trust domain ``trust_domain``); see the module."""
 
-    def __init__(self, name: str, trust_domain: TrustDomain, store: Callable[[], StateStore]) -> None:
+    def __init__(
+        self,
+        name: str,
+        trust_domain: TrustDomain,
+        store: Callable[[], StateStore],
+        *,
+        configured_refresh_hint: int | None = None,
+    ) -> None:
         self._name = name
         self._trust_domain = trust_domain
         self._store = store
+        self._configured_refresh_hint = configured_refresh_hint
+        # (revision, bundles by domain): replaced whole, never mutated, so threads share it without a lock.
+        self._held: tuple[int, dict[TrustDomain, StoredBundle]] = (-1, {})
+
+    def _bundles(self) -> dict[TrustDomain, StoredBundle]:
+        with self._store() as store:
+            revision = store.trust_revision()
+            held_revision, held = self._held
+            if revision == held_revision:
+                return held
+            # Read after the revision: a write in between makes the next read reread, never keeps a stale copy.
+            bundles = {stored.bundle.trust_domain: stored for stored in store.bundles()}
+        self._held = (revision, bundles)
+        return bundles
 
     def own_bundle(self) -> TrustBundle:
         """The bundle this zone publishes for its own trust domain."""
-        with self._store() as store:
-            return own_bundle(store, self._name, self._trust_domain)
+        stored = self._bundles().get(self._trust_domain)
+        if stored is None:
+            raise ZoneError(f"zone {self._name} has no bundle of its own in {STATE_FILE}; the zone is damaged")
+        return stored.bundle
+
+    def refresh_hint(self, override: dt.timedelta | None = None) -> int:
+        """The refresh hint (seconds) the zone's bundle should carry: ``override``, else zone.toml, else the default."""
+        if override is not None:
+            return hint_seconds(override)
+        if self._configured_refresh_hint is not None:
+            return self._configured_refresh_hint
+        return DEFAULT_REFRESH_HINT_SECONDS
 
     def set_refresh_hint(self, seconds: int) -> bool:
         """Publish ``seconds`` as the bundle's refresh hint (the sequence moves on); False if it already is."""
@@ -64,9 +103,8 @@ class TrustStore:
         return True
 
     def trusted_bundles(self) -> list[StoredBundle]:
-        """Every trust domain this zone trusts, its own included, one bundle each."""
-        with self._store() as store:
-            return store.bundles()
+        """Every trust domain this zone trusts, its own included, one bundle each, ordered by trust domain."""
+        return sorted(self._bundles().values(), key=lambda stored: stored.bundle.trust_domain.name)
 
     def import_bundle(self, bundle: TrustBundle, source: Literal["import", "peering"] = "import") -> None:
         """Trust ``bundle``'s roots for its trust domain, replacing that domain's earlier bundle.
@@ -88,8 +126,7 @@ class TrustStore:
 
     def bundle_of(self, trust_domain: TrustDomain) -> TrustBundle | None:
         """The bundle held for ``trust_domain``, if any."""
-        with self._store() as store:
-            stored = store.bundle(trust_domain)
+        stored = self._bundles().get(trust_domain)
         return None if stored is None else stored.bundle
 
     def store_federated_bundle(self, bundle: TrustBundle) -> bool:

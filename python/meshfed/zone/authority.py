@@ -1,12 +1,26 @@
-"""A zone's CA generations: which one signs, issuing SVIDs from it, and a rotation's phases.
+"""A zone's trust authority: its CA generations, which one signs, issuing SVIDs, and a rotation's phases.
 
-:class:`CaGenerations` owns the ``ca_generations`` table of ``state.db`` and
-the CA directories it names (their files are :mod:`meshfed.zone.ca_files`).
-A rotation (``rotate`` then ``advance``, or ``finish`` / ``abort``) moves
-generations through ``published`` -> ``active`` -> ``retiring`` -> ``retired``
-at stored deadlines, so a restart resumes where it stopped; each phase that
-adds or drops a root changes the zone's own bundle in the same transaction.
-A zone that never rotated has no rows and signs with ``ca/``.
+:class:`TrustAuthority` (``zone.authority``) owns the ``ca_generations``
+table of ``state.db`` and the CA directories it names (their files are
+:mod:`meshfed.zone.ca_files`). A rotation (``rotate`` then ``advance``, or
+``finish`` / ``abort``) moves generations through ``published`` -> ``active``
+-> ``retiring`` -> ``retired`` at stored deadlines, so a restart resumes where
+it stopped; each phase that adds or drops a root changes the zone's own bundle
+in the same transaction. A zone that never rotated has no rows and signs with
+``ca/``.
+
+Rotation, by phase::
+
+    rotate      new root published in the bundle (sequence + 1); old CA still signs
+    activate_at new CA signs; old root stays in the bundle (retiring)
+    retire_at   old root leaves the bundle (sequence + 1); its keys are deleted
+
+``advance`` is called by the CLI and by the controller's rotation service;
+``finish`` does the remaining phases now (after a key compromise: the old root
+stops being trusted at once); ``abort`` drops a new CA that does not sign yet.
+A zone whose root key is offline rotates its intermediate under the same root
+(``rotate(root_key=...)``: the bundle does not change), or to a new root whose
+key goes offline too.
 """
 
 from __future__ import annotations
@@ -43,47 +57,58 @@ _SECOND = dt.timedelta(seconds=1)
 
 @dataclass(frozen=True)
 class RotationStep:
-    """One phase change made by :meth:`Zone.advance_rotation`, for logs and the CLI."""
+    """One phase change made by :meth:`TrustAuthority.advance` (or ``finish``/``abort``), for logs and the CLI."""
 
     generation: int
     state: str
     message: str
 
 
-class CaGenerations:
-    """The CA generations of zone ``name`` in ``directory``; see the module. The :class:`Zone` methods of
-    the same names document each call."""
+class TrustAuthority:
+    """The CA generations of zone ``name`` in ``directory``; see the module."""
 
     def __init__(self, directory: Path, name: str, trust_domain: TrustDomain, store: Callable[[], StateStore]) -> None:
         self._directory = directory
         self._name = name
         self._trust_domain = trust_domain
         self._store = store
+        # A generation's directory never changes once written (retirement only deletes its keys, and a
+        # retired generation never signs), so each is read from disk once per process, not per SVID.
+        self._loaded: dict[str, CertificateAuthority] = {}
 
-    def all(self) -> list[CaGeneration]:
-        """Every recorded generation, oldest first (none if the zone never rotated)."""
+    def generations(self) -> list[CaGeneration]:
+        """The zone's CA generations and their phases, oldest first (none if the zone never rotated)."""
         with self._store() as store:
             return store.ca_generations()
 
-    def authority(self) -> CertificateAuthority:
-        """The active generation's root and intermediate."""
+    def signing_ca(self) -> CertificateAuthority:
+        """The zone's signing CA: the active generation's root and intermediate."""
         return self._load(self._active_directory())
 
     def _active_directory(self) -> str:
-        active = [generation for generation in self.all() if generation.state == "active"]
+        active = [generation for generation in self.generations() if generation.state == "active"]
         return active[0].directory if active else LEGACY_CA_DIRECTORY
 
     def _load(self, directory: str) -> CertificateAuthority:
-        return load_authority(self._directory / directory, self._trust_domain)
+        loaded = self._loaded.get(directory)
+        if loaded is None:
+            loaded = self._loaded[directory] = load_authority(self._directory / directory, self._trust_domain)
+        return loaded
 
     def root_key_offline(self) -> bool:
-        """True if the active CA's root key is not in the zone directory."""
+        """True if the active CA's root key is not in the zone directory (``zone init --offline-root-key``)."""
         return not (self._directory / self._active_directory() / "root.key").exists()
 
     def issue_svid(
-        self, spiffe_id: SpiffeId, ttl: dt.timedelta, dns_names: Sequence[str], generation: int | None
+        self, spiffe_id: SpiffeId, ttl: dt.timedelta, dns_names: Sequence[str] = (), *, generation: int | None = None
     ) -> Svid:
-        """An SVID from the active CA (or retiring ``generation``), its TTL recorded for the CA's retirement."""
+        """Issue an X.509-SVID from the active CA, remembering its TTL for the CA's retirement.
+
+        ``generation`` names a retiring CA instead: during a rotation, peers that
+        have not yet received the new root can verify only what the old one
+        signed (see the peering service). Such an SVID never outlives the old
+        root's retirement.
+        """
         with self._store() as store:
             generations = store.ca_generations()
             active = next((g for g in generations if g.state == "active"), None)
@@ -105,13 +130,26 @@ class CaGenerations:
 
     def rotate(
         self,
-        overlap: dt.timedelta | None,
-        now: dt.datetime,
+        overlap: dt.timedelta | None = None,
+        now: dt.datetime | None = None,
         *,
-        root_key: ec.EllipticCurvePrivateKey | None,
-        offline_root_key: Path | None,
+        root_key: ec.EllipticCurvePrivateKey | None = None,
+        offline_root_key: Path | None = None,
     ) -> CaGeneration:
-        """Make a new CA and publish its root in the own bundle now; it signs after ``overlap``."""
+        """Start a rotation: make a new CA and publish its root in the bundle now; it signs after ``overlap``.
+
+        By default the new CA is a new root and intermediate, and the current CA
+        keeps signing for ``overlap`` (default: 3x the bundle's refresh hint, so
+        every consumer polling at the hint has had three chances to fetch the
+        new root before anything it signs appears).
+
+        ``root_key`` (the active root's private key, for a zone that keeps it
+        offline) makes a new intermediate under the same root instead: the
+        bundle does not change, so the overlap defaults to none.
+        ``offline_root_key`` makes a new root whose key is written to that new
+        file instead of the zone directory.
+        """
+        now = now or dt.datetime.now(dt.UTC)
         if overlap is not None and overlap < dt.timedelta(0):
             raise RotationError(f"the rotation overlap must not be negative, got {overlap}")
         if root_key is not None and offline_root_key is not None:
@@ -170,8 +208,14 @@ class CaGenerations:
                 store.put_bundle(own.with_roots([new.root]), source="self")
         return generation
 
-    def finish(self, now: dt.datetime) -> list[RotationStep]:
-        """End the rotation in progress now: the published CA signs, every older root leaves the bundle."""
+    def finish(self, now: dt.datetime | None = None) -> list[RotationStep]:
+        """End the rotation in progress now: the published CA signs at once, every older root leaves the bundle.
+
+        For an emergency (an old key compromised): SVIDs the old CA signed stop
+        verifying at once, and consumers that have not fetched the new root
+        cannot verify this zone until they do.
+        """
+        now = now or dt.datetime.now(dt.UTC)
         steps: list[RotationStep] = []
         with self._store() as store, store.atomic():
             generations = store.ca_generations()
@@ -201,8 +245,9 @@ class CaGenerations:
         self._delete_retired_keys()
         return steps
 
-    def abort(self, now: dt.datetime) -> list[RotationStep]:
+    def abort(self, now: dt.datetime | None = None) -> list[RotationStep]:
         """Drop the CA a rotation published before it signs: its root leaves the bundle, its keys go."""
+        now = now or dt.datetime.now(dt.UTC)
         steps: list[RotationStep] = []
         with self._store() as store, store.atomic():
             generations = store.ca_generations()
@@ -231,12 +276,13 @@ class CaGenerations:
         return steps
 
     def _delete_retired_keys(self) -> None:
-        for old in self.all():
+        for old in self.generations():
             if old.state == "retired":
                 delete_keys(self._directory / old.directory)
 
-    def advance(self, now: dt.datetime) -> list[RotationStep]:
-        """Move every due phase of a rotation on; idempotent."""
+    def advance(self, now: dt.datetime | None = None) -> list[RotationStep]:
+        """Move every due phase of a rotation on; idempotent, safe to call at any time from any process."""
+        now = now or dt.datetime.now(dt.UTC)
         steps: list[RotationStep] = []
         with self._store() as store, store.atomic():
             generations = store.ca_generations()
@@ -278,7 +324,7 @@ class CaGenerations:
         """When :meth:`advance` next has something to do, if a rotation is in progress."""
         deadlines = [
             generation.activate_at if generation.state == "published" else generation.retire_at
-            for generation in self.all()
+            for generation in self.generations()
             if generation.state in ("published", "retiring")
         ]
         return min((deadline for deadline in deadlines if deadline is not None), default=None)
