@@ -33,6 +33,7 @@ from meshfed.clock import SYSTEM_CLOCK, Clock
 from meshfed.errors import MeshfedError, PeeringError, PeerInputError
 from meshfed.federation import wire
 from meshfed.federation._proto import peering_pb2 as pb
+from meshfed.federation.churn import UpdateBudget
 from meshfed.federation.exchange import MAX_VERSION, ServiceSnapshot
 from meshfed.federation.peering_state import Peering, PeerState
 from meshfed.federation.stream import CAPABILITIES, PeerTerminatedError, Session
@@ -60,6 +61,10 @@ class PeerLimits:
 
     max_services: int = 10_000  # services imported from one peer
     max_listeners: int = 10_000  # egress listeners (one socket each: a service port) for one peer
+    # Updates (snapshots, deltas) of one peer applied per second after a burst (meshfed.federation.churn):
+    # well above an honest peer's health changes, well below what a 10,000-service reconfigure costs.
+    updates_per_second: float = 5.0
+    update_burst: int = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +135,9 @@ class PeerLink:
         # Heartbeat and message times, version send times, and its sessions' heartbeat timers.
         self.clock = clock
         self._settings = settings
+        self.updates = UpdateBudget(
+            peering.name, settings.limits.updates_per_second, settings.limits.update_burst, clock
+        )
         self.name = peering.name
         self.role = peering.role
         self.peer_zone = peering.peer_zone
@@ -344,6 +352,7 @@ class PeerLink:
         """Apply a full snapshot; raises PeerInputError (nothing applied) when it breaks a rule or a limit."""
         if message.epoch == self.received_epoch and message.version <= self.received_version:
             return self._ack()  # a replay: applied already (or the sender went back; it starts a new epoch)
+        await self.updates.take()
         snapshot = wire.snapshot_from_proto(message, self.peer_zone, self.peer_trust_domain)
         if self.received_epoch and snapshot.epoch != self.received_epoch:
             log.info("peer %s started a new export epoch; taking its full snapshot", self.name)
@@ -357,6 +366,7 @@ class PeerLink:
             return self._ack()
         if delta.from_version != self.received_version:
             return self._ack(resync=True)
+        await self.updates.take()
         await self._deliver(wire.apply_delta(self.received, delta))
         return self._ack()
 
@@ -428,6 +438,11 @@ class PeerLink:
             self.refused_reason = reason
             self._host.record(self.name, refused_reason=reason)
         return pb.Ack(version=self.received_version, epoch=self.received_epoch, error=reason)
+
+    @property
+    def updates_throttled(self) -> int:
+        """This peer's updates that waited for its budget (:mod:`meshfed.federation.churn`)."""
+        return self.updates.throttled
 
     def quarantine_reason(self) -> str:
         return self._host.import_problem(self.name) or ""

@@ -34,6 +34,9 @@ class LiveLink(Protocol):
 
     def quarantine_reason(self) -> str: ...
 
+    @property
+    def updates_throttled(self) -> int: ...
+
 
 class PeerStatus(BaseModel):
     """What ``meshfed peer list|show`` and ``GET /v1/peerings`` report for one peering."""
@@ -66,6 +69,8 @@ class PeerStatus(BaseModel):
     import_error: str
     # Why the peer refused this zone's newest update; empty when it applied it.
     export_error: str
+    # The peer's updates that waited for its budget (PeerLimits.updates_per_second) since the zone started.
+    updates_throttled: int = 0
 
     @classmethod
     def of(cls, peering: Peering, link: LiveLink | None = None, *, now: dt.datetime | None = None) -> PeerStatus:
@@ -101,6 +106,7 @@ class PeerStatus(BaseModel):
             peer_heartbeat_seconds=link.peer_heartbeat_interval if link is not None else None,
             import_error=peering.refused_reason or (link.quarantine_reason() if link is not None else ""),
             export_error=link.export_error if link is not None else "",
+            updates_throttled=link.updates_throttled if link is not None else 0,
         )
 
     @classmethod
