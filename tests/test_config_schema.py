@@ -34,6 +34,7 @@ PAIRS: dict[str, type[BaseModel]] = {
     "HealthCheck": config.HealthCheck,
     "CircuitBreaker": config.CircuitBreaker,
     "UpstreamTls": config.UpstreamTls,
+    "ListenerLimits": config.ListenerLimits,
 }
 LISTENERS: tuple[type[BaseModel], ...] = (
     config.PassthroughListener,

@@ -13,6 +13,7 @@ __all__ = [
     "Gateway",
     "GatewayError",
     "__version__",
+    "configure_data_plane_logging",
     "core_version",
     "gateway_config_schema",
     "gateway_stats_schema",
@@ -24,6 +25,16 @@ __version__: str
 
 def core_version() -> str:
     """The version of the Rust core."""
+
+def configure_data_plane_logging() -> None:
+    """Route the data plane's log events into :mod:`logging` and read the logger's level again.
+
+    Events go to the logger ``meshfed.gateway.data_plane`` with their fields in the message
+    (``endpoint ejected after 5 consecutive connect failures cluster=web endpoint=10.0.0.5:8080``),
+    from a thread of their own: the data plane never waits for the GIL. The logger's effective
+    level is read here, not per event; this runs at import and at every ``Gateway`` start, so call
+    it only after changing logging levels while a gateway runs. Idempotent.
+    """
 
 def gateway_config_schema() -> str:
     """The JSON Schema (draft 2020-12) of the config document, derived from the Rust types."""
@@ -79,7 +90,9 @@ class Gateway:
                 "no_svid": n, "upstream_tls": n}, "no_route": n, "denied": n,
                 "denied_by_trust_domain": {"<trust domain>": n},
                 "upstream_connect_failures": n, "rate_limited": n, "circuit_open": n,
-                "idle_timeouts": n, "peer_identities": {"spiffe://...": n},
+                "idle_timeouts": n, "handshaking": n, "connections_refused_over_limit": n,
+                "handshakes_refused_over_limit": n, "accept_errors": n,
+                "peer_identities": {"spiffe://...": n},
                 "routes": {"<sni>": {"connections": n, "rate_limited": n,
                     "bytes_client_to_upstream": n, "bytes_upstream_to_client": n}}}},
              "clusters": {"<name>": {"connections": n, "active": n, "pending": n,
@@ -100,6 +113,13 @@ class Gateway:
         counts authorized callers (terminate listeners) or verified peer
         gateways (originate listeners). Both tables hold at most 1000 keys per
         listener; the rest are counted under ``"<other>"``.
+
+        ``handshaking`` is a gauge of the connections open that have not finished
+        their handshake (also in ``active``). A connection over the listener's
+        ``limits.max_connections`` or ``limits.max_handshakes`` is closed at once
+        and counted in ``connections_refused_over_limit`` or
+        ``handshakes_refused_over_limit``, not in ``accepted``; ``accept_errors``
+        counts failed ``accept()`` calls (e.g. out of file descriptors).
         """
 
     def unhealthy_endpoints(self) -> dict[str, list[str]]:

@@ -142,6 +142,26 @@ class Route(_Model):
     source_rate_limit: RateLimit | None = None
 
 
+class ListenerLimits(_Model):
+    """Caps on one listener's connections; a connection over a cap is accepted and closed at once.
+
+    ``max_connections``: open at once, in any phase; beyond it new connections are closed and
+    counted in ``connections_refused_over_limit``. ``max_handshakes``: open at once that have not
+    finished their handshake (the ClientHello, mTLS and the caller header), each for at most
+    ``handshake_timeout_ms``; beyond it they are closed and counted in
+    ``handshakes_refused_over_limit``, so unauthenticated clients cannot take the slots of
+    authenticated ones. It never exceeds ``max_connections``.
+
+    Each proxied connection holds two file descriptors (client and upstream): the process's
+    ``ulimit -n`` must exceed twice the sum of its listeners' ``max_connections`` plus what the
+    control plane needs (about 1,024), or these caps must be lowered to fit. The defaults are the
+    Rust core's (``tests/test_config_schema.py`` checks they agree).
+    """
+
+    max_connections: int = Field(default=10_000, ge=1)
+    max_handshakes: int = Field(default=1_000, ge=1)
+
+
 class PassthroughListener(_Model):
     """Peek the ClientHello, route on SNI, forward the TLS bytes untouched."""
 
@@ -149,6 +169,7 @@ class PassthroughListener(_Model):
     name: str
     address: str
     routes: list[Route]
+    limits: ListenerLimits = Field(default_factory=ListenerLimits)
 
 
 class TerminateListener(_Model):
@@ -164,6 +185,7 @@ class TerminateListener(_Model):
     address: str
     routes: list[Route]
     trusted_gateways: list[str] = Field(default_factory=list)
+    limits: ListenerLimits = Field(default_factory=ListenerLimits)
 
 
 class OriginateListener(_Model):
@@ -182,6 +204,7 @@ class OriginateListener(_Model):
     address: str
     cluster: str
     workload_tls: Literal["plain", "permissive", "strict"] = "plain"
+    limits: ListenerLimits = Field(default_factory=ListenerLimits)
 
 
 Listener = Annotated[PassthroughListener | TerminateListener | OriginateListener, Field(discriminator="mode")]

@@ -34,6 +34,10 @@ class ListenerStats(TypedDict):
     rate_limited: int
     circuit_open: int
     idle_timeouts: int
+    handshaking: int
+    connections_refused_over_limit: int
+    handshakes_refused_over_limit: int
+    accept_errors: int
     handshake_failure_reasons: dict[str, int]
     peer_identities: dict[str, int]
     routes: dict[str, RouteStats]

@@ -135,6 +135,34 @@ GATEWAY_METRICS: tuple[tuple[Kind, str, str, str, Readings], ...] = (
         "{connection}",
         Field("listener", "active"),
     ),
+    (
+        "up_down_counter",
+        "meshfed.gateway.handshaking_connections",
+        "Connections open now that have not finished their handshake (limits.max_handshakes caps them)",
+        "{connection}",
+        Field("listener", "handshaking"),
+    ),
+    (
+        "counter",
+        "meshfed.gateway.connections_refused_over_limit",
+        "Connections closed at once because the listener had limits.max_connections open",
+        "{connection}",
+        Field("listener", "connections_refused_over_limit"),
+    ),
+    (
+        "counter",
+        "meshfed.gateway.handshakes_refused_over_limit",
+        "Connections closed at once because the listener had limits.max_handshakes unfinished handshakes",
+        "{connection}",
+        Field("listener", "handshakes_refused_over_limit"),
+    ),
+    (
+        "counter",
+        "meshfed.gateway.accept_errors",
+        "Failed accept() calls of a listener, e.g. out of file descriptors",
+        "{error}",
+        Field("listener", "accept_errors"),
+    ),
     # Routes, by listener and SNI pattern.
     (
         "counter",

@@ -76,6 +76,17 @@ pub(crate) struct ListenerSpec {
     pub(crate) name: String,
     pub(crate) address: SocketAddr,
     pub(crate) mode: ListenerMode,
+    pub(crate) limits: ListenerLimits,
+}
+
+/// Caps on one listener's connections (see `raw::ListenerLimits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ListenerLimits {
+    /// Connections open at once.
+    pub(crate) max_connections: u64,
+    /// Connections open at once that have not finished their handshake;
+    /// at most `max_connections`.
+    pub(crate) max_handshakes: u64,
 }
 
 /// What a listener does with an accepted connection.
@@ -393,10 +404,27 @@ fn compile(doc: raw::Document) -> Result<CompiledConfig, ConfigError> {
             }
         }
         let mode = ctx.compile_mode(i, listener)?;
+        let limits = &listener.limits;
+        for (field, value) in [
+            ("max_connections", limits.max_connections),
+            ("max_handshakes", limits.max_handshakes),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(
+                    at(&format!("limits.{field}")),
+                    "must be at least 1: a listener that admits no connection should be removed",
+                ));
+            }
+        }
         listeners.push(ListenerSpec {
             name: name.to_owned(),
             address,
             mode,
+            limits: ListenerLimits {
+                max_connections: u64::from(limits.max_connections),
+                // A handshake holds a connection too: the smaller cap wins.
+                max_handshakes: u64::from(limits.max_handshakes.min(limits.max_connections)),
+            },
         });
     }
 

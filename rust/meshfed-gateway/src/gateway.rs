@@ -1,6 +1,7 @@
 //! The running gateway: its own tokio runtime, listeners, the config
 //! snapshot that connections read, and `apply()`, the one writer.
 
+mod accept;
 mod balancer;
 mod clock;
 mod connection;
@@ -38,8 +39,6 @@ pub use self::upstream::{ClusterSnapshot, EndpointSnapshot};
 pub const WORKER_THREADS_ENV: &str = "MESHFED_GATEWAY_WORKER_THREADS";
 /// How long `shutdown()` waits for tasks to stop.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
-/// Pause after a failed `accept()` (e.g. out of file descriptors).
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Why the gateway could not start or apply a config.
 #[derive(Debug, thiserror::Error)]
@@ -386,7 +385,7 @@ impl Gateway {
                 .remove(&name)
                 .or_else(|| control.retired.listeners.revive(&name))
                 .unwrap_or_else(ListenerStats::new);
-            let task = self.handle.spawn(accept_loop(
+            let task = self.handle.spawn(accept::accept_loop(
                 listener,
                 Arc::from(name.as_str()),
                 self.snapshot.clone(),
@@ -465,34 +464,5 @@ impl std::fmt::Debug for Gateway {
         f.debug_struct("Gateway")
             .field("addresses", &self.addresses())
             .finish_non_exhaustive()
-    }
-}
-
-/// Accepts connections until aborted; each one gets the snapshot current
-/// at accept time and its own task.
-async fn accept_loop(
-    listener: TcpListener,
-    name: Arc<str>,
-    snapshot: Arc<ArcSwap<Snapshot>>,
-    stats: Arc<ListenerStats>,
-) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let current = snapshot.load_full();
-                tokio::spawn(connection::serve(
-                    stream,
-                    peer,
-                    name.clone(),
-                    current,
-                    stats.clone(),
-                ));
-            }
-            Err(e) => {
-                tracing::warn!(listener = %name, error = %e, "accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-            }
-        }
     }
 }

@@ -2,7 +2,11 @@
 //!
 //! Python builds a config document (JSON bytes); everything else happens in
 //! `meshfed-gateway`. The GIL is released around every call that may block
-//! (start, apply, close), and nothing here calls back into Python.
+//! (start, apply, close), and the data plane never calls back into Python:
+//! its log events reach Python's `logging` through one thread of their own
+//! (`logging`).
+
+mod logging;
 
 use std::collections::BTreeMap;
 
@@ -58,6 +62,15 @@ fn gateway_stats_schema() -> String {
     meshfed_gateway::stats_schema_json()
 }
 
+/// Routes the data plane's log events into Python's `logging` (logger
+/// `meshfed.gateway.data_plane`) and reads that logger's level again.
+/// Runs at import and at every gateway start; call it after reconfiguring
+/// logging while a gateway runs. Idempotent.
+#[pyfunction]
+fn configure_data_plane_logging(py: Python<'_>) -> PyResult<()> {
+    logging::install(py)
+}
+
 /// A running east-west gateway on its own Rust runtime.
 #[pyclass(frozen, module = "meshfed._core")]
 struct Gateway {
@@ -69,6 +82,9 @@ impl Gateway {
     /// Compiles `config`, binds every listener and starts serving.
     #[new]
     fn new(py: Python<'_>, config: &[u8]) -> PyResult<Self> {
+        // The logger's level as it is now (`meshfed up` configures logging
+        // after importing this module).
+        logging::install(py)?;
         let inner = py
             .detach(|| meshfed_gateway::Gateway::start(config))
             .map_err(to_py)?;
@@ -123,6 +139,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(validate_config, m)?)?;
     m.add_function(wrap_pyfunction!(gateway_config_schema, m)?)?;
     m.add_function(wrap_pyfunction!(gateway_stats_schema, m)?)?;
+    m.add_function(wrap_pyfunction!(configure_data_plane_logging, m)?)?;
     m.add_class::<Gateway>()?;
+    logging::install(py)?;
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! `bench/`) and for deployments that render the config themselves.
 //!
 //! ```text
-//! meshfed-gateway --config FILE.json [--print-addresses]
+//! meshfed-gateway --config FILE.json [--print-addresses] [--log-level LEVEL]
 //! meshfed-gateway --check --config FILE.json
 //! ```
 //!
@@ -16,6 +16,11 @@
 //!   flush it; scripts that configure `127.0.0.1:0` read their ports there.
 //!   Without it a one-line summary goes to stderr.
 //! - `--check` — compile the config and exit (0 if valid) without binding.
+//! - `--log-level FILTER` — what the data plane logs to stderr, one line per
+//!   event: `error`, `warn`, `info` (the default), `debug`, `trace`, or
+//!   `tracing` directives such as `meshfed_gateway::gateway::health=debug`.
+//!   Without the flag, `RUST_LOG` is read, then `info` applies. Accept
+//!   errors, ejections and health changes log at info and warn.
 //!
 //! The data plane runs one worker thread per CPU the process may use (its
 //! affinity mask, e.g. `taskset`, and cgroup quota);
@@ -31,8 +36,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use meshfed_gateway::{Gateway, VERSION, validate_config};
+use tracing_subscriber::EnvFilter;
 
-const USAGE: &str = "usage: meshfed-gateway --config FILE.json [--print-addresses] [--check]";
+const USAGE: &str =
+    "usage: meshfed-gateway --config FILE.json [--print-addresses] [--check] [--log-level FILTER]";
+/// The log filter without `--log-level` or `RUST_LOG`.
+const DEFAULT_LOG_LEVEL: &str = "info";
 
 /// What the command line asked for.
 #[derive(Debug, Default)]
@@ -40,6 +49,7 @@ struct Args {
     config: Option<PathBuf>,
     print_addresses: bool,
     check: bool,
+    log_level: Option<String>,
 }
 
 enum Parsed {
@@ -61,9 +71,17 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Parsed, String> 
                     .ok_or_else(|| format!("{arg} needs a file name"))?;
                 args.config = Some(PathBuf::from(value));
             }
+            "--log-level" => {
+                let value = argv
+                    .next()
+                    .ok_or_else(|| format!("{arg} needs a level, e.g. info"))?;
+                args.log_level = Some(value);
+            }
             other => {
                 if let Some(value) = other.strip_prefix("--config=") {
                     args.config = Some(PathBuf::from(value));
+                } else if let Some(value) = other.strip_prefix("--log-level=") {
+                    args.log_level = Some(value.to_owned());
                 } else {
                     return Err(format!("unknown argument {other:?}"));
                 }
@@ -74,6 +92,29 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Parsed, String> 
         return Err("--config FILE.json is required".to_owned());
     }
     Ok(Parsed::Run(args))
+}
+
+/// The log filter: `--log-level`, else `RUST_LOG`, else [`DEFAULT_LOG_LEVEL`].
+fn log_filter(flag: Option<&str>, env: Option<&str>) -> Result<EnvFilter, String> {
+    let (directives, from) = match (flag, env) {
+        (Some(flag), _) => (flag, "--log-level"),
+        (None, Some(env)) if !env.trim().is_empty() => (env, "RUST_LOG"),
+        _ => (DEFAULT_LOG_LEVEL, "the default"),
+    };
+    EnvFilter::try_new(directives).map_err(|e| {
+        format!(
+            "{from} {directives:?} is not a log filter ({e}); use error, warn, info, debug or trace"
+        )
+    })
+}
+
+/// Sends the data plane's events to stderr, one line each, under `filter`.
+fn install_logging(filter: EnvFilter) {
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -88,6 +129,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let env = std::env::var("RUST_LOG").ok();
+    match log_filter(args.log_level.as_deref(), env.as_deref()) {
+        Ok(filter) => install_logging(filter),
+        Err(message) => {
+            eprintln!("meshfed-gateway: {message}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -156,6 +205,23 @@ mod tests {
         };
         assert_eq!(args.config, Some(PathBuf::from("b.json")));
         assert!(args.check);
+    }
+
+    #[test]
+    fn log_level_flag_beats_rust_log_beats_the_default() {
+        let shown = |flag, env| log_filter(flag, env).map(|f| f.to_string());
+        assert_eq!(shown(Some("debug"), Some("warn")), Ok("debug".to_owned()));
+        assert_eq!(shown(None, Some("warn")), Ok("warn".to_owned()));
+        assert_eq!(shown(None, Some(" ")), Ok(DEFAULT_LOG_LEVEL.to_owned()));
+        assert_eq!(shown(None, None), Ok(DEFAULT_LOG_LEVEL.to_owned()));
+        let Err(message) = shown(Some("loud=="), None) else {
+            panic!("a bad filter was accepted");
+        };
+        assert!(message.contains("--log-level"), "{message}");
+        let Ok(Parsed::Run(args)) = parse(&["--config", "a.json", "--log-level=warn"]) else {
+            panic!("expected run");
+        };
+        assert_eq!(args.log_level.as_deref(), Some("warn"));
     }
 
     #[test]

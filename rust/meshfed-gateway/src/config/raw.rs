@@ -10,6 +10,22 @@ use serde::{Deserialize, Serialize};
 pub(crate) const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// Default for a cluster's `connect_timeout_ms`.
 pub(crate) const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// Default for a listener's `limits.max_connections`. A bound in the manner
+/// of HAProxy's `maxconn` and Envoy's listener connection limit: far above
+/// what one zone's east-west traffic holds open, low enough that the fd
+/// budget below is one an operator can grant. Each proxied connection holds
+/// two file descriptors (client and upstream), so a listener at its cap
+/// holds about 20,000: the process's `ulimit -n` must exceed twice the sum
+/// of its listeners' caps plus what the control plane needs (API, peering,
+/// stores: about 1,024), or the caps are lowered to fit.
+pub(crate) const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Default for a listener's `limits.max_handshakes`: a tenth of
+/// `max_connections`, so clients that have not authenticated (before or in
+/// their handshake, one fd each, for at most `handshake_timeout_ms`) can
+/// never hold the places of authenticated traffic. HAProxy bounds the same
+/// with `maxsslconn`; 1,000 handshakes in flight is about a second of one
+/// core's full mTLS handshakes, room for an honest burst of reconnects.
+pub(crate) const DEFAULT_MAX_HANDSHAKES: u32 = 1_000;
 
 #[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +70,35 @@ pub(crate) struct Listener {
     pub(crate) trusted_gateways: Option<Vec<String>>,
     /// originate: how local workloads connect. Default `plain`.
     pub(crate) workload_tls: Option<WorkloadTls>,
+    /// Caps on the listener's connections, every mode.
+    #[serde(default)]
+    pub(crate) limits: ListenerLimits,
+}
+
+/// Caps on one listener's connections. A connection over a cap is accepted
+/// and closed at once (so the kernel's backlog never fills) and counted in
+/// `connections_refused_over_limit` or `handshakes_refused_over_limit`.
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListenerLimits {
+    /// Connections open at once, in any phase.
+    #[serde(default = "default_max_connections")]
+    pub(crate) max_connections: u32,
+    /// Connections open at once that have not finished their handshake
+    /// (the ClientHello of passthrough, mTLS and the caller header of
+    /// terminate, a workload's TLS on originate); each holds its slot at
+    /// most `handshake_timeout_ms`. Never more than `max_connections`.
+    #[serde(default = "default_max_handshakes")]
+    pub(crate) max_handshakes: u32,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_connections(),
+            max_handshakes: default_max_handshakes(),
+        }
+    }
 }
 
 /// How an originate listener accepts local workloads.
@@ -263,6 +308,14 @@ fn default_handshake_timeout_ms() -> u64 {
 
 fn default_connect_timeout_ms() -> u64 {
     DEFAULT_CONNECT_TIMEOUT_MS
+}
+
+fn default_max_connections() -> u32 {
+    DEFAULT_MAX_CONNECTIONS
+}
+
+fn default_max_handshakes() -> u32 {
+    DEFAULT_MAX_HANDSHAKES
 }
 
 fn default_weight() -> u32 {

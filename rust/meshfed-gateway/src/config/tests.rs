@@ -120,6 +120,45 @@ fn rejects(edit: impl FnOnce(&mut Value), path: &str, needle: &str) {
     }
 }
 
+/// Listener caps: one default each (the constants), a smaller
+/// `max_handshakes` than `max_connections` kept, a larger one clamped, and
+/// 0 refused naming the field.
+#[test]
+fn listener_limits_default_clamp_and_refuse_zero() {
+    let config = compile_value(&good()).unwrap_or_else(|e| panic!("{e}"));
+    let limits = config.listener("ingress-mtls").map(|l| l.limits);
+    assert_eq!(
+        limits,
+        Some(ListenerLimits {
+            max_connections: u64::from(raw::DEFAULT_MAX_CONNECTIONS),
+            max_handshakes: u64::from(raw::DEFAULT_MAX_HANDSHAKES),
+        })
+    );
+    let mut doc = good();
+    doc["listeners"][1]["limits"] = json!({"max_connections": 50});
+    let config = compile_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+    let limits = config.listener("ingress-mtls").map(|l| l.limits);
+    assert_eq!(
+        limits,
+        Some(ListenerLimits {
+            max_connections: 50,
+            max_handshakes: 50,
+        })
+    );
+    for field in ["max_connections", "max_handshakes"] {
+        rejects(
+            |d| d["listeners"][1]["limits"] = json!({field: 0}),
+            &format!("listeners[1].limits.{field}"),
+            "at least 1",
+        );
+    }
+    rejects(
+        |d| d["listeners"][0]["limits"] = json!({"max_conns": 5}),
+        "listeners[0].limits.max_conns",
+        "unknown field",
+    );
+}
+
 #[test]
 fn rejections_name_the_field() {
     rejects(|d| d["bogus"] = json!(1), "bogus", "unknown field");

@@ -20,7 +20,7 @@ use super::counting::{Counted, Sinks};
 use super::hop::{self, AssertionError, HeaderError};
 use super::limits::RouteState;
 use super::snapshot::Snapshot;
-use super::stats::{ConnectionGuard, HandshakeFailure, ListenerStats, inc};
+use super::stats::{ConnectionGuard, HandshakeFailure, HandshakeSlot, ListenerStats, inc};
 use super::upstream::{self, ConnectError, Conveyed, Dial, Lease, Upstream};
 use crate::authz::{
     Denial, DenialSink, HandshakeAuthz, HandshakeCheck, HandshakeOutcome, Reason, Stage,
@@ -97,15 +97,18 @@ fn hello_failure(e: &ConnError) -> HandshakeFailure {
     }
 }
 
-/// Serves one accepted connection to its end.
+/// Serves one admitted connection to its end. `guard` counts it open until
+/// then; `slot` holds its place among the listener's unfinished handshakes
+/// until the mode's handshake is done (each mode drops it there).
 pub(crate) async fn serve(
     client: TcpStream,
     peer: SocketAddr,
     listener: Arc<str>,
     snapshot: Arc<Snapshot>,
-    stats: Arc<ListenerStats>,
+    guard: ConnectionGuard,
+    slot: HandshakeSlot,
 ) {
-    let _guard = ConnectionGuard::open(stats.clone());
+    let stats = guard.stats().clone();
     // Each mode's future is boxed on its own: a connection's task is as large
     // as its largest state, and the TLS handshake states of terminate and
     // originate are kilobytes a passthrough connection must not carry.
@@ -113,7 +116,7 @@ pub(crate) async fn serve(
         None => Err(ConnError::ListenerGone),
         Some(spec) => match &spec.mode {
             ListenerMode::Passthrough { routes } => {
-                Box::pin(passthrough(client, peer, routes, &snapshot, &stats)).await
+                Box::pin(passthrough(client, peer, routes, &snapshot, &stats, slot)).await
             }
             ListenerMode::Terminate { routes, tls } => {
                 let ingress = Ingress {
@@ -121,7 +124,7 @@ pub(crate) async fn serve(
                     snapshot: &snapshot,
                     stats: &stats,
                 };
-                Box::pin(terminate(client, peer, routes, tls, ingress)).await
+                Box::pin(terminate(client, peer, routes, tls, ingress, slot)).await
             }
             ListenerMode::Originate {
                 cluster,
@@ -134,6 +137,7 @@ pub(crate) async fn serve(
                     workload_tls,
                     &snapshot,
                     &stats,
+                    slot,
                 ))
                 .await
             }
@@ -154,12 +158,15 @@ async fn passthrough(
     routes: &SniRouter<RouteSpec>,
     snapshot: &Snapshot,
     stats: &Arc<ListenerStats>,
+    slot: HandshakeSlot,
 ) -> Result<(u64, u64), ConnError> {
     let limit = snapshot.config.handshake_timeout;
     let read = timeout(limit, read_client_hello(&mut client))
         .await
         .unwrap_or(Err(ConnError::HandshakeTimeout(limit)));
     let (hello, sni) = read.inspect_err(|e| stats.handshake_failed(hello_failure(e)))?;
+    // The ClientHello is the whole handshake a passthrough listener sees.
+    drop(slot);
     let sni = sni
         .ok_or(ConnError::NoSni)
         .inspect_err(|_| inc(&stats.no_route))?;
@@ -262,6 +269,7 @@ async fn terminate(
     routes: &SniRouter<TerminateRoute>,
     tls: &TerminateTls,
     ingress: Ingress<'_>,
+    slot: HandshakeSlot,
 ) -> Result<(u64, u64), ConnError> {
     let Ingress {
         snapshot, stats, ..
@@ -297,6 +305,10 @@ async fn terminate(
     } else {
         (peer_id, None)
     };
+    // Authenticated: the caller is known, and every wait so far was bounded
+    // by `deadline`, so an idle client held its slot at most
+    // handshake_timeout_ms.
+    drop(slot);
     let sni = sni
         .ok_or(ConnError::NoSni)
         .inspect_err(|_| inc(&stats.no_route))?;
@@ -556,6 +568,7 @@ async fn originate(
     workload_tls: &WorkloadTls,
     snapshot: &Snapshot,
     stats: &Arc<ListenerStats>,
+    slot: HandshakeSlot,
 ) -> Result<(u64, u64), ConnError> {
     let (spec, state) = snapshot
         .cluster(cluster)
@@ -564,6 +577,7 @@ async fn originate(
     let local = client.local_addr()?;
     let limit = snapshot.config.handshake_timeout;
     let (workload, caller) = accept_workload(client, workload_tls, limit, stats).await?;
+    drop(slot);
     let dial = Dial {
         preamble: &[],
         conveyed: Some(Conveyed {

@@ -105,7 +105,8 @@ async fn check_loop(
             {
                 tracing::warn!(
                     %cluster, endpoint = %address,
-                    "health check: endpoint unhealthy after {fail_streak} failed TCP connects — is it listening?"
+                    "health check: endpoint unhealthy after {fail_streak} failed TCP connects — \
+                     is it listening, and reachable from the gateway?"
                 );
             }
         }

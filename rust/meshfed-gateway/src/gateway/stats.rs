@@ -33,6 +33,11 @@ pub(crate) struct ListenerStats {
     pub(crate) rate_limited: AtomicU64,
     pub(crate) circuit_open: AtomicU64,
     pub(crate) idle_timeouts: AtomicU64,
+    /// Connections open now that have not finished their handshake.
+    pub(crate) handshaking: AtomicU64,
+    pub(crate) connections_refused_over_limit: AtomicU64,
+    pub(crate) handshakes_refused_over_limit: AtomicU64,
+    pub(crate) accept_errors: AtomicU64,
     /// Handshake failures by [`HandshakeFailure`] (index = discriminant).
     handshake_reasons: [AtomicU64; HandshakeFailure::ALL.len()],
     /// Authorized callers (terminate) or verified peer gateways (originate).
@@ -75,6 +80,17 @@ pub struct ListenerSnapshot {
     pub circuit_open: u64,
     /// Connections closed after the cluster's idle timeout.
     pub idle_timeouts: u64,
+    /// Connections open now that have not finished their handshake (they
+    /// count in `active` too).
+    pub handshaking: u64,
+    /// Connections closed at once because the listener had
+    /// `limits.max_connections` open; not counted in `accepted`.
+    pub connections_refused_over_limit: u64,
+    /// Connections closed at once because the listener had
+    /// `limits.max_handshakes` unfinished handshakes; not counted in `accepted`.
+    pub handshakes_refused_over_limit: u64,
+    /// Failed `accept()` calls (e.g. out of file descriptors, EMFILE).
+    pub accept_errors: u64,
     /// `handshake_failures` by reason (`timeout`, `closed`, `not_tls`,
     /// `too_large`, `malformed`, `tls`, `no_svid`, `upstream_tls`).
     pub handshake_failure_reasons: BTreeMap<&'static str, u64>,
@@ -266,6 +282,10 @@ impl ListenerStats {
             rate_limited: get(&self.rate_limited),
             circuit_open: get(&self.circuit_open),
             idle_timeouts: get(&self.idle_timeouts),
+            handshaking: get(&self.handshaking),
+            connections_refused_over_limit: get(&self.connections_refused_over_limit),
+            handshakes_refused_over_limit: get(&self.handshakes_refused_over_limit),
+            accept_errors: get(&self.accept_errors),
             handshake_failure_reasons: HandshakeFailure::ALL
                 .iter()
                 .zip(&self.handshake_reasons)
@@ -366,12 +386,34 @@ impl ConnectionGuard {
         inc(&stats.active);
         Self(stats)
     }
+
+    /// The counters of the connection's listener.
+    pub(crate) fn stats(&self) -> &Arc<ListenerStats> {
+        &self.0
+    }
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
         inc(&self.0.closed);
+    }
+}
+
+/// Holds one of a listener's `max_handshakes` slots while a connection has
+/// not finished its handshake; dropped when it has (or when it closes).
+pub(crate) struct HandshakeSlot(Arc<ListenerStats>);
+
+impl HandshakeSlot {
+    pub(crate) fn take(stats: Arc<ListenerStats>) -> Self {
+        inc(&stats.handshaking);
+        Self(stats)
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.handshaking.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

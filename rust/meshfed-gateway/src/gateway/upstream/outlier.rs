@@ -65,9 +65,12 @@ impl ClusterState {
         endpoint.consecutive_failures.store(0, Ordering::Relaxed);
         inc(&endpoint.ejections);
         inc(&self.shared.ejections);
-        tracing::info!(
+        // Warn: an endpoint failing connects is what an operator must look
+        // at; the backoff bounds the lines to one per ejection time.
+        tracing::warn!(
             cluster = %spec.name, endpoint = %endpoint.address, ejection_ms = ejection.as_millis(),
-            "endpoint ejected after {failures} consecutive connect failures"
+            "endpoint ejected after {failures} consecutive connect failures — is it listening, \
+             and reachable from the gateway? Its traffic goes to the cluster's other endpoints meanwhile"
         );
     }
 
