@@ -114,8 +114,9 @@ pub(crate) struct TerminateTls {
     /// For clients not asking for the hop protocol: no ALPN, so clients
     /// offering `h2` or anything else are unaffected.
     pub(crate) plain: Arc<ServerConfig>,
-    /// For clients offering `meshfed-caller/1`: exactly that protocol. A
-    /// clone of `plain` (same verifier, certificate and session cache).
+    /// For clients offering the hop protocol: `meshfed-caller/2` if they
+    /// offer it, else `/1`. A clone of `plain` (same verifier, certificate
+    /// and session cache).
     pub(crate) hop: Arc<ServerConfig>,
     /// Who may vouch for a caller over the hop protocol.
     pub(crate) trusted_gateways: Arc<TrustedGateways>,
@@ -555,7 +556,7 @@ impl ListenerContext<'_> {
                         let plain =
                             build_server_tls(self.bundles, identity, self.provider, &at("mode"))?;
                         let mut hop = ServerConfig::clone(&plain);
-                        hop.alpn_protocols = vec![tls::HOP_ALPN.to_vec()];
+                        hop.alpn_protocols = tls::hop_protocols();
                         let tls = (plain, Arc::new(hop));
                         self.server_tls = Some(tls.clone());
                         tls
@@ -1036,7 +1037,7 @@ impl UpstreamTlsCompiler<'_> {
                 .entry(peer.clone())
                 .or_insert_with(|| {
                     let mut hop = ClientConfig::clone(&config);
-                    hop.alpn_protocols = vec![tls::HOP_ALPN.to_vec()];
+                    hop.alpn_protocols = tls::hop_protocols();
                     Arc::new(hop)
                 })
                 .clone()

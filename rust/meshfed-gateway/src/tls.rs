@@ -36,6 +36,18 @@ pub enum SvidError {
 /// inside the tunnel are a PROXY v2 header naming the calling workload.
 pub(crate) const HOP_ALPN: &[u8] = b"meshfed-caller/1";
 
+/// Version 2 of the caller hop: the header as in version 1, then the
+/// ingress answers once it has connected its upstream (or refuses, saying
+/// why), so the egress retries another endpoint before any client byte is
+/// sent (see `gateway::hop`). Offered and preferred ahead of version 1;
+/// an ingress that knows only version 1 negotiates that.
+pub(crate) const OPEN_ALPN: &[u8] = b"meshfed-caller/2";
+
+/// The hop protocols, most preferred first, as both ends offer them.
+pub(crate) fn hop_protocols() -> Vec<Vec<u8>> {
+    vec![OPEN_ALPN.to_vec(), HOP_ALPN.to_vec()]
+}
+
 /// The gateway's own X.509-SVID: certificate chain, private key and the
 /// SPIFFE ID of the leaf.
 #[derive(Debug)]

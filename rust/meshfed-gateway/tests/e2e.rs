@@ -382,55 +382,6 @@ async fn failover_group_tries_local_then_peers_in_order() -> TestResult {
     Ok(())
 }
 
-/// A gateway whose only endpoint for the SNI fails its health checks
-/// refuses the caller's handshake instead of finishing mTLS into a
-/// connection it can only close; the calling gateway's failover group then
-/// moves on to its next endpoint, and no client connection fails.
-#[tokio::test]
-async fn a_gateway_with_no_healthy_endpoint_refuses_the_handshake_so_callers_fail_over()
--> TestResult {
-    let pki = Pki::new();
-    let mut down_config = east_config(&pki, dead_address()?);
-    down_config["clusters"][0]["health_check"] = json!({"interval_ms": 20, "timeout_ms": 100,
-        "healthy_threshold": 1, "unhealthy_threshold": 1});
-    let down = start(&down_config)?;
-    let up = start(&east_config(&pki, echo_backend().await?))?;
-    eventually("the dead backend marked unhealthy", || {
-        down.unhealthy_endpoints().contains_key("web")
-    })
-    .await?;
-
-    let peer_tls = json!({"sni": SNI, "peer_spiffe_id": EAST_GW});
-    let mut config = egress_config(&pki.west, WEST_GW, &pki.east, &[]);
-    config["clusters"][0] = json!({
-        "name": "east-gateway", "connect_timeout_ms": 1000,
-        "outlier_detection": {"consecutive_failures": 0},
-        "endpoints": [
-            {"address": address(&down, "ingress-mtls")?.to_string(), "priority": 0, "tls": peer_tls},
-            {"address": address(&up, "ingress-mtls")?.to_string(), "priority": 1, "tls": peer_tls}
-        ]
-    });
-    let west = start(&config)?;
-    for i in 0..5 {
-        let mut client = TcpStream::connect(address(&west, "egress-web")?).await?;
-        let payload = format!("request {i}");
-        assert_eq!(
-            round_trip(&mut client, payload.as_bytes()).await?,
-            payload.as_bytes()
-        );
-    }
-    let egress = stats(&west, "egress-web");
-    assert_eq!(egress.upstream_connect_failures, 0);
-    assert_eq!(
-        egress.handshake_failure_reasons.get("upstream_tls"),
-        Some(&5)
-    );
-    let refused = stats(&down, "ingress-mtls");
-    assert_eq!(refused.upstream_connect_failures, 5);
-    assert_eq!(refused.handshake_failures, 0);
-    Ok(())
-}
-
 #[tokio::test]
 async fn round_robin_fails_over_to_a_live_endpoint() -> TestResult {
     let pki = Pki::new();

@@ -720,3 +720,174 @@ async fn convey_caller_to_an_older_ingress_sends_no_header() -> TestResult {
     assert_eq!(first.as_deref(), Some(&b"hello"[..]));
     Ok(())
 }
+
+const OPEN_ALPN: &[u8] = b"meshfed-caller/2";
+
+/// An east whose backend is `backend`, health-checked every 20 ms when
+/// `checked` (so a dead one is known down).
+fn east_with(pki: &Pki, backend: SocketAddr, checked: bool) -> Value {
+    let mut config = east_config(pki, backend, 10_000);
+    if checked {
+        config["clusters"][0]["health_check"] = json!({"interval_ms": 20, "timeout_ms": 100,
+            "healthy_threshold": 1, "unhealthy_threshold": 1});
+    }
+    config
+}
+
+/// A dead backend behind the first zone of a failover group costs the
+/// client nothing: that zone's ingress answers (meshfed-caller/2) that it
+/// cannot open the service, and west's egress opens the next zone before
+/// any client byte moved — whether the backend is known down (health
+/// checks) or found dead by the connect itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zone_that_cannot_open_the_service_says_so_and_the_caller_is_served_by_the_next()
+-> TestResult {
+    for checked in [false, true] {
+        let pki = Pki::new();
+        let down = start(&east_with(&pki, dead_address()?, checked))?;
+        if checked {
+            let gone = || down.unhealthy_endpoints().contains_key("orders");
+            let started = Instant::now();
+            while !gone() {
+                assert!(
+                    started.elapsed() < IO_TIMEOUT,
+                    "dead backend never marked unhealthy"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let mut backend = Backend::start().await?;
+        let up = start(&east_with(&pki, backend.address, false))?;
+        let endpoints = json!([
+            {"address": address(&down, "ingress")?.to_string(), "priority": 0},
+            {"address": address(&up, "ingress")?.to_string(), "priority": 1},
+        ]);
+        let mut config = west_config(&pki, endpoints);
+        // No ejection: every request tries the first zone again.
+        config["clusters"][0]["outlier_detection"] = json!({"consecutive_failures": 0});
+        let west = start(&config)?;
+        let cart = client(&pki.west, WEST_GW, Some(&pki.west.svid(CART)), &[], false)?;
+        for i in 0..5 {
+            let mut stream = connect(&cart, address(&west, "egress-strict")?, "egress").await?;
+            let payload = format!("order #{i}");
+            assert_eq!(
+                echo(&mut stream, payload.as_bytes()).await?,
+                payload.as_bytes()
+            );
+            assert_eq!(backend.next_caller().await?, CART);
+        }
+        let out = stats(&west, "egress-strict");
+        assert_eq!(out.upstream_connect_failures, 0, "{out:?}");
+        assert_eq!(out.handshake_failures, 0, "{out:?}");
+        assert_eq!(west.cluster_stats()["east"].connect_failures, 5);
+        let refused = stats(&down, "ingress");
+        assert_eq!(refused.upstream_connect_failures, 5, "{refused:?}");
+        assert_eq!(refused.handshake_failures, 0, "{refused:?}");
+        assert_eq!(refused.peer_identities.get(CART), Some(&5), "{refused:?}");
+    }
+    Ok(())
+}
+
+/// A caller the peer's rules deny is refused once, finally: west does not
+/// try the next zone with it, and does not count the refusal against the
+/// peer — one intruder's calls never eject a zone for everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_the_peer_refuses_is_not_retried_and_ejects_no_one() -> TestResult {
+    let pki = Pki::new();
+    let mut first = Backend::start().await?;
+    let mut second = Backend::start().await?;
+    let east = start(&east_config(&pki, first.address, 10_000))?;
+    let other = start(&east_config(&pki, second.address, 10_000))?;
+    let endpoints = json!([
+        {"address": address(&east, "ingress")?.to_string(), "priority": 0},
+        {"address": address(&other, "ingress")?.to_string(), "priority": 1},
+    ]);
+    let mut config = west_config(&pki, endpoints);
+    config["clusters"][0]["outlier_detection"] = json!({"consecutive_failures": 1});
+    let west = start(&config)?;
+    let egress = address(&west, "egress-strict")?;
+
+    let intruder = client(
+        &pki.west,
+        WEST_GW,
+        Some(&pki.west.svid(INTRUDER)),
+        &[],
+        false,
+    )?;
+    for _ in 0..3 {
+        let mut stream = connect(&intruder, egress, "egress").await?;
+        stream.write_all(b"steal").await?;
+        refusal(stream).await?;
+    }
+    assert_eq!(stats(&east, "ingress").denied, 3);
+    assert_eq!(
+        stats(&other, "ingress").accepted,
+        0,
+        "a refused caller was retried elsewhere"
+    );
+    assert_eq!(stats(&west, "egress-strict").denied, 3);
+    assert!(
+        west.unhealthy_endpoints()
+            .get("east")
+            .is_none_or(Vec::is_empty)
+    );
+    // The zone still serves the callers it allows, first in line.
+    let cart = client(&pki.west, WEST_GW, Some(&pki.west.svid(CART)), &[], false)?;
+    let mut stream = connect(&cart, egress, "egress").await?;
+    assert_eq!(echo(&mut stream, b"order").await?, b"order");
+    assert_eq!(first.next_caller().await?, CART);
+    assert!(second.untouched());
+    assert!(first.untouched());
+    Ok(())
+}
+
+/// What an ingress knows of its backends' health it tells only an
+/// authenticated gateway: an anonymous client gets the same refusal
+/// whether the service's only backend is down or up; a trusted gateway
+/// speaking meshfed-caller/2 finishes the handshake and then reads that the
+/// service is unavailable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_about_backend_health_is_said_before_authentication() -> TestResult {
+    let pki = Pki::new();
+    let down = start(&east_with(&pki, dead_address()?, true))?;
+    let started = Instant::now();
+    while !down.unhealthy_endpoints().contains_key("orders") {
+        assert!(
+            started.elapsed() < IO_TIMEOUT,
+            "dead backend never marked unhealthy"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let backend = Backend::start().await?;
+    let up = start(&east_with(&pki, backend.address, false))?;
+
+    let mut seen = Vec::new();
+    for gateway in [&down, &up] {
+        let anonymous = client(&pki.east, EAST_GW, None, &[OPEN_ALPN, HOP_ALPN], false)?;
+        let stream = connect(&anonymous, address(gateway, "ingress")?, SNI).await?;
+        seen.push(refusal(stream).await?);
+    }
+    assert!(seen[0].is_some(), "expected an alert");
+    assert_eq!(
+        seen[0], seen[1],
+        "the refusal tells a down backend from an up one"
+    );
+
+    let gateway = client(
+        &pki.east,
+        EAST_GW,
+        Some(&pki.west.svid(WEST_GW)),
+        &[OPEN_ALPN],
+        false,
+    )?;
+    let mut stream = connect(&gateway, address(&down, "ingress")?, SNI).await?;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(OPEN_ALPN));
+    stream.write_all(&caller_header(Some(CART))?).await?;
+    stream.flush().await?;
+    let mut answer = Vec::new();
+    timeout(IO_TIMEOUT, stream.read_to_end(&mut answer)).await??;
+    assert_eq!(answer.first(), Some(&0x01), "{answer:?}");
+    let reason = String::from_utf8_lossy(&answer[3..]);
+    assert_eq!(reason, "no endpoint of the service is reachable");
+    Ok(())
+}

@@ -575,7 +575,7 @@ fn zero_trust_fields_compile() {
         !tls.trusted_gateways
             .contains(&id("spiffe://west.mesh/ns/shop/sa/cart"))
     );
-    assert_eq!(tls.hop.alpn_protocols, [crate::tls::HOP_ALPN.to_vec()]);
+    assert_eq!(tls.hop.alpn_protocols, crate::tls::hop_protocols());
     assert!(tls.plain.alpn_protocols.is_empty());
     let route = routes.lookup(SNI).unwrap_or_else(|| panic!("no route"));
     assert!(
@@ -604,9 +604,11 @@ fn zero_trust_fields_compile() {
         })
     ));
     let tls = config.clusters["east-gateway"].endpoints[0].tls.as_deref();
-    assert!(tls.is_some_and(
-        |t| t.convey_caller && t.config.alpn_protocols == [crate::tls::HOP_ALPN.to_vec()]
-    ));
+    assert!(
+        tls.is_some_and(
+            |t| t.convey_caller && t.config.alpn_protocols == crate::tls::hop_protocols()
+        )
+    );
 
     // The defaults: no trusted gateways, plain workloads, no caller conveyed.
     let config = compile_value(&good()).unwrap_or_else(|e| panic!("{e}"));

@@ -17,7 +17,7 @@ use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 use super::balancer;
 use super::clock::{self, Instant};
 use super::counting::{Counted, Sinks};
-use super::hop::{self, AssertionError, HeaderError};
+use super::hop::{self, Answer, AssertionError, HeaderError};
 use super::limits::RouteState;
 use super::snapshot::Snapshot;
 use super::stats::{ConnectionGuard, HandshakeFailure, HandshakeSlot, ListenerStats, inc};
@@ -63,8 +63,6 @@ enum ConnError {
     NotTls,
     #[error(transparent)]
     CallerHeader(#[from] HeaderError),
-    #[error("refused before the handshake: no healthy endpoint behind SNI {0:?}")]
-    NoHealthyEndpoint(String),
     #[error("client sent no SNI")]
     NoSni,
     #[error("no route for SNI {0:?}")]
@@ -288,7 +286,8 @@ async fn terminate(
         };
     let HandshakeOutcome { sni, verified, .. } = outcome;
     let (_, conn) = tls_stream.get_ref();
-    let hop = conn.alpn_protocol() == Some(tls::HOP_ALPN);
+    let answers = conn.alpn_protocol() == Some(tls::OPEN_ALPN);
+    let hop = answers || conn.alpn_protocol() == Some(tls::HOP_ALPN);
     // The verifier hands back the ID it parsed; a resumed session has none.
     let peer_id = match verified {
         Some(id) => id,
@@ -309,54 +308,73 @@ async fn terminate(
     // by `deadline`, so an idle client held its slot at most
     // handshake_timeout_ms.
     drop(slot);
-    let sni = sni
-        .ok_or(ConnError::NoSni)
-        .inspect_err(|_| inc(&stats.no_route))?;
-    let route = routes
-        .lookup(sni)
-        .ok_or_else(|| ConnError::NoRoute(sni.to_owned()))
-        .inspect_err(|_| inc(&stats.no_route))?;
-    // Decided in the handshake already, unless the session was resumed or
-    // the caller came over the hop protocol: the same rules, once more.
-    let verdict = route.rules.evaluate(&caller);
-    if !verdict.allowed() {
-        let stage = if hop {
-            Stage::CallerHeader
+    let attempt = async {
+        let sni = sni
+            .ok_or(ConnError::NoSni)
+            .inspect_err(|_| inc(&stats.no_route))?;
+        let route = routes
+            .lookup(sni)
+            .ok_or_else(|| ConnError::NoRoute(sni.to_owned()))
+            .inspect_err(|_| inc(&stats.no_route))?;
+        // Decided in the handshake already, unless the session was resumed or
+        // the caller came over the hop protocol: the same rules, once more.
+        let verdict = route.rules.evaluate(&caller);
+        if !verdict.allowed() {
+            let stage = if hop {
+                Stage::CallerHeader
+            } else {
+                Stage::AfterHandshake
+            };
+            let denial = Denial {
+                caller: &caller,
+                via: via.as_ref(),
+                reason: Reason::Verdict(verdict),
+                stage,
+            };
+            return Err(ingress.deny(Some(sni), &denial));
+        }
+        stats.record_peer(caller.as_str());
+        let route_state = admit(
+            snapshot,
+            &route.route,
+            route.source_rate_limit.as_ref(),
+            Some(caller.as_str()),
+            stats,
+        )?;
+        let header = if route.proxy_protocol {
+            proxy_protocol::encode_v2(peer, local, Some(sni), Some(caller.as_str()))?
         } else {
-            Stage::AfterHandshake
+            Vec::new()
         };
-        let denial = Denial {
-            caller: &caller,
-            via: via.as_ref(),
-            reason: Reason::Verdict(verdict),
-            stage,
+        let dial = Dial {
+            preamble: &header,
+            conveyed: Some(Conveyed {
+                source: peer,
+                destination: local,
+                caller: Some(&caller),
+            }),
+            handshake_timeout: limit,
+            stats,
         };
-        return Err(ingress.deny(Some(sni), &denial));
+        let (spec, upstream, lease) = connect(snapshot, &route.route, peer, &dial).await?;
+        Ok((spec, upstream, lease, route_state))
+    };
+    let (spec, upstream, lease, route_state) = match attempt.await {
+        Ok(opened) => opened,
+        Err(e) => {
+            if answers {
+                // Best effort, and bounded: the egress moves on either way.
+                let refusal = refusal(&e).encode();
+                let _ = timeout(limit, tls_stream.write_all(&refusal)).await;
+                let _ = timeout(limit, tls_stream.shutdown()).await;
+            }
+            return Err(e);
+        }
+    };
+    if answers {
+        tls_stream.write_all(&Answer::Open.encode()).await?;
+        tls_stream.flush().await?;
     }
-    stats.record_peer(caller.as_str());
-    let route_state = admit(
-        snapshot,
-        &route.route,
-        route.source_rate_limit.as_ref(),
-        Some(caller.as_str()),
-        stats,
-    )?;
-    let header = if route.proxy_protocol {
-        proxy_protocol::encode_v2(peer, local, Some(sni), Some(caller.as_str()))?
-    } else {
-        Vec::new()
-    };
-    let dial = Dial {
-        preamble: &header,
-        conveyed: Some(Conveyed {
-            source: peer,
-            destination: local,
-            caller: Some(&caller),
-        }),
-        handshake_timeout: limit,
-        stats,
-    };
-    let (spec, upstream, lease) = connect(snapshot, &route.route, peer, &dial).await?;
     let sinks = sinks(stats, route_state, &lease);
     let client = Counted::new(tls_stream, sinks.clone());
     proxy_to(client, upstream, spec.idle_timeout, &sinks, stats).await
@@ -428,31 +446,21 @@ async fn accept(
     tls: &TerminateTls,
     ingress: Ingress<'_>,
 ) -> Result<(TlsStream<TcpStream>, HandshakeOutcome), ConnError> {
-    let Ingress {
-        name,
-        snapshot,
-        stats,
-    } = ingress;
+    let Ingress { name, stats, .. } = ingress;
     let start = LazyConfigAcceptor::new(Acceptor::default(), client)
         .await
         .map_err(ConnError::ServerHandshake)
         .inspect_err(|_| stats.handshake_failed(HandshakeFailure::Tls))?;
     let hello = start.client_hello();
     let sni = hello.server_name().map(str::to_owned);
-    let hop = hello
-        .alpn()
-        .is_some_and(|mut offered| offered.any(|protocol| protocol == tls::HOP_ALPN));
+    let hop = hello.alpn().is_some_and(|mut offered| {
+        offered.any(|protocol| protocol == tls::OPEN_ALPN || protocol == tls::HOP_ALPN)
+    });
     let route = sni.as_deref().and_then(|sni| routes.lookup(sni));
-    // Refuse before the handshake when every endpoint behind the SNI is
-    // known down: a calling gateway then sees its handshake fail, which it
-    // retries on its next endpoint (another zone of a failover group),
-    // instead of finishing mTLS into a connection that can only close.
-    if let (Some(route), Some(sni)) = (route, &sni) {
-        if !snapshot.any_healthy(&route.route.target) {
-            inc(&stats.upstream_connect_failures);
-            return Err(ConnError::NoHealthyEndpoint(sni.clone()));
-        }
-    }
+    // Nothing about the health of the backends is said before the caller is
+    // authenticated: a gateway learns it from the open answer of
+    // `meshfed-caller/2`, after its SVID was verified (see `hop`); an
+    // anonymous prober learns nothing.
     // A client offering the hop protocol gets exactly it (and must be a
     // trusted gateway); any other client gets no ALPN at all, so clients
     // offering h2 or http/1.1 handshake as they always did.
@@ -608,6 +616,26 @@ async fn originate(
     }
 }
 
+/// What an ingress on `meshfed-caller/2` tells the egress when it cannot
+/// open the service: unavailable here (the egress tries its next endpoint)
+/// or refused for this caller (final). Fixed words: a peer learns why, not
+/// this zone's backend addresses.
+fn refusal(e: &ConnError) -> Answer<'static> {
+    match e {
+        ConnError::Denied => Answer::Refused("caller denied by the service's authorization rules"),
+        ConnError::RateLimited(_) => Answer::Refused("rate limit of the service exceeded"),
+        ConnError::NoSni | ConnError::NoRoute(_) => {
+            Answer::Unavailable("this gateway has no route for the service")
+        }
+        ConnError::UnknownCluster(_) => Answer::Unavailable("the service is not served here"),
+        ConnError::Connect(ConnectError::CircuitOpen { .. }) => {
+            Answer::Unavailable("the service's circuit breaker is open")
+        }
+        ConnError::Connect(_) => Answer::Unavailable("no endpoint of the service is reachable"),
+        _ => Answer::Unavailable("the gateway could not open the service"),
+    }
+}
+
 /// Counts a route connection and applies its rate limits.
 fn admit(
     snapshot: &Snapshot,
@@ -660,6 +688,8 @@ async fn connect<'s>(
 fn count_connect_error(e: &ConnError, stats: &ListenerStats) {
     match e {
         ConnError::Connect(ConnectError::CircuitOpen { .. }) => inc(&stats.circuit_open),
+        // The peer gateway's authorization refused the caller.
+        ConnError::Connect(ConnectError::Refused { .. }) => inc(&stats.denied),
         _ => inc(&stats.upstream_connect_failures),
     }
 }

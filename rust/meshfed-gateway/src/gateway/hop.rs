@@ -14,6 +14,21 @@
 //!
 //! An ingress that does not negotiate the protocol (an older one) gets no
 //! header and sees the egress gateway as the caller, as before.
+//!
+//! Version 2 (`meshfed-caller/2`, preferred by both ends) adds the **open
+//! answer**: after the header, the egress sends nothing more until the
+//! ingress has authorized the caller and connected its upstream, and the
+//! ingress answers with one byte, `0x00` (open: the client's bytes may
+//! flow), or refuses with `0x01` (unavailable here: no route, no reachable
+//! endpoint, a full circuit breaker — the egress tries its next endpoint,
+//! another zone of a failover group, and counts a failure of this one) or
+//! `0x02` (refused for this caller: denied, rate limited — final, and no
+//! failure of the endpoint, so one caller's refusals never eject a peer
+//! for everyone). A refusal carries a 2-byte big-endian length and a
+//! reason of at most [`MAX_REASON_LEN`] bytes of UTF-8, for logs. So a dead
+//! backend, a zone that cannot serve, or a full breaker costs the client no
+//! failed connection while any source can serve, and what an ingress says
+//! about its backends' health it says only to an authenticated gateway.
 
 use std::io;
 use std::net::SocketAddr;
@@ -89,6 +104,100 @@ pub(crate) async fn read_header<S: AsyncRead + Unpin>(
     Ok(header)
 }
 
+/// Longest reason a refusal carries; an egress reads no more.
+pub(crate) const MAX_REASON_LEN: usize = 512;
+const ANSWER_OPEN: u8 = 0x00;
+const ANSWER_UNAVAILABLE: u8 = 0x01;
+const ANSWER_REFUSED: u8 = 0x02;
+
+/// What an ingress answers on `meshfed-caller/2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Answer<'a> {
+    /// Upstream connected: the client's bytes may flow.
+    Open,
+    /// This gateway cannot serve the service now; another may.
+    Unavailable(&'a str),
+    /// This caller may not (denied, rate limited); final.
+    Refused(&'a str),
+}
+
+impl Answer<'_> {
+    /// The answer's bytes; a reason is cut (at a character boundary) to [`MAX_REASON_LEN`].
+    pub(crate) fn encode(self) -> Vec<u8> {
+        let (kind, reason) = match self {
+            Self::Open => return vec![ANSWER_OPEN],
+            Self::Unavailable(reason) => (ANSWER_UNAVAILABLE, reason),
+            Self::Refused(reason) => (ANSWER_REFUSED, reason),
+        };
+        let mut end = reason.len().min(MAX_REASON_LEN);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let reason = &reason.as_bytes()[..end];
+        let mut bytes = Vec::with_capacity(3 + reason.len());
+        bytes.push(kind);
+        // At most MAX_REASON_LEN: fits in two bytes.
+        bytes.extend_from_slice(
+            &u16::try_from(reason.len())
+                .unwrap_or(u16::MAX)
+                .to_be_bytes(),
+        );
+        bytes.extend_from_slice(reason);
+        bytes
+    }
+}
+
+/// Why no open answer came back (or what refusal did).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AnswerError {
+    #[error("the peer gateway cannot serve it now: {0}")]
+    Unavailable(String),
+    #[error("the peer gateway refused this caller: {0}")]
+    Refused(String),
+    #[error("the peer gateway closed the connection before answering")]
+    Closed,
+    #[error(
+        "the peer gateway's answer starts with {0:#04x}, not one of meshfed-caller/2's — is it a meshfed gateway?"
+    )]
+    Malformed(u8),
+    #[error("the peer gateway's refusal announces a {0}-byte reason, more than {MAX_REASON_LEN}")]
+    TooLarge(usize),
+    #[error("cannot read the peer gateway's answer: {0}")]
+    Io(io::Error),
+}
+
+/// Reads an ingress's open answer off `stream`, never a byte past it. The
+/// reason of a refusal is a peer's text: bounded, and anything not
+/// printable is replaced before it can reach a log. The caller bounds the time.
+pub(crate) async fn read_answer<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(), AnswerError> {
+    let eof = |e: io::Error| match e.kind() {
+        io::ErrorKind::UnexpectedEof => AnswerError::Closed,
+        _ => AnswerError::Io(e),
+    };
+    let kind = stream.read_u8().await.map_err(eof)?;
+    if kind == ANSWER_OPEN {
+        return Ok(());
+    }
+    if kind != ANSWER_UNAVAILABLE && kind != ANSWER_REFUSED {
+        return Err(AnswerError::Malformed(kind));
+    }
+    let length = usize::from(stream.read_u16().await.map_err(eof)?);
+    if length > MAX_REASON_LEN {
+        return Err(AnswerError::TooLarge(length));
+    }
+    let mut reason = vec![0u8; length];
+    stream.read_exact(&mut reason).await.map_err(eof)?;
+    let reason: String = String::from_utf8_lossy(&reason)
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    Err(if kind == ANSWER_UNAVAILABLE {
+        AnswerError::Unavailable(reason)
+    } else {
+        AnswerError::Refused(reason)
+    })
+}
+
 /// Why a gateway's caller TLV is refused.
 #[derive(Debug)]
 pub(crate) enum AssertionError {
@@ -160,6 +269,63 @@ mod tests {
         let mut rest = bytes;
         let result = runtime.block_on(read_header(&mut rest));
         (result, rest.len())
+    }
+
+    fn answer(bytes: &[u8]) -> (Result<(), AnswerError>, usize) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut rest = bytes;
+        let result = runtime.block_on(read_answer(&mut rest));
+        (result, rest.len())
+    }
+
+    #[test]
+    fn open_answers_round_trip_and_read_no_byte_past_themselves() {
+        let mut open = Answer::Open.encode();
+        open.extend_from_slice(b"client bytes");
+        assert!(matches!(answer(&open), (Ok(()), 12)));
+        let unavailable = Answer::Unavailable("no endpoint reachable").encode();
+        assert!(matches!(
+            answer(&unavailable),
+            (Err(AnswerError::Unavailable(r)), 0) if r == "no endpoint reachable"
+        ));
+        let refused = Answer::Refused("caller denied").encode();
+        assert!(
+            matches!(answer(&refused), (Err(AnswerError::Refused(r)), 0) if r == "caller denied")
+        );
+    }
+
+    #[test]
+    fn hostile_answers_are_refused_or_made_harmless() {
+        assert!(matches!(answer(&[]), (Err(AnswerError::Closed), _)));
+        assert!(matches!(
+            answer(&[0x16, 3, 1]),
+            (Err(AnswerError::Malformed(0x16)), _)
+        ));
+        assert!(matches!(
+            answer(&[1, 0xFF, 0xFF]),
+            (Err(AnswerError::TooLarge(65535)), _)
+        ));
+        assert!(matches!(
+            answer(&[1, 0, 9, b'x']),
+            (Err(AnswerError::Closed), _)
+        ));
+        // Control characters (a forged log line) and invalid UTF-8 never reach a log as such.
+        let (result, _) = answer(&[2, 0, 4, b'a', b'\n', 0xFF, b'b']);
+        assert!(matches!(result, Err(AnswerError::Refused(r)) if r == "a?\u{FFFD}b"));
+    }
+
+    proptest! {
+        #[test]
+        fn a_long_reason_is_cut_at_a_character_and_still_reads(reason in "\\PC{0,700}") {
+            let bytes = Answer::Unavailable(&reason).encode();
+            prop_assert!(bytes.len() <= 3 + MAX_REASON_LEN);
+            let (result, rest) = answer(&bytes);
+            prop_assert_eq!(rest, 0);
+            let read = match result { Err(AnswerError::Unavailable(r)) => r, other => panic!("{other:?}") };
+            prop_assert!(reason.starts_with(&read));
+        }
     }
 
     #[test]

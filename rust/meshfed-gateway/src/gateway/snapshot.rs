@@ -5,11 +5,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::clock;
 use super::limits::RouteState;
 use super::retired::Retired;
 use super::upstream::{ClusterState, Previous};
-use crate::config::{ClusterSpec, CompiledConfig, ListenerMode, RouteKey, RouteTarget};
+use crate::config::{ClusterSpec, CompiledConfig, ListenerMode, RouteKey};
 
 /// One generation of configuration plus the runtime state of its clusters
 /// and routes. A connection loads it once and keeps it for its whole life.
@@ -88,22 +87,5 @@ impl Snapshot {
 
     pub(crate) fn cluster(&self, name: &str) -> Option<(&ClusterSpec, &Arc<ClusterState>)> {
         Some((self.config.clusters.get(name)?, self.clusters.get(name)?))
-    }
-
-    /// Whether some cluster of `target` has an endpoint that is neither
-    /// ejected nor failing health checks.
-    pub(crate) fn any_healthy(&self, target: &RouteTarget) -> bool {
-        let now = clock::now();
-        let healthy = |name: &str| {
-            self.clusters
-                .get(name)
-                .is_some_and(|c| c.endpoints.iter().any(|e| e.healthy(now)))
-        };
-        match target {
-            RouteTarget::Cluster(name) => healthy(name),
-            RouteTarget::Weighted { clusters, .. } => {
-                clusters.iter().any(|(name, _)| healthy(name))
-            }
-        }
     }
 }

@@ -32,6 +32,8 @@ pub(crate) enum ConnectError {
         "cluster {cluster:?}: no endpoint reachable (tried {tried}) — are its endpoints up and listening?"
     )]
     Unreachable { cluster: String, tried: String },
+    #[error("cluster {cluster:?}: {reason}")]
+    Refused { cluster: String, reason: String },
     #[error(
         "cluster {cluster:?}: circuit breaker open ({what} limit {limit} reached) — raise circuit_breaker.{what} or add endpoints"
     )]
@@ -72,7 +74,8 @@ impl Drop for Lease {
 
 /// Connects to an endpoint of `cluster` for a client at `source`: checks the
 /// circuit breaker, picks by policy, opens TCP and, where the endpoint asks,
-/// mTLS. A refused or timed-out connect or a failed handshake is retried on
+/// mTLS. A refused or timed-out connect, a failed handshake or a peer
+/// gateway answering that it cannot open the service is retried on
 /// another endpoint (no client byte has been sent yet, so retrying is safe),
 /// up to every endpoint once; each failure counts toward outlier ejection,
 /// so a failover group moves on from a peer gateway that refuses us.
@@ -126,6 +129,16 @@ pub(crate) async fn connect(
                     opened: now,
                 };
                 return Ok((stream, lease));
+            }
+            // The peer gateway refused this caller (denied, rate limited): final for
+            // this connection, and not the endpoint's failure — one caller's
+            // refusals must not eject a peer for every caller.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                tracing::debug!(cluster = %spec.name, %address, error = %e, "caller refused by the peer gateway");
+                return Err(ConnectError::Refused {
+                    cluster: spec.name.clone(),
+                    reason: e.to_string(),
+                });
             }
             Err(e) => {
                 tracing::debug!(cluster = %spec.name, %address, error = %e, "endpoint connect failed");

@@ -1,6 +1,7 @@
 //! One connection attempt to one endpoint: TCP, the preamble, and for an
-//! endpoint with `tls` the mTLS handshake pinned to its SPIFFE ID and the
-//! caller header of the hop protocol.
+//! endpoint with `tls` the mTLS handshake pinned to its SPIFFE ID, the
+//! caller header of the hop protocol and, on its version 2, the ingress's
+//! open answer.
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,10 +13,10 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::config::{ClusterSpec, EndpointSpec, UpstreamTlsSpec};
-use crate::gateway::hop;
+use crate::gateway::hop::{self, AnswerError};
 use crate::gateway::stats::{HandshakeFailure, ListenerStats};
 use crate::spiffe::SpiffeId;
-use crate::tls::HOP_ALPN;
+use crate::tls::{HOP_ALPN, OPEN_ALPN};
 
 /// An established upstream connection: plain TCP, or mTLS to a peer gateway.
 pub(crate) enum Upstream {
@@ -119,15 +120,19 @@ async fn secure(
 }
 
 /// Writes the caller header as the first bytes inside the tunnel, if the
-/// peer negotiated the hop protocol. Part of the connect attempt: a failure
-/// here moves on to the next endpoint like a failed handshake, so the
-/// header always goes to the endpoint that finally accepted.
+/// peer negotiated the hop protocol, and on its version 2 waits for the
+/// open answer. Part of the connect attempt: a failure here moves on to the
+/// next endpoint like a failed handshake, so the header always goes to the
+/// endpoint that finally accepted. A refusal for this caller comes back as
+/// `PermissionDenied`: final, and no failure of the endpoint.
 async fn convey(
     stream: &mut TlsStream<TcpStream>,
     tls: &UpstreamTlsSpec,
     dial: &Dial<'_>,
 ) -> io::Result<()> {
-    if stream.get_ref().1.alpn_protocol() != Some(HOP_ALPN) {
+    let negotiated = stream.get_ref().1.alpn_protocol();
+    let answers = negotiated == Some(OPEN_ALPN);
+    if !answers && negotiated != Some(HOP_ALPN) {
         tracing::debug!(
             peer = %tls.peer,
             "peer gateway did not negotiate meshfed-caller/1 (an older ingress?): no caller header, it sees this gateway as the caller"
@@ -149,5 +154,28 @@ async fn convey(
     stream.write_all(&header).await?;
     // The ingress waits for the header before it dials its backend: a client
     // that waits for the server to speak first must not stall it.
-    stream.flush().await
+    stream.flush().await?;
+    if !answers {
+        return Ok(());
+    }
+    // The ingress answers once its own upstream connect is done: its connect
+    // timeout and retries, bounded here by our handshake limit.
+    match tokio::time::timeout(dial.handshake_timeout, hop::read_answer(stream)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(AnswerError::Refused(reason))) => Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} refused this caller: {reason}", tls.peer),
+        )),
+        Ok(Err(e)) => Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("{}: {e}", tls.peer),
+        )),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "{} did not answer within {:?} whether it could open the service — raise handshake_timeout_ms if its backends are slow to connect",
+                tls.peer, dial.handshake_timeout
+            ),
+        )),
+    }
 }
