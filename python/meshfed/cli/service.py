@@ -27,7 +27,7 @@ from meshfed.cli.common import OptionalZoneDir, Output, OutputOption, emit, prin
 from meshfed.cli.remote import ApiOption, CaOption, TokenFileOption, target
 from meshfed.errors import CatalogError
 from meshfed.federation.exports import ExportRules
-from meshfed.federation.failover import failover_groups
+from meshfed.federation.failover import failover_groups, groups_of_listeners
 from meshfed.federation.imports import ImportStore
 from meshfed.runstate import RunState
 from meshfed.zone import STATE_FILE, Zone
@@ -220,6 +220,9 @@ def _offline_view(zone: Zone) -> CatalogView:
     snapshot = _load(zone)
     with ImportStore(zone.directory) as imports:
         imported = imports.services()
+        # Groups holding a listener port keep it with one source, as the running zone serves them (only
+        # read here: no port is handed out, so the base does not matter).
+        sticky = groups_of_listeners(imports.egress_ports(0).listeners())
     with PublicationStore(zone.directory / STATE_FILE) as publications:
         publication = publications.get() or PublicationStatus(source=zone.config.catalog)
     # What only the running zone knows: its gateway's health verdict and where its listeners are.
@@ -228,7 +231,7 @@ def _offline_view(zone: Zone) -> CatalogView:
         bound = runstate.listeners() if running else {}
     with ExportRules(zone.directory) as rules:
         failing = rules.unhealthy_endpoints() if running else frozenset()
-    groups = failover_groups(snapshot, imported, zone.config.failover)
+    groups = failover_groups(snapshot, imported, zone.config.failover, sticky)
     return catalog_view(zone, snapshot, imported, groups, publication, bound, failing)
 
 

@@ -387,8 +387,16 @@ class Controller:
         return self._driver.applied_config
 
     def failover_groups(self) -> list[FailoverGroup]:
-        """The services this zone's gateway serves as failover groups, sources in failover order."""
-        return failover_groups(self._catalog_watch.snapshot, self._imports.served(), self._live.settings.failover)
+        """The services this zone's gateway serves as failover groups, sources in failover order.
+
+        A group down to one source is listed while its listener runs (``GatewayDriver.sticky_groups``).
+        """
+        return failover_groups(
+            self._catalog_watch.snapshot,
+            self._imports.served(),
+            self._live.settings.failover,
+            self._driver.sticky_groups,
+        )
 
     def gateway_stats(self) -> dict[str, Any]:
         """The gateway's counters, or none while it is not running."""

@@ -8,6 +8,17 @@ bundles, egress ports). The driver owns the Rust gateway and its SVID (issued,
 renewed at half-life, and reissued when a rotation retires the CA that signed
 it), and keeps the last config the gateway accepted: that, and nothing built
 afresh, is what the gateway runs.
+
+A failover group that shrinks to one source keeps its listener and address
+(``federation/failover.py``). Which services were groups is not a table of its
+own: it is read from state that already has one owner each. With an egress
+port base, a group's listener holds a port in ``egress_ports`` from the first
+build it appears in, so the group survives restarts with the same port. With
+ephemeral ports (base 0) nothing is stored; the groups of the applied config
+are the memory, and the gateway keeps a listener whose name and address
+(``host:0``) are unchanged on its socket. That memory ends with the process: after
+a restart, a group already down to one source is served by its import listener
+alone (ephemeral addresses change across restarts anyway).
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from meshfed.errors import GatewayConfigError, MeshfedError
 from meshfed.federation.authz import AuthzIndex, AuthzRules
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.exports import ExportedCatalog, ExportIndex, ExportRules
+from meshfed.federation.failover import groups_of_listeners
 from meshfed.federation.gateway_config import build_gateway_config
 from meshfed.federation.imports import (
     EgressPorts,
@@ -143,6 +155,12 @@ class GatewayDriver:
     def applied_exports(self) -> ConfigExports:
         """The exports of the config the gateway runs, which is all that peers may be told about."""
         return self._applied_exports
+
+    @property
+    def sticky_groups(self) -> frozenset[tuple[str, str]]:
+        """The (namespace, service) whose failover listener the applied config has: groups, even with one source."""
+        applied = self._applied
+        return groups_of_listeners(item.name for item in applied.listeners) if applied else frozenset()
 
     @property
     def svid(self) -> Svid | None:
@@ -265,8 +283,12 @@ class GatewayDriver:
         served = {peer: snapshot for peer, snapshot in snapshots.items() if peer not in view.withheld}
         served = self._resolved(served, problems)
 
+        # The services that were failover groups keep their listener with one source: those holding an
+        # egress port (kept across restarts), and those of the applied config (ephemeral ports hold none).
+        sticky = groups_of_listeners(ports.listeners()) | self.sticky_groups
+
         def build(peers: dict[str, ServiceSnapshot]) -> GatewayConfig:
-            return self._config(view, exports, trust_bundles, services_of(peers), ports)
+            return self._config(view, exports, trust_bundles, services_of(peers), ports, sticky)
 
         config = build(served)
         rejected: set[str] = set()
@@ -330,6 +352,7 @@ class GatewayDriver:
         trust_bundles: dict[str, str],
         imported: list[ImportedService],
         ports: EgressPorts,
+        sticky: frozenset[tuple[str, str]],
     ) -> GatewayConfig:
         assert self._svid is not None
 
@@ -356,4 +379,5 @@ class GatewayDriver:
             authz=exports.authz,
             egress=self._egress,
             proxy_protocol=exports.proxy_protocol,
+            sticky=sticky,
         )

@@ -5,11 +5,18 @@ zone, or another peer) is a group. Traffic goes to this zone's endpoints
 first, then to the peers: those the zone's ``[failover] split`` names share
 the next tier by weight (a canary across zones, say 90/10), then the peers of
 ``[failover] order`` one tier each, then the rest by name.
+
+A group keeps its listener, and so its address, while any source offers the
+service, even one (a peering deleted, an export removed): local clients were
+given the group's address and the remaining source still serves. Which
+services were groups is not remembered here: the caller passes them as
+``sticky`` (the gateway driver: the groups whose listener holds an egress port,
+or runs in the applied config), so this stays a function of its inputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from meshfed.catalog.model import CatalogSnapshot, Service
@@ -18,6 +25,9 @@ from meshfed.policy.failover import DEFAULT_POLICY, FailoverPolicy
 
 LOCAL_SOURCE = "local"
 """How a failover group names this zone among its sources."""
+
+LISTENER_PREFIX = "failover:"
+"""The prefix of failover groups' listener names (import listeners' is ``egress:``)."""
 
 
 @dataclass(frozen=True)
@@ -64,18 +74,48 @@ class FailoverGroup:
 
     def listener_name(self, port_name: str) -> str:
         """``failover:<service>.<namespace>:<port name>``: stable across config generations."""
-        return f"failover:{self.name}:{port_name}"
+        return f"{LISTENER_PREFIX}{self.name}:{port_name}"
+
+
+def group_of_listener(listener: str) -> tuple[str, str] | None:
+    """The (namespace, service) of a ``failover:<service>.<namespace>:<port name>`` listener; None for others.
+
+    Service and namespace names are DNS labels (no dots, no colons), so the name splits back unambiguously.
+    """
+    if not listener.startswith(LISTENER_PREFIX):
+        return None
+    service, dot, rest = listener.removeprefix(LISTENER_PREFIX).partition(".")
+    namespace, colon, _port = rest.partition(":")
+    if not (dot and colon and service and namespace):
+        return None
+    return namespace, service
+
+
+def groups_of_listeners(listeners: Iterable[str]) -> frozenset[tuple[str, str]]:
+    """The (namespace, service) of the failover groups among these listener names (others are ignored)."""
+    return frozenset(group for group in map(group_of_listener, listeners) if group is not None)
 
 
 def failover_groups(
-    catalog: CatalogSnapshot, imports: Iterable[ImportedService], policy: FailoverPolicy = DEFAULT_POLICY
+    catalog: CatalogSnapshot,
+    imports: Iterable[ImportedService],
+    policy: FailoverPolicy = DEFAULT_POLICY,
+    sticky: Collection[tuple[str, str]] = (),
 ) -> list[FailoverGroup]:
-    """The services imported from a peer and offered by at least one more source, tiers per ``policy``."""
+    """The services offered by at least two sources (this zone's endpoints, peers' imports), tiers per ``policy``.
+
+    A service of ``sticky`` (namespace, service) is a group with any one source: it was a group, and its
+    listener stays while anything offers the service. A service no source offers is never a group.
+    """
     rank = {peer: i for i, peer in enumerate(policy.order)}
     by_service: dict[tuple[str, str], list[ImportedService]] = {}
     for item in imports:
         by_service.setdefault(item.service.key, []).append(item)
     local = {service.key: service for service in catalog.services if service.endpoints}
+    # A group that shrank to this zone alone has no import left: it is found through ``sticky``.
+    for key in sticky:
+        if key in local:
+            by_service.setdefault(key, [])
     groups = []
     for (namespace, name), items in sorted(by_service.items()):
         ordered = sorted(items, key=lambda item: (rank.get(item.peer, len(rank)), item.peer))
@@ -83,6 +123,6 @@ def failover_groups(
         tiers = ((shared,) if shared else ()) + tuple((item,) for item in ordered if item.peer not in policy.split)
         weights = {item.peer: policy.split[item.peer] for item in shared}
         group = FailoverGroup(namespace, name, local.get((namespace, name)), tiers, weights)
-        if len(group.sources) > 1:
+        if len(group.sources) > 1 or (group.sources and (namespace, name) in sticky):
             groups.append(group)
     return groups

@@ -22,6 +22,8 @@ gateways at the next priorities, tier by tier. The data plane
 keeps traffic on the first priority with healthy endpoints (split by weight
 within it) and retries the next one when a connect or handshake fails; sources
 that report no healthy endpoint are left out while any other is healthy.
+A group that shrinks to one source keeps its listener with that source alone
+(``sticky``, see ``federation/failover.py``): clients keep the address they were given.
 """
 
 from __future__ import annotations
@@ -78,11 +80,13 @@ def build_gateway_config(
     authz: AuthzIndex | None = None,
     egress: EgressPolicy | None = None,
     proxy_protocol: frozenset[tuple[str, str]] = frozenset(),
+    sticky: frozenset[tuple[str, str]] = frozenset(),
 ) -> GatewayConfig:
     """The whole gateway config for this state; the same inputs always give the same config.
 
     ``proxy_protocol`` holds the (namespace, service) whose backends get a PROXY v2 header
-    naming the original caller (``meshfed export add --proxy-protocol``).
+    naming the original caller (``meshfed export add --proxy-protocol``). ``sticky`` holds the
+    (namespace, service) that were failover groups: each keeps its group listener with one source.
     """
     authz = authz or AuthzIndex()
     egress = egress or EgressPolicy()
@@ -129,7 +133,7 @@ def build_gateway_config(
                 OriginateListener(name=name, address=egress_address(name), cluster=name, workload_tls=workload_tls)
             )
 
-    for group in failover_groups(catalog, imports, failover):
+    for group in failover_groups(catalog, imports, failover, sticky):
         for port_name in group.port_names:
             endpoints = _group_endpoints(group, port_name)
             if not endpoints:

@@ -100,6 +100,14 @@ class EgressPorts:
         self._new[listener] = port
         return port
 
+    def listeners(self) -> set[str]:
+        """The listeners that hold a port: the stored ones and those handed one since the last save.
+
+        Failover groups' names among them are the zone's memory of which services were groups
+        (``federation/failover.py``): a group keeps its listener and port while any source offers it.
+        """
+        return set(self._ports)
+
     def _reclaim(self) -> int:
         if self._stale is None:
             live = self._live() if self._live is not None else None
