@@ -48,6 +48,7 @@ from meshfed.federation import wire  # noqa: E402
 from meshfed.federation.exports import ExportIndex, ExportRule, ExportRules, exported_snapshot  # noqa: E402
 from meshfed.federation.imports import ImportStore  # noqa: E402
 from meshfed.federation.settings import PeeringSettings  # noqa: E402
+from meshfed.gateway import ConnectListener  # noqa: E402
 from meshfed.runtime import (  # noqa: E402
     GC_THRESHOLDS,
     ZoneRuntime,
@@ -79,12 +80,15 @@ def spread(values: Sequence[float], scale: float = 1.0, unit: str = "") -> str:
     return f"n={len(values)}, min {min(values) * scale:.0f}{unit}, max {max(values) * scale:.0f}{unit}"
 
 
-def settings(heartbeat: float = 5.0, egress_host: str = "127.0.0.1") -> ZoneSettings:
+def settings(heartbeat: float = 5.0, egress_host: str = "127.0.0.1", egress: str = "listeners") -> ZoneSettings:
+    """``egress``: ``listeners`` (one socket per import) or ``connect`` (one CONNECT listener for all)."""
     return ZoneSettings(
         controller=ControllerSettings(
             gateway_address="127.0.0.1:0",
             egress_host=egress_host,
             egress_port_base=0,
+            egress_connect_address=f"{egress_host}:0" if egress == "connect" else None,
+            per_import_listeners=egress == "listeners",
             # The endpoints are unroutable addresses: active checks would only measure connect timeouts.
             health_check=None,
         ),
@@ -273,6 +277,8 @@ class SyncResult:
     max_loop_stall: dict[str, float]
     failing_seen: list[str]
     error: str | None
+    egress: str
+    peer_sockets: dict[str, int]
 
 
 async def loop_stall_monitor(record: list[float], tick: float = 0.05) -> None:
@@ -285,7 +291,13 @@ async def loop_stall_monitor(record: list[float], tick: float = 0.05) -> None:
 
 
 def run_peer(
-    directory: str, egress_host: str, token: str, services: int, gc_thresholds: tuple[int, int, int], events: Connection
+    directory: str,
+    egress_host: str,
+    egress: str,
+    token: str,
+    services: int,
+    gc_thresholds: tuple[int, int, int],
+    events: Connection,
 ) -> None:
     """A peer zone in its own process, as in production (each peer's 10,000 egress listeners are
     10,000 descriptors: one process holding every zone would hit the open-file limit first).
@@ -297,11 +309,20 @@ def run_peer(
     logging.basicConfig(level=logging.ERROR)
     raise_open_file_limit()
     gc.set_threshold(*gc_thresholds)  # as `meshfed up` sets them (tune_garbage_collector), or the interpreter's
-    asyncio.run(_peer(Path(directory), egress_host, token, services, events))
+    asyncio.run(_peer(Path(directory), egress_host, egress, token, services, events))
 
 
-async def _peer(directory: Path, egress_host: str, token: str, services: int, events: Connection) -> None:
-    runtime = assemble_zone(Zone.open(directory), settings(egress_host=egress_host))
+def _served(runtime: ZoneRuntime, egress: str) -> int:
+    """How many imports the peer's gateway serves: bound listeners, or names of its CONNECT listener."""
+    if egress == "listeners":
+        return sum(1 for listener in runtime.controller.gateway.addresses() if listener.startswith("egress:"))
+    config = runtime.controller.applied_gateway_config
+    listeners = [item for item in (config.listeners if config else []) if isinstance(item, ConnectListener)]
+    return sum(len(listener.connect_routes) for listener in listeners)
+
+
+async def _peer(directory: Path, egress_host: str, egress: str, token: str, services: int, events: Connection) -> None:
+    runtime = assemble_zone(Zone.open(directory), settings(egress_host=egress_host, egress=egress))
     stalls: list[float] = []
     monitor = asyncio.create_task(loop_stall_monitor(stalls))
     await runtime.controller.start()
@@ -317,37 +338,43 @@ async def _peer(directory: Path, egress_host: str, token: str, services: int, ev
             if "snapshot" not in reported and status.imported_services == services:
                 reported.add("snapshot")
                 events.send(("snapshot", time.time(), None))
-            if "serving" not in reported:
-                bound = runtime.controller.gateway.addresses()
-                if sum(1 for listener in bound if listener.startswith("egress:")) == services:
-                    if "snapshot" not in reported:  # serving implies the imports are stored
-                        reported.add("snapshot")
-                        events.send(("snapshot", time.time(), None))
-                    reported.add("serving")
-                    events.send(("serving", time.time(), None))
+            if "serving" not in reported and _served(runtime, egress) == services:
+                if "snapshot" not in reported:  # serving implies the imports are stored
+                    reported.add("snapshot")
+                    events.send(("snapshot", time.time(), None))
+                reported.add("serving")
+                events.send(("serving", time.time(), None))
             await asyncio.sleep(0.05)
     finally:
         monitor.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await monitor
         rss = rss_kib()
+        sockets = len(runtime.controller.gateway.addresses())
         await runtime.controller.stop()
-        events.send(("done", time.time(), (rss, max(stalls, default=0.0))))
+        events.send(("done", time.time(), (rss, max(stalls, default=0.0), sockets)))
 
 
 async def bulk_sync(
-    root: Path, services: int, timeout: float, gc_thresholds: tuple[int, int, int] = GC_THRESHOLDS
+    root: Path,
+    services: int,
+    timeout: float,
+    gc_thresholds: tuple[int, int, int] = GC_THRESHOLDS,
+    egress: str = "listeners",
 ) -> SyncResult:
-    """One sync, every zone's cyclic collector at ``gc_thresholds`` (the exporter's: this process's, for the run)."""
+    """One sync, every zone's cyclic collector at ``gc_thresholds`` (the exporter's: this process's, for the run),
+    the peers' imports served per ``egress`` (see :func:`settings`)."""
     before = gc.get_threshold()
     gc.set_threshold(*gc_thresholds)
     try:
-        return await _bulk_sync(root, services, timeout, gc_thresholds)
+        return await _bulk_sync(root, services, timeout, gc_thresholds, egress)
     finally:
         gc.set_threshold(*before)
 
 
-async def _bulk_sync(root: Path, services: int, timeout: float, gc_thresholds: tuple[int, int, int]) -> SyncResult:
+async def _bulk_sync(
+    root: Path, services: int, timeout: float, gc_thresholds: tuple[int, int, int], egress: str
+) -> SyncResult:
     exporter_zone = Zone.init(root / "east", "east", "east.mesh")
     for name in PEERS:
         Zone.init(root / name, name, f"{name}.mesh")
@@ -360,6 +387,7 @@ async def _bulk_sync(root: Path, services: int, timeout: float, gc_thresholds: t
     error: str | None = None
     peer_rss: dict[str, int] = {}
     peer_stalls: dict[str, float] = {}
+    peer_sockets: dict[str, int] = {}
     spawn = multiprocessing.get_context("spawn")
     pipes: dict[str, Connection] = {}
     processes = []
@@ -374,7 +402,7 @@ async def _bulk_sync(root: Path, services: int, timeout: float, gc_thresholds: t
             egress_host = f"127.0.0.{index + 2}"
             process = spawn.Process(
                 target=run_peer,
-                args=(str(root / name), egress_host, token, services, gc_thresholds, theirs),
+                args=(str(root / name), egress_host, egress, token, services, gc_thresholds, theirs),
                 daemon=True,
             )
             process.start()
@@ -415,7 +443,7 @@ async def _bulk_sync(root: Path, services: int, timeout: float, gc_thresholds: t
             while True:
                 event, _, detail = await asyncio.to_thread(pipe.recv)
                 if event == "done":
-                    peer_rss[name], peer_stalls[name] = detail
+                    peer_rss[name], peer_stalls[name], peer_sockets[name] = detail
                     break
     finally:
         monitor.cancel()
@@ -440,6 +468,8 @@ async def _bulk_sync(root: Path, services: int, timeout: float, gc_thresholds: t
         {"east": max(stalls, default=0.0), **peer_stalls},
         sorted(failing),
         error,
+        egress,
+        peer_sockets,
     )
 
 
@@ -464,7 +494,8 @@ def sync_rows(results: Sequence[SyncResult], costs: dict[int, float]) -> list[Ro
     rows = []
     for result in results:
         collector = "GC as `meshfed up` tunes it" if result.gc_thresholds == GC_THRESHOLDS else "interpreter's GC"
-        size = f"{result.services:,} services x {ENDPOINTS_PER_SERVICE} endpoints → 3 peers, {collector}"
+        egress = "one CONNECT listener" if result.egress == "connect" else "a listener per import"
+        size = f"{result.services:,} services x {ENDPOINTS_PER_SERVICE} endpoints → 3 peers, {collector}, {egress}"
         snapshot = max(result.snapshot_seconds.values(), default=float("nan"))
         serving = max(result.serving_seconds.values(), default=float("nan"))
         outcome = f"**FAILED**: {result.error}; " if result.error else ""
@@ -480,7 +511,17 @@ def sync_rows(results: Sequence[SyncResult], costs: dict[int, float]) -> list[Ro
             Row(
                 f"sync {size}: all 3 peer gateways serve every import",
                 f"{serving:.1f} s" if result.serving_seconds else "—",
-                f"{result.services:,} egress listeners bound on each peer gateway",
+                (
+                    f"{result.services:,} egress listeners bound on each peer gateway"
+                    if result.egress == "listeners"
+                    else f"{result.services:,} names in each peer's CONNECT listener (its running config)"
+                ),
+            ),
+            Row(
+                f"sync {size}: listening sockets on a peer gateway",
+                str(max(result.peer_sockets.values(), default=0)),
+                "listeners of the largest importer's gateway after the sync (ingress included); per peer "
+                + ", ".join(f"{name} {count:,}" for name, count in sorted(result.peer_sockets.items())),
             ),
             Row(
                 f"sync {size}: bytes",
@@ -498,8 +539,7 @@ def sync_rows(results: Sequence[SyncResult], costs: dict[int, float]) -> list[Ro
             Row(
                 f"sync {size}: peer controller RSS",
                 f"{max(result.peer_rss_kib.values(), default=0) / 1024:.0f} MiB",
-                "largest VmRSS of the 3 importing zones, each in its own process with "
-                f"{result.services:,} egress listeners; per peer "
+                "largest VmRSS of the 3 importing zones, each in its own process; per peer "
                 + ", ".join(f"{name} {kib / 1024:.0f} MiB" for name, kib in sorted(result.peer_rss_kib.items())),
             ),
             Row(
@@ -548,6 +588,7 @@ def render(rows: list[Row], args: argparse.Namespace, elapsed: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and a smaller sync (about 40 s)")
+    parser.add_argument("--sync-only", action="store_true", help="only the bulk sync rows")
     parser.add_argument("--sizes", type=int, nargs="+", help="services in the bulk sync runs (default 10000)")
     parser.add_argument(
         "--gc",
@@ -555,6 +596,13 @@ def main() -> None:
         default="tuned",
         help="the zones' collector thresholds: as `meshfed up` tunes them (default), or the interpreter's; "
         "bench/control_plane_gc runs both, one process each, and writes them side by side",
+    )
+    parser.add_argument(
+        "--egress",
+        choices=["listeners", "connect"],
+        default="listeners",
+        help="how the peers serve their imports: a listener each (default), or one CONNECT listener "
+        "(--no-per-import-listeners); bench/control_plane_egress runs both, one process each",
     )
     parser.add_argument("--sync-timeout", type=float, default=90.0, help="seconds a sync run may take")
     parser.add_argument(
@@ -569,10 +617,14 @@ def main() -> None:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="meshfed-bench-cp-") as tmp:
         root = Path(tmp)
-        rows += asyncio.run(propagation(root / "propagation", 3 if args.quick else 5))
-        rows += heartbeat_rows(root, [(0.2, 3), (5.0, 1)] if args.quick else [(0.2, 5), (5.0, 2)])
+        if not args.sync_only:
+            rows += asyncio.run(propagation(root / "propagation", 3 if args.quick else 5))
+            rows += heartbeat_rows(root, [(0.2, 3), (5.0, 1)] if args.quick else [(0.2, 5), (5.0, 2)])
         collector = INTERPRETER_GC if args.gc == "interpreter" else GC_THRESHOLDS
-        results = [asyncio.run(bulk_sync(root / f"sync-{size}", size, args.sync_timeout, collector)) for size in sizes]
+        results = [
+            asyncio.run(bulk_sync(root / f"sync-{size}", size, args.sync_timeout, collector, args.egress))
+            for size in sizes
+        ]
         costs = {size: exported_snapshot_cost(size) for size in cost_sizes}
         rows += sync_rows(results, costs)
     table = render(rows, args, time.monotonic() - started)

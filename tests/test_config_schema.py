@@ -35,11 +35,13 @@ PAIRS: dict[str, type[BaseModel]] = {
     "CircuitBreaker": config.CircuitBreaker,
     "UpstreamTls": config.UpstreamTls,
     "ListenerLimits": config.ListenerLimits,
+    "ConnectRoute": config.ConnectRoute,
 }
 LISTENERS: tuple[type[BaseModel], ...] = (
     config.PassthroughListener,
     config.TerminateListener,
     config.OriginateListener,
+    config.ConnectListener,
 )
 
 

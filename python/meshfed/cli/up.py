@@ -67,6 +67,17 @@ def up(
     egress_port_base: Annotated[
         int, typer.Option(help="First local port for imported services (0-65535); 0 = ephemeral.")
     ] = defaults.EGRESS_PORT_BASE,
+    egress_connect_address: Annotated[
+        str | None,
+        typer.Option(
+            help="host:port of one HTTP CONNECT listener for every import: clients ask for "
+            "<service>.<namespace>.<peer>:<port> (or <service>.<namespace>:<port> for a failover group)."
+        ),
+    ] = None,
+    per_import_listeners: Annotated[
+        bool,
+        typer.Option(help="A listening port per imported service port and failover group (off: CONNECT only)."),
+    ] = True,
     bundle_endpoint_port: Annotated[
         int | None,
         typer.Option(help="Serve the SPIFFE bundle endpoint on this port of every interface (0-65535)."),
@@ -178,6 +189,12 @@ def up(
             None if egress_advertise_host is None else parse_host(egress_advertise_host, what="--egress-advertise-host")
         ),
         egress_port_base=parse_port(egress_port_base, what="--egress-port-base", allow_zero=True),
+        egress_connect_address=(
+            None
+            if egress_connect_address is None
+            else str(parse_host_port(egress_connect_address, what="--egress-connect-address", allow_zero=True))
+        ),
+        per_import_listeners=per_import_listeners,
         failing_peer_grace=parse_duration(failing_peer_grace, "--failing-peer-grace"),
         failing_peer_policy="open" if failing_peer_policy == "open" else "closed",
         health_check=health_check_every(parse_duration(health_check_interval, "--health-check-interval")),

@@ -163,6 +163,8 @@ class Controller:
             address=self.gateway_address,
             egress_host=settings.egress_host,
             egress_port_base=settings.egress_port_base,
+            egress_connect_address=settings.egress_connect_address,
+            per_import_listeners=settings.per_import_listeners,
             egress=self._egress,
             health_check=settings.health_check,
             svid_ttl=settings.gateway_svid_ttl,

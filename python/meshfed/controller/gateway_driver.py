@@ -108,6 +108,8 @@ class GatewayDriver:
         address: str,
         egress_host: str,
         egress_port_base: int,
+        egress_connect_address: str | None,
+        per_import_listeners: bool,
         egress: EgressPolicy,
         health_check: HealthCheck | None,
         svid_ttl: dt.timedelta,
@@ -119,6 +121,8 @@ class GatewayDriver:
         self.address = address
         self._egress_host = egress_host
         self._egress_port_base = egress_port_base
+        self._egress_connect_address = egress_connect_address
+        self._per_import_listeners = per_import_listeners
         self._egress = egress
         self._health_check = health_check
         self._svid_ttl = svid_ttl
@@ -380,4 +384,6 @@ class GatewayDriver:
             egress=self._egress,
             proxy_protocol=exports.proxy_protocol,
             sticky=sticky,
+            connect_address=self._egress_connect_address,
+            per_import_listeners=self._per_import_listeners,
         )

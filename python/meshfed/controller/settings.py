@@ -45,6 +45,13 @@ class ControllerSettings:
     # 0 gives each import an ephemeral port; otherwise ports are kept from this base. No default here:
     # a zone's is meshfed.defaults.EGRESS_PORT_BASE (set by ZoneSettings), and tests choose 0 on purpose.
     egress_port_base: int
+    # host:port of one HTTP CONNECT listener for every import (`CONNECT <service>.<namespace>.<peer>:<port>`,
+    # or `<service>.<namespace>:<port>` for a failover group); None: none. One socket however many imports.
+    egress_connect_address: str | None = None
+    # One listening socket per import port and failover group (egress_host, from egress_port_base). Off, an
+    # importer of thousands of services binds only the CONNECT listener (imports published to the catalog and
+    # mirrors then point at it only once those learn to; see the README).
+    per_import_listeners: bool = True
     # A peer that stays FAILING past the grace keeps its imports served under the ``open`` policy (callers'
     # connects fail over or fail fast) and loses them under ``closed`` until it is back.
     failing_peer_grace: dt.timedelta = defaults.FAILING_PEER_GRACE

@@ -72,6 +72,14 @@ class FailoverGroup:
             names.update(item.service.ports)
         return sorted(names)
 
+    def port_number(self, port_name: str) -> int | None:
+        """The service port ``port_name`` names: this zone's, else the first source's that has it."""
+        for service in ([self.local] if self.local is not None else []) + [item.service for item in self.peers]:
+            port = service.ports.get(port_name)
+            if port is not None:
+                return port
+        return None
+
     def listener_name(self, port_name: str) -> str:
         """``failover:<service>.<namespace>:<port name>``: stable across config generations."""
         return f"{LISTENER_PREFIX}{self.name}:{port_name}"

@@ -14,6 +14,10 @@ Egress: one originate listener per imported service port, opening mTLS to the
 exporting peer's gateway with that service's SNI and the peer gateway's SPIFFE
 ID pinned, and conveying the calling workload's verified SPIFFE ID to it when
 the listener requires workload SVIDs (``policy/egress.py``).
+With ``connect_address``, one more listener, a CONNECT proxy, reaches every
+import (``<service>.<namespace>.<peer>:<port>``) and group
+(``<service>.<namespace>:<port>``) by name from one socket;
+``per_import_listeners=False`` leaves it the only egress socket.
 
 A service that several sources offer (this zone and peers, or several peers)
 is also a *failover group* (``federation/failover.py``): one more originate
@@ -40,6 +44,8 @@ from meshfed.federation.imports import ImportedService, egress_listener_name
 from meshfed.gateway import (
     AuthzRule,
     Cluster,
+    ConnectListener,
+    ConnectRoute,
     Endpoint,
     GatewayConfig,
     HealthCheck,
@@ -58,6 +64,8 @@ from meshfed.policy.splits import SubsetSplit
 from meshfed.trust.spiffe import TrustDomain
 
 INGRESS_LISTENER = "ingress"
+CONNECT_LISTENER = "egress-connect"
+"""The one CONNECT listener of every import (``ControllerSettings.egress_connect_address``)."""
 
 # Where an egress listener binds: (listener name) -> "host:port".
 EgressAddress = Callable[[str], str]
@@ -81,12 +89,16 @@ def build_gateway_config(
     egress: EgressPolicy | None = None,
     proxy_protocol: frozenset[tuple[str, str]] = frozenset(),
     sticky: frozenset[tuple[str, str]] = frozenset(),
+    connect_address: str | None = None,
+    per_import_listeners: bool = True,
 ) -> GatewayConfig:
     """The whole gateway config for this state; the same inputs always give the same config.
 
     ``proxy_protocol`` holds the (namespace, service) whose backends get a PROXY v2 header
     naming the original caller (``meshfed export add --proxy-protocol``). ``sticky`` holds the
     (namespace, service) that were failover groups: each keeps its group listener with one source.
+    ``connect_address`` adds one CONNECT listener there naming every import and group by authority;
+    ``per_import_listeners`` (default on) gives each import port and group port a listener of its own.
     """
     authz = authz or AuthzIndex()
     egress = egress or EgressPolicy()
@@ -116,6 +128,8 @@ def build_gateway_config(
             routes.append(Route(sni=sni, rules=rules, proxy_protocol=service.key in proxy_protocol, **target))
 
     trusted_gateways = sorted({str(domain.gateway_id) for domain in peer_trust_domains.values()})
+    # By authority: two port names of one service with the same number are one authority (the first name's).
+    connect_routes: dict[str, ConnectRoute] = {}
     listeners: list[Listener] = [
         TerminateListener(
             name=INGRESS_LISTENER, address=ingress_address, routes=routes, trusted_gateways=trusted_gateways
@@ -129,9 +143,14 @@ def build_gateway_config(
                 continue  # the peer advertised no gateway: nothing to dial
             name = egress_listener_name(imported, port_name)
             clusters.append(Cluster(name=name, endpoints=endpoints))
-            listeners.append(
-                OriginateListener(name=name, address=egress_address(name), cluster=name, workload_tls=workload_tls)
-            )
+            if per_import_listeners:
+                listeners.append(
+                    OriginateListener(name=name, address=egress_address(name), cluster=name, workload_tls=workload_tls)
+                )
+            if workload_tls == "plain":
+                offered = imported.service
+                authority = f"{offered.name}.{offered.namespace}.{imported.peer}:{offered.ports[port_name]}"
+                connect_routes.setdefault(authority, ConnectRoute(authority=authority, cluster=name))
 
     for group in failover_groups(catalog, imports, failover, sticky):
         for port_name in group.port_names:
@@ -143,9 +162,22 @@ def build_gateway_config(
                 Cluster(name=name, endpoints=endpoints, lb="weighted_round_robin", health_check=health_check)
             )
             workload_tls = egress.mode(group.service, group.namespace, None)
-            listeners.append(
-                OriginateListener(name=name, address=egress_address(name), cluster=name, workload_tls=workload_tls)
+            if per_import_listeners:
+                listeners.append(
+                    OriginateListener(name=name, address=egress_address(name), cluster=name, workload_tls=workload_tls)
+                )
+            number = group.port_number(port_name)
+            if workload_tls == "plain" and number is not None:
+                authority = f"{group.name}:{number}"
+                connect_routes.setdefault(authority, ConnectRoute(authority=authority, cluster=name))
+    if connect_address is not None:
+        # Plain clients only, the gateway the caller: an import whose egress requires workload SVIDs keeps
+        # its own listener, where the workload's identity is verified and conveyed.
+        listeners.append(
+            ConnectListener(
+                name=CONNECT_LISTENER, address=connect_address, connect_routes=list(connect_routes.values())
             )
+        )
     return GatewayConfig(identity=identity, trust_bundles=trust_bundles, listeners=listeners, clusters=clusters)
 
 

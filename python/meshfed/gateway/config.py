@@ -207,7 +207,32 @@ class OriginateListener(_Model):
     limits: ListenerLimits = Field(default_factory=ListenerLimits)
 
 
-Listener = Annotated[PassthroughListener | TerminateListener | OriginateListener, Field(discriminator="mode")]
+class ConnectRoute(_Model):
+    """A client's ``CONNECT authority`` (``host:port``, the host case-insensitive) reaches ``cluster``."""
+
+    authority: str
+    cluster: str
+
+
+class ConnectListener(_Model):
+    """An HTTP CONNECT proxy for local clients: one socket for many imports.
+
+    A client sends ``CONNECT <service>.<namespace>.<peer>:<port> HTTP/1.1`` (or is told to use the
+    listener as its HTTP proxy); the gateway dials the cluster the authority names, as an originate
+    listener of that cluster would, with the gateway as the caller, and answers ``200`` only once
+    connected, or ``404``/``403``/``502``/``503`` with a ``meshfed-reason`` header saying why.
+    """
+
+    mode: Literal["connect"] = "connect"
+    name: str
+    address: str
+    connect_routes: list[ConnectRoute]
+    limits: ListenerLimits = Field(default_factory=ListenerLimits)
+
+
+Listener = Annotated[
+    PassthroughListener | TerminateListener | OriginateListener | ConnectListener, Field(discriminator="mode")
+]
 
 
 class GatewayConfig(_Model):

@@ -106,6 +106,10 @@ pub(crate) enum ListenerMode {
         cluster: String,
         workload_tls: WorkloadTls,
     },
+    /// Read a local workload's `CONNECT host:port` request, connect to the
+    /// cluster its authority names (as originate does), answer `200` once
+    /// connected (or an error status saying why not), then forward bytes.
+    Connect { routes: HashMap<String, String> },
 }
 
 /// The TLS side of a terminate listener.
@@ -476,7 +480,27 @@ impl ListenerContext<'_> {
                 ),
             ));
         }
-        if mode == raw::Mode::Originate {
+        if mode != raw::Mode::Connect && listener.connect_routes.is_some() {
+            return Err(ConfigError::new(
+                at("connect_routes"),
+                format!(
+                    "only for connect listeners; {} listeners do not read CONNECT requests",
+                    mode.as_str()
+                ),
+            ));
+        }
+        if mode == raw::Mode::Connect {
+            if listener.routes.is_some() || listener.cluster.is_some() {
+                return Err(ConfigError::new(
+                    at(if listener.routes.is_some() {
+                        "routes"
+                    } else {
+                        "cluster"
+                    }),
+                    "connect listeners route by the CONNECT authority: give \"connect_routes\"",
+                ));
+            }
+        } else if mode == raw::Mode::Originate {
             if listener.routes.is_some() {
                 return Err(ConfigError::new(
                     at("routes"),
@@ -591,6 +615,31 @@ impl ListenerContext<'_> {
                     cluster,
                     workload_tls,
                 })
+            }
+            raw::Mode::Connect => {
+                let Some(raw_routes) = &listener.connect_routes else {
+                    return Err(ConfigError::new(
+                        at("connect_routes"),
+                        "required for connect listeners (may be empty)",
+                    ));
+                };
+                let mut routes = HashMap::with_capacity(raw_routes.len());
+                for (j, route) in raw_routes.iter().enumerate() {
+                    let path = at(&format!("connect_routes[{j}]"));
+                    let authority = parse_authority(&route.authority)
+                        .map_err(|why| ConfigError::new(format!("{path}.authority"), why))?;
+                    let cluster = self.cluster(format!("{path}.cluster"), &route.cluster)?;
+                    if routes.insert(authority, cluster).is_some() {
+                        return Err(ConfigError::new(
+                            format!("{path}.authority"),
+                            format!(
+                                "{:?} is routed twice; each authority names one cluster",
+                                route.authority
+                            ),
+                        ));
+                    }
+                }
+                Ok(ListenerMode::Connect { routes })
             }
         }
     }
@@ -1076,4 +1125,32 @@ mod tests;
 pub fn config_schema_json() -> String {
     // A schemars schema is a JSON value already, so writing it out cannot fail.
     schemars::schema_for!(raw::Document).as_value().to_string()
+}
+
+/// The canonical form of a CONNECT authority (`host:port`, host lowercased),
+/// or why it is not one: the host is DNS labels of letters, digits and `-`
+/// (at most 253 bytes), the port 1-65535.
+pub(crate) fn parse_authority(text: &str) -> Result<String, String> {
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{text:?} is not host:port"))?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && !port.starts_with('0') => {}
+        _ => return Err(format!("{text:?}: the port must be 1-65535")),
+    }
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(format!(
+            "{text:?}: the host must be DNS labels (letters, digits, '-'), at most 253 bytes"
+        ));
+    }
+    Ok(format!("{}:{port}", host.to_ascii_lowercase()))
 }

@@ -576,3 +576,142 @@ fn shutdown_is_idempotent_and_closes_listeners() -> TestResult {
     assert!(matches!(gateway.apply(b"{}"), Err(GatewayError::Closed)));
     Ok(())
 }
+
+/// West with one connect listener for two imports: `web.default.east:8080`
+/// over mTLS to east's ingress, `echo.default.north:7` plain to `north`.
+fn connect_config(pki: &Pki, east: SocketAddr, north: SocketAddr) -> Result<Value, Box<dyn Error>> {
+    let svid = pki.west.svid(WEST_GW);
+    Ok(json!({
+        "identity": {"cert_chain_pem": svid.cert_pem, "private_key_pem": svid.key_pem},
+        "trust_bundles": {"east.mesh": pki.east.bundle_pem()},
+        "handshake_timeout_ms": 2000,
+        "listeners": [{"name": "egress-connect", "address": "127.0.0.1:0", "mode": "connect",
+                       "connect_routes": [
+                           {"authority": "web.default.east:8080", "cluster": "east-web"},
+                           {"authority": "Echo.Default.North:7", "cluster": "north-echo"},
+                           {"authority": "gone.default.east:80", "cluster": "gone"}]}],
+        "clusters": [
+            {"name": "east-web", "endpoints": [{"address": east.to_string()}], "connect_timeout_ms": 1000,
+             "tls": {"sni": SNI, "peer_spiffe_id": EAST_GW}},
+            {"name": "north-echo", "endpoints": [{"address": north.to_string()}]},
+            {"name": "gone", "endpoints": [{"address": dead_address()?.to_string()}], "connect_timeout_ms": 500}
+        ]
+    }))
+}
+
+/// Sends a request head and reads the response head (up to the blank line).
+async fn ask(stream: &mut TcpStream, head: &[u8]) -> Result<String, Box<dyn Error>> {
+    stream.write_all(head).await?;
+    let mut got = Vec::new();
+    while !got.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        if tokio::time::timeout(IO_TIMEOUT, stream.read(&mut byte)).await?? == 0 {
+            break;
+        }
+        got.push(byte[0]);
+    }
+    Ok(String::from_utf8(got)?)
+}
+
+/// One listening socket serves every import: a client names the import in
+/// its CONNECT request and gets `200` only once the upstream is connected;
+/// bytes sent right behind the request reach the backend.
+#[tokio::test]
+async fn a_connect_listener_reaches_each_import_by_name() -> TestResult {
+    let pki = Pki::new();
+    let east = start(&east_config(&pki, echo_backend().await?))?;
+    let north = echo_backend().await?;
+    let west = start(&connect_config(
+        &pki,
+        address(&east, "ingress-mtls")?,
+        north,
+    )?)?;
+    assert_eq!(west.addresses().len(), 1);
+    let proxy = address(&west, "egress-connect")?;
+
+    let mut client = TcpStream::connect(proxy).await?;
+    let answer = ask(
+        &mut client,
+        b"CONNECT web.default.east:8080 HTTP/1.1\r\nHost: web.default.east:8080\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(answer, "HTTP/1.1 200 Connection established\r\n\r\n");
+    let payload = b"across zones by name".repeat(100);
+    assert_eq!(round_trip(&mut client, &payload).await?, payload);
+    drop(client);
+
+    // Names are case-insensitive; the first bytes may follow the head at once.
+    let mut client = TcpStream::connect(proxy).await?;
+    client
+        .write_all(b"CONNECT echo.default.north:7 HTTP/1.1\r\n\r\nearly")
+        .await?;
+    let mut back = vec![0u8; b"HTTP/1.1 200 Connection established\r\n\r\nearly".len()];
+    tokio::time::timeout(IO_TIMEOUT, client.read_exact(&mut back)).await??;
+    assert_eq!(back, b"HTTP/1.1 200 Connection established\r\n\r\nearly");
+
+    eventually("both connections counted", || {
+        stats(&west, "egress-connect").accepted == 2
+    })
+    .await?;
+    let out = stats(&west, "egress-connect");
+    assert_eq!(out.peer_identities.get(EAST_GW), Some(&1));
+    assert_eq!((out.no_route, out.handshake_failures), (0, 0));
+    Ok(())
+}
+
+/// What a connect listener cannot do it says in the status and a
+/// `meshfed-reason` header, and nothing reaches any backend.
+#[tokio::test]
+async fn a_connect_listener_refuses_saying_why() -> TestResult {
+    let pki = Pki::new();
+    let (north, connections, _) = counting_backend().await?;
+    let west = start(&connect_config(&pki, dead_address()?, north)?)?;
+    let proxy = address(&west, "egress-connect")?;
+    let cases: [(&[u8], &str, &str); 5] = [
+        (
+            b"CONNECT nope.default.east:8080 HTTP/1.1\r\n\r\n",
+            "404 Not Found",
+            "no import named",
+        ),
+        (
+            b"CONNECT gone.default.east:80 HTTP/1.1\r\n\r\n",
+            "502 Bad Gateway",
+            "no endpoint reachable",
+        ),
+        (
+            b"CONNECT web.default.east:8080 HTTP/1.1\r\n\r\n",
+            "502 Bad Gateway",
+            "cluster \"east-web\"",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "405 Method Not Allowed",
+            "CONNECT proxy",
+        ),
+        (
+            b"\x16\x03\x01\x00\x05hello\r\n\r\n",
+            "400 Bad Request",
+            "not an HTTP request",
+        ),
+    ];
+    for (request, status, reason) in cases {
+        let mut client = TcpStream::connect(proxy).await?;
+        let answer = ask(&mut client, request).await?;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}\r\n")),
+            "{answer:?}"
+        );
+        let said = answer
+            .lines()
+            .find_map(|line| line.strip_prefix("meshfed-reason: "))
+            .unwrap_or_default();
+        assert!(said.contains(reason), "{status}: {said:?}");
+        assert!(read_until_closed(&mut client).await?.is_empty());
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 0);
+    let out = stats(&west, "egress-connect");
+    assert_eq!(out.no_route, 1);
+    assert_eq!(out.upstream_connect_failures, 2);
+    assert_eq!(out.handshake_failure_reasons.get("malformed"), Some(&2));
+    Ok(())
+}

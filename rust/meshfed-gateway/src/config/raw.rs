@@ -70,6 +70,8 @@ pub(crate) struct Listener {
     pub(crate) trusted_gateways: Option<Vec<String>>,
     /// originate: how local workloads connect. Default `plain`.
     pub(crate) workload_tls: Option<WorkloadTls>,
+    /// connect: which cluster each CONNECT authority (`host:port`) reaches.
+    pub(crate) connect_routes: Option<Vec<ConnectRoute>>,
     /// Caps on the listener's connections, every mode.
     #[serde(default)]
     pub(crate) limits: ListenerLimits,
@@ -130,6 +132,9 @@ pub(crate) enum Mode {
     Passthrough,
     Terminate,
     Originate,
+    /// An HTTP CONNECT proxy for local workloads: the authority a client
+    /// asks for picks the cluster (one listener for many imports).
+    Connect,
 }
 
 impl Mode {
@@ -138,8 +143,20 @@ impl Mode {
             Self::Passthrough => "passthrough",
             Self::Terminate => "terminate",
             Self::Originate => "originate",
+            Self::Connect => "connect",
         }
     }
+}
+
+/// A route of a connect listener: a client's `CONNECT authority` reaches
+/// `cluster`, as an originate listener of that cluster would.
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ConnectRoute {
+    /// `host:port`, the host lowercase DNS labels (meshfed names imports
+    /// `<service>.<namespace>.<peer>:<port>`).
+    pub(crate) authority: String,
+    pub(crate) cluster: String,
 }
 
 /// An SNI route. Exactly one of `cluster` / `weighted_clusters`;

@@ -700,3 +700,75 @@ fn zero_trust_rejections_name_the_field() {
         "invalid type",
     );
 }
+
+/// A connect listener: authorities canonical (host lowercased), each once,
+/// naming existing clusters; its fields belong to it alone.
+#[test]
+fn connect_listeners_route_canonical_authorities_and_refuse_what_is_not_theirs() {
+    let connect = |routes: Value| {
+        move |d: &mut Value| {
+            d["listeners"][2] = json!({"name": "egress-connect", "address": "127.0.0.1:0",
+                                       "mode": "connect", "connect_routes": routes});
+        }
+    };
+    let mut doc = good();
+    connect(json!([{"authority": "Web.Default.East:8080", "cluster": "east-gateway"}]))(&mut doc);
+    let config = compile_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+    let Some(ListenerMode::Connect { routes }) = config.listener("egress-connect").map(|l| &l.mode)
+    else {
+        panic!("not connect");
+    };
+    assert_eq!(
+        routes.get("web.default.east:8080").map(String::as_str),
+        Some("east-gateway")
+    );
+
+    for (authority, needle) in [
+        ("web.default.east", "not host:port"),
+        ("web.default.east:0", "1-65535"),
+        ("web.default.east:99999", "1-65535"),
+        ("web_x.default.east:80", "DNS labels"),
+        (":80", "DNS labels"),
+    ] {
+        rejects(
+            connect(json!([{"authority": authority, "cluster": "web"}])),
+            "listeners[2].connect_routes[0].authority",
+            needle,
+        );
+    }
+    rejects(
+        connect(
+            json!([{"authority": "a:1", "cluster": "web"}, {"authority": "A:1", "cluster": "web"}]),
+        ),
+        "listeners[2].connect_routes[1].authority",
+        "routed twice",
+    );
+    rejects(
+        connect(json!([{"authority": "a:1", "cluster": "nope"}])),
+        "listeners[2].connect_routes[0].cluster",
+        "no cluster named",
+    );
+    rejects(
+        |d| d["listeners"][0]["connect_routes"] = json!([]),
+        "listeners[0].connect_routes",
+        "only for connect listeners",
+    );
+    rejects(
+        |d| {
+            connect(json!([]))(d);
+            d["listeners"][2]["cluster"] = json!("web");
+        },
+        "listeners[2].cluster",
+        "connect_routes",
+    );
+    rejects(
+        |d| {
+            connect(json!([]))(d);
+            d["listeners"][2]
+                .as_object_mut()
+                .map(|l| l.remove("connect_routes"));
+        },
+        "listeners[2].connect_routes",
+        "required for connect listeners",
+    );
+}

@@ -1,5 +1,7 @@
 //! What happens to one accepted connection, per listener mode.
 
+mod connect;
+
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,6 +65,8 @@ enum ConnError {
     NotTls,
     #[error(transparent)]
     CallerHeader(#[from] HeaderError),
+    #[error("CONNECT request refused: {0}")]
+    ConnectHead(#[from] connect::HeadError),
     #[error("client sent no SNI")]
     NoSni,
     #[error("no route for SNI {0:?}")]
@@ -123,6 +127,12 @@ pub(crate) async fn serve(
                     stats: &stats,
                 };
                 Box::pin(terminate(client, peer, routes, tls, ingress, slot)).await
+            }
+            ListenerMode::Connect { routes } => {
+                Box::pin(connect::serve(
+                    client, peer, routes, &snapshot, &stats, slot,
+                ))
+                .await
             }
             ListenerMode::Originate {
                 cluster,

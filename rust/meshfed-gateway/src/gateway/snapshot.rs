@@ -60,7 +60,7 @@ impl Snapshot {
                 ListenerMode::Terminate { routes, .. } => {
                     routes.values().map(|r| &r.route.key).collect()
                 }
-                ListenerMode::Originate { .. } => Vec::new(),
+                ListenerMode::Originate { .. } | ListenerMode::Connect { .. } => Vec::new(),
             };
             for key in keys {
                 let state = previous
