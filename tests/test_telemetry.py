@@ -237,6 +237,7 @@ def _every_stat() -> dict[str, Any]:
         "connections_refused_over_limit": 0,
         "handshakes_refused_over_limit": 0,
         "accept_errors": 0,
+        "probes": 0,
     }
     cluster = {
         "connections": 1,
@@ -293,6 +294,7 @@ GATEWAY_SERIES = {
     "meshfed_gateway_connections_refused_over_limit_total",
     "meshfed_gateway_handshakes_refused_over_limit_total",
     "meshfed_gateway_accept_errors_total",
+    "meshfed_gateway_probes_total",
     "meshfed_gateway_route_connections_total",
     "meshfed_gateway_route_rate_limited_total",
     "meshfed_gateway_cluster_connections_total",

@@ -91,7 +91,7 @@ class Gateway:
                 "denied_by_trust_domain": {"<trust domain>": n},
                 "upstream_connect_failures": n, "rate_limited": n, "circuit_open": n,
                 "idle_timeouts": n, "handshaking": n, "connections_refused_over_limit": n,
-                "handshakes_refused_over_limit": n, "accept_errors": n,
+                "handshakes_refused_over_limit": n, "accept_errors": n, "probes": n,
                 "peer_identities": {"spiffe://...": n},
                 "routes": {"<sni>": {"connections": n, "rate_limited": n,
                     "bytes_client_to_upstream": n, "bytes_upstream_to_client": n}}}},
@@ -119,7 +119,9 @@ class Gateway:
         ``limits.max_connections`` or ``limits.max_handshakes`` is closed at once
         and counted in ``connections_refused_over_limit`` or
         ``handshakes_refused_over_limit``, not in ``accepted``; ``accept_errors``
-        counts failed ``accept()`` calls (e.g. out of file descriptors).
+        counts failed ``accept()`` calls (e.g. out of file descriptors). ``probes``
+        counts connections a client closed before sending a byte (TCP health checks,
+        scans) on passthrough and terminate listeners: not handshake failures.
         """
 
     def unhealthy_endpoints(self) -> dict[str, list[str]]:

@@ -38,6 +38,7 @@ class ListenerStats(TypedDict):
     connections_refused_over_limit: int
     handshakes_refused_over_limit: int
     accept_errors: int
+    probes: int
     handshake_failure_reasons: dict[str, int]
     peer_identities: dict[str, int]
     routes: dict[str, RouteStats]

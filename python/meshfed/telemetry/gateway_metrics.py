@@ -163,6 +163,13 @@ GATEWAY_METRICS: tuple[tuple[Kind, str, str, str, Readings], ...] = (
         "{error}",
         Field("listener", "accept_errors"),
     ),
+    (
+        "counter",
+        "meshfed.gateway.probes",
+        "Connections a client closed before sending a byte (TCP health checks, scans): not handshake failures",
+        "{connection}",
+        Field("listener", "probes"),
+    ),
     # Routes, by listener and SNI pattern.
     (
         "counter",

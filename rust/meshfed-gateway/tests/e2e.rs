@@ -715,3 +715,44 @@ async fn a_connect_listener_refuses_saying_why() -> TestResult {
     assert_eq!(out.handshake_failure_reasons.get("malformed"), Some(&2));
     Ok(())
 }
+
+/// A connection closed before its first byte (an importing peer's TCP
+/// health check, a load balancer's, a scan) is a probe, not a handshake
+/// failure; plain bytes where TLS must start are `not_tls`, not `tls`.
+#[tokio::test]
+async fn probes_and_plain_bytes_are_told_apart_from_tls_failures() -> TestResult {
+    let pki = Pki::new();
+    let east = start(&east_config(&pki, echo_backend().await?))?;
+    for listener in ["ingress-mtls", "ingress"] {
+        let address = address(&east, listener)?;
+        for _ in 0..3 {
+            drop(TcpStream::connect(address).await?);
+        }
+        let mut plain = TcpStream::connect(address).await?;
+        plain.write_all(b"GET / HTTP/1.1\r\n\r\n").await?;
+        assert!(read_until_closed(&mut plain).await?.is_empty());
+        let mut partial = TcpStream::connect(address).await?;
+        partial.write_all(&client_hello(SNI)[..20]).await?;
+        partial.shutdown().await?;
+        assert!(read_until_closed(&mut partial).await?.is_empty());
+        eventually("every connection closed", || {
+            stats(&east, listener).closed == 5
+        })
+        .await?;
+        let seen = stats(&east, listener);
+        assert_eq!(seen.probes, 3, "{listener}: {seen:?}");
+        assert_eq!(seen.handshake_failures, 2, "{listener}: {seen:?}");
+        let reason = |name: &str| {
+            seen.handshake_failure_reasons
+                .get(name)
+                .copied()
+                .unwrap_or(0)
+        };
+        assert_eq!(
+            (reason("not_tls"), reason("closed"), reason("tls")),
+            (1, 1, 0),
+            "{listener}: {seen:?}"
+        );
+    }
+    Ok(())
+}

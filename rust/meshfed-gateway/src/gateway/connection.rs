@@ -36,6 +36,9 @@ use crate::proxy_protocol;
 use crate::spiffe::SpiffeId;
 use crate::tls::{self, SvidError, is_missing_svid, spiffe_id_of};
 
+/// Every TLS connection starts with a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
 /// Copy buffer per direction of a proxied connection. Small on purpose:
 /// idle connections dominate a gateway's memory, and TCP already buffers.
 pub(crate) const COPY_BUFFER: usize = 4 * 1024;
@@ -49,6 +52,12 @@ enum ConnError {
     ListenerGone,
     #[error("client closed the connection before a complete ClientHello")]
     ClosedBeforeHello,
+    #[error("closed before sending a byte (a TCP health check or a scan; counted in probes)")]
+    Probe,
+    #[error(
+        "client sent plain bytes where a TLS handshake must start — is it speaking TLS to this port?"
+    )]
+    PlainBytes,
     #[error("bad ClientHello: {0}")]
     Hello(#[from] HelloError),
     #[error(
@@ -87,6 +96,14 @@ enum ConnError {
     Idle(Duration),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
+}
+
+/// Counts why no ClientHello came: a probe (no byte at all) is not a failure.
+fn count_hello_error(e: &ConnError, stats: &ListenerStats) {
+    match e {
+        ConnError::Probe => inc(&stats.probes),
+        _ => stats.handshake_failed(hello_failure(e)),
+    }
 }
 
 fn hello_failure(e: &ConnError) -> HandshakeFailure {
@@ -172,7 +189,7 @@ async fn passthrough(
     let read = timeout(limit, read_client_hello(&mut client))
         .await
         .unwrap_or(Err(ConnError::HandshakeTimeout(limit)));
-    let (hello, sni) = read.inspect_err(|e| stats.handshake_failed(hello_failure(e)))?;
+    let (hello, sni) = read.inspect_err(|e| count_hello_error(e, stats))?;
     // The ClientHello is the whole handshake a passthrough listener sees.
     drop(slot);
     let sni = sni
@@ -220,7 +237,11 @@ async fn read_client_hello(stream: &mut TcpStream) -> Result<(Vec<u8>, Option<St
     loop {
         buf.reserve(1024);
         if stream.read_buf(&mut buf).await? == 0 {
-            return Err(ConnError::ClosedBeforeHello);
+            return Err(if buf.is_empty() {
+                ConnError::Probe
+            } else {
+                ConnError::ClosedBeforeHello
+            });
         }
         if let Parsed::Sni(sni) = client_hello::parse(&buf)? {
             return Ok((buf, sni));
@@ -457,10 +478,37 @@ async fn accept(
     ingress: Ingress<'_>,
 ) -> Result<(TlsStream<TcpStream>, HandshakeOutcome), ConnError> {
     let Ingress { name, stats, .. } = ingress;
+    // What arrives first tells a TLS client from a probe (no byte: an importing
+    // peer's TCP health check, a load balancer's) and from plain bytes; only
+    // the last is a handshake failure, and neither is a TLS one.
+    let mut first = [0u8; 1];
+    match client.peek(&mut first).await {
+        Ok(0) => {
+            inc(&stats.probes);
+            return Err(ConnError::Probe);
+        }
+        Ok(_) if first[0] != TLS_HANDSHAKE_RECORD => {
+            stats.handshake_failed(HandshakeFailure::NotTls);
+            return Err(ConnError::PlainBytes);
+        }
+        Ok(_) => {}
+        Err(e) => {
+            stats.handshake_failed(HandshakeFailure::Closed);
+            return Err(ConnError::Io(e));
+        }
+    }
     let start = LazyConfigAcceptor::new(Acceptor::default(), client)
         .await
-        .map_err(ConnError::ServerHandshake)
-        .inspect_err(|_| stats.handshake_failed(HandshakeFailure::Tls))?;
+        .inspect_err(|e| {
+            // A client gone inside its ClientHello closed; a bad one is a TLS failure.
+            let reason = if e.kind() == io::ErrorKind::UnexpectedEof {
+                HandshakeFailure::Closed
+            } else {
+                HandshakeFailure::Tls
+            };
+            stats.handshake_failed(reason);
+        })
+        .map_err(ConnError::ServerHandshake)?;
     let hello = start.client_hello();
     let sni = hello.server_name().map(str::to_owned);
     let hop = hello.alpn().is_some_and(|mut offered| {
@@ -515,8 +563,6 @@ async fn accept_workload(
     limit: Duration,
     stats: &ListenerStats,
 ) -> Result<(Workload, Option<SpiffeId>), ConnError> {
-    /// Every TLS connection starts with a handshake record.
-    const TLS_HANDSHAKE_RECORD: u8 = 0x16;
     let (config, strict) = match mode {
         WorkloadTls::Plain => return Ok((Workload::Plain(client), None)),
         WorkloadTls::Permissive(config) => (config, false),
@@ -529,7 +575,10 @@ async fn accept_workload(
         Err(e)
     };
     match timeout_at(deadline, client.peek(&mut first)).await {
-        Ok(Ok(0)) => return fail(HandshakeFailure::Closed, ConnError::ClosedBeforeHello),
+        Ok(Ok(0)) => {
+            inc(&stats.probes);
+            return Err(ConnError::Probe);
+        }
         Ok(Ok(_)) if first[0] == TLS_HANDSHAKE_RECORD => {}
         Ok(Ok(_)) if !strict => return Ok((Workload::Plain(client), None)),
         Ok(Ok(_)) => return fail(HandshakeFailure::NotTls, ConnError::NotTls),

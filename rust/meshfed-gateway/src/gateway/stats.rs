@@ -38,6 +38,7 @@ pub(crate) struct ListenerStats {
     pub(crate) connections_refused_over_limit: AtomicU64,
     pub(crate) handshakes_refused_over_limit: AtomicU64,
     pub(crate) accept_errors: AtomicU64,
+    pub(crate) probes: AtomicU64,
     /// Handshake failures by [`HandshakeFailure`] (index = discriminant).
     handshake_reasons: [AtomicU64; HandshakeFailure::ALL.len()],
     /// Authorized callers (terminate) or verified peer gateways (originate).
@@ -91,6 +92,10 @@ pub struct ListenerSnapshot {
     pub handshakes_refused_over_limit: u64,
     /// Failed `accept()` calls (e.g. out of file descriptors, EMFILE).
     pub accept_errors: u64,
+    /// Connections closed by the client before it sent a byte: TCP health
+    /// checks (an importing peer's, a load balancer's) and port scans. Not a
+    /// handshake failure.
+    pub probes: u64,
     /// `handshake_failures` by reason (`timeout`, `closed`, `not_tls`,
     /// `too_large`, `malformed`, `tls`, `no_svid`, `upstream_tls`).
     pub handshake_failure_reasons: BTreeMap<&'static str, u64>,
@@ -286,6 +291,7 @@ impl ListenerStats {
             connections_refused_over_limit: get(&self.connections_refused_over_limit),
             handshakes_refused_over_limit: get(&self.handshakes_refused_over_limit),
             accept_errors: get(&self.accept_errors),
+            probes: get(&self.probes),
             handshake_failure_reasons: HandshakeFailure::ALL
                 .iter()
                 .zip(&self.handshake_reasons)
