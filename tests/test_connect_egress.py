@@ -16,7 +16,7 @@ from meshfed.federation.gateway_config import CONNECT_LISTENER, INGRESS_LISTENER
 from meshfed.gateway import ConnectListener
 from meshfed.runtime import ZoneRuntime, assemble_zone
 from meshfed.zone import Zone
-from tests.conftest import EchoServer, ZoneFactory, eventually, running_echo_server
+from tests.conftest import EchoServer, ZoneFactory, eventually, round_trip, running_echo_server
 from tests.test_e2e_federation import LOOPBACK
 
 CONNECTING = replace(
@@ -47,14 +47,7 @@ def _through_proxy(runtime: ZoneRuntime, authority: str, payload: bytes) -> tupl
         status = head.split(b"\r\n", 1)[0].decode()
         if not status.endswith(" 200 Connection established"):
             return status, b""
-        sock.sendall(payload)
-        back = b""
-        while len(back) < len(payload):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            back += chunk
-        return status, back
+        return status, round_trip(sock, payload)
 
 
 def _names(runtime: ZoneRuntime) -> set[str]:

@@ -9,7 +9,6 @@ through.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 from dataclasses import replace
 
@@ -18,15 +17,14 @@ import pytest
 from meshfed.federation import wire
 from meshfed.federation._proto import peering_pb2 as pb
 from meshfed.federation.exchange import ServiceSnapshot
-from meshfed.federation.link import LinkSettings, PeerLimits, PeerLink
-from meshfed.federation.peering_state import Peering, PeerState
+from meshfed.federation.link import PeerLimits, PeerLink
 from tests.clocks import ManualClock
 from tests.conftest import ZoneFactory, eventually
 from tests.hostile_peer import LOOPBACK, export
 from tests.hostile_peer import service as hostile_service
 from tests.hostile_peer import snapshot as hostile_snapshot
 from tests.test_hostile_peers import federation, run
-from tests.test_peer_link import RecordingHost
+from tests.test_peer_link import RecordingHost, make_link
 from tests.test_peering import service
 
 BUDGET = PeerLimits(updates_per_second=2.0, update_burst=3)
@@ -34,25 +32,7 @@ BUDGET = PeerLimits(updates_per_second=2.0, update_burst=3)
 
 def _link(name: str, clock: ManualClock, limits: PeerLimits = BUDGET) -> tuple[PeerLink, RecordingHost]:
     host = RecordingHost()
-    now = dt.datetime.now(dt.UTC)
-    peering = Peering(
-        name=name,
-        role="acceptor",
-        state=PeerState.ACTIVE,
-        created_at=now,
-        updated_at=now,
-        peer_zone=name,
-        peer_trust_domain=f"{name}.mesh",
-    )
-    settings = LinkSettings(
-        zone="east",
-        trust_domain="east.mesh",
-        heartbeat_interval=1.0,
-        missed_heartbeats=3,
-        peer_heartbeat_bounds=(0.05, 60.0),
-        limits=limits,
-    )
-    return PeerLink(host, settings, peering, clock=clock), host
+    return make_link(host, name, clock=clock, limits=limits), host
 
 
 def _update(peer: str, version: int) -> pb.Snapshot:

@@ -12,6 +12,7 @@ import threading
 
 import pytest
 
+from meshfed.clock import SYSTEM_CLOCK, Clock
 from meshfed.federation import wire
 from meshfed.federation._proto import peering_pb2 as pb
 from meshfed.federation.exchange import ServiceSnapshot
@@ -87,16 +88,19 @@ class RecordingHost:
         pass
 
 
-def _link(host: RecordingHost) -> PeerLink:
+def make_link(
+    host: RecordingHost, name: str = "west", *, clock: Clock = SYSTEM_CLOCK, limits: PeerLimits | None = None
+) -> PeerLink:
+    """A live link of east with peer ``name`` (trust domain ``<name>.mesh``), reporting to ``host``."""
     now = dt.datetime.now(dt.UTC)
     peering = Peering(
-        name="west",
+        name=name,
         role="acceptor",
         state=PeerState.ACTIVE,
         created_at=now,
         updated_at=now,
-        peer_zone="west",
-        peer_trust_domain="west.mesh",
+        peer_zone=name,
+        peer_trust_domain=f"{name}.mesh",
     )
     settings = LinkSettings(
         zone="east",
@@ -104,9 +108,9 @@ def _link(host: RecordingHost) -> PeerLink:
         heartbeat_interval=0.2,
         missed_heartbeats=3,
         peer_heartbeat_bounds=(0.05, 60.0),
-        limits=PeerLimits(),
+        limits=limits or PeerLimits(),
     )
-    return PeerLink(host, settings, peering)
+    return PeerLink(host, settings, peering, clock=clock)
 
 
 LARGE = OFF_LOOP_SERVICES + 1
@@ -125,7 +129,7 @@ def _snapshot(version: int, size: int = LARGE) -> pb.Snapshot:
 def test_an_older_snapshot_delivered_last_never_overwrites_a_newer_one(size: int) -> None:
     async def scenario() -> None:
         host = RecordingHost()
-        link = _link(host)
+        link = make_link(host)
         host.hold = {1}
         older = asyncio.create_task(link.apply_snapshot(_snapshot(1, size)))
         await host.holding.wait()  # the older one waits in delivery
@@ -144,7 +148,7 @@ def test_an_older_snapshot_delivered_last_never_overwrites_a_newer_one(size: int
 def test_writes_of_one_link_run_one_at_a_time_in_delivery_order() -> None:
     async def scenario() -> None:
         host = RecordingHost()
-        link = _link(host)
+        link = make_link(host)
         # A small snapshot behind a large one waits for it.
         for version, size in ((1, LARGE), (2, 1), (3, LARGE), (4, 1)):
             asyncio.create_task(link.apply_snapshot(_snapshot(version, size)))  # noqa: RUF006 -- awaited by stop
@@ -161,7 +165,7 @@ def test_writes_of_one_link_run_one_at_a_time_in_delivery_order() -> None:
 def test_a_cancelled_session_leaves_its_write_to_finish_and_stop_waits_for_it() -> None:
     async def scenario() -> None:
         host = RecordingHost()
-        link = _link(host)
+        link = make_link(host)
         host.write_release.clear()
         applying = asyncio.create_task(link.apply_snapshot(_snapshot(1)))
         await host.in_write.wait()
