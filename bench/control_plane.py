@@ -279,6 +279,8 @@ class SyncResult:
     error: str | None
     egress: str
     peer_sockets: dict[str, int]
+    change_seconds: dict[str, float]
+    change_bytes: int
 
 
 async def loop_stall_monitor(record: list[float], tick: float = 0.05) -> None:
@@ -331,8 +333,18 @@ async def _peer(directory: Path, egress_host: str, egress: str, token: str, serv
         await wait_for(lambda: runtime.peering.peer("east").state == "ACTIVE", "peering ACTIVE", 30.0)
         events.send(("active", time.time(), None))
         reported: set[str] = set()
-        while not events.poll():
+        # After "change" from the parent: the received version to move on from (a link records a version
+        # only once its gateway applied it).
+        baseline: int | None = None
+        while True:
+            if events.poll():
+                if events.recv() == "stop":
+                    break
+                baseline = runtime.peering.peer("east").received_version
             status = runtime.peering.peer("east")
+            if baseline is not None and "change" not in reported and status.received_version > baseline:
+                reported.add("change")
+                events.send(("change", time.time(), None))
             if status.state != "ACTIVE":
                 events.send(("state", time.time(), f"{status.state} {status.state_reason}"))
             if "snapshot" not in reported and status.imported_services == services:
@@ -388,6 +400,8 @@ async def _bulk_sync(
     peer_rss: dict[str, int] = {}
     peer_stalls: dict[str, float] = {}
     peer_sockets: dict[str, int] = {}
+    change_seconds: dict[str, float] = {}
+    change_bytes = 0
     spawn = multiprocessing.get_context("spawn")
     pipes: dict[str, Connection] = {}
     processes = []
@@ -437,6 +451,8 @@ async def _bulk_sync(
         snapshot_bytes = sum(
             wire.snapshot_to_proto(exporter.controller.exported_snapshot(name)).ByteSize() for name in PEERS
         )
+        if error is None:
+            change_seconds, change_bytes = await one_endpoint_change(exporter, exporter_zone, pipes, timeout)
         exporter_rss = rss_kib()
         for name, pipe in pipes.items():
             pipe.send("stop")
@@ -470,7 +486,33 @@ async def _bulk_sync(
         error,
         egress,
         peer_sockets,
+        change_seconds,
+        change_bytes,
     )
+
+
+async def one_endpoint_change(
+    exporter: ZoneRuntime, zone: Zone, pipes: dict[str, Connection], timeout: float
+) -> tuple[dict[str, float], int]:
+    """One more endpoint for one service of the synced catalog: seconds until each peer's gateway runs the
+    config built from the update (its link records the version only then), and the delta's bytes."""
+    before = {name: exporter.controller.exported_snapshot(name) for name in PEERS}
+    for pipe in pipes.values():
+        pipe.send("change")
+    started = time.time()
+    await asyncio.to_thread(register_all, zone, [service(0, ENDPOINTS_PER_SERVICE + 1)])
+    applied: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    while len(applied) < len(pipes) and time.monotonic() < deadline:
+        for name, pipe in pipes.items():
+            while pipe.poll():
+                event, at, _ = pipe.recv()
+                if event == "change":
+                    applied[name] = at - started
+        await asyncio.sleep(0.01)
+    after = {name: exporter.controller.exported_snapshot(name) for name in PEERS}
+    delta_bytes = max(wire.diff(before[name], after[name]).ByteSize() for name in PEERS)
+    return applied, delta_bytes
 
 
 def exported_snapshot_cost(services: int) -> float:
@@ -524,6 +566,14 @@ def sync_rows(results: Sequence[SyncResult], costs: dict[int, float]) -> list[Ro
                 + ", ".join(f"{name} {count:,}" for name, count in sorted(result.peer_sockets.items())),
             ),
             Row(
+                f"sync {size}: one endpoint change → every peer gateway runs it",
+                f"{max(result.change_seconds.values(), default=float('nan')) * 1000:.0f} ms",
+                "one more endpoint registered for one service after the sync → the peer's link records the "
+                f"update, which it does once its gateway applied it; a delta of {result.change_bytes} bytes to each "
+                f"peer, and a whole {result.services:,}-import config applied by each (not yet incremental); per peer "
+                + ", ".join(f"{name} {s * 1000:.0f} ms" for name, s in sorted(result.change_seconds.items())),
+            ),
+            Row(
                 f"sync {size}: bytes",
                 f"{result.snapshot_bytes / 1024:.0f} KiB",
                 f"serialized protobuf `Snapshot` sizes, summed over the 3 peers (gRPC/HTTP2/TLS framing not "
@@ -533,13 +583,15 @@ def sync_rows(results: Sequence[SyncResult], costs: dict[int, float]) -> list[Ro
             Row(
                 f"sync {size}: exporter controller RSS",
                 f"{result.exporter_rss_kib / 1024:.0f} MiB",
-                f"VmRSS of the exporting zone's process (controller, gateway, API-less) after the sync; peak VmHWM "
+                "VmRSS of the exporting zone's process (controller, gateway, API-less) after the sync "
+                f"(and the one endpoint change, when run); peak VmHWM "
                 f"{result.exporter_peak_kib / 1024:.0f} MiB (the bench's own catalog writes included)",
             ),
             Row(
                 f"sync {size}: peer controller RSS",
                 f"{max(result.peer_rss_kib.values(), default=0) / 1024:.0f} MiB",
-                "largest VmRSS of the 3 importing zones, each in its own process; per peer "
+                "largest VmRSS of the 3 importing zones, each in its own process, at the end "
+                "(after the endpoint change, when run); per peer "
                 + ", ".join(f"{name} {kib / 1024:.0f} MiB" for name, kib in sorted(result.peer_rss_kib.items())),
             ),
             Row(
