@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
 
 from meshfed import _core
 from meshfed.gateway import config
 
-# Rust type name -> the pydantic model that mirrors it.
-PAIRS: dict[str, type[BaseModel]] = {
+# Rust type name -> the pydantic model or dataclass that mirrors it.
+PAIRS: dict[str, type[Any]] = {
     "Document": config.GatewayConfig,
     "Identity": config.Identity,
     "Route": config.Route,
@@ -37,7 +38,7 @@ PAIRS: dict[str, type[BaseModel]] = {
     "ListenerLimits": config.ListenerLimits,
     "ConnectRoute": config.ConnectRoute,
 }
-LISTENERS: tuple[type[BaseModel], ...] = (
+LISTENERS: tuple[type[Any], ...] = (
     config.PassthroughListener,
     config.TerminateListener,
     config.OriginateListener,
@@ -76,12 +77,15 @@ def _enum_values(schema: dict[str, Any], node: dict[str, Any]) -> set[str]:
     return values
 
 
+def _fields(model: type[Any]) -> dict[str, FieldInfo]:
+    """The fields of a pydantic model or a pydantic dataclass."""
+    fields: dict[str, FieldInfo] = model.model_fields if issubclass(model, BaseModel) else model.__pydantic_fields__
+    return fields
+
+
 def _python_default(field: FieldInfo) -> Any:
     """The default as it would appear in the JSON document (``None`` when absent means null)."""
-    default = field.get_default(call_default_factory=True)
-    if isinstance(default, BaseModel):
-        return default.model_dump(mode="json")
-    return default
+    return to_jsonable_python(field.get_default(call_default_factory=True))
 
 
 def _python_literals(field: FieldInfo) -> set[str]:
@@ -96,11 +100,11 @@ def test_fields_required_defaults_and_enums_agree(schema: dict[str, Any], rust_n
     rust = _object(schema, rust_name)
     model = PAIRS[rust_name]
     properties: dict[str, dict[str, Any]] = rust["properties"]
-    assert set(model.model_fields) == set(properties), f"{rust_name} vs {model.__name__}: field names differ"
+    assert set(_fields(model)) == set(properties), f"{rust_name} vs {model.__name__}: field names differ"
     required = set(rust.get("required", []))
-    python_required = {name for name, field in model.model_fields.items() if field.is_required()}
+    python_required = {name for name, field in _fields(model).items() if field.is_required()}
     assert python_required == required, f"{rust_name} vs {model.__name__}: required fields differ"
-    for name, field in model.model_fields.items():
+    for name, field in _fields(model).items():
         if name in required:
             continue
         # An optional Rust field without a written default is an Option: absent means null.
@@ -109,7 +113,7 @@ def test_fields_required_defaults_and_enums_agree(schema: dict[str, Any], rust_n
         if literals or _enum_values(schema, properties[name]):
             assert literals == _enum_values(schema, properties[name]), f"{model.__name__}.{name}: values differ"
     for name in required:
-        literals = _python_literals(model.model_fields[name])
+        literals = _python_literals(_fields(model)[name])
         if literals or _enum_values(schema, properties[name]):
             assert literals == _enum_values(schema, properties[name]), f"{model.__name__}.{name}: values differ"
 
@@ -117,15 +121,15 @@ def test_fields_required_defaults_and_enums_agree(schema: dict[str, Any], rust_n
 def test_listener_union_matches_the_flat_rust_listener(schema: dict[str, Any]) -> None:
     rust = _object(schema, "Listener")
     properties: dict[str, dict[str, Any]] = rust["properties"]
-    python_fields = {name for model in LISTENERS for name in model.model_fields}
+    python_fields = {name for model in LISTENERS for name in _fields(model)}
     assert python_fields == set(properties)
-    modes = {value for model in LISTENERS for value in _python_literals(model.model_fields["mode"])}
+    modes = {value for model in LISTENERS for value in _python_literals(_fields(model)["mode"])}
     assert modes == _enum_values(schema, properties["mode"])
-    workload_tls = _python_literals(config.OriginateListener.model_fields["workload_tls"])
+    workload_tls = _python_literals(_fields(config.OriginateListener)["workload_tls"])
     assert workload_tls == _enum_values(schema, properties["workload_tls"])
     # What Rust requires, every Python variant requires or fixes by its tag.
     for model in LISTENERS:
-        fixed = {name for name, field in model.model_fields.items() if field.is_required() or name == "mode"}
+        fixed = {name for name, field in _fields(model).items() if field.is_required() or name == "mode"}
         assert set(rust.get("required", [])) <= fixed, model.__name__
 
 

@@ -30,6 +30,7 @@ LAYERS: tuple[frozenset[str], ...] = (
             "defaults",
             "clock",
             "database",
+            "heap",
         }
     ),
     frozenset({"supervisor", "runstate", "audit"}),

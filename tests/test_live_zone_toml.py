@@ -10,6 +10,7 @@ only at start are logged as waiting for a restart.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import tomllib
 from typing import Any
@@ -104,7 +105,8 @@ def test_failover_split_and_authz_apply_live_and_bad_edits_change_nothing(
                     if isinstance(listener, TerminateListener)
                 )
                 (route,) = [r for r in ingress.routes if ".web." in r.sni]
-                return route.model_dump()
+                shown: dict[str, Any] = dataclasses.asdict(route)
+                return shown
 
             assert sources() == ["local", "north", "west"]  # peers by name, by default
             assert web_route()["cluster"] == "local:default/web"

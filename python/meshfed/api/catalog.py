@@ -9,6 +9,7 @@ uses (:mod:`meshfed.catalog.registration`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import pathlib
 from typing import Annotated
@@ -211,7 +212,7 @@ def checked_service(service: Service, failing: UnhealthyEndpoints) -> Service:
     if not any((service.namespace, service.name, e.key) in failing for e in service.endpoints):
         return service
     endpoints = [
-        e.model_copy(update={"healthy": False}) if (service.namespace, service.name, e.key) in failing else e
+        dataclasses.replace(e, healthy=False) if (service.namespace, service.name, e.key) in failing else e
         for e in service.endpoints
     ]
     return service.model_copy(update={"endpoints": endpoints})

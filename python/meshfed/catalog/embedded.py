@@ -6,12 +6,17 @@ so a zone that reads Consul simply has no such file. Every write bumps one
 version number. :class:`EmbeddedCatalog` is the store (the CLI and the API
 write it); :class:`EmbeddedCatalogSource` is the running zone's source over its
 one connection to the file: it follows the database's change feed and reads
-the services again only when the version moved.
+the services again only when the version moved, parsing only the services whose
+stored document changed (the others are the previous snapshot's objects, shared:
+one endpoint registered in a catalog of 10,000 services parses one service and
+holds one catalog in memory, not two).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -52,7 +57,8 @@ class EmbeddedCatalog(SqliteStore):
             self._db.execute(
                 "INSERT INTO services VALUES (?, ?, ?) "
                 "ON CONFLICT(namespace, name) DO UPDATE SET document = excluded.document",
-                (service.namespace, service.name, service.model_dump_json().encode()),
+                # Defaults left out: half the bytes, and parsed endpoints share the default values.
+                (service.namespace, service.name, service.model_dump_json(exclude_defaults=True).encode()),
             )
             return self._bump()
 
@@ -93,14 +99,17 @@ class EmbeddedCatalogSource:
         self._path = zone_directory / CATALOG_FILE
         self._db = Database(self._path)
         self._last: CatalogSnapshot | None = None
+        # The last snapshot's services by the digest of their stored document.
+        self._parsed: dict[bytes, Service] = {}
         self._feed_seen = -1  # never seen: the first watch reads the version
 
     async def snapshot(self) -> CatalogSnapshot:
         self._feed_seen = self._db.version
         documents = await self._db.run(lambda db: EmbeddedCatalog.on(db, self._path).documents())
         # Parsed off the unit: thousands of services take a second, and the unit holds the connection.
-        self._last = await asyncio.to_thread(parse_catalog, *documents)
-        return self._last
+        last, self._parsed = await asyncio.to_thread(_parse_changed, *documents, self._parsed)
+        self._last = last
+        return last
 
     async def watch(self, since: int, timeout: float) -> CatalogSnapshot:
         """Return once the version passes ``since``, or the current snapshot after ``timeout`` seconds.
@@ -135,11 +144,23 @@ class EmbeddedCatalogSource:
 
 def parse_catalog(version: int, documents: list[bytes]) -> CatalogSnapshot:
     """The catalog at ``version`` from its services' stored documents."""
+    return _parse_changed(version, documents, {})[0]
+
+
+def _parse_changed(
+    version: int, documents: list[bytes], known: Mapping[bytes, Service]
+) -> tuple[CatalogSnapshot, dict[bytes, Service]]:
+    """The catalog at ``version``, reusing the services of ``known`` (by document digest) whose document
+    is unchanged; and the new digest map. Services are frozen, so sharing them is safe."""
+    parsed: dict[bytes, Service] = {}
     try:
-        services = [Service.model_validate_json(document) for document in documents]
+        for document in documents:
+            digest = hashlib.blake2b(document, digest_size=16).digest()
+            service = known.get(digest)
+            parsed[digest] = service if service is not None else Service.model_validate_json(document)
     except ValidationError as err:
         raise CatalogError(
             f"the embedded catalog holds an unreadable service ({describe_validation_error(err)}); register "
             "it again with 'meshfed service register', or restore catalog.db from a backup"
         ) from None
-    return CatalogSnapshot(version=version, services=services)
+    return CatalogSnapshot(version=version, services=list(parsed.values())), parsed

@@ -12,6 +12,7 @@ import re
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic.dataclasses import dataclass
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
@@ -48,12 +49,20 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Locality(_Model):
+# Endpoints are what a catalog holds most of (100,000 in a zone of 10,000 services): as validated,
+# slotted, frozen dataclasses they take about a fifth of the memory of models (no per-instance
+# __dict__ or fields-set), and the defaults are shared. Change one with dataclasses.replace.
+_VALUE = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True, slots=True, config=_VALUE)
+class Locality:
     region: str = ""
     zone: str = ""
 
 
-class Endpoint(_Model):
+@dataclass(frozen=True, slots=True, config=_VALUE)
+class Endpoint:
     """One instance of a service: an IP address and port, with its placement and health."""
 
     address: IpAddress

@@ -49,6 +49,7 @@ from meshfed.federation.imports import (
 from meshfed.federation.resolver import GatewayResolver
 from meshfed.gateway import Gateway, GatewayConfig, HealthCheck, Identity
 from meshfed.gateway.handle import validate
+from meshfed.heap import release_free_memory
 from meshfed.policy.egress import EgressPolicy
 from meshfed.telemetry import Telemetry
 from meshfed.trust.bundle import bundle_roots_pem
@@ -219,7 +220,7 @@ class GatewayDriver:
                 config, exports = await asyncio.to_thread(self.build)
                 span.set_attribute("meshfed.gateway.listeners", len(config.listeners))
                 span.set_attribute("meshfed.gateway.clusters", len(config.clusters))
-                await asyncio.to_thread(self.gateway.apply, config)
+                await asyncio.to_thread(self._apply, config)
                 # Only now may peers hear of these exports: the ingress already admits them.
                 self._applied, self._applied_exports = config, exports
                 # No await may follow a successful apply here, or a cancel landing on it would make
@@ -240,6 +241,12 @@ class GatewayDriver:
             self._svid = await asyncio.to_thread(self._issue_svid)
             await retrying(self._zone.name, "applying the renewed gateway SVID", self.apply)
             log.info("zone %s: gateway SVID renewed until %s", self._zone.name, self._svid.leaf.not_valid_after_utc)
+
+    def _apply(self, config: GatewayConfig) -> None:
+        self.gateway.apply(config)
+        # The previous generation (Python models, the document, the Rust core's compiled config) was
+        # just freed: give it back, or the process grows by a config's worth per change (meshfed/heap.py).
+        release_free_memory()
 
     def _svid_signer_retired(self) -> bool:
         return self._svid is not None and self._svid.intermediates[0] != self._zone.authority.signing_ca().intermediate

@@ -1,8 +1,14 @@
 """The gateway config document, built in Python and compiled once by the Rust core.
 
-These models mirror the Rust side's serde types field for field (both reject
+These types mirror the Rust side's serde types field for field (both reject
 unknown fields). Python builds a :class:`GatewayConfig`; :meth:`to_json` is the
 only form that crosses into ``meshfed._core``.
+
+Everything below the document is a validated, slotted, frozen dataclass rather
+than a model: a zone of 10,000 services builds 100,000 endpoints, 10,000
+clusters and routes per config, and a model instance costs about five times
+the memory (a ``__dict__`` and a fields-set each). Frozen values are shared:
+every cluster holds the one default outlier detection and circuit breaker.
 """
 
 from __future__ import annotations
@@ -10,20 +16,21 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.dataclasses import dataclass
+
+_VALUE = ConfigDict(extra="forbid")
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Identity(_Model):
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class Identity:
     """The gateway's own X.509-SVID: leaf then intermediates, and its PKCS#8 key."""
 
     cert_chain_pem: str
     private_key_pem: str
 
 
-class UpstreamTls(_Model):
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class UpstreamTls:
     """mTLS to an endpoint with the gateway's identity; the endpoint must present ``peer_spiffe_id``.
 
     ``convey_caller``: offer the ALPN protocol ``meshfed-caller/1``; if the peer gateway negotiates
@@ -37,7 +44,8 @@ class UpstreamTls(_Model):
     convey_caller: bool = False
 
 
-class Endpoint(_Model):
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class Endpoint:
     """One endpoint. ``priority`` orders locality failover: 0 = local, then 1, 2, ... (peers in order).
 
     ``tls`` (a peer gateway's SNI and SPIFFE ID) overrides the cluster's, so one failover cluster
@@ -55,7 +63,8 @@ LbPolicy = Literal["round_robin", "weighted_round_robin", "least_request", "magl
 ``maglev``: consistent hashing (table 65537) on the client's source IP."""
 
 
-class OutlierDetection(_Model):
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class OutlierDetection:
     """Passive health: eject an endpoint after ``consecutive_failures`` connect failures in a row.
 
     Ejection lasts ``base_ejection_ms`` doubled per ejection in a row (capped at ``max_ejection_ms``,
@@ -69,7 +78,8 @@ class OutlierDetection(_Model):
     max_ejection_percent: int = Field(default=50, ge=0, le=100)
 
 
-class HealthCheck(_Model):
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class HealthCheck:
     """Active TCP health checks on the data-plane runtime."""
 
     interval_ms: int = Field(default=5_000, ge=1)
@@ -78,42 +88,47 @@ class HealthCheck(_Model):
     unhealthy_threshold: int = Field(default=2, ge=1)
 
 
-class CircuitBreaker(_Model):
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class CircuitBreaker:
     """Per-cluster limits; connections beyond them are refused at once and counted as ``circuit_open``."""
 
     max_connections: int | None = Field(default=None, ge=1)
     max_pending: int | None = Field(default=None, ge=1)
 
 
-class Cluster(_Model):
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class Cluster:
     name: str
     endpoints: list[Endpoint]
     connect_timeout_ms: int = Field(default=5000, ge=1)
     lb: LbPolicy = "round_robin"
     idle_timeout_ms: int = Field(default=3_600_000, ge=0)
     """Close a proxied connection with no byte either way for this long; 0 disables."""
-    outlier_detection: OutlierDetection = Field(default_factory=OutlierDetection)
+    outlier_detection: OutlierDetection = OutlierDetection()
     health_check: HealthCheck | None = None
-    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
+    circuit_breaker: CircuitBreaker = CircuitBreaker()
     tls: UpstreamTls | None = None
     """mTLS to every endpoint without its own ``tls`` (terminate re-encryption, originate to a peer)."""
 
 
-class WeightedCluster(_Model):
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class WeightedCluster:
     """One share of a weighted split."""
 
     cluster: str
     weight: int = Field(ge=0)
 
 
-class RateLimit(_Model):
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class RateLimit:
     """Token bucket on new connections: ``connections_per_second`` refill, ``burst`` capacity."""
 
     connections_per_second: float = Field(gt=0)
     burst: int = Field(ge=1)
 
 
-class AuthzRule(_Model):
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class AuthzRule:
     """One authorization rule of a terminate route: ``action`` for the callers ``id`` matches.
 
     ``id`` is a SPIFFE ID pattern: ``*``, an exact SPIFFE ID, or ``spiffe://<td>/<prefix>/*``
@@ -124,7 +139,8 @@ class AuthzRule(_Model):
     id: str
 
 
-class Route(_Model):
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class Route:
     """Route a server name to a cluster, or split it by weight over ``weighted_clusters``.
 
     Terminate only: ``rules`` (ordered: the first rule whose ``id`` matches the caller decides; no
@@ -142,7 +158,8 @@ class Route(_Model):
     source_rate_limit: RateLimit | None = None
 
 
-class ListenerLimits(_Model):
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class ListenerLimits:
     """Caps on one listener's connections; a connection over a cap is accepted and closed at once.
 
     ``max_connections``: open at once, in any phase; beyond it new connections are closed and
@@ -162,17 +179,19 @@ class ListenerLimits(_Model):
     max_handshakes: int = Field(default=1_000, ge=1)
 
 
-class PassthroughListener(_Model):
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class PassthroughListener:
     """Peek the ClientHello, route on SNI, forward the TLS bytes untouched."""
 
     mode: Literal["passthrough"] = "passthrough"
     name: str
     address: str
     routes: list[Route]
-    limits: ListenerLimits = Field(default_factory=ListenerLimits)
+    limits: ListenerLimits = ListenerLimits()
 
 
-class TerminateListener(_Model):
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class TerminateListener:
     """Finish mTLS, verify the caller against its own trust domain's bundle, authorize, forward.
 
     ``trusted_gateways``: SPIFFE IDs of the peer gateways that may vouch for a caller over the
@@ -185,10 +204,11 @@ class TerminateListener(_Model):
     address: str
     routes: list[Route]
     trusted_gateways: list[str] = Field(default_factory=list)
-    limits: ListenerLimits = Field(default_factory=ListenerLimits)
+    limits: ListenerLimits = ListenerLimits()
 
 
-class OriginateListener(_Model):
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class OriginateListener:
     """Accept local clients and connect to ``cluster``: mTLS to its peer gateways (each pinned to its
     exact SPIFFE ID), plain to its local endpoints.
 
@@ -204,17 +224,19 @@ class OriginateListener(_Model):
     address: str
     cluster: str
     workload_tls: Literal["plain", "permissive", "strict"] = "plain"
-    limits: ListenerLimits = Field(default_factory=ListenerLimits)
+    limits: ListenerLimits = ListenerLimits()
 
 
-class ConnectRoute(_Model):
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class ConnectRoute:
     """A client's ``CONNECT authority`` (``host:port``, the host case-insensitive) reaches ``cluster``."""
 
     authority: str
     cluster: str
 
 
-class ConnectListener(_Model):
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class ConnectListener:
     """An HTTP CONNECT proxy for local clients: one socket for many imports.
 
     A client sends ``CONNECT <service>.<namespace>.<peer>:<port> HTTP/1.1`` (or is told to use the
@@ -227,7 +249,7 @@ class ConnectListener(_Model):
     name: str
     address: str
     connect_routes: list[ConnectRoute]
-    limits: ListenerLimits = Field(default_factory=ListenerLimits)
+    limits: ListenerLimits = ListenerLimits()
 
 
 Listener = Annotated[
@@ -235,8 +257,10 @@ Listener = Annotated[
 ]
 
 
-class GatewayConfig(_Model):
+class GatewayConfig(BaseModel):
     """One complete gateway configuration: applied as a whole, atomically."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     identity: Identity | None = None
     trust_bundles: dict[str, str] = Field(default_factory=dict)
