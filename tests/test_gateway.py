@@ -21,6 +21,7 @@ from meshfed.gateway import (
     UpstreamTls,
     service_sni,
 )
+from meshfed.gateway.handle import compile_config
 from meshfed.trust.bundle import bundle_roots_pem
 from meshfed.zone import Zone
 from tests.conftest import (
@@ -227,3 +228,18 @@ def test_a_port_in_use_is_reported_with_the_listener_name(echo_server):
         )
         with pytest.raises(GatewayError, match="busy"):
             Gateway(config)
+
+
+def test_a_compiled_config_applies_once_and_a_bad_one_is_refused_when_compiled(echo_server):
+    """The driver compiles each config once, to check it, and applies what it compiled."""
+    base = GatewayConfig(clusters=[Cluster(name=ECHO, endpoints=[Endpoint(address=echo_server.endpoint)])])
+    sni = PassthroughListener(name="sni", address="127.0.0.1:0", routes=[Route(sni="known.example", cluster=ECHO)])
+    with pytest.raises(GatewayConfigError, match=r"listeners\[0\]\.routes\[0\]\.cluster"):
+        compile_config(GatewayConfig(listeners=[sni]))
+    with Gateway(base) as gateway:
+        compiled = compile_config(base.model_copy(update={"listeners": [sni]}))
+        gateway.apply(compiled)
+        assert set(gateway.addresses()) == {"sni"}
+        with pytest.raises(GatewayError, match="applied already"):
+            gateway.apply(compiled)
+        assert set(gateway.addresses()) == {"sni"}

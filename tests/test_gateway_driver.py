@@ -23,6 +23,7 @@ from meshfed.controller import Controller, ControllerSettings, gateway_driver
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.federation.imports import ImportStore, egress_listener_name
 from meshfed.gateway import Gateway, GatewayConfig
+from meshfed.gateway.handle import Compiled
 from meshfed.zone import STATE_FILE
 from tests.conftest import free_port, trust_each_other
 
@@ -40,10 +41,11 @@ class RecordingGateway(Gateway):
         super().__init__(config)
         self.given.append(config)
 
-    def apply(self, config: GatewayConfig | bytes) -> None:
-        assert isinstance(config, GatewayConfig)
+    def apply(self, config: GatewayConfig | bytes | Compiled) -> None:
+        assert isinstance(config, Compiled)
+        assert config.config is not None
         super().apply(config)
-        self.given.append(config)
+        self.given.append(config.config)
 
 
 def peer_exports(peer: str, version: int, *services: str) -> ServiceSnapshot:

@@ -9,10 +9,12 @@ per-connection path.
 from typing import final
 
 __all__ = [
+    "CompiledConfig",
     "ConfigError",
     "Gateway",
     "GatewayError",
     "__version__",
+    "compile_config",
     "configure_data_plane_logging",
     "core_version",
     "gateway_config_schema",
@@ -50,6 +52,17 @@ def validate_config(config: bytes) -> None:
             path, e.g. ``listeners[1].routes[0].cluster: no cluster named "x"``.
     """
 
+def compile_config(config: bytes) -> CompiledConfig:
+    """Compile a config document without starting anything, for :meth:`Gateway.apply_compiled`.
+
+    Raises:
+        ConfigError: the document is invalid (as :func:`validate_config`).
+    """
+
+@final
+class CompiledConfig:
+    """A config document compiled once, applied later without compiling it again; one apply takes it."""
+
 class ConfigError(ValueError):
     """The gateway config document is invalid; the message names the field path."""
 
@@ -73,6 +86,12 @@ class Gateway:
         ones bind, removed ones stop accepting while their connections
         finish; live connections keep the config they started with. On
         error (``ConfigError`` or ``GatewayError``) nothing changes.
+        """
+
+    def apply_compiled(self, compiled: CompiledConfig) -> None:
+        """Swap in a config :func:`compile_config` compiled (as :meth:`apply`), taking it.
+
+        Raises ``GatewayError`` if ``compiled`` was applied already.
         """
 
     def addresses(self) -> dict[str, str]:

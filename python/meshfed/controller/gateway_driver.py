@@ -48,7 +48,7 @@ from meshfed.federation.imports import (
 )
 from meshfed.federation.resolver import GatewayResolver
 from meshfed.gateway import Gateway, GatewayConfig, HealthCheck, Identity
-from meshfed.gateway.handle import validate
+from meshfed.gateway.handle import Compiled, compile_config, validate
 from meshfed.heap import release_free_memory
 from meshfed.policy.egress import EgressPolicy
 from meshfed.telemetry import Telemetry
@@ -189,7 +189,7 @@ class GatewayDriver:
 
     async def start(self) -> None:
         """Build the config and start the gateway with it."""
-        config, exports = await asyncio.to_thread(self.build)
+        config, exports, compiled = await asyncio.to_thread(self.build)
         gateway = await asyncio.to_thread(Gateway, config)
         self._applied, self._applied_exports = config, exports
         self._gateway = gateway
@@ -217,10 +217,10 @@ class GatewayDriver:
                 if await asyncio.to_thread(self._svid_signer_retired):
                     # A rotation switched the signing CA: present an SVID from the new one now.
                     self._svid = await asyncio.to_thread(self._issue_svid)
-                config, exports = await asyncio.to_thread(self.build)
+                config, exports, compiled = await asyncio.to_thread(self.build)
                 span.set_attribute("meshfed.gateway.listeners", len(config.listeners))
                 span.set_attribute("meshfed.gateway.clusters", len(config.clusters))
-                await asyncio.to_thread(self._apply, config)
+                await asyncio.to_thread(self._apply, compiled)
                 # Only now may peers hear of these exports: the ingress already admits them.
                 self._applied, self._applied_exports = config, exports
                 # No await may follow a successful apply here, or a cancel landing on it would make
@@ -242,8 +242,8 @@ class GatewayDriver:
             await retrying(self._zone.name, "applying the renewed gateway SVID", self.apply)
             log.info("zone %s: gateway SVID renewed until %s", self._zone.name, self._svid.leaf.not_valid_after_utc)
 
-    def _apply(self, config: GatewayConfig) -> None:
-        self.gateway.apply(config)
+    def _apply(self, compiled: Compiled) -> None:
+        self.gateway.apply(compiled)
         # The previous generation (Python models, the document, the Rust core's compiled config) was
         # just freed: give it back, or the process grows by a config's worth per change (meshfed/heap.py).
         release_free_memory()
@@ -256,8 +256,9 @@ class GatewayDriver:
 
     # -- building ---------------------------------------------------------------------------
 
-    def build(self) -> tuple[GatewayConfig, ConfigExports]:
-        """The config for the zone's state now, and the exports it admits (all that peers may be told about).
+    def build(self) -> tuple[GatewayConfig, ConfigExports, Compiled]:
+        """The config for the zone's state now, the exports it admits (all that peers may be told about),
+        and the config as the data plane compiled it (checked, to apply without compiling it again).
 
         One peer's imports can never fail the build: a stored snapshot that does
         not parse, or imports the data plane rejects, are left out (that peer
@@ -304,9 +305,10 @@ class GatewayDriver:
         config = build(served)
         rejected: set[str] = set()
         try:
-            validate(config)
+            compiled = compile_config(config)
         except GatewayConfigError as err:
             config, rejected = self._without_rejected_peers(build, served, err, problems)
+            compiled = compile_config(config)
         with ImportStore(directory) as imports:
             imports.save_ports(ports)
         kept = {peer: snapshot for peer, snapshot in served.items() if peer not in rejected}
@@ -314,7 +316,7 @@ class GatewayDriver:
             exports, exported=ExportedCatalog(exports.catalog, exports.index), imports=tuple(services_of(kept))
         )
         self._import_problems, self._rejected = problems, frozenset(rejected)
-        return config, exports
+        return config, exports, compiled
 
     def _without_rejected_peers(
         self,

@@ -38,9 +38,17 @@ class Gateway:
     ) -> None:
         self.close()
 
-    def apply(self, config: GatewayConfig | bytes) -> None:
-        """Swap in a new config atomically; live connections finish on the old one."""
-        _call(lambda: self._core.apply(_document(config)))
+    def apply(self, config: GatewayConfig | bytes | Compiled) -> None:
+        """Swap in a new config atomically; live connections finish on the old one.
+
+        A :class:`Compiled` config (from :func:`compile_config`) is applied without compiling it
+        again, and can be applied once.
+        """
+        if isinstance(config, Compiled):
+            compiled = config.take()
+            _call(lambda: self._core.apply_compiled(compiled))
+        else:
+            _call(lambda: self._core.apply(_document(config)))
 
     def addresses(self) -> dict[str, tuple[str, int]]:
         """Bound address of each listener, by listener name."""
@@ -70,6 +78,32 @@ class Gateway:
 def validate(config: GatewayConfig | bytes) -> None:
     """Compile ``config`` without starting anything; raises :class:`GatewayConfigError`."""
     _call(lambda: _core.validate_config(_document(config)))
+
+
+class Compiled:
+    """A config the Rust core compiled (and so checked), to apply once without compiling it again.
+
+    Building a zone's config checks it before applying it; at 10,000 services compiling twice
+    was a fifth of every apply.
+    """
+
+    def __init__(self, core: _core.CompiledConfig, config: GatewayConfig | None) -> None:
+        self._core: _core.CompiledConfig | None = core
+        self.config = config
+        """What was compiled, when it was a :class:`GatewayConfig` (None for a document given as bytes)."""
+
+    def take(self) -> _core.CompiledConfig:
+        core, self._core = self._core, None
+        if core is None:
+            raise GatewayError("this compiled gateway config was applied already; build it again")
+        return core
+
+
+def compile_config(config: GatewayConfig | bytes) -> Compiled:
+    """Compile ``config`` without starting anything (as :func:`validate`), for :meth:`Gateway.apply`."""
+    return Compiled(
+        _call(lambda: _core.compile_config(_document(config))), config if isinstance(config, GatewayConfig) else None
+    )
 
 
 def _document(config: GatewayConfig | bytes) -> bytes:
