@@ -105,6 +105,9 @@ def build_gateway_config(
     routes: list[Route] = []
     clusters: list[Cluster] = []
     split_of = {split.key: split for split in splits}
+    # The default rules depend only on which peers an export names: built once per set of peers and
+    # shared (frozen) by every route with that set, instead of once per service.
+    defaults: dict[tuple[str, ...], list[AuthzRule]] = {}
     for service in catalog.services:
         allowed = exports.peers_allowed(service, peer_trust_domains)
         endpoints = [Endpoint(address=e.key, weight=e.weight) for e in service.healthy_endpoints]
@@ -116,7 +119,12 @@ def build_gateway_config(
         shares = _subset_clusters(service, split, clusters) if split is not None else []
         # Default: whatever the named peers' trust domains vouch for (their gateways, and the
         # workloads their gateways convey); a service with rules gets exactly its rules.
-        default = [AuthzRule(action="allow", id=f"{peer_trust_domains[peer].id}/*") for peer in sorted(allowed)]
+        named = tuple(sorted(allowed))
+        default = defaults.get(named)
+        if default is None:
+            default = defaults[named] = [
+                AuthzRule(action="allow", id=f"{peer_trust_domains[peer].id}/*") for peer in named
+            ]
         for port in sorted(set(service.ports.values())):
             sni = service_sni(service.name, service.namespace, port, trust_domain)
             rules = (
