@@ -523,3 +523,13 @@ def test_notes_document_the_port_forward_and_the_tokens(helm: str, tmp_path: Pat
     assert "serves HTTPS (certificate from Secret east-api-tls) on Service" in tls
     assert "none yet: set it" in tls
     assert "curl -k https://127.0.0.1:8470/v1/catalog" in tls
+
+
+def test_tokens_name_the_peering_service_by_default(helm: str) -> None:
+    """With default values a token must not say 127.0.0.1: the dialing zone would connect to itself."""
+    manifests = render(helm, [])
+    peering = one(manifests, "Service", "-peering")
+    expected = f"{peering['metadata']['name']}.{NAMESPACE}.svc"
+    assert _arg(_controller(manifests), "--advertise-host") == expected
+    chosen = render(helm, ["--set", "peering.advertiseHost=east.example.net"])
+    assert _arg(_controller(chosen), "--advertise-host") == "east.example.net"

@@ -131,3 +131,16 @@ seccompProfile:
 - name: tmp
   mountPath: /tmp
 {{- end }}
+
+{{/*
+The host peers dial for peering, written into tokens: peering.advertiseHost, else the peering
+Service's DNS name in the cluster (reachable from other namespaces of this cluster; a peer in
+another cluster needs advertiseHost set to the Service's external address).
+*/}}
+{{- define "meshfed.peeringAdvertiseHost" -}}
+{{- if .Values.peering.advertiseHost -}}
+{{- .Values.peering.advertiseHost -}}
+{{- else -}}
+{{- include "meshfed.resourceName" (dict "root" . "suffix" "peering") }}.{{ .Release.Namespace }}.svc
+{{- end -}}
+{{- end }}
