@@ -189,7 +189,7 @@ class GatewayDriver:
 
     async def start(self) -> None:
         """Build the config and start the gateway with it."""
-        config, exports, compiled = await asyncio.to_thread(self.build)
+        config, exports, _ = await asyncio.to_thread(self.build)
         gateway = await asyncio.to_thread(Gateway, config)
         self._applied, self._applied_exports = config, exports
         self._gateway = gateway

@@ -209,20 +209,26 @@ class PeeringService:
     async def refresh(self) -> None:
         """Pick up what the CLI changed in the store now, instead of at the next poll."""
         async with self._reconcile_lock:
-            with self.peerings() as store:
-                peerings = store.peerings()
+            peerings = await asyncio.to_thread(self._stored_peerings)
             for peering in peerings:
                 if peering.delete_requested:
                     await self._teardown(peering.name, "deleted by zone " + self.zone.name, remove=True)
                 elif peering.state in LIVE_STATES and peering.name not in self._links:
                     # A link resumes from the stored snapshots: the one read that parses them.
-                    with self.peerings() as store:
-                        resumed = store.require(peering.name, snapshots=True)
+                    resumed = await asyncio.to_thread(self._stored_with_snapshots, peering.name)
                     self._links[peering.name] = self._start_link(resumed)
             known = {p.name for p in peerings}
             for name in [n for n in self._links if n not in known]:
                 await self._links.pop(name).stop()
             self._server.rebuild_credentials()
+
+    def _stored_peerings(self) -> list[Peering]:
+        with self.peerings() as store:
+            return store.peerings()
+
+    def _stored_with_snapshots(self, name: str) -> Peering:
+        with self.peerings() as store:
+            return store.require(name, snapshots=True)
 
     async def delete(self, name: str) -> None:
         """Tear a peering down on both sides (telling the peer if connected) and forget it."""
@@ -337,8 +343,9 @@ class PeeringService:
         while True:
             await self.clock.sleep(self.settings.store_poll_interval)
             try:
-                with self.peerings() as store:
-                    store.renew_lease()
+                # Store blocks run off the loop: the zone's one connection may be held by a worker
+                # writing a 10,000-service snapshot, and waiting for it here would stall every peer.
+                await asyncio.to_thread(self._renew_lease)
                 await self.refresh()
                 self._server.current_svid()
                 sequence = self.zone.trust.own_bundle().sequence
@@ -347,20 +354,31 @@ class PeeringService:
                     for link in self._links.values():
                         if link.session is not None:
                             link.session.bundle_changed()
-                with self.peerings() as store:
-                    for link in self._links.values():
-                        store.update(
-                            link.name,
-                            last_connected_at=link.last_connected_at,
-                            last_heartbeat_sent_at=link.last_heartbeat_sent_at,
-                            last_heartbeat_received_at=link.last_heartbeat_received_at,
-                            connected=link.connected_now,
-                        )
-                    dropped = store.drop_expired_pending()
+                seen: dict[str, dict[str, object]] = {
+                    link.name: {
+                        "last_connected_at": link.last_connected_at,
+                        "last_heartbeat_sent_at": link.last_heartbeat_sent_at,
+                        "last_heartbeat_received_at": link.last_heartbeat_received_at,
+                        "connected": link.connected_now,
+                    }
+                    for link in self._links.values()
+                }
+                dropped = await asyncio.to_thread(self._record_links, seen)
                 for name in dropped:
                     log.info("zone %s: peering %s dropped: its token expired unredeemed", self.zone.name, name)
             except MeshfedError as err:
                 log.error("zone %s peering poll: %s", self.zone.name, err)
+
+    def _renew_lease(self) -> None:
+        with self.peerings() as store:
+            store.renew_lease()
+
+    def _record_links(self, seen: dict[str, dict[str, object]]) -> list[str]:
+        """Write each link's connection times; drop expired pending peerings. Returns the names dropped."""
+        with self.peerings() as store:
+            for name, changes in seen.items():
+                store.update(name, **changes)
+            return store.drop_expired_pending()
 
     async def _watch_heartbeats(self) -> None:
         while True:

@@ -295,6 +295,10 @@ class Session:
         while True:
             self._wake.clear()
             message = self._next_message()
+            if callable(message):
+                # Encoding a snapshot or a diff is O(services): 10,000 take tens of milliseconds, which
+                # would stall the loop once per peer. What to send is decided above, on the loop.
+                message = await asyncio.to_thread(message)
             if message is not None:
                 await self._write(message)
                 if message.WhichOneof("body") == "terminate":
@@ -329,7 +333,8 @@ class Session:
             timer.cancel()
             woken.cancel()
 
-    def _next_message(self) -> pb.PeerMessage | None:
+    def _next_message(self) -> pb.PeerMessage | Callable[[], pb.PeerMessage] | None:
+        """The next message to send, or how to encode it (an update: see :meth:`_update`), or None."""
         if self._terminate_reason is not None:
             return pb.PeerMessage(terminate=pb.Terminate(reason=self._terminate_reason))
         if self._pending_ack is not None:
@@ -343,7 +348,12 @@ class Session:
             return self._update()
         return None
 
-    def _update(self) -> pb.PeerMessage | None:
+    def _update(self) -> Callable[[], pb.PeerMessage] | None:
+        """How to encode the update the peer needs (a delta from what it holds, else a snapshot), or None.
+
+        The version is in flight from here; the encoding reads only immutable snapshots, so it may run
+        off the loop.
+        """
         current = self.link.current_exports()
         if current is None:
             return None  # asked again when the exports change (the ingress admits the peer)
@@ -352,8 +362,8 @@ class Session:
         self._in_flight = current.version
         base = self.link.history.get(self._peer_has) if self._peer_has is not None else None
         if base is not None:
-            return pb.PeerMessage(delta=wire.diff(base, current))
-        return pb.PeerMessage(snapshot=wire.snapshot_to_proto(current))
+            return lambda: pb.PeerMessage(delta=wire.diff(base, current))
+        return lambda: pb.PeerMessage(snapshot=wire.snapshot_to_proto(current))
 
 
 __all__ = ["CAPABILITIES", "PeerTerminatedError", "Session", "SessionLink"]
