@@ -128,6 +128,7 @@ class CatalogWatch:
         seen_rules = await self._state.run(rules_version)
         while True:
             since = self._snapshot.version
+            asked = asyncio.get_running_loop().time()
             try:
                 snapshot = await self._catalog.watch(since, CATALOG_POLL_SECONDS)
             except MeshfedError as err:
@@ -144,4 +145,8 @@ class CatalogWatch:
                     self.release("the catalog has services again")
                 await retrying(self._zone.name, "applying a catalog or export change", self._exports_changed)
             else:
-                await asyncio.sleep(CATALOG_POLL_SECONDS)
+                # A source whose watch answers at once must not spin; one that waited (the embedded
+                # catalog's change feed, Consul's blocking query) is asked again at once, or a change
+                # landing now would wait a whole extra poll.
+                waited = asyncio.get_running_loop().time() - asked
+                await asyncio.sleep(max(CATALOG_POLL_SECONDS - waited, 0.0))

@@ -42,6 +42,7 @@ from meshfed.federation.imports import (
     EgressPorts,
     ImportedService,
     ImportStore,
+    ParsedSnapshots,
     egress_listener_name,
     parse_documents,
     services_of,
@@ -138,6 +139,9 @@ class GatewayDriver:
         self._import_problems: dict[str, str] = {}
         # Peers whose imports the last build left out because the data plane rejected them.
         self._rejected: frozenset[str] = frozenset()
+        # The stored imports as the last build parsed them. A build for the API may run beside the
+        # driver's: each entry is a consistent (digest, snapshot) pair, and one lost costs a parse.
+        self._parsed_imports: ParsedSnapshots = {}
 
     # -- what it runs -----------------------------------------------------------------------
 
@@ -289,7 +293,7 @@ class GatewayDriver:
             )
             documents = imports.documents()  # parsed below, outside the block
             ports = imports.egress_ports(self._egress_port_base, live)
-        parsed, problems = parse_documents(documents)
+        parsed, problems = parse_documents(documents, self._parsed_imports)
         snapshots.update(parsed)
         trust_bundles = bundle_roots_pem([stored.bundle for stored in self._zone.trust.trusted_bundles()])
         served = {peer: snapshot for peer, snapshot in snapshots.items() if peer not in view.withheld}
@@ -313,7 +317,9 @@ class GatewayDriver:
             imports.save_ports(ports)
         kept = {peer: snapshot for peer, snapshot in served.items() if peer not in rejected}
         exports = dataclasses.replace(
-            exports, exported=ExportedCatalog(exports.catalog, exports.index), imports=tuple(services_of(kept))
+            exports,
+            exported=ExportedCatalog(exports.catalog, exports.index, self._applied_exports.exported),
+            imports=tuple(services_of(kept)),
         )
         self._import_problems, self._rejected = problems, frozenset(rejected)
         return config, exports, compiled

@@ -227,11 +227,17 @@ class ExportedCatalog:
     verdict: few, normally none.
     """
 
-    def __init__(self, catalog: CatalogSnapshot, index: ExportIndex) -> None:
+    def __init__(self, catalog: CatalogSnapshot, index: ExportIndex, previous: ExportedCatalog | None = None) -> None:
         self.catalog = catalog
         self.index = index
-        self._services = [
-            (service, _exported(service, frozenset())) for service in catalog.services if index.exports_any(service)
+        # A summary depends on its service alone, and services are frozen and shared across catalog
+        # versions (catalog/embedded.py): the summaries of ``previous`` are reused for the very same
+        # service objects, so one changed service is summarised again, not 10,000.
+        known = {id(service): summary for service, summary in previous._services} if previous is not None else {}
+        self._services: list[tuple[Service, ExportedService]] = [
+            (service, known.get(id(service)) or _exported(service, frozenset()))
+            for service in catalog.services
+            if index.exports_any(service)
         ]
 
     def snapshot(

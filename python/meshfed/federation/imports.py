@@ -14,6 +14,7 @@ row never stops the zone from starting or serving the others.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -245,16 +246,36 @@ def egress_listener_name(imported: ImportedService, port_name: str) -> str:
     return f"{EGRESS_PREFIX}{imported.name}:{port_name}"
 
 
-def parse_documents(documents: Iterable[tuple[str, bytes]]) -> tuple[dict[str, ServiceSnapshot], dict[str, str]]:
-    """Stored snapshot documents parsed, by peer, and why any of them is unreadable."""
+ParsedSnapshots = dict[str, tuple[bytes, ServiceSnapshot]]
+"""Per peer, the digest of a stored snapshot document and the snapshot parsed from it."""
+
+
+def parse_documents(
+    documents: Iterable[tuple[str, bytes]], known: ParsedSnapshots | None = None
+) -> tuple[dict[str, ServiceSnapshot], dict[str, str]]:
+    """Stored snapshot documents parsed, by peer, and why any of them is unreadable.
+
+    With ``known`` (updated in place), a peer's document whose digest is unchanged is not parsed
+    again: a build after a change of one peer's imports parses that peer's snapshot alone, and
+    one of 10,000 services costs a megabyte of JSON per peer otherwise.
+    """
     snapshots: dict[str, ServiceSnapshot] = {}
     unreadable: dict[str, str] = {}
+    cache: ParsedSnapshots = known if known is not None else {}
     for peer, document in documents:
+        digest = hashlib.blake2b(document, digest_size=16).digest()
+        held = cache.get(peer)
+        if held is not None and held[0] == digest:
+            snapshots[peer] = held[1]
+            continue
         try:
             snapshots[peer] = ServiceSnapshot.model_validate_json(document)
+            cache[peer] = (digest, snapshots[peer])
         except ValidationError as err:
             unreadable[peer] = (
                 f"its stored imports are unreadable ({err.error_count()} errors); they are withheld until "
                 "the peer sends them again"
             )
+    for peer in [peer for peer in cache if peer not in snapshots]:
+        cache.pop(peer, None)
     return snapshots, unreadable
