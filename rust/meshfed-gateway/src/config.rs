@@ -5,10 +5,11 @@
 //! data plane only ever reads a compiled config. Errors carry the JSON path
 //! of the offending field.
 
+mod patch;
 mod raw;
 mod routes;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use crate::authz::{Rule, Rules, TrustedGateways};
 use crate::spiffe::{SpiffeId, SpiffePattern, TrustDomain};
 use crate::tls::{self, Identity, SpiffeClientVerifier};
 
+pub(crate) use patch::Delta;
 pub(crate) use routes::SniRouter;
 
 /// A config document that failed to compile: where, and why.
@@ -62,18 +64,34 @@ impl fmt::Display for ConfigError {
 }
 
 /// A validated, immutable gateway configuration.
+///
+/// Clusters, listeners and routes sit behind `Arc`s and the TLS material
+/// compiling them needs is kept (`tls`), so that [`CompiledConfig::patch`]
+/// builds the next config from this one by copying pointers and compiling
+/// only what the patch changes.
 #[derive(Debug)]
 pub struct CompiledConfig {
     pub(crate) identity: Option<SpiffeId>,
     pub(crate) handshake_timeout: Duration,
-    pub(crate) listeners: Vec<ListenerSpec>,
-    pub(crate) clusters: HashMap<String, Arc<ClusterSpec>>,
+    /// In document order (a patch replaces in place and appends).
+    pub(crate) listeners: Vec<Arc<ListenerSpec>>,
+    /// Positions in `listeners` by name: a connection (and a patch of one
+    /// of 10,000 originate listeners) finds its listener without a scan.
+    listener_index: HashMap<Arc<str>, usize>,
+    pub(crate) clusters: HashMap<Arc<str>, Arc<ClusterSpec>>,
+    /// What compiling more clusters and listeners needs; identity and trust
+    /// bundles are not patchable, so this is shared from generation to
+    /// generation (and with it the TLS session caches).
+    tls: Arc<TlsContext>,
+    /// Who uses each cluster, so a patch removing or changing one checks
+    /// its users without walking every route.
+    referrers: patch::Referrers,
 }
 
 /// One listener: where it binds and what it does with connections.
 #[derive(Debug)]
 pub(crate) struct ListenerSpec {
-    pub(crate) name: String,
+    pub(crate) name: Arc<str>,
     pub(crate) address: SocketAddr,
     pub(crate) mode: ListenerMode,
     pub(crate) limits: ListenerLimits,
@@ -109,11 +127,11 @@ pub(crate) enum ListenerMode {
     /// Read a local workload's `CONNECT host:port` request, connect to the
     /// cluster its authority names (as originate does), answer `200` once
     /// connected (or an error status saying why not), then forward bytes.
-    Connect { routes: HashMap<String, String> },
+    Connect { routes: HashMap<Arc<str>, Arc<str>> },
 }
 
 /// The TLS side of a terminate listener.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct TerminateTls {
     /// For clients not asking for the hop protocol: no ALPN, so clients
     /// offering `h2` or anything else are unaffected.
@@ -127,7 +145,7 @@ pub(crate) struct TerminateTls {
 }
 
 /// How an originate listener accepts local workloads.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum WorkloadTls {
     /// Plain TCP; the gateway is the caller.
     Plain,
@@ -150,6 +168,16 @@ pub(crate) enum RouteTarget {
 }
 
 impl RouteTarget {
+    /// Every cluster the route may send to (a weighted split may name one twice).
+    pub(crate) fn clusters(&self) -> impl Iterator<Item = &str> {
+        let (one, split) = match self {
+            Self::Cluster(name) => (Some(name.as_str()), &[][..]),
+            Self::Weighted { clusters, .. } => (None, clusters.as_slice()),
+        };
+        one.into_iter()
+            .chain(split.iter().map(|(name, _)| name.as_str()))
+    }
+
     /// The cluster for a connection; `roll` is any random number.
     pub(crate) fn pick(&self, roll: u64) -> &str {
         match self {
@@ -180,11 +208,12 @@ pub(crate) struct RateLimitSpec {
 /// kept under it across `apply()`, and stats report it under its parts.
 /// Two fields, not a joined string: nothing has to split it again, and no
 /// listener name can run into an SNI pattern.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Shared strings: the next generation's maps copy keys as pointers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct RouteKey {
-    listener: Box<str>,
+    listener: Arc<str>,
     /// The SNI pattern, lowercase (SNI matching ignores case).
-    sni: Box<str>,
+    sni: Arc<str>,
 }
 
 impl RouteKey {
@@ -282,7 +311,7 @@ pub(crate) struct UpstreamTlsSpec {
 /// An upstream cluster.
 #[derive(Debug)]
 pub(crate) struct ClusterSpec {
-    pub(crate) name: String,
+    pub(crate) name: Arc<str>,
     pub(crate) endpoints: Vec<EndpointSpec>,
     pub(crate) connect_timeout: Duration,
     pub(crate) lb: Lb,
@@ -320,13 +349,40 @@ impl CompiledConfig {
             identity: None,
             handshake_timeout: Duration::from_millis(raw::DEFAULT_HANDSHAKE_TIMEOUT_MS),
             listeners: Vec::new(),
+            listener_index: HashMap::new(),
             clusters: HashMap::new(),
+            tls: Arc::new(TlsContext::new(None, BTreeMap::new())),
+            referrers: patch::Referrers::default(),
         }
+    }
+
+    /// This config with a patch document applied (see [`Gateway::apply_patch`]
+    /// for the document): the same result, and the same checks, as compiling
+    /// the full document with those edits, in work proportional to the
+    /// patch (plus copying pointers). `self` is unchanged.
+    ///
+    /// [`Gateway::apply_patch`]: crate::Gateway::apply_patch
+    pub fn patch(&self, patch_json: &[u8]) -> Result<Self, ConfigError> {
+        self.patch_with_delta(patch_json).map(|(config, _)| config)
+    }
+
+    /// [`Self::patch`], also returning the names it touched, so the gateway
+    /// rebuilds state for those only.
+    pub(crate) fn patch_with_delta(&self, patch_json: &[u8]) -> Result<(Self, Delta), ConfigError> {
+        let mut de = serde_json::Deserializer::from_slice(patch_json);
+        let doc: raw::Patch = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            ConfigError::new(path, e.into_inner().to_string())
+        })?;
+        de.end()
+            .map_err(|e| ConfigError::new("", format!("trailing data after the patch: {e}")))?;
+        patch::apply(self, doc)
     }
 
     /// Listener names, in document order.
     pub fn listener_names(&self) -> impl Iterator<Item = &str> {
-        self.listeners.iter().map(|l| l.name.as_str())
+        self.listeners.iter().map(|l| &*l.name)
     }
 
     /// How long a TLS handshake (or a ClientHello read) may take.
@@ -340,7 +396,27 @@ impl CompiledConfig {
     }
 
     pub(crate) fn listener(&self, name: &str) -> Option<&ListenerSpec> {
-        self.listeners.iter().find(|l| l.name == name)
+        let index = *self.listener_index.get(name)?;
+        self.listeners.get(index).map(|l| &**l)
+    }
+
+    /// Whether the listener of `key` has a route of exactly its pattern.
+    pub(crate) fn has_route(&self, key: &RouteKey) -> bool {
+        self.listener(key.listener())
+            .is_some_and(|l| match &l.mode {
+                ListenerMode::Passthrough { routes } => routes.get_pattern(key.sni()).is_some(),
+                ListenerMode::Terminate { routes, .. } => routes.get_pattern(key.sni()).is_some(),
+                ListenerMode::Originate { .. } | ListenerMode::Connect { .. } => false,
+            })
+    }
+}
+
+/// The route keys of a listener (none for originate and connect).
+pub(crate) fn route_keys(listener: &ListenerSpec) -> Vec<&RouteKey> {
+    match &listener.mode {
+        ListenerMode::Passthrough { routes } => routes.values().map(|r| &r.key).collect(),
+        ListenerMode::Terminate { routes, .. } => routes.values().map(|r| &r.route.key).collect(),
+        ListenerMode::Originate { .. } | ListenerMode::Connect { .. } => Vec::new(),
     }
 }
 
@@ -356,8 +432,6 @@ fn compile(doc: raw::Document) -> Result<CompiledConfig, ConfigError> {
             "must be greater than 0",
         ));
     }
-    let provider = tls::provider();
-
     let identity = doc.identity.as_ref().map(compile_identity).transpose()?;
 
     let mut bundles = BTreeMap::new();
@@ -368,47 +442,146 @@ fn compile(doc: raw::Document) -> Result<CompiledConfig, ConfigError> {
         let roots = tls::root_store(pem).map_err(|e| ConfigError::new(&path, e))?;
         bundles.insert(domain, Arc::new(roots));
     }
+    let mut tls = TlsContext::new(identity.map(Arc::new), bundles);
 
-    let clusters = compile_clusters(&doc.clusters, identity.as_ref(), &bundles, &provider)?;
+    let mut clusters = HashMap::with_capacity(doc.clusters.len());
+    for (i, cluster) in doc.clusters.iter().enumerate() {
+        let at = format!("clusters[{i}]");
+        let spec = compile_cluster(&at, cluster, &mut tls)?;
+        if clusters.insert(spec.name.clone(), Arc::new(spec)).is_some() {
+            return Err(ConfigError::new(
+                format!("{at}.name"),
+                format!("duplicate cluster name {:?}", cluster.name),
+            ));
+        }
+    }
 
     let mut ctx = ListenerContext {
-        identity: identity.as_ref(),
-        bundles: &bundles,
+        tls: &mut tls,
         clusters: &clusters,
-        provider: &provider,
-        server_tls: None,
-        workload_tls: None,
     };
     let mut listeners = Vec::with_capacity(doc.listeners.len());
-    let mut names = HashSet::new();
+    let mut listener_index = HashMap::with_capacity(doc.listeners.len());
     let mut fixed_addresses = HashMap::new();
     for (i, listener) in doc.listeners.iter().enumerate() {
-        let at = |field: &str| format!("listeners[{i}].{field}");
-        let name = listener.name.as_str();
-        if name.is_empty() {
-            return Err(ConfigError::new(at("name"), "must not be empty"));
-        }
-        if !names.insert(name) {
+        let at = format!("listeners[{i}]");
+        let name = listener_name(&at, listener)?;
+        if listener_index.contains_key(name.as_ref()) {
             return Err(ConfigError::new(
-                at("name"),
+                format!("{at}.name"),
                 format!("duplicate listener name {name:?}"),
             ));
         }
-        let address: SocketAddr = listener.address.parse().map_err(|_| {
-            ConfigError::new(
-                at("address"),
-                format!("{:?} is not an ip:port socket address", listener.address),
-            )
-        })?;
+        let address = listener_address(&at, listener)?;
         if address.port() != 0 {
-            if let Some(other) = fixed_addresses.insert(address, name) {
+            if let Some(other) = fixed_addresses.insert(address, name.clone()) {
                 return Err(ConfigError::new(
-                    at("address"),
+                    format!("{at}.address"),
                     format!("{address} is already used by listener {other:?}"),
                 ));
             }
         }
-        let mode = ctx.compile_mode(i, listener)?;
+        let spec = ctx.compile_listener(&at, name.clone(), address, listener)?;
+        listener_index.insert(name, listeners.len());
+        listeners.push(Arc::new(spec));
+    }
+    let referrers = patch::Referrers::of(&listeners);
+
+    Ok(CompiledConfig {
+        identity: tls.identity.as_ref().map(|i| i.spiffe_id.clone()),
+        handshake_timeout: Duration::from_millis(doc.handshake_timeout_ms),
+        listeners,
+        listener_index,
+        clusters,
+        tls: Arc::new(tls),
+        referrers,
+    })
+}
+
+/// A listener's name, checked.
+fn listener_name(at: &str, listener: &raw::Listener) -> Result<Arc<str>, ConfigError> {
+    if listener.name.is_empty() {
+        return Err(ConfigError::new(format!("{at}.name"), "must not be empty"));
+    }
+    Ok(Arc::from(listener.name.as_str()))
+}
+
+/// A listener's address, parsed.
+fn listener_address(at: &str, listener: &raw::Listener) -> Result<SocketAddr, ConfigError> {
+    listener.address.parse().map_err(|_| {
+        ConfigError::new(
+            format!("{at}.address"),
+            format!("{:?} is not an ip:port socket address", listener.address),
+        )
+    })
+}
+
+/// What compiling clusters and listeners needs from the parts of a document
+/// a patch cannot change (identity, trust bundles), and the TLS configs built
+/// from them so far, shared by everything that uses them: one client config
+/// per peer SPIFFE ID (its verifier pins that ID, and sharing it shares the
+/// session cache, so every import from one peer gateway resumes sessions
+/// with it; with `convey_caller` a clone offering the hop protocol by ALPN,
+/// still sharing the cache), one server config pair for every terminate
+/// listener, one for workloads of originate listeners.
+#[derive(Clone)]
+pub(crate) struct TlsContext {
+    identity: Option<Arc<Identity>>,
+    bundles: BTreeMap<TrustDomain, Arc<RootCertStore>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    /// `(plain, hop)`, built on the first terminate listener.
+    server_tls: Option<(Arc<ServerConfig>, Arc<ServerConfig>)>,
+    /// Built on the first originate listener with `workload_tls`.
+    workload_tls: Option<Arc<ServerConfig>>,
+    by_peer: HashMap<SpiffeId, Arc<ClientConfig>>,
+    hop_by_peer: HashMap<SpiffeId, Arc<ClientConfig>>,
+}
+
+impl fmt::Debug for TlsContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsContext")
+            .field("identity", &self.identity.as_ref().map(|i| &i.spiffe_id))
+            .field("bundles", &self.bundles.keys().collect::<Vec<_>>())
+            .field("peers", &self.by_peer.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsContext {
+    fn new(
+        identity: Option<Arc<Identity>>,
+        bundles: BTreeMap<TrustDomain, Arc<RootCertStore>>,
+    ) -> Self {
+        Self {
+            identity,
+            bundles,
+            provider: tls::provider(),
+            server_tls: None,
+            workload_tls: None,
+            by_peer: HashMap::new(),
+            hop_by_peer: HashMap::new(),
+        }
+    }
+}
+
+/// What compiling a listener's mode needs from the rest of the document.
+struct ListenerContext<'a> {
+    tls: &'a mut TlsContext,
+    /// The clusters of the resulting config, which routes must name.
+    clusters: &'a HashMap<Arc<str>, Arc<ClusterSpec>>,
+}
+
+impl ListenerContext<'_> {
+    /// Compiles the listener at `at` (e.g. `listeners[3]`), whose name and
+    /// address the caller has checked against the other listeners.
+    fn compile_listener(
+        &mut self,
+        at: &str,
+        name: Arc<str>,
+        address: SocketAddr,
+        listener: &raw::Listener,
+    ) -> Result<ListenerSpec, ConfigError> {
+        let mode = self.compile_mode(at, listener)?;
         let limits = &listener.limits;
         for (field, value) in [
             ("max_connections", limits.max_connections),
@@ -416,13 +589,13 @@ fn compile(doc: raw::Document) -> Result<CompiledConfig, ConfigError> {
         ] {
             if value == 0 {
                 return Err(ConfigError::new(
-                    at(&format!("limits.{field}")),
+                    format!("{at}.limits.{field}"),
                     "must be at least 1: a listener that admits no connection should be removed",
                 ));
             }
         }
-        listeners.push(ListenerSpec {
-            name: name.to_owned(),
+        Ok(ListenerSpec {
+            name,
             address,
             mode,
             limits: ListenerLimits {
@@ -430,37 +603,15 @@ fn compile(doc: raw::Document) -> Result<CompiledConfig, ConfigError> {
                 // A handshake holds a connection too: the smaller cap wins.
                 max_handshakes: u64::from(limits.max_handshakes.min(limits.max_connections)),
             },
-        });
+        })
     }
 
-    Ok(CompiledConfig {
-        identity: identity.map(|i| i.spiffe_id),
-        handshake_timeout: Duration::from_millis(doc.handshake_timeout_ms),
-        listeners,
-        clusters,
-    })
-}
-
-/// What compiling a listener's mode needs from the rest of the document.
-struct ListenerContext<'a> {
-    identity: Option<&'a Identity>,
-    bundles: &'a BTreeMap<TrustDomain, Arc<RootCertStore>>,
-    clusters: &'a HashMap<String, Arc<ClusterSpec>>,
-    provider: &'a Arc<rustls::crypto::CryptoProvider>,
-    /// Built on the first terminate listener, shared by all of them:
-    /// `(plain, hop)`.
-    server_tls: Option<(Arc<ServerConfig>, Arc<ServerConfig>)>,
-    /// Built on the first originate listener with `workload_tls`, shared.
-    workload_tls: Option<Arc<ServerConfig>>,
-}
-
-impl ListenerContext<'_> {
     fn compile_mode(
         &mut self,
-        i: usize,
+        at_listener: &str,
         listener: &raw::Listener,
     ) -> Result<ListenerMode, ConfigError> {
-        let at = |field: &str| format!("listeners[{i}].{field}");
+        let at = |field: &str| format!("{at_listener}.{field}");
         let mode = listener.mode;
         if mode != raw::Mode::Terminate && listener.trusted_gateways.is_some() {
             return Err(ConfigError::new(
@@ -518,50 +669,15 @@ impl ListenerContext<'_> {
         }
         match mode {
             raw::Mode::Passthrough => {
-                let routes = self.routes(i, listener, |j, route| {
-                    let terminate_only = [
-                        ("rules", route.rules.is_some()),
-                        ("proxy_protocol", route.proxy_protocol),
-                        ("source_rate_limit", route.source_rate_limit.is_some()),
-                    ];
-                    if let Some((field, _)) = terminate_only.iter().find(|(_, set)| *set) {
-                        return Err(ConfigError::new(
-                            at(&format!("routes[{j}].{field}")),
-                            "only terminate routes may set this; passthrough keeps TLS end to end and never sees the caller",
-                        ));
-                    }
-                    let spec = self.route_spec(&at(&format!("routes[{j}]")), listener, route)?;
-                    if let Some(name) = self.tls_cluster(&spec.target) {
-                        return Err(ConfigError::new(
-                            at(&format!("routes[{j}]")),
-                            format!(
-                                "cluster {name:?} dials endpoints over mTLS (\"tls\"), but passthrough forwards the client's TLS untouched; use a terminate listener or a cluster without \"tls\""
-                            ),
-                        ));
-                    }
-                    Ok(spec)
+                let routes = self.routes(at_listener, listener, |ctx, path, route| {
+                    ctx.passthrough_route(path, &listener.name, route)
                 })?;
                 Ok(ListenerMode::Passthrough { routes })
             }
             raw::Mode::Terminate => {
-                let identity = self.require_identity(&at("mode"), mode)?;
-                let routes = self.routes(i, listener, |j, route| {
-                    let spec = self.route_spec(&at(&format!("routes[{j}]")), listener, route)?;
-                    let source_rate_limit = route
-                        .source_rate_limit
-                        .as_ref()
-                        .map(|r| rate_limit(&at(&format!("routes[{j}].source_rate_limit")), r))
-                        .transpose()?;
-                    let rules = compile_rules(
-                        &at(&format!("routes[{j}].rules")),
-                        route.rules.as_deref().unwrap_or_default(),
-                    )?;
-                    Ok(TerminateRoute {
-                        route: spec,
-                        rules: Arc::new(rules),
-                        proxy_protocol: route.proxy_protocol,
-                        source_rate_limit,
-                    })
+                let identity = self.tls.require_identity(&at("mode"), mode)?.clone();
+                let routes = self.routes(at_listener, listener, |ctx, path, route| {
+                    ctx.terminate_route(path, &listener.name, route)
                 })?;
                 let trusted_gateways = listener
                     .trusted_gateways
@@ -574,18 +690,7 @@ impl ListenerContext<'_> {
                         })
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                let (plain, hop) = match &self.server_tls {
-                    Some(tls) => tls.clone(),
-                    None => {
-                        let plain =
-                            build_server_tls(self.bundles, identity, self.provider, &at("mode"))?;
-                        let mut hop = ServerConfig::clone(&plain);
-                        hop.alpn_protocols = tls::hop_protocols();
-                        let tls = (plain, Arc::new(hop));
-                        self.server_tls = Some(tls.clone());
-                        tls
-                    }
-                };
+                let (plain, hop) = self.tls.server_tls(&identity, &at("mode"))?;
                 Ok(ListenerMode::Terminate {
                     routes,
                     tls: TerminateTls {
@@ -605,10 +710,10 @@ impl ListenerContext<'_> {
                 let workload_tls = match mode {
                     raw::WorkloadTls::Plain => WorkloadTls::Plain,
                     raw::WorkloadTls::Permissive => {
-                        WorkloadTls::Permissive(self.workload_server_tls(&path, mode)?)
+                        WorkloadTls::Permissive(self.tls.workload_server_tls(&path, mode)?)
                     }
                     raw::WorkloadTls::Strict => {
-                        WorkloadTls::Strict(self.workload_server_tls(&path, mode)?)
+                        WorkloadTls::Strict(self.tls.workload_server_tls(&path, mode)?)
                     }
                 };
                 Ok(ListenerMode::Originate {
@@ -626,9 +731,7 @@ impl ListenerContext<'_> {
                 let mut routes = HashMap::with_capacity(raw_routes.len());
                 for (j, route) in raw_routes.iter().enumerate() {
                     let path = at(&format!("connect_routes[{j}]"));
-                    let authority = parse_authority(&route.authority)
-                        .map_err(|why| ConfigError::new(format!("{path}.authority"), why))?;
-                    let cluster = self.cluster(format!("{path}.cluster"), &route.cluster)?;
+                    let (authority, cluster) = self.connect_route(&path, route)?;
                     if routes.insert(authority, cluster).is_some() {
                         return Err(ConfigError::new(
                             format!("{path}.authority"),
@@ -646,14 +749,14 @@ impl ListenerContext<'_> {
 
     /// Compiles the `routes` of a passthrough or terminate listener.
     fn routes<R>(
-        &self,
-        i: usize,
+        &mut self,
+        at_listener: &str,
         listener: &raw::Listener,
-        mut route: impl FnMut(usize, &raw::Route) -> Result<R, ConfigError>,
+        mut route: impl FnMut(&mut Self, &str, &raw::Route) -> Result<R, ConfigError>,
     ) -> Result<SniRouter<R>, ConfigError> {
         let Some(routes) = &listener.routes else {
             return Err(ConfigError::new(
-                format!("listeners[{i}].routes"),
+                format!("{at_listener}.routes"),
                 format!(
                     "required for {} listeners (may be empty)",
                     listener.mode.as_str()
@@ -662,17 +765,80 @@ impl ListenerContext<'_> {
         };
         let mut entries = Vec::with_capacity(routes.len());
         for (j, raw_route) in routes.iter().enumerate() {
-            entries.push((raw_route.sni.clone(), route(j, raw_route)?));
+            let path = format!("{at_listener}.routes[{j}]");
+            entries.push((raw_route.sni.clone(), route(self, &path, raw_route)?));
         }
         SniRouter::new(entries)
-            .map_err(|(j, msg)| ConfigError::new(format!("listeners[{i}].routes[{j}].sni"), msg))
+            .map_err(|(j, msg)| ConfigError::new(format!("{at_listener}.routes[{j}].sni"), msg))
+    }
+
+    /// Compiles a passthrough route of `listener`; `at` is its path.
+    fn passthrough_route(
+        &self,
+        at: &str,
+        listener: &str,
+        route: &raw::Route,
+    ) -> Result<RouteSpec, ConfigError> {
+        let terminate_only = [
+            ("rules", route.rules.is_some()),
+            ("proxy_protocol", route.proxy_protocol),
+            ("source_rate_limit", route.source_rate_limit.is_some()),
+        ];
+        if let Some((field, _)) = terminate_only.iter().find(|(_, set)| *set) {
+            return Err(ConfigError::new(
+                format!("{at}.{field}"),
+                "only terminate routes may set this; passthrough keeps TLS end to end and never sees the caller",
+            ));
+        }
+        let spec = self.route_spec(at, listener, route)?;
+        if let Some(name) = self.tls_cluster(&spec.target) {
+            return Err(ConfigError::new(at, passthrough_tls_message(name)));
+        }
+        Ok(spec)
+    }
+
+    /// Compiles a terminate route of `listener`; `at` is its path.
+    fn terminate_route(
+        &self,
+        at: &str,
+        listener: &str,
+        route: &raw::Route,
+    ) -> Result<TerminateRoute, ConfigError> {
+        let spec = self.route_spec(at, listener, route)?;
+        let source_rate_limit = route
+            .source_rate_limit
+            .as_ref()
+            .map(|r| rate_limit(&format!("{at}.source_rate_limit"), r))
+            .transpose()?;
+        let rules = compile_rules(
+            &format!("{at}.rules"),
+            route.rules.as_deref().unwrap_or_default(),
+        )?;
+        Ok(TerminateRoute {
+            route: spec,
+            rules: Arc::new(rules),
+            proxy_protocol: route.proxy_protocol,
+            source_rate_limit,
+        })
+    }
+
+    /// Compiles a connect route: its canonical authority and cluster.
+    fn connect_route(
+        &self,
+        at: &str,
+        route: &raw::ConnectRoute,
+    ) -> Result<(Arc<str>, Arc<str>), ConfigError> {
+        let authority = parse_authority(&route.authority)
+            .map_err(|why| ConfigError::new(format!("{at}.authority"), why))?;
+        let cluster = self.cluster(format!("{at}.cluster"), &route.cluster)?;
+        Ok((Arc::from(authority), Arc::from(cluster)))
     }
 
     /// Compiles what every route has: its key, target and rate limit.
     fn route_spec(
         &self,
         at: &str,
-        listener: &raw::Listener,
+        listener: &str,
         route: &raw::Route,
     ) -> Result<RouteSpec, ConfigError> {
         let target = match (&route.cluster, &route.weighted_clusters) {
@@ -723,7 +889,7 @@ impl ListenerContext<'_> {
             .map(|r| rate_limit(&format!("{at}.rate_limit"), r))
             .transpose()?;
         Ok(RouteSpec {
-            key: RouteKey::new(&listener.name, &route.sni),
+            key: RouteKey::new(listener, &route.sni),
             target,
             rate_limit,
         })
@@ -732,13 +898,7 @@ impl ListenerContext<'_> {
     /// The first cluster of `target` that re-encrypts, if any.
     fn tls_cluster<'t>(&self, target: &'t RouteTarget) -> Option<&'t str> {
         let has_tls = |name: &str| self.clusters.get(name).is_some_and(|c| c.encrypts());
-        match target {
-            RouteTarget::Cluster(name) => Some(name.as_str()).filter(|n| has_tls(n)),
-            RouteTarget::Weighted { clusters, .. } => clusters
-                .iter()
-                .map(|(name, _)| name.as_str())
-                .find(|n| has_tls(n)),
-        }
+        target.clusters().find(|n| has_tls(n))
     }
 
     fn cluster(&self, path: String, name: &str) -> Result<String, ConfigError> {
@@ -747,6 +907,32 @@ impl ListenerContext<'_> {
         } else {
             Err(ConfigError::new(path, format!("no cluster named {name:?}")))
         }
+    }
+}
+
+/// Why a passthrough route may not use cluster `name`.
+fn passthrough_tls_message(name: &str) -> String {
+    format!(
+        "cluster {name:?} dials endpoints over mTLS (\"tls\"), but passthrough forwards the client's TLS untouched; use a terminate listener or a cluster without \"tls\""
+    )
+}
+
+impl TlsContext {
+    /// The server config pair of terminate listeners, built on first use.
+    fn server_tls(
+        &mut self,
+        identity: &Identity,
+        path: &str,
+    ) -> Result<(Arc<ServerConfig>, Arc<ServerConfig>), ConfigError> {
+        if let Some(tls) = &self.server_tls {
+            return Ok(tls.clone());
+        }
+        let plain = build_server_tls(&self.bundles, identity, &self.provider, path)?;
+        let mut hop = ServerConfig::clone(&plain);
+        hop.alpn_protocols = tls::hop_protocols();
+        let tls = (plain, Arc::new(hop));
+        self.server_tls = Some(tls.clone());
+        Ok(tls)
     }
 
     /// The server config workloads connect to: the gateway's identity, and
@@ -757,7 +943,7 @@ impl ListenerContext<'_> {
         path: &str,
         mode: raw::WorkloadTls,
     ) -> Result<Arc<ServerConfig>, ConfigError> {
-        let identity = self.identity.ok_or_else(|| {
+        let identity = self.identity.clone().ok_or_else(|| {
             ConfigError::new(
                 path,
                 format!(
@@ -784,14 +970,14 @@ impl ListenerContext<'_> {
         let verifier = SpiffeClientVerifier::new(&own_only, self.provider.clone()).map_err(
             |(domain, e)| ConfigError::new(format!("trust_bundles[{:?}]", domain.as_str()), e),
         )?;
-        let config = tls::server_config(self.provider.clone(), identity, Arc::new(verifier))
+        let config = tls::server_config(self.provider.clone(), &identity, Arc::new(verifier))
             .map_err(|e| ConfigError::new(path, format!("cannot build TLS server: {e}")))?;
         self.workload_tls = Some(config.clone());
         Ok(config)
     }
 
-    fn require_identity(&self, path: &str, mode: raw::Mode) -> Result<&Identity, ConfigError> {
-        self.identity.ok_or_else(|| {
+    fn require_identity(&self, path: &str, mode: raw::Mode) -> Result<&Arc<Identity>, ConfigError> {
+        self.identity.as_ref().ok_or_else(|| {
             ConfigError::new(
                 path,
                 format!(
@@ -864,22 +1050,15 @@ fn rate_limit(at: &str, raw: &raw::RateLimit) -> Result<RateLimitSpec, ConfigErr
     })
 }
 
-fn compile_clusters(
-    clusters: &[raw::Cluster],
-    identity: Option<&Identity>,
-    bundles: &BTreeMap<TrustDomain, Arc<RootCertStore>>,
-    provider: &Arc<rustls::crypto::CryptoProvider>,
-) -> Result<HashMap<String, Arc<ClusterSpec>>, ConfigError> {
-    let mut out = HashMap::with_capacity(clusters.len());
-    let mut upstream_tls = UpstreamTlsCompiler {
-        identity,
-        bundles,
-        provider,
-        by_peer: HashMap::new(),
-        hop_by_peer: HashMap::new(),
-    };
-    for (i, cluster) in clusters.iter().enumerate() {
-        let at = |field: &str| format!("clusters[{i}].{field}");
+/// Compiles the cluster at `at` (e.g. `clusters[3]`); its name is checked
+/// against the other clusters by the caller.
+fn compile_cluster(
+    at_cluster: &str,
+    cluster: &raw::Cluster,
+    upstream_tls: &mut TlsContext,
+) -> Result<ClusterSpec, ConfigError> {
+    {
+        let at = |field: &str| format!("{at_cluster}.{field}");
         if cluster.name.is_empty() {
             return Err(ConfigError::new(at("name"), "must not be empty"));
         }
@@ -998,8 +1177,8 @@ fn compile_clusters(
                 ));
             }
         }
-        let spec = ClusterSpec {
-            name: cluster.name.clone(),
+        Ok(ClusterSpec {
+            name: Arc::from(cluster.name.as_str()),
             endpoints,
             connect_timeout: Duration::from_millis(cluster.connect_timeout_ms),
             lb: cluster.lb,
@@ -1014,37 +1193,19 @@ fn compile_clusters(
             health_check,
             max_connections: breaker.max_connections.map(u64::from),
             max_pending: breaker.max_pending.map(u64::from),
-        };
-        if out.insert(cluster.name.clone(), Arc::new(spec)).is_some() {
-            return Err(ConfigError::new(
-                at("name"),
-                format!("duplicate cluster name {:?}", cluster.name),
-            ));
-        }
+        })
     }
-    Ok(out)
 }
 
-/// Compiles `tls` settings of clusters and endpoints, building one rustls
-/// client config per peer SPIFFE ID: its verifier pins that ID, and sharing
-/// it shares the TLS session cache, so every import from one peer gateway
-/// resumes sessions with it. With `convey_caller` the config is a clone
-/// offering the hop protocol by ALPN (still sharing the session cache).
-struct UpstreamTlsCompiler<'a> {
-    identity: Option<&'a Identity>,
-    bundles: &'a BTreeMap<TrustDomain, Arc<RootCertStore>>,
-    provider: &'a Arc<rustls::crypto::CryptoProvider>,
-    by_peer: HashMap<SpiffeId, Arc<ClientConfig>>,
-    hop_by_peer: HashMap<SpiffeId, Arc<ClientConfig>>,
-}
-
-impl UpstreamTlsCompiler<'_> {
+impl TlsContext {
+    /// Compiles `tls` settings of a cluster or endpoint, sharing the client
+    /// config of its peer SPIFFE ID (see [`TlsContext`]).
     fn compile(
         &mut self,
         at: &str,
         raw: &raw::UpstreamTls,
     ) -> Result<Arc<UpstreamTlsSpec>, ConfigError> {
-        let identity = self.identity.ok_or_else(|| {
+        let identity = self.identity.clone().ok_or_else(|| {
             ConfigError::new(
                 at,
                 "mTLS to an endpoint presents the gateway's identity, but \"identity\" is missing",
@@ -1072,7 +1233,7 @@ impl UpstreamTlsCompiler<'_> {
                 };
                 let config = tls::client_config(
                     self.provider.clone(),
-                    identity,
+                    &identity,
                     roots.clone(),
                     peer.clone(),
                 )

@@ -109,7 +109,7 @@ pub struct Gateway {
     /// The running listeners as readers see them, republished after each
     /// change: `addresses()` and `stats()` never wait for an `apply()` that
     /// is binding thousands of sockets under the control lock.
-    published: ArcSwap<BTreeMap<String, PublishedListener>>,
+    published: ArcSwap<BTreeMap<Arc<str>, PublishedListener>>,
 }
 
 /// A running listener's bound address and counters.
@@ -121,14 +121,18 @@ struct PublishedListener {
 /// State only `apply()` and `shutdown()` change, under one mutex.
 #[derive(Default)]
 struct Control {
-    listeners: BTreeMap<String, RunningListener>,
+    listeners: BTreeMap<Arc<str>, RunningListener>,
     /// Active health checks by cluster name.
-    health_checks: HashMap<String, RunningChecks>,
+    health_checks: HashMap<Arc<str>, RunningChecks>,
     /// Counters of listeners, routes, clusters and endpoints that left the
     /// config, for when their names come back.
     retired: Retired,
     closed: bool,
 }
+
+/// A listener bound by this apply: its name, configured address, and the
+/// socket with the address it is bound to.
+type Fresh = (Arc<str>, SocketAddr, (TcpListener, SocketAddr));
 
 struct RunningListener {
     configured: SocketAddr,
@@ -209,12 +213,51 @@ impl Gateway {
         self.install(config)
     }
 
+    /// Applies a patch document to the running config: the result is what
+    /// [`Gateway::apply`] of the full document with those edits would give
+    /// (same checks, same carried state), in work proportional to the patch.
+    /// On error nothing changes.
+    ///
+    /// The document (every field optional, unknown fields refused):
+    /// `clusters` and `listeners` add or replace whole by name,
+    /// `remove_clusters` and `remove_listeners` remove by name, `routes`
+    /// (`[{"listener", "upsert": [route], "remove": [sni]}]`) edits the
+    /// routes of passthrough and terminate listeners and `connect_routes`
+    /// (`[{"listener", "upsert": [connect route], "remove": [authority]}]`)
+    /// those of connect listeners. Removing a name that is not there, naming
+    /// one twice, or removing a cluster something still uses is refused: the
+    /// control plane diffs exactly, so each is a bug to surface. Identity,
+    /// trust bundles and the handshake timeout take a full document.
+    ///
+    /// Untouched clusters keep their state objects (no rebuild), untouched
+    /// listeners their sockets and tasks; health checks restart only for
+    /// the clusters the patch touches. One new generation is swapped in
+    /// whole: a connection sees the config before the patch or after it.
+    pub fn apply_patch(&self, patch_json: &[u8]) -> Result<(), GatewayError> {
+        let mut control = self.control();
+        if control.closed {
+            return Err(GatewayError::Closed);
+        }
+        // Compiled under the lock: the base must be the config it replaces.
+        let previous = self.snapshot.load_full();
+        let (config, delta) = previous.config.patch_with_delta(patch_json)?;
+        let fresh = self.bind_new(&control, &config, delta.listeners.iter())?;
+        let next = Snapshot::patched(config, &delta, &previous, &mut control.retired);
+        let next = Arc::new(next);
+        self.snapshot.store(next.clone());
+        for name in &delta.clusters {
+            self.sync_health_check(&mut control, &next, name);
+        }
+        self.swap_listeners(&mut control, &next.config, fresh, delta.listeners);
+        Ok(())
+    }
+
     /// The address each listener is actually bound to, by listener name.
     pub fn addresses(&self) -> BTreeMap<String, SocketAddr> {
         self.published
             .load()
             .iter()
-            .map(|(name, l)| (name.clone(), l.local))
+            .map(|(name, l)| (name.to_string(), l.local))
             .collect()
     }
 
@@ -223,7 +266,7 @@ impl Gateway {
         self.published
             .load()
             .iter()
-            .map(|(name, l)| (name.clone(), l.stats.snapshot()))
+            .map(|(name, l)| (name.to_string(), l.stats.snapshot()))
             .collect()
     }
 
@@ -252,7 +295,7 @@ impl Gateway {
             .iter()
             .filter_map(|(name, state)| {
                 let spec = snapshot.config.clusters.get(name)?;
-                Some((name.clone(), state.snapshot(spec)))
+                Some((name.to_string(), state.snapshot(spec)))
             })
             .collect()
     }
@@ -274,7 +317,7 @@ impl Gateway {
                     .filter(|e| !e.healthy(now))
                     .map(|e| e.address)
                     .collect();
-                (!down.is_empty()).then(|| (name.clone(), down))
+                (!down.is_empty()).then(|| (name.to_string(), down))
             })
             .collect()
     }
@@ -331,8 +374,8 @@ impl Gateway {
         self.control.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The one writer: binds what is new, swaps the snapshot, then stops
-    /// what was removed and starts what was added.
+    /// The one writer of full configs: binds what is new, swaps the
+    /// snapshot, then stops what was removed and starts what was added.
     fn install(&self, config: CompiledConfig) -> Result<(), GatewayError> {
         let mut control = self.control();
         if control.closed {
@@ -340,22 +383,7 @@ impl Gateway {
         }
 
         // 1. Bind every new listener first; an error drops them all.
-        let mut fresh = Vec::new();
-        for spec in &config.listeners {
-            let kept = control
-                .listeners
-                .get(&spec.name)
-                .is_some_and(|running| running.serves(spec.address));
-            if !kept {
-                let listener = self.bind(&spec.name, spec.address)?;
-                fresh.push((spec.name.clone(), spec.address, listener));
-            }
-        }
-        let wanted: HashMap<String, SocketAddr> = config
-            .listeners
-            .iter()
-            .map(|l| (l.name.clone(), l.address))
-            .collect();
+        let fresh = self.bind_new(&control, &config, config.listeners.iter().map(|l| &l.name))?;
 
         // 2. Swap the snapshot, carrying cluster, endpoint and route state
         //    over by name, endpoint key and route key.
@@ -364,30 +392,74 @@ impl Gateway {
         self.snapshot.store(next.clone());
         self.sync_health_checks(&mut control, &next);
 
+        // 3-5. Every running listener may be gone or moved.
+        let running = control.listeners.keys().cloned().collect();
+        self.swap_listeners(&mut control, &next.config, fresh, running);
+        Ok(())
+    }
+
+    /// Binds the listeners among `names` of `config` that no running socket
+    /// serves yet; an error drops every socket bound so far.
+    fn bind_new<'a>(
+        &self,
+        control: &Control,
+        config: &CompiledConfig,
+        names: impl Iterator<Item = &'a Arc<str>>,
+    ) -> Result<Vec<Fresh>, GatewayError> {
+        let mut fresh = Vec::new();
+        for name in names {
+            let Some(spec) = config.listener(name) else {
+                continue;
+            };
+            let kept = control
+                .listeners
+                .get(name)
+                .is_some_and(|running| running.serves(spec.address));
+            if !kept {
+                let listener = self.bind(name, spec.address)?;
+                fresh.push((name.clone(), spec.address, listener));
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// After the snapshot swap: stops accepting on the running listeners
+    /// among `candidates` that `config` dropped or moved, starts `fresh`
+    /// ones with the counters their name had, and publishes the result.
+    fn swap_listeners(
+        &self,
+        control: &mut Control,
+        config: &CompiledConfig,
+        fresh: Vec<Fresh>,
+        candidates: Vec<Arc<str>>,
+    ) {
         // 3. Stop accepting on listeners that are gone or moved (a moved
         //    one keeps its counters below, under its name).
         let mut carried_stats = HashMap::new();
-        control.listeners.retain(|name, running| {
-            let keep = wanted
-                .get(name)
-                .is_some_and(|address| running.serves(*address));
+        for name in candidates {
+            let keep = match (control.listeners.get(&name), config.listener(&name)) {
+                (None, _) => continue,
+                (Some(running), Some(spec)) => running.serves(spec.address),
+                (Some(_), None) => false,
+            };
             if !keep {
-                running.task.abort();
-                carried_stats.insert(name.clone(), running.stats.clone());
+                if let Some(running) = control.listeners.remove(&name) {
+                    running.task.abort();
+                    carried_stats.insert(name, running.stats);
+                }
             }
-            keep
-        });
+        }
 
         // 4. Start accepting on the new ones, with the counters their name
         //    had, if it had any.
         for (name, configured, (listener, local)) in fresh {
             let stats = carried_stats
                 .remove(&name)
-                .or_else(|| control.retired.listeners.revive(&name))
+                .or_else(|| control.retired.listeners.revive(&*name))
                 .unwrap_or_else(ListenerStats::new);
             let task = self.handle.spawn(accept::accept_loop(
                 listener,
-                Arc::from(name.as_str()),
+                name.clone(),
                 self.snapshot.clone(),
                 stats.clone(),
             ));
@@ -403,34 +475,43 @@ impl Gateway {
         }
         // 5. Keep the counters of the listeners that are gone.
         for (name, stats) in carried_stats {
-            control.retired.listeners.retire(name, stats);
+            control.retired.listeners.retire(name.to_string(), stats);
         }
-        self.publish(&control);
-        Ok(())
+        self.publish(control);
     }
 
     /// Starts, keeps or stops active health checks to match `snapshot`.
     fn sync_health_checks(&self, control: &mut Control, snapshot: &Snapshot) {
-        let mut old = std::mem::take(&mut control.health_checks);
-        for (name, spec) in &snapshot.config.clusters {
-            let (Some(check), Some(state)) = (spec.health_check, snapshot.clusters.get(name))
-            else {
-                continue;
-            };
-            let running = match old.remove(name) {
-                Some(running) if running.matches(&check, state) => running,
-                other => {
-                    if let Some(stale) = other {
-                        stale.stop();
-                    }
-                    RunningChecks::start(&self.handle, spec, check, state)
+        let mut names: Vec<Arc<str>> = control.health_checks.keys().cloned().collect();
+        names.extend(snapshot.config.clusters.keys().cloned());
+        for name in names {
+            self.sync_health_check(control, snapshot, &name);
+        }
+    }
+
+    /// Starts, keeps or stops the health checks of cluster `name` to match
+    /// `snapshot` (kept while the check settings and endpoints are the same).
+    fn sync_health_check(&self, control: &mut Control, snapshot: &Snapshot, name: &Arc<str>) {
+        let old = control.health_checks.remove(name);
+        let wanted = snapshot
+            .cluster(name)
+            .and_then(|(spec, state)| Some((spec, spec.health_check?, state)));
+        let Some((spec, check, state)) = wanted else {
+            if let Some(stale) = old {
+                stale.stop();
+            }
+            return;
+        };
+        let running = match old {
+            Some(running) if running.matches(&check, state) => running,
+            other => {
+                if let Some(stale) = other {
+                    stale.stop();
                 }
-            };
-            control.health_checks.insert(name.clone(), running);
-        }
-        for (_, stale) in old {
-            stale.stop();
-        }
+                RunningChecks::start(&self.handle, spec, check, state)
+            }
+        };
+        control.health_checks.insert(name.clone(), running);
     }
 
     fn bind(

@@ -42,6 +42,58 @@ pub(crate) struct Document {
     pub(crate) clusters: Vec<Cluster>,
 }
 
+/// A patch of the running config: clusters and listeners added or replaced
+/// whole by name, or removed by name; routes of one listener added,
+/// replaced (by SNI / authority) or removed. Identity, trust bundles and
+/// the handshake timeout are not patchable: change them with a full
+/// document.
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Patch {
+    /// Added, or replacing the cluster of the same name.
+    #[serde(default)]
+    pub(crate) clusters: Vec<Cluster>,
+    #[serde(default)]
+    pub(crate) remove_clusters: Vec<String>,
+    /// Added, or replacing the listener of the same name (with its routes).
+    #[serde(default)]
+    pub(crate) listeners: Vec<Listener>,
+    #[serde(default)]
+    pub(crate) remove_listeners: Vec<String>,
+    /// Route edits of passthrough and terminate listeners.
+    #[serde(default)]
+    pub(crate) routes: Vec<RoutePatch>,
+    /// Route edits of connect listeners.
+    #[serde(default)]
+    pub(crate) connect_routes: Vec<ConnectRoutePatch>,
+}
+
+/// Route edits of one passthrough or terminate listener.
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RoutePatch {
+    pub(crate) listener: String,
+    /// Added, or replacing the route of the same SNI pattern.
+    #[serde(default)]
+    pub(crate) upsert: Vec<Route>,
+    /// SNI patterns of routes to remove.
+    #[serde(default)]
+    pub(crate) remove: Vec<String>,
+}
+
+/// Route edits of one connect listener.
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ConnectRoutePatch {
+    pub(crate) listener: String,
+    /// Added, or replacing the route of the same authority.
+    #[serde(default)]
+    pub(crate) upsert: Vec<ConnectRoute>,
+    /// Authorities of routes to remove.
+    #[serde(default)]
+    pub(crate) remove: Vec<String>,
+}
+
 #[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Identity {

@@ -719,7 +719,7 @@ fn connect_listeners_route_canonical_authorities_and_refuse_what_is_not_theirs()
         panic!("not connect");
     };
     assert_eq!(
-        routes.get("web.default.east:8080").map(String::as_str),
+        routes.get("web.default.east:8080").map(|c| &**c),
         Some("east-gateway")
     );
 

@@ -36,7 +36,7 @@ impl RunningChecks {
             .iter()
             .map(|endpoint| {
                 handle.spawn(check_loop(
-                    cluster.name.clone(),
+                    cluster.name.to_string(),
                     endpoint.address,
                     endpoint.clone(),
                     spec,

@@ -8,14 +8,15 @@ use std::sync::Arc;
 use super::limits::RouteState;
 use super::retired::Retired;
 use super::upstream::{ClusterState, Previous};
-use crate::config::{ClusterSpec, CompiledConfig, ListenerMode, RouteKey};
+use crate::config::{ClusterSpec, CompiledConfig, Delta, RouteKey, route_keys};
 
 /// One generation of configuration plus the runtime state of its clusters
 /// and routes. A connection loads it once and keeps it for its whole life.
 #[derive(Debug)]
 pub(crate) struct Snapshot {
     pub(crate) config: Arc<CompiledConfig>,
-    pub(crate) clusters: HashMap<String, Arc<ClusterState>>,
+    /// Keyed by shared names, so the next generation copies pointers.
+    pub(crate) clusters: HashMap<Arc<str>, Arc<ClusterState>>,
     pub(crate) routes: HashMap<RouteKey, Arc<RouteState>>,
 }
 
@@ -41,7 +42,7 @@ impl Snapshot {
             clusters: &previous.clusters,
             retired,
         };
-        let clusters: HashMap<String, Arc<ClusterState>> = config
+        let clusters: HashMap<Arc<str>, Arc<ClusterState>> = config
             .clusters
             .iter()
             .map(|(name, spec)| {
@@ -55,20 +56,8 @@ impl Snapshot {
         }
         let mut routes = HashMap::new();
         for listener in &config.listeners {
-            let keys: Vec<&RouteKey> = match &listener.mode {
-                ListenerMode::Passthrough { routes } => routes.values().map(|r| &r.key).collect(),
-                ListenerMode::Terminate { routes, .. } => {
-                    routes.values().map(|r| &r.route.key).collect()
-                }
-                ListenerMode::Originate { .. } | ListenerMode::Connect { .. } => Vec::new(),
-            };
-            for key in keys {
-                let state = previous
-                    .routes
-                    .get(key)
-                    .cloned()
-                    .or_else(|| retired.routes.revive(key))
-                    .unwrap_or_default();
+            for key in route_keys(listener) {
+                let state = carry_route(key, previous, retired);
                 routes.insert(key.clone(), state);
             }
         }
@@ -85,7 +74,64 @@ impl Snapshot {
         }
     }
 
+    /// [`Self::build`] for a patched config, whose changes from
+    /// `previous.config` are all named in `delta`: the state of every other
+    /// cluster and route is `previous`'s own `Arc` (pointer copies, no
+    /// rebuild), and only the touched names are built, carried or retired,
+    /// exactly as a full build would do for them.
+    pub(crate) fn patched(
+        config: CompiledConfig,
+        delta: &Delta,
+        previous: &Snapshot,
+        retired: &mut Retired,
+    ) -> Self {
+        let mut clusters = previous.clusters.clone();
+        for name in &delta.clusters {
+            let next = config.clusters.get(name).map(|spec| {
+                let mut carried = Previous {
+                    clusters: &previous.clusters,
+                    retired,
+                };
+                Arc::new(ClusterState::build(spec, &mut carried))
+            });
+            if let Some(old) = previous.clusters.get(name) {
+                old.retire_into(name, next.as_deref(), retired);
+            }
+            match next {
+                Some(state) => clusters.insert(name.clone(), state),
+                None => clusters.remove(name),
+            };
+        }
+        let mut routes = previous.routes.clone();
+        for key in &delta.routes {
+            if config.has_route(key) {
+                if !routes.contains_key(key) {
+                    let state = carry_route(key, previous, retired);
+                    routes.insert(key.clone(), state);
+                }
+            } else if let Some(state) = routes.remove(key) {
+                state.forget_buckets();
+                retired.routes.retire(key.clone(), state);
+            }
+        }
+        Self {
+            config: Arc::new(config),
+            clusters,
+            routes,
+        }
+    }
+
     pub(crate) fn cluster(&self, name: &str) -> Option<(&ClusterSpec, &Arc<ClusterState>)> {
         Some((self.config.clusters.get(name)?, self.clusters.get(name)?))
     }
+}
+
+/// The state of route `key`: `previous`'s, else what `retired` kept, else new.
+fn carry_route(key: &RouteKey, previous: &Snapshot, retired: &mut Retired) -> Arc<RouteState> {
+    previous
+        .routes
+        .get(key)
+        .cloned()
+        .or_else(|| retired.routes.revive(key))
+        .unwrap_or_default()
 }

@@ -90,7 +90,7 @@ pub(crate) async fn connect(
         Some(limit) if gauge.load(Ordering::Relaxed) >= limit => {
             inc(&shared.circuit_open);
             Err(ConnectError::CircuitOpen {
-                cluster: spec.name.clone(),
+                cluster: spec.name.to_string(),
                 what,
                 limit,
             })
@@ -136,7 +136,7 @@ pub(crate) async fn connect(
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
                 tracing::debug!(cluster = %spec.name, %address, error = %e, "caller refused by the peer gateway");
                 return Err(ConnectError::Refused {
-                    cluster: spec.name.clone(),
+                    cluster: spec.name.to_string(),
                     reason: e.to_string(),
                 });
             }
@@ -148,7 +148,7 @@ pub(crate) async fn connect(
         }
     }
     Err(ConnectError::Unreachable {
-        cluster: spec.name.clone(),
+        cluster: spec.name.to_string(),
         tried: failures.join("; "),
     })
 }

@@ -134,7 +134,7 @@ async fn respond(client: &mut TcpStream, status: &str, reason: &str) {
 pub(super) async fn serve(
     mut client: TcpStream,
     source: SocketAddr,
-    routes: &HashMap<String, String>,
+    routes: &HashMap<Arc<str>, Arc<str>>,
     snapshot: &Snapshot,
     stats: &Arc<ListenerStats>,
     slot: HandshakeSlot,
@@ -157,7 +157,7 @@ pub(super) async fn serve(
     drop(slot);
     let cluster = parse_authority(&authority)
         .ok()
-        .and_then(|authority| routes.get(&authority));
+        .and_then(|authority| routes.get(authority.as_str()));
     let Some((spec, state)) = cluster.and_then(|name| snapshot.cluster(name)) else {
         inc(&stats.no_route);
         let why = format!(

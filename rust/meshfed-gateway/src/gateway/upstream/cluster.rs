@@ -53,7 +53,7 @@ pub(crate) struct ClusterState {
 /// Carried-over state of every cluster, looked up while building the next
 /// one: the previous generation's, else what a removed cluster left.
 pub(crate) struct Previous<'a> {
-    pub(crate) clusters: &'a HashMap<String, Arc<ClusterState>>,
+    pub(crate) clusters: &'a HashMap<Arc<str>, Arc<ClusterState>>,
     pub(crate) retired: &'a mut Retired,
 }
 
@@ -61,7 +61,7 @@ impl ClusterState {
     /// Builds the state for `spec`, reusing what `previous` knows about the
     /// cluster (by name) and its endpoints (by endpoint key).
     pub(crate) fn build(spec: &ClusterSpec, previous: &mut Previous<'_>) -> Self {
-        let old = previous.clusters.get(&spec.name);
+        let old = previous.clusters.get(&*spec.name);
         let endpoints: Vec<Arc<EndpointState>> = spec
             .endpoints
             .iter()
@@ -73,7 +73,7 @@ impl ClusterState {
                 })
                 .cloned()
                 .or_else(|| {
-                    let key = (spec.name.clone(), endpoint_key(e.address, e.peer()));
+                    let key = (spec.name.to_string(), endpoint_key(e.address, e.peer()));
                     previous.retired.endpoints.revive(&key)
                 })
                 .unwrap_or_else(|| Arc::new(EndpointState::new(e)))
@@ -112,7 +112,7 @@ impl ClusterState {
             .collect();
         let shared = old
             .map(|o| o.shared.clone())
-            .or_else(|| previous.retired.clusters.revive(&spec.name))
+            .or_else(|| previous.retired.clusters.revive(&*spec.name))
             .unwrap_or_default();
         Self {
             shared,

@@ -15,7 +15,7 @@ use crate::gateway::retired::Retired;
 
 fn spec(lb: Lb, endpoints: &[(u32, u32)]) -> ClusterSpec {
     ClusterSpec {
-        name: "c".to_owned(),
+        name: "c".into(),
         endpoints: endpoints
             .iter()
             .enumerate()
@@ -150,7 +150,7 @@ fn state_carries_over_by_endpoint_key() {
     let a = spec(Lb::RoundRobin, &[(1, 0), (1, 0)]);
     let old = Arc::new(state(&a));
     old.record_failure(&a, 1, clock::now());
-    let clusters = HashMap::from([("c".to_owned(), old.clone())]);
+    let clusters = HashMap::from([(Arc::from("c"), old.clone())]);
     let mut b = spec(Lb::LeastRequest, &[(1, 0)]);
     b.endpoints[0].address = a.endpoints[1].address;
     let new = ClusterState::build(
@@ -174,7 +174,7 @@ fn removed_endpoints_and_clusters_come_back_with_their_state() {
     first.record_failure(&a, 0, clock::now());
     let mut b = spec(Lb::RoundRobin, &[(1, 0)]);
     b.endpoints[0].address = a.endpoints[1].address;
-    let clusters = HashMap::from([("c".to_owned(), first.clone())]);
+    let clusters = HashMap::from([(Arc::from("c"), first.clone())]);
     let second = Arc::new(ClusterState::build(
         &b,
         &mut Previous {
