@@ -37,7 +37,7 @@ from meshfed.federation.authz import AuthzIndex, AuthzRules
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.exports import ExportedCatalog, ExportIndex, ExportRules
 from meshfed.federation.failover import groups_of_listeners
-from meshfed.federation.gateway_config import build_gateway_config
+from meshfed.federation.gateway_config import Fragments, build_gateway_config
 from meshfed.federation.imports import (
     EgressPorts,
     ImportedService,
@@ -139,6 +139,8 @@ class GatewayDriver:
         self._import_problems: dict[str, str] = {}
         # Peers whose imports the last build left out because the data plane rejected them.
         self._rejected: frozenset[str] = frozenset()
+        # The pieces of the last build, per service and import, reused by the next (see Fragments).
+        self._fragments = Fragments()
         # The stored imports as the last build parsed them. A build for the API may run beside the
         # driver's: each entry is a consistent (digest, snapshot) pair, and one lost costs a parse.
         self._parsed_imports: ParsedSnapshots = {}
@@ -401,4 +403,5 @@ class GatewayDriver:
             sticky=sticky,
             connect_address=self._egress_connect_address,
             per_import_listeners=self._per_import_listeners,
+            fragments=self._fragments,
         )

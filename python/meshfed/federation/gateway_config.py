@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from meshfed.catalog.model import CatalogSnapshot, Service
 from meshfed.federation.authz import AuthzIndex
+from meshfed.federation.exchange import ExportedService
 from meshfed.federation.exports import ExportIndex
 from meshfed.federation.failover import FailoverGroup, failover_groups
 from meshfed.federation.imports import ImportedService, egress_listener_name
@@ -58,7 +60,7 @@ from meshfed.gateway import (
 )
 from meshfed.gateway.config import Listener
 from meshfed.gateway.sni import service_sni
-from meshfed.policy.egress import EgressPolicy
+from meshfed.policy.egress import EgressPolicy, WorkloadTls
 from meshfed.policy.failover import DEFAULT_POLICY, FailoverPolicy
 from meshfed.policy.splits import SubsetSplit
 from meshfed.trust.spiffe import TrustDomain
@@ -69,6 +71,48 @@ CONNECT_LISTENER = "egress-connect"
 
 # Where an egress listener binds: (listener name) -> "host:port".
 EgressAddress = Callable[[str], str]
+
+
+@dataclass(frozen=True)
+class _Local:
+    """What one local service became in a config, and what it was built from."""
+
+    service: Service
+    key: tuple[object, ...]
+    clusters: list[Cluster]
+    routes: list[Route]
+
+
+@dataclass(frozen=True)
+class _Import:
+    """What one imported service became in a config, and what it was built from."""
+
+    service: ExportedService
+    key: tuple[object, ...]
+    clusters: list[Cluster]
+    listeners: list[Listener]
+    connect_routes: list[ConnectRoute]
+
+
+class Fragments:
+    """The clusters, routes and listeners a build made per local service and per import, for the next build.
+
+    A zone of 10,000 services builds its whole config again on every change.
+    A service or an import whose inputs are equal to last time's (the same
+    object, for the services a catalog shares across versions) gets last
+    time's pieces back: a lookup instead of a build, and, since the pieces are
+    frozen, the very same objects, so what changed between two configs shows
+    by identity. Each build keeps only what it used: one config's worth. A
+    build beside another (the API's) may leave this with either's pieces;
+    every entry is whole, and a lost one only costs building it again.
+    """
+
+    def __init__(self) -> None:
+        self._local: dict[tuple[str, str], _Local] = {}
+        self._imports: dict[tuple[str, str, str], _Import] = {}
+
+    def _keep(self, local: dict[tuple[str, str], _Local], imports: dict[tuple[str, str, str], _Import]) -> None:
+        self._local, self._imports = local, imports
 
 
 def build_gateway_config(
@@ -91,6 +135,7 @@ def build_gateway_config(
     sticky: frozenset[tuple[str, str]] = frozenset(),
     connect_address: str | None = None,
     per_import_listeners: bool = True,
+    fragments: Fragments | None = None,
 ) -> GatewayConfig:
     """The whole gateway config for this state; the same inputs always give the same config.
 
@@ -99,41 +144,51 @@ def build_gateway_config(
     (namespace, service) that were failover groups: each keeps its group listener with one source.
     ``connect_address`` adds one CONNECT listener there naming every import and group by authority;
     ``per_import_listeners`` (default on) gives each import port and group port a listener of its own.
+    ``fragments`` (kept by the caller across builds) reuses the pieces of unchanged services and imports.
     """
     authz = authz or AuthzIndex()
     egress = egress or EgressPolicy()
+    fragments = fragments if fragments is not None else Fragments()
     routes: list[Route] = []
     clusters: list[Cluster] = []
     split_of = {split.key: split for split in splits}
     # The default rules depend only on which peers an export names: built once per set of peers and
     # shared (frozen) by every route with that set, instead of once per service.
     defaults: dict[tuple[str, ...], list[AuthzRule]] = {}
+    used_local: dict[tuple[str, str], _Local] = {}
     for service in catalog.services:
         allowed = exports.peers_allowed(service, peer_trust_domains)
-        endpoints = [Endpoint(address=e.key, weight=e.weight) for e in service.healthy_endpoints]
-        if not (allowed or authz.has_rules(service)) or not endpoints:
+        has_rules = authz.has_rules(service)
+        if not (allowed or has_rules) or not any(e.healthy for e in service.endpoints):
             continue
-        cluster = local_cluster_name(service)
-        clusters.append(Cluster(name=cluster, endpoints=endpoints, health_check=health_check))
-        split = split_of.get(service.key)
-        shares = _subset_clusters(service, split, clusters) if split is not None else []
-        # Default: whatever the named peers' trust domains vouch for (their gateways, and the
-        # workloads their gateways convey); a service with rules gets exactly its rules.
         named = tuple(sorted(allowed))
-        default = defaults.get(named)
-        if default is None:
-            default = defaults[named] = [
-                AuthzRule(action="allow", id=f"{peer_trust_domains[peer].id}/*") for peer in named
-            ]
-        for port in sorted(set(service.ports.values())):
-            sni = service_sni(service.name, service.namespace, port, trust_domain)
-            rules = (
-                [AuthzRule(action=rule.action, id=rule.pattern) for rule in authz.rules_for(service, port)]
-                if authz.has_rules(service)
-                else default
+        ports = sorted(set(service.ports.values()))
+        split = split_of.get(service.key)
+        key: tuple[object, ...] = (
+            tuple(str(peer_trust_domains[peer]) for peer in named),
+            tuple(tuple((r.action, r.pattern) for r in authz.rules_for(service, port)) for port in ports)
+            if has_rules
+            else None,
+            split,
+            service.key in proxy_protocol,
+            health_check,
+            str(trust_domain),
+        )
+        held = fragments._local.get(service.key)
+        if held is None or held.key != key or (held.service is not service and held.service != service):
+            default = defaults.get(named)
+            if default is None:
+                default = defaults[named] = [
+                    AuthzRule(action="allow", id=f"{peer_trust_domains[peer].id}/*") for peer in named
+                ]
+            held = _Local(
+                service,
+                key,
+                *_local_pieces(service, ports, split, default, authz, proxy_protocol, health_check, trust_domain),
             )
-            target: dict[str, Any] = {"weighted_clusters": shares} if shares else {"cluster": cluster}
-            routes.append(Route(sni=sni, rules=rules, proxy_protocol=service.key in proxy_protocol, **target))
+        used_local[service.key] = held
+        clusters.extend(held.clusters)
+        routes.extend(held.routes)
 
     trusted_gateways = sorted({str(domain.gateway_id) for domain in peer_trust_domains.values()})
     # By authority: two port names of one service with the same number are one authority (the first name's).
@@ -143,22 +198,27 @@ def build_gateway_config(
             name=INGRESS_LISTENER, address=ingress_address, routes=routes, trusted_gateways=trusted_gateways
         )
     ]
+    used_imports: dict[tuple[str, str, str], _Import] = {}
     for imported in imports:
-        workload_tls = egress.mode(imported.service.name, imported.service.namespace, imported.peer)
-        for port_name in sorted(imported.service.ports):
-            endpoints = _peer_endpoints(imported, port_name, priority=0)
-            if not endpoints:
-                continue  # the peer advertised no gateway: nothing to dial
-            name = egress_listener_name(imported, port_name)
-            clusters.append(Cluster(name=name, endpoints=endpoints))
-            if per_import_listeners:
-                listeners.append(
-                    OriginateListener(name=name, address=egress_address(name), cluster=name, workload_tls=workload_tls)
-                )
-            if workload_tls == "plain":
-                offered = imported.service
-                authority = f"{offered.name}.{offered.namespace}.{imported.peer}:{offered.ports[port_name]}"
-                connect_routes.setdefault(authority, ConnectRoute(authority=authority, cluster=name))
+        offered = imported.service
+        workload_tls = egress.mode(offered.name, offered.namespace, imported.peer)
+        names = [egress_listener_name(imported, port_name) for port_name in sorted(offered.ports)]
+        import_key: tuple[object, ...] = (
+            workload_tls,
+            tuple(egress_address(name) for name in names) if per_import_listeners else None,
+            imported.snapshot.trust_domain,
+            tuple(imported.snapshot.gateway_addresses),
+        )
+        held_import = fragments._imports.get((imported.peer, offered.namespace, offered.name))
+        if held_import is None or held_import.key != import_key or held_import.service != offered:
+            held_import = _Import(
+                offered, import_key, *_import_pieces(imported, workload_tls, egress_address, per_import_listeners)
+            )
+        used_imports[(imported.peer, offered.namespace, offered.name)] = held_import
+        clusters.extend(held_import.clusters)
+        listeners.extend(held_import.listeners)
+        for route in held_import.connect_routes:
+            connect_routes.setdefault(route.authority, route)
 
     for group in failover_groups(catalog, imports, failover, sticky):
         for port_name in group.port_names:
@@ -186,7 +246,63 @@ def build_gateway_config(
                 name=CONNECT_LISTENER, address=connect_address, connect_routes=list(connect_routes.values())
             )
         )
+    fragments._keep(used_local, used_imports)
     return GatewayConfig(identity=identity, trust_bundles=trust_bundles, listeners=listeners, clusters=clusters)
+
+
+def _local_pieces(
+    service: Service,
+    ports: list[int],
+    split: SubsetSplit | None,
+    default: list[AuthzRule],
+    authz: AuthzIndex,
+    proxy_protocol: frozenset[tuple[str, str]],
+    health_check: HealthCheck | None,
+    trust_domain: TrustDomain,
+) -> tuple[list[Cluster], list[Route]]:
+    """The cluster (and subset clusters) and the ingress routes of one exported local service."""
+    clusters: list[Cluster] = []
+    routes: list[Route] = []
+    cluster = local_cluster_name(service)
+    endpoints = [Endpoint(address=e.key, weight=e.weight) for e in service.healthy_endpoints]
+    clusters.append(Cluster(name=cluster, endpoints=endpoints, health_check=health_check))
+    shares = _subset_clusters(service, split, clusters) if split is not None else []
+    # Default: whatever the named peers' trust domains vouch for (their gateways, and the
+    # workloads their gateways convey); a service with rules gets exactly its rules.
+    for port in ports:
+        sni = service_sni(service.name, service.namespace, port, trust_domain)
+        rules = (
+            [AuthzRule(action=rule.action, id=rule.pattern) for rule in authz.rules_for(service, port)]
+            if authz.has_rules(service)
+            else default
+        )
+        target: dict[str, Any] = {"weighted_clusters": shares} if shares else {"cluster": cluster}
+        routes.append(Route(sni=sni, rules=rules, proxy_protocol=service.key in proxy_protocol, **target))
+    return clusters, routes
+
+
+def _import_pieces(
+    imported: ImportedService, workload_tls: WorkloadTls, egress_address: EgressAddress, per_import_listeners: bool
+) -> tuple[list[Cluster], list[Listener], list[ConnectRoute]]:
+    """The clusters, listeners and CONNECT routes of one imported service, a port each."""
+    clusters: list[Cluster] = []
+    listeners: list[Listener] = []
+    connect_routes: list[ConnectRoute] = []
+    offered = imported.service
+    for port_name in sorted(offered.ports):
+        endpoints = _peer_endpoints(imported, port_name, priority=0)
+        if not endpoints:
+            continue  # the peer advertised no gateway: nothing to dial
+        name = egress_listener_name(imported, port_name)
+        clusters.append(Cluster(name=name, endpoints=endpoints))
+        if per_import_listeners:
+            listeners.append(
+                OriginateListener(name=name, address=egress_address(name), cluster=name, workload_tls=workload_tls)
+            )
+        if workload_tls == "plain":
+            authority = f"{offered.name}.{offered.namespace}.{imported.peer}:{offered.ports[port_name]}"
+            connect_routes.append(ConnectRoute(authority=authority, cluster=name))
+    return clusters, listeners, connect_routes
 
 
 def _subset_clusters(service: Service, split: SubsetSplit, clusters: list[Cluster]) -> list[WeightedCluster]:
