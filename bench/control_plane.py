@@ -65,6 +65,11 @@ INTERPRETER_GC = (700, 10, 10)  # CPython's default collector thresholds
 PEERS = ("west", "north", "south")
 
 
+def peer_names(count: int) -> tuple[str, ...]:
+    """The importing zones of a sync: west, north, south, then peer-4, peer-5, ..."""
+    return (*PEERS[:count], *(f"peer-{index}" for index in range(len(PEERS) + 1, count + 1)))
+
+
 @dataclass
 class Row:
     what: str
@@ -281,6 +286,7 @@ class SyncResult:
     peer_sockets: dict[str, int]
     change_seconds: dict[str, float]
     change_bytes: int
+    peers: int = len(PEERS)
 
 
 async def loop_stall_monitor(record: list[float], tick: float = 0.05) -> None:
@@ -373,22 +379,23 @@ async def bulk_sync(
     timeout: float,
     gc_thresholds: tuple[int, int, int] = GC_THRESHOLDS,
     egress: str = "listeners",
+    peers: int = len(PEERS),
 ) -> SyncResult:
     """One sync, every zone's cyclic collector at ``gc_thresholds`` (the exporter's: this process's, for the run),
     the peers' imports served per ``egress`` (see :func:`settings`)."""
     before = gc.get_threshold()
     gc.set_threshold(*gc_thresholds)
     try:
-        return await _bulk_sync(root, services, timeout, gc_thresholds, egress)
+        return await _bulk_sync(root, services, timeout, gc_thresholds, egress, peer_names(peers))
     finally:
         gc.set_threshold(*before)
 
 
 async def _bulk_sync(
-    root: Path, services: int, timeout: float, gc_thresholds: tuple[int, int, int], egress: str
+    root: Path, services: int, timeout: float, gc_thresholds: tuple[int, int, int], egress: str, names: tuple[str, ...]
 ) -> SyncResult:
     exporter_zone = Zone.init(root / "east", "east", "east.mesh")
-    for name in PEERS:
+    for name in names:
         Zone.init(root / name, name, f"{name}.mesh")
     register_seconds = register_all(exporter_zone, [service(index) for index in range(services)])
     exporter = assemble_zone(exporter_zone, settings())
@@ -408,7 +415,7 @@ async def _bulk_sync(
     monitor = asyncio.create_task(loop_stall_monitor(stalls))
     await exporter.controller.start()
     try:
-        for index, name in enumerate(PEERS):
+        for index, name in enumerate(names):
             ours, theirs = spawn.Pipe()
             token = exporter.peering.issue_token(name).encoded
             # One loopback address per peer, as each would have its own host: 3 x 10,000 egress
@@ -430,7 +437,7 @@ async def _bulk_sync(
         started = time.time()
         await asyncio.to_thread(export_all, exporter_zone, [f"svc-{index}" for index in range(services)], ["*"])
         deadline = time.monotonic() + timeout
-        while len(serving_seconds) < len(PEERS):
+        while len(serving_seconds) < len(names):
             for name, pipe in pipes.items():
                 while pipe.poll():
                     event, at, detail = pipe.recv()
@@ -442,8 +449,8 @@ async def _bulk_sync(
                         failing.add(f"{name}: {detail}")
             if time.monotonic() > deadline:
                 error = (
-                    f"not finished after {timeout:g} s: {len(snapshot_seconds)}/3 peers hold the snapshot, "
-                    f"{len(serving_seconds)}/3 serve it"
+                    f"not finished after {timeout:g} s: {len(snapshot_seconds)}/{len(names)} peers hold the snapshot, "
+                    f"{len(serving_seconds)}/{len(names)} serve it"
                 )
                 break
             await asyncio.sleep(0.05)
@@ -451,7 +458,7 @@ async def _bulk_sync(
         # The bench's own measurements run off the exporter's loop, or they would count in its stalls.
         snapshot_bytes = await asyncio.to_thread(
             lambda: sum(
-                wire.snapshot_to_proto(exporter.controller.exported_snapshot(name)).ByteSize() for name in PEERS
+                wire.snapshot_to_proto(exporter.controller.exported_snapshot(name)).ByteSize() for name in names
             )
         )
         if error is None:
@@ -491,6 +498,7 @@ async def _bulk_sync(
         peer_sockets,
         change_seconds,
         change_bytes,
+        len(names),
     )
 
 
@@ -499,7 +507,8 @@ async def one_endpoint_change(
 ) -> tuple[dict[str, float], int]:
     """One more endpoint for one service of the synced catalog: seconds until each peer's gateway runs the
     config built from the update (its link records the version only then), and the delta's bytes."""
-    before = await asyncio.to_thread(lambda: {name: exporter.controller.exported_snapshot(name) for name in PEERS})
+    names = tuple(pipes)
+    before = await asyncio.to_thread(lambda: {name: exporter.controller.exported_snapshot(name) for name in names})
     for pipe in pipes.values():
         pipe.send("change")
     started = time.time()
@@ -513,9 +522,9 @@ async def one_endpoint_change(
                 if event == "change":
                     applied[name] = at - started
         await asyncio.sleep(0.01)
-    after = await asyncio.to_thread(lambda: {name: exporter.controller.exported_snapshot(name) for name in PEERS})
+    after = await asyncio.to_thread(lambda: {name: exporter.controller.exported_snapshot(name) for name in names})
     delta_bytes = await asyncio.to_thread(
-        lambda: max(wire.diff(before[name], after[name]).ByteSize() for name in PEERS)
+        lambda: max(wire.diff(before[name], after[name]).ByteSize() for name in names)
     )
     return applied, delta_bytes
 
@@ -542,13 +551,16 @@ def sync_rows(results: Sequence[SyncResult], costs: dict[int, float]) -> list[Ro
     for result in results:
         collector = "GC as `meshfed up` tunes it" if result.gc_thresholds == GC_THRESHOLDS else "interpreter's GC"
         egress = "one CONNECT listener" if result.egress == "connect" else "a listener per import"
-        size = f"{result.services:,} services x {ENDPOINTS_PER_SERVICE} endpoints → 3 peers, {collector}, {egress}"
+        size = (
+            f"{result.services:,} services x {ENDPOINTS_PER_SERVICE} endpoints → {result.peers} peers, "
+            f"{collector}, {egress}"
+        )
         snapshot = max(result.snapshot_seconds.values(), default=float("nan"))
         serving = max(result.serving_seconds.values(), default=float("nan"))
         outcome = f"**FAILED**: {result.error}; " if result.error else ""
         rows += [
             Row(
-                f"sync {size}: all 3 peers hold the snapshot",
+                f"sync {size}: all {result.peers} peers hold the snapshot",
                 f"{snapshot:.1f} s" if result.snapshot_seconds else "—",
                 f"{outcome}from the export rules' commit (one rule per service, to `*`, one transaction) to "
                 f"`imported_services` = {result.services:,} on every peer; per peer "
@@ -556,7 +568,7 @@ def sync_rows(results: Sequence[SyncResult], costs: dict[int, float]) -> list[Ro
                 + f"; catalog registration (not counted): {result.register_seconds:.1f} s",
             ),
             Row(
-                f"sync {size}: all 3 peer gateways serve every import",
+                f"sync {size}: all {result.peers} peer gateways serve every import",
                 f"{serving:.1f} s" if result.serving_seconds else "—",
                 (
                     f"{result.services:,} egress listeners bound on each peer gateway"
@@ -575,13 +587,14 @@ def sync_rows(results: Sequence[SyncResult], costs: dict[int, float]) -> list[Ro
                 f"{max(result.change_seconds.values(), default=float('nan')) * 1000:.0f} ms",
                 "one more endpoint registered for one service after the sync → the peer's link records the "
                 f"update, which it does once its gateway applied it; a delta of {result.change_bytes} bytes to each "
-                f"peer, and a whole {result.services:,}-import config applied by each (not yet incremental); per peer "
+                f"peer; per peer "
                 + ", ".join(f"{name} {s * 1000:.0f} ms" for name, s in sorted(result.change_seconds.items())),
             ),
             Row(
                 f"sync {size}: bytes",
                 f"{result.snapshot_bytes / 1024:.0f} KiB",
-                f"serialized protobuf `Snapshot` sizes, summed over the 3 peers (gRPC/HTTP2/TLS framing not "
+                f"serialized protobuf `Snapshot` sizes, summed over the {result.peers} peers (gRPC/HTTP2/TLS "
+                "framing not "
                 f"included); loopback interface counter over the window, machine-wide and including "
                 f"heartbeats, acks and other processes: {result.loopback_bytes / 1024:.0f} KiB",
             ),
@@ -595,7 +608,7 @@ def sync_rows(results: Sequence[SyncResult], costs: dict[int, float]) -> list[Ro
             Row(
                 f"sync {size}: peer controller RSS",
                 f"{max(result.peer_rss_kib.values(), default=0) / 1024:.0f} MiB",
-                "largest VmRSS of the 3 importing zones, each in its own process, at the end "
+                f"largest VmRSS of the {result.peers} importing zones, each in its own process, at the end "
                 "(after the endpoint change, when run); per peer "
                 + ", ".join(f"{name} {kib / 1024:.0f} MiB" for name, kib in sorted(result.peer_rss_kib.items())),
             ),
@@ -618,6 +631,62 @@ def sync_rows(results: Sequence[SyncResult], costs: dict[int, float]) -> list[Ro
             )
         )
     return rows
+
+
+# -- cost against size ----------------------------------------------------------------------------------------------
+
+SCALE_SERVICES = (1_000, 10_000, 50_000)
+SCALE_PEERS = (1, 3, 10)
+
+
+def _scale_cell(root: str, services: int, peers: int, timeout: float, results: Connection) -> None:
+    """One cell of the scale table in a fresh process of its own (the exporter), so that no cell's
+    memory or collector state carries into the next."""
+    logging.basicConfig(level=logging.ERROR)
+    raise_open_file_limit()
+    result = asyncio.run(bulk_sync(Path(root), services, timeout, GC_THRESHOLDS, "connect", peers))
+    results.send(result)
+
+
+def scale_results(root: Path, sizes: Sequence[int], peer_counts: Sequence[int], timeout: float) -> list[SyncResult]:
+    """The sync at every size x peer count, each in a fresh process, one after another."""
+    spawn = multiprocessing.get_context("spawn")
+    results = []
+    for services in sizes:
+        for peers in peer_counts:
+            ours, theirs = spawn.Pipe()
+            # Not a daemon: the cell starts the importing zones as processes of its own.
+            cell = spawn.Process(
+                target=_scale_cell, args=(str(root / f"scale-{services}-{peers}"), services, peers, timeout, theirs)
+            )
+            cell.start()
+            results.append(ours.recv())
+            cell.join(60)
+            print(f"scale: {services:,} services → {peers} peers done", file=sys.stderr)
+    return results
+
+
+def scale_table(results: Sequence[SyncResult]) -> list[str]:
+    """One line per size and peer count: what the issue's targets are stated in."""
+    lines = [
+        "| services | peers | all peer gateways serve every import | bytes per peer | exporter RSS | "
+        "largest importer RSS | longest loop stall | listening sockets per importer | one endpoint change: "
+        "bytes per peer, time until every peer gateway runs it |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for result in results:
+        serving = max(result.serving_seconds.values(), default=float("nan"))
+        change = max(result.change_seconds.values(), default=float("nan"))
+        outcome = f" **FAILED**: {result.error}" if result.error else ""
+        lines.append(
+            f"| {result.services:,} | {result.peers} | {serving:.1f} s{outcome} | "
+            f"{result.snapshot_bytes / max(result.peers, 1) / 1024:.0f} KiB | "
+            f"{result.exporter_rss_kib / 1024:.0f} MiB | "
+            f"{max(result.peer_rss_kib.values(), default=0) / 1024:.0f} MiB | "
+            f"{max(result.max_loop_stall.values(), default=0.0) * 1000:.0f} ms | "
+            f"{max(result.peer_sockets.values(), default=0)} | {result.change_bytes} B, {change * 1000:.0f} ms |"
+        )
+    return lines
 
 
 # -- report ---------------------------------------------------------------------------------------------------------
@@ -665,8 +734,20 @@ def main() -> None:
     parser.add_argument(
         "--cost-sizes", type=int, nargs="*", help="sizes of the exported_snapshot() cost rows (default 1000 10000)"
     )
-    parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the Markdown table")
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="only the table of cost against size: services x peers (default 1,000/10,000/50,000 x 1/3/10), "
+        "one CONNECT listener per importer, each cell in a fresh process; "
+        "written to bench/results/control_plane_scale.md",
+    )
+    parser.add_argument("--peers", type=int, nargs="+", help="peer counts of the --scale table (default 1 3 10)")
+    parser.add_argument("--output", type=Path, default=None, help="where to write the Markdown table")
     args = parser.parse_args()
+    if args.scale:
+        main_scale(args)
+        return
+    args.output = args.output or RESULTS
     logging.basicConfig(level=logging.ERROR)
     sizes = args.sizes or ([500] if args.quick else [10000])
     cost_sizes = args.cost_sizes if args.cost_sizes is not None else ([1000, 2000] if args.quick else [1000, 10000])
@@ -689,6 +770,39 @@ def main() -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(table)
     print(f"written to {args.output}", file=sys.stderr)
+
+
+def main_scale(args: argparse.Namespace) -> None:
+    sizes = args.sizes or list(SCALE_SERVICES)
+    peer_counts = args.peers or list(SCALE_PEERS)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="meshfed-bench-scale-") as tmp:
+        results = scale_results(Path(tmp), sizes, peer_counts, args.sync_timeout)
+    load = os.getloadavg()
+    table = "\n".join(
+        [
+            "# meshfed federation control plane: cost against size",
+            "",
+            f"`bench/control_plane.py {' '.join(sys.argv[1:])}` on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, "
+            f"{os.cpu_count()} CPUs, load average {load[0]:.2f} at the end, {time.monotonic() - started:.0f} s in all; "
+            "one run per cell, each cell in a fresh process, every zone in a process of its own on one machine "
+            f"(the importers share its {os.cpu_count()} CPUs). Each service has {ENDPOINTS_PER_SERVICE} endpoints "
+            "and is exported to every peer (one rule each, to `*`); importers serve every import on one CONNECT "
+            'listener. The clock starts at the export rules\' commit; "serve" means the name is in each peer '
+            "gateway's running config. Bytes per peer: the serialized `Snapshot`. RSS: VmRSS after the sync and "
+            "the one endpoint change. Stall: the longest lateness of a 50 ms ticker on any zone's loop. The change: "
+            "one more endpoint registered for one service, until every peer's link records the update (once its "
+            "gateway applied it).",
+            "",
+            *scale_table(results),
+            "",
+        ]
+    )
+    print(table)
+    output = args.output or RESULTS.with_name("control_plane_scale.md")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(table)
+    print(f"written to {output}", file=sys.stderr)
 
 
 if __name__ == "__main__":
