@@ -20,12 +20,14 @@ from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.federation.exports import ExportIndex, ExportRule
 from meshfed.federation.gateway_config import Fragments, build_gateway_config
 from meshfed.federation.imports import ImportedService
-from meshfed.gateway import Cluster, GatewayConfig, HealthCheck
+from meshfed.gateway import Cluster, GatewayConfig, HealthCheck, Identity
 from meshfed.policy.egress import EgressPolicy
 from meshfed.policy.splits import SubsetSplit
 from meshfed.trust.spiffe import TrustDomain
 
 PEERS = {"west": TrustDomain("west.mesh"), "north": TrustDomain("north.mesh")}
+# Never compiled here: the builds are compared, not run.
+IDENTITY = Identity(cert_chain_pem="chain", private_key_pem="key")
 
 
 def service(name: str, *hosts: int, version: str = "v1") -> Service:
@@ -62,7 +64,7 @@ BASE: dict[str, Any] = {
 def build(fragments: Fragments | None, **changes: Any) -> GatewayConfig:
     inputs = {**BASE, **changes}
     return build_gateway_config(
-        identity=None,
+        identity=IDENTITY,
         trust_bundles={},
         trust_domain=TrustDomain("east.mesh"),
         ingress_address="127.0.0.1:0",

@@ -43,6 +43,7 @@ from meshfed.federation.imports import (
     ImportedService,
     ImportStore,
     ParsedSnapshots,
+    document_digest,
     egress_listener_name,
     parse_documents,
     services_of,
@@ -186,6 +187,11 @@ class GatewayDriver:
     def rejected(self) -> frozenset[str]:
         """Peers whose imports the last build left out because the data plane rejected them."""
         return self._rejected
+
+    def stored(self, peer: str, document: bytes, snapshot: ServiceSnapshot) -> None:
+        """``peer``'s imports were just stored as ``document``, serialised from ``snapshot``: the next build
+        takes that very snapshot (which the peer's link holds too) instead of parsing a second copy."""
+        self._parsed_imports[peer] = (document_digest(document), snapshot)
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -247,7 +247,12 @@ def egress_listener_name(imported: ImportedService, port_name: str) -> str:
 
 
 ParsedSnapshots = dict[str, tuple[bytes, ServiceSnapshot]]
-"""Per peer, the digest of a stored snapshot document and the snapshot parsed from it."""
+"""Per peer, the digest of a stored snapshot document (:func:`document_digest`) and the snapshot parsed from it."""
+
+
+def document_digest(document: bytes) -> bytes:
+    """What tells two stored snapshot documents apart without keeping them."""
+    return hashlib.blake2b(document, digest_size=16).digest()
 
 
 def parse_documents(
@@ -263,7 +268,7 @@ def parse_documents(
     unreadable: dict[str, str] = {}
     cache: ParsedSnapshots = known if known is not None else {}
     for peer, document in documents:
-        digest = hashlib.blake2b(document, digest_size=16).digest()
+        digest = document_digest(document)
         held = cache.get(peer)
         if held is not None and held[0] == digest:
             snapshots[peer] = held[1]
