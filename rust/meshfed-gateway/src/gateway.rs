@@ -540,6 +540,9 @@ impl Drop for Gateway {
     }
 }
 
+#[cfg(test)]
+mod tests;
+
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateway")
