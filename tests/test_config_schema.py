@@ -37,6 +37,9 @@ PAIRS: dict[str, type[Any]] = {
     "UpstreamTls": config.UpstreamTls,
     "ListenerLimits": config.ListenerLimits,
     "ConnectRoute": config.ConnectRoute,
+    "Patch": config.GatewayPatch,
+    "RoutePatch": config.RoutePatch,
+    "ConnectRoutePatch": config.ConnectRoutePatch,
 }
 LISTENERS: tuple[type[Any], ...] = (
     config.PassthroughListener,

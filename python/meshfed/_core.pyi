@@ -94,6 +94,23 @@ class Gateway:
         Raises ``GatewayError`` if ``compiled`` was applied already.
         """
 
+    def apply_patch(self, patch: bytes) -> None:
+        """Apply a patch document to the running config, compiling only what it changes.
+
+        The document (every field optional)::
+
+            {"clusters": [cluster], "remove_clusters": [name],
+             "listeners": [listener], "remove_listeners": [name],
+             "routes": [{"listener": name, "upsert": [route], "remove": [sni]}],
+             "connect_routes": [{"listener": name, "upsert": [connect route],
+                                 "remove": [authority]}]}
+
+        Clusters and listeners are added or replaced whole by name. The result is
+        what :meth:`apply` of the full document with these edits would give. On
+        error (``ConfigError``, e.g. ``remove_clusters[0]: cluster "web" is still
+        used by ...``, or ``GatewayError``) nothing changes.
+        """
+
     def addresses(self) -> dict[str, str]:
         """The bound address (``"ip:port"``) of each listener, by name."""
 

@@ -271,3 +271,48 @@ class GatewayConfig(BaseModel):
     def to_json(self) -> bytes:
         """The document the Rust core compiles."""
         return self.model_dump_json(exclude_none=True).encode()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class RoutePatch:
+    """Route edits of one passthrough or terminate listener: ``upsert`` adds a route or replaces the
+    one of the same SNI pattern, ``remove`` names SNI patterns to remove."""
+
+    listener: str
+    upsert: list[Route] = Field(default_factory=list)
+    remove: list[str] = Field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)
+class ConnectRoutePatch:
+    """Route edits of one connect listener: ``upsert`` adds a route or replaces the one of the same
+    authority, ``remove`` names authorities to remove."""
+
+    listener: str
+    upsert: list[ConnectRoute] = Field(default_factory=list)
+    remove: list[str] = Field(default_factory=list)
+
+
+class GatewayPatch(BaseModel):
+    """A change to the running gateway config, compiled against it: work for what changes only.
+
+    Clusters and listeners are added or replaced whole by name, or removed by name; routes are
+    edited per listener. The result is what applying the full :class:`GatewayConfig` with these
+    edits would give, checked the same way. The core refuses (and changes nothing) a removal of a
+    name that is not there, a name given twice, a removed cluster something still uses, and route
+    edits of a listener of another mode or one the patch also replaces. Identity, trust bundles and
+    the handshake timeout change only with a full config.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    clusters: list[Cluster] = Field(default_factory=list)
+    remove_clusters: list[str] = Field(default_factory=list)
+    listeners: list[Listener] = Field(default_factory=list)
+    remove_listeners: list[str] = Field(default_factory=list)
+    routes: list[RoutePatch] = Field(default_factory=list)
+    connect_routes: list[ConnectRoutePatch] = Field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        """The patch document the Rust core compiles."""
+        return self.model_dump_json(exclude_none=True).encode()

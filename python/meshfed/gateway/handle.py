@@ -14,7 +14,7 @@ import orjson
 
 from meshfed import _core
 from meshfed.errors import GatewayConfigError, GatewayError
-from meshfed.gateway.config import GatewayConfig
+from meshfed.gateway.config import GatewayConfig, GatewayPatch
 
 _T = TypeVar("_T")
 
@@ -49,6 +49,17 @@ class Gateway:
             _call(lambda: self._core.apply_compiled(compiled))
         else:
             _call(lambda: self._core.apply(_document(config)))
+
+    def apply_patch(self, patch: GatewayPatch | bytes) -> None:
+        """Apply a change to the running config, compiled against it in work for the change only.
+
+        The result is what :meth:`apply` of the full config with these edits would give (same
+        checks, same carried-over counters and health); untouched listeners keep their sockets and
+        connections. A refused patch raises :class:`GatewayConfigError` (or :class:`GatewayError`
+        when a new listener cannot bind) and changes nothing.
+        """
+        document = patch if isinstance(patch, bytes) else patch.to_json()
+        _call(lambda: self._core.apply_patch(document))
 
     def addresses(self) -> dict[str, tuple[str, int]]:
         """Bound address of each listener, by listener name."""

@@ -1283,9 +1283,16 @@ mod tests;
 
 /// The JSON Schema of the config document, derived from the serde types that
 /// parse it, so the Python models can be checked against the one definition.
+/// The patch document's types (`Patch`, `RoutePatch`, `ConnectRoutePatch`)
+/// are in its `$defs` too: one schema for everything the gateway reads.
 pub fn config_schema_json() -> String {
+    let mut generator = schemars::generate::SchemaSettings::default().into_generator();
+    generator.subschema_for::<raw::Patch>();
     // A schemars schema is a JSON value already, so writing it out cannot fail.
-    schemars::schema_for!(raw::Document).as_value().to_string()
+    generator
+        .into_root_schema_for::<raw::Document>()
+        .as_value()
+        .to_string()
 }
 
 /// The canonical form of a CONNECT authority (`host:port`, host lowercased),

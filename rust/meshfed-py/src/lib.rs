@@ -132,6 +132,12 @@ impl Gateway {
             .map_err(to_py)
     }
 
+    /// Applies a patch document to the running config, compiling only what
+    /// it changes; on error the running config is untouched.
+    fn apply_patch(&self, py: Python<'_>, patch: &[u8]) -> PyResult<()> {
+        py.detach(|| self.inner.apply_patch(patch)).map_err(to_py)
+    }
+
     /// The bound address ("ip:port") of each listener, by name.
     fn addresses(&self, py: Python<'_>) -> BTreeMap<String, String> {
         py.detach(|| {

@@ -772,3 +772,19 @@ fn connect_listeners_route_canonical_authorities_and_refuse_what_is_not_theirs()
         "required for connect listeners",
     );
 }
+
+#[test]
+fn the_schema_has_the_document_at_its_root_and_the_patch_types_in_defs() {
+    let schema: Value =
+        serde_json::from_str(&config_schema_json()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(schema["title"], "Document");
+    for name in [
+        "Patch",
+        "RoutePatch",
+        "ConnectRoutePatch",
+        "Cluster",
+        "Listener",
+    ] {
+        assert!(schema["$defs"][name]["properties"].is_object(), "{name}");
+    }
+}
