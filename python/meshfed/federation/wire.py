@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from meshfed.errors import PeerInputError
 from meshfed.federation._proto import peering_pb2 as pb
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 
-_M = TypeVar("_M", bound=BaseModel)
+_M = TypeVar("_M")
 
 
 def service_to_proto(service: ExportedService) -> pb.ExportedService:
@@ -110,9 +110,16 @@ def apply_delta(old: ServiceSnapshot, delta: pb.Delta) -> ServiceSnapshot:
     return _parse(ServiceSnapshot, fields, "delta")
 
 
+# One validator per type parsed from the wire (models and dataclasses alike), built once.
+_ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {}
+
+
 def _parse(model: type[_M], fields: Mapping[str, Any], where: str) -> _M:
+    adapter: TypeAdapter[_M] | None = _ADAPTERS.get(model)
+    if adapter is None:
+        adapter = _ADAPTERS[model] = TypeAdapter(model)
     try:
-        return model.model_validate(fields)
+        return adapter.validate_python(fields)
     except ValidationError as err:
         raise PeerInputError(_describe(err, where)) from None
 
