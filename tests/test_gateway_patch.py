@@ -96,7 +96,7 @@ def test_a_patch_adds_a_cluster_and_routes_that_carry_bytes(echo_server: EchoSer
         ),
         (
             GatewayPatch(connect_routes=[ConnectRoutePatch(listener="keep", remove=["old.ns.east:80"])]),
-            'connect_routes[0].listener: listener "keep" is a originate listener',
+            'connect_routes[0].listener: listener "keep" is an originate listener',
         ),
         (b'{"identity": null}', "unknown field `identity`"),
     ],

@@ -24,6 +24,8 @@ use crate::spiffe::{SpiffeId, SpiffePattern, TrustDomain};
 use crate::tls::{self, Identity, SpiffeClientVerifier};
 
 pub(crate) use patch::Delta;
+#[cfg(test)]
+pub(crate) use patch::tests as patch_tests;
 pub(crate) use routes::SniRouter;
 
 /// A config document that failed to compile: where, and why.

@@ -512,16 +512,16 @@ fn edited_listener(
 /// Why a route edit does not fit `listener`'s mode; `field` is where it was.
 fn wrong_mode(listener: &ListenerSpec, field: &str) -> String {
     let (mode, hint) = match &listener.mode {
-        ListenerMode::Passthrough { .. } => ("passthrough", "edit its routes in \"routes\""),
-        ListenerMode::Terminate { .. } => ("terminate", "edit its routes in \"routes\""),
-        ListenerMode::Connect { .. } => ("connect", "edit its routes in \"connect_routes\""),
+        ListenerMode::Passthrough { .. } => ("a passthrough", "edit its routes in \"routes\""),
+        ListenerMode::Terminate { .. } => ("a terminate", "edit its routes in \"routes\""),
+        ListenerMode::Connect { .. } => ("a connect", "edit its routes in \"connect_routes\""),
         ListenerMode::Originate { .. } => (
-            "originate",
+            "an originate",
             "it has no routes; replace the listener to change its cluster",
         ),
     };
     format!(
-        "listener {:?} is a {mode} listener, which \"{field}\" cannot edit: {hint}",
+        "listener {:?} is {mode} listener, which \"{field}\" cannot edit: {hint}",
         listener.name
     )
 }
@@ -557,5 +557,6 @@ fn patch_routes<R>(
     Ok(patched)
 }
 
+/// Shared with the gateway's snapshot tests (the same random configs and edits).
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -133,8 +133,8 @@ fn admit(
 }
 
 /// The listener's caps in the snapshot last seen, looked up again only
-/// when the snapshot changes (a config has thousands of listeners, and
-/// the lookup walks them).
+/// when the snapshot changes (a lookup by name, once per generation
+/// rather than once per connection).
 #[derive(Default)]
 struct CurrentLimits {
     seen: Option<Arc<Snapshot>>,

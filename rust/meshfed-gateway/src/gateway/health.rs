@@ -61,6 +61,12 @@ impl RunningChecks {
                 .all(|(a, b)| Arc::ptr_eq(a, b))
     }
 
+    /// The check tasks, for tests that a patch kept them running.
+    #[cfg(test)]
+    pub(crate) fn task_ids(&self) -> Vec<tokio::task::Id> {
+        self.tasks.iter().map(JoinHandle::id).collect()
+    }
+
     /// Stops the checks; endpoints no longer checked count as healthy.
     pub(crate) fn stop(self) {
         for task in self.tasks {

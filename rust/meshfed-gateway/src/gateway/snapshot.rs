@@ -135,3 +135,6 @@ fn carry_route(key: &RouteKey, previous: &Snapshot, retired: &mut Retired) -> Ar
         .or_else(|| retired.routes.revive(key))
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests;

@@ -52,6 +52,7 @@ fn a_patch_rebuilds_only_what_it_names() {
     assert_eq!(checks_before, ["a", "b"]);
     let listener_task = |gateway: &Gateway, name: &str| gateway.control().listeners[name].task.id();
     let task_o = listener_task(&gateway, "o");
+    let checks_of_b = gateway.control().health_checks["b"].task_ids();
 
     // Cluster "a" gains an endpoint and loses its health check; a route is added.
     patch(
@@ -91,6 +92,7 @@ fn a_patch_rebuilds_only_what_it_names() {
         .map(|n| n.to_string())
         .collect();
     assert_eq!(checks, ["b"]);
+    assert_eq!(gateway.control().health_checks["b"].task_ids(), checks_of_b);
     assert_eq!(listener_task(&gateway, "o"), task_o);
 
     // Removing the listener and its cluster retires both.

@@ -29,7 +29,7 @@ fn pki() -> &'static (Value, Value) {
 
 /// A config document as plain parts, edited like the control plane would.
 #[derive(Debug, Clone)]
-struct Model {
+pub(crate) struct Model {
     /// Cluster name -> (endpoint ports, mTLS).
     clusters: BTreeMap<String, (Vec<u16>, bool)>,
     /// Passthrough listener "p": SNI -> cluster.
@@ -79,7 +79,7 @@ fn originate_json(name: &str, port: u16, cluster: &str) -> Value {
 }
 
 impl Model {
-    fn document(&self) -> Value {
+    pub(crate) fn document(&self) -> Value {
         let (identity, bundles) = pki();
         let mut listeners = vec![
             json!({"name": "p", "address": "127.0.0.1:0", "mode": "passthrough",
@@ -114,7 +114,7 @@ fn cluster_name() -> impl Strategy<Value = String> {
     prop::sample::select(&CLUSTERS[..]).prop_map(str::to_owned)
 }
 
-fn model() -> impl Strategy<Value = Model> {
+pub(crate) fn model() -> impl Strategy<Value = Model> {
     // Every cluster exists at first, plain (a passthrough route may use any).
     let ports = || prop::collection::btree_set(1u16..4, 1..3).prop_map(Vec::from_iter);
     (
@@ -146,7 +146,7 @@ fn model() -> impl Strategy<Value = Model> {
 /// Raw choices of edits; `edits` turns them into ones that name existing
 /// things where a patch must (removals), so both sides may be compared.
 #[derive(Debug, Clone)]
-struct Choices {
+pub(crate) struct Choices {
     clusters: Vec<(usize, bool, Vec<u16>, bool)>,
     passthrough: Vec<(usize, bool, usize)>,
     terminate: Vec<(usize, bool, Vec<usize>)>,
@@ -154,7 +154,7 @@ struct Choices {
     originate: Vec<(usize, bool, u16, usize)>,
 }
 
-fn choices() -> impl Strategy<Value = Choices> {
+pub(crate) fn choices() -> impl Strategy<Value = Choices> {
     let pick = || 0usize..5;
     (
         prop::collection::vec(
@@ -198,7 +198,7 @@ fn choices() -> impl Strategy<Value = Choices> {
 }
 
 /// Applies `choices` to `model`: the edited model and the patch saying the same.
-fn edits(model: &Model, choices: &Choices) -> (Model, Value) {
+pub(crate) fn edits(model: &Model, choices: &Choices) -> (Model, Value) {
     let mut next = model.clone();
     let mut patch = json!({});
     let mut touched = BTreeSet::new();
@@ -380,11 +380,14 @@ fn users(referrers: &Referrers) -> BTreeMap<String, BTreeSet<Referrer>> {
         .collect()
 }
 
-fn patch(base: &CompiledConfig, patch: &Value) -> Result<(CompiledConfig, Delta), ConfigError> {
+pub(crate) fn patch(
+    base: &CompiledConfig,
+    patch: &Value,
+) -> Result<(CompiledConfig, Delta), ConfigError> {
     base.patch_with_delta(patch.to_string().as_bytes())
 }
 
-fn compile(doc: &Value) -> Result<CompiledConfig, ConfigError> {
+pub(crate) fn compile(doc: &Value) -> Result<CompiledConfig, ConfigError> {
     CompiledConfig::from_json(doc.to_string().as_bytes())
 }
 
@@ -482,7 +485,7 @@ fn refusals_name_the_field_and_what_to_check() {
         ),
         (
             json!({"routes": [{"listener": "o0", "remove": ["x.mesh"]}]}),
-            "routes[0].listener: listener \"o0\" is a originate listener",
+            "routes[0].listener: listener \"o0\" is an originate listener",
         ),
         (
             json!({"connect_routes": [{"listener": "p", "remove": ["x.ns.east:80"]}]}),
