@@ -20,9 +20,10 @@ import pytest
 from meshfed.api import create_app
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
 from meshfed.controller import Controller, ControllerSettings, gateway_driver
+from meshfed.errors import GatewayConfigError
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.federation.imports import ImportStore, egress_listener_name
-from meshfed.gateway import Gateway, GatewayConfig
+from meshfed.gateway import Gateway, GatewayConfig, GatewayPatch
 from meshfed.gateway.handle import Compiled
 from meshfed.zone import STATE_FILE
 from tests.conftest import free_port, trust_each_other
@@ -32,7 +33,11 @@ _TIMED_TABLES = ("controller_lease", "import_publication")
 
 
 class RecordingGateway(Gateway):
-    """The real gateway, keeping every config it was given."""
+    """The real gateway, keeping every config it was given.
+
+    It refuses patches, as the core refuses one it cannot apply: the driver then applies the whole
+    config, so every change reaches it (and this record) whole.
+    """
 
     given: ClassVar[list[GatewayConfig]] = []
 
@@ -40,6 +45,9 @@ class RecordingGateway(Gateway):
         assert isinstance(config, GatewayConfig)
         super().__init__(config)
         self.given.append(config)
+
+    def apply_patch(self, patch: GatewayPatch | bytes) -> None:
+        raise GatewayConfigError("gateway config rejected: this recording gateway takes whole configs only")
 
     def apply(self, config: GatewayConfig | bytes | Compiled) -> None:
         assert isinstance(config, Compiled)

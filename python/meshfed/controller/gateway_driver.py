@@ -49,7 +49,8 @@ from meshfed.federation.imports import (
     services_of,
 )
 from meshfed.federation.resolver import GatewayResolver
-from meshfed.gateway import Gateway, GatewayConfig, HealthCheck, Identity
+from meshfed.gateway import Gateway, GatewayConfig, GatewayPatch, HealthCheck, Identity
+from meshfed.gateway.diff import config_patch
 from meshfed.gateway.handle import Compiled, compile_config, validate
 from meshfed.heap import release_free_memory
 from meshfed.policy.egress import EgressPolicy
@@ -90,6 +91,18 @@ class ConfigExports:
     exported: ExportedCatalog | None = None
     # The imported services the config serves (neither withheld nor rejected by the data plane).
     imports: tuple[ImportedService, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """A config built from the zone's state, before the data plane checked it, and what it was built from."""
+
+    config: GatewayConfig
+    exports: ConfigExports  # before the imports and exported summaries of the checked config
+    served: dict[str, ServiceSnapshot]  # the peers' imports it serves
+    problems: dict[str, str]  # per peer, why its imports are not (all) served
+    ports: EgressPorts
+    rebuild: Callable[[dict[str, ServiceSnapshot]], GatewayConfig]  # the same config, with other imports
 
 
 class GatewayDriver:
@@ -229,10 +242,21 @@ class GatewayDriver:
                 if await asyncio.to_thread(self._svid_signer_retired):
                     # A rotation switched the signing CA: present an SVID from the new one now.
                     self._svid = await asyncio.to_thread(self._issue_svid)
-                config, exports, compiled = await asyncio.to_thread(self.build)
+                draft = await asyncio.to_thread(self._draft)
+                config = draft.config
                 span.set_attribute("meshfed.gateway.listeners", len(config.listeners))
                 span.set_attribute("meshfed.gateway.clusters", len(config.clusters))
-                await asyncio.to_thread(self._apply, compiled)
+                # What changed, as a patch of the running config: work for the change only. A whole
+                # config when the patch cannot say it (a new SVID, new bundles) or the core refuses it.
+                running = self._applied
+                patch = await asyncio.to_thread(config_patch, running, config) if running is not None else None
+                span.set_attribute("meshfed.gateway.patch", patch is not None)
+                patched = await asyncio.to_thread(self._patched, draft, patch) if patch is not None else None
+                if patched is not None:
+                    exports = patched
+                else:
+                    config, exports, compiled = await asyncio.to_thread(self._checked, draft)
+                    await asyncio.to_thread(self._apply, compiled)
                 # Only now may peers hear of these exports: the ingress already admits them.
                 self._applied, self._applied_exports = config, exports
                 # No await may follow a successful apply here, or a cancel landing on it would make
@@ -278,6 +302,10 @@ class GatewayDriver:
         without any import is rejected, the fault is this zone's own and is raised.
         Egress ports given to new imports are kept.
         """
+        return self._checked(self._draft())
+
+    def _draft(self) -> _Draft:
+        """The config for the zone's state now, not yet checked by the data plane."""
         if self._svid is None:
             raise MeshfedError(f"zone {self._zone.name}: no gateway SVID yet; start the controller first")
         view = self._view()
@@ -314,23 +342,46 @@ class GatewayDriver:
         def build(peers: dict[str, ServiceSnapshot]) -> GatewayConfig:
             return self._config(view, exports, trust_bundles, services_of(peers), ports, sticky)
 
-        config = build(served)
+        return _Draft(build(served), exports, served, problems, ports, build)
+
+    def _checked(self, draft: _Draft) -> tuple[GatewayConfig, ConfigExports, Compiled]:
+        """The draft compiled, with the imports of any peer the data plane rejects left out."""
+        config = draft.config
         rejected: set[str] = set()
         try:
             compiled = compile_config(config)
         except GatewayConfigError as err:
-            config, rejected = self._without_rejected_peers(build, served, err, problems)
+            config, rejected = self._without_rejected_peers(draft.rebuild, draft.served, err, draft.problems)
             compiled = compile_config(config)
-        with ImportStore(directory) as imports:
-            imports.save_ports(ports)
-        kept = {peer: snapshot for peer, snapshot in served.items() if peer not in rejected}
+        return (config, self._finish(draft, rejected), compiled)
+
+    def _patched(self, draft: _Draft, patch: GatewayPatch) -> ConfigExports | None:
+        """Apply the draft as ``patch`` to the running config; its exports, or None if the core refused it."""
+        try:
+            self.gateway.apply_patch(patch)
+        except GatewayConfigError as err:
+            # A peer's imports the data plane rejects, say: the whole path below finds out whose.
+            log.info(
+                "zone %s: the gateway refused the config change as a patch (%s); applying it whole",
+                self._zone.name,
+                err,
+            )
+            return None
+        release_free_memory()
+        return self._finish(draft, set())
+
+    def _finish(self, draft: _Draft, rejected: set[str]) -> ConfigExports:
+        """Keep what a checked draft settled (egress ports, problems); the exports of its config."""
+        with ImportStore(self._zone.directory) as imports:
+            imports.save_ports(draft.ports)
+        kept = {peer: snapshot for peer, snapshot in draft.served.items() if peer not in rejected}
         exports = dataclasses.replace(
-            exports,
-            exported=ExportedCatalog(exports.catalog, exports.index, self._applied_exports.exported),
+            draft.exports,
+            exported=ExportedCatalog(draft.exports.catalog, draft.exports.index, self._applied_exports.exported),
             imports=tuple(services_of(kept)),
         )
-        self._import_problems, self._rejected = problems, frozenset(rejected)
-        return config, exports, compiled
+        self._import_problems, self._rejected = draft.problems, frozenset(rejected)
+        return exports
 
     def _without_rejected_peers(
         self,

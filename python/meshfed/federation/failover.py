@@ -124,8 +124,12 @@ def failover_groups(
     for key in sticky:
         if key in local:
             by_service.setdefault(key, [])
+    # Most imports are offered by one peer alone: those are left out before any group is built.
+    candidates = [
+        (key, items) for key, items in by_service.items() if len(items) + (key in local) > 1 or key in sticky
+    ]
     groups = []
-    for (namespace, name), items in sorted(by_service.items()):
+    for (namespace, name), items in sorted(candidates):
         ordered = sorted(items, key=lambda item: (rank.get(item.peer, len(rank)), item.peer))
         shared = tuple(item for item in ordered if item.peer in policy.split)
         tiers = ((shared,) if shared else ()) + tuple((item,) for item in ordered if item.peer not in policy.split)
