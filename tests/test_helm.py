@@ -247,7 +247,7 @@ def test_controller_args_are_options_of_meshfed_up(helm: str, values: list[str])
     assert isinstance(group, typer.core.TyperGroup)
     up = group.get_command(group.make_context("meshfed", ["up", "--help"], resilient_parsing=True), "up")
     assert up is not None
-    options = {option for param in up.params for option in param.opts}
+    options = {option for param in up.params for option in (*param.opts, *param.secondary_opts)}
     for arg in args:
         assert arg.split("=", 1)[0] in options, arg
     assert up.make_context("up", args)  # the values parse too (ports, choices)
@@ -533,3 +533,16 @@ def test_tokens_name_the_peering_service_by_default(helm: str) -> None:
     assert _arg(_controller(manifests), "--advertise-host") == expected
     chosen = render(helm, ["--set", "peering.advertiseHost=east.example.net"])
     assert _arg(_controller(chosen), "--advertise-host") == "east.example.net"
+
+
+def test_the_connect_egress_values_become_flags_and_a_policy_port(helm: str) -> None:
+    manifests = render(helm, ["-f", str(CHART / "examples" / "connect-egress.yaml")])
+    controller = _controller(manifests)
+    assert _arg(controller, "--egress-connect-address") == "0.0.0.0:15499"
+    assert "--no-per-import-listeners" in controller["args"]
+    (policy,) = of_kind(manifests, "NetworkPolicy")
+    admitted = {port["port"] for rule in policy["spec"]["ingress"] for port in rule.get("ports", [])}
+    assert 15499 in admitted
+    defaults = _controller(render(helm, []))
+    assert _arg(defaults, "--egress-connect-address") is None
+    assert "--no-per-import-listeners" not in defaults["args"]
