@@ -1059,144 +1059,141 @@ fn compile_cluster(
     cluster: &raw::Cluster,
     upstream_tls: &mut TlsContext,
 ) -> Result<ClusterSpec, ConfigError> {
-    {
-        let at = |field: &str| format!("{at_cluster}.{field}");
-        if cluster.name.is_empty() {
-            return Err(ConfigError::new(at("name"), "must not be empty"));
-        }
-        if cluster.endpoints.is_empty() {
-            return Err(ConfigError::new(
-                at("endpoints"),
-                "needs at least one endpoint",
-            ));
-        }
-        if cluster.endpoints.len() > usize::from(u16::MAX) {
-            return Err(ConfigError::new(
-                at("endpoints"),
-                format!("at most {} endpoints per cluster", u16::MAX),
-            ));
-        }
-        if cluster.connect_timeout_ms == 0 {
-            return Err(ConfigError::new(
-                at("connect_timeout_ms"),
-                "must be greater than 0",
-            ));
-        }
-        let cluster_tls = cluster
-            .tls
-            .as_ref()
-            .map(|t| upstream_tls.compile(&at("tls"), t))
-            .transpose()?;
-        let mut endpoints: Vec<EndpointSpec> = Vec::with_capacity(cluster.endpoints.len());
-        for (j, endpoint) in cluster.endpoints.iter().enumerate() {
-            let address: SocketAddr = endpoint.address.parse().map_err(|_| {
-                ConfigError::new(
-                    at(&format!("endpoints[{j}].address")),
-                    format!("{:?} is not an ip:port socket address", endpoint.address),
-                )
-            })?;
-            if endpoint.weight == 0 {
-                return Err(ConfigError::new(
-                    at(&format!("endpoints[{j}].weight")),
-                    "must be at least 1",
-                ));
-            }
-            let tls = match &endpoint.tls {
-                Some(t) => Some(upstream_tls.compile(&at(&format!("endpoints[{j}].tls")), t)?),
-                None => cluster_tls.clone(),
-            };
-            // One address may appear once per pinned identity: two peers advertising the same
-            // gateway address are two endpoints, and only the real owner's handshake succeeds.
-            let peer = tls.as_ref().map(|t| &t.peer);
-            if endpoints
-                .iter()
-                .any(|e| e.address == address && e.peer() == peer)
-            {
-                return Err(ConfigError::new(
-                    at(&format!("endpoints[{j}].address")),
-                    format!("duplicate endpoint {address} (raise its weight instead)"),
-                ));
-            }
-            endpoints.push(EndpointSpec {
-                address,
-                weight: endpoint.weight,
-                priority: endpoint.priority,
-                tls,
-            });
-        }
-        let od = &cluster.outlier_detection;
-        if od.base_ejection_ms == 0 {
-            return Err(ConfigError::new(
-                at("outlier_detection.base_ejection_ms"),
-                "must be greater than 0",
-            ));
-        }
-        if od.max_ejection_ms < od.base_ejection_ms {
-            return Err(ConfigError::new(
-                at("outlier_detection.max_ejection_ms"),
-                "must be at least base_ejection_ms",
-            ));
-        }
-        if od.max_ejection_percent > 100 {
-            return Err(ConfigError::new(
-                at("outlier_detection.max_ejection_percent"),
-                "must be between 0 and 100",
-            ));
-        }
-        let health_check = cluster
-            .health_check
-            .as_ref()
-            .map(|hc| {
-                let positive = [
-                    ("interval_ms", hc.interval_ms),
-                    ("timeout_ms", hc.timeout_ms),
-                    ("healthy_threshold", u64::from(hc.healthy_threshold)),
-                    ("unhealthy_threshold", u64::from(hc.unhealthy_threshold)),
-                ];
-                if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
-                    return Err(ConfigError::new(
-                        at(&format!("health_check.{field}")),
-                        "must be greater than 0",
-                    ));
-                }
-                Ok(HealthCheckSpec {
-                    interval: Duration::from_millis(hc.interval_ms),
-                    timeout: Duration::from_millis(hc.timeout_ms),
-                    healthy_threshold: hc.healthy_threshold,
-                    unhealthy_threshold: hc.unhealthy_threshold,
-                })
-            })
-            .transpose()?;
-        let breaker = &cluster.circuit_breaker;
-        for (field, value) in [
-            ("max_connections", breaker.max_connections),
-            ("max_pending", breaker.max_pending),
-        ] {
-            if value == Some(0) {
-                return Err(ConfigError::new(
-                    at(&format!("circuit_breaker.{field}")),
-                    "must be at least 1 (leave it out for no limit)",
-                ));
-            }
-        }
-        Ok(ClusterSpec {
-            name: Arc::from(cluster.name.as_str()),
-            endpoints,
-            connect_timeout: Duration::from_millis(cluster.connect_timeout_ms),
-            lb: cluster.lb,
-            idle_timeout: Some(Duration::from_millis(cluster.idle_timeout_ms))
-                .filter(|d| !d.is_zero()),
-            outlier: OutlierSpec {
-                consecutive_failures: od.consecutive_failures,
-                base_ejection: Duration::from_millis(od.base_ejection_ms),
-                max_ejection: Duration::from_millis(od.max_ejection_ms),
-                max_ejection_percent: od.max_ejection_percent,
-            },
-            health_check,
-            max_connections: breaker.max_connections.map(u64::from),
-            max_pending: breaker.max_pending.map(u64::from),
-        })
+    let at = |field: &str| format!("{at_cluster}.{field}");
+    if cluster.name.is_empty() {
+        return Err(ConfigError::new(at("name"), "must not be empty"));
     }
+    if cluster.endpoints.is_empty() {
+        return Err(ConfigError::new(
+            at("endpoints"),
+            "needs at least one endpoint",
+        ));
+    }
+    if cluster.endpoints.len() > usize::from(u16::MAX) {
+        return Err(ConfigError::new(
+            at("endpoints"),
+            format!("at most {} endpoints per cluster", u16::MAX),
+        ));
+    }
+    if cluster.connect_timeout_ms == 0 {
+        return Err(ConfigError::new(
+            at("connect_timeout_ms"),
+            "must be greater than 0",
+        ));
+    }
+    let cluster_tls = cluster
+        .tls
+        .as_ref()
+        .map(|t| upstream_tls.compile(&at("tls"), t))
+        .transpose()?;
+    let mut endpoints: Vec<EndpointSpec> = Vec::with_capacity(cluster.endpoints.len());
+    for (j, endpoint) in cluster.endpoints.iter().enumerate() {
+        let address: SocketAddr = endpoint.address.parse().map_err(|_| {
+            ConfigError::new(
+                at(&format!("endpoints[{j}].address")),
+                format!("{:?} is not an ip:port socket address", endpoint.address),
+            )
+        })?;
+        if endpoint.weight == 0 {
+            return Err(ConfigError::new(
+                at(&format!("endpoints[{j}].weight")),
+                "must be at least 1",
+            ));
+        }
+        let tls = match &endpoint.tls {
+            Some(t) => Some(upstream_tls.compile(&at(&format!("endpoints[{j}].tls")), t)?),
+            None => cluster_tls.clone(),
+        };
+        // One address may appear once per pinned identity: two peers advertising the same
+        // gateway address are two endpoints, and only the real owner's handshake succeeds.
+        let peer = tls.as_ref().map(|t| &t.peer);
+        if endpoints
+            .iter()
+            .any(|e| e.address == address && e.peer() == peer)
+        {
+            return Err(ConfigError::new(
+                at(&format!("endpoints[{j}].address")),
+                format!("duplicate endpoint {address} (raise its weight instead)"),
+            ));
+        }
+        endpoints.push(EndpointSpec {
+            address,
+            weight: endpoint.weight,
+            priority: endpoint.priority,
+            tls,
+        });
+    }
+    let od = &cluster.outlier_detection;
+    if od.base_ejection_ms == 0 {
+        return Err(ConfigError::new(
+            at("outlier_detection.base_ejection_ms"),
+            "must be greater than 0",
+        ));
+    }
+    if od.max_ejection_ms < od.base_ejection_ms {
+        return Err(ConfigError::new(
+            at("outlier_detection.max_ejection_ms"),
+            "must be at least base_ejection_ms",
+        ));
+    }
+    if od.max_ejection_percent > 100 {
+        return Err(ConfigError::new(
+            at("outlier_detection.max_ejection_percent"),
+            "must be between 0 and 100",
+        ));
+    }
+    let health_check = cluster
+        .health_check
+        .as_ref()
+        .map(|hc| {
+            let positive = [
+                ("interval_ms", hc.interval_ms),
+                ("timeout_ms", hc.timeout_ms),
+                ("healthy_threshold", u64::from(hc.healthy_threshold)),
+                ("unhealthy_threshold", u64::from(hc.unhealthy_threshold)),
+            ];
+            if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
+                return Err(ConfigError::new(
+                    at(&format!("health_check.{field}")),
+                    "must be greater than 0",
+                ));
+            }
+            Ok(HealthCheckSpec {
+                interval: Duration::from_millis(hc.interval_ms),
+                timeout: Duration::from_millis(hc.timeout_ms),
+                healthy_threshold: hc.healthy_threshold,
+                unhealthy_threshold: hc.unhealthy_threshold,
+            })
+        })
+        .transpose()?;
+    let breaker = &cluster.circuit_breaker;
+    for (field, value) in [
+        ("max_connections", breaker.max_connections),
+        ("max_pending", breaker.max_pending),
+    ] {
+        if value == Some(0) {
+            return Err(ConfigError::new(
+                at(&format!("circuit_breaker.{field}")),
+                "must be at least 1 (leave it out for no limit)",
+            ));
+        }
+    }
+    Ok(ClusterSpec {
+        name: Arc::from(cluster.name.as_str()),
+        endpoints,
+        connect_timeout: Duration::from_millis(cluster.connect_timeout_ms),
+        lb: cluster.lb,
+        idle_timeout: Some(Duration::from_millis(cluster.idle_timeout_ms)).filter(|d| !d.is_zero()),
+        outlier: OutlierSpec {
+            consecutive_failures: od.consecutive_failures,
+            base_ejection: Duration::from_millis(od.base_ejection_ms),
+            max_ejection: Duration::from_millis(od.max_ejection_ms),
+            max_ejection_percent: od.max_ejection_percent,
+        },
+        health_check,
+        max_connections: breaker.max_connections.map(u64::from),
+        max_pending: breaker.max_pending.map(u64::from),
+    })
 }
 
 impl TlsContext {
