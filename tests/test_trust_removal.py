@@ -20,6 +20,7 @@ from meshfed.federation.peering_store import PeeringStore
 from meshfed.federation.settings import PeeringSettings
 from meshfed.federation.trust_removal import remove_trust
 from meshfed.gateway import GatewayConfig
+from meshfed.gateway.handle import Compiled
 from meshfed.runtime import ZoneSettings, assemble_zone
 from meshfed.trust.bundle import parse_bundle
 from meshfed.trust.endpoint import endpoint_spiffe_id
@@ -135,9 +136,11 @@ def _applied(client: TestClient) -> list[GatewayConfig]:
     applied: list[GatewayConfig] = []
     apply = gateway.apply
 
-    def recording(config: GatewayConfig | bytes) -> None:
-        assert isinstance(config, GatewayConfig)
-        applied.append(config)
+    def recording(config: GatewayConfig | bytes | Compiled) -> None:
+        # A change of trust bundles is applied whole (a patch cannot carry it), as the config compiled.
+        assert isinstance(config, Compiled)
+        assert config.config is not None
+        applied.append(config.config)
         apply(config)
 
     gateway.apply = recording
