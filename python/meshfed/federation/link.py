@@ -25,6 +25,7 @@ import collections
 import dataclasses
 import logging
 import secrets
+import threading
 from typing import Protocol
 
 import grpc
@@ -149,6 +150,10 @@ class PeerLink:
         self.peer_heartbeat_interval = settings.heartbeat_interval
         self.sent = peering.sent_snapshot
         self.sent_version = peering.sent_version
+        # The snapshot current_exports made and the sender has not stored yet (see persist_sent).
+        self._persist_lock = threading.Lock()
+        self._unpersisted: tuple[int, ServiceSnapshot] | None = None
+        self._persisted_version = peering.sent_version
         self.acked_version = peering.acked_version
         self.received = peering.received_snapshot
         # A stored snapshot that no longer parses counts as nothing held: the peer resends everything.
@@ -290,14 +295,30 @@ class PeerLink:
             self.sent_epoch = new_epoch()
         version = max(snapshot.version, self.sent_version + 1)
         snapshot = snapshot.model_copy(update={"version": version, "epoch": self.sent_epoch})
-        # Persisted before it is sent, so a restart never reuses a version for other content.
-        self._host.record(self.name, sent_version=version, sent_snapshot=snapshot, sent_epoch=self.sent_epoch)
+        # Persisted before it is sent (persist_sent, by the sender), so a restart never reuses a version
+        # for other content.
+        self._unpersisted = (version, snapshot)
         self.sent, self.sent_version = snapshot, version
         self.history[version] = snapshot
         while len(self.history) > HISTORY_DEPTH:
             self.history.popitem(last=False)
         self._version_sent_at.setdefault(version, self.clock.monotonic())
         return snapshot
+
+    def persist_sent(self) -> None:
+        """Store the last snapshot :meth:`current_exports` made, unless a newer one is stored already.
+
+        The sender calls it before sending, on a worker thread: a snapshot of 10,000 services is a
+        megabyte of JSON to encode and write, and waiting on the loop for the zone's one connection
+        stalled every peer. Versions only grow, so an older snapshot never overwrites a newer one.
+        """
+        with self._persist_lock:
+            pending = self._unpersisted
+            if pending is None or pending[0] <= self._persisted_version:
+                return
+            version, snapshot = pending
+            self._host.record(self.name, sent_version=version, sent_snapshot=snapshot, sent_epoch=snapshot.epoch)
+            self._persisted_version = version
 
     def peer_holds(self, epoch: str, version: int) -> int | None:
         """The version of our exports the peer holds, or None when it must get a full snapshot.

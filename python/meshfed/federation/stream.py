@@ -97,6 +97,9 @@ class SessionLink(Protocol):
 
     def current_exports(self) -> ServiceSnapshot | None: ...
 
+    def persist_sent(self) -> None:
+        """Store what :meth:`current_exports` last made before it is sent (called on a worker thread)."""
+
     def peer_holds(self, epoch: str, version: int) -> int | None: ...
 
     def acked(self, version: int) -> None: ...
@@ -361,9 +364,15 @@ class Session:
             return None
         self._in_flight = current.version
         base = self.link.history.get(self._peer_has) if self._peer_has is not None else None
-        if base is not None:
-            return lambda: pb.PeerMessage(delta=wire.diff(base, current))
-        return lambda: pb.PeerMessage(snapshot=wire.snapshot_to_proto(current))
+        link = self.link
+
+        def encode() -> pb.PeerMessage:
+            link.persist_sent()  # stored before it is sent
+            if base is not None:
+                return pb.PeerMessage(delta=wire.diff(base, current))
+            return pb.PeerMessage(snapshot=wire.snapshot_to_proto(current))
+
+        return encode
 
 
 __all__ = ["CAPABILITIES", "PeerTerminatedError", "Session", "SessionLink"]
