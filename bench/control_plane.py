@@ -616,9 +616,9 @@ def sync_rows(results: Sequence[SyncResult], costs: dict[int, float]) -> list[Ro
             ),
             Row(
                 f"sync {size}: longest event-loop stall",
-                f"{max(result.max_loop_stall.values(), default=0.0):.1f} s",
-                "longest lateness of a 50 ms ticker on each zone's asyncio loop ("
-                + ", ".join(f"{name} {stall:.1f} s" for name, stall in sorted(result.max_loop_stall.items()))
+                f"{max(result.max_loop_stall.values(), default=0.0) * 1000:.0f} ms",
+                "longest lateness of a 50 ms ticker on each zone's asyncio loop, from the export on ("
+                + ", ".join(f"{name} {stall * 1000:.0f} ms" for name, stall in sorted(result.max_loop_stall.items()))
                 + "); peers mark a peer FAILING after 3 missed 5 s heartbeats = 15 s; states other than ACTIVE "
                 "seen: " + ("; ".join(result.failing_seen) if result.failing_seen else "none"),
             ),

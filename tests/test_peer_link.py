@@ -149,11 +149,13 @@ def test_writes_of_one_link_run_one_at_a_time_in_delivery_order() -> None:
     async def scenario() -> None:
         host = RecordingHost()
         link = make_link(host)
-        # A small snapshot behind a large one waits for it.
+        # A small snapshot behind a large one waits for it (large ones are checked off the loop, too).
+        applies = []
         for version, size in ((1, LARGE), (2, 1), (3, LARGE), (4, 1)):
-            asyncio.create_task(link.apply_snapshot(_snapshot(version, size)))  # noqa: RUF006 -- awaited by stop
+            applies.append(asyncio.create_task(link.apply_snapshot(_snapshot(version, size))))
             await asyncio.sleep(0)  # a loop turn: each apply begins in delivery order
-        await link.stop()  # waits for the writes in flight
+        await asyncio.gather(*applies)
+        await link.stop()
         assert host.written == [1, 2, 3, 4]
         assert host.off_loop == [1, 3]
         assert host.most_at_once == 1
