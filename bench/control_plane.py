@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import gc
 import logging
@@ -47,6 +48,7 @@ from meshfed.controller import ControllerSettings  # noqa: E402
 from meshfed.federation import wire  # noqa: E402
 from meshfed.federation.exports import ExportIndex, ExportRule, ExportRules, exported_snapshot  # noqa: E402
 from meshfed.federation.imports import ImportStore  # noqa: E402
+from meshfed.federation.link import PeerLimits  # noqa: E402
 from meshfed.federation.settings import PeeringSettings  # noqa: E402
 from meshfed.gateway import ConnectListener  # noqa: E402
 from meshfed.runtime import (  # noqa: E402
@@ -85,8 +87,17 @@ def spread(values: Sequence[float], scale: float = 1.0, unit: str = "") -> str:
     return f"n={len(values)}, min {min(values) * scale:.0f}{unit}, max {max(values) * scale:.0f}{unit}"
 
 
-def settings(heartbeat: float = 5.0, egress_host: str = "127.0.0.1", egress: str = "listeners") -> ZoneSettings:
-    """``egress``: ``listeners`` (one socket per import) or ``connect`` (one CONNECT listener for all)."""
+def settings(
+    heartbeat: float = 5.0, egress_host: str = "127.0.0.1", egress: str = "listeners", imports: int = 0
+) -> ZoneSettings:
+    """``egress``: ``listeners`` (one socket per import) or ``connect`` (one CONNECT listener for all);
+    ``imports``: how many services a peer may export to this zone, when beyond the default limit."""
+    defaults = PeerLimits()
+    limits = dataclasses.replace(
+        defaults,
+        max_services=max(defaults.max_services, imports),
+        max_listeners=max(defaults.max_listeners, imports),
+    )
     return ZoneSettings(
         controller=ControllerSettings(
             gateway_address="127.0.0.1:0",
@@ -98,7 +109,10 @@ def settings(heartbeat: float = 5.0, egress_host: str = "127.0.0.1", egress: str
             health_check=None,
         ),
         peering=PeeringSettings(
-            listen_address="127.0.0.1:0", establish_address="127.0.0.1:0", heartbeat_interval=heartbeat
+            listen_address="127.0.0.1:0",
+            establish_address="127.0.0.1:0",
+            heartbeat_interval=heartbeat,
+            limits=limits,
         ),
     )
 
@@ -330,7 +344,7 @@ def _served(runtime: ZoneRuntime, egress: str) -> int:
 
 
 async def _peer(directory: Path, egress_host: str, egress: str, token: str, services: int, events: Connection) -> None:
-    runtime = assemble_zone(Zone.open(directory), settings(egress_host=egress_host, egress=egress))
+    runtime = assemble_zone(Zone.open(directory), settings(egress_host=egress_host, egress=egress, imports=services))
     stalls: list[float] = []
     monitor = asyncio.create_task(loop_stall_monitor(stalls))
     await runtime.controller.start()
