@@ -22,15 +22,14 @@ from meshfed.gateway.config import (
     Endpoint,
     GatewayConfig,
     HealthCheck,
-    OutlierDetection,
     PassthroughListener,
     Route,
 )
 from meshfed.gateway.handle import Gateway
 from tests.conftest import EchoServer, client_hello_bytes, dead_endpoint, round_trip
+from tests.test_gateway_dataplane import SNI, failing_over
 
 LOGGER = "meshfed.gateway.data_plane"
-SNI = "known.example"
 # Far beyond what loopback and a 20 ms check interval need; only a broken bridge waits this long.
 DEADLINE_S = 10.0
 
@@ -72,16 +71,7 @@ def test_an_outlier_ejection_is_logged_naming_the_cluster_and_the_endpoint(
 ) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     dead = dead_endpoint()
-    config = GatewayConfig(
-        listeners=[PassthroughListener(name="in", address="127.0.0.1:0", routes=[Route(sni=SNI, cluster="web")])],
-        clusters=[
-            Cluster(
-                name="web",
-                endpoints=[Endpoint(address=dead, priority=0), Endpoint(address=echo_server.endpoint, priority=1)],
-                outlier_detection=OutlierDetection(consecutive_failures=1),
-            )
-        ],
-    )
+    config = failing_over(dead, echo_server.endpoint)
     ejected = _containing("ejected", "cluster=web", f"endpoint={dead}")
     hello = client_hello_bytes(SNI)
     with arrival_of(ejected) as arrived, Gateway(config) as gateway:

@@ -79,18 +79,24 @@ def test_a_split_and_a_single_cluster_together_are_rejected_naming_the_field() -
         validate(config)
 
 
-def test_dead_local_endpoint_is_ejected_and_traffic_fails_over_to_the_next_priority(echo_server: EchoServer) -> None:
-    dead = dead_endpoint()
-    config = GatewayConfig(
+def failing_over(dead: str, live: str) -> GatewayConfig:
+    """A passthrough listener ``in`` to cluster ``web``: ``dead`` at priority 0, ``live`` at 1, ejected
+    after one connect failure."""
+    return GatewayConfig(
         listeners=[PassthroughListener(name="in", address="127.0.0.1:0", routes=[Route(sni=SNI, cluster="web")])],
         clusters=[
             Cluster(
                 name="web",
-                endpoints=[Endpoint(address=dead, priority=0), Endpoint(address=echo_server.endpoint, priority=1)],
+                endpoints=[Endpoint(address=dead, priority=0), Endpoint(address=live, priority=1)],
                 outlier_detection=OutlierDetection(consecutive_failures=1),
             )
         ],
     )
+
+
+def test_dead_local_endpoint_is_ejected_and_traffic_fails_over_to_the_next_priority(echo_server: EchoServer) -> None:
+    dead = dead_endpoint()
+    config = failing_over(dead, echo_server.endpoint)
     hello = client_hello_bytes(SNI)
     with Gateway(config) as gateway:
         for _ in range(3):

@@ -125,9 +125,7 @@ def failover_groups(
         if key in local:
             by_service.setdefault(key, [])
     # Most imports are offered by one peer alone: those are left out before any group is built.
-    candidates = [
-        (key, items) for key, items in by_service.items() if len(items) + (key in local) > 1 or key in sticky
-    ]
+    candidates = [(key, items) for key, items in by_service.items() if len(items) + (key in local) > 1 or key in sticky]
     groups = []
     for (namespace, name), items in sorted(candidates):
         ordered = sorted(items, key=lambda item: (rank.get(item.peer, len(rank)), item.peer))

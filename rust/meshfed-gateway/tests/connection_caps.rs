@@ -18,6 +18,9 @@
 #[path = "../src/test_certs.rs"]
 mod test_certs;
 
+mod common;
+use common::echo_backend;
+
 use std::error::Error;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -26,7 +29,7 @@ use meshfed_gateway::{Gateway, ListenerSnapshot};
 use serde_json::{Value, json};
 use test_certs::TestDomain;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 type TestResult = Result<(), Box<dyn Error>>;
 type Res<T> = Result<T, Box<dyn Error>>;
@@ -36,20 +39,6 @@ const EAST_GW: &str = "spiffe://east.mesh/ns/meshfed-system/sa/gateway";
 const WEST_GW: &str = "spiffe://west.mesh/ns/meshfed-system/sa/gateway";
 /// Bound on every wait; far beyond what loopback needs.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-async fn echo_backend() -> Res<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = stream.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    Ok(address)
-}
 
 /// East: one terminate listener `in` with `limits`, allowing west.mesh.
 fn east_config(

@@ -8,6 +8,9 @@
 mod test_certs;
 use test_certs::client_hello;
 
+mod common;
+use common::echo_backend;
+
 use std::error::Error;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -15,28 +18,13 @@ use std::time::Duration;
 use meshfed_gateway::Gateway;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 type TestResult = Result<(), Box<dyn Error + Send + Sync>>;
 type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
 
 const SNI: &str = "outbound_.8080_._.web.default.svc.east.mesh";
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// An echo server on loopback.
-async fn echo_backend() -> Res<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = stream.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    Ok(address)
-}
 
 /// A loopback port free right now.
 fn free_port() -> Res<SocketAddr> {

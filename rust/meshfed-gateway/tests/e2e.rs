@@ -8,6 +8,9 @@
 mod test_certs;
 use test_certs::client_hello;
 
+mod common;
+use common::{echo_backend, round_trip};
+
 use std::error::Error;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,21 +29,6 @@ const SNI: &str = "outbound_.8080_._.web.default.svc.east.mesh";
 const EAST_GW: &str = "spiffe://east.mesh/ns/meshfed-system/sa/gateway";
 const WEST_GW: &str = "spiffe://west.mesh/ns/meshfed-system/sa/gateway";
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Spawns a plain TCP echo server on the test runtime.
-async fn echo_backend() -> Result<SocketAddr, Box<dyn Error>> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = stream.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    Ok(address)
-}
 
 /// Spawns a backend that only counts connections and bytes received.
 async fn counting_backend()
@@ -157,14 +145,6 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) -> TestResult {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Err(format!("timed out waiting for: {what}").into())
-}
-
-/// Writes `payload` and reads the same number of bytes back.
-async fn round_trip(stream: &mut TcpStream, payload: &[u8]) -> Result<Vec<u8>, Box<dyn Error>> {
-    stream.write_all(payload).await?;
-    let mut back = vec![0u8; payload.len()];
-    tokio::time::timeout(IO_TIMEOUT, stream.read_exact(&mut back)).await??;
-    Ok(back)
 }
 
 /// Reads until EOF or error and returns what arrived (bounded in time).

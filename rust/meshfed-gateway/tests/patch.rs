@@ -6,6 +6,9 @@
 #[allow(dead_code)]
 mod test_certs;
 
+mod common;
+use common::{echo_backend, round_trip};
+
 use std::error::Error;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,28 +21,6 @@ use tokio::net::{TcpListener, TcpStream};
 type TestResult = Result<(), Box<dyn Error>>;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A plain TCP echo server on the test runtime.
-async fn echo_backend() -> Result<SocketAddr, Box<dyn Error>> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = stream.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    Ok(address)
-}
-
-async fn round_trip(stream: &mut TcpStream, payload: &[u8]) -> Result<Vec<u8>, Box<dyn Error>> {
-    stream.write_all(payload).await?;
-    let mut back = vec![0u8; payload.len()];
-    tokio::time::timeout(IO_TIMEOUT, stream.read_exact(&mut back)).await??;
-    Ok(back)
-}
 
 /// Sends a CONNECT for `authority`; the response head.
 async fn connect_to(
