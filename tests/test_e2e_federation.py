@@ -8,6 +8,8 @@ import socket
 import time
 from dataclasses import replace
 
+import pytest
+
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
 from meshfed.controller import ControllerSettings
 from meshfed.federation.exports import ExportRules
@@ -110,6 +112,45 @@ def test_peered_zones_call_exported_services_through_their_gateways(make_zone, e
 
     asyncio.run(scenario())
     assert bytes(echo_server.received) == b"across zonesnorth too"
+
+
+@pytest.mark.parametrize("dies", ["east's backend", "east's gateway"])
+def test_a_dead_source_fails_no_request_while_another_zone_serves_the_service(make_zone, dies: str):
+    """Default settings (5 s health checks). A dead backend: east's ingress opens its upstream before
+    it answers the caller hop, so west hears "unavailable" and opens north instead, before any client
+    byte moves. A dead zone: west's connect to east's gateway fails, and it dials north. Not one
+    request fails, long before any health check or heartbeat notices."""
+    east, west, north = make_zone("east"), make_zone("west"), make_zone("north")
+    with running_echo_server() as east_backend, running_echo_server() as north_backend:
+        for zone, backend in ((east, east_backend), (north, north_backend)):
+            register_echo(zone, backend)
+            with ExportRules(zone.directory) as rules:
+                rules.add("echo", "default", ["west"])
+
+        async def scenario() -> list[int]:
+            runtimes = [assemble_zone(zone, LOOPBACK) for zone in (east, west, north)]
+            e, w, n = runtimes
+            for runtime in runtimes:
+                await runtime.controller.start()
+            try:
+                await w.peering.establish(e.peering.issue_token("west").encoded, "east")
+                await w.peering.establish(n.peering.issue_token("west").encoded, "north")
+                group = "failover:echo.default:tcp"
+                await eventually(lambda: group in w.controller.gateway.addresses(), "west's failover listener")
+                assert await call(w, group, b"to east") == b"to east"
+                if dies == "east's backend":
+                    east_backend.stop()
+                else:
+                    await e.controller.stop()
+                # A bounded loop, well inside the first health check interval after the stop.
+                return [index for index in range(40) if await call(w, group, b"x") != b"x"]
+            finally:
+                for runtime in reversed(runtimes):
+                    await runtime.controller.stop()
+
+        failed = asyncio.run(scenario())
+    assert failed == []
+    assert north_backend.received == b"x" * 40
 
 
 def test_failover_group_moves_to_the_next_zone_when_a_backend_stops(make_zone):
