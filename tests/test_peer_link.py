@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import threading
+from typing import Literal
 
 import pytest
 
@@ -75,6 +76,9 @@ class RecordingHost:
     def own_bundle_json(self) -> bytes:
         return b"{}"
 
+    def own_stream_addresses(self) -> list[str]:
+        return ["127.0.0.1:15440"]
+
     def held_bundle_sequence(self, trust_domain: str) -> int:
         return 1
 
@@ -89,13 +93,19 @@ class RecordingHost:
 
 
 def make_link(
-    host: RecordingHost, name: str = "west", *, clock: Clock = SYSTEM_CLOCK, limits: PeerLimits | None = None
+    host: RecordingHost,
+    name: str = "west",
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+    limits: PeerLimits | None = None,
+    role: Literal["acceptor", "dialer"] = "acceptor",
 ) -> PeerLink:
     """A live link of east with peer ``name`` (trust domain ``<name>.mesh``), reporting to ``host``."""
     now = dt.datetime.now(dt.UTC)
     peering = Peering(
         name=name,
-        role="acceptor",
+        role=role,
+        peer_addresses=("127.0.0.1:15440",),
         state=PeerState.ACTIVE,
         created_at=now,
         updated_at=now,
@@ -218,3 +228,29 @@ def test_a_running_service_writes_received_snapshots_on_another_thread(make_zone
     assert (LARGE, False) in received  # west's copy of east's large exports: off the event loop's thread
     assert (0, True) in received  # east's of west's empty ones: written at once, on the loop
     assert ("acked_version", True) in written  # small fields: on the loop, as before
+
+
+@pytest.mark.parametrize(
+    "offered",
+    [
+        ["not an address"],
+        ["127.0.0.1:0"],
+        ["x" * 600 + ":15440"],
+        [f"127.0.0.1:{port}" for port in range(15440, 15457)],  # 17: more than a token may carry
+    ],
+    ids=["no port", "port 0", "too long", "too many"],
+)
+def test_a_dialer_ignores_stream_addresses_that_break_the_rules(offered: list[str]) -> None:
+    """The acceptor's hello may move the dialer to where its stream is now; a hostile one moves it nowhere."""
+    host = RecordingHost()
+    link = make_link(host, "east", role="dialer")
+    asyncio.run(link.connected(pb.Hello(stream_addresses=offered)))
+    assert link.peer_addresses == ("127.0.0.1:15440",)
+    asyncio.run(link.connected(pb.Hello(stream_addresses=["east.example.net:15440", "[::1]:15440"])))
+    assert list(link.peer_addresses) == ["east.example.net:15440", "[::1]:15440"]
+
+
+def test_an_acceptor_tells_its_stream_addresses_and_a_dialer_tells_none() -> None:
+    host = RecordingHost()
+    assert list(make_link(host).hello().stream_addresses) == ["127.0.0.1:15440"]
+    assert list(make_link(host, role="dialer").hello().stream_addresses) == []

@@ -25,7 +25,7 @@ from meshfed.federation.service import PeeringService
 from meshfed.federation.settings import PeeringSettings
 from meshfed.zone import Zone
 from tests.clocks import ManualClock
-from tests.conftest import eventually
+from tests.conftest import eventually, free_port
 
 HEARTBEAT = 0.2
 MISSED = 3
@@ -70,12 +70,15 @@ class Harness:
     async def on_peer_state(self, peer: str, state: PeerState) -> None:
         self.states.append((peer, state, time.monotonic()))
 
-    async def start(self, listen: str = "127.0.0.1:0", establish_at: str = "127.0.0.1:0") -> PeeringService:
+    async def start(
+        self, listen: str = "127.0.0.1:0", establish_at: str = "127.0.0.1:0", advertise: str | None = None
+    ) -> PeeringService:
         self.peering = PeeringService(
             self.zone,
             PeeringSettings(
                 listen_address=listen,
                 establish_address=establish_at,
+                advertise_host=advertise,
                 heartbeat_interval=self.heartbeat,
                 missed_heartbeats=MISSED,
                 store_poll_interval=STORE_POLL,
@@ -410,3 +413,28 @@ async def hello_as_west_signed_by_north(east: Harness, west: Zone, north: Zone) 
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await say_hello_and_listen()
     return refused.value
+
+
+def test_a_dialer_follows_the_acceptor_to_where_its_stream_is_now(make_zone):
+    """East restarts advertising another name for the same stream (a new advertised host, a load
+    balancer's name): its hello says so, and west dials that from then on, stored for its restarts."""
+    port = free_port()
+    east, west = Harness(make_zone("east")), Harness(make_zone("west"))
+
+    async def scenario() -> None:
+        await east.start(listen=f"127.0.0.1:{port}")
+        await west.start()
+        await west.service.establish(east.service.issue_token("west").encoded, "east")
+        await eventually(lambda: west.state_of("east") == PeerState.ACTIVE, "west's peering ACTIVE")
+        assert west.service.peer("east").peer_addresses == [f"127.0.0.1:{port}"]
+        await east.stop()
+        await east.start(listen=f"127.0.0.1:{port}", advertise="localhost")
+        await eventually(
+            lambda: west.service.peer("east").peer_addresses == [f"localhost:{port}"], "west following east"
+        )
+        with PeeringStore.of(west.zone) as store:
+            assert store.require("east").peer_addresses == (f"localhost:{port}",)
+        await west.stop()
+        await east.stop()
+
+    run(scenario())

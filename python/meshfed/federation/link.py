@@ -26,11 +26,12 @@ import dataclasses
 import logging
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ParamSpec, Protocol
 
 import grpc
 
+from meshfed.addresses import parse_host_port
 from meshfed.clock import SYSTEM_CLOCK, Clock
 from meshfed.errors import MeshfedError, PeeringError, PeerInputError
 from meshfed.federation import wire
@@ -55,6 +56,8 @@ PEER_HEARTBEAT_BOUNDS = (0.05, 60.0)
 MAX_BUNDLE_BYTES = 256 * 1024
 # A received snapshot of more services than this is checked, serialised and written on a worker thread.
 OFF_LOOP_SERVICES = 100
+# As many as a token may carry.
+MAX_STREAM_ADDRESSES = 16
 _P = ParamSpec("_P")
 
 
@@ -108,6 +111,10 @@ class LinkHost(Protocol):
         ...
 
     def own_bundle_json(self) -> bytes: ...
+
+    def own_stream_addresses(self) -> Sequence[str]:
+        """Where this zone's peering stream is reached now (told to dialing peers in the hello)."""
+        ...
 
     def held_bundle_sequence(self, trust_domain: str) -> int:
         """The sequence of the bundle this zone holds for ``trust_domain`` (0: none)."""
@@ -262,6 +269,7 @@ class PeerLink:
             last_acked_epoch=self.received_epoch,
             heartbeat_interval_ms=int(self.heartbeat_interval * 1000),
             bundle_sequence=self.held_peer_bundle_sequence,
+            stream_addresses=list(self._host.own_stream_addresses()) if self.role == "acceptor" else [],
         )
 
     async def connected(self, hello: pb.Hello) -> None:
@@ -269,9 +277,43 @@ class PeerLink:
             low, high = self._settings.peer_heartbeat_bounds
             self.peer_heartbeat_interval = min(max(hello.heartbeat_interval_ms / 1000, low), high)
         self.peer_bundle_confirmed(hello.bundle_sequence)
+        if self.role == "dialer" and hello.stream_addresses:
+            self._follow(hello.stream_addresses)
         self.last_connected_at = self.clock.now()
         self.last_message_at = self.clock.monotonic()
         await self.set_state(PeerState.ACTIVE, "")
+
+    def _follow(self, offered: Sequence[str]) -> None:
+        """Dial the acceptor where it says its stream is now (a new advertised host, a new load balancer).
+
+        The addresses come from the authenticated peer, as the token's did, and are checked as the
+        token's are: at most 16 ``host:port`` values. Anything else is ignored with a warning, and the
+        link keeps the addresses it has.
+        """
+        try:
+            if len(offered) > MAX_STREAM_ADDRESSES:
+                raise ValueError(f"{len(offered)} addresses, more than {MAX_STREAM_ADDRESSES}")
+            addresses = tuple(
+                str(parse_host_port(address[:512], what="stream address", allow_zero=False)) for address in offered
+            )
+        except (ValueError, MeshfedError) as err:
+            log.warning(
+                "peer %s: ignoring the stream addresses in its hello (%s); still dialling %s",
+                self.name,
+                str(err)[:200],
+                ", ".join(self.peer_addresses),
+            )
+            return
+        if addresses == self.peer_addresses:
+            return
+        log.info(
+            "peer %s: its peering stream is now at %s (was %s); dialling there from now on",
+            self.name,
+            ", ".join(addresses),
+            ", ".join(self.peer_addresses),
+        )
+        self.peer_addresses = addresses
+        self._host.record(self.name, peer_addresses=addresses)
 
     async def message_received(self, message: pb.PeerMessage) -> None:
         self.last_message_at = self.clock.monotonic()

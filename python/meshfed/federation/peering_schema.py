@@ -268,6 +268,7 @@ WRITERS: dict[str, Callable[[object], object]] = {
     "refused_reason": str,
     "peer_bundle_sequence": lambda value: int(str(value)),
     "connected": lambda value: int(bool(value)),
+    "peer_addresses": lambda value: orjson.dumps(list(value)).decode(),  # type: ignore[call-overload]
 }
 # Snapshot fields and the count column kept with each.
 COUNTED = {"sent_snapshot": "sent_services", "received_snapshot": "received_services"}

@@ -425,6 +425,9 @@ class _LinkHost:
     def own_bundle_json(self) -> bytes:
         return self._service.zone.trust.own_bundle().to_spiffe_json()
 
+    def own_stream_addresses(self) -> list[str]:
+        return self._service.stream_addresses
+
     def held_bundle_sequence(self, trust_domain: str) -> int:
         bundle = held_bundle(self._service.zone, TrustDomain(trust_domain))
         return bundle.sequence if bundle is not None else 0
