@@ -39,7 +39,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"telemetry"}),  # reads the gateway's typed stats document (meshfed.gateway.stats)
     frozenset({"zone"}),
     frozenset({"federation"}),
-    frozenset({"controller", "diagnose"}),
+    frozenset({"controller", "diagnose", "leadership"}),
     frozenset({"api", "runtime", "demo"}),
     frozenset({"cli", "__main__"}),
 )

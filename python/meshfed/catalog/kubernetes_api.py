@@ -12,8 +12,9 @@ turns a failure into one line saying what to check: a ``401`` is the token, a
 ``403`` names the permission the Status message says was missing and where
 the meshfed chart's Role or ClusterRole grants it.
 
-Used by :mod:`meshfed.catalog.kubernetes_watch` (listing and watching) and
-:mod:`meshfed.catalog.kubernetes_mirrors` (mirroring imports).
+Used by :mod:`meshfed.catalog.kubernetes_watch` (listing and watching),
+:mod:`meshfed.catalog.kubernetes_mirrors` (mirroring imports) and
+:mod:`meshfed.leadership` (the controllers' Lease).
 """
 
 from __future__ import annotations
@@ -116,6 +117,9 @@ class KubernetesApi:
     def _discovery(self) -> client.DiscoveryV1Api:
         return client.DiscoveryV1Api(self._api)
 
+    def _coordination(self) -> client.CoordinationV1Api:
+        return client.CoordinationV1Api(self._api)
+
     def list_call(self, kind: str, namespace: str | None, **kwargs: Any) -> Callable[[], Awaitable[Any]]:
         kwargs["_preload_content"] = False
         core, discovery = self._core(), self._discovery()
@@ -128,6 +132,10 @@ class KubernetesApi:
         return lambda: discovery.list_namespaced_endpoint_slice(namespace, **kwargs)
 
     def create_call(self, kind: str, namespace: str, body: Document) -> Callable[[], Awaitable[Any]]:
+        if kind == "leases":
+            return lambda: self._coordination().create_namespaced_lease(
+                namespace, cast(Any, body), _preload_content=False
+            )
         if kind == "services":
             return lambda: self._core().create_namespaced_service(namespace, cast(Any, body), _preload_content=False)
         return lambda: self._discovery().create_namespaced_endpoint_slice(
@@ -135,6 +143,10 @@ class KubernetesApi:
         )
 
     def replace_call(self, kind: str, namespace: str, name: str, body: Document) -> Callable[[], Awaitable[Any]]:
+        if kind == "leases":
+            return lambda: self._coordination().replace_namespaced_lease(
+                name, namespace, cast(Any, body), _preload_content=False
+            )
         if kind == "services":
             return lambda: self._core().replace_namespaced_service(
                 name, namespace, cast(Any, body), _preload_content=False
@@ -144,6 +156,8 @@ class KubernetesApi:
         )
 
     def read_call(self, kind: str, namespace: str, name: str) -> Callable[[], Awaitable[Any]]:
+        if kind == "leases":
+            return lambda: self._coordination().read_namespaced_lease(name, namespace, _preload_content=False)
         if kind == "services":
             return lambda: self._core().read_namespaced_service(name, namespace, _preload_content=False)
         return lambda: self._discovery().read_namespaced_endpoint_slice(name, namespace, _preload_content=False)

@@ -38,7 +38,8 @@ from meshfed.addresses import HostPort
 from meshfed.api.app import create_health_app
 from meshfed.cli import _signals
 from meshfed.cli.remote import API_URL_FILE
-from meshfed.errors import GatewayConfigError, GatewayError, MeshfedError, PeeringError, TrustError
+from meshfed.errors import CatalogError, GatewayConfigError, GatewayError, MeshfedError, PeeringError, TrustError
+from meshfed.leadership import LeadershipLostError, LeaseElector
 from meshfed.logs import configure_logging
 from meshfed.runtime import (
     ZoneRuntime,
@@ -193,6 +194,91 @@ async def _serve(
     stop.server = server
     if stop.requested:
         return
+    campaigning = settings.leader_lease is not None
+    # A follower answers /healthz (alive) and /readyz 503 (not serving) while it waits to lead.
+    health = _serve_health(runtime, listeners, metrics_socket, log_level) if campaigning else contextlib.nullcontext()
+    async with health, _leading(zone, settings, stop, server) as lost:
+        if stop.requested:
+            return
+        await _serve_led(
+            zone,
+            runtime,
+            listeners,
+            api_socket,
+            config,
+            server,
+            stop,
+            metrics_socket if not campaigning else None,
+            log_level,
+        )
+    if lost:
+        raise MeshfedError(lost[0])
+
+
+@contextlib.asynccontextmanager
+async def _leading(zone: Zone, settings: ZoneSettings, stop: _Stop, server: uvicorn.Server) -> AsyncIterator[list[str]]:
+    """Hold the zone's Lease (``--leader-lease``) for the block: campaign first, following meanwhile.
+
+    Yields a list that holds why leadership was lost, if it was: the API is told to exit then, and
+    the process exits non-zero so that its orchestrator restarts it as a follower. Without a Lease,
+    the block simply runs.
+    """
+    lost: list[str] = []
+    if settings.leader_lease is None:
+        yield lost
+        return
+    from meshfed.catalog.kubernetes_api import KubernetesApi  # the Kubernetes client: only for a campaign
+    from meshfed.catalog.settings import KubernetesSettings
+
+    # The zone's [kubernetes] credentials; else $KUBECONFIG, else the pod's service account.
+    api = KubernetesApi(zone.config.kubernetes or KubernetesSettings(kubeconfig=os.environ.get("KUBECONFIG")))
+    try:
+        await api.connect()
+    except CatalogError as err:
+        raise MeshfedError(f"--leader-lease: {err}") from None
+    elector = LeaseElector(api, settings.leader_lease)
+    try:
+        campaign = asyncio.create_task(elector.acquire())
+        while not campaign.done():  # a SIGTERM ends a follower's wait
+            if stop.requested:
+                campaign.cancel()
+                break
+            await asyncio.wait({campaign}, timeout=0.2)
+        if campaign.cancelled():
+            yield lost
+            return
+        campaign.result()
+
+        def ended(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and isinstance(task.exception(), LeadershipLostError):
+                lost.append(str(task.exception()))
+                log.error("zone %s: %s", zone.name, lost[0])
+                server.should_exit = True
+
+        holding = asyncio.create_task(elector.hold())
+        holding.add_done_callback(ended)
+        try:
+            yield lost
+        finally:
+            holding.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LeadershipLostError):
+                await holding
+    finally:
+        await elector.release()
+        await api.aclose()
+
+
+async def _serve_led(
+    zone: Zone,
+    runtime: ZoneRuntime,
+    listeners: Listeners,
+    api_socket: socket.socket,
+    config: uvicorn.Config,
+    server: uvicorn.Server,
+    stop: _Stop,
+    metrics_socket: socket.socket | None,
+    log_level: str,
+) -> None:
     await start_runtime(runtime, listeners)
     try:
         if stop.requested:

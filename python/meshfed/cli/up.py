@@ -12,6 +12,9 @@ modules (the controller, the API, gRPC) load inside the command, so
 from __future__ import annotations
 
 import datetime as dt
+import os
+import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, cast, get_args
@@ -22,6 +25,7 @@ from meshfed import defaults
 from meshfed.addresses import HostPort, is_ip_address, parse_host, parse_host_port, parse_port
 from meshfed.cli.common import ZoneDir, duration_text, parse_duration
 from meshfed.errors import InvalidAddressError, MeshfedError
+from meshfed.leadership import LeaseSettings
 from meshfed.logs import LogFormat, LogLevel
 
 if TYPE_CHECKING:
@@ -131,6 +135,21 @@ def up(
             "Default: [egress] workload_tls in zone.toml (plain)."
         ),
     ] = None,
+    leader_lease: Annotated[
+        str | None,
+        typer.Option(
+            help="NAMESPACE/NAME of a coordination.k8s.io Lease: serve only while holding it, follow (warm, "
+            "serving nothing) while another process of the zone does, and exit if it is lost. Credentials: "
+            "[kubernetes] in zone.toml, else the pod's service account. Default: no election."
+        ),
+    ] = None,
+    leader_identity: Annotated[
+        str | None,
+        typer.Option(help="This process among the Lease's candidates. Default: $POD_NAME, else host-pid."),
+    ] = None,
+    leader_lease_duration: Annotated[
+        str, typer.Option(help="How long a leader not seen renewing keeps the Lease (renewals at 2/15 of it).")
+    ] = "15s",
     log_level: Annotated[LogLevel, typer.Option(help="debug, info, warning or error.")] = LogLevel.info,
     log_format: Annotated[
         LogFormat, typer.Option(help="json (one object per line, with trace ids) or text.")
@@ -209,6 +228,7 @@ def up(
     settings = ZoneSettings(
         controller=controller,
         peering=peering,
+        leader_lease=_leader_lease(leader_lease, leader_identity, leader_lease_duration),
         bundle_endpoint_port=listeners.bundle_endpoint_port,
         bundle_endpoint_host=listeners.bundle_endpoint_host,
         bundle_endpoint_web=bundle_endpoint.web if bundle_endpoint else None,
@@ -222,6 +242,26 @@ def up(
     # operator's report says where, not only "exited -11".
     faulthandler.enable()
     serve_zone(zone, settings, listeners, log_level=log_level.value, json_logs=log_format is LogFormat.json)
+
+
+def _leader_lease(lease: str | None, identity: str | None, duration: str) -> LeaseSettings | None:
+    """The Lease ``meshfed up`` campaigns for, from its three flags; None: no election."""
+    if lease is None:
+        return None
+    namespace, slash, name = lease.partition("/")
+    if not (slash and _DNS_NAME.fullmatch(namespace) and _DNS_NAME.fullmatch(name)):
+        raise typer.BadParameter("give NAMESPACE/NAME, both DNS names", param_hint="--leader-lease")
+    seconds = parse_duration(duration, "--leader-lease-duration").total_seconds()
+    if seconds < 3:
+        raise typer.BadParameter("at least 3s", param_hint="--leader-lease-duration")
+    who = identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    # Kubernetes' controllers' proportions: renew deadline 2/3 of the duration, a try every 2/15.
+    return LeaseSettings(
+        namespace, name, who, duration=seconds, renew_deadline=seconds * 2 / 3, retry_period=seconds * 2 / 15
+    )
+
+
+_DNS_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 
 
 @dataclass(frozen=True)
