@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
@@ -114,39 +116,51 @@ def test_peered_zones_call_exported_services_through_their_gateways(make_zone, e
     assert bytes(echo_server.received) == b"across zonesnorth too"
 
 
+GROUP = "failover:echo.default:tcp"
+
+
+@contextlib.asynccontextmanager
+async def west_calling_east_or_north(
+    zones: tuple[Zone, Zone, Zone], backends: tuple[EchoServer, EchoServer], settings: ZoneSettings = LOOPBACK
+) -> AsyncIterator[tuple[ZoneRuntime, ZoneRuntime, ZoneRuntime]]:
+    """east and north (with ``backends``) export echo to west, which holds the failover group of the two."""
+    east, _, north = zones
+    for zone, backend in zip((east, north), backends, strict=True):
+        register_echo(zone, backend)
+        with ExportRules(zone.directory) as rules:
+            rules.add("echo", "default", ["west"])
+    runtimes = [assemble_zone(zone, settings) for zone in zones]
+    e, w, n = runtimes
+    for runtime in runtimes:
+        await runtime.controller.start()
+    try:
+        await w.peering.establish(e.peering.issue_token("west").encoded, "east")
+        await w.peering.establish(n.peering.issue_token("west").encoded, "north")
+        await eventually(lambda: GROUP in w.controller.gateway.addresses(), "west's failover listener")
+        yield e, w, n
+    finally:
+        for runtime in reversed(runtimes):
+            await runtime.controller.stop()
+
+
 @pytest.mark.parametrize("dies", ["east's backend", "east's gateway"])
 def test_a_dead_source_fails_no_request_while_another_zone_serves_the_service(make_zone, dies: str):
     """Default settings (5 s health checks). A dead backend: east's ingress opens its upstream before
     it answers the caller hop, so west hears "unavailable" and opens north instead, before any client
     byte moves. A dead zone: west's connect to east's gateway fails, and it dials north. Not one
     request fails, long before any health check or heartbeat notices."""
-    east, west, north = make_zone("east"), make_zone("west"), make_zone("north")
+    zones = make_zone("east"), make_zone("west"), make_zone("north")
     with running_echo_server() as east_backend, running_echo_server() as north_backend:
-        for zone, backend in ((east, east_backend), (north, north_backend)):
-            register_echo(zone, backend)
-            with ExportRules(zone.directory) as rules:
-                rules.add("echo", "default", ["west"])
 
         async def scenario() -> list[int]:
-            runtimes = [assemble_zone(zone, LOOPBACK) for zone in (east, west, north)]
-            e, w, n = runtimes
-            for runtime in runtimes:
-                await runtime.controller.start()
-            try:
-                await w.peering.establish(e.peering.issue_token("west").encoded, "east")
-                await w.peering.establish(n.peering.issue_token("west").encoded, "north")
-                group = "failover:echo.default:tcp"
-                await eventually(lambda: group in w.controller.gateway.addresses(), "west's failover listener")
-                assert await call(w, group, b"to east") == b"to east"
+            async with west_calling_east_or_north(zones, (east_backend, north_backend)) as (e, w, _):
+                assert await call(w, GROUP, b"to east") == b"to east"
                 if dies == "east's backend":
                     east_backend.stop()
                 else:
                     await e.controller.stop()
                 # A bounded loop, well inside the first health check interval after the stop.
-                return [index for index in range(40) if await call(w, group, b"x") != b"x"]
-            finally:
-                for runtime in reversed(runtimes):
-                    await runtime.controller.stop()
+                return [index for index in range(40) if await call(w, GROUP, b"x") != b"x"]
 
         failed = asyncio.run(scenario())
     assert failed == []
@@ -161,7 +175,7 @@ def test_failover_group_moves_to_the_next_zone_when_a_backend_stops(make_zone):
     endpoint, and west's group moves on to north. Requests may fail only within
     that detection window.
     """
-    east, west, north = make_zone("east"), make_zone("west"), make_zone("north")
+    zones = make_zone("east"), make_zone("west"), make_zone("north")
     settings = replace(
         LOOPBACK,
         controller=replace(
@@ -170,24 +184,12 @@ def test_failover_group_moves_to_the_next_zone_when_a_backend_stops(make_zone):
         ),
     )
     with running_echo_server() as east_backend, running_echo_server() as north_backend:
-        for zone, backend in ((east, east_backend), (north, north_backend)):
-            register_echo(zone, backend)
-            with ExportRules(zone.directory) as rules:
-                rules.add("echo", "default", ["west"])
 
         async def scenario() -> list[float]:
-            runtimes = [assemble_zone(zone, settings) for zone in (east, west, north)]
-            e, w, n = runtimes
-            for runtime in runtimes:
-                await runtime.controller.start()
-            try:
-                await w.peering.establish(e.peering.issue_token("west").encoded, "east")
-                await w.peering.establish(n.peering.issue_token("west").encoded, "north")
-                group = "failover:echo.default:tcp"
-                await eventually(lambda: group in w.controller.gateway.addresses(), "west's failover listener")
+            async with west_calling_east_or_north(zones, (east_backend, north_backend), settings) as (_, w, _):
                 (listed,) = w.controller.failover_groups()
                 assert listed.sources == ["east", "north"]
-                assert await call(w, group, b"to east") == b"to east"
+                assert await call(w, GROUP, b"to east") == b"to east"
                 assert east_backend.received == b"to east"
                 assert not north_backend.received
 
@@ -197,16 +199,13 @@ def test_failover_group_moves_to_the_next_zone_when_a_backend_stops(make_zone):
                 served_by_north = 0
                 while served_by_north < 20:  # 20 in a row after the last failure
                     assert time.monotonic() - stopped < 15, f"no failover; failures at {failures}"
-                    if await call(w, group, b"x") == b"x":
+                    if await call(w, GROUP, b"x") == b"x":
                         served_by_north += 1
                     else:
                         failures.append(time.monotonic() - stopped)
                         served_by_north = 0
                     await asyncio.sleep(0.02)
                 return failures
-            finally:
-                for runtime in reversed(runtimes):
-                    await runtime.controller.stop()
 
         failures = asyncio.run(scenario())
     assert north_backend.received == b"x" * 20
