@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -185,13 +187,34 @@ def _status(port: int, path: str) -> int | None:
         return None
 
 
-def _until(check: Callable[[], bool], what: str, process: subprocess.Popen[bytes], seconds: float = 30) -> float:
-    started = time.monotonic()
-    while not check():
-        assert process.poll() is None, f"{what}: exited\n" + (process.stdout.read().decode() if process.stdout else "")
-        assert time.monotonic() - started < seconds, f"{what}: not within {seconds:g} s"
-        time.sleep(0.1)
-    return time.monotonic() - started
+class _Log:
+    """A process's output as it comes, line by line: a test waits for the line that says what happened."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line.decode(errors="replace"))
+        self.lines.put(None)  # the process closed its output: it exited
+
+    def wait_for(self, text: str, seconds: float = 30) -> float:
+        """Seconds until a line holding ``text`` appears; fails, showing the output, if it does not in time."""
+        started = time.monotonic()
+        while True:
+            try:
+                line = self.lines.get(timeout=max(seconds - (time.monotonic() - started), 0))
+            except queue.Empty:
+                pytest.fail(f"no line with {text!r} within {seconds:g} s:\n" + "".join(self.seen))
+            if line is None:
+                pytest.fail(f"exited before a line with {text!r}:\n" + "".join(self.seen))
+            self.seen.append(line)
+            if text in line:
+                return time.monotonic() - started
 
 
 def test_two_processes_of_a_zone_one_serves_and_the_follower_takes_over_when_it_dies(tmp_path: Path) -> None:
@@ -204,15 +227,20 @@ def test_two_processes_of_a_zone_one_serves_and_the_follower_takes_over_when_it_
     first = _up(tmp_path / "a", "east-a", lease, api_a, metrics_a)
     second: subprocess.Popen[bytes] | None = None
     try:
-        _until(lambda: _status(api_a, "/readyz") == 200, "the first process serving", first)
+        _Log(first).wait_for("API on")  # logged once the API listens
+        assert _status(api_a, "/readyz") == 200
         second = _up(tmp_path / "b", "east-b", lease, api_b, metrics_b)
-        _until(lambda: _status(metrics_b, "/healthz") == 200, "the follower alive", second)
+        follower = _Log(second)
+        follower.wait_for("health and metrics on")
+        follower.wait_for("east-a leads; east-b follows")
+        assert _status(metrics_b, "/healthz") == 200
         assert _status(metrics_b, "/readyz") == 503
         assert _status(api_b, "/readyz") is None  # no API while following
         first.kill()
         first.wait()
-        took = _until(lambda: _status(api_b, "/readyz") == 200, "the follower leading", second, seconds=20)
+        took = follower.wait_for("API on", seconds=20)
         assert took < 15
+        assert _status(api_b, "/readyz") == 200
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=20) == 0
         # A clean stop gives the Lease up at once.
