@@ -9,7 +9,7 @@ mod test_certs;
 use test_certs::client_hello;
 
 mod common;
-use common::{echo_backend, round_trip};
+use common::{echo_backend, read_head, round_trip};
 
 use std::error::Error;
 use std::net::SocketAddr;
@@ -582,15 +582,7 @@ fn connect_config(pki: &Pki, east: SocketAddr, north: SocketAddr) -> Result<Valu
 /// Sends a request head and reads the response head (up to the blank line).
 async fn ask(stream: &mut TcpStream, head: &[u8]) -> Result<String, Box<dyn Error>> {
     stream.write_all(head).await?;
-    let mut got = Vec::new();
-    while !got.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        if tokio::time::timeout(IO_TIMEOUT, stream.read(&mut byte)).await?? == 0 {
-            break;
-        }
-        got.push(byte[0]);
-    }
-    Ok(String::from_utf8(got)?)
+    Ok(String::from_utf8(read_head(stream).await?)?)
 }
 
 /// One listening socket serves every import: a client names the import in

@@ -7,20 +7,17 @@
 mod test_certs;
 
 mod common;
-use common::{echo_backend, round_trip};
+use common::{echo_backend, read_head, round_trip};
 
 use std::error::Error;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use meshfed_gateway::{Gateway, GatewayError};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 type TestResult = Result<(), Box<dyn Error>>;
-
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sends a CONNECT for `authority`; the response head.
 async fn connect_to(
@@ -31,14 +28,7 @@ async fn connect_to(
     stream
         .write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
         .await?;
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        if tokio::time::timeout(IO_TIMEOUT, stream.read(&mut byte)).await?? == 0 {
-            break;
-        }
-        head.push(byte[0]);
-    }
+    let head = read_head(&mut stream).await?;
     Ok((stream, String::from_utf8(head)?))
 }
 

@@ -40,3 +40,22 @@ pub async fn round_trip(stream: &mut TcpStream, payload: &[u8]) -> io::Result<Ve
         })??;
     Ok(back)
 }
+
+/// Reads an HTTP head up to and including its blank line (or to EOF), a byte at a time so that
+/// nothing after it is consumed, within [`IO_TIMEOUT`] per byte.
+pub async fn read_head(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(IO_TIMEOUT, stream.read(&mut byte))
+            .await
+            .map_err(|_| {
+                io::Error::new(io::ErrorKind::TimedOut, "no answer within the test's bound")
+            })??;
+        if read == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    Ok(head)
+}
