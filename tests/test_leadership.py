@@ -29,6 +29,7 @@ import pytest
 
 from meshfed.catalog.kubernetes_api import KubernetesApi
 from meshfed.catalog.settings import KubernetesSettings
+from meshfed.errors import MeshfedError
 from meshfed.leadership import LeadershipLostError, LeaseElector, LeaseSettings
 from meshfed.zone import Zone
 from tests.clocks import ManualClock
@@ -268,3 +269,13 @@ def test_two_processes_of_a_zone_one_serves_and_the_follower_takes_over_when_it_
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_a_lease_in_a_missing_namespace_is_one_line_saying_so() -> None:
+    async def scenario() -> None:
+        async with connected() as api:
+            elector = LeaseElector(api, LeaseSettings("no-such-namespace", "east", "east-a"), ManualClock())
+            with pytest.raises(MeshfedError, match='namespaces "no-such-namespace" not found — create the namespace'):
+                await elector.try_acquire_or_renew()
+
+    asyncio.run(scenario())

@@ -172,7 +172,8 @@ class KubernetesApi:
         try:
             body = await response.read()
             if response.status == 404:
-                raise NotFoundError(404, "NotFound", body.decode(errors="replace")[:200])
+                status = api_error(404, body)  # the Status says what is missing: the object, or its namespace
+                raise NotFoundError(404, status.reason or "NotFound", status.message)
             if response.status == 410:
                 raise GoneError
             if not 200 <= response.status < 300:
