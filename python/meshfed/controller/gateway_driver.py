@@ -262,6 +262,10 @@ class GatewayDriver:
                 # No await may follow a successful apply here, or a cancel landing on it would make
                 # import_snapshot roll back what the gateway serves.
                 self._on_applied()
+                # The previous generation (Python objects, the document, the core's compiled config) was just
+                # freed: give it back, or the process grows by a config's worth per change (meshfed/heap.py).
+                # Not awaited: nothing may be awaited after a successful apply (see above).
+                asyncio.get_running_loop().run_in_executor(None, release_free_memory)
                 log.debug("zone %s: gateway config applied", self._zone.name)
 
     async def renew_svid(self) -> None:
@@ -280,9 +284,6 @@ class GatewayDriver:
 
     def _apply(self, compiled: Compiled) -> None:
         self.gateway.apply(compiled)
-        # The previous generation (Python models, the document, the Rust core's compiled config) was
-        # just freed: give it back, or the process grows by a config's worth per change (meshfed/heap.py).
-        release_free_memory()
 
     def _svid_signer_retired(self) -> bool:
         return self._svid is not None and self._svid.intermediates[0] != self._zone.authority.signing_ca().intermediate
@@ -356,7 +357,12 @@ class GatewayDriver:
         return (config, self._finish(draft, rejected), compiled)
 
     def _patched(self, draft: _Draft, patch: GatewayPatch) -> ConfigExports | None:
-        """Apply the draft as ``patch`` to the running config; its exports, or None if the core refused it."""
+        """Apply the draft as ``patch`` to the running config; its exports, or None if the core refused it.
+
+        The exports are settled first, as for a whole config: once the gateway serves the patch, the
+        caller must resume at once (a cancel landing in between would roll back what it serves).
+        """
+        exports = self._finish(draft, set())
         try:
             self.gateway.apply_patch(patch)
         except GatewayConfigError as err:
@@ -367,8 +373,7 @@ class GatewayDriver:
                 err,
             )
             return None
-        release_free_memory()
-        return self._finish(draft, set())
+        return exports
 
     def _finish(self, draft: _Draft, rejected: set[str]) -> ConfigExports:
         """Keep what a checked draft settled (egress ports, problems); the exports of its config."""
