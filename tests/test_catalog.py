@@ -179,3 +179,45 @@ def test_cli_refuses_bad_services_in_one_line_and_keeps_the_catalog(tmp_path, ar
     assert len(result.stderr.decode().strip().splitlines()) == 1
     with EmbeddedCatalog(zone) as catalog:
         assert catalog.load().services == []
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    steps=st.lists(
+        st.lists(
+            st.tuples(st.sampled_from(["a", "b", "c", "d"]), st.one_of(st.none(), st.integers(1, 65535))), max_size=3
+        ),
+        max_size=6,
+    )
+)
+def test_a_running_source_reads_only_what_was_written_and_matches_a_full_read(tmp_path_factory, steps):
+    """Between two reads of the running zone's source, other connections write; each read equals a full
+    load of the file, and the services no write touched are the previous read's very objects."""
+    directory = tmp_path_factory.mktemp("catalog")
+    with EmbeddedCatalog(directory) as catalog:
+        catalog.register(_web(1, name="a"))
+    source = EmbeddedCatalogSource(directory)
+
+    async def scenario() -> None:
+        try:
+            previous = await source.snapshot()
+            for writes in steps:
+                touched = set()
+                with EmbeddedCatalog(directory) as writer:
+                    for name, port in writes:
+                        touched.add(name)
+                        if port is not None:
+                            writer.register(_web(port, name=name))
+                        elif writer.load().service("default", name) is not None:
+                            writer.deregister("default", name)
+                    full = writer.load()
+                current = await source.snapshot()
+                assert current == full
+                for service in current.services:
+                    if service.name not in touched:
+                        assert service is previous.service("default", service.name)
+                previous = current
+        finally:
+            await source.aclose()
+
+    asyncio.run(scenario())

@@ -16,8 +16,9 @@ import pytest
 from meshfed.catalog import EmbeddedCatalog, Endpoint, Service
 from meshfed.controller import Controller, ControllerSettings
 from meshfed.errors import FederationError
+from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.federation.exports import ExportRules
-from meshfed.federation.imports import ImportStore
+from meshfed.federation.imports import ImportStore, ParsedSnapshots, parse_stored
 from meshfed.gateway import AuthzRule
 from meshfed.trust.spiffe import TrustDomain
 from meshfed.zone import Zone
@@ -193,6 +194,45 @@ def test_egress_ports_are_kept_per_import(tmp_path):
         assert near_the_top("egress:e.default.east:http") == 65535
         with pytest.raises(FederationError, match="no free egress port"):
             near_the_top("egress:f.default.east:http")
+
+
+def test_a_build_reads_only_the_stored_imports_it_has_not_parsed(tmp_path):
+    """A stored snapshot is named by its (epoch, version): a reader holding that pair reads no document, and
+    one put back after a refusal is another pair, read again."""
+
+    def snapshot(version: int, *names: str) -> ServiceSnapshot:
+        services = [
+            ExportedService(name=name, namespace="default", ports={"tcp": 1}, healthy_endpoints=1, total_endpoints=1)
+            for name in names
+        ]
+        return ServiceSnapshot(
+            zone="east", trust_domain="east.mesh", gateway_addresses=[], version=version, epoch="e1", services=services
+        )
+
+    known: ParsedSnapshots = {}
+    with ImportStore(tmp_path) as imports:
+        assert imports.put("east", snapshot(1, "a"))
+        assert imports.put("north", snapshot(4, "n"))
+        heads, documents = imports.documents_unless({})
+        assert heads == {"east": ("e1", 1), "north": ("e1", 4)}
+        first, problems = parse_stored(heads, documents, known)
+        assert not problems
+        assert [s.name for s in first["east"].services] == ["a"]
+
+        previous = imports.get("east")
+        assert imports.put("east", snapshot(2, "a", "b"))
+        heads, documents = imports.documents_unless({peer: head for peer, (head, _) in known.items()})
+        assert set(documents) == {"east"}  # north's is held
+        second, _ = parse_stored(heads, documents, known)
+        assert second["north"] is first["north"]
+        assert [s.name for s in second["east"].services] == ["a", "b"]
+
+        imports.restore("east", previous)  # refused: version 1 back
+        heads, documents = imports.documents_unless({peer: head for peer, (head, _) in known.items()})
+        assert heads["east"] == ("e1", 1)
+        assert set(documents) == {"east"}
+        third, _ = parse_stored(heads, documents, known)
+        assert third["east"] == first["east"]
 
 
 @pytest.mark.parametrize(

@@ -100,6 +100,14 @@ CHANGES: dict[str, Callable[[], dict[str, Any]]] = {
             )
         )
     },
+    # Left out of the config (no healthy endpoint), then back: the left-out entry must not stick.
+    "every endpoint unhealthy": lambda: {
+        "catalog": catalog_with(
+            Service(
+                name="api", ports={"tcp": 8080}, endpoints=[Endpoint(address="127.0.1.3", port=8080, healthy=False)]
+            )
+        )
+    },
     "an export narrowed to one peer": lambda: {
         "exports": ExportIndex([ExportRule("default", "web", "west"), ExportRule("default", "api", "*")])
     },

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import threading
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -99,8 +99,10 @@ def make_link(
     clock: Clock = SYSTEM_CLOCK,
     limits: PeerLimits | None = None,
     role: Literal["acceptor", "dialer"] = "acceptor",
+    **stored: Any,
 ) -> PeerLink:
-    """A live link of east with peer ``name`` (trust domain ``<name>.mesh``), reporting to ``host``."""
+    """A live link of east with peer ``name`` (trust domain ``<name>.mesh``), reporting to ``host``; ``stored``
+    are more fields of its stored peering (as a restart finds them)."""
     now = dt.datetime.now(dt.UTC)
     peering = Peering(
         name=name,
@@ -111,6 +113,7 @@ def make_link(
         updated_at=now,
         peer_zone=name,
         peer_trust_domain=f"{name}.mesh",
+        **stored,
     )
     settings = LinkSettings(
         zone="east",
@@ -254,3 +257,23 @@ def test_an_acceptor_tells_its_stream_addresses_and_a_dialer_tells_none() -> Non
     host = RecordingHost()
     assert list(make_link(host).hello().stream_addresses) == ["127.0.0.1:15440"]
     assert list(make_link(host, role="dialer").hello().stream_addresses) == []
+
+
+def test_a_restart_before_the_sent_content_was_stored_sends_a_full_snapshot_of_a_new_version() -> None:
+    """The version is stored before a send, its content after: a restart in between must not take the
+    older stored content for what the peer holds (a delta from it would be wrong), nor reuse the version."""
+
+    async def scenario() -> None:
+        host = RecordingHost()
+        older = ServiceSnapshot(
+            zone="east", trust_domain="east.mesh", gateway_addresses=[], version=4, epoch="e1", services=[]
+        )
+        restarted = make_link(host, sent_version=5, sent_snapshot=older, sent_epoch="e1")
+        assert restarted.sent is None
+        assert not restarted.history  # no base for a delta: a full snapshot follows
+        assert restarted.peer_holds("e1", 5) == 5
+        current = restarted.current_exports()
+        assert current is not None
+        assert (current.version, current.epoch) == (6, "e1")
+
+    asyncio.run(scenario())

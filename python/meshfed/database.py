@@ -41,8 +41,11 @@ from meshfed.sqlite import SqliteStore, connect, lend, migrate, stop_lending
 T = TypeVar("T")
 S = TypeVar("S", bound=SqliteStore)
 
-# How often a waiter on the change feed asks SQLite whether another process committed.
-FEED_INTERVAL = 0.1
+# How often a waiter on the change feed asks SQLite whether another process committed (the CLI
+# writing the embedded catalog, say). Each ask is one PRAGMA on the owner thread, some tens of
+# microseconds: at 40 a second an idle zone spends well under 1 % of a core, and a change made
+# elsewhere is seen 12 ms later on average (at 0.1 s it was 50 ms, a third of a change's way to peers).
+FEED_INTERVAL = 0.025
 
 
 class Database:

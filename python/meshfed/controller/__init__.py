@@ -50,6 +50,7 @@ from meshfed.errors import MeshfedError
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.exports import UnhealthyEndpoints
 from meshfed.federation.failover import FailoverGroup, failover_groups
+from meshfed.federation.imports import ImportedService
 from meshfed.gateway import Gateway, GatewayConfig
 from meshfed.policy.egress import EgressPolicy
 from meshfed.supervisor import Supervisor
@@ -382,6 +383,10 @@ class Controller:
         Like every build, it keeps the egress ports it gives new imports and updates :meth:`import_problem`.
         """
         return self._driver.build()[0]
+
+    def served_imports(self) -> list[ImportedService]:
+        """The imported services the gateway serves now (neither withheld nor rejected by the data plane)."""
+        return self._imports.served()
 
     @property
     def applied_gateway_config(self) -> GatewayConfig | None:

@@ -54,7 +54,7 @@ class PeerImports:
         )
         if not stored:
             return
-        self._driver.stored(peer, document, snapshot)
+        self._driver.stored(peer, snapshot)
         try:
             await self._reconfigure()
             rejected = self._driver.import_problems.get(peer) if peer in self._driver.rejected else None

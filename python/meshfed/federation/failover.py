@@ -119,6 +119,8 @@ def failover_groups(
     by_service: dict[tuple[str, str], list[ImportedService]] = {}
     for item in imports:
         by_service.setdefault(item.service.key, []).append(item)
+    if not by_service and not sticky:
+        return []  # nothing imported: no group, and no pass over a catalog of 10,000 services
     local = {service.key: service for service in catalog.services if service.endpoints}
     # A group that shrank to this zone alone has no import left: it is found through ``sticky``.
     for key in sticky:

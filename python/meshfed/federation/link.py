@@ -157,7 +157,10 @@ class PeerLink:
         self.state_reason = peering.state_reason
         self.heartbeat_interval = settings.heartbeat_interval
         self.peer_heartbeat_interval = settings.heartbeat_interval
-        self.sent = peering.sent_snapshot
+        # The content of the last version sent is stored after the send (store_sent_soon): a stored
+        # snapshot of an older version than the one recorded as sent is not what the peer may hold.
+        stored = peering.sent_snapshot
+        self.sent = stored if stored is not None and stored.version == peering.sent_version else None
         self.sent_version = peering.sent_version
         # Checking a large message leaves the loop; updates are checked one at a time, in the order they
         # came, so they reach delivery (and their writes) in that order.
@@ -166,6 +169,8 @@ class PeerLink:
         self._persist_lock = threading.Lock()
         self._unpersisted: tuple[int, ServiceSnapshot] | None = None
         self._persisted_version = peering.sent_version
+        self._stored_version = peering.sent_version if self.sent is not None else 0
+        self._storing: asyncio.Future[None] | None = None
         self.acked_version = peering.acked_version
         self.received = peering.received_snapshot
         # A stored snapshot that no longer parses counts as nothing held: the peer resends everything.
@@ -222,6 +227,8 @@ class PeerLink:
         if self._recording is not None:
             # A received snapshot still being written lands before whatever the caller writes next.
             await asyncio.wait([self._recording])
+        if self._storing is not None:
+            await asyncio.wait([self._storing])  # likewise the content of the last version sent
 
     async def run_session(self, session: Session) -> None:
         """Run ``session`` as this link's one connection (a newer connection replaces an older one)."""
@@ -353,19 +360,45 @@ class PeerLink:
         return snapshot
 
     def persist_sent(self) -> None:
-        """Store the last snapshot :meth:`current_exports` made, unless a newer one is stored already.
+        """Store the version of the last snapshot :meth:`current_exports` made, unless a newer one is stored.
 
-        The sender calls it before sending, on a worker thread: a snapshot of 10,000 services is a
-        megabyte of JSON to encode and write, and waiting on the loop for the zone's one connection
-        stalled every peer. Versions only grow, so an older snapshot never overwrites a newer one.
+        The sender calls it before sending, on a worker thread, so a restart never reuses a version for
+        other content. The content follows after the send (:meth:`store_sent_soon`): a snapshot of 10,000
+        services is a megabyte of JSON to encode and write, which held every change back by 15 ms.
         """
         with self._persist_lock:
             pending = self._unpersisted
             if pending is None or pending[0] <= self._persisted_version:
                 return
             version, snapshot = pending
-            self._host.record(self.name, sent_version=version, sent_snapshot=snapshot, sent_epoch=snapshot.epoch)
+            self._host.record(self.name, sent_version=version, sent_epoch=snapshot.epoch)
             self._persisted_version = version
+
+    def store_sent_soon(self) -> None:
+        """The version :meth:`persist_sent` stored was sent: store its content too, off the loop, one write at
+        a time. Until it lands (or if it fails) a restart sends the peer a full snapshot instead of a delta."""
+        self._storing = asyncio.ensure_future(self._store_sent_after(self._storing))
+
+    async def _store_sent_after(self, earlier: asyncio.Future[None] | None) -> None:
+        if earlier is not None:
+            await asyncio.wait([earlier])
+        try:
+            await asyncio.to_thread(self._store_sent)
+        except Exception as err:  # a lost write costs a full snapshot after a restart, nothing more
+            log.warning(
+                "peer %s: could not store the exports last sent (after a restart it gets a full snapshot): %s",
+                self.name,
+                err,
+            )
+
+    def _store_sent(self) -> None:
+        with self._persist_lock:
+            pending = self._unpersisted
+            if pending is None or pending[0] > self._persisted_version or pending[0] <= self._stored_version:
+                return
+            version, snapshot = pending
+            self._host.record(self.name, sent_snapshot=snapshot)
+            self._stored_version = version
 
     def peer_holds(self, epoch: str, version: int) -> int | None:
         """The version of our exports the peer holds, or None when it must get a full snapshot.

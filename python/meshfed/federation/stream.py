@@ -98,7 +98,10 @@ class SessionLink(Protocol):
     def current_exports(self) -> ServiceSnapshot | None: ...
 
     def persist_sent(self) -> None:
-        """Store what :meth:`current_exports` last made before it is sent (called on a worker thread)."""
+        """Store the version :meth:`current_exports` last made before it is sent (called on a worker thread)."""
+
+    def store_sent_soon(self) -> None:
+        """That version was sent: store its content, off the loop and after the send (called on the loop)."""
 
     def peer_holds(self, epoch: str, version: int) -> int | None: ...
 
@@ -304,8 +307,11 @@ class Session:
                 message = await asyncio.to_thread(message)
             if message is not None:
                 await self._write(message)
-                if message.WhichOneof("body") == "terminate":
+                body = message.WhichOneof("body")
+                if body == "terminate":
                     return
+                if body in ("snapshot", "delta"):
+                    self.link.store_sent_soon()
                 continue
             await self._woken_or_after(self._next_heartbeat - clock.monotonic())
             if clock.monotonic() >= self._next_heartbeat:
@@ -367,7 +373,7 @@ class Session:
         link = self.link
 
         def encode() -> pb.PeerMessage:
-            link.persist_sent()  # stored before it is sent
+            link.persist_sent()  # the version is stored before it is sent
             if base is not None:
                 return pb.PeerMessage(delta=wire.diff(base, current))
             return pb.PeerMessage(snapshot=wire.snapshot_to_proto(current))
