@@ -40,6 +40,7 @@ from meshfed.federation.failover import groups_of_listeners
 from meshfed.federation.gateway_config import Fragments, build_gateway_config
 from meshfed.federation.imports import (
     EgressPorts,
+    Head,
     ImportedService,
     ImportStore,
     ParsedSnapshots,
@@ -90,6 +91,8 @@ class ConfigExports:
     exported: ExportedCatalog | None = None
     # The imported services the config serves (neither withheld nor rejected by the data plane).
     imports: tuple[ImportedService, ...] = ()
+    # Per peer whose imports it serves, the (epoch, version) of the stored snapshot they came from.
+    import_heads: Mapping[str, Head] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -412,6 +415,7 @@ class GatewayDriver:
             draft.exports,
             exported=ExportedCatalog(draft.exports.catalog, draft.exports.index, self._applied_exports.exported),
             imports=tuple(services_of(kept)),
+            import_heads={peer: (snapshot.epoch, snapshot.version) for peer, snapshot in kept.items()},
         )
         self._import_problems, self._rejected = draft.problems, frozenset(rejected)
         return exports

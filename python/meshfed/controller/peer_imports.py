@@ -59,7 +59,10 @@ class PeerImports:
             await self._reconfigure()
             rejected = self._driver.import_problems.get(peer) if peer in self._driver.rejected else None
         except BaseException:
-            await self._restore(peer, previous)
+            # Put back unless the gateway serves them already: a cancel (the zone stopping) may land
+            # after the apply, and the store must keep what the gateway serves.
+            if self._driver.applied_exports.import_heads.get(peer) != (snapshot.epoch, snapshot.version):
+                await self._restore(peer, previous)
             raise
         if rejected is not None:
             await self._restore(peer, previous)
