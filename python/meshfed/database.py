@@ -83,7 +83,13 @@ class Database:
 
     async def using(self, store: type[S], unit: Callable[[S], T]) -> T:
         """Run ``unit`` on ``store`` borrowed over the connection (one store's unit of work)."""
-        return await self.run(lambda db: unit(store.on(db, self.path)))
+        return await self.run(lambda _: unit(self.store(store)))
+
+    def store(self, cls: type[S]) -> S:
+        """``cls`` over the connection, its tables brought up to date once per process: inside a unit
+        (:meth:`run`) only, where the connection is the unit's."""
+        assert threading.get_ident() == self._owner, "Database.store is for units (Database.run)"
+        return cls.on(self._connection(cls.COMPONENT, cls.MIGRATIONS))
 
     @contextmanager
     def lease(self, component: str = "", migrations: Sequence[str] = ()) -> Iterator[sqlite3.Connection]:

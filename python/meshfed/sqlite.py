@@ -278,10 +278,10 @@ class SqliteStore:
             self._db, self._owned = open_database(path, component, migrations), True
 
     @classmethod
-    def on(cls, db: sqlite3.Connection, path: Path) -> Self:
-        """This store over the borrowed connection ``db`` to ``path``, its tables brought up to date."""
+    def on(cls, db: sqlite3.Connection) -> Self:
+        """This store over the borrowed connection ``db``, whose lender brought its tables up to date
+        (:meth:`meshfed.database.Database.store`)."""
         assert cls.COMPONENT, f"{cls.__name__} names no COMPONENT"
-        migrate(db, path, cls.COMPONENT, cls.MIGRATIONS)
         store = cls.__new__(cls)
         store._db, store._owned, store._lease = db, False, None
         return store

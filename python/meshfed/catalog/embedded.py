@@ -137,7 +137,7 @@ class EmbeddedCatalogSource:
         return last
 
     async def _read(self, since: int) -> tuple[CatalogSnapshot, dict[Key, Service]] | None:
-        version, keys, written = await self._db.run(lambda db: EmbeddedCatalog.on(db, self._path).written_since(since))
+        version, keys, written = await self._db.run(lambda _: self._db.store(EmbeddedCatalog).written_since(since))
         if version < since:
             return None
         # Parsed off the unit: thousands of services take a second, and the unit holds the connection.
@@ -155,7 +155,7 @@ class EmbeddedCatalogSource:
         deadline = loop.time() + timeout
         while True:
             self._feed_seen = await self._db.changed(self._feed_seen, max(deadline - loop.time(), 0.0))
-            version = await self._db.run(lambda db: EmbeddedCatalog.on(db, self._path).version())
+            version = await self._db.run(lambda _: self._db.store(EmbeddedCatalog).version())
             last = self._last
             if last is None or version != last.version:
                 last = await self.snapshot()

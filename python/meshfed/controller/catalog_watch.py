@@ -121,8 +121,7 @@ class CatalogWatch:
         """Follow the catalog, the export and authorization rules, and ``zone.toml``, forever."""
 
         def rules_version(db: sqlite3.Connection) -> tuple[int, int]:
-            path = self._state.path
-            return ExportRules.on(db, path).version(), AuthzRules.on(db, path).version()
+            return self._state.store(ExportRules).version(), self._state.store(AuthzRules).version()
 
         seen_state = self._state.version
         seen_rules = await self._state.run(rules_version)

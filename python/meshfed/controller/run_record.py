@@ -30,9 +30,9 @@ class RunRecord:
         """The zone runs from now on."""
 
         def take(db: sqlite3.Connection) -> None:
-            RunState.on(db, self._state.path).take_lease()
+            self._state.store(RunState).take_lease()
             # A verdict of an earlier run says nothing about this gateway, which has checked nothing yet.
-            ExportRules.on(db, self._state.path).clear_unhealthy_endpoints()
+            self._state.store(ExportRules).clear_unhealthy_endpoints()
 
         await self._state.run(take)
         self._recorded_listeners = None
