@@ -14,7 +14,7 @@ from meshfed.federation.authz import AuthzIndex, AuthzRules
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.federation.exports import ExportIndex, ExportRule
 from meshfed.federation.gateway_config import build_gateway_config
-from meshfed.federation.imports import ImportedService
+from meshfed.federation.imports import ImportedService, ImportOrigin
 from meshfed.gateway import AuthzRule, OriginateListener, TerminateListener
 from meshfed.gateway.handle import validate
 from meshfed.gateway.sni import service_sni
@@ -99,7 +99,7 @@ def _imported(peer: str, service: str) -> ImportedService:
     snapshot = ServiceSnapshot(
         zone=peer, trust_domain=f"{peer}.mesh", gateway_addresses=["127.0.0.1:15443"], version=1, services=[exported]
     )
-    return ImportedService(peer=peer, snapshot=snapshot, service=exported)
+    return ImportedService(peer=peer, origin=ImportOrigin.of(snapshot), service=exported)
 
 
 def _config(tmp_path, authz: AuthzIndex, exports: list[ExportRule], egress: EgressPolicy | None = None):

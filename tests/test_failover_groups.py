@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from pydantic import ValidationError
 
@@ -11,7 +13,7 @@ from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.federation.exports import ExportIndex
 from meshfed.federation.failover import failover_groups
 from meshfed.federation.gateway_config import build_gateway_config
-from meshfed.federation.imports import ImportedService
+from meshfed.federation.imports import ImportedService, ImportOrigin
 from meshfed.gateway import Cluster, OriginateListener
 from meshfed.policy.failover import FailoverPolicy
 from meshfed.trust.bundle import bundle_roots_pem
@@ -34,7 +36,7 @@ def imported(peer: str, *, healthy: int = 1, ports: dict[str, int] | None = None
     snapshot = ServiceSnapshot(
         zone=peer, trust_domain=f"{peer}.mesh", gateway_addresses=[GATEWAYS[peer]], version=1, services=[service]
     )
-    return ImportedService(peer, snapshot, service)
+    return ImportedService(peer, ImportOrigin.of(snapshot), service)
 
 
 def local_web(*endpoints: Endpoint) -> CatalogSnapshot:
@@ -119,7 +121,7 @@ def test_sources_without_healthy_endpoints_leave_the_group_unless_none_is_health
 def test_a_split_tier_shares_traffic_by_weight_across_its_peers(west):
     """``[failover] split = {east = 9, north = 1}``: one tier, 90/10, spread over each peer's gateways."""
     east = imported("east")
-    two_gateways = east.snapshot.model_copy(update={"gateway_addresses": [GATEWAYS["east"], "10.0.1.2:15443"]})
+    two_gateways = dataclasses.replace(east.origin, gateway_addresses=(GATEWAYS["east"], "10.0.1.2:15443"))
     east = ImportedService("east", two_gateways, east.service)
     policy = FailoverPolicy(split={"east": 9, "north": 1})
     (cluster,) = _config(west, CatalogSnapshot(version=1, services=[]), [east, imported("north")], policy).values()

@@ -19,7 +19,7 @@ from meshfed.federation.authz import AuthzIndex, AuthzRule
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.federation.exports import ExportIndex, ExportRule
 from meshfed.federation.gateway_config import Fragments, build_gateway_config
-from meshfed.federation.imports import ImportedService
+from meshfed.federation.imports import ImportedService, ImportedServices, ImportOrigin, services_of
 from meshfed.gateway import Cluster, GatewayConfig, HealthCheck, Identity
 from meshfed.policy.egress import EgressPolicy
 from meshfed.policy.splits import SubsetSplit
@@ -47,7 +47,7 @@ def imported(
     snapshot = ServiceSnapshot(
         zone=peer, trust_domain=f"{peer}.mesh", gateway_addresses=list(gateways), version=1, services=[offered]
     )
-    return ImportedService(peer=peer, snapshot=snapshot, service=offered)
+    return ImportedService(peer=peer, origin=ImportOrigin.of(snapshot), service=offered)
 
 
 BASE: dict[str, Any] = {
@@ -155,3 +155,40 @@ def test_what_did_not_change_is_the_same_object() -> None:
         "127.0.1.2:8080",
         "127.0.1.5:8080",
     ]
+
+
+def test_imported_services_are_reused_for_the_snapshots_and_services_a_build_shares() -> None:
+    """A delta keeps the unchanged summaries: the next build's imports of them are the very same objects,
+    in the same order by name as a build from nothing gives; another origin makes new ones."""
+
+    def snapshot(version: int, services: list[ExportedService], gateways: tuple[str, ...]) -> ServiceSnapshot:
+        return ServiceSnapshot(
+            zone="west",
+            trust_domain="west.mesh",
+            gateway_addresses=list(gateways),
+            version=version,
+            services=services,
+        )
+
+    def offered(name: str, endpoints: int = 1) -> ExportedService:
+        return ExportedService(
+            name=name, namespace="default", ports={"tcp": 7}, healthy_endpoints=endpoints, total_endpoints=endpoints
+        )
+
+    memory = ImportedServices()
+    first_services = [offered("a"), offered("b"), offered("c")]
+    first = {"west": snapshot(1, first_services, ("127.0.0.1:1",)), "east": snapshot(1, [offered("b")], ("x:1",))}
+    before = memory.of(first)
+    assert memory.of(first) is before
+    assert before == services_of(first)
+    assert [item.name for item in before] == ["a.default.west", "b.default.east", "b.default.west", "c.default.west"]
+
+    changed = {**first, "west": snapshot(2, [first_services[0], offered("b", 2), first_services[2]], ("127.0.0.1:1",))}
+    after = memory.of(changed)
+    assert after == services_of(changed)
+    by_name = {item.name: item for item in before}
+    assert [item is by_name[item.name] for item in after] == [True, True, False, True]
+
+    moved = {**changed, "west": snapshot(3, changed["west"].services, ("127.0.0.9:1",))}
+    assert memory.of(moved) == services_of(moved)
+    assert all(item.origin.gateway_addresses == ("127.0.0.9:1",) for item in memory.of(moved) if item.peer == "west")

@@ -178,11 +178,11 @@ def catalog_view(
             ImportView(
                 name=item.name,
                 peer=item.peer,
-                zone=item.snapshot.zone,
+                zone=item.origin.zone,
                 ports=item.service.ports,
                 healthy_endpoints=item.service.healthy_endpoints,
                 total_endpoints=item.service.total_endpoints,
-                gateway_addresses=item.snapshot.gateway_addresses,
+                gateway_addresses=list(item.origin.gateway_addresses),
                 local_addresses={
                     port: addresses[egress_listener_name(item, port)]
                     for port in sorted(item.service.ports)

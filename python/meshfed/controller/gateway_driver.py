@@ -42,11 +42,11 @@ from meshfed.federation.imports import (
     EgressPorts,
     Head,
     ImportedService,
+    ImportedServices,
     ImportStore,
     ParsedSnapshots,
     egress_listener_name,
     parse_stored,
-    services_of,
 )
 from meshfed.federation.resolver import GatewayResolver
 from meshfed.gateway import Gateway, GatewayConfig, GatewayPatch, HealthCheck, Identity
@@ -175,6 +175,8 @@ class GatewayDriver:
         # The stored imports as the last build parsed them. A build for the API may run beside the
         # driver's: each entry is a consistent (head, snapshot) pair, and one lost costs a parse.
         self._parsed_imports: ParsedSnapshots = {}
+        # The imported services of the last build, reused for the snapshots (and services) it shares.
+        self._imported = ImportedServices()
         # The rules as the last build read them (a build beside the driver's may replace them: each is whole).
         self._rules: _Rules | None = None
 
@@ -334,7 +336,9 @@ class GatewayDriver:
 
         def live() -> set[str]:
             # Every stored import's listeners: asked of the ports only once their range is full.
-            return {egress_listener_name(item, port) for item in services_of(snapshots) for port in item.service.ports}
+            return {
+                egress_listener_name(item, port) for item in self._imported.of(snapshots) for port in item.service.ports
+            }
 
         # Read in one short block: in the zone process it holds the one connection to state.db, and
         # what follows (DNS, building and validating thousands of listeners) must not hold it.
@@ -362,7 +366,7 @@ class GatewayDriver:
         sticky = groups_of_listeners(ports.listeners()) | self.sticky_groups
 
         def build(peers: dict[str, ServiceSnapshot]) -> GatewayConfig:
-            return self._config(view, exports, trust_bundles, services_of(peers), ports, sticky)
+            return self._config(view, exports, trust_bundles, self._imported.of(peers), ports, sticky)
 
         return _Draft(build(served), exports, served, problems, ports, build)
 
@@ -414,7 +418,7 @@ class GatewayDriver:
         exports = dataclasses.replace(
             draft.exports,
             exported=ExportedCatalog(draft.exports.catalog, draft.exports.index, self._applied_exports.exported),
-            imports=tuple(services_of(kept)),
+            imports=tuple(self._imported.of(kept)),
             import_heads={peer: (snapshot.epoch, snapshot.version) for peer, snapshot in kept.items()},
         )
         self._import_problems, self._rejected = draft.problems, frozenset(rejected)

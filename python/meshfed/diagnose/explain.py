@@ -258,7 +258,9 @@ def _importer_steps(
             )
             continue
         steps.append(
-            Step(step=f"import from {name}", ok=True, detail=f"{item.name} imported (version {item.snapshot.version})")
+            Step(
+                step=f"import from {name}", ok=True, detail=f"{item.name} imported (version {status.received_version})"
+            )
         )
         addresses = {
             port: bound[egress_listener_name(item, port)]
@@ -285,9 +287,9 @@ def _importer_steps(
             )
         )
         steps.append(peering_step)
-        domain = TrustDomain.parse(item.snapshot.trust_domain)
+        domain = TrustDomain.parse(item.origin.trust_domain)
         snis = [service_sni(service, namespace, port, domain) for port in sorted(set(item.service.ports.values()))]
-        gateways = item.snapshot.gateway_addresses
+        gateways = item.origin.gateway_addresses
         steps.append(
             Step(
                 step="peer gateway",
@@ -296,7 +298,7 @@ def _importer_steps(
                 f"expecting {domain.gateway_id}",
                 fix=""
                 if gateways
-                else f"zone {item.snapshot.zone} advertises no gateway address (meshfed up --gateway-advertise there)",
+                else f"zone {item.origin.zone} advertises no gateway address (meshfed up --gateway-advertise there)",
             )
         )
         healthy = item.service.healthy_endpoints > 0
@@ -308,7 +310,7 @@ def _importer_steps(
                 f"healthy at {name}",
                 fix=""
                 if healthy
-                else f"zone {item.snapshot.zone} has no live backend for it: check there "
+                else f"zone {item.origin.zone} has no live backend for it: check there "
                 f"(meshfed explain {service} --namespace {namespace})",
             )
         )

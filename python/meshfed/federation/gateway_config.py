@@ -43,7 +43,7 @@ from meshfed.federation.authz import AuthzIndex
 from meshfed.federation.exchange import ExportedService
 from meshfed.federation.exports import ExportIndex
 from meshfed.federation.failover import FailoverGroup, failover_groups
-from meshfed.federation.imports import ImportedService, egress_listener_name
+from meshfed.federation.imports import ImportedService, ImportOrigin, egress_listener_name
 from meshfed.gateway import (
     AuthzRule,
     Cluster,
@@ -89,6 +89,7 @@ class _Import:
     """What one imported service became in a config, and what it was built from."""
 
     service: ExportedService
+    origin: ImportOrigin
     key: tuple[object, ...]
     clusters: list[Cluster]
     listeners: list[Listener]
@@ -237,30 +238,32 @@ def build_gateway_config(
     # peer as last time is all a lookup checks. (A listener per import also depends on its address.)
     import_context: tuple[object, ...] = (egress, per_import_listeners)
     same_import_context = not per_import_listeners and _same(fragments._import_context, import_context)
-    origins: dict[int, tuple[str, tuple[str, ...]]] = {}
     for imported in imports:
         offered = imported.service
-        origin = origins.get(id(imported.snapshot))
-        if origin is None:
-            snapshot = imported.snapshot
-            origin = origins[id(snapshot)] = (snapshot.trust_domain, tuple(snapshot.gateway_addresses))
         held_import = fragments._imports.get((imported.peer, offered.namespace, offered.name))
         if not (
             same_import_context
             and held_import is not None
             and held_import.service is offered
-            and held_import.key[2:] == origin
+            and (held_import.origin is imported.origin or held_import.origin == imported.origin)
         ):
             workload_tls = egress.mode(offered.name, offered.namespace, imported.peer)
             names = [egress_listener_name(imported, port_name) for port_name in sorted(offered.ports)]
             import_key: tuple[object, ...] = (
                 workload_tls,
                 tuple(egress_address(name) for name in names) if per_import_listeners else None,
-                *origin,
             )
-            if held_import is None or held_import.key != import_key or held_import.service != offered:
+            if (
+                held_import is None
+                or held_import.key != import_key
+                or held_import.origin != imported.origin
+                or held_import.service != offered
+            ):
                 held_import = _Import(
-                    offered, import_key, *_import_pieces(imported, workload_tls, egress_address, per_import_listeners)
+                    offered,
+                    imported.origin,
+                    import_key,
+                    *_import_pieces(imported, workload_tls, egress_address, per_import_listeners),
                 )
         used_imports[(imported.peer, offered.namespace, offered.name)] = held_import
         clusters.extend(held_import.clusters)
@@ -376,13 +379,13 @@ def _peer_endpoints(imported: ImportedService, port_name: str, *, priority: int,
     port = imported.service.ports.get(port_name)
     if port is None:
         return []
-    peer_domain, gateway_id = _peer_gateway(imported.snapshot.trust_domain)
+    peer_domain, gateway_id = _peer_gateway(imported.origin.trust_domain)
     tls = UpstreamTls(
         sni=service_sni(imported.service.name, imported.service.namespace, port, peer_domain),
         peer_spiffe_id=gateway_id,
         convey_caller=True,
     )
-    addresses = imported.snapshot.gateway_addresses
+    addresses = imported.origin.gateway_addresses
     return [Endpoint(address=address, priority=priority, weight=weight, tls=tls) for address in addresses]
 
 
@@ -403,9 +406,9 @@ def _group_endpoints(group: FailoverGroup, port_name: str) -> list[Endpoint]:
             offered.append((local.healthy, [Endpoint(address=local.key, weight=local.weight, priority=0)]))
     for priority, tier in enumerate(group.tiers, start=1):
         # Scale so that every peer's share divides evenly among its addresses.
-        scale = math.lcm(*(max(len(item.snapshot.gateway_addresses), 1) for item in tier))
+        scale = math.lcm(*(max(len(item.origin.gateway_addresses), 1) for item in tier))
         for imported in tier:
-            share = group.weights.get(imported.peer, 1) * scale // max(len(imported.snapshot.gateway_addresses), 1)
+            share = group.weights.get(imported.peer, 1) * scale // max(len(imported.origin.gateway_addresses), 1)
             healthy = imported.service.healthy_endpoints > 0
             offered.append((healthy, _peer_endpoints(imported, port_name, priority=priority, weight=share)))
     chosen = [endpoints for healthy, endpoints in offered if healthy] or [endpoints for _, endpoints in offered]

@@ -14,6 +14,7 @@ row never stops the zone from starting or serving the others.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -54,12 +55,25 @@ Head = tuple[str, int]
 """A stored snapshot's (epoch, version): what names its content."""
 
 
+@dataclass(frozen=True, slots=True)
+class ImportOrigin:
+    """Where one peer's imports come from, shared by all of them: its zone, trust domain and gateways."""
+
+    zone: str
+    trust_domain: str
+    gateway_addresses: tuple[str, ...]
+
+    @classmethod
+    def of(cls, snapshot: ServiceSnapshot) -> ImportOrigin:
+        return cls(snapshot.zone, snapshot.trust_domain, tuple(snapshot.gateway_addresses))
+
+
 @dataclass(frozen=True, slots=True)  # slots: a build makes one per import, 10,000 at a time
 class ImportedService:
     """One service a peer exports to this zone."""
 
     peer: str
-    snapshot: ServiceSnapshot
+    origin: ImportOrigin
     service: ExportedService
 
     @property
@@ -258,14 +272,59 @@ class ImportStore(SqliteStore):
         return services_of(self.snapshots())
 
 
-def services_of(snapshots: dict[str, ServiceSnapshot]) -> list[ImportedService]:
+def services_of(snapshots: Mapping[str, ServiceSnapshot]) -> list[ImportedService]:
     """The imported services of these peers' snapshots, ordered by name."""
-    imported = [
-        ImportedService(peer, snapshot, service)
-        for peer, snapshot in snapshots.items()
-        for service in snapshot.services
-    ]
-    return sorted(imported, key=lambda item: item.name)
+    return ImportedServices().of(snapshots)
+
+
+class ImportedServices:
+    """:func:`services_of` with a memory, for a zone that asks it of 10,000 imports several times a change.
+
+    The same snapshots give the very same list; a peer's new snapshot reuses
+    the previous one's :class:`ImportedService` of every service object the two
+    share (a delta keeps the unchanged ones) while its origin is unchanged. One
+    change in a peer's 10,000 services makes one new entry and one sort. Holds
+    one answer's worth; safe to share between threads (a lost entry costs a rebuild).
+    """
+
+    def __init__(self) -> None:
+        self._peers: dict[str, tuple[ServiceSnapshot, list[ImportedService]]] = {}
+        self._last: tuple[list[tuple[str, ServiceSnapshot]], list[ImportedService]] | None = None
+
+    def of(self, snapshots: Mapping[str, ServiceSnapshot]) -> list[ImportedService]:
+        """The imported services of these peers' snapshots, ordered by name (not to be changed: shared)."""
+        given = list(snapshots.items())
+        last = self._last
+        if (
+            last is not None
+            and len(last[0]) == len(given)
+            and all(p == q and a is b for (p, a), (q, b) in zip(last[0], given, strict=True))
+        ):
+            return last[1]
+        imported = sorted(itertools.chain.from_iterable(self._peer_lists(snapshots)), key=lambda item: item.name)
+        self._last = (given, imported)
+        return imported
+
+    def _peer_lists(self, snapshots: Mapping[str, ServiceSnapshot]) -> list[list[ImportedService]]:
+        lists: list[list[ImportedService]] = []
+        peers: dict[str, tuple[ServiceSnapshot, list[ImportedService]]] = {}
+        for peer, snapshot in snapshots.items():
+            held = self._peers.get(peer)
+            if held is not None and held[0] is snapshot:
+                items = held[1]
+            else:
+                origin = ImportOrigin.of(snapshot)
+                known: dict[int, ImportedService] = {}
+                if held is not None and held[1] and held[1][0].origin == origin:
+                    origin = held[1][0].origin  # one origin object per peer while it is the same
+                    known = {id(item.service): item for item in held[1]}
+                items = [
+                    known.get(id(service)) or ImportedService(peer, origin, service) for service in snapshot.services
+                ]
+            peers[peer] = (snapshot, items)
+            lists.append(items)
+        self._peers = peers
+        return lists
 
 
 def egress_listener_name(imported: ImportedService, port_name: str) -> str:
