@@ -212,10 +212,6 @@ class ExportIndex:
         """The peers (of ``peers``) that some rule lets call ``service``."""
         return [peer for peer in peers if self.allows(service, peer)]
 
-    def exports_any(self, service: Service) -> bool:
-        """True if some rule exports ``service`` to some peer."""
-        return service.key in self._peers
-
     def peers_of(self, service: Service) -> frozenset[str] | None:
         """The peers (names, or ``*``) some rule exports ``service`` to; None if none does."""
         return self._peers.get(service.key)
