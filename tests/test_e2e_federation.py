@@ -87,6 +87,9 @@ def test_peered_zones_call_exported_services_through_their_gateways(make_zone, e
                 'meshfed_peering_imported_services{peer="east"} 1.0',
                 # Labelled with what the listener serves: the service, and the peer with its trust domain.
                 f"meshfed_gateway_connections_total{{{labels}}} 1.0",
+                # The call rode the gateway tunnel: one tunnel connection to east, one stream on it.
+                f"meshfed_gateway_tunnels_total{{{labels}}} 1.0",
+                f"meshfed_gateway_tunnel_streams_total{{{labels}}} 1.0",
             )
 
             def missing_series() -> list[str]:

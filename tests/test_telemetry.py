@@ -238,6 +238,8 @@ def _every_stat() -> dict[str, Any]:
         "handshakes_refused_over_limit": 0,
         "accept_errors": 0,
         "probes": 0,
+        "tunnels": 1,
+        "tunnel_streams": 4,
     }
     cluster = {
         "connections": 1,
@@ -295,6 +297,8 @@ GATEWAY_SERIES = {
     "meshfed_gateway_handshakes_refused_over_limit_total",
     "meshfed_gateway_accept_errors_total",
     "meshfed_gateway_probes_total",
+    "meshfed_gateway_tunnels_total",
+    "meshfed_gateway_tunnel_streams_total",
     "meshfed_gateway_route_connections_total",
     "meshfed_gateway_route_rate_limited_total",
     "meshfed_gateway_cluster_connections_total",

@@ -128,6 +128,7 @@ class Gateway:
                 "upstream_connect_failures": n, "rate_limited": n, "circuit_open": n,
                 "idle_timeouts": n, "handshaking": n, "connections_refused_over_limit": n,
                 "handshakes_refused_over_limit": n, "accept_errors": n, "probes": n,
+                "tunnels": n, "tunnel_streams": n,
                 "peer_identities": {"spiffe://...": n},
                 "routes": {"<sni>": {"connections": n, "rate_limited": n,
                     "bytes_client_to_upstream": n, "bytes_upstream_to_client": n}}}},
@@ -158,6 +159,9 @@ class Gateway:
         counts failed ``accept()`` calls (e.g. out of file descriptors). ``probes``
         counts connections a client closed before sending a byte (TCP health checks,
         scans) on passthrough and terminate listeners: not handshake failures.
+        ``tunnels`` counts gateway tunnel connections (accepted by a terminate listener,
+        dialled by an egress) and ``tunnel_streams`` the client connections they carried;
+        at an ingress each stream counts in ``accepted`` too.
         """
 
     def unhealthy_endpoints(self) -> dict[str, list[str]]:

@@ -375,7 +375,8 @@ def _subset_clusters(service: Service, split: SubsetSplit, clusters: list[Cluste
 
 
 def _peer_endpoints(imported: ImportedService, port_name: str, *, priority: int, weight: int = 1) -> list[Endpoint]:
-    """The peer's gateways, each dialed with the service's SNI and the peer gateway's SPIFFE ID pinned."""
+    """The peer's gateways, each dialed with the service's SNI and the peer gateway's SPIFFE ID pinned,
+    over the gateway tunnel where the peer's gateway negotiates it (else per connection)."""
     port = imported.service.ports.get(port_name)
     if port is None:
         return []
@@ -384,6 +385,7 @@ def _peer_endpoints(imported: ImportedService, port_name: str, *, priority: int,
         sni=service_sni(imported.service.name, imported.service.namespace, port, peer_domain),
         peer_spiffe_id=gateway_id,
         convey_caller=True,
+        tunnel=True,
     )
     addresses = imported.origin.gateway_addresses
     return [Endpoint(address=address, priority=priority, weight=weight, tls=tls) for address in addresses]

@@ -37,11 +37,18 @@ class UpstreamTls:
     it, the first bytes inside the tunnel are a PROXY v2 header naming the calling workload (TLV 0xE0,
     its verified SPIFFE ID; absent for a plain workload, which makes this gateway the caller). A peer
     that does not negotiate it (an older ingress) gets no header and sees this gateway as the caller.
+
+    ``tunnel`` (needs ``convey_caller``): also offer the gateway tunnel, ``meshfed-tunnel/1``, first.
+    Client connections to this endpoint then ride a few pooled mTLS connections as HTTP/2 CONNECT
+    streams, each naming the service and the caller and answered once the peer's upstream is
+    connected: one handshake per tunnel connection instead of one per client connection. A peer that
+    does not negotiate it is dialled per connection, as without it.
     """
 
     sni: str
     peer_spiffe_id: str
     convey_caller: bool = False
+    tunnel: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=_VALUE)

@@ -39,6 +39,8 @@ class ListenerStats(TypedDict):
     handshakes_refused_over_limit: int
     accept_errors: int
     probes: int
+    tunnels: int
+    tunnel_streams: int
     handshake_failure_reasons: dict[str, int]
     peer_identities: dict[str, int]
     routes: dict[str, RouteStats]

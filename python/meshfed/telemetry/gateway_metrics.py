@@ -170,6 +170,20 @@ GATEWAY_METRICS: tuple[tuple[Kind, str, str, str, Readings], ...] = (
         "{connection}",
         Field("listener", "probes"),
     ),
+    (
+        "counter",
+        "meshfed.gateway.tunnels",
+        "Tunnel connections between gateways opened: accepted by an ingress, dialled by an egress",
+        "{connection}",
+        Field("listener", "tunnels"),
+    ),
+    (
+        "counter",
+        "meshfed.gateway.tunnel_streams",
+        "Client connections carried as tunnel streams: opened by a peer at an ingress, sent by an egress",
+        "{connection}",
+        Field("listener", "tunnel_streams"),
+    ),
     # Routes, by listener and SNI pattern.
     (
         "counter",

@@ -308,6 +308,8 @@ pub(crate) struct UpstreamTlsSpec {
     pub(crate) config: Arc<ClientConfig>,
     /// Tell the peer the caller if it negotiates the hop protocol.
     pub(crate) convey_caller: bool,
+    /// Open streams over a pooled tunnel if the peer negotiates it (`gateway::tunnel`).
+    pub(crate) tunnel: bool,
 }
 
 /// An upstream cluster.
@@ -524,7 +526,8 @@ fn listener_address(at: &str, listener: &raw::Listener) -> Result<SocketAddr, Co
 /// per peer SPIFFE ID (its verifier pins that ID, and sharing it shares the
 /// session cache, so every import from one peer gateway resumes sessions
 /// with it; with `convey_caller` a clone offering the hop protocol by ALPN,
-/// still sharing the cache), one server config pair for every terminate
+/// and with `tunnel` one offering the tunnel first, still sharing the
+/// cache), one server config pair for every terminate
 /// listener, one for workloads of originate listeners.
 #[derive(Clone)]
 pub(crate) struct TlsContext {
@@ -536,7 +539,8 @@ pub(crate) struct TlsContext {
     /// Built on the first originate listener with `workload_tls`.
     workload_tls: Option<Arc<ServerConfig>>,
     by_peer: HashMap<SpiffeId, Arc<ClientConfig>>,
-    hop_by_peer: HashMap<SpiffeId, Arc<ClientConfig>>,
+    /// Keyed by peer and whether the tunnel is offered too.
+    hop_by_peer: HashMap<(SpiffeId, bool), Arc<ClientConfig>>,
 }
 
 impl fmt::Debug for TlsContext {
@@ -931,7 +935,8 @@ impl TlsContext {
         }
         let plain = build_server_tls(&self.bundles, identity, &self.provider, path)?;
         let mut hop = ServerConfig::clone(&plain);
-        hop.alpn_protocols = tls::hop_protocols();
+        // The server picks the first of its own protocols the client offers.
+        hop.alpn_protocols = tls::tunnel_protocols();
         let tls = (plain, Arc::new(hop));
         self.server_tls = Some(tls.clone());
         Ok(tls)
@@ -1241,12 +1246,22 @@ impl TlsContext {
                 config
             }
         };
+        if raw.tunnel && !raw.convey_caller {
+            return Err(ConfigError::new(
+                format!("{at}.tunnel"),
+                "the tunnel carries the caller: it needs convey_caller: true",
+            ));
+        }
         let config = if raw.convey_caller {
             self.hop_by_peer
-                .entry(peer.clone())
+                .entry((peer.clone(), raw.tunnel))
                 .or_insert_with(|| {
                     let mut hop = ClientConfig::clone(&config);
-                    hop.alpn_protocols = tls::hop_protocols();
+                    hop.alpn_protocols = if raw.tunnel {
+                        tls::tunnel_protocols()
+                    } else {
+                        tls::hop_protocols()
+                    };
                     Arc::new(hop)
                 })
                 .clone()
@@ -1258,6 +1273,7 @@ impl TlsContext {
             peer,
             config,
             convey_caller: raw.convey_caller,
+            tunnel: raw.tunnel,
         }))
     }
 }

@@ -12,6 +12,7 @@ mod limits;
 mod retired;
 mod snapshot;
 mod stats;
+mod tunnel;
 mod upstream;
 
 use std::collections::{BTreeMap, HashMap};

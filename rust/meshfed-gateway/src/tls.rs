@@ -43,9 +43,23 @@ pub(crate) const HOP_ALPN: &[u8] = b"meshfed-caller/1";
 /// an ingress that knows only version 1 negotiates that.
 pub(crate) const OPEN_ALPN: &[u8] = b"meshfed-caller/2";
 
-/// The hop protocols, most preferred first, as both ends offer them.
+/// The gateway tunnel: after the handshake the connection speaks HTTP/2,
+/// and each client connection is a CONNECT stream whose request says the
+/// service and the caller and whose answer comes once the ingress has
+/// connected its upstream (see `gateway::tunnel`). Preferred by an ingress
+/// over both versions of the caller hop; offered by an egress only to
+/// endpoints configured with `tunnel`.
+pub(crate) const TUNNEL_ALPN: &[u8] = b"meshfed-tunnel/1";
+
+/// The hop protocols, most preferred first, as an egress without the tunnel offers them.
 pub(crate) fn hop_protocols() -> Vec<Vec<u8>> {
     vec![OPEN_ALPN.to_vec(), HOP_ALPN.to_vec()]
+}
+
+/// The tunnel, then the hop protocols: what an ingress accepts, and what an
+/// egress with `tunnel` offers.
+pub(crate) fn tunnel_protocols() -> Vec<Vec<u8>> {
+    vec![TUNNEL_ALPN.to_vec(), OPEN_ALPN.to_vec(), HOP_ALPN.to_vec()]
 }
 
 /// The gateway's own X.509-SVID: certificate chain, private key and the

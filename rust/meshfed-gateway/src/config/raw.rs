@@ -369,6 +369,12 @@ pub(crate) struct UpstreamTls {
     /// negotiates it, tell it the caller in a PROXY v2 header inside the tunnel.
     #[serde(default)]
     pub(crate) convey_caller: bool,
+    /// Also offer the gateway tunnel (ALPN `meshfed-tunnel/1`, which needs
+    /// `convey_caller`): client connections to this endpoint ride pooled
+    /// mTLS connections as HTTP/2 CONNECT streams. A peer that does not
+    /// negotiate it is dialled per connection, as without it.
+    #[serde(default)]
+    pub(crate) tunnel: bool,
 }
 
 fn default_handshake_timeout_ms() -> u64 {

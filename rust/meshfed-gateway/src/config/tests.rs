@@ -575,7 +575,7 @@ fn zero_trust_fields_compile() {
         !tls.trusted_gateways
             .contains(&id("spiffe://west.mesh/ns/shop/sa/cart"))
     );
-    assert_eq!(tls.hop.alpn_protocols, crate::tls::hop_protocols());
+    assert_eq!(tls.hop.alpn_protocols, crate::tls::tunnel_protocols());
     assert!(tls.plain.alpn_protocols.is_empty());
     let route = routes.lookup(SNI).unwrap_or_else(|| panic!("no route"));
     assert!(
@@ -621,6 +621,23 @@ fn zero_trust_fields_compile() {
     ));
     let tls = config.clusters["east-gateway"].endpoints[0].tls.as_deref();
     assert!(tls.is_some_and(|t| !t.convey_caller && t.config.alpn_protocols.is_empty()));
+}
+
+#[test]
+fn the_tunnel_is_offered_first_and_needs_the_caller_conveyed() {
+    let mut doc = good();
+    doc["clusters"][1]["endpoints"][0]["tls"]["convey_caller"] = json!(true);
+    doc["clusters"][1]["endpoints"][0]["tls"]["tunnel"] = json!(true);
+    let config = compile_value(&doc).unwrap_or_else(|e| panic!("{e}"));
+    let tls = config.clusters["east-gateway"].endpoints[0].tls.as_deref();
+    assert!(
+        tls.is_some_and(|t| t.tunnel && t.config.alpn_protocols == crate::tls::tunnel_protocols())
+    );
+    rejects(
+        |d| d["clusters"][1]["endpoints"][0]["tls"]["tunnel"] = json!(true),
+        "clusters[1].endpoints[0].tls.tunnel",
+        "needs convey_caller",
+    );
 }
 
 #[test]

@@ -48,6 +48,7 @@ pub(super) async fn accept_loop(
                             peer,
                             name.clone(),
                             current,
+                            snapshot.clone(),
                             guard,
                             slot,
                         ));

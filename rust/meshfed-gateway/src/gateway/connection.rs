@@ -1,6 +1,7 @@
 //! What happens to one accepted connection, per listener mode.
 
 mod connect;
+mod tunnel;
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use rustls::server::Acceptor;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
@@ -94,6 +96,10 @@ enum ConnError {
     ProxyHeader(#[from] proxy_protocol::ProxyHeaderError),
     #[error("no byte either way for {0:?} (the cluster's idle_timeout_ms)")]
     Idle(Duration),
+    #[error("the listener has limits.max_connections ({0}) open")]
+    OverLimit(u64),
+    #[error("tunnel connection failed: {0}")]
+    Tunnel(#[from] hyper::Error),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
 }
@@ -124,6 +130,7 @@ pub(crate) async fn serve(
     peer: SocketAddr,
     listener: Arc<str>,
     snapshot: Arc<Snapshot>,
+    live: Arc<ArcSwap<Snapshot>>,
     guard: ConnectionGuard,
     slot: HandshakeSlot,
 ) {
@@ -142,6 +149,7 @@ pub(crate) async fn serve(
                     name: &listener,
                     snapshot: &snapshot,
                     stats: &stats,
+                    live: &live,
                 };
                 Box::pin(terminate(client, peer, routes, tls, ingress, slot)).await
             }
@@ -205,6 +213,7 @@ async fn passthrough(
         conveyed: None,
         handshake_timeout: limit,
         stats,
+        tunnels: &snapshot.tunnels,
     };
     let (spec, upstream, lease) = connect(snapshot, route, peer, &dial).await?;
     // Passthrough routes never reach a cluster that encrypts (checked at compile).
@@ -255,6 +264,8 @@ struct Ingress<'a> {
     name: &'a Arc<str>,
     snapshot: &'a Snapshot,
     stats: &'a Arc<ListenerStats>,
+    /// The gateway's current snapshot, which a tunnel's streams read.
+    live: &'a Arc<ArcSwap<Snapshot>>,
 }
 
 impl Ingress<'_> {
@@ -317,8 +328,10 @@ async fn terminate(
         };
     let HandshakeOutcome { sni, verified, .. } = outcome;
     let (_, conn) = tls_stream.get_ref();
-    let answers = conn.alpn_protocol() == Some(tls::OPEN_ALPN);
-    let hop = answers || conn.alpn_protocol() == Some(tls::HOP_ALPN);
+    let protocol = conn.alpn_protocol();
+    let tunnel = protocol == Some(tls::TUNNEL_ALPN);
+    let answers = protocol == Some(tls::OPEN_ALPN);
+    let hop = tunnel || answers || protocol == Some(tls::HOP_ALPN);
     // The verifier hands back the ID it parsed; a resumed session has none.
     let peer_id = match verified {
         Some(id) => id,
@@ -330,6 +343,20 @@ async fn terminate(
             .inspect_err(|_| stats.handshake_failed(HandshakeFailure::NoSvid))?,
     };
     let sni = sni.as_deref();
+    if tunnel {
+        trusted(&peer_id, tls, ingress, sni)?;
+        drop(slot);
+        let served = tunnel::Served {
+            listener: ingress.name.clone(),
+            live: ingress.live.clone(),
+            accepted_with: tls.hop.clone(),
+            gateway: peer_id,
+            peer,
+            local,
+            stats: stats.clone(),
+        };
+        return tunnel::serve(tls_stream, served).await;
+    }
     let (caller, via) = if hop {
         vouched_caller(&mut tls_stream, peer_id, tls, deadline, ingress, sni).await?
     } else {
@@ -339,58 +366,12 @@ async fn terminate(
     // by `deadline`, so an idle client held its slot at most
     // handshake_timeout_ms.
     drop(slot);
-    let attempt = async {
-        let sni = sni
-            .ok_or(ConnError::NoSni)
-            .inspect_err(|_| inc(&stats.no_route))?;
-        let route = routes
-            .lookup(sni)
-            .ok_or_else(|| ConnError::NoRoute(sni.to_owned()))
-            .inspect_err(|_| inc(&stats.no_route))?;
-        // Decided in the handshake already, unless the session was resumed or
-        // the caller came over the hop protocol: the same rules, once more.
-        let verdict = route.rules.evaluate(&caller);
-        if !verdict.allowed() {
-            let stage = if hop {
-                Stage::CallerHeader
-            } else {
-                Stage::AfterHandshake
-            };
-            let denial = Denial {
-                caller: &caller,
-                via: via.as_ref(),
-                reason: Reason::Verdict(verdict),
-                stage,
-            };
-            return Err(ingress.deny(Some(sni), &denial));
-        }
-        stats.record_peer(caller.as_str());
-        let route_state = admit(
-            snapshot,
-            &route.route,
-            route.source_rate_limit.as_ref(),
-            Some(caller.as_str()),
-            stats,
-        )?;
-        let header = if route.proxy_protocol {
-            proxy_protocol::encode_v2(peer, local, Some(sni), Some(caller.as_str()))?
-        } else {
-            Vec::new()
-        };
-        let dial = Dial {
-            preamble: &header,
-            conveyed: Some(Conveyed {
-                source: peer,
-                destination: local,
-                caller: Some(&caller),
-            }),
-            handshake_timeout: limit,
-            stats,
-        };
-        let (spec, upstream, lease) = connect(snapshot, &route.route, peer, &dial).await?;
-        Ok((spec, upstream, lease, route_state))
+    let caller = Caller {
+        id: &caller,
+        via: via.as_ref(),
+        hop,
     };
-    let (spec, upstream, lease, route_state) = match attempt.await {
+    let opened = match open_route(sni, routes, caller, (peer, local), ingress).await {
         Ok(opened) => opened,
         Err(e) => {
             if answers {
@@ -406,9 +387,125 @@ async fn terminate(
         tls_stream.write_all(&Answer::Open.encode()).await?;
         tls_stream.flush().await?;
     }
-    let sinks = sinks(stats, route_state, &lease);
+    let RouteOpened {
+        idle,
+        upstream,
+        lease,
+        route,
+    } = opened;
+    let sinks = sinks(stats, route, &lease);
     let client = Counted::new(tls_stream, sinks.clone());
-    proxy_to(client, upstream, spec.idle_timeout, &sinks, stats).await
+    proxy_to(client, upstream, idle, &sinks, stats).await
+}
+
+/// Who calls on a terminate listener: the caller, the gateway vouching for
+/// it (`None`: the caller is the TLS peer), and whether it came over a hop.
+#[derive(Clone, Copy)]
+struct Caller<'a> {
+    id: &'a SpiffeId,
+    via: Option<&'a SpiffeId>,
+    hop: bool,
+}
+
+/// A route opened for a caller: the upstream and what accounts for it.
+struct RouteOpened {
+    /// The cluster's idle timeout.
+    idle: Option<Duration>,
+    upstream: Upstream,
+    lease: Lease,
+    route: Option<Arc<RouteState>>,
+}
+
+/// Opens the route for `sni` to `caller`: looks it up, authorizes the
+/// caller (decided in the handshake already, unless the session was resumed
+/// or the caller came over a hop: the same rules, once more), applies its
+/// rate limits and connects one of its cluster's endpoints, behind a PROXY
+/// v2 header when the route asks. `addresses` are the client's and the
+/// listener's. Counts its own refusals.
+async fn open_route(
+    sni: Option<&str>,
+    routes: &SniRouter<TerminateRoute>,
+    caller: Caller<'_>,
+    addresses: (SocketAddr, SocketAddr),
+    ingress: Ingress<'_>,
+) -> Result<RouteOpened, ConnError> {
+    let Ingress {
+        snapshot, stats, ..
+    } = ingress;
+    let (peer, local) = addresses;
+    let sni = sni
+        .ok_or(ConnError::NoSni)
+        .inspect_err(|_| inc(&stats.no_route))?;
+    let route = routes
+        .lookup(sni)
+        .ok_or_else(|| ConnError::NoRoute(sni.to_owned()))
+        .inspect_err(|_| inc(&stats.no_route))?;
+    let verdict = route.rules.evaluate(caller.id);
+    if !verdict.allowed() {
+        let stage = if caller.hop {
+            Stage::CallerHeader
+        } else {
+            Stage::AfterHandshake
+        };
+        let denial = Denial {
+            caller: caller.id,
+            via: caller.via,
+            reason: Reason::Verdict(verdict),
+            stage,
+        };
+        return Err(ingress.deny(Some(sni), &denial));
+    }
+    stats.record_peer(caller.id.as_str());
+    let route_state = admit(
+        snapshot,
+        &route.route,
+        route.source_rate_limit.as_ref(),
+        Some(caller.id.as_str()),
+        stats,
+    )?;
+    let header = if route.proxy_protocol {
+        proxy_protocol::encode_v2(peer, local, Some(sni), Some(caller.id.as_str()))?
+    } else {
+        Vec::new()
+    };
+    let dial = Dial {
+        preamble: &header,
+        conveyed: Some(Conveyed {
+            source: peer,
+            destination: local,
+            caller: Some(caller.id),
+        }),
+        handshake_timeout: snapshot.config.handshake_timeout,
+        stats,
+        tunnels: &snapshot.tunnels,
+    };
+    let (spec, upstream, lease) = connect(snapshot, &route.route, peer, &dial).await?;
+    Ok(RouteOpened {
+        idle: spec.idle_timeout,
+        upstream,
+        lease,
+        route: route_state,
+    })
+}
+
+/// Refuses a gateway that is not one of the listener's `trusted_gateways`
+/// (checked in the handshake too, but a resumed session skipped that).
+fn trusted(
+    gateway: &SpiffeId,
+    tls: &TerminateTls,
+    ingress: Ingress<'_>,
+    sni: Option<&str>,
+) -> Result<(), ConnError> {
+    if tls.trusted_gateways.contains(gateway) {
+        return Ok(());
+    }
+    let denial = Denial {
+        caller: gateway,
+        via: None,
+        reason: Reason::UntrustedGateway,
+        stage: Stage::AfterHandshake,
+    };
+    Err(ingress.deny(sni, &denial))
 }
 
 /// The caller a peer gateway vouches for over the hop protocol, and the
@@ -425,15 +522,7 @@ async fn vouched_caller(
     sni: Option<&str>,
 ) -> Result<(SpiffeId, Option<SpiffeId>), ConnError> {
     let stats = ingress.stats;
-    if !tls.trusted_gateways.contains(&gateway) {
-        let denial = Denial {
-            caller: &gateway,
-            via: None,
-            reason: Reason::UntrustedGateway,
-            stage: Stage::AfterHandshake,
-        };
-        return Err(ingress.deny(sni, &denial));
-    }
+    trusted(&gateway, tls, ingress, sni)?;
     let header = match timeout_at(deadline, hop::read_header(tls_stream)).await {
         Ok(Ok(header)) => header,
         Ok(Err(e)) => {
@@ -449,23 +538,28 @@ async fn vouched_caller(
     match hop::asserted_caller(&header, &gateway) {
         Ok(None) => Ok((gateway, None)),
         Ok(Some(caller)) => Ok((caller, Some(gateway))),
-        Err(refused) => {
-            let (caller, via, reason) = match &refused {
-                AssertionError::Foreign(asserted) => {
-                    (asserted, Some(&gateway), Reason::ForeignTrustDomain)
-                }
-                AssertionError::Unusable(why) => (&gateway, None, Reason::BadAssertion(why)),
-            };
-            let stage = Stage::CallerHeader;
-            let denial = Denial {
-                caller,
-                via,
-                reason,
-                stage,
-            };
-            Err(ingress.deny(sni, &denial))
-        }
+        Err(refused) => Err(deny_assertion(&refused, &gateway, ingress, sni)),
     }
+}
+
+/// Refuses a caller a gateway may not vouch for; counted and logged.
+fn deny_assertion(
+    refused: &AssertionError,
+    gateway: &SpiffeId,
+    ingress: Ingress<'_>,
+    sni: Option<&str>,
+) -> ConnError {
+    let (caller, via, reason) = match refused {
+        AssertionError::Foreign(asserted) => (asserted, Some(gateway), Reason::ForeignTrustDomain),
+        AssertionError::Unusable(why) => (gateway, None, Reason::BadAssertion(why)),
+    };
+    let denial = Denial {
+        caller,
+        via,
+        reason,
+        stage: Stage::CallerHeader,
+    };
+    ingress.deny(sni, &denial)
 }
 
 /// Reads the ClientHello, picks the server config by ALPN (the hop protocol
@@ -512,7 +606,9 @@ async fn accept(
     let hello = start.client_hello();
     let sni = hello.server_name().map(str::to_owned);
     let hop = hello.alpn().is_some_and(|mut offered| {
-        offered.any(|protocol| protocol == tls::OPEN_ALPN || protocol == tls::HOP_ALPN)
+        offered.any(|protocol| {
+            protocol == tls::TUNNEL_ALPN || protocol == tls::OPEN_ALPN || protocol == tls::HOP_ALPN
+        })
     });
     let route = sni.as_deref().and_then(|sni| routes.lookup(sni));
     // Nothing about the health of the backends is said before the caller is
@@ -654,6 +750,7 @@ async fn originate(
         }),
         handshake_timeout: limit,
         stats,
+        tunnels: &snapshot.tunnels,
     };
     let (upstream, lease) = upstream::connect(spec, state, source.ip(), &dial)
         .await
@@ -691,6 +788,7 @@ fn refusal(e: &ConnError) -> Answer<'static> {
             Answer::Unavailable("the service's circuit breaker is open")
         }
         ConnError::Connect(_) => Answer::Unavailable("no endpoint of the service is reachable"),
+        ConnError::OverLimit(_) => Answer::Unavailable("the gateway is at its connection limit"),
         _ => Answer::Unavailable("the gateway could not open the service"),
     }
 }
@@ -776,6 +874,7 @@ where
     match upstream {
         Upstream::Plain(stream) => proxy(client, stream, idle, sinks, stats).await,
         Upstream::Tls(stream) => proxy(client, stream, idle, sinks, stats).await,
+        Upstream::Tunnel(stream) => proxy(client, stream, idle, sinks, stats).await,
     }
 }
 

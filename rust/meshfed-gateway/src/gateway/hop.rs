@@ -187,15 +187,21 @@ pub(crate) async fn read_answer<S: AsyncRead + Unpin>(stream: &mut S) -> Result<
     }
     let mut reason = vec![0u8; length];
     stream.read_exact(&mut reason).await.map_err(eof)?;
-    let reason: String = String::from_utf8_lossy(&reason)
-        .chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
+    let reason = printable(&reason);
     Err(if kind == ANSWER_UNAVAILABLE {
         AnswerError::Unavailable(reason)
     } else {
         AnswerError::Refused(reason)
     })
+}
+
+/// A peer's reason text made safe for a log: invalid UTF-8 replaced, and
+/// control characters (a forged log line) turned into `?`. The caller bounds its length.
+pub(crate) fn printable(reason: &[u8]) -> String {
+    String::from_utf8_lossy(reason)
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// Why a gateway's caller TLV is refused.
@@ -225,6 +231,12 @@ pub(crate) fn asserted_caller(
         // Two answers to "who is calling": backends might read either one.
         return Err(AssertionError::Unusable("it appears more than once"));
     }
+    vouched(value, gateway).map(Some)
+}
+
+/// The caller `gateway` vouches for with `value` (a TLV's or a tunnel
+/// header's bytes): a SPIFFE ID of the gateway's own trust domain.
+pub(crate) fn vouched(value: &[u8], gateway: &SpiffeId) -> Result<SpiffeId, AssertionError> {
     let text = std::str::from_utf8(value).map_err(|_| AssertionError::Unusable("not UTF-8"))?;
     let caller = SpiffeId::parse(text).map_err(|e| {
         AssertionError::Unusable(match e {
@@ -235,7 +247,7 @@ pub(crate) fn asserted_caller(
     if caller.trust_domain() != gateway.trust_domain() {
         return Err(AssertionError::Foreign(caller));
     }
-    Ok(Some(caller))
+    Ok(caller)
 }
 
 /// The header an egress writes inside the tunnel.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::limits::RouteState;
 use super::retired::Retired;
-use super::upstream::{ClusterState, Previous};
+use super::upstream::{ClusterState, Previous, Tunnels};
 use crate::config::{ClusterSpec, CompiledConfig, Delta, RouteKey, route_keys};
 
 /// One generation of configuration plus the runtime state of its clusters
@@ -18,6 +18,9 @@ pub(crate) struct Snapshot {
     /// Keyed by shared names, so the next generation copies pointers.
     pub(crate) clusters: HashMap<Arc<str>, Arc<ClusterState>>,
     pub(crate) routes: HashMap<RouteKey, Arc<RouteState>>,
+    /// The gateway's tunnel connections to peer gateways: one pool for
+    /// every generation, carried by pointer.
+    pub(crate) tunnels: Arc<Tunnels>,
 }
 
 impl Snapshot {
@@ -26,6 +29,7 @@ impl Snapshot {
             config: Arc::new(CompiledConfig::empty()),
             clusters: HashMap::new(),
             routes: HashMap::new(),
+            tunnels: Arc::default(),
         }
     }
 
@@ -71,6 +75,7 @@ impl Snapshot {
             config: Arc::new(config),
             clusters,
             routes,
+            tunnels: previous.tunnels.clone(),
         }
     }
 
@@ -118,6 +123,7 @@ impl Snapshot {
             config: Arc::new(config),
             clusters,
             routes,
+            tunnels: previous.tunnels.clone(),
         }
     }
 

@@ -39,6 +39,8 @@ pub(crate) struct ListenerStats {
     pub(crate) handshakes_refused_over_limit: AtomicU64,
     pub(crate) accept_errors: AtomicU64,
     pub(crate) probes: AtomicU64,
+    pub(crate) tunnels: AtomicU64,
+    pub(crate) tunnel_streams: AtomicU64,
     /// Handshake failures by [`HandshakeFailure`] (index = discriminant).
     handshake_reasons: [AtomicU64; HandshakeFailure::ALL.len()],
     /// Authorized callers (terminate) or verified peer gateways (originate).
@@ -96,6 +98,14 @@ pub struct ListenerSnapshot {
     /// checks (an importing peer's, a load balancer's) and port scans. Not a
     /// handshake failure.
     pub probes: u64,
+    /// Tunnel connections (`meshfed-tunnel/1`) opened: accepted by an
+    /// ingress, dialled by an egress. Each carries many streams on one mTLS
+    /// handshake.
+    pub tunnels: u64,
+    /// Client connections carried as tunnel streams: opened by a peer
+    /// gateway at an ingress (they count in `accepted` too), sent over a
+    /// tunnel by an egress.
+    pub tunnel_streams: u64,
     /// `handshake_failures` by reason (`timeout`, `closed`, `not_tls`,
     /// `too_large`, `malformed`, `tls`, `no_svid`, `upstream_tls`).
     pub handshake_failure_reasons: BTreeMap<&'static str, u64>,
@@ -292,6 +302,8 @@ impl ListenerStats {
             handshakes_refused_over_limit: get(&self.handshakes_refused_over_limit),
             accept_errors: get(&self.accept_errors),
             probes: get(&self.probes),
+            tunnels: get(&self.tunnels),
+            tunnel_streams: get(&self.tunnel_streams),
             handshake_failure_reasons: HandshakeFailure::ALL
                 .iter()
                 .zip(&self.handshake_reasons)

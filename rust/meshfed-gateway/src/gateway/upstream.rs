@@ -11,6 +11,7 @@ mod outlier;
 mod report;
 #[cfg(test)]
 mod tests;
+mod tunnel;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use self::dial::establish;
 pub(crate) use self::dial::{Conveyed, Dial, Upstream};
 pub(crate) use self::endpoint::EndpointState;
 pub use self::report::{ClusterSnapshot, EndpointSnapshot};
+pub(crate) use self::tunnel::Tunnels;
 use super::clock::{self, Instant};
 use super::stats::inc;
 use crate::config::ClusterSpec;

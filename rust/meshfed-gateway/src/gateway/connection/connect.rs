@@ -175,6 +175,7 @@ pub(super) async fn serve(
         }),
         handshake_timeout: limit,
         stats,
+        tunnels: &snapshot.tunnels,
     };
     let (mut upstream, lease) = match upstream::connect(spec, state, source.ip(), &dial).await {
         Ok(opened) => opened,
@@ -202,6 +203,7 @@ pub(super) async fn serve(
         match &mut upstream {
             Upstream::Plain(stream) => stream.write_all(&early).await?,
             Upstream::Tls(stream) => stream.write_all(&early).await?,
+            Upstream::Tunnel(stream) => stream.write_all(&early).await?,
         }
         sinks.up(early.len() as u64);
     }

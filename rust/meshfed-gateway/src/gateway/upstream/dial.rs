@@ -1,7 +1,8 @@
 //! One connection attempt to one endpoint: TCP, the preamble, and for an
 //! endpoint with `tls` the mTLS handshake pinned to its SPIFFE ID, the
 //! caller header of the hop protocol and, on its version 2, the ingress's
-//! open answer.
+//! open answer; or, for an endpoint with `tls.tunnel`, a stream on a
+//! tunnel connection to it (`tunnel`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,16 +13,19 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use super::tunnel::{self, TunnelStream, Tunnels};
 use crate::config::{ClusterSpec, EndpointSpec, UpstreamTlsSpec};
 use crate::gateway::hop::{self, AnswerError};
 use crate::gateway::stats::{HandshakeFailure, ListenerStats};
 use crate::spiffe::SpiffeId;
 use crate::tls::{HOP_ALPN, OPEN_ALPN};
 
-/// An established upstream connection: plain TCP, or mTLS to a peer gateway.
+/// An established upstream connection: plain TCP, mTLS to a peer gateway,
+/// or a stream in a tunnel to one.
 pub(crate) enum Upstream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    Tunnel(Box<TunnelStream>),
 }
 
 /// How to open a connection beyond TCP.
@@ -36,6 +40,8 @@ pub(crate) struct Dial<'a> {
     pub(crate) handshake_timeout: Duration,
     /// Where upstream handshake failures are counted.
     pub(crate) stats: &'a ListenerStats,
+    /// The gateway's tunnel connections, for endpoints with `tls.tunnel`.
+    pub(crate) tunnels: &'a Tunnels,
 }
 
 /// The connection as the hop protocol describes it to a peer gateway.
@@ -52,23 +58,25 @@ pub(crate) struct Conveyed<'a> {
 }
 
 /// One attempt on one endpoint: TCP connect, the preamble, and the mTLS
-/// handshake if the endpoint has `tls`.
+/// handshake if the endpoint has `tls`; a tunnel stream if it has
+/// `tls.tunnel` and the connection has a caller and no preamble to send
+/// (a preamble goes ahead of a connection's own handshake).
 pub(super) async fn establish(
     spec: &ClusterSpec,
     endpoint: &EndpointSpec,
     dial: &Dial<'_>,
 ) -> io::Result<Upstream> {
-    let mut stream =
-        tokio::time::timeout(spec.connect_timeout, TcpStream::connect(endpoint.address))
-            .await
-            .unwrap_or_else(|_| {
-                Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("timed out after {:?}", spec.connect_timeout),
-                ))
-            })?;
-    // Nagle only delays a proxy's small writes.
-    let _ = stream.set_nodelay(true);
+    if let (Some(tls), Some(conveyed), true) = (
+        endpoint.tls.as_deref(),
+        dial.conveyed,
+        dial.preamble.is_empty(),
+    ) {
+        if tls.tunnel {
+            // Boxed like the handshake below.
+            return Box::pin(tunnel::open(spec, endpoint.address, tls, conveyed, dial)).await;
+        }
+    }
+    let mut stream = tcp(spec, endpoint.address).await?;
     if !dial.preamble.is_empty() {
         stream.write_all(dial.preamble).await?;
     }
@@ -81,6 +89,21 @@ pub(super) async fn establish(
     }
 }
 
+/// A TCP connection to `address` within the cluster's connect timeout.
+pub(super) async fn tcp(spec: &ClusterSpec, address: SocketAddr) -> io::Result<TcpStream> {
+    let stream = tokio::time::timeout(spec.connect_timeout, TcpStream::connect(address))
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("timed out after {:?}", spec.connect_timeout),
+            ))
+        })?;
+    // Nagle only delays a proxy's small writes.
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
 /// The mTLS handshake with an endpoint that must present `tls.peer`'s SVID,
 /// then the caller header if both sides speak the hop protocol.
 async fn secure(
@@ -88,14 +111,22 @@ async fn secure(
     tls: &UpstreamTlsSpec,
     dial: &Dial<'_>,
 ) -> io::Result<TlsStream<TcpStream>> {
+    let mut stream = handshake(stream, tls, dial).await?;
+    if tls.convey_caller {
+        convey(&mut stream, tls, dial).await?;
+    }
+    Ok(stream)
+}
+
+/// The mTLS handshake alone, its failures counted.
+pub(super) async fn handshake(
+    stream: TcpStream,
+    tls: &UpstreamTlsSpec,
+    dial: &Dial<'_>,
+) -> io::Result<TlsStream<TcpStream>> {
     let connect = TlsConnector::from(tls.config.clone()).connect(tls.server_name.clone(), stream);
     match tokio::time::timeout(dial.handshake_timeout, connect).await {
-        Ok(Ok(mut stream)) => {
-            if tls.convey_caller {
-                convey(&mut stream, tls, dial).await?;
-            }
-            Ok(stream)
-        }
+        Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => {
             dial.stats.handshake_failed(HandshakeFailure::UpstreamTls);
             Err(io::Error::new(
@@ -125,7 +156,7 @@ async fn secure(
 /// next endpoint like a failed handshake, so the header always goes to the
 /// endpoint that finally accepted. A refusal for this caller comes back as
 /// `PermissionDenied`: final, and no failure of the endpoint.
-async fn convey(
+pub(super) async fn convey(
     stream: &mut TlsStream<TcpStream>,
     tls: &UpstreamTlsSpec,
     dial: &Dial<'_>,

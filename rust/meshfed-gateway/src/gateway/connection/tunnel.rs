@@ -1,0 +1,210 @@
+//! The ingress side of the gateway tunnel (see `gateway::tunnel`): one
+//! tunnel connection's streams, each opened against the gateway's current
+//! config as a connection of its own would be.
+//!
+//! The connection was authenticated in its handshake: a trusted gateway's
+//! SVID. Each stream is checked again against what the config says now:
+//! the listener still there with the TLS settings the connection was made
+//! with (else `421`, and the connection is drained so the egress meets the
+//! current settings on a new one), the gateway still trusted (else the
+//! same), the caller one it may vouch for, and then the route's rules,
+//! rate limits and connection cap as for any connection.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ServerConfig;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_rustls::server::TlsStream;
+
+use super::{
+    Caller, ConnError, Ingress, RouteOpened, deny_assertion, open_route, proxy_to, refusal, sinks,
+};
+use crate::config::ListenerMode;
+use crate::gateway::counting::Counted;
+use crate::gateway::hop::{self, Answer};
+use crate::gateway::snapshot::Snapshot;
+use crate::gateway::stats::{ConnectionGuard, HandshakeFailure, ListenerStats, inc};
+use crate::gateway::tunnel::{
+    self, Body, CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_HEADER_LIST,
+    MAX_STREAMS, STREAM_WINDOW,
+};
+use crate::spiffe::SpiffeId;
+
+/// What a tunnel connection's streams are served with.
+pub(super) struct Served {
+    pub(super) listener: Arc<str>,
+    pub(super) live: Arc<ArcSwap<Snapshot>>,
+    /// The server config of the handshake: a stream is served only while
+    /// the listener still has it.
+    pub(super) accepted_with: Arc<ServerConfig>,
+    /// The peer gateway, verified in the handshake.
+    pub(super) gateway: SpiffeId,
+    /// The peer gateway's address and the listener's.
+    pub(super) peer: SocketAddr,
+    pub(super) local: SocketAddr,
+    pub(super) stats: Arc<ListenerStats>,
+}
+
+/// A tunnel connection's state shared by its streams.
+struct Tunnel {
+    served: Served,
+    /// Notified to drain the connection (`GOAWAY`, then end with the last stream).
+    drain: Notify,
+}
+
+/// Serves a tunnel connection until the peer closes it, it is drained, or
+/// its pings go unanswered. Its streams' bytes are counted per stream.
+pub(super) async fn serve(
+    stream: TlsStream<TcpStream>,
+    served: Served,
+) -> Result<(u64, u64), ConnError> {
+    inc(&served.stats.tunnels);
+    let tunnel = Arc::new(Tunnel {
+        served,
+        drain: Notify::new(),
+    });
+    let service = {
+        let tunnel = tunnel.clone();
+        service_fn(move |request| {
+            let tunnel = tunnel.clone();
+            async move { Ok::<_, Infallible>(tunnel.open(request).await) }
+        })
+    };
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => result?,
+        () = tunnel.drain.notified() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await?;
+        }
+    }
+    Ok((0, 0))
+}
+
+impl Tunnel {
+    /// Answers one open request, and on `200` hands the stream to a task
+    /// of its own that carries its bytes.
+    async fn open(&self, request: Request<Incoming>) -> Response<Body> {
+        let Served {
+            listener,
+            live,
+            stats,
+            ..
+        } = &self.served;
+        let snapshot = live.load_full();
+        let spec = snapshot.config.listener(listener);
+        let Some(ListenerMode::Terminate { routes, tls }) = spec.map(|l| &l.mode) else {
+            return self.outdated();
+        };
+        if !Arc::ptr_eq(&tls.hop, &self.served.accepted_with)
+            || !tls.trusted_gateways.contains(&self.served.gateway)
+        {
+            return self.outdated();
+        }
+        let ingress = Ingress {
+            name: listener,
+            snapshot: &snapshot,
+            stats,
+            live,
+        };
+        let open = match tunnel::parse_request(&request) {
+            Ok(open) => open,
+            Err(e) => {
+                stats.handshake_failed(HandshakeFailure::Malformed);
+                tracing::debug!(listener = %listener, gateway = %self.served.gateway, error = %e, "tunnel stream refused");
+                return tunnel::bad_request(&e);
+            }
+        };
+        let sni = open.sni.to_owned();
+        let gateway = &self.served.gateway;
+        let (caller, via) = match open.caller {
+            None => (gateway.clone(), None),
+            Some(bytes) => match hop::vouched(bytes, gateway) {
+                Ok(caller) => (caller, Some(gateway)),
+                Err(refused) => {
+                    let e = deny_assertion(&refused, gateway, ingress, Some(&sni));
+                    return tunnel::answer(refusal(&e));
+                }
+            },
+        };
+        // Each stream is a client connection of the listener, under its cap.
+        let limit = spec.map_or(0, |l| l.limits.max_connections);
+        if stats.active.load(std::sync::atomic::Ordering::Relaxed) >= limit {
+            inc(&stats.connections_refused_over_limit);
+            return tunnel::answer(refusal(&ConnError::OverLimit(limit)));
+        }
+        let guard = ConnectionGuard::open(stats.clone());
+        inc(&stats.tunnel_streams);
+        let caller = Caller {
+            id: &caller,
+            via,
+            hop: true,
+        };
+        let addresses = (self.served.peer, self.served.local);
+        match open_route(Some(&sni), routes, caller, addresses, ingress).await {
+            Ok(opened) => {
+                tokio::spawn(carry(request, opened, guard, listener.clone()));
+                tunnel::answer(Answer::Open)
+            }
+            Err(e) => {
+                tracing::debug!(listener = %listener, gateway = %gateway, sni = %sni, error = %e, "tunnel stream not opened");
+                tunnel::answer(refusal(&e))
+            }
+        }
+    }
+
+    /// The answer to a stream this connection may no longer carry; the
+    /// connection is drained.
+    fn outdated(&self) -> Response<Body> {
+        self.drain.notify_one();
+        tunnel::reconnect()
+    }
+}
+
+/// Carries an opened stream's bytes to and from its upstream, once the
+/// answer has gone out.
+async fn carry(
+    request: Request<Incoming>,
+    opened: RouteOpened,
+    guard: ConnectionGuard,
+    listener: Arc<str>,
+) {
+    let stats = guard.stats().clone();
+    let RouteOpened {
+        idle,
+        upstream,
+        lease,
+        route,
+    } = opened;
+    let result = match hyper::upgrade::on(request).await {
+        Ok(upgraded) => {
+            let sinks = sinks(&stats, route, &lease);
+            let client = Counted::new(TokioIo::new(upgraded), sinks.clone());
+            proxy_to(client, upstream, idle, &sinks, &stats).await
+        }
+        Err(e) => Err(ConnError::Tunnel(e)),
+    };
+    match result {
+        Ok((up, down)) => tracing::debug!(listener = %listener, up, down, "tunnel stream finished"),
+        Err(e) => tracing::debug!(listener = %listener, error = %e, "tunnel stream closed"),
+    }
+}
