@@ -5,6 +5,7 @@ mod accept;
 mod balancer;
 mod clock;
 mod connection;
+mod copy;
 mod counting;
 mod health;
 mod hop;

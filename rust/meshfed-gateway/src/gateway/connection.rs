@@ -20,6 +20,7 @@ use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 
 use super::balancer;
 use super::clock::{self, Instant};
+use super::copy::{self, COPY_BUFFER, MAX_COPY_BUFFER};
 use super::counting::{Counted, Sinks};
 use super::hop::{self, Answer, AssertionError, HeaderError};
 use super::limits::RouteState;
@@ -40,12 +41,6 @@ use crate::tls::{self, SvidError, is_missing_svid, spiffe_id_of};
 
 /// Every TLS connection starts with a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
-
-/// Copy buffer per direction of a proxied connection. Small on purpose:
-/// idle connections dominate a gateway's memory, and TCP already buffers.
-pub(crate) const COPY_BUFFER: usize = 4 * 1024;
-/// Largest buffer one direction of a passthrough splice grows to under bulk load.
-const SPLICE_MAX_BUFFER: usize = 64 * 1024;
 
 /// Why a connection ended early. Logged at debug level; counted in stats.
 #[derive(Debug, thiserror::Error)]
@@ -894,7 +889,7 @@ where
     let ends = (&mut client, &mut upstream);
     let copy = move || {
         let (client, upstream) = ends;
-        tokio::io::copy_bidirectional_with_sizes(client, upstream, COPY_BUFFER, COPY_BUFFER)
+        copy::copy_bidirectional(client, upstream)
     };
     watch_idle(copy, idle, sinks, stats).await
 }
@@ -937,7 +932,7 @@ where
 /// bytes are flowing: it allocates one when the socket turns readable and
 /// gives it back when a read would block, so an idle connection costs no
 /// buffer at all. While a transfer keeps filling its buffer, the buffer
-/// doubles (up to [`SPLICE_MAX_BUFFER`]), so bulk data takes fewer syscalls.
+/// doubles (up to [`MAX_COPY_BUFFER`]), so bulk data takes fewer syscalls.
 async fn splice(client: TcpStream, upstream: TcpStream, sinks: &Sinks) -> io::Result<(u64, u64)> {
     let (client_read, client_write) = client.into_split();
     let (upstream_read, upstream_write) = upstream.into_split();
@@ -975,7 +970,7 @@ async fn pump(
                 if drained {
                     // The peer is quiet for now: hand the buffer back until it speaks.
                     buf = Vec::new();
-                } else if size < SPLICE_MAX_BUFFER {
+                } else if size < MAX_COPY_BUFFER {
                     size *= 2;
                     buf = Vec::new();
                 }
