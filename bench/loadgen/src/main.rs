@@ -12,8 +12,11 @@
 //! loadgen client --connect ADDR --sni NAME --ca PEM --cert PEM --key PEM
 //!                --mode keepalive|newconn|idle [--concurrency N] [--duration S]
 //!                [--warmup S] [--request BYTES] [--response BYTES] [--rate R/s]
-//!                [--connections N] [--cpu-pid PID]...
+//!                [--connections N] [--cpu-pid PID]... [--plain]
 //! ```
+//!
+//! `--plain` makes the client speak the protocol over plain TCP (to a proxy
+//! that originates TLS itself, as a federation's egress gateway does).
 //!
 //! `--rate` makes `keepalive` and `newconn` open loop: requests (or new
 //! connections) are sent on a fixed schedule spread over the workers.
@@ -253,22 +256,76 @@ async fn write_zeros<S: AsyncWrite + Unpin>(stream: &mut S, mut n: usize) -> io:
 struct Target {
     address: SocketAddr,
     name: ServerName<'static>,
-    connector: TlsConnector,
+    /// `None`: plain TCP.
+    connector: Option<TlsConnector>,
     request: Arc<Vec<u8>>,
     response_len: usize,
 }
 
-type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+/// A client connection: mTLS, or plain TCP with `--plain`.
+enum Conn {
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Plain(TcpStream),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tls(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Conn::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tls(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Conn::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tls(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Conn::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tls(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Conn::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
 
 impl Target {
-    async fn connect(&self) -> Result<Tls> {
+    async fn connect(&self) -> Result<Conn> {
         let tcp = TcpStream::connect(self.address).await?;
         tcp.set_nodelay(true)?;
-        Ok(self.connector.connect(self.name.clone(), tcp).await?)
+        Ok(match &self.connector {
+            Some(connector) => Conn::Tls(Box::new(connector.connect(self.name.clone(), tcp).await?)),
+            None => Conn::Plain(tcp),
+        })
     }
 
     /// One request/response exchange on an open connection.
-    async fn exchange(&self, stream: &mut Tls, buf: &mut [u8]) -> Result<()> {
+    async fn exchange(&self, stream: &mut Conn, buf: &mut [u8]) -> Result<()> {
         stream.write_all(&self.request).await?;
         stream.flush().await?;
         let mut left = self.response_len;
@@ -314,7 +371,10 @@ async fn client(o: Opts) -> Result<()> {
     let target = Target {
         address,
         name: ServerName::try_from(o.str("sni")?.to_owned())?,
-        connector: TlsConnector::from(Arc::new(client_config(&o)?)),
+        connector: match o.opt("plain") {
+            Some(_) => None,
+            None => Some(TlsConnector::from(Arc::new(client_config(&o)?))),
+        },
         request: Arc::new(request),
         response_len: response_len as usize,
     };
