@@ -17,10 +17,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio::time::timeout;
-use tokio_rustls::TlsAcceptor;
 use zones::*;
 
 const TUNNEL_ALPN: &[u8] = b"meshfed-tunnel/1";
@@ -230,38 +227,7 @@ async fn an_outdated_tunnel_is_drained_and_the_next_stream_meets_the_new_setting
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ingress_without_the_tunnel_is_served_per_connection() -> TestResult {
     let pki = Pki::new();
-    let (chain, key) = chain_and_key(&pki.east.svid(EAST_GW))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        roots(&pki.west)?,
-        provider.clone(),
-    )
-    .build()?;
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
-    let acceptor = TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let older = listener.local_addr()?;
-    let (tx, mut first_bytes) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(stream).await else {
-                    return;
-                };
-                let mut buf = [0u8; 64];
-                let Ok(n) = tls.read(&mut buf).await else {
-                    return;
-                };
-                let _ = tx.send(buf[..n].to_vec());
-                let _ = tls.write_all(&buf[..n]).await;
-                let _ = tls.flush().await;
-            });
-        }
-    });
+    let (older, mut first_bytes) = older_ingress(&pki).await?;
     let west = start(&west_tunnelled(
         &pki,
         json!([{"address": older.to_string()}]),

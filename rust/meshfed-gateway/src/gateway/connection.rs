@@ -382,15 +382,7 @@ async fn terminate(
         tls_stream.write_all(&Answer::Open.encode()).await?;
         tls_stream.flush().await?;
     }
-    let RouteOpened {
-        idle,
-        upstream,
-        lease,
-        route,
-    } = opened;
-    let sinks = sinks(stats, route, &lease);
-    let client = Counted::new(tls_stream, sinks.clone());
-    proxy_to(client, upstream, idle, &sinks, stats).await
+    opened.carry(tls_stream, stats).await
 }
 
 /// Who calls on a terminate listener: the caller, the gateway vouching for
@@ -409,6 +401,19 @@ struct RouteOpened {
     upstream: Upstream,
     lease: Lease,
     route: Option<Arc<RouteState>>,
+}
+
+impl RouteOpened {
+    /// Carries `client`'s bytes to and from the upstream, counted, until
+    /// either side closes or the cluster's idle timeout.
+    async fn carry<A>(self, client: A, stats: &Arc<ListenerStats>) -> Result<(u64, u64), ConnError>
+    where
+        A: AsyncRead + AsyncWrite + Unpin,
+    {
+        let sinks = sinks(stats, self.route, &self.lease);
+        let client = Counted::new(client, sinks.clone());
+        proxy_to(client, self.upstream, self.idle, &sinks, stats).await
+    }
 }
 
 /// Opens the route for `sni` to `caller`: looks it up, authorizes the

@@ -148,6 +148,23 @@ mod tests {
 
     use super::*;
 
+    /// Sends `bytes` and ends its side, while reading what the other end sends.
+    async fn exchange(end: tokio::io::DuplexStream, bytes: Vec<u8>) -> io::Result<Vec<u8>> {
+        let (mut read, mut write) = tokio::io::split(end);
+        let (sent, got) = tokio::join!(
+            async {
+                write.write_all(&bytes).await?;
+                write.shutdown().await
+            },
+            async {
+                let mut got = Vec::new();
+                read.read_to_end(&mut got).await.map(|_| got)
+            }
+        );
+        sent?;
+        got
+    }
+
     /// What each end received, and what the copy counted each way.
     type Received = (Vec<u8>, Vec<u8>, (u64, u64));
 
@@ -156,42 +173,14 @@ mod tests {
     fn copies(up: Vec<u8>, down: Vec<u8>, pipe: usize) -> io::Result<Received> {
         let runtime = tokio::runtime::Builder::new_current_thread().build()?;
         runtime.block_on(async move {
-            let (mut client, mut client_side) = duplex(pipe);
-            let (mut server_side, mut server) = duplex(pipe);
+            let (client, mut client_side) = duplex(pipe);
+            let (mut server_side, server) = duplex(pipe);
             let copy = tokio::spawn(async move {
                 copy_bidirectional(&mut client_side, &mut server_side).await
             });
             // Each end writes and reads at once: the pipes are bounded.
-            let client_task = tokio::spawn(async move {
-                let (mut read, mut write) = tokio::io::split(client);
-                let (sent, got) = tokio::join!(
-                    async {
-                        write.write_all(&up).await?;
-                        write.shutdown().await
-                    },
-                    async {
-                        let mut got = Vec::new();
-                        read.read_to_end(&mut got).await.map(|_| got)
-                    }
-                );
-                sent?;
-                got
-            });
-            let server_task = tokio::spawn(async move {
-                let (mut read, mut write) = tokio::io::split(server);
-                let (sent, got) = tokio::join!(
-                    async {
-                        write.write_all(&down).await?;
-                        write.shutdown().await
-                    },
-                    async {
-                        let mut got = Vec::new();
-                        read.read_to_end(&mut got).await.map(|_| got)
-                    }
-                );
-                sent?;
-                got
-            });
+            let client_task = tokio::spawn(exchange(client, up));
+            let server_task = tokio::spawn(exchange(server, down));
             let at_client = client_task.await.map_err(io::Error::other)??;
             let at_server = server_task.await.map_err(io::Error::other)??;
             let counts = copy.await.map_err(io::Error::other)??;

@@ -29,8 +29,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
-use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 pub type TestResult = Result<(), Box<dyn Error + Send + Sync>>;
 pub type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
@@ -366,4 +366,43 @@ pub fn caller_header(caller: Option<&str>) -> Res<Vec<u8>> {
         Some(SNI),
         caller,
     )?)
+}
+
+/// An ingress that knows no hop protocol (negotiates no ALPN): it
+/// terminates mTLS for west's clients, hands the test the first bytes of
+/// each connection, and echoes them.
+pub async fn older_ingress(pki: &Pki) -> Res<(SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>)> {
+    let (chain, key) = chain_and_key(&pki.east.svid(EAST_GW))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots(&pki.west)?,
+        provider.clone(),
+    )
+    .build()?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let older = listener.local_addr()?;
+    let (tx, first_bytes) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let mut buf = [0u8; 64];
+                let Ok(n) = tls.read(&mut buf).await else {
+                    return;
+                };
+                let _ = tx.send(buf[..n].to_vec());
+                let _ = tls.write_all(&buf[..n]).await;
+                let _ = tls.flush().await;
+            });
+        }
+    });
+    Ok((older, first_bytes))
 }

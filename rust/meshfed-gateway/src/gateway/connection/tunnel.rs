@@ -25,11 +25,8 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_rustls::server::TlsStream;
 
-use super::{
-    Caller, ConnError, Ingress, RouteOpened, deny_assertion, open_route, proxy_to, refusal, sinks,
-};
+use super::{Caller, ConnError, Ingress, RouteOpened, deny_assertion, open_route, refusal};
 use crate::config::ListenerMode;
-use crate::gateway::counting::Counted;
 use crate::gateway::hop::{self, Answer};
 use crate::gateway::snapshot::Snapshot;
 use crate::gateway::stats::{ConnectionGuard, HandshakeFailure, ListenerStats, inc};
@@ -189,18 +186,8 @@ async fn carry(
     listener: Arc<str>,
 ) {
     let stats = guard.stats().clone();
-    let RouteOpened {
-        idle,
-        upstream,
-        lease,
-        route,
-    } = opened;
     let result = match hyper::upgrade::on(request).await {
-        Ok(upgraded) => {
-            let sinks = sinks(&stats, route, &lease);
-            let client = Counted::new(TokioIo::new(upgraded), sinks.clone());
-            proxy_to(client, upstream, idle, &sinks, &stats).await
-        }
+        Ok(upgraded) => opened.carry(TokioIo::new(upgraded), &stats).await,
         Err(e) => Err(ConnError::Tunnel(e)),
     };
     match result {
