@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from meshfed.gateway import HealthCheck
 from meshfed.runtime import ZoneRuntime, ZoneSettings, assemble_zone
 from meshfed.zone import Zone
 from tests.conftest import EchoServer, eventually, round_trip, running_echo_server
+from tests.test_data_plane_logs import LOGGER as DATA_PLANE_LOGGER
 
 LOOPBACK = ZoneSettings(
     controller=ControllerSettings(
@@ -51,7 +53,10 @@ def register_echo(zone: Zone, backend: EchoServer) -> None:
         )
 
 
-def test_peered_zones_call_exported_services_through_their_gateways(make_zone, echo_server):
+def test_peered_zones_call_exported_services_through_their_gateways(make_zone, echo_server, caplog):
+    # At debug the data plane logs every connection; the libraries under it (h2, rustls) would log
+    # every frame, and only theirs at info and above reach the zone's log.
+    caplog.set_level(logging.DEBUG, logger=DATA_PLANE_LOGGER)
     east, west, north = make_zone("east"), make_zone("west"), make_zone("north")
     register_echo(east, echo_server)
     with ExportRules(east.directory) as rules:
@@ -97,6 +102,16 @@ def test_peered_zones_call_exported_services_through_their_gateways(make_zone, e
                 return [line for line in series if line not in metrics]
 
             await eventually(lambda: not missing_series(), "west's /metrics to show the peering and gateway series")
+
+            # The call's own debug record arrived (the bridge keeps order), and no frame of h2's with it.
+            def data_plane() -> list[str]:
+                return [r.getMessage() for r in caplog.records if r.name == DATA_PLANE_LOGGER]
+
+            await eventually(
+                lambda: any("connection finished" in m and egress in m for m in data_plane()),
+                "the data plane's debug record of west's call",
+            )
+            assert not [m for m in data_plane() if "frame=" in m], "h2's frames reached the zone's log"
 
             # Export to north too, as the CLI would (another process writing state.db): it arrives by stream.
             with ExportRules(east.directory) as rules:

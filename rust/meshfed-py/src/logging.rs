@@ -112,7 +112,7 @@ struct PythonLogging;
 
 impl<S: Subscriber> Layer<S> for PythonLogging {
     fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
-        if wanted(metadata.level()) {
+        if wanted(metadata) {
             Interest::always()
         } else {
             Interest::never()
@@ -120,7 +120,7 @@ impl<S: Subscriber> Layer<S> for PythonLogging {
     }
 
     fn enabled(&self, metadata: &Metadata<'_>, _: Context<'_, S>) -> bool {
-        wanted(metadata.level())
+        wanted(metadata)
     }
 
     fn max_level_hint(&self) -> Option<LevelFilter> {
@@ -150,8 +150,17 @@ impl<S: Subscriber> Layer<S> for PythonLogging {
     }
 }
 
-fn wanted(level: &Level) -> bool {
-    rank(*level) <= MAX_RANK.load(Ordering::Relaxed)
+/// Whether an event reaches Python at the current level. The libraries
+/// under the data plane (hyper, h2, rustls) log every frame and record at
+/// debug: theirs reach Python at info and above only.
+fn wanted(metadata: &Metadata<'_>) -> bool {
+    let max = MAX_RANK.load(Ordering::Relaxed);
+    let max = if metadata.target().starts_with("meshfed") {
+        max
+    } else {
+        max.min(rank(Level::INFO))
+    };
+    rank(*metadata.level()) <= max
 }
 
 /// 1 (error) to 5 (trace): the larger, the more verbose.
