@@ -161,8 +161,10 @@ async fn a_stalled_stream_does_not_block_the_others() -> TestResult {
     let egress = address(&west, "egress-strict")?;
     let workload = client(&pki.west, WEST_GW, Some(&pki.west.svid(CART)), &[], false)?;
     let mut stalled = connect(&workload, egress, "egress").await?;
-    // 8 MiB echoed back at a client that never reads: far beyond every window and buffer.
-    let bulk = vec![7u8; 8 * 1024 * 1024];
+    // 64 MiB echoed back at a client that never reads. Loopback sockets
+    // autotune to several MiB each, and the stalled stream crosses four of
+    // them each way besides its windows: 8 MiB once fitted in them all.
+    let bulk = vec![7u8; 64 * 1024 * 1024];
     let writer = tokio::spawn(async move {
         let _ = stalled.write_all(&bulk).await;
         stalled
