@@ -7,6 +7,7 @@ mod clock;
 mod connection;
 mod copy;
 mod counting;
+mod engine;
 mod health;
 mod hop;
 mod limits;
@@ -19,15 +20,14 @@ mod upstream;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::runtime::{Handle, Runtime};
+use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
+use self::engine::Engine;
 use self::health::RunningChecks;
 use self::retired::Retired;
 use self::snapshot::Snapshot;
@@ -39,8 +39,6 @@ pub use self::upstream::{ClusterSnapshot, EndpointSnapshot};
 
 /// Overrides the number of data-plane worker threads.
 pub const WORKER_THREADS_ENV: &str = "MESHFED_GATEWAY_WORKER_THREADS";
-/// How long `shutdown()` waits for tasks to stop.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why the gateway could not start or apply a config.
 #[derive(Debug, thiserror::Error)]
@@ -99,12 +97,12 @@ pub fn stats_schema_json() -> String {
 
 /// A running east-west gateway.
 ///
-/// Owns a dedicated multi-thread tokio runtime (threads named
-/// `meshfed-gw-N`), independent of any caller's runtime. All methods are
+/// Owns a dedicated tokio runtime (threads named `meshfed-gw-N`; see
+/// `engine`), independent of any caller's runtime. All methods are
 /// synchronous and may be called from any thread, including from inside
 /// another tokio runtime.
 pub struct Gateway {
-    runtime: Mutex<Option<Runtime>>,
+    runtime: Mutex<Option<Engine>>,
     handle: Handle,
     snapshot: Arc<ArcSwap<Snapshot>>,
     control: Mutex<Control>,
@@ -173,17 +171,9 @@ impl Gateway {
 
     /// Starts the gateway with an already compiled config.
     pub fn start_compiled(config: CompiledConfig) -> Result<Self, GatewayError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(worker_threads())
-            .thread_name_fn(|| {
-                static NEXT: AtomicUsize = AtomicUsize::new(0);
-                format!("meshfed-gw-{}", NEXT.fetch_add(1, Ordering::Relaxed))
-            })
-            .enable_all()
-            .build()
-            .map_err(GatewayError::Runtime)?;
+        let (runtime, handle) = Engine::start(worker_threads())?;
         let gateway = Self {
-            handle: runtime.handle().clone(),
+            handle,
             runtime: Mutex::new(Some(runtime)),
             snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::empty())),
             control: Mutex::new(Control::default()),
@@ -363,12 +353,7 @@ impl Gateway {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         if let Some(runtime) = runtime {
-            if Handle::try_current().is_ok() {
-                // Blocking inside a runtime would panic: let it wind down.
-                runtime.shutdown_background();
-            } else {
-                runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
-            }
+            runtime.stop();
         }
     }
 
