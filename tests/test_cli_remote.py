@@ -16,6 +16,8 @@ import orjson
 
 from meshfed.cli.remote import API_URL_FILE
 from meshfed.federation.authz import RuleView
+from meshfed.trust.bundle import parse_bundle
+from meshfed.trust.spiffe import TrustDomain
 from meshfed.zone import READ_TOKEN_FILE, TOKEN_FILE
 from tests.test_cli import meshfed_cli
 from tests.test_zone_process import ephemeral_flags, meshfed_up
@@ -59,7 +61,14 @@ def test_the_cli_manages_a_running_zone_through_its_api(tmp_path: Path) -> None:
         ok(added)
         assert b"no peering named 'west'" in added.stderr
         ok(meshfed_cli("authz", "add", *d, "--service", "web", "--allow", "spiffe://west.mesh/*"))
-        ok(meshfed_cli("trust", "import", bundle, *d, "--trust-domain", "other.mesh"))
+        imported = orjson.loads(
+            ok(meshfed_cli("trust", "import", bundle, *d, "--trust-domain", "other.mesh", "-o", "json"))
+        )
+        assert imported == {
+            "trust_domain": "other.mesh",
+            "sequence": 1,
+            "roots": parse_bundle(TrustDomain.parse("other.mesh"), bundle.read_bytes()).fingerprints(),
+        }
         audited = actors(east)
         for action in ("service.register", "export.add", "authz.add", "trust.import"):
             assert audited[action] == API_ACTOR, (action, audited)
@@ -96,7 +105,8 @@ def test_the_cli_manages_a_running_zone_through_its_api(tmp_path: Path) -> None:
         assert "--api '127.0.0.1:8470' is not an API URL" in line
 
         ok(meshfed_cli("authz", "remove", *admin, "--service", "web"))
-        ok(meshfed_cli("trust", "remove", *admin, "--trust-domain", "other.mesh"))
+        gone = orjson.loads(ok(meshfed_cli("trust", "remove", *admin, "--trust-domain", "other.mesh", "-o", "json")))
+        assert gone == {"trust_domain": "other.mesh", "bundle_removed": True, "federation_removed": False}
         assert actors(east)["authz.remove"] == API_ACTOR
         assert zone.stop() == 0
 

@@ -82,6 +82,16 @@ def test_trust_list_shows_sequence_fingerprints_expiry_refresh_and_source(make_z
         ).returncode
         == 0
     )
+    # -o json: the document the API's PUT returns; the table's line says the same.
+    imported = meshfed_cli(
+        "trust", "import", tmp_path / "west.json", "--dir", east.directory, "--trust-domain", "west.mesh", "-o", "json"
+    )
+    assert imported.returncode == 0, imported.stderr.decode()
+    assert json.loads(imported.stdout) == {
+        "trust_domain": "west.mesh",
+        "sequence": 1,
+        "roots": west.trust.own_bundle().fingerprints(),
+    }
     result = meshfed_cli("trust", "list", "--dir", east.directory, "--json")
     assert result.returncode == 0, result.stderr.decode()
     listing = {entry["trust_domain"]: entry for entry in json.loads(result.stdout)["trust_domains"]}

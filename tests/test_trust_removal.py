@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 from typing import Any
 
+import orjson
 from fastapi.testclient import TestClient
 
 from meshfed.controller import ControllerSettings
@@ -61,9 +62,13 @@ def test_trust_remove_drops_an_imported_and_a_federated_domain(make_zone):
     imported = meshfed_cli("trust", "remove", "--dir", east.directory, "--trust-domain", "west.mesh")
     assert imported.returncode == 0, imported.stderr.decode()
     assert imported.stdout.decode().strip() == "no longer trusting west.mesh: removed its bundle"
-    federated = meshfed_cli("trust", "remove", "--dir", east.directory, "--trust-domain", "north.mesh")
+    federated = meshfed_cli("trust", "remove", "--dir", east.directory, "--trust-domain", "north.mesh", "-o", "json")
     assert federated.returncode == 0, federated.stderr.decode()
-    assert "removed its bundle and its federation" in federated.stdout.decode()
+    assert orjson.loads(federated.stdout) == {
+        "trust_domain": "north.mesh",
+        "bundle_removed": True,
+        "federation_removed": True,
+    }
     assert _trusted(east) == {"east.mesh"}
     assert east.trust.federations() == []
 

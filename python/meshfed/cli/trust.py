@@ -71,22 +71,27 @@ def import_(
     api: ApiOption = None,
     token_file: TokenFileOption = None,
     api_ca: CaOption = None,
+    output: OutputOption = Output.table,
 ) -> None:
-    """Trust another trust domain's bundle (replaces an earlier bundle of that domain)."""
+    """Trust another trust domain's bundle (replaces an earlier bundle of that domain).
+
+    -o json prints what PUT /v1/trust/bundles/{trust_domain} returns: trust_domain, sequence, roots.
+    """
     domain = TrustDomain.parse(trust_domain)
     data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
     bundle = parse_bundle(domain, data)  # refused here, in one line, before anything is sent
     where = target(directory, api, token_file, api_ca, change=True)
     if where.api is not None:
-        where.api.put(f"/v1/trust/bundles/{domain.name}", data, "application/json")
-        typer.echo(f"trusting {domain}: {len(bundle.roots)} root(s), sequence {bundle.sequence}")
-        return
-    zone = _open(where)
-    zone.trust.import_bundle(bundle)
-    audit.record(
-        zone.directory, actor=audit.cli_actor(), action="trust.import", target=domain.name, sequence=bundle.sequence
-    )
-    typer.echo(f"trusting {domain}: {len(bundle.roots)} root(s), sequence {bundle.sequence}")
+        imported = where.api.put(f"/v1/trust/bundles/{domain.name}", data, "application/json")
+    else:
+        zone = _open(where)
+        zone.trust.import_bundle(bundle)
+        audit.record(
+            zone.directory, actor=audit.cli_actor(), action="trust.import", target=domain.name, sequence=bundle.sequence
+        )
+        imported = {"trust_domain": domain.name, "sequence": bundle.sequence, "roots": bundle.fingerprints()}
+    line = f"trusting {domain}: {len(imported['roots'])} root(s), sequence {imported['sequence']}"
+    emit(imported, output, table=lambda: typer.echo(line))
 
 
 class Profile(StrEnum):
@@ -297,31 +302,36 @@ def remove(
     api: ApiOption = None,
     token_file: TokenFileOption = None,
     api_ca: CaOption = None,
+    output: OutputOption = Output.table,
 ) -> None:
     """Stop trusting an imported or federated trust domain: its bundle and its federation go.
 
     A running zone's gateway stops trusting it at once. A peer's trust domain
-    goes with its peering (meshfed peer delete).
+    goes with its peering (meshfed peer delete). -o json prints what
+    DELETE /v1/trust/bundles/{trust_domain} returns: trust_domain,
+    bundle_removed, federation_removed.
     """
     domain = TrustDomain.parse(trust_domain)
     where = target(directory, api, token_file, api_ca, change=True)
     if where.api is not None:
         gone = where.api.delete(f"/v1/trust/bundles/{domain.name}")
-        done = (("its bundle", gone["bundle_removed"]), ("its federation", gone["federation_removed"]))
-        typer.echo(f"no longer trusting {domain}: removed {' and '.join(part for part, ok in done if ok)}")
-        return
-    zone = _open(where)
-    removed = remove_trust(zone, domain)
-    audit.record(
-        zone.directory,
-        actor=audit.cli_actor(),
-        action="trust.remove",
-        target=domain.name,
-        bundle=removed.bundle,
-        federation=removed.federation,
-    )
-    parts = [part for part, done in (("its bundle", removed.bundle), ("its federation", removed.federation)) if done]
-    typer.echo(f"no longer trusting {domain}: removed {' and '.join(parts)}")
+    else:
+        zone = _open(where)
+        removed = remove_trust(zone, domain)
+        audit.record(
+            zone.directory,
+            actor=audit.cli_actor(),
+            action="trust.remove",
+            target=domain.name,
+            bundle=removed.bundle,
+            federation=removed.federation,
+        )
+        gone = {"trust_domain": domain.name, "bundle_removed": removed.bundle, "federation_removed": removed.federation}
+    parts = [
+        part for part, key in (("its bundle", "bundle_removed"), ("its federation", "federation_removed")) if gone[key]
+    ]
+    line = f"no longer trusting {domain}: removed {' and '.join(parts)}"
+    emit(gone, output, table=lambda: typer.echo(line))
 
 
 def _open(where: Path | Target) -> Zone:
