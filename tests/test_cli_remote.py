@@ -57,8 +57,8 @@ def test_the_cli_manages_a_running_zone_through_its_api(tmp_path: Path) -> None:
         # --dir of a running zone: the zone's API makes each change, as the audit log's actor shows.
         d = ("--dir", east)
         ok(meshfed_cli("service", "register", *d, "--name", "web", "--port", "http=8080", "--endpoint", "127.0.0.1:9"))
-        added = meshfed_cli("export", "add", *d, "--service", "web", "--to", "west")
-        ok(added)
+        added = meshfed_cli("export", "add", *d, "--service", "web", "--to", "west", "-o", "json")
+        assert orjson.loads(ok(added)) == [{"service": "web", "namespace": "default", "peer": "west"}]
         assert b"no peering named 'west'" in added.stderr
         ok(meshfed_cli("authz", "add", *d, "--service", "web", "--allow", "spiffe://west.mesh/*"))
         imported = orjson.loads(
@@ -118,3 +118,8 @@ def test_the_cli_manages_a_running_zone_through_its_api(tmp_path: Path) -> None:
     assert offline["connected"] is None, "of a zone that is not running, whether the stream is up is unknown"
     ok(meshfed_cli("export", "remove", "--dir", east, "--service", "web"))
     assert actors(east)["export.remove"].startswith("cli:")
+    added_here = meshfed_cli("export", "add", "--dir", east, "--service", "web", "--to", "*", "-o", "json")
+    assert orjson.loads(ok(added_here)) == [{"service": "web", "namespace": "default", "peer": "*"}]
+    assert ok(meshfed_cli("export", "add", "--dir", east, "--service", "web", "--to", "*")).strip() == (
+        b"exported web.default to *"
+    )

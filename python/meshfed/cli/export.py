@@ -46,11 +46,16 @@ def add(
     api: ApiOption = None,
     token_file: TokenFileOption = None,
     api_ca: CaOption = None,
+    output: OutputOption = Output.table,
 ) -> None:
-    """Export a service to peers; a running zone applies it at once."""
+    """Export a service to peers; a running zone applies it at once.
+
+    -o json prints the same list as POST /v1/exports: the rules added, objects with service, namespace and
+    peer. Notes (a service not in the catalog yet, a peering not established yet) go to stderr either way.
+    """
     where = target(directory, api, token_file, api_ca, change=True)
     if where.api is not None:
-        _add_through(where.api, service, namespace, to, proxy_protocol)
+        _add_through(where.api, service, namespace, to, proxy_protocol, output)
         return
     zone = where.zone()
     with ExportRules(zone.directory) as rules:
@@ -62,7 +67,9 @@ def add(
         target=f"{service}.{namespace}",
         to=sorted({rule.peer for rule in added}),
     )
-    typer.echo(f"exported {service}.{namespace} to {', '.join(rule.peer for rule in added)}")
+    _emit_added(
+        service, namespace, [{"service": r.service, "namespace": r.namespace, "peer": r.peer} for r in added], output
+    )
     if _in_catalog(zone, service, namespace) is False:
         typer.echo(
             f"note: zone {zone.name}'s {zone.config.catalog} catalog has no service {service}.{namespace} yet; "
@@ -75,11 +82,13 @@ def add(
         typer.echo(_no_such_peering(peer, service), err=True)
 
 
-def _add_through(api: ZoneApi, service: str, namespace: str, to: list[str], proxy_protocol: bool | None) -> None:
+def _add_through(
+    api: ZoneApi, service: str, namespace: str, to: list[str], proxy_protocol: bool | None, output: Output
+) -> None:
     added = api.post(
         "/v1/exports", {"service": service, "namespace": namespace, "to": to, "proxy_protocol": proxy_protocol}
     )
-    typer.echo(f"exported {service}.{namespace} to {', '.join(rule['peer'] for rule in added)}")
+    _emit_added(service, namespace, added, output)
     catalog = api.get("/v1/catalog")
     if not any(s["name"] == service and s["namespace"] == namespace for s in catalog["services"]):
         typer.echo(
@@ -90,6 +99,12 @@ def _add_through(api: ZoneApi, service: str, namespace: str, to: list[str], prox
     known = {peering["name"] for peering in api.get("/v1/peerings")}
     for peer in sorted({rule["peer"] for rule in added} - known - {ALL_PEERS}):
         typer.echo(_no_such_peering(peer, service), err=True)
+
+
+def _emit_added(service: str, namespace: str, added: list[dict[str, str]], output: Output) -> None:
+    """The rules `export add` made: the line people read, or the list POST /v1/exports returns."""
+    line = f"exported {service}.{namespace} to {', '.join(r['peer'] for r in added)}"
+    emit(added, output, table=lambda: typer.echo(line))
 
 
 def _no_such_peering(peer: str, service: str) -> str:
