@@ -20,7 +20,7 @@ from meshfed.federation.trust_removal import remove_trust
 from meshfed.trust.bundle import parse_bundle
 from meshfed.trust.spiffe import SpiffeId, TrustDomain
 from meshfed.zone import Zone
-from meshfed.zone.trust_listing import trust_listing
+from meshfed.zone.trust_listing import imported_bundle, removed_trust, trust_listing
 
 router = APIRouter(prefix="/v1/trust", tags=["trust"])
 
@@ -93,7 +93,7 @@ async def import_bundle(request: Request, trust_domain: str) -> dict[str, Any]:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
     audit_call(request, zone.directory, "trust.import", bundle.trust_domain.name, sequence=bundle.sequence)
     await _trust_changed(request)
-    return {"trust_domain": bundle.trust_domain.name, "sequence": bundle.sequence, "roots": bundle.fingerprints()}
+    return imported_bundle(bundle)
 
 
 @router.post("/rotate", dependencies=[Depends(require_admin)])
@@ -207,7 +207,7 @@ async def _remove(request: Request, trust_domain: str, *, federation_only: bool)
     action = "trust.federation.remove" if federation_only else "trust.remove"
     audit_call(request, zone.directory, action, domain.name, bundle=removed.bundle, federation=removed.federation)
     await _trust_changed(request)
-    return {"trust_domain": domain.name, "bundle_removed": removed.bundle, "federation_removed": removed.federation}
+    return removed_trust(removed)
 
 
 async def _trust_changed(request: Request) -> None:

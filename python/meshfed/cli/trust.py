@@ -25,7 +25,7 @@ from meshfed.federation.trust_removal import remove_trust
 from meshfed.trust.bundle import parse_bundle
 from meshfed.trust.spiffe import SpiffeId, TrustDomain
 from meshfed.zone import Zone, load_root_key, write_private_file
-from meshfed.zone.trust_listing import trust_listing
+from meshfed.zone.trust_listing import imported_bundle, removed_trust, trust_listing
 
 trust_app = typer.Typer(help="Issue SVIDs and exchange trust bundles.", no_args_is_help=True)
 
@@ -89,7 +89,7 @@ def import_(
         audit.record(
             zone.directory, actor=audit.cli_actor(), action="trust.import", target=domain.name, sequence=bundle.sequence
         )
-        imported = {"trust_domain": domain.name, "sequence": bundle.sequence, "roots": bundle.fingerprints()}
+        imported = imported_bundle(bundle)
     line = f"trusting {domain}: {len(imported['roots'])} root(s), sequence {imported['sequence']}"
     emit(imported, output, table=lambda: typer.echo(line))
 
@@ -326,7 +326,7 @@ def remove(
             bundle=removed.bundle,
             federation=removed.federation,
         )
-        gone = {"trust_domain": domain.name, "bundle_removed": removed.bundle, "federation_removed": removed.federation}
+        gone = removed_trust(removed)
     parts = [
         part for part, key in (("its bundle", "bundle_removed"), ("its federation", "federation_removed")) if gone[key]
     ]

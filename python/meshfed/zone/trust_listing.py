@@ -1,12 +1,16 @@
-"""What a zone trusts, as plain data: the shared body of ``meshfed trust list`` and ``GET /v1/trust/bundles``."""
+"""What a zone trusts, as plain data: the shared bodies of ``meshfed trust list/import/remove -o json`` and the API.
+
+``GET /v1/trust/bundles``, and what ``PUT`` and ``DELETE /v1/trust/bundles/{domain}`` answer.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 from typing import Any
 
-from meshfed.trust.bundle import fingerprint
+from meshfed.trust.bundle import TrustBundle, fingerprint
 from meshfed.zone import Zone
+from meshfed.zone.trust_store import RemovedTrust
 
 
 def trust_listing(zone: Zone, now: dt.datetime) -> dict[str, Any]:
@@ -57,3 +61,17 @@ def trust_listing(zone: Zone, now: dt.datetime) -> dict[str, Any]:
 
 
 __all__ = ["trust_listing"]
+
+
+def imported_bundle(bundle: TrustBundle) -> dict[str, Any]:
+    """A bundle just trusted: its domain, sequence and root fingerprints."""
+    return {"trust_domain": bundle.trust_domain.name, "sequence": bundle.sequence, "roots": bundle.fingerprints()}
+
+
+def removed_trust(removed: RemovedTrust) -> dict[str, Any]:
+    """What a removal of trust took away: the domain's bundle, its federation, or both."""
+    return {
+        "trust_domain": removed.trust_domain.name,
+        "bundle_removed": removed.bundle,
+        "federation_removed": removed.federation,
+    }
