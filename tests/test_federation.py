@@ -219,7 +219,7 @@ def test_a_build_reads_only_the_stored_imports_it_has_not_parsed(tmp_path):
         assert not problems
         assert [s.name for s in first["east"].services] == ["a"]
 
-        previous = imports.get("east")
+        previous = imports.snapshot("east")
         assert imports.put("east", snapshot(2, "a", "b"))
         heads, documents = imports.documents_unless({peer: head for peer, (head, _) in known.items()})
         assert set(documents) == {"east"}  # north's is held

@@ -222,6 +222,11 @@ class GatewayDriver:
         """Peers whose imports the last build left out because the data plane rejected them."""
         return self._rejected
 
+    def stored_import(self, peer: str) -> ServiceSnapshot | None:
+        """The snapshot of ``peer``'s imports the driver holds as the stored one, if any."""
+        held = self._parsed_imports.get(peer)
+        return None if held is None else held[1]
+
     def stored(self, peer: str, snapshot: ServiceSnapshot) -> None:
         """``peer``'s imports were just stored from ``snapshot``: the next build takes that very snapshot
         (which the peer's link holds too) instead of reading and parsing a second copy."""

@@ -1,13 +1,13 @@
 """Peer imports: what peers sent this zone, kept in ``state.db`` and served all or nothing.
 
 A peer's snapshot is stored, then applied; if the data plane rejects it, or
-applying fails, the peer's previous imports are put back and served. The
+applying fails, the peer's previous imports are put back and served (an
+unreadable stored snapshot, withheld already, is not put back). The
 imports of peerings deleted while no controller ran are withdrawn at start.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -47,11 +47,18 @@ class PeerImports:
 
         Raises PeerInputError (a refusal the peer is told of) if the data plane rejects them.
         """
-        # Serialised before the unit: the unit holds the zone's one connection to state.db.
-        document = await asyncio.to_thread(lambda: snapshot.model_dump_json().encode())
-        previous, stored = await self._state.using(
-            ImportStore, lambda imports: (imports.get(peer), imports.put_document(peer, snapshot, document))
-        )
+        held = self._driver.stored_import(peer)
+
+        def put(imports: ImportStore) -> tuple[ServiceSnapshot | None, bool]:
+            # What to put back if the update is refused: the snapshot the driver holds when it is the one
+            # stored (it is, but after a write of another process); else read (None if unreadable).
+            stored = imports.head(peer)
+            if held is not None and stored == (held.epoch, held.version):
+                return held, imports.put(peer, snapshot)
+            return imports.snapshot(peer), imports.put(peer, snapshot)
+
+        # Only the services that changed are encoded and written (federation/service_rows.py).
+        previous, stored = await self._state.using(ImportStore, put)
         if not stored:
             return
         self._driver.stored(peer, snapshot)
@@ -69,7 +76,7 @@ class PeerImports:
             await self._reconfigure()
             raise PeerInputError(rejected)
 
-    async def _restore(self, peer: str, previous: bytes | None) -> None:
+    async def _restore(self, peer: str, previous: ServiceSnapshot | None) -> None:
         await self._state.using(ImportStore, lambda imports: imports.restore(peer, previous))
 
     async def forget(self, peer: str) -> None:

@@ -1,6 +1,7 @@
 """Imported services: what peers export to this zone, kept across restarts.
 
-Each peer's latest :class:`ServiceSnapshot` is stored whole; an import is named
+Each peer's latest :class:`ServiceSnapshot` is stored, a row per service
+(``federation/service_rows.py``); an import is named
 ``<service>.<namespace>.<peer>``. Within one export epoch of the peer, a
 snapshot no newer than the stored one is a duplicate (a resumed stream may
 resend) and changes nothing; a snapshot of a new epoch replaces whatever is
@@ -24,11 +25,17 @@ from pydantic import ValidationError
 
 from meshfed.errors import FederationError
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
+from meshfed.federation.service_rows import ServiceRows, whole_document
 from meshfed.sqlite import SqliteStore, transaction
 
 STATE_FILE = "state.db"
 # The prefix of import listeners' names; failover groups' differ.
 EGRESS_PREFIX = "egress:"
+
+# Each peer's imported services, a row each.
+_SERVICE_ROWS = ServiceRows(
+    "imported_services", ("peer TEXT NOT NULL REFERENCES imported_snapshots(peer) ON DELETE CASCADE",)
+)
 
 _MIGRATIONS = (
     """
@@ -48,6 +55,19 @@ _MIGRATIONS = (
     ALTER TABLE imported_snapshots ADD COLUMN epoch TEXT NOT NULL DEFAULT '';
     UPDATE imported_snapshots
     SET epoch = CASE WHEN json_valid(snapshot) THEN coalesce(json_extract(snapshot, '$.epoch'), '') ELSE '' END;
+    """,
+    # 3: a snapshot as its head (in the old column) and a row per service (federation/service_rows.py):
+    # one service's change writes one row, not the peer's whole snapshot.
+    _SERVICE_ROWS.ddl  # noqa: S608 -- fixed table and column names
+    + """
+    INSERT OR IGNORE INTO imported_services
+    SELECT s.peer, coalesce(json_extract(e.value, '$.namespace'), ''), coalesce(json_extract(e.value, '$.name'), ''),
+        e.value
+    FROM imported_snapshots s,
+        json_each(CASE WHEN json_valid(CAST(s.snapshot AS TEXT)) THEN CAST(s.snapshot AS TEXT) ELSE '{}' END,
+            '$.services') e;
+    UPDATE imported_snapshots SET snapshot = CAST(json_remove(CAST(snapshot AS TEXT), '$.services') AS BLOB)
+    WHERE json_valid(CAST(snapshot AS TEXT));
     """,
 )
 
@@ -172,53 +192,67 @@ class ImportStore(SqliteStore):
     def __init__(self, zone_directory: Path) -> None:
         super().__init__(zone_directory / STATE_FILE)
 
-    def get(self, peer: str) -> bytes | None:
-        """``peer``'s stored snapshot document as it is (to put back with :meth:`restore`), if any."""
-        row = self._db.execute("SELECT snapshot FROM imported_snapshots WHERE peer = ?", (peer,)).fetchone()
-        return None if row is None else bytes(row[0])
+    def head(self, peer: str) -> Head | None:
+        """The :data:`Head` of ``peer``'s stored snapshot, if any."""
+        row = self._db.execute("SELECT epoch, version FROM imported_snapshots WHERE peer = ?", (peer,)).fetchone()
+        return None if row is None else (str(row[0]), int(row[1]))
 
-    def restore(self, peer: str, document: bytes | None) -> None:
-        """Put back what :meth:`get` returned (None: nothing was stored): an update was refused."""
-        with transaction(self._db):
-            if document is None:
-                self._db.execute("DELETE FROM imported_snapshots WHERE peer = ?", (peer,))
-            else:
-                self._db.execute(
-                    "UPDATE imported_snapshots SET snapshot = ?1, "
-                    "version = CASE WHEN json_valid(?1) THEN coalesce(json_extract(?1, '$.version'), 0) ELSE 0 END, "
-                    "epoch = CASE WHEN json_valid(?1) THEN coalesce(json_extract(?1, '$.epoch'), '') ELSE '' END "
-                    "WHERE peer = ?2",
-                    (document, peer),
-                )
+    def document(self, peer: str) -> bytes | None:
+        """``peer``'s stored snapshot as one document, unparsed, if any."""
+        row = self._db.execute("SELECT snapshot FROM imported_snapshots WHERE peer = ?", (peer,)).fetchone()
+        return None if row is None else self._whole(peer, row[0])
+
+    def snapshot(self, peer: str) -> ServiceSnapshot | None:
+        """``peer``'s stored snapshot, if any and readable."""
+        document = self.document(peer)
+        return None if document is None else parse_documents([(peer, document)])[0].get(peer)
 
     def put(self, peer: str, snapshot: ServiceSnapshot) -> bool:
         """Keep ``snapshot`` as ``peer``'s exports unless it is a duplicate (see above). True if stored."""
-        return self.put_document(peer, snapshot, snapshot.model_dump_json().encode())
-
-    def put_document(self, peer: str, snapshot: ServiceSnapshot, document: bytes) -> bool:
-        """:meth:`put` with ``snapshot`` already serialised (outside the store's block: thousands of services)."""
         with transaction(self._db):
-            row = self._db.execute("SELECT version, epoch FROM imported_snapshots WHERE peer = ?", (peer,)).fetchone()
+            row = self._db.execute(
+                "SELECT version, epoch, snapshot FROM imported_snapshots WHERE peer = ?", (peer,)
+            ).fetchone()
             if row is not None and row[1] == snapshot.epoch and row[0] >= snapshot.version:
                 return False
-            self._db.execute(
-                "INSERT INTO imported_snapshots (peer, version, snapshot, received_at, epoch) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT(peer) DO UPDATE SET version = excluded.version, snapshot = excluded.snapshot, "
-                "received_at = excluded.received_at, epoch = excluded.epoch",
-                (
-                    peer,
-                    snapshot.version,
-                    document,
-                    dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                    snapshot.epoch,
-                ),
-            )
+            self._write(peer, snapshot, None if row is None else _text(row[2]))
         return True
+
+    def restore(self, peer: str, previous: ServiceSnapshot | None) -> None:
+        """Put back ``previous``, what was stored before an update that was refused (None: nothing was)."""
+        with transaction(self._db):
+            if previous is None:
+                self._db.execute("DELETE FROM imported_snapshots WHERE peer = ?", (peer,))
+                _SERVICE_ROWS.forget((peer,))
+                return
+            row = self._db.execute("SELECT snapshot FROM imported_snapshots WHERE peer = ?", (peer,)).fetchone()
+            self._write(peer, previous, None if row is None else _text(row[0]))
+
+    def _write(self, peer: str, snapshot: ServiceSnapshot, stored_head: str | None) -> None:
+        prepared = _SERVICE_ROWS.prepare((peer,), snapshot)
+        self._db.execute(
+            "INSERT INTO imported_snapshots (peer, version, snapshot, received_at, epoch) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(peer) DO UPDATE SET version = excluded.version, snapshot = excluded.snapshot, "
+            "received_at = excluded.received_at, epoch = excluded.epoch",
+            (
+                peer,
+                snapshot.version,
+                (prepared.head or "").encode(),
+                dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                snapshot.epoch,
+            ),
+        )
+        _SERVICE_ROWS.write(self._db, prepared, stored_head)
+
+    def _whole(self, peer: str, head: object) -> bytes:
+        return whole_document(_text(head), _SERVICE_ROWS.read(self._db, (peer,))).encode()
 
     def remove(self, peer: str) -> bool:
         """Forget everything ``peer`` exported (the peering was deleted). True if anything went."""
         with transaction(self._db):
-            return self._db.execute("DELETE FROM imported_snapshots WHERE peer = ?", (peer,)).rowcount > 0
+            removed = self._db.execute("DELETE FROM imported_snapshots WHERE peer = ?", (peer,)).rowcount > 0
+        _SERVICE_ROWS.forget((peer,))
+        return removed
 
     def egress_ports(self, base: int, live: Callable[[], set[str]] | None = None) -> EgressPorts:
         """Ports for egress listeners, from ``base`` up; call :meth:`EgressPorts.save` to keep new ones.
@@ -249,18 +283,14 @@ class ImportStore(SqliteStore):
             )
         }
         wanted = [peer for peer, head in heads.items() if held.get(peer) != head]
-        documents = {
-            peer: bytes(row[0])
-            for peer in wanted
-            if (row := self._db.execute("SELECT snapshot FROM imported_snapshots WHERE peer = ?", (peer,)).fetchone())
-        }
+        documents = {peer: document for peer in wanted if (document := self.document(peer)) is not None}
         return heads, documents
 
     def documents(self) -> list[tuple[str, bytes]]:
         """Every peer's stored snapshot document, unparsed (parse with :func:`parse_documents`, outside the block)."""
         return [
-            (str(peer), bytes(document))
-            for peer, document in self._db.execute("SELECT peer, snapshot FROM imported_snapshots ORDER BY peer")
+            (str(peer), self._whole(str(peer), head))
+            for peer, head in self._db.execute("SELECT peer, snapshot FROM imported_snapshots ORDER BY peer").fetchall()
         ]
 
     def snapshots(self) -> dict[str, ServiceSnapshot]:
@@ -270,6 +300,11 @@ class ImportStore(SqliteStore):
     def services(self) -> list[ImportedService]:
         """Every imported service, ordered by name."""
         return services_of(self.snapshots())
+
+
+def _text(stored: object) -> str:
+    """A stored head as text (the column is a BLOB: older versions wrote bytes)."""
+    return bytes(stored).decode(errors="replace") if isinstance(stored, (bytes, memoryview)) else str(stored)
 
 
 def services_of(snapshots: Mapping[str, ServiceSnapshot]) -> list[ImportedService]:

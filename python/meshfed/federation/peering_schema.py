@@ -14,8 +14,19 @@ from pydantic import ValidationError
 
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.peering_state import Peering, PeerState
+from meshfed.federation.service_rows import ServiceRows, head_of
 
 COMPONENT = "peering"
+
+# Each peering's sent and received snapshots, a row per service (``side``: 'sent' or 'received').
+SERVICE_ROWS = ServiceRows(
+    "peering_services",
+    (
+        "peer TEXT NOT NULL REFERENCES peerings(name) ON DELETE CASCADE",
+        "side TEXT NOT NULL CHECK (side IN ('sent', 'received'))",
+    ),
+)
+SNAPSHOT_SIDES = {"sent_snapshot": "sent", "received_snapshot": "received"}
 
 MIGRATIONS = (
     """
@@ -123,6 +134,22 @@ MIGRATIONS = (
     """
     ALTER TABLE peerings ADD COLUMN connected INTEGER NOT NULL DEFAULT 0;
     """,
+    # 5: the sent and received snapshots as a head (in the old columns) and a row per service
+    # (federation/service_rows.py): a change of one service writes one row, not the whole snapshot.
+    # The rows go with their peering (a rebuild of peerings, as in 3, must keep them aside first).
+    SERVICE_ROWS.ddl  # noqa: S608 -- fixed table and column names
+    + """
+    INSERT OR IGNORE INTO peering_services
+    SELECT p.name, side.name, coalesce(json_extract(e.value, '$.namespace'), ''),
+        coalesce(json_extract(e.value, '$.name'), ''), e.value
+    FROM peerings p, (SELECT 'sent' AS name UNION ALL SELECT 'received') side,
+        json_each(CASE WHEN json_valid(CASE side.name WHEN 'sent' THEN p.sent_snapshot ELSE p.received_snapshot END)
+            THEN CASE side.name WHEN 'sent' THEN p.sent_snapshot ELSE p.received_snapshot END ELSE '{}' END,
+            '$.services') e;
+    UPDATE peerings SET sent_snapshot = json_remove(sent_snapshot, '$.services') WHERE json_valid(sent_snapshot);
+    UPDATE peerings SET received_snapshot = json_remove(received_snapshot, '$.services')
+    WHERE json_valid(received_snapshot);
+    """,
 )
 
 # Fixed column names, never user input: the store's f-strings build no SQL from data.
@@ -135,12 +162,14 @@ COLUMNS = (
 # The same columns with the snapshots left out (NULL): what status reads need.
 LIGHT = COLUMNS.replace("sent_snapshot", "NULL").replace("received_snapshot", "NULL")
 COLUMN_COUNT = COLUMNS.count(",") + 1
+COLUMN_INDEX = {column.strip(): index for index, column in enumerate(COLUMNS.split(","))}
 UPDATE_ALL = ", ".join(f"{c.strip()} = excluded.{c.strip()}" for c in COLUMNS.split(",")[1:])
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def peering_row(p: Peering) -> tuple[object, ...]:
-    """The values of :data:`COLUMNS` for ``p``, in that order."""
+    """The values of :data:`COLUMNS` for ``p``, in that order (the snapshots' heads: their services are
+    rows of :data:`SERVICE_ROWS`)."""
     return (
         p.name,
         p.role,
@@ -153,10 +182,10 @@ def peering_row(p: Peering) -> tuple[object, ...]:
         iso(p.created_at),
         iso(p.updated_at),
         p.sent_version,
-        p.sent_snapshot.model_dump_json() if p.sent_snapshot else None,
+        head_of(p.sent_snapshot) if p.sent_snapshot else None,
         p.acked_version,
         p.received_version,
-        p.received_snapshot.model_dump_json() if p.received_snapshot else None,
+        head_of(p.received_snapshot) if p.received_snapshot else None,
         maybe_iso(p.last_connected_at),
         maybe_iso(p.last_heartbeat_sent_at),
         maybe_iso(p.last_heartbeat_received_at),
@@ -171,6 +200,7 @@ def peering_row(p: Peering) -> tuple[object, ...]:
 
 
 def peering_from_row(row: tuple[object, ...]) -> Peering:
+    """The peering of a row of :data:`COLUMNS` (or :data:`LIGHT`), each snapshot column a whole document."""
     (
         name,
         role,
@@ -238,10 +268,6 @@ def _stored_snapshot(document: object) -> ServiceSnapshot | None:
         return None
 
 
-def _snapshot_json(value: object) -> str | None:
-    return value.model_dump_json() if isinstance(value, ServiceSnapshot) else None
-
-
 def _moment(value: object) -> str | None:
     return maybe_iso(value if isinstance(value, dt.datetime) else None)
 
@@ -250,16 +276,15 @@ def _state(value: object) -> str:
     return PeerState(str(value)).value
 
 
-# How each updatable field is stored (the column has the field's name).
+# How each updatable field is stored (the column has the field's name); the snapshots are
+# SNAPSHOT_SIDES, stored by SERVICE_ROWS.
 WRITERS: dict[str, Callable[[object], object]] = {
     "state": _state,
     "state_reason": str,
     "delete_requested": lambda value: int(bool(value)),
     "sent_version": lambda value: int(str(value)),
-    "sent_snapshot": _snapshot_json,
     "acked_version": lambda value: int(str(value)),
     "received_version": lambda value: int(str(value)),
-    "received_snapshot": _snapshot_json,
     "last_connected_at": _moment,
     "last_heartbeat_sent_at": _moment,
     "last_heartbeat_received_at": _moment,
@@ -297,11 +322,14 @@ def maybe_from_iso(text: object) -> dt.datetime | None:
 __all__ = [
     "COLUMNS",
     "COLUMN_COUNT",
+    "COLUMN_INDEX",
     "COMPONENT",
     "COUNTED",
     "EPOCH",
     "LIGHT",
     "MIGRATIONS",
+    "SERVICE_ROWS",
+    "SNAPSHOT_SIDES",
     "UPDATE_ALL",
     "WRITERS",
     "from_iso",

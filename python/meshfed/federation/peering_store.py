@@ -31,6 +31,7 @@ from meshfed.federation import peering_schema as schema
 from meshfed.federation.exchange import ServiceSnapshot
 from meshfed.federation.peering_state import EXPIRED_PENDING_KEPT, Listener, Peering, PeerState
 from meshfed.federation.peering_tokens import IssuedToken, check_presented, check_waiting, new_token
+from meshfed.federation.service_rows import Prepared, whole_document
 from meshfed.federation.token import DEFAULT_TOKEN_TTL, hash_secret
 from meshfed.sqlite import SqliteStore, transaction
 from meshfed.zone import STATE_FILE, Zone
@@ -38,6 +39,9 @@ from meshfed.zone import STATE_FILE, Zone
 
 class PeeringStore(SqliteStore):
     """Typed access to the peering tables. Use as a context manager; each method is one transaction."""
+
+    COMPONENT, MIGRATIONS = schema.COMPONENT, schema.MIGRATIONS
+    _clock: Clock = SYSTEM_CLOCK  # a store made by ``on`` (over a borrowed connection) reads the system clock
 
     def __init__(self, path: Path, *, clock: Clock = SYSTEM_CLOCK) -> None:
         super().__init__(path, schema.COMPONENT, schema.MIGRATIONS)
@@ -64,7 +68,7 @@ class PeeringStore(SqliteStore):
         row = self._db.execute(f"SELECT {columns} FROM peerings WHERE name = ?", (name,)).fetchone()  # noqa: S608
         if row is None:
             return None
-        peering = schema.peering_from_row(row)
+        peering = schema.peering_from_row(self._whole(row) if snapshots else row)
         return None if peering.state is PeerState.PENDING and name in self._expired_pending(now) else peering
 
     def _expired_pending(self, now: dt.datetime | None = None) -> set[str]:
@@ -116,7 +120,19 @@ class PeeringStore(SqliteStore):
             f"SELECT {schema.COLUMNS} FROM peerings WHERE peer_trust_domain = ?",  # noqa: S608
             (trust_domain,),
         ).fetchone()
-        return None if row is None else schema.peering_from_row(row)
+        return None if row is None else schema.peering_from_row(self._whole(row))
+
+    def _whole(self, row: tuple[object, ...]) -> tuple[object, ...]:
+        """A row of :data:`~meshfed.federation.peering_schema.COLUMNS` with each snapshot head made the whole
+        snapshot document (its services' rows added)."""
+        whole = list(row)
+        for column, side in schema.SNAPSHOT_SIDES.items():
+            index = schema.COLUMN_INDEX[column]
+            head = whole[index]
+            if head is not None:
+                services = schema.SERVICE_ROWS.read(self._db, (str(row[0]), side))
+                whole[index] = whole_document(str(head), services)
+        return tuple(whole)
 
     def put(self, peering: Peering) -> None:
         with transaction(self._db):
@@ -128,13 +144,25 @@ class PeeringStore(SqliteStore):
         Writes only the columns named: a heartbeat must not rewrite (or even read) snapshots of
         thousands of services.
         """
-        return self.write_encoded(name, encode_changes(changes))
+        return self.write_encoded(name, encode_changes(name, changes))
 
     def write_encoded(self, name: str, values: dict[str, object]) -> bool:
         """:meth:`update` with the changes already encoded (:func:`encode_changes`, outside the store's block)."""
         values = {"updated_at": schema.iso(self._clock.now()), **values}
+        snapshots = {column: value for column, value in values.items() if isinstance(value, Prepared)}
+        for column, prepared in snapshots.items():
+            values[column] = prepared.head
         assignments = ", ".join(f"{column} = ?" for column in values)
         with transaction(self._db):
+            if snapshots:
+                heads = self._db.execute(
+                    f"SELECT {', '.join(snapshots)} FROM peerings WHERE name = ?",  # noqa: S608 -- SNAPSHOT_SIDES
+                    (name,),
+                ).fetchone()
+                if heads is None:
+                    return False
+                for prepared, head in zip(snapshots.values(), heads, strict=True):
+                    schema.SERVICE_ROWS.write(self._db, prepared, None if head is None else str(head))
             cursor = self._db.execute(
                 f"UPDATE peerings SET {assignments} WHERE name = ?",  # noqa: S608 -- column names from WRITERS
                 (*values.values(), name),
@@ -143,7 +171,9 @@ class PeeringStore(SqliteStore):
 
     def delete(self, name: str) -> None:
         with transaction(self._db):
-            self._db.execute("DELETE FROM peerings WHERE name = ?", (name,))
+            self._db.execute("DELETE FROM peerings WHERE name = ?", (name,))  # its service rows go with it
+        for side in schema.SNAPSHOT_SIDES.values():
+            schema.SERVICE_ROWS.forget((name, side))
 
     def _put(self, p: Peering) -> None:
         self._db.execute(
@@ -153,6 +183,9 @@ class PeeringStore(SqliteStore):
             f"ON CONFLICT(name) DO UPDATE SET {schema.UPDATE_ALL}",
             schema.peering_row(p),
         )
+        for column, side in schema.SNAPSHOT_SIDES.items():
+            snapshot = p.sent_snapshot if column == "sent_snapshot" else p.received_snapshot
+            schema.SERVICE_ROWS.write(self._db, schema.SERVICE_ROWS.prepare((p.name, side), snapshot), None)
 
     # -- tokens ----------------------------------------------------------
 
@@ -240,16 +273,20 @@ def request_delete(store: PeeringStore, name: str) -> Peering:
     return store.require(name)
 
 
-def encode_changes(changes: dict[str, object]) -> dict[str, object]:
-    """Peering fields as the columns that store them (a snapshot of thousands of services serialised: tens of ms)."""
+def encode_changes(name: str, changes: dict[str, object]) -> dict[str, object]:
+    """Peering ``name``'s changed fields as the columns that store them; a snapshot as the difference from the
+    one last stored (:mod:`meshfed.federation.service_rows`), which the store writes with its head."""
     values: dict[str, object] = {}
     for field_name, value in changes.items():
-        if field_name not in schema.WRITERS:
-            raise TypeError(f"Peering has no updatable field {field_name!r}")
-        values[field_name] = schema.WRITERS[field_name](value)
-        if field_name in schema.COUNTED:
+        side = schema.SNAPSHOT_SIDES.get(field_name)
+        if side is not None:
             snapshot = value if isinstance(value, ServiceSnapshot) else None
+            values[field_name] = schema.SERVICE_ROWS.prepare((name, side), snapshot)
             values[schema.COUNTED[field_name]] = len(snapshot.services) if snapshot is not None else 0
+        elif field_name in schema.WRITERS:
+            values[field_name] = schema.WRITERS[field_name](value)
+        else:
+            raise TypeError(f"Peering has no updatable field {field_name!r}")
     return values
 
 

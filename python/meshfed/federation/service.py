@@ -447,7 +447,7 @@ def _update_row(service: PeeringService, peer: str, changes: dict[str, object]) 
     # On a worker thread: serialising a large snapshot and writing it is not the event loop's work,
     # and the serialising happens before the store's block, which holds the zone's one connection.
     # Refused (PeeringError) once the service stopped, as record is.
-    values = encode_changes(changes)
+    values = encode_changes(peer, changes)
     with service.peerings() as store:
         store.write_encoded(peer, values)
 
