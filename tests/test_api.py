@@ -239,5 +239,10 @@ def test_exports_and_catalog_over_the_api(running_east):
     for bad in ({"service": "Web", "to": ["west"]}, {"service": "web", "to": []}, {"service": "web", "to": ["a b"]}):
         assert api.post("/v1/exports", json=bad, headers=admin).status_code in (400, 422), bad
     assert api.delete("/v1/exports/default/nothing", headers=admin).status_code == 404
-    assert api.delete("/v1/exports/default/web", headers=admin).status_code == 204
+    assert api.delete("/v1/exports/default/web", headers=admin).json() == {
+        "service": "web",
+        "namespace": "default",
+        "to": None,
+        "removed": 1,
+    }
     assert api.get("/v1/exports", headers=reader).json() == []

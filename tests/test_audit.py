@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from meshfed import audit
 from meshfed.cli import app as cli
 from meshfed.controller import ControllerSettings
+from meshfed.federation.peer_status import PeerStatus
 from meshfed.federation.settings import PeeringSettings
 from meshfed.runtime import ZoneSettings, assemble_zone
 from meshfed.zone import Zone
@@ -87,7 +88,7 @@ def test_each_api_mutation_is_one_line_and_reads_and_refusals_are_none(make_zone
 
         calls: list[tuple[str, str, dict[str, Any], int]] = [
             ("POST", "/v1/exports", {"json": web}, 201),
-            ("DELETE", "/v1/exports/default/web", {}, 204),
+            ("DELETE", "/v1/exports/default/web", {}, 200),
             ("POST", "/v1/catalog/confirm-empty", {}, 200),
             ("POST", "/v1/gateway/reconfigure", {}, 204),
             ("POST", "/v1/peerings/tokens", {"json": {"peer_name": "west"}}, 201),
@@ -151,8 +152,13 @@ def test_peering_through_api_and_cli_is_audited_on_each_side_without_the_token(m
         assert west_api.delete("/v1/peerings/east", headers=west_admin).status_code == 204
         # The CLI, against the same running acceptor: a token on east, redeemed by north, then deleted there.
         cli_token = cli_run("peer", "token", "--dir", str(east.directory), "--peer", "north").strip()
-        cli_run("peer", "establish", "--dir", str(north.directory), "-", stdin=cli_token)
-        cli_run("peer", "delete", "--dir", str(north.directory), "east")
+        made = orjson.loads(
+            cli_run("peer", "establish", "--dir", str(north.directory), "-o", "json", "-", stdin=cli_token)
+        )
+        assert list(made) == list(PeerStatus.model_fields)  # what POST /v1/peerings/establish answers
+        assert (made["name"], made["peer_trust_domain"], made["connected"]) == ("east", "east.mesh", None)
+        gone = orjson.loads(cli_run("peer", "delete", "--dir", str(north.directory), "east", "-o", "json"))
+        assert gone == {"name": "east", "deleted": False}  # north is not running: finished when it next starts
 
     summary = {
         zone.name: [(line["actor"], line["action"], line["target"]) for line in audit_lines(zone)]

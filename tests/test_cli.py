@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 
 import meshfed
@@ -33,6 +34,8 @@ def test_version_names_both_layers():
     result = meshfed_cli("version")
     assert result.returncode == 0
     assert result.stdout.decode().strip() == f"meshfed {meshfed.__version__} (core {_core.core_version()})"
+    as_json = meshfed_cli("version", "-o", "json")
+    assert orjson.loads(as_json.stdout) == {"meshfed": meshfed.__version__, "core": _core.core_version()}
 
 
 # What `meshfed version` must not load: each group is imported when the command line names it.

@@ -1,4 +1,5 @@
-"""``-o table|json|yaml`` on the list and show commands: JSON shapes as documented, plain tables when piped."""
+"""``-o table|json|yaml``: JSON shapes as documented (the API's, for the commands that change a zone too), plain
+tables when piped."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import orjson
 import pytest
 import yaml
 
-from meshfed.api.catalog import CatalogView, ExportRuleView
+from meshfed.api.catalog import CatalogView, ExportRuleView, ServiceChangeView
+from meshfed.api.peering import TokenResponse
 from meshfed.federation.authz import RuleView
 from meshfed.federation.peer_status import PeerStatus
 from tests.test_cli import meshfed_cli
@@ -120,3 +122,50 @@ def test_an_unknown_output_is_a_usage_error(zone: Path) -> None:
     result = meshfed_cli("peer", "list", "--dir", zone, "-o", "xml")
     assert result.returncode == 2
     assert len(result.stderr.decode().strip().splitlines()) == 1
+
+
+def test_changes_print_what_the_api_answers(tmp_path: Path) -> None:
+    """The mutating commands on a zone that does not run: -o json is the document the API answers for them."""
+    directory = tmp_path / "north"
+    d = ("--dir", directory)
+    assert meshfed_cli("zone", "init", *d, "--name", "north", "--trust-domain", "north.mesh").returncode == 0
+
+    registered = json_of("service", "register", *d, "--name", "web", "--port", "http=8080", "--endpoint", LOOPBACK_9)
+    assert list(registered) == list(ServiceChangeView.model_fields)
+    assert (registered["service"], registered["namespace"]) == ("web", "default")
+    assert registered["catalog_version"] >= 1
+    json_of("export", "add", *d, "--service", "web", "--to", "east", "--to", "west")
+    removed = json_of("export", "remove", *d, "--service", "web", "--to", "west")
+    assert removed == {"service": "web", "namespace": "default", "to": ["west"], "removed": 1}
+    assert json_of("export", "remove", *d, "--service", "web")["removed"] == 1  # east's, the one left
+    deregistered = json_of("service", "deregister", *d, "--name", "web")
+    assert deregistered["catalog_version"] > registered["catalog_version"]
+
+    token = json_of("peer", "token", *d, "--peer", "east", "--address", "127.0.0.1:15443")
+    assert list(token) == list(TokenResponse.model_fields)
+    assert token["addresses"] == ["127.0.0.1:15443"]
+    assert token["token"]
+    assert json_of("peer", "delete", *d, "east") == {"name": "east", "deleted": False}  # recorded; the zone is down
+
+    issued = json_of(
+        "trust", "issue", *d, "--spiffe-id", "spiffe://north.mesh/ns/default/sa/web",
+        "--out", tmp_path / "web.pem", "--key-out", tmp_path / "web.key",
+    )  # fmt: skip
+    assert issued["spiffe_id"] == "spiffe://north.mesh/ns/default/sa/web"
+    assert (issued["certificate_file"], issued["key_file"]) == (str(tmp_path / "web.pem"), str(tmp_path / "web.key"))
+    assert "PRIVATE KEY" not in str(issued)
+    started = json_of("trust", "rotate", *d, "--overlap", "1h")
+    assert list(started) == ["generation", "root_fingerprint", "activate_at"]
+    assert started["generation"] == 1  # the first rotation: generation 0 is the zone's first CA
+    ended = json_of("trust", "rotate", *d, "--abort")
+    assert [step["generation"] for step in ended["steps"]] == [1]
+    assert ended["bundle_sequence"] >= 1
+    federated = json_of(
+        "trust", "federate", *d, "--trust-domain", "spire.mesh", "--endpoint", "https://127.0.0.1:9/bundle",
+        "--profile", "https_web",
+    )  # fmt: skip
+    assert federated == {
+        "trust_domain": "spire.mesh",
+        "endpoint_url": "https://127.0.0.1:9/bundle",
+        "profile": "https_web",
+    }

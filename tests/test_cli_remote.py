@@ -56,7 +56,10 @@ def test_the_cli_manages_a_running_zone_through_its_api(tmp_path: Path) -> None:
         url = zone.wait_serving()
         # --dir of a running zone: the zone's API makes each change, as the audit log's actor shows.
         d = ("--dir", east)
-        ok(meshfed_cli("service", "register", *d, "--name", "web", "--port", "http=8080", "--endpoint", "127.0.0.1:9"))
+        registered = meshfed_cli(
+            "service", "register", *d, "--name", "web", "--port", "http=8080", "--endpoint", "127.0.0.1:9", "-o", "json"
+        )
+        assert orjson.loads(ok(registered)).keys() == {"service", "namespace", "catalog_version"}
         added = meshfed_cli("export", "add", *d, "--service", "web", "--to", "west", "-o", "json")
         assert orjson.loads(ok(added)) == [{"service": "web", "namespace": "default", "peer": "west"}]
         assert b"no peering named 'west'" in added.stderr
@@ -87,6 +90,15 @@ def test_the_cli_manages_a_running_zone_through_its_api(tmp_path: Path) -> None:
         assert "other.mesh" in {domain["trust_domain"] for domain in listing["trust_domains"]}
         token = ok(meshfed_cli("peer", "token", *admin, "--peer", "west")).strip()
         assert token
+        issued = orjson.loads(ok(meshfed_cli("peer", "token", *admin, "--peer", "south", "-o", "json")))
+        assert list(issued) == ["token", "expires_at", "addresses"]
+        assert issued["addresses"], "a running zone puts where it serves establishment in the token"
+        deleted = orjson.loads(ok(meshfed_cli("peer", "delete", *admin, "south", "-o", "json")))
+        assert deleted == {"name": "south", "deleted": True}
+        started = orjson.loads(ok(meshfed_cli("trust", "rotate", *admin, "--overlap", "1h", "-o", "json")))
+        assert list(started) == ["generation", "root_fingerprint", "activate_at"]
+        ended = orjson.loads(ok(meshfed_cli("trust", "rotate", *admin, "--abort", "-o", "json")))
+        assert [step["generation"] for step in ended["steps"]] == [started["generation"]]
         (pending,) = orjson.loads(ok(meshfed_cli("peer", "list", *reader, "-o", "json")))
         assert (pending["name"], pending["state"]) == ("west", "PENDING")
         shown = orjson.loads(ok(meshfed_cli("peer", "show", "west", *reader, "-o", "json")))
@@ -105,6 +117,11 @@ def test_the_cli_manages_a_running_zone_through_its_api(tmp_path: Path) -> None:
         assert "--api '127.0.0.1:8470' is not an API URL" in line
 
         ok(meshfed_cli("authz", "remove", *admin, "--service", "web"))
+        exports_gone = orjson.loads(
+            ok(meshfed_cli("export", "remove", *admin, "--service", "web", "--to", "west", "-o", "json"))
+        )
+        assert exports_gone == {"service": "web", "namespace": "default", "to": ["west"], "removed": 1}
+        ok(meshfed_cli("export", "add", *admin, "--service", "web", "--to", "west"))
         gone = orjson.loads(ok(meshfed_cli("trust", "remove", *admin, "--trust-domain", "other.mesh", "-o", "json")))
         assert gone == {"trust_domain": "other.mesh", "bundle_removed": True, "federation_removed": False}
         assert actors(east)["authz.remove"] == API_ACTOR

@@ -14,7 +14,7 @@ import datetime as dt
 import pathlib
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from meshfed.addresses import HostPort
@@ -218,6 +218,13 @@ def checked_service(service: Service, failing: UnhealthyEndpoints) -> Service:
     return service.model_copy(update={"endpoints": endpoints})
 
 
+class ExportRemovalView(BaseModel):
+    service: str
+    namespace: str
+    to: list[str] | None = Field(description="The peers whose rules were removed; null: every rule of the service.")
+    removed: int = Field(description="How many export rules were removed.")
+
+
 class ServiceChangeView(BaseModel):
     service: str
     namespace: str
@@ -328,11 +335,7 @@ async def add_export(body: ExportRequest, request: Request) -> list[ExportRuleVi
     return [ExportRuleView(service=r.service, namespace=r.namespace, peer=r.peer) for r in added]
 
 
-@router.delete(
-    "/exports/{namespace}/{service}",
-    status_code=status.HTTP_204_NO_CONTENT,
-    dependencies=[Depends(require_admin)],
-)
+@router.delete("/exports/{namespace}/{service}", dependencies=[Depends(require_admin)])
 async def remove_export(
     namespace: str,
     service: str,
@@ -341,7 +344,7 @@ async def remove_export(
         list[Annotated[str, StringConstraints(min_length=1, max_length=63)]] | None,
         Query(max_length=MAX_EXPORT_PEERS, description="Only the rules naming these peers; default: every rule."),
     ] = None,
-) -> Response:
+) -> ExportRemovalView:
     """Stop exporting a service to every peer, or to the peers ``to`` names."""
     controller = _controller(request)
     try:
@@ -359,4 +362,4 @@ async def remove_export(
     )
     if controller.ready:
         await controller.exports_changed()
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return ExportRemovalView(service=service, namespace=namespace, to=sorted(to) if to else None, removed=removed)

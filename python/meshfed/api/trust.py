@@ -20,7 +20,14 @@ from meshfed.federation.trust_removal import remove_trust
 from meshfed.trust.bundle import parse_bundle
 from meshfed.trust.spiffe import SpiffeId, TrustDomain
 from meshfed.zone import Zone
-from meshfed.zone.trust_listing import imported_bundle, removed_trust, trust_listing
+from meshfed.zone.trust_listing import (
+    federation_added,
+    imported_bundle,
+    removed_trust,
+    rotation_ended,
+    rotation_started,
+    trust_listing,
+)
 
 router = APIRouter(prefix="/v1/trust", tags=["trust"])
 
@@ -118,11 +125,7 @@ async def rotate(request: Request, rotation: RotationRequest) -> dict[str, Any]:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(err)) from None
     audit_call(request, zone.directory, "trust.rotate", str(zone.trust_domain), generation=generation.generation)
     await _trust_changed(request)
-    return {
-        "generation": generation.generation,
-        "root_fingerprint": generation.root_fingerprint,
-        "activate_at": generation.activate_at.isoformat() if generation.activate_at else None,
-    }
+    return rotation_started(generation)
 
 
 async def _end_rotation(request: Request, zone: Zone, rotation: RotationRequest) -> dict[str, Any]:
@@ -142,10 +145,7 @@ async def _end_rotation(request: Request, zone: Zone, rotation: RotationRequest)
     if endpoint is not None and rotation.finish:
         # Consumers that take the new bundle must reach the endpoint at once, not after its next check.
         await endpoint.renew_if_signer_retired()
-    return {
-        "bundle_sequence": sequence,
-        "steps": [{"generation": s.generation, "phase": s.state, "message": s.message} for s in steps],
-    }
+    return rotation_ended(sequence, steps)
 
 
 @router.post("/federations", dependencies=[Depends(require_admin)], status_code=status.HTTP_201_CREATED)
@@ -174,7 +174,7 @@ async def federate(request: Request, federation: FederationRequest) -> dict[str,
     poller = getattr(request.app.state, "bundle_poller", None)
     if poller is not None:
         poller.wake()  # the first fetch now, not at the next poll
-    return {"trust_domain": domain.name, "endpoint_url": federation.endpoint_url, "profile": federation.profile}
+    return federation_added(domain.name, federation.endpoint_url, federation.profile)
 
 
 @router.delete(

@@ -24,7 +24,7 @@ from typer.core import TyperGroup
 
 from meshfed import __version__, _core
 from meshfed.cli import _signals  # noqa: F401 -- before the command groups: SIGTERM while `up` imports them
-from meshfed.cli.common import ExitCode, fail
+from meshfed.cli.common import ExitCode, Output, OutputOption, emit, fail
 from meshfed.errors import MeshfedError
 from meshfed.sqlite import describe_error
 from meshfed.validation import describe_validation_error
@@ -102,9 +102,9 @@ def _meshfed(
 
 
 @app.command()
-def version() -> None:
-    """Print meshfed's version and the Rust core's version."""
-    typer.echo(_version_text())
+def version(output: OutputOption = Output.table) -> None:
+    """Print meshfed's version and the Rust core's version (-o json: {"meshfed": ..., "core": ...})."""
+    emit({"meshfed": __version__, "core": _core.core_version()}, output, table=lambda: typer.echo(_version_text()))
 
 
 class Shell(StrEnum):

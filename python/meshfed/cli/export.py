@@ -7,7 +7,7 @@ its files (:mod:`meshfed.cli.remote`).
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -145,12 +145,17 @@ def remove(
     api: ApiOption = None,
     token_file: TokenFileOption = None,
     api_ca: CaOption = None,
+    output: OutputOption = Output.table,
 ) -> None:
-    """Stop exporting a service (to some peers, or to all)."""
+    """Stop exporting a service (to some peers, or to all).
+
+    -o json prints what DELETE /v1/exports/NAMESPACE/SERVICE answers: the service, the peers named (null:
+    all) and how many rules went.
+    """
     where = target(directory, api, token_file, api_ca, change=True)
     if where.api is not None:
-        where.api.delete(f"/v1/exports/{namespace}/{service}", to=to)
-        typer.echo(f"removed the export rule(s) of {service}.{namespace}" + (f" to {', '.join(to)}" if to else ""))
+        answer = where.api.delete(f"/v1/exports/{namespace}/{service}", to=to)
+        _emit_removed(answer, output)
         return
     zone = where.zone()
     with ExportRules(zone.directory) as rules:
@@ -163,7 +168,22 @@ def remove(
         to=sorted(to) if to else "*",
         removed=removed,
     )
-    typer.echo(f"removed {removed} export rule(s) of {service}.{namespace}")
+    _emit_removed(
+        {"service": service, "namespace": namespace, "to": sorted(to) if to else None, "removed": removed}, output
+    )
+
+
+def _emit_removed(removal: dict[str, Any], output: Output) -> None:
+    """The removal as ExportRemovalView (what DELETE /v1/exports/... answers), or a line for people."""
+    from meshfed.api.catalog import ExportRemovalView  # the API's models (and fastapi) only for this command
+
+    view = ExportRemovalView.model_validate(removal)
+    peers = f" to {', '.join(view.to)}" if view.to else ""
+    emit(
+        view,
+        output,
+        table=lambda: typer.echo(f"removed {view.removed} export rule(s) of {view.service}.{view.namespace}{peers}"),
+    )
 
 
 @export_app.command("list")

@@ -47,8 +47,12 @@ def token(
     api: ApiOption = None,
     token_file: TokenFileOption = None,
     api_ca: CaOption = None,
+    output: OutputOption = Output.table,
 ) -> None:
-    """Print a one-time token that lets zone PEER establish a peering with this zone."""
+    """Print a one-time token that lets zone PEER establish a peering with this zone.
+
+    -o json prints what POST /v1/peerings/tokens answers: the token, when it expires, the addresses in it.
+    """
     lifetime = parse_duration(ttl)
     # Put in the token and dialed by the peer: a port to connect to, 1-65535.
     given = [str(parse_host_port(text, what="--address", allow_zero=False)) for text in address or ()]
@@ -59,14 +63,10 @@ def token(
                 "--address is for a zone that is not running; a running zone puts the addresses it serves "
                 "establishment on in the token (set them with 'meshfed up --advertise-host')"
             )
-        issued = where.api.post(
+        answer = where.api.post(
             "/v1/peerings/tokens", {"peer_name": peer, "ttl_seconds": int(lifetime.total_seconds())}
         )
-        typer.echo(issued["token"])
-        typer.echo(
-            f"token for zone {peer} via {', '.join(issued['addresses'])}; one use, expires {issued['expires_at']}",
-            err=True,
-        )
+        _emit_token(answer, output, f"token for zone {peer}")
         return
     zone = where.zone()
     with PeeringStore.of(zone) as store:
@@ -82,12 +82,18 @@ def token(
         expires_at=issued.token.expires_at.isoformat(),
         addresses=addresses,
     )
-    typer.echo(issued.encoded)
-    typer.echo(
-        f"token for zone {peer} to peer with {zone.name} via {', '.join(addresses)}; "
-        f"one use, expires {issued.token.expires_at.isoformat()}",
-        err=True,
-    )
+    answer = {"token": issued.encoded, "expires_at": issued.token.expires_at, "addresses": list(addresses)}
+    _emit_token(answer, output, f"token for zone {peer} to peer with {zone.name}")
+
+
+def _emit_token(issued: dict[str, Any], output: Output, what: str) -> None:
+    """The token as TokenResponse (what the API answers), or the token alone on stdout for people and
+    scripts (``$(meshfed peer token ...)``); the note on stderr either way."""
+    from meshfed.api.peering import TokenResponse  # the API's models (and fastapi) only for this command
+
+    answer = TokenResponse.model_validate(issued)
+    emit(answer, output, table=lambda: typer.echo(answer.token))
+    typer.echo(f"{what} via {', '.join(answer.addresses)}; one use, expires {answer.expires_at.isoformat()}", err=True)
 
 
 @peer_app.command("establish")
@@ -100,16 +106,24 @@ def establish_(
     api: ApiOption = None,
     token_file: TokenFileOption = None,
     api_ca: CaOption = None,
+    output: OutputOption = Output.table,
 ) -> None:
-    """Redeem a token from another zone: exchange trust bundles and record the peering."""
+    """Redeem a token from another zone: exchange trust bundles and record the peering.
+
+    -o json prints what POST /v1/peerings/establish answers: the new peering (PeerStatus), with connected
+    null when this zone is not running.
+    """
     text = sys.stdin.read() if encoded == "-" else encoded
     where = target(directory, api, token_file, api_ca, change=True)
     if where.api is not None:
-        made = where.api.post("/v1/peerings/establish", {"token": text.strip(), "name": name})
-        typer.echo(
-            f"established peering {made['name']} with zone {made['peer_zone']} ({made['peer_trust_domain']}); "
+        made = PeerStatus.model_validate(
+            where.api.post("/v1/peerings/establish", {"token": text.strip(), "name": name})
+        )
+        line = (
+            f"established peering {made.name} with zone {made.peer_zone} ({made.peer_trust_domain}); "
             "the running zone opens the stream now"
         )
+        emit(made, output, table=lambda: typer.echo(line))
         return
     zone = where.zone()
     peering = asyncio.run(establish(zone, text, name))
@@ -122,16 +136,15 @@ def establish_(
         trust_domain=peering.peer_trust_domain,
     )
     with PeeringStore.of(zone) as store:
+        status = PeerStatus.stored(store.require(peering.name))
         listener = store.listener()
     running = listener is not None and listener.alive()
-    typer.echo(
-        f"established peering {peering.name} with zone {peering.peer_zone} ({peering.peer_trust_domain}); "
-        + (
-            "the running controller opens the stream within a second"
-            if running
-            else "the stream opens when this zone runs ('meshfed up')"
-        )
+    line = f"established peering {peering.name} with zone {peering.peer_zone} ({peering.peer_trust_domain}); " + (
+        "the running controller opens the stream within a second"
+        if running
+        else "the stream opens when this zone runs ('meshfed up')"
     )
+    emit(_status_document(status, running), output, table=lambda: typer.echo(line))
 
 
 @peer_app.command("list")
@@ -222,9 +235,13 @@ def show(
             status = PeerStatus.stored(store.require(name))
             listener = store.listener()
         running = listener is not None and listener.alive()
-    # Of a zone that is not running nobody knows whether the stream is up: null, not false.
-    shown: object = status if running else {**status.model_dump(mode="json"), "connected": None}
-    emit(shown, output, table=lambda: _print_status(status, running))
+    emit(_status_document(status, running), output, table=lambda: _print_status(status, running))
+
+
+def _status_document(status: PeerStatus, running: bool) -> object:
+    """``status`` as the API gives it; of a zone that is not running nobody knows whether the stream is up:
+    connected is null, not false."""
+    return status if running else {**status.model_dump(mode="json"), "connected": None}
 
 
 def _print_status(status: PeerStatus, running: bool) -> None:
@@ -272,12 +289,21 @@ def delete(
     api: ApiOption = None,
     token_file: TokenFileOption = None,
     api_ca: CaOption = None,
+    output: OutputOption = Output.table,
 ) -> None:
-    """Delete a peering: tears it down on both sides when this zone runs, and removes its imports."""
+    """Delete a peering: tears it down on both sides when this zone runs, and removes its imports.
+
+    -o json prints {"name": NAME, "deleted": true} once it is gone (the peer told, the imports removed),
+    or false while the deletion is only recorded (the zone is not running, or has not finished yet).
+    """
     where = target(directory, api, token_file, api_ca, change=True)
     if where.api is not None:
         where.api.delete(f"/v1/peerings/{name}")
-        typer.echo(f"deleted peering {name}; the peer was told")
+        emit(
+            {"name": name, "deleted": True},
+            output,
+            table=lambda: typer.echo(f"deleted peering {name}; the peer was told"),
+        )
         return
     zone = where.zone()
     with PeeringStore.of(zone) as store:
@@ -285,20 +311,22 @@ def delete(
         audit.record(zone.directory, actor=audit.cli_actor(), action="peer.delete", target=f"peer {name}")
         listener = store.listener()
         if listener is None or not listener.alive():
-            typer.echo(
+            line = (
                 f"peering {name} marked for deletion; this zone is not running, so the teardown "
                 "(telling the peer, removing imports) finishes when it next starts"
             )
+            emit({"name": name, "deleted": False}, output, table=lambda: typer.echo(line))
             return
         deadline = time.monotonic() + _DELETE_WAIT_SECONDS
         while store.get(name) is not None and time.monotonic() < deadline:
             time.sleep(0.1)
         gone = store.get(name) is None
-    typer.echo(
+    line = (
         f"deleted peering {name}; the peer was told"
         if gone
         else f"peering {name} marked for deletion; the running controller has not finished yet"
     )
+    emit({"name": name, "deleted": gone}, output, table=lambda: typer.echo(line))
 
 
 __all__ = ["peer_app"]

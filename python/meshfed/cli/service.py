@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -55,8 +55,12 @@ def register(
     api: ApiOption = None,
     token_file: TokenFileOption = None,
     api_ca: CaOption = None,
+    output: OutputOption = Output.table,
 ) -> None:
-    """Add or replace a service and all its endpoints."""
+    """Add or replace a service and all its endpoints.
+
+    -o json prints what POST /v1/services answers: the service and the catalog's version after the change.
+    """
     labels = dict(map(_pair, label or []))
     if len(labels) != len(label or []):
         raise CatalogError("--label: a label key is given twice; give each key once")
@@ -70,10 +74,7 @@ def register(
     where = target(directory, api, token_file, api_ca, change=True)
     if where.api is not None:
         changed = where.api.post("/v1/services", spec.model_dump(mode="json"))
-        typer.echo(
-            f"registered {spec.name}.{spec.namespace}: {len(spec.endpoints)} endpoint(s), "
-            f"version {changed['catalog_version']}"
-        )
+        _emit_change("registered", changed, output, f": {len(spec.endpoints)} endpoint(s)")
         return
     zone = where.zone()
     _require_embedded(zone, "register")
@@ -88,9 +89,8 @@ def register(
         endpoints=len(service.endpoints),
         version=version,
     )
-    typer.echo(
-        f"registered {service.name}.{service.namespace}: {len(service.endpoints)} endpoint(s), version {version}"
-    )
+    answer = {"service": service.name, "namespace": service.namespace, "catalog_version": version}
+    _emit_change("registered", answer, output, f": {len(service.endpoints)} endpoint(s)")
 
 
 @service_app.command("deregister")
@@ -101,12 +101,15 @@ def deregister(
     api: ApiOption = None,
     token_file: TokenFileOption = None,
     api_ca: CaOption = None,
+    output: OutputOption = Output.table,
 ) -> None:
-    """Remove a service from the embedded catalog."""
+    """Remove a service from the embedded catalog.
+
+    -o json prints what DELETE /v1/services/NAMESPACE/NAME answers: the service and the catalog's version after.
+    """
     where = target(directory, api, token_file, api_ca, change=True)
     if where.api is not None:
-        changed = where.api.delete(f"/v1/services/{namespace}/{name}")
-        typer.echo(f"deregistered {name}.{namespace}, version {changed['catalog_version']}")
+        _emit_change("deregistered", where.api.delete(f"/v1/services/{namespace}/{name}"), output)
         return
     zone = where.zone()
     _require_embedded(zone, "deregister")
@@ -119,7 +122,16 @@ def deregister(
         target=f"{name}.{namespace}",
         version=version,
     )
-    typer.echo(f"deregistered {name}.{namespace}, version {version}")
+    _emit_change("deregistered", {"service": name, "namespace": namespace, "catalog_version": version}, output)
+
+
+def _emit_change(verb: str, change: dict[str, Any], output: Output, detail: str = "") -> None:
+    """A catalog change as ServiceChangeView (what the API answers), or a line for people."""
+    from meshfed.api.catalog import ServiceChangeView  # the API's models (and fastapi) only for this command
+
+    view = ServiceChangeView.model_validate(change)
+    line = f"{verb} {view.service}.{view.namespace}{detail}, version {view.catalog_version}"
+    emit(view, output, table=lambda: typer.echo(line))
 
 
 @service_app.command("list")

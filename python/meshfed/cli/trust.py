@@ -25,7 +25,14 @@ from meshfed.federation.trust_removal import remove_trust
 from meshfed.trust.bundle import parse_bundle
 from meshfed.trust.spiffe import SpiffeId, TrustDomain
 from meshfed.zone import Zone, load_root_key, write_private_file
-from meshfed.zone.trust_listing import imported_bundle, removed_trust, trust_listing
+from meshfed.zone.trust_listing import (
+    federation_added,
+    imported_bundle,
+    removed_trust,
+    rotation_ended,
+    rotation_started,
+    trust_listing,
+)
 
 trust_app = typer.Typer(help="Issue SVIDs and exchange trust bundles.", no_args_is_help=True)
 
@@ -42,13 +49,25 @@ def issue(
     out: Annotated[Path, typer.Option(help="Where to write the certificate chain (leaf, then intermediate).")],
     key_out: Annotated[Path, typer.Option(help="Where to write the private key (mode 0600).")],
     ttl: Annotated[str, typer.Option(help="Lifetime, such as 90s, 15m, 1h or 2d.")] = "24h",
+    output: OutputOption = Output.table,
 ) -> None:
-    """Issue an X.509-SVID from the zone's CA."""
+    """Issue an X.509-SVID from the zone's CA.
+
+    -o json prints the SVID's SPIFFE ID, its validity and the files written (never the key itself).
+    """
     lifetime = parse_duration(ttl)
     svid = _open(directory).authority.issue_svid(SpiffeId.parse(spiffe_id), lifetime)
     write_private_file(key_out, svid.private_key_pem())
     out.write_bytes(svid.cert_chain_pem())
-    typer.echo(f"issued {svid.spiffe_id}, valid until {svid.leaf.not_valid_after_utc.isoformat()}", err=True)
+    issued = {
+        "spiffe_id": str(svid.spiffe_id),
+        "not_before": svid.leaf.not_valid_before_utc.isoformat(),
+        "not_after": svid.leaf.not_valid_after_utc.isoformat(),
+        "certificate_file": str(out),
+        "key_file": str(key_out),
+    }
+    line = f"issued {svid.spiffe_id}, valid until {svid.leaf.not_valid_after_utc.isoformat()}"
+    emit(issued, output, table=lambda: typer.echo(line, err=True))
 
 
 @trust_app.command("export")
@@ -174,8 +193,13 @@ def rotate(
     api: ApiOption = None,
     token_file: TokenFileOption = None,
     api_ca: CaOption = None,
+    output: OutputOption = Output.table,
 ) -> None:
-    """Start a CA rotation: publish a new root now, switch signing after the overlap, retire the old root later."""
+    """Start a CA rotation: publish a new root now, switch signing after the overlap, retire the old root later.
+
+    -o json prints what POST /v1/trust/rotate answers: the new generation, its root and when it signs; or,
+    with --finish or --abort, the bundle's sequence and each phase change.
+    """
     if finish and abort:
         raise RotationError("--finish/--abort: give one (finish the rotation in progress now, or drop its new CA)")
     if (finish or abort) and (overlap is not None or root_key is not None or offline_root_key is not None):
@@ -184,7 +208,7 @@ def rotate(
     # A root key file stays on this host: such a rotation works on the zone's files, even while it runs.
     where = target(directory, api, token_file, api_ca, change=True)
     if where.api is not None and root_key is None and offline_root_key is None:
-        _rotate_through(where.api, lapse, finish=finish, abort=abort)
+        _rotate_through(where.api, lapse, output, finish=finish, abort=abort)
         return
     if where.directory is None:
         raise RotationError(
@@ -193,15 +217,15 @@ def rotate(
     zone = _open(where)
     if finish or abort:
         steps = zone.authority.finish() if finish else zone.authority.abort()
-        for step in steps:
-            typer.echo(f"CA generation {step.generation} {step.state}: {step.message}")
+        sequence = zone.trust.own_bundle().sequence
         audit.record(
             zone.directory,
             actor=audit.cli_actor(),
             action="trust.rotate.finish" if finish else "trust.rotate.abort",
             target=str(zone.trust_domain),
-            bundle_sequence=zone.trust.own_bundle().sequence,
+            bundle_sequence=sequence,
         )
+        _emit_ended(rotation_ended(sequence, steps), output)
         return
     generation = zone.authority.rotate(
         lapse,
@@ -217,26 +241,36 @@ def rotate(
     )
     bundle = zone.trust.own_bundle()
     what = "new intermediate under the current root" if root_key is not None else "new root"
-    typer.echo(
+    line = (
         f"{what} (root sha256:{generation.root_fingerprint}) published (bundle sequence {bundle.sequence}); "
         f"it signs from {generation.activate_at:%Y-%m-%d %H:%M:%S}Z"
     )
+    emit(rotation_started(generation), output, table=lambda: typer.echo(line))
     if offline_root_key is not None:
         typer.echo(f"the new root's key is in {offline_root_key}: keep it offline", err=True)
 
 
-def _rotate_through(api: ZoneApi, overlap: dt.timedelta | None, *, finish: bool, abort: bool) -> None:
+def _rotate_through(api: ZoneApi, overlap: dt.timedelta | None, output: Output, *, finish: bool, abort: bool) -> None:
     if finish or abort:
-        ended = api.post("/v1/trust/rotate", {"finish": finish, "abort": abort})
-        for step in ended["steps"]:
-            typer.echo(f"CA generation {step['generation']} {step['phase']}: {step['message']}")
+        _emit_ended(api.post("/v1/trust/rotate", {"finish": finish, "abort": abort}), output)
         return
     seconds = int(overlap.total_seconds()) if overlap is not None else None
     started = api.post("/v1/trust/rotate", {"overlap_seconds": seconds})
-    typer.echo(
+    line = (
         f"new root (root sha256:{started['root_fingerprint']}) published; CA generation {started['generation']} "
         f"signs from {started['activate_at']}"
     )
+    emit(started, output, table=lambda: typer.echo(line))
+
+
+def _emit_ended(ended: dict[str, Any], output: Output) -> None:
+    """A rotation finished or aborted (:func:`rotation_ended`), or a line per phase change for people."""
+
+    def lines() -> None:
+        for step in ended["steps"]:
+            typer.echo(f"CA generation {step['generation']} {step['phase']}: {step['message']}")
+
+    emit(ended, output, table=lines)
 
 
 @trust_app.command("federate")
@@ -257,14 +291,18 @@ def federate(
     api: ApiOption = None,
     token_file: TokenFileOption = None,
     api_ca: CaOption = None,
+    output: OutputOption = Output.table,
 ) -> None:
-    """Trust another trust domain through its bundle endpoint, polled at the bundle's refresh hint."""
+    """Trust another trust domain through its bundle endpoint, polled at the bundle's refresh hint.
+
+    -o json prints what POST /v1/trust/federations answers: the trust domain, endpoint and profile.
+    """
     domain = TrustDomain.parse(trust_domain)
     bootstrap_data = bootstrap_bundle.read_bytes() if bootstrap_bundle is not None else None
     bootstrap = parse_bundle(domain, bootstrap_data) if bootstrap_data is not None else None
     where = target(directory, api, token_file, api_ca, change=True)
     if where.api is not None:
-        where.api.post(
+        answer = where.api.post(
             "/v1/trust/federations",
             {
                 "trust_domain": domain.name,
@@ -275,7 +313,8 @@ def federate(
                 "web_ca_pem": web_ca.read_text() if web_ca is not None else None,
             },
         )
-        typer.echo(f"federating with {domain} via {endpoint} ({profile.value}); the running zone fetches it now")
+        line = f"federating with {domain} via {endpoint} ({profile.value}); the running zone fetches it now"
+        emit(answer, output, table=lambda: typer.echo(line))
         return
     zone = _open(where)
     zone.trust.federate(
@@ -289,10 +328,11 @@ def federate(
     audit.record(
         zone.directory, actor=audit.cli_actor(), action="trust.federate", target=domain.name, endpoint_url=endpoint
     )
-    typer.echo(
+    line = (
         f"federating with {domain} via {endpoint} ({profile.value}); a running zone fetches it within a second, "
         "then at the refresh hint"
     )
+    emit(federation_added(domain.name, endpoint, profile.value), output, table=lambda: typer.echo(line))
 
 
 @trust_app.command("remove")

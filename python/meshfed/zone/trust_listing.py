@@ -1,15 +1,19 @@
-"""What a zone trusts, as plain data: the shared bodies of ``meshfed trust list/import/remove -o json`` and the API.
+"""What a zone trusts, as plain data: the shared bodies of ``meshfed trust ... -o json`` and the API.
 
-``GET /v1/trust/bundles``, and what ``PUT`` and ``DELETE /v1/trust/bundles/{domain}`` answer.
+``GET /v1/trust/bundles``; what ``PUT`` and ``DELETE /v1/trust/bundles/{domain}``, ``POST /v1/trust/rotate``
+and ``POST /v1/trust/federations`` answer.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any
 
+from meshfed.store import CaGeneration
 from meshfed.trust.bundle import TrustBundle, fingerprint
 from meshfed.zone import Zone
+from meshfed.zone.authority import RotationStep
 from meshfed.zone.trust_store import RemovedTrust
 
 
@@ -66,6 +70,28 @@ __all__ = ["trust_listing"]
 def imported_bundle(bundle: TrustBundle) -> dict[str, Any]:
     """A bundle just trusted: its domain, sequence and root fingerprints."""
     return {"trust_domain": bundle.trust_domain.name, "sequence": bundle.sequence, "roots": bundle.fingerprints()}
+
+
+def rotation_started(generation: CaGeneration) -> dict[str, Any]:
+    """A rotation just started: the new CA generation, its root, and when it starts signing."""
+    return {
+        "generation": generation.generation,
+        "root_fingerprint": generation.root_fingerprint,
+        "activate_at": generation.activate_at.isoformat() if generation.activate_at else None,
+    }
+
+
+def rotation_ended(bundle_sequence: int, steps: Sequence[RotationStep]) -> dict[str, Any]:
+    """A rotation finished or aborted early: the own bundle's sequence after it, and each phase change."""
+    return {
+        "bundle_sequence": bundle_sequence,
+        "steps": [{"generation": s.generation, "phase": s.state, "message": s.message} for s in steps],
+    }
+
+
+def federation_added(trust_domain: str, endpoint_url: str, profile: str) -> dict[str, Any]:
+    """A federation just recorded: the trust domain and how its bundle endpoint is reached."""
+    return {"trust_domain": trust_domain, "endpoint_url": endpoint_url, "profile": profile}
 
 
 def removed_trust(removed: RemovedTrust) -> dict[str, Any]:
