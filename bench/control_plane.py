@@ -298,9 +298,32 @@ class SyncResult:
     error: str | None
     egress: str
     peer_sockets: dict[str, int]
-    change_seconds: dict[str, float]
-    change_bytes: int
+    change: ChangeCost
     peers: int = len(PEERS)
+
+
+@dataclass(frozen=True)
+class ChangeCost:
+    """What one endpoint change after the sync costs, over :data:`CHANGES` changes one after another."""
+
+    seconds: list[float]  # per change, until every peer gateway runs it
+    per_peer: dict[str, float]  # per peer, the median
+    delta_bytes: int  # the largest delta to one peer
+    cpu_ms: dict[str, float]  # CPU per change of each zone's process ("east" the exporter, with this benchmark)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds) if self.seconds else float("nan")
+
+    def summary(self) -> str:
+        if not self.seconds:
+            return "not measured"
+        low, high = min(self.seconds) * 1000, max(self.seconds) * 1000
+        return f"{self.median * 1000:.0f} ms (median of {len(self.seconds)}, {low:.0f}-{high:.0f})"
+
+
+# Endpoint changes measured after each sync, one after another (a single one is at the mercy of the machine).
+CHANGES = 5
 
 
 async def loop_stall_monitor(record: list[float], tick: float = 0.05) -> None:
@@ -430,8 +453,7 @@ async def _bulk_sync(
     peer_rss: dict[str, int] = {}
     peer_stalls: dict[str, float] = {}
     peer_sockets: dict[str, int] = {}
-    change_seconds: dict[str, float] = {}
-    change_bytes = 0
+    change = ChangeCost([], {}, 0, {})
     spawn = multiprocessing.get_context("spawn")
     pipes: dict[str, Connection] = {}
     processes = []
@@ -487,7 +509,9 @@ async def _bulk_sync(
             )
         )
         if error is None:
-            change_seconds, change_bytes = await one_endpoint_change(exporter, exporter_zone, pipes, timeout)
+            change = await endpoint_changes(
+                exporter, exporter_zone, pipes, dict(zip(names, processes, strict=True)), timeout
+            )
         exporter_rss = rss_kib()
         for name, pipe in pipes.items():
             pipe.send("stop")
@@ -521,10 +545,41 @@ async def _bulk_sync(
         error,
         egress,
         peer_sockets,
-        change_seconds,
-        change_bytes,
+        change,
         len(names),
     )
+
+
+async def endpoint_changes(
+    exporter: ZoneRuntime,
+    zone: Zone,
+    pipes: dict[str, Connection],
+    processes: dict[str, multiprocessing.process.BaseProcess],
+    timeout: float,
+) -> ChangeCost:
+    """:data:`CHANGES` endpoint changes of one service, one more endpoint and back, a third of a second
+    apart: the time of each until every peer gateway runs it, and each process's CPU per change."""
+    pids = {"east": os.getpid(), **{name: process.pid for name, process in processes.items() if process.pid}}
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    seconds: list[float] = []
+    per_peer: dict[str, list[float]] = {}
+    delta_bytes = 0
+    for index in range(CHANGES):
+        endpoints = ENDPOINTS_PER_SERVICE + 1 if index % 2 == 0 else ENDPOINTS_PER_SERVICE
+        applied, size = await one_endpoint_change(exporter, zone, pipes, timeout, endpoints)
+        seconds.append(max(applied.values(), default=float("nan")))
+        for name, value in applied.items():
+            per_peer.setdefault(name, []).append(value)
+        delta_bytes = max(delta_bytes, size)
+        await asyncio.sleep(0.3)
+    spent = {name: (cpu_seconds(pid) - before[name]) * 1000 / CHANGES for name, pid in pids.items()}
+    return ChangeCost(seconds, {name: statistics.median(v) for name, v in per_peer.items()}, delta_bytes, spent)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of process ``pid`` so far (the 0.3 s pauses between changes add next to nothing)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def one_endpoint_change(
@@ -613,12 +668,14 @@ def sync_rows(results: Sequence[SyncResult], costs: dict[int, float]) -> list[Ro
             ),
             Row(
                 f"sync {size}: one endpoint change → every peer gateway runs it",
-                f"{max(result.change_seconds.values(), default=float('nan')) * 1000:.0f} ms",
-                "one more endpoint registered for one service after the sync (by another connection, as the CLI "
-                "would) → the imports the peer's gateway serves hold the new endpoint count; a delta of "
-                f"{result.change_bytes} bytes to each "
-                f"peer; per peer "
-                + ", ".join(f"{name} {s * 1000:.0f} ms" for name, s in sorted(result.change_seconds.items())),
+                f"{result.change.median * 1000:.0f} ms",
+                f"{CHANGES} changes, one more endpoint registered for one service after the sync and back (by "
+                "another connection, as the CLI would) → the imports the peer's gateway serves hold the new "
+                f"endpoint count; {result.change.summary()}; a delta of at most {result.change.delta_bytes} bytes "
+                "to each peer; median per peer "
+                + ", ".join(f"{name} {s * 1000:.0f} ms" for name, s in sorted(result.change.per_peer.items()))
+                + "; CPU per change "
+                + ", ".join(f"{name} {ms:.0f} ms" for name, ms in sorted(result.change.cpu_ms.items())),
             ),
             Row(
                 f"sync {size}: bytes",
@@ -701,12 +758,12 @@ def scale_table(results: Sequence[SyncResult]) -> list[str]:
     lines = [
         "| services | peers | all peer gateways serve every import | bytes per peer | exporter RSS | "
         "largest importer RSS | longest loop stall | listening sockets per importer | one endpoint change: "
-        "bytes per peer, time until every peer gateway runs it |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "bytes per peer, time until every peer gateway runs it | CPU per change: exporter, largest importer |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for result in results:
         serving = max(result.serving_seconds.values(), default=float("nan"))
-        change = max(result.change_seconds.values(), default=float("nan"))
+        importers = [ms for name, ms in result.change.cpu_ms.items() if name != "east"]
         outcome = f" **FAILED**: {result.error}" if result.error else ""
         lines.append(
             f"| {result.services:,} | {result.peers} | {serving:.1f} s{outcome} | "
@@ -714,7 +771,9 @@ def scale_table(results: Sequence[SyncResult]) -> list[str]:
             f"{result.exporter_rss_kib / 1024:.0f} MiB | "
             f"{max(result.peer_rss_kib.values(), default=0) / 1024:.0f} MiB | "
             f"{max(result.max_loop_stall.values(), default=0.0) * 1000:.0f} ms | "
-            f"{max(result.peer_sockets.values(), default=0)} | {result.change_bytes} B, {change * 1000:.0f} ms |"
+            f"{max(result.peer_sockets.values(), default=0)} | {result.change.delta_bytes} B, "
+            f"{result.change.summary()} | {result.change.cpu_ms.get('east', float('nan')):.0f} ms, "
+            f"{max(importers, default=float('nan')):.0f} ms |"
         )
     return lines
 
@@ -820,9 +879,12 @@ def main_scale(args: argparse.Namespace) -> None:
             "and is exported to every peer (one rule each, to `*`); importers serve every import on one CONNECT "
             'listener. The clock starts at the export rules\' commit; "serve" means the name is in each peer '
             "gateway's running config. Bytes per peer: the serialized `Snapshot`. RSS: VmRSS after the sync and "
-            "the one endpoint change. Stall: the longest lateness of a 50 ms ticker on any zone's loop. The change: "
+            "the endpoint changes. Stall: the longest lateness of a 50 ms ticker on any zone's loop. The change: "
             "one more endpoint registered for one service (by another connection to the catalog, as the CLI "
-            "would), until the imports every peer's gateway serves hold the new endpoint count.",
+            f"would), until the imports every peer's gateway serves hold the new endpoint count; {CHANGES} of "
+            "them, one more endpoint and back, a third of a second apart: the median and the range. CPU per "
+            "change: each zone process's user and system time over those changes, divided by their number (the "
+            "exporter's includes this benchmark's own registrations and snapshot reads).",
             "",
             *scale_table(results),
             "",

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshfed.catalog import CatalogSnapshot, Endpoint, Service
 from meshfed.federation.authz import AuthzIndex, AuthzRule
@@ -192,3 +194,119 @@ def test_imported_services_are_reused_for_the_snapshots_and_services_a_build_sha
     moved = {**changed, "west": snapshot(3, changed["west"].services, ("127.0.0.9:1",))}
     assert memory.of(moved) == services_of(moved)
     assert all(item.origin.gateway_addresses == ("127.0.0.9:1",) for item in memory.of(moved) if item.peer == "west")
+
+
+# Changes for the in-place path: a service of a peer (its ports, its health), or removed; or a peer's
+# gateways moved (south's two imports among 34 are changed in place, their clusters dial elsewhere).
+_STEP = st.one_of(
+    st.tuples(
+        st.sampled_from(["west", "north", "south"]),
+        st.integers(0, 15),
+        st.sampled_from([{"tcp": 7}, {"alt": 7}, {"tcp": 7, "alt": 7}, {"tcp": 8}, {"tcp": 7, "web": 9}]),
+        st.integers(0, 3),
+        st.booleans(),
+    ),
+    st.tuples(st.just("moved"), st.sampled_from(["west", "south"]), st.integers(1, 9)),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(steps=st.lists(_STEP, min_size=1, max_size=8))
+def test_imports_changed_in_place_build_what_a_build_from_nothing_builds(steps: list[Any]) -> None:
+    """Imports changed a few at a time: a change of a few is made in place of the last build's pieces
+    (the same imports at the same places), anything else by joining them all again; both give exactly
+    the cold build. Ports of one number under two names share an authority (the first keeps it)."""
+
+    def summary(index: int, ports: dict[str, int], healthy: int) -> ExportedService:
+        return ExportedService(
+            name=f"s{index:02d}", namespace="default", ports=ports, healthy_endpoints=healthy, total_endpoints=3
+        )
+
+    counts = {"west": 16, "north": 16, "south": 2}
+    services = {peer: [summary(index, {"tcp": 7}, 1) for index in range(count)] for peer, count in counts.items()}
+    gateways = dict.fromkeys(counts, "127.0.0.1:15443")
+
+    def snapshots(version: int) -> dict[str, ServiceSnapshot]:
+        return {
+            peer: ServiceSnapshot(
+                zone=peer,
+                trust_domain=f"{peer}.mesh",
+                gateway_addresses=[gateways[peer]],
+                version=version,
+                services=listed,
+            )
+            for peer, listed in services.items()
+        }
+
+    memory, fragments = ImportedServices(), Fragments()
+    # One CONNECT listener for every import (the mode of many imports), where the in-place path applies.
+    catalog = {
+        "catalog": CatalogSnapshot(version=1, services=[]),
+        "exports": ExportIndex([]),
+        "per_import_listeners": False,
+    }
+    assert build(fragments, imports=memory.of(snapshots(1)), **catalog) == build(
+        None, imports=services_of(snapshots(1)), **catalog
+    )
+    for version, step in enumerate(steps, start=2):
+        if step[0] == "moved":
+            _, peer, host = step
+            gateways[peer] = f"127.0.0.{host}:15443"
+        else:
+            peer, index, ports, healthy, remove = step
+            listed = [s for s in services[peer] if s.name != f"s{index:02d}"]
+            if not remove:
+                listed.append(summary(index, ports, healthy))
+            services[peer] = sorted(listed, key=lambda s: s.key)
+        warm = build(fragments, imports=memory.of(snapshots(version)), **catalog)
+        assert warm == build(None, imports=services_of(snapshots(version)), **catalog)
+
+
+# Changes of one local service among sixteen: its endpoints (more, fewer, unhealthy), its ports, gone or back.
+_LOCAL_STEP = st.tuples(
+    st.integers(0, 15),
+    st.sampled_from(["hosts", "unhealthy", "ports", "gone"]),
+    st.integers(1, 4),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(steps=st.lists(_LOCAL_STEP, min_size=1, max_size=8))
+def test_local_services_changed_in_place_build_what_a_build_from_nothing_builds(steps: list[Any]) -> None:
+    """The local services' pieces changed in place of the last build's (a few services, the same ones at the
+    same places) or joined again: both give exactly the cold build, with a split giving some services
+    subset clusters and some services not exported at all."""
+    names = [f"l{index:02d}" for index in range(16)]
+    services = {name: service(name, 1, 2, version="v1" if index % 2 else "v2") for index, name in enumerate(names)}
+    exported = {
+        "exports": ExportIndex([ExportRule("default", name, "*") for name in names[:12]]),
+        "splits": (SubsetSplit(service="l03", label="version", weights={"v1": 1, "v2": 1}),),
+        "imports": [],
+    }
+
+    def catalog(version: int) -> CatalogSnapshot:
+        return CatalogSnapshot(version=version, services=[services[name] for name in names if name in services])
+
+    fragments = Fragments()
+    assert build(fragments, catalog=catalog(1), **exported) == build(None, catalog=catalog(1), **exported)
+    for version, (index, change, count) in enumerate(steps, start=2):
+        name = names[index]
+        if change == "gone":
+            services.pop(name, None) if name in services else services.update({name: service(name, 1)})
+        elif change == "hosts":
+            services[name] = service(name, *range(1, count + 1), version="v1")
+        elif change == "unhealthy":
+            services[name] = Service(
+                name=name,
+                ports={"tcp": 8080},
+                endpoints=[Endpoint(address="127.0.1.1", port=8080, healthy=count % 2 == 0)],
+            )
+        else:
+            services[name] = Service(
+                name=name,
+                ports={f"p{port}": 9000 + count + port for port in range(count)},
+                endpoints=[Endpoint(address="127.0.1.1", port=8080)],
+            )
+        assert build(fragments, catalog=catalog(version), **exported) == build(
+            None, catalog=catalog(version), **exported
+        )

@@ -1,7 +1,7 @@
-"""Snapshots kept as a head and a row per service (federation/service_rows.py), in both stores that keep them:
+"""Snapshots kept as a head and chunks of services (federation/service_rows.py), in both stores that keep them:
 imports (ImportStore) and what each peering sent and received (PeeringStore).
 
-A change of one service writes one row; whatever this process does not know of what is stored (another
+A change of one service writes one chunk; whatever this process does not know of what is stored (another
 writer, a rolled-back transaction, an old layout) costs a whole write, never a wrong row.
 """
 
@@ -27,7 +27,7 @@ from meshfed.federation.service_rows import head_of
 from meshfed.sqlite import open_database, transaction
 
 SERVICES = 1_000
-_SERVICE = TypeAdapter(ExportedService)
+_SERVICES = TypeAdapter(list[ExportedService])
 
 
 def service(index: int, endpoints: int = 3) -> ExportedService:
@@ -58,8 +58,11 @@ def changed(old: ServiceSnapshot, index: int, endpoints: int) -> ServiceSnapshot
     return old.model_copy(update={"version": old.version + 1, "services": services})
 
 
-def by_key(stored: ServiceSnapshot) -> ServiceSnapshot:
-    """``stored`` as it reads back: services ordered by namespace and name (a snapshot's order carries nothing)."""
+def by_key(stored: ServiceSnapshot | None) -> ServiceSnapshot | None:
+    """``stored`` with its services ordered by namespace and name: a snapshot's order carries nothing, and
+    one read back lists them chunk by chunk."""
+    if stored is None:
+        return None
     return stored.model_copy(update={"services": sorted(stored.services, key=lambda s: s.key)})
 
 
@@ -75,8 +78,33 @@ def test_an_import_change_of_one_service_writes_one_row(tmp_path):
     second = changed(first, 7, 4)
     before = db.total_changes
     assert imports.put("east", second)
-    assert db.total_changes - before == 2  # the head and svc-7's row, not 1,000 rows
-    assert imports.snapshot("east") == by_key(second)
+    assert db.total_changes - before == 2  # the head and svc-7's chunk, not all 16 chunks
+    assert by_key(imports.snapshot("east")) == by_key(second)
+    db.close()
+
+
+def test_a_snapshot_that_grew_from_nothing_is_chunked_again(tmp_path):
+    """A peer's first snapshot is often empty (it exports nothing yet): once it holds 1,000 services,
+    a change of one of them still writes one chunk, not all of them in one."""
+    db, imports = import_store(tmp_path / "state.db")
+    assert imports.put("east", snapshot(1, []))
+    full = snapshot(2, [service(i) for i in range(SERVICES)])
+    assert imports.put("east", full)
+    before = db.total_changes
+    assert imports.put("east", changed(full, 3, 9))
+    assert db.total_changes - before == 2
+    (size,) = db.execute("SELECT max(length(services)) FROM imported_services WHERE peer = 'east'").fetchone()
+    assert size < len(full.model_dump_json()) / 4, "one chunk holds a small part of the services"
+    # The head changed under this process (a writer it does not know of), then a snapshot of three
+    # services: written whole, and no chunk of the larger one stays.
+    with transaction(db):
+        db.execute(
+            "UPDATE imported_snapshots SET snapshot = ?, epoch = 'e2', version = 9 WHERE peer = 'east'",
+            (head_of(snapshot(9, [], epoch="e2")).encode(),),
+        )
+    small = snapshot(1, [service(i) for i in range(3)], epoch="e3")
+    assert imports.put("east", small)
+    assert by_key(imports.snapshot("east")) == by_key(small)
     db.close()
 
 
@@ -86,9 +114,9 @@ def test_import_rows_follow_additions_removals_and_a_refused_update_put_back(tmp
     assert imports.put("east", first)
     grown = first.model_copy(update={"version": 2, "services": [*first.services[1:], service(9)]})
     assert imports.put("east", grown)
-    assert imports.snapshot("east") == by_key(grown)
+    assert by_key(imports.snapshot("east")) == by_key(grown)
     imports.restore("east", first)  # the update was refused
-    assert imports.snapshot("east") == by_key(first)
+    assert by_key(imports.snapshot("east")) == by_key(first)
     assert imports.head("east") == ("e1", 1)
     assert not imports.put("east", first)  # a duplicate changes nothing
     assert imports.remove("east")
@@ -109,15 +137,14 @@ def test_a_head_written_by_another_writer_makes_the_next_write_whole(tmp_path):
     with transaction(db):
         db.execute("DELETE FROM imported_services")
         db.execute("UPDATE imported_snapshots SET snapshot = ?, version = 5, epoch = 'e2'", (head_of(other).encode(),))
-        db.executemany(
-            "INSERT INTO imported_services VALUES ('east', ?, ?, ?)",
-            [(s.namespace, s.name, _SERVICE.dump_json(s).decode()) for s in other.services],
+        db.execute(
+            "INSERT INTO imported_services VALUES ('east', 0, ?)", (_SERVICES.dump_json(other.services).decode(),)
         )
-    assert imports.snapshot("east") == by_key(other)
+    assert by_key(imports.snapshot("east")) == by_key(other)
     # This process still remembers `first`; its next write, a change of `first`, must not be a difference.
     third = changed(first, 3, 1).model_copy(update={"version": 6, "epoch": "e2"})
     assert imports.put("east", third)
-    assert imports.snapshot("east") == by_key(third)
+    assert by_key(imports.snapshot("east")) == by_key(third)
 
     # A rolled-back write: remembered, never committed.
     fourth = changed(third, 4, 2)
@@ -129,10 +156,10 @@ def test_a_head_written_by_another_writer_makes_the_next_write_whole(tmp_path):
 
     with pytest.raises(RuntimeError, match="failed after the write"):
         failing_unit()
-    assert imports.snapshot("east") == by_key(third)
+    assert by_key(imports.snapshot("east")) == by_key(third)
     fifth = changed(fourth, 5, 2)
     assert imports.put("east", fifth)
-    assert imports.snapshot("east") == by_key(fifth)
+    assert by_key(imports.snapshot("east")) == by_key(fifth)
     db.close()
 
 
@@ -155,7 +182,7 @@ def test_imports_stored_whole_by_an_older_meshfed_read_back_the_same(tmp_path):
         assert snapshots == {"east": stored}
         assert set(unreadable) == {"north"}  # still reported, still one peer's problem only
         assert imports.put("east", changed(stored, 0, 1))
-        assert imports.snapshot("east") == by_key(changed(stored, 0, 1))
+        assert by_key(imports.snapshot("east")) == by_key(changed(stored, 0, 1))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -186,7 +213,7 @@ def test_any_sequence_of_import_writes_reads_back_the_last(tmp_path_factory, ste
             services.pop(index % len(services))
         previous, current = current, current.model_copy(update={"version": current.version + 1, "services": services})
         assert imports.put("east", current)
-    assert imports.snapshot("east") == by_key(current)
+    assert by_key(imports.snapshot("east")) == by_key(current)
     db.close()
 
 
@@ -201,10 +228,10 @@ def test_a_sent_snapshot_change_of_one_service_writes_one_row_and_rows_go_with_t
     second = changed(first, 11, 7)
     before = db.total_changes
     assert store.update("west", sent_snapshot=second)
-    assert db.total_changes - before == 2  # the peering's row and svc-11's
+    assert db.total_changes - before == 2  # the peering's row and svc-11's chunk
     held = store.require("west", snapshots=True)
-    assert held.sent_snapshot == by_key(second)
-    assert held.received_snapshot == by_key(first)
+    assert by_key(held.sent_snapshot) == by_key(second)
+    assert by_key(held.received_snapshot) == by_key(first)
     assert held.sent_services == SERVICES
     assert store.update("west", received_snapshot=None)
     assert store.require("west", snapshots=True).received_snapshot is None

@@ -1,6 +1,6 @@
 """Imported services: what peers export to this zone, kept across restarts.
 
-Each peer's latest :class:`ServiceSnapshot` is stored, a row per service
+Each peer's latest :class:`ServiceSnapshot` is stored, its services in chunks
 (``federation/service_rows.py``); an import is named
 ``<service>.<namespace>.<peer>``. Within one export epoch of the peer, a
 snapshot no newer than the stored one is a duplicate (a resumed stream may
@@ -32,7 +32,7 @@ STATE_FILE = "state.db"
 # The prefix of import listeners' names; failover groups' differ.
 EGRESS_PREFIX = "egress:"
 
-# Each peer's imported services, a row each.
+# Each peer's imported services, in chunks.
 _SERVICE_ROWS = ServiceRows(
     "imported_services", ("peer TEXT NOT NULL REFERENCES imported_snapshots(peer) ON DELETE CASCADE",)
 )
@@ -56,16 +56,13 @@ _MIGRATIONS = (
     UPDATE imported_snapshots
     SET epoch = CASE WHEN json_valid(snapshot) THEN coalesce(json_extract(snapshot, '$.epoch'), '') ELSE '' END;
     """,
-    # 3: a snapshot as its head (in the old column) and a row per service (federation/service_rows.py):
-    # one service's change writes one row, not the peer's whole snapshot.
+    # 3: a snapshot as its head (in the old column) and chunks of its services (federation/service_rows.py):
+    # one service's change writes one chunk, not the peer's whole snapshot. What was stored is one chunk.
     _SERVICE_ROWS.ddl  # noqa: S608 -- fixed table and column names
     + """
-    INSERT OR IGNORE INTO imported_services
-    SELECT s.peer, coalesce(json_extract(e.value, '$.namespace'), ''), coalesce(json_extract(e.value, '$.name'), ''),
-        e.value
-    FROM imported_snapshots s,
-        json_each(CASE WHEN json_valid(CAST(s.snapshot AS TEXT)) THEN CAST(s.snapshot AS TEXT) ELSE '{}' END,
-            '$.services') e;
+    INSERT INTO imported_services
+    SELECT peer, 0, json_extract(CAST(snapshot AS TEXT), '$.services') FROM imported_snapshots
+    WHERE json_valid(CAST(snapshot AS TEXT)) AND json_type(CAST(snapshot AS TEXT), '$.services') = 'array';
     UPDATE imported_snapshots SET snapshot = CAST(json_remove(CAST(snapshot AS TEXT), '$.services') AS BLOB)
     WHERE json_valid(CAST(snapshot AS TEXT));
     """,

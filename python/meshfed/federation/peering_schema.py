@@ -18,7 +18,7 @@ from meshfed.federation.service_rows import ServiceRows, head_of
 
 COMPONENT = "peering"
 
-# Each peering's sent and received snapshots, a row per service (``side``: 'sent' or 'received').
+# Each peering's sent and received snapshots' services, in chunks (``side``: 'sent' or 'received').
 SERVICE_ROWS = ServiceRows(
     "peering_services",
     (
@@ -134,18 +134,17 @@ MIGRATIONS = (
     """
     ALTER TABLE peerings ADD COLUMN connected INTEGER NOT NULL DEFAULT 0;
     """,
-    # 5: the sent and received snapshots as a head (in the old columns) and a row per service
-    # (federation/service_rows.py): a change of one service writes one row, not the whole snapshot.
+    # 5: the sent and received snapshots as a head (in the old columns) and chunks of their services
+    # (federation/service_rows.py): a change of one service writes one chunk, not the whole snapshot.
+    # What was stored becomes one chunk.
     # The rows go with their peering (a rebuild of peerings, as in 3, must keep them aside first).
     SERVICE_ROWS.ddl  # noqa: S608 -- fixed table and column names
     + """
-    INSERT OR IGNORE INTO peering_services
-    SELECT p.name, side.name, coalesce(json_extract(e.value, '$.namespace'), ''),
-        coalesce(json_extract(e.value, '$.name'), ''), e.value
-    FROM peerings p, (SELECT 'sent' AS name UNION ALL SELECT 'received') side,
-        json_each(CASE WHEN json_valid(CASE side.name WHEN 'sent' THEN p.sent_snapshot ELSE p.received_snapshot END)
-            THEN CASE side.name WHEN 'sent' THEN p.sent_snapshot ELSE p.received_snapshot END ELSE '{}' END,
-            '$.services') e;
+    INSERT INTO peering_services SELECT name, 'sent', 0, json_extract(sent_snapshot, '$.services') FROM peerings
+    WHERE json_valid(sent_snapshot) AND json_type(sent_snapshot, '$.services') = 'array';
+    INSERT INTO peering_services
+    SELECT name, 'received', 0, json_extract(received_snapshot, '$.services') FROM peerings
+    WHERE json_valid(received_snapshot) AND json_type(received_snapshot, '$.services') = 'array';
     UPDATE peerings SET sent_snapshot = json_remove(sent_snapshot, '$.services') WHERE json_valid(sent_snapshot);
     UPDATE peerings SET received_snapshot = json_remove(received_snapshot, '$.services')
     WHERE json_valid(received_snapshot);

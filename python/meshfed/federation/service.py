@@ -416,8 +416,7 @@ class _LinkHost:
             await self._service.on_peer_state(peer, state)
 
     def record(self, peer: str, **changes: object) -> None:
-        with self._service.peerings() as store:
-            store.update(peer, **changes)
+        _update_row(self._service, peer, changes)
 
     async def record_snapshot(self, peer: str, **changes: object) -> None:
         await asyncio.to_thread(_update_row, self._service, peer, changes)
@@ -444,9 +443,10 @@ class _LinkHost:
 
 
 def _update_row(service: PeeringService, peer: str, changes: dict[str, object]) -> None:
-    # On a worker thread: serialising a large snapshot and writing it is not the event loop's work,
-    # and the serialising happens before the store's block, which holds the zone's one connection.
-    # Refused (PeeringError) once the service stopped, as record is.
+    # A large snapshot is serialised on a worker thread (record_snapshot): not the event loop's work. Either
+    # way the serialising happens before the store's block, which holds the zone's one connection: what
+    # waits on that connection (the loop's own small writes) must not wait on an encoding.
+    # Refused (PeeringError) once the service stopped.
     values = encode_changes(peer, changes)
     with service.peerings() as store:
         store.write_encoded(peer, values)

@@ -1,13 +1,17 @@
-"""Snapshots kept in ``state.db`` as a head and a row per service, written by difference.
+"""Snapshots kept in ``state.db`` as a head and rows of a few dozen services each, written by difference.
 
 A snapshot of 10,000 services is 1.6 MB of JSON. Stored whole, every change of
 one service cost each peering that much JSON to encode and write, on both
 sides (what was sent, what was received, what is imported): the largest
 single cost of a change at that size, and it competed for the CPU with
 applying the change. Here a snapshot is its *head* (every field but the
-services, a few hundred bytes, kept where the whole document was) and one
-row per service in a table of the store's own; a write encodes and stores
-only the services that differ from the stored ones.
+services, a few hundred bytes, kept where the whole document was) and its
+services spread over rows (*chunks*) by a hash of their key, about
+:data:`CHUNK` services each, in a table of the store's own. A write encodes
+and stores only the chunks holding a service that differs from the stored
+ones. Not a row per service: a whole write of 10,000 rows held the zone's one
+connection to ``state.db`` for 30 ms a snapshot, and what waited on it there
+stalled the event loop; 160 chunks cost what one document did.
 
 What is stored is known without reading it back: each process remembers the
 last snapshot it wrote under each owner (:class:`ServiceRows` below), and a
@@ -16,16 +20,22 @@ head is still that snapshot's. A head names its content (the sender's zone,
 an epoch and a version, never reused for other content), so the same head
 means the same rows, in whichever file. Any other head (another process or
 zone wrote, a transaction rolled back, the process just started) makes the
-write a whole one: a lost memory costs one whole write, never a wrong row. The services compared are
-the same objects when unchanged (a delta keeps them), so finding the change
-is a lookup per service, not an encoding.
+write a whole one: a lost memory costs one whole write, never a wrong row.
+The services compared are the same objects when unchanged (a delta keeps
+them), so finding the change is a lookup per service, not an encoding.
+
+A snapshot read back lists its services in no particular order (it never
+carried one: peers key services by namespace and name).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+import operator
 import sqlite3
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pydantic import TypeAdapter
@@ -35,7 +45,10 @@ from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 ServiceKey = tuple[str, str]
 """A service's (namespace, name)."""
 
-_SERVICE = TypeAdapter(ExportedService)
+CHUNK = 64
+"""Services per row, on average, when a snapshot is written whole."""
+
+_SERVICES = TypeAdapter(list[ExportedService])
 
 
 def head_of(snapshot: ServiceSnapshot) -> str:
@@ -43,12 +56,19 @@ def head_of(snapshot: ServiceSnapshot) -> str:
     return snapshot.model_dump_json(exclude={"services"})
 
 
-def whole_document(head: str | bytes, services: Sequence[str]) -> str:
-    """The whole snapshot document of a stored ``head`` and its services' rows (to parse as one)."""
+def whole_document(head: str | bytes, chunks: Sequence[str]) -> str:
+    """The whole snapshot document of a stored ``head`` and its chunks' rows (to parse as one)."""
     text = head.decode() if isinstance(head, bytes) else head
     if not text.endswith("}") or text.startswith("{}"):
         return text  # not a head this module wrote: parsing it reports it unreadable
-    return f'{text[:-1]},"services":[{",".join(services)}]}}'
+    services = ",".join(inner for chunk in chunks if (inner := chunk.strip()[1:-1].strip()))
+    return f'{text[:-1]},"services":[{services}]}}'
+
+
+def _slot(key: ServiceKey, chunks: int) -> int:
+    """The chunk of the service ``key`` among ``chunks``. ``hash`` differs between processes, and need not
+    agree: slots matter only to the process that remembers its write; another one writes whole first."""
+    return hash(key) % chunks
 
 
 @dataclass(frozen=True)
@@ -58,22 +78,22 @@ class Prepared:
     owner: tuple[str, ...]
     head: str | None
     snapshot: ServiceSnapshot | None
-    # The difference from the snapshot last written under this owner, whose head is ``base``.
+    # The difference from the snapshot last written under this owner, whose head is ``base`` (None: whole).
     base: str | None
-    upserts: list[tuple[str, str, str]] = field(default_factory=list)
-    removed: list[ServiceKey] = field(default_factory=list)
-    # ``snapshot``'s services by key, when the difference needed them (remembered as they are).
-    by_key: Mapping[ServiceKey, ExportedService] | None = None
+    # The chunks as they are after this write, and the ones to store: (chunk, its services as JSON).
+    chunks: tuple[tuple[ExportedService, ...], ...] = ()
+    rows: list[tuple[int, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class _Written:
     head: str
-    services: Mapping[ServiceKey, ExportedService]
+    services: Sequence[ExportedService]
+    chunks: tuple[tuple[ExportedService, ...], ...]
 
 
 class ServiceRows:
-    """The service rows of one table, by owner: ``owner_columns`` are SQL column definitions (a name first)
+    """The chunk rows of one table, by owner: ``owner_columns`` are SQL column definitions (a name first)
     of the store's key, such as the peer."""
 
     def __init__(self, table: str, owner_columns: Sequence[str]) -> None:
@@ -87,12 +107,11 @@ class ServiceRows:
 
     @property
     def ddl(self) -> str:
-        """The migration creating the table: the owner's columns, then each service's namespace, name and
-        JSON document, keyed by all but the document."""
+        """The migration creating the table: the owner's columns, then each chunk's number and its services
+        as a JSON array, keyed by the owner and the number."""
         return (
-            f"CREATE TABLE {self._table} ({', '.join(self._definitions)}, namespace TEXT NOT NULL, "
-            f"name TEXT NOT NULL, document TEXT NOT NULL, PRIMARY KEY ({', '.join(self._owner)}, namespace, name)) "
-            "STRICT, WITHOUT ROWID;"
+            f"CREATE TABLE {self._table} ({', '.join(self._definitions)}, chunk INTEGER NOT NULL, "
+            f"services TEXT NOT NULL, PRIMARY KEY ({', '.join(self._owner)}, chunk)) STRICT, WITHOUT ROWID;"
         )
 
     def prepare(self, owner: tuple[str, ...], snapshot: ServiceSnapshot | None) -> Prepared:
@@ -102,17 +121,29 @@ class ServiceRows:
             return Prepared(owner, None, None, None)
         with self._lock:
             last = self._written.get(owner)
-        if last is None:
-            return Prepared(owner, head_of(snapshot), snapshot, None)
-        now = {service.key: service for service in snapshot.services}
-        before = last.services
-        upserts = [
-            (service.namespace, service.name, _SERVICE.dump_json(service).decode())
-            for key, service in now.items()
-            if (held := before.get(key)) is not service and held != service
-        ]
-        removed = [key for key in before if key not in now]
-        return Prepared(owner, head_of(snapshot), snapshot, last.head, upserts, removed, now)
+        count = 0 if last is None else len(last.chunks)
+        if last is None or len(snapshot.services) > 2 * CHUNK * count:
+            # Nothing known of what is stored, or the chunks grew to twice their size (a snapshot that was
+            # empty and now holds 10,000 services): written whole, in chunks of the size it has now.
+            return _whole(owner, snapshot)
+        changed, removed = _difference(last.services, snapshot.services)
+        touched: dict[int, dict[ServiceKey, ExportedService]] = {}
+        for key in removed:
+            members = touched.get(slot := _slot(key, count))
+            if members is None:
+                members = touched[slot] = {service.key: service for service in last.chunks[slot]}
+            members.pop(key, None)
+        for service in changed:
+            members = touched.get(slot := _slot(service.key, count))
+            if members is None:
+                members = touched[slot] = {held.key: held for held in last.chunks[slot]}
+            members[service.key] = service
+        chunks = list(last.chunks)
+        rows = []
+        for slot, members in sorted(touched.items()):
+            chunks[slot] = tuple(members.values())
+            rows.append((slot, _SERVICES.dump_json(list(chunks[slot])).decode()))
+        return Prepared(owner, head_of(snapshot), snapshot, last.head, tuple(chunks), rows)
 
     def write(self, db: sqlite3.Connection, prepared: Prepared, stored_head: str | None) -> None:
         """Store ``prepared``'s rows, inside the transaction that stores its head where ``stored_head`` was.
@@ -123,28 +154,23 @@ class ServiceRows:
             db.execute(f"DELETE FROM {self._table} WHERE {self._where}", prepared.owner)  # noqa: S608
             self._remember(prepared.owner, None)
             return
-        if prepared.base is None or prepared.base != stored_head:
+        if prepared.base is not None and prepared.base != stored_head:
+            prepared = _whole(prepared.owner, prepared.snapshot)  # what is stored is not what this process wrote
+        if prepared.base is None:
             db.execute(f"DELETE FROM {self._table} WHERE {self._where}", prepared.owner)  # noqa: S608
-            rows = [
-                (*prepared.owner, s.namespace, s.name, _SERVICE.dump_json(s).decode())
-                for s in prepared.snapshot.services
-            ]
-        else:
-            db.executemany(
-                f"DELETE FROM {self._table} WHERE {self._where} AND namespace = ? AND name = ?",  # noqa: S608
-                [(*prepared.owner, *key) for key in prepared.removed],
-            )
-            rows = [(*prepared.owner, *upsert) for upsert in prepared.upserts]
-        marks = ", ".join("?" * (len(self._owner) + 3))
-        db.executemany(f"INSERT OR REPLACE INTO {self._table} VALUES ({marks})", rows)  # noqa: S608
+        marks = ", ".join("?" * (len(self._owner) + 2))
+        db.executemany(
+            f"INSERT OR REPLACE INTO {self._table} VALUES ({marks})",  # noqa: S608
+            [(*prepared.owner, slot, services) for slot, services in prepared.rows],
+        )
         self._remember(prepared.owner, prepared)
 
     def read(self, db: sqlite3.Connection, owner: tuple[str, ...]) -> list[str]:
-        """The stored services' documents under ``owner``, ordered by namespace and name."""
+        """The stored chunks under ``owner``: each a JSON array of services."""
         return [
             str(row[0])
             for row in db.execute(
-                f"SELECT document FROM {self._table} WHERE {self._where} ORDER BY namespace, name",  # noqa: S608
+                f"SELECT services FROM {self._table} WHERE {self._where} ORDER BY chunk",  # noqa: S608
                 owner,
             )
         ]
@@ -160,7 +186,33 @@ class ServiceRows:
             if prepared is None or prepared.snapshot is None or prepared.head is None:
                 self._written.pop(owner, None)
             else:
-                services = prepared.by_key
-                if services is None:
-                    services = {service.key: service for service in prepared.snapshot.services}
-                self._written[owner] = _Written(prepared.head, services)
+                self._written[owner] = _Written(prepared.head, prepared.snapshot.services, prepared.chunks)
+
+
+def _whole(owner: tuple[str, ...], snapshot: ServiceSnapshot) -> Prepared:
+    """Every service of ``snapshot`` in :data:`CHUNK`-sized chunks (on average), each encoded in one call."""
+    count = max(1, math.ceil(len(snapshot.services) / CHUNK))
+    members: list[list[ExportedService]] = [[] for _ in range(count)]
+    for service in snapshot.services:
+        members[_slot(service.key, count)].append(service)
+    rows = [(slot, _SERVICES.dump_json(chunk).decode()) for slot, chunk in enumerate(members)]
+    return Prepared(owner, head_of(snapshot), snapshot, None, tuple(map(tuple, members)), rows)
+
+
+def _difference(
+    before: Sequence[ExportedService], now: Sequence[ExportedService]
+) -> tuple[list[ExportedService], list[ServiceKey]]:
+    """The services of ``now`` not in ``before`` as they are, and the keys ``before`` has and ``now`` not.
+
+    Snapshots of one peering keep the objects of unchanged services in their places (a delta is applied in
+    key order): then the interpreter's own pass (``map``, ``compress``) finds the few that are not the very
+    same objects, and only those are compared. Otherwise, by key.
+    """
+    if len(before) == len(now):
+        places = list(itertools.compress(range(len(now)), map(operator.is_not, before, now)))
+        if all(before[place].key == now[place].key for place in places):
+            return [now[place] for place in places if before[place] != now[place]], []
+    held = {service.key: service for service in before}
+    keys = {service.key for service in now}
+    changed = [service for service in now if (old := held.get(service.key)) is not service and old != service]
+    return changed, [key for key in held if key not in keys]

@@ -16,7 +16,9 @@ identity, the trust bundles and the handshake timeout are not patchable:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+import itertools
+import operator
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from meshfed.gateway.config import (
@@ -96,9 +98,12 @@ def is_empty(patch: GatewayPatch) -> bool:
     )
 
 
-def _changed(old: Iterable[_T], new: Iterable[_T], key: Callable[[_T], str]) -> tuple[list[_T], list[str]]:
+def _changed(old: Sequence[_T], new: Sequence[_T], key: Callable[[_T], str]) -> tuple[list[_T], list[str]]:
     """The items of ``new`` that are not in ``old`` as they are (identity first, then equality), and the
     keys of ``old`` that ``new`` no longer has."""
+    aligned = _changed_in_place(old, new, key)
+    if aligned is not None:
+        return aligned, []
     before = {key(item): item for item in old}
     upsert = []
     seen = set()
@@ -109,6 +114,21 @@ def _changed(old: Iterable[_T], new: Iterable[_T], key: Callable[[_T], str]) -> 
         if previous is not item and previous != item:
             upsert.append(item)
     return upsert, [name for name in before if name not in seen]
+
+
+def _changed_in_place(old: Sequence[_T], new: Sequence[_T], key: Callable[[_T], str]) -> list[_T] | None:
+    """The items of ``new`` that differ from ``old`` when both hold the same keys at the same places (a
+    build reuses the very objects of what did not change, in the same order); None when they do not.
+
+    The pass over the unchanged items is the interpreter's own (``map``, ``compress``), not a loop here:
+    at 10,000 items, one changed, that pass is most of a patch's cost.
+    """
+    if len(old) != len(new):
+        return None
+    places = list(itertools.compress(range(len(new)), map(operator.is_not, old, new)))
+    if any(key(old[place]) != key(new[place]) for place in places):
+        return None
+    return [new[place] for place in places if old[place] != new[place]]
 
 
 def _without(listener: _T, **emptied: object) -> _T:
