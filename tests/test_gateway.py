@@ -243,3 +243,9 @@ def test_a_compiled_config_applies_once_and_a_bad_one_is_refused_when_compiled(e
         with pytest.raises(GatewayError, match="applied already"):
             gateway.apply(compiled)
         assert set(gateway.addresses()) == {"sni"}
+    # A gateway starts with a compiled config too (the driver's first one), once.
+    first = compile_config(base.model_copy(update={"listeners": [sni]}))
+    with Gateway(first) as gateway:
+        assert set(gateway.addresses()) == {"sni"}
+    with pytest.raises(GatewayError, match="applied already"):
+        Gateway(first)

@@ -41,10 +41,12 @@ class RecordingGateway(Gateway):
 
     given: ClassVar[list[GatewayConfig]] = []
 
-    def __init__(self, config: GatewayConfig | bytes) -> None:
-        assert isinstance(config, GatewayConfig)
+    def __init__(self, config: GatewayConfig | bytes | Compiled) -> None:
+        assert isinstance(config, Compiled)  # the driver starts with what its build compiled
+        assert config.config is not None
+        started = config.config
         super().__init__(config)
-        self.given.append(config)
+        self.given.append(started)
 
     def apply_patch(self, patch: GatewayPatch | bytes) -> None:
         raise GatewayConfigError("gateway config rejected: this recording gateway takes whole configs only")

@@ -79,6 +79,13 @@ class Gateway:
     """
 
     def __new__(cls, config: bytes) -> Gateway: ...
+    @staticmethod
+    def start_compiled(compiled: CompiledConfig) -> Gateway:
+        """Bind every listener of a config :func:`compile_config` compiled, taking it, and start serving.
+
+        Raises ``GatewayError`` if ``compiled`` was started or applied already.
+        """
+
     def apply(self, config: bytes) -> None:
         """Swap in a new config.
 

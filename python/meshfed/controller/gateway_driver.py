@@ -240,8 +240,8 @@ class GatewayDriver:
 
     async def start(self) -> None:
         """Build the config and start the gateway with it."""
-        config, exports, _ = await asyncio.to_thread(self.build)
-        gateway = await asyncio.to_thread(Gateway, config)
+        config, exports, compiled = await asyncio.to_thread(self.build)
+        gateway = await asyncio.to_thread(Gateway, compiled)  # checked by the build: not compiled again
         self._applied, self._applied_exports = config, exports
         self._gateway = gateway
 

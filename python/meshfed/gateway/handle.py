@@ -22,13 +22,18 @@ _T = TypeVar("_T")
 class Gateway:
     """Start a gateway with a config; :meth:`apply` new ones; :meth:`close` when done.
 
-    A config is a :class:`GatewayConfig` or the JSON bytes of one. A rejected
+    A config is a :class:`GatewayConfig` or the JSON bytes of one, or one
+    :func:`compile_config` compiled (started without compiling it again). A rejected
     config raises :class:`GatewayConfigError` naming the field, and the running
     config stays in force.
     """
 
-    def __init__(self, config: GatewayConfig | bytes) -> None:
-        self._core = _call(lambda: _core.Gateway(_document(config)))
+    def __init__(self, config: GatewayConfig | bytes | Compiled) -> None:
+        if isinstance(config, Compiled):
+            compiled = config.take()
+            self._core = _call(lambda: _core.Gateway.start_compiled(compiled))
+        else:
+            self._core = _call(lambda: _core.Gateway(_document(config)))
 
     def __enter__(self) -> Gateway:
         return self

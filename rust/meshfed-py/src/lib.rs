@@ -59,6 +59,21 @@ struct CompiledConfig {
     inner: Mutex<Option<meshfed_gateway::CompiledConfig>>,
 }
 
+impl CompiledConfig {
+    /// The compiled config, once: a second start or apply of it is refused.
+    fn take(&self) -> PyResult<meshfed_gateway::CompiledConfig> {
+        self.inner
+            .lock()
+            .map_err(|_| GatewayError::new_err("a compiled config's lock was poisoned"))?
+            .take()
+            .ok_or_else(|| {
+                GatewayError::new_err(
+                    "this compiled config was applied already; compile the document again",
+                )
+            })
+    }
+}
+
 /// Compiles a config document without starting anything; raises ConfigError.
 #[pyfunction]
 fn compile_config(py: Python<'_>, config: &[u8]) -> PyResult<CompiledConfig> {
@@ -116,18 +131,22 @@ impl Gateway {
         py.detach(|| self.inner.apply(config)).map_err(to_py)
     }
 
+    /// Binds every listener of a config compiled by `compile_config`, which
+    /// it takes, and starts serving: a config checked already is not
+    /// compiled twice (at 10,000 services, a tenth of a second).
+    #[staticmethod]
+    fn start_compiled(py: Python<'_>, compiled: &CompiledConfig) -> PyResult<Self> {
+        logging::install(py)?;
+        let config = compiled.take()?;
+        let inner = py
+            .detach(|| meshfed_gateway::Gateway::start_compiled(config))
+            .map_err(to_py)?;
+        Ok(Self { inner })
+    }
+
     /// Swaps in a config compiled by `compile_config`, which it takes.
     fn apply_compiled(&self, py: Python<'_>, compiled: &CompiledConfig) -> PyResult<()> {
-        let config = compiled
-            .inner
-            .lock()
-            .map_err(|_| GatewayError::new_err("a compiled config's lock was poisoned"))?
-            .take()
-            .ok_or_else(|| {
-                GatewayError::new_err(
-                    "this compiled config was applied already; compile the document again",
-                )
-            })?;
+        let config = compiled.take()?;
         py.detach(|| self.inner.apply_compiled(config))
             .map_err(to_py)
     }
