@@ -32,6 +32,7 @@ A group that shrinks to one source keeps its listener with that source alone
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -112,6 +113,8 @@ class _LocalSection:
     # Where each service's clusters and routes start in ``clusters`` and ``routes``.
     cluster_offsets: list[int]
     route_offsets: list[int]
+    # The inputs every service's pieces were built with (rules, policies, peers).
+    context: tuple[object, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,8 @@ class _ImportSection:
     connect_routes: dict[str, ConnectRoute]
     # Where each import's clusters start in ``clusters``; None when each has one, at its own index.
     cluster_offsets: list[int] | None
+    # The inputs every import's pieces were built with (the egress policy, listeners per import or not).
+    context: tuple[object, ...] = ()
 
 
 class Fragments:
@@ -152,21 +157,13 @@ class Fragments:
     """
 
     def __init__(self) -> None:
+        # Each with what its pieces were built with: a section of one build beside a section of
+        # another (two builds at once) is still reused only where its own inputs are this build's.
         self._local: _LocalSection | None = None
         self._imports: _ImportSection | None = None
-        # What every local service's pieces and every import's pieces were built with, last time.
-        self._local_context: tuple[object, ...] | None = None
-        self._import_context: tuple[object, ...] | None = None
 
-    def _keep(
-        self,
-        local: _LocalSection,
-        imports: _ImportSection,
-        local_context: tuple[object, ...],
-        import_context: tuple[object, ...],
-    ) -> None:
+    def _keep(self, local: _LocalSection, imports: _ImportSection) -> None:
         self._local, self._imports = local, imports
-        self._local_context, self._import_context = local_context, import_context
 
 
 def build_gateway_config(
@@ -220,8 +217,8 @@ def build_gateway_config(
         health_check,
         trust_domain,
     )
-    same_local_context = _same(fragments._local_context, local_context)
     last_local = fragments._local
+    same_local_context = last_local is not None and _same(last_local.context, local_context)
     held_local = last_local.by_key if last_local is not None else {}
 
     def local_piece_of(service: Service) -> _Local:
@@ -279,8 +276,8 @@ def build_gateway_config(
     # domain and gateways, and itself: with the same policy, the same service object and the same
     # peer as last time is all a lookup checks. (A listener per import also depends on its address.)
     import_context: tuple[object, ...] = (egress, per_import_listeners)
-    same_import_context = not per_import_listeners and _same(fragments._import_context, import_context)
     last = fragments._imports
+    same_import_context = not per_import_listeners and last is not None and _same(last.context, import_context)
     held_pieces = last.by_key if last is not None else {}
 
     def piece_of(imported: ImportedService) -> _Import:
@@ -340,7 +337,9 @@ def build_gateway_config(
                 name=CONNECT_LISTENER, address=connect_address, connect_routes=list(connect_routes.values())
             )
         )
-    fragments._keep(local, section, local_context, import_context)
+    fragments._keep(
+        dataclasses.replace(local, context=local_context), dataclasses.replace(section, context=import_context)
+    )
     return GatewayConfig(identity=identity, trust_bundles=trust_bundles, listeners=listeners, clusters=clusters)
 
 
