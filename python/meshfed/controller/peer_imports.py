@@ -15,7 +15,7 @@ from meshfed.catalog import LocalImport
 from meshfed.database import Database
 from meshfed.errors import PeerInputError
 from meshfed.federation.exchange import ServiceSnapshot
-from meshfed.federation.imports import ImportedService, ImportStore, egress_listener_name
+from meshfed.federation.imports import EGRESS_PREFIX, ImportedService, ImportStore, egress_listener_name
 from meshfed.federation.peering_state import PeerState
 from meshfed.federation.peering_store import PeeringStore
 from meshfed.zone import Zone
@@ -106,6 +106,8 @@ class PeerImports:
 
     def local(self, bound: dict[str, tuple[str, int]]) -> list[LocalImport]:
         """The imports as local clients reach them, given where each egress listener is reached (``bound``)."""
+        if not any(name.startswith(EGRESS_PREFIX) for name in bound):
+            return []  # no listener per import (one CONNECT listener): nothing to publish, no pass over 10,000
         by_import: dict[tuple[str, str, str], dict[str, tuple[str, int]]] = {}
         for imported in self._driver.applied_exports.imports:
             for port_name in imported.service.ports:
