@@ -226,18 +226,17 @@ def test_imports_changed_in_place_build_what_a_build_from_nothing_builds(steps: 
     services = {peer: [summary(index, {"tcp": 7}, 1) for index in range(count)] for peer, count in counts.items()}
     gateways = dict.fromkeys(counts, "127.0.0.1:15443")
 
-    def snapshots(version: int) -> dict[str, ServiceSnapshot]:
-        return {
-            peer: ServiceSnapshot(
-                zone=peer,
-                trust_domain=f"{peer}.mesh",
-                gateway_addresses=[gateways[peer]],
-                version=version,
-                services=listed,
-            )
-            for peer, listed in services.items()
-        }
+    def snapshot(peer: str, version: int) -> ServiceSnapshot:
+        return ServiceSnapshot(
+            zone=peer,
+            trust_domain=f"{peer}.mesh",
+            gateway_addresses=[gateways[peer]],
+            version=version,
+            services=services[peer],
+        )
 
+    # A peer's snapshot is replaced only when it changed (as a link delivers them), the others are kept.
+    current = {peer: snapshot(peer, 1) for peer in counts}
     memory, fragments = ImportedServices(), Fragments()
     # One CONNECT listener for every import (the mode of many imports), where the in-place path applies.
     catalog = {
@@ -245,8 +244,8 @@ def test_imports_changed_in_place_build_what_a_build_from_nothing_builds(steps: 
         "exports": ExportIndex([]),
         "per_import_listeners": False,
     }
-    assert build(fragments, imports=memory.of(snapshots(1)), **catalog) == build(
-        None, imports=services_of(snapshots(1)), **catalog
+    assert build(fragments, imports=memory.of(current), **catalog) == build(
+        None, imports=services_of(current), **catalog
     )
     for version, step in enumerate(steps, start=2):
         if step[0] == "moved":
@@ -257,9 +256,12 @@ def test_imports_changed_in_place_build_what_a_build_from_nothing_builds(steps: 
             listed = [s for s in services[peer] if s.name != f"s{index:02d}"]
             if not remove:
                 listed.append(summary(index, ports, healthy))
+            # The unchanged summaries stay the same objects, in key order (as a delta keeps them).
             services[peer] = sorted(listed, key=lambda s: s.key)
-        warm = build(fragments, imports=memory.of(snapshots(version)), **catalog)
-        assert warm == build(None, imports=services_of(snapshots(version)), **catalog)
+        current = {**current, peer: snapshot(peer, version)}
+        remembered = memory.of(current)
+        assert remembered == services_of(current)  # the entries too: served imports show their health
+        assert build(fragments, imports=remembered, **catalog) == build(None, imports=services_of(current), **catalog)
 
 
 # Changes of one local service among sixteen: its endpoints (more, fewer, unhealthy), its ports, gone or back.
