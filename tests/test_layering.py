@@ -31,6 +31,7 @@ LAYERS: tuple[frozenset[str], ...] = (
             "clock",
             "database",
             "heap",
+            "places",
         }
     ),
     frozenset({"supervisor", "runstate", "audit"}),

@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +62,7 @@ from meshfed.gateway import (
 )
 from meshfed.gateway.config import Listener
 from meshfed.gateway.sni import service_sni
+from meshfed.places import changed_places
 from meshfed.policy.egress import EgressPolicy, WorkloadTls
 from meshfed.policy.failover import DEFAULT_POLICY, FailoverPolicy
 from meshfed.policy.splits import SubsetSplit
@@ -364,7 +363,7 @@ def _patched_local(
     """The last build's local section with the services that are not the very same objects built again, in
     place (as :func:`_patched_section` does for imports); None when services came or went, or a changed one
     has another number of clusters or routes."""
-    places = _changed_places(last.services, services)
+    places = changed_places(last.services, services, at_most=0.25)
     if places is None:
         return None
     pieces, by_key = last.pieces.copy(), dict(last.by_key)
@@ -383,15 +382,6 @@ def _patched_local(
         routes[start : start + len(old.routes)] = piece.routes
         pieces[place] = by_key[piece.service.key] = piece
     return _LocalSection(services, pieces, by_key, clusters, routes, last.cluster_offsets, last.route_offsets)
-
-
-def _changed_places(last: Sequence[object], now: Sequence[object]) -> list[int] | None:
-    """Where ``now`` holds other objects than ``last`` (the same length), found by the interpreter's own pass
-    (``map``, ``compress``); None if the lengths differ or so many changed that joining all again costs no more."""
-    if len(now) != len(last):
-        return None
-    places = list(itertools.compress(range(len(now)), map(operator.is_not, last, now)))
-    return places if len(places) <= len(now) // 4 else None
 
 
 def _joined_section(imports: Sequence[ImportedService], pieces: list[_Import]) -> _ImportSection:
@@ -421,7 +411,7 @@ def _patched_section(
     one changed, the unchanged ones are found by the interpreter's own pass (``map``, ``compress``) and
     the joined lists are copied, not joined again.
     """
-    places = _changed_places(last.imports, imports)
+    places = changed_places(last.imports, imports, at_most=0.25)
     if places is None or last.listeners:
         return None
     pieces, by_key = last.pieces.copy(), dict(last.by_key)

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from meshfed.errors import FederationError
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
 from meshfed.federation.service_rows import ServiceRows, whole_document
+from meshfed.places import changed_places
 from meshfed.sqlite import SqliteStore, transaction
 
 STATE_FILE = "state.db"
@@ -387,11 +388,9 @@ def _patched_answer(last: _Answer, given: list[tuple[str, ServiceSnapshot]]) -> 
     held_snapshot, held_items = last.peers[peer]
     if not held_items or held_items[0].origin != ImportOrigin.of(snapshot):
         return None
-    before, now = held_snapshot.services, snapshot.services
-    if len(before) != len(now):
-        return None
-    places = list(itertools.compress(range(len(now)), map(operator.is_not, before, now)))
-    if len(places) > len(now) // 4 or any(before[place].key != now[place].key for place in places):
+    now = snapshot.services
+    places = changed_places(held_snapshot.services, now, key=operator.attrgetter("key"), at_most=0.25)
+    if places is None:
         return None
     held = last.positions
     positions = {id(item): index for index, item in enumerate(last.imported)} if held is None else dict(held)

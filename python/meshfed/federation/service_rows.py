@@ -30,7 +30,6 @@ carried one: peers key services by namespace and name).
 
 from __future__ import annotations
 
-import itertools
 import math
 import operator
 import sqlite3
@@ -41,6 +40,7 @@ from dataclasses import dataclass, field
 from pydantic import TypeAdapter
 
 from meshfed.federation.exchange import ExportedService, ServiceSnapshot
+from meshfed.places import changed_places
 
 ServiceKey = tuple[str, str]
 """A service's (namespace, name)."""
@@ -49,6 +49,7 @@ CHUNK = 64
 """Services per row, on average, when a snapshot is written whole."""
 
 _SERVICES = TypeAdapter(list[ExportedService])
+_KEY = operator.attrgetter("key")
 
 
 def head_of(snapshot: ServiceSnapshot) -> str:
@@ -205,13 +206,12 @@ def _difference(
     """The services of ``now`` not in ``before`` as they are, and the keys ``before`` has and ``now`` not.
 
     Snapshots of one peering keep the objects of unchanged services in their places (a delta is applied in
-    key order): then the interpreter's own pass (``map``, ``compress``) finds the few that are not the very
-    same objects, and only those are compared. Otherwise, by key.
+    key order): then only the few places that hold other objects are compared (:mod:`meshfed.places`).
+    Otherwise, by key.
     """
-    if len(before) == len(now):
-        places = list(itertools.compress(range(len(now)), map(operator.is_not, before, now)))
-        if all(before[place].key == now[place].key for place in places):
-            return [now[place] for place in places if before[place] != now[place]], []
+    places = changed_places(before, now, key=_KEY)
+    if places is not None:
+        return [now[place] for place in places if before[place] != now[place]], []
     held = {service.key: service for service in before}
     keys = {service.key for service in now}
     changed = [service for service in now if (old := held.get(service.key)) is not service and old != service]
