@@ -1,6 +1,7 @@
 //! TLS material: PEM loading, SPIFFE IDs of certificates, and the rustls
 //! server/client configurations built once at compile time.
 
+mod verified;
 mod verifier;
 
 use std::sync::Arc;

@@ -352,3 +352,107 @@ async fn hostile_streams_are_refused_one_by_one_and_the_tunnel_lives_on() -> Tes
     assert_eq!(stats(&east, "ingress").tunnels, 1);
     Ok(())
 }
+
+/// Opens a stream on a hand-driven h2 connection as a west gateway would.
+async fn open_h2(
+    send: &h2::client::SendRequest<Bytes>,
+) -> Res<(h2::SendStream<Bytes>, h2::RecvStream)> {
+    let mut send = send.clone().ready().await?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("{SNI}:1"))
+        .header("meshfed-caller", CART)
+        .body(())?;
+    let (response, stream) = send.send_request(request, false)?;
+    let response = timeout(IO_TIMEOUT, response).await??;
+    assert_eq!(response.status(), StatusCode::OK);
+    Ok((stream, response.into_body()))
+}
+
+/// Sends `payload` on a stream and reads the backend's echo of it.
+async fn echo_h2(
+    stream: &mut (h2::SendStream<Bytes>, h2::RecvStream),
+    payload: &'static [u8],
+) -> Res<Vec<u8>> {
+    stream.0.send_data(Bytes::from_static(payload), false)?;
+    let mut got = Vec::new();
+    while got.len() < payload.len() {
+        let data = timeout(IO_TIMEOUT, stream.1.data())
+            .await?
+            .ok_or("the stream ended")??;
+        stream.1.flow_control().release_capacity(data.len())?;
+        got.extend_from_slice(&data);
+    }
+    Ok(got)
+}
+
+/// A trusted gateway that misuses its tunnel harms only itself: a stream
+/// it resets mid-flight with an error has its upstream closed and its place
+/// under the listener's cap given back while a stream beside it is served
+/// on; a flood of empty DATA frames (h2's budget for them) ends that
+/// gateway's connection, and a new one is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_resets_or_floods_streams_harms_only_itself() -> TestResult {
+    let pki = Pki::new();
+    let backend = Backend::start().await?;
+    let east = start(&east_config(&pki, backend.address, 10_000))?;
+    let ingress = address(&east, "ingress")?;
+    let gateway = client(
+        &pki.east,
+        EAST_GW,
+        Some(&pki.west.svid(WEST_GW)),
+        &[TUNNEL_ALPN],
+        false,
+    )?;
+    let tunnel = || async {
+        let tls = connect(&gateway, ingress, "anything").await?;
+        let (send, connection) = h2::client::handshake(tls).await?;
+        tokio::spawn(connection);
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(send)
+    };
+    let send = tunnel().await?;
+
+    let mut beside = open_h2(&send).await?;
+    assert_eq!(
+        echo_h2(&mut beside, b"beside, first").await?,
+        b"beside, first"
+    );
+    let mut reset = open_h2(&send).await?;
+    assert_eq!(echo_h2(&mut reset, b"doomed").await?, b"doomed");
+    reset.0.send_reset(h2::Reason::PROTOCOL_ERROR);
+    assert_eq!(
+        echo_h2(&mut beside, b"beside, second").await?,
+        b"beside, second"
+    );
+    // The reset stream's connection to the backend is closed and counted;
+    // open are the tunnel connection and the stream beside.
+    let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
+    loop {
+        let inn = stats(&east, "ingress");
+        if inn.active == 2 && inn.closed == 1 {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("the reset stream is still open: {inn:?}").into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    let mut flooded = open_h2(&send).await?;
+    for _ in 0..1_000 {
+        if flooded.0.send_data(Bytes::new(), false).is_err() {
+            break;
+        }
+    }
+    assert!(
+        echo_h2(&mut flooded, b"after the flood").await.is_err(),
+        "an empty-frame flood must end the flooding connection"
+    );
+    let mut again = open_h2(&tunnel().await?).await?;
+    assert_eq!(
+        echo_h2(&mut again, b"a new connection").await?,
+        b"a new connection"
+    );
+    assert_eq!(stats(&east, "ingress").tunnels, 2);
+    Ok(())
+}

@@ -94,7 +94,7 @@ enum ConnError {
     #[error("the listener has limits.max_connections ({0}) open")]
     OverLimit(u64),
     #[error("tunnel connection failed: {0}")]
-    Tunnel(#[from] hyper::Error),
+    Tunnel(#[from] h2::Error),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
 }

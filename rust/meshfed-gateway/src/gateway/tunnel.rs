@@ -6,7 +6,8 @@
 //! over one connection with a request that opens each and an answer that
 //! accepts it; it has per-stream flow control (a slow stream fills its own
 //! window and never blocks the others), `GOAWAY` to drain a connection, and
-//! keep-alive pings; hyper and h2 implement all of it. A gateway pair pays
+//! keep-alive pings; h2 implements all of it (driven directly, see
+//! `stream`, not through hyper's CONNECT upgrade). A gateway pair pays
 //! one mTLS handshake per tunnel connection instead of one per client
 //! connection, and the verification is the same as per connection: the
 //! ingress's SVID pinned by the egress, the egress's SVID verified against
@@ -38,19 +39,16 @@
 //! The egress side is `upstream::tunnel`, the ingress side
 //! `connection::tunnel`; this module is what they share.
 
+mod stream;
+
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
 
 use super::hop::{self, Answer, MAX_REASON_LEN};
 use crate::spiffe::SpiffeId;
-
-/// The body type of every tunnel request and answer: a CONNECT request and
-/// its answer have no content, the stream's bytes are the upgrade's.
-pub(crate) type Body = Empty<Bytes>;
+pub(crate) use stream::StreamIo;
 
 /// The workload the egress vouches for.
 pub(crate) const CALLER: HeaderName = HeaderName::from_static("meshfed-caller");
@@ -75,7 +73,7 @@ pub(crate) const CONNECTION_WINDOW: u32 = MAX_STREAMS * STREAM_WINDOW;
 /// Largest header block either end reads: an authority of at most 255
 /// bytes and a caller of at most 2048, with room to spare.
 pub(crate) const MAX_HEADER_LIST: u32 = 8 * 1024;
-/// Ping an idle tunnel connection this often, so one whose peer vanished
+/// Ping a tunnel connection this often, so one whose peer vanished
 /// (a pod killed without a FIN) is found and closed.
 pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 /// How long a ping may go unanswered before the connection is closed.
@@ -83,20 +81,38 @@ pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest service name (SNI) a stream may name.
 const MAX_SNI_LEN: usize = 255;
 
+/// Pings the peer every [`KEEPALIVE_INTERVAL`] and returns why the
+/// connection should end: a ping unanswered for [`KEEPALIVE_TIMEOUT`], or
+/// the connection already gone. Run beside the connection's own future,
+/// with its `ping_pong()` (taken once: `None` never pings).
+pub(crate) async fn keep_alive(ping: Option<h2::PingPong>) -> &'static str {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return "the connection closed",
+            Err(_) => return "a keep-alive ping went unanswered",
+        }
+    }
+}
+
 /// The request opening a stream to the service `sni` on the ingress at
 /// `port`, for `caller` (`None`: the gateway itself).
 pub(crate) fn open_request(
     sni: &str,
     port: u16,
     caller: Option<&SpiffeId>,
-) -> Result<Request<Body>, http::Error> {
+) -> Result<Request<()>, http::Error> {
     let mut request = Request::builder()
         .method(Method::CONNECT)
         .uri(format!("{sni}:{port}"));
     if let Some(caller) = caller {
         request = request.header(CALLER, caller.as_str());
     }
-    request.body(Body::new())
+    request.body(())
 }
 
 /// What an egress reads off the ingress's answer to an open request.
@@ -132,7 +148,7 @@ pub(crate) fn read_answer<B>(response: &Response<B>) -> Opened {
 }
 
 /// The ingress's answer, as `meshfed-caller/2` would give it.
-pub(crate) fn answer(answer: Answer<'_>) -> Response<Body> {
+pub(crate) fn answer(answer: Answer<'_>) -> Response<()> {
     match answer {
         Answer::Open => status(StatusCode::OK, None),
         Answer::Unavailable(reason) => status(StatusCode::SERVICE_UNAVAILABLE, Some(reason)),
@@ -141,17 +157,17 @@ pub(crate) fn answer(answer: Answer<'_>) -> Response<Body> {
 }
 
 /// The answer telling the egress to open the stream on a new connection.
-pub(crate) fn reconnect() -> Response<Body> {
+pub(crate) fn reconnect() -> Response<()> {
     status(StatusCode::MISDIRECTED_REQUEST, None)
 }
 
 /// The answer to a request no meshfed gateway sends.
-pub(crate) fn bad_request(error: &RequestError) -> Response<Body> {
+pub(crate) fn bad_request(error: &RequestError) -> Response<()> {
     status(StatusCode::BAD_REQUEST, Some(&error.to_string()))
 }
 
-fn status(code: StatusCode, reason: Option<&str>) -> Response<Body> {
-    let mut response = Response::new(Body::new());
+fn status(code: StatusCode, reason: Option<&str>) -> Response<()> {
+    let mut response = Response::new(());
     *response.status_mut() = code;
     // Fixed words from this gateway, printable ASCII: always a valid value.
     if let Some(value) = reason.and_then(|r| HeaderValue::from_str(r).ok()) {

@@ -17,6 +17,7 @@ use rustls::{
     SignatureScheme,
 };
 
+use super::verified::VerifiedChains;
 use super::{SvidError, spiffe_id_of};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
@@ -66,6 +67,8 @@ pub(crate) struct SpiffeClientVerifier {
     by_domain: BTreeMap<TrustDomain, Arc<dyn ClientCertVerifier>>,
     provider: Arc<CryptoProvider>,
     authorize: bool,
+    /// Chains accepted before, with the SPIFFE ID each carries.
+    verified: VerifiedChains<SpiffeId>,
 }
 
 impl SpiffeClientVerifier {
@@ -86,6 +89,7 @@ impl SpiffeClientVerifier {
             by_domain,
             provider,
             authorize: false,
+            verified: VerifiedChains::default(),
         })
     }
 
@@ -114,20 +118,29 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let id = spiffe_id_of(end_entity).map_err(|e| refuse(e.into()))?;
-        let Some(verifier) = self.by_domain.get(id.trust_domain()) else {
-            return Err(refuse(PeerError::UnknownTrustDomain(
-                id.trust_domain().clone(),
-                id,
-            )));
+        let id = match self.verified.get(end_entity, intermediates, now) {
+            Some(id) => id,
+            None => {
+                let id = spiffe_id_of(end_entity).map_err(|e| refuse(e.into()))?;
+                let Some(verifier) = self.by_domain.get(id.trust_domain()) else {
+                    return Err(refuse(PeerError::UnknownTrustDomain(
+                        id.trust_domain().clone(),
+                        id,
+                    )));
+                };
+                verifier.verify_client_cert(end_entity, intermediates, now)?;
+                self.verified
+                    .remember(end_entity, intermediates, id.clone());
+                id
+            }
         };
-        let verified = verifier.verify_client_cert(end_entity, intermediates, now)?;
+        // Authorization is the handshake's, every time: rules change.
         if self.authorize && !crate::authz::in_handshake(id) {
             return Err(Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
             ));
         }
-        Ok(verified)
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -174,6 +187,8 @@ pub(crate) struct SpiffePeerVerifier {
     roots: Arc<RootCertStore>,
     expected: SpiffeId,
     provider: Arc<CryptoProvider>,
+    /// Chains accepted before (each carries `expected`).
+    verified: VerifiedChains<()>,
 }
 
 impl SpiffePeerVerifier {
@@ -186,6 +201,7 @@ impl SpiffePeerVerifier {
             roots,
             expected,
             provider,
+            verified: VerifiedChains::default(),
         }
     }
 }
@@ -199,6 +215,9 @@ impl ServerCertVerifier for SpiffePeerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
+        if self.verified.get(end_entity, intermediates, now).is_some() {
+            return Ok(ServerCertVerified::assertion());
+        }
         let parsed = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
@@ -214,6 +233,7 @@ impl ServerCertVerifier for SpiffePeerVerifier {
                 expected: self.expected.clone(),
             }));
         }
+        self.verified.remember(end_entity, intermediates, ());
         Ok(ServerCertVerified::assertion())
     }
 

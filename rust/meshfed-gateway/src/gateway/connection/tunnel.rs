@@ -10,16 +10,14 @@
 //! same), the caller one it may vouch for, and then the route's rules,
 //! rate limits and connection cap as for any connection.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use hyper::body::Incoming;
-use hyper::server::conn::http2;
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Request, Response};
 use rustls::ServerConfig;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -31,8 +29,7 @@ use crate::gateway::hop::{self, Answer};
 use crate::gateway::snapshot::Snapshot;
 use crate::gateway::stats::{ConnectionGuard, HandshakeFailure, ListenerStats, inc};
 use crate::gateway::tunnel::{
-    self, Body, CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_HEADER_LIST,
-    MAX_STREAMS, STREAM_WINDOW,
+    self, CONNECTION_WINDOW, MAX_HEADER_LIST, MAX_STREAMS, STREAM_WINDOW, StreamIo,
 };
 use crate::spiffe::SpiffeId;
 
@@ -69,38 +66,75 @@ pub(super) async fn serve(
         served,
         drain: Notify::new(),
     });
-    let service = {
-        let tunnel = tunnel.clone();
-        service_fn(move |request| {
-            let tunnel = tunnel.clone();
-            async move { Ok::<_, Infallible>(tunnel.open(request).await) }
-        })
-    };
-    let mut builder = http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
+    let mut connection = h2::server::Builder::new()
         .max_concurrent_streams(MAX_STREAMS)
-        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_header_list_size(MAX_HEADER_LIST)
-        .keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
-    let mut connection = std::pin::pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => result?,
-        () = tunnel.drain.notified() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await?;
+        .handshake::<_, Bytes>(stream)
+        .await?;
+    let mut keep_alive = std::pin::pin!(tunnel::keep_alive(connection.ping_pong()));
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            next = connection.accept() => match next {
+                Some(Ok((request, respond))) => {
+                    tokio::spawn(tunnel.clone().stream(request, respond));
+                }
+                Some(Err(e)) => return Err(e.into()),
+                // Closed by the peer, or drained and done with its last stream.
+                None => break,
+            },
+            () = tunnel.drain.notified(), if !draining => {
+                draining = true;
+                connection.graceful_shutdown();
+            }
+            reason = &mut keep_alive => {
+                tracing::debug!(listener = %tunnel.served.listener, gateway = %tunnel.served.gateway, reason, "tunnel connection closed");
+                break;
+            }
         }
     }
     Ok((0, 0))
 }
 
 impl Tunnel {
-    /// Answers one open request, and on `200` hands the stream to a task
-    /// of its own that carries its bytes.
-    async fn open(&self, request: Request<Incoming>) -> Response<Body> {
+    /// Serves one stream: answers its open request and, once open, carries
+    /// its bytes to and from the upstream.
+    async fn stream(
+        self: Arc<Self>,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+    ) {
+        let listener = &self.served.listener;
+        let (answer, opened) = self.open(&request).await;
+        let Some((opened, guard)) = opened else {
+            // Refused: the answer ends the stream.
+            let _ = respond.send_response(answer, true);
+            return;
+        };
+        let result = match respond.send_response(answer, false) {
+            Ok(send) => {
+                let io = StreamIo::new(send, request.into_body(), ());
+                opened.carry(io, guard.stats()).await
+            }
+            Err(e) => Err(ConnError::Tunnel(e)),
+        };
+        drop(guard);
+        match result {
+            Ok((up, down)) => {
+                tracing::debug!(listener = %listener, up, down, "tunnel stream finished")
+            }
+            Err(e) => tracing::debug!(listener = %listener, error = %e, "tunnel stream closed"),
+        }
+    }
+
+    /// The answer to one open request and, on `200`, the route it opened
+    /// with the stream's place under the listener's cap.
+    async fn open(
+        &self,
+        request: &Request<RecvStream>,
+    ) -> (Response<()>, Option<(RouteOpened, ConnectionGuard)>) {
         let Served {
             listener,
             live,
@@ -110,12 +144,12 @@ impl Tunnel {
         let snapshot = live.load_full();
         let spec = snapshot.config.listener(listener);
         let Some(ListenerMode::Terminate { routes, tls }) = spec.map(|l| &l.mode) else {
-            return self.outdated();
+            return (self.outdated(), None);
         };
         if !Arc::ptr_eq(&tls.hop, &self.served.accepted_with)
             || !tls.trusted_gateways.contains(&self.served.gateway)
         {
-            return self.outdated();
+            return (self.outdated(), None);
         }
         let ingress = Ingress {
             name: listener,
@@ -123,23 +157,23 @@ impl Tunnel {
             stats,
             live,
         };
-        let open = match tunnel::parse_request(&request) {
+        let open = match tunnel::parse_request(request) {
             Ok(open) => open,
             Err(e) => {
                 stats.handshake_failed(HandshakeFailure::Malformed);
                 tracing::debug!(listener = %listener, gateway = %self.served.gateway, error = %e, "tunnel stream refused");
-                return tunnel::bad_request(&e);
+                return (tunnel::bad_request(&e), None);
             }
         };
-        let sni = open.sni.to_owned();
+        let sni = open.sni;
         let gateway = &self.served.gateway;
         let (caller, via) = match open.caller {
             None => (gateway.clone(), None),
             Some(bytes) => match hop::vouched(bytes, gateway) {
                 Ok(caller) => (caller, Some(gateway)),
                 Err(refused) => {
-                    let e = deny_assertion(&refused, gateway, ingress, Some(&sni));
-                    return tunnel::answer(refusal(&e));
+                    let e = deny_assertion(&refused, gateway, ingress, Some(sni));
+                    return (tunnel::answer(refusal(&e)), None);
                 }
             },
         };
@@ -147,7 +181,7 @@ impl Tunnel {
         let limit = spec.map_or(0, |l| l.limits.max_connections);
         if stats.active.load(std::sync::atomic::Ordering::Relaxed) >= limit {
             inc(&stats.connections_refused_over_limit);
-            return tunnel::answer(refusal(&ConnError::OverLimit(limit)));
+            return (tunnel::answer(refusal(&ConnError::OverLimit(limit))), None);
         }
         let guard = ConnectionGuard::open(stats.clone());
         inc(&stats.tunnel_streams);
@@ -157,41 +191,19 @@ impl Tunnel {
             hop: true,
         };
         let addresses = (self.served.peer, self.served.local);
-        match open_route(Some(&sni), routes, caller, addresses, ingress).await {
-            Ok(opened) => {
-                tokio::spawn(carry(request, opened, guard, listener.clone()));
-                tunnel::answer(Answer::Open)
-            }
+        match open_route(Some(sni), routes, caller, addresses, ingress).await {
+            Ok(opened) => (tunnel::answer(Answer::Open), Some((opened, guard))),
             Err(e) => {
                 tracing::debug!(listener = %listener, gateway = %gateway, sni = %sni, error = %e, "tunnel stream not opened");
-                tunnel::answer(refusal(&e))
+                (tunnel::answer(refusal(&e)), None)
             }
         }
     }
 
     /// The answer to a stream this connection may no longer carry; the
     /// connection is drained.
-    fn outdated(&self) -> Response<Body> {
+    fn outdated(&self) -> Response<()> {
         self.drain.notify_one();
         tunnel::reconnect()
-    }
-}
-
-/// Carries an opened stream's bytes to and from its upstream, once the
-/// answer has gone out.
-async fn carry(
-    request: Request<Incoming>,
-    opened: RouteOpened,
-    guard: ConnectionGuard,
-    listener: Arc<str>,
-) {
-    let stats = guard.stats().clone();
-    let result = match hyper::upgrade::on(request).await {
-        Ok(upgraded) => opened.carry(TokioIo::new(upgraded), &stats).await,
-        Err(e) => Err(ConnError::Tunnel(e)),
-    };
-    match result {
-        Ok((up, down)) => tracing::debug!(listener = %listener, up, down, "tunnel stream finished"),
-        Err(e) => tracing::debug!(listener = %listener, error = %e, "tunnel stream closed"),
     }
 }

@@ -14,17 +14,13 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::client::conn::http2::{self, SendRequest};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use h2::client::SendRequest;
 use rustls::ClientConfig;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -33,8 +29,8 @@ use crate::config::{ClusterSpec, UpstreamTlsSpec};
 use crate::gateway::clock;
 use crate::gateway::stats::inc;
 use crate::gateway::tunnel::{
-    self, Body, CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_HEADER_LIST,
-    MAX_STREAMS, MAX_TUNNELS_PER_ENDPOINT, Opened, STREAM_WINDOW,
+    self, CONNECTION_WINDOW, MAX_HEADER_LIST, MAX_STREAMS, MAX_TUNNELS_PER_ENDPOINT, Opened,
+    STREAM_WINDOW, StreamIo,
 };
 use crate::tls::TUNNEL_ALPN;
 
@@ -72,14 +68,16 @@ struct Tunnel {
     /// Tells it from the other connections of its endpoint.
     id: u64,
     config: Arc<ClientConfig>,
-    send: SendRequest<Body>,
+    send: SendRequest<Bytes>,
+    /// Set by the connection's task when it ends.
+    closed: Arc<AtomicBool>,
     streams: Arc<AtomicUsize>,
     /// `clock` nanoseconds of the last stream opened.
     used: Arc<AtomicU64>,
 }
 
 /// A stream's place on its connection, given back when the stream ends.
-struct Slot(Arc<AtomicUsize>);
+pub(crate) struct Slot(Arc<AtomicUsize>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -90,11 +88,15 @@ impl Drop for Slot {
 /// A place taken on a connection for one stream.
 struct Taken {
     id: u64,
-    send: SendRequest<Body>,
+    send: SendRequest<Bytes>,
     slot: Slot,
 }
 
 impl Tunnel {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
     fn take(&self) -> Taken {
         self.streams.fetch_add(1, Ordering::Relaxed);
         self.used.store(clock::now_nanos(), Ordering::Relaxed);
@@ -113,7 +115,7 @@ impl Tunnels {
         let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
         pools.sweep();
         let pool = pools.by_address.get_mut(&address)?;
-        pool.retain(|t| !t.send.is_closed());
+        pool.retain(|t| !t.is_closed());
         pool.iter()
             .filter(|t| Arc::ptr_eq(&t.config, config))
             .min_by_key(|t| t.streams.load(Ordering::Relaxed))
@@ -128,7 +130,7 @@ impl Tunnels {
         let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
         let pool = pools.by_address.entry(address).or_default();
         // A connection made with an older config takes no new streams: let it go.
-        pool.retain(|t| !t.send.is_closed() && Arc::ptr_eq(&t.config, &tunnel.config));
+        pool.retain(|t| !t.is_closed() && Arc::ptr_eq(&t.config, &tunnel.config));
         if pool.len() < MAX_TUNNELS_PER_ENDPOINT {
             pool.push(tunnel);
         }
@@ -161,46 +163,16 @@ impl Pools {
             pool.retain(|t| {
                 let busy = t.streams.load(Ordering::Relaxed) > 0;
                 let recent = now.saturating_sub(t.used.load(Ordering::Relaxed)) < idle;
-                !t.send.is_closed() && (busy || recent)
+                !t.is_closed() && (busy || recent)
             });
             !pool.is_empty()
         });
     }
 }
 
-/// A client connection carried as a tunnel stream.
-pub(crate) struct TunnelStream {
-    io: TokioIo<Upgraded>,
-    _slot: Slot,
-}
-
-impl AsyncRead for TunnelStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TunnelStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
+/// A client connection carried as a tunnel stream, holding its place on
+/// its connection.
+pub(crate) type TunnelStream = StreamIo<Slot>;
 
 /// Why a stream did not open.
 enum Failed {
@@ -264,29 +236,37 @@ async fn connect(
     tls: &UpstreamTlsSpec,
     limit: Duration,
 ) -> io::Result<Tunnel> {
-    let mut builder = http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    let handshake = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_header_list_size(MAX_HEADER_LIST)
-        .keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true);
-    let (send, connection) = tokio::time::timeout(limit, builder.handshake(TokioIo::new(stream)))
+        // An ingress never pushes.
+        .enable_push(false)
+        .handshake::<_, Bytes>(stream);
+    let (send, mut connection) = tokio::time::timeout(limit, handshake)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "tunnel handshake timed out"))?
         .map_err(|e| io::Error::other(format!("{}: tunnel handshake failed: {e}", tls.peer)))?;
+    let closed = Arc::new(AtomicBool::new(false));
     let peer = tls.peer.clone();
+    let ping = connection.ping_pong();
+    let ended = closed.clone();
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(%peer, error = %e, "tunnel connection ended");
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "tunnel connection ended");
+                }
+            }
+            reason = tunnel::keep_alive(ping) => tracing::debug!(%peer, reason, "tunnel connection closed"),
         }
+        ended.store(true, Ordering::Relaxed);
     });
     Ok(Tunnel {
         id,
         config: tls.config.clone(),
         send,
+        closed,
         streams: Arc::new(AtomicUsize::new(0)),
         used: Arc::new(AtomicU64::new(clock::now_nanos())),
     })
@@ -297,17 +277,18 @@ async fn connect(
 /// `meshfed-caller/2`.
 async fn stream(
     taken: Taken,
-    request: http::Request<Body>,
+    request: http::Request<()>,
     tls: &UpstreamTlsSpec,
     dial: &Dial<'_>,
 ) -> Result<Upstream, Failed> {
-    let Taken { mut send, slot, .. } = taken;
+    let Taken { send, slot, .. } = taken;
     let opening = async {
-        send.ready().await?;
-        send.send_request(request).await
+        let mut send = send.ready().await?;
+        let (response, stream) = send.send_request(request, false)?;
+        Ok::<_, h2::Error>((response.await?, stream))
     };
-    let response = match tokio::time::timeout(dial.handshake_timeout, opening).await {
-        Ok(Ok(response)) => response,
+    let (response, send) = match tokio::time::timeout(dial.handshake_timeout, opening).await {
+        Ok(Ok(opened)) => opened,
         Ok(Err(e)) => return Err(Failed::Connection(e.to_string())),
         Err(_) => {
             return Err(Failed::Endpoint(io::Error::new(
@@ -347,12 +328,10 @@ async fn stream(
             ));
         }
     }
-    let upgraded = hyper::upgrade::on(response)
-        .await
-        .map_err(|e| Failed::Connection(e.to_string()))?;
     inc(&dial.stats.tunnel_streams);
-    Ok(Upstream::Tunnel(Box::new(TunnelStream {
-        io: TokioIo::new(upgraded),
-        _slot: slot,
-    })))
+    Ok(Upstream::Tunnel(Box::new(StreamIo::new(
+        send,
+        response.into_body(),
+        slot,
+    ))))
 }
