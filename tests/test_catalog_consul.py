@@ -53,6 +53,9 @@ def documented_policy(node: str, imports: list[str]) -> str:
     assert block is not None, f"{ACL_POLICY_FILE} no longer has the example import block: update this test with it"
     assert text.count('node "meshfed-east"') == 1, f"{ACL_POLICY_FILE} no longer names node meshfed-east"
     text = text.replace('node "meshfed-east"', f'node "{node}"')
+    zone = node.removeprefix("meshfed-")
+    assert text.count('key "meshfed/east/leader"') == 1, f"{ACL_POLICY_FILE} no longer names key meshfed/east/leader"
+    text = text.replace('key "meshfed/east/leader"', f'key "meshfed/{zone}/leader"')
     return text.replace(block.group(0), "".join(block.group(0).replace("api-west", name) for name in imports))
 
 

@@ -148,6 +148,15 @@ def test_timings_must_leave_room_to_renew() -> None:
 
 
 def _up(directory: Path, identity: str, lease: str, api_port: int, metrics_port: int) -> subprocess.Popen[bytes]:
+    election = ["--leader-lease", f"{NAMESPACE}/{lease}", "--leader-lease-duration", "3s"]
+    env = {"KUBECONFIG": real_kubernetes().admin_kubeconfig}
+    return up_candidate(directory, identity, election, api_port, metrics_port, env)
+
+
+def up_candidate(
+    directory: Path, identity: str, election: list[str], api_port: int, metrics_port: int, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """`meshfed up` of the zone in ``directory`` as candidate ``identity``, with the ``election`` flags."""
     return subprocess.Popen(
         [
             sys.executable,
@@ -168,27 +177,24 @@ def _up(directory: Path, identity: str, lease: str, api_port: int, metrics_port:
             "127.0.0.1:0",
             "--egress-port-base",
             "0",
-            "--leader-lease",
-            f"{NAMESPACE}/{lease}",
+            *election,
             "--leader-identity",
             identity,
-            "--leader-lease-duration",
-            "3s",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1", KUBECONFIG=real_kubernetes().admin_kubeconfig),
+        env=dict(os.environ, PYTHONUNBUFFERED="1", **env),
     )
 
 
-def _status(port: int, path: str) -> int | None:
+def status_of(port: int, path: str) -> int | None:
     try:
         return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=1).status_code
     except httpx.TransportError:
         return None
 
 
-class _Log:
+class ProcessLog:
     """A process's output as it comes, line by line: a test waits for the line that says what happened."""
 
     def __init__(self, process: subprocess.Popen[bytes]) -> None:
@@ -228,20 +234,20 @@ def test_two_processes_of_a_zone_one_serves_and_the_follower_takes_over_when_it_
     first = _up(tmp_path / "a", "east-a", lease, api_a, metrics_a)
     second: subprocess.Popen[bytes] | None = None
     try:
-        _Log(first).wait_for("API on")  # logged once the API listens
-        assert _status(api_a, "/readyz") == 200
+        ProcessLog(first).wait_for("API on")  # logged once the API listens
+        assert status_of(api_a, "/readyz") == 200
         second = _up(tmp_path / "b", "east-b", lease, api_b, metrics_b)
-        follower = _Log(second)
+        follower = ProcessLog(second)
         follower.wait_for("health and metrics on")
         follower.wait_for("east-a leads; east-b follows")
-        assert _status(metrics_b, "/healthz") == 200
-        assert _status(metrics_b, "/readyz") == 503
-        assert _status(api_b, "/readyz") is None  # no API while following
+        assert status_of(metrics_b, "/healthz") == 200
+        assert status_of(metrics_b, "/readyz") == 503
+        assert status_of(api_b, "/readyz") is None  # no API while following
         first.kill()
         first.wait()
         took = follower.wait_for("API on", seconds=20)
         assert took < 15
-        assert _status(api_b, "/readyz") == 200
+        assert status_of(api_b, "/readyz") == 200
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=20) == 0
         # A clean stop gives the Lease up at once.

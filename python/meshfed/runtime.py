@@ -24,7 +24,7 @@ from meshfed.federation.peer_status import PeerStatus
 from meshfed.federation.peering_state import PeerState
 from meshfed.federation.service import PeeringService
 from meshfed.federation.settings import PeeringSettings
-from meshfed.leadership import LeaseSettings
+from meshfed.leadership import LeaseSettings, LockSettings
 from meshfed.trust.ca import Svid
 from meshfed.trust.endpoint import BundleEndpointServer, WebCertificate, endpoint_spiffe_id
 from meshfed.trust.spiffe import TrustDomain
@@ -50,8 +50,9 @@ class ZoneSettings:
     # The https_web certificate and key of the bundle endpoint; None: https_spiffe (the controller's SVID).
     bundle_endpoint_web: WebCertificate | None = None
     bundle_refresh_hint: dt.timedelta | None = None  # default: bundle_refresh_hint in zone.toml, else 5 minutes
-    # Serve only while holding this Lease (meshfed.leadership); None: no election, the process serves.
-    leader_lease: LeaseSettings | None = None
+    # Serve only while leading (meshfed.leadership): holding this Kubernetes Lease or Consul lock; None: no
+    # election, the process serves.
+    leader: LeaseSettings | LockSettings | None = None
 
 
 def check_settings(zone: Zone, settings: ZoneSettings) -> None:

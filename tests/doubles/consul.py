@@ -123,7 +123,7 @@ _CHECK_FIELDS = {
 _DEREGISTER_FIELDS = {"node", "serviceid", "checkid", "datacenter", "token"}
 _ENTERPRISE_FIELDS = {"namespace", "partition"}
 
-_RULE = re.compile(r'(service|node)(_prefix)?\s+"([^"]*)"\s*\{\s*policy\s*=\s*"(read|write|deny)"\s*\}')
+_RULE = re.compile(r'(service|node|session|key)(_prefix)?\s+"([^"]*)"\s*\{\s*policy\s*=\s*"(read|write|deny)"\s*\}')
 _COMMENT = re.compile(r"(#|//)[^\n]*")
 # Among rules for the same resource, deny wins over write, and write over read (Consul's policy merger).
 _PRECEDENCE = {"deny": 3, "write": 2, "read": 1}
@@ -164,14 +164,15 @@ class _RefusalError(Exception):
 
 @dataclass(frozen=True)
 class Rule:
-    kind: str  # "service" | "node"
+    kind: str  # "service" | "node" | "session" | "key"
     prefix: bool
     name: str
     policy: str  # "read" | "write" | "deny"
 
 
 def parse_rules(text: str) -> list[Rule]:
-    """The ``service``/``node`` (``_prefix``) rules of an HCL policy; anything else is refused, not ignored."""
+    """The ``service``/``node``/``session``/``key`` (``_prefix``) rules of an HCL policy; anything else is refused,
+    not ignored. The double has no sessions or KV store, so their rules are kept but never asked."""
     rules, rest, position = [], [], 0
     text = _COMMENT.sub("", text)
     for match in _RULE.finditer(text):

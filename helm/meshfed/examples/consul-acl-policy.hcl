@@ -45,3 +45,16 @@ node "meshfed-east" {
 service "api-west" {
   policy = "write"
 }
+
+# Only with `meshfed up --leader-lock meshfed/east/leader` (several controller
+# processes of one zone, one leading): each candidate keeps a Consul session
+# (created on the agent's node, so session:write on it; `session_prefix`
+# because the agent's node name is the deployment's, not meshfed's) and takes
+# the key's lock with it.
+session_prefix "" {
+  policy = "write"
+}
+
+key "meshfed/east/leader" {
+  policy = "write"
+}

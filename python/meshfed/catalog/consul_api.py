@@ -16,8 +16,9 @@ by :meth:`ConsulApi.describe` with the rule to add when Consul names the
 missing permission. The rules meshfed's token needs are in
 ``helm/meshfed/examples/consul-acl-policy.hcl`` (:data:`ACL_POLICY_FILE`).
 
-Used by :mod:`meshfed.catalog.consul_watch` (reading) and
-:mod:`meshfed.catalog.consul_imports` (registering imports).
+Used by :mod:`meshfed.catalog.consul_watch` (reading),
+:mod:`meshfed.catalog.consul_imports` (registering imports) and
+:mod:`meshfed.leadership.consul` (the leader's lock).
 """
 
 from __future__ import annotations
@@ -173,6 +174,15 @@ class ConsulApi:
         if self.settings.datacenter:
             body = {**body, "Datacenter": self.settings.datacenter}
         await self.client().http.put(CB.boolean(), path, data=json.dumps(body), headers=self._headers())
+
+    async def send(self, path: str, *, params: dict[str, str] | None = None, body: Any = None) -> Any:
+        """One PUT that answers a value (a session's ID, whether a lock was taken): its decoded JSON, None on
+        404. ``body``: a string is sent as it is (a KV value), anything else as JSON."""
+        query = list((params or {}).items())
+        if self.settings.datacenter:
+            query.append(("dc", self.settings.datacenter))
+        data = "" if body is None else body if isinstance(body, str) else json.dumps(body)
+        return await self.client().http.put(CB.json(), path, params=query, data=data, headers=self._headers())
 
     def _headers(self) -> dict[str, str]:
         return {"X-Consul-Token": self._token} if self._token else {}

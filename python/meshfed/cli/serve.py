@@ -25,7 +25,7 @@ import signal
 import socket
 import ssl
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -39,7 +39,14 @@ from meshfed.api.app import create_health_app
 from meshfed.cli import _signals
 from meshfed.cli.remote import API_URL_FILE
 from meshfed.errors import CatalogError, GatewayConfigError, GatewayError, MeshfedError, PeeringError, TrustError
-from meshfed.leadership import LeadershipLostError, LeaseElector
+from meshfed.leadership import (
+    Campaign,
+    ConsulLockElector,
+    LeadershipLostError,
+    LeaseElector,
+    LeaseSettings,
+    LockSettings,
+)
 from meshfed.logs import configure_logging
 from meshfed.runtime import (
     ZoneRuntime,
@@ -194,7 +201,7 @@ async def _serve(
     stop.server = server
     if stop.requested:
         return
-    campaigning = settings.leader_lease is not None
+    campaigning = settings.leader is not None
     # A follower answers /healthz (alive) and /readyz 503 (not serving) while it waits to lead.
     health = _serve_health(runtime, listeners, metrics_socket, log_level) if campaigning else contextlib.nullcontext()
     async with health, _leading(zone, settings, stop, server) as lost:
@@ -217,26 +224,17 @@ async def _serve(
 
 @contextlib.asynccontextmanager
 async def _leading(zone: Zone, settings: ZoneSettings, stop: _Stop, server: uvicorn.Server) -> AsyncIterator[list[str]]:
-    """Hold the zone's Lease (``--leader-lease``) for the block: campaign first, following meanwhile.
+    """Lead the zone (``--leader-lease``, ``--leader-lock``) for the block: campaign first, following meanwhile.
 
     Yields a list that holds why leadership was lost, if it was: the API is told to exit then, and
-    the process exits non-zero so that its orchestrator restarts it as a follower. Without a Lease,
+    the process exits non-zero so that its orchestrator restarts it as a follower. Without an election,
     the block simply runs.
     """
     lost: list[str] = []
-    if settings.leader_lease is None:
+    if settings.leader is None:
         yield lost
         return
-    from meshfed.catalog.kubernetes_api import KubernetesApi  # the Kubernetes client: only for a campaign
-    from meshfed.catalog.settings import KubernetesSettings
-
-    # The zone's [kubernetes] credentials; else $KUBECONFIG, else the pod's service account.
-    api = KubernetesApi(zone.config.kubernetes or KubernetesSettings(kubeconfig=os.environ.get("KUBECONFIG")))
-    try:
-        await api.connect()
-    except CatalogError as err:
-        raise MeshfedError(f"--leader-lease: {err}") from None
-    elector = LeaseElector(api, settings.leader_lease)
+    elector, close = await _elector(zone, settings.leader)
     try:
         campaign = asyncio.create_task(elector.acquire())
         while not campaign.done():  # a SIGTERM ends a follower's wait
@@ -265,7 +263,28 @@ async def _leading(zone: Zone, settings: ZoneSettings, stop: _Stop, server: uvic
                 await holding
     finally:
         await elector.release()
-        await api.aclose()
+        await close()
+
+
+async def _elector(zone: Zone, leader: LeaseSettings | LockSettings) -> tuple[Campaign, Callable[[], Awaitable[None]]]:
+    """The candidate for ``leader`` over the zone's own platform client, and how to close that client."""
+    if isinstance(leader, LockSettings):
+        from meshfed.catalog.consul_api import ConsulApi  # the Consul client: only for a campaign
+        from meshfed.catalog.settings import ConsulSettings
+
+        # The zone's [consul] settings, as its catalog reads them (else the local agent).
+        consul = ConsulApi(zone.config.consul or ConsulSettings(), node=f"meshfed-{zone.name}", blocking_wait=10.0)
+        return ConsulLockElector(consul, leader), consul.aclose
+    from meshfed.catalog.kubernetes_api import KubernetesApi  # the Kubernetes client: only for a campaign
+    from meshfed.catalog.settings import KubernetesSettings
+
+    # The zone's [kubernetes] credentials; else $KUBECONFIG, else the pod's service account.
+    api = KubernetesApi(zone.config.kubernetes or KubernetesSettings(kubeconfig=os.environ.get("KUBECONFIG")))
+    try:
+        await api.connect()
+    except CatalogError as err:
+        raise MeshfedError(f"--leader-lease: {err}") from None
+    return LeaseElector(api, leader), api.aclose
 
 
 async def _serve_led(

@@ -25,7 +25,7 @@ from meshfed import defaults
 from meshfed.addresses import HostPort, is_ip_address, parse_host, parse_host_port, parse_port
 from meshfed.cli.common import ZoneDir, duration_text, parse_duration
 from meshfed.errors import InvalidAddressError, MeshfedError
-from meshfed.leadership import LeaseSettings
+from meshfed.leadership import LeaseSettings, LockSettings
 from meshfed.logs import LogFormat, LogLevel
 
 if TYPE_CHECKING:
@@ -143,9 +143,17 @@ def up(
             "[kubernetes] in zone.toml, else the pod's service account. Default: no election."
         ),
     ] = None,
+    leader_lock: Annotated[
+        str | None,
+        typer.Option(
+            help="A Consul KV key (such as meshfed/east/leader): serve only while holding its lock through a "
+            "Consul session, as --leader-lease does with a Lease. Consul: [consul] in zone.toml; its token "
+            "needs session:write and key:write on the key. Default: no election."
+        ),
+    ] = None,
     leader_identity: Annotated[
         str | None,
-        typer.Option(help="This process among the Lease's candidates. Default: $POD_NAME, else host-pid."),
+        typer.Option(help="This process among the candidates. Default: $POD_NAME, else host-pid."),
     ] = None,
     leader_lease_duration: Annotated[
         str, typer.Option(help="How long a leader not seen renewing keeps the Lease (renewals at 2/15 of it).")
@@ -228,7 +236,7 @@ def up(
     settings = ZoneSettings(
         controller=controller,
         peering=peering,
-        leader_lease=_leader_lease(leader_lease, leader_identity, leader_lease_duration),
+        leader=_leader(leader_lease, leader_lock, leader_identity, leader_lease_duration),
         bundle_endpoint_port=listeners.bundle_endpoint_port,
         bundle_endpoint_host=listeners.bundle_endpoint_host,
         bundle_endpoint_web=bundle_endpoint.web if bundle_endpoint else None,
@@ -244,8 +252,20 @@ def up(
     serve_zone(zone, settings, listeners, log_level=log_level.value, json_logs=log_format is LogFormat.json)
 
 
-def _leader_lease(lease: str | None, identity: str | None, duration: str) -> LeaseSettings | None:
-    """The Lease ``meshfed up`` campaigns for, from its three flags; None: no election."""
+def _leader(
+    lease: str | None, lock: str | None, identity: str | None, duration: str
+) -> LeaseSettings | LockSettings | None:
+    """What ``meshfed up`` campaigns for, from its flags; None: no election."""
+    who = identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    if lease is not None and lock is not None:
+        raise typer.BadParameter("give --leader-lease or --leader-lock, not both", param_hint="--leader-lock")
+    if lock is not None:
+        if not _CONSUL_KEY.fullmatch(lock):
+            raise typer.BadParameter(
+                "give a Consul KV key: 1-512 letters, digits and . _ - /, not starting with /",
+                param_hint="--leader-lock",
+            )
+        return LockSettings(lock, who)
     if lease is None:
         return None
     namespace, slash, name = lease.partition("/")
@@ -254,7 +274,6 @@ def _leader_lease(lease: str | None, identity: str | None, duration: str) -> Lea
     seconds = parse_duration(duration, "--leader-lease-duration").total_seconds()
     if seconds < 3:
         raise typer.BadParameter("at least 3s", param_hint="--leader-lease-duration")
-    who = identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
     # Kubernetes' controllers' proportions: renew deadline 2/3 of the duration, a try every 2/15.
     return LeaseSettings(
         namespace, name, who, duration=seconds, renew_deadline=seconds * 2 / 3, retry_period=seconds * 2 / 15
@@ -262,6 +281,7 @@ def _leader_lease(lease: str | None, identity: str | None, duration: str) -> Lea
 
 
 _DNS_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+_CONSUL_KEY = re.compile(r"[A-Za-z0-9._-][A-Za-z0-9._/-]{0,511}")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,4 @@
-"""Which of a zone's controller processes leads: a ``coordination.k8s.io/v1`` Lease, as Kubernetes' own
-controllers elect theirs.
+"""Leading a Kubernetes zone: a ``coordination.k8s.io/v1`` Lease, as Kubernetes' own controllers elect theirs.
 
 Every candidate reads the Lease. It leads when the Lease is free, or held by it,
 or its holder has not renewed it for ``duration`` seconds — measured on the
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshfed.clock import SYSTEM_CLOCK, Clock
 from meshfed.errors import MeshfedError
+from meshfed.leadership.campaign import Campaign, check_timings
 
 if TYPE_CHECKING:  # the Kubernetes client loads only for a zone that campaigns
     from meshfed.catalog.kubernetes_api import KubernetesApi
@@ -31,10 +31,6 @@ if TYPE_CHECKING:  # the Kubernetes client loads only for a zone that campaigns
 Document = dict[str, Any]
 
 log = logging.getLogger("meshfed.leadership")
-
-
-class LeadershipLostError(MeshfedError):
-    """The leader could not renew its Lease in time: it must stop acting as the leader."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,57 +45,26 @@ class LeaseSettings:
     retry_period: float = 2.0  # how often candidates try, and the leader renews
 
     def __post_init__(self) -> None:
-        if not self.retry_period < self.renew_deadline < self.duration:
-            raise ValueError(
-                f"lease timings must satisfy retry period ({self.retry_period:g} s) < renew deadline "
-                f"({self.renew_deadline:g} s) < duration ({self.duration:g} s)"
-            )
+        check_timings(self, self.duration, "duration")
 
 
-class LeaseElector:
+class LeaseElector(Campaign):
     """One candidate for the Lease of :class:`LeaseSettings`, over a connected :class:`KubernetesApi`."""
 
     def __init__(self, api: KubernetesApi, settings: LeaseSettings, clock: Clock = SYSTEM_CLOCK) -> None:
+        super().__init__(settings, clock)
         self._api = api
         self.settings = settings
-        self._clock = clock
-        self.leading = False
-        self.holder = ""  # who holds the Lease, as last read
         # The holder's record as last seen, and when (this clock's monotonic time) it was first seen so.
         self._observed: tuple[Any, ...] | None = None
         self._observed_at = 0.0
-        self._renewed_at = 0.0
 
     @property
-    def lease(self) -> str:
-        return f"{self.settings.namespace}/{self.settings.name}"
+    def held(self) -> str:
+        return f"lease {self.settings.namespace}/{self.settings.name}"
 
-    async def acquire(self) -> None:
-        """Return once this candidate leads (following meanwhile, one try per retry period)."""
-        reported = ""
-        while not await self.try_acquire_or_renew():
-            if self.holder != reported:
-                reported = self.holder
-                log.info("lease %s: %s leads; %s follows", self.lease, self.holder or "nobody", self.settings.identity)
-            await self._clock.sleep(self.settings.retry_period)
-        log.info("lease %s: %s leads", self.lease, self.settings.identity)
-
-    async def hold(self) -> None:
-        """Renew while leading, forever; raises :class:`LeadershipLostError` once a renewal is overdue."""
-        while True:
-            await self._clock.sleep(self.settings.retry_period)
-            renewed = False
-            try:
-                renewed = await self.try_acquire_or_renew()
-            except MeshfedError as err:
-                log.warning("lease %s: renewing failed: %s", self.lease, err)
-            if not renewed and self._clock.monotonic() - self._renewed_at >= self.settings.renew_deadline:
-                self.leading = False
-                raise LeadershipLostError(
-                    f"lease {self.lease}: not renewed for {self.settings.renew_deadline:g} s (now held by "
-                    f"{self.holder or 'nobody'}); {self.settings.identity} stops leading — check the Kubernetes "
-                    "API is reachable and the Role grants get/update on leases"
-                )
+    def _check_when_lost(self) -> str:
+        return "check the Kubernetes API is reachable and the Role grants get/update on leases"
 
     async def release(self) -> None:
         """Give the Lease up if this candidate holds it, so a follower leads at its next try."""
@@ -111,13 +76,10 @@ class LeaseElector:
             if lease is not None and _spec(lease).get("holderIdentity") == self.settings.identity:
                 spec = {**_spec(lease), "holderIdentity": "", "leaseDurationSeconds": 1}
                 await self._write(lease, spec)
-                log.info("lease %s: released by %s", self.lease, self.settings.identity)
+                log.info("%s: released by %s", self.held, self.settings.identity)
         except MeshfedError as err:
             log.warning(
-                "lease %s: could not release it (%s); followers take over in %g s",
-                self.lease,
-                err,
-                self.settings.duration,
+                "%s: could not release it (%s); followers take over in %g s", self.held, err, self.settings.duration
             )
 
     async def try_acquire_or_renew(self) -> bool:
@@ -127,8 +89,7 @@ class LeaseElector:
         lease = await self._read()
         stamp = _timestamp(self._clock.now())
         if lease is None:
-            spec = self._spec_for(None, stamp)
-            return await self._won(await self._create(spec), now)
+            return self._won(await self._create(self._spec_for(None, stamp)), now)
         spec = _spec(lease)
         holder = str(spec.get("holderIdentity") or "")
         self.holder = holder
@@ -139,13 +100,7 @@ class LeaseElector:
         if holder and holder != me and now - self._observed_at < duration:
             self.leading = False
             return False
-        return await self._won(await self._write(lease, self._spec_for(spec, stamp)), now)
-
-    async def _won(self, written: bool, now: float) -> bool:
-        self.leading = written
-        if written:
-            self.holder, self._renewed_at = self.settings.identity, now
-        return written
+        return self._won(await self._write(lease, self._spec_for(spec, stamp)), now)
 
     def _spec_for(self, current: Document | None, stamp: str) -> Document:
         me = self.settings.identity
@@ -205,4 +160,4 @@ def _timestamp(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-__all__ = ["LeadershipLostError", "LeaseElector", "LeaseSettings"]
+__all__ = ["LeaseElector", "LeaseSettings"]
