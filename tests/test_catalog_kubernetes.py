@@ -41,6 +41,7 @@ from meshfed.zone import Zone
 from tests.conftest import eventually, until
 from tests.doubles.kubernetes import KubernetesDouble, endpoint_slice, service
 from tests.servers import DEFAULT_STATE, real_kubernetes
+from tests.test_helm import IMAGE
 
 FAST: dict[str, Any] = {"watch_timeout": 5, "initial_sync_timeout": 10.0, "backoff": (0.01, 0.05)}
 REPO = Path(__file__).resolve().parent.parent
@@ -186,6 +187,7 @@ class Cluster:
         """Install the chart for ``watched`` (mirrors into ``mirror``, else its namespace); its account's kubeconfig."""
         release_namespace = self.namespace("meshfed")
         values = [
+            *IMAGE,
             "--set",
             "catalog.mode=kubernetes",
             "--set",

@@ -70,6 +70,7 @@ FLAGS_OF = {
     "bundle_endpoint_port": ("--bundle-endpoint-port", "--bundle-endpoint-address"),
     "bundle_endpoint_host": ("--bundle-endpoint-address",),
     "bundle_endpoint_web": ("--bundle-endpoint-web-cert", "--bundle-endpoint-web-key"),
+    "leader": ("--leader-lease", "--leader-lock", "--leader-identity"),
 }
 
 

@@ -51,8 +51,14 @@ def helm() -> str:
     )
 
 
-def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([helm, *args], capture_output=True, text=True, check=False, timeout=60)
+# Every install names the image it runs (the chart has no default: no image is published), so every
+# render here does too.
+IMAGE = ("--set", "image.repository=registry.example/meshfed")
+
+
+def run_helm(helm: str, *args: str, image: bool = True) -> subprocess.CompletedProcess[str]:
+    command = [helm, *args, *(IMAGE if image and args[0] in ("template", "lint") else ())]
+    return subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
 
 
 def render(helm: str, values: list[str]) -> list[Manifest]:
@@ -222,6 +228,15 @@ def test_values_schema_rejects_bad_values(helm: str, bad: str) -> None:
     result = run_helm(helm, "template", "east", str(CHART), "--kube-version", KUBE_VERSION, "--set", bad)
     assert result.returncode != 0
     assert "schema" in result.stderr, result.stderr
+
+
+def test_an_install_that_names_no_image_says_which_to_build_and_push(helm: str) -> None:
+    result = run_helm(helm, "template", "east", str(CHART), "--kube-version", KUBE_VERSION, image=False)
+    assert result.returncode != 0
+    assert "set image.repository" in result.stderr, result.stderr
+    assert "gateways/Dockerfile" in result.stderr, result.stderr
+    image = one(render(helm, ["--set", "image.tag=v9"]), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert image["image"] == "registry.example/meshfed:v9"
 
 
 @pytest.mark.parametrize("values", CASES)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.servers import RealKubernetes, real_kubernetes
-from tests.test_helm import CASES, CHART
+from tests.test_helm import CASES, CHART, IMAGE
 
 # What prometheus-operator installs, reduced to what the API server needs to admit a ServiceMonitor.
 SERVICE_MONITOR_CRD = {
@@ -57,8 +57,9 @@ def kubectl(kube: RealKubernetes, *args: str, stdin: str | None = None) -> subpr
 
 
 def helm(kube: RealKubernetes, *args: str) -> subprocess.CompletedProcess[str]:
+    image = IMAGE if args[0] in ("install", "upgrade") else ()
     return subprocess.run(
-        [kube.helm, "--kubeconfig", kube.admin_kubeconfig, *args],
+        [kube.helm, "--kubeconfig", kube.admin_kubeconfig, *args, *image],
         capture_output=True,
         text=True,
         check=False,

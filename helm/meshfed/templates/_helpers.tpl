@@ -60,7 +60,8 @@ change only this definition.
 {{- end }}
 
 {{- define "meshfed.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $repository := required "set image.repository to where you pushed the image built from gateways/Dockerfile (no image is published; see gateways/README.md)" .Values.image.repository }}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
 {{- define "meshfed.adminTokenSecretName" -}}
