@@ -189,6 +189,29 @@ def test_a_leader_cut_off_from_consul_stops_at_its_renew_deadline(consul: Consul
     asyncio.run(scenario())
 
 
+def test_a_holder_written_by_someone_else_reaches_the_log_bounded_and_quoted(
+    consul: ConsulUnderTest, tmp_path: Path
+) -> None:
+    token = consul.meshfed_token(tmp_path)
+    session = consul.call("PUT", "/v1/session/create", {"TTL": "10s", "NodeChecks": []})["ID"]
+    hostile = "east-\x1b[2J\n" + "x" * 1000
+    # Written as it is, not as JSON: the raw body is the key's value.
+    taken = consul._http.put(f"/v1/kv/{key_of(consul)}", params={"acquire": session}, content=hostile.encode())
+    assert taken.json() is True, taken.text
+
+    async def scenario() -> None:
+        async with candidates(consul, token, ManualClock(), "east-a") as (east_a,):
+            assert not await east_a.try_acquire_or_renew()
+            assert east_a.holder.startswith("'east-\\x1b[2J\\n"), east_a.holder
+            assert len(east_a.holder) < 300
+            assert east_a.holder.isprintable()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        consul.call("PUT", f"/v1/session/destroy/{session}")
+
+
 def test_a_token_without_the_lock_rule_is_one_line_naming_the_rule(consul: ConsulUnderTest, tmp_path: Path) -> None:
     token = consul.token_file(tmp_path, 'session_prefix "" { policy = "write" }\n')
 

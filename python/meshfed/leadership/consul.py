@@ -147,10 +147,12 @@ class ConsulLockElector(Campaign):
         entry = entries[0] if entries and isinstance(entries[0], dict) else {}
         if not entry.get("Session"):
             return ""
+        # Anyone with key:write may have written it: bounded, and quoted unless printable, before any log.
         try:
-            return base64.b64decode(str(entry.get("Value") or ""), validate=True)[:256].decode(errors="replace")
+            holder = base64.b64decode(str(entry.get("Value") or ""), validate=True)[:256].decode(errors="replace")
         except ValueError:
             return "(unreadable)"
+        return holder if holder.isprintable() else repr(holder)
 
     async def _put(self, path: str, params: dict[str, str] | None = None, body: Any = None) -> Any:
         with self._described():
