@@ -56,6 +56,9 @@ def documented_policy(node: str, imports: list[str]) -> str:
     zone = node.removeprefix("meshfed-")
     assert text.count('key "meshfed/east/leader"') == 1, f"{ACL_POLICY_FILE} no longer names key meshfed/east/leader"
     text = text.replace('key "meshfed/east/leader"', f'key "meshfed/{zone}/leader"')
+    state = 'key_prefix "meshfed/east/state/"'
+    assert text.count(state) == 1, f"{ACL_POLICY_FILE} no longer names {state}"
+    text = text.replace(state, f'key_prefix "meshfed/{zone}/state/"')
     return text.replace(block.group(0), "".join(block.group(0).replace("api-west", name) for name in imports))
 
 

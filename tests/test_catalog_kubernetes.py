@@ -185,20 +185,23 @@ class Cluster:
 
     def install(self, watched: list[str], mirror: str | None = None) -> Path:
         """Install the chart for ``watched`` (mirrors into ``mirror``, else its namespace); its account's kubeconfig."""
+        return self.install_chart(
+            [
+                "--set",
+                "catalog.mode=kubernetes",
+                "--set",
+                "persistence.enabled=false",
+                "--set-json",
+                f"catalog.kubernetes.namespaces={json.dumps(watched)}",
+                "--set",
+                f"catalog.kubernetes.mirrorNamespace={mirror or ''}",
+            ]
+        )
+
+    def install_chart(self, chart_values: list[str]) -> Path:
+        """Install the chart with ``chart_values`` into a namespace of its own; its account's kubeconfig."""
         release_namespace = self.namespace("meshfed")
-        values = [
-            *IMAGE,
-            "--set",
-            "catalog.mode=kubernetes",
-            "--set",
-            f"zone.name={self.zone}",
-            "--set",
-            "persistence.enabled=false",
-            "--set-json",
-            f"catalog.kubernetes.namespaces={json.dumps(watched)}",
-            "--set",
-            f"catalog.kubernetes.mirrorNamespace={mirror or ''}",
-        ]
+        values = [*IMAGE, "--set", f"zone.name={self.zone}", *chart_values]
         template = [
             "template",
             RELEASE,

@@ -70,6 +70,38 @@ def test_log_options_are_refused_at_parse(zone, flag, value, choices):
     assert not (zone / "api-url").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "fragments"),
+    [
+        (("--state-secret", "default/east", "--state-kv", "meshfed/east"), ("--state-kv", "not both")),
+        (("--state-secret", "east"), ("--state-secret", "give NAMESPACE/NAME")),
+        (("--state-secret", "default/East_State"), ("--state-secret", "1-63 lower-case letters")),
+        (("--state-secret", f"default/{'x' * 64}"), ("--state-secret", "1-63 lower-case letters")),
+        (("--state-kv", "/meshfed/east"), ("--state-kv",)),
+        (("--state-kv", "meshfed/../east"), ("--state-kv", "not empty, '.' or '..'")),
+        (("--leader-lock", "meshfed//leader"), ("--leader-lock", "not empty, '.' or '..'")),
+    ],
+)
+def test_a_bad_state_replica_or_lock_is_refused_at_parse(zone, flags, fragments):
+    """Refused before the zone starts or any platform is called: nothing written, nothing listening."""
+    result = meshfed_cli("up", "--dir", zone, *flags, *ephemeral_flags())
+    one_usage_error(result, "meshfed up", *fragments)
+    assert not (zone / "api-url").exists()
+    assert not (zone / ".replica.json").exists()
+
+
+def test_a_token_file_that_is_not_one_is_refused_and_the_zones_token_kept(zone, tmp_path):
+    token = (zone / "admin-token").read_bytes()
+    result = meshfed_cli("up", "--dir", zone, "--admin-token-file", tmp_path / "none", *ephemeral_flags())
+    one_usage_error(result, "meshfed up", "--admin-token-file", "is not a file this process can read")
+    for content in (b"short\n", b"two words here and more\n", b"\xff" * 32):
+        (tmp_path / "token").write_bytes(content)
+        result = meshfed_cli("up", "--dir", zone, "--admin-token-file", tmp_path / "token", *ephemeral_flags())
+        one_line_error(result, str(tmp_path / "token"))
+        assert (zone / "admin-token").read_bytes() == token
+    assert not (zone / "api-url").exists()
+
+
 def test_a_bad_value_raised_by_a_command_is_one_line(zone):
     result = meshfed_cli("zone", "token", "--dir", zone)
     one_usage_error(result, "meshfed zone token", "choose one of --read or --admin")

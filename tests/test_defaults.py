@@ -71,6 +71,8 @@ FLAGS_OF = {
     "bundle_endpoint_host": ("--bundle-endpoint-address",),
     "bundle_endpoint_web": ("--bundle-endpoint-web-cert", "--bundle-endpoint-web-key"),
     "leader": ("--leader-lease", "--leader-lock", "--leader-identity"),
+    "replica": ("--state-secret", "--state-kv"),
+    "token_files": ("--admin-token-file", "--read-token-file"),
 }
 
 

@@ -164,15 +164,37 @@ def test_gateway_service_type_defaults_to_load_balancer_and_is_configurable(helm
     assert one(changed, "Service", "-gateway")["spec"]["type"] == "ClusterIP"
 
 
+def highly_available(manifests: list[Manifest]) -> bool:
+    return bool(one(manifests, "Deployment")["spec"]["replicas"] > 1)
+
+
+# A highly available zone's pods campaign for their Lease and the leader keeps the zone in Secrets
+# (tests/test_replica.py runs the state replica as this account against the real kube-apiserver).
+LEADER_RULES = [
+    (["coordination.k8s.io"], ["leases"], ["get", "create", "update"]),
+    ([""], ["secrets"], ["get", "list", "create", "update", "delete"]),
+]
+
+
 @pytest.mark.parametrize("values", CASES)
-def test_rbac_exists_only_in_kubernetes_mode(helm: str, values: list[str]) -> None:
+def test_rbac_exists_only_in_kubernetes_mode_or_for_high_availability(helm: str, values: list[str]) -> None:
     manifests = render(helm, values)
+    leader = [m for m in manifests if m["kind"] in RBAC_KINDS and m["metadata"]["name"].endswith("-leader")]
+    if highly_available(manifests):
+        role = one(leader, "Role")
+        assert role["metadata"]["namespace"] == NAMESPACE
+        assert [(rule["apiGroups"], rule["resources"], rule["verbs"]) for rule in role["rules"]] == LEADER_RULES
+        assert one(leader, "RoleBinding")["roleRef"]["name"] == role["metadata"]["name"]
+    else:
+        assert leader == []
+    manifests = [m for m in manifests if m not in leader]
     rbac = [manifest for manifest in manifests if manifest["kind"] in RBAC_KINDS]
+    automount = one(manifests, "Deployment")["spec"]["template"]["spec"]["automountServiceAccountToken"]
     if catalog_mode(manifests) != "kubernetes":
         assert rbac == []
-        assert one(manifests, "Deployment")["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+        assert automount is highly_available(manifests)
         return
-    assert one(manifests, "Deployment")["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    assert automount is True
     # Exactly the verbs the source uses (tests/test_catalog_kubernetes.py checks each is used), and
     # nothing cluster-wide: stale mirrors are looked for in the mirror namespace only.
     assert of_kind(manifests, "ClusterRole") == of_kind(manifests, "ClusterRoleBinding") == []
@@ -213,6 +235,8 @@ def test_kubernetes_mode_with_default_values_grants_rbac(helm: str) -> None:
         "zone.healthCheckInterval=often",
         "typo=1",
         "persistence.sizee=1Gi",
+        "highAvailability.replicas=1",
+        "highAvailability.leaseDuration=soon",
         "api.tls.secretName=Not_A_Name",
         "metrics.port=0",
         "networkPolicy.enable=true",
@@ -333,6 +357,30 @@ def _arg(controller: Manifest, flag: str) -> str | None:
     values = [arg.split("=", 1)[1] for arg in controller["args"] if arg.startswith(f"{flag}=")]
     assert len(values) <= 1, values
     return values[0] if values else None
+
+
+def test_a_highly_available_zone_keeps_its_state_in_secrets_and_elects_a_leader(helm: str) -> None:
+    manifests = render(helm, ["--set", "highAvailability.enabled=true"])
+    deployment = one(manifests, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    controller = _controller(manifests)
+    name = deployment["metadata"]["name"]
+    assert _arg(controller, "--leader-lease") == f"{NAMESPACE}/{name}"
+    assert _arg(controller, "--leader-identity") == "$(POD_NAME)"
+    assert _arg(controller, "--state-secret") == f"{NAMESPACE}/{name}-state"
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in controller["env"]
+    # A restored replica holds the tokens an older pod published; the chart's Secrets win over them.
+    mounts = {mount["name"]: mount["mountPath"] for mount in controller["volumeMounts"]}
+    assert _arg(controller, "--admin-token-file") == f"{mounts['admin-token']}/token"
+    assert _arg(controller, "--read-token-file") == f"{mounts['read-token']}/token"
+    # No volume: a pod lost with its disk loses nothing, and any node can run any pod.
+    assert of_kind(manifests, "PersistentVolumeClaim") == []
+    (data,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "data"]
+    assert data == {"name": "data", "emptyDir": {}}
+    single = render(helm, [])
+    assert one(single, "Deployment")["spec"]["replicas"] == 1
+    assert _arg(_controller(single), "--state-secret") is None
+    assert of_kind(single, "PersistentVolumeClaim") != []
 
 
 def test_the_api_is_on_loopback_unless_it_serves_tls(helm: str) -> None:

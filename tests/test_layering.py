@@ -40,7 +40,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"telemetry"}),  # reads the gateway's typed stats document (meshfed.gateway.stats)
     frozenset({"zone"}),
     frozenset({"federation"}),
-    frozenset({"controller", "diagnose", "leadership"}),
+    frozenset({"controller", "diagnose", "leadership", "replica"}),
     frozenset({"api", "runtime", "demo"}),
     frozenset({"cli", "__main__"}),
 )

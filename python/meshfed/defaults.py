@@ -27,6 +27,9 @@ EGRESS_HOST: Final = "127.0.0.1"
 EGRESS_PORT_BASE: Final = 15500
 
 HEARTBEAT_INTERVAL: Final = dt.timedelta(seconds=5)
+# How often a zone with a state replica (--state-secret, --state-kv) publishes what changed: a change
+# reaches the platform within about this long.
+STATE_REPLICA_INTERVAL: Final = dt.timedelta(seconds=2)
 FAILING_PEER_GRACE: Final = dt.timedelta(minutes=5)
 FAILING_PEER_POLICY: Final[Literal["open", "closed"]] = "open"
 HEALTH_CHECK_INTERVAL: Final = dt.timedelta(seconds=5)  # active checks of local endpoints

@@ -31,6 +31,9 @@ from pathlib import Path
 from meshfed.sqlite import SqliteStore, transaction
 
 STATE_FILE = "state.db"  # the zone's own state; the one definition of its name
+# The tables here that describe a running process, not the zone: a copy of the zone's state made for
+# another process (meshfed.replica) leaves their rows out, so no copy claims a live controller.
+PROCESS_TABLES = ("controller_lease", "listener_addresses")
 # The controller renews its lease every second; readers call it gone after this long without.
 LEASE_TIMEOUT = dt.timedelta(seconds=5)
 LEASE_RENEW_SECONDS = 1.0

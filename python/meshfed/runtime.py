@@ -25,12 +25,14 @@ from meshfed.federation.peering_state import PeerState
 from meshfed.federation.service import PeeringService
 from meshfed.federation.settings import PeeringSettings
 from meshfed.leadership import LeaseSettings, LockSettings
+from meshfed.replica import KvReplica, SecretReplica
 from meshfed.trust.ca import Svid
 from meshfed.trust.endpoint import BundleEndpointServer, WebCertificate, endpoint_spiffe_id
 from meshfed.trust.spiffe import TrustDomain
 from meshfed.zone import Zone
 from meshfed.zone.bundle_poller import BundlePoller
 from meshfed.zone.rotation import RotationService
+from meshfed.zone.tokens import TokenFiles
 
 _ENDPOINT_SVID_TTL = dt.timedelta(hours=24)
 
@@ -53,6 +55,11 @@ class ZoneSettings:
     # Serve only while leading (meshfed.leadership): holding this Kubernetes Lease or Consul lock; None: no
     # election, the process serves.
     leader: LeaseSettings | LockSettings | None = None
+    # Keep the zone's state in the platform too (meshfed.replica): restored at start when the directory does
+    # not hold it, published while the zone runs; None: the directory alone.
+    replica: SecretReplica | KvReplica | None = None
+    # The deployer's API tokens, which replace the directory's (and a restored replica's) at start.
+    token_files: TokenFiles = TokenFiles()
 
 
 def check_settings(zone: Zone, settings: ZoneSettings) -> None:

@@ -58,3 +58,11 @@ session_prefix "" {
 key "meshfed/east/leader" {
   policy = "write"
 }
+
+# Only with `meshfed up --state-kv meshfed/east/state` (the zone's state kept
+# in Consul KV, so that it survives the loss of the pod and its volume): the
+# manifest and the pieces under the prefix. The values hold the zone's CA keys
+# and API tokens: grant no other token read on this prefix.
+key_prefix "meshfed/east/state/" {
+  policy = "write"
+}

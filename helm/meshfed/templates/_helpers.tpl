@@ -72,6 +72,11 @@ change only this definition.
 {{- default (include "meshfed.resourceName" (dict "root" . "suffix" "read-token")) .Values.readToken.existingSecret }}
 {{- end }}
 
+{{/* The Secret holding a highly available zone's state (meshfed up --state-secret; its pieces are <name>-<digest>). */}}
+{{- define "meshfed.stateSecretName" -}}
+{{- include "meshfed.resourceName" (dict "root" . "suffix" "state") }}
+{{- end }}
+
 {{- define "meshfed.claimName" -}}
 {{- default (include "meshfed.resourceName" (dict "root" . "suffix" "zone")) .Values.persistence.existingClaim }}
 {{- end }}

@@ -7,14 +7,15 @@ admin token and changes its admin token (``api/auth.py``); health, readiness,
 metrics and the zone's own bundle are open. ``create_health_app(controller)``
 serves only those open routes, for ``meshfed up --metrics-address``: probes and
 Prometheus reach them on the pod network while the API itself stays on
-loopback or behind TLS.
+loopback or behind TLS. Its ``controller`` is asked for at each request: a
+process that follows its zone's leader has none yet (alive, not ready).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -76,7 +77,7 @@ def create_app(controller: Controller, peering: PeeringService | None = None) ->
     app.include_router(peering_api.router)
     app.include_router(authz_api.router)
     app.include_router(status_api.router)
-    _add_open_routes(app, controller)
+    _add_open_routes(app, lambda: controller)
 
     @app.get("/v1/zone", tags=["zone"], dependencies=[Depends(require_reader)])
     def zone_info() -> ZoneInfo:
@@ -132,7 +133,7 @@ def create_app(controller: Controller, peering: PeeringService | None = None) ->
     return app
 
 
-def create_health_app(controller: Controller) -> FastAPI:
+def create_health_app(controller: Callable[[], Controller | None]) -> FastAPI:
     """Only ``/healthz``, ``/readyz`` and ``/metrics`` of ``controller``: no token, no topology, no lifespan.
 
     Served beside the API (``meshfed up --metrics-address``) on its own port, so
@@ -144,7 +145,7 @@ def create_health_app(controller: Controller) -> FastAPI:
     return app
 
 
-def _add_open_routes(app: FastAPI, controller: Controller) -> None:
+def _add_open_routes(app: FastAPI, current: Callable[[], Controller | None]) -> None:
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
         """The process is alive."""
@@ -158,8 +159,12 @@ def _add_open_routes(app: FastAPI, controller: Controller) -> None:
         background component crashed and waits to restart, the catalog cannot
         be read, imports cannot be published into it, or a peer's imports are
         withheld; ``problems`` says what, one line each. ``components`` is every
-        background component with its state, restarts and readiness.
+        background component with its state, restarts and readiness. A process
+        that follows its zone's leader answers 503 ``following``.
         """
+        controller = current()
+        if controller is None:
+            return JSONResponse({"status": "following"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
         if not controller.ready:
             return JSONResponse({"status": "starting"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
         problems = controller.problems()
@@ -170,5 +175,7 @@ def _add_open_routes(app: FastAPI, controller: Controller) -> None:
 
     @app.get("/metrics", tags=["health"], response_class=Response)
     def metrics() -> Response:
-        """Prometheus text exposition of the zone's OpenTelemetry metrics."""
-        return Response(controller.telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        """Prometheus text exposition of the zone's OpenTelemetry metrics (none while following)."""
+        controller = current()
+        text = "" if controller is None else controller.telemetry.render()
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -23,9 +23,11 @@ Used by :mod:`meshfed.catalog.consul_watch` (reading),
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ import consul.aio
 from consul.callback import CB
 
 from meshfed.catalog.settings import ConsulSettings
-from meshfed.errors import CatalogError
+from meshfed.errors import CatalogError, MeshfedError
 
 # The Consul catalog's one logger, named for meshfed.catalog.consul as before the split into modules.
 log = logging.getLogger("meshfed.catalog.consul")
@@ -149,14 +151,13 @@ class ConsulApi:
 
     # -- HTTP -------------------------------------------------------------------------------------------
 
-    async def get(self, path: str, index: int | None = None) -> Answer:
-        """One read; with ``index``, a blocking query that returns once Consul's index passes it (or on ``wait``)."""
-        params: list[tuple[str, str]] = []
-        if self.settings.datacenter:
-            params.append(("dc", self.settings.datacenter))
+    async def get(self, path: str, index: int | None = None, params: dict[str, str] | None = None) -> Answer:
+        """One read; with ``index``, a blocking query that returns once Consul's index passes it (or on ``wait``).
+        ``params``: more of the query (``keys`` to list a KV prefix)."""
+        query = self._params(params)
         if index:
-            params += [("index", str(index)), ("wait", self._wait_param())]
-        answer: Answer = await self.client().http.get(_answer, path, params=params, headers=self._headers())
+            query += [("index", str(index)), ("wait", self._wait_param())]
+        answer: Answer = await self.client().http.get(_answer, path, params=query, headers=self._headers())
         if answer.default_deny and self._token is None and not self._warned_anonymous:
             # Consul filters the anonymous token's reads without saying so: this is the only sign.
             self._warned_anonymous = True
@@ -177,12 +178,21 @@ class ConsulApi:
 
     async def send(self, path: str, *, params: dict[str, str] | None = None, body: Any = None) -> Any:
         """One PUT that answers a value (a session's ID, whether a lock was taken): its decoded JSON, None on
-        404. ``body``: a string is sent as it is (a KV value), anything else as JSON."""
+        404. ``body``: a string or bytes is sent as it is (a KV value), anything else as JSON."""
+        data = "" if body is None else body if isinstance(body, str | bytes) else json.dumps(body)
+        return await self.client().http.put(
+            CB.json(), path, params=self._params(params), data=data, headers=self._headers()
+        )
+
+    async def delete(self, path: str, *, params: dict[str, str] | None = None) -> None:
+        """One DELETE (a KV key); a key that is not there is no error, as Consul answers."""
+        await self.client().http.delete(CB.json(), path, params=self._params(params), headers=self._headers())
+
+    def _params(self, params: dict[str, str] | None) -> list[tuple[str, str]]:
         query = list((params or {}).items())
         if self.settings.datacenter:
             query.append(("dc", self.settings.datacenter))
-        data = "" if body is None else body if isinstance(body, str) else json.dumps(body)
-        return await self.client().http.put(CB.json(), path, params=query, data=data, headers=self._headers())
+        return query
 
     def _headers(self) -> dict[str, str]:
         return {"X-Consul-Token": self._token} if self._token else {}
@@ -239,6 +249,17 @@ class ConsulApi:
             f"{where} denied access (403 {text}) — {token} lacks {kind}:{access}{on}: "
             f"add `{rule}` to its policy (see {ACL_POLICY_FILE})"
         )
+
+    @contextlib.contextmanager
+    def described(self, what: str, error: type[MeshfedError] = MeshfedError) -> Iterator[None]:
+        """Consul's and the HTTP client's errors in the block as one ``error`` about ``what``, saying what to
+        check (:meth:`describe`); meshfed's own errors pass as they are."""
+        try:
+            yield
+        except MeshfedError:
+            raise
+        except Exception as err:
+            raise error(f"{what}: {self.describe(err)}") from None
 
     def describe(self, err: BaseException) -> str:
         where = f"Consul at {self.address}"

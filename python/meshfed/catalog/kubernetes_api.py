@@ -14,7 +14,7 @@ the meshfed chart's Role or ClusterRole grants it.
 
 Used by :mod:`meshfed.catalog.kubernetes_watch` (listing and watching),
 :mod:`meshfed.catalog.kubernetes_mirrors` (mirroring imports) and
-:mod:`meshfed.leadership` (the controllers' Lease).
+:mod:`meshfed.leadership` (the controllers' Lease) and :mod:`meshfed.replica` (the zone's state in Secrets).
 """
 
 from __future__ import annotations
@@ -123,6 +123,8 @@ class KubernetesApi:
     def list_call(self, kind: str, namespace: str | None, **kwargs: Any) -> Callable[[], Awaitable[Any]]:
         kwargs["_preload_content"] = False
         core, discovery = self._core(), self._discovery()
+        if kind == "secrets" and namespace is not None:
+            return lambda: core.list_namespaced_secret(namespace, **kwargs)
         if kind == "services":
             if namespace is None:
                 return lambda: core.list_service_for_all_namespaces(**kwargs)
@@ -132,6 +134,8 @@ class KubernetesApi:
         return lambda: discovery.list_namespaced_endpoint_slice(namespace, **kwargs)
 
     def create_call(self, kind: str, namespace: str, body: Document) -> Callable[[], Awaitable[Any]]:
+        if kind == "secrets":
+            return lambda: self._core().create_namespaced_secret(namespace, cast(Any, body), _preload_content=False)
         if kind == "leases":
             return lambda: self._coordination().create_namespaced_lease(
                 namespace, cast(Any, body), _preload_content=False
@@ -143,6 +147,10 @@ class KubernetesApi:
         )
 
     def replace_call(self, kind: str, namespace: str, name: str, body: Document) -> Callable[[], Awaitable[Any]]:
+        if kind == "secrets":
+            return lambda: self._core().replace_namespaced_secret(
+                name, namespace, cast(Any, body), _preload_content=False
+            )
         if kind == "leases":
             return lambda: self._coordination().replace_namespaced_lease(
                 name, namespace, cast(Any, body), _preload_content=False
@@ -156,6 +164,8 @@ class KubernetesApi:
         )
 
     def read_call(self, kind: str, namespace: str, name: str) -> Callable[[], Awaitable[Any]]:
+        if kind == "secrets":
+            return lambda: self._core().read_namespaced_secret(name, namespace, _preload_content=False)
         if kind == "leases":
             return lambda: self._coordination().read_namespaced_lease(name, namespace, _preload_content=False)
         if kind == "services":
@@ -163,6 +173,8 @@ class KubernetesApi:
         return lambda: self._discovery().read_namespaced_endpoint_slice(name, namespace, _preload_content=False)
 
     def delete_call(self, kind: str, namespace: str, name: str) -> Callable[[], Awaitable[Any]]:
+        if kind == "secrets":
+            return lambda: self._core().delete_namespaced_secret(name, namespace, _preload_content=False)
         if kind == "services":
             return lambda: self._core().delete_namespaced_service(name, namespace, _preload_content=False)
         return lambda: self._discovery().delete_namespaced_endpoint_slice(name, namespace, _preload_content=False)

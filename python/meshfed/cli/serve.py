@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -38,6 +38,7 @@ from meshfed.addresses import HostPort
 from meshfed.api.app import create_health_app
 from meshfed.cli import _signals
 from meshfed.cli.remote import API_URL_FILE
+from meshfed.controller import Controller
 from meshfed.errors import CatalogError, GatewayConfigError, GatewayError, MeshfedError, PeeringError, TrustError
 from meshfed.leadership import (
     Campaign,
@@ -48,6 +49,7 @@ from meshfed.leadership import (
     LockSettings,
 )
 from meshfed.logs import configure_logging
+from meshfed.replica import SecretReplica
 from meshfed.runtime import (
     ZoneRuntime,
     ZoneSettings,
@@ -57,7 +59,12 @@ from meshfed.runtime import (
     tune_garbage_collector,
 )
 from meshfed.zone import Zone
+from meshfed.zone.tokens import install_token_files
 from meshfed.zonelock import hold_zone_lock
+
+if TYPE_CHECKING:
+    from meshfed.catalog.consul_api import ConsulApi
+    from meshfed.catalog.kubernetes_api import KubernetesApi
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +149,10 @@ class _Stop:
         self.server: uvicorn.Server | None = None
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.end()
+
+    def end(self) -> None:
+        """Stop: the start where it is, or the API's server (which drains)."""
         self.requested = True
         if self.server is not None:
             self.server.should_exit = True
@@ -192,23 +203,36 @@ async def _serve(
     stop: _Stop,
     metrics_socket: socket.socket | None = None,
 ) -> None:
-    runtime = assemble_zone(zone, settings)
-    tls = listeners.api_tls.uvicorn_options() if listeners.api_tls is not None else {}
-    config = uvicorn.Config(runtime.app(), log_level=log_level, access_log=False, log_config=None, **tls)
-    server = uvicorn.Server(config)
-    # A SIGTERM while the controller starts stops it as soon as it has. Once serving, uvicorn takes the
-    # signal, drains, then re-raises it to `stop`: a drained shutdown exits 0, as orchestrators expect.
-    stop.server = server
-    if stop.requested:
-        return
     campaigning = settings.leader is not None
+    assembled: list[ZoneRuntime] = []  # the zone, once this process leads and has its state
+
+    def controller() -> Controller | None:
+        return assembled[0].controller if assembled else None
+
     # A follower answers /healthz (alive) and /readyz 503 (not serving) while it waits to lead.
-    health = _serve_health(runtime, listeners, metrics_socket, log_level) if campaigning else contextlib.nullcontext()
-    async with health, _leading(zone, settings, stop, server) as lost:
+    health = (
+        _serve_health(zone.name, controller, listeners, metrics_socket, log_level)
+        if campaigning
+        else contextlib.nullcontext()
+    )
+    async with health, _leading(zone, settings, stop) as lost, _replicated(zone, settings, stop, lost) as current:
+        if stop.requested:
+            return
+        # After the restore: the deployer's tokens win over those an older process published.
+        for name in install_token_files(current.directory, settings.token_files):
+            log.info("zone %s: %s replaced by the one the deployer gave", current.name, name)
+        runtime = assemble_zone(current, settings)
+        assembled.append(runtime)
+        tls = listeners.api_tls.uvicorn_options() if listeners.api_tls is not None else {}
+        config = uvicorn.Config(runtime.app(), log_level=log_level, access_log=False, log_config=None, **tls)
+        server = uvicorn.Server(config)
+        # A SIGTERM while the controller starts stops it as soon as it has. Once serving, uvicorn takes the
+        # signal, drains, then re-raises it to `stop`: a drained shutdown exits 0, as orchestrators expect.
+        stop.server = server
         if stop.requested:
             return
         await _serve_led(
-            zone,
+            current,
             runtime,
             listeners,
             api_socket,
@@ -223,7 +247,7 @@ async def _serve(
 
 
 @contextlib.asynccontextmanager
-async def _leading(zone: Zone, settings: ZoneSettings, stop: _Stop, server: uvicorn.Server) -> AsyncIterator[list[str]]:
+async def _leading(zone: Zone, settings: ZoneSettings, stop: _Stop) -> AsyncIterator[list[str]]:
     """Lead the zone (``--leader-lease``, ``--leader-lock``) for the block: campaign first, following meanwhile.
 
     Yields a list that holds why leadership was lost, if it was: the API is told to exit then, and
@@ -251,7 +275,7 @@ async def _leading(zone: Zone, settings: ZoneSettings, stop: _Stop, server: uvic
             if not task.cancelled() and isinstance(task.exception(), LeadershipLostError):
                 lost.append(str(task.exception()))
                 log.error("zone %s: %s", zone.name, lost[0])
-                server.should_exit = True
+                stop.end()
 
         holding = asyncio.create_task(elector.hold())
         holding.add_done_callback(ended)
@@ -269,22 +293,89 @@ async def _leading(zone: Zone, settings: ZoneSettings, stop: _Stop, server: uvic
 async def _elector(zone: Zone, leader: LeaseSettings | LockSettings) -> tuple[Campaign, Callable[[], Awaitable[None]]]:
     """The candidate for ``leader`` over the zone's own platform client, and how to close that client."""
     if isinstance(leader, LockSettings):
-        from meshfed.catalog.consul_api import ConsulApi  # the Consul client: only for a campaign
-        from meshfed.catalog.settings import ConsulSettings
-
-        # The zone's [consul] settings, as its catalog reads them (else the local agent).
-        consul = ConsulApi(zone.config.consul or ConsulSettings(), node=f"meshfed-{zone.name}", blocking_wait=10.0)
+        consul = _consul_api(zone)
         return ConsulLockElector(consul, leader), consul.aclose
-    from meshfed.catalog.kubernetes_api import KubernetesApi  # the Kubernetes client: only for a campaign
+    api = await _kubernetes_api(zone, "--leader-lease")
+    return LeaseElector(api, leader), api.aclose
+
+
+@contextlib.asynccontextmanager
+async def _replicated(zone: Zone, settings: ZoneSettings, stop: _Stop, lost: list[str]) -> AsyncIterator[Zone]:
+    """The zone with its state brought together with its replica (``--state-secret``, ``--state-kv``), published
+    while the block runs and once more at its end; without a replica, the zone as it is.
+
+    Runs while leading: restoring the replica is what makes a new leader the zone. A publication refused
+    because another process published (the fence of :mod:`meshfed.replica.replicator`) ends the block as a
+    lost leadership does.
+    """
+    if settings.replica is None or stop.requested:
+        yield zone
+        return
+    from meshfed.replica.manifest import ReplicaError
+    from meshfed.replica.replicator import ReplicaConflictError, StateReplica
+    from meshfed.replica.stores import KvStore, ReplicaStore, SecretStore
+
+    store: ReplicaStore
+    if isinstance(settings.replica, SecretReplica):
+        api = await _kubernetes_api(zone, "--state-secret")
+        store, close = SecretStore(api, settings.replica.namespace, settings.replica.name), api.aclose
+    else:
+        consul = _consul_api(zone)
+        store, close = KvStore(consul, settings.replica.prefix), consul.aclose
+    writer = settings.leader.identity if settings.leader is not None else f"{socket.gethostname()}-{os.getpid()}"
+    replica = StateReplica(store, zone.directory, zone=zone.name, trust_domain=str(zone.trust_domain), writer=writer)
+    try:
+        log.info("zone %s: %s", zone.name, await replica.start())
+        try:
+            if swept := await replica.sweep():
+                log.info("zone %s: %s: deleted %d pieces no manifest names", zone.name, replica.where, swept)
+        except ReplicaError as err:
+            log.warning("zone %s: cannot sweep its replica: %s", zone.name, err)
+
+        def ended(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and isinstance(task.exception(), ReplicaConflictError):
+                lost.append(str(task.exception()))
+                log.error("zone %s: %s", zone.name, lost[-1])
+                stop.end()
+
+        publishing = asyncio.create_task(
+            replica.keep_published(defaults.STATE_REPLICA_INTERVAL.total_seconds()), name="state-replica"
+        )
+        publishing.add_done_callback(ended)
+        try:
+            yield Zone.open(zone.directory)  # as restored
+        finally:
+            publishing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ReplicaError):
+                await publishing
+            if not lost:
+                try:
+                    await replica.publish()  # what the zone wrote while it stopped
+                except ReplicaError as err:
+                    log.warning("zone %s: its last changes were not published: %s", zone.name, err)
+    finally:
+        await close()
+
+
+def _consul_api(zone: Zone) -> ConsulApi:
+    """The zone's [consul] settings, as its catalog reads them (else the local agent)."""
+    from meshfed.catalog.consul_api import ConsulApi  # the Consul client: only for a campaign or a replica
+    from meshfed.catalog.settings import ConsulSettings
+
+    return ConsulApi(zone.config.consul or ConsulSettings(), node=f"meshfed-{zone.name}", blocking_wait=10.0)
+
+
+async def _kubernetes_api(zone: Zone, flag: str) -> KubernetesApi:
+    """A client with the zone's [kubernetes] credentials; else $KUBECONFIG, else the pod's service account."""
+    from meshfed.catalog.kubernetes_api import KubernetesApi  # the Kubernetes client: only when asked for
     from meshfed.catalog.settings import KubernetesSettings
 
-    # The zone's [kubernetes] credentials; else $KUBECONFIG, else the pod's service account.
     api = KubernetesApi(zone.config.kubernetes or KubernetesSettings(kubeconfig=os.environ.get("KUBECONFIG")))
     try:
         await api.connect()
     except CatalogError as err:
-        raise MeshfedError(f"--leader-lease: {err}") from None
-    return LeaseElector(api, leader), api.aclose
+        raise MeshfedError(f"{flag}: {err}") from None
+    return api
 
 
 async def _serve_led(
@@ -308,7 +399,7 @@ async def _serve_led(
             api_socket.listen(config.backlog)
         except OSError as err:
             raise MeshfedError(_cannot_listen("--api-address", listeners.api, err)) from None
-        async with _serve_health(runtime, listeners, metrics_socket, log_level):
+        async with _serve_health(zone.name, lambda: runtime.controller, listeners, metrics_socket, log_level):
             host, port = api_socket.getsockname()[:2]
             scheme = "https" if listeners.api_tls is not None else "http"
             # Where `meshfed status` and `explain` find this process: a wildcard bind answers on loopback.
@@ -337,14 +428,19 @@ class _HealthServer(uvicorn.Server):
 
 @contextlib.asynccontextmanager
 async def _serve_health(
-    runtime: ZoneRuntime, listeners: Listeners, metrics_socket: socket.socket | None, log_level: str
+    zone_name: str,
+    controller: Callable[[], Controller | None],
+    listeners: Listeners,
+    metrics_socket: socket.socket | None,
+    log_level: str,
 ) -> AsyncIterator[None]:
-    """Serve ``/healthz``, ``/readyz`` and ``/metrics`` on ``metrics_socket`` for as long as the API serves."""
+    """Serve ``/healthz``, ``/readyz`` and ``/metrics`` of ``controller()`` (None: a follower's) on
+    ``metrics_socket`` for the block."""
     if metrics_socket is None or listeners.metrics is None:
         yield
         return
     config = uvicorn.Config(
-        create_health_app(runtime.controller), log_level=log_level, access_log=False, log_config=None, lifespan="off"
+        create_health_app(controller), log_level=log_level, access_log=False, log_config=None, lifespan="off"
     )
     try:
         metrics_socket.listen(config.backlog)
@@ -353,7 +449,7 @@ async def _serve_health(
     health = _HealthServer(config)
     task = asyncio.create_task(health.serve(sockets=[metrics_socket]), name="health-listener")
     host, port = metrics_socket.getsockname()[:2]
-    log.info("zone %s: health and metrics on http://%s", runtime.zone.name, HostPort(host, port))
+    log.info("zone %s: health and metrics on http://%s", zone_name, HostPort(host, port))
     try:
         yield
     finally:

@@ -27,6 +27,7 @@ from meshfed.cli.common import ZoneDir, duration_text, parse_duration
 from meshfed.errors import InvalidAddressError, MeshfedError
 from meshfed.leadership import LeaseSettings, LockSettings
 from meshfed.logs import LogFormat, LogLevel
+from meshfed.replica import KvReplica, SecretReplica
 
 if TYPE_CHECKING:
     from meshfed.trust.endpoint import WebCertificate
@@ -155,6 +156,34 @@ def up(
         str | None,
         typer.Option(help="This process among the candidates. Default: $POD_NAME, else host-pid."),
     ] = None,
+    state_secret: Annotated[
+        str | None,
+        typer.Option(
+            help="NAMESPACE/NAME: keep the zone's state (CA, tokens, peerings, exports, imports) in Secrets NAME "
+            "and NAME-<digest> too, restored at start when the directory does not hold it (an empty volume, a "
+            "new leader) and published every 2s; credentials as --leader-lease's. Default: the directory alone."
+        ),
+    ] = None,
+    state_kv: Annotated[
+        str | None,
+        typer.Option(
+            help="A Consul KV prefix (such as meshfed/east/state): keep the zone's state there, as "
+            "--state-secret does in Secrets; its token needs key_prefix write on it. Default: the directory alone."
+        ),
+    ] = None,
+    admin_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="A file holding the API's admin token (a mounted Secret, say): it replaces the zone's at "
+            "start, after its replica is restored. Default: the zone directory's admin-token.",
+        ),
+    ] = None,
+    read_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="The same for the read-only token. Default: the zone directory's read-token.",
+        ),
+    ] = None,
     leader_lease_duration: Annotated[
         str, typer.Option(help="How long a leader not seen renewing keeps the Lease (renewals at 2/15 of it).")
     ] = "15s",
@@ -172,6 +201,7 @@ def up(
     from meshfed.policy.egress import WorkloadTls
     from meshfed.runtime import ZoneSettings
     from meshfed.zone import Zone, parse_refresh_hint
+    from meshfed.zone.tokens import TokenFiles
 
     if failing_peer_policy not in ("open", "closed"):
         raise typer.BadParameter("use open or closed", param_hint="--failing-peer-policy")
@@ -179,6 +209,9 @@ def up(
         raise typer.BadParameter("give both or neither", param_hint="--api-tls-cert/--api-tls-key")
     if egress_workload_tls not in (None, *get_args(WorkloadTls)):
         raise typer.BadParameter("use plain, permissive or strict", param_hint="--egress-workload-tls")
+    for token_file, flag in ((admin_token_file, "--admin-token-file"), (read_token_file, "--read-token-file")):
+        if token_file is not None and not (token_file.is_file() and os.access(token_file, os.R_OK)):
+            raise typer.BadParameter(f"{token_file} is not a file this process can read", param_hint=flag)
     bundle_endpoint = _bundle_endpoint(
         bundle_endpoint_port, bundle_endpoint_address, bundle_endpoint_web_cert, bundle_endpoint_web_key
     )
@@ -237,6 +270,8 @@ def up(
         controller=controller,
         peering=peering,
         leader=_leader(leader_lease, leader_lock, leader_identity, leader_lease_duration),
+        replica=_replica(state_secret, state_kv),
+        token_files=TokenFiles(admin_token_file, read_token_file),
         bundle_endpoint_port=listeners.bundle_endpoint_port,
         bundle_endpoint_host=listeners.bundle_endpoint_host,
         bundle_endpoint_web=bundle_endpoint.web if bundle_endpoint else None,
@@ -260,12 +295,7 @@ def _leader(
     if lease is not None and lock is not None:
         raise typer.BadParameter("give --leader-lease or --leader-lock, not both", param_hint="--leader-lock")
     if lock is not None:
-        if not _CONSUL_KEY.fullmatch(lock):
-            raise typer.BadParameter(
-                "give a Consul KV key: 1-512 letters, digits and . _ - /, not starting with /",
-                param_hint="--leader-lock",
-            )
-        return LockSettings(lock, who)
+        return LockSettings(_consul_key(lock, "--leader-lock", 512), who)
     if lease is None:
         return None
     namespace, slash, name = lease.partition("/")
@@ -280,8 +310,43 @@ def _leader(
     )
 
 
+def _replica(secret: str | None, kv: str | None) -> SecretReplica | KvReplica | None:
+    """Where ``meshfed up`` keeps the zone's state besides its directory, from its flags; None: nowhere."""
+    if secret is not None and kv is not None:
+        raise typer.BadParameter("give --state-secret or --state-kv, not both", param_hint="--state-kv")
+    if kv is not None:
+        # 400 leaves room for the pieces' keys, <prefix>/pieces/<64 hex digits>.
+        return KvReplica(_consul_key(kv.rstrip("/"), "--state-kv", 400))
+    if secret is None:
+        return None
+    namespace, slash, name = secret.partition("/")
+    # NAME is also a label value (63 characters); each piece is Secret NAME-<64 hex digits>.
+    if not (slash and _LABEL_NAME.fullmatch(namespace) and _LABEL_NAME.fullmatch(name)):
+        raise typer.BadParameter(
+            "give NAMESPACE/NAME: a namespace, and a name of 1-63 lower-case letters, digits and -",
+            param_hint="--state-secret",
+        )
+    return SecretReplica(namespace, name)
+
+
+_LABEL_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _DNS_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
-_CONSUL_KEY = re.compile(r"[A-Za-z0-9._-][A-Za-z0-9._/-]{0,511}")
+_CONSUL_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _consul_key(value: str, flag: str, longest: int) -> str:
+    """``value`` as a Consul KV key (or prefix) of at most ``longest`` characters; else a usage error of ``flag``.
+
+    No empty, ``.`` or ``..`` segment: an HTTP client folds those, and would write another key than the one named.
+    """
+    segments = value.split("/")
+    if len(value) > longest or not all(_CONSUL_SEGMENT.fullmatch(s) and s not in (".", "..") for s in segments):
+        raise typer.BadParameter(
+            f"give a Consul KV key of at most {longest} letters, digits and . _ - /, in segments that are not "
+            "empty, '.' or '..' (e.g. meshfed/east/leader)",
+            param_hint=flag,
+        )
+    return value
 
 
 @dataclass(frozen=True)

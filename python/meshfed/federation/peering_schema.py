@@ -26,6 +26,20 @@ SERVICE_ROWS = ServiceRows(
         "side TEXT NOT NULL CHECK (side IN ('sent', 'received'))",
     ),
 )
+# Where the running peering service listens and whether it lives: not the zone's state, so a copy of
+# the zone made for another process (meshfed.replica) leaves its rows out.
+PROCESS_TABLES = ("peering_listener",)
+# Columns of the zone's peerings that the running service rewrites every poll (its streams' connection
+# and heartbeat times): writing them alone is no change of the peering (its updated_at stays), and a copy
+# sets them to these values, so an idle zone's copies stay the same bytes.
+PROCESS_COLUMNS: dict[str, dict[str, object]] = {
+    "peerings": {
+        "last_connected_at": None,
+        "last_heartbeat_sent_at": None,
+        "last_heartbeat_received_at": None,
+        "connected": 0,
+    }
+}
 SNAPSHOT_SIDES = {"sent_snapshot": "sent", "received_snapshot": "received"}
 
 MIGRATIONS = (

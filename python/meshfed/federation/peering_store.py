@@ -148,7 +148,8 @@ class PeeringStore(SqliteStore):
 
     def write_encoded(self, name: str, values: dict[str, object]) -> bool:
         """:meth:`update` with the changes already encoded (:func:`encode_changes`, outside the store's block)."""
-        values = {"updated_at": schema.iso(self._clock.now()), **values}
+        if not values.keys() <= schema.PROCESS_COLUMNS["peerings"].keys():
+            values = {"updated_at": schema.iso(self._clock.now()), **values}
         snapshots = {column: value for column, value in values.items() if isinstance(value, Prepared)}
         for column, prepared in snapshots.items():
             values[column] = prepared.head

@@ -19,10 +19,8 @@ and ``key:write`` on the key: ``helm/meshfed/examples/consul-acl-policy.hcl``.
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from meshfed.clock import SYSTEM_CLOCK, Clock
@@ -141,7 +139,7 @@ class ConsulLockElector(Campaign):
 
     async def _holder(self) -> str:
         """The holder's identity, as it wrote it into the key; "" if nobody holds it."""
-        with self._described():
+        with self._api.described(self.held):
             answer = await self._api.get(self._kv)
         entries = answer.body if isinstance(answer.body, list) else []
         entry = entries[0] if entries and isinstance(entries[0], dict) else {}
@@ -155,18 +153,8 @@ class ConsulLockElector(Campaign):
         return holder if holder.isprintable() else repr(holder)
 
     async def _put(self, path: str, params: dict[str, str] | None = None, body: Any = None) -> Any:
-        with self._described():
+        with self._api.described(self.held):
             return await self._api.send(path, params=params, body=body)
-
-    @contextlib.contextmanager
-    def _described(self) -> Iterator[None]:
-        """Consul's and the HTTP client's errors as one line that says what to check."""
-        try:
-            yield
-        except MeshfedError:
-            raise
-        except Exception as err:
-            raise MeshfedError(f"{self.held}: {self._api.describe(err)}") from None
 
 
 __all__ = ["ConsulLockElector", "LockSettings"]

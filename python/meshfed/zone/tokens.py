@@ -8,9 +8,12 @@ that cannot be read is a :class:`~meshfed.errors.ZoneError` saying so.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import secrets
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from meshfed.errors import ZoneError
@@ -18,6 +21,44 @@ from meshfed.zone.ca_files import write_new_file
 
 TOKEN_FILE = "admin-token"  # noqa: S105 -- a file name, not a secret
 READ_TOKEN_FILE = "read-token"  # noqa: S105 -- a file name, not a secret
+
+
+# What a token given in a file may be: one line of printable ASCII (a bearer token), of a sane length.
+_TOKEN = re.compile(r"[\x21-\x7e]{16,512}")
+
+
+@dataclass(frozen=True)
+class TokenFiles:
+    """Where the deployer keeps the API's tokens (``--admin-token-file``, ``--read-token-file``: mounted
+    Secrets, say): at start they replace the zone directory's, after its replica is restored, so the
+    deployer's token wins over the one an older pod published."""
+
+    admin: Path | None = None
+    read: Path | None = None
+
+
+def install_token_files(directory: Path, files: TokenFiles) -> list[str]:
+    """Make the zone's tokens those of ``files``; returns the names of the tokens that changed."""
+    changed = []
+    for source, name in ((files.admin, TOKEN_FILE), (files.read, READ_TOKEN_FILE)):
+        if source is None:
+            continue
+        try:
+            token = source.read_bytes()[:1024].decode("ascii").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ZoneError(f"cannot read the {name} to use from {source}: {err}") from None
+        if not _TOKEN.fullmatch(token):
+            raise ZoneError(f"{source} does not hold a token: give one line of 16-512 printable ASCII characters")
+        target = directory / name
+        with contextlib.suppress(OSError):
+            if target.read_text().strip() == token:
+                continue
+        staged = target.with_name(f".{name}.new")
+        staged.unlink(missing_ok=True)
+        write_new_file(staged, (token + "\n").encode(), 0o600)
+        staged.replace(target)
+        changed.append(name)
+    return changed
 
 
 def write_tokens(directory: Path) -> None:
