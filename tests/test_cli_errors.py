@@ -80,6 +80,8 @@ def test_log_options_are_refused_at_parse(zone, flag, value, choices):
         (("--state-kv", "/meshfed/east"), ("--state-kv",)),
         (("--state-kv", "meshfed/../east"), ("--state-kv", "not empty, '.' or '..'")),
         (("--leader-lock", "meshfed//leader"), ("--leader-lock", "not empty, '.' or '..'")),
+        (("--leader-pod", "default/east-0"), ("--leader-pod", "give --leader-lease or --leader-lock too")),
+        (("--leader-lease", "default/east", "--leader-pod", "east-0"), ("--leader-pod", "NAMESPACE/NAME")),
     ],
 )
 def test_a_bad_state_replica_or_lock_is_refused_at_parse(zone, flags, fragments):

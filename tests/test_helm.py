@@ -150,7 +150,9 @@ def test_controller_probes_and_services(helm: str, values: list[str]) -> None:
     assert f"--metrics-address=0.0.0.0:{ports['metrics']}" in controller["args"]
     gateway = one(manifests, "Service", "-gateway")
     assert [port["port"] for port in gateway["spec"]["ports"]] == [15443]
-    pod_labels = one(manifests, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    pod_labels = dict(one(manifests, "Deployment")["spec"]["template"]["metadata"]["labels"])
+    if highly_available(manifests):
+        pod_labels["meshfed.io/leader"] = "true"  # what the leading pod labels itself (meshfed up --leader-pod)
     for service in of_kind(manifests, "Service"):
         assert service["spec"]["selector"].items() <= pod_labels.items(), service["metadata"]["name"]
     peering = {port["name"]: port["port"] for port in one(manifests, "Service", "-peering")["spec"]["ports"]}
@@ -173,6 +175,7 @@ def highly_available(manifests: list[Manifest]) -> bool:
 LEADER_RULES = [
     (["coordination.k8s.io"], ["leases"], ["get", "create", "update"]),
     ([""], ["secrets"], ["get", "list", "create", "update", "delete"]),
+    ([""], ["pods"], ["patch"]),
 ]
 
 
@@ -368,6 +371,11 @@ def test_a_highly_available_zone_keeps_its_state_in_secrets_and_elects_a_leader(
     assert _arg(controller, "--leader-lease") == f"{NAMESPACE}/{name}"
     assert _arg(controller, "--leader-identity") == "$(POD_NAME)"
     assert _arg(controller, "--state-secret") == f"{NAMESPACE}/{name}-state"
+    # Every pod is Ready (a follower too, so the Deployment is Available); Services select the leader.
+    assert _arg(controller, "--leader-pod") == f"{NAMESPACE}/$(POD_NAME)"
+    for service in of_kind(manifests, "Service"):
+        assert service["spec"]["selector"]["meshfed.io/leader"] == "true", service["metadata"]["name"]
+    assert "meshfed.io/leader" not in deployment["spec"]["selector"]["matchLabels"]
     assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in controller["env"]
     # A restored replica holds the tokens an older pod published; the chart's Secrets win over them.
     mounts = {mount["name"]: mount["mountPath"] for mount in controller["volumeMounts"]}
@@ -379,6 +387,7 @@ def test_a_highly_available_zone_keeps_its_state_in_secrets_and_elects_a_leader(
     assert data == {"name": "data", "emptyDir": {}}
     single = render(helm, [])
     assert one(single, "Deployment")["spec"]["replicas"] == 1
+    assert all("meshfed.io/leader" not in service["spec"]["selector"] for service in of_kind(single, "Service"))
     assert _arg(_controller(single), "--state-secret") is None
     assert of_kind(single, "PersistentVolumeClaim") != []
 

@@ -243,6 +243,20 @@ def test_two_processes_of_a_zone_one_serves_and_the_follower_takes_over_when_it_
         assert status_of(metrics_b, "/healthz") == 200
         assert status_of(metrics_b, "/readyz") == 503
         assert status_of(api_b, "/readyz") is None  # no API while following
+        # A change made in a follower's directory would be lost when it leads: refused, in one line.
+        refused = subprocess.run(
+            [
+                *(sys.executable, "-m", "meshfed", "service", "register", "--dir", str(tmp_path / "b")),
+                *("--name", "api", "--port", "tcp=7", "--endpoint", "127.0.0.1:9"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert refused.returncode == 1, refused.stderr
+        assert f"is a follower's copy (meshfed up pid {second.pid} waits to lead)" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         first.kill()
         first.wait()
         took = follower.wait_for("API on", seconds=20)

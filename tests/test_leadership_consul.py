@@ -12,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
 from meshfed.catalog.consul_api import ConsulApi
@@ -237,14 +238,16 @@ def test_timings_must_leave_room_to_renew_within_consuls_ttl_range() -> None:
 def test_two_processes_of_a_zone_one_serves_and_a_clean_stop_hands_the_lock_over(
     consul: ConsulUnderTest, tmp_path: Path
 ) -> None:
-    """`meshfed up --leader-lock`: the follower is alive and not ready; a SIGTERM'd leader releases the lock,
-    and the follower serves at its next try."""
+    """`meshfed up --leader-lock --state-kv`: the follower is alive and not ready; a SIGTERM'd leader publishes
+    its last changes and releases the lock, and the follower, on a directory of its own, serves at its next
+    try as the same zone, restored from Consul KV."""
     token = consul.meshfed_token(tmp_path)
-    Zone.init(tmp_path / "a", consul.zone, "east.mesh")
-    with (tmp_path / "a" / "zone.toml").open("a") as config:
-        config.write(f'\n[consul]\naddress = "{consul.address}"\ntoken_file = "{token}"\n')
-    shutil.copytree(tmp_path / "a", tmp_path / "b")  # one zone, two pods' copies of its state
-    election = ["--leader-lock", key_of(consul)]
+    for directory in (tmp_path / "a", tmp_path / "b"):  # two pods' volumes: b's `zone init` made another CA
+        Zone.init(directory, consul.zone, "east.mesh")
+        with (directory / "zone.toml").open("a") as config:
+            config.write(f'\n[consul]\naddress = "{consul.address}"\ntoken_file = "{token}"\n')
+    state = f"meshfed/{consul.zone}/state"  # the documented policy grants the zone this prefix
+    election = ["--leader-lock", key_of(consul), "--state-kv", state]
     (api_a, metrics_a), (api_b, metrics_b) = (free_port(), free_port()), (free_port(), free_port())
     first = up_candidate(tmp_path / "a", "east-a", election, api_a, metrics_a, {})
     second: subprocess.Popen[bytes] | None = None
@@ -256,12 +259,28 @@ def test_two_processes_of_a_zone_one_serves_and_a_clean_stop_hands_the_lock_over
         follower.wait_for("east-a leads; east-b follows")
         assert status_of(metrics_b, "/readyz") == 503
         assert status_of(api_b, "/readyz") is None  # no API while following
+        # A change the leader makes just before it stops: its last publication holds it.
+        registered = subprocess.run(
+            [
+                *(sys.executable, "-m", "meshfed", "service", "register", "--dir", str(tmp_path / "a")),
+                *("--name", "api", "--port", "tcp=7", "--endpoint", "127.0.0.1:9"),
+            ],
+            capture_output=True,
+            check=False,
+            timeout=60,
+        )
+        assert registered.returncode == 0, registered.stderr
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=20) == 0
+        follower.wait_for("restored generation", seconds=20)
         took = follower.wait_for("API on", seconds=20)
         assert took < 10  # a retry period or so, not a TTL
         assert status_of(api_b, "/readyz") == 200
         assert lock_of(consul)[1] == "east-b"
+        assert (tmp_path / "b/ca/root.pem").read_bytes() == (tmp_path / "a/ca/root.pem").read_bytes()
+        reader = {"Authorization": f"Bearer {Zone.open(tmp_path / 'b').read_token()}"}
+        services = httpx.get(f"http://127.0.0.1:{api_b}/v1/catalog", headers=reader, timeout=5).json()["services"]
+        assert [service["name"] for service in services] == ["api"]
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=20) == 0
         assert lock_of(consul)[0] is None  # released: nobody holds it
@@ -270,3 +289,4 @@ def test_two_processes_of_a_zone_one_serves_and_a_clean_stop_hands_the_lock_over
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
+        consul.call("DELETE", f"/v1/kv/{state}?recurse=true")

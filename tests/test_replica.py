@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import sqlite3
+import subprocess
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -31,6 +32,7 @@ from meshfed.catalog.kubernetes_api import KubernetesApi
 from meshfed.catalog.settings import ConsulSettings, KubernetesSettings
 from meshfed.federation.peering_store import PeeringStore
 from meshfed.leadership import LeaseElector, LeaseSettings
+from meshfed.leadership.pod_label import LeaderPod, PodLabel
 from meshfed.replica.files import MARKER_FILE, replicated_paths, take_copy
 from meshfed.replica.manifest import PIECE_SIZE, ReplicaError, new_manifest
 from meshfed.replica.replicator import ReplicaConflictError, StateReplica
@@ -42,7 +44,7 @@ from meshfed.trust.ca import create_authority
 from meshfed.trust.spiffe import TrustDomain
 from meshfed.zone import STATE_FILE, Zone
 from tests.clocks import ManualClock
-from tests.servers import real_consul
+from tests.servers import real_consul, real_kubernetes
 from tests.test_catalog_consul import ConsulUnderTest
 from tests.test_catalog_kubernetes import Cluster
 
@@ -369,8 +371,15 @@ def test_the_same_directory_restarted_keeps_what_it_wrote_since_and_publishes_it
     assert TrustDomain("west.mesh") in domains_of(zone.directory)
 
 
-def test_the_charts_account_may_campaign_for_the_zones_lease(chart_account: ChartAccount) -> None:
+def test_the_charts_account_may_campaign_for_the_zones_lease_and_label_its_pod(chart_account: ChartAccount) -> None:
     """The other half of what a highly available install's pods do with the chart's Role alone."""
+    kube = real_kubernetes()
+    admin = [kube.kubectl, "--kubeconfig", kube.admin_kubeconfig, "-n", chart_account.namespace]
+    pod = f"east-{uuid.uuid4().hex[:6]}"
+    made = subprocess.run(
+        [*admin, "run", pod, "--image=registry.example/meshfed", "--restart=Never"], capture_output=True, check=False
+    )
+    assert made.returncode == 0, made.stderr
 
     async def scenario() -> None:
         api = KubernetesApi(KubernetesSettings(kubeconfig=str(chart_account.kubeconfig)))
@@ -383,7 +392,13 @@ def test_the_charts_account_may_campaign_for_the_zones_lease(chart_account: Char
             await elector.release()
             follower = LeaseElector(api, LeaseSettings(lease.namespace, lease.name, "east-b"), ManualClock())
             assert await follower.try_acquire_or_renew()  # released: taken at once
+            await PodLabel(api, LeaderPod(chart_account.namespace, pod)).mark(leading=True)
         finally:
             await api.aclose()
 
     asyncio.run(scenario())
+    labels = subprocess.run(
+        [*admin, "get", "pod", pod, "-o", "jsonpath={.metadata.labels}"], capture_output=True, text=True, check=True
+    )
+    assert orjson.loads(labels.stdout)["meshfed.io/leader"] == "true"
+    assert orjson.loads(labels.stdout)["run"] == pod  # a patch of one label: the others stay

@@ -24,18 +24,33 @@ from meshfed.replica.stores import REPLICA_LABEL
 from meshfed.zone import Zone
 from tests.conftest import free_port, running_echo_server
 from tests.servers import real_kubernetes
-from tests.test_leadership import NAMESPACE, ProcessLog, up_candidate
+from tests.test_leadership import NAMESPACE, ProcessLog, status_of, up_candidate
 from tests.test_up_federation import call, meshfed, meshfed_up
 
 
 def _east(directory: Path, identity: str, name: str, ports: tuple[int, int], *extra: str) -> subprocess.Popen[bytes]:
     flags = [
         *("--leader-lease", f"{NAMESPACE}/{name}", "--leader-lease-duration", "3s"),
+        *("--leader-pod", f"{NAMESPACE}/{name}-{identity}"),  # a pod object (no kubelet runs it) to label
         *("--state-secret", f"{NAMESPACE}/{name}"),
         *("--advertise-host", "127.0.0.1", "--health-check-interval", "1s"),
         *extra,
     ]
     return up_candidate(directory, identity, flags, *ports, {"KUBECONFIG": real_kubernetes().admin_kubeconfig})
+
+
+def _kubectl(*args: str) -> str:
+    kube = real_kubernetes()
+    done = subprocess.run(
+        [kube.kubectl, "--kubeconfig", kube.admin_kubeconfig, *args], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, f"kubectl {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
+def _leader_label(pod: str) -> str:
+    """The pod's meshfed.io/leader label, as the process in it set it ("" before it did)."""
+    return _kubectl("get", "pod", pod, "-n", NAMESPACE, "-o", r"jsonpath={.metadata.labels.meshfed\.io/leader}")
 
 
 def _published(directory: Path, name: str) -> bool:
@@ -82,6 +97,8 @@ def test_a_follower_on_an_empty_directory_takes_over_as_the_same_zone_with_its_p
     name = f"meshfed-test-{uuid.uuid4().hex[:8]}"
     ports_a, ports_b = (free_port(), free_port()), (free_port(), free_port())
     processes: list[subprocess.Popen[bytes]] = []
+    for identity in ("east-a", "east-b"):
+        _kubectl("run", f"{name}-{identity}", "-n", NAMESPACE, "--image=registry.example/meshfed", "--restart=Never")
     with contextlib.ExitStack() as stack:
         web, api_backend = stack.enter_context(running_echo_server()), stack.enter_context(running_echo_server())
         meshfed(
@@ -98,6 +115,7 @@ def test_a_follower_on_an_empty_directory_takes_over_as_the_same_zone_with_its_p
             token = meshfed("peer", "token", "--dir", str(west_dir), "--peer", "east").strip()
             meshfed("peer", "establish", "--dir", str(east_a), "--name", "west", "-", stdin=token)
             _until("east-a's import of web", lambda: _imported(east_api, east_a, "web.default.west") is not None)
+            _until("east-a's pod labelled the leader", lambda: _leader_label(f"{name}-east-a") == "true")
             meshfed(
                 *("service", "register", "--dir", str(east_a), "--name", "api", "--port", "tcp=7"),
                 *("--endpoint", api_backend.endpoint),
@@ -116,6 +134,9 @@ def test_a_follower_on_an_empty_directory_takes_over_as_the_same_zone_with_its_p
             processes.append(second)
             follower = ProcessLog(second)
             follower.wait_for("east-a leads; east-b follows")
+            # Ready (so a Deployment of both is Available) and labelled so that no Service selects it.
+            assert status_of(ports_b[1], "/readyz") == 200
+            assert _leader_label(f"{name}-east-b") == "false"
             first.kill()
             first.wait()
             restored = follower.wait_for("restored generation", seconds=20)
@@ -137,6 +158,7 @@ def test_a_follower_on_an_empty_directory_takes_over_as_the_same_zone_with_its_p
                 return False
 
             _until("east-b's peering with west active", peering_active)
+            _until("east-b's pod labelled the leader", lambda: _leader_label(f"{name}-east-b") == "true")
             _until("east-b's import of web", lambda: _imported(east_api, east_b, "web.default.west") is not None)
             web_address = _imported(east_api, east_b, "web.default.west")
             assert web_address is not None
@@ -155,13 +177,5 @@ def test_a_follower_on_an_empty_directory_takes_over_as_the_same_zone_with_its_p
                 if process.poll() is None:
                     process.kill()
                     process.wait()
-        deleted = subprocess.run(
-            [
-                *(real_kubernetes().kubectl, "--kubeconfig", real_kubernetes().admin_kubeconfig),
-                *("delete", "secrets", "-n", NAMESPACE, "-l", f"{REPLICA_LABEL}={name}"),
-            ],
-            capture_output=True,
-            check=False,
-            timeout=30,
-        )
-        assert deleted.returncode == 0, deleted.stderr
+        _kubectl("delete", "secrets", "-n", NAMESPACE, "-l", f"{REPLICA_LABEL}={name}")
+        _kubectl("delete", "pods", "-n", NAMESPACE, f"{name}-east-a", f"{name}-east-b", "--wait=false")

@@ -25,6 +25,7 @@ from meshfed.federation.peering_state import PeerState
 from meshfed.federation.service import PeeringService
 from meshfed.federation.settings import PeeringSettings
 from meshfed.leadership import LeaseSettings, LockSettings
+from meshfed.leadership.pod_label import LeaderPod
 from meshfed.replica import KvReplica, SecretReplica
 from meshfed.trust.ca import Svid
 from meshfed.trust.endpoint import BundleEndpointServer, WebCertificate, endpoint_spiffe_id
@@ -58,6 +59,8 @@ class ZoneSettings:
     # Keep the zone's state in the platform too (meshfed.replica): restored at start when the directory does
     # not hold it, published while the zone runs; None: the directory alone.
     replica: SecretReplica | KvReplica | None = None
+    # Label this pod as the leader or not, for Services to select it (meshfed.leadership.pod_label); None: no label.
+    leader_pod: LeaderPod | None = None
     # The deployer's API tokens, which replace the directory's (and a restored replica's) at start.
     token_files: TokenFiles = TokenFiles()
 

@@ -48,7 +48,19 @@ Pods behind the gateway Service. Today the gateway runs inside the controller pr
 change only this definition.
 */}}
 {{- define "meshfed.gatewaySelectorLabels" -}}
+{{ include "meshfed.servingSelectorLabels" . }}
+{{- end }}
+
+{{/*
+Pods a Service sends traffic to: the controller's; with highAvailability only the one that leads,
+which labels its own pod meshfed.io/leader=true once its zone is ready (meshfed up --leader-pod;
+a follower labels itself false and is Ready, so the Deployment is Available).
+*/}}
+{{- define "meshfed.servingSelectorLabels" -}}
 {{ include "meshfed.controllerSelectorLabels" . }}
+{{- if .Values.highAvailability.enabled }}
+meshfed.io/leader: "true"
+{{- end }}
 {{- end }}
 
 {{- define "meshfed.serviceAccountName" -}}

@@ -133,7 +133,7 @@ def create_app(controller: Controller, peering: PeeringService | None = None) ->
     return app
 
 
-def create_health_app(controller: Callable[[], Controller | None]) -> FastAPI:
+def create_health_app(controller: Callable[[], Controller | None], *, follower_ready: bool = False) -> FastAPI:
     """Only ``/healthz``, ``/readyz`` and ``/metrics`` of ``controller``: no token, no topology, no lifespan.
 
     Served beside the API (``meshfed up --metrics-address``) on its own port, so
@@ -141,11 +141,11 @@ def create_health_app(controller: Callable[[], Controller | None]) -> FastAPI:
     and a NetworkPolicy can admit monitoring to metrics without admitting it to the API.
     """
     app = FastAPI(title="meshfed zone health", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
-    _add_open_routes(app, controller)
+    _add_open_routes(app, controller, follower_ready=follower_ready)
     return app
 
 
-def _add_open_routes(app: FastAPI, current: Callable[[], Controller | None]) -> None:
+def _add_open_routes(app: FastAPI, current: Callable[[], Controller | None], *, follower_ready: bool = False) -> None:
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
         """The process is alive."""
@@ -160,11 +160,13 @@ def _add_open_routes(app: FastAPI, current: Callable[[], Controller | None]) -> 
         be read, imports cannot be published into it, or a peer's imports are
         withheld; ``problems`` says what, one line each. ``components`` is every
         background component with its state, restarts and readiness. A process
-        that follows its zone's leader answers 503 ``following``.
+        that follows its zone's leader answers ``following``: 503, or 200 when
+        Services select the leader by its pod's label (``--leader-pod``).
         """
         controller = current()
         if controller is None:
-            return JSONResponse({"status": "following"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+            code = status.HTTP_200_OK if follower_ready else status.HTTP_503_SERVICE_UNAVAILABLE
+            return JSONResponse({"status": "following"}, status_code=code)
         if not controller.ready:
             return JSONResponse({"status": "starting"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
         problems = controller.problems()

@@ -172,6 +172,11 @@ class KubernetesApi:
             return lambda: self._core().read_namespaced_service(name, namespace, _preload_content=False)
         return lambda: self._discovery().read_namespaced_endpoint_slice(name, namespace, _preload_content=False)
 
+    def label_call(self, namespace: str, pod: str, labels: dict[str, str]) -> Callable[[], Awaitable[Any]]:
+        """Set ``labels`` on a pod (the client sends a dict as a strategic merge patch: other labels stay)."""
+        body = {"metadata": {"labels": labels}}
+        return lambda: self._core().patch_namespaced_pod(pod, namespace, body, _preload_content=False)
+
     def delete_call(self, kind: str, namespace: str, name: str) -> Callable[[], Awaitable[Any]]:
         if kind == "secrets":
             return lambda: self._core().delete_namespaced_secret(name, namespace, _preload_content=False)

@@ -33,6 +33,7 @@ from meshfed.cli.common import DIR_ENVVAR
 from meshfed.errors import MeshfedError
 from meshfed.runstate import RunState
 from meshfed.zone import READ_TOKEN_FILE, STATE_FILE, TOKEN_FILE, Zone
+from meshfed.zonelock import following_pid
 
 API_URL_FILE = "api-url"
 """Where ``meshfed up`` records its API's URL in the zone directory (removed when it stops)."""
@@ -162,6 +163,12 @@ def target(
             _no_zone_given()
         api = running_api_url(directory)
         if api is None:
+            if change and (follower := following_pid(directory)) is not None:
+                raise MeshfedError(
+                    f"the zone in {directory} is a follower's copy (meshfed up pid {follower} waits to lead): "
+                    "it is replaced when that process leads, so a change here would be lost; make it on the "
+                    "leader's host or through its API (--api URL)"
+                )
             return Target(None, directory)
     else:
         _check_url(api)

@@ -48,6 +48,7 @@ from meshfed.leadership import (
     LeaseSettings,
     LockSettings,
 )
+from meshfed.leadership.pod_label import LEADER_LABEL, PodLabel
 from meshfed.logs import configure_logging
 from meshfed.replica import SecretReplica
 from meshfed.runtime import (
@@ -60,7 +61,7 @@ from meshfed.runtime import (
 )
 from meshfed.zone import Zone
 from meshfed.zone.tokens import install_token_files
-from meshfed.zonelock import hold_zone_lock
+from meshfed.zonelock import LOCK_FILE, hold_zone_lock, mark_following
 
 if TYPE_CHECKING:
     from meshfed.catalog.consul_api import ConsulApi
@@ -211,11 +212,15 @@ async def _serve(
 
     # A follower answers /healthz (alive) and /readyz 503 (not serving) while it waits to lead.
     health = (
-        _serve_health(zone.name, controller, listeners, metrics_socket, log_level)
+        _serve_health(zone.name, controller, listeners, metrics_socket, log_level, settings.leader_pod is not None)
         if campaigning
         else contextlib.nullcontext()
     )
-    async with health, _leading(zone, settings, stop) as lost, _replicated(zone, settings, stop, lost) as current:
+    async with (
+        health,
+        _leading(zone, settings, stop, controller) as lost,
+        _replicated(zone, settings, stop, lost) as current,
+    ):
         if stop.requested:
             return
         # After the restore: the deployer's tokens win over those an older process published.
@@ -247,25 +252,42 @@ async def _serve(
 
 
 @contextlib.asynccontextmanager
-async def _leading(zone: Zone, settings: ZoneSettings, stop: _Stop) -> AsyncIterator[list[str]]:
+async def _leading(
+    zone: Zone, settings: ZoneSettings, stop: _Stop, controller: Callable[[], Controller | None]
+) -> AsyncIterator[list[str]]:
     """Lead the zone (``--leader-lease``, ``--leader-lock``) for the block: campaign first, following meanwhile.
 
     Yields a list that holds why leadership was lost, if it was: the API is told to exit then, and
     the process exits non-zero so that its orchestrator restarts it as a follower. Without an election,
-    the block simply runs.
+    the block simply runs. With ``--leader-pod`` the pod is labelled a follower first, the leader once
+    ``controller()`` is ready, and a follower again at the end (:mod:`meshfed.leadership.pod_label`).
     """
     lost: list[str] = []
     if settings.leader is None:
         yield lost
         return
+    label: PodLabel | None = None
+    if settings.leader_pod is not None:
+        label_api = await _kubernetes_api(zone, "--leader-pod")
+        label = PodLabel(label_api, settings.leader_pod)
+        try:
+            await label.mark(leading=False)  # before anything: a restarted leader's pod still says it leads
+        except MeshfedError:
+            await label_api.aclose()
+            raise
     elector, close = await _elector(zone, settings.leader)
+    labelling: asyncio.Task[None] | None = None
     try:
         campaign = asyncio.create_task(elector.acquire())
-        while not campaign.done():  # a SIGTERM ends a follower's wait
-            if stop.requested:
-                campaign.cancel()
-                break
-            await asyncio.wait({campaign}, timeout=0.2)
+        mark_following(zone.directory / LOCK_FILE, following=True)  # the CLI's changes go to the leader
+        try:
+            while not campaign.done():  # a SIGTERM ends a follower's wait
+                if stop.requested:
+                    campaign.cancel()
+                    break
+                await asyncio.wait({campaign}, timeout=0.2)
+        finally:
+            mark_following(zone.directory / LOCK_FILE, following=False)
         if campaign.cancelled():
             yield lost
             return
@@ -279,6 +301,8 @@ async def _leading(zone: Zone, settings: ZoneSettings, stop: _Stop) -> AsyncIter
 
         holding = asyncio.create_task(elector.hold())
         holding.add_done_callback(ended)
+        if label is not None:
+            labelling = asyncio.create_task(_label_when_ready(zone, label, controller), name="leader-pod-label")
         try:
             yield lost
         finally:
@@ -286,8 +310,33 @@ async def _leading(zone: Zone, settings: ZoneSettings, stop: _Stop) -> AsyncIter
             with contextlib.suppress(asyncio.CancelledError, LeadershipLostError):
                 await holding
     finally:
+        if label is not None:
+            if labelling is not None:
+                labelling.cancel()
+                with contextlib.suppress(asyncio.CancelledError, MeshfedError):
+                    await labelling
+            try:
+                await label.mark(leading=False)  # Services stop sending it traffic before the Lease is free
+            except MeshfedError as err:
+                log.warning("zone %s: %s", zone.name, err)
+            await label_api.aclose()
         await elector.release()
         await close()
+
+
+async def _label_when_ready(zone: Zone, label: PodLabel, controller: Callable[[], Controller | None]) -> None:
+    """Label the pod the leader once the zone it leads is ready: Services then send it traffic it can serve."""
+    while (current := controller()) is None or not current.ready:
+        await asyncio.sleep(0.2)
+    while True:
+        try:
+            await label.mark(leading=True)
+        except MeshfedError as err:
+            log.error("zone %s: %s; Services send this leader no traffic until it is labelled", zone.name, err)
+            await asyncio.sleep(2)
+            continue
+        log.info("zone %s: %s labelled %s=true: Services send it traffic", zone.name, label.pod, LEADER_LABEL)
+        return
 
 
 async def _elector(zone: Zone, leader: LeaseSettings | LockSettings) -> tuple[Campaign, Callable[[], Awaitable[None]]]:
@@ -433,14 +482,19 @@ async def _serve_health(
     listeners: Listeners,
     metrics_socket: socket.socket | None,
     log_level: str,
+    follower_ready: bool = False,
 ) -> AsyncIterator[None]:
-    """Serve ``/healthz``, ``/readyz`` and ``/metrics`` of ``controller()`` (None: a follower's) on
-    ``metrics_socket`` for the block."""
+    """Serve ``/healthz``, ``/readyz`` and ``/metrics`` of ``controller()`` (None: a follower's, ready when
+    ``follower_ready``) on ``metrics_socket`` for the block."""
     if metrics_socket is None or listeners.metrics is None:
         yield
         return
     config = uvicorn.Config(
-        create_health_app(controller), log_level=log_level, access_log=False, log_config=None, lifespan="off"
+        create_health_app(controller, follower_ready=follower_ready),
+        log_level=log_level,
+        access_log=False,
+        log_config=None,
+        lifespan="off",
     )
     try:
         metrics_socket.listen(config.backlog)

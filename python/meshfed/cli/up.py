@@ -26,6 +26,7 @@ from meshfed.addresses import HostPort, is_ip_address, parse_host, parse_host_po
 from meshfed.cli.common import ZoneDir, duration_text, parse_duration
 from meshfed.errors import InvalidAddressError, MeshfedError
 from meshfed.leadership import LeaseSettings, LockSettings
+from meshfed.leadership.pod_label import LeaderPod
 from meshfed.logs import LogFormat, LogLevel
 from meshfed.replica import KvReplica, SecretReplica
 
@@ -156,6 +157,14 @@ def up(
         str | None,
         typer.Option(help="This process among the candidates. Default: $POD_NAME, else host-pid."),
     ] = None,
+    leader_pod: Annotated[
+        str | None,
+        typer.Option(
+            help="NAMESPACE/NAME of the pod this process runs in: label it meshfed.io/leader=true while it leads "
+            "and its zone is ready, false otherwise, for Services to select the leader; a follower then answers "
+            "/readyz 200. Needs patch on pods. Default: no label, a follower is not ready."
+        ),
+    ] = None,
     state_secret: Annotated[
         str | None,
         typer.Option(
@@ -271,6 +280,7 @@ def up(
         peering=peering,
         leader=_leader(leader_lease, leader_lock, leader_identity, leader_lease_duration),
         replica=_replica(state_secret, state_kv),
+        leader_pod=_leader_pod(leader_pod, leader_lease is not None or leader_lock is not None),
         token_files=TokenFiles(admin_token_file, read_token_file),
         bundle_endpoint_port=listeners.bundle_endpoint_port,
         bundle_endpoint_host=listeners.bundle_endpoint_host,
@@ -308,6 +318,19 @@ def _leader(
     return LeaseSettings(
         namespace, name, who, duration=seconds, renew_deadline=seconds * 2 / 3, retry_period=seconds * 2 / 15
     )
+
+
+def _leader_pod(pod: str | None, campaigning: bool) -> LeaderPod | None:
+    if pod is None:
+        return None
+    if not campaigning:
+        raise typer.BadParameter(
+            "labels the leader's pod: give --leader-lease or --leader-lock too", param_hint="--leader-pod"
+        )
+    namespace, slash, name = pod.partition("/")
+    if not (slash and _LABEL_NAME.fullmatch(namespace) and _DNS_NAME.fullmatch(name)):
+        raise typer.BadParameter("give NAMESPACE/NAME of this process's pod", param_hint="--leader-pod")
+    return LeaderPod(namespace, name)
 
 
 def _replica(secret: str | None, kv: str | None) -> SecretReplica | KvReplica | None:
