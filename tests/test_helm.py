@@ -595,6 +595,12 @@ def test_notes_document_the_port_forward_and_the_tokens(helm: str, tmp_path: Pat
     assert "serves HTTPS (certificate from Secret east-api-tls) on Service" in tls
     assert "none yet: set it" in tls
     assert "curl -k https://127.0.0.1:8470/v1/catalog" in tls
+    # With several pods, commands go to the leader's (a follower refuses changes and serves no API).
+    leader = "$(kubectl -n meshfed-system get pod -o name -l meshfed.io/leader=true,app.kubernetes.io/instance=east)"
+    highly_available = notes("--set", "highAvailability.enabled=true")
+    assert f"kubectl -n {NAMESPACE} port-forward {leader} 8470:8470" in highly_available
+    assert f"kubectl -n {NAMESPACE} exec {leader} -- \\\n       meshfed peer token" in highly_available
+    assert "rollout status deploy/east-meshfed" in highly_available
 
 
 def test_tokens_name_the_peering_service_by_default(helm: str) -> None:
