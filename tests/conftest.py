@@ -170,8 +170,11 @@ async def eventually(check: Callable[[], bool], what: str = "condition", timeout
     return time.monotonic() - started
 
 
-def settled(read: Callable[[], _T], check: Callable[[_T], bool], what: str, timeout: float = 10.0) -> _T:
-    """``read()`` once ``check`` holds of it: for counters another thread updates after the client has seen the effect.
+def settled(
+    read: Callable[[], _T], check: Callable[[_T], bool], what: str, timeout: float = 10.0, every: float = 0.005
+) -> _T:
+    """``read()`` once ``check`` holds of it: for counters another thread updates after the client has seen the effect,
+    or for what another process does (``every`` longer, when a read asks a server).
 
     The gateway counts a refusal or a close on its own thread, which may run just
     after the client saw the connection end; reading once would race it.
@@ -181,7 +184,7 @@ def settled(read: Callable[[], _T], check: Callable[[_T], bool], what: str, time
     while not check(value):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value: {value!r}")
-        threading.Event().wait(0.005)
+        threading.Event().wait(every)
         value = read()
     return value
 

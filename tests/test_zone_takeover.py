@@ -12,8 +12,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import subprocess
-import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -22,7 +22,7 @@ from meshfed.replica.files import take_copy
 from meshfed.replica.manifest import parse_manifest
 from meshfed.replica.stores import REPLICA_LABEL
 from meshfed.zone import Zone
-from tests.conftest import free_port, running_echo_server
+from tests.conftest import free_port, running_echo_server, settled
 from tests.servers import real_kubernetes
 from tests.test_leadership import NAMESPACE, ProcessLog, status_of, up_candidate
 from tests.test_up_federation import call, meshfed, meshfed_up
@@ -71,12 +71,9 @@ def _published(directory: Path, name: str) -> bool:
     return manifest.files == take_copy(directory).files
 
 
-def _until(what: str, check: object, timeout: float = 30.0) -> None:
-    assert callable(check)
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+def _until(what: str, check: Callable[[], object]) -> None:
+    """Wait for what the zones' processes do: each check asks a server, so every 0.1 s."""
+    settled(check, bool, what, timeout=30, every=0.1)
 
 
 def _imported(api: httpx.Client, directory: Path, service: str) -> tuple[str, int] | None:

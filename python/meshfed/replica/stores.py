@@ -77,7 +77,7 @@ class SecretStore:
         return self._data(secret, "manifest"), str(secret.get("metadata", {}).get("resourceVersion", ""))
 
     async def write_manifest(self, data: bytes, version: str | None) -> str | None:
-        from meshfed.catalog.kubernetes_api import ApiError
+        from meshfed.catalog.kubernetes_api import NotFoundError
 
         body = self._secret(self.name, "manifest", data)
         try:
@@ -88,10 +88,8 @@ class SecretStore:
                     body["metadata"]["resourceVersion"] = version
                     call = self._api.replace_call("secrets", self.namespace, self.name, body)
                     written = await self._api.request(call)
-        except _ConflictError:
+        except (_ConflictError, NotFoundError):  # another writer's version, or it deleted the manifest
             return None
-        except ApiError as err:  # pragma: no cover -- _described turns every ApiError but 409 into a ReplicaError
-            raise ReplicaError(str(err)) from None
         return str(written.get("metadata", {}).get("resourceVersion", ""))
 
     async def read_piece(self, digest: str) -> bytes | None:
