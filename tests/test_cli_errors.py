@@ -82,6 +82,7 @@ def test_log_options_are_refused_at_parse(zone, flag, value, choices):
         (("--leader-lock", "meshfed//leader"), ("--leader-lock", "not empty, '.' or '..'")),
         (("--leader-pod", "default/east-0"), ("--leader-pod", "give --leader-lease or --leader-lock too")),
         (("--leader-lease", "default/east", "--leader-pod", "east-0"), ("--leader-pod", "NAMESPACE/NAME")),
+        (("--gateway-feed",), ("--gateway-feed", "give --state-secret or --state-kv too")),
     ],
 )
 def test_a_bad_state_replica_or_lock_is_refused_at_parse(zone, flags, fragments):
@@ -90,6 +91,40 @@ def test_a_bad_state_replica_or_lock_is_refused_at_parse(zone, flags, fragments)
     one_usage_error(result, "meshfed up", *fragments)
     assert not (zone / "api-url").exists()
     assert not (zone / ".replica.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragments"),
+    [
+        ((), ("give --state-secret or --state-kv",)),
+        (("--state-secret", "default/east", "--state-kv", "meshfed/east"), ("--state-kv", "not both")),
+        (("--state-secret", "east"), ("--state-secret", "give NAMESPACE/NAME")),
+        (("--state-kv", "meshfed/../east"), ("--state-kv", "not empty, '.' or '..'")),
+        (("--state-secret", "default/east", "--consul-token-file", "t"), ("--consul-token-file", "only with")),
+        (("--state-kv", "meshfed/east", "--consul-address", "ftp://consul"), ("--consul-address",)),
+        (("--state-secret", "default/east", "--drain-time", "soon"), ("--drain-time", "not a duration")),
+    ],
+)
+def test_a_gateway_replica_with_bad_flags_is_refused_at_parse(flags, fragments):
+    """Refused before any platform is called or anything listens."""
+    one_usage_error(meshfed_cli("gateway", *flags), "meshfed gateway", *fragments)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--listen-host", "not a host!"), ("--listen-host", "gateway.example"), ("--metrics-address", "127.0.0.1:99999")],
+)
+def test_a_gateway_replica_with_a_bad_address_is_one_line(flag, value):
+    one_line_error(meshfed_cli("gateway", "--state-secret", "default/east", flag, value), flag)
+
+
+def test_a_gateway_replica_whose_metrics_port_is_taken_is_one_line_exit_1():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = meshfed_cli("gateway", "--state-kv", "meshfed/east", "--metrics-address", f"127.0.0.1:{port}")
+    one_line_error(result, "--metrics-address")
 
 
 def test_a_token_file_that_is_not_one_is_refused_and_the_zones_token_kept(zone, tmp_path):

@@ -29,6 +29,8 @@ from meshfed.zone import Zone, ZoneConfig
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "meshfed"
 EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
+# A highly available zone whose gateway runs as its own Deployment (gateway.deployment.enabled).
+GATEWAY_REPLICAS = CHART / "examples" / "gateway-replicas.yaml"
 # A version kubernetes-validate ships schemas for; also what helm renders Capabilities against.
 KUBE_VERSION = "1.33.0"
 NAMESPACE = "meshfed-system"
@@ -83,6 +85,33 @@ def pod_specs(manifests: list[Manifest]) -> Iterator[tuple[str, Manifest]]:
     for manifest in manifests:
         if manifest["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
             yield manifest["metadata"]["name"], manifest["spec"]["template"]["spec"]
+
+
+def of_component(manifests: list[Manifest], kind: str, component: str) -> list[Manifest]:
+    return [
+        m for m in of_kind(manifests, kind) if m["metadata"]["labels"].get("app.kubernetes.io/component") == component
+    ]
+
+
+def controller_deployment(manifests: list[Manifest]) -> Manifest:
+    """The zone's controller (`meshfed up`), beside which a gateway Deployment may run."""
+    (deployment,) = of_component(manifests, "Deployment", "controller")
+    return deployment
+
+
+def gateway_deployment(manifests: list[Manifest]) -> Manifest | None:
+    """The gateway's own Deployment (`meshfed gateway`), if gateway.deployment.enabled."""
+    found = of_component(manifests, "Deployment", "gateway")
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def pod_labels_of(deployment: Manifest) -> dict[str, str]:
+    return dict(deployment["spec"]["template"]["metadata"]["labels"])
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
 
 
 def catalog_mode(manifests: list[Manifest]) -> str:
@@ -141,7 +170,7 @@ def test_every_pod_is_hardened(helm: str, values: list[str]) -> None:
 @pytest.mark.parametrize("values", CASES)
 def test_controller_probes_and_services(helm: str, values: list[str]) -> None:
     manifests = render(helm, values)
-    (controller,) = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
+    (controller,) = controller_deployment(manifests)["spec"]["template"]["spec"]["containers"]
     # The metrics listener: plain HTTP on the pod IP whether the API is on loopback or behind TLS.
     assert controller["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert controller["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
@@ -150,11 +179,15 @@ def test_controller_probes_and_services(helm: str, values: list[str]) -> None:
     assert f"--metrics-address=0.0.0.0:{ports['metrics']}" in controller["args"]
     gateway = one(manifests, "Service", "-gateway")
     assert [port["port"] for port in gateway["spec"]["ports"]] == [15443]
-    pod_labels = dict(one(manifests, "Deployment")["spec"]["template"]["metadata"]["labels"])
+    pod_labels = pod_labels_of(controller_deployment(manifests))
     if highly_available(manifests):
         pod_labels["meshfed.io/leader"] = "true"  # what the leading pod labels itself (meshfed up --leader-pod)
+    gateways = gateway_deployment(manifests)
     for service in of_kind(manifests, "Service"):
-        assert service["spec"]["selector"].items() <= pod_labels.items(), service["metadata"]["name"]
+        serving = pod_labels
+        if gateways is not None and service is gateway:
+            serving = pod_labels_of(gateways)  # the gateway's own pods, not the leader
+        assert selects(service["spec"]["selector"], serving), service["metadata"]["name"]
     peering = {port["name"]: port["port"] for port in one(manifests, "Service", "-peering")["spec"]["ports"]}
     assert peering["grpc-peering"] == 15440
     assert peering["tls-establish"] == 15441
@@ -167,7 +200,7 @@ def test_gateway_service_type_defaults_to_load_balancer_and_is_configurable(helm
 
 
 def highly_available(manifests: list[Manifest]) -> bool:
-    return bool(one(manifests, "Deployment")["spec"]["replicas"] > 1)
+    return bool(controller_deployment(manifests)["spec"]["replicas"] > 1)
 
 
 # A highly available zone's pods campaign for their Lease and the leader keeps the zone in Secrets
@@ -177,6 +210,31 @@ LEADER_RULES = [
     ([""], ["secrets"], ["get", "list", "create", "update", "delete"]),
     ([""], ["pods"], ["patch"]),
 ]
+
+
+def assert_gateway_rbac(manifests: list[Manifest]) -> None:
+    """The gateway pods' account may get the Secret the leader publishes their config in, and nothing else."""
+    deployment = gateway_deployment(manifests)
+    assert deployment is not None
+    account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+    assert account != controller_deployment(manifests)["spec"]["template"]["spec"]["serviceAccountName"]
+    (role,) = of_component(manifests, "Role", "gateway")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    # Not the state Secrets (they hold the CA key): only the feed, by name (meshfed up --gateway-feed).
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["east-meshfed-state-gateway"], "verbs": ["get"]}
+    ]
+    (binding,) = of_component(manifests, "RoleBinding", "gateway")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+    # No other binding names the gateway's account.
+    for other in of_kind(manifests, "RoleBinding") + of_kind(manifests, "ClusterRoleBinding"):
+        if other is not binding:
+            assert account not in {subject["name"] for subject in other["subjects"]}, other["metadata"]["name"]
 
 
 @pytest.mark.parametrize("values", CASES)
@@ -191,8 +249,14 @@ def test_rbac_exists_only_in_kubernetes_mode_or_for_high_availability(helm: str,
     else:
         assert leader == []
     manifests = [m for m in manifests if m not in leader]
+    gateway = of_component(manifests, "Role", "gateway") + of_component(manifests, "RoleBinding", "gateway")
+    if gateway_deployment(manifests) is not None:
+        assert_gateway_rbac(manifests)
+    else:
+        assert gateway == []
+    manifests = [m for m in manifests if m not in gateway]
     rbac = [manifest for manifest in manifests if manifest["kind"] in RBAC_KINDS]
-    automount = one(manifests, "Deployment")["spec"]["template"]["spec"]["automountServiceAccountToken"]
+    automount = controller_deployment(manifests)["spec"]["template"]["spec"]["automountServiceAccountToken"]
     if catalog_mode(manifests) != "kubernetes":
         assert rbac == []
         assert automount is highly_available(manifests)
@@ -240,6 +304,10 @@ def test_kubernetes_mode_with_default_values_grants_rbac(helm: str) -> None:
         "persistence.sizee=1Gi",
         "highAvailability.replicas=1",
         "highAvailability.leaseDuration=soon",
+        "gateway.deployment.replicas=0",
+        "gateway.deployment.enable=true",
+        "gateway.deployment.podDisruptionBudget.maxUnavailable=0",
+        "gateway.deployment.serviceAccount.name=Gateway",
         "api.tls.secretName=Not_A_Name",
         "metrics.port=0",
         "networkPolicy.enable=true",
@@ -274,25 +342,46 @@ def test_zone_toml_is_a_valid_zone_config(helm: str, values: list[str]) -> None:
     if config.catalog == "consul":
         assert config.consul is not None
         # The ACL token is mounted as a file at the path the config names.
-        (controller,) = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
+        (controller,) = controller_deployment(manifests)["spec"]["template"]["spec"]["containers"]
         mounts = [mount["mountPath"] for mount in controller["volumeMounts"]]
         assert config.consul.token_file is not None
         assert str(Path(config.consul.token_file).parent) in mounts
 
 
-@pytest.mark.parametrize("values", CASES)
-def test_controller_args_are_options_of_meshfed_up(helm: str, values: list[str]) -> None:
-    (controller,) = one(render(helm, values), "Deployment")["spec"]["template"]["spec"]["containers"]
-    command, *args = controller["args"]
-    assert command == "up"
+def assert_options_of_meshfed(container: Manifest, name: str) -> None:
+    """Every argument of ``container`` is an option of ``meshfed <name>``, and they parse (ports, choices)."""
+    command, *args = container["args"]
+    assert command == name
     group = typer.main.get_command(app)
     assert isinstance(group, typer.core.TyperGroup)
-    up = group.get_command(group.make_context("meshfed", ["up", "--help"], resilient_parsing=True), "up")
-    assert up is not None
-    options = {option for param in up.params for option in (*param.opts, *param.secondary_opts)}
+    subcommand = group.get_command(group.make_context("meshfed", [name, "--help"], resilient_parsing=True), name)
+    assert subcommand is not None
+    options = {option for param in subcommand.params for option in (*param.opts, *param.secondary_opts)}
     for arg in args:
         assert arg.split("=", 1)[0] in options, arg
-    assert up.make_context("up", args)  # the values parse too (ports, choices)
+    assert subcommand.make_context(name, args)
+
+
+@pytest.mark.parametrize("values", CASES)
+def test_controller_args_are_options_of_meshfed_up(helm: str, values: list[str]) -> None:
+    (controller,) = controller_deployment(render(helm, values))["spec"]["template"]["spec"]["containers"]
+    assert_options_of_meshfed(controller, "up")
+
+
+@pytest.mark.parametrize("values", CASES)
+def test_gateway_args_are_options_of_meshfed_gateway(helm: str, values: list[str]) -> None:
+    # Every values file with the gateway apart as well (connect-egress adds a listener, consul a catalog...).
+    manifests = render(helm, [*values, "-f", str(GATEWAY_REPLICAS)])
+    deployment = gateway_deployment(manifests)
+    assert deployment is not None
+    (gateway,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert_options_of_meshfed(gateway, "gateway")
+    (controller,) = controller_deployment(manifests)["spec"]["template"]["spec"]["containers"]
+    assert_options_of_meshfed(controller, "up")
+    assert "--gateway-feed" in controller["args"]
+    # The replicas read what the leader publishes: the same --state-secret.
+    assert _arg(gateway, "--state-secret") == _arg(controller, "--state-secret") == f"{NAMESPACE}/east-meshfed-state"
+    assert _arg(gateway, "--metrics-address") == _arg(controller, "--metrics-address")
 
 
 def _bootstrap_script(manifests: list[Manifest], root: Path) -> str:
@@ -352,7 +441,7 @@ def test_bootstrap_seeds_the_zone_from_a_secret(helm: str, tmp_path: Path) -> No
 
 
 def _controller(manifests: list[Manifest]) -> Manifest:
-    (controller,) = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
+    (controller,) = controller_deployment(manifests)["spec"]["template"]["spec"]["containers"]
     return dict(controller)
 
 
@@ -432,18 +521,49 @@ def _ports_of(rule: Manifest) -> set[str | int]:
 @pytest.mark.parametrize("values", CASES)
 def test_the_network_policy_selects_the_zone_and_names_its_ports(helm: str, values: list[str]) -> None:
     manifests = render(helm, values)
-    policy = one(manifests, "NetworkPolicy")["spec"]
-    pod = one(manifests, "Deployment")["spec"]["template"]
-    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
-    declared = {port["name"]: port["containerPort"] for port in _controller(manifests)["ports"]}
-    for rule in policy["ingress"]:
-        for port in rule["ports"]:
-            # A named port the pod does not declare would silently admit nothing.
-            assert isinstance(port["port"], int) or port["port"] in declared, port
-    # Open to any source: exactly the ports peers dial.
-    (open_rule,) = [rule for rule in policy["ingress"] if "from" not in rule]
-    assert _ports_of(open_rule) <= {"gateway", "peering", "establish", "bundle"}
-    assert {"gateway", "peering", "establish"} <= _ports_of(open_rule)
+    policies = of_kind(manifests, "NetworkPolicy")
+    deployments = of_kind(manifests, "Deployment")
+    assert len(policies) == len(deployments)
+    for deployment in deployments:
+        pod = deployment["spec"]["template"]
+        labels = {**pod["metadata"]["labels"], "meshfed.io/leader": "true"}  # a leader's pod too
+        # Exactly one policy for each Deployment's pods (the controller's and the gateway's).
+        (policy,) = [p["spec"] for p in policies if selects(p["spec"]["podSelector"]["matchLabels"], labels)]
+        (container,) = pod["spec"]["containers"]
+        declared = {port["name"]: port["containerPort"] for port in container["ports"]}
+        for rule in policy["ingress"]:
+            for port in rule["ports"]:
+                # A named port the pod does not declare would silently admit nothing.
+                assert isinstance(port["port"], int) or port["port"] in declared, port
+        # Open to any source: exactly the ports peers dial (a gateway pod serves the gateway alone).
+        (open_rule,) = [rule for rule in policy["ingress"] if "from" not in rule]
+        if deployment is gateway_deployment(manifests):
+            assert _ports_of(open_rule) == {"gateway"}
+            # Each port from where the controller's is admitted (the CONNECT port by name here).
+            controller = _sources_by_port(policy_of(manifests, controller_deployment(manifests)))
+            for (port, end), sources in _sources_by_port(policy).items():
+                where: str | int = declared["egress-connect"] if port == "egress-connect" else port
+                assert controller[(where, end)] == sources, port
+        else:
+            assert _ports_of(open_rule) <= {"gateway", "peering", "establish", "bundle"}
+            assert {"gateway", "peering", "establish"} <= _ports_of(open_rule)
+
+
+def policy_of(manifests: list[Manifest], deployment: Manifest) -> Manifest:
+    labels = {**pod_labels_of(deployment), "meshfed.io/leader": "true"}
+    (policy,) = [
+        p["spec"]
+        for p in of_kind(manifests, "NetworkPolicy")
+        if selects(p["spec"]["podSelector"]["matchLabels"], labels)
+    ]
+    return dict(policy)
+
+
+def _sources_by_port(policy: Manifest) -> dict[tuple[str | int, int | None], list[Manifest] | None]:
+    """(port, endPort) -> the peers a policy admits there (None: any source)."""
+    return {
+        (port["port"], port.get("endPort")): rule.get("from") for rule in policy["ingress"] for port in rule["ports"]
+    }
 
 
 def test_the_default_network_policy_admits_only_what_a_zone_needs(helm: str) -> None:
@@ -601,6 +721,12 @@ def test_notes_document_the_port_forward_and_the_tokens(helm: str, tmp_path: Pat
     assert f"kubectl -n {NAMESPACE} port-forward {leader} 8470:8470" in highly_available
     assert f"kubectl -n {NAMESPACE} exec {leader} -- \\\n       meshfed peer token" in highly_available
     assert "rollout status deploy/east-meshfed" in highly_available
+    assert "deploy/east-meshfed-gateway" not in highly_available
+    # The gateway's own Deployment: how to watch its rollout and find its pods.
+    gateways = notes("-f", str(GATEWAY_REPLICAS))
+    assert f"kubectl -n {NAMESPACE} rollout status deploy/east-meshfed-gateway" in gateways
+    assert "get pods -l app.kubernetes.io/instance=east,app.kubernetes.io/component=gateway" in gateways
+    assert "Secret east-meshfed-state-gateway" in gateways
 
 
 def test_tokens_name_the_peering_service_by_default(helm: str) -> None:
@@ -624,3 +750,133 @@ def test_the_connect_egress_values_become_flags_and_a_policy_port(helm: str) -> 
     defaults = _controller(render(helm, []))
     assert _arg(defaults, "--egress-connect-address") is None
     assert "--no-per-import-listeners" not in defaults["args"]
+
+
+def test_the_gateway_runs_as_its_own_deployment_of_replicas_rolled_one_at_a_time(helm: str) -> None:
+    manifests = render(helm, ["-f", str(GATEWAY_REPLICAS)])
+    gateway = gateway_deployment(manifests)
+    assert gateway is not None
+    controller = controller_deployment(manifests)
+    assert gateway["metadata"]["name"] == f"{controller['metadata']['name']}-gateway"
+    assert gateway["spec"]["replicas"] == 3
+    # One new pod Ready before an old one stops; the controllers are still replaced at once.
+    assert gateway["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    assert controller["spec"]["strategy"] == {"type": "Recreate"}
+    gateway_pods = pod_labels_of(gateway)
+    assert gateway_pods["app.kubernetes.io/component"] == "gateway"
+    # Neither Deployment selects the other's pods, whatever leader label a controller's pod carries.
+    controller_pods = [{**pod_labels_of(controller), "meshfed.io/leader": leader} for leader in ("true", "false")]
+    assert selects(gateway["spec"]["selector"]["matchLabels"], gateway_pods)
+    assert not selects(controller["spec"]["selector"]["matchLabels"], gateway_pods)
+    assert not any(selects(gateway["spec"]["selector"]["matchLabels"], pod) for pod in controller_pods)
+    # The gateway Service selects the gateway pods alone; the others the leader alone.
+    for service in of_kind(manifests, "Service"):
+        selector = service["spec"]["selector"]
+        if service["metadata"]["name"].endswith("-gateway"):
+            assert selects(selector, gateway_pods)
+            assert not any(selects(selector, pod) for pod in controller_pods)
+        else:
+            assert not selects(selector, gateway_pods), service["metadata"]["name"]
+            assert [selects(selector, pod) for pod in controller_pods] == [True, False], service["metadata"]["name"]
+    # A budget for each, neither covering the other's pods.
+    (budget,) = [
+        b
+        for b in of_kind(manifests, "PodDisruptionBudget")
+        if selects(b["spec"]["selector"]["matchLabels"], gateway_pods)
+    ]
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert not any(selects(budget["spec"]["selector"]["matchLabels"], pod) for pod in controller_pods)
+    assert len(of_kind(manifests, "PodDisruptionBudget")) == 2
+    # The leader publishes the feed; the replicas serve it.
+    assert "--gateway-feed" in _controller(manifests)["args"]
+    spec = gateway["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert {port["name"]: port["containerPort"] for port in container["ports"]} == {"metrics": 9470, "gateway": 15443}
+    assert [probe["httpGet"] for probe in _probes(container)] == [
+        {"path": "/healthz", "port": "metrics"},
+        {"path": "/healthz", "port": "metrics"},
+        {"path": "/readyz", "port": "metrics"},
+    ]
+    assert spec["automountServiceAccountToken"] is True
+    accounts = {m["metadata"]["name"] for m in of_kind(manifests, "ServiceAccount")}
+    assert spec["serviceAccountName"] == "east-meshfed-gateway"
+    assert accounts == {"east-meshfed", "east-meshfed-gateway"}
+    assert [volume["name"] for volume in spec["volumes"]] == ["tmp"]  # no zone directory, no token files
+    (spread,) = spec["topologySpreadConstraints"]
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["labelSelector"]["matchLabels"] == gateway["spec"]["selector"]["matchLabels"]
+    assert_gateway_rbac(manifests)
+    # zone.toml changes roll the controllers, not the gateways (which do not read it).
+    authz = [{"service": "cart", "action": "deny", "id": "*"}]
+    changed = render(helm, ["-f", str(GATEWAY_REPLICAS), "--set-json", f"authz={json.dumps(authz)}"])
+    assert controller_deployment(changed)["spec"]["template"] != controller["spec"]["template"]
+    changed_gateway = gateway_deployment(changed)
+    assert changed_gateway is not None
+    assert changed_gateway["spec"]["template"] == gateway["spec"]["template"]
+    # Off by default, with highAvailability too: the leader's process serves the gateway Service.
+    for values in ([], ["--set", "highAvailability.enabled=true"]):
+        alone = render(helm, values)
+        assert gateway_deployment(alone) is None
+        assert "--gateway-feed" not in _controller(alone)["args"]
+        leader = {**pod_labels_of(controller_deployment(alone)), "meshfed.io/leader": "true"}
+        assert selects(one(alone, "Service", "-gateway")["spec"]["selector"], leader)
+
+
+def test_the_gateway_pods_serve_the_connect_listener_and_are_admitted_to_it(helm: str) -> None:
+    manifests = render(helm, ["-f", str(CHART / "examples" / "connect-egress.yaml"), "-f", str(GATEWAY_REPLICAS)])
+    gateway = gateway_deployment(manifests)
+    assert gateway is not None
+    (container,) = gateway["spec"]["template"]["spec"]["containers"]
+    assert {port["name"]: port["containerPort"] for port in container["ports"]}["egress-connect"] == 15499
+    policy = policy_of(manifests, gateway)
+    assert _sources_by_port(policy)[("egress-connect", None)] == [{"namespaceSelector": {}}]
+    assert set(_sources_by_port(policy)) == {
+        ("gateway", None),
+        ("metrics", None),
+        (15500, 16499),
+        ("egress-connect", None),
+    }
+    # Restricted egress: DNS and the same rules as the controller's (the API server, peers, endpoints).
+    rule = {"to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}], "ports": [{"port": 6443}]}
+    restricted = render(
+        helm,
+        [
+            *("-f", str(GATEWAY_REPLICAS), "--set", "networkPolicy.egress.restrict=true"),
+            *("--set-json", f"networkPolicy.egress.rules={json.dumps([rule])}"),
+        ],
+    )
+    gateway = gateway_deployment(restricted)
+    assert gateway is not None
+    egress = policy_of(restricted, gateway)
+    assert egress["policyTypes"] == ["Ingress", "Egress"]
+    assert egress["egress"] == policy_of(restricted, controller_deployment(restricted))["egress"]
+    assert egress["egress"][1:] == [rule]
+
+
+def test_a_gateway_deployment_needs_high_availability(helm: str) -> None:
+    result = run_helm(
+        helm, "template", "east", str(CHART), "--kube-version", KUBE_VERSION, "--set", "gateway.deployment.enabled=true"
+    )
+    assert result.returncode != 0
+    (line,) = [line for line in result.stderr.splitlines() if "gateway.deployment.enabled" in line]
+    assert "gateway.deployment.enabled needs highAvailability.enabled=true: set it too" in line, result.stderr
+
+
+def test_the_gateway_pods_never_share_the_controllers_service_account(helm: str) -> None:
+    shared = ["-f", str(GATEWAY_REPLICAS), "--set", "serviceAccount.create=false"]
+    result = run_helm(helm, "template", "east", str(CHART), "--kube-version", KUBE_VERSION, *shared)
+    assert result.returncode != 0
+    assert "gateway.deployment.serviceAccount.name must name a ServiceAccount other than the controller's" in (
+        result.stderr
+    )
+    named = render(helm, [*shared, "--set", "gateway.deployment.serviceAccount.name=east-gateway"])
+    assert of_kind(named, "ServiceAccount") == []  # both exist already
+    gateway = gateway_deployment(named)
+    assert gateway is not None
+    assert gateway["spec"]["template"]["spec"]["serviceAccountName"] == "east-gateway"
+    assert_gateway_rbac(named)
+    without = render(helm, ["-f", str(GATEWAY_REPLICAS), "--set", "rbac.create=false"])
+    assert [m for m in without if m["kind"] in RBAC_KINDS] == []

@@ -41,7 +41,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"zone"}),
     frozenset({"federation"}),
     frozenset({"controller", "diagnose", "leadership", "replica"}),
-    frozenset({"api", "runtime", "demo"}),
+    frozenset({"api", "runtime", "demo", "gateway_replica"}),
     frozenset({"cli", "__main__"}),
 )
 

@@ -30,6 +30,16 @@ HEARTBEAT_INTERVAL: Final = dt.timedelta(seconds=5)
 # How often a zone with a state replica (--state-secret, --state-kv) publishes what changed: a change
 # reaches the platform within about this long.
 STATE_REPLICA_INTERVAL: Final = dt.timedelta(seconds=2)
+# How often a leader with --gateway-feed looks for a newly applied gateway config to publish, and how
+# often a gateway replica (meshfed gateway) reads the feed: a change reaches the replicas within about
+# the sum of the two, plus the write.
+GATEWAY_FEED_INTERVAL: Final = dt.timedelta(milliseconds=250)
+GATEWAY_REPLICA_POLL: Final = dt.timedelta(seconds=1)
+# A gateway replica's probes and Prometheus listener (meshfed gateway --metrics-address).
+GATEWAY_REPLICA_METRICS_ADDRESS: Final = "127.0.0.1:15090"
+# How long a gateway replica keeps serving after SIGTERM (not ready) before it closes: kube-proxy and load
+# balancers take a few seconds to stop sending new connections to a pod that stops.
+GATEWAY_REPLICA_DRAIN: Final = dt.timedelta(seconds=5)
 FAILING_PEER_GRACE: Final = dt.timedelta(minutes=5)
 FAILING_PEER_POLICY: Final[Literal["open", "closed"]] = "open"
 HEALTH_CHECK_INTERVAL: Final = dt.timedelta(seconds=5)  # active checks of local endpoints

@@ -59,6 +59,8 @@ class ZoneSettings:
     # Keep the zone's state in the platform too (meshfed.replica): restored at start when the directory does
     # not hold it, published while the zone runs; None: the directory alone.
     replica: SecretReplica | KvReplica | None = None
+    # Publish the applied gateway config beside the replica, for gateway replicas (meshfed.replica.gateway_feed).
+    gateway_feed: bool = False
     # Label this pod as the leader or not, for Services to select it (meshfed.leadership.pod_label); None: no label.
     leader_pod: LeaderPod | None = None
     # The deployer's API tokens, which replace the directory's (and a restored replica's) at start.

@@ -43,12 +43,42 @@ app.kubernetes.io/component: controller
 {{- end }}
 
 {{/*
-Pods behind the gateway Service. Today the gateway runs inside the controller process
-(`meshfed up`), so these are the controller's pods; a standalone gateway Deployment would
-change only this definition.
+The pods of the gateway Deployment (gateway.deployment.enabled: `meshfed gateway` replicas). Their
+component differs from the controller's, so neither Deployment, PodDisruptionBudget nor
+NetworkPolicy ever selects the other's pods.
+*/}}
+{{- define "meshfed.gatewayPodSelectorLabels" -}}
+{{ include "meshfed.selectorLabels" . }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{/*
+Pods behind the gateway Service: the gateway Deployment's with gateway.deployment.enabled (every
+Ready replica serves), else the controller's, whose `meshfed up` runs the gateway in its own
+process (with highAvailability, the leader's only).
 */}}
 {{- define "meshfed.gatewaySelectorLabels" -}}
-{{ include "meshfed.servingSelectorLabels" . }}
+{{- if .Values.gateway.deployment.enabled }}
+{{- include "meshfed.gatewayPodSelectorLabels" . }}
+{{- else }}
+{{- include "meshfed.servingSelectorLabels" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Whether the gateway runs as its own Deployment; fails the render, in one line, when it cannot: the
+replicas serve what the leader publishes beside the zone's state in Secrets (highAvailability).
+*/}}
+{{- define "meshfed.gatewayDeployment" -}}
+{{- if .Values.gateway.deployment.enabled }}
+{{- if not .Values.highAvailability.enabled }}
+{{- fail "gateway.deployment.enabled needs highAvailability.enabled=true: set it too (the gateway pods serve the config the leader publishes beside the zone's state in Secrets)" }}
+{{- end }}
+{{- if eq (include "meshfed.gatewayServiceAccountName" .) (include "meshfed.serviceAccountName" .) }}
+{{- fail "gateway.deployment.serviceAccount.name must name a ServiceAccount other than the controller's (serviceAccount.name), which may read the zone's CA key: set it" }}
+{{- end }}
+{{- true }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -71,6 +101,20 @@ meshfed.io/leader: "true"
 {{- end }}
 {{- end }}
 
+{{/*
+The gateway pods' ServiceAccount, never the controller's (which may read the zone's CA key):
+gateway.deployment.serviceAccount.name, else <fullname>-gateway when serviceAccount.create, else
+"default" (with serviceAccount.create=false name one, as for the controller).
+*/}}
+{{- define "meshfed.gatewayServiceAccountName" -}}
+{{- $name := .Values.gateway.deployment.serviceAccount.name }}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "meshfed.resourceName" (dict "root" . "suffix" "gateway")) $name }}
+{{- else }}
+{{- default "default" $name }}
+{{- end }}
+{{- end }}
+
 {{- define "meshfed.image" -}}
 {{- $repository := required "set image.repository to where you pushed the image built from gateways/Dockerfile (no image is published; see gateways/README.md)" .Values.image.repository }}
 {{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) }}
@@ -87,6 +131,11 @@ meshfed.io/leader: "true"
 {{/* The Secret holding a highly available zone's state (meshfed up --state-secret; its pieces are <name>-<digest>). */}}
 {{- define "meshfed.stateSecretName" -}}
 {{- include "meshfed.resourceName" (dict "root" . "suffix" "state") }}
+{{- end }}
+
+{{/* The Secret a leader with `meshfed up --gateway-feed` publishes its gateway's config (SVID and key included) in. */}}
+{{- define "meshfed.gatewayFeedSecretName" -}}
+{{- printf "%s-gateway" (include "meshfed.stateSecretName" .) }}
 {{- end }}
 
 {{- define "meshfed.claimName" -}}
@@ -134,6 +183,23 @@ seccompProfile:
   type: RuntimeDefault
 {{- end }}
 
+{{/* The pod securityContext of every pod of the chart (the container's is meshfed.containerSecurityContext). */}}
+{{- define "meshfed.podSecurityContext" -}}
+runAsNonRoot: true
+{{- with .Values.securityContext.runAsUser }}
+runAsUser: {{ . }}
+{{- end }}
+{{- with .Values.securityContext.runAsGroup }}
+runAsGroup: {{ . }}
+{{- end }}
+{{- with .Values.securityContext.fsGroup }}
+# Volumes and Secret files belong to this group, so the non-root user can write the zone and read them.
+fsGroup: {{ . }}
+{{- end }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
 {{- define "meshfed.commonVolumeMounts" -}}
 - name: config
   mountPath: /etc/meshfed/config
@@ -161,4 +227,17 @@ another cluster needs advertiseHost set to the Service's external address).
 {{- else -}}
 {{- include "meshfed.resourceName" (dict "root" . "suffix" "peering") }}.{{ .Release.Namespace }}.svc
 {{- end -}}
+{{- end }}
+
+{{/* A NetworkPolicy's egress rules with networkPolicy.egress.restrict: DNS, then the values' rules. */}}
+{{- define "meshfed.networkPolicyEgress" -}}
+# DNS, wherever the cluster's resolver is.
+- ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+{{- with .Values.networkPolicy.egress.rules }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}

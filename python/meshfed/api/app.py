@@ -14,11 +14,13 @@ process that follows its zone's leader has none yet (alive, not ready).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -131,6 +133,14 @@ def create_app(controller: Controller, peering: PeeringService | None = None) ->
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     return app
+
+
+class HealthServer(uvicorn.Server):
+    """A health and metrics listener's server: it leaves signals to its owner, which stops it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def create_health_app(controller: Callable[[], Controller | None], *, follower_ready: bool = False) -> FastAPI:

@@ -43,6 +43,7 @@ _LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("status", "status"),
     "explain": ("status", "explain"),
     "up": ("up", "up"),
+    "gateway": ("gateway", "gateway"),
 }
 
 

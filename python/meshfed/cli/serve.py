@@ -25,7 +25,7 @@ import signal
 import socket
 import ssl
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -35,7 +35,7 @@ import uvicorn
 
 from meshfed import defaults
 from meshfed.addresses import HostPort
-from meshfed.api.app import create_health_app
+from meshfed.api.app import HealthServer, create_health_app
 from meshfed.cli import _signals
 from meshfed.cli.remote import API_URL_FILE
 from meshfed.controller import Controller
@@ -66,6 +66,7 @@ from meshfed.zonelock import LOCK_FILE, hold_zone_lock, mark_following
 if TYPE_CHECKING:
     from meshfed.catalog.consul_api import ConsulApi
     from meshfed.catalog.kubernetes_api import KubernetesApi
+    from meshfed.gateway.config import GatewayConfig
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +185,12 @@ def serve_zone(zone: Zone, settings: ZoneSettings, listeners: Listeners, *, log_
         # Before anything starts: grpc would log its own line for a taken port, and the
         # gateway would briefly serve before a later listener failed.
         for flag, address in listeners.fixed():
-            _bind(address, flag).close()
+            bind_listener(address, flag).close()
         configure_logging(log_level, json=json_logs)
         raise_open_file_limit()
         tune_garbage_collector()
         # Held from here: a taken API port must not let the zone come up and peer first.
-        with _bind(listeners.api, "--api-address") as api_socket, _bind_metrics(listeners) as metrics_socket:
+        with bind_listener(listeners.api, "--api-address") as api_socket, _bind_metrics(listeners) as metrics_socket:
             if stop.requested:
                 return
             asyncio.run(_serve(zone, settings, listeners, api_socket, log_level, stop, metrics_socket))
@@ -219,7 +220,7 @@ async def _serve(
     async with (
         health,
         _leading(zone, settings, stop, controller) as lost,
-        _replicated(zone, settings, stop, lost) as current,
+        _replicated(zone, settings, stop, lost, controller) as current,
     ):
         if stop.requested:
             return
@@ -349,9 +350,12 @@ async def _elector(zone: Zone, leader: LeaseSettings | LockSettings) -> tuple[Ca
 
 
 @contextlib.asynccontextmanager
-async def _replicated(zone: Zone, settings: ZoneSettings, stop: _Stop, lost: list[str]) -> AsyncIterator[Zone]:
+async def _replicated(
+    zone: Zone, settings: ZoneSettings, stop: _Stop, lost: list[str], controller: Callable[[], Controller | None]
+) -> AsyncIterator[Zone]:
     """The zone with its state brought together with its replica (``--state-secret``, ``--state-kv``), published
-    while the block runs and once more at its end; without a replica, the zone as it is.
+    while the block runs and once more at its end; without a replica, the zone as it is. With ``--gateway-feed``,
+    each config ``controller()``'s gateway applies is published too, for gateway replicas.
 
     Runs while leading: restoring the replica is what makes a new leader the zone. A publication refused
     because another process published (the fence of :mod:`meshfed.replica.replicator`) ends the block as a
@@ -360,19 +364,28 @@ async def _replicated(zone: Zone, settings: ZoneSettings, stop: _Stop, lost: lis
     if settings.replica is None or stop.requested:
         yield zone
         return
+    from meshfed.replica.gateway_feed import FeedPublisher
     from meshfed.replica.manifest import ReplicaError
     from meshfed.replica.replicator import ReplicaConflictError, StateReplica
-    from meshfed.replica.stores import KvStore, ReplicaStore, SecretStore
+    from meshfed.replica.stores import feed_store, replica_store
 
-    store: ReplicaStore
+    client: KubernetesApi | ConsulApi
     if isinstance(settings.replica, SecretReplica):
         api = await _kubernetes_api(zone, "--state-secret")
-        store, close = SecretStore(api, settings.replica.namespace, settings.replica.name), api.aclose
+        client, close = api, api.aclose
     else:
         consul = _consul_api(zone)
-        store, close = KvStore(consul, settings.replica.prefix), consul.aclose
+        client, close = consul, consul.aclose
+    store = replica_store(settings.replica, client)
     writer = settings.leader.identity if settings.leader is not None else f"{socket.gethostname()}-{os.getpid()}"
     replica = StateReplica(store, zone.directory, zone=zone.name, trust_domain=str(zone.trust_domain), writer=writer)
+    feed = (
+        FeedPublisher(
+            feed_store(settings.replica, client), zone=zone.name, trust_domain=str(zone.trust_domain), writer=writer
+        )
+        if settings.gateway_feed
+        else None
+    )
     try:
         log.info("zone %s: %s", zone.name, await replica.start())
         try:
@@ -391,12 +404,27 @@ async def _replicated(zone: Zone, settings: ZoneSettings, stop: _Stop, lost: lis
             replica.keep_published(defaults.STATE_REPLICA_INTERVAL.total_seconds()), name="state-replica"
         )
         publishing.add_done_callback(ended)
+        feeding: asyncio.Task[None] | None = None
+        if feed is not None:
+            await feed.start()
+
+            def applied() -> GatewayConfig | None:
+                current = controller()
+                return None if current is None else current.applied_gateway_config
+
+            feeding = asyncio.create_task(
+                feed.keep_published(applied, defaults.GATEWAY_FEED_INTERVAL), name="gateway-feed"
+            )
+            feeding.add_done_callback(ended)
+            log.info("zone %s: publishing its gateway config to %s for gateway replicas", zone.name, feed.where)
         try:
             yield Zone.open(zone.directory)  # as restored
         finally:
-            publishing.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ReplicaError):
-                await publishing
+            for task in (publishing, feeding):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, ReplicaError):
+                        await task
             if not lost:
                 try:
                     await replica.publish()  # what the zone wrote while it stopped
@@ -467,14 +495,6 @@ async def _serve_led(
         await runtime.controller.stop()
 
 
-class _HealthServer(uvicorn.Server):
-    """The health and metrics listener: it leaves signals to the API's server, which stops it."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 @contextlib.asynccontextmanager
 async def _serve_health(
     zone_name: str,
@@ -500,7 +520,7 @@ async def _serve_health(
         metrics_socket.listen(config.backlog)
     except OSError as err:
         raise MeshfedError(_cannot_listen("--metrics-address", listeners.metrics, err)) from None
-    health = _HealthServer(config)
+    health = HealthServer(config)
     task = asyncio.create_task(health.serve(sockets=[metrics_socket]), name="health-listener")
     host, port = metrics_socket.getsockname()[:2]
     log.info("zone %s: health and metrics on http://%s", zone_name, HostPort(host, port))
@@ -514,7 +534,7 @@ async def _serve_health(
 def _bind_metrics(listeners: Listeners) -> contextlib.AbstractContextManager[socket.socket | None]:
     if listeners.metrics is None:
         return contextlib.nullcontext()
-    return _bind(listeners.metrics, "--metrics-address")
+    return bind_listener(listeners.metrics, "--metrics-address")
 
 
 async def start_runtime(runtime: ZoneRuntime, listeners: Listeners) -> None:
@@ -536,7 +556,7 @@ async def start_runtime(runtime: ZoneRuntime, listeners: Listeners) -> None:
             ((flag, address) for flag, address in _peering_listeners(listeners) if str(address) in str(err)),
             ("--peering-address/--establish-address", listeners.peering),
         )
-        _bind(address, flag).close()
+        bind_listener(address, flag).close()
         raise MeshfedError(
             f"{flag} {address}: cannot listen there: grpc could not bind it (GRPC_VERBOSITY=debug)"
         ) from None
@@ -553,7 +573,7 @@ def _peering_listeners(listeners: Listeners) -> tuple[tuple[str, HostPort], ...]
     return (("--peering-address", listeners.peering), ("--establish-address", listeners.establish))
 
 
-def _bind(address: HostPort, flag: str) -> socket.socket:
+def bind_listener(address: HostPort, flag: str) -> socket.socket:
     """A TCP socket bound to ``address`` and not yet listening (connects are refused until a server runs).
 
     SO_REUSEADDR as every listener of a zone sets (a restart rebinds at once),

@@ -180,6 +180,15 @@ def up(
             "--state-secret does in Secrets; its token needs key_prefix write on it. Default: the directory alone."
         ),
     ] = None,
+    gateway_feed: Annotated[
+        bool,
+        typer.Option(
+            "--gateway-feed",
+            help="While leading, also publish the config this zone's gateway runs (SVID included) beside the state "
+            "replica (Secret NAME-gateway, or PREFIX/gateway/), for gateway replicas (meshfed gateway) to serve. "
+            "Needs --state-secret or --state-kv. Default: no feed.",
+        ),
+    ] = False,
     admin_token_file: Annotated[
         Path | None,
         typer.Option(
@@ -253,7 +262,7 @@ def up(
             str(parse_host_port(address, what="--gateway-advertise", allow_zero=False))
             for address in gateway_advertise or ()
         ),
-        egress_host=_ip_host(egress_host, "--egress-host"),
+        egress_host=ip_host(egress_host, "--egress-host"),
         egress_advertise_host=(
             None if egress_advertise_host is None else parse_host(egress_advertise_host, what="--egress-advertise-host")
         ),
@@ -279,7 +288,8 @@ def up(
         controller=controller,
         peering=peering,
         leader=_leader(leader_lease, leader_lock, leader_identity, leader_lease_duration),
-        replica=_replica(state_secret, state_kv),
+        replica=parse_replica(state_secret, state_kv),
+        gateway_feed=_gateway_feed(gateway_feed, state_secret is not None or state_kv is not None),
         leader_pod=_leader_pod(leader_pod, leader_lease is not None or leader_lock is not None),
         token_files=TokenFiles(admin_token_file, read_token_file),
         bundle_endpoint_port=listeners.bundle_endpoint_port,
@@ -333,7 +343,16 @@ def _leader_pod(pod: str | None, campaigning: bool) -> LeaderPod | None:
     return LeaderPod(namespace, name)
 
 
-def _replica(secret: str | None, kv: str | None) -> SecretReplica | KvReplica | None:
+def _gateway_feed(wanted: bool, replicated: bool) -> bool:
+    if wanted and not replicated:
+        raise typer.BadParameter(
+            "the feed is published beside the state replica: give --state-secret or --state-kv too",
+            param_hint="--gateway-feed",
+        )
+    return wanted
+
+
+def parse_replica(secret: str | None, kv: str | None) -> SecretReplica | KvReplica | None:
     """Where ``meshfed up`` keeps the zone's state besides its directory, from its flags; None: nowhere."""
     if secret is not None and kv is not None:
         raise typer.BadParameter("give --state-secret or --state-kv, not both", param_hint="--state-kv")
@@ -417,7 +436,8 @@ def _gateway_bind(text: str, what: str) -> HostPort:
     return address
 
 
-def _ip_host(text: str, what: str) -> str:
+def ip_host(text: str, what: str) -> str:
+    """``text`` as a host to bind a gateway listener on: an IP address (the data plane binds no names)."""
     host = parse_host(text, what=what)
     if not is_ip_address(host):
         raise InvalidAddressError(f"{what} {text!r}: {_GATEWAY_BINDS_IPS}")

@@ -15,7 +15,9 @@ The package, by role: :mod:`~meshfed.replica.manifest` (what a replica holds,
 parsed as hostile input), :mod:`~meshfed.replica.files` (the directory's
 side), :mod:`~meshfed.replica.stores` (Secrets, Consul KV, both
 compare-and-swap), :mod:`~meshfed.replica.replicator` (restore, publish,
-fence).
+fence), :mod:`~meshfed.replica.gateway_feed` (the gateway config the leader
+publishes beside the replica, for gateway replicas: ``meshfed up
+--gateway-feed`` and ``meshfed gateway``).
 
 A publication is asynchronous: a zone that loses its pod *and* its volume
 within :data:`~meshfed.defaults.STATE_REPLICA_INTERVAL` of a change loses that

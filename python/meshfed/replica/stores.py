@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from meshfed.errors import MeshfedError
+from meshfed.replica import KvReplica, SecretReplica
 from meshfed.replica.manifest import ReplicaError
 
 if TYPE_CHECKING:  # the platform clients load only for a zone that replicates
@@ -39,6 +40,9 @@ class ReplicaStore(Protocol):
 
     @property
     def where(self) -> str: ...  # for messages: "Secret default/meshfed-east-state"
+
+    @property
+    def largest(self) -> int: ...  # bytes one object (manifest or piece) may hold
 
     async def read_manifest(self) -> tuple[bytes, str] | None:
         """The stored manifest and its version; None if there is none."""
@@ -62,6 +66,8 @@ class ReplicaStore(Protocol):
 
 class SecretStore:
     """A replica in Secrets of one namespace."""
+
+    largest = 1_000_000  # a Secret's data is at most 1 MiB, with room for its keys
 
     def __init__(self, api: KubernetesApi, namespace: str, name: str) -> None:
         self._api, self.namespace, self.name = api, namespace, name
@@ -178,6 +184,8 @@ class _ConflictError(Exception):
 class KvStore:
     """A replica under one prefix of Consul's KV store."""
 
+    largest = 512 * 1024  # Consul's default kv_max_value_size
+
     def __init__(self, api: ConsulApi, prefix: str) -> None:
         self._api, self.prefix = api, prefix.rstrip("/")
 
@@ -233,4 +241,29 @@ class KvStore:
         return value, entry["ModifyIndex"]
 
 
-__all__ = ["REPLICA_LABEL", "KvStore", "ReplicaStore", "SecretStore"]
+def replica_store(replica: SecretReplica | KvReplica, client: KubernetesApi | ConsulApi) -> ReplicaStore:
+    """Where ``replica`` is kept, over ``client`` (a Kubernetes client for Secrets, a Consul one for KV)."""
+    return _store(replica, client, "")
+
+
+def feed_store(replica: SecretReplica | KvReplica, client: KubernetesApi | ConsulApi) -> ReplicaStore:
+    """Where the gateway feed beside ``replica`` is kept (:mod:`meshfed.replica.gateway_feed`): Secret
+    ``NAME-gateway``, or keys under ``PREFIX/gateway/``; only its manifest object is used."""
+    return _store(replica, client, FEED_SUFFIX)
+
+
+def _store(replica: SecretReplica | KvReplica, client: KubernetesApi | ConsulApi, suffix: str) -> ReplicaStore:
+    from meshfed.catalog.consul_api import ConsulApi
+    from meshfed.catalog.kubernetes_api import KubernetesApi
+
+    if isinstance(replica, SecretReplica):
+        assert isinstance(client, KubernetesApi)
+        return SecretStore(client, replica.namespace, f"{replica.name}-{suffix}" if suffix else replica.name)
+    assert isinstance(client, ConsulApi)
+    return KvStore(client, f"{replica.prefix}/{suffix}" if suffix else replica.prefix)
+
+
+# The suffix of the gateway feed's store name; in a Secret's name it cannot be a piece's (64 hex digits).
+FEED_SUFFIX = "gateway"
+
+__all__ = ["FEED_SUFFIX", "REPLICA_LABEL", "KvStore", "ReplicaStore", "SecretStore", "feed_store", "replica_store"]
