@@ -6,7 +6,8 @@ own gateway is on 127.0.0.1). West's traffic to east's services therefore crosse
 replica, and so does east's traffic to west's `web` when sent to the replica's egress
 port. A service exported after the replica started reaches it through the feed; east's
 leader is then SIGKILLed and traffic both ways goes on through the replica; on SIGTERM
-the replica stops being ready, serves through its drain time, and exits 0.
+the replica stops being ready, accepts through its drain time, then lets the connection
+still open finish before it exits 0.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import base64
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -24,7 +26,7 @@ import httpx
 import orjson
 
 from meshfed.replica.gateway_feed import decode_feed
-from tests.conftest import free_port, running_echo_server
+from tests.conftest import free_port, round_trip, running_echo_server
 from tests.servers import real_kubernetes
 from tests.test_leadership import NAMESPACE, ProcessLog, up_candidate
 from tests.test_up_federation import call, meshfed, meshfed_up
@@ -38,7 +40,7 @@ def _replica(name: str, metrics_port: int) -> subprocess.Popen[bytes]:
         [
             *(sys.executable, "-m", "meshfed", "gateway", "--state-secret", f"{NAMESPACE}/{name}"),
             *("--listen-host", REPLICA_HOST, "--metrics-address", f"{REPLICA_HOST}:{metrics_port}"),
-            *("--drain-time", "2s", "--log-format", "text"),
+            *("--drain-time", "2s", "--finish-time", "20s", "--log-format", "text"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -143,15 +145,21 @@ def test_a_gateway_replica_serves_the_leaders_config_and_keeps_serving_when_the_
             assert after is not None
             assert after[0] == 200, after
 
-            # SIGTERM: not ready at once, serving through the drain, then a clean exit.
-            replica.send_signal(signal.SIGTERM)
-            replica_log.wait_for("stopping; serving open and new connections")
-            draining = _readiness(metrics_port)
-            assert draining is not None
-            assert draining == (503, {"status": "draining"})
-            assert call(api_address, b"while draining") == b"while draining"
-            assert replica.wait(timeout=30) == 0
-            assert call(replica_web, b"gone") == b""
+            # SIGTERM: not ready at once, accepting through the drain time; then no new connections while
+            # the open ones go on to their end, and a clean exit as soon as the last one ends.
+            with socket.create_connection(api_address, timeout=5) as held:
+                assert round_trip(held, b"held open") == b"held open"
+                replica.send_signal(signal.SIGTERM)
+                replica_log.wait_for("stopping; accepting new connections")
+                draining = _readiness(metrics_port)
+                assert draining is not None
+                assert draining == (503, {"status": "draining"})
+                assert call(api_address, b"while draining") == b"while draining"
+                replica_log.wait_for("stopped accepting; open connections: 1,")
+                assert call(replica_web, b"refused now") == b""
+                assert round_trip(held, b"still held") == b"still held"
+            assert replica.wait(timeout=15) == 0  # well before --finish-time: the last connection ended
+            assert not any("still open after" in line for line in replica_log.seen)
         finally:
             for process in processes:
                 if process.poll() is None:

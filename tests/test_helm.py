@@ -465,6 +465,11 @@ def test_a_highly_available_zone_keeps_its_state_in_secrets_and_elects_a_leader(
     for service in of_kind(manifests, "Service"):
         assert service["spec"]["selector"]["meshfed.io/leader"] == "true", service["metadata"]["name"]
     assert "meshfed.io/leader" not in deployment["spec"]["selector"]["matchLabels"]
+    # Upgrades roll with surge: a new follower is Ready before an old pod (and its leadership) goes.
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in controller["env"]
     # A restored replica holds the tokens an older pod published; the chart's Secrets win over them.
     mounts = {mount["name"]: mount["mountPath"] for mount in controller["volumeMounts"]}
@@ -476,6 +481,7 @@ def test_a_highly_available_zone_keeps_its_state_in_secrets_and_elects_a_leader(
     assert data == {"name": "data", "emptyDir": {}}
     single = render(helm, [])
     assert one(single, "Deployment")["spec"]["replicas"] == 1
+    assert one(single, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}  # the volume has one writer
     assert all("meshfed.io/leader" not in service["spec"]["selector"] for service in of_kind(single, "Service"))
     assert _arg(_controller(single), "--state-secret") is None
     assert of_kind(single, "PersistentVolumeClaim") != []
@@ -759,12 +765,11 @@ def test_the_gateway_runs_as_its_own_deployment_of_replicas_rolled_one_at_a_time
     controller = controller_deployment(manifests)
     assert gateway["metadata"]["name"] == f"{controller['metadata']['name']}-gateway"
     assert gateway["spec"]["replicas"] == 3
-    # One new pod Ready before an old one stops; the controllers are still replaced at once.
-    assert gateway["spec"]["strategy"] == {
-        "type": "RollingUpdate",
-        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
-    }
-    assert controller["spec"]["strategy"] == {"type": "Recreate"}
+    # One new pod Ready before an old one stops, for the gateways and for the controllers (followers
+    # are Ready, and a leader stopped cleanly hands over).
+    rolling = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    assert gateway["spec"]["strategy"] == rolling
+    assert controller["spec"]["strategy"] == rolling
     gateway_pods = pod_labels_of(gateway)
     assert gateway_pods["app.kubernetes.io/component"] == "gateway"
     # Neither Deployment selects the other's pods, whatever leader label a controller's pod carries.

@@ -40,6 +40,9 @@ GATEWAY_REPLICA_METRICS_ADDRESS: Final = "127.0.0.1:15090"
 # How long a gateway replica keeps serving after SIGTERM (not ready) before it closes: kube-proxy and load
 # balancers take a few seconds to stop sending new connections to a pod that stops.
 GATEWAY_REPLICA_DRAIN: Final = dt.timedelta(seconds=5)
+# Then, with its listeners closed, how long it gives the connections still open to end: with the drain,
+# within the chart's terminationGracePeriodSeconds (30).
+GATEWAY_REPLICA_FINISH: Final = dt.timedelta(seconds=20)
 FAILING_PEER_GRACE: Final = dt.timedelta(minutes=5)
 FAILING_PEER_POLICY: Final[Literal["open", "closed"]] = "open"
 HEALTH_CHECK_INTERVAL: Final = dt.timedelta(seconds=5)  # active checks of local endpoints

@@ -59,6 +59,7 @@ class GatewayReplica:
         self._listen_host = listen_host
         self._gateway: Gateway | None = None
         self._telemetry: Telemetry | None = None
+        self._document: bytes | None = None  # the config applied, as applied
         self.applied: FeedHeader | None = None
         """The header of the publication the gateway serves (None before the first)."""
         self.problem = ""
@@ -129,6 +130,20 @@ class GatewayReplica:
         }
         return status.HTTP_200_OK, body
 
+    def stop_accepting(self) -> None:
+        """Close every listener; open connections go on to their end (on the config they started on)."""
+        if self._gateway is None or self._document is None:
+            return
+        document = orjson.loads(self._document)
+        document["listeners"] = []
+        self._gateway.apply(orjson.dumps(document))
+
+    def in_flight(self) -> int:
+        """Connections the gateway proxies now (each counted once, on the cluster it goes to)."""
+        if self._gateway is None:
+            return 0
+        return sum(int(cluster.get("active", 0)) for cluster in self._gateway.stats().get("clusters", {}).values())
+
     def metrics(self) -> bytes:
         return b"" if self._telemetry is None else self._telemetry.render()
 
@@ -145,7 +160,7 @@ class GatewayReplica:
             self._telemetry = Telemetry(feed.header.zone, gateway.stats)
         else:
             self._gateway.apply(document)
-        self.applied = feed.header
+        self.applied, self._document = feed.header, document
 
     def _refused(self, problem: str) -> bool:
         if self._gateway is not None:
@@ -188,16 +203,23 @@ def create_replica_health_app(replica: GatewayReplica) -> FastAPI:
     return app
 
 
+@dataclasses.dataclass(frozen=True)
+class Drain:
+    """How a replica stops: ``accepting`` for this long after the signal (not ready), then no new connections
+    and up to ``finishing`` for the open ones to end."""
+
+    accepting: dt.timedelta = defaults.GATEWAY_REPLICA_DRAIN
+    finishing: dt.timedelta = defaults.GATEWAY_REPLICA_FINISH
+
+
 def serve_gateway_replica(
-    source: FeedSource, *, listen_host: str | None, metrics_socket: socket.socket, drain: dt.timedelta
+    source: FeedSource, *, listen_host: str | None, metrics_socket: socket.socket, drain: Drain
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain for ``drain`` and close."""
+    """Serve until SIGTERM or SIGINT, then drain (``drain``) and close."""
     asyncio.run(_serve(source, listen_host, metrics_socket, drain))
 
 
-async def _serve(
-    source: FeedSource, listen_host: str | None, metrics_socket: socket.socket, drain: dt.timedelta
-) -> None:
+async def _serve(source: FeedSource, listen_host: str | None, metrics_socket: socket.socket, drain: Drain) -> None:
     client, close = await _client(source)
     try:
         from meshfed.replica.stores import feed_store
@@ -218,8 +240,24 @@ async def _serve(
         try:
             await stopping.wait()
             replica.draining = True
-            log.info("gateway replica: stopping; serving open and new connections for %s more", drain)
-            await asyncio.sleep(drain.total_seconds())
+            log.info("gateway replica: stopping; accepting new connections for %s more", drain.accepting)
+            await asyncio.sleep(drain.accepting.total_seconds())
+            refreshing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refreshing
+            await asyncio.to_thread(replica.stop_accepting)
+            open_now = replica.in_flight()
+            log.info(
+                "gateway replica: stopped accepting; open connections: %d, given up to %s to end",
+                open_now,
+                drain.finishing,
+            )
+            deadline = loop.time() + drain.finishing.total_seconds()
+            while open_now and loop.time() < deadline:
+                await asyncio.sleep(0.1)
+                open_now = replica.in_flight()
+            if open_now:
+                log.warning("gateway replica: closing %d connections still open after %s", open_now, drain.finishing)
         finally:
             refreshing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -253,4 +291,4 @@ async def _client(source: FeedSource) -> tuple[Any, Any]:
     return consul, consul.aclose
 
 
-__all__ = ["FeedSource", "GatewayReplica", "create_replica_health_app", "serve_gateway_replica"]
+__all__ = ["Drain", "FeedSource", "GatewayReplica", "create_replica_health_app", "serve_gateway_replica"]

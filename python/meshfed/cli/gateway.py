@@ -60,10 +60,16 @@ def gateway(
     drain_time: Annotated[
         str,
         typer.Option(
-            help="After SIGTERM, how long to keep serving (not ready) before closing: time for load balancers and "
-            "kube-proxy to stop sending new connections."
+            help="After SIGTERM, how long to keep accepting connections (not ready): time for load balancers and "
+            "kube-proxy to stop sending new ones."
         ),
     ] = duration_text(defaults.GATEWAY_REPLICA_DRAIN),
+    finish_time: Annotated[
+        str,
+        typer.Option(
+            help="Then, with the listeners closed, how long the open connections get to end before they are cut."
+        ),
+    ] = duration_text(defaults.GATEWAY_REPLICA_FINISH),
     log_level: Annotated[LogLevel, typer.Option(help="debug, info, warning or error.")] = LogLevel.info,
     log_format: Annotated[
         LogFormat, typer.Option(help="json (one object per line, with trace ids) or text.")
@@ -72,7 +78,7 @@ def gateway(
     """Run a gateway replica in the foreground: the zone's data plane, without its controller. SIGTERM stops it."""
     from meshfed.catalog.settings import ConsulSettings
     from meshfed.cli.serve import bind_listener
-    from meshfed.gateway_replica import FeedSource, serve_gateway_replica
+    from meshfed.gateway_replica import Drain, FeedSource, serve_gateway_replica
     from meshfed.logs import configure_logging
     from meshfed.runtime import raise_open_file_limit
 
@@ -92,7 +98,7 @@ def gateway(
             raise typer.BadParameter(str(err).splitlines()[-1], param_hint="--consul-address") from None
     host = None if listen_host is None else ip_host(listen_host, "--listen-host")
     metrics = parse_host_port(metrics_address, what="--metrics-address", allow_zero=True)
-    drain = parse_duration(drain_time, "--drain-time")
+    drain = Drain(parse_duration(drain_time, "--drain-time"), parse_duration(finish_time, "--finish-time"))
     configure_logging(log_level.value, json=log_format is LogFormat.json)
     raise_open_file_limit()
     with bind_listener(metrics, "--metrics-address") as metrics_socket:
