@@ -121,6 +121,9 @@ def test_a_gateway_replica_serves_the_leaders_config_and_keeps_serving_when_the_
             replica_web = (REPLICA_HOST, web_address[1])
             assert call(replica_web, b"out via replica") == b"out via replica"
             assert web.received.endswith(b"out via replica")
+            # The replica's own data plane, in its own metrics.
+            metrics = httpx.get(f"http://{REPLICA_HOST}:{metrics_port}/metrics", timeout=5).text
+            assert "meshfed_gateway_connections" in metrics, metrics[:2000]
 
             # A change made after the replica started reaches it through the feed.
             generation = _feed_generation(name)
