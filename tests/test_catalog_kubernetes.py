@@ -38,7 +38,7 @@ from meshfed.catalog.kubernetes import KubernetesCatalog
 from meshfed.catalog.kubernetes_mirrors import MIRROR_LABEL, OWNER_LABEL, mirror_name
 from meshfed.errors import CatalogError
 from meshfed.zone import Zone
-from tests.conftest import eventually, until
+from tests.conftest import eventually, settled, until
 from tests.doubles.kubernetes import KubernetesDouble, endpoint_slice, service
 from tests.servers import DEFAULT_STATE, real_kubernetes
 from tests.test_helm import IMAGE
@@ -277,10 +277,17 @@ class Cluster:
         self.create({"apiVersion": rbac, "kind": binding, "metadata": metadata, "roleRef": ref, "subjects": [subject]})
 
     def catalog(
-        self, kubeconfig: Path, namespaces: list[str], mirror_namespace: str | None = None
+        self,
+        kubeconfig: Path,
+        namespaces: list[str],
+        mirror_namespace: str | None = None,
+        mirror_selector: dict[str, str] | None = None,
     ) -> KubernetesCatalog:
         settings = KubernetesSettings(
-            kubeconfig=str(kubeconfig), namespaces=namespaces, mirror_namespace=mirror_namespace
+            kubeconfig=str(kubeconfig),
+            namespaces=namespaces,
+            mirror_namespace=mirror_namespace,
+            mirror_selector=mirror_selector,
         )
         return KubernetesCatalog(settings, zone=self.zone, **FAST)
 
@@ -556,6 +563,71 @@ def test_publish_imports_mirrors_services_and_removes_stale_ones(cluster: Cluste
             await catalog.aclose()
 
     run(scenario)
+
+
+def test_mirrors_select_the_gateway_pods_when_told_to_and_kubernetes_keeps_their_endpoints(tmp_path: Path) -> None:
+    """``mirror_selector``: each mirror a Service selecting the gateway replicas' pods, whose EndpointSlices the
+    API server's own controller writes (so the real server only: the double has no such controller)."""
+    cluster = Cluster("real", tmp_path)
+    selector = {"app.kubernetes.io/component": "gateway", "app.kubernetes.io/instance": cluster.zone}
+    try:
+        shop, mirrors = cluster.namespace("shop"), cluster.namespace("imports")
+        kubeconfig = cluster.install([shop], mirrors)
+        api = imported("api")
+        name = mirror_name(cluster.zone, api)
+
+        def slices() -> list[Document]:
+            return cluster.items("endpointslices", mirrors, f"kubernetes.io/service-name={name}")
+
+        async def scenario() -> None:
+            plain = cluster.catalog(kubeconfig, [shop], mirrors)
+            selecting = cluster.catalog(kubeconfig, [shop], mirrors, selector)
+            try:
+                await plain.publish_imports([api])
+                assert_whole(cluster, mirrors, api)
+                # Switched to selecting: the Service selects the pods, and this zone's EndpointSlice is gone.
+                await selecting.publish_imports([api])
+                mirror = cluster.get("services", mirrors, name)
+                assert mirror is not None
+                assert mirror["spec"]["selector"] == selector
+                assert [(p["name"], p["port"], p["targetPort"]) for p in mirror["spec"]["ports"]] == [
+                    ("http", 15001, 15001)
+                ]
+                assert cluster.get("endpointslices", mirrors, name) is None
+                # The API server's EndpointSlice controller writes the Service's slice (with its labels)...
+                (kept,) = settled(slices, lambda found: len(found) == 1, "the controller's EndpointSlice", every=0.1)
+                assert kept["metadata"]["labels"][MIRROR_LABEL] == "true"
+                assert kept["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] != "controller.meshfed.io"
+                # ...which is not this zone's to delete as stale: publishing again changes nothing.
+                version = mirror["metadata"]["resourceVersion"]
+                await selecting.publish_imports([api])
+                assert [item["metadata"]["uid"] for item in slices()] == [kept["metadata"]["uid"]]
+                again = cluster.get("services", mirrors, name)
+                assert again is not None
+                assert again["metadata"]["resourceVersion"] == version
+                # And back: no selector, this zone's EndpointSlice at the egress address again.
+                await plain.publish_imports([api])
+                after = cluster.get("services", mirrors, name)
+                assert after is not None
+                assert "selector" not in after["spec"]
+                assert_whole(cluster, mirrors, api)
+                await selecting.publish_imports([])
+                assert cluster.get("services", mirrors, name) is None
+            finally:
+                await plain.aclose()
+                await selecting.aclose()
+
+        run(scenario)
+    finally:
+        cluster.close()
+
+
+def test_a_mirror_selector_without_a_mirror_namespace_or_with_a_bad_label_is_refused() -> None:
+    with pytest.raises(ValueError, match="mirror_selector needs mirror_namespace"):
+        KubernetesSettings(mirror_selector={"app": "gateway"})
+    for bad in ({"app": "not a value!"}, {"-app": "gateway"}, {"a/b/c": "x"}):
+        with pytest.raises(ValueError, match="is not a label the API server takes"):
+            KubernetesSettings(mirror_namespace="meshfed", mirror_selector=bad)
 
 
 def test_mirror_names_never_collide(cluster: Cluster) -> None:

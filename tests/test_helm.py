@@ -370,8 +370,9 @@ def test_controller_args_are_options_of_meshfed_up(helm: str, values: list[str])
 
 @pytest.mark.parametrize("values", CASES)
 def test_gateway_args_are_options_of_meshfed_gateway(helm: str, values: list[str]) -> None:
-    # Every values file with the gateway apart as well (connect-egress adds a listener, consul a catalog...).
-    manifests = render(helm, [*values, "-f", str(GATEWAY_REPLICAS)])
+    # Every values file with the gateway apart as well (connect-egress adds a listener, consul a catalog...);
+    # mirrors then live with the gateway pods, in the release namespace.
+    manifests = render(helm, [*values, "-f", str(GATEWAY_REPLICAS), "--set", "catalog.kubernetes.mirrorNamespace="])
     deployment = gateway_deployment(manifests)
     assert deployment is not None
     (gateway,) = deployment["spec"]["template"]["spec"]["containers"]
@@ -885,3 +886,30 @@ def test_the_gateway_pods_never_share_the_controllers_service_account(helm: str)
     assert_gateway_rbac(named)
     without = render(helm, ["-f", str(GATEWAY_REPLICAS), "--set", "rbac.create=false"])
     assert [m for m in without if m["kind"] in RBAC_KINDS] == []
+
+
+def test_with_a_gateway_deployment_mirrors_select_the_gateway_pods(helm: str) -> None:
+    kubernetes = ["-f", str(GATEWAY_REPLICAS), "--set", "catalog.mode=kubernetes"]
+    manifests = render(helm, kubernetes)
+    config = ZoneConfig.model_validate(tomllib.loads(one(manifests, "ConfigMap")["data"]["zone.toml"]))
+    assert config.kubernetes is not None
+    gateway = gateway_deployment(manifests)
+    assert gateway is not None
+    # Exactly the gateway Deployment's pods, in the namespace they run in; never a controller's.
+    mirror_selector = config.kubernetes.mirror_selector
+    assert mirror_selector is not None
+    assert mirror_selector == gateway["spec"]["selector"]["matchLabels"]
+    assert config.kubernetes.mirror_namespace == NAMESPACE
+    assert not selects(mirror_selector, pod_labels_of(controller_deployment(manifests)))
+    # Without a gateway Deployment the mirrors hold the leader pod's address, as before.
+    plain = render(helm, ["--set", "catalog.mode=kubernetes"])
+    assert "mirror_selector" not in tomllib.loads(one(plain, "ConfigMap")["data"]["zone.toml"])["kubernetes"]
+    # A Service selects pods of its own namespace only: mirrors elsewhere would select nothing.
+    elsewhere = run_helm(
+        helm,
+        *("template", "east", str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION),
+        *(*kubernetes, "--set", "catalog.kubernetes.mirrorNamespace=imports"),
+    )
+    assert elsewhere.returncode != 0
+    (line,) = [line for line in elsewhere.stderr.splitlines() if "mirrorNamespace" in line]
+    assert "leave catalog.kubernetes.mirrorNamespace empty or set it to the release namespace" in line

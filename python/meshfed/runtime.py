@@ -71,6 +71,8 @@ def check_settings(zone: Zone, settings: ZoneSettings) -> None:
     """Refuse settings that cannot work with this zone's catalog, before anything binds."""
     if zone.config.catalog != "kubernetes":
         return
+    if zone.config.kubernetes is not None and zone.config.kubernetes.mirror_selector is not None:
+        return  # the mirrors select the gateway's pods: no EndpointSlice holds an egress address
     published = settings.controller.egress_advertise_host or settings.controller.egress_host
     try:
         address = ipaddress.ip_address(published)

@@ -6,6 +6,10 @@ listener, in ``mirror_namespace`` (or else the import's own namespace). Both are
 labelled ``meshfed.io/mirror=true``, ``meshfed.io/owner=<zone>`` and
 ``meshfed.io/service``/``namespace``/``peer``, so a client finds its mirror with
 ``kubectl get services -l meshfed.io/service=web,meshfed.io/peer=west``.
+With ``mirror_selector`` a mirror is instead a Service selecting those pods (the
+zone's gateway replicas) on the egress port, whose EndpointSlices Kubernetes
+keeps; the slices it writes carry the Service's labels, so this zone's own are
+told apart by their ``managed-by`` label.
 
 The mirror's name (:func:`mirror_name`) is ``<service>-<peer>-<digest>``: the
 first 52 characters of ``<service>-<peer>`` (an ``x`` in front if that starts
@@ -71,9 +75,11 @@ class KubernetesMirrors:
         self._settings = settings
         self._zone = zone
 
-    @staticmethod
-    def check(imports: list[LocalImport]) -> None:
-        """Refuse, before anything is sent, imports whose egress address no EndpointSlice takes."""
+    def check(self, imports: list[LocalImport]) -> None:
+        """Refuse, before anything is sent, imports whose egress address no EndpointSlice takes (none is
+        written with ``mirror_selector``: the Services select the gateway's pods)."""
+        if self._settings.mirror_selector is not None:
+            return
         for item in imports:
             for host, _ in item.ports.values():
                 _check_egress_address(host)
@@ -117,6 +123,10 @@ class KubernetesMirrors:
     async def _owned_mirrors(self, kind: str) -> dict[tuple[str, str], Document]:
         """This zone's mirrors of ``kind``: in the mirror namespace, or across namespaces without one."""
         selector = f"{MIRROR_LABEL}=true,{OWNER_LABEL}={self._zone}"
+        if kind == "endpointslices":
+            # Only ours: Kubernetes' EndpointSlice controller gives the slices of a selecting mirror
+            # (mirror_selector) the Service's labels too, and owns them.
+            selector += f",{MANAGED_BY_LABEL}={MANAGED_BY}"
         call = self._api.list_call(kind, self._settings.mirror_namespace, label_selector=selector)
         document = await self._api.request(call)
         return {(item["metadata"]["namespace"], object_name(item)): item for item in document.get("items") or []}
@@ -135,6 +145,11 @@ class KubernetesMirrors:
         elif not _same_mirror(current, service, "services"):
             await api.request(api.replace_call("services", namespace, name, _replacement(current, service, "services")))
         current_slice = owned["endpointslices"].get((namespace, name))
+        if endpoints is None:  # the Service selects the pods: Kubernetes keeps its endpoints, not this zone
+            if current_slice is not None:
+                with contextlib.suppress(NotFoundError):
+                    await api.request(api.delete_call("endpointslices", namespace, name))
+            return
         missing = current_slice is None or current_slice.get("addressType") != endpoints["addressType"]
         try:
             if current_slice is not None and missing:
@@ -184,7 +199,8 @@ class KubernetesMirrors:
                 self._api.replace_call(kind, namespace, name, _replacement(current, document, kind))
             )
 
-    def _mirror_documents(self, item: LocalImport, namespace: str, name: str) -> tuple[Document, Document]:
+    def _mirror_documents(self, item: LocalImport, namespace: str, name: str) -> tuple[Document, Document | None]:
+        """The mirror Service of ``item``, and its EndpointSlice (None when the Service selects the gateway's pods)."""
         labels = {
             MIRROR_LABEL: "true",
             OWNER_LABEL: self._zone,
@@ -208,6 +224,10 @@ class KubernetesMirrors:
                 ],
             },
         }
+        if self._settings.mirror_selector is not None:
+            # The pods listen where the egress listeners do, on every pod address: the ports are the same.
+            service["spec"]["selector"] = dict(self._settings.mirror_selector)
+            return service, None
         # Every egress listener of a zone binds the same egress host, so one endpoint carries all ports.
         address = _check_egress_address(ports[0][1][0])
         endpoints: Document = {
@@ -282,6 +302,8 @@ def _replacement(current: Document, desired: Document, kind: str) -> Document:
     if kind == "services":
         spec = replacement.setdefault("spec", {})
         spec.pop("selector", None)
+        if "selector" in desired["spec"]:
+            spec["selector"] = dict(desired["spec"]["selector"])
         spec["type"] = "ClusterIP"
         spec["ports"] = copy.deepcopy(desired["spec"]["ports"])
     else:
@@ -304,7 +326,11 @@ def _same_mirror(current: Document, desired: Document, kind: str) -> bool:
             {key: port.get(key) for key in ("name", "port", "targetPort", "protocol")}
             for port in spec.get("ports") or []
         ]
-        return spec.get("type") == "ClusterIP" and not spec.get("selector") and ports == desired["spec"]["ports"]
+        return bool(
+            spec.get("type") == "ClusterIP"
+            and (spec.get("selector") or None) == desired["spec"].get("selector")
+            and ports == desired["spec"]["ports"]
+        )
     endpoints = [
         {"addresses": entry.get("addresses"), "conditions": {"ready": (entry.get("conditions") or {}).get("ready")}}
         for entry in current.get("endpoints") or []

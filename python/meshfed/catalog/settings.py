@@ -19,6 +19,9 @@
     kubeconfig = "/home/me/.kube/config" # optional: in-cluster service account otherwise
     context = "prod"                     # optional kubeconfig context
     mirror_namespace = "meshfed-imports" # optional: mirrors go in the import's own namespace otherwise
+    # optional, needs mirror_namespace: each mirror a Service selecting these pods (the zone's gateway
+    # replicas, in mirror_namespace) on the import's egress port, not an EndpointSlice at one address
+    mirror_selector = { "app.kubernetes.io/component" = "gateway" }
 
 Kept apart from :mod:`meshfed.zone` so the zone module needs nothing but
 pydantic from the catalog package.
@@ -30,11 +33,14 @@ import re
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CatalogMode = Literal["embedded", "consul", "kubernetes"]
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# A label key (an optional DNS-subdomain prefix and "/", then a name) and a label value, as the API server takes them.
+_LABEL_KEY = re.compile(r"([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?")
 
 
 class _Settings(BaseModel):
@@ -75,6 +81,7 @@ class KubernetesSettings(_Settings):
     kubeconfig: str | None = None
     context: str | None = None
     mirror_namespace: str | None = None
+    mirror_selector: dict[str, str] | None = Field(default=None, min_length=1, max_length=16)
 
     @field_validator("namespaces")
     @classmethod
@@ -90,6 +97,22 @@ class KubernetesSettings(_Settings):
         if value is not None and not _DNS_LABEL.fullmatch(value):
             raise ValueError(f"kubernetes mirror_namespace {value!r} must be a DNS label")
         return value
+
+    @field_validator("mirror_selector")
+    @classmethod
+    def _check_mirror_selector(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for key, label in (value or {}).items():
+            if not (_LABEL_KEY.fullmatch(key) and _LABEL_VALUE.fullmatch(label)):
+                raise ValueError(f"kubernetes mirror_selector {key!r} = {label!r} is not a label the API server takes")
+        return value
+
+    @model_validator(mode="after")
+    def _selector_needs_namespace(self) -> KubernetesSettings:
+        # A Service selects pods of its own namespace only: mirrors spread over the imports' namespaces
+        # would select nothing.
+        if self.mirror_selector is not None and self.mirror_namespace is None:
+            raise ValueError("kubernetes mirror_selector needs mirror_namespace: the namespace of the pods it selects")
+        return self
 
 
 __all__ = ["CatalogMode", "ConsulSettings", "KubernetesSettings"]
