@@ -9,6 +9,7 @@ config it applied before, on the same sockets.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import socket
 import zlib
@@ -17,11 +18,13 @@ from pathlib import Path
 import orjson
 import pytest
 
-from meshfed.gateway.config import Cluster, Endpoint, GatewayConfig, PassthroughListener, Route
+from meshfed.gateway.config import Cluster, Endpoint, GatewayConfig, Identity, PassthroughListener, Route
 from meshfed.gateway_replica import GatewayReplica
 from meshfed.replica.gateway_feed import FeedHeader, FeedPublisher, FeedReader, decode_feed, encode_feed
 from meshfed.replica.manifest import ReplicaError
 from meshfed.replica.replicator import ReplicaConflictError
+from meshfed.zone import Zone
+from tests.clocks import ManualClock
 from tests.test_replica import Platform, chart_account, platform, replica_store
 
 __all__ = ["chart_account", "platform"]  # fixtures, used by name
@@ -203,3 +206,48 @@ def _assert_store_holds_generation(found: tuple[bytes, str] | None, generation: 
     assert found is not None
     line = found[0].split(b"\n")[1]
     assert orjson.loads(line)["generation"] == generation
+
+
+def test_a_replica_says_when_its_svid_nears_its_end_without_a_renewal(platform: Platform, tmp_path: Path) -> None:
+    zone = Zone.init(tmp_path / "east", "east", "east.mesh")
+    clock = ManualClock()  # SVIDs are stamped by the real clock: the manual one starts there
+
+    def config_with(ttl: dt.timedelta) -> bytes:
+        svid = zone.authority.issue_svid(zone.trust_domain.gateway_id, ttl)
+        identity = Identity(
+            cert_chain_pem=svid.cert_chain_pem().decode(), private_key_pem=svid.private_key_pem().decode()
+        )
+        return _config("a.example").model_copy(update={"identity": identity}).to_json()
+
+    async def scenario() -> None:
+        async with replica_store(platform, tmp_path) as (leader_store, replica_side):
+            publisher = FeedPublisher(leader_store, zone="east", trust_domain="east.mesh", writer="east-a")
+            await publisher.start()
+            assert await publisher.publish(config_with(dt.timedelta(hours=1)))
+            replica = GatewayReplica(FeedReader(replica_side), clock=clock)
+            try:
+                assert await replica.refresh()
+                assert replica.readiness() == (200, {**replica.readiness()[1], "status": "ready", "problems": []})
+                metrics = replica.metrics().decode()
+                assert "meshfed_gateway_replica_config_generation" in metrics
+                assert "meshfed_gateway_replica_svid_expiry" in metrics
+                # The leader renews at half-life: at three quarters with no renewal, it is worth saying.
+                clock.advance(dt.timedelta(minutes=44).total_seconds())
+                assert replica.readiness()[1]["status"] == "ready"
+                clock.advance(dt.timedelta(minutes=2).total_seconds())
+                code, body = replica.readiness()
+                assert (code, body["status"]) == (200, "degraded")
+                (problem,) = body["problems"]
+                assert "no renewal has come" in problem
+                assert leader_store.where in problem
+                clock.advance(dt.timedelta(minutes=15).total_seconds())
+                (problem,) = replica.readiness()[1]["problems"]
+                assert "expired at" in problem
+                # A renewal published: the replica serves it, and has nothing to say.
+                assert await publisher.publish(config_with(dt.timedelta(hours=3)))
+                assert await replica.refresh()
+                assert replica.readiness()[1] == {**replica.readiness()[1], "status": "ready", "problems": []}
+            finally:
+                replica.close()
+
+    asyncio.run(scenario())

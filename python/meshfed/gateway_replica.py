@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import uvicorn
+from cryptography import x509
 from fastapi import FastAPI, Response, status
 from fastapi.responses import JSONResponse
 
@@ -54,9 +55,12 @@ class FeedSource:
 class GatewayReplica:
     """One replica's gateway: the feed's configs applied as they come, the last one kept when one cannot be."""
 
-    def __init__(self, reader: FeedReader, *, listen_host: str | None = None) -> None:
+    def __init__(self, reader: FeedReader, *, listen_host: str | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
         self._reader = reader
         self._listen_host = listen_host
+        self._clock = clock
+        # When the SVID of the config applied is valid: (not before, not after); None without one.
+        self._svid_validity: tuple[dt.datetime, dt.datetime] | None = None
         self._gateway: Gateway | None = None
         self._telemetry: Telemetry | None = None
         self._document: bytes | None = None  # the config applied, as applied
@@ -120,15 +124,35 @@ class GatewayReplica:
         if self.applied is None:
             waiting = {"status": "waiting for a config", "problems": [self.problem] if self.problem else []}
             return status.HTTP_503_SERVICE_UNAVAILABLE, waiting
+        problems = [problem for problem in (self.problem, self._svid_problem()) if problem]
         body: dict[str, Any] = {
-            "status": "degraded" if self.problem else "ready",
-            "problems": [self.problem] if self.problem else [],
+            "status": "degraded" if problems else "ready",
+            "problems": problems,
             "zone": self.applied.zone,
             "generation": self.applied.generation,
             "writer": self.applied.writer,
             "written_at": self.applied.written_at,
         }
         return status.HTTP_200_OK, body
+
+    def _svid_problem(self) -> str:
+        """What is wrong with the applied config's SVID now: expired, or near its end with no renewal in sight."""
+        if self._svid_validity is None:
+            return ""
+        not_before, not_after = self._svid_validity
+        now = self._clock.now()
+        if now >= not_after:
+            return (
+                f"the gateway's SVID expired at {not_after.isoformat()}: peers refuse its connections; the zone's "
+                f"leader publishes a renewed one to {self._reader.where} (is it running?)"
+            )
+        # The leader renews at half-life: past three quarters, renewals have stopped coming.
+        if now >= not_before + (not_after - not_before) * 3 / 4:
+            return (
+                f"the gateway's SVID expires at {not_after.isoformat()} and no renewal has come (the zone's leader "
+                f"renews it at half-life and publishes it to {self._reader.where}: is it running?)"
+            )
+        return ""
 
     def stop_accepting(self) -> None:
         """Close every listener; open connections go on to their end (on the config they started on)."""
@@ -154,13 +178,30 @@ class GatewayReplica:
                 f"{self.applied.trust_domain}: refused; a replica serves one zone (restart it to serve another)"
             )
         document = feed.config if self._listen_host is None else _listening_on(feed.config, self._listen_host)
+        validity = _svid_validity(document)
         if self._gateway is None:
             self._gateway = Gateway(document)
             gateway = self._gateway
-            self._telemetry = Telemetry(feed.header.zone, gateway.stats)
+            self._telemetry = self._new_telemetry(feed.header.zone, gateway)
         else:
             self._gateway.apply(document)
-        self.applied, self._document = feed.header, document
+        self.applied, self._document, self._svid_validity = feed.header, document, validity
+
+    def _new_telemetry(self, zone: str, gateway: Gateway) -> Telemetry:
+        telemetry = Telemetry(zone, gateway.stats)
+        telemetry.add_gauge(
+            "meshfed.gateway_replica.config_generation",
+            "Generation of the zone's gateway config this replica serves (the leader counts each it publishes)",
+            "{generation}",
+            lambda: [] if self.applied is None else [(float(self.applied.generation), {})],
+        )
+        telemetry.add_gauge(
+            "meshfed.gateway_replica.svid_expiry",
+            "When the SVID of the config this replica serves expires, in seconds since the epoch",
+            "s",
+            lambda: [] if self._svid_validity is None else [(self._svid_validity[1].timestamp(), {})],
+        )
+        return telemetry
 
     def _refused(self, problem: str) -> bool:
         if self._gateway is not None:
@@ -169,6 +210,16 @@ class GatewayReplica:
             log.warning("gateway replica: %s", problem)
         self.problem = problem
         return False
+
+
+def _svid_validity(config: bytes) -> tuple[dt.datetime, dt.datetime] | None:
+    """When the leaf of ``config``'s identity is valid; None without one (the data plane checks it whole)."""
+    try:
+        chain = orjson.loads(config).get("identity", {}).get("cert_chain_pem")
+        leaf = x509.load_pem_x509_certificates(chain.encode())[0] if isinstance(chain, str) else None
+    except (orjson.JSONDecodeError, AttributeError, ValueError, IndexError):
+        return None
+    return None if leaf is None else (leaf.not_valid_before_utc, leaf.not_valid_after_utc)
 
 
 def _listening_on(config: bytes, host: str) -> bytes:
