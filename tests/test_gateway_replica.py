@@ -31,13 +31,18 @@ import httpx
 import orjson
 
 from meshfed.replica.gateway_feed import decode_feed
+from meshfed.zone import Zone
 from tests.conftest import EchoServer, free_port, round_trip, running_echo_server, settled
-from tests.servers import real_kubernetes
+from tests.servers import real_consul, real_kubernetes
+from tests.test_catalog_consul import ConsulUnderTest
 from tests.test_leadership import NAMESPACE, ProcessLog, up_candidate
 from tests.test_up_federation import call, meshfed, meshfed_up
 from tests.test_zone_takeover import _imported, _kubectl, _until
 
 REPLICA_HOST = "127.0.0.2"  # loopback too; nothing else listens there
+GATEWAY_POLICY = (
+    Path(__file__).resolve().parent.parent / "helm" / "meshfed" / "examples" / "consul-gateway-acl-policy.hcl"
+)
 
 
 def _readiness(metrics_port: int) -> tuple[int, dict[str, object]] | None:
@@ -253,3 +258,55 @@ def test_replacing_gateway_replicas_one_at_a_time_fails_no_request(tmp_path: Pat
         failed = outcomes.count(False)
         print(f"{len(outcomes)} calls across two replica replacements, {failed} failed")
         assert failed == 0, f"{failed} of {len(outcomes)} calls failed"
+
+
+def test_a_gateway_replica_reads_the_feed_in_consul_kv_with_a_token_that_reads_nothing_else(tmp_path: Path) -> None:
+    """`meshfed up --state-kv --gateway-feed` and `meshfed gateway --state-kv`, against the real Consul with ACLs:
+    the replica's token comes from the documented policy, which lets it read the feed and not the zone's state."""
+    real = real_consul()
+    consul = ConsulUnderTest(real.address, real.management_token)
+    try:
+        state = f"meshfed/{consul.zone}/state"
+        rules = GATEWAY_POLICY.read_text()
+        assert rules.count('"meshfed/east/state/') == 1, f"{GATEWAY_POLICY} no longer names meshfed/east/state"
+        replica_token = consul.token_file(tmp_path, rules.replace('"meshfed/east/state/', f'"{state}/'), "gateway")
+        zone_token = consul.meshfed_token(tmp_path)
+        Zone.init(tmp_path / "east", consul.zone, "east.mesh")
+        with (tmp_path / "east" / "zone.toml").open("a") as config:
+            config.write(f'\n[consul]\naddress = "{consul.address}"\ntoken_file = "{zone_token}"\n')
+        leader = up_candidate(tmp_path / "east", "east-a", ["--state-kv", state, "--gateway-feed"], *ports(), {})
+        replica: subprocess.Popen[bytes] | None = None
+        try:
+            ProcessLog(leader).wait_for("API on")
+            metrics_port = free_port()
+            replica = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "meshfed", "gateway", "--state-kv", state),
+                    *("--consul-address", consul.address, "--consul-token-file", str(replica_token)),
+                    *("--listen-host", REPLICA_HOST, "--metrics-address", f"{REPLICA_HOST}:{metrics_port}"),
+                    *("--log-format", "text"),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            )
+            ProcessLog(replica).wait_for(f"applied zone {consul.zone}'s gateway config")
+            ready = _readiness(metrics_port)
+            assert ready is not None
+            assert (ready[0], ready[1]["zone"]) == (200, consul.zone)
+            # The same token may not read the zone's state (its CA key among it): Consul refuses it.
+            secret = replica_token.read_text().strip()
+            refused = httpx.get(f"{consul.address}/v1/kv/{state}/manifest", headers={"X-Consul-Token": secret})
+            assert refused.status_code == 403, refused.text
+        finally:
+            for process in (leader, replica):
+                if process is not None and process.poll() is None:
+                    process.kill()
+                    process.wait()
+            consul.call("DELETE", f"/v1/kv/{state}?recurse=true")
+    finally:
+        consul.cleanup()
+
+
+def ports() -> tuple[int, int]:
+    return free_port(), free_port()
