@@ -34,7 +34,7 @@ from meshfed.replica.gateway_feed import decode_feed
 from meshfed.zone import Zone
 from tests.conftest import EchoServer, free_port, round_trip, running_echo_server, settled
 from tests.servers import real_consul, real_kubernetes
-from tests.test_catalog_consul import ConsulUnderTest
+from tests.test_catalog_consul import ConsulUnderTest, documented_policy
 from tests.test_leadership import NAMESPACE, ProcessLog, up_candidate
 from tests.test_up_federation import call, meshfed, meshfed_up
 from tests.test_zone_takeover import _imported, _kubectl, _until
@@ -274,7 +274,10 @@ def test_a_gateway_replica_reads_the_feed_in_consul_kv_with_a_token_that_reads_n
         Zone.init(tmp_path / "east", consul.zone, "east.mesh")
         with (tmp_path / "east" / "zone.toml").open("a") as config:
             config.write(f'\n[consul]\naddress = "{consul.address}"\ntoken_file = "{zone_token}"\n')
-        leader = up_candidate(tmp_path / "east", "east-a", ["--state-kv", state, "--gateway-feed"], *ports(), {})
+        api_port, leader_metrics = ports()
+        leader = up_candidate(
+            tmp_path / "east", "east-a", ["--state-kv", state, "--gateway-feed"], api_port, leader_metrics, {}
+        )
         replica: subprocess.Popen[bytes] | None = None
         try:
             ProcessLog(leader).wait_for("API on")
@@ -298,6 +301,38 @@ def test_a_gateway_replica_reads_the_feed_in_consul_kv_with_a_token_that_reads_n
             secret = replica_token.read_text().strip()
             refused = httpx.get(f"{consul.address}/v1/kv/{state}/manifest", headers={"X-Consul-Token": secret})
             assert refused.status_code == 403, refused.text
+
+            # The zone's token loses its write on the prefix: the leader cannot keep its state durable,
+            # and its /readyz says so instead of "ready".
+            rules_now = documented_policy(consul.node, [])
+            consul.update_policy(
+                zone_token,
+                rules_now.replace(
+                    f'key_prefix "{state}/" {{\n  policy = "write"', f'key_prefix "{state}/" {{\n  policy = "read"'
+                ),
+            )
+            meshfed(
+                "service",
+                "register",
+                "--dir",
+                str(tmp_path / "east"),
+                "--name",
+                "api",
+                "--port",
+                "tcp=7",
+                "--endpoint",
+                "127.0.0.1:9",
+            )
+
+            def leader_problems() -> list[str]:
+                with contextlib.suppress(httpx.TransportError):
+                    return list(httpx.get(f"http://127.0.0.1:{leader_metrics}/readyz", timeout=2).json()["problems"])
+                return []
+
+            (problem,) = settled(leader_problems, bool, "the leader's replica problem", timeout=30, every=0.2)
+            assert problem.startswith("state replica: "), problem
+            consul.update_policy(zone_token, rules_now)
+            settled(leader_problems, lambda found: not found, "the problem cleared", timeout=30, every=0.2)
         finally:
             for process in (leader, replica):
                 if process is not None and process.poll() is None:

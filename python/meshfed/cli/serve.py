@@ -220,7 +220,7 @@ async def _serve(
     async with (
         health,
         _leading(zone, settings, stop, controller) as lost,
-        _replicated(zone, settings, stop, lost, controller) as current,
+        _replicated(zone, settings, stop, lost, controller) as (current, replica_problems),
     ):
         if stop.requested:
             return
@@ -228,6 +228,8 @@ async def _serve(
         for name in install_token_files(current.directory, settings.token_files):
             log.info("zone %s: %s replaced by the one the deployer gave", current.name, name)
         runtime = assemble_zone(current, settings)
+        for source in replica_problems:
+            runtime.controller.add_problem_source(source)
         assembled.append(runtime)
         tls = listeners.api_tls.uvicorn_options() if listeners.api_tls is not None else {}
         config = uvicorn.Config(runtime.app(), log_level=log_level, access_log=False, log_config=None, **tls)
@@ -352,17 +354,18 @@ async def _elector(zone: Zone, leader: LeaseSettings | LockSettings) -> tuple[Ca
 @contextlib.asynccontextmanager
 async def _replicated(
     zone: Zone, settings: ZoneSettings, stop: _Stop, lost: list[str], controller: Callable[[], Controller | None]
-) -> AsyncIterator[Zone]:
+) -> AsyncIterator[tuple[Zone, list[Callable[[], str]]]]:
     """The zone with its state brought together with its replica (``--state-secret``, ``--state-kv``), published
     while the block runs and once more at its end; without a replica, the zone as it is. With ``--gateway-feed``,
-    each config ``controller()``'s gateway applies is published too, for gateway replicas.
+    each config ``controller()``'s gateway applies is published too, for gateway replicas. Yields the zone and
+    what to ask for the publications' problems (for its /readyz).
 
     Runs while leading: restoring the replica is what makes a new leader the zone. A publication refused
     because another process published (the fence of :mod:`meshfed.replica.replicator`) ends the block as a
     lost leadership does.
     """
     if settings.replica is None or stop.requested:
-        yield zone
+        yield zone, []
         return
     from meshfed.replica.gateway_feed import FeedPublisher
     from meshfed.replica.manifest import ReplicaError
@@ -417,8 +420,11 @@ async def _replicated(
             )
             feeding.add_done_callback(ended)
             log.info("zone %s: publishing its gateway config to %s for gateway replicas", zone.name, feed.where)
+        problems = [lambda: f"state replica: {replica.problem}" if replica.problem else ""]
+        if feed is not None:
+            problems.append(lambda: f"gateway feed: {feed.problem}" if feed.problem else "")
         try:
-            yield Zone.open(zone.directory)  # as restored
+            yield Zone.open(zone.directory), problems  # as restored
         finally:
             for task in (publishing, feeding):
                 if task is not None:

@@ -140,6 +140,7 @@ class Controller:
         self._peer_trust_domains = peer_trust_domains
         self._companions = list(companions)
         self._exports_listeners: list[Callable[[], None]] = []
+        self._problem_sources: list[Callable[[], str]] = []
         self._stopped = False
         self._failing = FailingPeers(
             zone.name,
@@ -350,7 +351,13 @@ class Controller:
         problems += [
             f"imports of peer {peer}: {problem}" for peer, problem in sorted(self._driver.import_problems.items())
         ]
+        problems += [problem for source in self._problem_sources if (problem := source())]
         return problems
+
+    def add_problem_source(self, source: Callable[[], str]) -> None:
+        """Also report what ``source()`` says is wrong ('' for nothing): parts of the zone outside the controller
+        (its state replica, its gateway feed) whose failures must not leave /readyz saying "ready"."""
+        self._problem_sources.append(source)
 
     def exported_snapshot(self, peer: str) -> ServiceSnapshot:
         """What ``peer`` may see of this zone: the exports of the config the gateway runs now."""

@@ -130,6 +130,11 @@ class FeedPublisher:
         return self._store.where
 
     @property
+    def problem(self) -> str:
+        """Why the last publication failed ('' once one succeeds again), for the zone's /readyz."""
+        return self._last_problem
+
+    @property
     def generation(self) -> int:
         """The generation this process last published (that of its predecessor before that)."""
         return self._generation

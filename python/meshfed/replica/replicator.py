@@ -77,6 +77,11 @@ class StateReplica:
         return self._store.where
 
     @property
+    def problem(self) -> str:
+        """Why the last publication failed ('' once one succeeds again), for the zone's /readyz."""
+        return self._last_problem
+
+    @property
     def generation(self) -> int:
         return 0 if self._manifest is None else self._manifest.generation
 
