@@ -331,6 +331,7 @@ def test_a_gateway_replica_reads_the_feed_in_consul_kv_with_a_token_that_reads_n
 
             (problem,) = settled(leader_problems, bool, "the leader's replica problem", timeout=30, every=0.2)
             assert problem.startswith("state replica: "), problem
+            assert f'add `key_prefix "{state}/" {{ policy = "write" }}`' in problem  # the rule the prefix needs
             consul.update_policy(zone_token, rules_now)
             settled(leader_problems, lambda found: not found, "the problem cleared", timeout=30, every=0.2)
         finally:

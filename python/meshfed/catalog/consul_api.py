@@ -227,8 +227,9 @@ class ConsulApi:
             return "the anonymous ACL token (zone.toml names no [consul] token_file)"
         return f"the ACL token in {self.settings.token_file}"
 
-    def _denied(self, text: str) -> str:
-        """A 403, with the ACL rule that would have allowed it when Consul names the missing permission."""
+    def _denied(self, text: str, key_prefix: str | None = None) -> str:
+        """A 403, with the ACL rule that would have allowed it when Consul names the missing permission (for a
+        key under ``key_prefix``, the rule on the prefix: its other keys need it too)."""
         where, token = f"Consul at {self.address}", self._token_named()
         if self.settings.token_file is None:
             return (
@@ -245,13 +246,17 @@ class ConsulApi:
         kind, access, name = missing.groups()
         on = f' on "{name}"' if name is not None else ""
         rule = f'{kind} "{name}" {{ policy = "{access}" }}' if name is not None else f'{kind} = "{access}"'
+        if kind == "key" and key_prefix is not None and name is not None and name.startswith(f"{key_prefix}/"):
+            rule = f'key_prefix "{key_prefix}/" {{ policy = "{access}" }}'
         return (
             f"{where} denied access (403 {text}) — {token} lacks {kind}:{access}{on}: "
             f"add `{rule}` to its policy (see {ACL_POLICY_FILE})"
         )
 
     @contextlib.contextmanager
-    def described(self, what: str, error: type[MeshfedError] = MeshfedError) -> Iterator[None]:
+    def described(
+        self, what: str, error: type[MeshfedError] = MeshfedError, *, key_prefix: str | None = None
+    ) -> Iterator[None]:
         """Consul's and the HTTP client's errors in the block as one ``error`` about ``what``, saying what to
         check (:meth:`describe`); meshfed's own errors pass as they are."""
         try:
@@ -259,16 +264,16 @@ class ConsulApi:
         except MeshfedError:
             raise
         except Exception as err:
-            raise error(f"{what}: {self.describe(err)}") from None
+            raise error(f"{what}: {self.describe(err, key_prefix=key_prefix)}") from None
 
-    def describe(self, err: BaseException) -> str:
+    def describe(self, err: BaseException, *, key_prefix: str | None = None) -> str:
         where = f"Consul at {self.address}"
         if isinstance(err, CatalogError):
             return str(err)
         if isinstance(err, aiohttp.ClientConnectorError):
             return f"{where} refused the connection ({err.os_error}) — is [consul] address in zone.toml right?"
         if isinstance(err, consul.ACLPermissionDenied):
-            return self._denied(str(err).strip())
+            return self._denied(str(err).strip(), key_prefix)
         if isinstance(err, consul.ACLDisabled):
             return f"{where} rejected the request (401 {str(err).strip()}) — check the ACL token"
         if isinstance(err, TimeoutError | consul.Timeout):

@@ -199,7 +199,7 @@ class KvStore:
 
     async def write_manifest(self, data: bytes, version: str | None) -> str | None:
         # cas=0 writes only a key that does not exist; cas=N only a key still at ModifyIndex N.
-        with self._api.described(self.where, ReplicaError):
+        with self._api.described(self.where, ReplicaError, key_prefix=self.prefix):
             written = await self._api.send(f"/v1/kv/{self.prefix}/manifest", params={"cas": version or "0"}, body=data)
         if written is not True:
             return None
@@ -211,22 +211,22 @@ class KvStore:
         return None if entry is None else entry[0]
 
     async def write_piece(self, digest: str, data: bytes) -> None:
-        with self._api.described(self.where, ReplicaError):
+        with self._api.described(self.where, ReplicaError, key_prefix=self.prefix):
             await self._api.send(f"/v1/kv/{self.prefix}/pieces/{digest}", body=data)
 
     async def delete_piece(self, digest: str) -> None:
-        with self._api.described(self.where, ReplicaError):
+        with self._api.described(self.where, ReplicaError, key_prefix=self.prefix):
             await self._api.delete(f"/v1/kv/{self.prefix}/pieces/{digest}")
 
     async def pieces(self) -> set[str]:
-        with self._api.described(self.where, ReplicaError):
+        with self._api.described(self.where, ReplicaError, key_prefix=self.prefix):
             answer = await self._api.get(f"/v1/kv/{self.prefix}/pieces/", params={"keys": ""})
         keys = answer.body if isinstance(answer.body, list) else []
         start = f"{self.prefix}/pieces/"
         return {key.removeprefix(start) for key in keys[:_MAX_LISTED] if isinstance(key, str) and key.startswith(start)}
 
     async def _entry(self, key: str) -> tuple[bytes, int] | None:
-        with self._api.described(self.where, ReplicaError):
+        with self._api.described(self.where, ReplicaError, key_prefix=self.prefix):
             answer = await self._api.get(f"/v1/kv/{key}")
         entries = answer.body if isinstance(answer.body, list) else []
         if not entries:
