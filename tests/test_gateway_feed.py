@@ -9,20 +9,34 @@ config it applied before, on the same sockets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import socket
 import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import orjson
 import pytest
 
+from meshfed.catalog.kubernetes_api import KubernetesApi, NotFoundError
+from meshfed.catalog.settings import KubernetesSettings
 from meshfed.gateway.config import Cluster, Endpoint, GatewayConfig, Identity, PassthroughListener, Route
 from meshfed.gateway_replica import GatewayReplica
-from meshfed.replica.gateway_feed import FeedHeader, FeedPublisher, FeedReader, decode_feed, encode_feed
+from meshfed.replica.gateway_feed import (
+    MAX_PARTS,
+    FeedHeader,
+    FeedPublisher,
+    FeedReader,
+    decode_feed,
+    encode_feed,
+    feed_header,
+)
 from meshfed.replica.manifest import ReplicaError
 from meshfed.replica.replicator import ReplicaConflictError
+from meshfed.replica.stores import ReplicaStore, SecretStore
 from meshfed.zone import Zone
 from tests.clocks import ManualClock
 from tests.test_replica import Platform, chart_account, platform, replica_store
@@ -78,23 +92,23 @@ def _hostile() -> list[tuple[str, bytes, str]]:
             magic + orjson.dumps({**_header(good).model_dump(), "size": "12"}) + b"\n" + zlib.compress(good),
             "header is refused",
         ),
-        ("config not zlib", encode_feed(_header(good), good)[: -len(zlib.compress(good, 6))] + b"plain", "not zlib"),
-        ("config cut short", encode_feed(_header(good), good)[:-4], "does not inflate"),
-        ("size that lies", encode_feed(_header(good, size=len(good) - 1), good), "does not inflate"),
+        ("config not zlib", encode_feed(_header(good), good)[0][: -len(zlib.compress(good, 6))] + b"plain", "not zlib"),
+        ("config cut short", encode_feed(_header(good), good)[0][:-4], "does not inflate"),
+        ("size that lies", encode_feed(_header(good, size=len(good) - 1), good)[0], "does not inflate"),
         (
             "zlib bomb",
             magic + orjson.dumps(_header(b"\0" * 1024, size=1024).model_dump()) + b"\n" + bomb,
             "does not inflate",
         ),
-        ("digest of other bytes", encode_feed(_header(good, digest="0" * 64), good), "digest"),
+        ("digest of other bytes", encode_feed(_header(good, digest="0" * 64), good)[0], "digest"),
         (
             "a config the data plane refuses",
-            encode_feed(_header(unparsable_config), unparsable_config),
+            encode_feed(_header(unparsable_config), unparsable_config)[0],
             "gateway config rejected",
         ),
         (
             "a config of another zone",
-            encode_feed(_header(good, trust_domain="other.mesh"), good),
+            encode_feed(_header(good, trust_domain="other.mesh"), good)[0],
             "trust domain other.mesh",
         ),
     ]
@@ -111,7 +125,7 @@ def test_a_hostile_feed_is_refused_and_the_replica_keeps_serving(
             assert await publisher.publish(_config("a.example").to_json())
             replica = GatewayReplica(FeedReader(replica_side))
             try:
-                assert await replica.refresh()
+                assert await replica.refresh(), replica.problem
                 assert replica.applied is not None
                 assert replica.applied.generation == 1
                 assert replica.gateway is not None
@@ -178,26 +192,79 @@ def test_each_publication_is_applied_once_and_a_deposed_leader_is_fenced_off(
     asyncio.run(scenario())
 
 
-def test_a_config_over_what_the_store_holds_is_not_published(platform: Platform, tmp_path: Path) -> None:
+def test_a_config_over_one_object_goes_on_in_parts_and_a_damaged_part_is_refused(
+    platform: Platform, tmp_path: Path
+) -> None:
+    # Random SNIs do not compress: several objects of either store.
+    huge = _config(*(f"{hashlib.sha256(str(n).encode()).hexdigest()}.example" for n in range(40_000))).to_json()
+
     async def scenario() -> None:
-        async with replica_store(platform, tmp_path) as (store, _):
+        async with feed_stores(platform, tmp_path) as (store, replica_side):
             publisher = FeedPublisher(store, zone="east", trust_domain="east.mesh", writer="east-a")
             await publisher.start()
             assert await publisher.publish(_config("a.example").to_json())
-            # Random SNIs do not compress: far more than one object holds.
-            huge = _config(*(f"{hashlib.sha256(str(n).encode()).hexdigest()}.example" for n in range(40_000)))
-            with pytest.raises(ReplicaError, match="more than the store holds in one object"):
-                await publisher.publish(huge.to_json())
-            assert publisher.generation == 1
-            _assert_store_holds_generation(await store.read_manifest(), 1)
+            replica = GatewayReplica(FeedReader(replica_side))
+            try:
+                assert await replica.refresh()
+                assert await publisher.publish(huge)
+                header = feed_header((await store.read_manifest() or (b"", ""))[0], "", largest=store.largest)
+                assert len(header.parts) >= 1, "the config fits one object: make it larger"
+                assert await replica.refresh()
+                assert replica.applied is not None
+                assert replica.applied.generation == 2
+                assert replica.gateway is not None
+                assert _accepts(replica.gateway.address("in"))
+                # A part someone else rewrote before the replica read it: the first read waits (a publication
+                # may be under way: its first object comes last), the next refuses it, and the replica serves
+                # what it served. The leader's next publication writes the part again.
+                assert await publisher.publish(huge + b" ")
+                last = store.sibling(str(len(header.parts)))
+                found = await last.read_manifest()
+                assert found is not None
+                assert await last.write_manifest(found[0][:-1] + b"?", found[1]) is not None
+                assert not await replica.refresh()
+                assert not replica.problem
+                assert not await replica.refresh()
+                assert f"part {len(header.parts)} of the feed is not the one its header names" in replica.problem
+                assert replica.applied.generation == 2
+                assert await publisher.publish(huge + b"  ")
+                assert await replica.refresh()
+                assert replica.applied.generation == 4
+                assert not replica.problem
+                # A publication over what the feed may take is refused whole, before anything is written.
+                few = FeedPublisher(store, zone="east", trust_domain="east.mesh", writer="east-b", parts=1)
+                await few.start()
+                with pytest.raises(ReplicaError, match="more than the 1 a feed may"):
+                    await few.publish(huge + b"   ")
+                assert few.generation == publisher.generation
+            finally:
+                replica.close()
 
     asyncio.run(scenario())
+
+
+@asynccontextmanager
+async def feed_stores(platform: Platform, tmp_path: Path) -> AsyncIterator[tuple[ReplicaStore, ReplicaStore]]:
+    """Two clients of one new feed, with its further parts removed at the end."""
+    async with replica_store(platform, tmp_path) as (store, other):
+        try:
+            yield store, other
+        finally:
+            if isinstance(store, SecretStore):  # Consul KV: the prefix is removed whole
+                api = KubernetesApi(KubernetesSettings(kubeconfig=str(platform.account.kubeconfig)))  # type: ignore[union-attr]
+                await api.connect()
+                try:
+                    for number in range(1, MAX_PARTS):
+                        with contextlib.suppress(NotFoundError):
+                            await api.request(api.delete_call("secrets", store.namespace, f"{store.name}-{number}"))
+                finally:
+                    await api.aclose()
 
 
 def test_a_feed_over_what_one_object_of_the_store_holds_is_refused_unread() -> None:
     # A store configured to hold more than its default (Consul's kv_max_value_size raised, say) still
     # cannot hand a replica more than the store's default allows.
-    stored = encode_feed(_header(b"{}"), b"{}") + b"x" * 1000
+    stored = encode_feed(_header(b"{}"), b"{}")[0] + b"x" * 1000
     with pytest.raises(ReplicaError, match="more than the store holds in one object"):
         decode_feed(stored, "Secret meshfed/east-gateway", largest=len(stored) - 1)
 

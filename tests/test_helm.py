@@ -24,6 +24,7 @@ import typer
 import yaml
 
 from meshfed.cli import app
+from meshfed.replica.gateway_feed import MAX_PARTS
 from meshfed.zone import Zone, ZoneConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -220,10 +221,11 @@ def assert_gateway_rbac(manifests: list[Manifest]) -> None:
     assert account != controller_deployment(manifests)["spec"]["template"]["spec"]["serviceAccountName"]
     (role,) = of_component(manifests, "Role", "gateway")
     assert role["metadata"]["namespace"] == NAMESPACE
-    # Not the state Secrets (they hold the CA key): only the feed, by name (meshfed up --gateway-feed).
-    assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["east-meshfed-state-gateway"], "verbs": ["get"]}
-    ]
+    # Not the state Secrets (they hold the CA key): only the feed, by name (meshfed up --gateway-feed), the
+    # first object and each further part a config may take.
+    feed = "east-meshfed-state-gateway"
+    names = [feed, *(f"{feed}-{part}" for part in range(1, MAX_PARTS))]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": names, "verbs": ["get"]}]
     (binding,) = of_component(manifests, "RoleBinding", "gateway")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",

@@ -1,9 +1,10 @@
 # The Consul ACL policy for the gateway replicas of zone "east" (`meshfed gateway
-# --state-kv meshfed/east/state`): read on the one key where the zone's leader
+# --state-kv meshfed/east/state`): read on the keys where the zone's leader
 # (`meshfed up --state-kv meshfed/east/state --gateway-feed`) publishes its
-# gateway config, and nothing else. The value holds the gateway's SVID and key,
-# not the zone's CA key, which stays under the same prefix in keys this token
-# cannot read. tests/test_gateway_replica.py makes its replica's token from
+# gateway config (`gateway/manifest`, and `gateway/<n>/manifest` for a config
+# too large for one value), and nothing else. They hold the gateway's SVID and
+# key, not the zone's CA key, which stays under the same prefix in keys this
+# token cannot read. tests/test_gateway_replica.py makes its replica's token from
 # this file against a real Consul with `default_policy = "deny"`.
 #
 # For another zone, replace "meshfed/east/state" with the leader's --state-kv
@@ -13,6 +14,6 @@
 #   consul acl token create -policy-name meshfed-east-gateway -description "meshfed zone east, gateways"
 #
 # and give each replica the token's SecretID (`--consul-token-file`).
-key "meshfed/east/state/gateway/manifest" {
+key_prefix "meshfed/east/state/gateway/" {
   policy = "read"
 }

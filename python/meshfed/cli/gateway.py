@@ -27,14 +27,16 @@ def gateway(
         str | None,
         typer.Option(
             help="NAMESPACE/NAME, as the leader's --state-secret: serve the config it publishes in Secret "
-            "NAME-gateway (needs get on that Secret only). Credentials: $KUBECONFIG, else the pod's service account."
+            "NAME-gateway (and NAME-gateway-1 to -15 for a large config; needs get on those only). Credentials: "
+            "$KUBECONFIG, else the pod's service account."
         ),
     ] = None,
     state_kv: Annotated[
         str | None,
         typer.Option(
             help="PREFIX, as the leader's --state-kv: serve the config it publishes at PREFIX/gateway/manifest in "
-            "Consul's KV store (needs key read on it)."
+            "Consul's KV store (and PREFIX/gateway/<n>/manifest for a large config; needs key_prefix read on "
+            "PREFIX/gateway/)."
         ),
     ] = None,
     consul_address: Annotated[

@@ -44,6 +44,10 @@ class ReplicaStore(Protocol):
     @property
     def largest(self) -> int: ...  # bytes one object (manifest or piece) may hold
 
+    def sibling(
+        self, suffix: str
+    ) -> ReplicaStore: ...  # a store of the same kind beside it: NAME-<suffix>, PREFIX/<suffix>
+
     async def read_manifest(self) -> tuple[bytes, str] | None:
         """The stored manifest and its version; None if there is none."""
 
@@ -75,6 +79,9 @@ class SecretStore:
     @property
     def where(self) -> str:
         return f"Secret {self.namespace}/{self.name}"
+
+    def sibling(self, suffix: str) -> SecretStore:
+        return SecretStore(self._api, self.namespace, f"{self.name}-{suffix}")
 
     async def read_manifest(self) -> tuple[bytes, str] | None:
         secret = await self._read(self.name)
@@ -193,6 +200,9 @@ class KvStore:
     def where(self) -> str:
         return f"Consul KV {self.prefix}/"
 
+    def sibling(self, suffix: str) -> KvStore:
+        return KvStore(self._api, f"{self.prefix}/{suffix}")
+
     async def read_manifest(self) -> tuple[bytes, str] | None:
         entry = await self._entry(f"{self.prefix}/manifest")
         return None if entry is None else (entry[0], str(entry[1]))
@@ -243,24 +253,20 @@ class KvStore:
 
 def replica_store(replica: SecretReplica | KvReplica, client: KubernetesApi | ConsulApi) -> ReplicaStore:
     """Where ``replica`` is kept, over ``client`` (a Kubernetes client for Secrets, a Consul one for KV)."""
-    return _store(replica, client, "")
-
-
-def feed_store(replica: SecretReplica | KvReplica, client: KubernetesApi | ConsulApi) -> ReplicaStore:
-    """Where the gateway feed beside ``replica`` is kept (:mod:`meshfed.replica.gateway_feed`): Secret
-    ``NAME-gateway``, or keys under ``PREFIX/gateway/``; only its manifest object is used."""
-    return _store(replica, client, FEED_SUFFIX)
-
-
-def _store(replica: SecretReplica | KvReplica, client: KubernetesApi | ConsulApi, suffix: str) -> ReplicaStore:
     from meshfed.catalog.consul_api import ConsulApi
     from meshfed.catalog.kubernetes_api import KubernetesApi
 
     if isinstance(replica, SecretReplica):
         assert isinstance(client, KubernetesApi)
-        return SecretStore(client, replica.namespace, f"{replica.name}-{suffix}" if suffix else replica.name)
+        return SecretStore(client, replica.namespace, replica.name)
     assert isinstance(client, ConsulApi)
-    return KvStore(client, f"{replica.prefix}/{suffix}" if suffix else replica.prefix)
+    return KvStore(client, replica.prefix)
+
+
+def feed_store(replica: SecretReplica | KvReplica, client: KubernetesApi | ConsulApi) -> ReplicaStore:
+    """Where the gateway feed beside ``replica`` starts (:mod:`meshfed.replica.gateway_feed`): the manifest object
+    of Secret ``NAME-gateway``, or of keys under ``PREFIX/gateway/``; its further parts are that store's siblings."""
+    return replica_store(replica, client).sibling(FEED_SUFFIX)
 
 
 # The suffix of the gateway feed's store name; in a Secret's name it cannot be a piece's (64 hex digits).
