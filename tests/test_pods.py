@@ -14,10 +14,10 @@ working tree without a registry. Then, as a user following the chart's NOTES:
   sends a line to west's import listener and gets the echo back through both
   gateways;
 * both zones run their gateway apart (``gateway.deployment.enabled``): east's
-  upgrade rolls its gateway pods and its controllers while west calls east's
-  echo in a loop through them, and not one call fails;
-* west's leader pod is killed: a follower leads within 15 s with the import
-  intact, and the request goes through again;
+  upgrade to a new image tag rolls its gateway pods and its controllers while
+  west calls east's echo in a loop through them, and not one call fails;
+* west's leader is killed (SIGKILL) with its pod: a follower leads within 15 s
+  with the import intact, and the request goes through again;
 * a gateway pod of east is deleted while west calls in a loop: none fails;
 * every pod of west is deleted at once: the zone comes back with its CA and
   its peering, and carries the call again.
@@ -274,13 +274,14 @@ def test_two_zones_in_pods_carry_a_request_and_survive_the_leader(node: Node, tm
     assert call(node, address, "across zones") == "echo:across zones\n"
     first_call = time.monotonic() - started
 
-    # An upgrade of east rolls its gateway pods (and its controllers, one leader handing over) while west calls
-    # east's echo in a loop through them: not one call fails.
+    # An upgrade of east to a new image tag rolls its gateway pods (and its controllers, one leader handing
+    # over) while west calls east's echo in a loop through them: not one call fails.
+    node.ctr("images", "tag", ref, f"{repository}:{tag}-next")
     loop: list[dict[str, object]] = []
     caller = threading.Thread(target=lambda: loop.append(calls_for(node, address, 60.0)))
     caller.start()
     rolled = time.monotonic()
-    node.helm("upgrade", "east", str(CHART), "-n", "east", "--reuse-values", "--set-string", "podAnnotations.rolled=1")
+    node.helm("upgrade", "east", str(CHART), "-n", "east", "--reuse-values", "--set", f"image.tag={tag}-next")
     for deployment in ("east-meshfed-gateway", "east-meshfed"):
         node.kubectl("-n", "east", "rollout", "status", f"deploy/{deployment}", "--timeout=55s", timeout=60)
     roll = time.monotonic() - rolled
@@ -290,8 +291,11 @@ def test_two_zones_in_pods_carry_a_request_and_survive_the_leader(node: Node, tm
     assert isinstance(counts["ok"], int)
     assert counts["ok"] > 0
 
-    # The leader dies; a follower takes the Lease and the zone's state from its Secrets.
+    # The leader crashes (SIGKILL: no handover, the Lease left to expire) and its pod is gone; a follower takes
+    # the Lease and the zone's state from its Secrets.
     killed = time.monotonic()
+    pod_name = west.removeprefix("pod/")
+    node.run_in_netns("pkill", "-KILL", "-f", f"leader-identity={pod_name}( |$)")
     node.kubectl("-n", "west", "delete", west, "--grace-period=0", "--force", "--wait=false")
     new_west = leader(node, "west", not_=west, timeout=15.0)
     took = time.monotonic() - killed
