@@ -125,7 +125,7 @@ def echo_pods(image: str) -> str:
 
     items = [
         pod("echo", "east", ["python3", "-c", server], probe=True),
-        pod("client", "west", ["python3", "-c", "import time; time.sleep(10**9)"], probe=False),
+        pod("client", "west", ["python3", "-c", "import signal; signal.pause()"], probe=False),
     ]
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
 

@@ -51,6 +51,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.conftest import settled
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
@@ -323,16 +325,17 @@ class Node:
     def _namespace(self) -> None:
         """The holder process and, inside its namespaces, lo with the node IP, the bridge, the mounts."""
         self.holder = subprocess.Popen(
-            ["unshare", "--net", "--mount", "--propagation", "private", "sleep", "infinity"],
+            # It says so once the namespaces exist, then becomes the holder (exec keeps its pid).
+            ["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c", "echo ready; exec sleep infinity"],
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 10
-        own = Path("/proc/self/ns/net").readlink()
-        while Path(f"/proc/{self.holder.pid}/ns/net").readlink() == own:
-            if time.monotonic() > deadline or self.holder.poll() is not None:
-                raise NodeError("unshare --net --mount failed (no namespace holder)")
-            time.sleep(0.02)
+        assert self.holder.stdout is not None
+        said = self.holder.stdout.readline()  # waits for that line, or for its end if unshare failed
+        self.holder.stdout.close()
+        if said != b"ready\n":
+            raise NodeError("unshare --net --mount failed (no namespace holder)")
         ns = self.dir / "ns"
         lines = [
             "set -e",
@@ -498,17 +501,18 @@ state = "{c}/state"
         return proc
 
     def _wait(self, what: str, check: Callable[[], bool], proc: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             if self.procs[proc].poll() is not None:
                 raise NodeError(f"{proc} exited ({self.procs[proc].returncode}); {self._tail(proc)}")
             try:
-                if check():
-                    return
-            except Exception:
-                pass
-            time.sleep(0.25)
-        raise NodeError(f"{what} not up in {timeout:.0f}s; {self._tail(proc)}")
+                return bool(check())
+            except Exception:  # not answering yet
+                return False
+
+        try:
+            settled(ready, bool, what, timeout, every=0.25)
+        except AssertionError:
+            raise NodeError(f"{what} not up in {timeout:.0f}s; {self._tail(proc)}") from None
 
     def _tail(self, name: str) -> str:
         lines = (self.dir / "logs" / f"{name}.log").read_text(errors="replace").strip().splitlines()
@@ -691,16 +695,14 @@ state = "{c}/state"
         return sorted(found, key=lambda p: len(p.parts), reverse=True)
 
     def _kill_pods(self) -> None:
-        for _ in range(50):
-            pids = set()
+        def pod_pids() -> set[int]:
+            pids: set[int] = set()
             for cg in self._pod_cgroups():
-                try:
+                with contextlib.suppress(OSError):
                     pids |= {int(p) for p in (cg / "cgroup.procs").read_text().split()}
-                except OSError:
-                    continue
-            if not pids:
-                return
-            _kill_all(pids)
+            return pids
+
+        _kill_until_gone(pod_pids, "the pods' processes")
 
     def stop(self) -> None:
         # Kubelet and proxy first (no restarts), then the pods, then the shims and containerd, then the rest.
@@ -709,11 +711,7 @@ state = "{c}/state"
         self._kill_pods()
         for name in ("containerd", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             self._terminate(name)
-        for _ in range(50):
-            left = self._ns_pids()
-            if not left:
-                break
-            _kill_all(left)
+        _kill_until_gone(lambda: set(self._ns_pids()), "the node's processes")
         self._kill_pods()
         for cg in self._pod_cgroups():
             with contextlib.suppress(OSError):
@@ -745,15 +743,22 @@ state = "{c}/state"
         return out
 
 
-def _kill_all(pids: set[int] | list[int]) -> None:
-    """SIGKILL each of ``pids`` (gone already is fine), then give the kernel a moment to reap them."""
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    time.sleep(0.1)
+def _kill_until_gone(found: Callable[[], set[int]], what: str) -> None:
+    """SIGKILL what ``found()`` lists until it lists nothing (the kernel reaps them), for up to 5 s; what is left
+    then is for :meth:`Node.leftovers` to report."""
+
+    def kill() -> set[int]:
+        pids = found()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return pids
+
+    with contextlib.suppress(AssertionError):
+        settled(kill, lambda left: not left, what, timeout=5.0, every=0.1)
 
 
-if __name__ == "__main__":  # manual: python tests/servers/node.py DIR  (starts, reports, stops)
+if __name__ == "__main__":  # manual: python -m tests.servers.node DIR  (starts, reports, stops)
     with Node(Path(sys.argv[1])) as n:
         print(n.timings, n.kubectl("get", "nodes", "-o", "wide"))
     print("leftovers:", n.leftovers())
